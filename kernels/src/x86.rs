@@ -1,0 +1,226 @@
+//! x86-64 SIMD kernels (AVX2 and AVX-512 VNNI), selected at run time by `Isa`.
+//!
+//! Every function here has a scalar twin elsewhere in the crate that the tests
+//! compare it against; callers check the CPU before calling (see `cpu.rs`).
+
+#![allow(clippy::missing_safety_doc)]
+
+use std::arch::x86_64::*;
+
+use crate::matmul::QuantizedActs;
+use crate::packed::{Bits, PackedMatrix};
+use crate::pool::SyncPtr;
+use crate::quant::QK;
+
+/// AVX-512 version of `quantize_row_scalar`; bit-identical results.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn quantize_row_avx512(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    let nb = x.len() / QK;
+    assert!(qs.len() >= nb * QK && d.len() >= nb && s.len() >= nb);
+    for b in 0..nb {
+        let p = unsafe { x.as_ptr().add(b * QK) };
+        let a = unsafe { _mm512_loadu_ps(p) };
+        let c = unsafe { _mm512_loadu_ps(p.add(16)) };
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+        let scale = amax / 127.0;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let vinv = _mm512_set1_ps(inv);
+        let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, vinv));
+        let qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, vinv));
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc));
+        unsafe {
+            let out = qs.as_mut_ptr().add(b * QK) as *mut __m128i;
+            _mm_storeu_si128(out, _mm512_cvtepi32_epi8(qa));
+            _mm_storeu_si128(out.add(1), _mm512_cvtepi32_epi8(qc));
+        }
+        let dr = half::f16::from_f32(scale).to_f32();
+        d[b] = dr;
+        s[b] = dr * sum as f32;
+    }
+}
+
+/// `sum_i a[i] * b[i]` over `n` floats.
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_f32_avx512(a: *const f32, b: *const f32, n: usize) -> f32 {
+    let mut acc = _mm512_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        acc = unsafe { _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), _mm512_loadu_ps(b.add(i)), acc) };
+        i += 16;
+    }
+    if i < n {
+        let k: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+        acc = unsafe { _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a.add(i)), _mm512_maskz_loadu_ps(k, b.add(i)), acc) };
+    }
+    _mm512_reduce_add_ps(acc)
+}
+
+/// Rows `rr` of `p` times every token of `xq`, with VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn matmul_rows_avx512(p: &PackedMatrix, xq: &QuantizedActs, rr: std::ops::Range<usize>, out: SyncPtr<f32>) {
+    unsafe {
+        match p.bits {
+            Bits::Four => rows_avx512::<false>(p, xq, rr, out),
+            Bits::Eight => rows_avx512::<true>(p, xq, rr, out),
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows_avx512<const Q8: bool>(p: &PackedMatrix, xq: &QuantizedActs, rr: std::ops::Range<usize>, out: SyncPtr<f32>) {
+    let n = xq.n;
+    let mut r = rr.start;
+    unsafe {
+        while r + 4 <= rr.end {
+            let mut t = 0;
+            while t + 4 <= n {
+                tile_avx512::<Q8, 4, 4>(p, xq, r, t, out);
+                t += 4;
+            }
+            while t < n {
+                tile_avx512::<Q8, 4, 1>(p, xq, r, t, out);
+                t += 1;
+            }
+            r += 4;
+        }
+        while r < rr.end {
+            let mut t = 0;
+            while t + 4 <= n {
+                tile_avx512::<Q8, 1, 4>(p, xq, r, t, out);
+                t += 4;
+            }
+            while t < n {
+                tile_avx512::<Q8, 1, 1>(p, xq, r, t, out);
+                t += 1;
+            }
+            r += 1;
+        }
+    }
+}
+
+/// An `R` rows by `T` tokens tile: weights are expanded once per pair of
+/// blocks and applied to `T` tokens from registers.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_avx512<const Q8: bool, const R: usize, const T: usize>(
+    p: &PackedMatrix,
+    xq: &QuantizedActs,
+    r0: usize,
+    t0: usize,
+    out: SyncPtr<f32>,
+) {
+    let nbp = p.nbp;
+    let rb = p.row_bytes();
+    let npairs = nbp / 2;
+    let mask = _mm512_set1_epi8(0x0f);
+    let shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    let flip = _mm512_set1_epi8(-128);
+    let pair_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let wq = p.qs.as_ptr();
+    let wd = p.d.as_ptr();
+    let xqs = xq.qs.as_ptr();
+    let xdx = xq.dexp.as_ptr();
+    unsafe {
+        for pi in 0..npairs {
+            let mut w = [_mm512_setzero_si512(); R];
+            let mut dw = [_mm512_setzero_ps(); R];
+            for i in 0..R {
+                let row = r0 + i;
+                w[i] = if Q8 {
+                    _mm512_loadu_si512(wq.add(row * rb + pi * 64) as *const __m512i)
+                } else {
+                    let v = _mm512_broadcast_i64x4(_mm256_loadu_si256(wq.add(row * rb + pi * 32) as *const __m256i));
+                    _mm512_and_si512(_mm512_srlv_epi16(v, shifts), mask)
+                };
+                let d2 = _mm_castsi128_ps(_mm_loadl_epi64(wd.add(row * nbp + 2 * pi) as *const __m128i));
+                dw[i] = _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(d2));
+            }
+            for j in 0..T {
+                let tok = t0 + j;
+                let x = _mm512_loadu_si512(xqs.add(tok * nbp * QK + pi * 64) as *const __m512i);
+                let dx = _mm512_loadu_ps(xdx.add(tok * nbp * 8 + pi * 16));
+                // 8-bit weights are stored as u = w + 128; starting each lane at
+                // -128 * (its four activations' sum) makes the sum exactly w . x.
+                let init = if Q8 {
+                    _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, x))
+                } else {
+                    _mm512_setzero_si512()
+                };
+                for i in 0..R {
+                    let s = _mm512_dpbusd_epi32(init, w[i], x);
+                    acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[i], dx), acc[i][j]);
+                }
+            }
+        }
+        for i in 0..R {
+            let row = r0 + i;
+            for j in 0..T {
+                let tok = t0 + j;
+                let ms = if Q8 { 0.0 } else { dot_f32_avx512(p.m.as_ptr().add(row * nbp), xq.s.as_ptr().add(tok * nbp), nbp) };
+                out.write(tok * p.rows + row, _mm512_reduce_add_ps(acc[i][j]) + ms);
+            }
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Rows `rr` of `p` times every token of `xq`, with AVX2 (`vpmaddubsw`).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn matmul_rows_avx2(p: &PackedMatrix, xq: &QuantizedActs, rr: std::ops::Range<usize>, out: SyncPtr<f32>) {
+    let nbp = p.nbp;
+    let rb = p.row_bytes();
+    let mask = _mm256_set1_epi8(0x0f);
+    let flip = _mm256_set1_epi8(-128);
+    let ones = _mm256_set1_epi16(1);
+    unsafe {
+        for row in rr {
+            let wrow = p.qs.as_ptr().add(row * rb);
+            let wd = p.d.as_ptr().add(row * nbp);
+            for tok in 0..xq.n {
+                let xs = xq.qs.as_ptr().add(tok * nbp * QK);
+                let xd = xq.d.as_ptr().add(tok * nbp);
+                let mut acc = _mm256_setzero_ps();
+                let mut tail = 0f32;
+                match p.bits {
+                    Bits::Four => {
+                        for pi in 0..nbp / 2 {
+                            let v = _mm256_loadu_si256(wrow.add(pi * 32) as *const __m256i);
+                            let halves = [_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask)];
+                            for (h, wv) in halves.into_iter().enumerate() {
+                                let b = 2 * pi + h;
+                                let x = _mm256_loadu_si256(xs.add(b * QK) as *const __m256i);
+                                let s = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x), ones);
+                                let scale = _mm256_set1_ps(*wd.add(b) * *xd.add(b));
+                                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
+                            }
+                        }
+                        for b in 0..nbp {
+                            tail += p.m[row * nbp + b] * xq.s[tok * nbp + b];
+                        }
+                    }
+                    Bits::Eight => {
+                        // Signed weights and the sign trick: |w| * (x * sign w); no offset term.
+                        for b in 0..nbp {
+                            let ws = _mm256_xor_si256(_mm256_loadu_si256(wrow.add(b * QK) as *const __m256i), flip);
+                            let x = _mm256_loadu_si256(xs.add(b * QK) as *const __m256i);
+                            let prod = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws));
+                            let s = _mm256_madd_epi16(prod, ones);
+                            let scale = _mm256_set1_ps(*wd.add(b) * *xd.add(b));
+                            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
+                        }
+                    }
+                }
+                out.write(tok * p.rows + row, hsum256(acc) + tail);
+            }
+        }
+    }
+}
