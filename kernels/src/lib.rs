@@ -12,16 +12,21 @@
 //! - `ops`: RMSNorm, RoPE, SwiGLU, residual adds.
 //! - `attention`: paged KV writes and paged attention through block tables.
 
+pub mod attention;
 pub mod cpu;
 pub mod matmul;
+pub mod ops;
 pub mod packed;
 pub mod pool;
 pub mod quant;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_attn;
 
 pub use cpu::Isa;
 pub use matmul::{matmul, QuantizedActs};
 pub use packed::{PackedMatrix, Weights};
 pub use pool::ThreadPool;
 pub use quant::GgmlType;
+pub use attention::{KvElem, KvShape};

@@ -1,0 +1,209 @@
+//! AVX-512 paged attention and the vector exponential it needs.
+
+use std::arch::x86_64::*;
+
+use crate::attention::{attend_scalar, AttendArgs, KvElem};
+
+/// `e^x`, to about one ulp over the range softmax and SiLU use.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn exp512(x: __m512) -> __m512 {
+    let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0)), _mm512_set1_ps(-87.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+    let mut p = _mm512_set1_ps(1.0 / 720.0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0 / 120.0));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0 / 24.0));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0 / 6.0));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
+    _mm512_scalef_ps(p, n)
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn load16<E: KvElem>(p: *const E) -> __m512 {
+    unsafe {
+        if E::IS_F16 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        } else {
+            _mm512_loadu_ps(p as *const f32)
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,f16c")]
+pub unsafe fn attend_avx512<E: KvElem>(a: &AttendArgs<'_, E>, out: &mut [f32], scores: &mut [f32]) {
+    unsafe {
+        match a.shape.head_dim / 16 {
+            1 => attend_nv::<E, 1>(a, out, scores),
+            2 => attend_nv::<E, 2>(a, out, scores),
+            4 => attend_nv::<E, 4>(a, out, scores),
+            8 => attend_nv::<E, 8>(a, out, scores),
+            _ => attend_scalar(a, out, scores),
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn attend_nv<E: KvElem, const NV: usize>(a: &AttendArgs<'_, E>, out: &mut [f32], scores: &mut [f32]) {
+    let sh = a.shape;
+    let hd = sh.head_dim;
+    let group = a.q.len() / hd;
+    let n = a.ctx_len;
+    let bs = sh.block_size;
+    let n_blocks = n.div_ceil(bs);
+    let scale = _mm512_set1_ps(a.scale);
+    // Bounds: every block the table names must lie inside both caches.
+    for &b in &a.block_table[..n_blocks] {
+        let end = sh.offset(b as usize, a.kv_head, bs - 1) + hd;
+        assert!(end <= a.k_cache.len() && end <= a.v_cache.len(), "block {b} outside the cache");
+    }
+    unsafe {
+        // Scores: q . k for every position, one K row converted once per query head group.
+        for g in 0..group {
+            let mut q = [_mm512_setzero_ps(); NV];
+            for (c, qv) in q.iter_mut().enumerate() {
+                *qv = _mm512_mul_ps(_mm512_loadu_ps(a.q.as_ptr().add(g * hd + c * 16)), scale);
+            }
+            let srow = scores.as_mut_ptr().add(g * n);
+            for bi in 0..n_blocks {
+                let base = a.k_cache.as_ptr().add(sh.offset(a.block_table[bi] as usize, a.kv_head, 0));
+                let slots = bs.min(n - bi * bs);
+                for s in 0..slots {
+                    let k = base.add(s * hd);
+                    let mut acc = _mm512_mul_ps(q[0], load16(k));
+                    for (c, qv) in q.iter().enumerate().skip(1) {
+                        acc = _mm512_fmadd_ps(*qv, load16(k.add(c * 16)), acc);
+                    }
+                    *srow.add(bi * bs + s) = _mm512_reduce_add_ps(acc);
+                }
+            }
+            softmax512(std::slice::from_raw_parts_mut(srow, n));
+        }
+        // Output: probability-weighted sum of V rows.
+        for g in 0..group {
+            let mut acc = [_mm512_setzero_ps(); NV];
+            let srow = scores.as_ptr().add(g * n);
+            for bi in 0..n_blocks {
+                let base = a.v_cache.as_ptr().add(sh.offset(a.block_table[bi] as usize, a.kv_head, 0));
+                let slots = bs.min(n - bi * bs);
+                for s in 0..slots {
+                    let p = _mm512_set1_ps(*srow.add(bi * bs + s));
+                    let v = base.add(s * hd);
+                    for (c, av) in acc.iter_mut().enumerate() {
+                        *av = _mm512_fmadd_ps(p, load16(v.add(c * 16)), *av);
+                    }
+                }
+            }
+            for (c, av) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(g * hd + c * 16), *av);
+            }
+        }
+    }
+}
+
+/// Softmax of a row in place.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn softmax512(x: &mut [f32]) {
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let tail = n % 16;
+    let full = n - tail;
+    let tmask: __mmask16 = ((1u32 << tail) - 1) as u16;
+    unsafe {
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < full {
+            m = _mm512_max_ps(m, _mm512_loadu_ps(p.add(i)));
+            i += 16;
+        }
+        if tail > 0 {
+            m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tmask, p.add(full)));
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+        let mut sum = _mm512_setzero_ps();
+        i = 0;
+        while i < full {
+            let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), max));
+            _mm512_storeu_ps(p.add(i), e);
+            sum = _mm512_add_ps(sum, e);
+            i += 16;
+        }
+        if tail > 0 {
+            let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tmask, p.add(full)), max));
+            let e = _mm512_maskz_mov_ps(tmask, e);
+            _mm512_mask_storeu_ps(p.add(full), tmask, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        i = 0;
+        while i < full {
+            _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), inv));
+            i += 16;
+        }
+        if tail > 0 {
+            _mm512_mask_storeu_ps(p.add(full), tmask, _mm512_mul_ps(_mm512_maskz_loadu_ps(tmask, p.add(full)), inv));
+        }
+    }
+}
+
+/// `gate = silu(gate) * up`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn swiglu512(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let full = n - n % 16;
+    let one = _mm512_set1_ps(1.0);
+    unsafe {
+        let mut i = 0;
+        while i < full {
+            let g = _mm512_loadu_ps(gate.as_ptr().add(i));
+            let u = _mm512_loadu_ps(up.as_ptr().add(i));
+            let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            let silu = _mm512_div_ps(g, _mm512_add_ps(one, e));
+            _mm512_storeu_ps(gate.as_mut_ptr().add(i), _mm512_mul_ps(silu, u));
+            i += 16;
+        }
+    }
+    crate::ops::swiglu(&mut gate[full..n], &up[full..n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut x = -80.0f32;
+        while x < 80.0 {
+            let mut buf = [0f32; 16];
+            unsafe { _mm512_storeu_ps(buf.as_mut_ptr(), exp512(_mm512_set1_ps(x))) };
+            let want = x.exp();
+            assert!(((buf[0] - want) / want).abs() < 3e-7, "exp({x}) = {} vs {want}", buf[0]);
+            x += 0.0137;
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_scalar() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut g: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.7).collect();
+        let u: Vec<f32> = (0..37).map(|i| (i as f32) * 0.1 - 1.0).collect();
+        let mut want = g.clone();
+        crate::ops::swiglu(&mut want, &u);
+        unsafe { swiglu512(&mut g, &u) };
+        for i in 0..37 {
+            assert!((g[i] - want[i]).abs() <= 1e-6 * (1.0 + want[i].abs()), "{i}");
+        }
+    }
+}
