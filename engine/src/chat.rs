@@ -132,7 +132,7 @@ fn python_method(state: &State, value: &Value, method: &str, args: &[Value]) -> 
         match method {
             "items" => {
                 let () = from_args(args)?;
-                return state.apply_filter("items", &[value.clone()]);
+                return state.apply_filter("items", std::slice::from_ref(value));
             }
             "keys" => {
                 let () = from_args(args)?;
@@ -169,9 +169,9 @@ fn string_method(state: &State, s: &str, method: &str, args: &[Value]) -> Result
             let (chars,): (Option<&str>,) = from_args(args)?;
             let pred = strip_set(chars);
             Value::from(match method {
-                "strip" => s.trim_matches(|c| pred(c)),
-                "lstrip" => s.trim_start_matches(|c| pred(c)),
-                _ => s.trim_end_matches(|c| pred(c)),
+                "strip" => s.trim_matches(&*pred),
+                "lstrip" => s.trim_start_matches(&*pred),
+                _ => s.trim_end_matches(&*pred),
             })
         }
         "startswith" => {
@@ -280,7 +280,7 @@ mod tests {
         let src = "{{ bos_token }}{% for m in messages %}{{ m['content'].strip() | upper }}|{{ m.content.startswith(' x') }}|{{ m.content.split() | join(',') }}{% endfor %}{{ eos_token }}";
         let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
         let out = t.render(&[ChatMessage::new("user", " x y  ")], false).unwrap();
-        assert_eq!(out, "<s>X Y|true|x,y</s>");
+        assert_eq!(out, "<s>X Y|True|x,y</s>");
         assert_eq!(split_whitespace_n("  a b  c ", 2), vec!["a", "b  c "]);
     }
 
@@ -298,6 +298,40 @@ mod tests {
     #[test]
     fn bad_template_source_is_a_template_error() {
         assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(EngineError::Template(_))));
+    }
+
+    /// A tensor-less GGUF v3 file holding string metadata only.
+    fn gguf_with(kvs: &[(&str, &str)]) -> GgufFile {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+        for (k, v) in kvs {
+            b.extend_from_slice(&(k.len() as u64).to_le_bytes());
+            b.extend_from_slice(k.as_bytes());
+            b.extend_from_slice(&8u32.to_le_bytes()); // string
+            b.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            b.extend_from_slice(v.as_bytes());
+        }
+        GgufFile::parse(b).expect("synthetic GGUF parses")
+    }
+
+    #[test]
+    fn from_gguf_with_and_without_template() {
+        assert!(ChatTemplate::from_gguf(&gguf_with(&[("general.architecture", "llama")])).unwrap().is_none());
+        let t = ChatTemplate::from_gguf(&gguf_with(&[("tokenizer.chat_template", SMOLLM2)])).unwrap().unwrap();
+        assert!(t.render(&[ChatMessage::new("user", "x")], true).unwrap().ends_with("<|im_start|>assistant\n"));
+        assert!(matches!(
+            ChatTemplate::from_gguf(&gguf_with(&[("tokenizer.chat_template", "{% if %}")])),
+            Err(EngineError::Template(_))
+        ));
+    }
+
+    #[test]
+    fn shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ChatTemplate>();
     }
 
     #[test]

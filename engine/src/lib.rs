@@ -5,8 +5,22 @@
 //! ## Layout
 //! - `gguf`: reads GGUF files (bounds-checked; corrupt files are errors).
 //! - `error`: `EngineError`, with a `kind()` label.
+//! - `config`: `ModelConfig`, the hyperparameters read from GGUF metadata.
+//! - `model`: weights in the compute layout and the batched forward pass over the paged cache.
+//! - `kv_cache`: paged K/V storage (`KvCache`) and the block allocator.
+//! - `tokenizer`: GGUF byte-level BPE tokenizer and streaming `IncrementalDecoder`.
+//! - `chat`: renders conversations with the model's Jinja chat template.
+//! - `sampling`: `SamplingParams` (validated) and the seeded `Sampler`.
+//! - `stop`: `StopMatcher`, stop strings over streamed text.
 
+pub mod config;
 pub mod error;
 pub mod gguf;
+pub mod kv_cache;
+pub mod model;
+pub mod tokenizer;
+pub mod chat;
+pub mod sampling;
+pub mod stop;
 
 pub use error::EngineError;

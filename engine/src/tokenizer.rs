@@ -3,12 +3,12 @@
 //! Owns the vocabulary read from the GGUF metadata (`tokenizer.ggml.*`), the
 //! `tokenizers`-crate pipeline that encodes text exactly like llama.cpp does
 //! for the `smollm` pre-tokenizer (every digit on its own, then the GPT-2
-//! regex split, then byte-level BPE), and the byte pieces that decoding and
-//! streaming use. [`IncrementalDecoder`] turns generated ids into text deltas
+//! regex split, then byte-level BPE; `gpt2` is the same without the digit
+//! step), and the byte pieces that decoding and streaming use. [`IncrementalDecoder`] turns generated ids into text deltas
 //! that are always valid UTF-8.
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -19,14 +19,13 @@ use crate::error::EngineError;
 use crate::gguf::GgufFile;
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
-const TYPE_NORMAL: i64 = 1;
 const TYPE_CONTROL: i64 = 3;
 const TYPE_USER_DEFINED: i64 = 4;
 
-/// The pre-tokenizers llama.cpp runs as "digits singly, then GPT-2 regex".
-/// Other `tokenizer.ggml.pre` values use different regexes, so they are refused
-/// rather than silently tokenized differently from the reference.
-const SUPPORTED_PRE: &[&str] = &["smollm"];
+/// `tokenizer.ggml.pre` values whose llama.cpp splitting we reproduce, and
+/// whether each first isolates every digit. Other values use other regexes,
+/// so they are refused rather than silently tokenized differently.
+const SUPPORTED_PRE: &[(&str, bool)] = &[("smollm", true), ("gpt2", false)];
 
 /// What one vocabulary entry is, as far as encoding and decoding care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +71,8 @@ struct VocabSpec {
     tokens: Vec<String>,
     kinds: Vec<Kind>,
     merges: Vec<(String, String)>,
+    /// Isolate every digit before the GPT-2 regex split (`smollm`).
+    split_digits: bool,
     bos: Option<u32>,
     eos: Option<u32>,
     add_bos: bool,
@@ -90,12 +91,13 @@ impl Tokenizer {
             )));
         }
         let pre = gguf.get_str("tokenizer.ggml.pre").unwrap_or("default");
-        if !SUPPORTED_PRE.contains(&pre) {
+        let Some(&(_, split_digits)) = SUPPORTED_PRE.iter().find(|(name, _)| *name == pre) else {
+            let names: Vec<&str> = SUPPORTED_PRE.iter().map(|(name, _)| *name).collect();
             return Err(EngineError::Unsupported(format!(
                 "pre-tokenizer '{pre}' is not supported (supported: {})",
-                SUPPORTED_PRE.join(", ")
+                names.join(", ")
             )));
-        }
+        };
 
         let tokens = string_array(gguf, "tokenizer.ggml.tokens")?
             .ok_or_else(|| EngineError::BadModel("GGUF has no tokenizer.ggml.tokens".into()))?;
@@ -152,11 +154,11 @@ impl Tokenizer {
             _ => false,
         };
 
-        Self::build(VocabSpec { tokens, kinds, merges, bos, eos, add_bos })
+        Self::build(VocabSpec { tokens, kinds, merges, split_digits, bos, eos, add_bos })
     }
 
     fn build(spec: VocabSpec) -> Result<Self, EngineError> {
-        let VocabSpec { tokens, kinds, merges, bos, eos, add_bos } = spec;
+        let VocabSpec { tokens, kinds, merges, split_digits, bos, eos, add_bos } = spec;
         if tokens.is_empty() || tokens.len() > u32::MAX as usize {
             return Err(EngineError::BadModel(format!("vocabulary size {} is not usable", tokens.len())));
         }
@@ -166,18 +168,20 @@ impl Tokenizer {
         for (id, t) in tokens.iter().enumerate() {
             vocab.entry(t.clone()).or_insert(id as u32);
         }
-        let merges: Merges = merges;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
             .map_err(|e| EngineError::BadModel(format!("cannot build BPE from the GGUF vocabulary: {e}")))?;
 
-        let digits = Split::new(SplitPattern::Regex(r"\p{N}".into()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| EngineError::Tokenizer(format!("digit split regex: {e}")))?;
-        let pre = Sequence::new(vec![
-            PreTokenizerWrapper::Split(digits),
-            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, true)),
-        ]);
+        let mut steps = Vec::new();
+        if split_digits {
+            let digits = Split::new(SplitPattern::Regex(r"\p{N}".into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| EngineError::Tokenizer(format!("digit split regex: {e}")))?;
+            steps.push(PreTokenizerWrapper::Split(digits));
+        }
+        // add_prefix_space=false, trim_offsets=false, use_regex=true (the GPT-2 split).
+        steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, true)));
+        let pre = Sequence::new(steps);
 
         let mut with_special = tokenizers::Tokenizer::new(bpe);
         with_special.with_pre_tokenizer(Some(pre));
@@ -427,11 +431,15 @@ mod tests {
 
     /// Ids 0..3 are control tokens, 3..259 the 256 bytes, then merged tokens.
     fn tiny() -> Tokenizer {
+        tiny_with(true)
+    }
+
+    fn tiny_with(split_digits: bool) -> Tokenizer {
         let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
         let mut kinds = vec![Kind::Control; 3];
         tokens.extend(byte_alphabet());
-        kinds.extend(std::iter::repeat(Kind::Normal).take(256));
-        let merges = vec![("h", "i"), ("Ġ", "t"), ("Ġt", "h"), ("Ġth", "e")];
+        kinds.extend(std::iter::repeat_n(Kind::Normal, 256));
+        let merges = vec![("h", "i"), ("Ġ", "t"), ("Ġt", "h"), ("Ġth", "e"), ("1", "2")];
         for (a, b) in &merges {
             tokens.push(format!("{a}{b}"));
             kinds.push(Kind::Normal);
@@ -440,6 +448,7 @@ mod tests {
             tokens,
             kinds,
             merges: merges.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            split_digits,
             bos: Some(1),
             eos: Some(2),
             add_bos: false,
@@ -473,6 +482,8 @@ mod tests {
         let the = 262;
         assert_eq!(t.encode("hi the", true).unwrap(), vec![hi, the]);
         assert_eq!(t.encode("12", true).unwrap(), vec![byte_id(b'1'), byte_id(b'2')]);
+        assert_eq!(tiny_with(false).encode("12", true).unwrap(), vec![263]);
+        assert!(t.encode("", true).unwrap().is_empty());
         assert_eq!(t.encode("hi<|im_start|>hi", true).unwrap(), vec![hi, 1, hi]);
         let plain = t.encode("<|im_end|>", false).unwrap();
         assert!(!plain.contains(&2) && plain.len() == "<|im_end|>".len());
@@ -529,6 +540,44 @@ mod tests {
         assert_eq!(t.bos_id(), Some(1));
         assert_eq!(t.eos_id(), Some(2));
         assert!(!t.add_bos());
-        assert_eq!(t.vocab_size(), 3 + 256 + 4);
+        assert_eq!(t.vocab_size(), 3 + 256 + 5);
+    }
+
+    /// A tensor-less GGUF v3 file holding string metadata only.
+    fn gguf_with(kvs: &[(&str, &str)]) -> GgufFile {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+        for (k, v) in kvs {
+            b.extend_from_slice(&(k.len() as u64).to_le_bytes());
+            b.extend_from_slice(k.as_bytes());
+            b.extend_from_slice(&8u32.to_le_bytes()); // string
+            b.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            b.extend_from_slice(v.as_bytes());
+        }
+        GgufFile::parse(b).expect("synthetic GGUF parses")
+    }
+
+    #[test]
+    fn refuses_other_tokenizer_models() {
+        let err = Tokenizer::from_gguf(&gguf_with(&[("tokenizer.ggml.model", "llama")])).unwrap_err();
+        assert!(matches!(&err, EngineError::Unsupported(m) if m.contains("'llama'")), "{err:?}");
+        let err = Tokenizer::from_gguf(&gguf_with(&[("tokenizer.ggml.model", "gpt2"), ("tokenizer.ggml.pre", "qwen2")]))
+            .unwrap_err();
+        assert!(matches!(&err, EngineError::Unsupported(m) if m.contains("'qwen2'")), "{err:?}");
+        let err = Tokenizer::from_gguf(&gguf_with(&[("general.architecture", "llama")])).unwrap_err();
+        assert!(matches!(err, EngineError::BadModel(_)), "{err:?}");
+        let err = Tokenizer::from_gguf(&gguf_with(&[("tokenizer.ggml.model", "gpt2"), ("tokenizer.ggml.pre", "smollm")]))
+            .unwrap_err();
+        assert!(matches!(&err, EngineError::BadModel(m) if m.contains("tokens")), "{err:?}");
+    }
+
+    #[test]
+    fn shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Tokenizer>();
+        assert_send_sync::<IncrementalDecoder>();
     }
 }

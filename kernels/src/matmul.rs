@@ -96,12 +96,13 @@ fn quantize_row(isa: Isa, x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]
     quantize_row_scalar(x, qs, d, s)
 }
 
-/// The reference quantizer: per block, d = max|x| / 127, q = round_half_even(x / d).
+/// The reference quantizer: per block, d = max|x| / 127, q = round_half_even(x * 127 / max|x|)
+/// (GGML's Q8_1 recipe; d is kept at f16 precision, s = d * sum(q) in f32).
 pub fn quantize_row_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     for (b, blk) in x.chunks_exact(QK).enumerate() {
         let amax = blk.iter().fold(0f32, |a, &v| a.max(v.abs()));
         let scale = amax / 127.0;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for j in 0..QK {
             let q = (blk[j] * inv).round_ties_even() as i32;

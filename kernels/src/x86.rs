@@ -23,7 +23,7 @@ pub unsafe fn quantize_row_avx512(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &m
         let c = unsafe { _mm512_loadu_ps(p.add(16)) };
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
         let scale = amax / 127.0;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
         let vinv = _mm512_set1_ps(inv);
         let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, vinv));
         let qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, vinv));

@@ -1,0 +1,96 @@
+//! Model hyperparameters, read from GGUF metadata.
+
+use crate::error::EngineError;
+use crate::gguf::GgufFile;
+
+/// The shape of a Llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: String,
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    /// The model's name from `general.name`, if any.
+    pub name: Option<String>,
+}
+
+/// Architectures whose tensors follow the Llama layout.
+const LLAMA_LIKE: &[&str] = &["llama"];
+
+impl ModelConfig {
+    pub fn from_gguf(f: &GgufFile) -> Result<Self, EngineError> {
+        let arch = f
+            .get_str("general.architecture")
+            .ok_or_else(|| EngineError::BadModel("GGUF file has no general.architecture".into()))?
+            .to_string();
+        if !LLAMA_LIKE.contains(&arch.as_str()) {
+            return Err(EngineError::Unsupported(format!(
+                "unsupported model architecture '{arch}' (supported: {})",
+                LLAMA_LIKE.join(", ")
+            )));
+        }
+        let req = |key: &str| -> Result<usize, EngineError> {
+            let full = format!("{arch}.{key}");
+            f.get_u64(&full)
+                .filter(|&v| v > 0 && v < 1 << 24)
+                .map(|v| v as usize)
+                .ok_or_else(|| EngineError::BadModel(format!("missing or invalid metadata {full}")))
+        };
+        let n_layers = req("block_count")?;
+        let hidden = req("embedding_length")?;
+        let ffn = req("feed_forward_length")?;
+        let n_heads = req("attention.head_count")?;
+        let n_kv_heads = req("attention.head_count_kv").unwrap_or(n_heads);
+        let context_length = req("context_length")?;
+        let head_dim = f
+            .get_u64(&format!("{arch}.attention.key_length"))
+            .map(|v| v as usize)
+            .unwrap_or(hidden / n_heads);
+        let rope_dims = f.get_u64(&format!("{arch}.rope.dimension_count")).map(|v| v as usize).unwrap_or(head_dim);
+        let rope_theta = f.get_f32(&format!("{arch}.rope.freq_base")).unwrap_or(10000.0);
+        let rms_eps = f.get_f32(&format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5);
+        let vocab_size = f
+            .tensor("token_embd.weight")
+            .filter(|t| t.dims.len() == 2)
+            .map(|t| t.dims[1] as usize)
+            .ok_or_else(|| EngineError::BadModel("missing tensor token_embd.weight".into()))?;
+
+        if n_heads % n_kv_heads != 0 {
+            return Err(EngineError::BadModel(format!("{n_heads} heads are not a multiple of {n_kv_heads} KV heads")));
+        }
+        if head_dim % 2 != 0 || rope_dims != head_dim {
+            return Err(EngineError::Unsupported(format!(
+                "rotary dimension {rope_dims} with head dimension {head_dim} (partial or odd RoPE is not supported)"
+            )));
+        }
+        if !(rope_theta.is_finite() && rope_theta > 1.0) || !(rms_eps.is_finite() && rms_eps > 0.0) {
+            return Err(EngineError::BadModel("invalid rope.freq_base or layer_norm_rms_epsilon".into()));
+        }
+        Ok(ModelConfig {
+            architecture: arch,
+            n_layers,
+            hidden,
+            ffn,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab_size,
+            context_length,
+            rope_theta,
+            rms_eps,
+            name: f.get_str("general.name").map(str::to_string),
+        })
+    }
+
+    /// Query heads per KV head.
+    pub fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+}

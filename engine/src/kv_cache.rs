@@ -1,0 +1,207 @@
+//! The paged KV cache: per-layer K and V storage split into fixed-size blocks,
+//! and the allocator that hands blocks to sequences.
+//!
+//! Storage is `[layer] -> [block][kv_head][slot][head_dim]` (see
+//! `tandem_kernels::attention`). A sequence owns an append-only block table;
+//! nothing else knows where its tokens live. The allocator is a pure data
+//! structure: a free queue (in the order blocks should be reused) and
+//! reference counts, so shared prefix blocks can have several owners.
+
+use std::collections::VecDeque;
+
+use half::f16;
+use tandem_kernels::{KvElem, KvShape};
+
+use crate::error::EngineError;
+
+/// Index of a block in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(transparent)]
+pub struct BlockId(pub u32);
+
+/// A block table as the kernels read it.
+pub fn block_ids_as_u32(ids: &[BlockId]) -> &[u32] {
+    // SAFETY: BlockId is repr(transparent) over u32.
+    unsafe { std::slice::from_raw_parts(ids.as_ptr() as *const u32, ids.len()) }
+}
+
+/// Element type of the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F16,
+    F32,
+}
+
+impl KvDtype {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f16" => Some(KvDtype::F16),
+            "f32" => Some(KvDtype::F32),
+            _ => None,
+        }
+    }
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+}
+
+/// One layer's K and V for every block.
+#[derive(Debug)]
+pub struct LayerKv<E> {
+    pub k: Vec<E>,
+    pub v: Vec<E>,
+}
+
+/// The cache's memory, typed.
+#[derive(Debug)]
+pub enum KvStorage {
+    F16(Vec<LayerKv<f16>>),
+    F32(Vec<LayerKv<f32>>),
+}
+
+/// All layers' K/V for `n_blocks` blocks.
+#[derive(Debug)]
+pub struct KvCache {
+    pub shape: KvShape,
+    pub n_layers: usize,
+    pub n_blocks: usize,
+    pub dtype: KvDtype,
+    pub storage: KvStorage,
+}
+
+fn layers<E: KvElem>(n_layers: usize, elems: usize) -> Vec<LayerKv<E>> {
+    (0..n_layers).map(|_| LayerKv { k: vec![E::default(); elems], v: vec![E::default(); elems] }).collect()
+}
+
+impl KvCache {
+    pub fn new(shape: KvShape, n_layers: usize, n_blocks: usize, dtype: KvDtype) -> Result<Self, EngineError> {
+        if shape.block_size == 0 || n_blocks == 0 || n_blocks > u32::MAX as usize {
+            return Err(EngineError::InvalidRequest(format!(
+                "a KV cache needs a positive block size and block count (got {} and {n_blocks})",
+                shape.block_size
+            )));
+        }
+        let elems = n_blocks * shape.block_elems();
+        let storage = match dtype {
+            KvDtype::F16 => KvStorage::F16(layers(n_layers, elems)),
+            KvDtype::F32 => KvStorage::F32(layers(n_layers, elems)),
+        };
+        Ok(KvCache { shape, n_layers, n_blocks, dtype, storage })
+    }
+
+    /// Bytes one block takes across all layers, K and V.
+    pub fn block_bytes(&self) -> usize {
+        2 * self.n_layers * self.shape.block_elems() * self.dtype.bytes()
+    }
+
+    /// How many blocks fit in `bytes` for this shape.
+    pub fn blocks_for_bytes(shape: KvShape, n_layers: usize, dtype: KvDtype, bytes: usize) -> usize {
+        bytes / (2 * n_layers * shape.block_elems() * dtype.bytes()).max(1)
+    }
+}
+
+/// Hands out blocks; counts owners; returns freed blocks to the back of the free queue.
+#[derive(Debug, Clone)]
+pub struct BlockAllocator {
+    free: VecDeque<BlockId>,
+    refs: Vec<u32>,
+}
+
+impl BlockAllocator {
+    pub fn new(n_blocks: usize) -> Self {
+        BlockAllocator { free: (0..n_blocks as u32).map(BlockId).collect(), refs: vec![0; n_blocks] }
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.refs.len()
+    }
+
+    pub fn n_free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// `n` fresh blocks with one owner each, or `OutOfBlocks` (taking none).
+    pub fn allocate(&mut self, n: usize) -> Result<Vec<BlockId>, EngineError> {
+        if n > self.free.len() {
+            return Err(EngineError::OutOfBlocks(format!("need {n} blocks, {} free", self.free.len())));
+        }
+        let ids: Vec<BlockId> = self.free.drain(..n).collect();
+        for id in &ids {
+            self.refs[id.0 as usize] = 1;
+        }
+        Ok(ids)
+    }
+
+    /// Adds an owner to a block already in use.
+    pub fn share(&mut self, id: BlockId) {
+        let r = &mut self.refs[id.0 as usize];
+        assert!(*r > 0, "sharing free block {id:?}");
+        *r += 1;
+    }
+
+    /// Drops one owner of each block; blocks with no owner left become free.
+    pub fn release(&mut self, ids: &[BlockId]) {
+        for &id in ids {
+            let r = &mut self.refs[id.0 as usize];
+            assert!(*r > 0, "double free of block {id:?}");
+            *r -= 1;
+            if *r == 0 {
+                self.free.push_back(id);
+            }
+        }
+    }
+
+    pub fn ref_count(&self, id: BlockId) -> u32 {
+        self.refs[id.0 as usize]
+    }
+}
+
+/// Blocks needed to hold `tokens` tokens.
+pub fn blocks_for_tokens(tokens: usize, block_size: usize) -> usize {
+    tokens.div_ceil(block_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocate_share_release() {
+        let mut a = BlockAllocator::new(4);
+        let x = a.allocate(3).unwrap();
+        assert_eq!(a.n_free(), 1);
+        assert!(a.allocate(2).is_err());
+        assert_eq!(a.n_free(), 1, "a failed allocation takes nothing");
+        a.share(x[0]);
+        a.release(&x);
+        assert_eq!(a.n_free(), 3);
+        assert_eq!(a.ref_count(x[0]), 1);
+        a.release(&[x[0]]);
+        assert_eq!(a.n_free(), 4);
+        // Freed blocks go to the back: the untouched block comes out first.
+        assert_eq!(a.allocate(1).unwrap(), vec![BlockId(3)]);
+    }
+
+    #[test]
+    #[should_panic(expected = "double free")]
+    fn double_free_is_caught() {
+        let mut a = BlockAllocator::new(2);
+        let x = a.allocate(1).unwrap();
+        a.release(&x);
+        a.release(&x);
+    }
+
+    #[test]
+    fn sizes() {
+        let shape = KvShape { block_size: 16, n_kv_heads: 3, head_dim: 64 };
+        let c = KvCache::new(shape, 30, 4, KvDtype::F16).unwrap();
+        assert_eq!(c.block_bytes(), 2 * 30 * 16 * 3 * 64 * 2);
+        assert_eq!(KvCache::blocks_for_bytes(shape, 30, KvDtype::F16, c.block_bytes() * 10 + 5), 10);
+        assert_eq!(blocks_for_tokens(17, 16), 2);
+        assert_eq!(blocks_for_tokens(16, 16), 1);
+    }
+}
