@@ -8,6 +8,7 @@
 //! - `config`: `ModelConfig`, the hyperparameters read from GGUF metadata.
 //! - `model`: weights in the compute layout and the batched forward pass over the paged cache.
 //! - `kv_cache`: paged K/V storage (`KvCache`) and the block allocator.
+//! - `generate`: `Engine` (model + tokenizer + chat template) and the single-request loop.
 //! - `tokenizer`: GGUF byte-level BPE tokenizer and streaming `IncrementalDecoder`.
 //! - `chat`: renders conversations with the model's Jinja chat template.
 //! - `sampling`: `SamplingParams` (validated) and the seeded `Sampler`.
@@ -15,6 +16,7 @@
 
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod gguf;
 pub mod kv_cache;
 pub mod model;
@@ -24,3 +26,4 @@ pub mod sampling;
 pub mod stop;
 
 pub use error::EngineError;
+pub use generate::{Engine, EngineConfig, FinishReason, Generation, Prompt};
