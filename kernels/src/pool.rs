@@ -11,8 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-/// Iterations a worker spins before it sleeps (a few hundred microseconds).
-const SPIN_ITERS: u32 = 20_000;
+/// Iterations a worker spins before it sleeps (on the order of 100 microseconds:
+/// longer than the gap between two ops of a forward pass, short enough not to
+/// burn a core another process needs).
+const SPIN_ITERS: u32 = 3_000;
+/// Iterations the caller spins waiting for workers before it starts yielding
+/// its core (a worker that was descheduled needs one to finish).
+const WAIT_SPINS: u32 = 500;
 
 type Job = dyn Fn(usize, usize) + Sync;
 
@@ -106,7 +111,7 @@ impl ThreadPool {
         let mut spins = 0u32;
         while self.shared.remaining.load(Ordering::Acquire) != 0 {
             spins += 1;
-            if spins < SPIN_ITERS {
+            if spins < WAIT_SPINS {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
