@@ -543,22 +543,7 @@ mod tests {
         assert_eq!(t.vocab_size(), 3 + 256 + 5);
     }
 
-    /// A tensor-less GGUF v3 file holding string metadata only.
-    fn gguf_with(kvs: &[(&str, &str)]) -> GgufFile {
-        let mut b = Vec::new();
-        b.extend_from_slice(b"GGUF");
-        b.extend_from_slice(&3u32.to_le_bytes());
-        b.extend_from_slice(&0u64.to_le_bytes());
-        b.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
-        for (k, v) in kvs {
-            b.extend_from_slice(&(k.len() as u64).to_le_bytes());
-            b.extend_from_slice(k.as_bytes());
-            b.extend_from_slice(&8u32.to_le_bytes()); // string
-            b.extend_from_slice(&(v.len() as u64).to_le_bytes());
-            b.extend_from_slice(v.as_bytes());
-        }
-        GgufFile::parse(b).expect("synthetic GGUF parses")
-    }
+    use crate::gguf::testing::with_strings as gguf_with;
 
     #[test]
     fn refuses_other_tokenizer_models() {
