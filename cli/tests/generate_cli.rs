@@ -189,3 +189,20 @@ fn bad_input_is_a_one_line_error() {
     expect_error(&["generate", "--prompt", "hi", "--temperature", "-1"], "temperature");
     expect_error(&["generate", "--prompt", "hi", "--top-p", "1.5"], "top_p");
 }
+
+/// The other kernel families and cache settings give the same greedy text, up to near-ties.
+#[test]
+fn scalar_and_avx2_kernels_f32_cache_and_odd_block_size_agree_with_llama_cpp() {
+    model_path();
+    let case = fixture_case("counting");
+    for extra in [["--isa", "scalar", "--kv-dtype", "f32"], ["--isa", "avx2", "--block-size", "7"]] {
+        let mut args = vec!["generate", "--prompt", case["input"].as_str().unwrap(), "--temperature", "0", "--max-tokens", "32", "--json"];
+        args.extend(extra);
+        let v = json_of(&tandem(&args));
+        let want: Vec<u64> = ids(&case["generated_token_ids"]).into_iter().take(32).collect();
+        let got = ids(&v["token_ids"]);
+        let mut case32 = case.clone();
+        case32["generated_token_ids"] = serde_json::json!(want);
+        assert_matches_reference(&case32, &got);
+    }
+}
