@@ -17,6 +17,9 @@ pub enum EngineError {
     /// The request itself is invalid (empty prompt, too long, bad sampling parameters).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// Too many requests are waiting; try again later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
     /// The KV block pool cannot hold the request.
     #[error("out of KV cache blocks: {0}")]
     OutOfBlocks(String),
@@ -37,6 +40,7 @@ impl EngineError {
             EngineError::Unsupported(_) => "unsupported",
             EngineError::InvalidRequest(_) => "invalid_request",
             EngineError::OutOfBlocks(_) => "out_of_blocks",
+            EngineError::Overloaded(_) => "overloaded",
             EngineError::Tokenizer(_) => "tokenizer",
             EngineError::Template(_) => "template",
         }

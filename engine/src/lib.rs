@@ -8,18 +8,22 @@
 //! - `config`: `ModelConfig`, the hyperparameters read from GGUF metadata.
 //! - `model`: weights in the compute layout and the batched forward pass over the paged cache.
 //! - `kv_cache`: paged K/V storage (`KvCache`) and the block allocator.
+//! - `block_manager`: block ownership, the prefix cache (chained hashes), eviction order, KV events.
+//! - `scheduler`: continuous batching with chunked prefill and preemption; `schedule()` then `update()`.
 //! - `generate`: `Engine` (model + tokenizer + chat template) and the single-request loop.
 //! - `tokenizer`: GGUF byte-level BPE tokenizer and streaming `IncrementalDecoder`.
 //! - `chat`: renders conversations with the model's Jinja chat template.
 //! - `sampling`: `SamplingParams` (validated) and the seeded `Sampler`.
 //! - `stop`: `StopMatcher`, stop strings over streamed text.
 
+pub mod block_manager;
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod kv_cache;
 pub mod model;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod chat;
 pub mod sampling;

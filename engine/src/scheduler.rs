@@ -1,0 +1,565 @@
+//! The scheduler: a function from state to a plan, then an update from results.
+//!
+//! There is no prefill or decode phase: a request has `num_computed` of its
+//! `num_tokens` (prompt + output) in the KV cache, and each step schedules up
+//! to `num_tokens - num_computed` of them within a token budget. Running
+//! requests go first (their single decode tokens, or the rest of a chunked
+//! prompt); waiting ones fill what is left of the budget, in policy order,
+//! starting after their prefix-cache hit. When blocks run out the newest
+//! running request is preempted (its blocks freed, to be recomputed later
+//! with the tokens it has generated). Pure and synchronous: the engine loop
+//! runs the plan through the model and samples.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::block_manager::{BlockManager, SeqBlocks};
+use crate::error::EngineError;
+use crate::kv_cache::BlockId;
+
+/// A request's id, unique within one engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+/// Where a request is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Waiting,
+    Running,
+    /// Preempted and waiting to be recomputed.
+    Preempted,
+    /// Blocks reserved; the KV of the prompt is being sent by another worker.
+    WaitingForRemoteKv,
+    Finished(Finish),
+}
+
+/// Why a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// EOS, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` or the end of the context.
+    Length,
+    Aborted,
+}
+
+/// Scheduler settings.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens computed per step at most.
+    pub max_batched_tokens: usize,
+    /// Sequences running at once at most.
+    pub max_seqs: usize,
+    /// Requests waiting at most (admission control).
+    pub max_waiting: usize,
+    /// Longest prompt accepted.
+    pub max_prompt_len: usize,
+    /// Context length of the model: prompt + output never exceed it.
+    pub max_model_len: usize,
+    pub policy: Policy,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_batched_tokens: 512,
+            max_seqs: 64,
+            max_waiting: 1024,
+            max_prompt_len: 8191,
+            max_model_len: 8192,
+            policy: Policy::Fcfs,
+        }
+    }
+}
+
+/// Order in which waiting requests are admitted (and the reverse picks preemption victims).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// First come, first served.
+    #[default]
+    Fcfs,
+    /// Lower `priority` value first, then arrival.
+    Priority,
+}
+
+impl Policy {
+    fn key(self, r: &Request) -> (i64, u64) {
+        match self {
+            Policy::Fcfs => (0, r.arrival),
+            Policy::Priority => (r.priority as i64, r.arrival),
+        }
+    }
+}
+
+/// What the scheduler needs to know of a request.
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    pub id: RequestId,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    /// Token ids that end the request (EOS unless ignored, plus stop token ids).
+    pub stop_ids: Vec<u32>,
+    pub priority: i32,
+    /// Separates tenants in the prefix cache.
+    pub cache_salt: Option<String>,
+}
+
+/// A request inside the scheduler.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub id: RequestId,
+    pub prompt: Vec<u32>,
+    pub output: Vec<u32>,
+    pub num_computed: usize,
+    pub status: Status,
+    pub max_tokens: usize,
+    pub stop_ids: Vec<u32>,
+    pub priority: i32,
+    pub cache_salt: Option<String>,
+    pub blocks: SeqBlocks,
+    arrival: u64,
+    pub preemptions: u32,
+    /// Prompt tokens found in the prefix cache at the last admission.
+    pub cached_tokens: usize,
+}
+
+impl Request {
+    pub fn num_tokens(&self) -> usize {
+        self.prompt.len() + self.output.len()
+    }
+    pub fn token(&self, i: usize) -> u32 {
+        if i < self.prompt.len() { self.prompt[i] } else { self.output[i - self.prompt.len()] }
+    }
+    pub fn tokens(&self) -> Vec<u32> {
+        let mut t = self.prompt.clone();
+        t.extend(&self.output);
+        t
+    }
+}
+
+/// One request's share of a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scheduled {
+    pub id: RequestId,
+    /// First position computed this step.
+    pub start: usize,
+    pub len: usize,
+    /// The chunk reaches the end of the known tokens: sample a token from its logits.
+    pub sample: bool,
+}
+
+/// What the engine drew for one sampling entry of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sampled {
+    pub token: u32,
+    /// Parallel sampling: new requests that start as copies of this one with their own token.
+    pub forks: Vec<(RequestId, u32)>,
+}
+
+impl Sampled {
+    pub fn one(token: u32) -> Self {
+        Sampled { token, forks: Vec::new() }
+    }
+}
+
+/// The plan for one step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    pub scheduled: Vec<Scheduled>,
+    /// Block copies to make before the forward pass (copy-on-write).
+    pub copies: Vec<(BlockId, BlockId)>,
+    pub preempted: Vec<RequestId>,
+}
+
+impl StepPlan {
+    pub fn num_tokens(&self) -> usize {
+        self.scheduled.iter().map(|s| s.len).sum()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.scheduled.is_empty()
+    }
+}
+
+/// Counters the metrics layer exports.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SchedulerStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub blocks_used: usize,
+    pub blocks_total: usize,
+    pub prefix_queried_tokens: u64,
+    pub prefix_hit_tokens: u64,
+    pub preemptions: u64,
+    pub steps: u64,
+    pub scheduled_tokens: u64,
+    /// Sum over steps of (allocated slots - filled slots) / allocated slots of running requests.
+    pub kv_waste_sum: f64,
+}
+
+impl SchedulerStats {
+    pub fn mean_kv_waste(&self) -> f64 {
+        if self.steps == 0 { 0.0 } else { self.kv_waste_sum / self.steps as f64 }
+    }
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    pub cfg: SchedulerConfig,
+    pub blocks: BlockManager,
+    requests: HashMap<RequestId, Request>,
+    /// Admission order is the policy's; this holds ids not yet running.
+    waiting: VecDeque<RequestId>,
+    /// Running ids in admission order (newest last: the first preemption victim).
+    running: Vec<RequestId>,
+    next_arrival: u64,
+    stats: SchedulerStats,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, blocks: BlockManager) -> Self {
+        Scheduler {
+            cfg,
+            blocks,
+            requests: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_arrival: 0,
+            stats: SchedulerStats::default(),
+        }
+    }
+
+    /// Admits a request to the waiting queue, or refuses it with a typed error.
+    pub fn add(&mut self, r: NewRequest) -> Result<(), EngineError> {
+        self.check_new(&r)?;
+        let req = self.make(r, Status::Waiting);
+        let id = req.id;
+        self.requests.insert(id, req);
+        self.waiting.push_back(id);
+        Ok(())
+    }
+
+    /// Admits a request whose prompt KV will arrive from a prefill worker: its
+    /// blocks are reserved now and it waits until `remote_kv_ready`.
+    pub fn add_remote(&mut self, r: NewRequest) -> Result<Vec<BlockId>, EngineError> {
+        self.check_new(&r)?;
+        let mut req = self.make(r, Status::WaitingForRemoteKv);
+        let n = req.prompt.len();
+        self.blocks.allocate(&mut req.blocks, n)?;
+        let table = req.blocks.table.clone();
+        let id = req.id;
+        self.requests.insert(id, req);
+        self.running.push(id);
+        Ok(table)
+    }
+
+    /// The prompt's KV has arrived; `first_token` was sampled by the prefill worker.
+    pub fn remote_kv_ready(&mut self, id: RequestId, first_token: u32) -> Result<Option<Finish>, EngineError> {
+        let r = self.requests.get_mut(&id).ok_or_else(|| EngineError::InvalidRequest(format!("unknown request {}", id.0)))?;
+        if r.status != Status::WaitingForRemoteKv {
+            return Err(EngineError::InvalidRequest(format!("request {} is not waiting for KV", id.0)));
+        }
+        r.num_computed = r.prompt.len();
+        r.status = Status::Running;
+        let tokens = r.tokens();
+        let salt = r.cache_salt.clone();
+        self.blocks.commit(&mut r.blocks, &tokens, r.prompt.len(), salt.as_deref());
+        Ok(self.append_token(id, first_token))
+    }
+
+    fn check_new(&self, r: &NewRequest) -> Result<(), EngineError> {
+        if self.requests.contains_key(&r.id) {
+            return Err(EngineError::InvalidRequest(format!("duplicate request id {}", r.id.0)));
+        }
+        if r.prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if r.prompt.len() > self.cfg.max_prompt_len || r.prompt.len() >= self.cfg.max_model_len {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} tokens; at most {} are accepted",
+                r.prompt.len(),
+                self.cfg.max_prompt_len.min(self.cfg.max_model_len - 1)
+            )));
+        }
+        let pool_tokens = self.blocks.n_blocks() * self.blocks.block_size();
+        if r.prompt.len() + 1 > pool_tokens {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} tokens; the KV cache holds {pool_tokens}",
+                r.prompt.len()
+            )));
+        }
+        if self.waiting.len() >= self.cfg.max_waiting {
+            return Err(EngineError::Overloaded(format!("{} requests already waiting", self.waiting.len())));
+        }
+        Ok(())
+    }
+
+    fn make(&mut self, r: NewRequest, status: Status) -> Request {
+        self.next_arrival += 1;
+        Request {
+            id: r.id,
+            prompt: r.prompt,
+            output: Vec::new(),
+            num_computed: 0,
+            status,
+            max_tokens: r.max_tokens.max(1),
+            stop_ids: r.stop_ids,
+            priority: r.priority,
+            cache_salt: r.cache_salt,
+            blocks: SeqBlocks::default(),
+            arrival: self.next_arrival,
+            preemptions: 0,
+            cached_tokens: 0,
+        }
+    }
+
+    pub fn get(&self, id: RequestId) -> Option<&Request> {
+        self.requests.get(&id)
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        let p = self.blocks.stats();
+        SchedulerStats {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            blocks_used: self.blocks.n_used(),
+            blocks_total: self.blocks.n_blocks(),
+            prefix_queried_tokens: p.queried_tokens,
+            prefix_hit_tokens: p.hit_tokens,
+            ..self.stats
+        }
+    }
+
+    /// Decides what runs this step.
+    pub fn schedule(&mut self) -> StepPlan {
+        let mut plan = StepPlan::default();
+        let mut budget;
+
+        // Running requests first, oldest first.
+        for id in self.running.clone() {
+            budget = self.cfg.max_batched_tokens - plan.num_tokens();
+            if budget == 0 {
+                break;
+            }
+            let r = &self.requests[&id];
+            if r.status != Status::Running {
+                continue; // preempted earlier in this loop, or waiting for remote KV
+            }
+            let want = (r.num_tokens() - r.num_computed).min(budget);
+            if want == 0 || !self.reserve(id, want, &mut plan) {
+                continue;
+            }
+            let r = &self.requests[&id];
+            plan.scheduled.push(Scheduled {
+                id,
+                start: r.num_computed,
+                len: want,
+                sample: r.num_computed + want == r.num_tokens(),
+            });
+        }
+        budget = self.cfg.max_batched_tokens - plan.num_tokens();
+
+        // Then waiting requests, in policy order, unless this step had to preempt.
+        if plan.preempted.is_empty() {
+            self.sort_waiting();
+            while budget > 0 && self.running.len() < self.cfg.max_seqs {
+                let Some(&id) = self.waiting.front() else { break };
+                let r = self.requests.get_mut(&id).expect("waiting request exists");
+                let tokens = r.tokens();
+                let hit = self.blocks.lookup_prefix(&tokens, r.cache_salt.as_deref());
+                let hit_tokens = hit.tokens(self.blocks.block_size());
+                let want = (tokens.len() - hit_tokens).min(budget);
+                let need = self.blocks.hit_cost(&hit)
+                    + (hit_tokens + want).div_ceil(self.blocks.block_size()) - hit.blocks.len();
+                if need > self.blocks.n_free() {
+                    break;
+                }
+                let r = self.requests.get_mut(&id).expect("exists");
+                self.blocks.take_prefix(&mut r.blocks, hit);
+                self.blocks.allocate(&mut r.blocks, hit_tokens + want).expect("counted above");
+                r.num_computed = hit_tokens;
+                r.cached_tokens = hit_tokens;
+                r.status = Status::Running;
+                plan.scheduled.push(Scheduled { id, start: hit_tokens, len: want, sample: hit_tokens + want == tokens.len() });
+                self.waiting.pop_front();
+                self.running.push(id);
+                budget -= want;
+            }
+        }
+
+        self.stats.steps += 1;
+        self.stats.scheduled_tokens += plan.num_tokens() as u64;
+        let bs = self.blocks.block_size();
+        let (mut alloc, mut filled) = (0usize, 0usize);
+        for s in &plan.scheduled {
+            let r = &self.requests[&s.id];
+            alloc += r.blocks.table.len() * bs;
+            filled += s.start + s.len;
+        }
+        if alloc > 0 {
+            self.stats.kv_waste_sum += (alloc - filled.min(alloc)) as f64 / alloc as f64;
+        }
+        plan
+    }
+
+    /// Makes room for `want` more tokens of running request `id`, preempting the
+    /// newest running requests if blocks run out. False if `id` itself was preempted.
+    fn reserve(&mut self, id: RequestId, want: usize, plan: &mut StepPlan) -> bool {
+        loop {
+            let r = self.requests.get_mut(&id).expect("running request exists");
+            let start = r.num_computed;
+            let mut blocks = std::mem::take(&mut r.blocks);
+            let grown = self.blocks.allocate(&mut blocks, start + want);
+            let cow = match grown {
+                Ok(()) => self.blocks.prepare_write(&mut blocks, start),
+                Err(e) => Err(e),
+            };
+            self.requests.get_mut(&id).expect("exists").blocks = blocks;
+            match cow {
+                Ok(copy) => {
+                    plan.copies.extend(copy);
+                    return true;
+                }
+                Err(_) => {
+                    let victim = self.pick_victim();
+                    self.preempt(victim);
+                    plan.preempted.push(victim);
+                    plan.scheduled.retain(|s| s.id != victim);
+                    if victim == id {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    fn pick_victim(&self) -> RequestId {
+        let policy = self.cfg.policy;
+        *self
+            .running
+            .iter()
+            .filter(|id| self.requests[id].status == Status::Running)
+            .max_by_key(|id| policy.key(&self.requests[id]))
+            .expect("a running request to preempt")
+    }
+
+    fn preempt(&mut self, id: RequestId) {
+        let r = self.requests.get_mut(&id).expect("exists");
+        self.blocks.free(&mut r.blocks);
+        r.num_computed = 0;
+        r.status = Status::Preempted;
+        r.preemptions += 1;
+        self.stats.preemptions += 1;
+        self.running.retain(|&x| x != id);
+        self.waiting.push_front(id);
+    }
+
+    fn sort_waiting(&mut self) {
+        let policy = self.cfg.policy;
+        let reqs = &self.requests;
+        self.waiting.make_contiguous().sort_by_key(|id| policy.key(&reqs[id]));
+    }
+
+    /// Records a step's results: `sampled` holds one entry per scheduled entry
+    /// with `sample` set, in plan order. Returns the requests that finished.
+    pub fn update(&mut self, plan: &StepPlan, sampled: &[Sampled]) -> Vec<(RequestId, Finish)> {
+        let mut finished = Vec::new();
+        let mut next = sampled.iter();
+        for s in &plan.scheduled {
+            let Some(r) = self.requests.get_mut(&s.id) else { continue };
+            if r.status != Status::Running {
+                continue;
+            }
+            r.num_computed = s.start + s.len;
+            let tokens = r.tokens();
+            let salt = r.cache_salt.clone();
+            self.blocks.commit(&mut r.blocks, &tokens, s.start + s.len, salt.as_deref());
+            if s.sample {
+                let out = next.next().expect("one sampled entry per sampling entry");
+                // Children first: they share the blocks before the parent may finish and free them.
+                for &(child, tok) in &out.forks {
+                    if self.fork(s.id, child).is_ok() {
+                        if let Some(f) = self.append_token(child, tok) {
+                            finished.push((child, f));
+                        }
+                    }
+                }
+                if let Some(f) = self.append_token(s.id, out.token) {
+                    finished.push((s.id, f));
+                }
+            }
+        }
+        finished
+    }
+
+    fn append_token(&mut self, id: RequestId, tok: u32) -> Option<Finish> {
+        let max_len = self.cfg.max_model_len;
+        let r = self.requests.get_mut(&id).expect("exists");
+        let finish = if r.stop_ids.contains(&tok) {
+            Some(Finish::Stop)
+        } else {
+            r.output.push(tok);
+            if r.output.len() >= r.max_tokens || r.num_tokens() >= max_len {
+                Some(Finish::Length)
+            } else {
+                None
+            }
+        };
+        if let Some(f) = finish {
+            self.finish(id, f);
+        }
+        finish
+    }
+
+    /// Ends a request (stop string, abort, client gone): its blocks return at once.
+    pub fn finish(&mut self, id: RequestId, why: Finish) {
+        let Some(r) = self.requests.get_mut(&id) else { return };
+        if matches!(r.status, Status::Finished(_)) {
+            return;
+        }
+        self.blocks.free(&mut r.blocks);
+        r.status = Status::Finished(why);
+        self.running.retain(|&x| x != id);
+        self.waiting.retain(|&x| x != id);
+    }
+
+    /// Removes a finished request and returns it.
+    pub fn take_finished(&mut self, id: RequestId) -> Option<Request> {
+        match self.requests.get(&id)?.status {
+            Status::Finished(_) => self.requests.remove(&id),
+            _ => None,
+        }
+    }
+
+    /// Starts `child` as a copy of running request `parent` (parallel
+    /// sampling): it shares the parent's blocks copy-on-write and its tokens so far.
+    fn fork(&mut self, parent: RequestId, child: RequestId) -> Result<(), EngineError> {
+        if self.requests.contains_key(&child) {
+            return Err(EngineError::InvalidRequest(format!("duplicate request id {}", child.0)));
+        }
+        let p = self.requests.get(&parent).ok_or_else(|| EngineError::InvalidRequest(format!("unknown request {}", parent.0)))?;
+        let mut c = p.clone();
+        c.blocks = self.blocks.fork(&p.blocks);
+        self.next_arrival += 1;
+        c.id = child;
+        c.arrival = self.next_arrival;
+        self.requests.insert(child, c);
+        self.running.push(child);
+        Ok(())
+    }
+
+    /// Every request's blocks, for invariant checks.
+    pub fn holders(&self) -> Vec<&SeqBlocks> {
+        self.requests.values().map(|r| &r.blocks).collect()
+    }
+}
