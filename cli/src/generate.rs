@@ -12,17 +12,21 @@ use tandem_engine::{Engine, EngineConfig, Prompt};
 use tandem_kernels::Isa;
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat"])))]
+#[command(group(clap::ArgGroup::new("input").required(true).multiple(true).args(["prompt", "chat"])))]
 pub struct GenerateArgs {
     /// GGUF model file.
     #[arg(long, env = "TANDEM_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     pub model: PathBuf,
-    /// Raw prompt, used as is (special tokens in it are parsed).
+    /// Raw prompt, used as is (special tokens in it are parsed). Repeatable: prompts run one
+    /// after another and share the prefix cache.
     #[arg(long)]
-    pub prompt: Option<String>,
-    /// One user message, rendered with the model's chat template.
+    pub prompt: Vec<String>,
+    /// One user message, rendered with the model's chat template. Repeatable.
     #[arg(long)]
-    pub chat: Option<String>,
+    pub chat: Vec<String>,
+    /// Parallel samples per prompt (they share the prompt's KV blocks copy-on-write).
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
     /// Maximum tokens to generate.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: i64,
@@ -68,12 +72,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.max_tokens < 1 {
         bail!("--max-tokens must be at least 1, got {}", a.max_tokens);
     }
-    let prompt = match (&a.prompt, &a.chat) {
-        (Some(p), _) => Prompt::Text(p.clone()),
-        (_, Some(c)) => Prompt::Chat(vec![ChatMessage::new("user", c.clone())]),
-        _ => unreachable!("clap requires one of --prompt and --chat"),
-    };
-    if matches!(&prompt, Prompt::Text(t) if t.is_empty()) || matches!(&prompt, Prompt::Chat(m) if m[0].content.is_empty()) {
+    if a.n < 1 {
+        bail!("--n must be at least 1, got {}", a.n);
+    }
+    let mut prompts: Vec<Prompt> = a.prompt.iter().map(|p| Prompt::Text(p.clone())).collect();
+    prompts.extend(a.chat.iter().map(|c| Prompt::Chat(vec![ChatMessage::new("user", c.clone())])));
+    if a.prompt.iter().chain(&a.chat).any(String::is_empty) {
         bail!("the prompt is empty");
     }
     let params = SamplingParams {
@@ -97,25 +101,49 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         cfg.threads = t;
     }
     let mut engine = Engine::load(&cfg)?;
-    let prompt_ids = engine.prompt_ids(&prompt)?;
-    let stream = !a.json;
+    let stream = !a.json && a.n == 1;
     let mut stdout = std::io::stdout().lock();
-    let generation = engine.generate(prompt_ids, &params, |delta| {
-        if stream {
-            let _ = stdout.write_all(delta.as_bytes());
-            let _ = stdout.flush();
+    for prompt in &prompts {
+        let prompt_ids = engine.prompt_ids(prompt)?;
+        let generation = engine.generate(prompt_ids, &params, a.n, |delta| {
+            if stream {
+                let _ = stdout.write_all(delta.as_bytes());
+                let _ = stdout.flush();
+            }
+        })?;
+        if a.json {
+            let out = if a.n == 1 {
+                let c = &generation.choices[0];
+                serde_json::json!({
+                    "text": c.text,
+                    "token_ids": c.token_ids,
+                    "prompt_token_ids": generation.prompt_token_ids,
+                    "finish_reason": c.finish_reason.as_str(),
+                })
+            } else {
+                let choices: Vec<_> = generation
+                    .choices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        serde_json::json!({
+                            "index": i,
+                            "text": c.text,
+                            "token_ids": c.token_ids,
+                            "finish_reason": c.finish_reason.as_str(),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "choices": choices, "prompt_token_ids": generation.prompt_token_ids })
+            };
+            writeln!(stdout, "{out}")?;
+        } else if stream {
+            writeln!(stdout)?;
+        } else {
+            for (i, c) in generation.choices.iter().enumerate() {
+                writeln!(stdout, "[{i}] {}", c.text)?;
+            }
         }
-    })?;
-    if a.json {
-        let out = serde_json::json!({
-            "text": generation.text,
-            "token_ids": generation.token_ids,
-            "prompt_token_ids": generation.prompt_token_ids,
-            "finish_reason": generation.finish_reason.as_str(),
-        });
-        writeln!(stdout, "{out}")?;
-    } else {
-        writeln!(stdout)?;
     }
     Ok(())
 }

@@ -1,9 +1,7 @@
-//! One loaded model with its tokenizer and chat template, and the
-//! single-request generation loop the `tandem generate` command runs.
-//!
-//! The loop is the simplest client of the batched forward pass: one sequence,
-//! its own block table grown a block at a time, blocks returned when it ends
-//! (also on error). Serving many requests at once is the scheduler's job.
+//! One loaded model with its tokenizer and chat template, and a blocking
+//! "generate this prompt" call on top of the engine loop (what the
+//! `tandem generate` command runs). Prompts generated one after another share
+//! the prefix cache.
 
 use std::path::{Path, PathBuf};
 
@@ -12,11 +10,12 @@ use tandem_kernels::Isa;
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
-use crate::kv_cache::{blocks_for_tokens, BlockAllocator, BlockId, KvCache, KvDtype};
-use crate::model::{ForwardBatch, LogitsWanted, Model, ModelOptions, Scratch};
-use crate::sampling::{SampledToken, Sampler, SamplingParams};
-use crate::stop::StopMatcher;
-use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+use crate::kv_cache::{blocks_for_tokens, KvDtype};
+use crate::llm_engine::{EngineRequest, FinishReason as LoopFinish, LlmEngine, LlmEngineConfig};
+use crate::model::{Model, ModelOptions};
+use crate::sampling::{SampledToken, SamplingParams};
+use crate::scheduler::SchedulerConfig;
+use crate::tokenizer::Tokenizer;
 
 /// Settings for loading an engine.
 #[derive(Debug, Clone)]
@@ -31,6 +30,8 @@ pub struct EngineConfig {
     pub kv_dtype: KvDtype,
     /// KV blocks in the pool; `None` = enough for one sequence of the full context.
     pub kv_blocks: Option<usize>,
+    pub prefix_caching: bool,
+    pub scheduler: SchedulerConfig,
 }
 
 impl Default for EngineConfig {
@@ -42,6 +43,8 @@ impl Default for EngineConfig {
             block_size: 16,
             kv_dtype: KvDtype::F16,
             kv_blocks: None,
+            prefix_caching: true,
+            scheduler: SchedulerConfig::default(),
         }
     }
 }
@@ -75,32 +78,35 @@ impl FinishReason {
     }
 }
 
-/// A finished generation.
+/// One finished sequence of a generation.
 #[derive(Debug, Clone)]
-pub struct Generation {
+pub struct Choice {
     pub text: String,
     /// Generated ids (EOS excluded).
     pub token_ids: Vec<u32>,
-    pub prompt_token_ids: Vec<u32>,
     pub finish_reason: FinishReason,
     /// Per generated token, when `logprobs` was asked for.
     pub logprobs: Vec<SampledToken>,
 }
 
-/// A model ready to generate.
+/// A finished generation: `n` choices for one prompt.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt_token_ids: Vec<u32>,
+    pub choices: Vec<Choice>,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// A model ready to generate: the engine loop plus the chat template.
 pub struct Engine {
-    pub model: Model,
-    pub tokenizer: Tokenizer,
+    pub engine: LlmEngine,
     pub chat_template: Option<ChatTemplate>,
-    kv: KvCache,
-    alloc: BlockAllocator,
-    scratch: Scratch,
-    block_size: usize,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("model", &self.model).field("kv_blocks", &self.kv.n_blocks).finish()
+        f.debug_struct("Engine").field("model", &self.engine.model).finish()
     }
 }
 
@@ -121,17 +127,24 @@ impl Engine {
         let tokenizer = Tokenizer::from_gguf(&file)?;
         let chat_template = ChatTemplate::from_gguf(&file)?;
         drop(file);
-        let n_blocks = cfg.kv_blocks.unwrap_or_else(|| blocks_for_tokens(model.config.context_length, cfg.block_size));
-        let kv = KvCache::new(model.kv_shape(cfg.block_size), model.config.n_layers, n_blocks, cfg.kv_dtype)?;
-        Ok(Engine {
-            model,
-            tokenizer,
-            chat_template,
-            kv,
-            alloc: BlockAllocator::new(n_blocks),
-            scratch: Scratch::default(),
+        let ctx = model.config.context_length;
+        let kv_blocks = cfg.kv_blocks.unwrap_or_else(|| blocks_for_tokens(ctx, cfg.block_size));
+        let lcfg = LlmEngineConfig {
+            scheduler: SchedulerConfig { max_model_len: ctx, ..cfg.scheduler.clone() },
             block_size: cfg.block_size,
-        })
+            kv_blocks,
+            kv_dtype: cfg.kv_dtype,
+            prefix_caching: cfg.prefix_caching,
+        };
+        Ok(Engine { engine: LlmEngine::new(model, tokenizer, lcfg)?, chat_template })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.engine.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.engine.tokenizer
     }
 
     /// The prompt as token ids: chat rendered, text tokenized (BOS added only if the model asks).
@@ -147,28 +160,29 @@ impl Engine {
                 tpl.render(messages, true)?
             }
         };
+        let tok = self.tokenizer();
         let mut ids = Vec::new();
-        if self.tokenizer.add_bos() {
-            ids.extend(self.tokenizer.bos_id());
+        if tok.add_bos() {
+            ids.extend(tok.bos_id());
         }
-        ids.extend(self.tokenizer.encode(&text, true)?);
+        ids.extend(tok.encode(&text, true)?);
         Ok(ids)
     }
 
-    /// Free KV blocks (all of them between requests: nothing leaks).
+    /// Free KV blocks, counting cached prefix blocks nobody holds (all of them between requests).
     pub fn free_blocks(&self) -> usize {
-        self.alloc.n_free()
+        self.engine.scheduler.blocks.n_free()
     }
 
-    /// Generates from `prompt_ids`; `on_text` receives text deltas as they become final.
+    /// Generates `n` choices from `prompt_ids`; `on_text` receives choice 0's text deltas.
     pub fn generate(
         &mut self,
         prompt_ids: Vec<u32>,
         params: &SamplingParams,
+        n: usize,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation, EngineError> {
-        let ctx = self.model.config.context_length;
-        params.validate(self.model.config.vocab_size)?;
+        let ctx = self.model().config.context_length;
         if prompt_ids.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
@@ -178,77 +192,42 @@ impl Engine {
                 prompt_ids.len()
             )));
         }
-        if let Some(&bad) = prompt_ids.iter().find(|&&t| t as usize >= self.model.config.vocab_size) {
-            return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary")));
+        let req = EngineRequest { prompt: prompt_ids.clone(), params: params.clone(), n, priority: 0, cache_salt: None };
+        let group = self.engine.add_request(req)?;
+        let mut choices: Vec<Option<Choice>> = vec![None; n];
+        let mut partial: Vec<Choice> = (0..n)
+            .map(|_| Choice { text: String::new(), token_ids: Vec::new(), finish_reason: FinishReason::Length, logprobs: Vec::new() })
+            .collect();
+        let mut cached_tokens = 0;
+        while choices.iter().any(Option::is_none) {
+            let outs = match self.engine.step() {
+                Ok(o) => o,
+                Err(e) => {
+                    self.engine.abort(group);
+                    return Err(e);
+                }
+            };
+            if outs.is_empty() && !self.engine.has_unfinished() {
+                return Err(EngineError::InvalidRequest("the request ended without output".into()));
+            }
+            for o in outs.into_iter().filter(|o| o.group == group) {
+                cached_tokens = cached_tokens.max(o.cached_tokens);
+                if o.index == 0 && !o.text.is_empty() {
+                    on_text(&o.text);
+                }
+                let c = &mut partial[o.index];
+                c.text.push_str(&o.text);
+                c.token_ids.extend(&o.token_ids);
+                c.logprobs.extend(o.logprobs);
+                if let Some(f) = o.finish {
+                    c.finish_reason = match f {
+                        LoopFinish::Stop => FinishReason::Stop,
+                        _ => FinishReason::Length,
+                    };
+                    choices[o.index] = Some(c.clone());
+                }
+            }
         }
-        let mut table: Vec<BlockId> = Vec::new();
-        let result = self.run(&prompt_ids, params, &mut table, &mut on_text);
-        self.alloc.release(&table);
-        let (token_ids, finish_reason, text, logprobs) = result?;
-        Ok(Generation { text, token_ids, prompt_token_ids: prompt_ids, finish_reason, logprobs })
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn run(
-        &mut self,
-        prompt: &[u32],
-        params: &SamplingParams,
-        table: &mut Vec<BlockId>,
-        on_text: &mut dyn FnMut(&str),
-    ) -> Result<(Vec<u32>, FinishReason, String, Vec<SampledToken>), EngineError> {
-        let vocab = self.model.config.vocab_size;
-        let ctx = self.model.config.context_length;
-        let eos = self.tokenizer.eos_id();
-        let mut sampler = Sampler::new(params);
-        let mut decoder = IncrementalDecoder::new(true);
-        let mut stops = StopMatcher::new(&params.stop);
-        let mut generated: Vec<u32> = Vec::new();
-        let mut logprobs = Vec::new();
-        let mut text = String::new();
-        let mut pending: &[u32] = prompt;
-        let mut last = [0u32; 1];
-        let mut pos = 0usize;
-        let finish = loop {
-            let need = blocks_for_tokens(pos + pending.len(), self.block_size);
-            if need > table.len() {
-                table.extend(self.alloc.allocate(need - table.len())?);
-            }
-            let mut batch = ForwardBatch::default();
-            let s = batch.add_seq(table);
-            batch.add_tokens(s, pending, pos, LogitsWanted::Last);
-            let logits = self.model.forward(&batch, &mut self.kv, &mut self.scratch)?;
-            pos += pending.len();
-            let tok = sampler.sample(&logits[..vocab], prompt, &generated);
-            let id = tok.id;
-            if params.logprobs.is_some() {
-                logprobs.push(tok);
-            }
-            if (!params.ignore_eos && Some(id) == eos) || params.stop_token_ids.contains(&id) {
-                break FinishReason::Stop;
-            }
-            generated.push(id);
-            let delta = decoder.push(&self.tokenizer, id)?;
-            let out = stops.push(&delta);
-            text.push_str(&out.text);
-            on_text(&out.text);
-            if out.is_stop() {
-                break FinishReason::Stop;
-            }
-            if generated.len() >= params.max_tokens || pos + 1 >= ctx {
-                break FinishReason::Length;
-            }
-            last[0] = id;
-            pending = &last;
-        };
-        if finish == FinishReason::Length || !stops.is_stopped() {
-            let tail = decoder.finish();
-            let mut out = stops.push(&tail).text;
-            if !stops.is_stopped() {
-                out.push_str(&stops.finish());
-            }
-            text.push_str(&out);
-            on_text(&out);
-        }
-        Ok((generated, finish, text, logprobs))
+        Ok(Generation { prompt_token_ids: prompt_ids, choices: choices.into_iter().flatten().collect(), cached_tokens })
     }
 }

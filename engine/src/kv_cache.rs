@@ -93,6 +93,22 @@ impl KvCache {
         Ok(KvCache { shape, n_layers, n_blocks, dtype, storage })
     }
 
+    /// Copies block `from` into block `to` in every layer (copy-on-write).
+    pub fn copy_block(&mut self, from: BlockId, to: BlockId) {
+        fn copy<E: Copy>(layers: &mut [LayerKv<E>], n: usize, from: usize, to: usize) {
+            for l in layers {
+                l.k.copy_within(from * n..(from + 1) * n, to * n);
+                l.v.copy_within(from * n..(from + 1) * n, to * n);
+            }
+        }
+        let n = self.shape.block_elems();
+        let (f, t) = (from.0 as usize, to.0 as usize);
+        match &mut self.storage {
+            KvStorage::F16(l) => copy(l, n, f, t),
+            KvStorage::F32(l) => copy(l, n, f, t),
+        }
+    }
+
     /// Bytes one block takes across all layers, K and V.
     pub fn block_bytes(&self) -> usize {
         2 * self.n_layers * self.shape.block_elems() * self.dtype.bytes()

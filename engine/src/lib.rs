@@ -10,6 +10,7 @@
 //! - `kv_cache`: paged K/V storage (`KvCache`) and the block allocator.
 //! - `block_manager`: block ownership, the prefix cache (chained hashes), eviction order, KV events.
 //! - `scheduler`: continuous batching with chunked prefill and preemption; `schedule()` then `update()`.
+//! - `llm_engine`: the engine loop: schedule, forward, sample, detokenize; many requests at once.
 //! - `generate`: `Engine` (model + tokenizer + chat template) and the single-request loop.
 //! - `tokenizer`: GGUF byte-level BPE tokenizer and streaming `IncrementalDecoder`.
 //! - `chat`: renders conversations with the model's Jinja chat template.
@@ -22,6 +23,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod kv_cache;
+pub mod llm_engine;
 pub mod model;
 pub mod scheduler;
 pub mod tokenizer;
@@ -30,4 +32,4 @@ pub mod sampling;
 pub mod stop;
 
 pub use error::EngineError;
-pub use generate::{Engine, EngineConfig, FinishReason, Generation, Prompt};
+pub use generate::{Choice, Engine, EngineConfig, FinishReason, Generation, Prompt};
