@@ -3,13 +3,21 @@
 //! token generation) so the two can be read side by side.
 //!
 //! Tokens are fixed pseudo-random ids; sampling is not timed (as in llama-bench).
+//!
+//! `--offline` measures the whole engine instead (scheduler, sampling,
+//! detokenization): N requests submitted at once and run to completion.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use tandem_engine::gguf::GgufFile;
 use tandem_engine::kv_cache::{blocks_for_tokens, BlockAllocator, BlockId, KvCache, KvDtype};
+use tandem_engine::llm_engine::{EngineRequest, LlmEngine, LlmEngineConfig};
+use tandem_engine::sampling::SamplingParams;
+use tandem_engine::scheduler::SchedulerConfig;
+use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::model::{ForwardBatch, LogitsWanted, Model, ModelOptions, Scratch};
 use tandem_kernels::Isa;
 
@@ -38,6 +46,30 @@ pub struct EngineBenchArgs {
     /// Decode steps per timed repetition.
     #[arg(long, default_value_t = 32)]
     pub decode_steps: usize,
+    /// Offline throughput instead: submit `--requests` at once and run them to completion
+    /// through the scheduler (vLLM's throughput-benchmark shape).
+    #[arg(long)]
+    pub offline: bool,
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
+    /// Prompt tokens per request.
+    #[arg(long, default_value_t = 256)]
+    pub input_len: usize,
+    /// Generated tokens per request (EOS ignored).
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
+    /// Leading prompt tokens shared by every request.
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix_len: usize,
+    /// KV blocks of 16 tokens in the pool.
+    #[arg(long, default_value_t = 2048)]
+    pub kv_blocks: usize,
+    /// Sequences running at once at most.
+    #[arg(long, default_value_t = 64)]
+    pub max_seqs: usize,
+    /// Tokens per step at most.
+    #[arg(long, default_value_t = 512)]
+    pub max_batched_tokens: usize,
 }
 
 const BLOCK: usize = 16;
@@ -47,6 +79,9 @@ const DECODE_CONTEXT: usize = 256;
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     let BenchCommand::Engine(a) = cmd;
+    if a.offline {
+        return offline(&a);
+    }
     let mut opts = ModelOptions::default();
     if let Some(t) = a.threads {
         opts.threads = t;
@@ -159,4 +194,87 @@ fn decode_bench(model: &Model, b: usize, steps: usize, reps: usize) -> Result<f6
         }
     }
     median(rates)
+}
+
+/// Offline throughput: every request submitted at once, run to completion.
+fn offline(a: &EngineBenchArgs) -> Result<()> {
+    if a.requests == 0 || a.input_len == 0 || a.output_len == 0 {
+        anyhow::bail!("--requests, --input-len and --output-len must be positive");
+    }
+    if a.shared_prefix_len >= a.input_len {
+        anyhow::bail!("--shared-prefix-len must be shorter than --input-len");
+    }
+    let mut opts = ModelOptions::default();
+    if let Some(t) = a.threads {
+        opts.threads = t;
+    }
+    if let Some(s) = &a.isa {
+        opts.isa = Some(Isa::parse(s).with_context(|| format!("unknown --isa {s}"))?);
+    }
+    let file = GgufFile::open(&a.model)?;
+    let model = Model::from_gguf(&file, &opts)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    drop(file);
+    let threads = model.threads();
+    let cfg = LlmEngineConfig {
+        kv_blocks: a.kv_blocks,
+        block_size: BLOCK,
+        scheduler: SchedulerConfig {
+            max_seqs: a.max_seqs,
+            max_batched_tokens: a.max_batched_tokens,
+            max_waiting: a.requests.max(1),
+            ..SchedulerConfig::default()
+        },
+        ..LlmEngineConfig::default()
+    };
+    let mut engine = LlmEngine::new(model, tokenizer, cfg)?;
+    let shared = tokens(a.shared_prefix_len, 7);
+    let params = SamplingParams { temperature: 0.0, max_tokens: a.output_len, ignore_eos: true, ..SamplingParams::default() };
+    let t0 = Instant::now();
+    for i in 0..a.requests {
+        let mut prompt = shared.clone();
+        prompt.extend(tokens(a.input_len - a.shared_prefix_len, 10_000 + i as u64));
+        engine.add_request(EngineRequest { prompt, params: params.clone(), n: 1, priority: 0, cache_salt: None })?;
+    }
+    let mut generated = 0usize;
+    while engine.has_unfinished() {
+        generated += engine.step()?.iter().map(|o| o.token_ids.len()).sum::<usize>();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let s = engine.stats();
+    let prompt_tokens = a.requests * a.input_len;
+    let hit_rate = if s.prefix_queried_tokens == 0 { 0.0 } else { s.prefix_hit_tokens as f64 / s.prefix_queried_tokens as f64 };
+    // What a perfect cache could serve: the shared prefix of every request but the first,
+    // in whole blocks.
+    let shareable = (a.requests - 1) * (a.shared_prefix_len / BLOCK * BLOCK);
+    let shared_hit_rate = if shareable == 0 { 0.0 } else { s.prefix_hit_tokens as f64 / shareable as f64 };
+    let out = serde_json::json!({
+        "requests": a.requests,
+        "input_len": a.input_len,
+        "output_len": a.output_len,
+        "shared_prefix_len": a.shared_prefix_len,
+        "threads": threads,
+        "seconds": secs,
+        "requests_per_s": a.requests as f64 / secs,
+        "output_tok_s": generated as f64 / secs,
+        "total_tok_s": (prompt_tokens + generated) as f64 / secs,
+        "kv_waste": s.mean_kv_waste(),
+        "prefix_hit_rate": hit_rate,
+        "shared_prefix_hit_rate": shared_hit_rate,
+        "preemptions": s.preemptions,
+        "steps": s.steps,
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!("offline: {} requests x ({} in, {} out), shared prefix {}, {threads} threads", a.requests, a.input_len, a.output_len, a.shared_prefix_len);
+        println!("  time            {secs:.2} s ({} steps)", s.steps);
+        println!("  requests/s      {:.3}", a.requests as f64 / secs);
+        println!("  output tok/s    {:.1}", generated as f64 / secs);
+        println!("  total tok/s     {:.1}", (prompt_tokens + generated) as f64 / secs);
+        println!("  mean KV waste   {:.2}%", 100.0 * s.mean_kv_waste());
+        println!("  prefix hit rate {:.1}% of prompt tokens ({:.1}% of the shareable prefix tokens)", 100.0 * hit_rate, 100.0 * shared_hit_rate);
+        println!("  preemptions     {}", s.preemptions);
+    }
+    Ok(())
 }
