@@ -206,3 +206,38 @@ fn scalar_and_avx2_kernels_f32_cache_and_odd_block_size_agree_with_llama_cpp() {
         assert_matches_reference(&case32, &got);
     }
 }
+
+#[test]
+fn n_choices_share_a_prompt_and_repeated_prompts_share_the_cache() {
+    let out = tandem(&["generate", "--chat", "Name a fruit.", "--n", "3", "--temperature", "1.0", "--seed", "5", "--max-tokens", "8", "--json"]);
+    let v = json_of(&out);
+    let choices = v["choices"].as_array().expect("a list of choices for --n 3");
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert!(ids(&c["token_ids"]).len() <= 8);
+        assert!(c["finish_reason"] == "stop" || c["finish_reason"] == "length");
+    }
+    assert!(!ids(&v["prompt_token_ids"]).is_empty());
+
+    // Two prompts in one run: one JSON line each, the second identical to a run of its own.
+    let two = tandem(&["generate", "--prompt", "The sky is", "--prompt", "The sea is", "--temperature", "0", "--max-tokens", "8", "--json"]);
+    assert!(two.status.success());
+    let lines: Vec<Value> = String::from_utf8(two.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    let alone = json_of(&tandem(&["generate", "--prompt", "The sea is", "--temperature", "0", "--max-tokens", "8", "--json"]));
+    assert_eq!(lines[1], alone);
+}
+
+#[test]
+fn offline_bench_reports_its_figures() {
+    let out = tandem(&["bench", "engine", "--offline", "--requests", "6", "--input-len", "40", "--output-len", "3", "--shared-prefix-len", "32", "--max-batched-tokens", "40", "--json"]);
+    let v = json_of(&out);
+    for key in ["requests_per_s", "output_tok_s", "total_tok_s", "kv_waste", "prefix_hit_rate", "preemptions"] {
+        assert!(v.get(key).is_some(), "missing {key}: {v}");
+    }
+    // With one prompt per step at first, the other 5 requests reuse the first one's
+    // 32-token shared prefix (2 blocks of 16). (Requests admitted in the same step
+    // cannot hit each other: the blocks are registered after they are computed.)
+    assert_eq!(v["prefix_hit_rate"].as_f64().unwrap(), (5.0 * 32.0) / (6.0 * 40.0));
+}
