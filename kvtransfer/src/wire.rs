@@ -1,0 +1,426 @@
+//! The wire format (see `PROTOCOL.md`): a 16-byte header, then a body
+//! checked by CRC32C. Pure encoding and decoding; no I/O.
+//!
+//! Every length is checked against a bound before anything is allocated or
+//! sliced, so a hostile or corrupt peer gets a `WireError`, never a panic or
+//! an allocation of its choosing.
+
+use crate::layout::{KvDtypeWire, KvLayout};
+
+pub const MAGIC: u32 = 0x564B_5454; // "TTKV" little-endian
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 16;
+/// Fixed part of a Blocks body before the block ids.
+pub const BLOCKS_FIXED: usize = 16;
+/// Longest message text carried by Abort, Ack and Error frames.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// Frame kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    HelloOk = 2,
+    Blocks = 3,
+    Finish = 4,
+    Abort = 5,
+    Ack = 6,
+    Error = 7,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Hello,
+            2 => Kind::HelloOk,
+            3 => Kind::Blocks,
+            4 => Kind::Finish,
+            5 => Kind::Abort,
+            6 => Kind::Ack,
+            7 => Kind::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a frame could not be decoded. Every variant ends the connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("bad magic {0:#x}: not a Tandem KV transfer peer")]
+    BadMagic(u32),
+    #[error("unsupported protocol version {0} (this side speaks {VERSION})")]
+    Version(u16),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame body of {len} bytes exceeds the limit of {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("malformed {kind:?} frame: {why}")]
+    Malformed { kind: Kind, why: &'static str },
+    #[error("checksum mismatch: header says {expected:#010x}, body has {actual:#010x}")]
+    Checksum { expected: u32, actual: u32 },
+    #[error("blocks frame before the handshake")]
+    NoLayout,
+    #[error("reserved header flags {0:#x} are set")]
+    Flags(u8),
+}
+
+/// A parsed header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    pub body_len: usize,
+    pub crc: u32,
+}
+
+/// Error and status codes carried by Abort, Ack and Error frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Code {
+    Ok = 0,
+    LayoutMismatch = 1,
+    UnknownRequest = 2,
+    BadBlock = 3,
+    Checksum = 4,
+    Deadline = 5,
+    Aborted = 6,
+    Protocol = 7,
+}
+
+impl Code {
+    pub fn from_u16(v: u16) -> Code {
+        match v {
+            0 => Code::Ok,
+            1 => Code::LayoutMismatch,
+            2 => Code::UnknownRequest,
+            3 => Code::BadBlock,
+            4 => Code::Checksum,
+            5 => Code::Deadline,
+            6 => Code::Aborted,
+            _ => Code::Protocol,
+        }
+    }
+}
+
+/// A decoded frame; `Blocks` borrows its ids and payload from the input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame<'a> {
+    Hello(KvLayout),
+    HelloOk,
+    Blocks(BlocksRef<'a>),
+    /// All of a request's KV has been sent; `first_token` is the prefill's sampled token.
+    Finish { request_id: u64, first_token: u32, num_tokens: u32 },
+    Abort { request_id: u64, code: Code, message: String },
+    /// The receiver's verdict on a request (after Finish, or on an error).
+    Ack { request_id: u64, code: Code, message: String },
+    /// A connection-level failure (e.g. layout mismatch); the sender closes.
+    Error { code: Code, message: String },
+}
+
+/// One layer of K and V for some blocks of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlocksRef<'a> {
+    pub request_id: u64,
+    pub layer: u16,
+    /// Destination block ids on the receiver.
+    pub block_ids: Vec<u32>,
+    /// For each block in order: K bytes then V bytes of this layer.
+    pub payload: &'a [u8],
+}
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Parses and bounds-checks a header.
+pub fn parse_header(h: &[u8; HEADER_LEN], max_body: usize) -> Result<Header, WireError> {
+    let magic = le32(h, 0);
+    if magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    let version = le16(h, 4);
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    let kind = Kind::from_u8(h[6]).ok_or(WireError::UnknownKind(h[6]))?;
+    if h[7] != 0 {
+        return Err(WireError::Flags(h[7]));
+    }
+    let body_len = le32(h, 8) as usize;
+    if body_len > max_body {
+        return Err(WireError::TooLong { len: body_len, max: max_body });
+    }
+    Ok(Header { kind, body_len, crc: le32(h, 12) })
+}
+
+fn header(kind: Kind, body: &[u8]) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    h[6] = kind as u8;
+    h[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    h
+}
+
+fn frame(kind: Kind, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&header(kind, body));
+    out.extend_from_slice(body);
+    out
+}
+
+fn message_body(prefix: &[u8], code: Code, message: &str) -> Vec<u8> {
+    let m = &message.as_bytes()[..message.len().min(MAX_MESSAGE)];
+    let mut b = prefix.to_vec();
+    b.extend_from_slice(&(code as u16).to_le_bytes());
+    b.extend_from_slice(&(m.len() as u16).to_le_bytes());
+    b.extend_from_slice(m);
+    b
+}
+
+pub fn encode_hello(layout: &KvLayout) -> Vec<u8> {
+    let mut b = Vec::with_capacity(20);
+    b.extend_from_slice(&layout.n_layers.to_le_bytes());
+    b.extend_from_slice(&layout.n_kv_heads.to_le_bytes());
+    b.extend_from_slice(&layout.head_dim.to_le_bytes());
+    b.extend_from_slice(&layout.block_size.to_le_bytes());
+    b.push(layout.dtype as u8);
+    b.extend_from_slice(&[0, 0, 0]);
+    b.extend_from_slice(&layout.fingerprint.to_le_bytes());
+    frame(Kind::Hello, &b)
+}
+
+pub fn encode_hello_ok() -> Vec<u8> {
+    frame(Kind::HelloOk, &[])
+}
+
+/// The header and fixed part of a Blocks frame; the payload follows separately, so a
+/// sender can write it straight from KV memory. `crc` is the CRC32C of fixed part + payload.
+pub fn encode_blocks_head(request_id: u64, layer: u16, block_ids: &[u32], payload: &[&[u8]]) -> Vec<u8> {
+    let mut fixed = Vec::with_capacity(BLOCKS_FIXED + 4 * block_ids.len());
+    fixed.extend_from_slice(&request_id.to_le_bytes());
+    fixed.extend_from_slice(&layer.to_le_bytes());
+    fixed.extend_from_slice(&[0, 0]);
+    fixed.extend_from_slice(&(block_ids.len() as u32).to_le_bytes());
+    for id in block_ids {
+        fixed.extend_from_slice(&id.to_le_bytes());
+    }
+    let mut crc = crc32c::crc32c(&fixed);
+    let mut len = fixed.len();
+    for p in payload {
+        crc = crc32c::crc32c_append(crc, p);
+        len += p.len();
+    }
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    h[6] = Kind::Blocks as u8;
+    h[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    let mut out = h.to_vec();
+    out.extend_from_slice(&fixed);
+    out
+}
+
+/// A whole Blocks frame in one buffer.
+pub fn encode_blocks(request_id: u64, layer: u16, block_ids: &[u32], payload: &[u8]) -> Vec<u8> {
+    let mut out = encode_blocks_head(request_id, layer, block_ids, &[payload]);
+    out.extend_from_slice(payload);
+    out
+}
+
+pub fn encode_finish(request_id: u64, first_token: u32, num_tokens: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16);
+    b.extend_from_slice(&request_id.to_le_bytes());
+    b.extend_from_slice(&first_token.to_le_bytes());
+    b.extend_from_slice(&num_tokens.to_le_bytes());
+    frame(Kind::Finish, &b)
+}
+
+pub fn encode_abort(request_id: u64, code: Code, message: &str) -> Vec<u8> {
+    frame(Kind::Abort, &message_body(&request_id.to_le_bytes(), code, message))
+}
+
+pub fn encode_ack(request_id: u64, code: Code, message: &str) -> Vec<u8> {
+    frame(Kind::Ack, &message_body(&request_id.to_le_bytes(), code, message))
+}
+
+pub fn encode_error(code: Code, message: &str) -> Vec<u8> {
+    frame(Kind::Error, &message_body(&[], code, message))
+}
+
+/// The fixed part of a Blocks body: request id, layer and block count, checked against the
+/// body length and the per-block payload size. Returns (request_id, layer, n_blocks).
+pub fn parse_blocks_fixed(fixed: &[u8], body_len: usize, layer_block_bytes: usize) -> Result<(u64, u16, usize), WireError> {
+    let bad = |why| WireError::Malformed { kind: Kind::Blocks, why };
+    if layer_block_bytes == 0 {
+        return Err(WireError::NoLayout);
+    }
+    if fixed.len() < BLOCKS_FIXED || body_len < BLOCKS_FIXED {
+        return Err(bad("shorter than its fixed part"));
+    }
+    let n = le32(fixed, 12) as usize;
+    let per = 4 + layer_block_bytes;
+    if n == 0 || (body_len - BLOCKS_FIXED) / per != n || (body_len - BLOCKS_FIXED) % per != 0 {
+        return Err(bad("block count does not match the body length"));
+    }
+    Ok((le64(fixed, 0), le16(fixed, 8), n))
+}
+
+fn parse_message(body: &[u8], at: usize, kind: Kind) -> Result<(Code, String), WireError> {
+    let bad = |why| WireError::Malformed { kind, why };
+    if body.len() < at + 4 {
+        return Err(bad("too short"));
+    }
+    let code = Code::from_u16(le16(body, at));
+    let len = le16(body, at + 2) as usize;
+    if len > MAX_MESSAGE || body.len() != at + 4 + len {
+        return Err(bad("message length does not match the body"));
+    }
+    Ok((code, String::from_utf8_lossy(&body[at + 4..]).into_owned()))
+}
+
+/// Decodes the first frame of `buf`. `Ok(None)`: more bytes are needed.
+/// `layer_block_bytes` is the K+V size of one block of one layer (0 before the handshake).
+pub fn decode(buf: &[u8], max_body: usize, layer_block_bytes: usize) -> Result<Option<(Frame<'_>, usize)>, WireError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let h = parse_header(buf[..HEADER_LEN].try_into().expect("16 bytes"), max_body)?;
+    if buf.len() < HEADER_LEN + h.body_len {
+        return Ok(None);
+    }
+    let body = &buf[HEADER_LEN..HEADER_LEN + h.body_len];
+    let actual = crc32c::crc32c(body);
+    if actual != h.crc {
+        return Err(WireError::Checksum { expected: h.crc, actual });
+    }
+    let bad = |why| WireError::Malformed { kind: h.kind, why };
+    let f = match h.kind {
+        Kind::Hello => {
+            if body.len() != 20 {
+                return Err(bad("wrong length"));
+            }
+            let dtype = KvDtypeWire::from_u8(body[8]).ok_or(bad("unknown dtype"))?;
+            Frame::Hello(KvLayout {
+                n_layers: le16(body, 0),
+                n_kv_heads: le16(body, 2),
+                head_dim: le16(body, 4),
+                block_size: le16(body, 6),
+                dtype,
+                fingerprint: le64(body, 12),
+            })
+        }
+        Kind::HelloOk => {
+            if !body.is_empty() {
+                return Err(bad("wrong length"));
+            }
+            Frame::HelloOk
+        }
+        Kind::Blocks => {
+            let (request_id, layer, n) = parse_blocks_fixed(body, body.len(), layer_block_bytes)?;
+            let ids_end = BLOCKS_FIXED + 4 * n;
+            let block_ids = (0..n).map(|i| le32(body, BLOCKS_FIXED + 4 * i)).collect();
+            Frame::Blocks(BlocksRef { request_id, layer, block_ids, payload: &body[ids_end..] })
+        }
+        Kind::Finish => {
+            if body.len() != 16 {
+                return Err(bad("wrong length"));
+            }
+            Frame::Finish { request_id: le64(body, 0), first_token: le32(body, 8), num_tokens: le32(body, 12) }
+        }
+        Kind::Abort => {
+            if body.len() < 8 {
+                return Err(bad("too short"));
+            }
+            let (code, message) = parse_message(body, 8, h.kind)?;
+            Frame::Abort { request_id: le64(body, 0), code, message }
+        }
+        Kind::Ack => {
+            if body.len() < 8 {
+                return Err(bad("too short"));
+            }
+            let (code, message) = parse_message(body, 8, h.kind)?;
+            Frame::Ack { request_id: le64(body, 0), code, message }
+        }
+        Kind::Error => {
+            let (code, message) = parse_message(body, 0, h.kind)?;
+            Frame::Error { code, message }
+        }
+    };
+    Ok(Some((f, HEADER_LEN + h.body_len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> KvLayout {
+        KvLayout { n_layers: 2, n_kv_heads: 1, head_dim: 4, block_size: 2, dtype: KvDtypeWire::F16, fingerprint: 42 }
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        let l = layout();
+        let lbb = l.layer_block_bytes();
+        let payload: Vec<u8> = (0..2 * lbb).map(|i| i as u8).collect();
+        let frames = [
+            encode_hello(&l),
+            encode_hello_ok(),
+            encode_blocks(7, 1, &[3, 9], &payload),
+            encode_finish(7, 123, 40),
+            encode_abort(7, Code::Deadline, "late"),
+            encode_ack(7, Code::Ok, ""),
+            encode_error(Code::LayoutMismatch, "head_dim 64 vs 128"),
+        ];
+        let mut stream = Vec::new();
+        for f in &frames {
+            stream.extend_from_slice(f);
+        }
+        let mut at = 0;
+        let mut got = Vec::new();
+        while at < stream.len() {
+            let (f, used) = decode(&stream[at..], 1 << 20, lbb).unwrap().unwrap();
+            got.push(format!("{f:?}"));
+            at += used;
+        }
+        assert_eq!(got.len(), frames.len());
+        assert!(got[0].contains("fingerprint: 42"));
+        assert!(got[2].contains("block_ids: [3, 9]"));
+        assert!(got[3].contains("first_token: 123"));
+        assert!(got[4].contains("Deadline") && got[4].contains("late"));
+        assert!(got[6].contains("LayoutMismatch"));
+    }
+
+    #[test]
+    fn partial_input_asks_for_more_and_corruption_is_an_error() {
+        let lbb = layout().layer_block_bytes();
+        let f = encode_blocks(1, 0, &[0], &vec![5u8; lbb]);
+        for cut in 0..f.len() {
+            assert_eq!(decode(&f[..cut], 1 << 20, lbb), Ok(None));
+        }
+        for i in 0..f.len() {
+            let mut g = f.clone();
+            g[i] ^= 0x40;
+            assert!(decode(&g, 1 << 20, lbb).is_err(), "flipping byte {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn lengths_are_bounded_before_anything_is_read() {
+        let mut f = encode_finish(1, 2, 3);
+        f[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode(&f, 1 << 20, 64), Err(WireError::TooLong { .. })));
+        let blocks = encode_blocks(1, 0, &[0], &[0u8; 64]);
+        assert_eq!(decode(&blocks, 1 << 20, 0), Err(WireError::NoLayout));
+        // A block count that disagrees with the body length.
+        let wrong = encode_blocks(1, 0, &[0, 1], &[0u8; 64]);
+        assert!(matches!(decode(&wrong, 1 << 20, 64), Err(WireError::Malformed { .. })));
+    }
+}
