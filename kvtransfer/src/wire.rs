@@ -405,8 +405,11 @@ mod tests {
         for cut in 0..f.len() {
             assert_eq!(decode(&f[..cut], 1 << 20, lbb), Ok(None));
         }
+        // Trailing bytes, so that a corrupted length still finds a (wrong) body to check.
+        let mut padded = f.clone();
+        padded.extend(vec![0u8; 20_000]);
         for i in 0..f.len() {
-            let mut g = f.clone();
+            let mut g = padded.clone();
             g[i] ^= 0x40;
             assert!(decode(&g, 1 << 20, lbb).is_err(), "flipping byte {i} went unnoticed");
         }
