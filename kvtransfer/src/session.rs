@@ -1,0 +1,178 @@
+//! The receiver's reservations: which request may write which blocks, what
+//! has arrived, and who is waiting for it. Transport-independent.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::error::TransferError;
+
+/// What a completed transfer delivers to the decode side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrived {
+    /// The token the prefill sampled from the prompt's last logits.
+    pub first_token: u32,
+    /// Prompt tokens whose KV arrived.
+    pub num_tokens: u32,
+}
+
+struct Entry {
+    blocks: HashSet<u32>,
+    /// Blocks received per layer (each (layer, block) counted once).
+    received: HashSet<(u16, u32)>,
+    done: Option<oneshot::Sender<Result<Arrived, TransferError>>>,
+    /// The connection that writes this session, once one has.
+    conn: Option<u64>,
+}
+
+/// All live reservations of one receiver.
+#[derive(Clone, Default)]
+pub struct Sessions {
+    inner: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    by_id: HashMap<u64, Entry>,
+    /// Which request holds each reserved block.
+    owner: HashMap<u32, u64>,
+}
+
+/// A lease on blocks for one request; dropping it releases the blocks.
+pub struct Reservation {
+    pub request_id: u64,
+    deadline: Instant,
+    rx: Option<oneshot::Receiver<Result<Arrived, TransferError>>>,
+    sessions: Sessions,
+}
+
+impl Reservation {
+    /// Waits until the KV has arrived, the session fails, or the lease expires.
+    pub async fn wait(mut self) -> Result<Arrived, TransferError> {
+        let rx = self.rx.take().expect("wait is called once");
+        match tokio::time::timeout_at(self.deadline, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(TransferError::PeerGone("the receiver shut down".into())),
+            Err(_) => Err(TransferError::Deadline(format!("request {}: KV did not arrive in time", self.request_id))),
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.sessions.remove(self.request_id);
+    }
+}
+
+/// The outcome of checking a Blocks frame against the reservations.
+pub enum Admit {
+    Ok,
+    Refuse(TransferError),
+}
+
+impl Sessions {
+    /// Reserves `blocks` (ids below `n_blocks`, none held by another request) for `request_id`.
+    pub fn reserve(&self, request_id: u64, blocks: &[u32], n_blocks: usize, deadline: Instant) -> Result<Reservation, TransferError> {
+        let mut st = self.inner.lock().expect("sessions lock");
+        if st.by_id.contains_key(&request_id) {
+            return Err(TransferError::Protocol(format!("request {request_id} is already reserved")));
+        }
+        let set: HashSet<u32> = blocks.iter().copied().collect();
+        if set.len() != blocks.len() || blocks.is_empty() {
+            return Err(TransferError::BadBlock("a reservation needs distinct block ids".into()));
+        }
+        if let Some(b) = blocks.iter().find(|&&b| b as usize >= n_blocks) {
+            return Err(TransferError::BadBlock(format!("block {b} outside a pool of {n_blocks}")));
+        }
+        if let Some(b) = blocks.iter().find(|b| st.owner.contains_key(b)) {
+            return Err(TransferError::BadBlock(format!("block {b} is reserved by another request")));
+        }
+        for &b in blocks {
+            st.owner.insert(b, request_id);
+        }
+        let (tx, rx) = oneshot::channel();
+        st.by_id.insert(request_id, Entry { blocks: set, received: HashSet::new(), done: Some(tx), conn: None });
+        Ok(Reservation { request_id, deadline, rx: Some(rx), sessions: self.clone() })
+    }
+
+    fn remove(&self, request_id: u64) {
+        let mut st = self.inner.lock().expect("sessions lock");
+        if let Some(e) = st.by_id.remove(&request_id) {
+            for b in e.blocks {
+                st.owner.remove(&b);
+            }
+        }
+    }
+
+    /// May connection `conn` write `blocks` of `layer` for `request_id`?
+    pub fn admit(&self, conn: u64, request_id: u64, layer: u16, n_layers: u16, blocks: &[u32]) -> Admit {
+        let mut st = self.inner.lock().expect("sessions lock");
+        let Some(e) = st.by_id.get_mut(&request_id) else {
+            return Admit::Refuse(TransferError::UnknownRequest(request_id));
+        };
+        if e.done.is_none() {
+            return Admit::Refuse(TransferError::UnknownRequest(request_id));
+        }
+        if layer >= n_layers {
+            return Admit::Refuse(TransferError::BadBlock(format!("layer {layer} of {n_layers}")));
+        }
+        if let Some(b) = blocks.iter().find(|b| !e.blocks.contains(b)) {
+            return Admit::Refuse(TransferError::BadBlock(format!("block {b} is not reserved for request {request_id}")));
+        }
+        e.conn = Some(conn);
+        Admit::Ok
+    }
+
+    /// Records blocks written in full and checked.
+    pub fn received(&self, request_id: u64, layer: u16, blocks: &[u32]) {
+        let mut st = self.inner.lock().expect("sessions lock");
+        if let Some(e) = st.by_id.get_mut(&request_id) {
+            e.received.extend(blocks.iter().map(|&b| (layer, b)));
+        }
+    }
+
+    /// The sender says it is done: complete the session if every block of every layer arrived.
+    pub fn finish(&self, request_id: u64, n_layers: u16, arrived: Arrived) -> Result<(), TransferError> {
+        let mut st = self.inner.lock().expect("sessions lock");
+        let e = st.by_id.get_mut(&request_id).ok_or(TransferError::UnknownRequest(request_id))?;
+        let want = e.blocks.len() * n_layers as usize;
+        let result = if e.received.len() == want {
+            Ok(arrived)
+        } else {
+            Err(TransferError::Protocol(format!("finish after {} of {want} block-layers arrived", e.received.len())))
+        };
+        if let Some(tx) = e.done.take() {
+            let _ = tx.send(result.clone());
+        }
+        result.map(|_| ())
+    }
+
+    /// Ends a session with an error (checksum, abort, ...); the waiter sees it.
+    pub fn fail(&self, request_id: u64, err: TransferError) {
+        let mut st = self.inner.lock().expect("sessions lock");
+        if let Some(tx) = st.by_id.get_mut(&request_id).and_then(|e| e.done.take()) {
+            let _ = tx.send(Err(err));
+        }
+    }
+
+    /// A connection died: every session it was writing fails.
+    pub fn conn_lost(&self, conn: u64, why: &str) {
+        let mut st = self.inner.lock().expect("sessions lock");
+        for e in st.by_id.values_mut().filter(|e| e.conn == Some(conn)) {
+            if let Some(tx) = e.done.take() {
+                let _ = tx.send(Err(TransferError::PeerGone(why.to_string())));
+            }
+        }
+    }
+
+    /// Live reservations (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("sessions lock").by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,455 @@
+//! KV transfer over TCP (tokio).
+//!
+//! Receiver: one task accepts connections; each connection's task checks the
+//! handshake, then reads frames. A Blocks frame's header and block ids are
+//! read into a small buffer and checked against the reservations; its payload
+//! is then read straight into the reserved blocks' memory (no staging copy),
+//! with the CRC32C computed over what landed there.
+//!
+//! Sender: one persistent connection per receiver address, shared by every
+//! session to it. A writer task drains a bounded queue (the queue is the
+//! backpressure: a sender that outruns the network waits), a reader task
+//! routes the receiver's Acks to the sessions. `TCP_NODELAY` is set.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::error::TransferError;
+use crate::layout::KvLayout;
+use crate::session::{Admit, Arrived, Reservation, Sessions};
+use crate::sink::KvSink;
+use crate::wire::{self, Code, Frame, Kind, BLOCKS_FIXED, HEADER_LEN};
+
+/// Settings shared by both ends.
+#[derive(Debug, Clone)]
+pub struct TcpConfig {
+    /// Largest frame body accepted or sent.
+    pub max_frame: usize,
+    /// Largest KV payload per Blocks frame (a layer's blocks are split into frames of at most this).
+    pub chunk_bytes: usize,
+    /// Frames queued per connection before senders wait.
+    pub queue_frames: usize,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig { max_frame: 64 << 20, chunk_bytes: 4 << 20, queue_frames: 64 }
+    }
+}
+
+/// Receives KV into a sink; reservations say which request may write which blocks.
+pub struct KvReceiver {
+    sessions: Sessions,
+    sink: Arc<dyn KvSink>,
+    tasks: Mutex<JoinSet<()>>,
+    local: SocketAddr,
+}
+
+impl KvReceiver {
+    /// Listens on `addr` (use port 0 for any).
+    pub async fn bind(addr: SocketAddr, sink: Arc<dyn KvSink>, cfg: TcpConfig) -> Result<Arc<KvReceiver>, TransferError> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let rx = Arc::new(KvReceiver { sessions: Sessions::default(), sink, tasks: Mutex::new(JoinSet::new()), local });
+        let weak = Arc::downgrade(&rx);
+        rx.tasks.lock().expect("tasks").spawn(async move {
+            let next_conn = AtomicU64::new(1);
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((sock, _)) = listener.accept().await else { continue };
+                let Some(rx) = weak.upgrade() else { break };
+                let _ = sock.set_nodelay(true);
+                let (sessions, sink, cfg) = (rx.sessions.clone(), rx.sink.clone(), cfg.clone());
+                let conn = next_conn.fetch_add(1, Ordering::Relaxed);
+                conns.spawn(async move {
+                    let why = match serve_conn(sock, conn, &sessions, sink.as_ref(), &cfg).await {
+                        Ok(()) => "connection closed".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    sessions.conn_lost(conn, &why);
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Ok(rx)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Reserves `blocks` for `request_id` until `deadline` (a lease: it expires if the sender never comes).
+    pub fn reserve(&self, request_id: u64, blocks: &[u32], deadline: Instant) -> Result<Reservation, TransferError> {
+        self.sessions.reserve(request_id, blocks, self.sink.n_blocks(), deadline)
+    }
+
+    /// Live reservations.
+    pub fn active(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Stops accepting and closes every connection.
+    pub fn shutdown(&self) {
+        self.tasks.lock().expect("tasks").abort_all();
+    }
+}
+
+impl Drop for KvReceiver {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+async fn read_hello<S: AsyncRead + Unpin>(s: &mut S, max: usize) -> Result<KvLayout, TransferError> {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).await?;
+    let head = wire::parse_header(&h, max.min(256)).map_err(|e| TransferError::Protocol(e.to_string()))?;
+    let mut buf = h.to_vec();
+    buf.resize(HEADER_LEN + head.body_len, 0);
+    s.read_exact(&mut buf[HEADER_LEN..]).await?;
+    match wire::decode(&buf, 256, 0).map_err(|e| TransferError::Protocol(e.to_string()))? {
+        Some((Frame::Hello(l), _)) => Ok(l),
+        Some((Frame::Error { message, .. }, _)) => Err(TransferError::LayoutMismatch(message)),
+        _ => Err(TransferError::Protocol("expected a Hello frame".into())),
+    }
+}
+
+/// One receiving connection: handshake, then frames until EOF or a protocol error.
+pub(crate) async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sock: S,
+    conn: u64,
+    sessions: &Sessions,
+    sink: &dyn KvSink,
+    cfg: &TcpConfig,
+) -> Result<(), TransferError> {
+    let layout = sink.layout();
+    let theirs = read_hello(&mut sock, cfg.max_frame).await?;
+    if let Some(why) = layout.mismatch(&theirs) {
+        sock.write_all(&wire::encode_error(Code::LayoutMismatch, &why)).await?;
+        return Err(TransferError::LayoutMismatch(why));
+    }
+    sock.write_all(&wire::encode_hello_ok()).await?;
+    let lbb = layout.layer_block_bytes();
+    let half = layout.half_block_bytes();
+    let mut small = Vec::new();
+    let mut scratch = vec![0u8; 64 << 10];
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        match sock.read_exact(&mut h).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let head = match wire::parse_header(&h, cfg.max_frame) {
+            Ok(head) => head,
+            Err(e) => {
+                let _ = sock.write_all(&wire::encode_error(Code::Protocol, &e.to_string())).await;
+                return Err(TransferError::Protocol(e.to_string()));
+            }
+        };
+        if head.kind == Kind::Blocks {
+            small.resize(BLOCKS_FIXED, 0);
+            sock.read_exact(&mut small).await?;
+            let (request_id, layer, n) = match wire::parse_blocks_fixed(&small, head.body_len, lbb) {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = sock.write_all(&wire::encode_error(Code::Protocol, &e.to_string())).await;
+                    return Err(TransferError::Protocol(e.to_string()));
+                }
+            };
+            small.resize(BLOCKS_FIXED + 4 * n, 0);
+            sock.read_exact(&mut small[BLOCKS_FIXED..]).await?;
+            let mut crc = crc32c::crc32c(&small);
+            let ids: Vec<u32> = small[BLOCKS_FIXED..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect();
+            match sessions.admit(conn, request_id, layer, layout.n_layers, &ids) {
+                Admit::Ok => {
+                    for &b in &ids {
+                        let (k, v) = sink.block_ptrs(layer as usize, b as usize);
+                        // Addresses, not pointers, so the future stays Send.
+                        for p in [k as usize, v as usize] {
+                            // SAFETY: the block is reserved for this request alone (admit checked it),
+                            // and the sink guarantees `half` writable bytes at p.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, half) };
+                            sock.read_exact(dst).await?;
+                            crc = crc32c::crc32c_append(crc, dst);
+                        }
+                    }
+                    if crc != head.crc {
+                        let err = TransferError::Checksum(format!("request {request_id} layer {layer}"));
+                        sessions.fail(request_id, err.clone());
+                        sock.write_all(&wire::encode_ack(request_id, Code::Checksum, &err.to_string())).await?;
+                    } else {
+                        sessions.received(request_id, layer, &ids);
+                    }
+                }
+                Admit::Refuse(err) => {
+                    // Consume the payload, tell the sender, keep the connection.
+                    let mut left = n * lbb;
+                    while left > 0 {
+                        let take = left.min(scratch.len());
+                        sock.read_exact(&mut scratch[..take]).await?;
+                        left -= take;
+                    }
+                    sessions.fail(request_id, err.clone());
+                    sock.write_all(&wire::encode_ack(request_id, err.code(), &err.to_string())).await?;
+                }
+            }
+            continue;
+        }
+        small.resize(HEADER_LEN + head.body_len, 0);
+        small[..HEADER_LEN].copy_from_slice(&h);
+        sock.read_exact(&mut small[HEADER_LEN..]).await?;
+        let frame = match wire::decode(&small, cfg.max_frame, lbb) {
+            Ok(Some((f, _))) => f,
+            Ok(None) => unreachable!("the whole frame was read"),
+            Err(e) => {
+                let _ = sock.write_all(&wire::encode_error(Code::Protocol, &e.to_string())).await;
+                return Err(TransferError::Protocol(e.to_string()));
+            }
+        };
+        match frame {
+            Frame::Finish { request_id, first_token, num_tokens } => {
+                let reply = match sessions.finish(request_id, layout.n_layers, Arrived { first_token, num_tokens }) {
+                    Ok(()) => wire::encode_ack(request_id, Code::Ok, ""),
+                    Err(e) => wire::encode_ack(request_id, e.code(), &e.to_string()),
+                };
+                sock.write_all(&reply).await?;
+            }
+            Frame::Abort { request_id, message, .. } => sessions.fail(request_id, TransferError::Aborted(message)),
+            other => {
+                let why = format!("unexpected {other:?} from a sender");
+                let _ = sock.write_all(&wire::encode_error(Code::Protocol, &why)).await;
+                return Err(TransferError::Protocol(why));
+            }
+        }
+    }
+}
+
+enum Outgoing {
+    Bytes(Vec<u8>),
+    Blocks { head: Vec<u8>, payload: Arc<Vec<u8>>, range: std::ops::Range<usize> },
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), TransferError>>>>>;
+
+struct Conn {
+    tx: mpsc::Sender<Outgoing>,
+    pending: Pending,
+    /// Set when the connection failed; new sessions reconnect.
+    dead: Arc<Mutex<Option<TransferError>>>,
+    tasks: JoinSet<()>,
+}
+
+/// Sends KV to receivers; one persistent connection per receiver.
+pub struct KvSender {
+    layout: KvLayout,
+    cfg: TcpConfig,
+    conns: tokio::sync::Mutex<HashMap<SocketAddr, Arc<Mutex<Conn>>>>,
+}
+
+impl KvSender {
+    pub fn new(layout: KvLayout, cfg: TcpConfig) -> Self {
+        KvSender { layout, cfg, conns: tokio::sync::Mutex::new(HashMap::new()) }
+    }
+
+    async fn conn(&self, addr: SocketAddr, deadline: Instant) -> Result<Arc<Mutex<Conn>>, TransferError> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(&addr) {
+            if c.lock().expect("conn").dead.lock().expect("dead").is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let timeout = |what: &str| TransferError::Deadline(format!("{what} {addr}"));
+        let mut sock = tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await.map_err(|_| timeout("connecting to"))??;
+        sock.set_nodelay(true)?;
+        sock.write_all(&wire::encode_hello(&self.layout)).await?;
+        let mut h = [0u8; HEADER_LEN];
+        tokio::time::timeout_at(deadline, sock.read_exact(&mut h)).await.map_err(|_| timeout("handshake with"))??;
+        let head = wire::parse_header(&h, 4096).map_err(|e| TransferError::Protocol(e.to_string()))?;
+        let mut buf = h.to_vec();
+        buf.resize(HEADER_LEN + head.body_len, 0);
+        sock.read_exact(&mut buf[HEADER_LEN..]).await?;
+        match wire::decode(&buf, 4096, 0).map_err(|e| TransferError::Protocol(e.to_string()))? {
+            Some((Frame::HelloOk, _)) => {}
+            Some((Frame::Error { code: Code::LayoutMismatch, message }, _)) => return Err(TransferError::LayoutMismatch(message)),
+            Some((Frame::Error { message, .. }, _)) => return Err(TransferError::Protocol(message)),
+            _ => return Err(TransferError::Protocol("expected HelloOk".into())),
+        }
+        let (mut rd, mut wr) = sock.into_split();
+        let (tx, mut rx) = mpsc::channel::<Outgoing>(self.cfg.queue_frames);
+        let pending: Pending = Arc::default();
+        let dead: Arc<Mutex<Option<TransferError>>> = Arc::default();
+        let mut tasks = JoinSet::new();
+        let fail_all = |pending: &Pending, dead: &Arc<Mutex<Option<TransferError>>>, err: TransferError| {
+            *dead.lock().expect("dead") = Some(err.clone());
+            for (_, tx) in pending.lock().expect("pending").drain() {
+                let _ = tx.send(Err(err.clone()));
+            }
+        };
+        let (p2, d2) = (pending.clone(), dead.clone());
+        tasks.spawn(async move {
+            while let Some(out) = rx.recv().await {
+                let r = match out {
+                    Outgoing::Bytes(b) => wr.write_all(&b).await,
+                    Outgoing::Blocks { head, payload, range } => match wr.write_all(&head).await {
+                        Ok(()) => wr.write_all(&payload[range]).await,
+                        Err(e) => Err(e),
+                    },
+                };
+                if let Err(e) = r {
+                    fail_all(&p2, &d2, e.into());
+                    return;
+                }
+            }
+            let _ = wr.shutdown().await;
+        });
+        let (p3, d3, max) = (pending.clone(), dead.clone(), self.cfg.max_frame);
+        tasks.spawn(async move {
+            let err = loop {
+                let mut h = [0u8; HEADER_LEN];
+                if let Err(e) = rd.read_exact(&mut h).await {
+                    break TransferError::from(e);
+                }
+                let head = match wire::parse_header(&h, max.min(1 << 16)) {
+                    Ok(x) => x,
+                    Err(e) => break TransferError::Protocol(e.to_string()),
+                };
+                let mut buf = h.to_vec();
+                buf.resize(HEADER_LEN + head.body_len, 0);
+                if let Err(e) = rd.read_exact(&mut buf[HEADER_LEN..]).await {
+                    break e.into();
+                }
+                match wire::decode(&buf, 1 << 16, 0) {
+                    Ok(Some((Frame::Ack { request_id, code, message }, _))) => {
+                        if let Some(tx) = p3.lock().expect("pending").remove(&request_id) {
+                            let _ = tx.send(if code == Code::Ok { Ok(()) } else { Err(TransferError::from_code(code, request_id, message)) });
+                        }
+                    }
+                    Ok(Some((Frame::Error { code, message }, _))) => break TransferError::from_code(code, 0, message),
+                    Ok(_) => break TransferError::Protocol("unexpected frame from a receiver".into()),
+                    Err(e) => break TransferError::Protocol(e.to_string()),
+                }
+            };
+            fail_all(&p3, &d3, err);
+        });
+        let c = Arc::new(Mutex::new(Conn { tx, pending, dead, tasks }));
+        conns.insert(addr, c.clone());
+        Ok(c)
+    }
+
+    /// Opens a session for `request_id` toward the receiver at `addr`.
+    pub async fn open(&self, addr: SocketAddr, request_id: u64, deadline: Instant) -> Result<SendSession, TransferError> {
+        let conn = self.conn(addr, deadline).await?;
+        let (tx, rx) = oneshot::channel();
+        let (queue, dead) = {
+            let c = conn.lock().expect("conn");
+            c.pending.lock().expect("pending").insert(request_id, tx);
+            (c.tx.clone(), c.dead.clone())
+        };
+        Ok(SendSession {
+            request_id,
+            deadline,
+            queue,
+            dead,
+            verdict: Some(rx),
+            layout: self.layout,
+            chunk_bytes: self.cfg.chunk_bytes,
+            done: false,
+        })
+    }
+
+    /// Closes every connection.
+    pub async fn shutdown(&self) {
+        for (_, c) in self.conns.lock().await.drain() {
+            c.lock().expect("conn").tasks.abort_all();
+        }
+    }
+}
+
+/// One request's transfer from the sending side.
+pub struct SendSession {
+    pub request_id: u64,
+    deadline: Instant,
+    queue: mpsc::Sender<Outgoing>,
+    dead: Arc<Mutex<Option<TransferError>>>,
+    verdict: Option<oneshot::Receiver<Result<(), TransferError>>>,
+    layout: KvLayout,
+    chunk_bytes: usize,
+    done: bool,
+}
+
+impl SendSession {
+    fn early_error(&mut self) -> Result<(), TransferError> {
+        if let Some(rx) = self.verdict.as_mut() {
+            if let Ok(Err(e)) = rx.try_recv() {
+                self.verdict = None;
+                return Err(e);
+            }
+        }
+        if let Some(e) = self.dead.lock().expect("dead").clone() {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn push(&mut self, out: Outgoing) -> Result<(), TransferError> {
+        match tokio::time::timeout_at(self.deadline, self.queue.send(out)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(TransferError::PeerGone("connection closed".into())),
+            Err(_) => Err(TransferError::Deadline(format!("request {}: the send queue stayed full", self.request_id))),
+        }
+    }
+
+    /// Queues one layer of K/V for `block_ids` (payload: per block K then V). Waits while
+    /// the connection's queue is full; fails at once if the receiver already refused the session.
+    pub async fn send_layer(&mut self, layer: u16, block_ids: &[u32], payload: Vec<u8>) -> Result<(), TransferError> {
+        self.early_error()?;
+        let lbb = self.layout.layer_block_bytes();
+        if payload.len() != block_ids.len() * lbb {
+            return Err(TransferError::Protocol(format!("payload of {} bytes for {} blocks", payload.len(), block_ids.len())));
+        }
+        let per_frame = (self.chunk_bytes / lbb).max(1);
+        let payload = Arc::new(payload);
+        for (i, ids) in block_ids.chunks(per_frame).enumerate() {
+            let range = i * per_frame * lbb..(i * per_frame + ids.len()) * lbb;
+            let head = wire::encode_blocks_head(self.request_id, layer, ids, &[&payload[range.clone()]]);
+            self.push(Outgoing::Blocks { head, payload: payload.clone(), range }).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the final frame with the first sampled token and waits for the receiver's verdict.
+    pub async fn finish(mut self, first_token: u32, num_tokens: u32) -> Result<(), TransferError> {
+        self.early_error()?;
+        self.push(Outgoing::Bytes(wire::encode_finish(self.request_id, first_token, num_tokens))).await?;
+        self.done = true;
+        let rx = self.verdict.take().ok_or_else(|| TransferError::Protocol("session already failed".into()))?;
+        match tokio::time::timeout_at(self.deadline, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(TransferError::PeerGone("connection closed before the verdict".into())),
+            Err(_) => Err(TransferError::Deadline(format!("request {}: no verdict from the receiver", self.request_id))),
+        }
+    }
+
+    /// Tells the receiver to drop the session (its blocks are freed there).
+    pub async fn abort(mut self, why: &str) {
+        self.done = true;
+        let _ = self.queue.try_send(Outgoing::Bytes(wire::encode_abort(self.request_id, Code::Aborted, why)));
+    }
+}
+
+impl Drop for SendSession {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.queue.try_send(Outgoing::Bytes(wire::encode_abort(self.request_id, Code::Aborted, "sender dropped the session")));
+        }
+    }
+}
