@@ -16,6 +16,17 @@ pub unsafe trait KvSink: Send + Sync + 'static {
     fn n_blocks(&self) -> usize;
     /// K and V halves of `block` in `layer`.
     fn block_ptrs(&self, layer: usize, block: usize) -> (*mut u8, *mut u8);
+    /// The shared-memory segment holding these blocks, if senders on this host may write it directly.
+    fn shm_segment(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Byte offsets of a block's K and V halves in a region laid out like `HostKv`.
+pub fn block_offsets(layout: &KvLayout, n_blocks: usize, layer: usize, block: usize) -> (usize, usize) {
+    let half = layout.half_block_bytes();
+    let base = layer * 2 * n_blocks * half;
+    (base + block * half, base + (n_blocks + block) * half)
 }
 
 /// A plain host-memory KV region with the engine's layout: per layer, all

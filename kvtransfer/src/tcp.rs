@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -25,6 +26,7 @@ use tokio::time::Instant;
 use crate::error::TransferError;
 use crate::layout::KvLayout;
 use crate::session::{Admit, Arrived, Reservation, Sessions};
+use crate::shm::{host_id, ShmMap};
 use crate::sink::KvSink;
 use crate::wire::{self, Code, Frame, Kind, BLOCKS_FIXED, HEADER_LEN};
 
@@ -70,7 +72,7 @@ impl KvReceiver {
                 let (sessions, sink, cfg) = (rx.sessions.clone(), rx.sink.clone(), cfg.clone());
                 let conn = next_conn.fetch_add(1, Ordering::Relaxed);
                 conns.spawn(async move {
-                    let why = match serve_conn(sock, conn, &sessions, sink.as_ref(), &cfg).await {
+                    let why = match serve_conn(sock, conn, &sessions, sink.as_ref(), &cfg, None).await {
                         Ok(()) => "connection closed".to_string(),
                         Err(e) => e.to_string(),
                     };
@@ -89,6 +91,38 @@ impl KvReceiver {
     /// Reserves `blocks` for `request_id` until `deadline` (a lease: it expires if the sender never comes).
     pub fn reserve(&self, request_id: u64, blocks: &[u32], deadline: Instant) -> Result<Reservation, TransferError> {
         self.sessions.reserve(request_id, blocks, self.sink.n_blocks(), deadline)
+    }
+
+    /// Also listens on the Unix socket `path` for senders on this host, who then write
+    /// straight into the sink's shared segment (the sink must be a `ShmKv`).
+    pub fn listen_shm(self: &Arc<Self>, path: &std::path::Path, cfg: TcpConfig) -> Result<(), TransferError> {
+        let segment = self
+            .sink
+            .shm_segment()
+            .ok_or_else(|| TransferError::Protocol("this receiver's blocks are not in shared memory".into()))?;
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path)?;
+        let offer = wire::encode_shm_offer(self.sink.n_blocks() as u64, &segment);
+        let weak = Arc::downgrade(self);
+        self.tasks.lock().expect("tasks").spawn(async move {
+            let next_conn = AtomicU64::new(1 << 32);
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((sock, _)) = listener.accept().await else { continue };
+                let Some(rx) = weak.upgrade() else { break };
+                let (sessions, sink, cfg, offer) = (rx.sessions.clone(), rx.sink.clone(), cfg.clone(), offer.clone());
+                let conn = next_conn.fetch_add(1, Ordering::Relaxed);
+                conns.spawn(async move {
+                    let why = match serve_conn(sock, conn, &sessions, sink.as_ref(), &cfg, Some(offer)).await {
+                        Ok(()) => "connection closed".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    sessions.conn_lost(conn, &why);
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Ok(())
     }
 
     /// Live reservations.
@@ -123,12 +157,15 @@ async fn read_hello<S: AsyncRead + Unpin>(s: &mut S, max: usize) -> Result<KvLay
 }
 
 /// One receiving connection: handshake, then frames until EOF or a protocol error.
+/// `offer`: on a shared-memory connection, the segment offer sent after `HelloOk`;
+/// in-place Blocks frames are accepted only then.
 pub(crate) async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
     mut sock: S,
     conn: u64,
     sessions: &Sessions,
     sink: &dyn KvSink,
     cfg: &TcpConfig,
+    offer: Option<Vec<u8>>,
 ) -> Result<(), TransferError> {
     let layout = sink.layout();
     let theirs = read_hello(&mut sock, cfg.max_frame).await?;
@@ -137,6 +174,10 @@ pub(crate) async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(TransferError::LayoutMismatch(why));
     }
     sock.write_all(&wire::encode_hello_ok()).await?;
+    let in_place = offer.is_some();
+    if let Some(o) = offer {
+        sock.write_all(&o).await?;
+    }
     let lbb = layout.layer_block_bytes();
     let half = layout.half_block_bytes();
     let mut small = Vec::new();
@@ -158,13 +199,19 @@ pub(crate) async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
         if head.kind == Kind::Blocks {
             small.resize(BLOCKS_FIXED, 0);
             sock.read_exact(&mut small).await?;
-            let (request_id, layer, n) = match wire::parse_blocks_fixed(&small, head.body_len, lbb) {
+            let fixed = match wire::parse_blocks_fixed(&small, head.body_len, lbb) {
+                Ok(f) if f.in_place && !in_place => {
+                    let why = "in-place blocks on a connection without a shared segment";
+                    let _ = sock.write_all(&wire::encode_error(Code::Protocol, why)).await;
+                    return Err(TransferError::Protocol(why.into()));
+                }
                 Ok(x) => x,
                 Err(e) => {
                     let _ = sock.write_all(&wire::encode_error(Code::Protocol, &e.to_string())).await;
                     return Err(TransferError::Protocol(e.to_string()));
                 }
             };
+            let (request_id, layer, n) = (fixed.request_id, fixed.layer, fixed.n_blocks);
             small.resize(BLOCKS_FIXED + 4 * n, 0);
             sock.read_exact(&mut small[BLOCKS_FIXED..]).await?;
             let mut crc = crc32c::crc32c(&small);
@@ -178,7 +225,9 @@ pub(crate) async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
                             // SAFETY: the block is reserved for this request alone (admit checked it),
                             // and the sink guarantees `half` writable bytes at p.
                             let dst = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, half) };
-                            sock.read_exact(dst).await?;
+                            if !fixed.in_place {
+                                sock.read_exact(dst).await?;
+                            }
                             crc = crc32c::crc32c_append(crc, dst);
                         }
                     }
@@ -192,7 +241,7 @@ pub(crate) async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Admit::Refuse(err) => {
                     // Consume the payload, tell the sender, keep the connection.
-                    let mut left = n * lbb;
+                    let mut left = if fixed.in_place { 0 } else { n * lbb };
                     while left > 0 {
                         let take = left.min(scratch.len());
                         sock.read_exact(&mut scratch[..take]).await?;
@@ -246,113 +295,197 @@ struct Conn {
     /// Set when the connection failed; new sessions reconnect.
     dead: Arc<Mutex<Option<TransferError>>>,
     tasks: JoinSet<()>,
+    /// The receiver's segment, on a same-host connection.
+    shm: Option<Arc<ShmMap>>,
+}
+
+/// Sends Hello and checks the answer; on a same-host connection also reads the segment offer.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut S,
+    layout: &KvLayout,
+    expect_offer: bool,
+) -> Result<Option<(u64, String)>, TransferError> {
+    sock.write_all(&wire::encode_hello(layout)).await?;
+    let mut offer = None;
+    for step in 0..1 + usize::from(expect_offer) {
+        let mut h = [0u8; HEADER_LEN];
+        sock.read_exact(&mut h).await?;
+        let head = wire::parse_header(&h, 4096).map_err(|e| TransferError::Protocol(e.to_string()))?;
+        let mut buf = h.to_vec();
+        buf.resize(HEADER_LEN + head.body_len, 0);
+        sock.read_exact(&mut buf[HEADER_LEN..]).await?;
+        match wire::decode(&buf, 4096, 0).map_err(|e| TransferError::Protocol(e.to_string()))? {
+            Some((Frame::HelloOk, _)) if step == 0 => {}
+            Some((Frame::ShmOffer { n_blocks, path }, _)) if step == 1 => offer = Some((n_blocks, path)),
+            Some((Frame::Error { code: Code::LayoutMismatch, message }, _)) => return Err(TransferError::LayoutMismatch(message)),
+            Some((Frame::Error { message, .. }, _)) => return Err(TransferError::Protocol(message)),
+            _ => return Err(TransferError::Protocol("unexpected answer to Hello".into())),
+        }
+    }
+    Ok(offer)
+}
+
+/// Starts the writer and reader tasks of a handshaken connection.
+fn start_conn<R, W>(mut rd: R, mut wr: W, cfg: &TcpConfig, shm: Option<Arc<ShmMap>>) -> Conn
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(cfg.queue_frames);
+    let pending: Pending = Arc::default();
+    let dead: Arc<Mutex<Option<TransferError>>> = Arc::default();
+    let mut tasks = JoinSet::new();
+    let fail_all = |pending: &Pending, dead: &Arc<Mutex<Option<TransferError>>>, err: TransferError| {
+        *dead.lock().expect("dead") = Some(err.clone());
+        for (_, tx) in pending.lock().expect("pending").drain() {
+            let _ = tx.send(Err(err.clone()));
+        }
+    };
+    let (p2, d2) = (pending.clone(), dead.clone());
+    tasks.spawn(async move {
+        while let Some(out) = rx.recv().await {
+            let r = match out {
+                Outgoing::Bytes(b) => wr.write_all(&b).await,
+                Outgoing::Blocks { head, payload, range } => match wr.write_all(&head).await {
+                    Ok(()) => wr.write_all(&payload[range]).await,
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(e) = r {
+                fail_all(&p2, &d2, e.into());
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let (p3, d3, max) = (pending.clone(), dead.clone(), cfg.max_frame);
+    tasks.spawn(async move {
+        let err = loop {
+            let mut h = [0u8; HEADER_LEN];
+            if let Err(e) = rd.read_exact(&mut h).await {
+                break TransferError::from(e);
+            }
+            let head = match wire::parse_header(&h, max.min(1 << 16)) {
+                Ok(x) => x,
+                Err(e) => break TransferError::Protocol(e.to_string()),
+            };
+            let mut buf = h.to_vec();
+            buf.resize(HEADER_LEN + head.body_len, 0);
+            if let Err(e) = rd.read_exact(&mut buf[HEADER_LEN..]).await {
+                break e.into();
+            }
+            match wire::decode(&buf, 1 << 16, 0) {
+                Ok(Some((Frame::Ack { request_id, code, message }, _))) => {
+                    if let Some(tx) = p3.lock().expect("pending").remove(&request_id) {
+                        let _ = tx.send(if code == Code::Ok { Ok(()) } else { Err(TransferError::from_code(code, request_id, message)) });
+                    }
+                }
+                Ok(Some((Frame::Error { code, message }, _))) => break TransferError::from_code(code, 0, message),
+                Ok(_) => break TransferError::Protocol("unexpected frame from a receiver".into()),
+                Err(e) => break TransferError::Protocol(e.to_string()),
+            }
+        };
+        fail_all(&p3, &d3, err);
+    });
+    Conn { tx, pending, dead, tasks, shm }
+}
+
+/// Where a receiver listens: always TCP; also a Unix socket for senders on its host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvTarget {
+    pub tcp: SocketAddr,
+    pub local: Option<LocalTarget>,
+}
+
+/// A receiver's same-host endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalTarget {
+    pub uds: PathBuf,
+    /// The receiver's `host_id()`; shared memory is used only when it equals the sender's.
+    pub host: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ConnKey {
+    Tcp(SocketAddr),
+    Uds(PathBuf),
 }
 
 /// Sends KV to receivers; one persistent connection per receiver.
 pub struct KvSender {
     layout: KvLayout,
     cfg: TcpConfig,
-    conns: tokio::sync::Mutex<HashMap<SocketAddr, Arc<Mutex<Conn>>>>,
+    conns: tokio::sync::Mutex<HashMap<ConnKey, Arc<Mutex<Conn>>>>,
+    fallbacks: AtomicU64,
 }
 
 impl KvSender {
     pub fn new(layout: KvLayout, cfg: TcpConfig) -> Self {
-        KvSender { layout, cfg, conns: tokio::sync::Mutex::new(HashMap::new()) }
+        KvSender { layout, cfg, conns: tokio::sync::Mutex::new(HashMap::new()), fallbacks: AtomicU64::new(0) }
     }
 
-    async fn conn(&self, addr: SocketAddr, deadline: Instant) -> Result<Arc<Mutex<Conn>>, TransferError> {
+    async fn conn(&self, key: &ConnKey, deadline: Instant) -> Result<Arc<Mutex<Conn>>, TransferError> {
         let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&addr) {
+        if let Some(c) = conns.get(key) {
             if c.lock().expect("conn").dead.lock().expect("dead").is_none() {
                 return Ok(c.clone());
             }
         }
-        let timeout = |what: &str| TransferError::Deadline(format!("{what} {addr}"));
-        let mut sock = tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await.map_err(|_| timeout("connecting to"))??;
-        sock.set_nodelay(true)?;
-        sock.write_all(&wire::encode_hello(&self.layout)).await?;
-        let mut h = [0u8; HEADER_LEN];
-        tokio::time::timeout_at(deadline, sock.read_exact(&mut h)).await.map_err(|_| timeout("handshake with"))??;
-        let head = wire::parse_header(&h, 4096).map_err(|e| TransferError::Protocol(e.to_string()))?;
-        let mut buf = h.to_vec();
-        buf.resize(HEADER_LEN + head.body_len, 0);
-        sock.read_exact(&mut buf[HEADER_LEN..]).await?;
-        match wire::decode(&buf, 4096, 0).map_err(|e| TransferError::Protocol(e.to_string()))? {
-            Some((Frame::HelloOk, _)) => {}
-            Some((Frame::Error { code: Code::LayoutMismatch, message }, _)) => return Err(TransferError::LayoutMismatch(message)),
-            Some((Frame::Error { message, .. }, _)) => return Err(TransferError::Protocol(message)),
-            _ => return Err(TransferError::Protocol("expected HelloOk".into())),
-        }
-        let (mut rd, mut wr) = sock.into_split();
-        let (tx, mut rx) = mpsc::channel::<Outgoing>(self.cfg.queue_frames);
-        let pending: Pending = Arc::default();
-        let dead: Arc<Mutex<Option<TransferError>>> = Arc::default();
-        let mut tasks = JoinSet::new();
-        let fail_all = |pending: &Pending, dead: &Arc<Mutex<Option<TransferError>>>, err: TransferError| {
-            *dead.lock().expect("dead") = Some(err.clone());
-            for (_, tx) in pending.lock().expect("pending").drain() {
-                let _ = tx.send(Err(err.clone()));
+        let timeout = || TransferError::Deadline(format!("connecting to {key:?}"));
+        let c = match key {
+            ConnKey::Tcp(addr) => {
+                let mut sock = tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await.map_err(|_| timeout())??;
+                sock.set_nodelay(true)?;
+                tokio::time::timeout_at(deadline, handshake(&mut sock, &self.layout, false)).await.map_err(|_| timeout())??;
+                let (rd, wr) = sock.into_split();
+                start_conn(rd, wr, &self.cfg, None)
+            }
+            ConnKey::Uds(path) => {
+                let mut sock = tokio::time::timeout_at(deadline, tokio::net::UnixStream::connect(path)).await.map_err(|_| timeout())??;
+                let offer = tokio::time::timeout_at(deadline, handshake(&mut sock, &self.layout, true)).await.map_err(|_| timeout())??;
+                let (n_blocks, seg) = offer.ok_or_else(|| TransferError::Protocol("no shared segment offered".into()))?;
+                let map = ShmMap::open(&seg, self.layout, n_blocks)?;
+                let (rd, wr) = sock.into_split();
+                start_conn(rd, wr, &self.cfg, Some(Arc::new(map)))
             }
         };
-        let (p2, d2) = (pending.clone(), dead.clone());
-        tasks.spawn(async move {
-            while let Some(out) = rx.recv().await {
-                let r = match out {
-                    Outgoing::Bytes(b) => wr.write_all(&b).await,
-                    Outgoing::Blocks { head, payload, range } => match wr.write_all(&head).await {
-                        Ok(()) => wr.write_all(&payload[range]).await,
-                        Err(e) => Err(e),
-                    },
-                };
-                if let Err(e) = r {
-                    fail_all(&p2, &d2, e.into());
-                    return;
-                }
-            }
-            let _ = wr.shutdown().await;
-        });
-        let (p3, d3, max) = (pending.clone(), dead.clone(), self.cfg.max_frame);
-        tasks.spawn(async move {
-            let err = loop {
-                let mut h = [0u8; HEADER_LEN];
-                if let Err(e) = rd.read_exact(&mut h).await {
-                    break TransferError::from(e);
-                }
-                let head = match wire::parse_header(&h, max.min(1 << 16)) {
-                    Ok(x) => x,
-                    Err(e) => break TransferError::Protocol(e.to_string()),
-                };
-                let mut buf = h.to_vec();
-                buf.resize(HEADER_LEN + head.body_len, 0);
-                if let Err(e) = rd.read_exact(&mut buf[HEADER_LEN..]).await {
-                    break e.into();
-                }
-                match wire::decode(&buf, 1 << 16, 0) {
-                    Ok(Some((Frame::Ack { request_id, code, message }, _))) => {
-                        if let Some(tx) = p3.lock().expect("pending").remove(&request_id) {
-                            let _ = tx.send(if code == Code::Ok { Ok(()) } else { Err(TransferError::from_code(code, request_id, message)) });
-                        }
-                    }
-                    Ok(Some((Frame::Error { code, message }, _))) => break TransferError::from_code(code, 0, message),
-                    Ok(_) => break TransferError::Protocol("unexpected frame from a receiver".into()),
-                    Err(e) => break TransferError::Protocol(e.to_string()),
-                }
-            };
-            fail_all(&p3, &d3, err);
-        });
-        let c = Arc::new(Mutex::new(Conn { tx, pending, dead, tasks }));
-        conns.insert(addr, c.clone());
+        let c = Arc::new(Mutex::new(c));
+        conns.insert(key.clone(), c.clone());
         Ok(c)
     }
 
-    /// Opens a session for `request_id` toward the receiver at `addr`.
+    /// Opens a session toward `target`: through shared memory when the receiver is on this
+    /// host and offers it, else over TCP (a failed shared-memory attempt falls back to TCP).
+    pub async fn open_target(&self, target: &KvTarget, request_id: u64, deadline: Instant) -> Result<SendSession, TransferError> {
+        if let Some(local) = target.local.as_ref().filter(|l| l.host == host_id()) {
+            match self.open_key(&ConnKey::Uds(local.uds.clone()), request_id, deadline).await {
+                Ok(s) => return Ok(s),
+                Err(TransferError::LayoutMismatch(m)) => return Err(TransferError::LayoutMismatch(m)),
+                Err(_) => {
+                    self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.open_key(&ConnKey::Tcp(target.tcp), request_id, deadline).await
+    }
+
+    /// Times a shared-memory attempt failed and TCP was used instead.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Opens a session for `request_id` toward the receiver at `addr`, over TCP.
     pub async fn open(&self, addr: SocketAddr, request_id: u64, deadline: Instant) -> Result<SendSession, TransferError> {
-        let conn = self.conn(addr, deadline).await?;
+        self.open_key(&ConnKey::Tcp(addr), request_id, deadline).await
+    }
+
+    async fn open_key(&self, key: &ConnKey, request_id: u64, deadline: Instant) -> Result<SendSession, TransferError> {
+        let conn = self.conn(key, deadline).await?;
         let (tx, rx) = oneshot::channel();
-        let (queue, dead) = {
+        let (queue, dead, shm) = {
             let c = conn.lock().expect("conn");
             c.pending.lock().expect("pending").insert(request_id, tx);
-            (c.tx.clone(), c.dead.clone())
+            (c.tx.clone(), c.dead.clone(), c.shm.clone())
         };
         Ok(SendSession {
             request_id,
@@ -363,6 +496,7 @@ impl KvSender {
             layout: self.layout,
             chunk_bytes: self.cfg.chunk_bytes,
             done: false,
+            shm,
         })
     }
 
@@ -384,9 +518,15 @@ pub struct SendSession {
     layout: KvLayout,
     chunk_bytes: usize,
     done: bool,
+    shm: Option<Arc<ShmMap>>,
 }
 
 impl SendSession {
+    /// "shm" or "tcp".
+    pub fn transport(&self) -> &'static str {
+        if self.shm.is_some() { "shm" } else { "tcp" }
+    }
+
     fn early_error(&mut self) -> Result<(), TransferError> {
         if let Some(rx) = self.verdict.as_mut() {
             if let Ok(Err(e)) = rx.try_recv() {
@@ -415,6 +555,12 @@ impl SendSession {
         let lbb = self.layout.layer_block_bytes();
         if payload.len() != block_ids.len() * lbb {
             return Err(TransferError::Protocol(format!("payload of {} bytes for {} blocks", payload.len(), block_ids.len())));
+        }
+        if let Some(shm) = &self.shm {
+            // Same host: write the blocks in place, then ring the doorbell.
+            shm.write(layer, block_ids, &payload)?;
+            let frame = wire::encode_blocks_in_place(self.request_id, layer, block_ids, &[&payload]);
+            return self.push(Outgoing::Bytes(frame)).await;
         }
         let per_frame = (self.chunk_bytes / lbb).max(1);
         let payload = Arc::new(payload);

@@ -12,6 +12,9 @@ pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 16;
 /// Fixed part of a Blocks body before the block ids.
 pub const BLOCKS_FIXED: usize = 16;
+/// Blocks flag: the payload was written in place into the receiver's shared
+/// segment and is not in the frame (the CRC still covers it).
+pub const FLAG_IN_PLACE: u16 = 1;
 /// Longest message text carried by Abort, Ack and Error frames.
 pub const MAX_MESSAGE: usize = 1024;
 
@@ -26,6 +29,7 @@ pub enum Kind {
     Abort = 5,
     Ack = 6,
     Error = 7,
+    ShmOffer = 8,
 }
 
 impl Kind {
@@ -38,6 +42,7 @@ impl Kind {
             5 => Kind::Abort,
             6 => Kind::Ack,
             7 => Kind::Error,
+            8 => Kind::ShmOffer,
             _ => return None,
         })
     }
@@ -114,6 +119,8 @@ pub enum Frame<'a> {
     Ack { request_id: u64, code: Code, message: String },
     /// A connection-level failure (e.g. layout mismatch); the sender closes.
     Error { code: Code, message: String },
+    /// On a same-host connection: the receiver's KV blocks live in this shared segment.
+    ShmOffer { n_blocks: u64, path: String },
 }
 
 /// One layer of K and V for some blocks of one request.
@@ -203,10 +210,19 @@ pub fn encode_hello_ok() -> Vec<u8> {
 /// The header and fixed part of a Blocks frame; the payload follows separately, so a
 /// sender can write it straight from KV memory. `crc` is the CRC32C of fixed part + payload.
 pub fn encode_blocks_head(request_id: u64, layer: u16, block_ids: &[u32], payload: &[&[u8]]) -> Vec<u8> {
+    blocks_head(request_id, layer, block_ids, payload, false)
+}
+
+/// A whole in-place Blocks frame: `payload` was already written into the receiver's segment.
+pub fn encode_blocks_in_place(request_id: u64, layer: u16, block_ids: &[u32], payload: &[&[u8]]) -> Vec<u8> {
+    blocks_head(request_id, layer, block_ids, payload, true)
+}
+
+fn blocks_head(request_id: u64, layer: u16, block_ids: &[u32], payload: &[&[u8]], in_place: bool) -> Vec<u8> {
     let mut fixed = Vec::with_capacity(BLOCKS_FIXED + 4 * block_ids.len());
     fixed.extend_from_slice(&request_id.to_le_bytes());
     fixed.extend_from_slice(&layer.to_le_bytes());
-    fixed.extend_from_slice(&[0, 0]);
+    fixed.extend_from_slice(&(if in_place { FLAG_IN_PLACE } else { 0 }).to_le_bytes());
     fixed.extend_from_slice(&(block_ids.len() as u32).to_le_bytes());
     for id in block_ids {
         fixed.extend_from_slice(&id.to_le_bytes());
@@ -215,7 +231,9 @@ pub fn encode_blocks_head(request_id: u64, layer: u16, block_ids: &[u32], payloa
     let mut len = fixed.len();
     for p in payload {
         crc = crc32c::crc32c_append(crc, p);
-        len += p.len();
+        if !in_place {
+            len += p.len();
+        }
     }
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -255,9 +273,25 @@ pub fn encode_error(code: Code, message: &str) -> Vec<u8> {
     frame(Kind::Error, &message_body(&[], code, message))
 }
 
-/// The fixed part of a Blocks body: request id, layer and block count, checked against the
-/// body length and the per-block payload size. Returns (request_id, layer, n_blocks).
-pub fn parse_blocks_fixed(fixed: &[u8], body_len: usize, layer_block_bytes: usize) -> Result<(u64, u16, usize), WireError> {
+pub fn encode_shm_offer(n_blocks: u64, path: &str) -> Vec<u8> {
+    let p = &path.as_bytes()[..path.len().min(MAX_MESSAGE)];
+    let mut b = n_blocks.to_le_bytes().to_vec();
+    b.extend_from_slice(&(p.len() as u16).to_le_bytes());
+    b.extend_from_slice(p);
+    frame(Kind::ShmOffer, &b)
+}
+
+/// The fixed part of a Blocks body, checked against the body length and the per-block size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlocksFixed {
+    pub request_id: u64,
+    pub layer: u16,
+    pub n_blocks: usize,
+    /// The payload is in the receiver's shared segment, not in the frame.
+    pub in_place: bool,
+}
+
+pub fn parse_blocks_fixed(fixed: &[u8], body_len: usize, layer_block_bytes: usize) -> Result<BlocksFixed, WireError> {
     let bad = |why| WireError::Malformed { kind: Kind::Blocks, why };
     if layer_block_bytes == 0 {
         return Err(WireError::NoLayout);
@@ -265,12 +299,17 @@ pub fn parse_blocks_fixed(fixed: &[u8], body_len: usize, layer_block_bytes: usiz
     if fixed.len() < BLOCKS_FIXED || body_len < BLOCKS_FIXED {
         return Err(bad("shorter than its fixed part"));
     }
+    let flags = le16(fixed, 10);
+    if flags & !FLAG_IN_PLACE != 0 {
+        return Err(bad("unknown flags"));
+    }
+    let in_place = flags & FLAG_IN_PLACE != 0;
     let n = le32(fixed, 12) as usize;
-    let per = 4 + layer_block_bytes;
+    let per = 4 + if in_place { 0 } else { layer_block_bytes };
     if n == 0 || (body_len - BLOCKS_FIXED) / per != n || (body_len - BLOCKS_FIXED) % per != 0 {
         return Err(bad("block count does not match the body length"));
     }
-    Ok((le64(fixed, 0), le16(fixed, 8), n))
+    Ok(BlocksFixed { request_id: le64(fixed, 0), layer: le16(fixed, 8), n_blocks: n, in_place })
 }
 
 fn parse_message(body: &[u8], at: usize, kind: Kind) -> Result<(Code, String), WireError> {
@@ -324,10 +363,13 @@ pub fn decode(buf: &[u8], max_body: usize, layer_block_bytes: usize) -> Result<O
             Frame::HelloOk
         }
         Kind::Blocks => {
-            let (request_id, layer, n) = parse_blocks_fixed(body, body.len(), layer_block_bytes)?;
-            let ids_end = BLOCKS_FIXED + 4 * n;
-            let block_ids = (0..n).map(|i| le32(body, BLOCKS_FIXED + 4 * i)).collect();
-            Frame::Blocks(BlocksRef { request_id, layer, block_ids, payload: &body[ids_end..] })
+            let f = parse_blocks_fixed(body, body.len(), layer_block_bytes)?;
+            if f.in_place {
+                return Err(bad("in-place blocks are only valid on a shared-memory connection"));
+            }
+            let ids_end = BLOCKS_FIXED + 4 * f.n_blocks;
+            let block_ids = (0..f.n_blocks).map(|i| le32(body, BLOCKS_FIXED + 4 * i)).collect();
+            Frame::Blocks(BlocksRef { request_id: f.request_id, layer: f.layer, block_ids, payload: &body[ids_end..] })
         }
         Kind::Finish => {
             if body.len() != 16 {
@@ -352,6 +394,16 @@ pub fn decode(buf: &[u8], max_body: usize, layer_block_bytes: usize) -> Result<O
         Kind::Error => {
             let (code, message) = parse_message(body, 0, h.kind)?;
             Frame::Error { code, message }
+        }
+        Kind::ShmOffer => {
+            if body.len() < 10 {
+                return Err(bad("too short"));
+            }
+            let len = le16(body, 8) as usize;
+            if len > MAX_MESSAGE || body.len() != 10 + len {
+                return Err(bad("path length does not match the body"));
+            }
+            Frame::ShmOffer { n_blocks: le64(body, 0), path: String::from_utf8_lossy(&body[10..]).into_owned() }
         }
     };
     Ok(Some((f, HEADER_LEN + h.body_len)))
@@ -378,6 +430,7 @@ mod tests {
             encode_abort(7, Code::Deadline, "late"),
             encode_ack(7, Code::Ok, ""),
             encode_error(Code::LayoutMismatch, "head_dim 64 vs 128"),
+            encode_shm_offer(12, "/dev/shm/x"),
         ];
         let mut stream = Vec::new();
         for f in &frames {
@@ -396,6 +449,7 @@ mod tests {
         assert!(got[3].contains("first_token: 123"));
         assert!(got[4].contains("Deadline") && got[4].contains("late"));
         assert!(got[6].contains("LayoutMismatch"));
+        assert!(got[7].contains("n_blocks: 12") && got[7].contains("/dev/shm/x"));
     }
 
     #[test]

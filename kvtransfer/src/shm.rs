@@ -1,0 +1,162 @@
+//! Same-host transfer: the receiver's KV blocks live in a shared-memory
+//! segment that the sender maps and writes in place; a Unix socket carries
+//! the frames (the "doorbell": an in-place Blocks frame says which blocks of
+//! which layer are now written, with their CRC32C).
+//!
+//! The bytes are copied once, from the sender's buffer straight into the
+//! receiver's blocks, with no socket in between.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+
+use crate::error::TransferError;
+use crate::layout::KvLayout;
+use crate::sink::{block_offsets, KvSink};
+
+/// Where segments are created: `/dev/shm` (tmpfs) unless `TANDEM_SHM_DIR` says otherwise.
+pub fn shm_dir() -> PathBuf {
+    std::env::var_os("TANDEM_SHM_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/dev/shm"))
+}
+
+/// Identifies this host's kernel: two processes with the same id can share memory segments.
+pub fn host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| std::env::var("HOSTNAME").unwrap_or_default())
+}
+
+/// A receiver's KV blocks in a shared-memory segment (the `HostKv` layout). The file is
+/// removed when this is dropped; a sender's mapping stays valid until it unmaps.
+pub struct ShmKv {
+    layout: KvLayout,
+    n_blocks: usize,
+    path: PathBuf,
+    base: *mut u8,
+    len: usize,
+    _map: MmapMut,
+    _file: File,
+}
+
+// SAFETY: the mapping lives as long as self; writes go to disjoint reserved blocks (see KvSink).
+unsafe impl Send for ShmKv {}
+unsafe impl Sync for ShmKv {}
+
+impl ShmKv {
+    /// Creates a zeroed segment for `n_blocks` blocks in `shm_dir()`.
+    pub fn create(layout: KvLayout, n_blocks: usize) -> Result<ShmKv, TransferError> {
+        layout.validate().map_err(TransferError::Protocol)?;
+        let len = n_blocks * layout.block_bytes();
+        let name = format!("tandem-kv-{}-{:x}", std::process::id(), rand_suffix());
+        let path = shm_dir().join(name);
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        file.set_len(len as u64)?;
+        // SAFETY: a private file we just created; no one truncates it while mapped.
+        let mut map = unsafe { MmapMut::map_mut(&file)? };
+        let base = map.as_mut_ptr();
+        Ok(ShmKv { layout, n_blocks, path, base, len, _map: map, _file: file })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A copy of one block of one layer, K then V.
+    pub fn read_block(&self, layer: usize, block: usize) -> Vec<u8> {
+        let half = self.layout.half_block_bytes();
+        let (k, v) = self.block_ptrs(layer, block);
+        let mut out = Vec::with_capacity(2 * half);
+        // SAFETY: in-bounds ranges of the mapping.
+        unsafe {
+            out.extend_from_slice(std::slice::from_raw_parts(k, half));
+            out.extend_from_slice(std::slice::from_raw_parts(v, half));
+        }
+        out
+    }
+}
+
+impl Drop for ShmKv {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+unsafe impl KvSink for ShmKv {
+    fn layout(&self) -> KvLayout {
+        self.layout
+    }
+    fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+    fn block_ptrs(&self, layer: usize, block: usize) -> (*mut u8, *mut u8) {
+        assert!(layer < self.layout.n_layers as usize && block < self.n_blocks, "block ({layer}, {block}) out of range");
+        let (k, v) = block_offsets(&self.layout, self.n_blocks, layer, block);
+        debug_assert!(v + self.layout.half_block_bytes() <= self.len);
+        // SAFETY: offsets are inside the mapping.
+        unsafe { (self.base.add(k), self.base.add(v)) }
+    }
+    fn shm_segment(&self) -> Option<String> {
+        Some(self.path.to_string_lossy().into_owned())
+    }
+}
+
+/// A sender's mapping of a receiver's segment.
+pub(crate) struct ShmMap {
+    layout: KvLayout,
+    n_blocks: usize,
+    base: *mut u8,
+    _map: MmapMut,
+}
+
+// SAFETY: the sender writes only blocks the receiver reserved for the session it sends.
+unsafe impl Send for ShmMap {}
+unsafe impl Sync for ShmMap {}
+
+impl ShmMap {
+    /// Maps the segment a receiver offered; its size must match the layout and block count.
+    pub(crate) fn open(path: &str, layout: KvLayout, n_blocks: u64) -> Result<ShmMap, TransferError> {
+        let n_blocks = usize::try_from(n_blocks).map_err(|_| TransferError::Protocol("segment too large".into()))?;
+        let want = n_blocks
+            .checked_mul(layout.block_bytes())
+            .ok_or_else(|| TransferError::Protocol("segment too large".into()))?;
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = file.metadata()?.len() as usize;
+        if len != want {
+            return Err(TransferError::Protocol(format!("segment {path} is {len} bytes, expected {want}")));
+        }
+        // SAFETY: the receiver created the file at this size and never truncates it.
+        let mut map = unsafe { MmapMut::map_mut(&file)? };
+        let base = map.as_mut_ptr();
+        Ok(ShmMap { layout, n_blocks, base, _map: map })
+    }
+
+    /// Writes one layer of `blocks` (payload: per block K then V) into the segment.
+    pub(crate) fn write(&self, layer: u16, blocks: &[u32], payload: &[u8]) -> Result<(), TransferError> {
+        let half = self.layout.half_block_bytes();
+        if layer >= self.layout.n_layers {
+            return Err(TransferError::BadBlock(format!("layer {layer}")));
+        }
+        for (i, &b) in blocks.iter().enumerate() {
+            if b as usize >= self.n_blocks {
+                return Err(TransferError::BadBlock(format!("block {b} outside the segment")));
+            }
+            let (k, v) = block_offsets(&self.layout, self.n_blocks, layer as usize, b as usize);
+            let src = &payload[2 * half * i..2 * half * (i + 1)];
+            // SAFETY: offsets are inside the mapping (checked above); the block is reserved
+            // for this session on the receiver, so no one else writes it.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.add(k), half);
+                std::ptr::copy_nonoverlapping(src.as_ptr().add(half), self.base.add(v), half);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
+}
