@@ -285,7 +285,8 @@ impl BlockManager {
         if full <= seq.num_hashed {
             return;
         }
-        let parent = seq.last_hash;
+        // One Stored event per run of newly cached blocks, each naming the hash before it.
+        let mut parent = seq.last_hash;
         let mut stored = Vec::new();
         let mut prev = parent.map(|h| h.0).unwrap_or_else(|| root_hash(salt));
         for i in seq.num_hashed..full {
@@ -298,7 +299,12 @@ impl BlockManager {
                 m.hash = Some(h);
                 m.tokens = blk.to_vec();
                 self.cached.insert(h, id);
+                if stored.is_empty() {
+                    parent = seq.last_hash;
+                }
                 stored.push(h);
+            } else if !stored.is_empty() {
+                self.events.push(KvEvent::Stored { parent, hashes: std::mem::take(&mut stored) });
             }
             seq.last_hash = Some(h);
         }
@@ -351,8 +357,10 @@ impl BlockManager {
         self.meta[old.0 as usize].refs -= 1;
         seq.table[idx] = new;
         if idx < seq.num_hashed {
-            // A private copy of a cached block is not itself registered.
-            seq.num_hashed = idx;
+            // A private copy of a cached block is not itself registered. The
+            // next commit re-walks the chain from the root (the hash of block
+            // `idx - 1` is not kept), so the copy is never hashed as a root block.
+            seq.num_hashed = 0;
             seq.last_hash = None;
         }
         Ok(Some((old, new)))

@@ -348,7 +348,8 @@ impl Scheduler {
         // Running requests first, oldest first.
         for id in self.running.clone() {
             budget = self.cfg.max_batched_tokens - plan.num_tokens();
-            if budget == 0 {
+            // Forked children join `running` without admission: cap the step here too.
+            if budget == 0 || plan.scheduled.len() >= self.cfg.max_seqs {
                 break;
             }
             let r = &self.requests[&id];
@@ -476,10 +477,14 @@ impl Scheduler {
         let mut finished = Vec::new();
         let mut next = sampled.iter();
         for s in &plan.scheduled {
-            let Some(r) = self.requests.get_mut(&s.id) else { continue };
-            if r.status != Status::Running {
+            // Aborted (or taken) since `schedule`: skip it, but consume its sampled
+            // entry so the entries after it stay aligned with their requests.
+            let Some(r) = self.requests.get_mut(&s.id).filter(|r| r.status == Status::Running) else {
+                if s.sample {
+                    next.next();
+                }
                 continue;
-            }
+            };
             r.num_computed = s.start + s.len;
             let tokens = r.tokens();
             let salt = r.cache_salt.clone();
@@ -503,7 +508,8 @@ impl Scheduler {
     }
 
     fn append_token(&mut self, id: RequestId, tok: u32) -> Option<Finish> {
-        let max_len = self.cfg.max_model_len;
+        // A request longer than the whole pool could only preempt itself forever.
+        let max_len = self.cfg.max_model_len.min(self.blocks.n_blocks() * self.blocks.block_size());
         let r = self.requests.get_mut(&id).expect("exists");
         let finish = if r.stop_ids.contains(&tok) {
             Some(Finish::Stop)
