@@ -25,6 +25,8 @@ use tandem_kernels::Isa;
 pub enum BenchCommand {
     /// Prefill at 128 and 512 tokens; decode at batch 1, 8 and 32 with 256 tokens of context each.
     Engine(EngineBenchArgs),
+    /// KV transfer throughput and latency over TCP loopback and shared memory.
+    Kvtransfer(crate::bench_kv::KvBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -78,7 +80,10 @@ const DECODE_BATCH: [usize; 3] = [1, 8, 32];
 const DECODE_CONTEXT: usize = 256;
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
-    let BenchCommand::Engine(a) = cmd;
+    let a = match cmd {
+        BenchCommand::Engine(a) => a,
+        BenchCommand::Kvtransfer(a) => return crate::bench_kv::run(a),
+    };
     if a.offline {
         return offline(&a);
     }

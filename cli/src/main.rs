@@ -2,8 +2,10 @@
 //!
 //! - `tandem generate`: one prompt through the engine, text or JSON out.
 //! - `tandem bench engine`: prefill and decode throughput of the engine.
+//! - `tandem bench kvtransfer`: KV transfer over TCP and shared memory.
 
 mod bench;
+mod bench_kv;
 mod generate;
 
 use clap::{Parser, Subcommand};
