@@ -81,9 +81,10 @@ async fn run_once(s: &Setup, tx: &Arc<KvSender>, sessions: usize, tokens: usize,
         let (tx, target) = (tx.clone(), s.target.clone());
         sends.push(tokio::spawn(async move {
             let mut sess = tx.open_target(&target, id, deadline).await?;
+            // The prefill worker's gathered layer: borrowed, as the engine would lend it.
             let layer = vec![7u8; layer_bytes];
             for li in 0..l.n_layers {
-                sess.send_layer(li, &blocks, layer.clone()).await?;
+                sess.send_layer_from(li, &blocks, &layer).await?;
             }
             sess.finish(1, tokens as u32).await
         }));

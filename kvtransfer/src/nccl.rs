@@ -54,6 +54,9 @@
 //! The kernels are compiled at run time by NVRTC, for the device's architecture, from
 //! the source embedded in this crate; the source needs no CUDA headers.
 
+// `%` rather than `is_multiple_of`, which is newer than the workspace's rust-version (1.85).
+#![allow(clippy::manual_is_multiple_of)]
+
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -433,7 +436,8 @@ impl NcclTransport {
         launch.arg(staging).arg(ids).arg(&n_blocks).arg(&n_cache).arg(&plan.words).arg(k).arg(v);
         // SAFETY: as in `send_layer`, for `scatter_kv_blocks{,_vec16}`; the ids are also
         // distinct, so no two CUDA blocks write the same cache block.
-        unsafe { launch.launch(launch_config(&plan)) }.map_err(driver_err("launching scatter_kv_blocks"))
+        unsafe { launch.launch(launch_config(&plan)) }.map_err(driver_err("launching scatter_kv_blocks"))?;
+        Ok(())
     }
 
     fn aligned16<T, S: DevicePtr<T>>(&self, s: &S) -> bool {

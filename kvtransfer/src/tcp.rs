@@ -159,7 +159,7 @@ async fn read_hello<S: AsyncRead + Unpin>(s: &mut S, max: usize) -> Result<KvLay
 /// One receiving connection: handshake, then frames until EOF or a protocol error.
 /// `offer`: on a shared-memory connection, the segment offer sent after `HelloOk`;
 /// in-place Blocks frames are accepted only then.
-pub(crate) async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn serve_conn<S: VectoredStream>(
     mut sock: S,
     conn: u64,
     sessions: &Sessions,
@@ -218,18 +218,22 @@ pub(crate) async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
             let ids: Vec<u32> = small[BLOCKS_FIXED..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect();
             match sessions.admit(conn, request_id, layer, layout.n_layers, &ids) {
                 Admit::Ok => {
-                    for &b in &ids {
-                        let (k, v) = sink.block_ptrs(layer as usize, b as usize);
-                        // Addresses, not pointers, so the future stays Send.
-                        for p in [k as usize, v as usize] {
-                            // SAFETY: the block is reserved for this request alone (admit checked it),
-                            // and the sink guarantees `half` writable bytes at p.
-                            let dst = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, half) };
-                            if !fixed.in_place {
-                                sock.read_exact(dst).await?;
-                            }
-                            crc = crc32c::crc32c_append(crc, dst);
-                        }
+                    // Addresses, not pointers, so the future stays Send. The blocks are reserved
+                    // for this request alone (admit checked it), and the sink guarantees `half`
+                    // writable bytes at each.
+                    let parts: Vec<(usize, usize)> = ids
+                        .iter()
+                        .flat_map(|&b| {
+                            let (k, v) = sink.block_ptrs(layer as usize, b as usize);
+                            [(k as usize, half), (v as usize, half)]
+                        })
+                        .collect();
+                    if !fixed.in_place {
+                        read_exact_vectored(&mut sock, &parts).await?;
+                    }
+                    for &(addr, len) in &parts {
+                        // SAFETY: as above; the data is complete.
+                        crc = crc32c::crc32c_append(crc, unsafe { std::slice::from_raw_parts(addr as *const u8, len) });
                     }
                     if crc != head.crc {
                         let err = TransferError::Checksum(format!("request {request_id} layer {layer}"));
@@ -280,6 +284,74 @@ pub(crate) async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// Streams the receiver can read into many buffers with one system call.
+pub(crate) trait VectoredStream: AsyncRead + AsyncWrite + Unpin + Send {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    fn try_read_vectored(&self, bufs: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<usize>;
+}
+
+impl VectoredStream for TcpStream {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        TcpStream::readable(self)
+    }
+    fn try_read_vectored(&self, bufs: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<usize> {
+        TcpStream::try_read_vectored(self, bufs)
+    }
+}
+
+impl VectoredStream for tokio::net::UnixStream {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        tokio::net::UnixStream::readable(self)
+    }
+    fn try_read_vectored(&self, bufs: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<usize> {
+        tokio::net::UnixStream::try_read_vectored(self, bufs)
+    }
+}
+
+/// Fills every buffer in `parts` (given as address and length, so the future stays Send)
+/// from the stream, many buffers per system call.
+async fn read_exact_vectored<S: VectoredStream>(s: &mut S, parts: &[(usize, usize)]) -> std::io::Result<()> {
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < parts.len() {
+        s.readable().await?;
+        loop {
+            let mut bufs: Vec<std::io::IoSliceMut<'_>> = parts[idx..]
+                .iter()
+                .take(512)
+                .enumerate()
+                .map(|(i, &(addr, len))| {
+                    let skip = if i == 0 { off } else { 0 };
+                    // SAFETY: the caller hands out disjoint writable ranges it owns for this read.
+                    std::io::IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut((addr + skip) as *mut u8, len - skip) })
+                })
+                .collect();
+            match s.try_read_vectored(&mut bufs) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(mut n) => {
+                    while n > 0 && idx < parts.len() {
+                        let left = parts[idx].1 - off;
+                        if n >= left {
+                            n -= left;
+                            idx += 1;
+                            off = 0;
+                        } else {
+                            off += n;
+                            n = 0;
+                        }
+                    }
+                    if idx == parts.len() {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
 }
 
 enum Outgoing {
@@ -546,6 +618,21 @@ impl SendSession {
             Ok(Err(_)) => Err(TransferError::PeerGone("connection closed".into())),
             Err(_) => Err(TransferError::Deadline(format!("request {}: the send queue stayed full", self.request_id))),
         }
+    }
+
+    /// Like `send_layer`, from borrowed memory: on a same-host connection the blocks are
+    /// written into the receiver's segment straight from `payload`, with no copy of our own.
+    pub async fn send_layer_from(&mut self, layer: u16, block_ids: &[u32], payload: &[u8]) -> Result<(), TransferError> {
+        if let Some(shm) = self.shm.clone() {
+            self.early_error()?;
+            if payload.len() != block_ids.len() * self.layout.layer_block_bytes() {
+                return Err(TransferError::Protocol(format!("payload of {} bytes for {} blocks", payload.len(), block_ids.len())));
+            }
+            shm.write(layer, block_ids, payload)?;
+            let frame = wire::encode_blocks_in_place(self.request_id, layer, block_ids, &[payload]);
+            return self.push(Outgoing::Bytes(frame)).await;
+        }
+        self.send_layer(layer, block_ids, payload.to_vec()).await
     }
 
     /// Queues one layer of K/V for `block_ids` (payload: per block K then V). Waits while
