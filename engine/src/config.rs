@@ -89,6 +89,26 @@ impl ModelConfig {
         })
     }
 
+    /// Identifies the model for KV exchange: two workers whose fingerprints differ must not
+    /// share KV. Built from the architecture, every shape parameter and the model's name.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x100_0000_01b3);
+            }
+        };
+        eat(self.architecture.as_bytes());
+        for v in [self.n_layers, self.hidden, self.ffn, self.n_heads, self.n_kv_heads, self.head_dim, self.vocab_size, self.context_length] {
+            eat(&(v as u64).to_le_bytes());
+        }
+        eat(&self.rope_theta.to_le_bytes());
+        eat(&self.rms_eps.to_le_bytes());
+        eat(self.name.as_deref().unwrap_or("").as_bytes());
+        h
+    }
+
     /// Query heads per KV head.
     pub fn group(&self) -> usize {
         self.n_heads / self.n_kv_heads

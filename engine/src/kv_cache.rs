@@ -109,6 +109,35 @@ impl KvCache {
         }
     }
 
+    /// One layer's K and V as bytes (for shipping and checking blocks).
+    pub fn layer_bytes(&self, layer: usize) -> crate::model::LayerKvBytes<'_> {
+        let half = self.shape.block_elems() * self.dtype.bytes();
+        match &self.storage {
+            KvStorage::F16(l) => crate::model::LayerKvBytes::from_slices(&l[layer].k, &l[layer].v, half),
+            KvStorage::F32(l) => crate::model::LayerKvBytes::from_slices(&l[layer].k, &l[layer].v, half),
+        }
+    }
+
+    /// Overwrites one block of one layer from `data` (K then V, as `LayerKvBytes::gather` makes it).
+    pub fn scatter_block(&mut self, layer: usize, block: BlockId, data: &[u8]) {
+        fn put<E: KvElem>(l: &mut LayerKv<E>, n: usize, b: usize, data: &[u8]) {
+            let size = n * std::mem::size_of::<E>();
+            assert_eq!(data.len(), 2 * size);
+            // SAFETY: plain-data elements; the ranges are in bounds (slice indexing checks it).
+            unsafe {
+                let k = &mut l.k[b * n..(b + 1) * n];
+                std::ptr::copy_nonoverlapping(data.as_ptr(), k.as_mut_ptr() as *mut u8, size);
+                let v = &mut l.v[b * n..(b + 1) * n];
+                std::ptr::copy_nonoverlapping(data.as_ptr().add(size), v.as_mut_ptr() as *mut u8, size);
+            }
+        }
+        let n = self.shape.block_elems();
+        match &mut self.storage {
+            KvStorage::F16(l) => put(&mut l[layer], n, block.0 as usize, data),
+            KvStorage::F32(l) => put(&mut l[layer], n, block.0 as usize, data),
+        }
+    }
+
     /// Bytes one block takes across all layers, K and V.
     pub fn block_bytes(&self) -> usize {
         2 * self.n_layers * self.shape.block_elems() * self.dtype.bytes()

@@ -112,6 +112,37 @@ impl<'a> ForwardBatch<'a> {
     }
 }
 
+/// One layer's K and V caches as bytes, for shipping blocks to another worker.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerKvBytes<'a> {
+    pub k: &'a [u8],
+    pub v: &'a [u8],
+    /// Bytes of K (or V) per block.
+    pub half_block_bytes: usize,
+}
+
+impl<'a> LayerKvBytes<'a> {
+    pub(crate) fn from_slices<E: KvElem>(k: &'a [E], v: &'a [E], half_block_bytes: usize) -> Self {
+        Self::new(k, v, half_block_bytes)
+    }
+
+    fn new<E: KvElem>(k: &'a [E], v: &'a [E], half_block_bytes: usize) -> Self {
+        // SAFETY: f16 and f32 are plain data without padding; any byte view is valid.
+        let bytes = |x: &'a [E]| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) };
+        LayerKvBytes { k: bytes(k), v: bytes(v), half_block_bytes }
+    }
+
+    /// Appends the blocks' K then V, block by block (the KV transfer payload order).
+    pub fn gather(&self, blocks: &[BlockId], out: &mut Vec<u8>) {
+        let h = self.half_block_bytes;
+        for b in blocks {
+            let o = b.0 as usize * h;
+            out.extend_from_slice(&self.k[o..o + h]);
+            out.extend_from_slice(&self.v[o..o + h]);
+        }
+    }
+}
+
 /// Which of a run of tokens need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsWanted {
@@ -204,10 +235,23 @@ impl Model {
 
     /// Runs the batch; returns `logits_for.len()` rows of `vocab_size` logits (in `scratch.logits`).
     pub fn forward<'s>(&self, batch: &ForwardBatch<'_>, kv: &mut KvCache, scratch: &'s mut Scratch) -> Result<&'s [f32], EngineError> {
+        self.forward_with_hook(batch, kv, scratch, &mut |_, _| {})
+    }
+
+    /// Like `forward`, calling `on_layer(layer, kv)` as soon as each layer's K and V for this
+    /// batch are in the cache (before that layer's attention), so a prefill worker can ship
+    /// layer L while layer L+1 computes.
+    pub fn forward_with_hook<'s>(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &mut KvCache,
+        scratch: &'s mut Scratch,
+        on_layer: &mut dyn FnMut(usize, LayerKvBytes<'_>),
+    ) -> Result<&'s [f32], EngineError> {
         self.validate(batch, kv)?;
         match &mut kv.storage {
-            KvStorage::F16(l) => self.forward_typed(batch, kv.shape, l, scratch),
-            KvStorage::F32(l) => self.forward_typed(batch, kv.shape, l, scratch),
+            KvStorage::F16(l) => self.forward_typed(batch, kv.shape, l, scratch, on_layer),
+            KvStorage::F32(l) => self.forward_typed(batch, kv.shape, l, scratch, on_layer),
         }
         Ok(&scratch.logits[..batch.logits_for.len() * self.config.vocab_size])
     }
@@ -250,7 +294,14 @@ impl Model {
         Ok(())
     }
 
-    fn forward_typed<E: KvElem>(&self, b: &ForwardBatch<'_>, shape: KvShape, kv: &mut [LayerKv<E>], s: &mut Scratch) {
+    fn forward_typed<E: KvElem>(
+        &self,
+        b: &ForwardBatch<'_>,
+        shape: KvShape,
+        kv: &mut [LayerKv<E>],
+        s: &mut Scratch,
+        on_layer: &mut dyn FnMut(usize, LayerKvBytes<'_>),
+    ) {
         let cfg = &self.config;
         let (n, h, hd) = (b.tokens.len(), cfg.hidden, cfg.head_dim);
         let (q_dim, kv_dim, group) = (cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.group());
@@ -297,6 +348,7 @@ impl Model {
                     &s.v[t * kv_dim..(t + 1) * kv_dim],
                 );
             }
+            on_layer(li, LayerKvBytes::new(&cache.k, &cache.v, shape.block_elems() * std::mem::size_of::<E>()));
             {
                 let (q, k_cache, v_cache) = (&s.q, &cache.k, &cache.v);
                 let out = SyncPtr::new(&mut s.attn);
