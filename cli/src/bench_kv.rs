@@ -24,6 +24,24 @@ pub struct KvBenchArgs {
     /// Largest request size in tokens.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: usize,
+    /// Measure how much of a real prefill's layer-wise transfer hides behind its compute.
+    #[arg(long)]
+    pub overlap: bool,
+    /// With --overlap: prompt sizes in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096")]
+    pub tokens: Vec<usize>,
+    /// With --overlap: send to a receiver started with --serve elsewhere.
+    #[arg(long)]
+    pub connect: Option<std::net::SocketAddr>,
+    /// With --overlap: run only the receiving side on this address.
+    #[arg(long)]
+    pub serve: Option<std::net::SocketAddr>,
+    /// Model (for --overlap).
+    #[arg(long, env = "TANDEM_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub model: std::path::PathBuf,
+    /// Kernel threads (for --overlap).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 fn layout() -> KvLayout {
@@ -99,6 +117,16 @@ async fn run_once(s: &Setup, tx: &Arc<KvSender>, sessions: usize, tokens: usize,
 }
 
 pub fn run(a: KvBenchArgs) -> Result<()> {
+    if a.overlap || a.serve.is_some() {
+        return crate::bench_overlap::run(&crate::bench_overlap::OverlapArgs {
+            model: a.model.clone(),
+            threads: a.threads,
+            connect: a.connect,
+            serve: a.serve,
+            tokens: a.tokens.clone(),
+            json: a.json,
+        });
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(run_async(a))
 }

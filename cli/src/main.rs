@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_kv;
+mod bench_overlap;
 mod generate;
 
 use clap::{Parser, Subcommand};
