@@ -71,21 +71,64 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// Order in which waiting requests are admitted (and the reverse picks preemption victims).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Orders requests: waiting ones are admitted smallest key first, and the running
+/// request with the largest key is preempted first. Fair and shortest-job-first
+/// policies plug in here.
+pub trait SchedulingPolicy: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+    fn key(&self, r: &Request) -> (i64, u64);
+}
+
+/// First come, first served.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fcfs;
+
+impl SchedulingPolicy for Fcfs {
+    fn name(&self) -> &'static str {
+        "fcfs"
+    }
+    fn key(&self, r: &Request) -> (i64, u64) {
+        (0, r.arrival)
+    }
+}
+
+/// Lower `priority` value first, then arrival.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ByPriority;
+
+impl SchedulingPolicy for ByPriority {
+    fn name(&self) -> &'static str {
+        "priority"
+    }
+    fn key(&self, r: &Request) -> (i64, u64) {
+        (r.priority as i64, r.arrival)
+    }
+}
+
+/// The policy a scheduler runs: one of the built-in ones, or any other implementation.
+#[derive(Debug, Clone, Default)]
 pub enum Policy {
-    /// First come, first served.
     #[default]
     Fcfs,
-    /// Lower `priority` value first, then arrival.
     Priority,
+    Custom(std::sync::Arc<dyn SchedulingPolicy>),
 }
 
 impl Policy {
-    fn key(self, r: &Request) -> (i64, u64) {
+    pub fn get(&self) -> &dyn SchedulingPolicy {
         match self {
-            Policy::Fcfs => (0, r.arrival),
-            Policy::Priority => (r.priority as i64, r.arrival),
+            Policy::Fcfs => &Fcfs,
+            Policy::Priority => &ByPriority,
+            Policy::Custom(p) => p.as_ref(),
+        }
+    }
+
+    /// `fcfs` or `priority`.
+    pub fn parse(s: &str) -> Option<Policy> {
+        match s {
+            "fcfs" => Some(Policy::Fcfs),
+            "priority" => Some(Policy::Priority),
+            _ => None,
         }
     }
 }
@@ -116,7 +159,8 @@ pub struct Request {
     pub priority: i32,
     pub cache_salt: Option<String>,
     pub blocks: SeqBlocks,
-    arrival: u64,
+    /// Order of arrival (policies break ties with it).
+    pub arrival: u64,
     pub preemptions: u32,
     /// Prompt tokens found in the prefix cache at the last admission.
     pub cached_tokens: usize,
@@ -445,7 +489,7 @@ impl Scheduler {
     }
 
     fn pick_victim(&self) -> RequestId {
-        let policy = self.cfg.policy;
+        let policy = self.cfg.policy.get();
         *self
             .running
             .iter()
@@ -466,7 +510,7 @@ impl Scheduler {
     }
 
     fn sort_waiting(&mut self) {
-        let policy = self.cfg.policy;
+        let policy = self.cfg.policy.get();
         let reqs = &self.requests;
         self.waiting.make_contiguous().sort_by_key(|id| policy.key(&reqs[id]));
     }

@@ -420,7 +420,7 @@ impl SchedModel {
             // than the pool, and a lone request must still finish.
             max_model_len: pool + c.overhang,
             max_prompt_len: pool - 1,
-            policy: c.policy,
+            policy: c.policy.clone(),
         };
         SchedModel {
             s: Scheduler::new(cfg, BlockManager::new(c.n_blocks, c.bs, c.caching)),

@@ -428,9 +428,10 @@ fn a_request_longer_than_the_pool_ends_instead_of_preempting_itself_forever() {
 fn priority_policy_admits_lower_values_first() {
     // (policy, expected admission order) for priorities 5, 1, 3 added in that order.
     let table: &[(Policy, [u64; 3])] = &[(Policy::Priority, [2, 3, 1]), (Policy::Fcfs, [1, 2, 3])];
-    for &(policy, order) in table {
+    for (policy, order) in table {
+        let (policy, order) = (policy.clone(), *order);
         let mut c = cfg(64, 1);
-        c.policy = policy;
+        c.policy = policy.clone();
         let mut s = sched(c, 32, 4, true);
         for (id, prio) in [(1u64, 5), (2, 1), (3, 3)] {
             let mut r = req(id, prompt(3, id as u32), 2);
