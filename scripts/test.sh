@@ -5,4 +5,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/fetch-model.sh
+# CUDA code is compiled and checked here, never run: NVRTC/ptxas from PyPI wheels, and the
+# NCCL transport built against cudarc's dynamic loading.
+scripts/setup-cuda-tools.sh
+cargo check -p tandem-kvtransfer --features cuda --locked
 cargo test --workspace --locked "$@"
