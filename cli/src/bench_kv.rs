@@ -125,6 +125,7 @@ pub fn run(a: KvBenchArgs) -> Result<()> {
             serve: a.serve,
             tokens: a.tokens.clone(),
             json: a.json,
+            repetitions: a.repetitions,
         });
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
