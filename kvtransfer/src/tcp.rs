@@ -230,10 +230,10 @@ pub(crate) async fn serve_conn<S: VectoredStream>(
                         .collect();
                     if !fixed.in_place {
                         read_exact_vectored(&mut sock, &parts).await?;
-                    }
-                    for &(addr, len) in &parts {
-                        // SAFETY: as above; the data is complete.
-                        crc = crc32c::crc32c_append(crc, unsafe { std::slice::from_raw_parts(addr as *const u8, len) });
+                        for &(addr, len) in &parts {
+                            // SAFETY: as above; the data is complete.
+                            crc = crc32c::crc32c_append(crc, unsafe { std::slice::from_raw_parts(addr as *const u8, len) });
+                        }
                     }
                     if crc != head.crc {
                         let err = TransferError::Checksum(format!("request {request_id} layer {layer}"));
@@ -629,7 +629,7 @@ impl SendSession {
                 return Err(TransferError::Protocol(format!("payload of {} bytes for {} blocks", payload.len(), block_ids.len())));
             }
             shm.write(layer, block_ids, payload)?;
-            let frame = wire::encode_blocks_in_place(self.request_id, layer, block_ids, &[payload]);
+            let frame = wire::encode_blocks_in_place(self.request_id, layer, block_ids);
             return self.push(Outgoing::Bytes(frame)).await;
         }
         self.send_layer(layer, block_ids, payload.to_vec()).await
@@ -646,7 +646,7 @@ impl SendSession {
         if let Some(shm) = &self.shm {
             // Same host: write the blocks in place, then ring the doorbell.
             shm.write(layer, block_ids, &payload)?;
-            let frame = wire::encode_blocks_in_place(self.request_id, layer, block_ids, &[&payload]);
+            let frame = wire::encode_blocks_in_place(self.request_id, layer, block_ids);
             return self.push(Outgoing::Bytes(frame)).await;
         }
         let per_frame = (self.chunk_bytes / lbb).max(1);

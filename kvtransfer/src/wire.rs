@@ -13,7 +13,8 @@ pub const HEADER_LEN: usize = 16;
 /// Fixed part of a Blocks body before the block ids.
 pub const BLOCKS_FIXED: usize = 16;
 /// Blocks flag: the payload was written in place into the receiver's shared
-/// segment and is not in the frame (the CRC still covers it).
+/// segment and is not in the frame; the CRC covers the frame body only (the
+/// payload never crossed a wire).
 pub const FLAG_IN_PLACE: u16 = 1;
 /// Longest message text carried by Abort, Ack and Error frames.
 pub const MAX_MESSAGE: usize = 1024;
@@ -213,9 +214,9 @@ pub fn encode_blocks_head(request_id: u64, layer: u16, block_ids: &[u32], payloa
     blocks_head(request_id, layer, block_ids, payload, false)
 }
 
-/// A whole in-place Blocks frame: `payload` was already written into the receiver's segment.
-pub fn encode_blocks_in_place(request_id: u64, layer: u16, block_ids: &[u32], payload: &[&[u8]]) -> Vec<u8> {
-    blocks_head(request_id, layer, block_ids, payload, true)
+/// A whole in-place Blocks frame: the payload was already written into the receiver's segment.
+pub fn encode_blocks_in_place(request_id: u64, layer: u16, block_ids: &[u32]) -> Vec<u8> {
+    blocks_head(request_id, layer, block_ids, &[], true)
 }
 
 fn blocks_head(request_id: u64, layer: u16, block_ids: &[u32], payload: &[&[u8]], in_place: bool) -> Vec<u8> {

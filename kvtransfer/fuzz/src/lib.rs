@@ -111,7 +111,7 @@ fn check_frame(frame: &Frame<'_>, bytes: &[u8], max_body: usize, lbb: usize) {
             assert!(lbb > 0, "Blocks decoded before the handshake");
             assert!(!b.block_ids.is_empty());
             assert_eq!(b.payload.len(), b.block_ids.len() * lbb, "payload is not n_blocks * layer_block_bytes");
-            let in_place = wire::encode_blocks_in_place(b.request_id, b.layer, &b.block_ids, &[b.payload]);
+            let in_place = wire::encode_blocks_in_place(b.request_id, b.layer, &b.block_ids);
             let f = wire::parse_blocks_fixed(&in_place[HEADER_LEN..], in_place.len() - HEADER_LEN, lbb)
                 .expect("an in-place head parses");
             assert!(f.in_place && f.n_blocks == b.block_ids.len() && f.layer == b.layer && f.request_id == b.request_id);
@@ -226,7 +226,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             let ids: Vec<u32> = (0..n as u32).map(|i| i * 3 + 1).collect();
             let payload: Vec<u8> = (0..n * lbb).map(|i| (i * 31 % 251) as u8).collect();
             out.push(wire::encode_blocks(7, 1, &ids, &payload));
-            out.push(wire::encode_blocks_in_place(7, 1, &ids, &[&payload]));
+            out.push(wire::encode_blocks_in_place(7, 1, &ids));
         }
     }
     out.push(wire::encode_finish(7, 123, 40));
