@@ -66,7 +66,14 @@ impl KvReceiver {
             let next_conn = AtomicU64::new(1);
             let mut conns = JoinSet::new();
             loop {
-                let Ok((sock, _)) = listener.accept().await else { continue };
+                let sock = match listener.accept().await {
+                    Ok((sock, _)) => sock,
+                    // Out of descriptors and the like: back off instead of spinning.
+                    Err(_) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
                 let Some(rx) = weak.upgrade() else { break };
                 let _ = sock.set_nodelay(true);
                 let (sessions, sink, cfg) = (rx.sessions.clone(), rx.sink.clone(), cfg.clone());
@@ -108,7 +115,14 @@ impl KvReceiver {
             let next_conn = AtomicU64::new(1 << 32);
             let mut conns = JoinSet::new();
             loop {
-                let Ok((sock, _)) = listener.accept().await else { continue };
+                let sock = match listener.accept().await {
+                    Ok((sock, _)) => sock,
+                    // Out of descriptors and the like: back off instead of spinning.
+                    Err(_) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
                 let Some(rx) = weak.upgrade() else { break };
                 let (sessions, sink, cfg, offer) = (rx.sessions.clone(), rx.sink.clone(), cfg.clone(), offer.clone());
                 let conn = next_conn.fetch_add(1, Ordering::Relaxed);
