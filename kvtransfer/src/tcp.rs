@@ -62,32 +62,7 @@ impl KvReceiver {
         let local = listener.local_addr()?;
         let rx = Arc::new(KvReceiver { sessions: Sessions::default(), sink, tasks: Mutex::new(JoinSet::new()), local });
         let weak = Arc::downgrade(&rx);
-        rx.tasks.lock().expect("tasks").spawn(async move {
-            let next_conn = AtomicU64::new(1);
-            let mut conns = JoinSet::new();
-            loop {
-                let sock = match listener.accept().await {
-                    Ok((sock, _)) => sock,
-                    // Out of descriptors and the like: back off instead of spinning.
-                    Err(_) => {
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let Some(rx) = weak.upgrade() else { break };
-                let _ = sock.set_nodelay(true);
-                let (sessions, sink, cfg) = (rx.sessions.clone(), rx.sink.clone(), cfg.clone());
-                let conn = next_conn.fetch_add(1, Ordering::Relaxed);
-                conns.spawn(async move {
-                    let why = match serve_conn(sock, conn, &sessions, sink.as_ref(), &cfg, None).await {
-                        Ok(()) => "connection closed".to_string(),
-                        Err(e) => e.to_string(),
-                    };
-                    sessions.conn_lost(conn, &why);
-                });
-                while conns.try_join_next().is_some() {}
-            }
-        });
+        rx.tasks.lock().expect("tasks").spawn(accept_loop(listener, weak, 1, cfg, None));
         Ok(rx)
     }
 
@@ -111,31 +86,7 @@ impl KvReceiver {
         let listener = tokio::net::UnixListener::bind(path)?;
         let offer = wire::encode_shm_offer(self.sink.n_blocks() as u64, &segment);
         let weak = Arc::downgrade(self);
-        self.tasks.lock().expect("tasks").spawn(async move {
-            let next_conn = AtomicU64::new(1 << 32);
-            let mut conns = JoinSet::new();
-            loop {
-                let sock = match listener.accept().await {
-                    Ok((sock, _)) => sock,
-                    // Out of descriptors and the like: back off instead of spinning.
-                    Err(_) => {
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let Some(rx) = weak.upgrade() else { break };
-                let (sessions, sink, cfg, offer) = (rx.sessions.clone(), rx.sink.clone(), cfg.clone(), offer.clone());
-                let conn = next_conn.fetch_add(1, Ordering::Relaxed);
-                conns.spawn(async move {
-                    let why = match serve_conn(sock, conn, &sessions, sink.as_ref(), &cfg, Some(offer)).await {
-                        Ok(()) => "connection closed".to_string(),
-                        Err(e) => e.to_string(),
-                    };
-                    sessions.conn_lost(conn, &why);
-                });
-                while conns.try_join_next().is_some() {}
-            }
-        });
+        self.tasks.lock().expect("tasks").spawn(accept_loop(listener, weak, 1 << 32, cfg, Some(offer)));
         Ok(())
     }
 
@@ -147,6 +98,57 @@ impl KvReceiver {
     /// Stops accepting and closes every connection.
     pub fn shutdown(&self) {
         self.tasks.lock().expect("tasks").abort_all();
+    }
+}
+
+/// A listener the receiver accepts KV connections from.
+trait Acceptor: Send + 'static {
+    type Stream: VectoredStream + 'static;
+    fn accept_one(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Acceptor for TcpListener {
+    type Stream = TcpStream;
+    async fn accept_one(&self) -> std::io::Result<TcpStream> {
+        let (sock, _) = self.accept().await?;
+        sock.set_nodelay(true)?;
+        Ok(sock)
+    }
+}
+
+impl Acceptor for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<tokio::net::UnixStream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+/// Accepts connections until the receiver is dropped; each is served by its own task.
+/// `offer`: the shared-segment offer made on same-host connections.
+async fn accept_loop<L: Acceptor>(listener: L, receiver: std::sync::Weak<KvReceiver>, first_conn: u64, cfg: TcpConfig, offer: Option<Vec<u8>>) {
+    let mut next_conn = first_conn;
+    let mut conns = JoinSet::new();
+    loop {
+        let sock = match listener.accept_one().await {
+            Ok(sock) => sock,
+            // Out of descriptors and the like: back off instead of spinning.
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(rx) = receiver.upgrade() else { break };
+        let (sessions, sink, cfg, offer) = (rx.sessions.clone(), rx.sink.clone(), cfg.clone(), offer.clone());
+        let conn = next_conn;
+        next_conn += 1;
+        conns.spawn(async move {
+            let why = match serve_conn(sock, conn, &sessions, sink.as_ref(), &cfg, offer).await {
+                Ok(()) => "connection closed".to_string(),
+                Err(e) => e.to_string(),
+            };
+            sessions.conn_lost(conn, &why);
+        });
+        while conns.try_join_next().is_some() {}
     }
 }
 
