@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tandem_engine::kv_cache::{BlockId, KvCache, KvDtype};
 use tandem_engine::model::{ForwardBatch, LogitsWanted, Model, ModelOptions, Scratch};
-use tandem_kvtransfer::{HostKv, KvDtypeWire, KvLayout, KvReceiver, KvSender, TcpConfig};
+use tandem_kvtransfer::{HostKv, KvLayout, KvReceiver, KvSender, TcpConfig};
 use tandem_prefill_worker::LayerShipper;
 
 pub struct OverlapArgs {
@@ -36,14 +36,7 @@ pub struct OverlapArgs {
 const BLOCK: usize = 16;
 
 fn layout_of(m: &Model) -> KvLayout {
-    KvLayout {
-        n_layers: m.config.n_layers as u16,
-        n_kv_heads: m.config.n_kv_heads as u16,
-        head_dim: m.config.head_dim as u16,
-        block_size: BLOCK as u16,
-        dtype: KvDtypeWire::F16,
-        fingerprint: m.config.fingerprint(),
-    }
+    tandem_prefill_worker::kv_layout(m, BLOCK)
 }
 
 fn blocks_for(max_tokens: usize) -> usize {

@@ -9,4 +9,4 @@
 
 pub mod shipper;
 
-pub use shipper::LayerShipper;
+pub use shipper::{kv_layout, LayerShipper};

@@ -12,6 +12,19 @@ use tandem_kvtransfer::{SendSession, TransferError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+/// The transfer layout of `model`'s KV cache with f16 blocks of `block_size` tokens.
+pub fn kv_layout(model: &tandem_engine::model::Model, block_size: usize) -> tandem_kvtransfer::KvLayout {
+    let c = &model.config;
+    tandem_kvtransfer::KvLayout {
+        n_layers: c.n_layers as u16,
+        n_kv_heads: c.n_kv_heads as u16,
+        head_dim: c.head_dim as u16,
+        block_size: block_size as u16,
+        dtype: tandem_kvtransfer::KvDtypeWire::F16,
+        fingerprint: c.fingerprint(),
+    }
+}
+
 /// Layers queued before the compute thread waits.
 const QUEUE_LAYERS: usize = 8;
 

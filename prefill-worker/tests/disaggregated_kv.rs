@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tandem_engine::kv_cache::{BlockId, KvCache, KvDtype};
 use tandem_engine::model::{ForwardBatch, LogitsWanted, Model, ModelOptions, Scratch};
-use tandem_kvtransfer::{HostKv, KvDtypeWire, KvLayout, KvReceiver, KvSender, TcpConfig};
+use tandem_kvtransfer::{HostKv, KvReceiver, KvSender, TcpConfig};
 use tandem_prefill_worker::LayerShipper;
 
 fn root() -> PathBuf {
@@ -42,14 +42,7 @@ fn kv_shipped_during_prefill_decodes_like_an_undivided_run() {
     let prompt: Vec<u32> = case["prompt_token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let bs = 16;
     let n_blocks = prompt.len().div_ceil(bs) + 2; // room for the decode steps
-    let layout = KvLayout {
-        n_layers: m.config.n_layers as u16,
-        n_kv_heads: m.config.n_kv_heads as u16,
-        head_dim: m.config.head_dim as u16,
-        block_size: bs as u16,
-        dtype: KvDtypeWire::F16,
-        fingerprint: m.config.fingerprint(),
-    };
+    let layout = tandem_prefill_worker::kv_layout(&m, bs);
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let sink = Arc::new(HostKv::new(layout, 64));
