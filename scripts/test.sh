@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/fetch-model.sh
+# etcd for cluster/tests/etcd.rs; protoc + google/protobuf/*.proto for etcd-client's build script.
+scripts/setup-etcd.sh
 # CUDA code is compiled and checked here, never run: NVRTC/ptxas from PyPI wheels, and the
 # NCCL transport built against cudarc's dynamic loading.
 scripts/setup-cuda-tools.sh
