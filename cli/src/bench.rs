@@ -15,10 +15,10 @@ use clap::{Args, Subcommand};
 use tandem_engine::gguf::GgufFile;
 use tandem_engine::kv_cache::{blocks_for_tokens, BlockAllocator, BlockId, KvCache, KvDtype};
 use tandem_engine::llm_engine::{EngineRequest, LlmEngine, LlmEngineConfig};
+use tandem_engine::model::{ForwardBatch, LogitsWanted, Model, ModelOptions, Scratch};
 use tandem_engine::sampling::SamplingParams;
 use tandem_engine::scheduler::SchedulerConfig;
 use tandem_engine::tokenizer::Tokenizer;
-use tandem_engine::model::{ForwardBatch, LogitsWanted, Model, ModelOptions, Scratch};
 use tandem_kernels::Isa;
 
 #[derive(Subcommand, Debug)]
@@ -234,7 +234,8 @@ fn offline(a: &EngineBenchArgs) -> Result<()> {
     };
     let mut engine = LlmEngine::new(model, tokenizer, cfg)?;
     let shared = tokens(a.shared_prefix_len, 7);
-    let params = SamplingParams { temperature: 0.0, max_tokens: a.output_len, ignore_eos: true, ..SamplingParams::default() };
+    let params =
+        SamplingParams { temperature: 0.0, max_tokens: a.output_len, ignore_eos: true, ..SamplingParams::default() };
     let t0 = Instant::now();
     for i in 0..a.requests {
         let mut prompt = shared.clone();
@@ -248,7 +249,8 @@ fn offline(a: &EngineBenchArgs) -> Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     let s = engine.stats();
     let prompt_tokens = a.requests * a.input_len;
-    let hit_rate = if s.prefix_queried_tokens == 0 { 0.0 } else { s.prefix_hit_tokens as f64 / s.prefix_queried_tokens as f64 };
+    let hit_rate =
+        if s.prefix_queried_tokens == 0 { 0.0 } else { s.prefix_hit_tokens as f64 / s.prefix_queried_tokens as f64 };
     // What a perfect cache could serve: the shared prefix of every request but the first,
     // in whole blocks.
     let shareable = (a.requests - 1) * (a.shared_prefix_len / BLOCK * BLOCK);
@@ -272,13 +274,20 @@ fn offline(a: &EngineBenchArgs) -> Result<()> {
     if a.json {
         println!("{out}");
     } else {
-        println!("offline: {} requests x ({} in, {} out), shared prefix {}, {threads} threads", a.requests, a.input_len, a.output_len, a.shared_prefix_len);
+        println!(
+            "offline: {} requests x ({} in, {} out), shared prefix {}, {threads} threads",
+            a.requests, a.input_len, a.output_len, a.shared_prefix_len
+        );
         println!("  time            {secs:.2} s ({} steps)", s.steps);
         println!("  requests/s      {:.3}", a.requests as f64 / secs);
         println!("  output tok/s    {:.1}", generated as f64 / secs);
         println!("  total tok/s     {:.1}", (prompt_tokens + generated) as f64 / secs);
         println!("  mean KV waste   {:.2}%", 100.0 * s.mean_kv_waste());
-        println!("  prefix hit rate {:.1}% of prompt tokens ({:.1}% of the shareable prefix tokens)", 100.0 * hit_rate, 100.0 * shared_hit_rate);
+        println!(
+            "  prefix hit rate {:.1}% of prompt tokens ({:.1}% of the shareable prefix tokens)",
+            100.0 * hit_rate,
+            100.0 * shared_hit_rate
+        );
         println!("  preemptions     {}", s.preemptions);
     }
     Ok(())

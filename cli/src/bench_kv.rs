@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tandem_kvtransfer::{host_id, HostKv, KvDtypeWire, KvLayout, KvReceiver, KvSender, KvSink, KvTarget, LocalTarget, ShmKv, TcpConfig};
+use tandem_kvtransfer::{
+    host_id, HostKv, KvDtypeWire, KvLayout, KvReceiver, KvSender, KvSink, KvTarget, LocalTarget, ShmKv, TcpConfig,
+};
 
 #[derive(Args, Debug)]
 pub struct KvBenchArgs {
@@ -71,7 +73,8 @@ struct Setup {
 
 async fn setup(shm: bool, n_blocks: usize) -> Result<Setup> {
     let l = layout();
-    let sink: Arc<dyn KvSink> = if shm { Arc::new(ShmKv::create(l, n_blocks)?) } else { Arc::new(HostKv::new(l, n_blocks)) };
+    let sink: Arc<dyn KvSink> =
+        if shm { Arc::new(ShmKv::create(l, n_blocks)?) } else { Arc::new(HostKv::new(l, n_blocks)) };
     let rx = KvReceiver::bind("127.0.0.1:0".parse()?, sink, TcpConfig::default()).await?;
     let local = if shm {
         let uds = std::env::temp_dir().join(format!("tandem-bench-kv-{}.sock", std::process::id()));
@@ -161,7 +164,12 @@ async fn run_async(a: KvBenchArgs) -> Result<()> {
                 let gbps = bytes as f64 / secs / 1e9;
                 let ms = secs * 1e3 / if sessions == 1 { 1.0 } else { sessions as f64 };
                 if !a.json {
-                    println!("| {name} | {tokens} | {sessions} | {gbps:.2} | {:.0}% | {:.2}{} |", 100.0 * gbps / memcpy, if sessions == 1 { secs * 1e3 } else { ms }, if sessions == 1 { "" } else { " (amortized)" });
+                    println!(
+                        "| {name} | {tokens} | {sessions} | {gbps:.2} | {:.0}% | {:.2}{} |",
+                        100.0 * gbps / memcpy,
+                        if sessions == 1 { secs * 1e3 } else { ms },
+                        if sessions == 1 { "" } else { " (amortized)" }
+                    );
                 }
                 if sessions == 16 && tokens == *sizes.last().expect("a size") {
                     entry.insert("gbps".into(), gbps.into());

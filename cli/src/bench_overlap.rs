@@ -94,7 +94,11 @@ pub fn run(a: &OverlapArgs) -> Result<()> {
     let (local_rx, addr) = match a.connect {
         Some(addr) => (None, addr),
         None => {
-            let rx = rt.block_on(KvReceiver::bind("127.0.0.1:0".parse()?, Arc::new(HostKv::new(layout, n)), TcpConfig::default()))?;
+            let rx = rt.block_on(KvReceiver::bind(
+                "127.0.0.1:0".parse()?,
+                Arc::new(HostKv::new(layout, n)),
+                TcpConfig::default(),
+            ))?;
             let addr = rx.local_addr();
             (Some(rx), addr)
         }
@@ -103,7 +107,9 @@ pub fn run(a: &OverlapArgs) -> Result<()> {
     let mut next_id = 1u64;
     let mut rows = Vec::new();
     if !a.json {
-        println!("| tokens | KV MB | prefill alone ms | transfer alone ms | prefill + layer-wise transfer ms | hidden |");
+        println!(
+            "| tokens | KV MB | prefill alone ms | transfer alone ms | prefill + layer-wise transfer ms | hidden |"
+        );
         println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     }
     for &t in &a.tokens {
@@ -135,7 +141,12 @@ pub fn run(a: &OverlapArgs) -> Result<()> {
             // Transfer alone: the same layers, already computed.
             let res = reserve(next_id)?;
             let t0 = Instant::now();
-            let mut shipper = LayerShipper::start(rt.handle(), rt.block_on(sender.open(addr, next_id, deadline()))?, src.clone(), dst.clone());
+            let mut shipper = LayerShipper::start(
+                rt.handle(),
+                rt.block_on(sender.open(addr, next_id, deadline()))?,
+                src.clone(),
+                dst.clone(),
+            );
             for layer in 0..m.config.n_layers {
                 shipper.on_layer(layer, kv.layer_bytes(layer));
             }
@@ -150,7 +161,12 @@ pub fn run(a: &OverlapArgs) -> Result<()> {
             // Prefill with layer-wise transfer, until the receiver's verdict.
             let res = reserve(next_id)?;
             let t0 = Instant::now();
-            let mut shipper = LayerShipper::start(rt.handle(), rt.block_on(sender.open(addr, next_id, deadline()))?, src.clone(), dst.clone());
+            let mut shipper = LayerShipper::start(
+                rt.handle(),
+                rt.block_on(sender.open(addr, next_id, deadline()))?,
+                src.clone(),
+                dst.clone(),
+            );
             m.forward_with_hook(&batch, &mut kv, &mut scratch, &mut |l, view| shipper.on_layer(l, view))?;
             shipper.finish(rt.handle(), 1, t as u32)?;
             t_o = t_o.min(t0.elapsed().as_secs_f64());

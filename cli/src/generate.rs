@@ -95,8 +95,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         None => None,
         Some(s) => Some(Isa::parse(s).with_context(|| format!("unknown --isa {s} (scalar, avx2, avx512)"))?),
     };
-    let kv_dtype = KvDtype::parse(&a.kv_dtype).with_context(|| format!("unknown --kv-dtype {} (f16, f32)", a.kv_dtype))?;
-    let mut cfg = EngineConfig { model_path: a.model.clone(), isa, kv_dtype, block_size: a.block_size, ..EngineConfig::default() };
+    let kv_dtype =
+        KvDtype::parse(&a.kv_dtype).with_context(|| format!("unknown --kv-dtype {} (f16, f32)", a.kv_dtype))?;
+    let mut cfg = EngineConfig {
+        model_path: a.model.clone(),
+        isa,
+        kv_dtype,
+        block_size: a.block_size,
+        ..EngineConfig::default()
+    };
     if let Some(t) = a.threads {
         cfg.threads = t;
     }

@@ -57,7 +57,16 @@ fn assert_matches_reference(case: &Value, got: &[u64]) {
 fn greedy_raw_prompt_matches_llama_cpp() {
     model_path();
     let case = fixture_case("arithmetic");
-    let out = tandem(&["generate", "--prompt", case["input"].as_str().unwrap(), "--temperature", "0", "--max-tokens", "64", "--json"]);
+    let out = tandem(&[
+        "generate",
+        "--prompt",
+        case["input"].as_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "64",
+        "--json",
+    ]);
     let v = json_of(&out);
     assert_eq!(ids(&v["prompt_token_ids"]), ids(&case["prompt_token_ids"]));
     assert_matches_reference(&case, &ids(&v["token_ids"]));
@@ -69,9 +78,22 @@ fn greedy_raw_prompt_matches_llama_cpp() {
 fn greedy_chat_applies_the_template_and_matches_llama_cpp() {
     model_path();
     let case = fixture_case("list-fruits");
-    let out = tandem(&["generate", "--chat", case["input"].as_str().unwrap(), "--temperature", "0", "--max-tokens", "64", "--json"]);
+    let out = tandem(&[
+        "generate",
+        "--chat",
+        case["input"].as_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "64",
+        "--json",
+    ]);
     let v = json_of(&out);
-    assert_eq!(ids(&v["prompt_token_ids"]), ids(&case["prompt_token_ids"]), "chat template + tokenizer equal llama.cpp's");
+    assert_eq!(
+        ids(&v["prompt_token_ids"]),
+        ids(&case["prompt_token_ids"]),
+        "chat template + tokenizer equal llama.cpp's"
+    );
     assert_matches_reference(&case, &ids(&v["token_ids"]));
 }
 
@@ -80,7 +102,16 @@ fn eos_ends_generation_with_stop() {
     // german-weather ends with EOS after 25 tokens in llama.cpp.
     let case = fixture_case("german-weather");
     assert_eq!(case["finish_reason"], "stop");
-    let out = tandem(&["generate", "--chat", case["input"].as_str().unwrap(), "--temperature", "0", "--max-tokens", "200", "--json"]);
+    let out = tandem(&[
+        "generate",
+        "--chat",
+        case["input"].as_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "200",
+        "--json",
+    ]);
     let v = json_of(&out);
     let got = ids(&v["token_ids"]);
     if got == ids(&case["generated_token_ids"]) {
@@ -93,7 +124,20 @@ fn eos_ends_generation_with_stop() {
 
 #[test]
 fn same_seed_same_output_and_max_tokens_is_respected() {
-    let args = ["generate", "--chat", "Write a poem about rivers.", "--temperature", "0.9", "--top-p", "0.95", "--seed", "7", "--max-tokens", "24", "--json"];
+    let args = [
+        "generate",
+        "--chat",
+        "Write a poem about rivers.",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "7",
+        "--max-tokens",
+        "24",
+        "--json",
+    ];
     let a = json_of(&tandem(&args));
     let b = json_of(&tandem(&args));
     assert_eq!(a, b);
@@ -196,7 +240,16 @@ fn scalar_and_avx2_kernels_f32_cache_and_odd_block_size_agree_with_llama_cpp() {
     model_path();
     let case = fixture_case("counting");
     for extra in [["--isa", "scalar", "--kv-dtype", "f32"], ["--isa", "avx2", "--block-size", "7"]] {
-        let mut args = vec!["generate", "--prompt", case["input"].as_str().unwrap(), "--temperature", "0", "--max-tokens", "32", "--json"];
+        let mut args = vec![
+            "generate",
+            "--prompt",
+            case["input"].as_str().unwrap(),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "32",
+            "--json",
+        ];
         args.extend(extra);
         let v = json_of(&tandem(&args));
         let want: Vec<u64> = ids(&case["generated_token_ids"]).into_iter().take(32).collect();
@@ -209,7 +262,20 @@ fn scalar_and_avx2_kernels_f32_cache_and_odd_block_size_agree_with_llama_cpp() {
 
 #[test]
 fn n_choices_share_a_prompt_and_repeated_prompts_share_the_cache() {
-    let out = tandem(&["generate", "--chat", "Name a fruit.", "--n", "3", "--temperature", "1.0", "--seed", "5", "--max-tokens", "8", "--json"]);
+    let out = tandem(&[
+        "generate",
+        "--chat",
+        "Name a fruit.",
+        "--n",
+        "3",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "5",
+        "--max-tokens",
+        "8",
+        "--json",
+    ]);
     let v = json_of(&out);
     let choices = v["choices"].as_array().expect("a list of choices for --n 3");
     assert_eq!(choices.len(), 3);
@@ -221,17 +287,45 @@ fn n_choices_share_a_prompt_and_repeated_prompts_share_the_cache() {
     assert!(!ids(&v["prompt_token_ids"]).is_empty());
 
     // Two prompts in one run: one JSON line each, the second identical to a run of its own.
-    let two = tandem(&["generate", "--prompt", "The sky is", "--prompt", "The sea is", "--temperature", "0", "--max-tokens", "8", "--json"]);
+    let two = tandem(&[
+        "generate",
+        "--prompt",
+        "The sky is",
+        "--prompt",
+        "The sea is",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--json",
+    ]);
     assert!(two.status.success());
-    let lines: Vec<Value> = String::from_utf8(two.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> =
+        String::from_utf8(two.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
-    let alone = json_of(&tandem(&["generate", "--prompt", "The sea is", "--temperature", "0", "--max-tokens", "8", "--json"]));
+    let alone =
+        json_of(&tandem(&["generate", "--prompt", "The sea is", "--temperature", "0", "--max-tokens", "8", "--json"]));
     assert_eq!(lines[1], alone);
 }
 
 #[test]
 fn offline_bench_reports_its_figures() {
-    let out = tandem(&["bench", "engine", "--offline", "--requests", "6", "--input-len", "40", "--output-len", "3", "--shared-prefix-len", "32", "--max-batched-tokens", "40", "--json"]);
+    let out = tandem(&[
+        "bench",
+        "engine",
+        "--offline",
+        "--requests",
+        "6",
+        "--input-len",
+        "40",
+        "--output-len",
+        "3",
+        "--shared-prefix-len",
+        "32",
+        "--max-batched-tokens",
+        "40",
+        "--json",
+    ]);
     let v = json_of(&out);
     for key in ["requests_per_s", "output_tok_s", "total_tok_s", "kv_waste", "prefix_hit_rate", "preemptions"] {
         assert!(v.get(key).is_some(), "missing {key}: {v}");

@@ -19,11 +19,7 @@ pub(crate) struct Backoff {
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Backoff {
         let min = min.max(Duration::from_millis(1));
-        Backoff {
-            min,
-            max: max.max(min),
-            step: min,
-        }
+        Backoff { min, max: max.max(min), step: min }
     }
 
     pub fn next_wait(&mut self) -> Duration {
@@ -61,11 +57,7 @@ mod tests {
         for ms in steps {
             let step = Duration::from_millis(ms);
             let w = b.next_wait();
-            assert!(
-                w >= step / 2 && w <= step,
-                "{w:?} not in [{:?}, {step:?}]",
-                step / 2
-            );
+            assert!(w >= step / 2 && w <= step, "{w:?} not in [{:?}, {step:?}]", step / 2);
         }
         b.reset();
         assert!(b.next_wait() <= min);

@@ -23,20 +23,13 @@ fn validate_segment(what: &'static str, value: &str) -> Result<(), DiscoveryErro
         Some("is empty")
     } else if value.len() > MAX_NAME_LEN {
         Some("is longer than 253 bytes")
-    } else if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-    {
+    } else if !value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')) {
         Some("may hold only ASCII letters, digits and '-', '_', '.', ':'")
     } else {
         None
     };
     match reason {
-        Some(reason) => Err(DiscoveryError::InvalidName {
-            what,
-            value: value.to_string(),
-            reason,
-        }),
+        Some(reason) => Err(DiscoveryError::InvalidName { what, value: value.to_string(), reason }),
         None => Ok(()),
     }
 }
@@ -189,18 +182,11 @@ impl WorkerDescriptor {
 
     /// Decodes the value stored at `key`, checking it agrees with the key's role and id.
     pub fn from_json(key: &str, value: &[u8]) -> Result<WorkerDescriptor, DiscoveryError> {
-        let malformed = |reason: String| DiscoveryError::Malformed {
-            key: key.to_string(),
-            reason,
-        };
-        let d: WorkerDescriptor =
-            serde_json::from_slice(value).map_err(|e| malformed(e.to_string()))?;
+        let malformed = |reason: String| DiscoveryError::Malformed { key: key.to_string(), reason };
+        let d: WorkerDescriptor = serde_json::from_slice(value).map_err(|e| malformed(e.to_string()))?;
         match parse_worker_key(key) {
             Some((role, id)) if role == d.role && id == d.id => Ok(d),
-            Some((role, id)) => Err(malformed(format!(
-                "record says {}/{}, key says {role}/{id}",
-                d.role, d.id
-            ))),
+            Some((role, id)) => Err(malformed(format!("record says {}/{}, key says {role}/{id}", d.role, d.id))),
             None => Err(malformed("not a worker key".to_string())),
         }
     }
@@ -236,15 +222,9 @@ pub(crate) fn test_descriptor(id: &str, role: Role) -> WorkerDescriptor {
         grpc_addr: "127.0.0.1:50051".to_string(),
         kv: KvEndpoints {
             tcp: "127.0.0.1:50052".parse().unwrap(),
-            local: Some(LocalKvEndpoint {
-                uds: "tandem-kv.sock".into(),
-                host_id: "host-a".into(),
-            }),
+            local: Some(LocalKvEndpoint { uds: "tandem-kv.sock".into(), host_id: "host-a".into() }),
         },
-        model: ModelInfo {
-            name: "smollm2-135m".into(),
-            fingerprint: u64::MAX - 7,
-        },
+        model: ModelInfo { name: "smollm2-135m".into(), fingerprint: u64::MAX - 7 },
         block_size: 16,
         context_length: 8192,
     }
@@ -277,10 +257,7 @@ mod tests {
             assert!(key.starts_with(&workers_prefix(&c)));
             assert_eq!(parse_worker_key(&key), Some((role, id)));
         }
-        assert_eq!(
-            worker_key(&c, Role::Decode, &WorkerId::new("d0").unwrap()),
-            "/tandem/prod/workers/decode/d0"
-        );
+        assert_eq!(worker_key(&c, Role::Decode, &WorkerId::new("d0").unwrap()), "/tandem/prod/workers/decode/d0");
         for bad in [
             "/tandem/prod/workers/decode",
             "/tandem/prod/workers/decode/d0/x",
@@ -300,38 +277,17 @@ mod tests {
         let json = d.to_json().unwrap();
         let text = String::from_utf8(json.clone()).unwrap();
         assert!(text.contains(r#""role":"prefill""#), "{text}");
-        assert!(
-            text.contains(r#""fingerprint":18446744073709551608"#),
-            "{text}"
-        );
+        assert!(text.contains(r#""fingerprint":18446744073709551608"#), "{text}");
         let key = worker_key(&c, Role::Prefill, &d.id);
         assert_eq!(WorkerDescriptor::from_json(&key, &json).unwrap(), d);
 
         let wrong_role = worker_key(&c, Role::Decode, &d.id);
-        assert_eq!(
-            WorkerDescriptor::from_json(&wrong_role, &json)
-                .unwrap_err()
-                .kind(),
-            "malformed"
-        );
+        assert_eq!(WorkerDescriptor::from_json(&wrong_role, &json).unwrap_err().kind(), "malformed");
         let wrong_id = worker_key(&c, Role::Prefill, &WorkerId::new("p1").unwrap());
-        assert_eq!(
-            WorkerDescriptor::from_json(&wrong_id, &json)
-                .unwrap_err()
-                .kind(),
-            "malformed"
-        );
-        assert_eq!(
-            WorkerDescriptor::from_json(&key, b"{").unwrap_err().kind(),
-            "malformed"
-        );
+        assert_eq!(WorkerDescriptor::from_json(&wrong_id, &json).unwrap_err().kind(), "malformed");
+        assert_eq!(WorkerDescriptor::from_json(&key, b"{").unwrap_err().kind(), "malformed");
         let bad_id = text.replace(r#""id":"p0""#, r#""id":"p/0""#);
-        assert_eq!(
-            WorkerDescriptor::from_json(&key, bad_id.as_bytes())
-                .unwrap_err()
-                .kind(),
-            "malformed"
-        );
+        assert_eq!(WorkerDescriptor::from_json(&key, bad_id.as_bytes()).unwrap_err().kind(), "malformed");
     }
 
     #[test]
@@ -342,10 +298,7 @@ mod tests {
         assert!(!text.contains("local"), "{text}");
         let newer = text.replacen('{', r#"{"added_later":[1,2],"#, 1);
         let key = worker_key(&ClusterName::new("c").unwrap(), Role::Decode, &d.id);
-        assert_eq!(
-            WorkerDescriptor::from_json(&key, newer.as_bytes()).unwrap(),
-            d
-        );
+        assert_eq!(WorkerDescriptor::from_json(&key, newer.as_bytes()).unwrap(), d);
     }
 
     #[test]

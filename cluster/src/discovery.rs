@@ -91,12 +91,7 @@ impl Registration {
         task: RegistrationTask,
         deregister_deadline: Duration,
     ) -> Registration {
-        Registration {
-            worker,
-            signals,
-            task: Some(task),
-            deregister_deadline,
-        }
+        Registration { worker, signals, task: Some(task), deregister_deadline }
     }
 
     pub fn worker(&self) -> &WorkerId {
@@ -113,10 +108,7 @@ impl Registration {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(DiscoveryError::Task(join.to_string())),
             // Drop (right after) stops the task; the record expires after its TTL.
-            Err(_) => Err(DiscoveryError::Timeout {
-                op: "deregister",
-                after,
-            }),
+            Err(_) => Err(DiscoveryError::Timeout { op: "deregister", after }),
         }
     }
 
@@ -135,9 +127,7 @@ impl Drop for Registration {
 
 impl std::fmt::Debug for Registration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registration")
-            .field("worker", &self.worker)
-            .finish_non_exhaustive()
+        f.debug_struct("Registration").field("worker", &self.worker).finish_non_exhaustive()
     }
 }
 
@@ -153,11 +143,7 @@ pub struct DiscoveryEvents {
 impl DiscoveryEvents {
     /// A stream fed directly by the discovery (no task of its own).
     pub(crate) fn from_channel(rx: mpsc::UnboundedReceiver<DiscoveryEvent>) -> DiscoveryEvents {
-        DiscoveryEvents {
-            rx,
-            guard: None,
-            task: None,
-        }
+        DiscoveryEvents { rx, guard: None, task: None }
     }
 
     /// A stream fed by `task`, which stops when `cancel` fires.
@@ -166,11 +152,7 @@ impl DiscoveryEvents {
         cancel: CancellationToken,
         task: JoinHandle<()>,
     ) -> DiscoveryEvents {
-        DiscoveryEvents {
-            rx,
-            guard: Some(cancel.drop_guard()),
-            task: Some(task),
-        }
+        DiscoveryEvents { rx, guard: Some(cancel.drop_guard()), task: Some(task) }
     }
 
     /// The next event; `None` once the discovery has shut down.

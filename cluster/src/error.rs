@@ -8,11 +8,7 @@ use tonic::Code;
 pub enum DiscoveryError {
     /// A cluster name or worker id that cannot be a key segment.
     #[error("invalid {what} {value:?}: {reason}")]
-    InvalidName {
-        what: &'static str,
-        value: String,
-        reason: &'static str,
-    },
+    InvalidName { what: &'static str, value: String, reason: &'static str },
     /// Some other argument out of range (a zero TTL, no endpoints).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -49,9 +45,7 @@ pub enum DiscoveryError {
 impl DiscoveryError {
     pub fn kind(&self) -> &'static str {
         match self {
-            DiscoveryError::InvalidName { .. } | DiscoveryError::InvalidArgument(_) => {
-                "invalid_argument"
-            }
+            DiscoveryError::InvalidName { .. } | DiscoveryError::InvalidArgument(_) => "invalid_argument",
             DiscoveryError::Unavailable { .. } => "unavailable",
             DiscoveryError::Etcd { .. } => "etcd",
             DiscoveryError::Timeout { .. } => "timeout",
@@ -68,10 +62,8 @@ impl DiscoveryError {
         let unavailable = match &source {
             etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
             etcd_client::Error::GRpcStatus(s) => {
-                matches!(
-                    s.code(),
-                    Code::Unavailable | Code::Cancelled | Code::Unknown
-                ) && !s.message().starts_with("etcdserver:")
+                matches!(s.code(), Code::Unavailable | Code::Cancelled | Code::Unknown)
+                    && !s.message().starts_with("etcdserver:")
             }
             _ => false,
         };

@@ -28,9 +28,7 @@ mod members;
 pub mod memory;
 pub mod view;
 
-pub use descriptor::{
-    ClusterName, KvEndpoints, LocalKvEndpoint, ModelInfo, Role, WorkerDescriptor, WorkerId,
-};
+pub use descriptor::{ClusterName, KvEndpoints, LocalKvEndpoint, ModelInfo, Role, WorkerDescriptor, WorkerId};
 pub use discovery::{BoxFuture, Discovery, DiscoveryEvent, DiscoveryEvents, Registration};
 pub use error::DiscoveryError;
 pub use etcd::{EtcdConfig, EtcdDiscovery};

@@ -65,25 +65,16 @@ impl Members {
     /// what they believed to the new state, removals first, each id at most once.
     pub fn replace(&mut self, records: HashMap<String, Record>) -> Vec<DiscoveryEvent> {
         self.records = records;
-        let ids: BTreeSet<WorkerId> = self
-            .current
-            .keys()
-            .cloned()
-            .chain(self.records.values().map(|r| r.descriptor.id.clone()))
-            .collect();
-        let mut events: Vec<DiscoveryEvent> =
-            ids.iter().filter_map(|id| self.reconcile(id)).collect();
+        let ids: BTreeSet<WorkerId> =
+            self.current.keys().cloned().chain(self.records.values().map(|r| r.descriptor.id.clone())).collect();
+        let mut events: Vec<DiscoveryEvent> = ids.iter().filter_map(|id| self.reconcile(id)).collect();
         events.sort_by_key(|e| matches!(e, DiscoveryEvent::Added(_)));
         events
     }
 
     /// Brings `current[id]` in line with the newest record of `id`.
     fn reconcile(&mut self, id: &WorkerId) -> Option<DiscoveryEvent> {
-        let newest = self
-            .records
-            .values()
-            .filter(|r| r.descriptor.id == *id)
-            .max_by_key(|r| r.revision);
+        let newest = self.records.values().filter(|r| r.descriptor.id == *id).max_by_key(|r| r.revision);
         match (newest, self.current.get(id)) {
             (Some(r), Some(told)) if r.descriptor == *told => None,
             (Some(r), _) => {
@@ -105,10 +96,7 @@ mod tests {
     use crate::descriptor::{test_descriptor as descriptor, Role};
 
     fn rec(name: &str, role: Role, revision: i64) -> Record {
-        Record {
-            descriptor: descriptor(name, role),
-            revision,
-        }
+        Record { descriptor: descriptor(name, role), revision }
     }
 
     fn added(name: &str, role: Role) -> Option<DiscoveryEvent> {
@@ -122,21 +110,11 @@ mod tests {
     #[test]
     fn put_and_delete() {
         let mut m = Members::default();
-        assert_eq!(
-            m.put("k/p0".into(), rec("p0", Role::Prefill, 1)),
-            added("p0", Role::Prefill)
-        );
-        assert_eq!(
-            m.put("k/p0".into(), rec("p0", Role::Prefill, 2)),
-            None,
-            "same descriptor: nothing new"
-        );
+        assert_eq!(m.put("k/p0".into(), rec("p0", Role::Prefill, 1)), added("p0", Role::Prefill));
+        assert_eq!(m.put("k/p0".into(), rec("p0", Role::Prefill, 2)), None, "same descriptor: nothing new");
         let mut moved = rec("p0", Role::Prefill, 3);
         moved.descriptor.grpc_addr = "elsewhere:1".into();
-        assert_eq!(
-            m.put("k/p0".into(), moved.clone()),
-            Some(DiscoveryEvent::Added(moved.descriptor))
-        );
+        assert_eq!(m.put("k/p0".into(), moved.clone()), Some(DiscoveryEvent::Added(moved.descriptor)));
         assert_eq!(m.delete("k/p0"), removed("p0"));
         assert_eq!(m.delete("k/p0"), None);
         assert_eq!(m.current().count(), 0);
@@ -145,21 +123,12 @@ mod tests {
     #[test]
     fn one_worker_per_id_across_roles() {
         let mut m = Members::default();
-        assert_eq!(
-            m.put("prefill/w".into(), rec("w", Role::Prefill, 1)),
-            added("w", Role::Prefill)
-        );
+        assert_eq!(m.put("prefill/w".into(), rec("w", Role::Prefill, 1)), added("w", Role::Prefill));
         // Back as decode before the prefill lease expired: the newer record wins.
-        assert_eq!(
-            m.put("decode/w".into(), rec("w", Role::Decode, 5)),
-            added("w", Role::Decode)
-        );
+        assert_eq!(m.put("decode/w".into(), rec("w", Role::Decode, 5)), added("w", Role::Decode));
         // The old record going away is no news.
         assert_eq!(m.delete("prefill/w"), None);
-        assert_eq!(
-            m.current().map(|d| d.role).collect::<Vec<_>>(),
-            [Role::Decode]
-        );
+        assert_eq!(m.current().map(|d| d.role).collect::<Vec<_>>(), [Role::Decode]);
         assert_eq!(m.delete("decode/w"), removed("w"));
 
         // The other order: the newest record goes first, the older one takes over.
@@ -177,23 +146,13 @@ mod tests {
         assert_eq!(m.current().count(), 2);
         let mut b2 = rec("b", Role::Decode, 9);
         b2.descriptor.block_size = 32;
-        let events = m.replace(HashMap::from([
-            ("b".to_string(), b2.clone()),
-            ("c".to_string(), rec("c", Role::Both, 8)),
-        ]));
+        let events =
+            m.replace(HashMap::from([("b".to_string(), b2.clone()), ("c".to_string(), rec("c", Role::Both, 8))]));
         assert_eq!(
             events,
-            vec![
-                removed("a").unwrap(),
-                DiscoveryEvent::Added(b2.descriptor),
-                added("c", Role::Both).unwrap()
-            ]
+            vec![removed("a").unwrap(), DiscoveryEvent::Added(b2.descriptor), added("c", Role::Both).unwrap()]
         );
-        assert_eq!(
-            m.replace(m.records.clone()),
-            vec![],
-            "same records: no events"
-        );
+        assert_eq!(m.replace(m.records.clone()), vec![], "same records: no events");
         assert_eq!(m.record("c").map(|r| r.revision), Some(8));
     }
 }

@@ -16,9 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::descriptor::{worker_key, ClusterName, WorkerDescriptor};
-use crate::discovery::{
-    BoxFuture, Discovery, DiscoveryEvent, DiscoveryEvents, Registration, RegistrationSignals,
-};
+use crate::discovery::{BoxFuture, Discovery, DiscoveryEvent, DiscoveryEvents, Registration, RegistrationSignals};
 use crate::error::DiscoveryError;
 use crate::members::{Members, Record};
 
@@ -61,9 +59,7 @@ impl ClusterState {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Removes the record at `key` if it is still the one of `generation`.
@@ -72,10 +68,7 @@ impl Shared {
         let Some(c) = state.clusters.get_mut(cluster) else {
             return;
         };
-        if c.members
-            .record(key)
-            .is_some_and(|r| r.revision == generation)
-        {
+        if c.members.record(key).is_some_and(|r| r.revision == generation) {
             let event = c.members.delete(key);
             c.broadcast(event);
         }
@@ -94,9 +87,7 @@ impl InMemoryDiscovery {
         ttl: Duration,
     ) -> Result<Registration, DiscoveryError> {
         if ttl.is_zero() {
-            return Err(DiscoveryError::InvalidArgument(
-                "registration ttl must be positive".into(),
-            ));
+            return Err(DiscoveryError::InvalidArgument("registration ttl must be positive".into()));
         }
         let key = worker_key(&cluster, descriptor.role, &descriptor.id);
         let worker = descriptor.id.clone();
@@ -108,20 +99,12 @@ impl InMemoryDiscovery {
             state.next_generation += 1;
             let generation = state.next_generation;
             let c = state.clusters.entry(cluster.clone()).or_default();
-            let event = c.members.put(
-                key.clone(),
-                Record {
-                    descriptor,
-                    revision: generation,
-                },
-            );
+            let event = c.members.put(key.clone(), Record { descriptor, revision: generation });
             c.broadcast(event);
             generation
         };
-        let signals = RegistrationSignals {
-            stop: self.shared.root.child_token(),
-            deregister: CancellationToken::new(),
-        };
+        let signals =
+            RegistrationSignals { stop: self.shared.root.child_token(), deregister: CancellationToken::new() };
         let task = self.shared.tasks.spawn(keep_registered(
             self.shared.clone(),
             cluster,
@@ -130,12 +113,7 @@ impl InMemoryDiscovery {
             ttl,
             signals.clone(),
         ));
-        Ok(Registration::new(
-            worker,
-            signals,
-            task,
-            Duration::from_secs(1),
-        ))
+        Ok(Registration::new(worker, signals, task, Duration::from_secs(1)))
     }
 
     fn list_and_watch_impl(
@@ -241,35 +219,16 @@ mod tests {
     async fn lists_registered_workers_and_watches_changes() {
         let d: Arc<dyn Discovery> = Arc::new(InMemoryDiscovery::new());
         let c = cluster("c");
-        let _p = d
-            .register(&c, descriptor("p0", Role::Prefill), TTL)
-            .await
-            .unwrap();
-        let _d = d
-            .register(&c, descriptor("d0", Role::Decode), TTL)
-            .await
-            .unwrap();
+        let _p = d.register(&c, descriptor("p0", Role::Prefill), TTL).await.unwrap();
+        let _d = d.register(&c, descriptor("d0", Role::Decode), TTL).await.unwrap();
         let (snapshot, mut events) = d.list_and_watch(&c).await.unwrap();
         assert_eq!(ids(&snapshot), ["d0", "p0"]);
-        assert_eq!(
-            events.try_recv(),
-            None,
-            "the snapshot's workers are not repeated as events"
-        );
+        assert_eq!(events.try_recv(), None, "the snapshot's workers are not repeated as events");
 
-        let both = d
-            .register(&c, descriptor("b0", Role::Both), TTL)
-            .await
-            .unwrap();
-        assert_eq!(
-            events.recv().await,
-            Some(DiscoveryEvent::Added(descriptor("b0", Role::Both)))
-        );
+        let both = d.register(&c, descriptor("b0", Role::Both), TTL).await.unwrap();
+        assert_eq!(events.recv().await, Some(DiscoveryEvent::Added(descriptor("b0", Role::Both))));
         both.deregister().await.unwrap();
-        assert_eq!(
-            events.recv().await,
-            Some(DiscoveryEvent::Removed(WorkerId::new("b0").unwrap()))
-        );
+        assert_eq!(events.recv().await, Some(DiscoveryEvent::Removed(WorkerId::new("b0").unwrap())));
         assert_eq!(events.try_recv(), None);
     }
 
@@ -278,25 +237,12 @@ mod tests {
         let d = InMemoryDiscovery::new();
         let c = cluster("c");
         let (_, mut events) = d.list_and_watch(&c).await.unwrap();
-        let reg = d
-            .register(&c, descriptor("p0", Role::Prefill), TTL)
-            .await
-            .unwrap();
-        assert!(matches!(
-            events.recv().await,
-            Some(DiscoveryEvent::Added(_))
-        ));
+        let reg = d.register(&c, descriptor("p0", Role::Prefill), TTL).await.unwrap();
+        assert!(matches!(events.recv().await, Some(DiscoveryEvent::Added(_))));
         let before = tokio::time::Instant::now();
         reg.deregister().await.unwrap();
-        assert_eq!(
-            tokio::time::Instant::now(),
-            before,
-            "no time passes on the paused clock"
-        );
-        assert_eq!(
-            events.try_recv(),
-            Some(DiscoveryEvent::Removed(WorkerId::new("p0").unwrap()))
-        );
+        assert_eq!(tokio::time::Instant::now(), before, "no time passes on the paused clock");
+        assert_eq!(events.try_recv(), Some(DiscoveryEvent::Removed(WorkerId::new("p0").unwrap())));
         assert!(d.list_and_watch(&c).await.unwrap().0.is_empty());
     }
 
@@ -304,27 +250,17 @@ mod tests {
     async fn dropped_registration_expires_after_ttl() {
         let d = InMemoryDiscovery::new();
         let c = cluster("c");
-        let reg = d
-            .register(&c, descriptor("p0", Role::Prefill), TTL)
-            .await
-            .unwrap();
+        let reg = d.register(&c, descriptor("p0", Role::Prefill), TTL).await.unwrap();
         let (snapshot, mut events) = d.list_and_watch(&c).await.unwrap();
         assert_eq!(snapshot.len(), 1);
         let dropped_at = tokio::time::Instant::now();
         drop(reg);
 
         tokio::time::sleep(TTL - MS).await;
-        assert_eq!(
-            events.try_recv(),
-            None,
-            "still registered just before the TTL"
-        );
+        assert_eq!(events.try_recv(), None, "still registered just before the TTL");
         assert_eq!(d.list_and_watch(&c).await.unwrap().0.len(), 1);
 
-        assert_eq!(
-            events.recv().await,
-            Some(DiscoveryEvent::Removed(WorkerId::new("p0").unwrap()))
-        );
+        assert_eq!(events.recv().await, Some(DiscoveryEvent::Removed(WorkerId::new("p0").unwrap())));
         assert_eq!(tokio::time::Instant::now() - dropped_at, TTL);
         assert!(d.list_and_watch(&c).await.unwrap().0.is_empty());
     }
@@ -333,10 +269,7 @@ mod tests {
     async fn live_registration_never_expires() {
         let d = InMemoryDiscovery::new();
         let c = cluster("c");
-        let reg = d
-            .register(&c, descriptor("p0", Role::Prefill), TTL)
-            .await
-            .unwrap();
+        let reg = d.register(&c, descriptor("p0", Role::Prefill), TTL).await.unwrap();
         let (_, mut events) = d.list_and_watch(&c).await.unwrap();
         tokio::time::sleep(TTL * 100).await;
         assert_eq!(events.try_recv(), None);
@@ -348,18 +281,12 @@ mod tests {
     async fn a_replaced_record_outlives_the_old_registration() {
         let d = InMemoryDiscovery::new();
         let c = cluster("c");
-        let old = d
-            .register(&c, descriptor("p0", Role::Prefill), TTL)
-            .await
-            .unwrap();
+        let old = d.register(&c, descriptor("p0", Role::Prefill), TTL).await.unwrap();
         let (_, mut events) = d.list_and_watch(&c).await.unwrap();
         let mut newer = descriptor("p0", Role::Prefill);
         newer.grpc_addr = "127.0.0.1:6000".into();
         let new = d.register(&c, newer.clone(), TTL).await.unwrap();
-        assert_eq!(
-            events.recv().await,
-            Some(DiscoveryEvent::Added(newer.clone()))
-        );
+        assert_eq!(events.recv().await, Some(DiscoveryEvent::Added(newer.clone())));
 
         // The old registration's expiry and deregistration leave the new record alone.
         drop(old);
@@ -368,36 +295,21 @@ mod tests {
         assert_eq!(d.list_and_watch(&c).await.unwrap().0, vec![newer]);
 
         new.deregister().await.unwrap();
-        assert_eq!(
-            events.recv().await,
-            Some(DiscoveryEvent::Removed(WorkerId::new("p0").unwrap()))
-        );
+        assert_eq!(events.recv().await, Some(DiscoveryEvent::Removed(WorkerId::new("p0").unwrap())));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_worker_back_in_another_role_is_not_removed_by_its_old_record() {
         let d = InMemoryDiscovery::new();
         let c = cluster("c");
-        let old = d
-            .register(&c, descriptor("w", Role::Prefill), TTL)
-            .await
-            .unwrap();
+        let old = d.register(&c, descriptor("w", Role::Prefill), TTL).await.unwrap();
         let (_, mut events) = d.list_and_watch(&c).await.unwrap();
-        let _new = d
-            .register(&c, descriptor("w", Role::Decode), TTL)
-            .await
-            .unwrap();
-        assert_eq!(
-            events.recv().await,
-            Some(DiscoveryEvent::Added(descriptor("w", Role::Decode)))
-        );
+        let _new = d.register(&c, descriptor("w", Role::Decode), TTL).await.unwrap();
+        assert_eq!(events.recv().await, Some(DiscoveryEvent::Added(descriptor("w", Role::Decode))));
         old.deregister().await.unwrap();
         tokio::time::sleep(TTL * 2).await;
         assert_eq!(events.try_recv(), None);
-        assert_eq!(
-            d.list_and_watch(&c).await.unwrap().0,
-            vec![descriptor("w", Role::Decode)]
-        );
+        assert_eq!(d.list_and_watch(&c).await.unwrap().0, vec![descriptor("w", Role::Decode)]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -405,10 +317,7 @@ mod tests {
         let d = InMemoryDiscovery::new();
         let (a, b) = (cluster("a"), cluster("b"));
         let (_, mut events_b) = d.list_and_watch(&b).await.unwrap();
-        let _reg = d
-            .register(&a, descriptor("p0", Role::Prefill), TTL)
-            .await
-            .unwrap();
+        let _reg = d.register(&a, descriptor("p0", Role::Prefill), TTL).await.unwrap();
         assert_eq!(d.list_and_watch(&a).await.unwrap().0.len(), 1);
         assert!(d.list_and_watch(&b).await.unwrap().0.is_empty());
         assert_eq!(events_b.try_recv(), None);
@@ -420,24 +329,14 @@ mod tests {
         let c = cluster("c");
         let (_, events) = d.list_and_watch(&c).await.unwrap();
         drop(events);
-        let _reg = d
-            .register(&c, descriptor("p0", Role::Prefill), TTL)
-            .await
-            .unwrap();
+        let _reg = d.register(&c, descriptor("p0", Role::Prefill), TTL).await.unwrap();
         assert!(d.shared.lock().clusters[&c].watchers.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
     async fn zero_ttl_is_rejected() {
         let d = InMemoryDiscovery::new();
-        let err = d
-            .register(
-                &cluster("c"),
-                descriptor("p0", Role::Prefill),
-                Duration::ZERO,
-            )
-            .await
-            .unwrap_err();
+        let err = d.register(&cluster("c"), descriptor("p0", Role::Prefill), Duration::ZERO).await.unwrap_err();
         assert_eq!(err.kind(), "invalid_argument");
     }
 
@@ -445,14 +344,8 @@ mod tests {
     async fn shutdown_stops_tasks_and_ends_streams() {
         let d = InMemoryDiscovery::new();
         let c = cluster("c");
-        let reg = d
-            .register(&c, descriptor("p0", Role::Prefill), TTL)
-            .await
-            .unwrap();
-        let dropped = d
-            .register(&c, descriptor("p1", Role::Prefill), TTL)
-            .await
-            .unwrap();
+        let reg = d.register(&c, descriptor("p0", Role::Prefill), TTL).await.unwrap();
+        let dropped = d.register(&c, descriptor("p1", Role::Prefill), TTL).await.unwrap();
         drop(dropped); // its task is waiting out the TTL: shutdown must not wait for it
         let (_, mut events) = d.list_and_watch(&c).await.unwrap();
 
@@ -462,10 +355,7 @@ mod tests {
         assert_eq!(events.recv().await, None);
         assert!(!reg.is_active());
         assert_eq!(d.list_and_watch(&c).await.unwrap_err().kind(), "shutdown");
-        let err = d
-            .register(&c, descriptor("p2", Role::Prefill), TTL)
-            .await
-            .unwrap_err();
+        let err = d.register(&c, descriptor("p2", Role::Prefill), TTL).await.unwrap_err();
         assert_eq!(err.kind(), "shutdown");
     }
 }

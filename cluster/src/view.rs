@@ -116,11 +116,7 @@ impl ClusterView {
 
     /// The workers registered with exactly `role`, in id order.
     pub fn with_role(&self, role: Role) -> impl Iterator<Item = &WorkerDescriptor> {
-        self.by_role
-            .get(&role)
-            .into_iter()
-            .flatten()
-            .map(|id| &self.workers[id])
+        self.by_role.get(&role).into_iter().flatten().map(|id| &self.workers[id])
     }
 
     /// Workers that can run a prefill (`Prefill` and `Both`), in id order.
@@ -171,34 +167,14 @@ mod tests {
         // (event, expected change, prefill-capable, decode-capable after it)
         let table: Vec<(DiscoveryEvent, ViewChange, &[&str], &[&str])> = vec![
             (added("p1", Role::Prefill), Joined(id("p1")), &["p1"], &[]),
-            (
-                added("d1", Role::Decode),
-                Joined(id("d1")),
-                &["p1"],
-                &["d1"],
-            ),
-            (
-                added("b1", Role::Both),
-                Joined(id("b1")),
-                &["b1", "p1"],
-                &["b1", "d1"],
-            ),
-            (
-                added("p1", Role::Prefill),
-                Unchanged,
-                &["b1", "p1"],
-                &["b1", "d1"],
-            ),
+            (added("d1", Role::Decode), Joined(id("d1")), &["p1"], &["d1"]),
+            (added("b1", Role::Both), Joined(id("b1")), &["b1", "p1"], &["b1", "d1"]),
+            (added("p1", Role::Prefill), Unchanged, &["b1", "p1"], &["b1", "d1"]),
             (moved, Updated(id("p1")), &["b1"], &["b1", "d1", "p1"]),
             (removed("nobody"), Unchanged, &["b1"], &["b1", "d1", "p1"]),
             (removed("b1"), Left(id("b1")), &[], &["d1", "p1"]),
             (removed("b1"), Unchanged, &[], &["d1", "p1"]),
-            (
-                added("a0", Role::Prefill),
-                Joined(id("a0")),
-                &["a0"],
-                &["d1", "p1"],
-            ),
+            (added("a0", Role::Prefill), Joined(id("a0")), &["a0"], &["d1", "p1"]),
         ];
         let mut view = ClusterView::new();
         let mut version = 0;
@@ -225,10 +201,7 @@ mod tests {
 
     #[test]
     fn snapshot_then_events() {
-        let view = ClusterView::from_snapshot([
-            descriptor("d0", Role::Decode),
-            descriptor("p0", Role::Prefill),
-        ]);
+        let view = ClusterView::from_snapshot([descriptor("d0", Role::Decode), descriptor("p0", Role::Prefill)]);
         assert_eq!(ids(view.iter()), ["d0", "p0"]);
         assert_eq!(ids(view.with_role(Role::Decode)), ["d0"]);
         assert_eq!(view.count(Role::Both), 0);

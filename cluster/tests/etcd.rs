@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tandem_cluster::{
-    ClusterName, ClusterView, Discovery, DiscoveryEvent, DiscoveryEvents, EtcdConfig,
-    EtcdDiscovery, KvEndpoints, ModelInfo, Registration, Role, WorkerDescriptor, WorkerId,
+    ClusterName, ClusterView, Discovery, DiscoveryEvent, DiscoveryEvents, EtcdConfig, EtcdDiscovery, KvEndpoints,
+    ModelInfo, Registration, Role, WorkerDescriptor, WorkerId,
 };
 use tokio::time::{timeout, Instant};
 
@@ -30,37 +30,23 @@ struct Etcd {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Etcd {
     async fn start() -> Etcd {
         // The discovery tasks' logs, captured with the test's output (shown if it fails).
-        let _ = tracing_subscriber::fmt()
-            .with_test_writer()
-            .with_ansi(false)
-            .try_init();
+        let _ = tracing_subscriber::fmt().with_test_writer().with_ansi(false).try_init();
         match Command::new("etcd").arg("--version").output() {
             Ok(out) if out.status.success() => {}
-            Ok(out) => panic!(
-                "`etcd --version` failed ({}): run scripts/setup-etcd.sh",
-                out.status
-            ),
+            Ok(out) => panic!("`etcd --version` failed ({}): run scripts/setup-etcd.sh", out.status),
             Err(e) => panic!(
                 "cannot run `etcd` ({e}): the etcd tests need it on PATH; \
                  run scripts/setup-etcd.sh (installs Debian's etcd-server)"
             ),
         }
-        let mut etcd = Etcd {
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            client_port: free_port(),
-            peer_port: free_port(),
-        };
+        let mut etcd =
+            Etcd { child: None, dir: tempfile::tempdir().unwrap(), client_port: free_port(), peer_port: free_port() };
         etcd.spawn().await;
         etcd
     }
@@ -75,17 +61,10 @@ impl Etcd {
 
     async fn spawn(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new("etcd")
             .arg("--name=tandem-test")
-            .arg(format!(
-                "--data-dir={}",
-                self.dir.path().join("data").display()
-            ))
+            .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
             .arg(format!("--listen-client-urls={}", self.url()))
             .arg(format!("--advertise-client-urls={}", self.url()))
             .arg(format!("--listen-peer-urls={peer}"))
@@ -105,10 +84,7 @@ impl Etcd {
         let deadline = Instant::now() + STEP;
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!(
-                    "etcd exited with {status} during start-up; log:\n{}",
-                    self.log()
-                );
+                panic!("etcd exited with {status} during start-up; log:\n{}", self.log());
             }
             let url = self.url();
             let probe = async move {
@@ -118,11 +94,7 @@ impl Etcd {
             if let Ok(Ok(_)) = timeout(Duration::from_millis(500), probe).await {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "etcd not ready after {STEP:?}; log:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "etcd not ready after {STEP:?}; log:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -147,9 +119,7 @@ impl Etcd {
 
     /// A plain client, to look at what discovery stored.
     async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.url()], None)
-            .await
-            .unwrap()
+        etcd_client::Client::connect([self.url()], None).await.unwrap()
     }
 }
 
@@ -188,14 +158,8 @@ fn worker(name: &str, role: Role) -> WorkerDescriptor {
         id: id(name),
         role,
         grpc_addr: "127.0.0.1:7001".into(),
-        kv: KvEndpoints {
-            tcp: "127.0.0.1:7002".parse().unwrap(),
-            local: None,
-        },
-        model: ModelInfo {
-            name: "smollm2-135m".into(),
-            fingerprint: 0xfeed_beef_dead_f00d,
-        },
+        kv: KvEndpoints { tcp: "127.0.0.1:7002".parse().unwrap(), local: None },
+        model: ModelInfo { name: "smollm2-135m".into(), fingerprint: 0xfeed_beef_dead_f00d },
         block_size: 16,
         context_length: 8192,
     }
@@ -218,23 +182,12 @@ async fn assert_quiet(events: &mut DiscoveryEvents, for_: Duration) {
 /// The worker keys etcd holds under `cluster`, with their lease ids.
 async fn stored(etcd: &Etcd, cluster: &str) -> Vec<(String, i64)> {
     let prefix = format!("/tandem/{cluster}/workers/");
-    let response = etcd
-        .client()
-        .await
-        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
-        .await
-        .unwrap();
-    response
-        .kvs()
-        .iter()
-        .map(|kv| (kv.key_str().unwrap().to_string(), kv.lease()))
-        .collect()
+    let response = etcd.client().await.get(prefix, Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    response.kvs().iter().map(|kv| (kv.key_str().unwrap().to_string(), kv.lease())).collect()
 }
 
 async fn shutdown(d: &EtcdDiscovery) {
-    timeout(STEP, d.shutdown())
-        .await
-        .expect("shutdown waits for its tasks, within a deadline");
+    timeout(STEP, d.shutdown()).await.expect("shutdown waits for its tasks, within a deadline");
 }
 
 #[tokio::test]
@@ -242,38 +195,14 @@ async fn two_registered_workers_are_listed() {
     let etcd = Etcd::start().await;
     let d = discovery(&etcd).await;
     let c = cluster("two");
-    let p = d
-        .register(&c, worker("p0", Role::Prefill), TTL)
-        .await
-        .unwrap();
-    let w = d
-        .register(&c, worker("d0", Role::Decode), TTL)
-        .await
-        .unwrap();
+    let p = d.register(&c, worker("p0", Role::Prefill), TTL).await.unwrap();
+    let w = d.register(&c, worker("d0", Role::Decode), TTL).await.unwrap();
 
     let (snapshot, events) = d.list_and_watch(&c).await.unwrap();
-    assert_eq!(
-        snapshot,
-        vec![worker("d0", Role::Decode), worker("p0", Role::Prefill)]
-    );
-    let keys: Vec<String> = stored(&etcd, "two")
-        .await
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
-    assert_eq!(
-        keys,
-        [
-            "/tandem/two/workers/decode/d0",
-            "/tandem/two/workers/prefill/p0"
-        ]
-    );
-    assert!(d
-        .list_and_watch(&cluster("other"))
-        .await
-        .unwrap()
-        .0
-        .is_empty());
+    assert_eq!(snapshot, vec![worker("d0", Role::Decode), worker("p0", Role::Prefill)]);
+    let keys: Vec<String> = stored(&etcd, "two").await.into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["/tandem/two/workers/decode/d0", "/tandem/two/workers/prefill/p0"]);
+    assert!(d.list_and_watch(&cluster("other")).await.unwrap().0.is_empty());
 
     p.deregister().await.unwrap();
     w.deregister().await.unwrap();
@@ -290,19 +219,10 @@ async fn watch_sees_added_then_removed_on_deregister() {
     assert!(snapshot.is_empty());
 
     let reg = d.register(&c, worker("b0", Role::Both), TTL).await.unwrap();
-    assert_eq!(
-        next_event(&mut events, STEP).await,
-        DiscoveryEvent::Added(worker("b0", Role::Both))
-    );
+    assert_eq!(next_event(&mut events, STEP).await, DiscoveryEvent::Added(worker("b0", Role::Both)));
     reg.deregister().await.unwrap();
-    assert_eq!(
-        next_event(&mut events, STEP).await,
-        DiscoveryEvent::Removed(id("b0"))
-    );
-    assert!(
-        stored(&etcd, "watch").await.is_empty(),
-        "deregistration deletes the key"
-    );
+    assert_eq!(next_event(&mut events, STEP).await, DiscoveryEvent::Removed(id("b0")));
+    assert!(stored(&etcd, "watch").await.is_empty(), "deregistration deletes the key");
     shutdown(&d).await;
     assert_eq!(events.recv().await, None, "shutdown ends the stream");
 }
@@ -312,14 +232,8 @@ async fn a_registration_whose_keep_alives_stop_expires_within_its_ttl() {
     let etcd = Etcd::start().await;
     let d = discovery(&etcd).await;
     let c = cluster("expiry");
-    let stays = d
-        .register(&c, worker("p0", Role::Prefill), TTL)
-        .await
-        .unwrap();
-    let goes = d
-        .register(&c, worker("p1", Role::Prefill), TTL)
-        .await
-        .unwrap();
+    let stays = d.register(&c, worker("p0", Role::Prefill), TTL).await.unwrap();
+    let goes = d.register(&c, worker("p1", Role::Prefill), TTL).await.unwrap();
     let (snapshot, mut events) = d.list_and_watch(&c).await.unwrap();
     assert_eq!(snapshot.len(), 2);
 
@@ -328,14 +242,8 @@ async fn a_registration_whose_keep_alives_stop_expires_within_its_ttl() {
 
     let dropped_at = Instant::now();
     drop(goes);
-    assert_eq!(
-        next_event(&mut events, TTL + MARGIN).await,
-        DiscoveryEvent::Removed(id("p1"))
-    );
-    eprintln!(
-        "dropped registration removed after {:?} (TTL {TTL:?})",
-        dropped_at.elapsed()
-    );
+    assert_eq!(next_event(&mut events, TTL + MARGIN).await, DiscoveryEvent::Removed(id("p1")));
+    eprintln!("dropped registration removed after {:?} (TTL {TTL:?})", dropped_at.elapsed());
     assert_eq!(stored(&etcd, "expiry").await.len(), 1);
     assert!(stays.is_active());
 
@@ -348,14 +256,8 @@ async fn the_watcher_keeps_its_view_while_etcd_is_down_and_resyncs_after() {
     let mut etcd = Etcd::start().await;
     let d = discovery(&etcd).await;
     let c = cluster("outage");
-    let w1 = d
-        .register(&c, worker("w1", Role::Prefill), TTL)
-        .await
-        .unwrap();
-    let _w2 = d
-        .register(&c, worker("w2", Role::Decode), TTL)
-        .await
-        .unwrap();
+    let w1 = d.register(&c, worker("w1", Role::Prefill), TTL).await.unwrap();
+    let _w2 = d.register(&c, worker("w2", Role::Decode), TTL).await.unwrap();
     let (snapshot, mut events) = d.list_and_watch(&c).await.unwrap();
     let mut view = ClusterView::from_snapshot(snapshot);
     assert_eq!(view.len(), 2);
@@ -400,59 +302,33 @@ async fn a_worker_registers_again_after_its_lease_is_lost() {
     let etcd = Etcd::start().await;
     let d = discovery(&etcd).await;
     let c = cluster("relet");
-    let reg: Registration = d
-        .register(&c, worker("p0", Role::Prefill), TTL)
-        .await
-        .unwrap();
+    let reg: Registration = d.register(&c, worker("p0", Role::Prefill), TTL).await.unwrap();
     let (_, mut events) = d.list_and_watch(&c).await.unwrap();
-    let [(_, old_lease)] = stored(&etcd, "relet").await[..] else {
-        panic!("one key expected")
-    };
+    let [(_, old_lease)] = stored(&etcd, "relet").await[..] else { panic!("one key expected") };
 
     // The lease ends behind the worker's back (as when it expires while the worker is cut off).
     etcd.client().await.lease_revoke(old_lease).await.unwrap();
-    assert_eq!(
-        next_event(&mut events, STEP).await,
-        DiscoveryEvent::Removed(id("p0"))
-    );
+    assert_eq!(next_event(&mut events, STEP).await, DiscoveryEvent::Removed(id("p0")));
     // The next keep-alive finds the lease gone; the worker puts its key again on a new lease.
-    assert_eq!(
-        next_event(&mut events, TTL + MARGIN).await,
-        DiscoveryEvent::Added(worker("p0", Role::Prefill))
-    );
-    let [(_, new_lease)] = stored(&etcd, "relet").await[..] else {
-        panic!("one key expected")
-    };
+    assert_eq!(next_event(&mut events, TTL + MARGIN).await, DiscoveryEvent::Added(worker("p0", Role::Prefill)));
+    let [(_, new_lease)] = stored(&etcd, "relet").await[..] else { panic!("one key expected") };
     assert_ne!(new_lease, old_lease);
 
     reg.deregister().await.unwrap();
-    assert_eq!(
-        next_event(&mut events, STEP).await,
-        DiscoveryEvent::Removed(id("p0"))
-    );
+    assert_eq!(next_event(&mut events, STEP).await, DiscoveryEvent::Removed(id("p0")));
     shutdown(&d).await;
 }
 
 #[tokio::test]
 async fn an_unreachable_etcd_fails_calls_within_their_deadline() {
     // Nothing listens on this port.
-    let config = EtcdConfig {
-        endpoints: vec![format!("http://127.0.0.1:{}", free_port())],
-        ..config_for_nothing()
-    };
-    let d = EtcdDiscovery::connect(config)
-        .await
-        .expect("connecting is lazy");
+    let config = EtcdConfig { endpoints: vec![format!("http://127.0.0.1:{}", free_port())], ..config_for_nothing() };
+    let d = EtcdDiscovery::connect(config).await.expect("connecting is lazy");
     let c = cluster("nowhere");
 
-    let err = timeout(STEP, d.list_and_watch(&c))
-        .await
-        .expect("list has a deadline")
-        .unwrap_err();
+    let err = timeout(STEP, d.list_and_watch(&c)).await.expect("list has a deadline").unwrap_err();
     assert!(matches!(err.kind(), "unavailable" | "timeout"), "{err}");
-    let err = timeout(STEP, d.register(&c, worker("p0", Role::Prefill), TTL))
-        .await
-        .expect("register has a deadline");
+    let err = timeout(STEP, d.register(&c, worker("p0", Role::Prefill), TTL)).await.expect("register has a deadline");
     let err = err.unwrap_err();
     assert!(matches!(err.kind(), "unavailable" | "timeout"), "{err}");
     shutdown(&d).await;

@@ -339,13 +339,18 @@ impl BlockManager {
 
     /// Before writing token position `pos`: if its block is shared, give `seq` a
     /// private copy. Returns the `(from, to)` copy to perform on the KV memory.
-    pub fn prepare_write(&mut self, seq: &mut SeqBlocks, pos: usize) -> Result<Option<(BlockId, BlockId)>, EngineError> {
+    pub fn prepare_write(
+        &mut self,
+        seq: &mut SeqBlocks,
+        pos: usize,
+    ) -> Result<Option<(BlockId, BlockId)>, EngineError> {
         let idx = pos / self.block_size;
         let Some(&old) = seq.table.get(idx) else { return Ok(None) };
         if self.meta[old.0 as usize].refs <= 1 {
             return Ok(None);
         }
-        let (_, new) = self.free.pop_first().ok_or_else(|| EngineError::OutOfBlocks("no block for a copy-on-write".into()))?;
+        let (_, new) =
+            self.free.pop_first().ok_or_else(|| EngineError::OutOfBlocks("no block for a copy-on-write".into()))?;
         let m = &mut self.meta[new.0 as usize];
         m.free_key = None;
         m.refs = 1;

@@ -39,10 +39,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("bos_token", &self.bos_token)
-            .field("eos_token", &self.eos_token)
-            .finish()
+        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).field("eos_token", &self.eos_token).finish()
     }
 }
 
@@ -53,9 +50,8 @@ impl ChatTemplate {
         let Some(value) = gguf.get("tokenizer.chat_template") else {
             return Ok(None);
         };
-        let source = value
-            .as_str()
-            .ok_or_else(|| EngineError::BadModel("tokenizer.chat_template is not a string".into()))?;
+        let source =
+            value.as_str().ok_or_else(|| EngineError::BadModel("tokenizer.chat_template is not a string".into()))?;
         let token_text = |key: &str| -> String {
             let id = gguf.get_u64(key);
             let tokens = gguf.get("tokenizer.ggml.tokens").and_then(|v| v.as_array());
@@ -91,10 +87,7 @@ impl ChatTemplate {
     /// Renders the conversation to prompt text. `add_generation_prompt` appends
     /// the opening of an assistant turn so the model answers next.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, EngineError> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| EngineError::Template(e.to_string()))?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| EngineError::Template(e.to_string()))?;
         template
             .render(context! {
                 messages => messages,
@@ -269,7 +262,8 @@ mod tests {
 
     #[test]
     fn trim_and_lstrip_blocks_like_jinja2() {
-        let src = "{% for m in messages %}\n  {% if m.role == 'user' %}\nU:{{ m.content }}\n  {% endif %}\n{% endfor %}";
+        let src =
+            "{% for m in messages %}\n  {% if m.role == 'user' %}\nU:{{ m.content }}\n  {% endif %}\n{% endfor %}";
         let t = ChatTemplate::new(src, "", "").unwrap();
         let out = t.render(&[ChatMessage::new("user", "a"), ChatMessage::new("user", "b")], false).unwrap();
         assert_eq!(out, "U:a\nU:b\n");

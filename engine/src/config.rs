@@ -49,10 +49,8 @@ impl ModelConfig {
         let n_heads = req("attention.head_count")?;
         let n_kv_heads = req("attention.head_count_kv").unwrap_or(n_heads);
         let context_length = req("context_length")?;
-        let head_dim = f
-            .get_u64(&format!("{arch}.attention.key_length"))
-            .map(|v| v as usize)
-            .unwrap_or(hidden / n_heads);
+        let head_dim =
+            f.get_u64(&format!("{arch}.attention.key_length")).map(|v| v as usize).unwrap_or(hidden / n_heads);
         let rope_dims = f.get_u64(&format!("{arch}.rope.dimension_count")).map(|v| v as usize).unwrap_or(head_dim);
         let rope_theta = f.get_f32(&format!("{arch}.rope.freq_base")).unwrap_or(10000.0);
         let rms_eps = f.get_f32(&format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5);
@@ -100,7 +98,16 @@ impl ModelConfig {
             }
         };
         eat(self.architecture.as_bytes());
-        for v in [self.n_layers, self.hidden, self.ffn, self.n_heads, self.n_kv_heads, self.head_dim, self.vocab_size, self.context_length] {
+        for v in [
+            self.n_layers,
+            self.hidden,
+            self.ffn,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+            self.vocab_size,
+            self.context_length,
+        ] {
             eat(&(v as u64).to_le_bytes());
         }
         eat(&self.rope_theta.to_le_bytes());

@@ -192,11 +192,17 @@ impl Engine {
                 prompt_ids.len()
             )));
         }
-        let req = EngineRequest { prompt: prompt_ids.clone(), params: params.clone(), n, priority: 0, cache_salt: None };
+        let req =
+            EngineRequest { prompt: prompt_ids.clone(), params: params.clone(), n, priority: 0, cache_salt: None };
         let group = self.engine.add_request(req)?;
         let mut choices: Vec<Option<Choice>> = vec![None; n];
         let mut partial: Vec<Choice> = (0..n)
-            .map(|_| Choice { text: String::new(), token_ids: Vec::new(), finish_reason: FinishReason::Length, logprobs: Vec::new() })
+            .map(|_| Choice {
+                text: String::new(),
+                token_ids: Vec::new(),
+                finish_reason: FinishReason::Length,
+                logprobs: Vec::new(),
+            })
             .collect();
         let mut cached_tokens = 0;
         while choices.iter().any(Option::is_none) {

@@ -229,9 +229,7 @@ impl GgufFile {
     /// Parses a GGUF file held in memory.
     pub fn parse(bytes: Vec<u8>) -> Result<Self, EngineError> {
         let mut c = Cursor { buf: &bytes, pos: 0 };
-        let magic = c
-            .u32("magic")
-            .map_err(|_| EngineError::BadModel("not a GGUF file (too short)".into()))?;
+        let magic = c.u32("magic").map_err(|_| EngineError::BadModel("not a GGUF file (too short)".into()))?;
         if magic != MAGIC {
             return Err(EngineError::BadModel("not a GGUF file (bad magic)".into()));
         }
@@ -284,7 +282,9 @@ impl GgufFile {
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
                 .filter(|&n| n > 0 && n <= 1 << 40)
-                .ok_or_else(|| EngineError::BadModel(format!("corrupt GGUF file: tensor {name} has bad dimensions {dims:?}")))?;
+                .ok_or_else(|| {
+                    EngineError::BadModel(format!("corrupt GGUF file: tensor {name} has bad dimensions {dims:?}"))
+                })?;
             let ggml_type = GgmlType::from_id(type_id);
             // Unknown types are kept (reported by the model loader only if the tensor is used),
             // but their size cannot be checked.

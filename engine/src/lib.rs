@@ -18,6 +18,7 @@
 //! - `stop`: `StopMatcher`, stop strings over streamed text.
 
 pub mod block_manager;
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -25,11 +26,10 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod llm_engine;
 pub mod model;
-pub mod scheduler;
-pub mod tokenizer;
-pub mod chat;
 pub mod sampling;
+pub mod scheduler;
 pub mod stop;
+pub mod tokenizer;
 
 pub use error::EngineError;
 pub use generate::{Choice, Engine, EngineConfig, FinishReason, Generation, Prompt};

@@ -128,7 +128,8 @@ impl<'a> LayerKvBytes<'a> {
 
     fn new<E: KvElem>(k: &'a [E], v: &'a [E], half_block_bytes: usize) -> Self {
         // SAFETY: f16 and f32 are plain data without padding; any byte view is valid.
-        let bytes = |x: &'a [E]| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) };
+        let bytes =
+            |x: &'a [E]| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) };
         LayerKvBytes { k: bytes(k), v: bytes(v), half_block_bytes }
     }
 
@@ -234,7 +235,12 @@ impl Model {
     }
 
     /// Runs the batch; returns `logits_for.len()` rows of `vocab_size` logits (in `scratch.logits`).
-    pub fn forward<'s>(&self, batch: &ForwardBatch<'_>, kv: &mut KvCache, scratch: &'s mut Scratch) -> Result<&'s [f32], EngineError> {
+    pub fn forward<'s>(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &mut KvCache,
+        scratch: &'s mut Scratch,
+    ) -> Result<&'s [f32], EngineError> {
         self.forward_with_hook(batch, kv, scratch, &mut |_, _| {})
     }
 
@@ -441,9 +447,13 @@ fn tensor_bytes<'f>(f: &'f GgufFile, name: &str) -> Result<(&'f crate::gguf::Ten
 fn load_matrix(f: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Weights, EngineError> {
     let (info, bytes) = tensor_bytes(f, name)?;
     if info.dims.len() != 2 || info.dims[0] as usize != cols || info.dims[1] as usize != rows {
-        return Err(EngineError::BadModel(format!("tensor {name} has shape {:?}, expected [{cols}, {rows}]", info.dims)));
+        return Err(EngineError::BadModel(format!(
+            "tensor {name} has shape {:?}, expected [{cols}, {rows}]",
+            info.dims
+        )));
     }
-    Weights::from_ggml(info.ggml_type, bytes, rows, cols).map_err(|e| EngineError::BadModel(format!("tensor {name}: {e}")))
+    Weights::from_ggml(info.ggml_type, bytes, rows, cols)
+        .map_err(|e| EngineError::BadModel(format!("tensor {name}: {e}")))
 }
 
 fn load_vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {

@@ -195,7 +195,11 @@ impl Sampler {
 
         let raw_lp = |id: u32| {
             let l = logits[id as usize];
-            if l.is_nan() { f32::NEG_INFINITY } else { (l as f64 - lse) as f32 }
+            if l.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                (l as f64 - lse) as f32
+            }
         };
         let top_logprobs = match self.params.logprobs {
             Some(k) if k > 0 => top_n(logits, k).into_iter().map(|(i, _)| (i, raw_lp(i))).collect(),
@@ -330,9 +334,7 @@ impl Sampler {
         };
         let total: f64 = self.keys.iter().map(|&k| kept(k).1 as f64).sum();
         let target = self.rng.next_f64() * total;
-        pick(self.keys.iter().map(|&k| kept(k)), target)
-            .or(self.keys.first().map(|&k| key_id(k)))
-            .unwrap_or(0)
+        pick(self.keys.iter().map(|&k| kept(k)), target).or(self.keys.first().map(|&k| key_id(k))).unwrap_or(0)
     }
 }
 
@@ -503,13 +505,17 @@ fn exp_fast(x: f32) -> f32 {
     let t = xc * LOG2E + ROUND;
     let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
-        + 0.5;
+    let p =
+        ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
     let e_r = p * r * r + r + 1.0;
     // 2^n from n's bits: (n + 127) << 23.
     let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
     let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
-    if x < MIN_X { 0.0 } else { e_r * scale }
+    if x < MIN_X {
+        0.0
+    } else {
+        e_r * scale
+    }
 }
 
 /// Index of the largest value, lowest index on ties; NaN never wins.
@@ -569,10 +575,8 @@ fn log_sum_exp(v: &[f32]) -> f64 {
 fn entropy_seed() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     h.write_u64(nanos);
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     h.finish()
@@ -696,9 +700,18 @@ mod tests {
         assert_eq!(a, run(&p));
         assert_ne!(a, run(&params(|q| q.seed = Some(43))));
         for variant in [
-            params(|q| { q.seed = Some(9); q.top_k = 50 }),
-            params(|q| { q.seed = Some(9); q.top_p = 0.9 }),
-            params(|q| { q.seed = Some(9); q.min_p = 0.05 }),
+            params(|q| {
+                q.seed = Some(9);
+                q.top_k = 50
+            }),
+            params(|q| {
+                q.seed = Some(9);
+                q.top_p = 0.9
+            }),
+            params(|q| {
+                q.seed = Some(9);
+                q.min_p = 0.05
+            }),
         ] {
             assert_eq!(run(&variant), run(&variant));
         }
@@ -715,7 +728,14 @@ mod tests {
             assert!((f - 0.1 * (i + 1) as f64).abs() < 0.01, "token {i}: {f}");
         }
         // Temperature 0.5 squares the probabilities: [1, 4, 9, 16] / 30.
-        let h = histogram(&params(|p| { p.seed = Some(4); p.temperature = 0.5 }), &logits, draws);
+        let h = histogram(
+            &params(|p| {
+                p.seed = Some(4);
+                p.temperature = 0.5
+            }),
+            &logits,
+            draws,
+        );
         for (i, &c) in h.iter().enumerate() {
             let want = ((i + 1) * (i + 1)) as f64 / 30.0;
             assert!((c as f64 / draws as f64 - want).abs() < 0.01, "token {i}");
@@ -729,16 +749,59 @@ mod tests {
             let h = histogram(&p, &logits, 5_000);
             (0..h.len()).filter(|&i| h[i] > 0).collect()
         };
-        assert_eq!(seen(params(|p| { p.seed = Some(1); p.top_k = 2 })), vec![3, 4]);
+        assert_eq!(
+            seen(params(|p| {
+                p.seed = Some(1);
+                p.top_k = 2
+            })),
+            vec![3, 4]
+        );
         // Mass before token 3 is 0.4 < 0.5 → kept; before token 2 is 0.7 → dropped.
-        assert_eq!(seen(params(|p| { p.seed = Some(1); p.top_p = 0.5 })), vec![3, 4]);
-        assert_eq!(seen(params(|p| { p.seed = Some(1); p.top_p = 0.75 })), vec![2, 3, 4]);
-        assert_eq!(seen(params(|p| { p.seed = Some(1); p.top_p = 0.01 })), vec![4]);
+        assert_eq!(
+            seen(params(|p| {
+                p.seed = Some(1);
+                p.top_p = 0.5
+            })),
+            vec![3, 4]
+        );
+        assert_eq!(
+            seen(params(|p| {
+                p.seed = Some(1);
+                p.top_p = 0.75
+            })),
+            vec![2, 3, 4]
+        );
+        assert_eq!(
+            seen(params(|p| {
+                p.seed = Some(1);
+                p.top_p = 0.01
+            })),
+            vec![4]
+        );
         // min_p 0.3 keeps p >= 0.12.
-        assert_eq!(seen(params(|p| { p.seed = Some(1); p.min_p = 0.3 })), vec![2, 3, 4]);
+        assert_eq!(
+            seen(params(|p| {
+                p.seed = Some(1);
+                p.min_p = 0.3
+            })),
+            vec![2, 3, 4]
+        );
         // min_p after top_k: relative to the max, so top_k=4 and min_p=0.3 → {2, 3, 4}.
-        assert_eq!(seen(params(|p| { p.seed = Some(1); p.top_k = 4; p.min_p = 0.3 })), vec![2, 3, 4]);
-        assert_eq!(seen(params(|p| { p.seed = Some(1); p.min_p = 1.0 })), vec![4]);
+        assert_eq!(
+            seen(params(|p| {
+                p.seed = Some(1);
+                p.top_k = 4;
+                p.min_p = 0.3
+            })),
+            vec![2, 3, 4]
+        );
+        assert_eq!(
+            seen(params(|p| {
+                p.seed = Some(1);
+                p.min_p = 1.0
+            })),
+            vec![4]
+        );
     }
 
     #[test]
@@ -761,7 +824,10 @@ mod tests {
             nucleus.insert(id);
         }
         assert!(nucleus.len() > 64, "test should need more than one doubling step");
-        let mut s = Sampler::new(&params(|p| { p.seed = Some(8); p.top_p = top_p }));
+        let mut s = Sampler::new(&params(|p| {
+            p.seed = Some(8);
+            p.top_p = top_p
+        }));
         for _ in 0..2000 {
             assert!(nucleus.contains(&s.sample(&logits, &[], &[]).id));
         }
@@ -784,12 +850,8 @@ mod tests {
         let mut logits = row(5000, 12);
         logits[7] = f32::NEG_INFINITY;
         logits[9] = logits[10];
-        let mut all: Vec<u64> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| rank_key(l, i as u32))
-            .collect();
+        let mut all: Vec<u64> =
+            logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| rank_key(l, i as u32)).collect();
         all.sort_by(|a, b| b.cmp(a));
         let mut keys = Vec::new();
         for k in [1, 2, 31, 64, 65, 1000, 4998, 4999, 5000, 6000] {
@@ -871,15 +933,28 @@ mod tests {
         assert_eq!(freq, vec![1.5, -2.0, 1.0, -1.0, 3.0]);
         let pres = run(params(|p| p.presence_penalty = 1.0), &[2], &[3, 3, 0]);
         assert_eq!(pres, vec![1.0, -2.0, 1.0, -0.5, 3.0]);
-        let both = run(params(|p| { p.presence_penalty = -1.0; p.frequency_penalty = 1.0 }), &[], &[1, 1]);
+        let both = run(
+            params(|p| {
+                p.presence_penalty = -1.0;
+                p.frequency_penalty = 1.0
+            }),
+            &[],
+            &[1, 1],
+        );
         assert_eq!(both, vec![2.0, -3.0, 1.0, 0.5, 3.0]);
         // Scratch state is clean for the next call.
-        let mut s = Sampler::new(&params(|p| { p.repetition_penalty = 2.0; p.frequency_penalty = 1.0 }));
+        let mut s = Sampler::new(&params(|p| {
+            p.repetition_penalty = 2.0;
+            p.frequency_penalty = 1.0
+        }));
         s.work = logits.to_vec();
         s.apply_penalties(&[0], &[0]);
         assert!(s.seen.iter().all(|&x| !x) && s.counts.iter().all(|&c| c == 0));
         // Greedy honours penalties: token 4 (3.0) loses to token 0 (2.0) after a 2x penalty.
-        let mut g = Sampler::new(&params(|p| { p.temperature = 0.0; p.repetition_penalty = 2.0 }));
+        let mut g = Sampler::new(&params(|p| {
+            p.temperature = 0.0;
+            p.repetition_penalty = 2.0
+        }));
         assert_eq!(g.sample(&logits, &[], &[4]).id, 0);
     }
 
@@ -913,7 +988,11 @@ mod tests {
         assert_eq!(s.sample(&[], &[], &[]).id, 0);
         assert_eq!(s.sample(&[f32::NEG_INFINITY; 4], &[7], &[9]).id, 0);
         assert_eq!(s.sample(&[f32::NAN, 0.0, f32::NAN], &[], &[]).id, 1);
-        let mut k = Sampler::new(&params(|p| { p.seed = Some(1); p.top_k = 3; p.top_p = 0.5 }));
+        let mut k = Sampler::new(&params(|p| {
+            p.seed = Some(1);
+            p.top_k = 3;
+            p.top_p = 0.5
+        }));
         assert_eq!(k.sample(&[f32::NEG_INFINITY, 1.0], &[], &[]).id, 1);
     }
 

@@ -171,7 +171,11 @@ impl Request {
         self.prompt.len() + self.output.len()
     }
     pub fn token(&self, i: usize) -> u32 {
-        if i < self.prompt.len() { self.prompt[i] } else { self.output[i - self.prompt.len()] }
+        if i < self.prompt.len() {
+            self.prompt[i]
+        } else {
+            self.output[i - self.prompt.len()]
+        }
     }
     pub fn tokens(&self) -> Vec<u32> {
         let mut t = self.prompt.clone();
@@ -241,7 +245,11 @@ pub struct SchedulerStats {
 
 impl SchedulerStats {
     pub fn mean_kv_waste(&self) -> f64 {
-        if self.steps == 0 { 0.0 } else { self.kv_waste_sum / self.steps as f64 }
+        if self.steps == 0 {
+            0.0
+        } else {
+            self.kv_waste_sum / self.steps as f64
+        }
     }
 }
 
@@ -297,7 +305,10 @@ impl Scheduler {
 
     /// The prompt's KV has arrived; `first_token` was sampled by the prefill worker.
     pub fn remote_kv_ready(&mut self, id: RequestId, first_token: u32) -> Result<Option<Finish>, EngineError> {
-        let r = self.requests.get_mut(&id).ok_or_else(|| EngineError::InvalidRequest(format!("unknown request {}", id.0)))?;
+        let r = self
+            .requests
+            .get_mut(&id)
+            .ok_or_else(|| EngineError::InvalidRequest(format!("unknown request {}", id.0)))?;
         if r.status != Status::WaitingForRemoteKv {
             return Err(EngineError::InvalidRequest(format!("request {} is not waiting for KV", id.0)));
         }
@@ -424,8 +435,8 @@ impl Scheduler {
                 let hit = self.blocks.lookup_prefix(&tokens, r.cache_salt.as_deref());
                 let hit_tokens = hit.tokens(self.blocks.block_size());
                 let want = (tokens.len() - hit_tokens).min(budget);
-                let need = self.blocks.hit_cost(&hit)
-                    + (hit_tokens + want).div_ceil(self.blocks.block_size()) - hit.blocks.len();
+                let need = self.blocks.hit_cost(&hit) + (hit_tokens + want).div_ceil(self.blocks.block_size())
+                    - hit.blocks.len();
                 if need > self.blocks.n_free() {
                     break;
                 }
@@ -435,7 +446,12 @@ impl Scheduler {
                 r.num_computed = hit_tokens;
                 r.cached_tokens = hit_tokens;
                 r.status = Status::Running;
-                plan.scheduled.push(Scheduled { id, start: hit_tokens, len: want, sample: hit_tokens + want == tokens.len() });
+                plan.scheduled.push(Scheduled {
+                    id,
+                    start: hit_tokens,
+                    len: want,
+                    sample: hit_tokens + want == tokens.len(),
+                });
                 self.waiting.pop_front();
                 self.running.push(id);
                 budget -= want;
@@ -597,7 +613,10 @@ impl Scheduler {
         if self.requests.contains_key(&child) {
             return Err(EngineError::InvalidRequest(format!("duplicate request id {}", child.0)));
         }
-        let p = self.requests.get(&parent).ok_or_else(|| EngineError::InvalidRequest(format!("unknown request {}", parent.0)))?;
+        let p = self
+            .requests
+            .get(&parent)
+            .ok_or_else(|| EngineError::InvalidRequest(format!("unknown request {}", parent.0)))?;
         let mut c = p.clone();
         c.blocks = self.blocks.fork(&p.blocks);
         self.next_arrival += 1;

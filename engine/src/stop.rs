@@ -127,25 +127,55 @@ mod tests {
             // Match inside one delta; text after it is dropped.
             Case { stops: &["END"], deltas: &["abcENDxyz"], released: &["abc"], matched: Some("END"), tail: "" },
             // Stop split over three deltas; the partial prefix is held back.
-            Case { stops: &["END"], deltas: &["abE", "N", "Dzz"], released: &["ab", "", ""], matched: Some("END"), tail: "" },
+            Case {
+                stops: &["END"],
+                deltas: &["abE", "N", "Dzz"],
+                released: &["ab", "", ""],
+                matched: Some("END"),
+                tail: "",
+            },
             // A false start is released once it can no longer match.
             Case { stops: &["END"], deltas: &["xE", "Nq", "r"], released: &["x", "ENq", "r"], matched: None, tail: "" },
             // The held tail is flushed by finish.
             Case { stops: &["END"], deltas: &["okEN"], released: &["ok"], matched: None, tail: "EN" },
             // Pushes after the match release nothing.
-            Case { stops: &["\n\n"], deltas: &["a\n", "\nb", "c"], released: &["a", "", ""], matched: Some("\n\n"), tail: "" },
+            Case {
+                stops: &["\n\n"],
+                deltas: &["a\n", "\nb", "c"],
+                released: &["a", "", ""],
+                matched: Some("\n\n"),
+                tail: "",
+            },
             // Earliest match wins over an earlier-listed stop string.
             Case { stops: &["cd", "b"], deltas: &["abcd"], released: &["a"], matched: Some("b"), tail: "" },
             // Same start: the longer stop string is reported.
             Case { stops: &["ab", "abc"], deltas: &["xabc"], released: &["x"], matched: Some("abc"), tail: "" },
             // Overlapping prefix: "aab" inside "aaab".
-            Case { stops: &["aab"], deltas: &["a", "a", "a", "b"], released: &["", "", "a", ""], matched: Some("aab"), tail: "" },
+            Case {
+                stops: &["aab"],
+                deltas: &["a", "a", "a", "b"],
+                released: &["", "", "a", ""],
+                matched: Some("aab"),
+                tail: "",
+            },
             // Multi-byte stop string split across deltas at character boundaries.
-            Case { stops: &["🦀!"], deltas: &["hi ", "🦀", "!", "x"], released: &["hi ", "", "", ""], matched: Some("🦀!"), tail: "" },
+            Case {
+                stops: &["🦀!"],
+                deltas: &["hi ", "🦀", "!", "x"],
+                released: &["hi ", "", "", ""],
+                matched: Some("🦀!"),
+                tail: "",
+            },
             // A multi-byte character sharing a leading byte with the stop is not held.
             Case { stops: &["é"], deltas: &["ê", "aé"], released: &["ê", "a"], matched: Some("é"), tail: "" },
             // Stop string at the very start.
-            Case { stops: &["<|im_end|>"], deltas: &["<|im_", "end|>more"], released: &["", ""], matched: Some("<|im_end|>"), tail: "" },
+            Case {
+                stops: &["<|im_end|>"],
+                deltas: &["<|im_", "end|>more"],
+                released: &["", ""],
+                matched: Some("<|im_end|>"),
+                tail: "",
+            },
             // Empty stop strings are ignored.
             Case { stops: &[""], deltas: &["abc"], released: &["abc"], matched: None, tail: "" },
         ];

@@ -226,9 +226,7 @@ impl Tokenizer {
     /// Never adds BOS: callers consult [`Tokenizer::add_bos`].
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, EngineError> {
         let tk = if parse_special { &self.with_special } else { &self.plain };
-        let enc = tk
-            .encode_fast(text, false)
-            .map_err(|e| EngineError::Tokenizer(format!("encoding failed: {e}")))?;
+        let enc = tk.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(format!("encoding failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -241,9 +239,7 @@ impl Tokenizer {
                 self.tokens.len()
             )));
         }
-        self.with_special
-            .decode(ids, skip_special)
-            .map_err(|e| EngineError::Tokenizer(format!("decoding failed: {e}")))
+        self.with_special.decode(ids, skip_special).map_err(|e| EngineError::Tokenizer(format!("decoding failed: {e}")))
     }
 
     /// Whether the model wants BOS prepended to prompts (`tokenizer.ggml.add_bos_token`, default false).
@@ -285,14 +281,10 @@ impl Tokenizer {
 /// Reads a string array from the metadata; `Ok(None)` when absent.
 fn string_array(gguf: &GgufFile, key: &str) -> Result<Option<Vec<String>>, EngineError> {
     let Some(v) = gguf.get(key) else { return Ok(None) };
-    let arr = v
-        .as_array()
-        .ok_or_else(|| EngineError::BadModel(format!("{key} is not an array")))?;
+    let arr = v.as_array().ok_or_else(|| EngineError::BadModel(format!("{key} is not an array")))?;
     arr.iter()
         .map(|s| {
-            s.as_str()
-                .map(str::to_string)
-                .ok_or_else(|| EngineError::BadModel(format!("{key} holds a non-string")))
+            s.as_str().map(str::to_string).ok_or_else(|| EngineError::BadModel(format!("{key} holds a non-string")))
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
@@ -351,10 +343,7 @@ impl IncrementalDecoder {
     /// Adds one generated id and returns the text it completes (often empty).
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String, EngineError> {
         let piece = tokenizer.token_bytes(id).ok_or_else(|| {
-            EngineError::Tokenizer(format!(
-                "token id {id} is outside the vocabulary (size {})",
-                tokenizer.vocab_size()
-            ))
+            EngineError::Tokenizer(format!("token id {id} is outside the vocabulary (size {})", tokenizer.vocab_size()))
         })?;
         if !(self.skip_special && tokenizer.is_special(id)) {
             self.pending.extend_from_slice(piece);
@@ -549,13 +538,15 @@ mod tests {
     fn refuses_other_tokenizer_models() {
         let err = Tokenizer::from_gguf(&gguf_with(&[("tokenizer.ggml.model", "llama")])).unwrap_err();
         assert!(matches!(&err, EngineError::Unsupported(m) if m.contains("'llama'")), "{err:?}");
-        let err = Tokenizer::from_gguf(&gguf_with(&[("tokenizer.ggml.model", "gpt2"), ("tokenizer.ggml.pre", "qwen2")]))
-            .unwrap_err();
+        let err =
+            Tokenizer::from_gguf(&gguf_with(&[("tokenizer.ggml.model", "gpt2"), ("tokenizer.ggml.pre", "qwen2")]))
+                .unwrap_err();
         assert!(matches!(&err, EngineError::Unsupported(m) if m.contains("'qwen2'")), "{err:?}");
         let err = Tokenizer::from_gguf(&gguf_with(&[("general.architecture", "llama")])).unwrap_err();
         assert!(matches!(err, EngineError::BadModel(_)), "{err:?}");
-        let err = Tokenizer::from_gguf(&gguf_with(&[("tokenizer.ggml.model", "gpt2"), ("tokenizer.ggml.pre", "smollm")]))
-            .unwrap_err();
+        let err =
+            Tokenizer::from_gguf(&gguf_with(&[("tokenizer.ggml.model", "gpt2"), ("tokenizer.ggml.pre", "smollm")]))
+                .unwrap_err();
         assert!(matches!(&err, EngineError::BadModel(m) if m.contains("tokens")), "{err:?}");
     }
 

@@ -28,7 +28,8 @@ fn tokens(n: usize, seed: u32) -> Vec<u32> {
 
 /// Logits for every position of `toks`, run alone.
 fn alone(m: &Model, toks: &[u32], bs: usize) -> Vec<f32> {
-    let mut kv = KvCache::new(m.kv_shape(bs), m.config.n_layers, blocks_for_tokens(toks.len(), bs), KvDtype::F16).unwrap();
+    let mut kv =
+        KvCache::new(m.kv_shape(bs), m.config.n_layers, blocks_for_tokens(toks.len(), bs), KvDtype::F16).unwrap();
     let table: Vec<BlockId> = (0..kv.n_blocks as u32).map(BlockId).collect();
     let mut batch = ForwardBatch::default();
     let s = batch.add_seq(&table);
@@ -46,11 +47,8 @@ fn mixed_batch_equals_one_sequence_at_a_time() {
     let reference: Vec<Vec<f32>> = seqs.iter().map(|t| alone(&m, t, bs)).collect();
 
     // Steps as (sequence, start, end): prefill chunks and single decode tokens mixed.
-    let steps: [&[(usize, usize, usize)]; 3] = [
-        &[(0, 0, 30), (2, 0, 50), (1, 0, 24)],
-        &[(1, 24, 25), (0, 30, 40), (2, 50, 70)],
-        &[(2, 70, 71), (0, 40, 41)],
-    ];
+    let steps: [&[(usize, usize, usize)]; 3] =
+        [&[(0, 0, 30), (2, 0, 50), (1, 0, 24)], &[(1, 24, 25), (0, 30, 40), (2, 50, 70)], &[(2, 70, 71), (0, 40, 41)]];
     // Interleave the sequences' blocks in one pool, each table in scrambled order.
     let need: Vec<usize> = seqs.iter().map(|s| blocks_for_tokens(s.len(), bs)).collect();
     let mut alloc = BlockAllocator::new(need.iter().sum::<usize>() + 2);

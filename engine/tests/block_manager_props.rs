@@ -27,15 +27,33 @@ type Slot = Option<(u8, usize, u32)>;
 #[derive(Debug, Clone)]
 enum Op {
     /// Lookup, take the hit, then compute `chunk` more tokens.
-    New { tokens: Vec<u32>, salt: u8, chunk: usize },
+    New {
+        tokens: Vec<u32>,
+        salt: u8,
+        chunk: usize,
+    },
     /// Compute up to `n` more tokens (appending `more` first if everything is computed).
-    Compute { who: usize, n: usize, more: Vec<u32> },
-    Fork { who: usize },
+    Compute {
+        who: usize,
+        n: usize,
+        more: Vec<u32>,
+    },
+    Fork {
+        who: usize,
+    },
     /// A bare `prepare_write` at a random position of the table.
-    Write { who: usize, pos: usize },
-    Free { who: usize },
+    Write {
+        who: usize,
+        pos: usize,
+    },
+    Free {
+        who: usize,
+    },
     /// A lookup that takes nothing.
-    Probe { tokens: Vec<u32>, salt: u8 },
+    Probe {
+        tokens: Vec<u32>,
+        salt: u8,
+    },
 }
 
 fn tokens(max: usize) -> impl Strategy<Value = Vec<u32>> {
@@ -354,10 +372,21 @@ const STOP: u32 = 9;
 #[derive(Debug, Clone)]
 enum SOp {
     /// `cut` picks the prompt length over the admissible range (0 and one-too-long included).
-    Add { prompt: Vec<u32>, cut: usize, max_tokens: usize, priority: i32, salt: u8 },
+    Add {
+        prompt: Vec<u32>,
+        cut: usize,
+        max_tokens: usize,
+        priority: i32,
+        salt: u8,
+    },
     /// One step; `draws` drive the sampled tokens, stops, forks and mid-step aborts.
-    Step { draws: Vec<u32> },
-    Abort { who: usize, take: bool },
+    Step {
+        draws: Vec<u32>,
+    },
+    Abort {
+        who: usize,
+        take: bool,
+    },
 }
 
 fn sop() -> impl Strategy<Value = SOp> {

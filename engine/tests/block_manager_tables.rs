@@ -140,13 +140,8 @@ fn cached_blocks_are_evicted_least_recently_released_first_tail_before_root() {
     bm.take_events();
 
     // Expected eviction order: A's tail..root, then B's tail..root.
-    let order: Vec<(BlockId, SeqHash)> = a_blocks
-        .iter()
-        .zip(&ha)
-        .rev()
-        .chain(b_blocks.iter().zip(&hb).rev())
-        .map(|(&b, &h)| (b, h))
-        .collect();
+    let order: Vec<(BlockId, SeqHash)> =
+        a_blocks.iter().zip(&ha).rev().chain(b_blocks.iter().zip(&hb).rev()).map(|(&b, &h)| (b, h)).collect();
     let mut holders: Vec<SeqBlocks> = Vec::new();
     for (i, &(block, hash)) in order.iter().enumerate() {
         let mut s = SeqBlocks::default();
@@ -161,7 +156,12 @@ fn cached_blocks_are_evicted_least_recently_released_first_tail_before_root() {
             let remaining = 2 - i;
             let mut probe = ta.clone();
             probe.push(42);
-            assert_eq!(bm.lookup_prefix(&probe, None).blocks, a_blocks[..remaining].to_vec(), "after {} evictions", i + 1);
+            assert_eq!(
+                bm.lookup_prefix(&probe, None).blocks,
+                a_blocks[..remaining].to_vec(),
+                "after {} evictions",
+                i + 1
+            );
         }
     }
     assert_eq!(bm.n_free(), 0);
@@ -356,7 +356,10 @@ fn a_hit_rechecks_token_ids_so_a_hash_collision_is_a_miss() {
 
     let mut bm = BlockManager::new(4, 1, true);
     let mut a = computed_seq(&mut bm, &[t1, 1], Some(&s1));
-    assert_eq!(bm.take_events(), vec![KvEvent::Stored { parent: None, hashes: vec![h1[0], prefix_hashes(&[t1, 1], 1, Some(&s1))[1]] }]);
+    assert_eq!(
+        bm.take_events(),
+        vec![KvEvent::Stored { parent: None, hashes: vec![h1[0], prefix_hashes(&[t1, 1], 1, Some(&s1))[1]] }]
+    );
     // Same hash, different token: must miss.
     let hit = bm.lookup_prefix(&[t2, 1], Some(&s2));
     assert!(hit.blocks.is_empty(), "collision must not hit: {hit:?}");

@@ -37,7 +37,16 @@ fn prompts(l: &Loaded, n: usize) -> Vec<Vec<u32>> {
     let tpl = ChatTemplate::from_gguf(&l.file).unwrap().unwrap();
     let tok = Tokenizer::from_gguf(&l.file).unwrap();
     let topics = ["rivers", "bread", "the moon", "chess", "volcanoes", "bees", "trains", "jazz"];
-    let asks = ["Tell me one fact about", "Write a haiku about", "Explain in one sentence", "List three words about", "Why do people like", "What is the history of", "Give a tip about", "Describe"];
+    let asks = [
+        "Tell me one fact about",
+        "Write a haiku about",
+        "Explain in one sentence",
+        "List three words about",
+        "Why do people like",
+        "What is the history of",
+        "Give a tip about",
+        "Describe",
+    ];
     (0..n)
         .map(|i| {
             let text = format!("{} {}.", asks[i % asks.len()], topics[(i / asks.len() + i) % topics.len()]);
@@ -76,10 +85,12 @@ fn run_all(e: &mut LlmEngine, ps: &[Vec<u32>], params: &SamplingParams) -> Vec<(
             }
         }
     }
-    ids.iter().map(|id| {
-        let (t, i, f) = acc.remove(id).expect("every request produced output");
-        (t, i, f.expect("every request finished"))
-    }).collect()
+    ids.iter()
+        .map(|id| {
+            let (t, i, f) = acc.remove(id).expect("every request produced output");
+            (t, i, f.expect("every request finished"))
+        })
+        .collect()
 }
 
 #[test]
@@ -88,7 +99,8 @@ fn concurrent_greedy_requests_equal_their_solo_runs() {
     let ps = prompts(&l, 64);
     let params = greedy(24);
     let mut solo_engine = engine(&l, 512, 64);
-    let solo: Vec<_> = ps.iter().map(|p| run_all(&mut solo_engine, std::slice::from_ref(p), &params).remove(0)).collect();
+    let solo: Vec<_> =
+        ps.iter().map(|p| run_all(&mut solo_engine, std::slice::from_ref(p), &params).remove(0)).collect();
     let mut e = engine(&l, 512, 64);
     let together = run_all(&mut e, &ps, &params);
     for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
@@ -99,7 +111,10 @@ fn concurrent_greedy_requests_equal_their_solo_runs() {
     let s = e.stats();
     assert_eq!(s.blocks_used, 0, "every block is released (cached ones are free to evict)");
     assert!(s.prefix_hit_tokens > 0, "chat prompts share the system prompt's blocks");
-    eprintln!("64 requests: {} steps, {} tokens scheduled, prefix hits {}/{} tokens", s.steps, s.scheduled_tokens, s.prefix_hit_tokens, s.prefix_queried_tokens);
+    eprintln!(
+        "64 requests: {} steps, {} tokens scheduled, prefix hits {}/{} tokens",
+        s.steps, s.scheduled_tokens, s.prefix_hit_tokens, s.prefix_queried_tokens
+    );
 }
 
 #[test]
@@ -136,7 +151,13 @@ fn prefix_cache_hit_changes_nothing_but_work() {
     assert_eq!(hit as usize, (ps[0].len() - 1) / 16 * 16, "every full block but one token is reused");
     // A different tenant salt must not hit.
     let before = e.stats().prefix_hit_tokens;
-    let req = EngineRequest { prompt: ps[0].clone(), params: params.clone(), n: 1, priority: 0, cache_salt: Some("tenant-b".into()) };
+    let req = EngineRequest {
+        prompt: ps[0].clone(),
+        params: params.clone(),
+        n: 1,
+        priority: 0,
+        cache_salt: Some("tenant-b".into()),
+    };
     e.add_request(req).unwrap();
     while e.has_unfinished() {
         e.step().unwrap();
@@ -170,7 +191,13 @@ fn parallel_samples_share_the_prompt_and_differ() {
     let l = load();
     let ps = prompts(&l, 1);
     let mut e = engine(&l, 256, 8);
-    let params = SamplingParams { temperature: 1.0, seed: Some(3), max_tokens: 12, ignore_eos: true, ..SamplingParams::default() };
+    let params = SamplingParams {
+        temperature: 1.0,
+        seed: Some(3),
+        max_tokens: 12,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
     let req = EngineRequest { prompt: ps[0].clone(), params, n: 4, priority: 0, cache_salt: None };
     let group = e.add_request(req).unwrap();
     let mut by_index: HashMap<usize, Vec<u32>> = HashMap::new();

@@ -77,7 +77,10 @@ fn teacher_forced_argmax_agrees_with_llama_cpp() {
             if got == want_id {
                 agree += 1;
             } else {
-                eprintln!("{}: position {p}: ours {got}, llama.cpp {want_id} (its top-2 logit gap {gap:.4})", case["name"]);
+                eprintln!(
+                    "{}: position {p}: ours {got}, llama.cpp {want_id} (its top-2 logit gap {gap:.4})",
+                    case["name"]
+                );
             }
             worst_top1 = worst_top1.max((row[want_id as usize] - want_logit).abs());
             if gap >= DECISIVE_GAP {
@@ -150,7 +153,10 @@ fn greedy_generation_matches_llama_cpp_up_to_first_near_tie() {
                     behind.is_some_and(|b| b < NEAR_TIE as f64),
                     "{name}: step {step}: ours {next}, llama.cpp {w}; llama.cpp rates ours {behind:?} logits behind"
                 );
-                eprintln!("{name}: matched {step} tokens, then a near-tie: ours is {:.3} logits behind llama.cpp's pick", behind.unwrap());
+                eprintln!(
+                    "{name}: matched {step} tokens, then a near-tie: ours is {:.3} logits behind llama.cpp's pick",
+                    behind.unwrap()
+                );
                 diverged += 1;
                 break;
             }

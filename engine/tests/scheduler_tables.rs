@@ -668,10 +668,8 @@ fn a_fork_with_a_taken_id_is_ignored_and_a_stopping_parent_still_forks() {
     s.add(req(1, prompt(6, 1), 4)).unwrap();
     s.add(req(2, prompt(6, 2), 4)).unwrap();
     let plan = s.schedule();
-    let fin = s.update(
-        &plan,
-        &[Sampled { token: EOS, forks: vec![(RequestId(2), 9), (RequestId(3), 9)] }, Sampled::one(5)],
-    );
+    let fin =
+        s.update(&plan, &[Sampled { token: EOS, forks: vec![(RequestId(2), 9), (RequestId(3), 9)] }, Sampled::one(5)]);
     assert_eq!(fin, vec![(RequestId(1), Finish::Stop)]);
     assert_eq!(s.get(RequestId(2)).unwrap().output, vec![5], "existing id untouched");
     let c = s.get(RequestId(3)).unwrap();
@@ -694,7 +692,11 @@ fn admission_errors() {
     let kind = |r: Result<(), EngineError>| r.map_err(|e| e.kind());
     assert_eq!(kind(s.add(req(1, vec![], 4))), Err("invalid_request"), "empty prompt");
     assert_eq!(kind(s.add(req(2, prompt(21, 1), 4))), Err("invalid_request"), "longer than max_prompt_len");
-    assert_eq!(kind(s.add(req(3, prompt(16, 1), 4))), Err("invalid_request"), "no room in the pool for one output token");
+    assert_eq!(
+        kind(s.add(req(3, prompt(16, 1), 4))),
+        Err("invalid_request"),
+        "no room in the pool for one output token"
+    );
     assert_eq!(kind(s.add(req(4, prompt(15, 1), 4))), Ok(()), "15 + 1 fits the pool");
     assert_eq!(kind(s.add(req(4, prompt(3, 1), 4))), Err("invalid_request"), "duplicate id");
     assert_eq!(kind(s.add(req(5, prompt(3, 1), 4))), Ok(()));

@@ -50,10 +50,7 @@ fn model() -> &'static Model {
     static MODEL_CELL: OnceLock<Model> = OnceLock::new();
     MODEL_CELL.get_or_init(|| {
         let path = root().join(MODEL);
-        assert!(
-            path.is_file(),
-            "model file {MODEL} is missing: run scripts/fetch-model.sh to download it"
-        );
+        assert!(path.is_file(), "model file {MODEL} is missing: run scripts/fetch-model.sh to download it");
         let gguf = GgufFile::open(&path).unwrap_or_else(|e| panic!("cannot open {MODEL}: {e}"));
         let tokenizer = Tokenizer::from_gguf(&gguf).unwrap_or_else(|e| panic!("tokenizer: {e}"));
         let template = ChatTemplate::from_gguf(&gguf).unwrap_or_else(|e| panic!("chat template: {e}"));
@@ -65,9 +62,8 @@ fn reference() -> &'static Reference {
     static REF: OnceLock<Reference> = OnceLock::new();
     REF.get_or_init(|| {
         let path = root().join(FIXTURE);
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!("cannot read {FIXTURE} ({e}): generate it with scripts/make-fixtures.py")
-        });
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {FIXTURE} ({e}): generate it with scripts/make-fixtures.py"));
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{FIXTURE} is malformed: {e}"))
     })
 }

@@ -62,7 +62,15 @@ impl KvElem for f16 {
 }
 
 /// Stores one token's K and V (`n_kv_heads * head_dim` each) into `slot` of `block`.
-pub fn write_kv<E: KvElem>(shape: KvShape, k_cache: &mut [E], v_cache: &mut [E], block: usize, slot: usize, k: &[f32], v: &[f32]) {
+pub fn write_kv<E: KvElem>(
+    shape: KvShape,
+    k_cache: &mut [E],
+    v_cache: &mut [E],
+    block: usize,
+    slot: usize,
+    k: &[f32],
+    v: &[f32],
+) {
     let hd = shape.head_dim;
     for h in 0..shape.n_kv_heads {
         let o = shape.offset(block, h, slot);

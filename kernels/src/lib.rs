@@ -24,9 +24,9 @@ mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_attn;
 
+pub use attention::{KvElem, KvShape};
 pub use cpu::Isa;
 pub use matmul::{matmul, QuantizedActs};
 pub use packed::{PackedMatrix, Weights};
 pub use pool::ThreadPool;
 pub use quant::GgmlType;
-pub use attention::{KvElem, KvShape};

@@ -56,7 +56,11 @@ impl PackedMatrix {
         let u = match self.bits {
             Bits::Four => {
                 let byte = self.qs[r * self.row_bytes() + (b / 2) * QK + j];
-                if b % 2 == 0 { byte & 0x0f } else { byte >> 4 }
+                if b % 2 == 0 {
+                    byte & 0x0f
+                } else {
+                    byte >> 4
+                }
             }
             Bits::Eight => self.qs[r * self.row_bytes() + b * QK + j],
         };
@@ -76,7 +80,11 @@ impl PackedMatrix {
 pub enum Weights {
     Packed(PackedMatrix),
     /// F32 and F16 tensors, kept as f32 rows.
-    Dense { rows: usize, cols: usize, data: Vec<f32> },
+    Dense {
+        rows: usize,
+        cols: usize,
+        data: Vec<f32>,
+    },
 }
 
 impl Weights {
@@ -119,7 +127,12 @@ impl Weights {
         }
         let row_in = cols / be * bb;
         if bytes.len() != rows * row_in {
-            return Err(format!("{} tensor of {rows}x{cols} should be {} bytes, got {}", t.name(), rows * row_in, bytes.len()));
+            return Err(format!(
+                "{} tensor of {rows}x{cols} should be {} bytes, got {}",
+                t.name(),
+                rows * row_in,
+                bytes.len()
+            ));
         }
         let nb = cols / QK;
         let nbp = nb.div_ceil(2) * 2;

@@ -95,10 +95,8 @@ impl ThreadPool {
         // SAFETY: the lifetime is erased, but the pointer is only used until every
         // worker has finished this generation, which we wait for below.
         unsafe {
-            *self.shared.job.get() = Some(std::mem::transmute::<
-                *const (dyn Fn(usize, usize) + Sync + '_),
-                *const Job,
-            >(job as *const _));
+            *self.shared.job.get() =
+                Some(std::mem::transmute::<*const (dyn Fn(usize, usize) + Sync + '_), *const Job>(job as *const _));
         }
         self.shared.remaining.store(n - 1, Ordering::SeqCst);
         self.shared.generation.fetch_add(1, Ordering::SeqCst);

@@ -67,7 +67,12 @@ pub unsafe fn matmul_rows_avx512(p: &PackedMatrix, xq: &QuantizedActs, rr: std::
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn rows_avx512<const Q8: bool>(p: &PackedMatrix, xq: &QuantizedActs, rr: std::ops::Range<usize>, out: SyncPtr<f32>) {
+unsafe fn rows_avx512<const Q8: bool>(
+    p: &PackedMatrix,
+    xq: &QuantizedActs,
+    rr: std::ops::Range<usize>,
+    out: SyncPtr<f32>,
+) {
     let n = xq.n;
     let mut r = rr.start;
     unsafe {
@@ -157,7 +162,11 @@ unsafe fn tile_avx512<const Q8: bool, const R: usize, const T: usize>(
             let row = r0 + i;
             for j in 0..T {
                 let tok = t0 + j;
-                let ms = if Q8 { 0.0 } else { dot_f32_avx512(p.m.as_ptr().add(row * nbp), xq.s.as_ptr().add(tok * nbp), nbp) };
+                let ms = if Q8 {
+                    0.0
+                } else {
+                    dot_f32_avx512(p.m.as_ptr().add(row * nbp), xq.s.as_ptr().add(tok * nbp), nbp)
+                };
                 out.write(tok * p.rows + row, _mm512_reduce_add_ps(acc[i][j]) + ms);
             }
         }

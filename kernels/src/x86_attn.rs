@@ -85,7 +85,6 @@ unsafe fn attend_nv<E: KvElem, const NV: usize>(a: &AttendArgs<'_, E>, out: &mut
                 }
             }
             softmax512(std::slice::from_raw_parts_mut(srow, n));
-
         }
         // Output: probability-weighted sum of V rows.
         for g in 0..group {

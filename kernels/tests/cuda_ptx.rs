@@ -221,8 +221,19 @@ fn every_cuda_source_compiles_to_ptx_and_assembles_for_sm80() {
         let log = format!("{}{}", String::from_utf8_lossy(&asm.stdout), String::from_utf8_lossy(&asm.stderr));
         assert!(asm.status.success(), "ptxas -arch={SM} failed on {stem}.ptx:\n{log}");
         let stats = parse_ptxas(&log);
-        assert_eq!(stats.len(), entries.len(), "{stem}: ptxas reported {} kernels, PTX has {}:\n{log}", stats.len(), entries.len());
-        say(&format!("{stem}.cu: {} ({} bytes of PTX) -> {SM} cubin ok, {} kernels", nvrtc_version(&nvrtc.stdout), ptx_text.len(), stats.len()));
+        assert_eq!(
+            stats.len(),
+            entries.len(),
+            "{stem}: ptxas reported {} kernels, PTX has {}:\n{log}",
+            stats.len(),
+            entries.len()
+        );
+        say(&format!(
+            "{stem}.cu: {} ({} bytes of PTX) -> {SM} cubin ok, {} kernels",
+            nvrtc_version(&nvrtc.stdout),
+            ptx_text.len(),
+            stats.len()
+        ));
         for k in &stats {
             let f = |v: Option<u32>| v.map_or("?".to_string(), |v| v.to_string());
             say(&format!(
@@ -259,5 +270,8 @@ fn ptxas_log_parsing() {
     let s = parse_ptxas(log);
     assert_eq!(s.len(), 1);
     assert_eq!(s[0].name, "gather_kv_blocks");
-    assert_eq!((s[0].registers, s[0].stack, s[0].spill_stores, s[0].spill_loads), (Some(18), Some(8), Some(4), Some(12)));
+    assert_eq!(
+        (s[0].registers, s[0].stack, s[0].spill_stores, s[0].spill_loads),
+        (Some(18), Some(8), Some(4), Some(12))
+    );
 }

@@ -73,9 +73,9 @@ impl TransferError {
 impl From<std::io::Error> for TransferError {
     fn from(e: std::io::Error) -> Self {
         match e.kind() {
-            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
-                TransferError::PeerGone(e.to_string())
-            }
+            std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe => TransferError::PeerGone(e.to_string()),
             _ => TransferError::Io(e.to_string()),
         }
     }

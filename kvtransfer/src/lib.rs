@@ -15,7 +15,8 @@
 
 pub mod error;
 pub mod layout;
-#[cfg(feature = "cuda")] pub mod nccl;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod session;
 pub mod shm;
 pub mod sink;
@@ -25,6 +26,6 @@ pub mod wire;
 pub use error::TransferError;
 pub use layout::{KvDtypeWire, KvLayout};
 pub use session::{Arrived, Reservation};
-pub use sink::{HostKv, KvSink};
 pub use shm::{host_id, ShmKv};
+pub use sink::{HostKv, KvSink};
 pub use tcp::{KvReceiver, KvSender, KvTarget, LocalTarget, SendSession, TcpConfig};

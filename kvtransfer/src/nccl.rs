@@ -363,7 +363,12 @@ impl NcclTransport {
     /// `n_cache_blocks * half_block_bytes` bytes, `[block][kv_head][slot][head_dim]`) into
     /// the staging buffer, then sends it to the decode rank. Asynchronous: returns once
     /// the work is queued on [`Self::stream`].
-    pub fn send_layer<T>(&mut self, k: &CudaView<'_, T>, v: &CudaView<'_, T>, block_ids: &[u32]) -> Result<(), NcclError> {
+    pub fn send_layer<T>(
+        &mut self,
+        k: &CudaView<'_, T>,
+        v: &CudaView<'_, T>,
+        block_ids: &[u32],
+    ) -> Result<(), NcclError> {
         if self.role != Role::Prefill {
             return Err(NcclError::Invalid("send_layer on the decode (receiving) rank".into()));
         }
@@ -499,7 +504,8 @@ mod tests {
             eprintln!("SKIP: CUDA, NVRTC and NCCL are all present; not joining a communicator with no peer");
             return;
         }
-        let got = std::panic::catch_unwind(|| NcclTransport::new(0, Role::Prefill, &[0u8; NCCL_ID_LEN], layout()).err());
+        let got =
+            std::panic::catch_unwind(|| NcclTransport::new(0, Role::Prefill, &[0u8; NCCL_ID_LEN], layout()).err());
         let err = got.expect("NcclTransport::new panicked").expect("NcclTransport::new succeeded without CUDA");
         assert!(matches!(err, NcclError::Unavailable(_)), "{err:?}");
         let decode = NcclTransport::new(0, Role::Decode, &[0u8; NCCL_ID_LEN], layout()).err().unwrap();
@@ -563,7 +569,9 @@ mod tests {
             Err(e) => panic!("{e}"),
             Ok(ptx) => {
                 let src = ptx.to_src();
-                for name in ["gather_kv_blocks", "scatter_kv_blocks", "gather_kv_blocks_vec16", "scatter_kv_blocks_vec16"] {
+                for name in
+                    ["gather_kv_blocks", "scatter_kv_blocks", "gather_kv_blocks_vec16", "scatter_kv_blocks_vec16"]
+                {
                     assert!(src.contains(&format!(".entry {name}(")), "{name} missing from the PTX");
                 }
             }

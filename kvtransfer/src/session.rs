@@ -74,7 +74,13 @@ pub enum Admit {
 
 impl Sessions {
     /// Reserves `blocks` (ids below `n_blocks`, none held by another request) for `request_id`.
-    pub fn reserve(&self, request_id: u64, blocks: &[u32], n_blocks: usize, deadline: Instant) -> Result<Reservation, TransferError> {
+    pub fn reserve(
+        &self,
+        request_id: u64,
+        blocks: &[u32],
+        n_blocks: usize,
+        deadline: Instant,
+    ) -> Result<Reservation, TransferError> {
         let mut st = self.inner.lock().expect("sessions lock");
         if st.by_id.contains_key(&request_id) {
             return Err(TransferError::Protocol(format!("request {request_id} is already reserved")));
@@ -119,7 +125,9 @@ impl Sessions {
             return Admit::Refuse(TransferError::BadBlock(format!("layer {layer} of {n_layers}")));
         }
         if let Some(b) = blocks.iter().find(|b| !e.blocks.contains(b)) {
-            return Admit::Refuse(TransferError::BadBlock(format!("block {b} is not reserved for request {request_id}")));
+            return Admit::Refuse(TransferError::BadBlock(format!(
+                "block {b} is not reserved for request {request_id}"
+            )));
         }
         e.conn = Some(conn);
         Admit::Ok

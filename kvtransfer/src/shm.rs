@@ -90,7 +90,10 @@ unsafe impl KvSink for ShmKv {
         self.n_blocks
     }
     fn block_ptrs(&self, layer: usize, block: usize) -> (*mut u8, *mut u8) {
-        assert!(layer < self.layout.n_layers as usize && block < self.n_blocks, "block ({layer}, {block}) out of range");
+        assert!(
+            layer < self.layout.n_layers as usize && block < self.n_blocks,
+            "block ({layer}, {block}) out of range"
+        );
         let (k, v) = block_offsets(&self.layout, self.n_blocks, layer, block);
         debug_assert!(v + self.layout.half_block_bytes() <= self.len);
         // SAFETY: offsets are inside the mapping.

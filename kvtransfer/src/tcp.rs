@@ -57,7 +57,11 @@ pub struct KvReceiver {
 
 impl KvReceiver {
     /// Listens on `addr` (use port 0 for any).
-    pub async fn bind(addr: SocketAddr, sink: Arc<dyn KvSink>, cfg: TcpConfig) -> Result<Arc<KvReceiver>, TransferError> {
+    pub async fn bind(
+        addr: SocketAddr,
+        sink: Arc<dyn KvSink>,
+        cfg: TcpConfig,
+    ) -> Result<Arc<KvReceiver>, TransferError> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
         let rx = Arc::new(KvReceiver { sessions: Sessions::default(), sink, tasks: Mutex::new(JoinSet::new()), local });
@@ -125,7 +129,13 @@ impl Acceptor for tokio::net::UnixListener {
 
 /// Accepts connections until the receiver is dropped; each is served by its own task.
 /// `offer`: the shared-segment offer made on same-host connections.
-async fn accept_loop<L: Acceptor>(listener: L, receiver: std::sync::Weak<KvReceiver>, first_conn: u64, cfg: TcpConfig, offer: Option<Vec<u8>>) {
+async fn accept_loop<L: Acceptor>(
+    listener: L,
+    receiver: std::sync::Weak<KvReceiver>,
+    first_conn: u64,
+    cfg: TcpConfig,
+    offer: Option<Vec<u8>>,
+) {
     let mut next_conn = first_conn;
     let mut conns = JoinSet::new();
     loop {
@@ -231,7 +241,8 @@ pub(crate) async fn serve_conn<S: VectoredStream>(
             small.resize(BLOCKS_FIXED + 4 * n, 0);
             sock.read_exact(&mut small[BLOCKS_FIXED..]).await?;
             let mut crc = crc32c::crc32c(&small);
-            let ids: Vec<u32> = small[BLOCKS_FIXED..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect();
+            let ids: Vec<u32> =
+                small[BLOCKS_FIXED..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect();
             match sessions.admit(conn, request_id, layer, layout.n_layers, &ids) {
                 Admit::Ok => {
                     // Addresses, not pointers, so the future stays Send. The blocks are reserved
@@ -248,7 +259,9 @@ pub(crate) async fn serve_conn<S: VectoredStream>(
                         read_exact_vectored(&mut sock, &parts).await?;
                         for &(addr, len) in &parts {
                             // SAFETY: as above; the data is complete.
-                            crc = crc32c::crc32c_append(crc, unsafe { std::slice::from_raw_parts(addr as *const u8, len) });
+                            crc = crc32c::crc32c_append(crc, unsafe {
+                                std::slice::from_raw_parts(addr as *const u8, len)
+                            });
                         }
                     }
                     if crc != head.crc {
@@ -341,7 +354,9 @@ async fn read_exact_vectored<S: VectoredStream>(s: &mut S, parts: &[(usize, usiz
                 .map(|(i, &(addr, len))| {
                     let skip = if i == 0 { off } else { 0 };
                     // SAFETY: the caller hands out disjoint writable ranges it owns for this read.
-                    std::io::IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut((addr + skip) as *mut u8, len - skip) })
+                    std::io::IoSliceMut::new(unsafe {
+                        std::slice::from_raw_parts_mut((addr + skip) as *mut u8, len - skip)
+                    })
                 })
                 .collect();
             match s.try_read_vectored(&mut bufs) {
@@ -405,7 +420,9 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         match wire::decode(&buf, 4096, 0).map_err(|e| TransferError::Protocol(e.to_string()))? {
             Some((Frame::HelloOk, _)) if step == 0 => {}
             Some((Frame::ShmOffer { n_blocks, path }, _)) if step == 1 => offer = Some((n_blocks, path)),
-            Some((Frame::Error { code: Code::LayoutMismatch, message }, _)) => return Err(TransferError::LayoutMismatch(message)),
+            Some((Frame::Error { code: Code::LayoutMismatch, message }, _)) => {
+                return Err(TransferError::LayoutMismatch(message))
+            }
             Some((Frame::Error { message, .. }, _)) => return Err(TransferError::Protocol(message)),
             _ => return Err(TransferError::Protocol("unexpected answer to Hello".into())),
         }
@@ -465,7 +482,11 @@ where
             match wire::decode(&buf, 1 << 16, 0) {
                 Ok(Some((Frame::Ack { request_id, code, message }, _))) => {
                     if let Some(tx) = p3.lock().expect("pending").remove(&request_id) {
-                        let _ = tx.send(if code == Code::Ok { Ok(()) } else { Err(TransferError::from_code(code, request_id, message)) });
+                        let _ = tx.send(if code == Code::Ok {
+                            Ok(())
+                        } else {
+                            Err(TransferError::from_code(code, request_id, message))
+                        });
                     }
                 }
                 Ok(Some((Frame::Error { code, message }, _))) => break TransferError::from_code(code, 0, message),
@@ -522,16 +543,24 @@ impl KvSender {
         let timeout = || TransferError::Deadline(format!("connecting to {key:?}"));
         let c = match key {
             ConnKey::Tcp(addr) => {
-                let mut sock = tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await.map_err(|_| timeout())??;
+                let mut sock =
+                    tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await.map_err(|_| timeout())??;
                 sock.set_nodelay(true)?;
-                tokio::time::timeout_at(deadline, handshake(&mut sock, &self.layout, false)).await.map_err(|_| timeout())??;
+                tokio::time::timeout_at(deadline, handshake(&mut sock, &self.layout, false))
+                    .await
+                    .map_err(|_| timeout())??;
                 let (rd, wr) = sock.into_split();
                 start_conn(rd, wr, &self.cfg, None)
             }
             ConnKey::Uds(path) => {
-                let mut sock = tokio::time::timeout_at(deadline, tokio::net::UnixStream::connect(path)).await.map_err(|_| timeout())??;
-                let offer = tokio::time::timeout_at(deadline, handshake(&mut sock, &self.layout, true)).await.map_err(|_| timeout())??;
-                let (n_blocks, seg) = offer.ok_or_else(|| TransferError::Protocol("no shared segment offered".into()))?;
+                let mut sock = tokio::time::timeout_at(deadline, tokio::net::UnixStream::connect(path))
+                    .await
+                    .map_err(|_| timeout())??;
+                let offer = tokio::time::timeout_at(deadline, handshake(&mut sock, &self.layout, true))
+                    .await
+                    .map_err(|_| timeout())??;
+                let (n_blocks, seg) =
+                    offer.ok_or_else(|| TransferError::Protocol("no shared segment offered".into()))?;
                 let map = ShmMap::open(&seg, self.layout, n_blocks)?;
                 let (rd, wr) = sock.into_split();
                 start_conn(rd, wr, &self.cfg, Some(Arc::new(map)))
@@ -544,7 +573,12 @@ impl KvSender {
 
     /// Opens a session toward `target`: through shared memory when the receiver is on this
     /// host and offers it, else over TCP (a failed shared-memory attempt falls back to TCP).
-    pub async fn open_target(&self, target: &KvTarget, request_id: u64, deadline: Instant) -> Result<SendSession, TransferError> {
+    pub async fn open_target(
+        &self,
+        target: &KvTarget,
+        request_id: u64,
+        deadline: Instant,
+    ) -> Result<SendSession, TransferError> {
         if let Some(local) = target.local.as_ref().filter(|l| l.host == host_id()) {
             match self.open_key(&ConnKey::Uds(local.uds.clone()), request_id, deadline).await {
                 Ok(s) => return Ok(s),
@@ -563,7 +597,12 @@ impl KvSender {
     }
 
     /// Opens a session for `request_id` toward the receiver at `addr`, over TCP.
-    pub async fn open(&self, addr: SocketAddr, request_id: u64, deadline: Instant) -> Result<SendSession, TransferError> {
+    pub async fn open(
+        &self,
+        addr: SocketAddr,
+        request_id: u64,
+        deadline: Instant,
+    ) -> Result<SendSession, TransferError> {
         self.open_key(&ConnKey::Tcp(addr), request_id, deadline).await
     }
 
@@ -612,7 +651,11 @@ pub struct SendSession {
 impl SendSession {
     /// "shm" or "tcp".
     pub fn transport(&self) -> &'static str {
-        if self.shm.is_some() { "shm" } else { "tcp" }
+        if self.shm.is_some() {
+            "shm"
+        } else {
+            "tcp"
+        }
     }
 
     fn early_error(&mut self) -> Result<(), TransferError> {
@@ -638,11 +681,20 @@ impl SendSession {
 
     /// Like `send_layer`, from borrowed memory: on a same-host connection the blocks are
     /// written into the receiver's segment straight from `payload`, with no copy of our own.
-    pub async fn send_layer_from(&mut self, layer: u16, block_ids: &[u32], payload: &[u8]) -> Result<(), TransferError> {
+    pub async fn send_layer_from(
+        &mut self,
+        layer: u16,
+        block_ids: &[u32],
+        payload: &[u8],
+    ) -> Result<(), TransferError> {
         if let Some(shm) = self.shm.clone() {
             self.early_error()?;
             if payload.len() != block_ids.len() * self.layout.layer_block_bytes() {
-                return Err(TransferError::Protocol(format!("payload of {} bytes for {} blocks", payload.len(), block_ids.len())));
+                return Err(TransferError::Protocol(format!(
+                    "payload of {} bytes for {} blocks",
+                    payload.len(),
+                    block_ids.len()
+                )));
             }
             shm.write(layer, block_ids, payload)?;
             let frame = wire::encode_blocks_in_place(self.request_id, layer, block_ids);
@@ -657,7 +709,11 @@ impl SendSession {
         self.early_error()?;
         let lbb = self.layout.layer_block_bytes();
         if payload.len() != block_ids.len() * lbb {
-            return Err(TransferError::Protocol(format!("payload of {} bytes for {} blocks", payload.len(), block_ids.len())));
+            return Err(TransferError::Protocol(format!(
+                "payload of {} bytes for {} blocks",
+                payload.len(),
+                block_ids.len()
+            )));
         }
         if let Some(shm) = &self.shm {
             // Same host: write the blocks in place, then ring the doorbell.
@@ -684,7 +740,9 @@ impl SendSession {
         match tokio::time::timeout_at(self.deadline, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(TransferError::PeerGone("connection closed before the verdict".into())),
-            Err(_) => Err(TransferError::Deadline(format!("request {}: no verdict from the receiver", self.request_id))),
+            Err(_) => {
+                Err(TransferError::Deadline(format!("request {}: no verdict from the receiver", self.request_id)))
+            }
         }
     }
 
@@ -698,7 +756,11 @@ impl SendSession {
 impl Drop for SendSession {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.queue.try_send(Outgoing::Bytes(wire::encode_abort(self.request_id, Code::Aborted, "sender dropped the session")));
+            let _ = self.queue.try_send(Outgoing::Bytes(wire::encode_abort(
+                self.request_id,
+                Code::Aborted,
+                "sender dropped the session",
+            )));
         }
     }
 }

@@ -114,14 +114,32 @@ pub enum Frame<'a> {
     HelloOk,
     Blocks(BlocksRef<'a>),
     /// All of a request's KV has been sent; `first_token` is the prefill's sampled token.
-    Finish { request_id: u64, first_token: u32, num_tokens: u32 },
-    Abort { request_id: u64, code: Code, message: String },
+    Finish {
+        request_id: u64,
+        first_token: u32,
+        num_tokens: u32,
+    },
+    Abort {
+        request_id: u64,
+        code: Code,
+        message: String,
+    },
     /// The receiver's verdict on a request (after Finish, or on an error).
-    Ack { request_id: u64, code: Code, message: String },
+    Ack {
+        request_id: u64,
+        code: Code,
+        message: String,
+    },
     /// A connection-level failure (e.g. layout mismatch); the sender closes.
-    Error { code: Code, message: String },
+    Error {
+        code: Code,
+        message: String,
+    },
     /// On a same-host connection: the receiver's KV blocks live in this shared segment.
-    ShmOffer { n_blocks: u64, path: String },
+    ShmOffer {
+        n_blocks: u64,
+        path: String,
+    },
 }
 
 /// One layer of K and V for some blocks of one request.

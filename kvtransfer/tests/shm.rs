@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_kvtransfer::wire;
-use tandem_kvtransfer::{host_id, KvDtypeWire, KvLayout, KvReceiver, KvSender, KvTarget, LocalTarget, ShmKv, TcpConfig};
+use tandem_kvtransfer::{
+    host_id, KvDtypeWire, KvLayout, KvReceiver, KvSender, KvTarget, LocalTarget, ShmKv, TcpConfig,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 

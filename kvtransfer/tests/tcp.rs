@@ -55,7 +55,11 @@ async fn layers_land_in_the_reserved_blocks() {
     let lbb = l.layer_block_bytes();
     for layer in 0..l.n_layers as usize {
         for (i, &b) in blocks.iter().enumerate() {
-            assert_eq!(sink.read_block(layer, b as usize), sent[layer][i * lbb..(i + 1) * lbb], "layer {layer} block {b}");
+            assert_eq!(
+                sink.read_block(layer, b as usize),
+                sent[layer][i * lbb..(i + 1) * lbb],
+                "layer {layer} block {b}"
+            );
         }
         assert!(sink.read_block(layer, 0).iter().all(|&x| x == 0), "unreserved blocks are untouched");
     }
@@ -205,7 +209,9 @@ async fn garbage_instead_of_a_handshake_closes_only_that_connection() {
     let mut sock = tokio::net::TcpStream::connect(rx.local_addr()).await.unwrap();
     sock.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let mut buf = [0u8; 64];
-    let _ = tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf)).await.expect("the receiver closes the connection");
+    let _ = tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf))
+        .await
+        .expect("the receiver closes the connection");
     // The receiver still serves real senders.
     let res = rx.reserve(1, &[0], soon(5_000)).unwrap();
     let tx = KvSender::new(l, TcpConfig::default());

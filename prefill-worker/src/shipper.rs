@@ -39,7 +39,12 @@ pub struct LayerShipper {
 impl LayerShipper {
     /// Starts the sending task on `rt` for a session whose destination blocks are `dst`,
     /// shipping the source blocks `src` (same order) of every layer.
-    pub fn start(rt: &tokio::runtime::Handle, mut session: SendSession, src: Vec<BlockId>, dst: Vec<u32>) -> LayerShipper {
+    pub fn start(
+        rt: &tokio::runtime::Handle,
+        mut session: SendSession,
+        src: Vec<BlockId>,
+        dst: Vec<u32>,
+    ) -> LayerShipper {
         let (tx, mut rx) = mpsc::channel::<(u16, Vec<u8>)>(QUEUE_LAYERS);
         let task = rt.spawn(async move {
             while let Some((layer, payload)) = rx.recv().await {

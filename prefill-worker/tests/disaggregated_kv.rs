@@ -37,9 +37,12 @@ fn kv_shipped_during_prefill_decodes_like_an_undivided_run() {
     let model_path = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(model_path.exists(), "model missing: run scripts/fetch-model.sh first");
     let m = Model::load(&model_path, &ModelOptions::default()).unwrap();
-    let fx: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/llama_cpp/reference.json")).unwrap()).unwrap();
+    let fx: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/llama_cpp/reference.json")).unwrap())
+            .unwrap();
     let case = fx["cases"].as_array().unwrap().iter().find(|c| c["name"] == "printing-press-long").unwrap();
-    let prompt: Vec<u32> = case["prompt_token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let prompt: Vec<u32> =
+        case["prompt_token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let bs = 16;
     let n_blocks = prompt.len().div_ceil(bs) + 2; // room for the decode steps
     let layout = tandem_prefill_worker::kv_layout(&m, bs);
@@ -64,7 +67,11 @@ fn kv_shipped_during_prefill_decodes_like_an_undivided_run() {
     batch.add_tokens(s, &prompt, 0, LogitsWanted::Last);
     let logits = m.forward_with_hook(&batch, &mut kv_a, &mut scratch, &mut |l, kv| shipper.on_layer(l, kv)).unwrap();
     let first = argmax(logits);
-    assert_eq!(first as u64, case["generated_token_ids"][0].as_u64().unwrap(), "prefill's first token equals llama.cpp's");
+    assert_eq!(
+        first as u64,
+        case["generated_token_ids"][0].as_u64().unwrap(),
+        "prefill's first token equals llama.cpp's"
+    );
     shipper.finish(rt.handle(), first, prompt.len() as u32).unwrap();
 
     // Decode side: the reservation completes with the first token.

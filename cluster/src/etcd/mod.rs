@@ -78,18 +78,9 @@ impl EtcdDiscovery {
             .with_connect_timeout(config.connect_timeout)
             .with_keep_alive(config.ping_interval, config.ping_timeout)
             .with_keep_alive_while_idle(true);
-        let client = deadline(
-            "connect",
-            config.connect_timeout,
-            Client::connect(&config.endpoints, Some(options)),
-        )
-        .await?;
-        Ok(EtcdDiscovery {
-            client,
-            config,
-            root: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-        })
+        let client =
+            deadline("connect", config.connect_timeout, Client::connect(&config.endpoints, Some(options))).await?;
+        Ok(EtcdDiscovery { client, config, root: CancellationToken::new(), tasks: TaskTracker::new() })
     }
 
     pub fn config(&self) -> &EtcdConfig {
@@ -121,20 +112,12 @@ impl EtcdDiscovery {
         self.check_open()?;
         let prefix = workers_prefix(&cluster);
         let mut client = self.client.clone();
-        let (records, revision) =
-            watch::list(&mut client, &prefix, self.config.request_timeout).await?;
+        let (records, revision) = watch::list(&mut client, &prefix, self.config.request_timeout).await?;
         let members = Members::from_records(records);
         let snapshot = members.current().cloned().collect();
         let (tx, rx) = mpsc::unbounded_channel();
         let cancel = self.root.child_token();
-        let watcher = watch::Watcher::new(
-            client,
-            prefix,
-            members,
-            tx,
-            cancel.clone(),
-            self.config.clone(),
-        );
+        let watcher = watch::Watcher::new(client, prefix, members, tx, cancel.clone(), self.config.clone());
         let task = self.tasks.spawn(watcher.run(revision));
         Ok((snapshot, DiscoveryEvents::from_task(rx, cancel, task)))
     }
@@ -168,9 +151,7 @@ impl Discovery for EtcdDiscovery {
 
 impl std::fmt::Debug for EtcdDiscovery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdDiscovery")
-            .field("endpoints", &self.config.endpoints)
-            .finish_non_exhaustive()
+        f.debug_struct("EtcdDiscovery").field("endpoints", &self.config.endpoints).finish_non_exhaustive()
     }
 }
 

@@ -55,10 +55,7 @@ pub(super) async fn register(
     let lease = grant_and_put(&mut client, &key, &value, ttl_secs, config.request_timeout).await?;
     tracing::info!(worker = %descriptor.id, key, lease = lease.id, ttl = ?lease.ttl, "registered in etcd");
 
-    let signals = RegistrationSignals {
-        stop: discovery.root.child_token(),
-        deregister: CancellationToken::new(),
-    };
+    let signals = RegistrationSignals { stop: discovery.root.child_token(), deregister: CancellationToken::new() };
     let deregister_deadline = config.request_timeout + Duration::from_secs(1);
     let keeper = Keeper {
         client,
@@ -71,26 +68,16 @@ pub(super) async fn register(
         failures: 0,
     };
     let task = discovery.tasks.spawn(keeper.run(lease));
-    Ok(Registration::new(
-        descriptor.id,
-        signals,
-        task,
-        deregister_deadline,
-    ))
+    Ok(Registration::new(descriptor.id, signals, task, deregister_deadline))
 }
 
 /// etcd TTLs are whole seconds: round up, at least one.
 fn whole_seconds(ttl: Duration) -> Result<i64, DiscoveryError> {
     if ttl.is_zero() {
-        return Err(DiscoveryError::InvalidArgument(
-            "registration ttl must be positive".into(),
-        ));
+        return Err(DiscoveryError::InvalidArgument("registration ttl must be positive".into()));
     }
-    let secs = ttl
-        .as_secs()
-        .saturating_add(u64::from(ttl.subsec_nanos() > 0));
-    i64::try_from(secs)
-        .map_err(|_| DiscoveryError::InvalidArgument(format!("registration ttl {ttl:?} too long")))
+    let secs = ttl.as_secs().saturating_add(u64::from(ttl.subsec_nanos() > 0));
+    i64::try_from(secs).map_err(|_| DiscoveryError::InvalidArgument(format!("registration ttl {ttl:?} too long")))
 }
 
 async fn grant_and_put(
@@ -101,16 +88,8 @@ async fn grant_and_put(
     timeout: Duration,
 ) -> Result<Lease, DiscoveryError> {
     let grant = deadline("lease grant", timeout, client.lease_grant(ttl_secs, None)).await?;
-    let lease = Lease {
-        id: grant.id(),
-        ttl: Duration::from_secs(grant.ttl().max(1) as u64),
-    };
-    let put = deadline(
-        "put",
-        timeout,
-        client.put(key, value, Some(PutOptions::new().with_lease(lease.id))),
-    )
-    .await;
+    let lease = Lease { id: grant.id(), ttl: Duration::from_secs(grant.ttl().max(1) as u64) };
+    let put = deadline("put", timeout, client.put(key, value, Some(PutOptions::new().with_lease(lease.id)))).await;
     if let Err(e) = put {
         // The lease holds no key; revoke it rather than leave it to run out (best effort).
         let _ = deadline("lease revoke", timeout, client.lease_revoke(lease.id)).await;
@@ -122,14 +101,8 @@ async fn grant_and_put(
 /// True if the error says etcd does not know the lease.
 fn lease_gone(e: &DiscoveryError) -> bool {
     match e {
-        DiscoveryError::Etcd {
-            source: etcd_client::Error::LeaseKeepAliveError(m),
-            ..
-        } => m.contains("not found"),
-        DiscoveryError::Etcd {
-            source: etcd_client::Error::GRpcStatus(s),
-            ..
-        } => s.code() == tonic::Code::NotFound,
+        DiscoveryError::Etcd { source: etcd_client::Error::LeaseKeepAliveError(m), .. } => m.contains("not found"),
+        DiscoveryError::Etcd { source: etcd_client::Error::GRpcStatus(s), .. } => s.code() == tonic::Code::NotFound,
         _ => false,
     }
 }
@@ -290,9 +263,7 @@ async fn renew(
         keeper.keep_alive().await?;
         match stream.message().await? {
             Some(response) => Ok(response.ttl()),
-            None => Err(etcd_client::Error::LeaseKeepAliveError(
-                "keep-alive stream closed".into(),
-            )),
+            None => Err(etcd_client::Error::LeaseKeepAliveError("keep-alive stream closed".into())),
         }
     };
     deadline("lease keep-alive", wait, exchange).await
@@ -315,13 +286,7 @@ mod tests {
         assert_eq!(whole_seconds(Duration::from_secs(2)).unwrap(), 2);
         assert_eq!(whole_seconds(Duration::from_millis(1500)).unwrap(), 2);
         assert_eq!(whole_seconds(Duration::from_millis(1)).unwrap(), 1);
-        assert_eq!(
-            whole_seconds(Duration::ZERO).unwrap_err().kind(),
-            "invalid_argument"
-        );
-        assert_eq!(
-            whole_seconds(Duration::MAX).unwrap_err().kind(),
-            "invalid_argument"
-        );
+        assert_eq!(whole_seconds(Duration::ZERO).unwrap_err().kind(), "invalid_argument");
+        assert_eq!(whole_seconds(Duration::MAX).unwrap_err().kind(), "invalid_argument");
     }
 }

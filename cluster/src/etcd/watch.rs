@@ -25,12 +25,7 @@ pub(super) async fn list(
     prefix: &str,
     timeout: std::time::Duration,
 ) -> Result<(HashMap<String, Record>, i64), DiscoveryError> {
-    let response = deadline(
-        "get",
-        timeout,
-        client.get(prefix, Some(GetOptions::new().with_prefix())),
-    )
-    .await?;
+    let response = deadline("get", timeout, client.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
     let revision = response.header().map_or(0, |h| h.revision());
     Ok((response.kvs().iter().filter_map(decode).collect(), revision))
 }
@@ -45,13 +40,7 @@ fn decode(kv: &KeyValue) -> Option<(String, Record)> {
         }
     };
     match WorkerDescriptor::from_json(key, kv.value()) {
-        Ok(descriptor) => Some((
-            key.to_string(),
-            Record {
-                descriptor,
-                revision: kv.mod_revision(),
-            },
-        )),
+        Ok(descriptor) => Some((key.to_string(), Record { descriptor, revision: kv.mod_revision() })),
         Err(e) => {
             tracing::warn!(error = %e, "ignoring a worker record");
             None
@@ -86,15 +75,7 @@ impl Watcher {
         cancel: CancellationToken,
         config: EtcdConfig,
     ) -> Watcher {
-        Watcher {
-            client,
-            prefix,
-            members,
-            tx,
-            cancel,
-            config,
-            failures: 0,
-        }
+        Watcher { client, prefix, members, tx, cancel, config, failures: 0 }
     }
 
     /// Watches from `revision + 1` (the list was read at `revision`) until cancelled or
@@ -120,12 +101,7 @@ impl Watcher {
                     Ok((records, at)) => {
                         let events = self.members.replace(records);
                         let changes = events.len();
-                        tracing::debug!(
-                            prefix = self.prefix,
-                            revision = at,
-                            changes,
-                            "worker list resynced"
-                        );
+                        tracing::debug!(prefix = self.prefix, revision = at, changes, "worker list resynced");
                         if !self.send_all(events) {
                             return;
                         }
@@ -183,11 +159,7 @@ impl Watcher {
             if response.created() {
                 backoff.reset();
                 if self.failures > 0 {
-                    tracing::info!(
-                        prefix = self.prefix,
-                        failures = self.failures,
-                        "worker watch resumed"
-                    );
+                    tracing::info!(prefix = self.prefix, failures = self.failures, "worker watch resumed");
                     self.failures = 0;
                 }
             }
