@@ -8,24 +8,31 @@
 //! - `wire`: the frame codec of `PROTOCOL.md` (pure; bounded lengths; CRC32C).
 //! - `sink`: `KvSink`, the receiving worker's block memory, written in place.
 //! - `session`: the receiver's reservations (leases with deadlines) and their outcomes.
-//! - `tcp`: `KvReceiver` and `KvSender` over TCP with persistent shared connections, and the
-//!   same frames over a Unix socket when both ends share a host (`listen_shm`, `open_target`).
+//! - `receiver`: `KvReceiver`, the decode side: reservations, frames read straight into blocks
+//!   (TCP, and a Unix socket with a shared segment for same-host senders: `listen_shm`).
+//! - `sender`: `KvSender`, the prefill side: persistent shared connections, backpressure,
+//!   same-host shared memory chosen automatically (`open_target`).
+//! - `config`: `TcpConfig`, limits and queue sizes for both ends.
 //! - `shm`: the receiver's blocks in a shared-memory segment that same-host senders write in place.
 //! - `error`: `TransferError`, seen by both ends, with a `kind()` label.
 
+pub mod config;
 pub mod error;
 pub mod layout;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod receiver;
+pub mod sender;
 pub mod session;
 pub mod shm;
 pub mod sink;
-pub mod tcp;
 pub mod wire;
 
+pub use config::TcpConfig;
 pub use error::TransferError;
 pub use layout::{KvDtypeWire, KvLayout};
+pub use receiver::KvReceiver;
+pub use sender::{KvSender, KvTarget, LocalTarget, SendSession};
 pub use session::{Arrived, Reservation};
 pub use shm::{host_id, ShmKv};
 pub use sink::{HostKv, KvSink};
-pub use tcp::{KvReceiver, KvSender, KvTarget, LocalTarget, SendSession, TcpConfig};

@@ -1,0 +1,364 @@
+//! The receiving end of KV transfer (the decode side), over TCP and, for
+//! same-host senders, a Unix socket.
+//!
+//! One task accepts connections; each connection's task checks the handshake,
+//! then reads frames. A Blocks frame's header and block ids are read into a
+//! small buffer and checked against the reservations; its payload is then read
+//! with vectored reads straight into the reserved blocks' memory (no staging
+//! copy), with the CRC32C computed over what landed there. On a Unix-socket
+//! connection the receiver first offers its shared segment, and in-place frames
+//! carry no payload at all.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::error::TransferError;
+use crate::layout::KvLayout;
+use crate::session::{Admit, Arrived, Reservation, Sessions};
+use crate::sink::KvSink;
+use crate::wire::{self, Code, Frame, Kind, BLOCKS_FIXED, HEADER_LEN};
+
+use crate::config::TcpConfig;
+
+/// Receives KV into a sink; reservations say which request may write which blocks.
+pub struct KvReceiver {
+    sessions: Sessions,
+    sink: Arc<dyn KvSink>,
+    tasks: Mutex<JoinSet<()>>,
+    local: SocketAddr,
+}
+
+impl KvReceiver {
+    /// Listens on `addr` (use port 0 for any).
+    pub async fn bind(
+        addr: SocketAddr,
+        sink: Arc<dyn KvSink>,
+        cfg: TcpConfig,
+    ) -> Result<Arc<KvReceiver>, TransferError> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let rx = Arc::new(KvReceiver { sessions: Sessions::default(), sink, tasks: Mutex::new(JoinSet::new()), local });
+        let weak = Arc::downgrade(&rx);
+        rx.tasks.lock().expect("tasks").spawn(accept_loop(listener, weak, 1, cfg, None));
+        Ok(rx)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Reserves `blocks` for `request_id` until `deadline` (a lease: it expires if the sender never comes).
+    pub fn reserve(&self, request_id: u64, blocks: &[u32], deadline: Instant) -> Result<Reservation, TransferError> {
+        self.sessions.reserve(request_id, blocks, self.sink.n_blocks(), deadline)
+    }
+
+    /// Also listens on the Unix socket `path` for senders on this host, who then write
+    /// straight into the sink's shared segment (the sink must be a `ShmKv`).
+    pub fn listen_shm(self: &Arc<Self>, path: &std::path::Path, cfg: TcpConfig) -> Result<(), TransferError> {
+        let segment = self
+            .sink
+            .shm_segment()
+            .ok_or_else(|| TransferError::Protocol("this receiver's blocks are not in shared memory".into()))?;
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path)?;
+        let offer = wire::encode_shm_offer(self.sink.n_blocks() as u64, &segment);
+        let weak = Arc::downgrade(self);
+        self.tasks.lock().expect("tasks").spawn(accept_loop(listener, weak, 1 << 32, cfg, Some(offer)));
+        Ok(())
+    }
+
+    /// Live reservations.
+    pub fn active(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Stops accepting and closes every connection.
+    pub fn shutdown(&self) {
+        self.tasks.lock().expect("tasks").abort_all();
+    }
+}
+
+/// A listener the receiver accepts KV connections from.
+trait Acceptor: Send + 'static {
+    type Stream: VectoredStream + 'static;
+    fn accept_one(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Acceptor for TcpListener {
+    type Stream = TcpStream;
+    async fn accept_one(&self) -> std::io::Result<TcpStream> {
+        let (sock, _) = self.accept().await?;
+        sock.set_nodelay(true)?;
+        Ok(sock)
+    }
+}
+
+impl Acceptor for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<tokio::net::UnixStream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+/// Accepts connections until the receiver is dropped; each is served by its own task.
+/// `offer`: the shared-segment offer made on same-host connections.
+async fn accept_loop<L: Acceptor>(
+    listener: L,
+    receiver: std::sync::Weak<KvReceiver>,
+    first_conn: u64,
+    cfg: TcpConfig,
+    offer: Option<Vec<u8>>,
+) {
+    let mut next_conn = first_conn;
+    let mut conns = JoinSet::new();
+    loop {
+        let sock = match listener.accept_one().await {
+            Ok(sock) => sock,
+            // Out of descriptors and the like: back off instead of spinning.
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(rx) = receiver.upgrade() else { break };
+        let (sessions, sink, cfg, offer) = (rx.sessions.clone(), rx.sink.clone(), cfg.clone(), offer.clone());
+        let conn = next_conn;
+        next_conn += 1;
+        conns.spawn(async move {
+            let why = match serve_conn(sock, conn, &sessions, sink.as_ref(), &cfg, offer).await {
+                Ok(()) => "connection closed".to_string(),
+                Err(e) => e.to_string(),
+            };
+            sessions.conn_lost(conn, &why);
+        });
+        while conns.try_join_next().is_some() {}
+    }
+}
+
+impl Drop for KvReceiver {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+async fn read_hello<S: AsyncRead + Unpin>(s: &mut S, max: usize) -> Result<KvLayout, TransferError> {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).await?;
+    let head = wire::parse_header(&h, max.min(256)).map_err(|e| TransferError::Protocol(e.to_string()))?;
+    let mut buf = h.to_vec();
+    buf.resize(HEADER_LEN + head.body_len, 0);
+    s.read_exact(&mut buf[HEADER_LEN..]).await?;
+    match wire::decode(&buf, 256, 0).map_err(|e| TransferError::Protocol(e.to_string()))? {
+        Some((Frame::Hello(l), _)) => Ok(l),
+        Some((Frame::Error { message, .. }, _)) => Err(TransferError::LayoutMismatch(message)),
+        _ => Err(TransferError::Protocol("expected a Hello frame".into())),
+    }
+}
+
+/// One receiving connection: handshake, then frames until EOF or a protocol error.
+/// `offer`: on a shared-memory connection, the segment offer sent after `HelloOk`;
+/// in-place Blocks frames are accepted only then.
+pub(crate) async fn serve_conn<S: VectoredStream>(
+    mut sock: S,
+    conn: u64,
+    sessions: &Sessions,
+    sink: &dyn KvSink,
+    cfg: &TcpConfig,
+    offer: Option<Vec<u8>>,
+) -> Result<(), TransferError> {
+    let layout = sink.layout();
+    let theirs = read_hello(&mut sock, cfg.max_frame).await?;
+    if let Some(why) = layout.mismatch(&theirs) {
+        sock.write_all(&wire::encode_error(Code::LayoutMismatch, &why)).await?;
+        return Err(TransferError::LayoutMismatch(why));
+    }
+    sock.write_all(&wire::encode_hello_ok()).await?;
+    let in_place = offer.is_some();
+    if let Some(o) = offer {
+        sock.write_all(&o).await?;
+    }
+    let lbb = layout.layer_block_bytes();
+    let half = layout.half_block_bytes();
+    let mut small = Vec::new();
+    let mut scratch = vec![0u8; 64 << 10];
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        match sock.read_exact(&mut h).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let head = match wire::parse_header(&h, cfg.max_frame) {
+            Ok(head) => head,
+            Err(e) => {
+                let _ = sock.write_all(&wire::encode_error(Code::Protocol, &e.to_string())).await;
+                return Err(TransferError::Protocol(e.to_string()));
+            }
+        };
+        if head.kind == Kind::Blocks {
+            small.resize(BLOCKS_FIXED, 0);
+            sock.read_exact(&mut small).await?;
+            let fixed = match wire::parse_blocks_fixed(&small, head.body_len, lbb) {
+                Ok(f) if f.in_place && !in_place => {
+                    let why = "in-place blocks on a connection without a shared segment";
+                    let _ = sock.write_all(&wire::encode_error(Code::Protocol, why)).await;
+                    return Err(TransferError::Protocol(why.into()));
+                }
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = sock.write_all(&wire::encode_error(Code::Protocol, &e.to_string())).await;
+                    return Err(TransferError::Protocol(e.to_string()));
+                }
+            };
+            let (request_id, layer, n) = (fixed.request_id, fixed.layer, fixed.n_blocks);
+            small.resize(BLOCKS_FIXED + 4 * n, 0);
+            sock.read_exact(&mut small[BLOCKS_FIXED..]).await?;
+            let mut crc = crc32c::crc32c(&small);
+            let ids: Vec<u32> =
+                small[BLOCKS_FIXED..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect();
+            match sessions.admit(conn, request_id, layer, layout.n_layers, &ids) {
+                Admit::Ok => {
+                    // Addresses, not pointers, so the future stays Send. The blocks are reserved
+                    // for this request alone (admit checked it), and the sink guarantees `half`
+                    // writable bytes at each.
+                    let parts: Vec<(usize, usize)> = ids
+                        .iter()
+                        .flat_map(|&b| {
+                            let (k, v) = sink.block_ptrs(layer as usize, b as usize);
+                            [(k as usize, half), (v as usize, half)]
+                        })
+                        .collect();
+                    if !fixed.in_place {
+                        read_exact_vectored(&mut sock, &parts).await?;
+                        for &(addr, len) in &parts {
+                            // SAFETY: as above; the data is complete.
+                            crc = crc32c::crc32c_append(crc, unsafe {
+                                std::slice::from_raw_parts(addr as *const u8, len)
+                            });
+                        }
+                    }
+                    if crc != head.crc {
+                        let err = TransferError::Checksum(format!("request {request_id} layer {layer}"));
+                        sessions.fail(request_id, err.clone());
+                        sock.write_all(&wire::encode_ack(request_id, Code::Checksum, &err.to_string())).await?;
+                    } else {
+                        sessions.received(request_id, layer, &ids);
+                    }
+                }
+                Admit::Refuse(err) => {
+                    // Consume the payload, tell the sender, keep the connection.
+                    let mut left = if fixed.in_place { 0 } else { n * lbb };
+                    while left > 0 {
+                        let take = left.min(scratch.len());
+                        sock.read_exact(&mut scratch[..take]).await?;
+                        left -= take;
+                    }
+                    sessions.fail(request_id, err.clone());
+                    sock.write_all(&wire::encode_ack(request_id, err.code(), &err.to_string())).await?;
+                }
+            }
+            continue;
+        }
+        small.resize(HEADER_LEN + head.body_len, 0);
+        small[..HEADER_LEN].copy_from_slice(&h);
+        sock.read_exact(&mut small[HEADER_LEN..]).await?;
+        let frame = match wire::decode(&small, cfg.max_frame, lbb) {
+            Ok(Some((f, _))) => f,
+            Ok(None) => unreachable!("the whole frame was read"),
+            Err(e) => {
+                let _ = sock.write_all(&wire::encode_error(Code::Protocol, &e.to_string())).await;
+                return Err(TransferError::Protocol(e.to_string()));
+            }
+        };
+        match frame {
+            Frame::Finish { request_id, first_token, num_tokens } => {
+                let reply = match sessions.finish(request_id, layout.n_layers, Arrived { first_token, num_tokens }) {
+                    Ok(()) => wire::encode_ack(request_id, Code::Ok, ""),
+                    Err(e) => wire::encode_ack(request_id, e.code(), &e.to_string()),
+                };
+                sock.write_all(&reply).await?;
+            }
+            Frame::Abort { request_id, message, .. } => sessions.fail(request_id, TransferError::Aborted(message)),
+            other => {
+                let why = format!("unexpected {other:?} from a sender");
+                let _ = sock.write_all(&wire::encode_error(Code::Protocol, &why)).await;
+                return Err(TransferError::Protocol(why));
+            }
+        }
+    }
+}
+
+/// Streams the receiver can read into many buffers with one system call.
+pub(crate) trait VectoredStream: AsyncRead + AsyncWrite + Unpin + Send {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    fn try_read_vectored(&self, bufs: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<usize>;
+}
+
+impl VectoredStream for TcpStream {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        TcpStream::readable(self)
+    }
+    fn try_read_vectored(&self, bufs: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<usize> {
+        TcpStream::try_read_vectored(self, bufs)
+    }
+}
+
+impl VectoredStream for tokio::net::UnixStream {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        tokio::net::UnixStream::readable(self)
+    }
+    fn try_read_vectored(&self, bufs: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<usize> {
+        tokio::net::UnixStream::try_read_vectored(self, bufs)
+    }
+}
+
+/// Fills every buffer in `parts` (given as address and length, so the future stays Send)
+/// from the stream, many buffers per system call.
+async fn read_exact_vectored<S: VectoredStream>(s: &mut S, parts: &[(usize, usize)]) -> std::io::Result<()> {
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < parts.len() {
+        s.readable().await?;
+        loop {
+            let mut bufs: Vec<std::io::IoSliceMut<'_>> = parts[idx..]
+                .iter()
+                .take(512)
+                .enumerate()
+                .map(|(i, &(addr, len))| {
+                    let skip = if i == 0 { off } else { 0 };
+                    // SAFETY: the caller hands out disjoint writable ranges it owns for this read.
+                    std::io::IoSliceMut::new(unsafe {
+                        std::slice::from_raw_parts_mut((addr + skip) as *mut u8, len - skip)
+                    })
+                })
+                .collect();
+            match s.try_read_vectored(&mut bufs) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(mut n) => {
+                    while n > 0 && idx < parts.len() {
+                        let left = parts[idx].1 - off;
+                        if n >= left {
+                            n -= left;
+                            idx += 1;
+                            off = 0;
+                        } else {
+                            off += n;
+                            n = 0;
+                        }
+                    }
+                    if idx == parts.len() {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,407 @@
+//! The sending end of KV transfer (the prefill side).
+//!
+//! One persistent connection per receiver, shared by every session to it: TCP,
+//! or a Unix socket plus the receiver's mapped segment when both ends share a
+//! host (chosen by `open_target`, with a counted fallback to TCP). A writer task
+//! drains a bounded queue (the queue is the backpressure: a sender that
+//! outruns the network waits), a reader task routes the receiver's Acks to the
+//! sessions. `TCP_NODELAY` is set.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::error::TransferError;
+use crate::layout::KvLayout;
+use crate::shm::{host_id, ShmMap};
+use crate::wire::{self, Code, Frame, HEADER_LEN};
+
+use crate::config::TcpConfig;
+
+enum Outgoing {
+    Bytes(Vec<u8>),
+    Blocks { head: Vec<u8>, payload: Arc<Vec<u8>>, range: std::ops::Range<usize> },
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), TransferError>>>>>;
+
+struct Conn {
+    tx: mpsc::Sender<Outgoing>,
+    pending: Pending,
+    /// Set when the connection failed; new sessions reconnect.
+    dead: Arc<Mutex<Option<TransferError>>>,
+    tasks: JoinSet<()>,
+    /// The receiver's segment, on a same-host connection.
+    shm: Option<Arc<ShmMap>>,
+}
+
+/// Sends Hello and checks the answer; on a same-host connection also reads the segment offer.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut S,
+    layout: &KvLayout,
+    expect_offer: bool,
+) -> Result<Option<(u64, String)>, TransferError> {
+    sock.write_all(&wire::encode_hello(layout)).await?;
+    let mut offer = None;
+    for step in 0..1 + usize::from(expect_offer) {
+        let mut h = [0u8; HEADER_LEN];
+        sock.read_exact(&mut h).await?;
+        let head = wire::parse_header(&h, 4096).map_err(|e| TransferError::Protocol(e.to_string()))?;
+        let mut buf = h.to_vec();
+        buf.resize(HEADER_LEN + head.body_len, 0);
+        sock.read_exact(&mut buf[HEADER_LEN..]).await?;
+        match wire::decode(&buf, 4096, 0).map_err(|e| TransferError::Protocol(e.to_string()))? {
+            Some((Frame::HelloOk, _)) if step == 0 => {}
+            Some((Frame::ShmOffer { n_blocks, path }, _)) if step == 1 => offer = Some((n_blocks, path)),
+            Some((Frame::Error { code: Code::LayoutMismatch, message }, _)) => {
+                return Err(TransferError::LayoutMismatch(message))
+            }
+            Some((Frame::Error { message, .. }, _)) => return Err(TransferError::Protocol(message)),
+            _ => return Err(TransferError::Protocol("unexpected answer to Hello".into())),
+        }
+    }
+    Ok(offer)
+}
+
+/// Starts the writer and reader tasks of a handshaken connection.
+fn start_conn<R, W>(mut rd: R, mut wr: W, cfg: &TcpConfig, shm: Option<Arc<ShmMap>>) -> Conn
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(cfg.queue_frames);
+    let pending: Pending = Arc::default();
+    let dead: Arc<Mutex<Option<TransferError>>> = Arc::default();
+    let mut tasks = JoinSet::new();
+    let fail_all = |pending: &Pending, dead: &Arc<Mutex<Option<TransferError>>>, err: TransferError| {
+        *dead.lock().expect("dead") = Some(err.clone());
+        for (_, tx) in pending.lock().expect("pending").drain() {
+            let _ = tx.send(Err(err.clone()));
+        }
+    };
+    let (p2, d2) = (pending.clone(), dead.clone());
+    tasks.spawn(async move {
+        while let Some(out) = rx.recv().await {
+            let r = match out {
+                Outgoing::Bytes(b) => wr.write_all(&b).await,
+                Outgoing::Blocks { head, payload, range } => match wr.write_all(&head).await {
+                    Ok(()) => wr.write_all(&payload[range]).await,
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(e) = r {
+                fail_all(&p2, &d2, e.into());
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let (p3, d3, max) = (pending.clone(), dead.clone(), cfg.max_frame);
+    tasks.spawn(async move {
+        let err = loop {
+            let mut h = [0u8; HEADER_LEN];
+            if let Err(e) = rd.read_exact(&mut h).await {
+                break TransferError::from(e);
+            }
+            let head = match wire::parse_header(&h, max.min(1 << 16)) {
+                Ok(x) => x,
+                Err(e) => break TransferError::Protocol(e.to_string()),
+            };
+            let mut buf = h.to_vec();
+            buf.resize(HEADER_LEN + head.body_len, 0);
+            if let Err(e) = rd.read_exact(&mut buf[HEADER_LEN..]).await {
+                break e.into();
+            }
+            match wire::decode(&buf, 1 << 16, 0) {
+                Ok(Some((Frame::Ack { request_id, code, message }, _))) => {
+                    if let Some(tx) = p3.lock().expect("pending").remove(&request_id) {
+                        let _ = tx.send(if code == Code::Ok {
+                            Ok(())
+                        } else {
+                            Err(TransferError::from_code(code, request_id, message))
+                        });
+                    }
+                }
+                Ok(Some((Frame::Error { code, message }, _))) => break TransferError::from_code(code, 0, message),
+                Ok(_) => break TransferError::Protocol("unexpected frame from a receiver".into()),
+                Err(e) => break TransferError::Protocol(e.to_string()),
+            }
+        };
+        fail_all(&p3, &d3, err);
+    });
+    Conn { tx, pending, dead, tasks, shm }
+}
+
+/// Where a receiver listens: always TCP; also a Unix socket for senders on its host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvTarget {
+    pub tcp: SocketAddr,
+    pub local: Option<LocalTarget>,
+}
+
+/// A receiver's same-host endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalTarget {
+    pub uds: PathBuf,
+    /// The receiver's `host_id()`; shared memory is used only when it equals the sender's.
+    pub host: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ConnKey {
+    Tcp(SocketAddr),
+    Uds(PathBuf),
+}
+
+/// Sends KV to receivers; one persistent connection per receiver.
+pub struct KvSender {
+    layout: KvLayout,
+    cfg: TcpConfig,
+    conns: tokio::sync::Mutex<HashMap<ConnKey, Arc<Mutex<Conn>>>>,
+    fallbacks: AtomicU64,
+}
+
+impl KvSender {
+    pub fn new(layout: KvLayout, cfg: TcpConfig) -> Self {
+        KvSender { layout, cfg, conns: tokio::sync::Mutex::new(HashMap::new()), fallbacks: AtomicU64::new(0) }
+    }
+
+    async fn conn(&self, key: &ConnKey, deadline: Instant) -> Result<Arc<Mutex<Conn>>, TransferError> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(key) {
+            if c.lock().expect("conn").dead.lock().expect("dead").is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let timeout = || TransferError::Deadline(format!("connecting to {key:?}"));
+        let c = match key {
+            ConnKey::Tcp(addr) => {
+                let mut sock =
+                    tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await.map_err(|_| timeout())??;
+                sock.set_nodelay(true)?;
+                tokio::time::timeout_at(deadline, handshake(&mut sock, &self.layout, false))
+                    .await
+                    .map_err(|_| timeout())??;
+                let (rd, wr) = sock.into_split();
+                start_conn(rd, wr, &self.cfg, None)
+            }
+            ConnKey::Uds(path) => {
+                let mut sock = tokio::time::timeout_at(deadline, tokio::net::UnixStream::connect(path))
+                    .await
+                    .map_err(|_| timeout())??;
+                let offer = tokio::time::timeout_at(deadline, handshake(&mut sock, &self.layout, true))
+                    .await
+                    .map_err(|_| timeout())??;
+                let (n_blocks, seg) =
+                    offer.ok_or_else(|| TransferError::Protocol("no shared segment offered".into()))?;
+                let map = ShmMap::open(&seg, self.layout, n_blocks)?;
+                let (rd, wr) = sock.into_split();
+                start_conn(rd, wr, &self.cfg, Some(Arc::new(map)))
+            }
+        };
+        let c = Arc::new(Mutex::new(c));
+        conns.insert(key.clone(), c.clone());
+        Ok(c)
+    }
+
+    /// Opens a session toward `target`: through shared memory when the receiver is on this
+    /// host and offers it, else over TCP (a failed shared-memory attempt falls back to TCP).
+    pub async fn open_target(
+        &self,
+        target: &KvTarget,
+        request_id: u64,
+        deadline: Instant,
+    ) -> Result<SendSession, TransferError> {
+        if let Some(local) = target.local.as_ref().filter(|l| l.host == host_id()) {
+            match self.open_key(&ConnKey::Uds(local.uds.clone()), request_id, deadline).await {
+                Ok(s) => return Ok(s),
+                Err(TransferError::LayoutMismatch(m)) => return Err(TransferError::LayoutMismatch(m)),
+                Err(_) => {
+                    self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.open_key(&ConnKey::Tcp(target.tcp), request_id, deadline).await
+    }
+
+    /// Times a shared-memory attempt failed and TCP was used instead.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Opens a session for `request_id` toward the receiver at `addr`, over TCP.
+    pub async fn open(
+        &self,
+        addr: SocketAddr,
+        request_id: u64,
+        deadline: Instant,
+    ) -> Result<SendSession, TransferError> {
+        self.open_key(&ConnKey::Tcp(addr), request_id, deadline).await
+    }
+
+    async fn open_key(&self, key: &ConnKey, request_id: u64, deadline: Instant) -> Result<SendSession, TransferError> {
+        let conn = self.conn(key, deadline).await?;
+        let (tx, rx) = oneshot::channel();
+        let (queue, dead, shm) = {
+            let c = conn.lock().expect("conn");
+            c.pending.lock().expect("pending").insert(request_id, tx);
+            (c.tx.clone(), c.dead.clone(), c.shm.clone())
+        };
+        Ok(SendSession {
+            request_id,
+            deadline,
+            queue,
+            dead,
+            verdict: Some(rx),
+            layout: self.layout,
+            chunk_bytes: self.cfg.chunk_bytes,
+            done: false,
+            shm,
+        })
+    }
+
+    /// Closes every connection.
+    pub async fn shutdown(&self) {
+        for (_, c) in self.conns.lock().await.drain() {
+            c.lock().expect("conn").tasks.abort_all();
+        }
+    }
+}
+
+/// One request's transfer from the sending side.
+pub struct SendSession {
+    pub request_id: u64,
+    deadline: Instant,
+    queue: mpsc::Sender<Outgoing>,
+    dead: Arc<Mutex<Option<TransferError>>>,
+    verdict: Option<oneshot::Receiver<Result<(), TransferError>>>,
+    layout: KvLayout,
+    chunk_bytes: usize,
+    done: bool,
+    shm: Option<Arc<ShmMap>>,
+}
+
+impl SendSession {
+    /// "shm" or "tcp".
+    pub fn transport(&self) -> &'static str {
+        if self.shm.is_some() {
+            "shm"
+        } else {
+            "tcp"
+        }
+    }
+
+    fn early_error(&mut self) -> Result<(), TransferError> {
+        if let Some(rx) = self.verdict.as_mut() {
+            if let Ok(Err(e)) = rx.try_recv() {
+                self.verdict = None;
+                return Err(e);
+            }
+        }
+        if let Some(e) = self.dead.lock().expect("dead").clone() {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn push(&mut self, out: Outgoing) -> Result<(), TransferError> {
+        match tokio::time::timeout_at(self.deadline, self.queue.send(out)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(TransferError::PeerGone("connection closed".into())),
+            Err(_) => Err(TransferError::Deadline(format!("request {}: the send queue stayed full", self.request_id))),
+        }
+    }
+
+    /// Like `send_layer`, from borrowed memory: on a same-host connection the blocks are
+    /// written into the receiver's segment straight from `payload`, with no copy of our own.
+    pub async fn send_layer_from(
+        &mut self,
+        layer: u16,
+        block_ids: &[u32],
+        payload: &[u8],
+    ) -> Result<(), TransferError> {
+        if let Some(shm) = self.shm.clone() {
+            self.early_error()?;
+            if payload.len() != block_ids.len() * self.layout.layer_block_bytes() {
+                return Err(TransferError::Protocol(format!(
+                    "payload of {} bytes for {} blocks",
+                    payload.len(),
+                    block_ids.len()
+                )));
+            }
+            shm.write(layer, block_ids, payload)?;
+            let frame = wire::encode_blocks_in_place(self.request_id, layer, block_ids);
+            return self.push(Outgoing::Bytes(frame)).await;
+        }
+        self.send_layer(layer, block_ids, payload.to_vec()).await
+    }
+
+    /// Queues one layer of K/V for `block_ids` (payload: per block K then V). Waits while
+    /// the connection's queue is full; fails at once if the receiver already refused the session.
+    pub async fn send_layer(&mut self, layer: u16, block_ids: &[u32], payload: Vec<u8>) -> Result<(), TransferError> {
+        self.early_error()?;
+        let lbb = self.layout.layer_block_bytes();
+        if payload.len() != block_ids.len() * lbb {
+            return Err(TransferError::Protocol(format!(
+                "payload of {} bytes for {} blocks",
+                payload.len(),
+                block_ids.len()
+            )));
+        }
+        if let Some(shm) = &self.shm {
+            // Same host: write the blocks in place, then ring the doorbell.
+            shm.write(layer, block_ids, &payload)?;
+            let frame = wire::encode_blocks_in_place(self.request_id, layer, block_ids);
+            return self.push(Outgoing::Bytes(frame)).await;
+        }
+        let per_frame = (self.chunk_bytes / lbb).max(1);
+        let payload = Arc::new(payload);
+        for (i, ids) in block_ids.chunks(per_frame).enumerate() {
+            let range = i * per_frame * lbb..(i * per_frame + ids.len()) * lbb;
+            let head = wire::encode_blocks_head(self.request_id, layer, ids, &[&payload[range.clone()]]);
+            self.push(Outgoing::Blocks { head, payload: payload.clone(), range }).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the final frame with the first sampled token and waits for the receiver's verdict.
+    pub async fn finish(mut self, first_token: u32, num_tokens: u32) -> Result<(), TransferError> {
+        self.early_error()?;
+        self.push(Outgoing::Bytes(wire::encode_finish(self.request_id, first_token, num_tokens))).await?;
+        self.done = true;
+        let rx = self.verdict.take().ok_or_else(|| TransferError::Protocol("session already failed".into()))?;
+        match tokio::time::timeout_at(self.deadline, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(TransferError::PeerGone("connection closed before the verdict".into())),
+            Err(_) => {
+                Err(TransferError::Deadline(format!("request {}: no verdict from the receiver", self.request_id)))
+            }
+        }
+    }
+
+    /// Tells the receiver to drop the session (its blocks are freed there).
+    pub async fn abort(mut self, why: &str) {
+        self.done = true;
+        let _ = self.queue.try_send(Outgoing::Bytes(wire::encode_abort(self.request_id, Code::Aborted, why)));
+    }
+}
+
+impl Drop for SendSession {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.queue.try_send(Outgoing::Bytes(wire::encode_abort(
+                self.request_id,
+                Code::Aborted,
+                "sender dropped the session",
+            )));
+        }
+    }
+}
