@@ -205,7 +205,10 @@ impl Engine {
             })
             .collect();
         let mut cached_tokens = 0;
+        // Steps in a row that scheduled nothing: the scheduler is stuck (a bug), not slow.
+        let mut idle_steps = 0;
         while choices.iter().any(Option::is_none) {
+            let before = self.engine.stats().scheduled_tokens;
             let outs = match self.engine.step() {
                 Ok(o) => o,
                 Err(e) => {
@@ -215,6 +218,11 @@ impl Engine {
             };
             if outs.is_empty() && !self.engine.has_unfinished() {
                 return Err(EngineError::InvalidRequest("the request ended without output".into()));
+            }
+            idle_steps = if self.engine.stats().scheduled_tokens == before { idle_steps + 1 } else { 0 };
+            if idle_steps > 100 {
+                self.engine.abort(group);
+                return Err(EngineError::OutOfBlocks("the scheduler made no progress for 100 steps".into()));
             }
             for o in outs.into_iter().filter(|o| o.group == group) {
                 cached_tokens = cached_tokens.max(o.cached_tokens);
