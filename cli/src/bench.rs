@@ -48,6 +48,9 @@ pub struct EngineBenchArgs {
     /// Decode steps per timed repetition.
     #[arg(long, default_value_t = 32)]
     pub decode_steps: usize,
+    /// Run only these tests (e.g. `pp512,tg32`); default: all of pp128, pp512, tg1, tg8, tg32.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// Offline throughput instead: submit `--requests` at once and run them to completion
     /// through the scheduler (vLLM's throughput-benchmark shape).
     #[arg(long)]
@@ -109,13 +112,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     };
 
     let mut prefill = serde_json::Map::new();
-    for n in PREFILL {
+    let wanted = |name: &str| a.only.is_empty() || a.only.iter().any(|o| o == name);
+    for n in PREFILL.into_iter().filter(|n| wanted(&format!("pp{n}"))) {
         let v = median((0..reps + 1).map(|_| prefill_once(&model, n)).skip(1).collect())?;
         row(&format!("pp{n}"), v);
         prefill.insert(n.to_string(), v.into());
     }
     let mut decode = serde_json::Map::new();
-    for b in DECODE_BATCH {
+    for b in DECODE_BATCH.into_iter().filter(|b| wanted(&format!("tg{b}"))) {
         let v = decode_bench(&model, b, a.decode_steps.max(1), reps)?;
         row(&format!("tg b{b} @ ctx{DECODE_CONTEXT}"), v);
         decode.insert(b.to_string(), v.into());
