@@ -190,40 +190,48 @@ mod tests {
             ks.push(k);
             vs.push(v);
         }
-        let group = 3;
-        let q: Vec<f32> = (0..group * 32).map(|_| rnd(&mut seed) * 2.0).collect();
-        for head in 0..2 {
-            // Plain reference over the rounded-through-E values.
-            let mut want = vec![0f32; group * 32];
-            for g in 0..group {
-                let mut s: Vec<f32> = (0..ctx)
-                    .map(|p| {
-                        (0..32).map(|i| q[g * 32 + i] * E::from_f32(ks[p][head * 32 + i]).to_f32()).sum::<f32>() * 0.2
-                    })
-                    .collect();
-                softmax_in_place(&mut s);
-                for p in 0..ctx {
-                    for i in 0..32 {
-                        want[g * 32 + i] += s[p] * E::from_f32(vs[p][head * 32 + i]).to_f32();
+        // Group sizes that exercise the SIMD path's chunks of up to four query heads.
+        for group in [1, 3, 5] {
+            let q: Vec<f32> = (0..group * 32).map(|_| rnd(&mut seed) * 2.0).collect();
+            for head in 0..2 {
+                // Plain reference over the rounded-through-E values.
+                let mut want = vec![0f32; group * 32];
+                for g in 0..group {
+                    let mut s: Vec<f32> = (0..ctx)
+                        .map(|p| {
+                            (0..32).map(|i| q[g * 32 + i] * E::from_f32(ks[p][head * 32 + i]).to_f32()).sum::<f32>()
+                                * 0.2
+                        })
+                        .collect();
+                    softmax_in_place(&mut s);
+                    for p in 0..ctx {
+                        for i in 0..32 {
+                            want[g * 32 + i] += s[p] * E::from_f32(vs[p][head * 32 + i]).to_f32();
+                        }
                     }
                 }
-            }
-            for isa in Isa::available() {
-                let args = AttendArgs {
-                    shape,
-                    q: &q,
-                    k_cache: &kc,
-                    v_cache: &vc,
-                    kv_head: head,
-                    block_table: &table,
-                    ctx_len: ctx,
-                    scale: 0.2,
-                };
-                let mut out = vec![0f32; group * 32];
-                let mut scores = vec![0f32; group * ctx];
-                attend(isa, &args, &mut out, &mut scores);
-                for i in 0..group * 32 {
-                    assert!((out[i] - want[i]).abs() < 1e-5, "{isa:?} head {head} i {i}: {} vs {}", out[i], want[i]);
+                for isa in Isa::available() {
+                    let args = AttendArgs {
+                        shape,
+                        q: &q,
+                        k_cache: &kc,
+                        v_cache: &vc,
+                        kv_head: head,
+                        block_table: &table,
+                        ctx_len: ctx,
+                        scale: 0.2,
+                    };
+                    let mut out = vec![0f32; group * 32];
+                    let mut scores = vec![0f32; group * ctx];
+                    attend(isa, &args, &mut out, &mut scores);
+                    for i in 0..group * 32 {
+                        assert!(
+                            (out[i] - want[i]).abs() < 1e-5,
+                            "{isa:?} group {group} head {head} i {i}: {} vs {}",
+                            out[i],
+                            want[i]
+                        );
+                    }
                 }
             }
         }

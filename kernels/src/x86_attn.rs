@@ -39,22 +39,49 @@ unsafe fn load16<E: KvElem>(p: *const E) -> __m512 {
 
 #[target_feature(enable = "avx512f,f16c")]
 pub unsafe fn attend_avx512<E: KvElem>(a: &AttendArgs<'_, E>, out: &mut [f32], scores: &mut [f32]) {
-    unsafe {
-        match a.shape.head_dim / 16 {
-            1 => attend_nv::<E, 1>(a, out, scores),
-            2 => attend_nv::<E, 2>(a, out, scores),
-            4 => attend_nv::<E, 4>(a, out, scores),
-            8 => attend_nv::<E, 8>(a, out, scores),
-            _ => attend_scalar(a, out, scores),
+    let hd = a.shape.head_dim;
+    let group = a.q.len() / hd;
+    // Query heads sharing this KV head go through in chunks of up to four: each K and V row
+    // is converted once per chunk and used by every head in it, from registers.
+    let mut h = 0;
+    while h < group {
+        let g = (group - h).min(4);
+        let sub = AttendArgs { q: &a.q[h * hd..(h + g) * hd], ..*a };
+        let o = &mut out[h * hd..(h + g) * hd];
+        unsafe {
+            match (hd / 16, g) {
+                (1, 1) => attend_grouped::<E, 1, 1>(&sub, o, scores),
+                (1, 2) => attend_grouped::<E, 1, 2>(&sub, o, scores),
+                (1, 3) => attend_grouped::<E, 1, 3>(&sub, o, scores),
+                (1, _) => attend_grouped::<E, 1, 4>(&sub, o, scores),
+                (2, 1) => attend_grouped::<E, 2, 1>(&sub, o, scores),
+                (2, 2) => attend_grouped::<E, 2, 2>(&sub, o, scores),
+                (2, 3) => attend_grouped::<E, 2, 3>(&sub, o, scores),
+                (2, _) => attend_grouped::<E, 2, 4>(&sub, o, scores),
+                (4, 1) => attend_grouped::<E, 4, 1>(&sub, o, scores),
+                (4, 2) => attend_grouped::<E, 4, 2>(&sub, o, scores),
+                (4, 3) => attend_grouped::<E, 4, 3>(&sub, o, scores),
+                (4, _) => attend_grouped::<E, 4, 4>(&sub, o, scores),
+                (8, 1) => attend_grouped::<E, 8, 1>(&sub, o, scores),
+                (8, 2) => attend_grouped::<E, 8, 2>(&sub, o, scores),
+                (8, 3) => attend_grouped::<E, 8, 3>(&sub, o, scores),
+                (8, _) => attend_grouped::<E, 8, 4>(&sub, o, scores),
+                _ => attend_scalar(&sub, o, scores),
+            }
         }
+        h += g;
     }
 }
 
+/// `G` query heads of `NV * 16` dimensions against one KV head.
 #[target_feature(enable = "avx512f,f16c")]
-unsafe fn attend_nv<E: KvElem, const NV: usize>(a: &AttendArgs<'_, E>, out: &mut [f32], scores: &mut [f32]) {
+unsafe fn attend_grouped<E: KvElem, const NV: usize, const G: usize>(
+    a: &AttendArgs<'_, E>,
+    out: &mut [f32],
+    scores: &mut [f32],
+) {
     let sh = a.shape;
     let hd = sh.head_dim;
-    let group = a.q.len() / hd;
     let n = a.ctx_len;
     let bs = sh.block_size;
     let n_blocks = n.div_ceil(bs);
@@ -64,44 +91,56 @@ unsafe fn attend_nv<E: KvElem, const NV: usize>(a: &AttendArgs<'_, E>, out: &mut
         let end = sh.offset(b as usize, a.kv_head, bs - 1) + hd;
         assert!(end <= a.k_cache.len() && end <= a.v_cache.len(), "block {b} outside the cache");
     }
+    assert!(scores.len() >= G * n && out.len() >= G * hd);
     unsafe {
-        // Scores: q . k for every position, one K row converted once per query head group.
-        for g in 0..group {
-            let mut q = [_mm512_setzero_ps(); NV];
-            for (c, qv) in q.iter_mut().enumerate() {
+        // Scores: every head's q . k, one K row converted once for all G heads.
+        let mut q = [[_mm512_setzero_ps(); NV]; G];
+        for (g, qg) in q.iter_mut().enumerate() {
+            for (c, qv) in qg.iter_mut().enumerate() {
                 *qv = _mm512_mul_ps(_mm512_loadu_ps(a.q.as_ptr().add(g * hd + c * 16)), scale);
             }
-            let srow = scores.as_mut_ptr().add(g * n);
-            for bi in 0..n_blocks {
-                let base = a.k_cache.as_ptr().add(sh.offset(a.block_table[bi] as usize, a.kv_head, 0));
-                let slots = bs.min(n - bi * bs);
-                for s in 0..slots {
-                    let k = base.add(s * hd);
-                    let mut acc = _mm512_mul_ps(q[0], load16(k));
-                    for (c, qv) in q.iter().enumerate().skip(1) {
-                        acc = _mm512_fmadd_ps(*qv, load16(k.add(c * 16)), acc);
-                    }
-                    *srow.add(bi * bs + s) = _mm512_reduce_add_ps(acc);
-                }
-            }
-            softmax512(std::slice::from_raw_parts_mut(srow, n));
         }
-        // Output: probability-weighted sum of V rows.
-        for g in 0..group {
-            let mut acc = [_mm512_setzero_ps(); NV];
-            let srow = scores.as_ptr().add(g * n);
-            for bi in 0..n_blocks {
-                let base = a.v_cache.as_ptr().add(sh.offset(a.block_table[bi] as usize, a.kv_head, 0));
-                let slots = bs.min(n - bi * bs);
-                for s in 0..slots {
-                    let p = _mm512_set1_ps(*srow.add(bi * bs + s));
-                    let v = base.add(s * hd);
-                    for (c, av) in acc.iter_mut().enumerate() {
-                        *av = _mm512_fmadd_ps(p, load16(v.add(c * 16)), *av);
+        let sp = scores.as_mut_ptr();
+        for bi in 0..n_blocks {
+            let base = a.k_cache.as_ptr().add(sh.offset(a.block_table[bi] as usize, a.kv_head, 0));
+            for s in 0..bs.min(n - bi * bs) {
+                let kp = base.add(s * hd);
+                let mut k = [_mm512_setzero_ps(); NV];
+                for (c, kv) in k.iter_mut().enumerate() {
+                    *kv = load16(kp.add(c * 16));
+                }
+                for (g, qg) in q.iter().enumerate() {
+                    let mut acc = _mm512_mul_ps(qg[0], k[0]);
+                    for c in 1..NV {
+                        acc = _mm512_fmadd_ps(qg[c], k[c], acc);
+                    }
+                    *sp.add(g * n + bi * bs + s) = _mm512_reduce_add_ps(acc);
+                }
+            }
+        }
+        for g in 0..G {
+            softmax512(std::slice::from_raw_parts_mut(sp.add(g * n), n));
+        }
+        // Output: probability-weighted sum of V rows, one V row converted once for all G heads.
+        let mut acc = [[_mm512_setzero_ps(); NV]; G];
+        for bi in 0..n_blocks {
+            let base = a.v_cache.as_ptr().add(sh.offset(a.block_table[bi] as usize, a.kv_head, 0));
+            for s in 0..bs.min(n - bi * bs) {
+                let vp = base.add(s * hd);
+                let mut v = [_mm512_setzero_ps(); NV];
+                for (c, vv) in v.iter_mut().enumerate() {
+                    *vv = load16(vp.add(c * 16));
+                }
+                for (g, ag) in acc.iter_mut().enumerate() {
+                    let p = _mm512_set1_ps(*sp.add(g * n + bi * bs + s));
+                    for c in 0..NV {
+                        ag[c] = _mm512_fmadd_ps(p, v[c], ag[c]);
                     }
                 }
             }
-            for (c, av) in acc.iter().enumerate() {
+        }
+        for (g, ag) in acc.iter().enumerate() {
+            for (c, av) in ag.iter().enumerate() {
                 _mm512_storeu_ps(out.as_mut_ptr().add(g * hd + c * 16), *av);
             }
         }
