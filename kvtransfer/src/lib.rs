@@ -32,7 +32,7 @@ pub use config::TcpConfig;
 pub use error::TransferError;
 pub use layout::{KvDtypeWire, KvLayout};
 pub use receiver::KvReceiver;
-pub use sender::{KvSender, KvTarget, LocalTarget, SendSession};
+pub use sender::{BufferPool, KvSender, KvTarget, LocalTarget, SendSession};
 pub use session::{Arrived, Reservation};
 pub use shm::{host_id, ShmKv};
 pub use sink::{HostKv, KvSink};

@@ -33,8 +33,33 @@ enum Outgoing {
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), TransferError>>>>>;
 
+/// Payload buffers the writer hands back once written, so steady sending reuses memory
+/// instead of faulting in fresh pages for every layer.
+#[derive(Clone, Default)]
+pub struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl BufferPool {
+    /// Buffers kept at most.
+    const KEEP: usize = 64;
+
+    /// An empty buffer, reusing a returned one when there is one.
+    pub fn take(&self) -> Vec<u8> {
+        let mut v = self.0.lock().expect("pool").pop().unwrap_or_default();
+        v.clear();
+        v
+    }
+
+    fn give(&self, v: Vec<u8>) {
+        let mut pool = self.0.lock().expect("pool");
+        if pool.len() < Self::KEEP {
+            pool.push(v);
+        }
+    }
+}
+
 struct Conn {
     tx: mpsc::Sender<Outgoing>,
+    pool: BufferPool,
     pending: Pending,
     /// Set when the connection failed; new sessions reconnect.
     dead: Arc<Mutex<Option<TransferError>>>,
@@ -78,6 +103,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, mut rx) = mpsc::channel::<Outgoing>(cfg.queue_frames);
+    let pool = BufferPool::default();
+    let writer_pool = pool.clone();
     let pending: Pending = Arc::default();
     let dead: Arc<Mutex<Option<TransferError>>> = Arc::default();
     let mut tasks = JoinSet::new();
@@ -92,10 +119,16 @@ where
         while let Some(out) = rx.recv().await {
             let r = match out {
                 Outgoing::Bytes(b) => wr.write_all(&b).await,
-                Outgoing::Blocks { head, payload, range } => match wr.write_all(&head).await {
-                    Ok(()) => wr.write_all(&payload[range]).await,
-                    Err(e) => Err(e),
-                },
+                Outgoing::Blocks { head, payload, range } => {
+                    let r = match wr.write_all(&head).await {
+                        Ok(()) => wr.write_all(&payload[range]).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Ok(v) = Arc::try_unwrap(payload) {
+                        writer_pool.give(v);
+                    }
+                    r
+                }
             };
             if let Err(e) = r {
                 fail_all(&p2, &d2, e.into());
@@ -137,7 +170,7 @@ where
         };
         fail_all(&p3, &d3, err);
     });
-    Conn { tx, pending, dead, tasks, shm }
+    Conn { tx, pool, pending, dead, tasks, shm }
 }
 
 /// Where a receiver listens: always TCP; also a Unix socket for senders on its host.
@@ -250,10 +283,10 @@ impl KvSender {
     async fn open_key(&self, key: &ConnKey, request_id: u64, deadline: Instant) -> Result<SendSession, TransferError> {
         let conn = self.conn(key, deadline).await?;
         let (tx, rx) = oneshot::channel();
-        let (queue, dead, shm) = {
+        let (queue, dead, shm, pool) = {
             let c = conn.lock().expect("conn");
             c.pending.lock().expect("pending").insert(request_id, tx);
-            (c.tx.clone(), c.dead.clone(), c.shm.clone())
+            (c.tx.clone(), c.dead.clone(), c.shm.clone(), c.pool.clone())
         };
         Ok(SendSession {
             request_id,
@@ -265,6 +298,7 @@ impl KvSender {
             chunk_bytes: self.cfg.chunk_bytes,
             done: false,
             shm,
+            pool,
         })
     }
 
@@ -287,9 +321,15 @@ pub struct SendSession {
     chunk_bytes: usize,
     done: bool,
     shm: Option<Arc<ShmMap>>,
+    pool: BufferPool,
 }
 
 impl SendSession {
+    /// The connection's buffer pool: fill `pool.take()` and pass it to `send_layer`.
+    pub fn buffers(&self) -> BufferPool {
+        self.pool.clone()
+    }
+
     /// "shm" or "tcp".
     pub fn transport(&self) -> &'static str {
         if self.shm.is_some() {
@@ -341,7 +381,9 @@ impl SendSession {
             let frame = wire::encode_blocks_in_place(self.request_id, layer, block_ids);
             return self.push(Outgoing::Bytes(frame)).await;
         }
-        self.send_layer(layer, block_ids, payload.to_vec()).await
+        let mut buf = self.pool.take();
+        buf.extend_from_slice(payload);
+        self.send_layer(layer, block_ids, buf).await
     }
 
     /// Queues one layer of K/V for `block_ids` (payload: per block K then V). Waits while

@@ -30,6 +30,7 @@ const QUEUE_LAYERS: usize = 8;
 
 pub struct LayerShipper {
     tx: Option<mpsc::Sender<(u16, Vec<u8>)>>,
+    buffers: tandem_kvtransfer::BufferPool,
     src: Vec<BlockId>,
     task: JoinHandle<Result<SendSession, TransferError>>,
     /// Bytes handed to the sender so far.
@@ -46,18 +47,21 @@ impl LayerShipper {
         dst: Vec<u32>,
     ) -> LayerShipper {
         let (tx, mut rx) = mpsc::channel::<(u16, Vec<u8>)>(QUEUE_LAYERS);
+        let buffers = session.buffers();
         let task = rt.spawn(async move {
             while let Some((layer, payload)) = rx.recv().await {
                 session.send_layer(layer, &dst, payload).await?;
             }
             Ok(session)
         });
-        LayerShipper { tx: Some(tx), src, task, bytes: 0 }
+        LayerShipper { tx: Some(tx), buffers, src, task, bytes: 0 }
     }
 
     /// The forward pass's per-layer hook. Call from the compute thread, never from the runtime.
     pub fn on_layer(&mut self, layer: usize, kv: LayerKvBytes<'_>) {
-        let mut payload = Vec::with_capacity(self.src.len() * 2 * kv.half_block_bytes);
+        // A recycled buffer: no fresh pages to fault in for every layer.
+        let mut payload = self.buffers.take();
+        payload.reserve(self.src.len() * 2 * kv.half_block_bytes);
         kv.gather(&self.src, &mut payload);
         self.bytes += payload.len();
         if let Some(tx) = &self.tx {
