@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use tandem_engine::gguf::GgufFile;
-use tandem_engine::kv_cache::{blocks_for_tokens, BlockAllocator, BlockId, KvCache, KvDtype};
+use tandem_engine::kv_cache::{blocks_for_tokens, BlockId, KvCache, KvDtype};
 use tandem_engine::llm_engine::{EngineRequest, LlmEngine, LlmEngineConfig};
 use tandem_engine::model::{ForwardBatch, LogitsWanted, Model, ModelOptions, Scratch};
 use tandem_engine::sampling::SamplingParams;
@@ -171,9 +171,9 @@ fn prefill_once(model: &Model, n: usize) -> f64 {
 /// Generated tokens per second across `b` sequences that each hold `DECODE_CONTEXT` tokens.
 fn decode_bench(model: &Model, b: usize, steps: usize, reps: usize) -> Result<f64> {
     let per_seq = blocks_for_tokens(DECODE_CONTEXT + steps * (reps + 1), BLOCK);
-    let mut alloc = BlockAllocator::new(b * per_seq);
     let mut kv = KvCache::new(model.kv_shape(BLOCK), model.config.n_layers, b * per_seq, KvDtype::F16)?;
-    let tables: Vec<Vec<BlockId>> = (0..b).map(|_| alloc.allocate(per_seq)).collect::<Result<_, _>>()?;
+    let tables: Vec<Vec<BlockId>> =
+        (0..b).map(|i| (i * per_seq..(i + 1) * per_seq).map(|x| BlockId(x as u32)).collect()).collect();
     let mut scratch = Scratch::default();
     // Fill every sequence's context, up to 512 tokens per forward call.
     let prompts: Vec<Vec<u32>> = (0..b).map(|i| tokens(DECODE_CONTEXT, 1000 + i as u64)).collect();

@@ -30,6 +30,12 @@ fn ids(v: &Value) -> Vec<u64> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
 }
 
+/// `tandem generate` on a fixture's input (`--prompt` or `--chat`), greedy, JSON out.
+fn greedy_json(case: &Value, flag: &str, max_tokens: &str) -> Value {
+    let input = case["input"].as_str().unwrap();
+    json_of(&tandem(&["generate", flag, input, "--temperature", "0", "--max-tokens", max_tokens, "--json"]))
+}
+
 fn fixture_case(name: &str) -> Value {
     let p = root().join("tests/fixtures/llama_cpp/reference.json");
     let fx: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
@@ -57,17 +63,7 @@ fn assert_matches_reference(case: &Value, got: &[u64]) {
 fn greedy_raw_prompt_matches_llama_cpp() {
     model_path();
     let case = fixture_case("arithmetic");
-    let out = tandem(&[
-        "generate",
-        "--prompt",
-        case["input"].as_str().unwrap(),
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "64",
-        "--json",
-    ]);
-    let v = json_of(&out);
+    let v = greedy_json(&case, "--prompt", "64");
     assert_eq!(ids(&v["prompt_token_ids"]), ids(&case["prompt_token_ids"]));
     assert_matches_reference(&case, &ids(&v["token_ids"]));
     assert!(v["finish_reason"] == "length" || v["finish_reason"] == "stop");
@@ -78,17 +74,7 @@ fn greedy_raw_prompt_matches_llama_cpp() {
 fn greedy_chat_applies_the_template_and_matches_llama_cpp() {
     model_path();
     let case = fixture_case("list-fruits");
-    let out = tandem(&[
-        "generate",
-        "--chat",
-        case["input"].as_str().unwrap(),
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "64",
-        "--json",
-    ]);
-    let v = json_of(&out);
+    let v = greedy_json(&case, "--chat", "64");
     assert_eq!(
         ids(&v["prompt_token_ids"]),
         ids(&case["prompt_token_ids"]),
@@ -102,17 +88,7 @@ fn eos_ends_generation_with_stop() {
     // german-weather ends with EOS after 25 tokens in llama.cpp.
     let case = fixture_case("german-weather");
     assert_eq!(case["finish_reason"], "stop");
-    let out = tandem(&[
-        "generate",
-        "--chat",
-        case["input"].as_str().unwrap(),
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "200",
-        "--json",
-    ]);
-    let v = json_of(&out);
+    let v = greedy_json(&case, "--chat", "200");
     let got = ids(&v["token_ids"]);
     if got == ids(&case["generated_token_ids"]) {
         assert_eq!(v["finish_reason"], "stop");

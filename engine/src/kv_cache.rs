@@ -3,11 +3,8 @@
 //!
 //! Storage is `[layer] -> [block][kv_head][slot][head_dim]` (see
 //! `tandem_kernels::attention`). A sequence owns an append-only block table;
-//! nothing else knows where its tokens live. The allocator is a pure data
-//! structure: a free queue (in the order blocks should be reused) and
-//! reference counts, so shared prefix blocks can have several owners.
-
-use std::collections::VecDeque;
+//! nothing else knows where its tokens live. Which block belongs to whom is
+//! the block manager's business (`block_manager.rs`), not this module's.
 
 use half::f16;
 use tandem_kernels::{KvElem, KvShape};
@@ -149,62 +146,6 @@ impl KvCache {
     }
 }
 
-/// Hands out blocks; counts owners; returns freed blocks to the back of the free queue.
-#[derive(Debug, Clone)]
-pub struct BlockAllocator {
-    free: VecDeque<BlockId>,
-    refs: Vec<u32>,
-}
-
-impl BlockAllocator {
-    pub fn new(n_blocks: usize) -> Self {
-        BlockAllocator { free: (0..n_blocks as u32).map(BlockId).collect(), refs: vec![0; n_blocks] }
-    }
-
-    pub fn n_blocks(&self) -> usize {
-        self.refs.len()
-    }
-
-    pub fn n_free(&self) -> usize {
-        self.free.len()
-    }
-
-    /// `n` fresh blocks with one owner each, or `OutOfBlocks` (taking none).
-    pub fn allocate(&mut self, n: usize) -> Result<Vec<BlockId>, EngineError> {
-        if n > self.free.len() {
-            return Err(EngineError::OutOfBlocks(format!("need {n} blocks, {} free", self.free.len())));
-        }
-        let ids: Vec<BlockId> = self.free.drain(..n).collect();
-        for id in &ids {
-            self.refs[id.0 as usize] = 1;
-        }
-        Ok(ids)
-    }
-
-    /// Adds an owner to a block already in use.
-    pub fn share(&mut self, id: BlockId) {
-        let r = &mut self.refs[id.0 as usize];
-        assert!(*r > 0, "sharing free block {id:?}");
-        *r += 1;
-    }
-
-    /// Drops one owner of each block; blocks with no owner left become free.
-    pub fn release(&mut self, ids: &[BlockId]) {
-        for &id in ids {
-            let r = &mut self.refs[id.0 as usize];
-            assert!(*r > 0, "double free of block {id:?}");
-            *r -= 1;
-            if *r == 0 {
-                self.free.push_back(id);
-            }
-        }
-    }
-
-    pub fn ref_count(&self, id: BlockId) -> u32 {
-        self.refs[id.0 as usize]
-    }
-}
-
 /// Blocks needed to hold `tokens` tokens.
 pub fn blocks_for_tokens(tokens: usize, block_size: usize) -> usize {
     tokens.div_ceil(block_size)
@@ -213,32 +154,6 @@ pub fn blocks_for_tokens(tokens: usize, block_size: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn allocate_share_release() {
-        let mut a = BlockAllocator::new(4);
-        let x = a.allocate(3).unwrap();
-        assert_eq!(a.n_free(), 1);
-        assert!(a.allocate(2).is_err());
-        assert_eq!(a.n_free(), 1, "a failed allocation takes nothing");
-        a.share(x[0]);
-        a.release(&x);
-        assert_eq!(a.n_free(), 3);
-        assert_eq!(a.ref_count(x[0]), 1);
-        a.release(&[x[0]]);
-        assert_eq!(a.n_free(), 4);
-        // Freed blocks go to the back: the untouched block comes out first.
-        assert_eq!(a.allocate(1).unwrap(), vec![BlockId(3)]);
-    }
-
-    #[test]
-    #[should_panic(expected = "double free")]
-    fn double_free_is_caught() {
-        let mut a = BlockAllocator::new(2);
-        let x = a.allocate(1).unwrap();
-        a.release(&x);
-        a.release(&x);
-    }
 
     #[test]
     fn sizes() {

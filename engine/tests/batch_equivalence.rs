@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use tandem_engine::kv_cache::{blocks_for_tokens, BlockAllocator, BlockId, KvCache, KvDtype};
+use tandem_engine::kv_cache::{blocks_for_tokens, BlockId, KvCache, KvDtype};
 use tandem_engine::model::{ForwardBatch, LogitsWanted, Model, ModelOptions, Scratch};
 
 fn model() -> Model {
@@ -51,20 +51,21 @@ fn mixed_batch_equals_one_sequence_at_a_time() {
         [&[(0, 0, 30), (2, 0, 50), (1, 0, 24)], &[(1, 24, 25), (0, 30, 40), (2, 50, 70)], &[(2, 70, 71), (0, 40, 41)]];
     // Interleave the sequences' blocks in one pool, each table in scrambled order.
     let need: Vec<usize> = seqs.iter().map(|s| blocks_for_tokens(s.len(), bs)).collect();
-    let mut alloc = BlockAllocator::new(need.iter().sum::<usize>() + 2);
+    let mut next = 0u32;
     let mut tables: Vec<Vec<BlockId>> = vec![Vec::new(); 3];
     for round in 0..*need.iter().max().unwrap() {
         for (i, t) in tables.iter_mut().enumerate() {
             if round < need[i] {
-                t.extend(alloc.allocate(1).unwrap());
+                t.push(BlockId(next));
+                next += 1;
             }
         }
     }
     for t in tables.iter_mut() {
+        // Scrambled but valid: a table maps logical block i to any physical block.
         t.reverse();
-        // Keep the order scrambled but valid: a table maps logical block i to any physical block.
     }
-    let mut kv = KvCache::new(m.kv_shape(bs), m.config.n_layers, alloc.n_blocks(), KvDtype::F16).unwrap();
+    let mut kv = KvCache::new(m.kv_shape(bs), m.config.n_layers, next as usize + 2, KvDtype::F16).unwrap();
     let mut scratch = Scratch::default();
     let mut worst = 0f32;
     let mut checked = 0;
