@@ -244,7 +244,14 @@ fn offline(a: &EngineBenchArgs) -> Result<()> {
     for i in 0..a.requests {
         let mut prompt = shared.clone();
         prompt.extend(tokens(a.input_len - a.shared_prefix_len, 10_000 + i as u64));
-        engine.add_request(EngineRequest { prompt, params: params.clone(), n: 1, priority: 0, cache_salt: None })?;
+        engine.add_request(EngineRequest {
+            prompt,
+            params: params.clone(),
+            n: 1,
+            priority: 0,
+            cache_salt: None,
+            export_kv: false,
+        })?;
     }
     let mut generated = 0usize;
     while engine.has_unfinished() {

@@ -192,8 +192,14 @@ impl Engine {
                 prompt_ids.len()
             )));
         }
-        let req =
-            EngineRequest { prompt: prompt_ids.clone(), params: params.clone(), n, priority: 0, cache_salt: None };
+        let req = EngineRequest {
+            prompt: prompt_ids.clone(),
+            params: params.clone(),
+            n,
+            priority: 0,
+            cache_salt: None,
+            export_kv: false,
+        };
         let group = self.engine.add_request(req)?;
         let mut choices: Vec<Option<Choice>> = vec![None; n];
         let mut partial: Vec<Choice> = (0..n)

@@ -46,11 +46,53 @@ impl KvDtype {
     }
 }
 
+/// Memory for one layer's K or V: owned, or borrowed from a region someone
+/// else maps (a shared-memory segment a KV receiver writes into).
+pub struct KvBuf<E> {
+    ptr: std::ptr::NonNull<E>,
+    len: usize,
+    /// The owned allocation; `None` when the memory is external.
+    owned: Option<Vec<E>>,
+}
+
+// SAFETY: a KvBuf is either a Vec or a region the creator promised outlives it
+// (`KvCache::from_raw`); access follows Rust's borrow rules through Deref.
+unsafe impl<E: Send> Send for KvBuf<E> {}
+unsafe impl<E: Sync> Sync for KvBuf<E> {}
+
+impl<E: Copy> KvBuf<E> {
+    fn owned(mut v: Vec<E>) -> Self {
+        let ptr = std::ptr::NonNull::new(v.as_mut_ptr()).expect("a Vec's pointer is never null");
+        KvBuf { ptr, len: v.len(), owned: Some(v) }
+    }
+}
+
+impl<E> std::ops::Deref for KvBuf<E> {
+    type Target = [E];
+    fn deref(&self) -> &[E] {
+        // SAFETY: ptr/len describe live memory (the Vec, or the external region).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<E> std::ops::DerefMut for KvBuf<E> {
+    fn deref_mut(&mut self) -> &mut [E] {
+        // SAFETY: as for Deref; `&mut self` makes this the only access through the buffer.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<E> std::fmt::Debug for KvBuf<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvBuf").field("len", &self.len).field("external", &self.owned.is_none()).finish()
+    }
+}
+
 /// One layer's K and V for every block.
 #[derive(Debug)]
 pub struct LayerKv<E> {
-    pub k: Vec<E>,
-    pub v: Vec<E>,
+    pub k: KvBuf<E>,
+    pub v: KvBuf<E>,
 }
 
 /// The cache's memory, typed.
@@ -68,10 +110,38 @@ pub struct KvCache {
     pub n_blocks: usize,
     pub dtype: KvDtype,
     pub storage: KvStorage,
+    /// Keeps external memory alive (see `from_raw`).
+    _external: Option<ExternalOwner>,
+}
+
+/// Whatever keeps an external region mapped.
+struct ExternalOwner(#[allow(dead_code)] std::sync::Arc<dyn Send + Sync>);
+
+impl std::fmt::Debug for ExternalOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExternalOwner")
+    }
 }
 
 fn layers<E: KvElem>(n_layers: usize, elems: usize) -> Vec<LayerKv<E>> {
-    (0..n_layers).map(|_| LayerKv { k: vec![E::default(); elems], v: vec![E::default(); elems] }).collect()
+    (0..n_layers)
+        .map(|_| LayerKv { k: KvBuf::owned(vec![E::default(); elems]), v: KvBuf::owned(vec![E::default(); elems]) })
+        .collect()
+}
+
+/// Layers laid out in one region: per layer, every block's K, then every block's V.
+///
+/// # Safety
+/// `base` must point to `n_layers * 2 * elems` writable, aligned elements.
+unsafe fn external_layers<E: KvElem>(base: *mut u8, n_layers: usize, elems: usize) -> Vec<LayerKv<E>> {
+    let base = base as *mut E;
+    let buf = |off: usize| KvBuf {
+        // SAFETY: in bounds of the region by the caller's promise; never null.
+        ptr: unsafe { std::ptr::NonNull::new_unchecked(base.add(off)) },
+        len: elems,
+        owned: None,
+    };
+    (0..n_layers).map(|l| LayerKv { k: buf(2 * l * elems), v: buf((2 * l + 1) * elems) }).collect()
 }
 
 impl KvCache {
@@ -87,7 +157,45 @@ impl KvCache {
             KvDtype::F16 => KvStorage::F16(layers(n_layers, elems)),
             KvDtype::F32 => KvStorage::F32(layers(n_layers, elems)),
         };
-        Ok(KvCache { shape, n_layers, n_blocks, dtype, storage })
+        Ok(KvCache { shape, n_layers, n_blocks, dtype, storage, _external: None })
+    }
+
+    /// Bytes a cache of this shape needs in the single-region layout `from_raw` reads:
+    /// per layer, every block's K, then every block's V.
+    pub fn region_bytes(shape: KvShape, n_layers: usize, n_blocks: usize, dtype: KvDtype) -> usize {
+        2 * n_layers * n_blocks * shape.block_elems() * dtype.bytes()
+    }
+
+    /// A cache over memory someone else owns (a shared-memory segment that a KV
+    /// receiver writes received blocks into), laid out as `region_bytes` says.
+    ///
+    /// # Safety
+    /// `base` must point to `region_bytes(..)` writable bytes, aligned for `dtype`, that
+    /// stay valid while `owner` lives. Other writers may touch only blocks the engine does
+    /// not read or write meanwhile (blocks reserved for a request waiting for its KV).
+    pub unsafe fn from_raw(
+        shape: KvShape,
+        n_layers: usize,
+        n_blocks: usize,
+        dtype: KvDtype,
+        base: *mut u8,
+        owner: std::sync::Arc<dyn Send + Sync>,
+    ) -> Result<Self, EngineError> {
+        if shape.block_size == 0 || n_blocks == 0 || n_blocks > u32::MAX as usize || base.is_null() {
+            return Err(EngineError::InvalidRequest("an external KV region needs blocks and memory".into()));
+        }
+        if (base as usize) % dtype.bytes() != 0 {
+            return Err(EngineError::InvalidRequest("the external KV region is misaligned".into()));
+        }
+        let elems = n_blocks * shape.block_elems();
+        // SAFETY: the caller's promise covers the whole region.
+        let storage = unsafe {
+            match dtype {
+                KvDtype::F16 => KvStorage::F16(external_layers(base, n_layers, elems)),
+                KvDtype::F32 => KvStorage::F32(external_layers(base, n_layers, elems)),
+            }
+        };
+        Ok(KvCache { shape, n_layers, n_blocks, dtype, storage, _external: Some(ExternalOwner(owner)) })
     }
 
     /// Copies block `from` into block `to` in every layer (copy-on-write).

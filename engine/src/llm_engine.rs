@@ -11,8 +11,8 @@ use std::collections::HashMap;
 
 use crate::block_manager::{BlockManager, KvEvent};
 use crate::error::EngineError;
-use crate::kv_cache::{KvCache, KvDtype};
-use crate::model::{ForwardBatch, LogitsWanted, Model, Scratch};
+use crate::kv_cache::{BlockId, KvCache, KvDtype};
+use crate::model::{ForwardBatch, LayerKvBytes, LogitsWanted, Model, Scratch};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
 use crate::scheduler::{Finish, NewRequest, RequestId, Sampled, Scheduler, SchedulerConfig, SchedulerStats};
 use crate::stop::StopMatcher;
@@ -50,6 +50,26 @@ pub struct EngineRequest {
     pub n: usize,
     pub priority: i32,
     pub cache_salt: Option<String>,
+    /// Hand the prompt's KV blocks to `step_exporting`'s hook as the steps compute them
+    /// (a prefill worker ships them to a decode worker).
+    pub export_kv: bool,
+}
+
+impl EngineRequest {
+    /// A request for `prompt` with `params`, one choice, default priority, no salt.
+    pub fn new(prompt: Vec<u32>, params: SamplingParams) -> Self {
+        EngineRequest { prompt, params, n: 1, priority: 0, cache_salt: None, export_kv: false }
+    }
+}
+
+/// The blocks of one exporting request that a step completes: `blocks` are entries
+/// `first..first + blocks.len()` of its block table, in order. A block is handed over
+/// once it is full, or at the end of the prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvExport {
+    pub id: RequestId,
+    pub first: usize,
+    pub blocks: Vec<BlockId>,
 }
 
 /// Why a sequence ended, as clients see it.
@@ -100,6 +120,8 @@ struct SeqState {
     started: bool,
     /// Logprobs of tokens sampled since the last output.
     logprobs_pending: Vec<SampledToken>,
+    /// Exporting requests: block-table entries already handed to the hook.
+    exported: Option<usize>,
 }
 
 pub struct LlmEngine {
@@ -121,6 +143,20 @@ impl std::fmt::Debug for LlmEngine {
 impl LlmEngine {
     pub fn new(model: Model, tokenizer: Tokenizer, cfg: LlmEngineConfig) -> Result<Self, EngineError> {
         let kv = KvCache::new(model.kv_shape(cfg.block_size), model.config.n_layers, cfg.kv_blocks, cfg.kv_dtype)?;
+        Self::with_cache(model, tokenizer, cfg, kv)
+    }
+
+    /// An engine over a cache the caller made (e.g. `KvCache::from_raw` over the shared
+    /// segment a KV receiver writes into); its shape must match `cfg` and the model.
+    pub fn with_cache(
+        model: Model,
+        tokenizer: Tokenizer,
+        cfg: LlmEngineConfig,
+        kv: KvCache,
+    ) -> Result<Self, EngineError> {
+        if kv.shape != model.kv_shape(cfg.block_size) || kv.n_blocks != cfg.kv_blocks || kv.dtype != cfg.kv_dtype {
+            return Err(EngineError::InvalidRequest("the KV cache does not match the engine's settings".into()));
+        }
         let mut sc = cfg.scheduler.clone();
         sc.max_model_len = sc.max_model_len.min(model.config.context_length);
         sc.max_prompt_len = sc.max_prompt_len.min(sc.max_model_len - 1);
@@ -136,8 +172,7 @@ impl LlmEngine {
         })
     }
 
-    /// Queues a request; returns the id of its first sequence (its group id).
-    pub fn add_request(&mut self, req: EngineRequest) -> Result<RequestId, EngineError> {
+    fn check(&self, req: &EngineRequest) -> Result<(), EngineError> {
         let vocab = self.model.config.vocab_size;
         req.params.validate(vocab)?;
         if req.n == 0 || req.n > 64 {
@@ -146,23 +181,66 @@ impl LlmEngine {
         if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::InvalidRequest(format!("token id {t} is outside the vocabulary")));
         }
-        let id = RequestId(self.next_id);
+        Ok(())
+    }
+
+    fn new_request(&self, id: RequestId, req: &EngineRequest) -> NewRequest {
         let mut stop_ids = req.params.stop_token_ids.clone();
         if !req.params.ignore_eos {
             stop_ids.extend(self.tokenizer.eos_id());
         }
-        self.scheduler.add(NewRequest {
+        NewRequest {
             id,
-            prompt: req.prompt,
+            prompt: req.prompt.clone(),
             max_tokens: req.params.max_tokens,
             stop_ids,
             priority: req.priority,
-            cache_salt: req.cache_salt,
-        })?;
+            cache_salt: req.cache_salt.clone(),
+        }
+    }
+
+    /// Queues a request; returns the id of its first sequence (its group id).
+    pub fn add_request(&mut self, req: EngineRequest) -> Result<RequestId, EngineError> {
+        self.check(&req)?;
+        let id = RequestId(self.next_id);
+        self.scheduler.add(self.new_request(id, &req))?;
         self.next_id += req.n as u64;
         let forks = (1..req.n as u64).map(|i| RequestId(id.0 + i)).collect();
-        self.seqs.insert(id, new_seq(id, 0, &req.params, forks));
+        let mut seq = new_seq(id, 0, &req.params, forks);
+        seq.exported = req.export_kv.then_some(0);
+        self.seqs.insert(id, seq);
         Ok(id)
+    }
+
+    /// Admits a request whose prompt KV another worker computes: blocks for the whole
+    /// prompt are reserved now (the returned table, in order) and the request waits
+    /// until `remote_kv_ready`. One choice only (`n` = 1).
+    pub fn add_remote_request(&mut self, req: EngineRequest) -> Result<(RequestId, Vec<BlockId>), EngineError> {
+        self.check(&req)?;
+        if req.n != 1 {
+            return Err(EngineError::InvalidRequest(format!("a remote-KV request has one choice, got n = {}", req.n)));
+        }
+        let id = RequestId(self.next_id);
+        let table = self.scheduler.add_remote(self.new_request(id, &req))?;
+        self.next_id += 1;
+        let mut seq = new_seq(id, 0, &req.params, Vec::new());
+        // The prefill worker drew the first token: keep the seeded stream where an
+        // undivided run would have it.
+        seq.sampler.skip_draw();
+        self.seqs.insert(id, seq);
+        Ok((id, table))
+    }
+
+    /// The prompt's KV of `id` is in its blocks and the prefill worker sampled
+    /// `first_token`: the request joins the running batch. Returns the first token's
+    /// output (text, and a finish if that token ended the request).
+    pub fn remote_kv_ready(&mut self, id: RequestId, first_token: u32) -> Result<SeqOutput, EngineError> {
+        if first_token as usize >= self.model.config.vocab_size {
+            self.abort(id);
+            return Err(EngineError::InvalidRequest(format!("first token {first_token} is outside the vocabulary")));
+        }
+        let finished = self.scheduler.remote_kv_ready(id, first_token)?;
+        self.postprocess(id, finished)?.ok_or_else(|| EngineError::InvalidRequest(format!("request {} vanished", id.0)))
     }
 
     /// Ends a request and all its parallel samples now; their blocks return at once.
@@ -190,9 +268,32 @@ impl LlmEngine {
 
     /// Runs one step; returns what each touched sequence produced.
     pub fn step(&mut self) -> Result<Vec<SeqOutput>, EngineError> {
+        self.step_exporting(&mut |_, _, _| {})
+    }
+
+    /// `step`, calling `on_layer(exports, layer, kv)` as soon as each layer's K and V are
+    /// in the cache when the step computes blocks of exporting requests (`export_kv`).
+    /// `exports` is the same for every layer of the step.
+    pub fn step_exporting(
+        &mut self,
+        on_layer: &mut dyn FnMut(&[KvExport], usize, LayerKvBytes<'_>),
+    ) -> Result<Vec<SeqOutput>, EngineError> {
         let plan = self.scheduler.schedule();
         if plan.is_empty() {
             return Ok(Vec::new());
+        }
+        let bs = self.kv.shape.block_size;
+        let mut exports = Vec::new();
+        for s in &plan.scheduled {
+            let Some(st) = self.seqs.get_mut(&s.id) else { continue };
+            let Some(done) = st.exported else { continue };
+            let r = self.scheduler.get(s.id).expect("scheduled request exists");
+            let end = s.start + s.len;
+            let upto = if end >= r.prompt.len() { r.prompt.len().div_ceil(bs) } else { end / bs };
+            if upto > done {
+                exports.push(KvExport { id: s.id, first: done, blocks: r.blocks.table[done..upto].to_vec() });
+                st.exported = Some(upto);
+            }
         }
         for &(from, to) in &plan.copies {
             self.kv.copy_block(from, to);
@@ -214,7 +315,12 @@ impl LlmEngine {
                 let want = if s.sample { LogitsWanted::Last } else { LogitsWanted::None };
                 batch.add_tokens(seq, toks, s.start, want);
             }
-            self.model.forward(&batch, &mut self.kv, &mut self.scratch)?.to_vec()
+            if exports.is_empty() {
+                self.model.forward(&batch, &mut self.kv, &mut self.scratch)?.to_vec()
+            } else {
+                let hook = &mut |layer: usize, kv: LayerKvBytes<'_>| on_layer(&exports, layer, kv);
+                self.model.forward_with_hook(&batch, &mut self.kv, &mut self.scratch, hook)?.to_vec()
+            }
         };
 
         // Sample, in plan order.
@@ -329,6 +435,7 @@ fn new_seq(group: RequestId, index: usize, params: &SamplingParams, pending_fork
         pending_forks,
         started: false,
         logprobs_pending: Vec::new(),
+        exported: None,
     }
 }
 

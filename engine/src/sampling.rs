@@ -176,6 +176,15 @@ impl Sampler {
         }
     }
 
+    /// Advances the PRNG as one sampled token would: a decode worker continuing a
+    /// sequence whose first token a prefill worker drew keeps the same stream as an
+    /// undivided run with the same seed.
+    pub fn skip_draw(&mut self) {
+        if !self.params.is_greedy() {
+            self.rng.next_f64();
+        }
+    }
+
     /// Picks the next token from `logits` (one row, vocabulary-sized).
     /// `prompt_ids` feed the repetition penalty, `generated_ids` (this
     /// sequence's output so far) feed all three penalties. Ids outside the row

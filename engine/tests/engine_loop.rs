@@ -68,7 +68,14 @@ fn greedy(max_tokens: usize) -> SamplingParams {
 fn run_all(e: &mut LlmEngine, ps: &[Vec<u32>], params: &SamplingParams) -> Vec<(String, Vec<u32>, FinishReason)> {
     let mut ids = Vec::new();
     for p in ps {
-        let req = EngineRequest { prompt: p.clone(), params: params.clone(), n: 1, priority: 0, cache_salt: None };
+        let req = EngineRequest {
+            prompt: p.clone(),
+            params: params.clone(),
+            n: 1,
+            priority: 0,
+            cache_salt: None,
+            export_kv: false,
+        };
         ids.push(e.add_request(req).unwrap());
     }
     let mut acc: HashMap<RequestId, (String, Vec<u32>, Option<FinishReason>)> = HashMap::new();
@@ -157,6 +164,7 @@ fn prefix_cache_hit_changes_nothing_but_work() {
         n: 1,
         priority: 0,
         cache_salt: Some("tenant-b".into()),
+        export_kv: false,
     };
     e.add_request(req).unwrap();
     while e.has_unfinished() {
@@ -172,7 +180,14 @@ fn abort_mid_flight_returns_every_block() {
     let mut e = engine(&l, 256, 64);
     let mut groups = Vec::new();
     for p in &ps {
-        let req = EngineRequest { prompt: p.clone(), params: greedy(100), n: 2, priority: 0, cache_salt: None };
+        let req = EngineRequest {
+            prompt: p.clone(),
+            params: greedy(100),
+            n: 2,
+            priority: 0,
+            cache_salt: None,
+            export_kv: false,
+        };
         groups.push(e.add_request(req).unwrap());
     }
     for _ in 0..5 {
@@ -198,7 +213,7 @@ fn parallel_samples_share_the_prompt_and_differ() {
         ignore_eos: true,
         ..SamplingParams::default()
     };
-    let req = EngineRequest { prompt: ps[0].clone(), params, n: 4, priority: 0, cache_salt: None };
+    let req = EngineRequest { prompt: ps[0].clone(), params, n: 4, priority: 0, cache_salt: None, export_kv: false };
     let group = e.add_request(req).unwrap();
     let mut by_index: HashMap<usize, Vec<u32>> = HashMap::new();
     while e.has_unfinished() {
@@ -212,4 +227,110 @@ fn parallel_samples_share_the_prompt_and_differ() {
     let distinct: std::collections::HashSet<_> = by_index.values().collect();
     assert!(distinct.len() > 1, "independent samples differ");
     assert_eq!(e.stats().blocks_used, 0);
+}
+
+/// A prefill engine exports each prompt's KV through the step hook (in chunks smaller
+/// than the prompts); a second engine, over an external region the test writes the
+/// blocks into as a KV receiver would, continues from the first token. Every request
+/// generates what one engine alone generates, seeded sampling included.
+#[test]
+fn exported_kv_continues_on_another_engine_like_one_engine() {
+    use std::sync::{Arc, Mutex};
+    use tandem_engine::kv_cache::{KvCache, KvDtype};
+
+    let l = load();
+    let ps = prompts(&l, 5);
+    let params = SamplingParams { temperature: 0.8, top_k: 40, seed: Some(7), max_tokens: 24, ..Default::default() };
+    let want = run_all(&mut engine(&l, 512, 8), &ps, &params);
+
+    // Prefill side: prompts of 30+ tokens, 16-token chunks of at most 48 per step.
+    let model = Model::from_gguf(&l.file, &ModelOptions::default()).unwrap();
+    let tok = Tokenizer::from_gguf(&l.file).unwrap();
+    let cfg = LlmEngineConfig {
+        kv_blocks: 256,
+        scheduler: SchedulerConfig { max_batched_tokens: 48, ..SchedulerConfig::default() },
+        ..LlmEngineConfig::default()
+    };
+    let mut prefill = LlmEngine::new(model, tok, cfg.clone()).unwrap();
+
+    // Decode side: its cache lives in a region the test owns, like a shared segment.
+    let model = Model::from_gguf(&l.file, &ModelOptions::default()).unwrap();
+    let tok = Tokenizer::from_gguf(&l.file).unwrap();
+    let shape = model.kv_shape(cfg.block_size);
+    let n_layers = model.config.n_layers;
+    let bytes = KvCache::region_bytes(shape, n_layers, cfg.kv_blocks, KvDtype::F16);
+    let region: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(vec![0u64; bytes / 8]));
+    let base = region.lock().unwrap().as_mut_ptr() as *mut u8;
+    // SAFETY: the Vec is never resized and the Arc outlives the cache.
+    let kv = unsafe { KvCache::from_raw(shape, n_layers, cfg.kv_blocks, KvDtype::F16, base, region.clone()) }.unwrap();
+    let mut decode = LlmEngine::with_cache(model, tok, cfg.clone(), kv).unwrap();
+
+    let mut remote = HashMap::new(); // prefill id -> (decode id, decode table, prompt index)
+    for (i, p) in ps.iter().enumerate() {
+        let mut rp = params.clone();
+        let (did, table) = decode.add_remote_request(EngineRequest::new(p.clone(), rp.clone())).unwrap();
+        rp.max_tokens = 1;
+        let req = EngineRequest { export_kv: true, ..EngineRequest::new(p.clone(), rp) };
+        let pid = prefill.add_request(req).unwrap();
+        remote.insert(pid, (did, table, i));
+    }
+    let half = shape.block_elems() * 2;
+    let mut exported: HashMap<(RequestId, usize, usize), usize> = HashMap::new();
+    let mut firsts = HashMap::new();
+    while prefill.has_unfinished() {
+        let outs = prefill
+            .step_exporting(&mut |exports, layer, kvb| {
+                for e in exports {
+                    let (_, table, _) = &remote[&e.id];
+                    for (j, b) in e.blocks.iter().enumerate() {
+                        let mut data = Vec::new();
+                        kvb.gather(&[*b], &mut data);
+                        let dst = table[e.first + j].0 as usize;
+                        // The receiver's layout: per layer, all blocks' K then all blocks' V.
+                        let base = layer * 2 * cfg.kv_blocks * half;
+                        let mut r = region.lock().unwrap();
+                        // SAFETY: viewing the u64 region as bytes.
+                        let r8 = unsafe { std::slice::from_raw_parts_mut(r.as_mut_ptr() as *mut u8, bytes) };
+                        r8[base + dst * half..][..half].copy_from_slice(&data[..half]);
+                        r8[base + (cfg.kv_blocks + dst) * half..][..half].copy_from_slice(&data[half..]);
+                        *exported.entry((e.id, e.first + j, layer)).or_default() += 1;
+                    }
+                }
+            })
+            .unwrap();
+        for o in outs {
+            assert!(o.finish.is_some(), "a prefill-only request ends with its first token");
+            firsts.insert(o.id, o.token_ids[0]);
+        }
+    }
+    for (pid, (_, table, _)) in &remote {
+        for idx in 0..table.len() {
+            for layer in 0..n_layers {
+                assert_eq!(exported.get(&(*pid, idx, layer)), Some(&1), "block {idx} layer {layer} exported once");
+            }
+        }
+    }
+    assert_eq!(prefill.stats().blocks_used, 0, "the prefill side keeps no blocks but its prefix cache");
+
+    let mut got: HashMap<RequestId, (String, Vec<u32>, Option<FinishReason>)> = HashMap::new();
+    for (pid, (did, _, _)) in &remote {
+        let o = decode.remote_kv_ready(*did, firsts[pid]).unwrap();
+        let e = got.entry(*did).or_default();
+        e.0.push_str(&o.text);
+        e.1.extend(&o.token_ids);
+        e.2 = o.finish;
+    }
+    while decode.has_unfinished() {
+        for o in decode.step().unwrap() {
+            let e = got.entry(o.id).or_default();
+            e.0.push_str(&o.text);
+            e.1.extend(&o.token_ids);
+            e.2 = o.finish.or(e.2);
+        }
+    }
+    for (did, _, i) in remote.values() {
+        let (text, ids, finish) = &got[did];
+        assert_eq!((text, ids, finish.unwrap()), (&want[*i].0, &want[*i].1, want[*i].2), "prompt {i}");
+    }
+    assert_eq!(decode.stats().blocks_used, 0);
 }
