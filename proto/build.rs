@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("tandem_descriptor.bin"))
+        // Undecodable requests (e.g. invalid UTF-8) are INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::codec::TandemCodec")
         .compile_protos(PROTOS, &["."])?;
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");

@@ -1,5 +1,7 @@
 //! The `tandem` command.
 //!
+//! - `tandem up`: router + prefill and decode workers on this machine, serving gRPC.
+//! - `tandem router` / `tandem prefill` / `tandem decode`: one role per process (etcd).
 //! - `tandem generate`: one prompt through the engine, text or JSON out.
 //! - `tandem bench engine`: prefill and decode throughput of the engine.
 //! - `tandem bench kvtransfer`: KV transfer over TCP and shared memory.
@@ -8,6 +10,7 @@ mod bench;
 mod bench_kv;
 mod bench_overlap;
 mod generate;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +23,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a router with prefill and decode workers on this machine and serve until SIGTERM.
+    Up(serve::UpArgs),
+    /// Run the router alone: the public gRPC API, finding workers through etcd.
+    Router(serve::RouterArgs),
+    /// Run one prefill worker, registered in etcd.
+    Prefill(serve::WorkerArgs),
+    /// Run one decode worker (role decode, or both), registered in etcd.
+    Decode(serve::WorkerArgs),
     /// Generate text from one prompt.
     Generate(generate::GenerateArgs),
     /// Measure performance.
@@ -32,6 +43,10 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Up(args) => serve::up(args),
+        Command::Router(args) => serve::router(args),
+        Command::Prefill(args) => serve::worker(args, tandem_cluster::Role::Prefill),
+        Command::Decode(args) => serve::worker(args, tandem_cluster::Role::Decode),
         Command::Generate(args) => generate::run(args),
         Command::Bench { what } => bench::run(what),
     };

@@ -149,24 +149,7 @@ impl Engine {
 
     /// The prompt as token ids: chat rendered, text tokenized (BOS added only if the model asks).
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
-        let text = match prompt {
-            Prompt::Tokens(ids) => return Ok(ids.clone()),
-            Prompt::Text(t) => t.clone(),
-            Prompt::Chat(messages) => {
-                let tpl = self
-                    .chat_template
-                    .as_ref()
-                    .ok_or_else(|| EngineError::InvalidRequest("this model has no chat template".into()))?;
-                tpl.render(messages, true)?
-            }
-        };
-        let tok = self.tokenizer();
-        let mut ids = Vec::new();
-        if tok.add_bos() {
-            ids.extend(tok.bos_id());
-        }
-        ids.extend(tok.encode(&text, true)?);
-        Ok(ids)
+        prompt_ids(self.tokenizer(), self.chat_template.as_ref(), prompt)
     }
 
     /// Free KV blocks, counting cached prefix blocks nobody holds (all of them between requests).
@@ -250,4 +233,24 @@ impl Engine {
         }
         Ok(Generation { prompt_token_ids: prompt_ids, choices: choices.into_iter().flatten().collect(), cached_tokens })
     }
+}
+
+/// `prompt` as the model sees it: a chat rendered with `template` (and the generation
+/// prompt appended), text tokenized with the tokenizer's BOS if the model asks for it,
+/// token ids as they are. The router and `tandem generate` both call this, so the same
+/// input gives the same ids on every path.
+pub fn prompt_ids(tok: &Tokenizer, template: Option<&ChatTemplate>, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+    let text = match prompt {
+        Prompt::Tokens(ids) => return Ok(ids.clone()),
+        Prompt::Text(t) => t.clone(),
+        Prompt::Chat(messages) => template
+            .ok_or_else(|| EngineError::InvalidRequest("this model has no chat template".into()))?
+            .render(messages, true)?,
+    };
+    let mut ids = Vec::new();
+    if tok.add_bos() {
+        ids.extend(tok.bos_id());
+    }
+    ids.extend(tok.encode(&text, true)?);
+    Ok(ids)
 }

@@ -253,6 +253,11 @@ impl LlmEngine {
         }
     }
 
+    /// Whether any sequence of request `group` is still unfinished.
+    pub fn has_group(&self, group: RequestId) -> bool {
+        self.seqs.values().any(|s| s.group == group)
+    }
+
     pub fn has_unfinished(&self) -> bool {
         self.scheduler.has_unfinished()
     }

@@ -62,6 +62,20 @@ impl ShmKv {
         &self.path
     }
 
+    /// The mapped region (page-aligned, `len()` bytes), laid out as `block_offsets`
+    /// says: an engine builds its KV cache over it, so received blocks land in place.
+    pub fn region_ptr(&self) -> *mut u8 {
+        self.base
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// A copy of one block of one layer, K then V.
     pub fn read_block(&self, layer: usize, block: usize) -> Vec<u8> {
         let half = self.layout.half_block_bytes();

@@ -1,12 +1,19 @@
 //! # tandem-prefill-worker
 //!
-//! The engine in the prefill role. What exists so far is the piece that makes
-//! disaggregation pay: shipping a prompt's KV to the decode worker layer by
-//! layer while the forward pass is still computing the next layers.
+//! The engine in the prefill role: it computes prompts and ships their KV to
+//! decode workers layer by layer, while the forward pass is still computing the
+//! next layers.
 //!
 //! ## Layout
-//! - `shipper`: `LayerShipper`, the forward pass's per-layer hook feeding a KV transfer session.
+//! - `actor`: `EngineHandle`, the engine on its own thread behind a message queue
+//!   (shared by every role: the decode worker runs the same actor).
+//! - `export`: `SessionSink`, the step hook's end of a KV transfer session.
+//! - `shipper`: `LayerShipper`, the same for a single forward pass (tests, benchmarks).
 
+pub mod actor;
+pub mod export;
 pub mod shipper;
 
+pub use actor::{Admission, Admitted, EngineHandle, EngineInfo, Event, ExportSink, Load};
+pub use export::{start_export, SendTask, SessionSink};
 pub use shipper::{kv_layout, LayerShipper};

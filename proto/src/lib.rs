@@ -33,6 +33,8 @@
 //! # }
 //! ```
 
+pub mod codec;
+
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthService;
 use tonic_reflection::server::{v1, v1alpha};

@@ -1,0 +1,338 @@
+//! `tandem up`, `tandem router`, `tandem prefill`, `tandem decode`: the serving
+//! processes. `up` runs a router and its workers in one process with in-memory
+//! discovery (or etcd); the others run one role per process against etcd.
+//! Every flag can also be set through its `TANDEM_*` environment variable.
+//! SIGINT or SIGTERM drains (no new requests, in-flight ones finish) and exits 0.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use tandem_cluster::{ClusterName, Discovery, EtcdConfig, EtcdDiscovery, InMemoryDiscovery, Role};
+use tandem_decode_worker::{model_name_of, RunningWorker, WorkerConfig};
+use tandem_router::{RouterConfig, RunningRouter};
+
+const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Flags every serving process shares.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// GGUF model file.
+    #[arg(long, env = "TANDEM_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// The name clients use for the model (default: the file name without `.gguf`).
+    #[arg(long, env = "TANDEM_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// etcd client URLs, comma-separated (e.g. http://127.0.0.1:2379).
+    #[arg(long, env = "TANDEM_ETCD")]
+    pub etcd: Option<String>,
+    /// The cluster's name: its workers are under /tandem/<cluster>/ in etcd.
+    #[arg(long, env = "TANDEM_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// Seconds a worker's registration outlives its last keep-alive.
+    #[arg(long, env = "TANDEM_LEASE_TTL", default_value_t = 5)]
+    pub lease_ttl: u64,
+    /// Seconds to let in-flight requests finish on SIGTERM before exiting anyway.
+    #[arg(long, env = "TANDEM_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout: u64,
+}
+
+/// Flags of a worker.
+#[derive(Args, Debug, Clone)]
+pub struct WorkerFlags {
+    /// Compute threads of the engine.
+    #[arg(long, env = "TANDEM_THREADS", default_value_t = 1)]
+    pub threads: usize,
+    /// KV blocks in the pool (default: one full context's worth).
+    #[arg(long, env = "TANDEM_KV_BLOCKS")]
+    pub kv_blocks: Option<usize>,
+    /// Tokens per KV block.
+    #[arg(long, env = "TANDEM_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// Tokens per engine step at most (chunked prefill).
+    #[arg(long, env = "TANDEM_MAX_BATCHED_TOKENS", default_value_t = 512)]
+    pub max_batched_tokens: usize,
+    /// Sequences decoding at once at most.
+    #[arg(long, env = "TANDEM_MAX_SEQS", default_value_t = 64)]
+    pub max_seqs: usize,
+    /// Requests queued at most; beyond, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TANDEM_MAX_WAITING", default_value_t = 1024)]
+    pub max_waiting: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub worker: WorkerFlags,
+    /// Prefill workers; 0 gives aggregated serving on role-`both` decode workers.
+    #[arg(long, env = "TANDEM_PREFILL_WORKERS", default_value_t = 1)]
+    pub prefill_workers: usize,
+    /// Decode workers.
+    #[arg(long, env = "TANDEM_DECODE_WORKERS", default_value_t = 1)]
+    pub decode_workers: usize,
+    /// Port of the public gRPC API.
+    #[arg(long, env = "TANDEM_GRPC_PORT", default_value_t = 50051)]
+    pub grpc_port: u16,
+    /// Address every listener binds to (loopback by default).
+    #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Compute threads per worker (default: the cores shared out among the workers).
+    #[arg(long, env = "TANDEM_THREADS_PER_WORKER")]
+    pub threads_per_worker: Option<usize>,
+    /// Routing policy: least-loaded or round-robin.
+    #[arg(long, env = "TANDEM_POLICY", default_value = "least-loaded")]
+    pub policy: String,
+    /// Requests the router holds in flight at most; beyond, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = 512)]
+    pub max_inflight: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct RouterArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Where the public gRPC API listens.
+    #[arg(long, env = "TANDEM_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub grpc_listen: SocketAddr,
+    /// Routing policy: least-loaded or round-robin.
+    #[arg(long, env = "TANDEM_POLICY", default_value = "least-loaded")]
+    pub policy: String,
+    /// Requests in flight at most; beyond, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = 512)]
+    pub max_inflight: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub worker: WorkerFlags,
+    /// The worker's id in the cluster (default: role and process id).
+    #[arg(long, env = "TANDEM_WORKER_ID")]
+    pub id: Option<String>,
+    /// Where the worker's gRPC server listens (port 0: any).
+    #[arg(long, env = "TANDEM_GRPC_LISTEN", default_value = "127.0.0.1:0")]
+    pub grpc_listen: SocketAddr,
+    /// Where the KV receiver listens over TCP (decode roles; port 0: any).
+    #[arg(long, env = "TANDEM_KV_LISTEN", default_value = "127.0.0.1:0")]
+    pub kv_listen: SocketAddr,
+    /// The IP others reach this worker at (default: the listen address's).
+    #[arg(long, env = "TANDEM_ADVERTISE_HOST", default_value = "")]
+    pub advertise_host: String,
+    /// Decode workers only: `decode`, or `both` to also prefill locally when the
+    /// router has no prefill worker.
+    #[arg(long, env = "TANDEM_ROLE")]
+    pub role: Option<String>,
+    /// Do not offer same-host KV transfer through shared memory.
+    #[arg(long, env = "TANDEM_NO_SHM")]
+    pub no_shm: bool,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tandem-io")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn discovery(common: &Common) -> Result<Option<Arc<dyn Discovery>>> {
+    let Some(urls) = &common.etcd else { return Ok(None) };
+    let endpoints: Vec<String> = urls.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let d = EtcdDiscovery::connect(EtcdConfig { endpoints, ..EtcdConfig::default() })
+        .await
+        .map_err(|e| anyhow!("etcd at {urls}: {e}"))?;
+    Ok(Some(Arc::new(d)))
+}
+
+fn model_name(common: &Common) -> String {
+    common.model_name.clone().unwrap_or_else(|| model_name_of(&common.model))
+}
+
+fn check_model(common: &Common) -> Result<()> {
+    if !common.model.exists() {
+        bail!(
+            "model file {} does not exist (run scripts/fetch-model.sh to fetch the default model)",
+            common.model.display()
+        );
+    }
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+fn worker_config(
+    id: String,
+    role: Role,
+    common: &Common,
+    w: &WorkerFlags,
+    threads: usize,
+    grpc: SocketAddr,
+    kv: SocketAddr,
+) -> WorkerConfig {
+    WorkerConfig {
+        threads,
+        kv_blocks: w.kv_blocks,
+        block_size: w.block_size,
+        max_batched_tokens: w.max_batched_tokens,
+        max_seqs: w.max_seqs,
+        max_waiting: w.max_waiting,
+        grpc_listen: grpc,
+        kv_listen: kv,
+        model_name: model_name(common),
+        ..WorkerConfig::new(id, role, common.model.clone())
+    }
+}
+
+fn describe(w: &RunningWorker) -> String {
+    let kv = if w.descriptor.role.can_decode() {
+        let shm = if w.descriptor.kv.local.is_some() { " (+shm)" } else { "" };
+        format!(" kv {}{shm}", w.descriptor.kv.tcp)
+    } else {
+        String::new()
+    };
+    format!("worker {} ({}) grpc {}{kv}", w.descriptor.id, w.descriptor.role, w.grpc_addr)
+}
+
+pub fn up(a: UpArgs) -> Result<()> {
+    check_model(&a.common)?;
+    if a.decode_workers == 0 {
+        bail!("--decode-workers must be at least 1");
+    }
+    let workers = a.prefill_workers + a.decode_workers;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = a.threads_per_worker.unwrap_or((cores / workers).max(1));
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let cluster = ClusterName::new(a.common.cluster.clone()).map_err(|e| anyhow!("{e}"))?;
+        let d: Arc<dyn Discovery> = match discovery(&a.common).await? {
+            Some(d) => d,
+            None => Arc::new(InMemoryDiscovery::new()),
+        };
+        let ttl = Duration::from_secs(a.common.lease_ttl.max(1));
+        let any = SocketAddr::new(a.host, 0);
+        let decode_role = if a.prefill_workers == 0 { Role::Both } else { Role::Decode };
+        let mut specs = Vec::new();
+        for i in 0..a.prefill_workers {
+            specs.push((format!("prefill-{i}"), Role::Prefill));
+        }
+        for i in 0..a.decode_workers {
+            specs.push((format!("decode-{i}"), decode_role));
+        }
+        let mut running = Vec::new();
+        for (id, role) in specs {
+            let cfg = worker_config(id, role, &a.common, &a.worker, threads, any, any);
+            let w = RunningWorker::start(cfg, Some((d.clone(), cluster.clone(), ttl))).await.map_err(|e| anyhow!(e))?;
+            println!("tandem: {}", describe(&w));
+            running.push(w);
+        }
+        let rcfg = RouterConfig {
+            model_path: a.common.model.clone(),
+            model_name: model_name(&a.common),
+            grpc_listen: SocketAddr::new(a.host, a.grpc_port),
+            policy: a.policy.clone(),
+            max_inflight: a.max_inflight,
+        };
+        let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
+        let mode = if a.prefill_workers == 0 { "aggregated" } else { "disaggregated" };
+        println!(
+            "tandem: router grpc {} ({mode}: {} prefill, {} decode, {threads} thread(s) each; model {})",
+            router.grpc_addr,
+            a.prefill_workers,
+            a.decode_workers,
+            model_name(&a.common)
+        );
+        println!("tandem: ready");
+        shutdown_signal().await;
+        println!("tandem: draining");
+        let deadline = Duration::from_secs(a.common.drain_timeout);
+        let mut clean = router.drain(deadline).await;
+        for w in running {
+            clean &= w.drain(deadline).await;
+        }
+        d.shutdown().await;
+        println!("tandem: stopped{}", if clean { "" } else { " (some requests did not finish in time)" });
+        Ok(())
+    })
+}
+
+pub fn router(a: RouterArgs) -> Result<()> {
+    check_model(&a.common)?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let cluster = ClusterName::new(a.common.cluster.clone()).map_err(|e| anyhow!("{e}"))?;
+        let d = discovery(&a.common)
+            .await?
+            .ok_or_else(|| anyhow!("tandem router needs --etcd (or TANDEM_ETCD) to find its workers"))?;
+        let rcfg = RouterConfig {
+            model_path: a.common.model.clone(),
+            model_name: model_name(&a.common),
+            grpc_listen: a.grpc_listen,
+            policy: a.policy.clone(),
+            max_inflight: a.max_inflight,
+        };
+        let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
+        println!("tandem: router grpc {} (model {})", router.grpc_addr, model_name(&a.common));
+        println!("tandem: ready");
+        shutdown_signal().await;
+        println!("tandem: draining");
+        let clean = router.drain(Duration::from_secs(a.common.drain_timeout)).await;
+        d.shutdown().await;
+        println!("tandem: stopped{}", if clean { "" } else { " (some requests did not finish in time)" });
+        Ok(())
+    })
+}
+
+pub fn worker(a: WorkerArgs, default_role: Role) -> Result<()> {
+    check_model(&a.common)?;
+    let role = match a.role.as_deref() {
+        None => default_role,
+        Some(r) => {
+            let role = Role::parse(r).ok_or_else(|| anyhow!("--role {r:?}: expected decode or both"))?;
+            if default_role == Role::Prefill && role != Role::Prefill
+                || default_role != Role::Prefill && !role.can_decode()
+            {
+                bail!(
+                    "--role {r}: a {default_role} worker's role is {default_role}{}",
+                    if default_role == Role::Decode { " or both" } else { "" }
+                );
+            }
+            role
+        }
+    };
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let cluster = ClusterName::new(a.common.cluster.clone()).map_err(|e| anyhow!("{e}"))?;
+        let d = discovery(&a.common).await?.ok_or_else(|| {
+            anyhow!("tandem {default_role} needs --etcd (or TANDEM_ETCD) to register with the router")
+        })?;
+        let id = a.id.clone().unwrap_or_else(|| format!("{role}-{}", std::process::id()));
+        let mut cfg = worker_config(id, role, &a.common, &a.worker, a.worker.threads, a.grpc_listen, a.kv_listen);
+        cfg.advertise_host = a.advertise_host.clone();
+        cfg.shm = !a.no_shm;
+        let ttl = Duration::from_secs(a.common.lease_ttl.max(1));
+        let w = RunningWorker::start(cfg, Some((d.clone(), cluster, ttl))).await.map_err(|e| anyhow!(e))?;
+        println!("tandem: {}", describe(&w));
+        println!("tandem: ready");
+        shutdown_signal().await;
+        println!("tandem: draining");
+        let clean = w.drain(Duration::from_secs(a.common.drain_timeout)).await;
+        d.shutdown().await;
+        println!("tandem: stopped{}", if clean { "" } else { " (some requests did not finish in time)" });
+        Ok(())
+    })
+}

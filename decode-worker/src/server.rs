@@ -1,0 +1,332 @@
+//! One worker process (or one worker inside `tandem up`): the model, the engine
+//! thread, the KV endpoints its role needs, the gRPC server with health and
+//! reflection, and its registration in discovery. `drain` is the graceful exit.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_cluster::{
+    ClusterName, Discovery, KvEndpoints, LocalKvEndpoint, ModelInfo, Registration, Role, WorkerDescriptor, WorkerId,
+};
+use tandem_engine::gguf::GgufFile;
+use tandem_engine::kv_cache::{blocks_for_tokens, KvCache, KvDtype};
+use tandem_engine::llm_engine::{LlmEngine, LlmEngineConfig};
+use tandem_engine::model::{Model, ModelOptions};
+use tandem_engine::scheduler::SchedulerConfig;
+use tandem_engine::tokenizer::Tokenizer;
+use tandem_kvtransfer::{host_id, KvReceiver, KvSender, ShmKv, TcpConfig};
+use tandem_prefill_worker::EngineHandle;
+use tandem_proto::tandem::worker::v1 as pb;
+use tandem_proto::tandem::worker::v1::worker_server::{WorkerServer, SERVICE_NAME};
+use tandem_proto::{HealthReporter, ServingStatus};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::service::{WorkerService, WorkerState};
+
+/// How to run one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Unique in the cluster: letters, digits, `-`, `_`, `.`.
+    pub id: String,
+    pub role: Role,
+    pub model_path: PathBuf,
+    /// The name the router serves the model under.
+    pub model_name: String,
+    /// Compute threads of this worker's engine.
+    pub threads: usize,
+    /// KV blocks in the pool; `None`: enough for one full context.
+    pub kv_blocks: Option<usize>,
+    pub block_size: usize,
+    pub max_batched_tokens: usize,
+    pub max_seqs: usize,
+    /// Requests queued in the engine at most; beyond it, RESOURCE_EXHAUSTED.
+    pub max_waiting: usize,
+    /// Where the gRPC server listens (port 0: any free port).
+    pub grpc_listen: SocketAddr,
+    /// Where the KV receiver listens over TCP (decode-capable roles).
+    pub kv_listen: SocketAddr,
+    /// The host others reach this worker at; empty: the listen address's IP.
+    pub advertise_host: String,
+    /// Offer same-host KV transfer through shared memory.
+    pub shm: bool,
+}
+
+impl WorkerConfig {
+    /// Defaults for a worker of `role` serving `model_path` on loopback.
+    pub fn new(id: impl Into<String>, role: Role, model_path: impl Into<PathBuf>) -> WorkerConfig {
+        let model_path = model_path.into();
+        WorkerConfig {
+            id: id.into(),
+            role,
+            model_name: model_name_of(&model_path),
+            model_path,
+            threads: 1,
+            kv_blocks: None,
+            block_size: 16,
+            max_batched_tokens: 512,
+            max_seqs: 64,
+            max_waiting: 1024,
+            grpc_listen: "127.0.0.1:0".parse().expect("literal"),
+            kv_listen: "127.0.0.1:0".parse().expect("literal"),
+            advertise_host: String::new(),
+            shm: true,
+        }
+    }
+}
+
+/// The served name of a model file: its file name without `.gguf`.
+pub fn model_name_of(path: &std::path::Path) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    name.strip_suffix(".gguf").unwrap_or(&name).to_string()
+}
+
+/// A started worker.
+pub struct RunningWorker {
+    pub descriptor: WorkerDescriptor,
+    pub grpc_addr: SocketAddr,
+    pub state: Arc<WorkerState>,
+    health: HealthReporter,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    stop_server: CancellationToken,
+    registration: Option<RegistrationTask>,
+}
+
+/// Registers (retrying while discovery is unreachable) and holds the registration.
+struct RegistrationTask {
+    stop: CancellationToken,
+    task: JoinHandle<Option<Registration>>,
+}
+
+impl RunningWorker {
+    /// Loads the model and starts serving; registers in `discovery` under `cluster` when given.
+    pub async fn start(
+        cfg: WorkerConfig,
+        discovery: Option<(Arc<dyn Discovery>, ClusterName, Duration)>,
+    ) -> Result<RunningWorker, String> {
+        let id = WorkerId::new(cfg.id.clone()).map_err(|e| e.to_string())?;
+        if !cfg.model_path.exists() {
+            return Err(format!(
+                "model file {} does not exist (scripts/fetch-model.sh fetches the default model)",
+                cfg.model_path.display()
+            ));
+        }
+        let c2 = cfg.clone();
+        let loaded = tokio::task::spawn_blocking(move || load(&c2)).await.map_err(|e| e.to_string())??;
+        let Loaded { engine, tokenizer, layout, shm, context_length } = loaded;
+        let fingerprint = layout.fingerprint;
+        let handle = EngineHandle::spawn(engine, &format!("engine-{}", cfg.id)).map_err(|e| e.to_string())?;
+        let tcp_cfg = TcpConfig::default();
+
+        let (receiver, kv) = match shm {
+            Some(shm) => {
+                let rx = KvReceiver::bind(cfg.kv_listen, shm.clone(), tcp_cfg.clone())
+                    .await
+                    .map_err(|e| format!("binding the KV receiver on {}: {e}", cfg.kv_listen))?;
+                let local = if cfg.shm {
+                    let uds = tandem_kvtransfer::shm::shm_dir().join(format!(
+                        "tandem-kv-{}-{}.sock",
+                        std::process::id(),
+                        cfg.id
+                    ));
+                    rx.listen_shm(&uds, tcp_cfg.clone()).map_err(|e| format!("listening on {}: {e}", uds.display()))?;
+                    Some(LocalKvEndpoint { uds, host_id: host_id() })
+                } else {
+                    None
+                };
+                let tcp = advertised(rx.local_addr(), &cfg.advertise_host)?;
+                (Some(rx), Some(KvEndpoints { tcp, local }))
+            }
+            None => (None, None),
+        };
+        let sender = cfg.role.can_prefill().then(|| Arc::new(KvSender::new(layout, tcp_cfg)));
+        let kv_pb = kv.as_ref().map(|k| pb::KvEndpoints {
+            tcp_address: k.tcp.to_string(),
+            shm: k.local.as_ref().map(|l| pb::ShmEndpoint {
+                socket_path: l.uds.to_string_lossy().into_owned(),
+                host_id: l.host_id.clone(),
+            }),
+            nccl: false,
+        });
+        let state = Arc::new(WorkerState::new(
+            cfg.id.clone(),
+            cfg.role,
+            handle,
+            Arc::new(tokenizer),
+            layout,
+            receiver,
+            kv_pb,
+            sender,
+        ));
+
+        let listener = tokio::net::TcpListener::bind(cfg.grpc_listen)
+            .await
+            .map_err(|e| format!("binding the gRPC server on {}: {e}", cfg.grpc_listen))?;
+        let grpc_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (health, health_svc) = tandem_proto::health_service(&[SERVICE_NAME]).await;
+        let stop_server = CancellationToken::new();
+        let stop = stop_server.clone();
+        let svc = WorkerService(state.clone());
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_svc)
+                .add_service(tandem_proto::reflection_service(&[SERVICE_NAME]))
+                .add_service(tandem_proto::reflection_service_v1alpha(&[SERVICE_NAME]))
+                .add_service(WorkerServer::new(svc))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stop.cancelled_owned(),
+                ),
+        );
+        let descriptor = WorkerDescriptor {
+            id,
+            role: cfg.role,
+            grpc_addr: advertised(grpc_addr, &cfg.advertise_host)?.to_string(),
+            kv: kv.unwrap_or(KvEndpoints { tcp: advertised(grpc_addr, &cfg.advertise_host)?, local: None }),
+            model: ModelInfo { name: cfg.model_name.clone(), fingerprint },
+            block_size: cfg.block_size as u32,
+            context_length: context_length as u32,
+        };
+        let registration = discovery.map(|(d, cluster, ttl)| register_forever(d, cluster, descriptor.clone(), ttl));
+        Ok(RunningWorker { descriptor, grpc_addr, state, health, server, stop_server, registration })
+    }
+
+    /// Graceful exit: leaves discovery, refuses new work, waits (up to `deadline`) for
+    /// in-flight requests, then stops the server and the engine. Returns whether every
+    /// request finished in time.
+    pub async fn drain(self, deadline: Duration) -> bool {
+        let end = Instant::now() + deadline;
+        self.state.draining.store(true, Ordering::SeqCst);
+        self.health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+        self.health.set_service_status("", ServingStatus::NotServing).await;
+        if let Some(r) = self.registration {
+            r.stop.cancel();
+            if let Ok(Ok(Some(reg))) = tokio::time::timeout(Duration::from_secs(2), r.task).await {
+                let _ = reg.deregister().await;
+            }
+        }
+        let mut clean = true;
+        loop {
+            let idle = self.state.outstanding() == 0 && self.state.inflight.load(Ordering::SeqCst) == 0;
+            if idle {
+                break;
+            }
+            if Instant::now() >= end {
+                clean = false;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.stop_server.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.server).await;
+        if let Some(rx) = &self.state.receiver {
+            rx.shutdown();
+        }
+        if let Some(tx) = &self.state.sender {
+            tx.shutdown().await;
+        }
+        clean
+    }
+}
+
+fn advertised(addr: SocketAddr, host: &str) -> Result<SocketAddr, String> {
+    if host.is_empty() {
+        return Ok(addr);
+    }
+    let ip = host.parse().map_err(|_| format!("advertise host {host:?} is not an IP address"))?;
+    Ok(SocketAddr::new(ip, addr.port()))
+}
+
+/// Keeps trying to register until it works (etcd may be down at start), then holds the
+/// registration until stopped.
+fn register_forever(
+    d: Arc<dyn Discovery>,
+    cluster: ClusterName,
+    descriptor: WorkerDescriptor,
+    ttl: Duration,
+) -> RegistrationTask {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let attempt = tokio::select! {
+                r = d.register(&cluster, descriptor.clone(), ttl) => r,
+                _ = s.cancelled() => return None,
+            };
+            match attempt {
+                Ok(reg) => {
+                    s.cancelled().await;
+                    return Some(reg);
+                }
+                Err(e) => {
+                    tracing::warn!(worker = %descriptor.id, error = %e, "registration failed; retrying");
+                    eprintln!("worker {}: registration failed ({e}); retrying in {wait:?}", descriptor.id);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = s.cancelled() => return None,
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    });
+    RegistrationTask { stop, task }
+}
+
+struct Loaded {
+    engine: LlmEngine,
+    tokenizer: Tokenizer,
+    layout: tandem_kvtransfer::KvLayout,
+    /// The shared segment the decode side's cache lives in.
+    shm: Option<Arc<ShmKv>>,
+    context_length: usize,
+}
+
+fn load(cfg: &WorkerConfig) -> Result<Loaded, String> {
+    if cfg.block_size == 0 || cfg.block_size > 1024 {
+        return Err(format!("block size must be in 1..=1024, got {}", cfg.block_size));
+    }
+    let file = GgufFile::open(&cfg.model_path).map_err(|e| e.to_string())?;
+    let model =
+        Model::from_gguf(&file, &ModelOptions { threads: cfg.threads.max(1), isa: None }).map_err(|e| e.to_string())?;
+    let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
+    let engine_tok = Tokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
+    drop(file);
+    let ctx = model.config.context_length;
+    let kv_blocks = cfg.kv_blocks.unwrap_or_else(|| blocks_for_tokens(ctx, cfg.block_size));
+    let lcfg = LlmEngineConfig {
+        scheduler: SchedulerConfig {
+            max_batched_tokens: cfg.max_batched_tokens,
+            max_seqs: cfg.max_seqs,
+            max_waiting: cfg.max_waiting,
+            max_model_len: ctx,
+            ..SchedulerConfig::default()
+        },
+        block_size: cfg.block_size,
+        kv_blocks,
+        kv_dtype: KvDtype::F16,
+        prefix_caching: true,
+    };
+    let layout = tandem_prefill_worker::kv_layout(&model, cfg.block_size);
+    let (engine, shm) = if cfg.role.can_decode() {
+        // The cache lives in a shared segment: received KV lands where attention reads it.
+        let shm = Arc::new(ShmKv::create(layout, kv_blocks).map_err(|e| format!("creating the KV segment: {e}"))?);
+        let shape = model.kv_shape(cfg.block_size);
+        let n_layers = model.config.n_layers;
+        if shm.len() != KvCache::region_bytes(shape, n_layers, kv_blocks, KvDtype::F16) {
+            return Err("the KV segment's size does not match the engine's cache".into());
+        }
+        // SAFETY: the segment is `len()` bytes, page-aligned, and `shm` (the owner) keeps it
+        // mapped; the receiver writes only blocks reserved for requests waiting for KV.
+        let kv = unsafe { KvCache::from_raw(shape, n_layers, kv_blocks, KvDtype::F16, shm.region_ptr(), shm.clone()) }
+            .map_err(|e| e.to_string())?;
+        (LlmEngine::with_cache(model, engine_tok, lcfg, kv).map_err(|e| e.to_string())?, Some(shm))
+    } else {
+        (LlmEngine::new(model, engine_tok, lcfg).map_err(|e| e.to_string())?, None)
+    };
+    Ok(Loaded { engine, tokenizer, layout, shm, context_length: ctx })
+}

@@ -1,0 +1,575 @@
+//! The `tandem.worker.v1.Worker` service: one implementation for every role.
+//!
+//! A decode worker reserves blocks for a prompt (`Reserve`), receives its KV
+//! in place from a prefill worker, and streams the generation (`Decode`). A
+//! prefill worker computes a prompt and ships its KV while computing
+//! (`Prefill`). A worker of role `both` does either, and generates a whole
+//! request locally when the router has no prefill worker to send it to.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_cluster::Role;
+use tandem_engine::error::EngineError;
+use tandem_engine::llm_engine::EngineRequest;
+use tandem_engine::scheduler::RequestId;
+use tandem_engine::tokenizer::Tokenizer;
+use tandem_kvtransfer::{KvLayout, KvReceiver, KvSender, KvTarget, LocalTarget};
+use tandem_prefill_worker::{start_export, Admission, EngineHandle, Event};
+use tandem_proto::tandem::v1 as api;
+use tandem_proto::tandem::worker::v1 as pb;
+use tandem_proto::tandem::worker::v1::worker_server::Worker;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{finish_to_pb, layout_from_pb, layout_to_pb, logprobs_to_pb, sampling_from_pb};
+
+/// Longest lease a reservation gets, whatever the router asks.
+pub const MAX_LEASE: Duration = Duration::from_secs(60);
+
+/// A reservation whose `Decode` call has not attached yet.
+struct Reserved {
+    id: RequestId,
+    blocks: usize,
+    events: Option<mpsc::UnboundedReceiver<Event>>,
+    /// Waits for the KV, then starts the decode; aborting it drops the reservation.
+    watcher: JoinHandle<()>,
+    reserved_at: Instant,
+    kv_arrived: Arc<Mutex<Option<Instant>>>,
+}
+
+/// Everything the service's handlers share.
+pub struct WorkerState {
+    pub id: String,
+    pub role: Role,
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub layout: KvLayout,
+    /// Decode-capable workers: where KV arrives.
+    pub receiver: Option<Arc<KvReceiver>>,
+    pub kv_endpoints: Option<pb::KvEndpoints>,
+    /// Prefill-capable workers: where KV leaves.
+    pub sender: Option<Arc<KvSender>>,
+    reserved: Mutex<HashMap<u64, Reserved>>,
+    /// Router ids of requests in the engine through `Prefill` or `Decode`.
+    active: Mutex<HashMap<u64, RequestId>>,
+    pub draining: AtomicBool,
+    /// Handlers and streams in progress (drain waits for none).
+    pub inflight: AtomicUsize,
+    kv_event_ids: AtomicU64,
+}
+
+impl WorkerState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: String,
+        role: Role,
+        engine: EngineHandle,
+        tokenizer: Arc<Tokenizer>,
+        layout: KvLayout,
+        receiver: Option<Arc<KvReceiver>>,
+        kv_endpoints: Option<pb::KvEndpoints>,
+        sender: Option<Arc<KvSender>>,
+    ) -> WorkerState {
+        WorkerState {
+            id,
+            role,
+            engine,
+            tokenizer,
+            layout,
+            receiver,
+            kv_endpoints,
+            sender,
+            reserved: Mutex::new(HashMap::new()),
+            active: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+            kv_event_ids: AtomicU64::new(1),
+        }
+    }
+
+    /// Requests this worker still holds: reserved, prefilling or decoding.
+    pub fn outstanding(&self) -> usize {
+        self.reserved.lock().expect("reserved").len() + self.active.lock().expect("active").len()
+    }
+
+    fn check_accepting(&self) -> Result<(), Status> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(format!("worker {} is draining", self.id)));
+        }
+        Ok(())
+    }
+
+    /// Ends reserved request `rid`: the reservation goes first (no more KV may land in
+    /// its blocks), then the engine frees the blocks.
+    fn cancel_reserved(&self, rid: u64, reason: Option<String>) -> Option<usize> {
+        let r = self.reserved.lock().expect("reserved").remove(&rid)?;
+        r.watcher.abort();
+        self.engine.abort(r.id, reason);
+        Some(r.blocks)
+    }
+}
+
+pub fn status_from_engine(e: EngineError) -> Status {
+    match e {
+        EngineError::InvalidRequest(m) => Status::invalid_argument(m),
+        EngineError::Overloaded(m) => Status::resource_exhausted(m),
+        EngineError::OutOfBlocks(m) => Status::resource_exhausted(format!("out of KV cache blocks: {m}")),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// Counts a handler or stream as in flight while it lives.
+struct InFlight(Arc<WorkerState>);
+
+impl InFlight {
+    fn new(s: &Arc<WorkerState>) -> InFlight {
+        s.inflight.fetch_add(1, Ordering::SeqCst);
+        InFlight(s.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Cancels a request in the engine unless it finished (client gone, handler dropped).
+struct RequestGuard {
+    state: Arc<WorkerState>,
+    rid: u64,
+    id: RequestId,
+    done: bool,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.state.active.lock().expect("active").remove(&self.rid);
+        if !self.done {
+            self.state.cancel_reserved(self.rid, None);
+            self.state.engine.abort(self.id, None);
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct WorkerService(pub Arc<WorkerState>);
+
+type DecodeStream = ReceiverStream<Result<pb::DecodeResponse, Status>>;
+
+impl WorkerService {
+    /// Streams a request's engine events as `DecodeResponse`s until it finishes or the
+    /// client goes away (which cancels it).
+    fn stream_events(
+        &self,
+        rid: u64,
+        id: RequestId,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        timing: Option<(Instant, Arc<Mutex<Option<Instant>>>)>,
+    ) -> DecodeStream {
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.0.clone();
+        self.0.active.lock().expect("active").insert(rid, id);
+        tokio::spawn(async move {
+            let _inflight = InFlight::new(&state);
+            let mut guard = RequestGuard { state: state.clone(), rid, id, done: false };
+            let started = Instant::now();
+            let mut first_at = None;
+            loop {
+                let ev = tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = tx.closed() => break,
+                };
+                let msg = match ev {
+                    Some(Event::Output(o)) => {
+                        let first = *first_at.get_or_insert_with(Instant::now);
+                        let finished = o.finish.is_some();
+                        let tok = &state.tokenizer;
+                        let timing = finished.then(|| {
+                            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                            let (kv_wait, queue) = match &timing {
+                                Some((reserved_at, arrived)) => {
+                                    let arrived = arrived.lock().expect("arrived").unwrap_or(first);
+                                    (ms(arrived - *reserved_at), ms(first.saturating_duration_since(arrived)))
+                                }
+                                None => (0.0, ms(first - started)),
+                            };
+                            pb::DecodeTiming {
+                                kv_wait_time_ms: kv_wait,
+                                queue_time_ms: queue,
+                                decode_time_ms: ms(first.elapsed()),
+                            }
+                        });
+                        let resp = pb::DecodeResponse {
+                            token_ids: o.token_ids.clone(),
+                            text: o.text.clone(),
+                            logprobs: o.logprobs.iter().map(|t| logprobs_to_pb(tok, t)).collect(),
+                            finish_reason: finish_to_pb(o.finish) as i32,
+                            timing,
+                        };
+                        if finished {
+                            guard.done = true;
+                            state.reserved.lock().expect("reserved").remove(&rid);
+                        }
+                        Ok(resp)
+                    }
+                    Some(Event::Failed(why)) => {
+                        guard.done = true;
+                        state.reserved.lock().expect("reserved").remove(&rid);
+                        Err(Status::unavailable(why))
+                    }
+                    None => Err(Status::internal("the engine dropped the request")),
+                };
+                let end = msg.is_err() || guard.done;
+                if tx.send(msg).await.is_err() || end {
+                    break;
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+fn kv_target(e: &pb::KvEndpoints) -> Result<KvTarget, Status> {
+    let tcp: SocketAddr = e
+        .tcp_address
+        .parse()
+        .map_err(|_| Status::invalid_argument(format!("destination tcp_address {:?} is not ip:port", e.tcp_address)))?;
+    let local = e
+        .shm
+        .as_ref()
+        .filter(|s| !s.socket_path.is_empty())
+        .map(|s| LocalTarget { uds: s.socket_path.clone().into(), host: s.host_id.clone() });
+    Ok(KvTarget { tcp, local })
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn reserve(&self, req: Request<pb::ReserveRequest>) -> Result<Response<pb::ReserveResponse>, Status> {
+        let s = &self.0;
+        let _inflight = InFlight::new(s);
+        s.check_accepting()?;
+        let (Some(receiver), true) = (&s.receiver, s.role.can_decode()) else {
+            return Err(Status::failed_precondition(format!("worker {} ({}) does not decode", s.id, s.role)));
+        };
+        let r = req.into_inner();
+        if s.reserved.lock().expect("reserved").contains_key(&r.request_id) {
+            return Err(Status::already_exists(format!("request {} is already reserved", r.request_id)));
+        }
+        let params = sampling_from_pb(&r.sampling.unwrap_or_default());
+        let prompt_len = r.prompt_token_ids.len();
+        let ereq = EngineRequest {
+            prompt: r.prompt_token_ids,
+            params,
+            n: 1,
+            priority: r.priority,
+            cache_salt: r.cache_salt,
+            export_kv: false,
+        };
+        let admitted = s.engine.submit(ereq, Admission::Remote).await.map_err(status_from_engine)?;
+        let lease = Duration::from_millis(r.lease_ms.max(1) as u64).min(MAX_LEASE);
+        let deadline = tokio::time::Instant::now() + lease;
+        let blocks: Vec<u32> = admitted.blocks.iter().map(|b| b.0).collect();
+        let reservation = match receiver.reserve(r.request_id, &blocks, deadline) {
+            Ok(res) => res,
+            Err(e) => {
+                s.engine.abort(admitted.id, None);
+                return Err(Status::internal(format!("reserving blocks: {e}")));
+            }
+        };
+        let (id, rid) = (admitted.id, r.request_id);
+        let arrived = Arc::new(Mutex::new(None));
+        let watcher = {
+            let (state, arrived) = (s.clone(), arrived.clone());
+            tokio::spawn(async move {
+                match reservation.wait().await {
+                    Ok(a) if a.num_tokens as usize == prompt_len => {
+                        *arrived.lock().expect("arrived") = Some(Instant::now());
+                        state.engine.remote_ready(id, a.first_token);
+                    }
+                    Ok(a) => {
+                        let why = format!("KV for {} tokens arrived for a prompt of {prompt_len}", a.num_tokens);
+                        state.engine.abort(id, Some(why));
+                    }
+                    Err(e) => state.engine.abort(id, Some(format!("KV transfer failed: {e}"))),
+                }
+                // No Decode call attached within the lease: nobody wants the request.
+                tokio::time::sleep_until(deadline).await;
+                let stale = state.reserved.lock().expect("reserved").get(&rid).is_some_and(|r| r.events.is_some());
+                if stale {
+                    state.reserved.lock().expect("reserved").remove(&rid);
+                    state.engine.abort(id, None);
+                }
+            })
+        };
+        s.reserved.lock().expect("reserved").insert(
+            rid,
+            Reserved {
+                id,
+                blocks: blocks.len(),
+                events: Some(admitted.events),
+                watcher,
+                reserved_at: Instant::now(),
+                kv_arrived: arrived,
+            },
+        );
+        Ok(Response::new(pb::ReserveResponse {
+            block_ids: blocks,
+            cached_blocks: 0,
+            kv_endpoints: s.kv_endpoints.clone(),
+            layout: Some(layout_to_pb(&s.layout)),
+            lease_ms: lease.as_millis() as u32,
+        }))
+    }
+
+    async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<pb::PrefillResponse>, Status> {
+        let s = &self.0;
+        let _inflight = InFlight::new(s);
+        s.check_accepting()?;
+        let (Some(sender), true) = (&s.sender, s.role.can_prefill()) else {
+            return Err(Status::failed_precondition(format!("worker {} ({}) does not prefill", s.id, s.role)));
+        };
+        let r = req.into_inner();
+        let dest = r.destination.ok_or_else(|| Status::invalid_argument("destination: missing"))?;
+        let layout = layout_from_pb(&dest.layout.unwrap_or_default()).map_err(Status::invalid_argument)?;
+        if let Some(m) = s.layout.mismatch(&layout) {
+            return Err(Status::failed_precondition(format!("destination KV layout differs: {m}")));
+        }
+        let target = kv_target(&dest.endpoints.unwrap_or_default())?;
+        let need = r.prompt_token_ids.len().div_ceil(s.layout.block_size as usize);
+        if dest.block_ids.len() != need {
+            return Err(Status::invalid_argument(format!(
+                "destination has {} blocks for a prompt that needs {need}",
+                dest.block_ids.len()
+            )));
+        }
+        let submitted = Instant::now();
+        let deadline = tokio::time::Instant::now() + MAX_LEASE;
+        let session = sender
+            .open_target(&target, r.request_id, deadline)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot open a KV session to {}: {e}", dest.worker_id)))?;
+        let (sink, task, started) = start_export(&tokio::runtime::Handle::current(), session, dest.block_ids);
+        let mut params = sampling_from_pb(&r.sampling.unwrap_or_default());
+        params.max_tokens = 1;
+        params.stop.clear();
+        let prompt_len = r.prompt_token_ids.len() as u32;
+        let ereq = EngineRequest {
+            prompt: r.prompt_token_ids,
+            params,
+            n: 1,
+            priority: r.priority,
+            cache_salt: r.cache_salt,
+            export_kv: true,
+        };
+        let mut admitted =
+            s.engine.submit(ereq, Admission::Export(Box::new(sink))).await.map_err(status_from_engine)?;
+        s.active.lock().expect("active").insert(r.request_id, admitted.id);
+        let mut guard = RequestGuard { state: s.clone(), rid: r.request_id, id: admitted.id, done: false };
+        let out = loop {
+            match admitted.events.recv().await {
+                Some(Event::Output(o)) if o.finish.is_some() => break o,
+                Some(Event::Output(_)) => continue,
+                Some(Event::Failed(why)) => return Err(Status::unavailable(why)),
+                None => return Err(Status::internal("the engine dropped the request")),
+            }
+        };
+        guard.done = true;
+        let computed = Instant::now();
+        let first = *out.token_ids.first().ok_or_else(|| Status::internal("the prefill sampled no token"))?;
+        let session = task
+            .await
+            .map_err(|e| Status::internal(format!("KV sender task: {e}")))?
+            .map_err(|e| Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id)))?;
+        session
+            .finish(first, prompt_len)
+            .await
+            .map_err(|e| Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id)))?;
+        let done = Instant::now();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let start = started.get().copied().unwrap_or(computed);
+        Ok(Response::new(pb::PrefillResponse {
+            first_token_id: first,
+            text: out.text,
+            logprobs: out.logprobs.first().map(|t| logprobs_to_pb(&s.tokenizer, t)),
+            finish_reason: finish_to_pb(out.finish) as i32,
+            cached_tokens: out.cached_tokens as u32,
+            timing: Some(pb::PrefillTiming {
+                queue_time_ms: ms(start.saturating_duration_since(submitted)),
+                compute_time_ms: ms(computed.saturating_duration_since(start)),
+                kv_transfer_tail_ms: ms(done - computed),
+                total_time_ms: ms(done - submitted),
+            }),
+        }))
+    }
+
+    type DecodeStream = DecodeStream;
+
+    async fn decode(&self, req: Request<pb::DecodeRequest>) -> Result<Response<DecodeStream>, Status> {
+        let s = &self.0;
+        let r = req.into_inner();
+        if r.resumed_tokens != 0 {
+            return Err(Status::unimplemented("resumed_tokens (request migration) is not supported yet"));
+        }
+        let attached = {
+            let mut reserved = s.reserved.lock().expect("reserved");
+            match reserved.get_mut(&r.request_id) {
+                Some(res) => match res.events.take() {
+                    Some(ev) => Some((res.id, ev, res.reserved_at, res.kv_arrived.clone())),
+                    None => {
+                        return Err(Status::already_exists(format!("request {} is already attached", r.request_id)))
+                    }
+                },
+                None => None,
+            }
+        };
+        if let Some((id, events, at, arrived)) = attached {
+            return Ok(Response::new(self.stream_events(r.request_id, id, events, Some((at, arrived)))));
+        }
+        if r.prompt_token_ids.is_empty() {
+            return Err(Status::not_found(format!("request {} is not reserved on {}", r.request_id, s.id)));
+        }
+        if s.role != Role::Both {
+            return Err(Status::failed_precondition(format!("worker {} ({}) does not prefill locally", s.id, s.role)));
+        }
+        s.check_accepting()?;
+        let ereq = EngineRequest {
+            prompt: r.prompt_token_ids,
+            params: sampling_from_pb(&r.sampling.unwrap_or_default()),
+            n: 1,
+            priority: r.priority,
+            cache_salt: r.cache_salt,
+            export_kv: false,
+        };
+        let admitted = s.engine.submit(ereq, Admission::Local).await.map_err(status_from_engine)?;
+        Ok(Response::new(self.stream_events(r.request_id, admitted.id, admitted.events, None)))
+    }
+
+    async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
+        let s = &self.0;
+        let r = req.into_inner();
+        let reason = Some(format!("cancelled: {}", if r.reason.is_empty() { "by the router" } else { &r.reason }));
+        if let Some(blocks) = s.cancel_reserved(r.request_id, reason.clone()) {
+            return Ok(Response::new(pb::CancelResponse { found: true, freed_blocks: blocks as u32 }));
+        }
+        let id = s.active.lock().expect("active").get(&r.request_id).copied();
+        if let Some(id) = id {
+            s.engine.abort(id, reason);
+        }
+        Ok(Response::new(pb::CancelResponse { found: id.is_some(), freed_blocks: 0 }))
+    }
+
+    async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
+        let s = &self.0;
+        let l = s.engine.load().await.map_err(status_from_engine)?;
+        let st = l.scheduler;
+        Ok(Response::new(pb::StatsResponse {
+            running: st.running.saturating_sub(l.waiting_for_kv) as u32,
+            waiting: st.waiting as u32,
+            waiting_for_kv: l.waiting_for_kv as u32,
+            queued_prefill_tokens: l.queued_prefill_tokens,
+            kv_blocks_used: st.blocks_used as u32,
+            kv_blocks_total: st.blocks_total as u32,
+            prefix_cache_queried_tokens: st.prefix_queried_tokens,
+            prefix_cache_hit_tokens: st.prefix_hit_tokens,
+            preemptions: st.preemptions,
+            draining: s.draining.load(Ordering::SeqCst),
+        }))
+    }
+
+    type KvEventsStream = ReceiverStream<Result<pb::KvEventBatch, Status>>;
+
+    async fn kv_events(&self, _req: Request<pb::KvEventsRequest>) -> Result<Response<Self::KvEventsStream>, Status> {
+        let s = self.0.clone();
+        let mut sub = s.engine.kv_events();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let next = || s.kv_event_ids.fetch_add(1, Ordering::Relaxed);
+            // The stream starts from an empty index; what is cached before it arrives
+            // as `stored` events when blocks are next registered.
+            let first = pb::KvEventBatch {
+                events: vec![pb::KvEvent {
+                    event_id: next(),
+                    event: Some(pb::kv_event::Event::Cleared(pb::KvCleared {})),
+                }],
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                let batch = tokio::select! {
+                    b = sub.recv() => b,
+                    _ = tx.closed() => return,
+                };
+                let events = match batch {
+                    Ok(b) => b.into_iter().map(|e| kv_event_to_pb(e, next())).collect(),
+                    // Fell behind: tell the subscriber to start over.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        vec![pb::KvEvent {
+                            event_id: next(),
+                            event: Some(pb::kv_event::Event::Cleared(pb::KvCleared {})),
+                        }]
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Ok(pb::KvEventBatch { events })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type DrainStream = ReceiverStream<Result<pb::DrainStatus, Status>>;
+
+    async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<Self::DrainStream>, Status> {
+        let s = self.0.clone();
+        s.draining.store(true, Ordering::SeqCst);
+        let deadline = req.into_inner().deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms as u64));
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            loop {
+                let Ok(l) = s.engine.load().await else { return };
+                let drained = s.outstanding() == 0 && l.scheduler.running == 0 && l.scheduler.waiting == 0;
+                let past = deadline.is_some_and(|d| Instant::now() >= d);
+                let status = pb::DrainStatus {
+                    running: l.scheduler.running.saturating_sub(l.waiting_for_kv) as u32,
+                    waiting: l.scheduler.waiting as u32,
+                    waiting_for_kv: l.waiting_for_kv as u32,
+                    aborted: 0,
+                    drained,
+                };
+                if tx.send(Ok(status)).await.is_err() || drained || past {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn kv_event_to_pb(e: tandem_engine::block_manager::KvEvent, event_id: u64) -> pb::KvEvent {
+    use tandem_engine::block_manager::KvEvent;
+    let event = match e {
+        KvEvent::Stored { parent, hashes } => pb::kv_event::Event::Stored(pb::KvStored {
+            parent_hash: parent.map(|h| h.0),
+            block_hashes: hashes.into_iter().map(|h| h.0).collect(),
+        }),
+        KvEvent::Removed { hashes } => {
+            pb::kv_event::Event::Removed(pb::KvRemoved { block_hashes: hashes.into_iter().map(|h| h.0).collect() })
+        }
+    };
+    pb::KvEvent { event_id, event: Some(event) }
+}
+
+/// The finish reason of a proto chunk, for callers matching on it.
+pub fn finished(r: &pb::DecodeResponse) -> bool {
+    r.finish_reason != api::FinishReason::Unspecified as i32
+}

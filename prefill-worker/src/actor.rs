@@ -1,0 +1,330 @@
+//! The engine on its own thread, driven by messages.
+//!
+//! `LlmEngine` is synchronous and owns the model's thread pool; async gRPC
+//! handlers talk to it through an [`EngineHandle`]. The thread blocks while
+//! there is nothing to do, and otherwise alternates between draining commands
+//! and running one engine step. Each request's outputs go to its own channel;
+//! a request whose channel's receiver is gone (the client left) is aborted at
+//! the next step, so no blocks outlive their request.
+
+use std::collections::HashMap;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_engine::block_manager::KvEvent;
+use tandem_engine::error::EngineError;
+use tandem_engine::kv_cache::BlockId;
+use tandem_engine::llm_engine::{EngineRequest, KvExport, LlmEngine, SeqOutput};
+use tandem_engine::model::LayerKvBytes;
+use tandem_engine::scheduler::{RequestId, SchedulerStats};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// What a request's channel carries.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Output(SeqOutput),
+    /// The request ended without finishing: its KV never arrived, the engine failed, ...
+    Failed(String),
+}
+
+/// Receives the KV blocks an exporting request's steps compute (on the engine thread).
+pub trait ExportSink: Send {
+    /// Layer `layer` of blocks `export.first..` of the request's table is in `kv`.
+    fn on_layer(&mut self, export: &KvExport, layer: usize, kv: &LayerKvBytes<'_>);
+}
+
+/// How a request enters the engine.
+pub enum Admission {
+    /// Prefilled and decoded here.
+    Local,
+    /// Prefilled here; its KV goes to `sink` as it is computed.
+    Export(Box<dyn ExportSink>),
+    /// Its KV comes from elsewhere: blocks are reserved, it waits for `remote_ready`.
+    Remote,
+}
+
+/// The engine's answer to a submission.
+#[derive(Debug)]
+pub struct Admitted {
+    pub id: RequestId,
+    /// The reserved block table (remote requests only).
+    pub blocks: Vec<BlockId>,
+    pub events: mpsc::UnboundedReceiver<Event>,
+}
+
+/// Counters for the Stats RPC and routing.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Load {
+    pub scheduler: SchedulerStats,
+    pub waiting_for_kv: usize,
+    pub queued_prefill_tokens: u64,
+}
+
+enum Cmd {
+    Submit(EngineRequest, Admission, oneshot::Sender<Result<Admitted, EngineError>>),
+    RemoteReady(RequestId, u32),
+    Abort(RequestId, Option<String>),
+    Load(oneshot::Sender<Load>),
+}
+
+struct Tracked {
+    events: mpsc::UnboundedSender<Event>,
+    remote_waiting: bool,
+    prompt_len: usize,
+}
+
+/// A handle to the engine thread; cheap to clone. The thread stops when every handle is gone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: std_mpsc::Sender<Cmd>,
+    kv_events: broadcast::Sender<Vec<KvEvent>>,
+    info: Arc<EngineInfo>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+/// Facts about the engine that do not change.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub vocab_size: usize,
+    pub max_model_len: usize,
+    pub block_size: usize,
+    pub kv_blocks: usize,
+    pub max_batched_tokens: usize,
+    pub max_seqs: usize,
+}
+
+const GONE: &str = "the engine thread has stopped";
+
+impl EngineHandle {
+    /// Moves `engine` onto a new thread named `name`.
+    pub fn spawn(engine: LlmEngine, name: &str) -> std::io::Result<EngineHandle> {
+        let cfg = &engine.scheduler.cfg;
+        let info = Arc::new(EngineInfo {
+            vocab_size: engine.model.config.vocab_size,
+            max_model_len: cfg.max_model_len,
+            block_size: engine.scheduler.blocks.block_size(),
+            kv_blocks: engine.scheduler.blocks.n_blocks(),
+            max_batched_tokens: cfg.max_batched_tokens,
+            max_seqs: cfg.max_seqs,
+        });
+        let (tx, rx) = std_mpsc::channel();
+        let (kv_events, _) = broadcast::channel(1024);
+        let events = kv_events.clone();
+        let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || run(engine, rx, events))?;
+        Ok(EngineHandle { tx, kv_events, info, thread: Arc::new(Mutex::new(Some(thread))) })
+    }
+
+    pub fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    /// Adds a request; its outputs arrive on `Admitted::events`.
+    pub async fn submit(&self, req: EngineRequest, how: Admission) -> Result<Admitted, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Cmd::Submit(req, how, tx)).map_err(|_| EngineError::Io(GONE.into()))?;
+        rx.await.map_err(|_| EngineError::Io(GONE.into()))?
+    }
+
+    /// The KV of remote request `id` has arrived; `first_token` came with it.
+    pub fn remote_ready(&self, id: RequestId, first_token: u32) {
+        let _ = self.tx.send(Cmd::RemoteReady(id, first_token));
+    }
+
+    /// Ends request `id` (no-op if it has finished); its blocks return at once.
+    /// With a reason, its channel gets `Event::Failed(reason)` first.
+    pub fn abort(&self, id: RequestId, reason: Option<String>) {
+        let _ = self.tx.send(Cmd::Abort(id, reason));
+    }
+
+    pub async fn load(&self) -> Result<Load, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Cmd::Load(tx)).map_err(|_| EngineError::Io(GONE.into()))?;
+        rx.await.map_err(|_| EngineError::Io(GONE.into()))
+    }
+
+    /// Prefix-cache events as the engine makes them.
+    pub fn kv_events(&self) -> broadcast::Receiver<Vec<KvEvent>> {
+        self.kv_events.subscribe()
+    }
+
+    /// Waits (up to `deadline`) for the engine thread to end after the last handle but
+    /// this one is gone. Returns false on timeout.
+    pub fn join(self, deadline: Duration) -> bool {
+        let thread = self.thread.lock().expect("thread").take();
+        drop(self.tx);
+        let Some(thread) = thread else { return true };
+        let end = Instant::now() + deadline;
+        while !thread.is_finished() {
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        thread.join().is_ok()
+    }
+}
+
+fn run(mut engine: LlmEngine, rx: std_mpsc::Receiver<Cmd>, kv_events: broadcast::Sender<Vec<KvEvent>>) {
+    let mut tracked: HashMap<RequestId, Tracked> = HashMap::new();
+    let mut sinks: HashMap<RequestId, Box<dyn ExportSink>> = HashMap::new();
+    loop {
+        // Block only when no request can make progress.
+        let busy = tracked.values().any(|t| !t.remote_waiting);
+        let first = if busy {
+            match rx.try_recv() {
+                Ok(c) => Some(c),
+                Err(std_mpsc::TryRecvError::Empty) => None,
+                Err(std_mpsc::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(c) => Some(c),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        };
+        let mut cmds: Vec<Cmd> = first.into_iter().collect();
+        cmds.extend(rx.try_iter());
+        for cmd in cmds {
+            handle(&mut engine, &mut tracked, &mut sinks, cmd);
+        }
+        // Clients that went away: abort before spending a step on them.
+        let gone: Vec<RequestId> = tracked.iter().filter(|(_, t)| t.events.is_closed()).map(|(&id, _)| id).collect();
+        for id in gone {
+            engine.abort(id);
+            tracked.remove(&id);
+            sinks.remove(&id);
+        }
+        if !tracked.values().any(|t| !t.remote_waiting) {
+            publish(&mut engine, &kv_events);
+            continue;
+        }
+        let result = engine.step_exporting(&mut |exports, layer, kv| {
+            for e in exports {
+                if let Some(sink) = sinks.get_mut(&e.id) {
+                    sink.on_layer(e, layer, &kv);
+                }
+            }
+        });
+        match result {
+            Ok(outputs) => {
+                for out in outputs {
+                    let group = out.group;
+                    let done = out.finish.is_some();
+                    if let Some(t) = tracked.get(&group) {
+                        let _ = t.events.send(Event::Output(out));
+                    }
+                    // n > 1: the group ends when its last sequence does; the engine
+                    // forgets finished sequences, so ask it whether any remain.
+                    if done && !group_alive(&engine, group) {
+                        tracked.remove(&group);
+                        sinks.remove(&group);
+                    }
+                }
+            }
+            Err(e) => {
+                // A step failed (it should not): fail every request rather than spin.
+                for (id, t) in tracked.drain() {
+                    let _ = t.events.send(Event::Failed(format!("engine step failed: {e}")));
+                    engine.abort(id);
+                }
+                sinks.clear();
+            }
+        }
+        publish(&mut engine, &kv_events);
+    }
+    for (id, t) in tracked.drain() {
+        let _ = t.events.send(Event::Failed("the worker is shutting down".into()));
+        engine.abort(id);
+    }
+}
+
+fn group_alive(engine: &LlmEngine, group: RequestId) -> bool {
+    engine.has_group(group)
+}
+
+fn publish(engine: &mut LlmEngine, kv_events: &broadcast::Sender<Vec<KvEvent>>) {
+    let events = engine.take_kv_events();
+    if !events.is_empty() {
+        // No subscriber is fine: nobody routes on this worker's cache yet.
+        let _ = kv_events.send(events);
+    }
+}
+
+fn handle(
+    engine: &mut LlmEngine,
+    tracked: &mut HashMap<RequestId, Tracked>,
+    sinks: &mut HashMap<RequestId, Box<dyn ExportSink>>,
+    cmd: Cmd,
+) {
+    match cmd {
+        Cmd::Submit(req, how, reply) => {
+            let prompt_len = req.prompt.len();
+            let (tx, events) = mpsc::unbounded_channel();
+            let admitted = match how {
+                Admission::Local => {
+                    engine.add_request(EngineRequest { export_kv: false, ..req }).map(|id| (id, vec![]))
+                }
+                Admission::Export(sink) => engine.add_request(EngineRequest { export_kv: true, ..req }).map(|id| {
+                    sinks.insert(id, sink);
+                    (id, vec![])
+                }),
+                Admission::Remote => engine.add_remote_request(req),
+            };
+            let remote = admitted.as_ref().is_ok_and(|(_, b)| !b.is_empty());
+            let answer = admitted.map(|(id, blocks)| {
+                tracked.insert(id, Tracked { events: tx, remote_waiting: remote, prompt_len });
+                Admitted { id, blocks, events }
+            });
+            if let Err(Ok(a)) = reply.send(answer) {
+                // The caller left before the answer: undo.
+                engine.abort(a.id);
+                tracked.remove(&a.id);
+                sinks.remove(&a.id);
+            }
+        }
+        Cmd::RemoteReady(id, first) => {
+            let Some(t) = tracked.get_mut(&id) else { return };
+            t.remote_waiting = false;
+            match engine.remote_kv_ready(id, first) {
+                Ok(out) => {
+                    let done = out.finish.is_some();
+                    let _ = t.events.send(Event::Output(out));
+                    if done {
+                        tracked.remove(&id);
+                    }
+                }
+                Err(e) => {
+                    let _ = t.events.send(Event::Failed(format!("starting the decode: {e}")));
+                    engine.abort(id);
+                    tracked.remove(&id);
+                }
+            }
+        }
+        Cmd::Abort(id, reason) => {
+            engine.abort(id);
+            sinks.remove(&id);
+            if let Some(t) = tracked.remove(&id) {
+                if let Some(r) = reason {
+                    let _ = t.events.send(Event::Failed(r));
+                }
+            }
+        }
+        Cmd::Load(reply) => {
+            let mut queued = 0u64;
+            for (&id, t) in tracked.iter() {
+                if let Some(r) = engine.scheduler.get(id) {
+                    if !t.remote_waiting {
+                        queued += t.prompt_len.saturating_sub(r.num_computed) as u64;
+                    }
+                }
+            }
+            let _ = reply.send(Load {
+                scheduler: engine.stats(),
+                waiting_for_kv: tracked.values().filter(|t| t.remote_waiting).count(),
+                queued_prefill_tokens: queued,
+            });
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! # tandem-router
+//!
+//! Tandem's front door. It serves the public `tandem.v1.Generate` API over gRPC
+//! (with health and reflection), checks and tokenizes each request, picks a
+//! prefill worker and a decode worker through a [`policy::RoutingPolicy`],
+//! reserves the prompt's KV blocks on the decode worker, has the prefill worker
+//! compute the prompt and ship its KV there, and relays the decode worker's
+//! stream to the client. With no prefill worker, a decode worker of role
+//! `both` serves the whole request (aggregated serving).
+//!
+//! ## Layout
+//! - `validate`: request checks, defaults, tokenization (`ModelFacts`).
+//! - `policy`: `RoutingPolicy`, `RoundRobin`, `LeastLoaded`.
+//! - `members`: membership from discovery, worker clients, load polling, KV events.
+//! - `service`: the `Generate` service: one request's path through the cluster.
+//! - `server`: `RunningRouter`: start, serve, drain.
+
+pub mod members;
+pub mod policy;
+pub mod server;
+pub mod service;
+pub mod validate;
+
+pub use server::{RouterConfig, RunningRouter};

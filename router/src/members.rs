@@ -1,0 +1,296 @@
+//! The router's picture of the cluster: discovery's membership, a gRPC client
+//! per worker, each worker's last load report (polled), the prefix-cache
+//! blocks each worker reports (its KV events), and the router's own count of
+//! requests in flight on each worker.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tandem_cluster::{ClusterView, DiscoveryEvent, Role, ViewChange, WorkerDescriptor, WorkerId};
+use tandem_proto::tandem::worker::v1 as pb;
+use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+use crate::policy::{Candidate, RoutingPolicy};
+
+/// How often each worker's load is polled.
+pub const LOAD_INTERVAL: Duration = Duration::from_millis(250);
+/// A load poll that takes longer marks the worker unhealthy.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(1);
+
+struct Entry {
+    desc: WorkerDescriptor,
+    client: WorkerClient<Channel>,
+    stats: Option<pb::StatsResponse>,
+    /// False after a failed load poll, until one succeeds: not routed to meanwhile.
+    healthy: bool,
+    inflight: Arc<AtomicU64>,
+    /// Hashes of the blocks in the worker's prefix cache, from its KV events.
+    cached: HashSet<u64>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A worker chosen for one request; counts as in flight on it while alive.
+pub struct Picked {
+    pub id: WorkerId,
+    pub client: WorkerClient<Channel>,
+    inflight: Arc<AtomicU64>,
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where one request goes.
+pub enum Route {
+    /// Prefill on one worker, KV to and decode on another.
+    Disaggregated { prefill: Picked, decode: Picked },
+    /// No prefill worker: a worker of role `both` does the whole request.
+    Local(Picked),
+}
+
+/// A worker as `Members::snapshot` reports it.
+#[derive(Debug, Clone)]
+pub struct WorkerStatus {
+    pub desc: WorkerDescriptor,
+    pub healthy: bool,
+    pub stats: Option<pb::StatsResponse>,
+    pub inflight: u64,
+    pub cached_blocks: usize,
+}
+
+#[derive(Default)]
+pub struct Members {
+    view: RwLock<ClusterView>,
+    entries: Mutex<HashMap<WorkerId, Entry>>,
+}
+
+impl Members {
+    pub fn new() -> Arc<Members> {
+        Arc::new(Members::default())
+    }
+
+    /// Applies a discovery event: a joining worker gets a client and its pollers.
+    pub fn apply(self: &Arc<Self>, event: DiscoveryEvent) {
+        let desc = match &event {
+            DiscoveryEvent::Added(d) => Some(d.clone()),
+            DiscoveryEvent::Removed(_) => None,
+        };
+        let change = self.view.write().expect("view").apply(event);
+        match change {
+            ViewChange::Joined(id) | ViewChange::Updated(id) => {
+                let desc = desc.expect("an Added event");
+                eprintln!("router: worker {id} ({}) joined at {}", desc.role, desc.grpc_addr);
+                match self.entry_for(desc) {
+                    Ok(e) => {
+                        self.entries.lock().expect("entries").insert(id, e);
+                    }
+                    Err(e) => eprintln!("router: worker {id} has an unusable address: {e}"),
+                }
+            }
+            ViewChange::Left(id) => {
+                eprintln!("router: worker {id} left");
+                self.entries.lock().expect("entries").remove(&id);
+            }
+            ViewChange::Unchanged => {}
+        }
+    }
+
+    fn entry_for(self: &Arc<Self>, desc: WorkerDescriptor) -> Result<Entry, String> {
+        let uri =
+            if desc.grpc_addr.contains("://") { desc.grpc_addr.clone() } else { format!("http://{}", desc.grpc_addr) };
+        let channel = Endpoint::from_shared(uri)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let client = WorkerClient::new(channel);
+        let tasks = vec![
+            tokio::spawn(poll_load(Arc::downgrade(self), desc.id.clone(), client.clone())),
+            tokio::spawn(follow_kv_events(Arc::downgrade(self), desc.id.clone(), client.clone())),
+        ];
+        Ok(Entry {
+            desc,
+            client,
+            stats: None,
+            healthy: true,
+            inflight: Arc::new(AtomicU64::new(0)),
+            cached: HashSet::new(),
+            tasks,
+        })
+    }
+
+    /// Every known worker, in id order.
+    pub fn snapshot(&self) -> Vec<WorkerStatus> {
+        let entries = self.entries.lock().expect("entries");
+        let mut out: Vec<WorkerStatus> = entries
+            .values()
+            .map(|e| WorkerStatus {
+                desc: e.desc.clone(),
+                healthy: e.healthy,
+                stats: e.stats,
+                inflight: e.inflight.load(Ordering::Relaxed),
+                cached_blocks: e.cached.len(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.desc.id.cmp(&b.desc.id));
+        out
+    }
+
+    /// Picks where a request of `prompt_len` tokens for `model` goes.
+    pub fn route(&self, policy: &dyn RoutingPolicy, model: &str, prompt_len: usize) -> Result<Route, Status> {
+        let entries = self.entries.lock().expect("entries");
+        let serving = |e: &&Entry| e.healthy && e.desc.model.name == model;
+        let mut prefill: Vec<&Entry> =
+            entries.values().filter(serving).filter(|e| e.desc.role == Role::Prefill).collect();
+        let mut decode: Vec<&Entry> = entries.values().filter(serving).filter(|e| e.desc.role.can_decode()).collect();
+        prefill.sort_by(|a, b| a.desc.id.cmp(&b.desc.id));
+        decode.sort_by(|a, b| a.desc.id.cmp(&b.desc.id));
+        let candidates = |es: &[&Entry]| -> Vec<(Option<pb::StatsResponse>, u64)> {
+            es.iter().map(|e| (e.stats, e.inflight.load(Ordering::Relaxed))).collect()
+        };
+        let pick = |es: &[&Entry], prefill_role: bool| -> usize {
+            let loads = candidates(es);
+            let c: Vec<Candidate> = es
+                .iter()
+                .zip(&loads)
+                .map(|(e, (s, n))| Candidate { worker: &e.desc, stats: s.as_ref(), inflight: *n })
+                .collect();
+            if prefill_role {
+                policy.pick_prefill(&c, prompt_len)
+            } else {
+                policy.pick_decode(&c, prompt_len)
+            }
+        };
+        let take = |e: &Entry| {
+            e.inflight.fetch_add(1, Ordering::Relaxed);
+            Picked { id: e.desc.id.clone(), client: e.client.clone(), inflight: e.inflight.clone() }
+        };
+        if decode.is_empty() {
+            return Err(Status::unavailable(format!("no decode worker serves {model:?}")));
+        }
+        if !prefill.is_empty() {
+            let d = decode[pick(&decode, false)];
+            // The pair must agree on the model's weights and the KV block size.
+            let matching: Vec<&Entry> = prefill
+                .iter()
+                .copied()
+                .filter(|p| {
+                    p.desc.model.fingerprint == d.desc.model.fingerprint && p.desc.block_size == d.desc.block_size
+                })
+                .collect();
+            if matching.is_empty() {
+                return Err(Status::unavailable(format!(
+                    "no prefill worker has the KV layout of decode worker {}",
+                    d.desc.id
+                )));
+            }
+            let p = matching[pick(&matching, true)];
+            return Ok(Route::Disaggregated { prefill: take(p), decode: take(d) });
+        }
+        let both: Vec<&Entry> = decode.iter().copied().filter(|e| e.desc.role == Role::Both).collect();
+        if both.is_empty() {
+            return Err(Status::unavailable(format!(
+                "no prefill worker serves {model:?} and no decode worker has role both"
+            )));
+        }
+        Ok(Route::Local(take(both[pick(&both, false)])))
+    }
+
+    /// A worker's client, if it is known.
+    pub fn client(&self, id: &WorkerId) -> Option<WorkerClient<Channel>> {
+        self.entries.lock().expect("entries").get(id).map(|e| e.client.clone())
+    }
+
+    /// Models served by at least one healthy worker: (name, context length).
+    pub fn models(&self) -> Vec<(String, u32)> {
+        let entries = self.entries.lock().expect("entries");
+        let mut out: Vec<(String, u32)> = Vec::new();
+        for e in entries.values().filter(|e| e.healthy) {
+            match out.iter_mut().find(|(n, _)| *n == e.desc.model.name) {
+                Some((_, ctx)) => *ctx = (*ctx).min(e.desc.context_length),
+                None => out.push((e.desc.model.name.clone(), e.desc.context_length)),
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn update(&self, id: &WorkerId, f: impl FnOnce(&mut Entry)) {
+        if let Some(e) = self.entries.lock().expect("entries").get_mut(id) {
+            f(e);
+        }
+    }
+}
+
+async fn poll_load(members: std::sync::Weak<Members>, id: WorkerId, mut client: WorkerClient<Channel>) {
+    loop {
+        let res = tokio::time::timeout(LOAD_TIMEOUT, client.stats(pb::StatsRequest {})).await;
+        let Some(m) = members.upgrade() else { return };
+        match res {
+            Ok(Ok(r)) => {
+                let s = r.into_inner();
+                m.update(&id, |e| {
+                    if !e.healthy {
+                        eprintln!("router: worker {id} answers again");
+                    }
+                    e.healthy = !s.draining;
+                    e.stats = Some(s);
+                });
+            }
+            Ok(Err(_)) | Err(_) => m.update(&id, |e| {
+                if e.healthy {
+                    eprintln!("router: worker {id} does not answer; not routing to it");
+                }
+                e.healthy = false;
+            }),
+        }
+        drop(m);
+        tokio::time::sleep(LOAD_INTERVAL).await;
+    }
+}
+
+async fn follow_kv_events(members: std::sync::Weak<Members>, id: WorkerId, mut client: WorkerClient<Channel>) {
+    loop {
+        if let Ok(resp) = client.kv_events(pb::KvEventsRequest {}).await {
+            let mut stream = resp.into_inner();
+            while let Ok(Some(batch)) = stream.message().await {
+                let Some(m) = members.upgrade() else { return };
+                m.update(&id, |e| {
+                    for ev in batch.events {
+                        match ev.event {
+                            Some(pb::kv_event::Event::Stored(s)) => e.cached.extend(s.block_hashes),
+                            Some(pb::kv_event::Event::Removed(r)) => {
+                                for h in r.block_hashes {
+                                    e.cached.remove(&h);
+                                }
+                            }
+                            Some(pb::kv_event::Event::Cleared(_)) => e.cached.clear(),
+                            None => {}
+                        }
+                    }
+                });
+            }
+        }
+        if members.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,153 @@
+//! A running router: the model's tokenizer and limits, membership followed from
+//! discovery, and the public gRPC server with health and reflection.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_cluster::{ClusterName, Discovery, DiscoveryEvent};
+use tandem_engine::chat::ChatTemplate;
+use tandem_engine::config::ModelConfig;
+use tandem_engine::gguf::GgufFile;
+use tandem_engine::tokenizer::Tokenizer;
+use tandem_proto::tandem::v1::generate_server::{GenerateServer, SERVICE_NAME};
+use tandem_proto::{HealthReporter, ServingStatus};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::members::Members;
+use crate::policy::policy_by_name;
+use crate::service::{GenerateService, RouterState};
+use crate::validate::ModelFacts;
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The model file: the router reads its tokenizer, chat template and context length.
+    pub model_path: PathBuf,
+    /// The name clients use; workers must serve the same.
+    pub model_name: String,
+    pub grpc_listen: SocketAddr,
+    /// `round-robin` or `least-loaded`.
+    pub policy: String,
+    /// Requests in flight at most.
+    pub max_inflight: usize,
+}
+
+pub struct RunningRouter {
+    pub grpc_addr: SocketAddr,
+    pub state: Arc<RouterState>,
+    health: HealthReporter,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    stop_server: CancellationToken,
+    membership: JoinHandle<()>,
+}
+
+impl RunningRouter {
+    pub async fn start(
+        cfg: RouterConfig,
+        discovery: Arc<dyn Discovery>,
+        cluster: ClusterName,
+    ) -> Result<RunningRouter, String> {
+        let policy = policy_by_name(&cfg.policy)
+            .ok_or_else(|| format!("unknown routing policy {:?} (round-robin, least-loaded)", cfg.policy))?;
+        let path = cfg.model_path.clone();
+        let facts = tokio::task::spawn_blocking(move || load_facts(&path)).await.map_err(|e| e.to_string())??;
+        let facts = ModelFacts { name: cfg.model_name.clone(), ..facts };
+        let members = Members::new();
+        let membership = tokio::spawn(follow_membership(discovery, cluster, members.clone()));
+        let state = Arc::new(RouterState::new(facts, members, policy, cfg.max_inflight));
+
+        let listener = tokio::net::TcpListener::bind(cfg.grpc_listen)
+            .await
+            .map_err(|e| format!("binding the gRPC server on {}: {e}", cfg.grpc_listen))?;
+        let grpc_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (health, health_svc) = tandem_proto::health_service(&[SERVICE_NAME]).await;
+        let stop_server = CancellationToken::new();
+        let stop = stop_server.clone();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_svc)
+                .add_service(tandem_proto::reflection_service(&[SERVICE_NAME]))
+                .add_service(tandem_proto::reflection_service_v1alpha(&[SERVICE_NAME]))
+                .add_service(GenerateServer::new(GenerateService(state.clone())))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stop.cancelled_owned(),
+                ),
+        );
+        Ok(RunningRouter { grpc_addr, state, health, server, stop_server, membership })
+    }
+
+    /// Refuses new requests (UNAVAILABLE), lets those in flight finish (up to `deadline`),
+    /// then stops. Returns whether all finished in time.
+    pub async fn drain(self, deadline: Duration) -> bool {
+        let end = Instant::now() + deadline;
+        self.state.draining.store(true, Ordering::SeqCst);
+        self.health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+        self.health.set_service_status("", ServingStatus::NotServing).await;
+        let mut clean = true;
+        while self.state.inflight.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= end {
+                clean = false;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.stop_server.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.server).await;
+        self.membership.abort();
+        clean
+    }
+}
+
+fn load_facts(path: &std::path::Path) -> Result<ModelFacts, String> {
+    if !path.exists() {
+        return Err(format!(
+            "model file {} does not exist (scripts/fetch-model.sh fetches the default model)",
+            path.display()
+        ));
+    }
+    let file = GgufFile::open(path).map_err(|e| e.to_string())?;
+    let config = ModelConfig::from_gguf(&file).map_err(|e| e.to_string())?;
+    let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
+    let template = ChatTemplate::from_gguf(&file).map_err(|e| e.to_string())?;
+    Ok(ModelFacts {
+        name: String::new(),
+        vocab_size: config.vocab_size,
+        max_model_len: config.context_length,
+        tokenizer,
+        template,
+    })
+}
+
+/// Lists and watches the cluster's workers for as long as the router runs. If the
+/// watch ends (discovery unreachable for long), the router keeps its last view and
+/// lists again after a pause; a fresh listing replaces the view.
+async fn follow_membership(discovery: Arc<dyn Discovery>, cluster: ClusterName, members: Arc<Members>) {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match discovery.list_and_watch(&cluster).await {
+            Ok((snapshot, mut events)) => {
+                wait = Duration::from_millis(100);
+                let listed: std::collections::HashSet<_> = snapshot.iter().map(|d| d.id.clone()).collect();
+                for gone in members.snapshot().into_iter().filter(|w| !listed.contains(&w.desc.id)) {
+                    members.apply(DiscoveryEvent::Removed(gone.desc.id));
+                }
+                for d in snapshot {
+                    members.apply(DiscoveryEvent::Added(d));
+                }
+                while let Some(ev) = events.recv().await {
+                    members.apply(ev);
+                }
+                eprintln!("router: the membership watch ended; serving on the last view and listing again");
+            }
+            Err(e) => {
+                eprintln!("router: listing workers failed ({e}); serving on the last view, retrying in {wait:?}");
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,499 @@
+//! The public `tandem.v1.Generate` service.
+//!
+//! One request: validate and tokenize; for each of its `n` choices pick a
+//! (prefill, decode) pair, reserve the prompt's blocks on the decode worker,
+//! open the decode stream, have the prefill worker compute the prompt and ship
+//! its KV, then relay the decode stream. Choices run concurrently and their
+//! chunks interleave on the client's stream. A client that leaves cancels every
+//! choice on every worker; a deadline ends the request with DEADLINE_EXCEEDED.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_cluster::WorkerId;
+use tandem_proto::tandem::v1 as api;
+use tandem_proto::tandem::v1::generate_server::Generate;
+use tandem_proto::tandem::worker::v1 as pb;
+use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::members::{Members, Route};
+use crate::policy::RoutingPolicy;
+use crate::validate::{check_model, input_ids, validate, ModelFacts, Validated};
+
+/// How long a decode worker holds a prompt's blocks for KV that does not come.
+pub const KV_LEASE: Duration = Duration::from_secs(30);
+
+/// State shared by the router's handlers.
+pub struct RouterState {
+    pub facts: ModelFacts,
+    pub members: Arc<Members>,
+    pub policy: Box<dyn RoutingPolicy>,
+    /// Requests in flight at most; beyond, RESOURCE_EXHAUSTED.
+    pub max_inflight: usize,
+    pub inflight: AtomicUsize,
+    pub draining: AtomicBool,
+    /// When the model was loaded (OpenAI `created`).
+    pub created: i64,
+    next_id: AtomicU64,
+}
+
+impl RouterState {
+    pub fn new(facts: ModelFacts, members: Arc<Members>, policy: Box<dyn RoutingPolicy>, max_inflight: usize) -> Self {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+            as u64
+            ^ ((std::process::id() as u64) << 40);
+        RouterState {
+            facts,
+            members,
+            policy,
+            max_inflight,
+            inflight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+            // Workers see ids from every router: start somewhere random.
+            next_id: AtomicU64::new(splitmix(seed)),
+        }
+    }
+
+    fn next_rid(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A request admitted past the in-flight limit; releases its slot when dropped.
+pub struct Permit(Arc<RouterState>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn admit(s: &Arc<RouterState>) -> Result<Permit, Status> {
+    if s.draining.load(Ordering::SeqCst) {
+        return Err(Status::unavailable("the router is shutting down"));
+    }
+    let n = s.inflight.fetch_add(1, Ordering::SeqCst);
+    let permit = Permit(s.clone());
+    if n >= s.max_inflight {
+        return Err(Status::resource_exhausted(format!(
+            "the router has {} requests in flight, its limit; retry later",
+            s.max_inflight
+        )));
+    }
+    Ok(permit)
+}
+
+/// The `grpc-timeout` header as a duration (`100m`, `5S`, ...).
+pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A worker's error as the client should see it: the worker named, client errors
+/// kept, everything else UNAVAILABLE (the cluster could not serve it).
+fn worker_error(role: &str, id: &WorkerId, s: Status) -> Status {
+    let msg = format!("{role} worker {id}: {}", s.message());
+    match s.code() {
+        tonic::Code::InvalidArgument => Status::invalid_argument(msg),
+        tonic::Code::ResourceExhausted => Status::resource_exhausted(msg),
+        tonic::Code::DeadlineExceeded => Status::deadline_exceeded(msg),
+        tonic::Code::Cancelled => Status::cancelled(msg),
+        _ => Status::unavailable(msg),
+    }
+}
+
+/// One chunk of one choice, on its way to the client.
+struct Chunk {
+    index: u32,
+    text: String,
+    token_ids: Vec<u32>,
+    logprobs: Vec<api::TokenLogprobs>,
+    finish: i32,
+    prefill: Option<pb::PrefillResponse>,
+}
+
+/// Sends Cancel to the workers of a choice that did not finish (client gone, error).
+struct CancelOnDrop {
+    rid: u64,
+    clients: Vec<WorkerClient<Channel>>,
+    done: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.done || self.clients.is_empty() {
+            return;
+        }
+        let (rid, clients) = (self.rid, std::mem::take(&mut self.clients));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                for mut c in clients {
+                    let req = pb::CancelRequest { request_id: rid, reason: "the client went away".into() };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), c.cancel(req)).await;
+                }
+            });
+        }
+    }
+}
+
+async fn run_choice(s: Arc<RouterState>, v: Arc<Validated>, index: u32, out: mpsc::Sender<Result<Chunk, Status>>) {
+    if let Err(e) = choice(&s, &v, index, &out).await {
+        let _ = out.send(Err(e)).await;
+    }
+}
+
+async fn choice(
+    s: &Arc<RouterState>,
+    v: &Validated,
+    index: u32,
+    out: &mpsc::Sender<Result<Chunk, Status>>,
+) -> Result<(), Status> {
+    let rid = s.next_rid();
+    let mut sampling = v.sampling.clone();
+    sampling.seed = sampling.seed.map(|x| x.wrapping_add(index as u64));
+    let route = s.members.route(s.policy.as_ref(), &s.facts.name, v.prompt.len())?;
+    match route {
+        Route::Local(w) => {
+            let mut c = w.client.clone();
+            let mut guard = CancelOnDrop { rid, clients: vec![c.clone()], done: false };
+            let req = pb::DecodeRequest {
+                request_id: rid,
+                sampling: Some(sampling),
+                resumed_tokens: 0,
+                prompt_token_ids: v.prompt.clone(),
+                cache_salt: v.cache_salt.clone(),
+                priority: v.priority,
+            };
+            let stream = c.decode(req).await.map_err(|e| worker_error("decode", &w.id, e))?.into_inner();
+            guard.done = relay(stream, index, None, out, &w.id).await?;
+            Ok(())
+        }
+        Route::Disaggregated { prefill, decode } => {
+            let (mut dc, mut pc) = (decode.client.clone(), prefill.client.clone());
+            let reserve = pb::ReserveRequest {
+                request_id: rid,
+                prompt_token_ids: v.prompt.clone(),
+                cache_salt: v.cache_salt.clone(),
+                lease_ms: KV_LEASE.as_millis() as u32,
+                max_tokens: sampling.max_tokens,
+                priority: v.priority,
+                sampling: Some(sampling.clone()),
+            };
+            let res = dc.reserve(reserve).await.map_err(|e| worker_error("decode", &decode.id, e))?.into_inner();
+            let mut guard = CancelOnDrop { rid, clients: vec![dc.clone(), pc.clone()], done: false };
+            let dreq = pb::DecodeRequest { request_id: rid, sampling: Some(sampling.clone()), ..Default::default() };
+            let stream = dc.decode(dreq).await.map_err(|e| worker_error("decode", &decode.id, e))?.into_inner();
+            let preq = pb::PrefillRequest {
+                request_id: rid,
+                prompt_token_ids: v.prompt.clone(),
+                sampling: Some(sampling),
+                cache_salt: v.cache_salt.clone(),
+                destination: Some(pb::KvDestination {
+                    worker_id: decode.id.to_string(),
+                    endpoints: res.kv_endpoints,
+                    block_ids: res.block_ids,
+                    cached_blocks: res.cached_blocks,
+                    layout: res.layout,
+                }),
+                priority: v.priority,
+            };
+            let pres = pc.prefill(preq).await.map_err(|e| worker_error("prefill", &prefill.id, e))?.into_inner();
+            guard.done = relay(stream, index, Some(pres), out, &decode.id).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Forwards a decode stream as chunks of choice `index`. Returns true once the choice
+/// finished, false if the client left first.
+async fn relay(
+    mut stream: tonic::Streaming<pb::DecodeResponse>,
+    index: u32,
+    mut prefill: Option<pb::PrefillResponse>,
+    out: &mpsc::Sender<Result<Chunk, Status>>,
+    decode: &WorkerId,
+) -> Result<bool, Status> {
+    let mut first = true;
+    loop {
+        let msg = tokio::select! {
+            m = stream.message() => m,
+            _ = out.closed() => return Ok(false),
+        };
+        let d = match msg {
+            Ok(Some(d)) => d,
+            Ok(None) => return Err(Status::unavailable(format!("decode worker {decode} ended the stream early"))),
+            Err(e) => return Err(worker_error("decode", decode, e)),
+        };
+        let mut logprobs = d.logprobs;
+        if first {
+            // The prefill worker drew the first token; its log-probabilities came with it.
+            if let Some(lp) = prefill.as_ref().and_then(|p| p.logprobs.clone()) {
+                if logprobs.len() < d.token_ids.len() {
+                    logprobs.insert(0, lp);
+                }
+            }
+        }
+        let finish = d.finish_reason;
+        let chunk = Chunk {
+            index,
+            text: d.text,
+            token_ids: d.token_ids,
+            logprobs,
+            finish,
+            prefill: if first { prefill.take() } else { None },
+        };
+        first = false;
+        if out.send(Ok(chunk)).await.is_err() {
+            return Ok(false);
+        }
+        if finish != api::FinishReason::Unspecified as i32 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Per-choice bookkeeping for timing and usage.
+#[derive(Default, Clone)]
+struct ChoiceClock {
+    first: Option<Instant>,
+    tokens: u32,
+    prefill: Option<pb::PrefillTiming>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Runs every choice of `v` and streams their chunks to `tx` until all finish, one
+/// fails, the deadline passes or the client leaves.
+async fn run_request(
+    s: Arc<RouterState>,
+    v: Arc<Validated>,
+    tx: mpsc::Sender<Result<api::GenerateStreamResponse, Status>>,
+    accepted: Instant,
+    deadline: Option<Duration>,
+    _permit: Permit,
+) {
+    let (ctx, mut crx) = mpsc::channel(64);
+    let mut choices = JoinSet::new();
+    for i in 0..v.n {
+        choices.spawn(run_choice(s.clone(), v.clone(), i, ctx.clone()));
+    }
+    drop(ctx);
+    let mut clocks = vec![ChoiceClock::default(); v.n as usize];
+    let mut remaining = v.n;
+    let mut cached_tokens = 0;
+    let end = deadline.map(|d| tokio::time::Instant::now() + d);
+    loop {
+        let next = tokio::select! {
+            c = crx.recv() => c,
+            _ = tx.closed() => return, // the client left: dropping `choices` cancels them
+            _ = async { match end { Some(e) => tokio::time::sleep_until(e).await, None => std::future::pending().await } } => {
+                let _ = tx.send(Err(Status::deadline_exceeded("the request's deadline passed"))).await;
+                return;
+            }
+        };
+        let chunk = match next {
+            None => return,
+            Some(Err(status)) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+            Some(Ok(c)) => c,
+        };
+        let now = Instant::now();
+        let clock = &mut clocks[chunk.index as usize];
+        let first = clock.first.is_none();
+        clock.first.get_or_insert(now);
+        clock.tokens += chunk.token_ids.len() as u32;
+        if let Some(p) = &chunk.prefill {
+            clock.prefill = p.timing;
+            if chunk.index == 0 {
+                cached_tokens = p.cached_tokens;
+            }
+        }
+        let finished = chunk.finish != api::FinishReason::Unspecified as i32;
+        let timing = if finished {
+            let f = clock.first.expect("set above");
+            let p = clock.prefill.unwrap_or_default();
+            let decode = now - f;
+            Some(api::Timing {
+                time_to_first_token_ms: ms(f - accepted),
+                queue_time_ms: p.queue_time_ms,
+                prefill_time_ms: p.compute_time_ms,
+                kv_transfer_time_ms: p.kv_transfer_tail_ms,
+                decode_time_ms: ms(decode),
+                mean_inter_token_ms: if clock.tokens > 1 { ms(decode) / (clock.tokens - 1) as f64 } else { 0.0 },
+                total_time_ms: ms(now - accepted),
+            })
+        } else if first {
+            Some(api::Timing { time_to_first_token_ms: ms(now - accepted), ..Default::default() })
+        } else {
+            None
+        };
+        if finished {
+            remaining -= 1;
+        }
+        let usage = (finished && remaining == 0).then(|| {
+            let completion: u32 = clocks.iter().map(|c| c.tokens).sum();
+            api::Usage {
+                prompt_tokens: v.prompt.len() as u32,
+                completion_tokens: completion,
+                total_tokens: v.prompt.len() as u32 + completion,
+                cached_tokens,
+            }
+        });
+        let resp = api::GenerateStreamResponse {
+            index: chunk.index,
+            text: chunk.text,
+            token_ids: chunk.token_ids,
+            logprobs: chunk.logprobs,
+            finish_reason: chunk.finish,
+            usage,
+            timing,
+            request_id: v.request_id.clone(),
+            model: s.facts.name.clone(),
+        };
+        if tx.send(Ok(resp)).await.is_err() {
+            return;
+        }
+        if remaining == 0 {
+            return;
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GenerateService(pub Arc<RouterState>);
+
+impl GenerateService {
+    fn start(
+        &self,
+        req: Request<api::GenerateRequest>,
+    ) -> Result<mpsc::Receiver<Result<api::GenerateStreamResponse, Status>>, Status> {
+        let accepted = Instant::now();
+        let deadline = grpc_timeout(req.metadata());
+        let s = self.0.clone();
+        let permit = admit(&s)?;
+        let v = validate(req.get_ref(), &s.facts, || format!("req-{:016x}", splitmix(s.next_rid())))?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(run_request(s, Arc::new(v), tx, accepted, deadline, permit));
+        Ok(rx)
+    }
+}
+
+#[tonic::async_trait]
+impl Generate for GenerateService {
+    async fn generate(&self, req: Request<api::GenerateRequest>) -> Result<Response<api::GenerateResponse>, Status> {
+        let mut rx = self.start(req)?;
+        let mut resp = api::GenerateResponse::default();
+        let mut choices: Vec<api::Choice> = Vec::new();
+        while let Some(msg) = rx.recv().await {
+            let m = msg?;
+            resp.request_id = m.request_id;
+            resp.model = m.model;
+            if let Some(u) = m.usage {
+                resp.usage = Some(u);
+            }
+            let c = match choices.iter_mut().find(|c| c.index == m.index) {
+                Some(c) => c,
+                None => {
+                    choices.push(api::Choice { index: m.index, ..Default::default() });
+                    choices.last_mut().expect("just pushed")
+                }
+            };
+            c.text.push_str(&m.text);
+            c.token_ids.extend(m.token_ids);
+            c.logprobs.extend(m.logprobs);
+            if m.finish_reason != 0 {
+                c.finish_reason = m.finish_reason;
+                c.timing = m.timing;
+            }
+        }
+        if choices.iter().any(|c| c.finish_reason == 0) || resp.usage.is_none() {
+            return Err(Status::internal("the generation ended before every choice finished"));
+        }
+        choices.sort_by_key(|c| c.index);
+        resp.choices = choices;
+        Ok(Response::new(resp))
+    }
+
+    type GenerateStreamStream = ReceiverStream<Result<api::GenerateStreamResponse, Status>>;
+
+    async fn generate_stream(
+        &self,
+        req: Request<api::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        Ok(Response::new(ReceiverStream::new(self.start(req)?)))
+    }
+
+    async fn tokenize(&self, req: Request<api::TokenizeRequest>) -> Result<Response<api::TokenizeResponse>, Status> {
+        let f = &self.0.facts;
+        let r = req.into_inner();
+        check_model(&r.model, f)?;
+        let input = r.input.map(|i| match i {
+            api::tokenize_request::Input::Prompt(p) => api::generate_request::Input::Prompt(p),
+            api::tokenize_request::Input::Messages(m) => api::generate_request::Input::Messages(m),
+        });
+        let (mut ids, rendered) = input_ids(input.as_ref(), f, r.add_generation_prompt.unwrap_or(true))?;
+        if !r.add_special_tokens.unwrap_or(true)
+            && f.tokenizer.add_bos()
+            && ids.first() == f.tokenizer.bos_id().as_ref()
+        {
+            ids.remove(0);
+        }
+        let token_strs = if r.return_token_strs {
+            ids.iter().map(|&t| f.tokenizer.token_str(t).unwrap_or_default().to_string()).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(api::TokenizeResponse {
+            count: ids.len() as u32,
+            token_ids: ids,
+            max_model_len: f.max_model_len as u32,
+            token_strs,
+            rendered_prompt: rendered,
+        }))
+    }
+
+    async fn list_models(
+        &self,
+        _req: Request<api::ListModelsRequest>,
+    ) -> Result<Response<api::ListModelsResponse>, Status> {
+        let models = self
+            .0
+            .members
+            .models()
+            .into_iter()
+            .map(|(id, ctx)| api::Model { id, owned_by: "tandem".into(), created: self.0.created, max_model_len: ctx })
+            .collect();
+        Ok(Response::new(api::ListModelsResponse { models }))
+    }
+}

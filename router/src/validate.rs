@@ -1,0 +1,182 @@
+//! Checks a `tandem.v1` request and resolves every default, so that what reaches
+//! the workers is complete and valid. Each error names the field at fault.
+
+use tandem_engine::chat::{ChatMessage, ChatTemplate};
+use tandem_engine::generate::{prompt_ids, Prompt};
+use tandem_engine::tokenizer::Tokenizer;
+use tandem_proto::tandem::v1 as api;
+use tandem_proto::tandem::worker::v1 as pb;
+use tonic::Status;
+
+/// Most choices per request.
+pub const MAX_N: u32 = 16;
+/// Most stop strings per request.
+pub const MAX_STOP: usize = 16;
+/// Most alternatives per position in logprobs.
+pub const MAX_LOGPROBS: u32 = 20;
+/// Longest client request id, in bytes.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// What the router needs of the model to check requests.
+pub struct ModelFacts {
+    pub name: String,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+}
+
+/// A request that passed every check, with defaults resolved.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub prompt: Vec<u32>,
+    /// One choice's sampling; choice `i` adds `i` to a given seed.
+    pub sampling: pb::SamplingParams,
+    pub n: u32,
+    pub request_id: String,
+    pub cache_salt: Option<String>,
+    pub priority: i32,
+}
+
+fn bad(field: &str, what: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {what}"))
+}
+
+/// The model named in a request: empty means the served one.
+pub fn check_model(model: &str, facts: &ModelFacts) -> Result<(), Status> {
+    if model.is_empty() || model == facts.name {
+        Ok(())
+    } else {
+        Err(bad("model", format!("unknown model {model:?}; this cluster serves {:?}", facts.name)))
+    }
+}
+
+/// Token ids of a request's input.
+pub fn input_ids(
+    input: Option<&api::generate_request::Input>,
+    facts: &ModelFacts,
+    add_generation_prompt: bool,
+) -> Result<(Vec<u32>, String), Status> {
+    let prompt = match input {
+        None => return Err(bad("prompt", "a prompt or messages is required")),
+        Some(api::generate_request::Input::Prompt(p)) => {
+            if p.is_empty() {
+                return Err(bad("prompt", "is empty"));
+            }
+            Prompt::Text(p.clone())
+        }
+        Some(api::generate_request::Input::Messages(m)) => {
+            if m.messages.is_empty() {
+                return Err(bad("messages", "at least one message is required"));
+            }
+            for (i, msg) in m.messages.iter().enumerate() {
+                if !matches!(msg.role.as_str(), "system" | "user" | "assistant") {
+                    return Err(bad(
+                        &format!("messages[{i}].role"),
+                        format!("{:?} is not one of system, user, assistant", msg.role),
+                    ));
+                }
+            }
+            Prompt::Chat(m.messages.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect())
+        }
+    };
+    let rendered = match (&prompt, facts.template.as_ref()) {
+        (Prompt::Chat(msgs), Some(t)) => t.render(msgs, add_generation_prompt).map_err(|e| bad("messages", e))?,
+        (Prompt::Chat(_), None) => return Err(bad("messages", "this model has no chat template")),
+        _ => String::new(),
+    };
+    let ids = if let (Prompt::Chat(_), false) = (&prompt, add_generation_prompt) {
+        prompt_ids(&facts.tokenizer, None, &Prompt::Text(rendered.clone())).map_err(|e| bad("messages", e))?
+    } else {
+        prompt_ids(&facts.tokenizer, facts.template.as_ref(), &prompt).map_err(|e| bad("prompt", e))?
+    };
+    Ok((ids, rendered))
+}
+
+fn in_range(field: &str, v: Option<f32>, default: f32, ok: impl Fn(f32) -> bool, rule: &str) -> Result<f32, Status> {
+    match v {
+        None => Ok(default),
+        Some(x) if x.is_finite() && ok(x) => Ok(x),
+        Some(x) => Err(bad(field, format!("{x} is out of range: {rule}"))),
+    }
+}
+
+/// Checks `req` against `facts`; returns it resolved.
+pub fn validate(
+    req: &api::GenerateRequest,
+    facts: &ModelFacts,
+    new_id: impl FnOnce() -> String,
+) -> Result<Validated, Status> {
+    check_model(&req.model, facts)?;
+    if let Some(id) = &req.request_id {
+        if id.len() > MAX_REQUEST_ID {
+            return Err(bad("request_id", format!("{} bytes; at most {MAX_REQUEST_ID}", id.len())));
+        }
+    }
+    let (prompt, _) = input_ids(req.input.as_ref(), facts, true)?;
+    let ctx = facts.max_model_len;
+    if prompt.len() >= ctx {
+        return Err(bad("prompt", format!("{} tokens; the context holds {ctx} (prompt and output)", prompt.len())));
+    }
+    let s = req.sampling.clone().unwrap_or_default();
+    let room = ctx - prompt.len();
+    let max_tokens = match s.max_tokens {
+        None => room as u32,
+        Some(0) => return Err(bad("sampling.max_tokens", "must be at least 1")),
+        Some(m) if m as usize > room => {
+            return Err(bad(
+                "sampling.max_tokens",
+                format!("{m} with a prompt of {} tokens exceeds the context of {ctx}", prompt.len()),
+            ))
+        }
+        Some(m) => m,
+    };
+    let temperature = in_range("sampling.temperature", s.temperature, 1.0, |t| t >= 0.0, "must be >= 0")?;
+    let top_p = in_range("sampling.top_p", s.top_p, 1.0, |p| p > 0.0 && p <= 1.0, "must be in (0, 1]")?;
+    let min_p = in_range("sampling.min_p", s.min_p, 0.0, |p| (0.0..=1.0).contains(&p), "must be in [0, 1]")?;
+    let presence =
+        in_range("sampling.presence_penalty", s.presence_penalty, 0.0, |p| (-2.0..=2.0).contains(&p), "in [-2, 2]")?;
+    let frequency =
+        in_range("sampling.frequency_penalty", s.frequency_penalty, 0.0, |p| (-2.0..=2.0).contains(&p), "in [-2, 2]")?;
+    let repetition = in_range("sampling.repetition_penalty", s.repetition_penalty, 1.0, |p| p > 0.0, "must be > 0")?;
+    let n = s.n.unwrap_or(1);
+    if n == 0 || n > MAX_N {
+        return Err(bad("sampling.n", format!("{n}; must be in 1..={MAX_N}")));
+    }
+    if let Some(l) = s.logprobs {
+        if l > MAX_LOGPROBS {
+            return Err(bad("sampling.logprobs", format!("{l}; at most {MAX_LOGPROBS}")));
+        }
+    }
+    if s.stop.len() > MAX_STOP {
+        return Err(bad("sampling.stop", format!("{} strings; at most {MAX_STOP}", s.stop.len())));
+    }
+    if s.stop.iter().any(|x| x.is_empty()) {
+        return Err(bad("sampling.stop", "stop strings must not be empty"));
+    }
+    if let Some(t) = s.stop_token_ids.iter().find(|&&t| t as usize >= facts.vocab_size) {
+        return Err(bad("sampling.stop_token_ids", format!("{t} is outside the vocabulary of {}", facts.vocab_size)));
+    }
+    Ok(Validated {
+        prompt,
+        sampling: pb::SamplingParams {
+            temperature,
+            top_k: s.top_k.unwrap_or(0),
+            top_p,
+            min_p,
+            repetition_penalty: repetition,
+            presence_penalty: presence,
+            frequency_penalty: frequency,
+            seed: s.seed,
+            max_tokens,
+            stop: s.stop,
+            stop_token_ids: s.stop_token_ids,
+            ignore_eos: s.ignore_eos,
+            logprobs: s.logprobs,
+        },
+        n,
+        request_id: req.request_id.clone().unwrap_or_else(new_id),
+        cache_salt: req.cache_salt.clone(),
+        priority: req.priority,
+    })
+}
