@@ -10,5 +10,7 @@ scripts/setup-etcd.sh
 # CUDA code is compiled and checked here, never run: NVRTC/ptxas from PyPI wheels, and the
 # NCCL transport built against cudarc's dynamic loading.
 scripts/setup-cuda-tools.sh
+# grpcio + reflection for the generic gRPC client the end-to-end tests drive (tests/e2e).
+scripts/setup-python-clients.sh
 cargo check -p tandem-kvtransfer --features cuda --locked
 cargo test --workspace --locked "$@"

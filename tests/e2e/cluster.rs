@@ -1,0 +1,338 @@
+//! The disaggregated cluster as separate processes against a real etcd: a router,
+//! prefill and decode workers, all `tandem` binaries, talking gRPC and moving KV
+//! over real sockets. Checked with a real gRPC client.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::*;
+use tandem_proto::tandem::v1 as api;
+use tonic::Code;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+const PROMPTS: [&str; 8] = [
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+    "Give me a tip for learning to cook.",
+    "Explain what a volcano is in one sentence.",
+    "List three animals that live in the ocean.",
+    "Why is the sky blue?",
+    "Say hello in French.",
+];
+
+async fn settle_idle(addrs: &[String]) -> Vec<api_stats::Stats> {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut all = Vec::new();
+        for a in addrs {
+            all.push(api_stats::Stats::from(stats(a).await));
+        }
+        if all.iter().all(|s| s.idle()) || Instant::now() > end {
+            return all;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+mod api_stats {
+    /// The parts of a worker's stats that say whether it holds anything.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Stats {
+        pub running: u32,
+        pub waiting: u32,
+        pub waiting_for_kv: u32,
+        pub kv_blocks_used: u32,
+    }
+    impl From<tandem_proto::tandem::worker::v1::StatsResponse> for Stats {
+        fn from(s: tandem_proto::tandem::worker::v1::StatsResponse) -> Self {
+            Stats {
+                running: s.running,
+                waiting: s.waiting,
+                waiting_for_kv: s.waiting_for_kv,
+                kv_blocks_used: s.kv_blocks_used,
+            }
+        }
+    }
+    impl Stats {
+        pub fn idle(&self) -> bool {
+            *self == Stats { running: 0, waiting: 0, waiting_for_kv: 0, kv_blocks_used: 0 }
+        }
+    }
+}
+
+#[test]
+fn greedy_text_equals_tandem_generate_and_32_concurrent_streams_complete() {
+    let _one = serial();
+    let c = Cluster::start(&[("prefill", "prefill-0"), ("decode", "decode-0")]);
+    rt().block_on(async {
+        let mut client = client(&c.router_addr).await;
+        // Through the cluster, the same text as `tandem generate` in one process.
+        for p in &PROMPTS[..3] {
+            let got = stream(&mut client, chat(p, 48)).await.unwrap();
+            assert_eq!(got.text, generate_reference(Some(p), None, 48), "chat {p:?}");
+            assert_ne!(got.finish, 0);
+            assert!(got.chunks > 1, "the reply streams in pieces");
+        }
+        let raw_prompt = "The three laws of motion are";
+        let got = stream(&mut client, raw(raw_prompt, 32)).await.unwrap();
+        assert_eq!(got.text, generate_reference(None, Some(raw_prompt), 32), "raw prompt");
+
+        // Each prompt alone, then 32 streams at once (each prompt four times).
+        let mut single = Vec::new();
+        for p in PROMPTS {
+            single.push(stream(&mut client, chat(p, 24)).await.unwrap());
+        }
+        let mut tasks = Vec::new();
+        for i in 0..32 {
+            let mut cl = client.clone();
+            tasks.push(tokio::spawn(async move { (i % 8, stream(&mut cl, chat(PROMPTS[i % 8], 24)).await) }));
+        }
+        for t in tasks {
+            let (p, got) = t.await.unwrap();
+            let got = got.unwrap_or_else(|e| panic!("stream for prompt {p} failed: {e}"));
+            assert_eq!(got.text, single[p].text, "prompt {p} under load");
+            assert_eq!(got.token_ids, single[p].token_ids, "prompt {p} under load");
+            let u = got.usage.expect("usage on the last chunk");
+            assert_eq!(u.completion_tokens as usize, got.token_ids.len());
+        }
+        // Nothing is left behind on either worker.
+        let addrs: Vec<String> = c.workers.iter().map(|(_, a)| a.clone()).collect();
+        for (s, a) in settle_idle(&addrs).await.iter().zip(&addrs) {
+            assert!(s.idle(), "worker {a} still holds something: {s:?}");
+        }
+    });
+}
+
+/// A request whose prompt field is not valid UTF-8, sent as raw protobuf bytes.
+async fn send_invalid_utf8(addr: &str) -> tonic::Status {
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::codegen::Bytes;
+
+    #[derive(Default)]
+    struct Raw;
+    struct RawEnc;
+    struct RawDec;
+    impl Encoder for RawEnc {
+        type Item = Bytes;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Bytes, buf: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            use bytes::BufMut;
+            buf.put_slice(&item);
+            Ok(())
+        }
+    }
+    impl Decoder for RawDec {
+        type Item = Bytes;
+        type Error = tonic::Status;
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+            use bytes::Buf;
+            Ok(Some(buf.copy_to_bytes(buf.remaining())))
+        }
+    }
+    impl Codec for Raw {
+        type Encode = Bytes;
+        type Decode = Bytes;
+        type Encoder = RawEnc;
+        type Decoder = RawDec;
+        fn encoder(&mut self) -> RawEnc {
+            RawEnc
+        }
+        fn decoder(&mut self) -> RawDec {
+            RawDec
+        }
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    // Field 2 (`prompt`), length-delimited, two bytes that are not UTF-8.
+    let body = Bytes::from_static(&[0x12, 0x02, 0xff, 0xfe]);
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/tandem.v1.Generate/Generate");
+    grpc.unary(tonic::Request::new(body), path, Raw).await.expect_err("invalid UTF-8 is refused")
+}
+
+#[test]
+fn bad_input_cancel_overload_and_missing_roles_get_their_status() {
+    let _one = serial();
+    let etcd = Etcd::start();
+    let cluster = format!("e2e{}", free_port());
+    let (prefill, paddr) = start_worker(&etcd, &cluster, "prefill", "prefill-0", &[]);
+    let (_decode, daddr) = start_worker(&etcd, &cluster, "decode", "decode-0", &[]);
+    let router = Proc::spawn(
+        "router",
+        tandem(&[
+            "router",
+            "--etcd",
+            &etcd.url,
+            "--cluster",
+            &cluster,
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--max-inflight",
+            "3",
+        ]),
+    );
+    let raddr = router.addr_after("tandem: router", "grpc");
+    router.wait_line("worker prefill-0 (", Duration::from_secs(30));
+    router.wait_line("worker decode-0 (", Duration::from_secs(30));
+    let mut prefill = prefill;
+    rt().block_on(async {
+        let mut client = client(&raddr).await;
+        let ok = stream(&mut client, chat("Say hello in French.", 8)).await.unwrap();
+        assert!(!ok.text.is_empty());
+
+        // Every bad input: INVALID_ARGUMENT naming the field.
+        let with = |f: &dyn Fn(&mut api::SamplingParams)| {
+            let mut r = chat("Hi", 8);
+            f(r.sampling.as_mut().unwrap());
+            r
+        };
+        let long = "word ".repeat(9000);
+        let mut unknown_model = chat("Hi", 8);
+        unknown_model.model = "gpt-17".into();
+        let mut bad_role = chat("Hi", 8);
+        if let Some(api::generate_request::Input::Messages(m)) = bad_role.input.as_mut() {
+            m.messages[0].role = "robot".into();
+        }
+        let cases: Vec<(&str, api::GenerateRequest, &str)> = vec![
+            ("empty prompt", raw("", 8), "prompt"),
+            ("no input", api::GenerateRequest::default(), "prompt"),
+            ("prompt longer than the context", raw(&long, 8), "prompt"),
+            ("max_tokens 0", with(&|s| s.max_tokens = Some(0)), "sampling.max_tokens"),
+            ("max_tokens above the context", with(&|s| s.max_tokens = Some(100_000)), "sampling.max_tokens"),
+            ("negative temperature", with(&|s| s.temperature = Some(-0.5)), "sampling.temperature"),
+            ("top_p 0", with(&|s| s.top_p = Some(0.0)), "sampling.top_p"),
+            ("top_p above 1", with(&|s| s.top_p = Some(1.5)), "sampling.top_p"),
+            ("n above 16", with(&|s| s.n = Some(17)), "sampling.n"),
+            ("unknown model", unknown_model, "model"),
+            ("unknown role", bad_role, "messages[0].role"),
+        ];
+        for (what, req, field) in cases {
+            let e = stream(&mut client, req.clone()).await.expect_err(what);
+            assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
+            assert!(e.message().starts_with(field), "{what}: message {:?} names {field}", e.message());
+            let e = client.generate(req).await.expect_err(what);
+            assert_eq!(e.code(), Code::InvalidArgument, "{what} (unary): {e:?}");
+        }
+        let e = send_invalid_utf8(&raddr).await;
+        assert_eq!(e.code(), Code::InvalidArgument, "invalid UTF-8: {e:?}");
+        // prost names the oneof that holds `prompt`.
+        assert!(e.message().contains("GenerateRequest.input"), "names the field: {:?}", e.message());
+
+        // Cancel mid-stream: both workers free the request's blocks.
+        let mut long_req = chat("Tell me a very long story about a dragon.", 400);
+        long_req.sampling.as_mut().unwrap().ignore_eos = true;
+        let mut s = client.generate_stream(long_req.clone()).await.unwrap().into_inner();
+        for _ in 0..3 {
+            s.message().await.unwrap().expect("a chunk");
+        }
+        let busy = stats(&daddr).await;
+        assert!(busy.kv_blocks_used > 0 && busy.running == 1, "the decode worker holds the request: {busy:?}");
+        drop(s);
+        let idle = settle_idle(&[paddr.clone(), daddr.clone()]).await;
+        assert!(idle.iter().all(|s| s.idle()), "blocks freed on both workers after the cancel: {idle:?}");
+
+        // Overload: the router holds three requests; a fourth is refused at once.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut s = client.generate_stream(long_req.clone()).await.unwrap().into_inner();
+            s.message().await.unwrap().expect("a chunk");
+            held.push(s);
+        }
+        let e = stream(&mut client, chat("Hi", 4)).await.expect_err("over the in-flight limit");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        // ...and the held ones were not disturbed.
+        for s in held.iter_mut() {
+            s.message().await.unwrap().expect("still streaming");
+        }
+        drop(held);
+        let idle = settle_idle(&[paddr.clone(), daddr.clone()]).await;
+        assert!(idle.iter().all(|s| s.idle()), "{idle:?}");
+        // Requests are served again once the held ones are gone.
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            match stream(&mut client, chat("Say hello in French.", 8)).await {
+                Ok(again) => {
+                    assert_eq!(again.text, ok.text);
+                    break;
+                }
+                Err(e) if e.code() == Code::ResourceExhausted && Instant::now() < end => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("after the overload: {e:?}"),
+            }
+        }
+
+        // No prefill worker (and the decode worker is not role `both`): UNAVAILABLE.
+        prefill.kill();
+        router.wait_line("worker prefill-0 left", Duration::from_secs(15));
+        let e = stream(&mut client, chat("Hi", 4)).await.expect_err("no prefill worker");
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    });
+}
+
+#[test]
+fn a_killed_decode_worker_leaves_within_its_ttl_and_its_requests_fail_cleanly() {
+    let _one = serial();
+    let mut c = Cluster::start(&[("prefill", "prefill-0"), ("decode", "decode-a"), ("decode", "decode-b")]);
+    rt().block_on(async {
+        let client = client(&c.router_addr).await;
+        let mut long_req = chat("Tell me a very long story about a dragon.", 300);
+        long_req.sampling.as_mut().unwrap().ignore_eos = true;
+        let (started_tx, mut started_rx) = tokio::sync::mpsc::channel(16);
+        let mut tasks = Vec::new();
+        for _ in 0..6 {
+            let (mut cl, req, tx) = (client.clone(), long_req.clone(), started_tx.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut s = cl.generate_stream(req).await?.into_inner();
+                let mut n = 0;
+                while let Some(m) = s.message().await? {
+                    n += m.token_ids.len();
+                    if n == m.token_ids.len() {
+                        let _ = tx.send(()).await;
+                    }
+                    if m.finish_reason != 0 {
+                        return Ok(n);
+                    }
+                }
+                Ok::<usize, tonic::Status>(n)
+            }));
+        }
+        for _ in 0..6 {
+            tokio::time::timeout(Duration::from_secs(60), started_rx.recv()).await.expect("every stream starts");
+        }
+        let b = c.workers.iter_mut().find(|(p, _)| p.name == "decode-b").unwrap();
+        let killed = Instant::now();
+        b.0.kill();
+        let (mut done, mut failed) = (0, 0);
+        for t in tasks {
+            match tokio::time::timeout(Duration::from_secs(60), t).await.expect("no stream hangs").unwrap() {
+                Ok(n) => {
+                    assert_eq!(n, 300, "a surviving stream completes");
+                    done += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                    assert!(e.message().contains("decode-b"), "the error names the worker: {e:?}");
+                    failed += 1;
+                }
+            }
+        }
+        assert!(done >= 1 && failed >= 1, "streams were spread over both decode workers: {done} done, {failed} failed");
+        let gone_after = c.router.line_time("worker decode-b left", Duration::from_secs(10)) - killed;
+        // A 2 s lease; etcd checks expiry every half second or so.
+        assert!(gone_after < Duration::from_secs(5), "left the view after {gone_after:?}");
+        let mut cl = client.clone();
+        for p in &PROMPTS[..4] {
+            stream(&mut cl, chat(p, 8)).await.expect("the survivors serve");
+        }
+        let addrs: Vec<String> =
+            c.workers.iter().filter(|(p, _)| p.name != "decode-b").map(|(_, a)| a.clone()).collect();
+        let idle = settle_idle(&addrs).await;
+        assert!(idle.iter().all(|s| s.idle()), "{idle:?}");
+    });
+}

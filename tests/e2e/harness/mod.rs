@@ -1,0 +1,335 @@
+//! Real processes for the end-to-end tests: Debian's etcd on a loopback port
+//! with a temporary data dir, `tandem` processes (the binary cargo built for
+//! this test), their addresses read from what they print, and gRPC clients.
+//! Every process is killed when its handle drops, so a failing test leaves
+//! nothing running.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_proto::tandem::v1 as api;
+use tandem_proto::tandem::v1::generate_client::GenerateClient;
+use tandem_proto::tandem::worker::v1 as pb;
+use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
+use tonic::transport::Channel;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn model() -> PathBuf {
+    let m = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(m.exists(), "model missing: run scripts/fetch-model.sh first");
+    m
+}
+
+pub fn tandem_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tandem")
+}
+
+/// The end-to-end tests start many processes on two cores: one test at a time.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process whose output lines are collected; killed on drop.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for out in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push((Instant::now(), line));
+                }
+            });
+        }
+        Proc { name: name.to_string(), child: Some(child), lines }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn output(&self) -> Vec<String> {
+        self.lines.lock().unwrap().iter().map(|(_, l)| l.clone()).collect()
+    }
+
+    /// When the first line containing `needle` was read (waiting for it up to `within`).
+    pub fn line_time(&self, needle: &str, within: Duration) -> Instant {
+        self.wait_line(needle, within);
+        self.lines.lock().unwrap().iter().find(|(_, l)| l.contains(needle)).expect("waited for it").0
+    }
+
+    /// Waits until a line containing `needle` appears; returns it.
+    pub fn wait_line(&self, needle: &str, within: Duration) -> String {
+        let end = Instant::now() + within;
+        loop {
+            if let Some((_, l)) = self.lines.lock().unwrap().iter().find(|(_, l)| l.contains(needle)) {
+                return l.clone();
+            }
+            if Instant::now() > end {
+                panic!(
+                    "{}: no line with {needle:?} within {within:?}; output:\n{}",
+                    self.name,
+                    self.output().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The address printed after `word` on the line containing `needle`.
+    pub fn addr_after(&self, needle: &str, word: &str) -> String {
+        let line = self.wait_line(needle, Duration::from_secs(60));
+        let mut it = line.split_whitespace();
+        while let Some(w) = it.next() {
+            if w == word {
+                return it.next().expect("an address after the word").to_string();
+            }
+        }
+        panic!("{}: no {word:?} in {line:?}", self.name);
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        assert!(ok.success(), "kill -{sig} {}", self.name);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let end = Instant::now() + within;
+        let c = self.child.as_mut().expect("running");
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.code();
+            }
+            if Instant::now() > end {
+                panic!("{} did not exit within {within:?}; output:\n{}", self.name, self.output().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Debian's etcd on loopback ports with a temporary data dir.
+pub struct Etcd {
+    pub url: String,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        match Command::new("etcd").arg("--version").output() {
+            Ok(o) if o.status.success() => {}
+            _ => panic!("cannot run `etcd`: run scripts/setup-etcd.sh (installs Debian's etcd-server)"),
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name=tandem-e2e")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=tandem-e2e={peer_url}"));
+        let proc = Proc::spawn("etcd", cmd);
+        proc.wait_line("ready to serve client requests", Duration::from_secs(30));
+        Etcd { url, _proc: proc, _dir: dir }
+    }
+}
+
+/// `tandem <args>` with the test's model, with `TANDEM_*` variables of the caller's
+/// environment cleared so they cannot change what is tested.
+pub fn tandem(args: &[&str]) -> Command {
+    let mut cmd = Command::new(tandem_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TANDEM_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(args).arg("--model").arg(model());
+    cmd
+}
+
+/// A separate-process cluster: router, prefill and decode workers against etcd.
+pub struct Cluster {
+    pub etcd: Etcd,
+    pub router: Proc,
+    pub router_addr: String,
+    pub workers: Vec<(Proc, String)>,
+    pub cluster: String,
+}
+
+pub fn start_worker(etcd: &Etcd, cluster: &str, role: &str, id: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![role, "--etcd", &etcd.url, "--cluster", cluster, "--id", id, "--lease-ttl", "2"];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn(id, tandem(&args));
+    let addr = p.addr_after("tandem: worker", "grpc");
+    (p, addr)
+}
+
+impl Cluster {
+    /// `workers`: (role, id) pairs; role `prefill`, `decode` or `both` (a decode worker of role both).
+    pub fn start(workers: &[(&str, &str)]) -> Cluster {
+        let etcd = Etcd::start();
+        let cluster = format!("e2e{}", free_port());
+        let mut ws = Vec::new();
+        for (role, id) in workers {
+            let w = match *role {
+                "both" => start_worker(&etcd, &cluster, "decode", id, &["--role", "both"]),
+                r => start_worker(&etcd, &cluster, r, id, &[]),
+            };
+            ws.push(w);
+        }
+        let router = Proc::spawn(
+            "router",
+            tandem(&["router", "--etcd", &etcd.url, "--cluster", &cluster, "--grpc-listen", "127.0.0.1:0"]),
+        );
+        let router_addr = router.addr_after("tandem: router", "grpc");
+        for (_, id) in workers {
+            router.wait_line(&format!("worker {id} ("), Duration::from_secs(30));
+        }
+        Cluster { etcd, router, router_addr, workers: ws, cluster }
+    }
+}
+
+pub async fn client(addr: &str) -> GenerateClient<Channel> {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        match GenerateClient::connect(format!("http://{addr}")).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > end => panic!("connecting to {addr}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+pub async fn worker_client(addr: &str) -> WorkerClient<Channel> {
+    WorkerClient::connect(format!("http://{addr}")).await.unwrap_or_else(|e| panic!("connecting to {addr}: {e}"))
+}
+
+pub async fn stats(addr: &str) -> pb::StatsResponse {
+    worker_client(addr).await.stats(pb::StatsRequest {}).await.unwrap().into_inner()
+}
+
+pub fn chat(text: &str, max_tokens: u32) -> api::GenerateRequest {
+    api::GenerateRequest {
+        input: Some(api::generate_request::Input::Messages(api::Messages {
+            messages: vec![api::ChatMessage { role: "user".into(), content: text.into() }],
+        })),
+        sampling: Some(api::SamplingParams {
+            temperature: Some(0.0),
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn raw(text: &str, max_tokens: u32) -> api::GenerateRequest {
+    api::GenerateRequest {
+        input: Some(api::generate_request::Input::Prompt(text.into())),
+        sampling: Some(api::SamplingParams {
+            temperature: Some(0.0),
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// One streamed choice, assembled.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Streamed {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish: i32,
+    pub chunks: usize,
+    pub usage: Option<api::Usage>,
+}
+
+/// Streams `req` to the end; the assembled choice 0, or the stream's error.
+pub async fn stream(c: &mut GenerateClient<Channel>, req: api::GenerateRequest) -> Result<Streamed, tonic::Status> {
+    let mut s = c.generate_stream(req).await?.into_inner();
+    let mut out = Streamed::default();
+    while let Some(m) = s.message().await? {
+        out.text.push_str(&m.text);
+        out.token_ids.extend(m.token_ids);
+        out.chunks += 1;
+        if m.finish_reason != 0 {
+            out.finish = m.finish_reason;
+        }
+        if m.usage.is_some() {
+            out.usage = m.usage;
+        }
+    }
+    Ok(out)
+}
+
+/// `tandem generate` for the same greedy request, in its own process: the reference.
+pub fn generate_reference(chat_text: Option<&str>, prompt: Option<&str>, max_tokens: u32) -> String {
+    let mut args = vec![
+        "generate".to_string(),
+        "--temperature".into(),
+        "0".into(),
+        "--max-tokens".into(),
+        max_tokens.to_string(),
+        "--json".into(),
+        "--threads".into(),
+        "1".into(),
+    ];
+    if let Some(c) = chat_text {
+        args.extend(["--chat".to_string(), c.to_string()]);
+    }
+    if let Some(p) = prompt {
+        args.extend(["--prompt".to_string(), p.to_string()]);
+    }
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let out = tandem(&refs).output().unwrap();
+    assert!(out.status.success(), "tandem generate failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("generate --json prints JSON");
+    v["choices"][0]["text"].as_str().or_else(|| v["text"].as_str()).expect("a text field").to_string()
+}

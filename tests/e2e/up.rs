@@ -1,0 +1,146 @@
+//! `tandem up`: router and workers in one process on this machine, reached by a
+//! generic gRPC client (reflection, no .proto) and by a typed one; SIGTERM
+//! drains the requests in flight and exits 0.
+
+mod harness;
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::*;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// `scripts/grpc-call.py` with the project's client virtualenv.
+fn grpc_call(args: &[&str]) -> (bool, String, String) {
+    let python = root().join(".venv-clients/bin/python");
+    assert!(python.exists(), "the gRPC client virtualenv is missing: run scripts/setup-python-clients.sh");
+    let out = Command::new(python).arg(root().join("scripts/grpc-call.py")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn start_up(extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["up", "--grpc-port", "0"];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn("tandem up", tandem(&args));
+    let addr = p.addr_after("tandem: router", "grpc");
+    p.wait_line("tandem: ready", Duration::from_secs(60));
+    (p, addr)
+}
+
+/// Waits until the router has seen `n` workers join.
+fn wait_workers(p: &Proc, n: usize) {
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while p.output().iter().filter(|l| l.contains("router: worker") && l.contains("joined")).count() < n {
+        assert!(std::time::Instant::now() < end, "workers did not join: {:?}", p.output());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Three streams in flight, then SIGTERM: every one finishes, and the process exits 0.
+fn sigterm_drains(p: &mut Proc, addr: &str) {
+    rt().block_on(async {
+        let client = client(addr).await;
+        let mut req = chat("Tell me a story about a lighthouse.", 48);
+        req.sampling.as_mut().unwrap().ignore_eos = true;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            let (mut cl, req, tx) = (client.clone(), req.clone(), tx.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut s = cl.generate_stream(req).await?.into_inner();
+                let (mut n, mut finish) = (0, 0);
+                while let Some(m) = s.message().await? {
+                    if n == 0 {
+                        let _ = tx.send(()).await;
+                    }
+                    n += m.token_ids.len();
+                    finish = m.finish_reason;
+                }
+                Ok::<_, tonic::Status>((n, finish))
+            }));
+        }
+        for _ in 0..3 {
+            tokio::time::timeout(Duration::from_secs(60), rx.recv()).await.expect("streams start");
+        }
+        p.signal("TERM");
+        for t in tasks {
+            let (n, finish) = t.await.unwrap().expect("a request in flight finishes during the drain");
+            assert_eq!((n, finish), (48, tandem_proto::tandem::v1::FinishReason::Length as i32));
+        }
+    });
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "exit code after SIGTERM; output:\n{}",
+        p.output().join("\n")
+    );
+    p.wait_line("tandem: stopped", Duration::from_secs(1));
+}
+
+#[test]
+fn up_serves_a_generic_grpc_client_and_drains_on_sigterm() {
+    let _one = serial();
+    let (mut p, addr) = start_up(&[]);
+    wait_workers(&p, 2);
+
+    // A client that knows no .proto: services through reflection, health, a streamed call.
+    let (ok, out, err) = grpc_call(&[&addr, "list"]);
+    assert!(ok, "list: {err}");
+    for svc in ["tandem.v1.Generate", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
+        assert!(out.lines().any(|l| l == svc), "{svc} listed: {out}");
+    }
+    let (ok, out, err) =
+        grpc_call(&["-d", r#"{"service":"tandem.v1.Generate"}"#, &addr, "grpc.health.v1.Health/Check"]);
+    assert!(ok && out.contains("SERVING"), "health: {out} {err}");
+    let prompt = "Name three primary colors.";
+    let body = serde_json::json!({
+        "messages": {"messages": [{"role": "user", "content": prompt}]},
+        "sampling": {"temperature": 0, "max_tokens": 40}
+    })
+    .to_string();
+    let (ok, out, err) = grpc_call(&["-d", &body, &addr, "tandem.v1.Generate/GenerateStream"]);
+    assert!(ok, "stream: {err}");
+    let chunks: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(chunks.len() > 2, "streamed in pieces: {out}");
+    let text: String = chunks.iter().filter_map(|c| c["text"].as_str()).collect();
+    assert_eq!(text, generate_reference(Some(prompt), None, 40));
+    let last = chunks.last().unwrap();
+    assert!(last["finish_reason"].as_str().is_some_and(|f| f.starts_with("FINISH_REASON_")), "{last}");
+    assert!(last["usage"]["completion_tokens"].as_u64().is_some(), "usage on the last chunk: {last}");
+    // A bad request through the same client: INVALID_ARGUMENT, exit code 1.
+    let (ok, _, err) = grpc_call(&["-d", r#"{"prompt":""}"#, &addr, "tandem.v1.Generate/Generate"]);
+    assert!(!ok && err.contains("INVALID_ARGUMENT"), "{err}");
+
+    sigterm_drains(&mut p, &addr);
+}
+
+#[test]
+fn aggregated_mode_serves_with_role_both_workers() {
+    let _one = serial();
+    let (mut p, addr) = start_up(&["--prefill-workers", "0", "--decode-workers", "2"]);
+    assert!(p.output().iter().any(|l| l.contains("(both)")), "role both: {:?}", p.output());
+    wait_workers(&p, 2);
+    rt().block_on(async {
+        let mut c = client(&addr).await;
+        for prompt in ["Why is the sky blue?", "Say hello in French."] {
+            let got = stream(&mut c, chat(prompt, 32)).await.unwrap();
+            assert_eq!(got.text, generate_reference(Some(prompt), None, 32), "{prompt}");
+        }
+        // n = 2 greedy choices: both equal, both in the unary answer.
+        let mut req = chat("Say hello in French.", 16);
+        req.sampling.as_mut().unwrap().n = Some(2);
+        let r = c.generate(req).await.unwrap().into_inner();
+        assert_eq!(r.choices.len(), 2);
+        assert_eq!(r.choices[0].text, r.choices[1].text);
+        let u = r.usage.unwrap();
+        assert_eq!(u.completion_tokens as usize, r.choices.iter().map(|c| c.token_ids.len()).sum::<usize>());
+    });
+    sigterm_drains(&mut p, &addr);
+}
