@@ -248,6 +248,9 @@ pub fn up(a: UpArgs) -> Result<()> {
             max_inflight: a.max_inflight,
         };
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
+        if !router.wait_for_workers(running.len(), Duration::from_secs(30)).await {
+            bail!("the router did not see its {} workers register within 30 s", running.len());
+        }
         let mode = if a.prefill_workers == 0 { "aggregated" } else { "disaggregated" };
         println!(
             "tandem: router grpc {} ({mode}: {} prefill, {} decode, {threads} thread(s) each; model {})",

@@ -19,7 +19,6 @@ use tandem_engine::scheduler::RequestId;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_kvtransfer::{KvLayout, KvReceiver, KvSender, KvTarget, LocalTarget};
 use tandem_prefill_worker::{start_export, Admission, EngineHandle, Event};
-use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_server::Worker;
 use tokio::sync::mpsc;
@@ -567,9 +566,4 @@ fn kv_event_to_pb(e: tandem_engine::block_manager::KvEvent, event_id: u64) -> pb
         }
     };
     pb::KvEvent { event_id, event: Some(event) }
-}
-
-/// The finish reason of a proto chunk, for callers matching on it.
-pub fn finished(r: &pb::DecodeResponse) -> bool {
-    r.finish_reason != api::FinishReason::Unspecified as i32
 }

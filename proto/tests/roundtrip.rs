@@ -240,6 +240,7 @@ fn worker_samples() -> Vec<Sample> {
                 lease_ms: 5_000,
                 max_tokens: 256,
                 priority: 1,
+                sampling: Some(worker_sampling()),
             },
         ),
         sample(
@@ -286,7 +287,14 @@ fn worker_samples() -> Vec<Sample> {
         ),
         sample(
             "tandem.worker.v1.DecodeRequest",
-            wk::DecodeRequest { request_id: 42, sampling: Some(worker_sampling()), resumed_tokens: 9 },
+            wk::DecodeRequest {
+                request_id: 42,
+                sampling: Some(worker_sampling()),
+                resumed_tokens: 9,
+                prompt_token_ids: vec![7, 8, 9],
+                cache_salt: Some("tenant-b".into()),
+                priority: -2,
+            },
         ),
         sample(
             "tandem.worker.v1.DecodeTiming",

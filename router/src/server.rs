@@ -80,6 +80,18 @@ impl RunningRouter {
         Ok(RunningRouter { grpc_addr, state, health, server, stop_server, membership })
     }
 
+    /// Waits (up to `within`) until the router knows at least `n` workers; returns whether it does.
+    pub async fn wait_for_workers(&self, n: usize, within: Duration) -> bool {
+        let end = Instant::now() + within;
+        while self.state.members.snapshot().len() < n {
+            if Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     /// Refuses new requests (UNAVAILABLE), lets those in flight finish (up to `deadline`),
     /// then stops. Returns whether all finished in time.
     pub async fn drain(self, deadline: Duration) -> bool {

@@ -1,0 +1,170 @@
+//! A prefill worker and a decode worker in one process, driven through their gRPC
+//! service exactly as the router drives them (Reserve, Decode, Prefill), with
+//! shared memory switched off so the KV crosses a real TCP connection.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tandem_cluster::Role;
+use tandem_decode_worker::{RunningWorker, WorkerConfig};
+use tandem_engine::sampling::SamplingParams;
+use tandem_engine::{Engine, EngineConfig, Prompt};
+use tandem_proto::tandem::worker::v1 as pb;
+use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
+use tonic::transport::Channel;
+
+fn model() -> PathBuf {
+    let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(m.exists(), "model missing: run scripts/fetch-model.sh first");
+    m
+}
+
+async fn start(id: &str, role: Role) -> (RunningWorker, WorkerClient<Channel>) {
+    let cfg = WorkerConfig { shm: false, kv_blocks: Some(256), ..WorkerConfig::new(id, role, model()) };
+    let w = RunningWorker::start(cfg, None).await.unwrap();
+    let c = WorkerClient::connect(format!("http://{}", w.grpc_addr)).await.unwrap();
+    (w, c)
+}
+
+fn greedy(max_tokens: u32) -> pb::SamplingParams {
+    pb::SamplingParams { temperature: 0.0, top_p: 1.0, repetition_penalty: 1.0, max_tokens, ..Default::default() }
+}
+
+async fn used_blocks(c: &mut WorkerClient<Channel>) -> u32 {
+    c.stats(pb::StatsRequest {}).await.unwrap().into_inner().kv_blocks_used
+}
+
+async fn wait_idle(c: &mut WorkerClient<Channel>) -> pb::StatsResponse {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = c.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+        if (s.running, s.waiting, s.waiting_for_kv, s.kv_blocks_used) == (0, 0, 0, 0) || Instant::now() > end {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_and_decode_workers_over_tcp_generate_what_one_engine_does() {
+    let (p, mut pc) = start("prefill-t", Role::Prefill).await;
+    let (d, mut dc) = start("decode-t", Role::Decode).await;
+    assert!(d.descriptor.kv.local.is_none(), "shared memory is off: KV goes over TCP");
+
+    let mut engine =
+        Engine::load(&EngineConfig { model_path: model(), threads: 1, ..EngineConfig::default() }).unwrap();
+    let prompt = Prompt::Chat(vec![tandem_engine::chat::ChatMessage::new("user", "Write a haiku about the sea.")]);
+    let ids = engine.prompt_ids(&prompt).unwrap();
+    let params = SamplingParams { temperature: 0.0, max_tokens: 40, ..SamplingParams::default() };
+    let want = engine.generate(ids.clone(), &params, 1, |_| {}).unwrap().choices.remove(0);
+
+    let mut events = dc.kv_events(pb::KvEventsRequest {}).await.unwrap().into_inner();
+    let first = events.message().await.unwrap().unwrap();
+    assert!(matches!(first.events[0].event, Some(pb::kv_event::Event::Cleared(_))), "the stream starts cleared");
+
+    // Reserve, attach, prefill: the router's three calls.
+    let rid = 42;
+    let res = dc
+        .reserve(pb::ReserveRequest {
+            request_id: rid,
+            prompt_token_ids: ids.clone(),
+            lease_ms: 10_000,
+            max_tokens: 40,
+            sampling: Some(greedy(40)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(res.block_ids.len(), ids.len().div_ceil(16));
+    let mut stream = dc
+        .decode(pb::DecodeRequest { request_id: rid, sampling: Some(greedy(40)), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let pre = pc
+        .prefill(pb::PrefillRequest {
+            request_id: rid,
+            prompt_token_ids: ids.clone(),
+            sampling: Some(greedy(40)),
+            destination: Some(pb::KvDestination {
+                worker_id: "decode-t".into(),
+                endpoints: res.kv_endpoints.clone(),
+                block_ids: res.block_ids.clone(),
+                cached_blocks: 0,
+                layout: res.layout,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pre.first_token_id, want.token_ids[0], "the prefill worker's first token");
+    let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), 0);
+    while let Some(m) = stream.message().await.unwrap() {
+        text.push_str(&m.text);
+        tokens.extend(m.token_ids);
+        finish = m.finish_reason;
+    }
+    assert_eq!(tokens, want.token_ids, "decoded from KV received over TCP");
+    assert_eq!(text, want.text);
+    assert_ne!(finish, 0);
+
+    // The decode worker registered the prompt's blocks in its prefix cache and said so.
+    let batch = tokio::time::timeout(Duration::from_secs(5), events.message()).await.unwrap().unwrap().unwrap();
+    let stored: usize = batch
+        .events
+        .iter()
+        .map(|e| match &e.event {
+            Some(pb::kv_event::Event::Stored(s)) => s.block_hashes.len(),
+            _ => 0,
+        })
+        .sum();
+    assert!(stored >= ids.len() / 16, "KV events report the stored prompt blocks ({stored})");
+
+    // Both sides hold nothing once the request is over.
+    assert_eq!(wait_idle(&mut pc).await.kv_blocks_used, 0);
+    assert_eq!(wait_idle(&mut dc).await.kv_blocks_used, 0);
+
+    // A reservation that no prefill follows expires with its lease...
+    let res = dc
+        .reserve(pb::ReserveRequest {
+            request_id: 43,
+            prompt_token_ids: ids.clone(),
+            lease_ms: 300,
+            sampling: Some(greedy(8)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(used_blocks(&mut dc).await as usize >= res.block_ids.len());
+    let mut s = dc.decode(pb::DecodeRequest { request_id: 43, ..Default::default() }).await.unwrap().into_inner();
+    let e = s.message().await.expect_err("no KV came");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("KV"), "{e:?}");
+    assert_eq!(wait_idle(&mut dc).await.kv_blocks_used, 0, "the lease's blocks are back");
+
+    // ...and a cancelled one frees its blocks at once.
+    dc.reserve(pb::ReserveRequest {
+        request_id: 44,
+        prompt_token_ids: ids.clone(),
+        lease_ms: 60_000,
+        sampling: Some(greedy(8)),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = dc.cancel(pb::CancelRequest { request_id: 44, reason: "test".into() }).await.unwrap().into_inner();
+    assert!(c.found && c.freed_blocks > 0);
+    assert_eq!(wait_idle(&mut dc).await.kv_blocks_used, 0);
+
+    // Wrong calls get their codes.
+    let e = dc.decode(pb::DecodeRequest { request_id: 999, ..Default::default() }).await.expect_err("unknown");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = pc.reserve(pb::ReserveRequest { request_id: 1, prompt_token_ids: ids.clone(), ..Default::default() }).await;
+    assert_eq!(e.expect_err("a prefill worker does not reserve").code(), tonic::Code::FailedPrecondition);
+
+    assert!(p.drain(Duration::from_secs(5)).await);
+    assert!(d.drain(Duration::from_secs(5)).await);
+}
