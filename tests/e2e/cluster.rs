@@ -223,9 +223,17 @@ fn bad_input_cancel_overload_and_missing_roles_get_their_status() {
         // prost names the oneof that holds `prompt`.
         assert!(e.message().contains("GenerateRequest.input"), "names the field: {:?}", e.message());
 
-        // Cancel mid-stream: both workers free the request's blocks.
+        // A deadline shorter than the generation: DEADLINE_EXCEEDED, and nothing is left behind.
         let mut long_req = chat("Tell me a very long story about a dragon.", 400);
         long_req.sampling.as_mut().unwrap().ignore_eos = true;
+        let mut r = tonic::Request::new(long_req.clone());
+        r.set_timeout(Duration::from_millis(700));
+        let e = client.generate(r).await.expect_err("the deadline passes first");
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+        let idle = settle_idle(&[paddr.clone(), daddr.clone()]).await;
+        assert!(idle.iter().all(|s| s.idle()), "blocks freed after the deadline: {idle:?}");
+
+        // Cancel mid-stream: both workers free the request's blocks.
         let mut s = client.generate_stream(long_req.clone()).await.unwrap().into_inner();
         for _ in 0..3 {
             s.message().await.unwrap().expect("a chunk");
@@ -334,5 +342,37 @@ fn a_killed_decode_worker_leaves_within_its_ttl_and_its_requests_fail_cleanly() 
             c.workers.iter().filter(|(p, _)| p.name != "decode-b").map(|(_, a)| a.clone()).collect();
         let idle = settle_idle(&addrs).await;
         assert!(idle.iter().all(|s| s.idle()), "{idle:?}");
+    });
+}
+
+#[test]
+fn an_etcd_outage_keeps_the_cluster_serving_and_membership_resumes_after() {
+    let _one = serial();
+    let mut c = Cluster::start(&[("prefill", "prefill-0"), ("decode", "decode-a"), ("decode", "decode-b")]);
+    rt().block_on(async {
+        let mut client = client(&c.router_addr).await;
+        let want = stream(&mut client, chat(PROMPTS[0], 16)).await.unwrap();
+        c.etcd.stop();
+        // Longer than the 2 s lease: nobody is evicted while etcd cannot speak.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        for _ in 0..4 {
+            let got = stream(&mut client, chat(PROMPTS[0], 16)).await.expect("served on the last view");
+            assert_eq!(got.text, want.text);
+        }
+        assert!(!c.router.output().iter().any(|l| l.contains(" left")), "no worker left: {:?}", c.router.output());
+        c.etcd.restart();
+        // The watch resumes: a worker killed now leaves the view.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let b = c.workers.iter_mut().find(|(p, _)| p.name == "decode-b").unwrap();
+        b.0.kill();
+        c.router.wait_line("worker decode-b left", Duration::from_secs(20));
+        assert!(
+            !c.router.output().iter().any(|l| l.contains("decode-a left") || l.contains("prefill-0 left")),
+            "the others stayed: {:?}",
+            c.router.output()
+        );
+        for p in &PROMPTS[..2] {
+            stream(&mut client, chat(p, 8)).await.expect("the survivors serve");
+        }
     });
 }

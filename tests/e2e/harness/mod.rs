@@ -153,8 +153,9 @@ impl Drop for Proc {
 /// Debian's etcd on loopback ports with a temporary data dir.
 pub struct Etcd {
     pub url: String,
-    _proc: Proc,
-    _dir: tempfile::TempDir,
+    peer_url: String,
+    proc: Option<Proc>,
+    dir: tempfile::TempDir,
 }
 
 impl Etcd {
@@ -163,21 +164,40 @@ impl Etcd {
             Ok(o) if o.status.success() => {}
             _ => panic!("cannot run `etcd`: run scripts/setup-etcd.sh (installs Debian's etcd-server)"),
         }
-        let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut etcd = Etcd {
+            url: format!("http://127.0.0.1:{client}"),
+            peer_url: format!("http://127.0.0.1:{peer}"),
+            proc: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        etcd.run();
+        etcd
+    }
+
+    fn run(&mut self) {
         let mut cmd = Command::new("etcd");
         cmd.arg("--name=tandem-e2e")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={url}"))
-            .arg(format!("--advertise-client-urls={url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=tandem-e2e={peer_url}"));
+            .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={}", self.url))
+            .arg(format!("--advertise-client-urls={}", self.url))
+            .arg(format!("--listen-peer-urls={}", self.peer_url))
+            .arg(format!("--initial-advertise-peer-urls={}", self.peer_url))
+            .arg(format!("--initial-cluster=tandem-e2e={}", self.peer_url));
         let proc = Proc::spawn("etcd", cmd);
         proc.wait_line("ready to serve client requests", Duration::from_secs(30));
-        Etcd { url, _proc: proc, _dir: dir }
+        self.proc = Some(proc);
+    }
+
+    /// Kills etcd (SIGKILL: an outage, not a shutdown).
+    pub fn stop(&mut self) {
+        self.proc.take();
+    }
+
+    /// Starts etcd again on the same ports and data.
+    pub fn restart(&mut self) {
+        assert!(self.proc.is_none(), "etcd is running");
+        self.run();
     }
 }
 
