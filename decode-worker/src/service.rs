@@ -31,6 +31,13 @@ use crate::convert::{finish_to_pb, layout_from_pb, layout_to_pb, logprobs_to_pb,
 /// Longest lease a reservation gets, whatever the router asks.
 pub const MAX_LEASE: Duration = Duration::from_secs(60);
 
+/// How long the blocks of a request whose KV never completed stay out of use after its
+/// reservation ends: a same-host sender copies into shared memory before it sends the
+/// frame that names the blocks, so a copy may still be landing.
+const QUARANTINE: Duration = Duration::from_millis(500);
+/// Longest wait for a stalled sender's admitted frame to finish landing.
+const MAX_WRITE_WAIT: Duration = Duration::from_secs(60);
+
 /// A reservation whose `Decode` call has not attached yet.
 struct Reserved {
     id: RequestId,
@@ -104,13 +111,41 @@ impl WorkerState {
         Ok(())
     }
 
-    /// Ends reserved request `rid`: the reservation goes first (no more KV may land in
-    /// its blocks), then the engine frees the blocks.
-    fn cancel_reserved(&self, rid: u64, reason: Option<String>) -> Option<usize> {
+    /// Ends reserved request `rid`: the reservation goes first (no frame is admitted for
+    /// it after this), then its blocks are freed: at once if its KV had arrived, else once
+    /// nothing can still be writing them (`release_later`).
+    fn cancel_reserved(self: &Arc<Self>, rid: u64, reason: Option<String>) -> Option<usize> {
         let r = self.reserved.lock().expect("reserved").remove(&rid)?;
         r.watcher.abort();
-        self.engine.abort(r.id, reason);
+        if r.kv_arrived.lock().expect("arrived").is_some() {
+            self.engine.abort(r.id, reason);
+        } else {
+            if let Some(why) = reason {
+                self.engine.fail(r.id, why);
+            }
+            tokio::spawn(release_later(self.clone(), r.id, rid));
+        }
         Some(r.blocks)
+    }
+}
+
+/// Frees the blocks of a request whose KV transfer did not complete, once no write into
+/// them can still be in flight: after the quarantine, and after every admitted frame for
+/// it has been read (bounded by `MAX_WRITE_WAIT`; a sender stalled longer than that has
+/// its frame refused by the checksum at worst, since the blocks are not read meanwhile).
+async fn release_later(state: Arc<WorkerState>, id: RequestId, rid: u64) {
+    tokio::time::sleep(QUARANTINE).await;
+    if let Some(rx) = &state.receiver {
+        let end = Instant::now() + MAX_WRITE_WAIT;
+        while rx.writes_in_progress(rid) > 0 && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    state.engine.abort(id, None);
+    // A reservation nobody attached to is forgotten with its blocks.
+    let mut reserved = state.reserved.lock().expect("reserved");
+    if reserved.get(&rid).is_some_and(|r| r.id == id && r.events.is_some()) {
+        reserved.remove(&rid);
     }
 }
 
@@ -150,8 +185,7 @@ struct RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.state.active.lock().expect("active").remove(&self.rid);
-        if !self.done {
-            self.state.cancel_reserved(self.rid, None);
+        if !self.done && self.state.cancel_reserved(self.rid, None).is_none() {
             self.state.engine.abort(self.id, None);
         }
     }
@@ -296,7 +330,13 @@ impl Worker for WorkerService {
                         let why = format!("KV for {} tokens arrived for a prompt of {prompt_len}", a.num_tokens);
                         state.engine.abort(id, Some(why));
                     }
-                    Err(e) => state.engine.abort(id, Some(format!("KV transfer failed: {e}"))),
+                    Err(e) => {
+                        // The transfer failed or its lease ended: the sender may still be
+                        // writing. Tell the client now; free the blocks when it is safe.
+                        state.engine.fail(id, format!("KV transfer failed: {e}"));
+                        tokio::spawn(release_later(state.clone(), id, rid));
+                        return;
+                    }
                 }
                 // No Decode call attached within the lease: nobody wants the request.
                 tokio::time::sleep_until(deadline).await;

@@ -72,6 +72,11 @@ impl KvReceiver {
         Ok(())
     }
 
+    /// Payload writes into `request_id`'s blocks still in progress (see `Sessions`).
+    pub fn writes_in_progress(&self, request_id: u64) -> usize {
+        self.sessions.writes_in_progress(request_id)
+    }
+
     /// Live reservations.
     pub fn active(&self) -> usize {
         self.sessions.len()
@@ -222,7 +227,7 @@ pub(crate) async fn serve_conn<S: VectoredStream>(
             let ids: Vec<u32> =
                 small[BLOCKS_FIXED..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect();
             match sessions.admit(conn, request_id, layer, layout.n_layers, &ids) {
-                Admit::Ok => {
+                Admit::Ok(_writing) => {
                     // Addresses, not pointers, so the future stays Send. The blocks are reserved
                     // for this request alone (admit checked it), and the sink guarantees `half`
                     // writable bytes at each.

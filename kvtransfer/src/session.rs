@@ -38,6 +38,8 @@ struct State {
     by_id: HashMap<u64, Entry>,
     /// Which request holds each reserved block.
     owner: HashMap<u32, u64>,
+    /// Payload writes in progress per request (admitted frames not yet fully read).
+    writing: HashMap<u64, usize>,
 }
 
 /// A lease on blocks for one request; dropping it releases the blocks.
@@ -68,8 +70,28 @@ impl Drop for Reservation {
 
 /// The outcome of checking a Blocks frame against the reservations.
 pub enum Admit {
-    Ok,
+    /// Write the payload; the guard counts the write as in progress until dropped.
+    Ok(WriteGuard),
     Refuse(TransferError),
+}
+
+/// A Blocks frame's payload being written into a request's blocks. While one exists,
+/// the blocks must not be handed to anyone else, even if the reservation is gone.
+pub struct WriteGuard {
+    sessions: Sessions,
+    request_id: u64,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        let mut st = self.sessions.inner.lock().expect("sessions lock");
+        if let Some(n) = st.writing.get_mut(&self.request_id) {
+            *n -= 1;
+            if *n == 0 {
+                st.writing.remove(&self.request_id);
+            }
+        }
+    }
 }
 
 impl Sessions {
@@ -130,7 +152,14 @@ impl Sessions {
             )));
         }
         e.conn = Some(conn);
-        Admit::Ok
+        *st.writing.entry(request_id).or_default() += 1;
+        Admit::Ok(WriteGuard { sessions: self.clone(), request_id })
+    }
+
+    /// Payload writes into `request_id`'s blocks still in progress. After its reservation
+    /// is gone, the blocks may be reused once this is 0.
+    pub fn writes_in_progress(&self, request_id: u64) -> usize {
+        self.inner.lock().expect("sessions lock").writing.get(&request_id).copied().unwrap_or(0)
     }
 
     /// Records blocks written in full and checked.
@@ -182,5 +211,26 @@ impl Sessions {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_in_progress_outlives_its_reservation() {
+        let s = Sessions::default();
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let res = s.reserve(7, &[1, 2], 8, deadline).unwrap();
+        let Admit::Ok(w) = s.admit(1, 7, 0, 2, &[1]) else { panic!("admitted") };
+        let Admit::Ok(w2) = s.admit(1, 7, 1, 2, &[2]) else { panic!("admitted") };
+        assert_eq!(s.writes_in_progress(7), 2);
+        drop(res);
+        assert!(matches!(s.admit(1, 7, 0, 2, &[1]), Admit::Refuse(_)), "no new frame after the reservation");
+        assert_eq!(s.writes_in_progress(7), 2, "the admitted ones are still landing");
+        drop(w);
+        drop(w2);
+        assert_eq!(s.writes_in_progress(7), 0);
     }
 }

@@ -65,6 +65,7 @@ enum Cmd {
     Submit(EngineRequest, Admission, oneshot::Sender<Result<Admitted, EngineError>>),
     RemoteReady(RequestId, u32),
     Abort(RequestId, Option<String>),
+    Fail(RequestId, String),
     Load(oneshot::Sender<Load>),
 }
 
@@ -137,6 +138,12 @@ impl EngineHandle {
         let _ = self.tx.send(Cmd::Abort(id, reason));
     }
 
+    /// Tells request `id`'s client it failed, keeping its blocks until `abort`: a remote
+    /// request's blocks may still be written by a transfer that has not stopped yet.
+    pub fn fail(&self, id: RequestId, reason: String) {
+        let _ = self.tx.send(Cmd::Fail(id, reason));
+    }
+
     pub async fn load(&self) -> Result<Load, EngineError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Cmd::Load(tx)).map_err(|_| EngineError::Io(GONE.into()))?;
@@ -189,8 +196,10 @@ fn run(mut engine: LlmEngine, rx: std_mpsc::Receiver<Cmd>, kv_events: broadcast:
         for cmd in cmds {
             handle(&mut engine, &mut tracked, &mut sinks, cmd);
         }
-        // Clients that went away: abort before spending a step on them.
-        let gone: Vec<RequestId> = tracked.iter().filter(|(_, t)| t.events.is_closed()).map(|(&id, _)| id).collect();
+        // Clients that went away: abort before spending a step on them. Requests waiting for
+        // remote KV are the worker service's to end: their blocks may still be written.
+        let gone: Vec<RequestId> =
+            tracked.iter().filter(|(_, t)| t.events.is_closed() && !t.remote_waiting).map(|(&id, _)| id).collect();
         for id in gone {
             engine.abort(id);
             tracked.remove(&id);
@@ -309,6 +318,11 @@ fn handle(
                 if let Some(r) = reason {
                     let _ = t.events.send(Event::Failed(r));
                 }
+            }
+        }
+        Cmd::Fail(id, reason) => {
+            if let Some(t) = tracked.get(&id) {
+                let _ = t.events.send(Event::Failed(reason));
             }
         }
         Cmd::Load(reply) => {
