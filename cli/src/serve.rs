@@ -43,9 +43,6 @@ pub struct Common {
 /// Flags of a worker.
 #[derive(Args, Debug, Clone)]
 pub struct WorkerFlags {
-    /// Compute threads of the engine.
-    #[arg(long, env = "TANDEM_THREADS", default_value_t = 1)]
-    pub threads: usize,
     /// KV blocks in the pool (default: one full context's worth).
     #[arg(long, env = "TANDEM_KV_BLOCKS")]
     pub kv_blocks: Option<usize>,
@@ -113,6 +110,9 @@ pub struct WorkerArgs {
     pub common: Common,
     #[command(flatten)]
     pub worker: WorkerFlags,
+    /// Compute threads of the engine.
+    #[arg(long, env = "TANDEM_THREADS", default_value_t = 1)]
+    pub threads: usize,
     /// The worker's id in the cluster (default: role and process id).
     #[arg(long, env = "TANDEM_WORKER_ID")]
     pub id: Option<String>,
@@ -264,8 +264,9 @@ pub fn up(a: UpArgs) -> Result<()> {
         println!("tandem: draining");
         let deadline = Duration::from_secs(a.common.drain_timeout);
         let mut clean = router.drain(deadline).await;
-        for w in running {
-            clean &= w.drain(deadline).await;
+        let drains: Vec<_> = running.into_iter().map(|w| tokio::spawn(w.drain(deadline))).collect();
+        for d in drains {
+            clean &= d.await.unwrap_or(false);
         }
         d.shutdown().await;
         println!("tandem: stopped{}", if clean { "" } else { " (some requests did not finish in time)" });
@@ -324,7 +325,7 @@ pub fn worker(a: WorkerArgs, default_role: Role) -> Result<()> {
             anyhow!("tandem {default_role} needs --etcd (or TANDEM_ETCD) to register with the router")
         })?;
         let id = a.id.clone().unwrap_or_else(|| format!("{role}-{}", std::process::id()));
-        let mut cfg = worker_config(id, role, &a.common, &a.worker, a.worker.threads, a.grpc_listen, a.kv_listen);
+        let mut cfg = worker_config(id, role, &a.common, &a.worker, a.threads, a.grpc_listen, a.kv_listen);
         cfg.advertise_host = a.advertise_host.clone();
         cfg.shm = !a.no_shm;
         let ttl = Duration::from_secs(a.common.lease_ttl.max(1));

@@ -93,6 +93,9 @@ pub struct RunningWorker {
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     stop_server: CancellationToken,
     registration: Option<RegistrationTask>,
+    /// The shared segment and the Unix socket: removed when the worker stops.
+    segment: Option<Arc<ShmKv>>,
+    socket: Option<PathBuf>,
 }
 
 /// Registers (retrying while discovery is unreachable) and holds the registration.
@@ -121,6 +124,7 @@ impl RunningWorker {
         let handle = EngineHandle::spawn(engine, &format!("engine-{}", cfg.id)).map_err(|e| e.to_string())?;
         let tcp_cfg = TcpConfig::default();
 
+        let segment = shm.clone();
         let (receiver, kv) = match shm {
             Some(shm) => {
                 let rx = KvReceiver::bind(cfg.kv_listen, shm.clone(), tcp_cfg.clone())
@@ -191,7 +195,8 @@ impl RunningWorker {
             context_length: context_length as u32,
         };
         let registration = discovery.map(|(d, cluster, ttl)| register_forever(d, cluster, descriptor.clone(), ttl));
-        Ok(RunningWorker { descriptor, grpc_addr, state, health, server, stop_server, registration })
+        let socket = descriptor.kv.local.as_ref().map(|l| l.uds.clone());
+        Ok(RunningWorker { descriptor, grpc_addr, state, health, server, stop_server, registration, segment, socket })
     }
 
     /// Graceful exit: leaves discovery, refuses new work, waits (up to `deadline`) for
@@ -227,6 +232,13 @@ impl RunningWorker {
         }
         if let Some(tx) = &self.state.sender {
             tx.shutdown().await;
+        }
+        // The engine thread holds the segment until the process ends: remove the files now.
+        if let Some(seg) = &self.segment {
+            seg.unlink();
+        }
+        if let Some(sock) = &self.socket {
+            let _ = std::fs::remove_file(sock);
         }
         clean
     }

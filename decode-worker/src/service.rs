@@ -67,7 +67,6 @@ pub struct WorkerState {
     pub draining: AtomicBool,
     /// Handlers and streams in progress (drain waits for none).
     pub inflight: AtomicUsize,
-    kv_event_ids: AtomicU64,
 }
 
 impl WorkerState {
@@ -95,13 +94,25 @@ impl WorkerState {
             active: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
-            kv_event_ids: AtomicU64::new(1),
         }
     }
 
     /// Requests this worker still holds: reserved, prefilling or decoding.
     pub fn outstanding(&self) -> usize {
         self.reserved.lock().expect("reserved").len() + self.active.lock().expect("active").len()
+    }
+
+    /// Ends every request this worker holds (a drain past its deadline); returns how many.
+    pub fn abort_all(self: &Arc<Self>, reason: &str) -> usize {
+        let reserved: Vec<u64> = self.reserved.lock().expect("reserved").keys().copied().collect();
+        let active: Vec<RequestId> = self.active.lock().expect("active").values().copied().collect();
+        for rid in &reserved {
+            self.cancel_reserved(*rid, Some(reason.to_string()));
+        }
+        for id in &active {
+            self.engine.abort(*id, Some(reason.to_string()));
+        }
+        reserved.len() + active.len()
     }
 
     fn check_accepting(&self) -> Result<(), Status> {
@@ -529,7 +540,8 @@ impl Worker for WorkerService {
         let mut sub = s.engine.kv_events();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
-            let next = || s.kv_event_ids.fetch_add(1, Ordering::Relaxed);
+            let ids = AtomicU64::new(1);
+            let next = || ids.fetch_add(1, Ordering::Relaxed);
             // The stream starts from an empty index; what is cached before it arrives
             // as `stored` events when blocks are next registered.
             let first = pb::KvEventBatch {
@@ -573,18 +585,21 @@ impl Worker for WorkerService {
         let deadline = req.into_inner().deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms as u64));
         let (tx, rx) = mpsc::channel(8);
         tokio::spawn(async move {
+            let mut aborted: Option<usize> = None;
             loop {
+                if deadline.is_some_and(|d| Instant::now() >= d) && aborted.is_none() {
+                    aborted = Some(s.abort_all("the worker drained past its deadline"));
+                }
                 let Ok(l) = s.engine.load().await else { return };
                 let drained = s.outstanding() == 0 && l.scheduler.running == 0 && l.scheduler.waiting == 0;
-                let past = deadline.is_some_and(|d| Instant::now() >= d);
                 let status = pb::DrainStatus {
                     running: l.scheduler.running.saturating_sub(l.waiting_for_kv) as u32,
                     waiting: l.scheduler.waiting as u32,
                     waiting_for_kv: l.waiting_for_kv as u32,
-                    aborted: 0,
+                    aborted: aborted.unwrap_or(0) as u32,
                     drained,
                 };
-                if tx.send(Ok(status)).await.is_err() || drained || past {
+                if tx.send(Ok(status)).await.is_err() || drained {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;

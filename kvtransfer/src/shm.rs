@@ -20,6 +20,22 @@ pub fn shm_dir() -> PathBuf {
     std::env::var_os("TANDEM_SHM_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/dev/shm"))
 }
 
+/// Removes segments and sockets (`tandem-kv-<pid>-...`) in `shm_dir()` left by processes
+/// that no longer run (killed before they could clean up). Returns how many it removed.
+pub fn sweep_stale() -> usize {
+    let Ok(dir) = std::fs::read_dir(shm_dir()) else { return 0 };
+    let mut removed = 0;
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("tandem-kv-")) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            removed += usize::from(std::fs::remove_file(entry.path()).is_ok());
+        }
+    }
+    removed
+}
+
 /// Identifies this host's kernel: two processes with the same id can share memory segments.
 pub fn host_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -47,6 +63,7 @@ impl ShmKv {
     /// Creates a zeroed segment for `n_blocks` blocks in `shm_dir()`.
     pub fn create(layout: KvLayout, n_blocks: usize) -> Result<ShmKv, TransferError> {
         layout.validate().map_err(TransferError::Protocol)?;
+        sweep_stale();
         let len = n_blocks * layout.block_bytes();
         let name = format!("tandem-kv-{}-{:x}", std::process::id(), rand_suffix());
         let path = shm_dir().join(name);
@@ -60,6 +77,12 @@ impl ShmKv {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Removes the segment's file now (mappings stay valid; no new sender can map it).
+    /// Drop does the same; call this when the process may exit without dropping.
+    pub fn unlink(&self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 
     /// The mapped region (page-aligned, `len()` bytes), laid out as `block_offsets`

@@ -403,8 +403,9 @@ impl GenerateService {
         // request a little earlier so the client hears DEADLINE_EXCEEDED from us instead.
         let deadline = grpc_timeout(req.metadata()).map(|d| d.saturating_sub(d / 20 + Duration::from_millis(5)));
         let s = self.0.clone();
-        let permit = admit(&s)?;
+        // A bad request is the client's to fix whatever the load: check it first.
         let v = validate(req.get_ref(), &s.facts, || format!("req-{:016x}", splitmix(s.next_rid())))?;
+        let permit = admit(&s)?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(run_request(s, Arc::new(v), tx, accepted, deadline, permit));
         Ok(rx)

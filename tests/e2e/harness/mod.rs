@@ -145,7 +145,17 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM (a clean exit removes the worker's shared-memory files), SIGKILL after 5 s.
     fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if c.try_wait().ok().flatten().is_none() {
+                let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+                let end = Instant::now() + Duration::from_secs(5);
+                while c.try_wait().ok().flatten().is_none() && Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
         self.kill();
     }
 }
