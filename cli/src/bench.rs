@@ -27,6 +27,8 @@ pub enum BenchCommand {
     Engine(EngineBenchArgs),
     /// KV transfer throughput and latency over TCP loopback and shared memory.
     Kvtransfer(crate::bench_kv::KvBenchArgs),
+    /// Closed-loop load against a running cluster's gRPC API: TTFT, TPOT, throughput.
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -86,6 +88,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     let a = match cmd {
         BenchCommand::Engine(a) => a,
         BenchCommand::Kvtransfer(a) => return crate::bench_kv::run(a),
+        BenchCommand::Serve(a) => return crate::bench_serve::run(a),
     };
     if a.offline {
         return offline(&a);

@@ -9,6 +9,7 @@
 mod bench;
 mod bench_kv;
 mod bench_overlap;
+mod bench_serve;
 mod generate;
 mod serve;
 

@@ -181,7 +181,8 @@ impl RunningWorker {
                 .add_service(tandem_proto::reflection_service_v1alpha(&[SERVICE_NAME]))
                 .add_service(WorkerServer::new(svc))
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    // Small gRPC messages must not wait for Nagle and delayed ACKs (40 ms stalls).
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     stop.cancelled_owned(),
                 ),
         );

@@ -73,7 +73,8 @@ impl RunningRouter {
                 .add_service(tandem_proto::reflection_service_v1alpha(&[SERVICE_NAME]))
                 .add_service(GenerateServer::new(GenerateService(state.clone())))
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    // Small gRPC messages must not wait for Nagle and delayed ACKs (40 ms stalls).
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     stop.cancelled_owned(),
                 ),
         );

@@ -118,6 +118,22 @@ fn up_serves_a_generic_grpc_client_and_drains_on_sigterm() {
     let (ok, _, err) = grpc_call(&["-d", r#"{"prompt":""}"#, &addr, "tandem.v1.Generate/Generate"]);
     assert!(!ok && err.contains("INVALID_ARGUMENT"), "{err}");
 
+    // The load generator drives the same API.
+    let out = Command::new(tandem_bin())
+        .args(["bench", "serve", "--target", &addr, "--requests", "4", "--concurrency", "2", "--max-tokens", "8"])
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bench serve: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["requests"], 4);
+    assert!(v["output_tok_s"].as_f64().unwrap() > 0.0);
+    for k in ["ttft_ms", "tpot_ms"] {
+        for p in ["mean", "p50", "p90", "p99"] {
+            assert!(v[k][p].as_f64().is_some_and(|x| x > 0.0), "{k}.{p} in {v}");
+        }
+    }
+
     sigterm_drains(&mut p, &addr);
 }
 
