@@ -104,6 +104,9 @@ pub struct SeqOutput {
     pub finish: Option<FinishReason>,
     /// Prompt tokens served from the prefix cache (set on the first output).
     pub cached_tokens: usize,
+    /// With `prompt_logprobs`: the score of every prompt token after the first, in order
+    /// (set on the first output).
+    pub prompt_logprobs: Vec<SampledToken>,
 }
 
 struct SeqState {
@@ -122,6 +125,9 @@ struct SeqState {
     logprobs_pending: Vec<SampledToken>,
     /// Exporting requests: block-table entries already handed to the hook.
     exported: Option<usize>,
+    /// Prompt scoring: the last prompt position scored, and scores not yet output.
+    prompt_scored: usize,
+    prompt_lp_pending: Vec<SampledToken>,
 }
 
 pub struct LlmEngine {
@@ -209,6 +215,9 @@ impl LlmEngine {
         let mut seq = new_seq(id, 0, &req.params, forks);
         seq.exported = req.export_kv.then_some(0);
         self.seqs.insert(id, seq);
+        if req.params.prompt_logprobs.is_some() {
+            self.scheduler.skip_prefix_cache(id);
+        }
         Ok(id)
     }
 
@@ -312,12 +321,25 @@ impl LlmEngine {
                 (s.start..s.start + s.len).map(|i| r.token(i)).collect()
             })
             .collect();
+        // Logits rows: every position of a chunk whose prompt is being scored, else the
+        // last position of a chunk that samples. `rows[i]` is entry i's first row and count.
+        let mut rows = Vec::with_capacity(plan.scheduled.len());
+        let mut next_row = 0;
         let logits = {
             let mut batch = ForwardBatch::default();
             for (s, toks) in plan.scheduled.iter().zip(&token_lists) {
-                let table = &self.scheduler.get(s.id).expect("exists").blocks.table;
+                let r = self.scheduler.get(s.id).expect("exists");
+                let scoring = self.seqs.get(&s.id).is_some_and(|st| st.params.prompt_logprobs.is_some())
+                    && s.start + 1 < r.prompt.len();
+                let table = &r.blocks.table;
                 let seq = batch.add_seq(table);
-                let want = if s.sample { LogitsWanted::Last } else { LogitsWanted::None };
+                let (want, n) = match (scoring, s.sample) {
+                    (true, _) => (LogitsWanted::All, s.len),
+                    (false, true) => (LogitsWanted::Last, 1),
+                    (false, false) => (LogitsWanted::None, 0),
+                };
+                rows.push((next_row, n));
+                next_row += n;
                 batch.add_tokens(seq, toks, s.start, want);
             }
             if exports.is_empty() {
@@ -328,15 +350,37 @@ impl LlmEngine {
             }
         };
 
+        // Prompt scoring: the logits at position p give prompt token p + 1's log-probability.
+        for (s, &(first, n)) in plan.scheduled.iter().zip(&rows) {
+            if n == 0 {
+                continue;
+            }
+            let Some(st) = self.seqs.get_mut(&s.id) else { continue };
+            let Some(top) = st.params.prompt_logprobs else { continue };
+            let prompt = &self.scheduler.get(s.id).expect("exists").prompt;
+            // A scored chunk has a row per position; any other has at most the last one,
+            // which lies past the prompt's end, where nothing is scored.
+            for j in 0..n {
+                let target = s.start + j + 1;
+                if target < prompt.len() && target > st.prompt_scored {
+                    let row = &logits[(first + j) * vocab..(first + j + 1) * vocab];
+                    st.prompt_lp_pending.push(crate::sampling::token_logprobs(row, prompt[target], top));
+                    st.prompt_scored = target;
+                }
+            }
+        }
+
         // Sample, in plan order.
         let mut sampled = Vec::new();
-        let mut row = 0;
-        for s in plan.scheduled.iter().filter(|s| s.sample) {
+        for (s, &(first, n)) in plan.scheduled.iter().zip(&rows) {
+            if !s.sample {
+                continue;
+            }
             let r = self.scheduler.get(s.id).expect("exists");
             let (prompt, output) = (r.prompt.clone(), r.output.clone());
             let st = self.seqs.get_mut(&s.id).expect("engine state for every sequence");
+            let row = first + n - 1;
             let l = &logits[row * vocab..(row + 1) * vocab];
-            row += 1;
             let tok = st.sampler.sample(l, &prompt, &output);
             let mut forks = Vec::new();
             if !st.pending_forks.is_empty() {
@@ -407,6 +451,7 @@ impl LlmEngine {
         let first = !st.started;
         st.started = true;
         let logprobs = std::mem::take(&mut st.logprobs_pending);
+        let prompt_logprobs = if first { std::mem::take(&mut st.prompt_lp_pending) } else { Vec::new() };
         let out = SeqOutput {
             id,
             group: st.group,
@@ -416,6 +461,7 @@ impl LlmEngine {
             logprobs,
             finish,
             cached_tokens: if first { cached_tokens } else { 0 },
+            prompt_logprobs,
         };
         if finish.is_some() {
             if finished.is_none() {
@@ -441,6 +487,8 @@ fn new_seq(group: RequestId, index: usize, params: &SamplingParams, pending_fork
         started: false,
         logprobs_pending: Vec::new(),
         exported: None,
+        prompt_scored: 0,
+        prompt_lp_pending: Vec::new(),
     }
 }
 

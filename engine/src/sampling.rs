@@ -57,6 +57,10 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Return this many most likely alternatives with each token (at most [`MAX_LOGPROBS`]).
     pub logprobs: Option<usize>,
+    /// Also score the prompt: the log-probability of every prompt token after the first
+    /// given the tokens before it, with this many alternatives (vLLM `prompt_logprobs`).
+    /// Such a request computes its whole prompt (no prefix-cache reuse).
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -75,6 +79,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -109,6 +114,11 @@ impl SamplingParams {
                 return bad(format!("logprobs must be at most {MAX_LOGPROBS}, got {n}"));
             }
         }
+        if let Some(n) = self.prompt_logprobs {
+            if n > MAX_LOGPROBS {
+                return bad(format!("prompt_logprobs must be at most {MAX_LOGPROBS}, got {n}"));
+            }
+        }
         if self.stop.iter().any(String::is_empty) {
             return bad("stop strings must not be empty".into());
         }
@@ -141,6 +151,19 @@ pub struct SampledToken {
     /// The `logprobs` most likely tokens under the raw logits, most likely
     /// first (ties: lower id first). Empty unless `logprobs` was requested.
     pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// The log-probability of `id` under the raw `logits` (log-softmax, no penalties or
+/// temperature) and the `top` most likely alternatives: how a prompt token is scored.
+pub fn token_logprobs(logits: &[f32], id: u32, top: usize) -> SampledToken {
+    let lse = log_sum_exp(logits);
+    let lp = |i: u32| match logits.get(i as usize) {
+        Some(l) if !l.is_nan() => (*l as f64 - lse) as f32,
+        _ => f32::NEG_INFINITY,
+    };
+    let top_logprobs =
+        if top > 0 { top_n(logits, top).into_iter().map(|(i, _)| (i, lp(i))).collect() } else { Vec::new() };
+    SampledToken { id, logprob: lp(id), top_logprobs }
 }
 
 /// Samples tokens for one sequence. Holds the PRNG stream and scratch

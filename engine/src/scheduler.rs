@@ -164,6 +164,8 @@ pub struct Request {
     pub preemptions: u32,
     /// Prompt tokens found in the prefix cache at the last admission.
     pub cached_tokens: usize,
+    /// Compute the whole prompt even where the prefix cache holds it (its logits are wanted).
+    pub skip_prefix_cache: bool,
 }
 
 impl Request {
@@ -363,6 +365,14 @@ impl Scheduler {
             arrival: self.next_arrival,
             preemptions: 0,
             cached_tokens: 0,
+            skip_prefix_cache: false,
+        }
+    }
+
+    /// Makes request `id` compute its whole prompt, cached or not (prompt scoring).
+    pub fn skip_prefix_cache(&mut self, id: RequestId) {
+        if let Some(r) = self.requests.get_mut(&id) {
+            r.skip_prefix_cache = true;
         }
     }
 
@@ -432,7 +442,11 @@ impl Scheduler {
                 let Some(&id) = self.waiting.front() else { break };
                 let r = self.requests.get_mut(&id).expect("waiting request exists");
                 let tokens = r.tokens();
-                let hit = self.blocks.lookup_prefix(&tokens, r.cache_salt.as_deref());
+                let hit = if r.skip_prefix_cache {
+                    Default::default()
+                } else {
+                    self.blocks.lookup_prefix(&tokens, r.cache_salt.as_deref())
+                };
                 let hit_tokens = hit.tokens(self.blocks.block_size());
                 let want = (tokens.len() - hit_tokens).min(budget);
                 let need = self.blocks.hit_cost(&hit) + (hit_tokens + want).div_ceil(self.blocks.block_size())

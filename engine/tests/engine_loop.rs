@@ -334,3 +334,57 @@ fn exported_kv_continues_on_another_engine_like_one_engine() {
     }
     assert_eq!(decode.stats().blocks_used, 0);
 }
+
+/// Prompt scoring (`prompt_logprobs`), computed in 16-token chunks, against llama.cpp's
+/// logits at every prompt position (the committed fixture): the most likely next token
+/// agrees wherever llama.cpp's top two are not a near tie, and every prompt token after
+/// the first is scored once, in order.
+#[test]
+fn prompt_logprobs_in_chunks_agree_with_llama_cpp() {
+    let l = load();
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama_cpp/reference.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let model = Model::from_gguf(&l.file, &ModelOptions::default()).unwrap();
+    let tok = Tokenizer::from_gguf(&l.file).unwrap();
+    let cfg = LlmEngineConfig {
+        kv_blocks: 512,
+        scheduler: SchedulerConfig { max_batched_tokens: 16, ..SchedulerConfig::default() },
+        ..LlmEngineConfig::default()
+    };
+    let mut e = LlmEngine::new(model, tok, cfg).unwrap();
+    let (mut agree, mut counted) = (0, 0);
+    for (i, case) in fx["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt: Vec<u32> =
+            case["prompt_token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let params = SamplingParams { prompt_logprobs: Some(5), ..greedy(1) };
+        // The first case twice: the second time its prompt is in the prefix cache, and must
+        // be computed anyway.
+        for _ in 0..if i == 0 { 2 } else { 1 } {
+            e.add_request(EngineRequest::new(prompt.clone(), params.clone())).unwrap();
+            let mut scored = Vec::new();
+            while e.has_unfinished() {
+                for o in e.step().unwrap() {
+                    scored.extend(o.prompt_logprobs);
+                }
+            }
+            assert_eq!(scored.len(), prompt.len() - 1, "{}: every prompt token after the first", case["name"]);
+            for (p, s) in scored.iter().enumerate() {
+                assert_eq!(s.id, prompt[p + 1]);
+                assert!(s.logprob <= 0.0 && s.top_logprobs.len() == 5);
+                let want = case["top5"][p].as_array().unwrap();
+                let gap = want[0][1].as_f64().unwrap() - want[1][1].as_f64().unwrap();
+                if gap >= 0.5 {
+                    counted += 1;
+                    agree += usize::from(s.top_logprobs[0].0 as u64 == want[0][0].as_u64().unwrap());
+                }
+            }
+        }
+    }
+    assert!(counted > 200, "enough positions compared ({counted})");
+    assert!(agree * 100 >= counted * 99, "top-1 agrees with llama.cpp at {agree}/{counted} positions");
+}
