@@ -3,6 +3,7 @@
 #   grpcio, grpcio-reflection, protobuf   for scripts/grpc-call.py (a grpcurl-like client
 #                                         that learns the API through server reflection)
 #   openai                                for talking to the OpenAI-compatible HTTP API
+# and curl (apt), which the HTTP tests use to check the wire format.
 #
 # Idempotent: pip runs only when the stamp file in the venv does not list exactly the
 # requirements below, or when they no longer import. On Debian, where `python3 -m venv`
@@ -34,25 +35,29 @@ command -v "$PYTHON" >/dev/null 2>&1 || fail "$PYTHON not found (set PYTHON to a
 # `python3 -m venv` works only with ensurepip, which Debian ships in python3-venv.
 have_venv() { "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; }
 
-install_python3_venv() {
-    command -v apt-get >/dev/null 2>&1 \
-        || fail "$PYTHON cannot make a venv (no ensurepip) and apt-get not found to install python3-venv"
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || fail "apt-get not found to install $*"
     local sudo=()
     if [ "$(id -u)" -ne 0 ]; then
-        command -v sudo >/dev/null 2>&1 || fail "not root and sudo not found, cannot install python3-venv"
+        command -v sudo >/dev/null 2>&1 || fail "not root and sudo not found, cannot install $*"
         sudo=(sudo -n)
     fi
     export DEBIAN_FRONTEND=noninteractive
-    echo "setup-python-clients: installing python3-venv"
+    echo "setup-python-clients: installing $*"
     # Try without refreshing the package lists first (fast when they are current),
     # then once more after apt-get update.
-    if ! "${sudo[@]}" apt-get install -y -qq --no-install-recommends python3-venv >/dev/null 2>&1; then
+    if ! "${sudo[@]}" apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1; then
         "${sudo[@]}" apt-get update -qq || fail "apt-get update failed (is the package mirror reachable?)"
-        "${sudo[@]}" apt-get install -y -qq --no-install-recommends python3-venv \
-            || fail "apt-get install python3-venv failed"
+        "${sudo[@]}" apt-get install -y -qq --no-install-recommends "$@" || fail "apt-get install $* failed"
     fi
+}
+
+install_python3_venv() {
+    apt_install python3-venv
     have_venv || fail "python3-venv installed, but $PYTHON still cannot make a venv (is $PYTHON Debian's python3?)"
 }
+
+command -v curl >/dev/null 2>&1 || apt_install curl ca-certificates
 
 requirements_ok() {
     [ "$FORCE" != 1 ] || return 1

@@ -40,6 +40,22 @@ pub struct Common {
     pub drain_timeout: u64,
 }
 
+/// API keys the router accepts.
+#[derive(Args, Debug, Clone)]
+pub struct ApiKeys {
+    /// An accepted API key (repeatable; `TANDEM_API_KEYS` takes a comma-separated list).
+    /// Clients send `Authorization: Bearer <key>` (HTTP) or `authorization` metadata (gRPC).
+    /// None: the API is open.
+    #[arg(long = "api-key", env = "TANDEM_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+}
+
+impl ApiKeys {
+    fn keys(&self) -> Vec<String> {
+        self.api_keys.iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect()
+    }
+}
+
 /// Flags of a worker.
 #[derive(Args, Debug, Clone)]
 pub struct WorkerFlags {
@@ -75,6 +91,11 @@ pub struct UpArgs {
     /// Port of the public gRPC API.
     #[arg(long, env = "TANDEM_GRPC_PORT", default_value_t = 50051)]
     pub grpc_port: u16,
+    /// Port of the OpenAI-compatible HTTP API.
+    #[arg(long, env = "TANDEM_HTTP_PORT", default_value_t = 8000)]
+    pub http_port: u16,
+    #[command(flatten)]
+    pub keys: ApiKeys,
     /// Address every listener binds to (loopback by default).
     #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -96,6 +117,11 @@ pub struct RouterArgs {
     /// Where the public gRPC API listens.
     #[arg(long, env = "TANDEM_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: SocketAddr,
+    /// Where the OpenAI-compatible HTTP API listens.
+    #[arg(long, env = "TANDEM_HTTP_LISTEN", default_value = "127.0.0.1:8000")]
+    pub http_listen: SocketAddr,
+    #[command(flatten)]
+    pub keys: ApiKeys,
     /// Routing policy: least-loaded or round-robin.
     #[arg(long, env = "TANDEM_POLICY", default_value = "least-loaded")]
     pub policy: String,
@@ -246,6 +272,8 @@ pub fn up(a: UpArgs) -> Result<()> {
             grpc_listen: SocketAddr::new(a.host, a.grpc_port),
             policy: a.policy.clone(),
             max_inflight: a.max_inflight,
+            http_listen: Some(SocketAddr::new(a.host, a.http_port)),
+            api_keys: a.keys.keys(),
         };
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         if !router.wait_for_workers(running.len(), Duration::from_secs(30)).await {
@@ -253,12 +281,17 @@ pub fn up(a: UpArgs) -> Result<()> {
         }
         let mode = if a.prefill_workers == 0 { "aggregated" } else { "disaggregated" };
         println!(
-            "tandem: router grpc {} ({mode}: {} prefill, {} decode, {threads} thread(s) each; model {})",
+            "tandem: router grpc {} http {} ({mode}: {} prefill, {} decode, {threads} thread(s) each; model {}{})",
             router.grpc_addr,
+            router.http_addr.map(|a| a.to_string()).unwrap_or_default(),
             a.prefill_workers,
             a.decode_workers,
-            model_name(&a.common)
+            model_name(&a.common),
+            if a.keys.keys().is_empty() { "" } else { "; API keys required" }
         );
+        if let Some(h) = router.http_addr {
+            println!("tandem: OpenAI-compatible API at http://{h}/v1");
+        }
         println!("tandem: ready");
         shutdown_signal().await;
         println!("tandem: draining");
@@ -288,9 +321,16 @@ pub fn router(a: RouterArgs) -> Result<()> {
             grpc_listen: a.grpc_listen,
             policy: a.policy.clone(),
             max_inflight: a.max_inflight,
+            http_listen: Some(a.http_listen),
+            api_keys: a.keys.keys(),
         };
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
-        println!("tandem: router grpc {} (model {})", router.grpc_addr, model_name(&a.common));
+        println!(
+            "tandem: router grpc {} http {} (model {})",
+            router.grpc_addr,
+            router.http_addr.map(|a| a.to_string()).unwrap_or_default(),
+            model_name(&a.common)
+        );
         println!("tandem: ready");
         shutdown_signal().await;
         println!("tandem: draining");

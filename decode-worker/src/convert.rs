@@ -22,6 +22,7 @@ pub fn sampling_from_pb(p: &pb::SamplingParams) -> SamplingParams {
         stop_token_ids: p.stop_token_ids.clone(),
         ignore_eos: p.ignore_eos,
         logprobs: p.logprobs.map(|n| n as usize),
+        prompt_logprobs: p.prompt_logprobs.map(|n| n as usize),
     }
 }
 

@@ -256,6 +256,7 @@ impl WorkerService {
                             logprobs: o.logprobs.iter().map(|t| logprobs_to_pb(tok, t)).collect(),
                             finish_reason: finish_to_pb(o.finish) as i32,
                             timing,
+                            prompt_logprobs: o.prompt_logprobs.iter().map(|t| logprobs_to_pb(tok, t)).collect(),
                         };
                         if finished {
                             guard.done = true;
@@ -306,7 +307,9 @@ impl Worker for WorkerService {
         if s.reserved.lock().expect("reserved").contains_key(&r.request_id) {
             return Err(Status::already_exists(format!("request {} is already reserved", r.request_id)));
         }
-        let params = sampling_from_pb(&r.sampling.unwrap_or_default());
+        let mut params = sampling_from_pb(&r.sampling.unwrap_or_default());
+        // The prefill worker computes (and scores) the prompt; this side never does.
+        params.prompt_logprobs = None;
         let prompt_len = r.prompt_token_ids.len();
         let ereq = EngineRequest {
             prompt: r.prompt_token_ids,
@@ -448,6 +451,7 @@ impl Worker for WorkerService {
             first_token_id: first,
             text: out.text,
             logprobs: out.logprobs.first().map(|t| logprobs_to_pb(&s.tokenizer, t)),
+            prompt_logprobs: out.prompt_logprobs.iter().map(|t| logprobs_to_pb(&s.tokenizer, t)).collect(),
             finish_reason: finish_to_pb(out.finish) as i32,
             cached_tokens: out.cached_tokens as u32,
             timing: Some(pb::PrefillTiming {

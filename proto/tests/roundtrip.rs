@@ -53,6 +53,7 @@ fn sampling() -> api::SamplingParams {
         frequency_penalty: Some(-0.25),
         repetition_penalty: Some(1.1),
         ignore_eos: true,
+        prompt_logprobs: Some(2),
     }
 }
 
@@ -113,6 +114,11 @@ fn public_samples() -> Vec<Sample> {
         sample("tandem.v1.SamplingParams", sampling()),
         sample("tandem.v1.GenerateRequest", request(Input::Prompt("Once upon a time".into()))),
         sample("tandem.v1.GenerateRequest", request(Input::Messages(messages()))),
+        sample("tandem.v1.PromptTokens", api::PromptTokens { token_ids: vec![1, 504, 3003] }),
+        sample(
+            "tandem.v1.GenerateRequest",
+            request(Input::PromptTokens(api::PromptTokens { token_ids: vec![1, 504, 3003] })),
+        ),
         sample("tandem.v1.TokenLogprob", token_logprob(3)),
         sample("tandem.v1.TokenLogprobs", token_logprobs()),
         sample("tandem.v1.Usage", usage()),
@@ -129,6 +135,7 @@ fn public_samples() -> Vec<Sample> {
                 timing: Some(timing()),
                 request_id: "client-req-1".into(),
                 model: "smollm2-135m-instruct".into(),
+                prompt_logprobs: vec![token_logprobs()],
             },
         ),
         sample(
@@ -140,6 +147,7 @@ fn public_samples() -> Vec<Sample> {
                 logprobs: vec![token_logprobs()],
                 finish_reason: api::FinishReason::Stop.into(),
                 timing: Some(timing()),
+                prompt_logprobs: vec![token_logprobs()],
             },
         ),
         sample(
@@ -203,6 +211,7 @@ fn worker_sampling() -> wk::SamplingParams {
         stop_token_ids: vec![2],
         ignore_eos: true,
         logprobs: Some(2),
+        prompt_logprobs: Some(1),
     }
 }
 
@@ -283,6 +292,7 @@ fn worker_samples() -> Vec<Sample> {
                 finish_reason: api::FinishReason::Stop.into(),
                 cached_tokens: 16,
                 timing: Some(wk::PrefillTiming { total_time_ms: 3.0, ..Default::default() }),
+                prompt_logprobs: vec![token_logprobs()],
             },
         ),
         sample(
@@ -308,6 +318,7 @@ fn worker_samples() -> Vec<Sample> {
                 logprobs: vec![token_logprobs(), token_logprobs()],
                 finish_reason: api::FinishReason::Abort.into(),
                 timing: Some(wk::DecodeTiming { decode_time_ms: 1.0, ..Default::default() }),
+                prompt_logprobs: vec![token_logprobs()],
             },
         ),
         sample(

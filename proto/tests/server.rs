@@ -28,6 +28,7 @@ fn input_text(input: Option<Input>) -> Result<String, Status> {
     match input {
         Some(Input::Prompt(p)) => Ok(p),
         Some(Input::Messages(m)) => Ok(m.messages.into_iter().map(|m| m.content).collect::<Vec<_>>().join("\n")),
+        Some(Input::PromptTokens(t)) => Ok(t.token_ids.iter().map(|&b| char::from(b as u8)).collect()),
         None => Err(Status::invalid_argument("input is required")),
     }
 }

@@ -13,9 +13,13 @@
 //! - `policy`: `RoutingPolicy`, `RoundRobin`, `LeastLoaded`.
 //! - `members`: membership from discovery, worker clients, load polling, KV events.
 //! - `service`: the `Generate` service: one request's path through the cluster.
+//! - `openai`, `http`: the OpenAI-compatible HTTP front door (axum), translated to
+//!   and from `tandem.v1` and started through the same path as a gRPC request.
 //! - `server`: `RunningRouter`: start, serve, drain.
 
+pub mod http;
 pub mod members;
+pub mod openai;
 pub mod policy;
 pub mod server;
 pub mod service;

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::members::Members;
 use crate::policy::policy_by_name;
-use crate::service::{GenerateService, RouterState};
+use crate::service::{check_api_key, GenerateService, RouterState};
 use crate::validate::ModelFacts;
 
 #[derive(Debug, Clone)]
@@ -33,10 +33,16 @@ pub struct RouterConfig {
     pub policy: String,
     /// Requests in flight at most.
     pub max_inflight: usize,
+    /// Where the OpenAI-compatible HTTP API listens; `None`: no HTTP.
+    pub http_listen: Option<SocketAddr>,
+    /// Accepted API keys (HTTP `Authorization: Bearer`, gRPC `authorization`); empty: open.
+    pub api_keys: Vec<String>,
 }
 
 pub struct RunningRouter {
     pub grpc_addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+    http: Option<JoinHandle<std::io::Result<()>>>,
     pub state: Arc<RouterState>,
     health: HealthReporter,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -57,7 +63,9 @@ impl RunningRouter {
         let facts = ModelFacts { name: cfg.model_name.clone(), ..facts };
         let members = Members::new();
         let membership = tokio::spawn(follow_membership(discovery, cluster, members.clone()));
-        let state = Arc::new(RouterState::new(facts, members, policy, cfg.max_inflight));
+        let mut state = RouterState::new(facts, members, policy, cfg.max_inflight);
+        state.api_keys = cfg.api_keys.clone();
+        let state = Arc::new(state);
 
         let listener = tokio::net::TcpListener::bind(cfg.grpc_listen)
             .await
@@ -66,19 +74,41 @@ impl RunningRouter {
         let (health, health_svc) = tandem_proto::health_service(&[SERVICE_NAME]).await;
         let stop_server = CancellationToken::new();
         let stop = stop_server.clone();
+        let keys = cfg.api_keys.clone();
+        // Health and reflection stay open (probes, discovery); the API needs a key if any is set.
+        let generate = tonic::service::interceptor::InterceptedService::new(
+            GenerateServer::new(GenerateService(state.clone())),
+            move |req: tonic::Request<()>| check_api_key(&keys, &req).map(|_| req),
+        );
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(health_svc)
                 .add_service(tandem_proto::reflection_service(&[SERVICE_NAME]))
                 .add_service(tandem_proto::reflection_service_v1alpha(&[SERVICE_NAME]))
-                .add_service(GenerateServer::new(GenerateService(state.clone())))
+                .add_service(generate)
                 .serve_with_incoming_shutdown(
                     // Small gRPC messages must not wait for Nagle and delayed ACKs (40 ms stalls).
                     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     stop.cancelled_owned(),
                 ),
         );
-        Ok(RunningRouter { grpc_addr, state, health, server, stop_server, membership })
+        let (http_addr, http) = match cfg.http_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("binding the HTTP server on {addr}: {e}"))?;
+                let local = l.local_addr().map_err(|e| e.to_string())?;
+                let stop = stop_server.clone();
+                let app = crate::http::routes(state.clone());
+                let task =
+                    tokio::spawn(
+                        async move { axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await },
+                    );
+                (Some(local), Some(task))
+            }
+            None => (None, None),
+        };
+        Ok(RunningRouter { grpc_addr, http_addr, http, state, health, server, stop_server, membership })
     }
 
     /// Waits (up to `within`) until the router knows at least `n` workers; returns whether it does.
@@ -110,6 +140,9 @@ impl RunningRouter {
         }
         self.stop_server.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.server).await;
+        if let Some(http) = self.http {
+            let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
+        }
         self.membership.abort();
         clean
     }

@@ -40,6 +40,8 @@ pub struct RouterState {
     pub draining: AtomicBool,
     /// When the model was loaded (OpenAI `created`).
     pub created: i64,
+    /// Accepted API keys; empty: the API is open.
+    pub api_keys: Vec<String>,
     next_id: AtomicU64,
 }
 
@@ -59,6 +61,7 @@ impl RouterState {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0),
+            api_keys: Vec::new(),
             // Workers see ids from every router: start somewhere random.
             next_id: AtomicU64::new(splitmix(seed)),
         }
@@ -137,6 +140,7 @@ struct Chunk {
     logprobs: Vec<api::TokenLogprobs>,
     finish: i32,
     prefill: Option<pb::PrefillResponse>,
+    prompt_logprobs: Vec<api::TokenLogprobs>,
 }
 
 /// Sends Cancel to the workers of a choice that did not finish (client gone, error).
@@ -261,6 +265,12 @@ async fn relay(
             }
         }
         let finish = d.finish_reason;
+        let mut prompt_logprobs = d.prompt_logprobs;
+        if first {
+            if let Some(p) = prefill.as_mut() {
+                prompt_logprobs = std::mem::take(&mut p.prompt_logprobs);
+            }
+        }
         let chunk = Chunk {
             index,
             text: d.text,
@@ -268,6 +278,7 @@ async fn relay(
             logprobs,
             finish,
             prefill: if first { prefill.take() } else { None },
+            prompt_logprobs,
         };
         first = false;
         if out.send(Ok(chunk)).await.is_err() {
@@ -380,6 +391,7 @@ async fn run_request(
             timing,
             request_id: v.request_id.clone(),
             model: s.facts.name.clone(),
+            prompt_logprobs: chunk.prompt_logprobs,
         };
         if tx.send(Ok(resp)).await.is_err() {
             return;
@@ -393,23 +405,48 @@ async fn run_request(
 #[derive(Clone)]
 pub struct GenerateService(pub Arc<RouterState>);
 
+/// gRPC's `authorization: Bearer <key>` metadata against the configured keys.
+pub fn check_api_key(keys: &[String], req: &tonic::Request<()>) -> Result<(), Status> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let given = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(k) if keys.iter().any(|key| key == k) => Ok(()),
+        _ => Err(Status::unauthenticated("a valid API key is required (authorization: Bearer <key>)")),
+    }
+}
+
+/// A generation's chunks as they come; dropping the receiver cancels the request.
+pub type Chunks = mpsc::Receiver<Result<api::GenerateStreamResponse, Status>>;
+
 impl GenerateService {
-    fn start(
-        &self,
-        req: Request<api::GenerateRequest>,
-    ) -> Result<mpsc::Receiver<Result<api::GenerateStreamResponse, Status>>, Status> {
-        let accepted = Instant::now();
+    fn start(&self, req: Request<api::GenerateRequest>) -> Result<Chunks, Status> {
         // tonic's transport answers CANCELLED when the client's deadline passes; end the
         // request a little earlier so the client hears DEADLINE_EXCEEDED from us instead.
         let deadline = grpc_timeout(req.metadata()).map(|d| d.saturating_sub(d / 20 + Duration::from_millis(5)));
-        let s = self.0.clone();
-        // A bad request is the client's to fix whatever the load: check it first.
-        let v = validate(req.get_ref(), &s.facts, || format!("req-{:016x}", splitmix(s.next_rid())))?;
-        let permit = admit(&s)?;
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(run_request(s, Arc::new(v), tx, accepted, deadline, permit));
-        Ok(rx)
+        start_request(&self.0, req.get_ref(), deadline)
     }
+}
+
+/// Checks `req`, admits it and starts it: every front door (gRPC, HTTP) goes through here.
+pub fn start_request(
+    s: &Arc<RouterState>,
+    req: &api::GenerateRequest,
+    deadline: Option<Duration>,
+) -> Result<Chunks, Status> {
+    let accepted = Instant::now();
+    // A bad request is the client's to fix whatever the load: check it first.
+    let v = validate(req, &s.facts, || format!("req-{:016x}", splitmix(s.next_rid())))?;
+    let permit = admit(s)?;
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(run_request(s.clone(), Arc::new(v), tx, accepted, deadline, permit));
+    Ok(rx)
 }
 
 #[tonic::async_trait]
@@ -435,6 +472,7 @@ impl Generate for GenerateService {
             c.text.push_str(&m.text);
             c.token_ids.extend(m.token_ids);
             c.logprobs.extend(m.logprobs);
+            c.prompt_logprobs.extend(m.prompt_logprobs);
             if m.finish_reason != 0 {
                 c.finish_reason = m.finish_reason;
                 c.timing = m.timing;

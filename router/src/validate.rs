@@ -79,6 +79,15 @@ pub fn input_ids(
             }
             Prompt::Chat(m.messages.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect())
         }
+        Some(api::generate_request::Input::PromptTokens(t)) => {
+            if t.token_ids.is_empty() {
+                return Err(bad("prompt_tokens", "is empty"));
+            }
+            if let Some(id) = t.token_ids.iter().find(|&&id| id as usize >= facts.vocab_size) {
+                return Err(bad("prompt_tokens", format!("{id} is outside the vocabulary of {}", facts.vocab_size)));
+            }
+            Prompt::Tokens(t.token_ids.clone())
+        }
     };
     let rendered = match (&prompt, facts.template.as_ref()) {
         (Prompt::Chat(msgs), Some(t)) => t.render(msgs, add_generation_prompt).map_err(|e| bad("messages", e))?,
@@ -148,6 +157,11 @@ pub fn validate(
             return Err(bad("sampling.logprobs", format!("{l}; at most {MAX_LOGPROBS}")));
         }
     }
+    if let Some(l) = s.prompt_logprobs {
+        if l > MAX_LOGPROBS {
+            return Err(bad("sampling.prompt_logprobs", format!("{l}; at most {MAX_LOGPROBS}")));
+        }
+    }
     if s.stop.len() > MAX_STOP {
         return Err(bad("sampling.stop", format!("{} strings; at most {MAX_STOP}", s.stop.len())));
     }
@@ -173,6 +187,7 @@ pub fn validate(
             stop_token_ids: s.stop_token_ids,
             ignore_eos: s.ignore_eos,
             logprobs: s.logprobs,
+            prompt_logprobs: s.prompt_logprobs,
         },
         n,
         request_id: req.request_id.clone().unwrap_or_else(new_id),

@@ -162,21 +162,7 @@ fn bad_input_cancel_overload_and_missing_roles_get_their_status() {
     let cluster = format!("e2e{}", free_port());
     let (prefill, paddr) = start_worker(&etcd, &cluster, "prefill", "prefill-0", &[]);
     let (_decode, daddr) = start_worker(&etcd, &cluster, "decode", "decode-0", &[]);
-    let router = Proc::spawn(
-        "router",
-        tandem(&[
-            "router",
-            "--etcd",
-            &etcd.url,
-            "--cluster",
-            &cluster,
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--max-inflight",
-            "3",
-        ]),
-    );
-    let raddr = router.addr_after("tandem: router", "grpc");
+    let (router, raddr) = start_router(&etcd, &cluster, &["--max-inflight", "3"]);
     router.wait_line("worker prefill-0 (", Duration::from_secs(30));
     router.wait_line("worker decode-0 (", Duration::from_secs(30));
     let mut prefill = prefill;

@@ -26,7 +26,7 @@ fn grpc_call(args: &[&str]) -> (bool, String, String) {
 }
 
 fn start_up(extra: &[&str]) -> (Proc, String) {
-    let mut args = vec!["up", "--grpc-port", "0"];
+    let mut args = vec!["up", "--grpc-port", "0", "--http-port", "0"];
     args.extend_from_slice(extra);
     let p = Proc::spawn("tandem up", tandem(&args));
     let addr = p.addr_after("tandem: router", "grpc");

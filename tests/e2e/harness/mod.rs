@@ -241,6 +241,16 @@ pub fn start_worker(etcd: &Etcd, cluster: &str, role: &str, id: &str, extra: &[&
     (p, addr)
 }
 
+/// `tandem router` on free loopback ports; returns it and its gRPC address.
+pub fn start_router(etcd: &Etcd, cluster: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["router", "--etcd", &etcd.url, "--cluster", cluster];
+    args.extend_from_slice(&["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]);
+    args.extend_from_slice(extra);
+    let router = Proc::spawn("router", tandem(&args));
+    let addr = router.addr_after("tandem: router", "grpc");
+    (router, addr)
+}
+
 impl Cluster {
     /// `workers`: (role, id) pairs; role `prefill`, `decode` or `both` (a decode worker of role both).
     pub fn start(workers: &[(&str, &str)]) -> Cluster {
@@ -254,11 +264,7 @@ impl Cluster {
             };
             ws.push(w);
         }
-        let router = Proc::spawn(
-            "router",
-            tandem(&["router", "--etcd", &etcd.url, "--cluster", &cluster, "--grpc-listen", "127.0.0.1:0"]),
-        );
-        let router_addr = router.addr_after("tandem: router", "grpc");
+        let (router, router_addr) = start_router(&etcd, &cluster, &[]);
         for (_, id) in workers {
             router.wait_line(&format!("worker {id} ("), Duration::from_secs(30));
         }

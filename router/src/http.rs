@@ -1,0 +1,401 @@
+//! The OpenAI-compatible HTTP front door (axum), beside the gRPC API on the same
+//! router: `/v1/chat/completions`, `/v1/completions` (streaming as server-sent
+//! events, or whole), `/v1/models`, and `/health`, `/ready`, `/metrics`.
+//!
+//! A request is translated to `tandem.v1` (`openai.rs`) and started exactly as a
+//! gRPC one; its chunks are translated back. The first chunk is awaited before
+//! the response starts, so a request that cannot be served at all (no worker,
+//! overload) gets its HTTP status instead of a 200 with an error event. A client
+//! that disconnects drops the response stream, which cancels the request.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{json, Value};
+use tandem_cluster::Role;
+use tandem_proto::tandem::v1 as api;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::openai::{
+    chat_logprobs, chat_request, completion_request, finish_str, prompt_echo, token_text, usage_json, ApiError,
+    ChatRequest, CompletionLogprobs, CompletionRequest,
+};
+use crate::service::{start_request, Chunks, RouterState};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 4 << 20;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = (status, axum::Json(self.body())).into_response();
+        if self.status == 429 {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+/// The HTTP routes over a router's state.
+pub fn routes(state: Arc<RouterState>) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// `Authorization: Bearer <key>` against the configured keys (none configured: open).
+pub fn authorized(state: &RouterState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if state.api_keys.is_empty() {
+        return Ok(());
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(k) if state.api_keys.iter().any(|key| key == k) => Ok(()),
+        _ => Err(ApiError::unauthorized()),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError {
+        status: 400,
+        kind: "invalid_request_error",
+        message: format!("the body is not a valid {what} request: {e}"),
+        param: None,
+        code: None,
+    })
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Waits for the first chunk, so that a request failing before any output gets its status.
+async fn first(mut chunks: Chunks) -> Result<(api::GenerateStreamResponse, Chunks), ApiError> {
+    match chunks.recv().await {
+        Some(Ok(m)) => Ok((m, chunks)),
+        Some(Err(s)) => Err(ApiError::from_status(&s)),
+        None => Err(ApiError::from_status(&tonic::Status::internal("the request ended without output"))),
+    }
+}
+
+/// An SSE response fed by `produce`, which gets a sender and ends when the client leaves.
+fn sse<F, Fut>(produce: F) -> Response
+where
+    F: FnOnce(mpsc::Sender<Result<Event, Infallible>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(produce(tx));
+    Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
+
+fn data(v: &Value) -> Result<Event, Infallible> {
+    Ok(Event::default().data(v.to_string()))
+}
+
+/// The next chunk, or None when the client left (its sender is closed) or the stream ended.
+async fn next_chunk(
+    chunks: &mut Chunks,
+    tx: &mpsc::Sender<Result<Event, Infallible>>,
+) -> Option<Result<api::GenerateStreamResponse, tonic::Status>> {
+    tokio::select! {
+        m = chunks.recv() => m,
+        _ = tx.closed() => None,
+    }
+}
+
+async fn chat(State(state): State<Arc<RouterState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorized(&state, &headers)?;
+    let r: ChatRequest = parse(&body, "chat completion")?;
+    let req = chat_request(&r)?;
+    let want_logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
+    let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let chunks = start_request(&state, &req, None).map_err(|s| ApiError::from_status(&s))?;
+    let (head, mut chunks) = first(chunks).await?;
+    let id = format!("chatcmpl-{}", head.request_id);
+    let (model, created) = (head.model.clone(), now_secs());
+
+    if !r.common.stream {
+        let mut choices: BTreeMap<u32, (String, Vec<Value>, Option<&'static str>)> = BTreeMap::new();
+        let mut usage = None;
+        let mut msg = Some(Ok(head));
+        while let Some(m) = msg {
+            let m = m.map_err(|s| ApiError::from_status(&s))?;
+            let c = choices.entry(m.index).or_default();
+            c.0.push_str(&m.text);
+            c.1.extend(chat_logprobs(&m.logprobs));
+            c.2 = finish_str(m.finish_reason).or(c.2);
+            usage = m.usage.or(usage);
+            msg = chunks.recv().await;
+        }
+        let choices: Vec<Value> = choices
+            .into_iter()
+            .map(|(i, (text, lps, finish))| {
+                json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": if want_logprobs { json!({"content": lps}) } else { Value::Null },
+                    "finish_reason": finish,
+                })
+            })
+            .collect();
+        let usage = usage.map(|u| usage_json(&u));
+        return Ok(axum::Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": usage,
+        }))
+        .into_response());
+    }
+
+    let mut started = std::collections::HashSet::new();
+    let meta = StreamMeta { id, object: "chat.completion.chunk", created, model, include_usage };
+    Ok(stream_events(meta, head, chunks, move |m| {
+        let mut delta = json!({"content": m.text});
+        if started.insert(m.index) {
+            delta["role"] = json!("assistant");
+        }
+        json!({
+            "index": m.index,
+            "delta": delta,
+            "logprobs": if want_logprobs { json!({"content": chat_logprobs(&m.logprobs)}) } else { Value::Null },
+            "finish_reason": finish_str(m.finish_reason),
+        })
+    }))
+}
+
+/// What every chunk of one streamed response repeats.
+struct StreamMeta {
+    id: String,
+    object: &'static str,
+    created: i64,
+    model: String,
+    include_usage: bool,
+}
+
+/// Streams a generation as server-sent events: one `data:` event per chunk, the choice
+/// rendered by `choice`; an error event if the generation fails; with `include_usage` a
+/// last event with no choices and the usage; then `data: [DONE]`. Stops (cancelling the
+/// generation) as soon as the client leaves.
+fn stream_events(
+    meta: StreamMeta,
+    head: api::GenerateStreamResponse,
+    mut chunks: Chunks,
+    mut choice: impl FnMut(&api::GenerateStreamResponse) -> Value + Send + 'static,
+) -> Response {
+    sse(move |tx| async move {
+        let StreamMeta { id, object, created, model, include_usage } = meta;
+        let mut usage = None;
+        let mut msg = Some(Ok(head));
+        while let Some(m) = msg {
+            let m = match m {
+                Ok(m) => m,
+                Err(s) => {
+                    let _ = tx.send(data(&ApiError::from_status(&s).body())).await;
+                    break;
+                }
+            };
+            let mut chunk =
+                json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice(&m)]});
+            if include_usage {
+                // OpenAI sends `usage: null` on every chunk but the last when usage is asked for.
+                chunk["usage"] = Value::Null;
+            }
+            usage = m.usage.or(usage);
+            if tx.send(data(&chunk)).await.is_err() {
+                return;
+            }
+            msg = next_chunk(&mut chunks, &tx).await;
+            if tx.is_closed() {
+                return;
+            }
+        }
+        if include_usage {
+            if let Some(u) = usage {
+                let last = json!({
+                    "id": id, "object": object, "created": created, "model": model,
+                    "choices": [], "usage": usage_json(&u),
+                });
+                let _ = tx.send(data(&last)).await;
+            }
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+    })
+}
+
+/// Per-choice state of a completions response.
+#[derive(Default)]
+struct CompletionChoice {
+    text: String,
+    logprobs: CompletionLogprobs,
+    finish: Option<&'static str>,
+    started: bool,
+}
+
+async fn completions(
+    State(state): State<Arc<RouterState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorized(&state, &headers)?;
+    let r: CompletionRequest = parse(&body, "completion")?;
+    let plan = completion_request(&r)?;
+    let want_logprobs = plan.request.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
+    let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let chunks = start_request(&state, &plan.request, None).map_err(|s| ApiError::from_status(&s))?;
+    // Echo needs the prompt as text and ids (the request passed validation, so this does too).
+    let echo = if plan.echo {
+        let (text, ids) = prompt_echo(&plan.request, &state.facts).map_err(|s| ApiError::from_status(&s))?;
+        let first_token = ids.first().map(|&t| token_text(&state.facts, t)).unwrap_or_default();
+        Some((text, first_token))
+    } else {
+        None
+    };
+    let (head, mut chunks) = first(chunks).await?;
+    let id = format!("cmpl-{}", head.request_id);
+    let (model, created) = (head.model.clone(), now_secs());
+    let score_only = plan.score_only;
+
+    // Folds one chunk into its choice; returns the chunk's text and logprobs share.
+    let fold = move |c: &mut CompletionChoice, m: &api::GenerateStreamResponse| -> (String, usize) {
+        let from = c.logprobs.tokens.len();
+        let mut text = String::new();
+        if !c.started {
+            c.started = true;
+            if let Some((prompt, first_token)) = &echo {
+                text.push_str(prompt);
+                if want_logprobs {
+                    c.logprobs.push_unscored(first_token);
+                    for t in &m.prompt_logprobs {
+                        c.logprobs.push(t);
+                    }
+                }
+            }
+        }
+        if !score_only {
+            text.push_str(&m.text);
+            if want_logprobs {
+                for t in &m.logprobs {
+                    c.logprobs.push(t);
+                }
+            }
+        }
+        c.text.push_str(&text);
+        if let Some(f) = finish_str(m.finish_reason) {
+            c.finish = Some(f);
+        }
+        (text, from)
+    };
+
+    if !r.common.stream {
+        let mut choices: BTreeMap<u32, CompletionChoice> = BTreeMap::new();
+        let mut usage = None;
+        let mut msg = Some(Ok(head));
+        while let Some(m) = msg {
+            let m = m.map_err(|s| ApiError::from_status(&s))?;
+            fold(choices.entry(m.index).or_default(), &m);
+            usage = m.usage.or(usage);
+            msg = chunks.recv().await;
+        }
+        let choices: Vec<Value> = choices
+            .into_iter()
+            .map(|(i, c)| {
+                json!({
+                    "index": i, "text": c.text,
+                    "logprobs": if want_logprobs { c.logprobs.json() } else { Value::Null },
+                    "finish_reason": c.finish,
+                })
+            })
+            .collect();
+        let usage = usage.map(|mut u| {
+            if score_only {
+                u.completion_tokens = 0;
+                u.total_tokens = u.prompt_tokens;
+            }
+            usage_json(&u)
+        });
+        return Ok(axum::Json(json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage,
+        }))
+        .into_response());
+    }
+
+    let mut choices: HashMap<u32, CompletionChoice> = HashMap::new();
+    let meta = StreamMeta { id, object: "text_completion", created, model, include_usage };
+    Ok(stream_events(meta, head, chunks, move |m| {
+        let c = choices.entry(m.index).or_default();
+        let (text, from) = fold(c, m);
+        json!({
+            "index": m.index, "text": text,
+            "logprobs": if want_logprobs { c.logprobs.since(from) } else { Value::Null },
+            "finish_reason": finish_str(m.finish_reason),
+        })
+    }))
+}
+
+async fn models(State(state): State<Arc<RouterState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorized(&state, &headers)?;
+    let data: Vec<Value> = state
+        .members
+        .models()
+        .into_iter()
+        .map(|(id, ctx)| {
+            json!({"id": id, "object": "model", "created": state.created, "owned_by": "tandem", "max_model_len": ctx})
+        })
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// Ready when the router can serve a request: a prefill-capable and a decode-capable
+/// worker answer (one worker of role `both` is both), and it is not draining.
+pub fn is_ready(state: &RouterState) -> bool {
+    let ws = state.members.snapshot();
+    let healthy = |f: fn(Role) -> bool| ws.iter().any(|w| w.healthy && f(w.desc.role));
+    !state.draining.load(Ordering::SeqCst) && healthy(Role::can_prefill) && healthy(Role::can_decode)
+}
+
+async fn ready(State(state): State<Arc<RouterState>>) -> Response {
+    if is_ready(&state) {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: no prefill-capable or no decode-capable worker").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<RouterState>>) -> Response {
+    let ws = state.members.snapshot();
+    let mut out = String::new();
+    out.push_str("# HELP tandem_router_requests_in_flight Requests the router is serving now.\n");
+    out.push_str("# TYPE tandem_router_requests_in_flight gauge\n");
+    out.push_str(&format!("tandem_router_requests_in_flight {}\n", state.inflight.load(Ordering::SeqCst)));
+    out.push_str("# HELP tandem_router_workers Workers the router knows, by role and health.\n");
+    out.push_str("# TYPE tandem_router_workers gauge\n");
+    for role in Role::ALL {
+        for healthy in [true, false] {
+            let n = ws.iter().filter(|w| w.desc.role == role && w.healthy == healthy).count();
+            let state = if healthy { "healthy" } else { "unhealthy" };
+            out.push_str(&format!("tandem_router_workers{{role=\"{role}\",state=\"{state}\"}} {n}\n"));
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
