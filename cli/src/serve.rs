@@ -158,6 +158,29 @@ pub struct WorkerArgs {
     /// Do not offer same-host KV transfer through shared memory.
     #[arg(long, env = "TANDEM_NO_SHM")]
     pub no_shm: bool,
+    /// Serve Prometheus metrics (`/metrics`) and a liveness probe (`/health`) over HTTP here.
+    #[arg(long, env = "TANDEM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Serves the process's metrics and a liveness probe on `addr`; returns the bound address.
+async fn serve_metrics(addr: SocketAddr) -> Result<SocketAddr> {
+    use axum::routing::get;
+    let handle = tandem_router::telemetry::install().map_err(|e| anyhow!("metrics recorder: {e}"))?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let body = handle.render();
+                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+            }),
+        )
+        .route("/health", get(|| async { "ok" }));
+    let l =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics server on {addr}"))?;
+    let local = l.local_addr()?;
+    tokio::spawn(async move { axum::serve(l, app).await });
+    Ok(local)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -244,6 +267,7 @@ pub fn up(a: UpArgs) -> Result<()> {
     let threads = a.threads_per_worker.unwrap_or((cores / workers).max(1));
     let rt = runtime()?;
     rt.block_on(async move {
+        tandem_router::telemetry::install().map_err(|e| anyhow!("metrics recorder: {e}"))?;
         let cluster = ClusterName::new(a.common.cluster.clone()).map_err(|e| anyhow!("{e}"))?;
         let d: Arc<dyn Discovery> = match discovery(&a.common).await? {
             Some(d) => d,
@@ -311,6 +335,7 @@ pub fn router(a: RouterArgs) -> Result<()> {
     check_model(&a.common)?;
     let rt = runtime()?;
     rt.block_on(async move {
+        tandem_router::telemetry::install().map_err(|e| anyhow!("metrics recorder: {e}"))?;
         let cluster = ClusterName::new(a.common.cluster.clone()).map_err(|e| anyhow!("{e}"))?;
         let d = discovery(&a.common)
             .await?
@@ -369,8 +394,15 @@ pub fn worker(a: WorkerArgs, default_role: Role) -> Result<()> {
         cfg.advertise_host = a.advertise_host.clone();
         cfg.shm = !a.no_shm;
         let ttl = Duration::from_secs(a.common.lease_ttl.max(1));
+        let metrics = match a.metrics_listen {
+            Some(addr) => Some(serve_metrics(addr).await?),
+            None => None,
+        };
         let w = RunningWorker::start(cfg, Some((d.clone(), cluster, ttl))).await.map_err(|e| anyhow!(e))?;
         println!("tandem: {}", describe(&w));
+        if let Some(m) = metrics {
+            println!("tandem: metrics http://{m}/metrics");
+        }
         println!("tandem: ready");
         shutdown_signal().await;
         println!("tandem: draining");

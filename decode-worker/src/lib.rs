@@ -11,8 +11,10 @@
 //! - `server`: `RunningWorker`: loads the model, starts the engine, the KV
 //!   endpoints and the server, registers, and drains.
 //! - `convert`: proto messages to and from the engine's types.
+//! - `metrics`: the worker's metrics (load, prefix cache, KV transfer).
 
 pub mod convert;
+pub mod metrics;
 pub mod server;
 pub mod service;
 

@@ -96,6 +96,8 @@ pub struct RunningWorker {
     /// The shared segment and the Unix socket: removed when the worker stops.
     segment: Option<Arc<ShmKv>>,
     socket: Option<PathBuf>,
+    /// Publishes the engine's load as metrics.
+    gauges: JoinHandle<()>,
 }
 
 /// Registers (retrying while discovery is unreachable) and holds the registration.
@@ -197,7 +199,20 @@ impl RunningWorker {
         };
         let registration = discovery.map(|(d, cluster, ttl)| register_forever(d, cluster, descriptor.clone(), ttl));
         let socket = descriptor.kv.local.as_ref().map(|l| l.uds.clone());
-        Ok(RunningWorker { descriptor, grpc_addr, state, health, server, stop_server, registration, segment, socket })
+        crate::metrics::describe();
+        let gauges = tokio::spawn(publish_load(state.clone()));
+        Ok(RunningWorker {
+            descriptor,
+            grpc_addr,
+            state,
+            health,
+            server,
+            stop_server,
+            registration,
+            segment,
+            socket,
+            gauges,
+        })
     }
 
     /// Graceful exit: leaves discovery, refuses new work, waits (up to `deadline`) for
@@ -228,6 +243,7 @@ impl RunningWorker {
         }
         self.stop_server.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.server).await;
+        self.gauges.abort();
         if let Some(rx) = &self.state.receiver {
             rx.shutdown();
         }
@@ -242,6 +258,19 @@ impl RunningWorker {
             let _ = std::fs::remove_file(sock);
         }
         clean
+    }
+}
+
+/// How often a worker's load is published as metrics.
+const LOAD_INTERVAL: Duration = Duration::from_millis(500);
+
+async fn publish_load(state: Arc<WorkerState>) {
+    loop {
+        if let Ok(l) = state.engine.load().await {
+            let fallbacks = state.sender.as_ref().map_or(0, |s| s.fallbacks());
+            crate::metrics::set_load(&state.id, state.role.as_str(), &l, fallbacks);
+        }
+        tokio::time::sleep(LOAD_INTERVAL).await;
     }
 }
 

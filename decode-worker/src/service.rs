@@ -330,14 +330,16 @@ impl Worker for WorkerService {
                 return Err(Status::internal(format!("reserving blocks: {e}")));
             }
         };
-        let (id, rid) = (admitted.id, r.request_id);
+        let (id, rid, n_blocks) = (admitted.id, r.request_id, blocks.len());
         let arrived = Arc::new(Mutex::new(None));
         let watcher = {
             let (state, arrived) = (s.clone(), arrived.clone());
             tokio::spawn(async move {
+                let bytes = (n_blocks * state.layout.n_layers as usize * state.layout.layer_block_bytes()) as u64;
                 match reservation.wait().await {
                     Ok(a) if a.num_tokens as usize == prompt_len => {
                         *arrived.lock().expect("arrived") = Some(Instant::now());
+                        crate::metrics::kv_session(&state.id, "received", bytes, None);
                         state.engine.remote_ready(id, a.first_token);
                     }
                     Ok(a) => {
@@ -345,6 +347,7 @@ impl Worker for WorkerService {
                         state.engine.abort(id, Some(why));
                     }
                     Err(e) => {
+                        crate::metrics::kv_session(&state.id, "received", 0, Some(e.kind()));
                         // The transfer failed or its lease ended: the sender may still be
                         // writing. Tell the client now; free the blocks when it is safe.
                         state.engine.fail(id, format!("KV transfer failed: {e}"));
@@ -404,10 +407,13 @@ impl Worker for WorkerService {
         }
         let submitted = Instant::now();
         let deadline = tokio::time::Instant::now() + MAX_LEASE;
-        let session = sender
-            .open_target(&target, r.request_id, deadline)
-            .await
-            .map_err(|e| Status::unavailable(format!("cannot open a KV session to {}: {e}", dest.worker_id)))?;
+        let kv_failed =
+            |e: &tandem_kvtransfer::TransferError| crate::metrics::kv_session(&s.id, "sent", 0, Some(e.kind()));
+        let session = sender.open_target(&target, r.request_id, deadline).await.map_err(|e| {
+            kv_failed(&e);
+            Status::unavailable(format!("cannot open a KV session to {}: {e}", dest.worker_id))
+        })?;
+        let kv_bytes = (need * s.layout.n_layers as usize * s.layout.layer_block_bytes()) as u64;
         let (sink, task, started) = start_export(&tokio::runtime::Handle::current(), session, dest.block_ids);
         let mut params = sampling_from_pb(&r.sampling.unwrap_or_default());
         params.max_tokens = 1;
@@ -436,15 +442,17 @@ impl Worker for WorkerService {
         guard.done = true;
         let computed = Instant::now();
         let first = *out.token_ids.first().ok_or_else(|| Status::internal("the prefill sampled no token"))?;
-        let session = task
-            .await
-            .map_err(|e| Status::internal(format!("KV sender task: {e}")))?
-            .map_err(|e| Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id)))?;
-        session
-            .finish(first, prompt_len)
-            .await
-            .map_err(|e| Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id)))?;
+        let session = task.await.map_err(|e| Status::internal(format!("KV sender task: {e}")))?.map_err(|e| {
+            kv_failed(&e);
+            Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id))
+        })?;
+        session.finish(first, prompt_len).await.map_err(|e| {
+            kv_failed(&e);
+            Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id))
+        })?;
         let done = Instant::now();
+        crate::metrics::kv_session(&s.id, "sent", kv_bytes, None);
+        crate::metrics::kv_seconds(&s.id, done - submitted);
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let start = started.get().copied().unwrap_or(computed);
         Ok(Response::new(pb::PrefillResponse {

@@ -130,7 +130,7 @@ async fn chat(State(state): State<Arc<RouterState>>, headers: HeaderMap, body: B
     let req = chat_request(&r)?;
     let want_logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let chunks = start_request(&state, &req, None).map_err(|s| ApiError::from_status(&s))?;
+    let chunks = start_request(&state, &req, None, "http").map_err(|s| ApiError::from_status(&s))?;
     let (head, mut chunks) = first(chunks).await?;
     let id = format!("chatcmpl-{}", head.request_id);
     let (model, created) = (head.model.clone(), now_secs());
@@ -261,7 +261,7 @@ async fn completions(
     let plan = completion_request(&r)?;
     let want_logprobs = plan.request.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let chunks = start_request(&state, &plan.request, None).map_err(|s| ApiError::from_status(&s))?;
+    let chunks = start_request(&state, &plan.request, None, "http").map_err(|s| ApiError::from_status(&s))?;
     // Echo needs the prompt as text and ids (the request passed validation, so this does too).
     let echo = if plan.echo {
         let (text, ids) = prompt_echo(&plan.request, &state.facts).map_err(|s| ApiError::from_status(&s))?;
@@ -382,20 +382,23 @@ async fn ready(State(state): State<Arc<RouterState>>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Arc<RouterState>>) -> Response {
+/// Sets the gauges that are read from state, not counted as things happen.
+pub fn refresh_gauges(state: &RouterState) {
     let ws = state.members.snapshot();
-    let mut out = String::new();
-    out.push_str("# HELP tandem_router_requests_in_flight Requests the router is serving now.\n");
-    out.push_str("# TYPE tandem_router_requests_in_flight gauge\n");
-    out.push_str(&format!("tandem_router_requests_in_flight {}\n", state.inflight.load(Ordering::SeqCst)));
-    out.push_str("# HELP tandem_router_workers Workers the router knows, by role and health.\n");
-    out.push_str("# TYPE tandem_router_workers gauge\n");
+    crate::metrics::set_in_flight(state.inflight.load(Ordering::SeqCst));
     for role in Role::ALL {
-        for healthy in [true, false] {
+        for (healthy, label) in [(true, "healthy"), (false, "unhealthy")] {
             let n = ws.iter().filter(|w| w.desc.role == role && w.healthy == healthy).count();
-            let state = if healthy { "healthy" } else { "unhealthy" };
-            out.push_str(&format!("tandem_router_workers{{role=\"{role}\",state=\"{state}\"}} {n}\n"));
+            crate::metrics::set_workers(role.as_str(), label, n);
         }
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn metrics(State(state): State<Arc<RouterState>>) -> Response {
+    refresh_gauges(&state);
+    let body = match crate::telemetry::handle() {
+        Some(h) => h.render(),
+        None => String::from("# no metrics recorder is installed in this process\n"),
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

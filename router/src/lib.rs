@@ -15,14 +15,17 @@
 //! - `service`: the `Generate` service: one request's path through the cluster.
 //! - `openai`, `http`: the OpenAI-compatible HTTP front door (axum), translated to
 //!   and from `tandem.v1` and started through the same path as a gRPC request.
+//! - `metrics`, `telemetry`: the router's metrics and the process's Prometheus recorder.
 //! - `server`: `RunningRouter`: start, serve, drain.
 
 pub mod http;
 pub mod members;
+pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod server;
 pub mod service;
+pub mod telemetry;
 pub mod validate;
 
 pub use server::{RouterConfig, RunningRouter};

@@ -61,6 +61,7 @@ impl RunningRouter {
         let path = cfg.model_path.clone();
         let facts = tokio::task::spawn_blocking(move || load_facts(&path)).await.map_err(|e| e.to_string())??;
         let facts = ModelFacts { name: cfg.model_name.clone(), ..facts };
+        crate::metrics::describe();
         let members = Members::new();
         let membership = tokio::spawn(follow_membership(discovery, cluster, members.clone()));
         let mut state = RouterState::new(facts, members, policy, cfg.max_inflight);

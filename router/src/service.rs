@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::members::{Members, Route};
+use crate::metrics;
 use crate::policy::RoutingPolicy;
 use crate::validate::{check_model, input_ids, validate, ModelFacts, Validated};
 
@@ -167,9 +168,47 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn run_choice(s: Arc<RouterState>, v: Arc<Validated>, index: u32, out: mpsc::Sender<Result<Chunk, Status>>) {
-    if let Err(e) = choice(&s, &v, index, &out).await {
+async fn run_choice(
+    s: Arc<RouterState>,
+    v: Arc<Validated>,
+    index: u32,
+    out: mpsc::Sender<Result<Chunk, Status>>,
+    accepted: Instant,
+) {
+    if let Err(e) = choice(&s, &v, index, &out, accepted).await {
         let _ = out.send(Err(e)).await;
+    }
+}
+
+/// When a choice passed each point on its way to the first token.
+#[derive(Debug, Clone, Copy)]
+struct Marks {
+    accepted: Instant,
+    /// The prefill (or, for local generation, the decode) call was sent.
+    sent: Instant,
+    /// The prefill worker answered (disaggregated only).
+    prefilled: Option<Instant>,
+}
+
+impl Marks {
+    /// Records the time-to-first-token breakdown once the first token is out.
+    fn first_token(&self, prefill: Option<&pb::PrefillResponse>) {
+        let now = Instant::now();
+        let router = (self.sent - self.accepted).as_secs_f64();
+        metrics::stage("router", router);
+        match (self.prefilled, prefill.and_then(|p| p.timing)) {
+            (Some(done), Some(t)) => {
+                metrics::stage("prefill_queue", t.queue_time_ms / 1e3);
+                metrics::stage("prefill_compute", t.compute_time_ms / 1e3);
+                metrics::stage("kv_transfer", t.kv_transfer_tail_ms / 1e3);
+                metrics::stage("decode_wait", (now - done).as_secs_f64());
+                metrics::seconds(metrics::QUEUE, Duration::from_secs_f64(router + t.queue_time_ms / 1e3));
+            }
+            _ => {
+                metrics::stage("local", (now - self.sent).as_secs_f64());
+                metrics::seconds(metrics::QUEUE, self.sent - self.accepted);
+            }
+        }
     }
 }
 
@@ -178,6 +217,7 @@ async fn choice(
     v: &Validated,
     index: u32,
     out: &mpsc::Sender<Result<Chunk, Status>>,
+    accepted: Instant,
 ) -> Result<(), Status> {
     let rid = s.next_rid();
     let mut sampling = v.sampling.clone();
@@ -195,8 +235,9 @@ async fn choice(
                 cache_salt: v.cache_salt.clone(),
                 priority: v.priority,
             };
+            let marks = Marks { accepted, sent: Instant::now(), prefilled: None };
             let stream = c.decode(req).await.map_err(|e| worker_error("decode", &w.id, e))?.into_inner();
-            guard.done = relay(stream, index, None, out, &w.id).await?;
+            guard.done = relay(stream, index, None, out, &w.id, marks).await?;
             Ok(())
         }
         Route::Disaggregated { prefill, decode } => {
@@ -228,8 +269,10 @@ async fn choice(
                 }),
                 priority: v.priority,
             };
+            let sent = Instant::now();
             let pres = pc.prefill(preq).await.map_err(|e| worker_error("prefill", &prefill.id, e))?.into_inner();
-            guard.done = relay(stream, index, Some(pres), out, &decode.id).await?;
+            let marks = Marks { accepted, sent, prefilled: Some(Instant::now()) };
+            guard.done = relay(stream, index, Some(pres), out, &decode.id, marks).await?;
             Ok(())
         }
     }
@@ -243,6 +286,7 @@ async fn relay(
     mut prefill: Option<pb::PrefillResponse>,
     out: &mpsc::Sender<Result<Chunk, Status>>,
     decode: &WorkerId,
+    marks: Marks,
 ) -> Result<bool, Status> {
     let mut first = true;
     loop {
@@ -256,6 +300,9 @@ async fn relay(
             Err(e) => return Err(worker_error("decode", decode, e)),
         };
         let mut logprobs = d.logprobs;
+        if first && !d.token_ids.is_empty() {
+            marks.first_token(prefill.as_ref());
+        }
         if first {
             // The prefill worker drew the first token; its log-probabilities came with it.
             if let Some(lp) = prefill.as_ref().and_then(|p| p.logprobs.clone()) {
@@ -294,6 +341,8 @@ async fn relay(
 #[derive(Default, Clone)]
 struct ChoiceClock {
     first: Option<Instant>,
+    /// When the last chunk with tokens went out.
+    last: Option<Instant>,
     tokens: u32,
     prefill: Option<pb::PrefillTiming>,
 }
@@ -311,11 +360,12 @@ async fn run_request(
     accepted: Instant,
     deadline: Option<Duration>,
     _permit: Permit,
+    api: &'static str,
 ) {
     let (ctx, mut crx) = mpsc::channel(64);
     let mut choices = JoinSet::new();
     for i in 0..v.n {
-        choices.spawn(run_choice(s.clone(), v.clone(), i, ctx.clone()));
+        choices.spawn(run_choice(s.clone(), v.clone(), i, ctx.clone(), accepted));
     }
     drop(ctx);
     let mut clocks = vec![ChoiceClock::default(); v.n as usize];
@@ -325,15 +375,24 @@ async fn run_request(
     loop {
         let next = tokio::select! {
             c = crx.recv() => c,
-            _ = tx.closed() => return, // the client left: dropping `choices` cancels them
+            _ = tx.closed() => {
+                // The client left: dropping `choices` cancels them.
+                metrics::request_done(api, "cancelled");
+                return;
+            }
             _ = async { match end { Some(e) => tokio::time::sleep_until(e).await, None => std::future::pending().await } } => {
+                metrics::request_done(api, "deadline_exceeded");
                 let _ = tx.send(Err(Status::deadline_exceeded("the request's deadline passed"))).await;
                 return;
             }
         };
         let chunk = match next {
-            None => return,
+            None => {
+                metrics::request_done(api, "internal");
+                return;
+            }
             Some(Err(status)) => {
+                metrics::request_done(api, metrics::error_kind(status.code()));
                 let _ = tx.send(Err(status)).await;
                 return;
             }
@@ -342,6 +401,20 @@ async fn run_request(
         let now = Instant::now();
         let clock = &mut clocks[chunk.index as usize];
         let first = clock.first.is_none();
+        match clock.last {
+            None if !chunk.token_ids.is_empty() => metrics::seconds(metrics::TTFT, now - accepted),
+            Some(last) if !chunk.token_ids.is_empty() => {
+                let per = (now - last) / chunk.token_ids.len() as u32;
+                for _ in 0..chunk.token_ids.len() {
+                    metrics::seconds(metrics::ITL, per);
+                }
+            }
+            _ => {}
+        }
+        if !chunk.token_ids.is_empty() {
+            clock.last = Some(now);
+        }
+        metrics::generated(chunk.token_ids.len());
         clock.first.get_or_insert(now);
         clock.tokens += chunk.token_ids.len() as u32;
         if let Some(p) = &chunk.prefill {
@@ -394,9 +467,12 @@ async fn run_request(
             prompt_logprobs: chunk.prompt_logprobs,
         };
         if tx.send(Ok(resp)).await.is_err() {
+            metrics::request_done(api, "cancelled");
             return;
         }
         if remaining == 0 {
+            metrics::seconds(metrics::E2E, now - accepted);
+            metrics::request_done(api, "none");
             return;
         }
     }
@@ -430,7 +506,7 @@ impl GenerateService {
         // tonic's transport answers CANCELLED when the client's deadline passes; end the
         // request a little earlier so the client hears DEADLINE_EXCEEDED from us instead.
         let deadline = grpc_timeout(req.metadata()).map(|d| d.saturating_sub(d / 20 + Duration::from_millis(5)));
-        start_request(&self.0, req.get_ref(), deadline)
+        start_request(&self.0, req.get_ref(), deadline, "grpc")
     }
 }
 
@@ -439,13 +515,22 @@ pub fn start_request(
     s: &Arc<RouterState>,
     req: &api::GenerateRequest,
     deadline: Option<Duration>,
+    api: &'static str,
 ) -> Result<Chunks, Status> {
     let accepted = Instant::now();
     // A bad request is the client's to fix whatever the load: check it first.
-    let v = validate(req, &s.facts, || format!("req-{:016x}", splitmix(s.next_rid())))?;
-    let permit = admit(s)?;
+    let checked = validate(req, &s.facts, || format!("req-{:016x}", splitmix(s.next_rid())))
+        .and_then(|v| admit(s).map(|p| (v, p)));
+    let (v, permit) = match checked {
+        Ok(x) => x,
+        Err(e) => {
+            metrics::request_done(api, metrics::error_kind(e.code()));
+            return Err(e);
+        }
+    };
+    metrics::tokens(v.prompt.len());
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(run_request(s.clone(), Arc::new(v), tx, accepted, deadline, permit));
+    tokio::spawn(run_request(s.clone(), Arc::new(v), tx, accepted, deadline, permit, api));
     Ok(rx)
 }
 

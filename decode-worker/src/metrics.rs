@@ -1,0 +1,75 @@
+//! A worker's metrics (names, labels and meaning are listed in docs/metrics.md). Every
+//! series carries `worker` (its id) so that the workers of one `tandem up` process,
+//! which share a registry, stay apart.
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use tandem_prefill_worker::Load;
+
+pub const RUNNING: &str = "tandem_worker_requests_running";
+pub const WAITING: &str = "tandem_worker_requests_waiting";
+pub const WAITING_FOR_KV: &str = "tandem_worker_requests_waiting_for_kv";
+pub const BLOCKS_USED: &str = "tandem_kv_blocks_used";
+pub const BLOCKS_TOTAL: &str = "tandem_kv_blocks_total";
+pub const PREFIX_QUERIED: &str = "tandem_prefix_cache_queried_tokens_total";
+pub const PREFIX_HIT: &str = "tandem_prefix_cache_hit_tokens_total";
+pub const PREEMPTIONS: &str = "tandem_preemptions_total";
+pub const KV_BYTES: &str = "tandem_kv_transfer_bytes_total";
+pub const KV_SESSIONS: &str = "tandem_kv_transfer_sessions_total";
+pub const KV_FAILURES: &str = "tandem_kv_transfer_failures_total";
+pub const KV_SECONDS: &str = "tandem_kv_transfer_seconds";
+pub const KV_FALLBACKS: &str = "tandem_kv_transfer_fallbacks_total";
+
+/// Registers every worker metric's description (idempotent).
+pub fn describe() {
+    describe_gauge!(RUNNING, "Requests in the worker's running batch (prefilling or decoding).");
+    describe_gauge!(WAITING, "Requests queued in the worker's engine, not yet scheduled.");
+    describe_gauge!(WAITING_FOR_KV, "Decode-side requests whose blocks are reserved while their KV is in transit.");
+    describe_gauge!(BLOCKS_USED, "KV cache blocks held by requests (cached blocks nobody holds are free).");
+    describe_gauge!(BLOCKS_TOTAL, "KV cache blocks in the worker's pool.");
+    describe_counter!(PREFIX_QUERIED, Unit::Count, "Prompt tokens looked up in the prefix cache.");
+    describe_counter!(PREFIX_HIT, Unit::Count, "Prompt tokens found in the prefix cache (not computed).");
+    describe_counter!(PREEMPTIONS, Unit::Count, "Requests preempted (blocks freed, recomputed later).");
+    describe_counter!(KV_BYTES, Unit::Bytes, "KV cache bytes moved between workers, by direction (sent, received).");
+    describe_counter!(KV_SESSIONS, "KV transfer sessions ended, by direction and outcome (ok, failed).");
+    describe_counter!(KV_FAILURES, "Failed KV transfer sessions, by direction and failure kind.");
+    describe_histogram!(
+        KV_SECONDS,
+        Unit::Seconds,
+        "A prefill's KV transfer, sender side: from opening the session to the receiver's verdict."
+    );
+    describe_counter!(KV_FALLBACKS, "Times a same-host shared-memory transfer could not start and TCP was used.");
+}
+
+/// Publishes the engine's load as gauges and counters.
+pub fn set_load(worker: &str, role: &'static str, l: &Load, fallbacks: u64) {
+    let w = worker.to_string();
+    let st = &l.scheduler;
+    gauge!(RUNNING, "worker" => w.clone(), "role" => role).set(st.running.saturating_sub(l.waiting_for_kv) as f64);
+    gauge!(WAITING, "worker" => w.clone(), "role" => role).set(st.waiting as f64);
+    gauge!(WAITING_FOR_KV, "worker" => w.clone(), "role" => role).set(l.waiting_for_kv as f64);
+    gauge!(BLOCKS_USED, "worker" => w.clone(), "role" => role).set(st.blocks_used as f64);
+    gauge!(BLOCKS_TOTAL, "worker" => w.clone(), "role" => role).set(st.blocks_total as f64);
+    counter!(PREFIX_QUERIED, "worker" => w.clone(), "role" => role).absolute(st.prefix_queried_tokens);
+    counter!(PREFIX_HIT, "worker" => w.clone(), "role" => role).absolute(st.prefix_hit_tokens);
+    counter!(PREEMPTIONS, "worker" => w.clone(), "role" => role).absolute(st.preemptions);
+    counter!(KV_FALLBACKS, "worker" => w).absolute(fallbacks);
+}
+
+/// A KV transfer session ended. `failure`: the transfer error's kind, or None.
+pub fn kv_session(worker: &str, direction: &'static str, bytes: u64, failure: Option<&'static str>) {
+    let w = worker.to_string();
+    if bytes > 0 {
+        counter!(KV_BYTES, "worker" => w.clone(), "direction" => direction).increment(bytes);
+    }
+    let outcome = if failure.is_some() { "failed" } else { "ok" };
+    counter!(KV_SESSIONS, "worker" => w.clone(), "direction" => direction, "outcome" => outcome).increment(1);
+    if let Some(kind) = failure {
+        counter!(KV_FAILURES, "worker" => w, "direction" => direction, "kind" => kind).increment(1);
+    }
+}
+
+pub fn kv_seconds(worker: &str, d: Duration) {
+    histogram!(KV_SECONDS, "worker" => worker.to_string()).record(d.as_secs_f64());
+}

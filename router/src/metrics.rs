@@ -1,0 +1,87 @@
+//! The router's metrics (names, labels and meaning are listed in docs/metrics.md).
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+
+pub const REQUESTS: &str = "tandem_requests_total";
+pub const PROMPT_TOKENS: &str = "tandem_prompt_tokens_total";
+pub const GENERATION_TOKENS: &str = "tandem_generation_tokens_total";
+pub const TTFT: &str = "tandem_time_to_first_token_seconds";
+pub const ITL: &str = "tandem_inter_token_latency_seconds";
+pub const E2E: &str = "tandem_e2e_request_latency_seconds";
+pub const QUEUE: &str = "tandem_request_queue_time_seconds";
+pub const TTFT_STAGE: &str = "tandem_ttft_stage_seconds";
+pub const IN_FLIGHT: &str = "tandem_router_requests_in_flight";
+pub const WORKERS: &str = "tandem_workers";
+
+/// Registers every router metric's description (idempotent).
+pub fn describe() {
+    describe_counter!(REQUESTS, "Requests the router finished, by API, outcome (ok, error) and error kind.");
+    describe_counter!(PROMPT_TOKENS, Unit::Count, "Prompt tokens of requests the router accepted.");
+    describe_counter!(GENERATION_TOKENS, Unit::Count, "Tokens generated and sent to clients.");
+    describe_histogram!(TTFT, Unit::Seconds, "From the router accepting a request to its first token (per choice).");
+    describe_histogram!(ITL, Unit::Seconds, "Time between consecutive tokens of a choice, after the first.");
+    describe_histogram!(E2E, Unit::Seconds, "From the router accepting a request to its last token.");
+    describe_histogram!(
+        QUEUE,
+        Unit::Seconds,
+        "Time a choice waited before its prompt computation started: routing, reservation and the prefill queue."
+    );
+    describe_histogram!(
+        TTFT_STAGE,
+        Unit::Seconds,
+        "Time to first token split by stage: router (routing and reservation), prefill_queue, prefill_compute, \
+         kv_transfer (the transfer's tail after the last layer), decode_wait (KV landed to first token relayed), \
+         local (a role-both worker's whole prefill)."
+    );
+    describe_gauge!(IN_FLIGHT, "Requests the router is serving now.");
+    describe_gauge!(WORKERS, "Workers the router knows, by role and state (healthy, unhealthy).");
+}
+
+/// A finished request: `kind` is `none` for success, else the gRPC code in snake case.
+pub fn request_done(api: &'static str, kind: &'static str) {
+    let outcome = if kind == "none" { "ok" } else { "error" };
+    counter!(REQUESTS, "api" => api, "outcome" => outcome, "kind" => kind).increment(1);
+}
+
+/// The label of a failed request's status code.
+pub fn error_kind(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "none",
+        Cancelled => "cancelled",
+        InvalidArgument => "invalid_argument",
+        DeadlineExceeded => "deadline_exceeded",
+        NotFound => "not_found",
+        ResourceExhausted => "resource_exhausted",
+        FailedPrecondition => "failed_precondition",
+        Unavailable => "unavailable",
+        Unauthenticated => "unauthenticated",
+        _ => "internal",
+    }
+}
+
+pub fn seconds(name: &'static str, d: Duration) {
+    histogram!(name).record(d.as_secs_f64());
+}
+
+pub fn stage(stage: &'static str, secs: f64) {
+    histogram!(TTFT_STAGE, "stage" => stage).record(secs.max(0.0));
+}
+
+pub fn tokens(prompt: usize) {
+    counter!(PROMPT_TOKENS).increment(prompt as u64);
+}
+
+pub fn generated(n: usize) {
+    counter!(GENERATION_TOKENS).increment(n as u64);
+}
+
+pub fn set_in_flight(n: usize) {
+    gauge!(IN_FLIGHT).set(n as f64);
+}
+
+pub fn set_workers(role: &'static str, state: &'static str, n: usize) {
+    gauge!(WORKERS, "role" => role, "state" => state).set(n as f64);
+}

@@ -1,0 +1,32 @@
+//! The process's metrics registry: one Prometheus recorder per process, with explicit
+//! histogram buckets, shared by the router and any workers running in the process.
+//! Every metric is described where it is defined (`router::metrics`,
+//! `tandem_decode_worker::metrics`), so each has `# HELP` and `# TYPE` lines.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets, seconds: 1 ms to 2 minutes.
+pub const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+
+/// Installs the process's recorder (once; later calls return the same handle).
+pub fn install() -> Result<PrometheusHandle, String> {
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .map_err(|e| e.to_string())?
+                .install_recorder()
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+}
+
+/// The installed recorder's handle, if `install` ran.
+pub fn handle() -> Option<PrometheusHandle> {
+    HANDLE.get().and_then(|h| h.as_ref().ok().cloned())
+}
