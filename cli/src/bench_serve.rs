@@ -41,6 +41,9 @@ pub struct ServeBenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// API key sent as `authorization: Bearer <key>` (when the cluster requires one).
+    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 const TOPICS: [&str; 16] = [
@@ -141,13 +144,20 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
         for _ in 0..a.concurrency {
             let (mut c, next_i, samples) = (client.clone(), next_i.clone(), samples.clone());
             let (workload, seed, max_tokens, n) = (a.workload.clone(), a.seed, a.max_tokens, a.requests);
+            let key = a.api_key.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     let i = next_i.fetch_add(1, Ordering::Relaxed);
                     if i >= n {
                         return Ok::<(), anyhow::Error>(());
                     }
-                    let req = request(&workload, i, seed, max_tokens)?;
+                    let mut req = tonic::Request::new(request(&workload, i, seed, max_tokens)?);
+                    if let Some(k) = &key {
+                        let v = format!("Bearer {k}")
+                            .parse()
+                            .map_err(|_| anyhow!("the API key is not a valid header value"))?;
+                        req.metadata_mut().insert("authorization", v);
+                    }
                     let t0 = Instant::now();
                     let mut s = c.generate_stream(req).await.map_err(|e| anyhow!("request {i}: {e}"))?.into_inner();
                     let (mut ttft, mut tokens, mut prompt_tokens) = (None, 0, 0);

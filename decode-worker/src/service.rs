@@ -257,6 +257,7 @@ impl WorkerService {
                             finish_reason: finish_to_pb(o.finish) as i32,
                             timing,
                             prompt_logprobs: o.prompt_logprobs.iter().map(|t| logprobs_to_pb(tok, t)).collect(),
+                            cached_tokens: o.cached_tokens as u32,
                         };
                         if finished {
                             guard.done = true;

@@ -319,6 +319,7 @@ fn worker_samples() -> Vec<Sample> {
                 finish_reason: api::FinishReason::Abort.into(),
                 timing: Some(wk::DecodeTiming { decode_time_ms: 1.0, ..Default::default() }),
                 prompt_logprobs: vec![token_logprobs()],
+                cached_tokens: 16,
             },
         ),
         sample(

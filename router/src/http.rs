@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -124,8 +125,24 @@ async fn next_chunk(
     }
 }
 
-async fn chat(State(state): State<Arc<RouterState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+/// The body, or the OpenAI-shaped error for one that could not be read (too large, ...).
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| ApiError {
+        status: e.status().as_u16(),
+        kind: "invalid_request_error",
+        message: format!("the request body could not be read: {e} (at most {MAX_BODY} bytes)"),
+        param: None,
+        code: None,
+    })
+}
+
+async fn chat(
+    State(state): State<Arc<RouterState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     authorized(&state, &headers)?;
+    let body = body_or_error(body)?;
     let r: ChatRequest = parse(&body, "chat completion")?;
     let req = chat_request(&r)?;
     let want_logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
@@ -168,7 +185,7 @@ async fn chat(State(state): State<Arc<RouterState>>, headers: HeaderMap, body: B
     }
 
     let mut started = std::collections::HashSet::new();
-    let meta = StreamMeta { id, object: "chat.completion.chunk", created, model, include_usage };
+    let meta = StreamMeta { id, object: "chat.completion.chunk", created, model, include_usage, score_only: false };
     Ok(stream_events(meta, head, chunks, move |m| {
         let mut delta = json!({"content": m.text});
         if started.insert(m.index) {
@@ -190,6 +207,8 @@ struct StreamMeta {
     created: i64,
     model: String,
     include_usage: bool,
+    /// Prompt scoring only: the token generated to run the request is not reported.
+    score_only: bool,
 }
 
 /// Streams a generation as server-sent events: one `data:` event per chunk, the choice
@@ -203,7 +222,7 @@ fn stream_events(
     mut choice: impl FnMut(&api::GenerateStreamResponse) -> Value + Send + 'static,
 ) -> Response {
     sse(move |tx| async move {
-        let StreamMeta { id, object, created, model, include_usage } = meta;
+        let StreamMeta { id, object, created, model, include_usage, score_only } = meta;
         let mut usage = None;
         let mut msg = Some(Ok(head));
         while let Some(m) = msg {
@@ -230,7 +249,11 @@ fn stream_events(
             }
         }
         if include_usage {
-            if let Some(u) = usage {
+            if let Some(mut u) = usage {
+                if score_only {
+                    u.completion_tokens = 0;
+                    u.total_tokens = u.prompt_tokens;
+                }
                 let last = json!({
                     "id": id, "object": object, "created": created, "model": model,
                     "choices": [], "usage": usage_json(&u),
@@ -254,9 +277,10 @@ struct CompletionChoice {
 async fn completions(
     State(state): State<Arc<RouterState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorized(&state, &headers)?;
+    let body = body_or_error(body)?;
     let r: CompletionRequest = parse(&body, "completion")?;
     let plan = completion_request(&r)?;
     let want_logprobs = plan.request.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
@@ -341,7 +365,7 @@ async fn completions(
     }
 
     let mut choices: HashMap<u32, CompletionChoice> = HashMap::new();
-    let meta = StreamMeta { id, object: "text_completion", created, model, include_usage };
+    let meta = StreamMeta { id, object: "text_completion", created, model, include_usage, score_only };
     Ok(stream_events(meta, head, chunks, move |m| {
         let c = choices.entry(m.index).or_default();
         let (text, from) = fold(c, m);
@@ -377,8 +401,11 @@ pub fn is_ready(state: &RouterState) -> bool {
 async fn ready(State(state): State<Arc<RouterState>>) -> Response {
     if is_ready(&state) {
         (StatusCode::OK, "ready").into_response()
+    } else if state.draining.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: no prefill-capable or no decode-capable worker").into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: no healthy prefill-capable or decode-capable worker")
+            .into_response()
     }
 }
 

@@ -165,7 +165,15 @@ impl ApiError {
             tonic::Code::DeadlineExceeded => (504, "server_error", Some("timeout")),
             _ => (500, "server_error", Some("internal_error")),
         };
-        let param = if status == 400 || status == 404 { param } else { None };
+        // OpenAI's field names: `sampling.temperature` is `temperature`, `prompt_tokens` is `prompt`.
+        let param = if status == 400 || status == 404 { param } else { None }.map(|p| {
+            let p = p.strip_prefix("sampling.").unwrap_or(&p).to_string();
+            if p == "prompt_tokens" {
+                "prompt".to_string()
+            } else {
+                p
+            }
+        });
         ApiError { status, kind, message: msg, param, code }
     }
 }
@@ -454,7 +462,8 @@ mod tests {
     #[test]
     fn statuses_map_to_http() {
         let cases = [
-            (Status::invalid_argument("sampling.top_p: 2 is out of range"), 400, Some("sampling.top_p")),
+            (Status::invalid_argument("sampling.top_p: 2 is out of range"), 400, Some("top_p")),
+            (Status::invalid_argument("prompt_tokens: 99999 is outside the vocabulary"), 400, Some("prompt")),
             (Status::invalid_argument("model: unknown model \"x\""), 404, Some("model")),
             (Status::resource_exhausted("full"), 429, None),
             (Status::unavailable("no decode worker"), 503, None),

@@ -142,6 +142,8 @@ struct Chunk {
     finish: i32,
     prefill: Option<pb::PrefillResponse>,
     prompt_logprobs: Vec<api::TokenLogprobs>,
+    /// Prompt tokens served from a prefix cache (first chunk only).
+    cached_tokens: u32,
 }
 
 /// Sends Cancel to the workers of a choice that did not finish (client gone, error).
@@ -313,9 +315,11 @@ async fn relay(
         }
         let finish = d.finish_reason;
         let mut prompt_logprobs = d.prompt_logprobs;
+        let mut cached_tokens = d.cached_tokens;
         if first {
             if let Some(p) = prefill.as_mut() {
                 prompt_logprobs = std::mem::take(&mut p.prompt_logprobs);
+                cached_tokens = p.cached_tokens;
             }
         }
         let chunk = Chunk {
@@ -326,6 +330,7 @@ async fn relay(
             finish,
             prefill: if first { prefill.take() } else { None },
             prompt_logprobs,
+            cached_tokens: if first { cached_tokens } else { 0 },
         };
         first = false;
         if out.send(Ok(chunk)).await.is_err() {
@@ -419,9 +424,9 @@ async fn run_request(
         clock.tokens += chunk.token_ids.len() as u32;
         if let Some(p) = &chunk.prefill {
             clock.prefill = p.timing;
-            if chunk.index == 0 {
-                cached_tokens = p.cached_tokens;
-            }
+        }
+        if chunk.index == 0 && chunk.cached_tokens > 0 {
+            cached_tokens = chunk.cached_tokens;
         }
         let finished = chunk.finish != api::FinishReason::Unspecified as i32;
         let timing = if finished {

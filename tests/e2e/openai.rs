@@ -129,7 +129,7 @@ fn the_openai_client_and_curl_against_tandem_up() {
         assert_eq!(got, want, "{path}");
     }
     let (metrics, _) = curl(&[&format!("http://{http}/metrics")]);
-    assert!(metrics.contains("tandem_router_workers{role=\"decode\",state=\"healthy\"} 1"), "{metrics}");
+    assert!(metrics.contains("tandem_workers{role=\"decode\",state=\"healthy\"} 1"), "{metrics}");
 }
 
 fn rt() -> tokio::runtime::Runtime {

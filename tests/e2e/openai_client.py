@@ -85,7 +85,7 @@ try:
     client.chat.completions.create(model=model, messages=PROMPT, temperature=-1)
     check("invalid temperature refused", False)
 except openai.BadRequestError as e:
-    check("invalid request: 400 naming the field", e.status_code == 400 and e.body["param"] == "sampling.temperature", e.body)
+    check("invalid request: 400 naming the field", e.status_code == 400 and e.body["param"] == "temperature", e.body)
 
 try:
     client.chat.completions.create(model="no-such-model", messages=PROMPT)
