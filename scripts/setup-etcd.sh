@@ -9,6 +9,8 @@
 # (exit 1) when it cannot install them: without protoc the workspace does not build,
 # and without etcd the etcd tests fail.
 set -euo pipefail
+# shellcheck source=scripts/lib/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/apt.sh"
 
 have_etcd() { command -v etcd >/dev/null 2>&1; }
 
@@ -39,23 +41,7 @@ fail() {
     exit 1
 }
 
-command -v apt-get >/dev/null 2>&1 || fail "apt-get not found, cannot install ${need[*]}"
-
-SUDO=()
-if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || fail "not root and sudo not found, cannot install ${need[*]}"
-    SUDO=(sudo -n)
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-echo "setup-etcd: installing ${need[*]}"
-# Try without refreshing the package lists first (fast when they are current),
-# then once more after apt-get update.
-if ! "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1; then
-    "${SUDO[@]}" apt-get update -qq || fail "apt-get update failed (is the package mirror reachable?)"
-    "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" \
-        || fail "apt-get install ${need[*]} failed"
-fi
+apt_install setup-etcd "${need[@]}" || fail "could not install ${need[*]}"
 
 have_etcd || fail "etcd-server installed, but no etcd binary on PATH"
 have_protoc || fail "protobuf-compiler installed, but protoc cannot find google/protobuf/descriptor.proto"

@@ -14,6 +14,8 @@
 #   PYTHON   interpreter for the venv (default: python3)
 #   FORCE=1  reinstall the requirements even when the stamp says they are there
 set -euo pipefail
+# shellcheck source=scripts/lib/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/apt.sh"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV_NAME=.venv-clients
@@ -35,29 +37,13 @@ command -v "$PYTHON" >/dev/null 2>&1 || fail "$PYTHON not found (set PYTHON to a
 # `python3 -m venv` works only with ensurepip, which Debian ships in python3-venv.
 have_venv() { "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; }
 
-apt_install() {
-    command -v apt-get >/dev/null 2>&1 || fail "apt-get not found to install $*"
-    local sudo=()
-    if [ "$(id -u)" -ne 0 ]; then
-        command -v sudo >/dev/null 2>&1 || fail "not root and sudo not found, cannot install $*"
-        sudo=(sudo -n)
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    echo "setup-python-clients: installing $*"
-    # Try without refreshing the package lists first (fast when they are current),
-    # then once more after apt-get update.
-    if ! "${sudo[@]}" apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1; then
-        "${sudo[@]}" apt-get update -qq || fail "apt-get update failed (is the package mirror reachable?)"
-        "${sudo[@]}" apt-get install -y -qq --no-install-recommends "$@" || fail "apt-get install $* failed"
-    fi
-}
 
 install_python3_venv() {
-    apt_install python3-venv
+    apt_install setup-python-clients python3-venv || exit 1
     have_venv || fail "python3-venv installed, but $PYTHON still cannot make a venv (is $PYTHON Debian's python3?)"
 }
 
-command -v curl >/dev/null 2>&1 || apt_install curl ca-certificates
+command -v curl >/dev/null 2>&1 || apt_install setup-python-clients curl ca-certificates || exit 1
 
 requirements_ok() {
     [ "$FORCE" != 1 ] || return 1

@@ -12,5 +12,9 @@ scripts/setup-etcd.sh
 scripts/setup-cuda-tools.sh
 # grpcio + reflection for the generic gRPC client the end-to-end tests drive (tests/e2e).
 scripts/setup-python-clients.sh
+# Helm v4 and kubernetes-validate for the chart's checks (tests/e2e/deploy.rs); a font for
+# `tandem bench serve --plot`.
+scripts/setup-helm.sh
+scripts/setup-bench.sh
 cargo check -p tandem-kvtransfer --features cuda --locked
 cargo test --workspace --locked "$@"

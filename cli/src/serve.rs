@@ -74,6 +74,9 @@ pub struct WorkerFlags {
     /// Requests queued at most; beyond, RESOURCE_EXHAUSTED.
     #[arg(long, env = "TANDEM_MAX_WAITING", default_value_t = 1024)]
     pub max_waiting: usize,
+    /// Turn the prefix cache off (every prompt is computed in full; for comparisons).
+    #[arg(long, env = "TANDEM_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
 }
 
 #[derive(Args, Debug)]
@@ -240,6 +243,7 @@ fn worker_config(
         max_batched_tokens: w.max_batched_tokens,
         max_seqs: w.max_seqs,
         max_waiting: w.max_waiting,
+        prefix_caching: !w.no_prefix_cache,
         grpc_listen: grpc,
         kv_listen: kv,
         model_name: model_name(common),

@@ -45,6 +45,8 @@ pub struct WorkerConfig {
     pub max_seqs: usize,
     /// Requests queued in the engine at most; beyond it, RESOURCE_EXHAUSTED.
     pub max_waiting: usize,
+    /// Reuse cached prompt prefixes (the default).
+    pub prefix_caching: bool,
     /// Where the gRPC server listens (port 0: any free port).
     pub grpc_listen: SocketAddr,
     /// Where the KV receiver listens over TCP (decode-capable roles).
@@ -70,6 +72,7 @@ impl WorkerConfig {
             max_batched_tokens: 512,
             max_seqs: 64,
             max_waiting: 1024,
+            prefix_caching: true,
             grpc_listen: "127.0.0.1:0".parse().expect("literal"),
             kv_listen: "127.0.0.1:0".parse().expect("literal"),
             advertise_host: String::new(),
@@ -351,7 +354,7 @@ fn load(cfg: &WorkerConfig) -> Result<Loaded, String> {
         block_size: cfg.block_size,
         kv_blocks,
         kv_dtype: KvDtype::F16,
-        prefix_caching: true,
+        prefix_caching: cfg.prefix_caching,
     };
     let layout = tandem_prefill_worker::kv_layout(&model, cfg.block_size);
     let (engine, shm) = if cfg.role.can_decode() {

@@ -133,6 +133,42 @@ fn up_serves_a_generic_grpc_client_and_drains_on_sigterm() {
             assert!(v[k][p].as_f64().is_some_and(|x| x > 0.0), "{k}.{p} in {v}");
         }
     }
+    // Open loop over the OpenAI API, two rates, SLOs and a chart.
+    let http = p.output().iter().find(|l| l.starts_with("tandem: router")).and_then(|l| {
+        let mut it = l.split_whitespace().skip_while(|w| *w != "http");
+        it.nth(1).map(str::to_string)
+    });
+    let png = std::env::temp_dir().join(format!("tandem-bench-{}.png", std::process::id()));
+    let out = Command::new(tandem_bin())
+        .args(["bench", "serve", "--api", "openai", "--target", &http.expect("an http address")])
+        .args([
+            "--rate",
+            "4,8",
+            "--requests",
+            "6",
+            "--max-tokens",
+            "6",
+            "--slo-ttft-ms",
+            "10000",
+            "--slo-tpot-ms",
+            "1000",
+        ])
+        .args(["--json", "--plot"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bench serve --api openai: {}", String::from_utf8_lossy(&out.stderr));
+    let runs: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(runs.len(), 2, "one JSON line per rate");
+    for r in &runs {
+        assert_eq!((r["requests"].as_u64(), r["failed"].as_u64()), (Some(6), Some(0)), "{r}");
+        assert_eq!(r["slo_attainment"].as_f64(), Some(1.0), "generous SLOs are met: {r}");
+        assert!(r["goodput_rps"].as_f64().unwrap() > 0.0);
+    }
+    let img = std::fs::read(&png).expect("the chart is written");
+    std::fs::remove_file(&png).ok();
+    assert!(img.starts_with(b"\x89PNG") && img.len() > 10_000, "a PNG chart ({} bytes)", img.len());
 
     sigterm_drains(&mut p, &addr);
 }

