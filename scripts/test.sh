@@ -16,5 +16,7 @@ scripts/setup-python-clients.sh
 # `tandem bench serve --plot`.
 scripts/setup-helm.sh
 scripts/setup-bench.sh
+# Debian's prometheus and promtool for the metrics checks (tests/e2e/metrics.rs).
+scripts/setup-prometheus.sh
 cargo check -p tandem-kvtransfer --features cuda --locked
 cargo test --workspace --locked "$@"
