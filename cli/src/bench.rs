@@ -254,6 +254,7 @@ fn offline(a: &EngineBenchArgs) -> Result<()> {
             priority: 0,
             cache_salt: None,
             export_kv: false,
+            resumed: 0,
         })?;
     }
     let mut generated = 0usize;

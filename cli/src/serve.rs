@@ -40,6 +40,15 @@ pub struct Common {
     pub drain_timeout: u64,
 }
 
+/// How the router treats requests whose worker fails.
+#[derive(Args, Debug, Clone)]
+pub struct Migration {
+    /// Times a request may move to other workers when one dies under it (its prompt and the
+    /// tokens generated so far are prefilled again; the client sees no gap). 0: fail instead.
+    #[arg(long, env = "TANDEM_MIGRATION_LIMIT", default_value_t = 3)]
+    pub migration_limit: usize,
+}
+
 /// API keys the router accepts.
 #[derive(Args, Debug, Clone)]
 pub struct ApiKeys {
@@ -99,6 +108,8 @@ pub struct UpArgs {
     pub http_port: u16,
     #[command(flatten)]
     pub keys: ApiKeys,
+    #[command(flatten)]
+    pub migration: Migration,
     /// Address every listener binds to (loopback by default).
     #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -125,6 +136,8 @@ pub struct RouterArgs {
     pub http_listen: SocketAddr,
     #[command(flatten)]
     pub keys: ApiKeys,
+    #[command(flatten)]
+    pub migration: Migration,
     /// Routing policy: least-loaded or round-robin.
     #[arg(long, env = "TANDEM_POLICY", default_value = "least-loaded")]
     pub policy: String,
@@ -289,7 +302,11 @@ pub fn up(a: UpArgs) -> Result<()> {
         }
         let mut running = Vec::new();
         for (id, role) in specs {
-            let cfg = worker_config(id, role, &a.common, &a.worker, threads, any, any);
+            let mut cfg = worker_config(id, role, &a.common, &a.worker, threads, any, any);
+            if a.host.is_unspecified() {
+                // Listening everywhere: the router and the other worker reach it on loopback.
+                cfg.advertise_host = "127.0.0.1".into();
+            }
             let w = RunningWorker::start(cfg, Some((d.clone(), cluster.clone(), ttl))).await.map_err(|e| anyhow!(e))?;
             println!("tandem: {}", describe(&w));
             running.push(w);
@@ -302,6 +319,7 @@ pub fn up(a: UpArgs) -> Result<()> {
             max_inflight: a.max_inflight,
             http_listen: Some(SocketAddr::new(a.host, a.http_port)),
             api_keys: a.keys.keys(),
+            migration_limit: a.migration.migration_limit,
         };
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         if !router.wait_for_workers(running.len(), Duration::from_secs(30)).await {
@@ -352,6 +370,7 @@ pub fn router(a: RouterArgs) -> Result<()> {
             max_inflight: a.max_inflight,
             http_listen: Some(a.http_listen),
             api_keys: a.keys.keys(),
+            migration_limit: a.migration.migration_limit,
         };
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         println!(

@@ -11,7 +11,7 @@ pub const RUNNING: &str = "tandem_worker_requests_running";
 pub const WAITING: &str = "tandem_worker_requests_waiting";
 pub const WAITING_FOR_KV: &str = "tandem_worker_requests_waiting_for_kv";
 pub const BLOCKS_USED: &str = "tandem_kv_blocks_used";
-pub const BLOCKS_TOTAL: &str = "tandem_kv_blocks_total";
+pub const BLOCKS_TOTAL: &str = "tandem_kv_blocks_capacity";
 pub const PREFIX_QUERIED: &str = "tandem_prefix_cache_queried_tokens_total";
 pub const PREFIX_HIT: &str = "tandem_prefix_cache_hit_tokens_total";
 pub const PREEMPTIONS: &str = "tandem_preemptions_total";
@@ -37,7 +37,8 @@ pub fn describe() {
     describe_histogram!(
         KV_SECONDS,
         Unit::Seconds,
-        "A prefill's KV transfer, sender side: from opening the session to the receiver's verdict."
+        "A prefill's KV transfer, sender side: from its first layer leaving to the receiver's verdict \
+         (it overlaps the prefill's compute; the exposed part is the TTFT stage kv_transfer)."
     );
     describe_counter!(KV_FALLBACKS, "Times a same-host shared-memory transfer could not start and TCP was used.");
 }

@@ -319,6 +319,7 @@ impl Worker for WorkerService {
             priority: r.priority,
             cache_salt: r.cache_salt,
             export_kv: false,
+            resumed: r.resumed_tokens as usize,
         };
         let admitted = s.engine.submit(ereq, Admission::Remote).await.map_err(status_from_engine)?;
         let lease = Duration::from_millis(r.lease_ms.max(1) as u64).min(MAX_LEASE);
@@ -427,6 +428,7 @@ impl Worker for WorkerService {
             priority: r.priority,
             cache_salt: r.cache_salt,
             export_kv: true,
+            resumed: r.resumed_tokens as usize,
         };
         let mut admitted =
             s.engine.submit(ereq, Admission::Export(Box::new(sink))).await.map_err(status_from_engine)?;
@@ -453,7 +455,7 @@ impl Worker for WorkerService {
         })?;
         let done = Instant::now();
         crate::metrics::kv_session(&s.id, "sent", kv_bytes, None);
-        crate::metrics::kv_seconds(&s.id, done - submitted);
+        crate::metrics::kv_seconds(&s.id, done - started.get().copied().unwrap_or(computed));
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let start = started.get().copied().unwrap_or(computed);
         Ok(Response::new(pb::PrefillResponse {
@@ -477,9 +479,6 @@ impl Worker for WorkerService {
     async fn decode(&self, req: Request<pb::DecodeRequest>) -> Result<Response<DecodeStream>, Status> {
         let s = &self.0;
         let r = req.into_inner();
-        if r.resumed_tokens != 0 {
-            return Err(Status::unimplemented("resumed_tokens (request migration) is not supported yet"));
-        }
         let attached = {
             let mut reserved = s.reserved.lock().expect("reserved");
             match reserved.get_mut(&r.request_id) {
@@ -509,6 +508,7 @@ impl Worker for WorkerService {
             priority: r.priority,
             cache_salt: r.cache_salt,
             export_kv: false,
+            resumed: r.resumed_tokens as usize,
         };
         let admitted = s.engine.submit(ereq, Admission::Local).await.map_err(status_from_engine)?;
         Ok(Response::new(self.stream_events(r.request_id, admitted.id, admitted.events, None)))

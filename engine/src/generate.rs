@@ -182,6 +182,7 @@ impl Engine {
             priority: 0,
             cache_salt: None,
             export_kv: false,
+            resumed: 0,
         };
         let group = self.engine.add_request(req)?;
         let mut choices: Vec<Option<Choice>> = vec![None; n];

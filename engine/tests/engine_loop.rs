@@ -75,6 +75,7 @@ fn run_all(e: &mut LlmEngine, ps: &[Vec<u32>], params: &SamplingParams) -> Vec<(
             priority: 0,
             cache_salt: None,
             export_kv: false,
+            resumed: 0,
         };
         ids.push(e.add_request(req).unwrap());
     }
@@ -165,6 +166,7 @@ fn prefix_cache_hit_changes_nothing_but_work() {
         priority: 0,
         cache_salt: Some("tenant-b".into()),
         export_kv: false,
+        resumed: 0,
     };
     e.add_request(req).unwrap();
     while e.has_unfinished() {
@@ -187,6 +189,7 @@ fn abort_mid_flight_returns_every_block() {
             priority: 0,
             cache_salt: None,
             export_kv: false,
+            resumed: 0,
         };
         groups.push(e.add_request(req).unwrap());
     }
@@ -213,7 +216,15 @@ fn parallel_samples_share_the_prompt_and_differ() {
         ignore_eos: true,
         ..SamplingParams::default()
     };
-    let req = EngineRequest { prompt: ps[0].clone(), params, n: 4, priority: 0, cache_salt: None, export_kv: false };
+    let req = EngineRequest {
+        prompt: ps[0].clone(),
+        params,
+        n: 4,
+        priority: 0,
+        cache_salt: None,
+        export_kv: false,
+        resumed: 0,
+    };
     let group = e.add_request(req).unwrap();
     let mut by_index: HashMap<usize, Vec<u32>> = HashMap::new();
     while e.has_unfinished() {

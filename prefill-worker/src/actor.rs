@@ -79,6 +79,8 @@ struct Tracked {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: std_mpsc::Sender<Cmd>,
+    /// The load as of the last step, so a load report never waits for a step to end.
+    latest: Arc<Mutex<Load>>,
     kv_events: broadcast::Sender<Vec<KvEvent>>,
     info: Arc<EngineInfo>,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
@@ -112,8 +114,11 @@ impl EngineHandle {
         let (tx, rx) = std_mpsc::channel();
         let (kv_events, _) = broadcast::channel(1024);
         let events = kv_events.clone();
-        let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || run(engine, rx, events))?;
-        Ok(EngineHandle { tx, kv_events, info, thread: Arc::new(Mutex::new(Some(thread))) })
+        let latest = Arc::new(Mutex::new(Load::default()));
+        let shared = latest.clone();
+        let thread =
+            std::thread::Builder::new().name(name.to_string()).spawn(move || run(engine, rx, events, shared))?;
+        Ok(EngineHandle { tx, latest, kv_events, info, thread: Arc::new(Mutex::new(Some(thread))) })
     }
 
     pub fn info(&self) -> &EngineInfo {
@@ -144,7 +149,17 @@ impl EngineHandle {
         let _ = self.tx.send(Cmd::Fail(id, reason));
     }
 
+    /// The load as of the engine's last step (or command), without waiting for the
+    /// current step: a busy engine answers load reports at once.
     pub async fn load(&self) -> Result<Load, EngineError> {
+        if self.thread.lock().expect("thread").as_ref().is_none_or(|t| t.is_finished()) {
+            return Err(EngineError::Io(GONE.into()));
+        }
+        Ok(*self.latest.lock().expect("load"))
+    }
+
+    /// The load computed by the engine thread now (waits for the current step to end).
+    pub async fn load_now(&self) -> Result<Load, EngineError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Cmd::Load(tx)).map_err(|_| EngineError::Io(GONE.into()))?;
         rx.await.map_err(|_| EngineError::Io(GONE.into()))
@@ -172,10 +187,16 @@ impl EngineHandle {
     }
 }
 
-fn run(mut engine: LlmEngine, rx: std_mpsc::Receiver<Cmd>, kv_events: broadcast::Sender<Vec<KvEvent>>) {
+fn run(
+    mut engine: LlmEngine,
+    rx: std_mpsc::Receiver<Cmd>,
+    kv_events: broadcast::Sender<Vec<KvEvent>>,
+    latest: Arc<Mutex<Load>>,
+) {
     let mut tracked: HashMap<RequestId, Tracked> = HashMap::new();
     let mut sinks: HashMap<RequestId, Box<dyn ExportSink>> = HashMap::new();
     loop {
+        *latest.lock().expect("load") = load_of(&engine, &tracked);
         // Block only when no request can make progress.
         let busy = tracked.values().any(|t| !t.remote_waiting);
         let first = if busy {
@@ -326,19 +347,23 @@ fn handle(
             }
         }
         Cmd::Load(reply) => {
-            let mut queued = 0u64;
-            for (&id, t) in tracked.iter() {
-                if let Some(r) = engine.scheduler.get(id) {
-                    if !t.remote_waiting {
-                        queued += t.prompt_len.saturating_sub(r.num_computed) as u64;
-                    }
-                }
-            }
-            let _ = reply.send(Load {
-                scheduler: engine.stats(),
-                waiting_for_kv: tracked.values().filter(|t| t.remote_waiting).count(),
-                queued_prefill_tokens: queued,
-            });
+            let _ = reply.send(load_of(engine, tracked));
         }
+    }
+}
+
+fn load_of(engine: &LlmEngine, tracked: &HashMap<RequestId, Tracked>) -> Load {
+    let mut queued = 0u64;
+    for (&id, t) in tracked.iter() {
+        if let Some(r) = engine.scheduler.get(id) {
+            if !t.remote_waiting {
+                queued += t.prompt_len.saturating_sub(r.num_computed) as u64;
+            }
+        }
+    }
+    Load {
+        scheduler: engine.stats(),
+        waiting_for_kv: tracked.values().filter(|t| t.remote_waiting).count(),
+        queued_prefill_tokens: queued,
     }
 }

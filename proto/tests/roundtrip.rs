@@ -250,6 +250,7 @@ fn worker_samples() -> Vec<Sample> {
                 max_tokens: 256,
                 priority: 1,
                 sampling: Some(worker_sampling()),
+                resumed_tokens: 3,
             },
         ),
         sample(
@@ -272,6 +273,7 @@ fn worker_samples() -> Vec<Sample> {
                 cache_salt: Some("tenant-a".into()),
                 destination: Some(destination()),
                 priority: -1,
+                resumed_tokens: 2,
             },
         ),
         sample(

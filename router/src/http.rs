@@ -412,7 +412,7 @@ async fn ready(State(state): State<Arc<RouterState>>) -> Response {
 /// Sets the gauges that are read from state, not counted as things happen.
 pub fn refresh_gauges(state: &RouterState) {
     let ws = state.members.snapshot();
-    crate::metrics::set_in_flight(state.inflight.load(Ordering::SeqCst));
+    crate::metrics::set_in_flight(state.inflight.load(Ordering::SeqCst), state.max_inflight);
     for role in Role::ALL {
         for (healthy, label) in [(true, "healthy"), (false, "unhealthy")] {
             let n = ws.iter().filter(|w| w.desc.role == role && w.healthy == healthy).count();

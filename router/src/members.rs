@@ -19,15 +19,21 @@ use crate::policy::{Candidate, RoutingPolicy};
 
 /// How often each worker's load is polled.
 pub const LOAD_INTERVAL: Duration = Duration::from_millis(250);
-/// A load poll that takes longer marks the worker unhealthy.
-const LOAD_TIMEOUT: Duration = Duration::from_secs(1);
+/// A load poll that takes longer counts as missed.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Missed polls in a row (timeouts) before a worker is not routed to; a refused
+/// connection counts at once.
+const MISSES: u32 = 3;
 
 struct Entry {
     desc: WorkerDescriptor,
     client: WorkerClient<Channel>,
     stats: Option<pb::StatsResponse>,
-    /// False after a failed load poll, until one succeeds: not routed to meanwhile.
+    /// False after a refused connection or `MISSES` slow polls in a row, until a poll
+    /// succeeds: not routed to meanwhile.
     healthy: bool,
+    /// Load polls missed in a row.
+    misses: u32,
     inflight: Arc<AtomicU64>,
     /// Hashes of the blocks in the worker's prefix cache, from its KV events.
     cached: HashSet<u64>,
@@ -130,6 +136,7 @@ impl Members {
             client,
             stats: None,
             healthy: true,
+            misses: 0,
             inflight: Arc::new(AtomicU64::new(0)),
             cached: HashSet::new(),
             tasks,
@@ -154,9 +161,16 @@ impl Members {
     }
 
     /// Picks where a request of `prompt_len` tokens for `model` goes.
-    pub fn route(&self, policy: &dyn RoutingPolicy, model: &str, prompt_len: usize) -> Result<Route, Status> {
+    /// Workers in `excluded` (failed under this request before) are not picked.
+    pub fn route(
+        &self,
+        policy: &dyn RoutingPolicy,
+        model: &str,
+        prompt_len: usize,
+        excluded: &[WorkerId],
+    ) -> Result<Route, Status> {
         let entries = self.entries.lock().expect("entries");
-        let serving = |e: &&Entry| e.healthy && e.desc.model.name == model;
+        let serving = |e: &&Entry| e.healthy && e.desc.model.name == model && !excluded.contains(&e.desc.id);
         let mut prefill: Vec<&Entry> =
             entries.values().filter(serving).filter(|e| e.desc.role == Role::Prefill).collect();
         let mut decode: Vec<&Entry> = entries.values().filter(serving).filter(|e| e.desc.role.can_decode()).collect();
@@ -251,14 +265,18 @@ async fn poll_load(members: std::sync::Weak<Members>, id: WorkerId, mut client: 
                         eprintln!("router: worker {id} answers again");
                     }
                     e.healthy = !s.draining;
+                    e.misses = 0;
                     e.stats = Some(s);
                 });
             }
-            Ok(Err(_)) | Err(_) => m.update(&id, |e| {
-                if e.healthy {
+            failure => m.update(&id, |e| {
+                // A refused connection is a dead process; a slow answer may be a busy one.
+                let refused = matches!(&failure, Ok(Err(s)) if s.code() == tonic::Code::Unavailable);
+                e.misses += 1;
+                if e.healthy && (refused || e.misses >= MISSES) {
                     eprintln!("router: worker {id} does not answer; not routing to it");
+                    e.healthy = false;
                 }
-                e.healthy = false;
             }),
         }
         drop(m);

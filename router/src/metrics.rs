@@ -13,7 +13,9 @@ pub const E2E: &str = "tandem_e2e_request_latency_seconds";
 pub const QUEUE: &str = "tandem_request_queue_time_seconds";
 pub const TTFT_STAGE: &str = "tandem_ttft_stage_seconds";
 pub const IN_FLIGHT: &str = "tandem_router_requests_in_flight";
+pub const MAX_IN_FLIGHT: &str = "tandem_router_max_in_flight";
 pub const WORKERS: &str = "tandem_workers";
+pub const MIGRATIONS: &str = "tandem_migrations_total";
 
 /// Registers every router metric's description (idempotent).
 pub fn describe() {
@@ -36,7 +38,13 @@ pub fn describe() {
          local (a role-both worker's whole prefill)."
     );
     describe_gauge!(IN_FLIGHT, "Requests the router is serving now.");
+    describe_gauge!(MAX_IN_FLIGHT, "Requests the router serves at most (--max-inflight); beyond, it refuses.");
     describe_gauge!(WORKERS, "Workers the router knows, by role and state (healthy, unhealthy).");
+    describe_counter!(
+        MIGRATIONS,
+        "Times a choice moved to other workers after a worker failed under it (re-prefilling its prompt and \
+         the tokens generated so far)."
+    );
 }
 
 /// A finished request: `kind` is `none` for success, else the gRPC code in snake case.
@@ -78,10 +86,15 @@ pub fn generated(n: usize) {
     counter!(GENERATION_TOKENS).increment(n as u64);
 }
 
-pub fn set_in_flight(n: usize) {
+pub fn set_in_flight(n: usize, max: usize) {
     gauge!(IN_FLIGHT).set(n as f64);
+    gauge!(MAX_IN_FLIGHT).set(max as f64);
 }
 
 pub fn set_workers(role: &'static str, state: &'static str, n: usize) {
     gauge!(WORKERS, "role" => role, "state" => state).set(n as f64);
+}
+
+pub fn migration() {
+    counter!(MIGRATIONS).increment(1);
 }

@@ -44,13 +44,16 @@ impl RoutingPolicy for RoundRobin {
 }
 
 /// Prefill: the fewest prompt tokens queued. Decode: the lowest KV-cache use.
-/// Both count the requests this router sent since the last report, so a burst
-/// spreads out instead of landing on the worker that looked idle.
+/// Both add the requests this router has in flight on the worker, which are live
+/// (reports are up to a poll old), so a burst spreads out instead of landing on
+/// the worker that looked idle at the last report.
 #[derive(Debug, Default)]
 pub struct LeastLoaded;
 
 /// Tokens a request in flight is assumed to add to a prefill queue.
 const INFLIGHT_PREFILL_TOKENS: u64 = 256;
+/// A full KV cache weighs as much as this many requests in flight.
+const FULL_CACHE_REQUESTS: f64 = 64.0;
 
 fn argmin(c: &[Candidate<'_>], score: impl Fn(&Candidate<'_>) -> f64) -> usize {
     let mut best = 0;
@@ -78,8 +81,7 @@ impl RoutingPolicy for LeastLoaded {
                 .stats
                 .filter(|s| s.kv_blocks_total > 0)
                 .map_or(0.0, |s| (s.kv_blocks_used as f64) / (s.kv_blocks_total as f64));
-            // Usage decides; requests in flight break ties and spread bursts.
-            usage * 1000.0 + w.inflight as f64
+            usage * FULL_CACHE_REQUESTS + w.inflight as f64
         })
     }
 }

@@ -37,6 +37,8 @@ pub struct RouterConfig {
     pub http_listen: Option<SocketAddr>,
     /// Accepted API keys (HTTP `Authorization: Bearer`, gRPC `authorization`); empty: open.
     pub api_keys: Vec<String>,
+    /// Times a choice may move to other workers when one fails under it (0: fail instead).
+    pub migration_limit: usize,
 }
 
 pub struct RunningRouter {
@@ -66,6 +68,7 @@ impl RunningRouter {
         let membership = tokio::spawn(follow_membership(discovery, cluster, members.clone()));
         let mut state = RouterState::new(facts, members, policy, cfg.max_inflight);
         state.api_keys = cfg.api_keys.clone();
+        state.migration_limit = cfg.migration_limit;
         let state = Arc::new(state);
 
         let listener = tokio::net::TcpListener::bind(cfg.grpc_listen)

@@ -43,6 +43,8 @@ pub struct RouterState {
     pub created: i64,
     /// Accepted API keys; empty: the API is open.
     pub api_keys: Vec<String>,
+    /// Times a choice may move to other workers after a worker fails under it.
+    pub migration_limit: usize,
     next_id: AtomicU64,
 }
 
@@ -63,6 +65,7 @@ impl RouterState {
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0),
             api_keys: Vec::new(),
+            migration_limit: 3,
             // Workers see ids from every router: start somewhere random.
             next_id: AtomicU64::new(splitmix(seed)),
         }
@@ -214,6 +217,28 @@ impl Marks {
     }
 }
 
+/// Why an attempt failed, and the worker to blame when another one could carry on.
+struct AttemptError {
+    status: Status,
+    /// Set when the failure is the worker's (it died, could not be reached, or failed the
+    /// KV transfer), not the request's: the choice may migrate to another worker.
+    worker: Option<WorkerId>,
+}
+
+impl From<Status> for AttemptError {
+    fn from(status: Status) -> Self {
+        AttemptError { status, worker: None }
+    }
+}
+
+/// A worker's error as an attempt's failure: migratable unless it is the client's
+/// (invalid, refused for load, deadline).
+fn failed(role: &str, id: &WorkerId, e: Status) -> AttemptError {
+    let status = worker_error(role, id, e);
+    let worker = (status.code() == tonic::Code::Unavailable).then(|| id.clone());
+    AttemptError { status, worker }
+}
+
 async fn choice(
     s: &Arc<RouterState>,
     v: &Validated,
@@ -221,10 +246,51 @@ async fn choice(
     out: &mpsc::Sender<Result<Chunk, Status>>,
     accepted: Instant,
 ) -> Result<(), Status> {
+    let mut generated = Vec::new();
+    let mut excluded = Vec::new();
+    let mut migrations = 0;
+    loop {
+        match attempt(s, v, index, out, accepted, &mut generated, &excluded).await {
+            Ok(()) => return Ok(()),
+            Err(AttemptError { status, worker: Some(w) }) if migrations < s.migration_limit => {
+                migrations += 1;
+                metrics::migration();
+                eprintln!(
+                    "router: request {} choice {index}: {}; migrating after {} tokens ({migrations} of {})",
+                    v.request_id,
+                    status.message(),
+                    generated.len(),
+                    s.migration_limit
+                );
+                excluded.push(w);
+            }
+            Err(e) => return Err(e.status),
+        }
+    }
+}
+
+/// One try at a choice: on fresh workers, from the prompt plus what earlier tries generated
+/// (`generated`, which this extends as tokens go out).
+async fn attempt(
+    s: &Arc<RouterState>,
+    v: &Validated,
+    index: u32,
+    out: &mpsc::Sender<Result<Chunk, Status>>,
+    accepted: Instant,
+    generated: &mut Vec<u32>,
+    excluded: &[WorkerId],
+) -> Result<(), AttemptError> {
     let rid = s.next_rid();
+    let resumed = generated.len() as u32;
     let mut sampling = v.sampling.clone();
     sampling.seed = sampling.seed.map(|x| x.wrapping_add(index as u64));
-    let route = s.members.route(s.policy.as_ref(), &s.facts.name, v.prompt.len())?;
+    sampling.max_tokens = sampling.max_tokens.saturating_sub(resumed).max(1);
+    if resumed > 0 {
+        // Scored on the first try.
+        sampling.prompt_logprobs = None;
+    }
+    let prompt: Vec<u32> = v.prompt.iter().chain(generated.iter()).copied().collect();
+    let route = s.members.route(s.policy.as_ref(), &s.facts.name, prompt.len(), excluded)?;
     match route {
         Route::Local(w) => {
             let mut c = w.client.clone();
@@ -232,34 +298,40 @@ async fn choice(
             let req = pb::DecodeRequest {
                 request_id: rid,
                 sampling: Some(sampling),
-                resumed_tokens: 0,
-                prompt_token_ids: v.prompt.clone(),
+                resumed_tokens: resumed,
+                prompt_token_ids: prompt,
                 cache_salt: v.cache_salt.clone(),
                 priority: v.priority,
             };
             let marks = Marks { accepted, sent: Instant::now(), prefilled: None };
-            let stream = c.decode(req).await.map_err(|e| worker_error("decode", &w.id, e))?.into_inner();
-            guard.done = relay(stream, index, None, out, &w.id, marks).await?;
+            let stream = c.decode(req).await.map_err(|e| failed("decode", &w.id, e))?.into_inner();
+            guard.done = relay(stream, index, None, out, &w.id, marks, generated).await?;
             Ok(())
         }
         Route::Disaggregated { prefill, decode } => {
             let (mut dc, mut pc) = (decode.client.clone(), prefill.client.clone());
             let reserve = pb::ReserveRequest {
                 request_id: rid,
-                prompt_token_ids: v.prompt.clone(),
+                prompt_token_ids: prompt.clone(),
                 cache_salt: v.cache_salt.clone(),
                 lease_ms: KV_LEASE.as_millis() as u32,
                 max_tokens: sampling.max_tokens,
                 priority: v.priority,
                 sampling: Some(sampling.clone()),
+                resumed_tokens: resumed,
             };
-            let res = dc.reserve(reserve).await.map_err(|e| worker_error("decode", &decode.id, e))?.into_inner();
+            let res = dc.reserve(reserve).await.map_err(|e| failed("decode", &decode.id, e))?.into_inner();
             let mut guard = CancelOnDrop { rid, clients: vec![dc.clone(), pc.clone()], done: false };
-            let dreq = pb::DecodeRequest { request_id: rid, sampling: Some(sampling.clone()), ..Default::default() };
-            let stream = dc.decode(dreq).await.map_err(|e| worker_error("decode", &decode.id, e))?.into_inner();
+            let dreq = pb::DecodeRequest {
+                request_id: rid,
+                sampling: Some(sampling.clone()),
+                resumed_tokens: resumed,
+                ..Default::default()
+            };
+            let stream = dc.decode(dreq).await.map_err(|e| failed("decode", &decode.id, e))?.into_inner();
             let preq = pb::PrefillRequest {
                 request_id: rid,
-                prompt_token_ids: v.prompt.clone(),
+                prompt_token_ids: prompt,
                 sampling: Some(sampling),
                 cache_salt: v.cache_salt.clone(),
                 destination: Some(pb::KvDestination {
@@ -270,18 +342,30 @@ async fn choice(
                     layout: res.layout,
                 }),
                 priority: v.priority,
+                resumed_tokens: resumed,
             };
             let sent = Instant::now();
-            let pres = pc.prefill(preq).await.map_err(|e| worker_error("prefill", &prefill.id, e))?.into_inner();
+            let pres = pc
+                .prefill(preq)
+                .await
+                .map_err(|e| {
+                    let mut err = failed("prefill", &prefill.id, e);
+                    // The prefill worker could not deliver the KV: the destination is to blame.
+                    if err.worker.is_some() && err.status.message().contains(&format!("to {}", decode.id)) {
+                        err.worker = Some(decode.id.clone());
+                    }
+                    err
+                })?
+                .into_inner();
             let marks = Marks { accepted, sent, prefilled: Some(Instant::now()) };
-            guard.done = relay(stream, index, Some(pres), out, &decode.id, marks).await?;
+            guard.done = relay(stream, index, Some(pres), out, &decode.id, marks, generated).await?;
             Ok(())
         }
     }
 }
 
-/// Forwards a decode stream as chunks of choice `index`. Returns true once the choice
-/// finished, false if the client left first.
+/// Forwards a decode stream as chunks of choice `index`, appending its tokens to
+/// `generated`. Returns true once the choice finished, false if the client left first.
 async fn relay(
     mut stream: tonic::Streaming<pb::DecodeResponse>,
     index: u32,
@@ -289,8 +373,10 @@ async fn relay(
     out: &mpsc::Sender<Result<Chunk, Status>>,
     decode: &WorkerId,
     marks: Marks,
-) -> Result<bool, Status> {
+    generated: &mut Vec<u32>,
+) -> Result<bool, AttemptError> {
     let mut first = true;
+    let resumed = !generated.is_empty();
     loop {
         let msg = tokio::select! {
             m = stream.message() => m,
@@ -298,11 +384,14 @@ async fn relay(
         };
         let d = match msg {
             Ok(Some(d)) => d,
-            Ok(None) => return Err(Status::unavailable(format!("decode worker {decode} ended the stream early"))),
-            Err(e) => return Err(worker_error("decode", decode, e)),
+            Ok(None) => {
+                let status = Status::unavailable(format!("decode worker {decode} ended the stream early"));
+                return Err(AttemptError { status, worker: Some(decode.clone()) });
+            }
+            Err(e) => return Err(failed("decode", decode, e)),
         };
         let mut logprobs = d.logprobs;
-        if first && !d.token_ids.is_empty() {
+        if first && !resumed && !d.token_ids.is_empty() {
             marks.first_token(prefill.as_ref());
         }
         if first {
@@ -322,15 +411,16 @@ async fn relay(
                 cached_tokens = p.cached_tokens;
             }
         }
+        generated.extend(&d.token_ids);
         let chunk = Chunk {
             index,
             text: d.text,
             token_ids: d.token_ids,
             logprobs,
             finish,
-            prefill: if first { prefill.take() } else { None },
+            prefill: if first && !resumed { prefill.take() } else { None },
             prompt_logprobs,
-            cached_tokens: if first { cached_tokens } else { 0 },
+            cached_tokens: if first && !resumed { cached_tokens } else { 0 },
         };
         first = false;
         if out.send(Ok(chunk)).await.is_err() {

@@ -11,13 +11,22 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
+/// Inter-token latency buckets: decode steps take milliseconds to tens of milliseconds.
+pub const ITL_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25,
+    0.5, 1.0,
+];
+
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
 /// Installs the process's recorder (once; later calls return the same handle).
 pub fn install() -> Result<PrometheusHandle, String> {
     HANDLE
         .get_or_init(|| {
+            // A full-name matcher wins over a suffix matcher.
             PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(crate::metrics::ITL.into()), ITL_BUCKETS)
+                .map_err(|e| e.to_string())?
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .map_err(|e| e.to_string())?
                 .install_recorder()

@@ -270,9 +270,10 @@ fn bad_input_cancel_overload_and_missing_roles_get_their_status() {
 }
 
 #[test]
-fn a_killed_decode_worker_leaves_within_its_ttl_and_its_requests_fail_cleanly() {
+fn a_killed_decode_worker_leaves_within_its_ttl_and_without_migration_its_requests_fail_cleanly() {
     let _one = serial();
-    let mut c = Cluster::start(&[("prefill", "prefill-0"), ("decode", "decode-a"), ("decode", "decode-b")]);
+    let workers = [("prefill", "prefill-0"), ("decode", "decode-a"), ("decode", "decode-b")];
+    let mut c = Cluster::start_with(&workers, &["--migration-limit", "0"]);
     rt().block_on(async {
         let client = client(&c.router_addr).await;
         let mut long_req = chat("Tell me a very long story about a dragon.", 300);
@@ -360,5 +361,86 @@ fn an_etcd_outage_keeps_the_cluster_serving_and_membership_resumes_after() {
         for p in &PROMPTS[..2] {
             stream(&mut client, chat(p, 8)).await.expect("the survivors serve");
         }
+    });
+}
+
+/// Streams every request at once; `started` hears of each stream's first token.
+async fn stream_all(
+    client: &tandem_proto::tandem::v1::generate_client::GenerateClient<tonic::transport::Channel>,
+    reqs: &[api::GenerateRequest],
+    started: Option<tokio::sync::mpsc::Sender<()>>,
+) -> Vec<Result<Streamed, tonic::Status>> {
+    let mut tasks = Vec::new();
+    for r in reqs {
+        let (mut cl, r, started) = (client.clone(), r.clone(), started.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut s = cl.generate_stream(r).await?.into_inner();
+            let mut out = Streamed::default();
+            while let Some(m) = s.message().await? {
+                if out.token_ids.is_empty() && !m.token_ids.is_empty() {
+                    if let Some(tx) = &started {
+                        let _ = tx.send(()).await;
+                    }
+                }
+                out.text.push_str(&m.text);
+                out.token_ids.extend(m.token_ids);
+                out.chunks += 1;
+                if m.finish_reason != 0 {
+                    out.finish = m.finish_reason;
+                }
+            }
+            Ok(out)
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(tokio::time::timeout(Duration::from_secs(180), t).await.expect("no stream hangs").unwrap());
+    }
+    out
+}
+
+#[test]
+fn a_decode_worker_killed_mid_stream_loses_no_request_and_changes_no_byte() {
+    let _one = serial();
+    let mut c = Cluster::start(&[("prefill", "prefill-0"), ("decode", "decode-a"), ("decode", "decode-b")]);
+    rt().block_on(async {
+        let client = client(&c.router_addr).await;
+        let reqs: Vec<api::GenerateRequest> = (0..64)
+            .map(|i| {
+                let mut r = chat(PROMPTS[i % 8], 64);
+                r.sampling.as_mut().unwrap().ignore_eos = true;
+                r
+            })
+            .collect();
+        // The undisturbed run.
+        let want: Vec<Streamed> = stream_all(&client, &reqs, None).await.into_iter().map(|r| r.unwrap()).collect();
+        // Again, killing a decode worker while it decodes several of the streams.
+        let run = {
+            let (client, reqs) = (client.clone(), reqs.clone());
+            tokio::spawn(async move { stream_all(&client, &reqs, None).await })
+        };
+        let b = c.workers.iter().position(|(p, _)| p.name == "decode-b").unwrap();
+        let end = Instant::now() + Duration::from_secs(120);
+        while stats(&c.workers[b].1).await.running < 4 {
+            assert!(Instant::now() < end, "decode-b never ran 4 streams at once");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        c.workers[b].0.kill();
+        let got = run.await.unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let g = g.as_ref().unwrap_or_else(|e| panic!("stream {i} was lost: {e:?}"));
+            assert_eq!(
+                (&g.text, &g.token_ids),
+                (&w.text, &w.token_ids),
+                "stream {i}: byte-identical to the undisturbed run"
+            );
+            assert_eq!(g.finish, w.finish);
+        }
+        let moved = c.router.output().iter().filter(|l| l.contains("migrating after")).count();
+        assert!(moved > 0, "some streams were on the killed worker and moved: {:?}", c.router.output());
+        let survivors: Vec<String> =
+            c.workers.iter().filter(|(p, _)| p.name != "decode-b").map(|(_, a)| a.clone()).collect();
+        let idle = settle_idle(&survivors).await;
+        assert!(idle.iter().all(|s| s.idle()), "{idle:?}");
     });
 }

@@ -176,7 +176,10 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
     if let Some(r) = a.rate.iter().find(|r| !(r.is_finite() && **r > 0.0)) {
         bail!("--rate {r}: rates must be positive");
     }
-    let items = Arc::new(workload::trace(&a.workload, a.requests, a.seed, a.max_tokens)?);
+    // Each run of a sweep gets its own prompts (seed + k): a server's caches must not
+    // turn one run's prompts into the next run's hits.
+    let trace = |k: usize| workload::trace(&a.workload, a.requests, a.seed + k as u64, a.max_tokens).map(Arc::new);
+    trace(0)?;
     let slo = Slo { ttft_ms: a.slo_ttft_ms, tpot_ms: a.slo_tpot_ms };
     let timeout = Duration::from_secs(a.timeout);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -184,10 +187,10 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
         let client = Client::connect(&a.target, &a.api, a.model.clone(), a.api_key.clone()).await?;
         let mut runs = Vec::new();
         if a.rate.is_empty() {
-            runs.push(closed_loop(&client, &items, a.concurrency.unwrap_or(8), timeout).await);
+            runs.push(closed_loop(&client, &trace(0)?, a.concurrency.unwrap_or(8), timeout).await);
         } else {
-            for &r in &a.rate {
-                runs.push(open_loop(&client, &items, r, a.seed, timeout).await);
+            for (k, &r) in a.rate.iter().enumerate() {
+                runs.push(open_loop(&client, &trace(k)?, r, a.seed + k as u64, timeout).await);
             }
         }
         Ok::<_, anyhow::Error>(runs)

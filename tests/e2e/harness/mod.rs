@@ -254,6 +254,11 @@ pub fn start_router(etcd: &Etcd, cluster: &str, extra: &[&str]) -> (Proc, String
 impl Cluster {
     /// `workers`: (role, id) pairs; role `prefill`, `decode` or `both` (a decode worker of role both).
     pub fn start(workers: &[(&str, &str)]) -> Cluster {
+        Cluster::start_with(workers, &[])
+    }
+
+    /// As `start`, with extra flags for the router.
+    pub fn start_with(workers: &[(&str, &str)], router_flags: &[&str]) -> Cluster {
         let etcd = Etcd::start();
         let cluster = format!("e2e{}", free_port());
         let mut ws = Vec::new();
@@ -264,7 +269,7 @@ impl Cluster {
             };
             ws.push(w);
         }
-        let (router, router_addr) = start_router(&etcd, &cluster, &[]);
+        let (router, router_addr) = start_router(&etcd, &cluster, router_flags);
         for (_, id) in workers {
             router.wait_line(&format!("worker {id} ("), Duration::from_secs(30));
         }
