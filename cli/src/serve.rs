@@ -52,7 +52,9 @@ pub struct Migration {
 /// API keys the router accepts.
 #[derive(Args, Debug, Clone)]
 pub struct ApiKeys {
-    /// An accepted API key (repeatable; `TANDEM_API_KEYS` takes a comma-separated list).
+    /// An accepted API key (repeatable; `TANDEM_API_KEYS` takes a comma-separated list), as
+    /// `KEY` (its own tenant) or `TENANT:KEY` (keys of one tenant share its prefix cache; no
+    /// tenant reuses another's cached prompts, whatever `cache_salt` a client sends).
     /// Clients send `Authorization: Bearer <key>` (HTTP) or `authorization` metadata (gRPC).
     /// None: the API is open.
     #[arg(long = "api-key", env = "TANDEM_API_KEYS", value_delimiter = ',', hide_env_values = true)]

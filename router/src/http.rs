@@ -31,7 +31,7 @@ use crate::openai::{
     chat_logprobs, chat_request, completion_request, finish_str, prompt_echo, token_text, usage_json, ApiError,
     ChatRequest, CompletionLogprobs, CompletionRequest,
 };
-use crate::service::{start_request, Chunks, RouterState};
+use crate::service::{start_request, tenant_of, Chunks, RouterState, Tenant};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 4 << 20;
@@ -60,19 +60,20 @@ pub fn routes(state: Arc<RouterState>) -> axum::Router {
         .with_state(state)
 }
 
-/// `Authorization: Bearer <key>` against the configured keys (none configured: open).
-pub fn authorized(state: &RouterState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// `Authorization: Bearer <key>` against the configured keys (none configured: open);
+/// the caller's tenant when keys are configured.
+pub fn authorized(state: &RouterState, headers: &HeaderMap) -> Result<Option<Tenant>, ApiError> {
     if state.api_keys.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match given {
-        Some(k) if state.api_keys.iter().any(|key| key == k) => Ok(()),
-        _ => Err(ApiError::unauthorized()),
+    match given.and_then(|k| tenant_of(&state.api_keys, k)) {
+        Some(t) => Ok(Some(t)),
+        None => Err(ApiError::unauthorized()),
     }
 }
 
@@ -141,13 +142,13 @@ async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorized(&state, &headers)?;
+    let tenant = authorized(&state, &headers)?;
     let body = body_or_error(body)?;
     let r: ChatRequest = parse(&body, "chat completion")?;
     let req = chat_request(&r)?;
     let want_logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let chunks = start_request(&state, &req, None, "http").map_err(|s| ApiError::from_status(&s))?;
+    let chunks = start_request(&state, &req, None, "http", tenant.as_ref()).map_err(|s| ApiError::from_status(&s))?;
     let (head, mut chunks) = first(chunks).await?;
     let id = format!("chatcmpl-{}", head.request_id);
     let (model, created) = (head.model.clone(), now_secs());
@@ -279,13 +280,14 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorized(&state, &headers)?;
+    let tenant = authorized(&state, &headers)?;
     let body = body_or_error(body)?;
     let r: CompletionRequest = parse(&body, "completion")?;
     let plan = completion_request(&r)?;
     let want_logprobs = plan.request.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let chunks = start_request(&state, &plan.request, None, "http").map_err(|s| ApiError::from_status(&s))?;
+    let chunks =
+        start_request(&state, &plan.request, None, "http", tenant.as_ref()).map_err(|s| ApiError::from_status(&s))?;
     // Echo needs the prompt as text and ids (the request passed validation, so this does too).
     let echo = if plan.echo {
         let (text, ids) = prompt_echo(&plan.request, &state.facts).map_err(|s| ApiError::from_status(&s))?;

@@ -82,7 +82,7 @@ impl RunningRouter {
         // Health and reflection stay open (probes, discovery); the API needs a key if any is set.
         let generate = tonic::service::interceptor::InterceptedService::new(
             GenerateServer::new(GenerateService(state.clone())),
-            move |req: tonic::Request<()>| check_api_key(&keys, &req).map(|_| req),
+            move |mut req: tonic::Request<()>| check_api_key(&keys, &mut req).map(|_| req),
         );
         let server = tokio::spawn(
             tonic::transport::Server::builder()

@@ -576,8 +576,48 @@ async fn run_request(
 #[derive(Clone)]
 pub struct GenerateService(pub Arc<RouterState>);
 
-/// gRPC's `authorization: Bearer <key>` metadata against the configured keys.
-pub fn check_api_key(keys: &[String], req: &tonic::Request<()>) -> Result<(), Status> {
+/// The tenant an authenticated request belongs to; its prefix-cache entries are its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant(pub String);
+
+/// The tenant of API key `given` among the configured `keys`, if it is one of them. A
+/// configured key is `KEY` (its own tenant, named after a hash of the key) or
+/// `TENANT:KEY` (keys sharing a tenant share its prefix cache).
+pub fn tenant_of(keys: &[String], given: &str) -> Option<Tenant> {
+    keys.iter().find_map(|entry| {
+        let (tenant, key) = match entry.split_once(':') {
+            Some((t, k)) if !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => {
+                (t.to_string(), k)
+            }
+            _ => (
+                format!(
+                    "key-{:016x}",
+                    splitmix(
+                        entry
+                            .bytes()
+                            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+                    )
+                ),
+                entry.as_str(),
+            ),
+        };
+        (key == given).then_some(Tenant(tenant))
+    })
+}
+
+/// The prefix-cache salt a request runs with: set by the server from the tenant when keys
+/// are configured, so no client-sent salt reaches another tenant's blocks; the client's
+/// salt then only subdivides its own tenant's cache.
+pub fn effective_salt(tenant: Option<&Tenant>, client: Option<&str>) -> Option<String> {
+    match tenant {
+        Some(Tenant(t)) => Some(format!("tenant:{t}|{}", client.unwrap_or(""))),
+        None => client.map(str::to_string),
+    }
+}
+
+/// gRPC's `authorization: Bearer <key>` metadata against the configured keys; the caller's
+/// tenant goes into the request's extensions.
+pub fn check_api_key(keys: &[String], req: &mut tonic::Request<()>) -> Result<(), Status> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -587,9 +627,12 @@ pub fn check_api_key(keys: &[String], req: &tonic::Request<()>) -> Result<(), St
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match given {
-        Some(k) if keys.iter().any(|key| key == k) => Ok(()),
-        _ => Err(Status::unauthenticated("a valid API key is required (authorization: Bearer <key>)")),
+    match given.and_then(|k| tenant_of(keys, k)) {
+        Some(t) => {
+            req.extensions_mut().insert(t);
+            Ok(())
+        }
+        None => Err(Status::unauthenticated("a valid API key is required (authorization: Bearer <key>)")),
     }
 }
 
@@ -601,7 +644,8 @@ impl GenerateService {
         // tonic's transport answers CANCELLED when the client's deadline passes; end the
         // request a little earlier so the client hears DEADLINE_EXCEEDED from us instead.
         let deadline = grpc_timeout(req.metadata()).map(|d| d.saturating_sub(d / 20 + Duration::from_millis(5)));
-        start_request(&self.0, req.get_ref(), deadline, "grpc")
+        let tenant = req.extensions().get::<Tenant>().cloned();
+        start_request(&self.0, req.get_ref(), deadline, "grpc", tenant.as_ref())
     }
 }
 
@@ -611,8 +655,18 @@ pub fn start_request(
     req: &api::GenerateRequest,
     deadline: Option<Duration>,
     api: &'static str,
+    tenant: Option<&Tenant>,
 ) -> Result<Chunks, Status> {
     let accepted = Instant::now();
+    let salted;
+    let req = if tenant.is_some() {
+        let mut r = req.clone();
+        r.cache_salt = effective_salt(tenant, req.cache_salt.as_deref());
+        salted = r;
+        &salted
+    } else {
+        req
+    };
     // A bad request is the client's to fix whatever the load: check it first.
     let checked = validate(req, &s.facts, || format!("req-{:016x}", splitmix(s.next_rid())))
         .and_then(|v| admit(s).map(|p| (v, p)));
@@ -716,5 +770,26 @@ impl Generate for GenerateService {
             .map(|(id, ctx)| api::Model { id, owned_by: "tandem".into(), created: self.0.created, max_model_len: ctx })
             .collect();
         Ok(Response::new(api::ListModelsResponse { models }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_their_tenants_and_salts_keep_tenants_apart() {
+        let keys = vec!["sk-plain".to_string(), "acme:sk-a1".to_string(), "acme:sk-a2".to_string()];
+        let plain = tenant_of(&keys, "sk-plain").unwrap();
+        assert!(plain.0.starts_with("key-"));
+        assert_eq!(tenant_of(&keys, "sk-a1"), Some(Tenant("acme".into())));
+        assert_eq!(tenant_of(&keys, "sk-a1"), tenant_of(&keys, "sk-a2"), "keys of one tenant share it");
+        assert_eq!(tenant_of(&keys, "acme:sk-a1"), None, "the tenant is not part of the key");
+        assert_eq!(tenant_of(&keys, "sk-nope"), None);
+        let acme = Tenant("acme".into());
+        // A client cannot pick another tenant's salt: the server's comes first.
+        assert_ne!(effective_salt(Some(&plain), Some("x")), effective_salt(Some(&acme), Some("x")));
+        assert_ne!(effective_salt(Some(&plain), Some("tenant:acme|x")), effective_salt(Some(&acme), Some("x")));
+        assert_eq!(effective_salt(None, Some("x")).as_deref(), Some("x"), "open API: the client's salt as is");
     }
 }

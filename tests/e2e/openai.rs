@@ -40,7 +40,9 @@ fn with_key<T>(msg: T) -> tonic::Request<T> {
 #[test]
 fn the_openai_client_and_curl_against_tandem_up() {
     let _one = serial();
-    let p = Proc::spawn("tandem up", tandem(&["up", "--grpc-port", "0", "--http-port", "0", "--api-key", KEY]));
+    let mut cmd = tandem(&["up", "--grpc-port", "0", "--http-port", "0", "--api-key", KEY]);
+    cmd.args(["--api-key", "acme:sk-acme-1", "--api-key", "acme:sk-acme-2"]);
+    let p = Proc::spawn("tandem up", cmd);
     let line = p.wait_line("tandem: router", Duration::from_secs(60));
     let (grpc, http) = (word_after(&line, "grpc"), word_after(&line, "http"));
     p.wait_line("tandem: ready", Duration::from_secs(60));
@@ -123,6 +125,20 @@ fn the_openai_client_and_curl_against_tandem_up() {
         assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
         assert!(v["error"].get("param").is_some() && v["error"].get("code").is_some(), "{v}");
     }
+    // Tenants: the prefix cache is shared within a tenant, never across, whatever salt a
+    // client sends.
+    let cached = |key: &str, salt: &str| {
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":"Describe a quiet harbor at dawn in detail."}}],"max_tokens":2,"temperature":0,"cache_salt":"{salt}"}}"#
+        );
+        let (out, _) = curl(&["-H", &format!("Authorization: Bearer {key}"), "-H", json_ct, "-d", &body, &url]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or_else(|| panic!("{v}"))
+    };
+    assert_eq!(cached(KEY, "s"), 0, "a new prompt");
+    assert!(cached(KEY, "s") > 0, "the same tenant and salt hit the cache");
+    assert_eq!(cached("sk-acme-1", "s"), 0, "another tenant with the same client salt does not");
+    assert!(cached("sk-acme-2", "s") > 0, "a second key of that tenant shares its cache");
     // Probes need no key.
     for (path, want) in [("/health", "ok"), ("/ready", "ready")] {
         let (got, _) = curl(&[&format!("http://{http}{path}")]);
