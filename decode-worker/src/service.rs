@@ -37,6 +37,12 @@ pub const MAX_LEASE: Duration = Duration::from_secs(60);
 const QUARANTINE: Duration = Duration::from_millis(500);
 /// Longest wait for a stalled sender's admitted frame to finish landing.
 const MAX_WRITE_WAIT: Duration = Duration::from_secs(60);
+/// A reservation whose `Decode` stream does not attach within this (the router opens it
+/// right after `Reserve`) is abandoned: its router went away.
+pub const ATTACH_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a cancelled request id is remembered, so a `Reserve` that arrives after its
+/// `Cancel` (the two race when a router drops a request mid-`Reserve`) is refused.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(60);
 
 /// A reservation whose `Decode` call has not attached yet.
 struct Reserved {
@@ -62,6 +68,8 @@ pub struct WorkerState {
     /// Prefill-capable workers: where KV leaves.
     pub sender: Option<Arc<KvSender>>,
     reserved: Mutex<HashMap<u64, Reserved>>,
+    /// Request ids cancelled recently, with when (see `TOMBSTONE_TTL`).
+    cancelled: Mutex<HashMap<u64, Instant>>,
     /// Router ids of requests in the engine through `Prefill` or `Decode`.
     active: Mutex<HashMap<u64, RequestId>>,
     pub draining: AtomicBool,
@@ -91,6 +99,7 @@ impl WorkerState {
             kv_endpoints,
             sender,
             reserved: Mutex::new(HashMap::new()),
+            cancelled: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
@@ -308,6 +317,9 @@ impl Worker for WorkerService {
         if s.reserved.lock().expect("reserved").contains_key(&r.request_id) {
             return Err(Status::already_exists(format!("request {} is already reserved", r.request_id)));
         }
+        if s.cancelled.lock().expect("cancelled").contains_key(&r.request_id) {
+            return Err(Status::cancelled(format!("request {} was cancelled", r.request_id)));
+        }
         let mut params = sampling_from_pb(&r.sampling.unwrap_or_default());
         // The prefill worker computes (and scores) the prompt; this side never does.
         params.prompt_logprobs = None;
@@ -366,6 +378,22 @@ impl Worker for WorkerService {
                 }
             })
         };
+        // Abandoned if no `Decode` stream attaches soon.
+        {
+            let state = s.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(ATTACH_DEADLINE.min(lease)).await;
+                let unattached = state
+                    .reserved
+                    .lock()
+                    .expect("reserved")
+                    .get(&rid)
+                    .is_some_and(|r| r.id == id && r.events.is_some());
+                if unattached {
+                    state.cancel_reserved(rid, None);
+                }
+            });
+        }
         s.reserved.lock().expect("reserved").insert(
             rid,
             Reserved {
@@ -517,6 +545,11 @@ impl Worker for WorkerService {
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
         let s = &self.0;
         let r = req.into_inner();
+        {
+            let mut c = s.cancelled.lock().expect("cancelled");
+            c.retain(|_, at| at.elapsed() < TOMBSTONE_TTL);
+            c.insert(r.request_id, Instant::now());
+        }
         let reason = Some(format!("cancelled: {}", if r.reason.is_empty() { "by the router" } else { &r.reason }));
         if let Some(blocks) = s.cancel_reserved(r.request_id, reason.clone()) {
             return Ok(Response::new(pb::CancelResponse { found: true, freed_blocks: blocks as u32 }));

@@ -320,8 +320,10 @@ async fn attempt(
                 sampling: Some(sampling.clone()),
                 resumed_tokens: resumed,
             };
-            let res = dc.reserve(reserve).await.map_err(|e| failed("decode", &decode.id, e))?.into_inner();
+            // Armed before the reservation: a choice dropped while `Reserve` is in flight still
+            // cancels it (the worker refuses a reservation for an id it saw cancelled).
             let mut guard = CancelOnDrop { rid, clients: vec![dc.clone(), pc.clone()], done: false };
+            let res = dc.reserve(reserve).await.map_err(|e| failed("decode", &decode.id, e))?.into_inner();
             let dreq = pb::DecodeRequest {
                 request_id: rid,
                 sampling: Some(sampling.clone()),

@@ -444,3 +444,46 @@ fn a_decode_worker_killed_mid_stream_loses_no_request_and_changes_no_byte() {
         assert!(idle.iter().all(|s| s.idle()), "{idle:?}");
     });
 }
+
+/// Requests abandoned at random moments — queued, prefilling, transferring, decoding —
+/// leave no block behind on any worker.
+#[test]
+fn an_abort_storm_leaves_every_worker_as_it_was() {
+    let _one = serial();
+    let c = Cluster::start(&[("prefill", "prefill-0"), ("decode", "decode-0")]);
+    rt().block_on(async {
+        let client = client(&c.router_addr).await;
+        let addrs: Vec<String> = c.workers.iter().map(|(_, a)| a.clone()).collect();
+        let before = settle_idle(&addrs).await;
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+        let mut tasks = Vec::new();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for i in 0..400usize {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            // Abort after 0–600 ms: before routing, during prefill or transfer, or mid-decode.
+            let after = Duration::from_millis(seed % 600);
+            let mut req = chat(PROMPTS[i % 8], 64);
+            req.sampling.as_mut().unwrap().ignore_eos = true;
+            let (mut cl, permit) = (client.clone(), sem.clone().acquire_owned().await.unwrap());
+            tasks.push(tokio::spawn(async move {
+                let _permit = permit;
+                let _ = tokio::time::timeout(after, async {
+                    let mut s = cl.generate_stream(req).await?.into_inner();
+                    while s.message().await?.is_some() {}
+                    Ok::<(), tonic::Status>(())
+                })
+                .await;
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let after = settle_idle(&addrs).await;
+        assert!(after.iter().all(|s| s.idle()), "every block came back: before {before:?}, after {after:?}");
+        // And the cluster still serves.
+        let mut cl = client.clone();
+        stream(&mut cl, chat(PROMPTS[0], 8)).await.expect("served after the storm");
+    });
+}
