@@ -99,10 +99,13 @@ fn admit(s: &Arc<RouterState>) -> Result<Permit, Status> {
     let n = s.inflight.fetch_add(1, Ordering::SeqCst);
     let permit = Permit(s.clone());
     if n >= s.max_inflight {
-        return Err(Status::resource_exhausted(format!(
+        let mut st = Status::resource_exhausted(format!(
             "the router has {} requests in flight, its limit; retry later",
             s.max_inflight
-        )));
+        ));
+        // As HTTP's Retry-After: seconds to wait before trying again.
+        st.metadata_mut().insert("retry-after", tonic::metadata::MetadataValue::from_static("1"));
+        return Err(st);
     }
     Ok(permit)
 }

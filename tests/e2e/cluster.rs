@@ -239,6 +239,7 @@ fn bad_input_cancel_overload_and_missing_roles_get_their_status() {
         }
         let e = stream(&mut client, chat("Hi", 4)).await.expect_err("over the in-flight limit");
         assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert_eq!(e.metadata().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"), "{e:?}");
         // ...and the held ones were not disturbed.
         for s in held.iter_mut() {
             s.message().await.unwrap().expect("still streaming");
