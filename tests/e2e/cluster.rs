@@ -488,3 +488,65 @@ fn an_abort_storm_leaves_every_worker_as_it_was() {
         stream(&mut cl, chat(PROMPTS[0], 8)).await.expect("served after the storm");
     });
 }
+
+/// A router killed mid-stream leaves no orphan on the workers (each request's stream or
+/// call to them breaks, and they abort it), and a new router finds the workers in etcd and
+/// serves at once.
+#[test]
+fn a_killed_router_leaves_no_orphans_and_a_new_one_serves_at_once() {
+    let _one = serial();
+    let mut c = Cluster::start(&[("prefill", "prefill-0"), ("decode", "decode-0")]);
+    rt().block_on(async {
+        let client = client(&c.router_addr).await;
+        let addrs: Vec<String> = c.workers.iter().map(|(_, a)| a.clone()).collect();
+        let mut req = chat(PROMPTS[0], 400);
+        req.sampling.as_mut().unwrap().ignore_eos = true;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let mut s = client.clone().generate_stream(req.clone()).await.unwrap().into_inner();
+            s.message().await.unwrap().expect("a chunk");
+            held.push(s);
+        }
+        assert!(stats(&addrs[1]).await.running > 0, "the decode worker is busy");
+        c.router.kill();
+        let killed = Instant::now();
+        let idle = settle_idle(&addrs).await;
+        assert!(idle.iter().all(|s| s.idle()), "orphans aborted within {:?}: {idle:?}", killed.elapsed());
+        for s in held.iter_mut() {
+            // Chunks already in the client's buffers come first; then the stream breaks.
+            let ended = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match s.message().await {
+                        Ok(Some(m)) => assert_eq!(m.finish_reason, 0, "a 400-token stream cannot have finished"),
+                        Ok(None) | Err(_) => return,
+                    }
+                }
+            })
+            .await;
+            assert!(ended.is_ok(), "the client's stream ends instead of hanging");
+        }
+        let (router, addr) = start_router(&c.etcd, &c.cluster, &[]);
+        let started = Instant::now();
+        let mut fresh = client_when_serving(&addr).await;
+        let got = stream(&mut fresh, chat(PROMPTS[1], 8)).await.expect("the new router serves");
+        assert!(!got.text.is_empty());
+        assert!(started.elapsed() < Duration::from_secs(10), "served after {:?}", started.elapsed());
+        drop(router);
+    });
+}
+
+/// A client for a router that has just started: retries UNAVAILABLE while it lists workers.
+async fn client_when_serving(
+    addr: &str,
+) -> tandem_proto::tandem::v1::generate_client::GenerateClient<tonic::transport::Channel> {
+    let mut c = client(addr).await;
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        // ListModels lists what the workers the router knows serve.
+        let models = c.list_models(api::ListModelsRequest {}).await.unwrap().into_inner().models;
+        if !models.is_empty() || Instant::now() > end {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
