@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tandem_engine::block_manager::KvEvent;
 use tandem_engine::error::EngineError;
@@ -66,7 +66,6 @@ enum Cmd {
     RemoteReady(RequestId, u32),
     Abort(RequestId, Option<String>),
     Fail(RequestId, String),
-    Load(oneshot::Sender<Load>),
 }
 
 struct Tracked {
@@ -82,19 +81,7 @@ pub struct EngineHandle {
     /// The load as of the last step, so a load report never waits for a step to end.
     latest: Arc<Mutex<Load>>,
     kv_events: broadcast::Sender<Vec<KvEvent>>,
-    info: Arc<EngineInfo>,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
-}
-
-/// Facts about the engine that do not change.
-#[derive(Debug, Clone)]
-pub struct EngineInfo {
-    pub vocab_size: usize,
-    pub max_model_len: usize,
-    pub block_size: usize,
-    pub kv_blocks: usize,
-    pub max_batched_tokens: usize,
-    pub max_seqs: usize,
 }
 
 const GONE: &str = "the engine thread has stopped";
@@ -102,15 +89,6 @@ const GONE: &str = "the engine thread has stopped";
 impl EngineHandle {
     /// Moves `engine` onto a new thread named `name`.
     pub fn spawn(engine: LlmEngine, name: &str) -> std::io::Result<EngineHandle> {
-        let cfg = &engine.scheduler.cfg;
-        let info = Arc::new(EngineInfo {
-            vocab_size: engine.model.config.vocab_size,
-            max_model_len: cfg.max_model_len,
-            block_size: engine.scheduler.blocks.block_size(),
-            kv_blocks: engine.scheduler.blocks.n_blocks(),
-            max_batched_tokens: cfg.max_batched_tokens,
-            max_seqs: cfg.max_seqs,
-        });
         let (tx, rx) = std_mpsc::channel();
         let (kv_events, _) = broadcast::channel(1024);
         let events = kv_events.clone();
@@ -118,11 +96,7 @@ impl EngineHandle {
         let shared = latest.clone();
         let thread =
             std::thread::Builder::new().name(name.to_string()).spawn(move || run(engine, rx, events, shared))?;
-        Ok(EngineHandle { tx, latest, kv_events, info, thread: Arc::new(Mutex::new(Some(thread))) })
-    }
-
-    pub fn info(&self) -> &EngineInfo {
-        &self.info
+        Ok(EngineHandle { tx, latest, kv_events, thread: Arc::new(Mutex::new(Some(thread))) })
     }
 
     /// Adds a request; its outputs arrive on `Admitted::events`.
@@ -158,32 +132,9 @@ impl EngineHandle {
         Ok(*self.latest.lock().expect("load"))
     }
 
-    /// The load computed by the engine thread now (waits for the current step to end).
-    pub async fn load_now(&self) -> Result<Load, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Cmd::Load(tx)).map_err(|_| EngineError::Io(GONE.into()))?;
-        rx.await.map_err(|_| EngineError::Io(GONE.into()))
-    }
-
     /// Prefix-cache events as the engine makes them.
     pub fn kv_events(&self) -> broadcast::Receiver<Vec<KvEvent>> {
         self.kv_events.subscribe()
-    }
-
-    /// Waits (up to `deadline`) for the engine thread to end after the last handle but
-    /// this one is gone. Returns false on timeout.
-    pub fn join(self, deadline: Duration) -> bool {
-        let thread = self.thread.lock().expect("thread").take();
-        drop(self.tx);
-        let Some(thread) = thread else { return true };
-        let end = Instant::now() + deadline;
-        while !thread.is_finished() {
-            if Instant::now() >= end {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        thread.join().is_ok()
     }
 }
 
@@ -247,7 +198,7 @@ fn run(
                     }
                     // n > 1: the group ends when its last sequence does; the engine
                     // forgets finished sequences, so ask it whether any remain.
-                    if done && !group_alive(&engine, group) {
+                    if done && !engine.has_group(group) {
                         tracked.remove(&group);
                         sinks.remove(&group);
                     }
@@ -268,10 +219,6 @@ fn run(
         let _ = t.events.send(Event::Failed("the worker is shutting down".into()));
         engine.abort(id);
     }
-}
-
-fn group_alive(engine: &LlmEngine, group: RequestId) -> bool {
-    engine.has_group(group)
 }
 
 fn publish(engine: &mut LlmEngine, kv_events: &broadcast::Sender<Vec<KvEvent>>) {
@@ -345,9 +292,6 @@ fn handle(
             if let Some(t) = tracked.get(&id) {
                 let _ = t.events.send(Event::Failed(reason));
             }
-        }
-        Cmd::Load(reply) => {
-            let _ = reply.send(load_of(engine, tracked));
         }
     }
 }

@@ -14,6 +14,6 @@ pub mod actor;
 pub mod export;
 pub mod shipper;
 
-pub use actor::{Admission, Admitted, EngineHandle, EngineInfo, Event, ExportSink, Load};
+pub use actor::{Admission, Admitted, EngineHandle, Event, ExportSink, Load};
 pub use export::{start_export, SendTask, SessionSink};
 pub use shipper::{kv_layout, LayerShipper};

@@ -227,11 +227,6 @@ impl Members {
         Ok(Route::Local(take(both[pick(&both, false)])))
     }
 
-    /// A worker's client, if it is known.
-    pub fn client(&self, id: &WorkerId) -> Option<WorkerClient<Channel>> {
-        self.entries.lock().expect("entries").get(id).map(|e| e.client.clone())
-    }
-
     /// Models served by at least one healthy worker: (name, context length).
     pub fn models(&self) -> Vec<(String, u32)> {
         let entries = self.entries.lock().expect("entries");

@@ -396,22 +396,20 @@ async fn relay(
             Err(e) => return Err(failed("decode", decode, e)),
         };
         let mut logprobs = d.logprobs;
-        if first && !resumed && !d.token_ids.is_empty() {
-            marks.first_token(prefill.as_ref());
-        }
-        if first {
-            // The prefill worker drew the first token; its log-probabilities came with it.
-            if let Some(lp) = prefill.as_ref().and_then(|p| p.logprobs.clone()) {
-                if logprobs.len() < d.token_ids.len() {
-                    logprobs.insert(0, lp);
-                }
-            }
-        }
         let finish = d.finish_reason;
         let mut prompt_logprobs = d.prompt_logprobs;
         let mut cached_tokens = d.cached_tokens;
         if first {
+            if !resumed && !d.token_ids.is_empty() {
+                marks.first_token(prefill.as_ref());
+            }
             if let Some(p) = prefill.as_mut() {
+                // The prefill worker drew the first token; its log-probabilities came with it.
+                if let Some(lp) = p.logprobs.clone() {
+                    if logprobs.len() < d.token_ids.len() {
+                        logprobs.insert(0, lp);
+                    }
+                }
                 prompt_logprobs = std::mem::take(&mut p.prompt_logprobs);
                 cached_tokens = p.cached_tokens;
             }
