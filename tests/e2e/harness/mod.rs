@@ -117,8 +117,8 @@ impl Proc {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
-        assert!(ok.success(), "kill -{sig} {}", self.name);
+        let ok = send_signal(sig, self.pid());
+        assert!(ok, "kill -{sig} {}", self.name);
     }
 
     pub fn kill(&mut self) {
@@ -144,12 +144,17 @@ impl Proc {
     }
 }
 
+/// `kill -SIG PID` through the shell's builtin (a bare machine may lack procps' `kill`).
+fn send_signal(sig: &str, pid: u32) -> bool {
+    Command::new("sh").arg("-c").arg(format!("kill -{sig} {pid}")).status().is_ok_and(|s| s.success())
+}
+
 impl Drop for Proc {
     /// SIGTERM (a clean exit removes the worker's shared-memory files), SIGKILL after 5 s.
     fn drop(&mut self) {
         if let Some(c) = self.child.as_mut() {
             if c.try_wait().ok().flatten().is_none() {
-                let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+                send_signal("TERM", c.id());
                 let end = Instant::now() + Duration::from_secs(5);
                 while c.try_wait().ok().flatten().is_none() && Instant::now() < end {
                     std::thread::sleep(Duration::from_millis(10));
