@@ -216,5 +216,6 @@ refuse "no prefill workers and decode role 'decode'" "set decode.role to both" -
 refuse "an unknown decode role" "decode.role must be decode or both" --set decode.role=prefill
 refuse "an unknown model source" "model.source must be" --set model.source=s3
 refuse "a PVC model source without a claim" "model.pvc.existingClaim is required" --set model.source=pvc
-echo "check-deploy: invalid value sets refused (4)"
+refuse "mutual TLS without its Secret" "tls.existingSecret is required" --set tls.enabled=true
+echo "check-deploy: invalid value sets refused (5)"
 echo "check-deploy: ok: ${#sets[@]} value set(s) linted, rendered and validated"

@@ -1,5 +1,6 @@
 //! `tandem bench kvtransfer`: KV transfer throughput and latency over TCP
-//! loopback and shared memory, next to this machine's memcpy bandwidth.
+//! loopback and shared memory, next to this machine's memcpy bandwidth; with
+//! `--tls-cert/--tls-key/--tls-ca`, also over TCP with mutual TLS (`tcp+tls`).
 //!
 //! KV is SmolLM2-shaped (30 layers, 3 KV heads, head dim 64, f16, blocks of
 //! 16 tokens). Each session sends every layer of its blocks, then Finish, and
@@ -44,6 +45,10 @@ pub struct KvBenchArgs {
     /// Kernel threads (for --overlap).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Also measure TCP with mutual TLS, both ends presenting this certificate (it must
+    /// name --tls-server-name).
+    #[command(flatten)]
+    pub tls: crate::serve::TlsFlags,
 }
 
 fn layout() -> KvLayout {
@@ -71,11 +76,11 @@ struct Setup {
     target: KvTarget,
 }
 
-async fn setup(shm: bool, n_blocks: usize) -> Result<Setup> {
+async fn setup(shm: bool, n_blocks: usize, cfg: &TcpConfig) -> Result<Setup> {
     let l = layout();
     let sink: Arc<dyn KvSink> =
         if shm { Arc::new(ShmKv::create(l, n_blocks)?) } else { Arc::new(HostKv::new(l, n_blocks)) };
-    let rx = KvReceiver::bind("127.0.0.1:0".parse()?, sink, TcpConfig::default()).await?;
+    let rx = KvReceiver::bind("127.0.0.1:0".parse()?, sink, cfg.clone()).await?;
     let local = if shm {
         let uds = std::env::temp_dir().join(format!("tandem-bench-kv-{}.sock", std::process::id()));
         rx.listen_shm(&uds, TcpConfig::default())?;
@@ -136,6 +141,12 @@ pub fn run(a: KvBenchArgs) -> Result<()> {
 }
 
 async fn run_async(a: KvBenchArgs) -> Result<()> {
+    let mut transports = vec![("tcp", false, TcpConfig::default()), ("shm", true, TcpConfig::default())];
+    if let Some(files) = a.tls.files()? {
+        let tls = tandem_kvtransfer::MutualTls::load(&files)?;
+        tls.check_server_name()?;
+        transports.push(("tcp+tls", false, TcpConfig { tls: Some(tls), ..TcpConfig::default() }));
+    }
     let memcpy = memcpy_gbps();
     let sizes: Vec<usize> = [256, 1024, 4096].into_iter().filter(|&t| t <= a.max_tokens).collect();
     let max_blocks = 16 * a.max_tokens.div_ceil(16);
@@ -146,9 +157,9 @@ async fn run_async(a: KvBenchArgs) -> Result<()> {
         println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     }
     let mut next_id = 1u64;
-    for (name, shm) in [("tcp", false), ("shm", true)] {
-        let s = setup(shm, max_blocks).await?;
-        let tx = Arc::new(KvSender::new(layout(), TcpConfig::default()));
+    for (name, shm, cfg) in transports {
+        let s = setup(shm, max_blocks, &cfg).await?;
+        let tx = Arc::new(KvSender::new(layout(), cfg));
         let mut entry = serde_json::Map::new();
         for &tokens in &sizes {
             for sessions in [1usize, 16] {

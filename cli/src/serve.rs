@@ -13,6 +13,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use tandem_cluster::{ClusterName, Discovery, EtcdConfig, EtcdDiscovery, InMemoryDiscovery, Role};
 use tandem_decode_worker::{model_name_of, RunningWorker, WorkerConfig};
+use tandem_router::http::HttpLimits;
+use tandem_router::recovery::KvFailurePolicy;
 use tandem_router::{RouterConfig, RunningRouter};
 
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -47,6 +49,98 @@ pub struct Migration {
     /// tokens generated so far are prefilled again; the client sees no gap). 0: fail instead.
     #[arg(long, env = "TANDEM_MIGRATION_LIMIT", default_value_t = 3)]
     pub migration_limit: usize,
+    /// What a request whose KV transfer fails (its prefill worker died, the stream was cut or
+    /// corrupted) gets, unless it chooses: `fail` (an error), `recompute` (its decode worker
+    /// prefills it), `retry` (another prefill worker; recompute when there is none).
+    #[arg(long, env = "TANDEM_KV_FAILURE_POLICY", default_value = "retry", value_parser = ["fail", "recompute", "retry"])]
+    pub kv_failure_policy: String,
+    /// Seconds a decode worker holds a prompt's blocks for KV that does not come; the
+    /// prefill side abandons the transfer then too.
+    #[arg(long, env = "TANDEM_KV_LEASE", default_value_t = 30)]
+    pub kv_lease: u64,
+}
+
+impl Migration {
+    fn policy(&self) -> KvFailurePolicy {
+        KvFailurePolicy::parse(&self.kv_failure_policy).expect("clap checked the value")
+    }
+}
+
+/// Bounds of the OpenAI-compatible HTTP API (docs/operations.md, "Front-door limits").
+#[derive(Args, Debug, Clone)]
+pub struct HttpFlags {
+    /// Seconds a client has to send its request line and headers (also how long a kept-alive
+    /// connection may idle); past it the connection is closed.
+    #[arg(long, env = "TANDEM_HTTP_HEADER_TIMEOUT", value_parser = positive_secs,
+          default_value_t = HttpLimits::default().header_read_timeout.as_secs_f64())]
+    pub http_header_timeout: f64,
+    /// Seconds a client has to send its request body once its headers are in; past it, 408.
+    #[arg(long, env = "TANDEM_HTTP_BODY_TIMEOUT", value_parser = positive_secs,
+          default_value_t = HttpLimits::default().body_read_timeout.as_secs_f64())]
+    pub http_body_timeout: f64,
+    /// Seconds an HTTP request may run, headers to last token; past it, 504. A client may ask
+    /// for less with an `x-request-timeout: SECONDS` header.
+    #[arg(long, env = "TANDEM_HTTP_REQUEST_TIMEOUT", value_parser = positive_secs,
+          default_value_t = HttpLimits::default().request_timeout.as_secs_f64())]
+    pub http_request_timeout: f64,
+    /// Bytes of request line and headers at most; beyond, 431.
+    #[arg(long, env = "TANDEM_HTTP_MAX_HEADER_BYTES", default_value_t = HttpLimits::default().max_header_bytes)]
+    pub http_max_header_bytes: usize,
+}
+
+impl HttpFlags {
+    fn limits(&self) -> HttpLimits {
+        HttpLimits {
+            max_header_bytes: self.http_max_header_bytes,
+            header_read_timeout: Duration::from_secs_f64(self.http_header_timeout),
+            body_read_timeout: Duration::from_secs_f64(self.http_body_timeout),
+            request_timeout: Duration::from_secs_f64(self.http_request_timeout),
+            ..HttpLimits::default()
+        }
+    }
+}
+
+/// A positive, finite number of seconds (up to a year).
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 && x <= 31_536_000.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
+/// Mutual TLS between the router and the workers and on the KV plane
+/// (docs/operations.md, "Mutual TLS").
+#[derive(Args, Debug, Clone)]
+pub struct TlsFlags {
+    /// This process's certificate chain (PEM). With --tls-key and --tls-ca, the workers' gRPC
+    /// and KV ports require certificates from that CA, and the router and prefill workers
+    /// present theirs. None of the three: plaintext.
+    #[arg(long, env = "TANDEM_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TANDEM_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificate(s) every peer's certificate must chain to (PEM).
+    #[arg(long, env = "TANDEM_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// The DNS name a worker's certificate must carry: clients verify it, not the worker's IP.
+    #[arg(long, env = "TANDEM_TLS_SERVER_NAME", default_value = tandem_kvtransfer::tls::DEFAULT_SERVER_NAME)]
+    pub tls_server_name: String,
+}
+
+impl TlsFlags {
+    pub(crate) fn files(&self) -> Result<Option<tandem_kvtransfer::TlsFiles>> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(tandem_kvtransfer::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                server_name: self.tls_server_name.clone(),
+            })),
+            _ => bail!("--tls-cert, --tls-key and --tls-ca go together: give all three, or none for plaintext"),
+        }
+    }
 }
 
 /// API keys the router accepts.
@@ -111,6 +205,8 @@ pub struct UpArgs {
     #[command(flatten)]
     pub keys: ApiKeys,
     #[command(flatten)]
+    pub http: HttpFlags,
+    #[command(flatten)]
     pub migration: Migration,
     /// Address every listener binds to (loopback by default).
     #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
@@ -139,6 +235,8 @@ pub struct RouterArgs {
     #[command(flatten)]
     pub keys: ApiKeys,
     #[command(flatten)]
+    pub http: HttpFlags,
+    #[command(flatten)]
     pub migration: Migration,
     /// Routing policy: least-loaded or round-robin.
     #[arg(long, env = "TANDEM_POLICY", default_value = "least-loaded")]
@@ -146,6 +244,8 @@ pub struct RouterArgs {
     /// Requests in flight at most; beyond, RESOURCE_EXHAUSTED.
     #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = 512)]
     pub max_inflight: usize,
+    #[command(flatten)]
+    pub tls: TlsFlags,
 }
 
 #[derive(Args, Debug)]
@@ -154,6 +254,12 @@ pub struct WorkerArgs {
     pub common: Common,
     #[command(flatten)]
     pub worker: WorkerFlags,
+    #[command(flatten)]
+    pub tls: TlsFlags,
+    /// Also answer grpc.health.v1, plaintext and alone, here: for probes that cannot speak
+    /// TLS (Kubernetes' gRPC probe) when --tls-cert is set.
+    #[arg(long, env = "TANDEM_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Compute threads of the engine.
     #[arg(long, env = "TANDEM_THREADS", default_value_t = 1)]
     pub threads: usize,
@@ -169,6 +275,10 @@ pub struct WorkerArgs {
     /// The IP others reach this worker at (default: the listen address's).
     #[arg(long, env = "TANDEM_ADVERTISE_HOST", default_value = "")]
     pub advertise_host: String,
+    /// The address prefill workers send KV to (decode roles), when a proxy, NAT or port
+    /// forwarding sits in front of the KV listener (default: the KV listen address).
+    #[arg(long, env = "TANDEM_KV_ADVERTISE")]
+    pub kv_advertise: Option<SocketAddr>,
     /// Decode workers only: `decode`, or `both` to also prefill locally when the
     /// router has no prefill worker.
     #[arg(long, env = "TANDEM_ROLE")]
@@ -320,8 +430,13 @@ pub fn up(a: UpArgs) -> Result<()> {
             policy: a.policy.clone(),
             max_inflight: a.max_inflight,
             http_listen: Some(SocketAddr::new(a.host, a.http_port)),
+            // One process on one machine: nothing crosses a network to encrypt.
+            tls: None,
+            http_limits: a.http.limits(),
             api_keys: a.keys.keys(),
             migration_limit: a.migration.migration_limit,
+            kv_failure_policy: a.migration.policy(),
+            kv_lease: Duration::from_secs(a.migration.kv_lease.max(1)),
         };
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         if !router.wait_for_workers(running.len(), Duration::from_secs(30)).await {
@@ -357,6 +472,7 @@ pub fn up(a: UpArgs) -> Result<()> {
 
 pub fn router(a: RouterArgs) -> Result<()> {
     check_model(&a.common)?;
+    let tls = a.tls.files()?;
     let rt = runtime()?;
     rt.block_on(async move {
         tandem_router::telemetry::install().map_err(|e| anyhow!("metrics recorder: {e}"))?;
@@ -371,8 +487,12 @@ pub fn router(a: RouterArgs) -> Result<()> {
             policy: a.policy.clone(),
             max_inflight: a.max_inflight,
             http_listen: Some(a.http_listen),
+            tls: tls.clone(),
+            http_limits: a.http.limits(),
             api_keys: a.keys.keys(),
             migration_limit: a.migration.migration_limit,
+            kv_failure_policy: a.migration.policy(),
+            kv_lease: Duration::from_secs(a.migration.kv_lease.max(1)),
         };
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         println!(
@@ -381,6 +501,9 @@ pub fn router(a: RouterArgs) -> Result<()> {
             router.http_addr.map(|a| a.to_string()).unwrap_or_default(),
             model_name(&a.common)
         );
+        if let Some(t) = &tls {
+            println!("tandem: mutual TLS to the workers (verified as {})", t.server_name);
+        }
         println!("tandem: ready");
         shutdown_signal().await;
         println!("tandem: draining");
@@ -408,6 +531,7 @@ pub fn worker(a: WorkerArgs, default_role: Role) -> Result<()> {
             role
         }
     };
+    let tls = a.tls.files()?;
     let rt = runtime()?;
     rt.block_on(async move {
         let cluster = ClusterName::new(a.common.cluster.clone()).map_err(|e| anyhow!("{e}"))?;
@@ -417,7 +541,10 @@ pub fn worker(a: WorkerArgs, default_role: Role) -> Result<()> {
         let id = a.id.clone().unwrap_or_else(|| format!("{role}-{}", std::process::id()));
         let mut cfg = worker_config(id, role, &a.common, &a.worker, a.threads, a.grpc_listen, a.kv_listen);
         cfg.advertise_host = a.advertise_host.clone();
+        cfg.kv_advertise = a.kv_advertise;
         cfg.shm = !a.no_shm;
+        cfg.tls = tls.clone();
+        cfg.health_listen = a.health_listen;
         let ttl = Duration::from_secs(a.common.lease_ttl.max(1));
         let metrics = match a.metrics_listen {
             Some(addr) => Some(serve_metrics(addr).await?),
@@ -425,6 +552,12 @@ pub fn worker(a: WorkerArgs, default_role: Role) -> Result<()> {
         };
         let w = RunningWorker::start(cfg, Some((d.clone(), cluster, ttl))).await.map_err(|e| anyhow!(e))?;
         println!("tandem: {}", describe(&w));
+        if let Some(t) = &tls {
+            println!("tandem: mutual TLS on gRPC and KV (workers verified as {})", t.server_name);
+        }
+        if let Some(h) = w.health_addr {
+            println!("tandem: health {h} (plaintext grpc.health.v1 only)");
+        }
         if let Some(m) = metrics {
             println!("tandem: metrics http://{m}/metrics");
         }

@@ -173,6 +173,12 @@ pub struct WorkerDescriptor {
     pub block_size: u32,
     /// Longest sequence (prompt + output) the worker accepts, in tokens.
     pub context_length: u32,
+    /// The lease the record is held by, as discovery read it (etcd's lease id; the
+    /// registration's generation in memory). Never stored in the record itself: a worker
+    /// that lost its lease and registered again has a new one, and KV from its earlier
+    /// incarnation is refused by the lease it carries. 0: unknown.
+    #[serde(default, skip_serializing)]
+    pub lease: i64,
 }
 
 impl WorkerDescriptor {
@@ -227,6 +233,7 @@ pub(crate) fn test_descriptor(id: &str, role: Role) -> WorkerDescriptor {
         model: ModelInfo { name: "smollm2-135m".into(), fingerprint: u64::MAX - 7 },
         block_size: 16,
         context_length: 8192,
+        lease: 0,
     }
 }
 

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -73,6 +73,17 @@ pub(crate) struct RegistrationSignals {
     pub deregister: CancellationToken,
 }
 
+/// Whether a registration's record is held, and by which lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// The record is held by this lease (etcd's lease id; a generation in memory).
+    Held(i64),
+    /// The store said the lease is gone (it expired while the worker was cut off, or was
+    /// revoked): the record went with it and routers dropped the worker. The worker should
+    /// accept no new work (fence itself) until it holds a new lease.
+    Lost,
+}
+
 /// A live registration. Drop it to stop keep-alives (the record then expires after its
 /// TTL); call `deregister` to remove the record promptly.
 #[must_use = "dropping a Registration stops its keep-alives"]
@@ -82,6 +93,7 @@ pub struct Registration {
     task: Option<RegistrationTask>,
     /// How long `deregister` waits for the removal.
     deregister_deadline: Duration,
+    lease: watch::Receiver<LeaseState>,
 }
 
 impl Registration {
@@ -90,8 +102,15 @@ impl Registration {
         signals: RegistrationSignals,
         task: RegistrationTask,
         deregister_deadline: Duration,
+        lease: watch::Receiver<LeaseState>,
     ) -> Registration {
-        Registration { worker, signals, task: Some(task), deregister_deadline }
+        Registration { worker, signals, task: Some(task), deregister_deadline, lease }
+    }
+
+    /// The registration's lease as it changes (`Lost` when the store dropped it, `Held`
+    /// again once registered anew).
+    pub fn lease(&self) -> watch::Receiver<LeaseState> {
+        self.lease.clone()
     }
 
     pub fn worker(&self) -> &WorkerId {

@@ -29,7 +29,7 @@ pub mod memory;
 pub mod view;
 
 pub use descriptor::{ClusterName, KvEndpoints, LocalKvEndpoint, ModelInfo, Role, WorkerDescriptor, WorkerId};
-pub use discovery::{BoxFuture, Discovery, DiscoveryEvent, DiscoveryEvents, Registration};
+pub use discovery::{BoxFuture, Discovery, DiscoveryEvent, DiscoveryEvents, LeaseState, Registration};
 pub use error::DiscoveryError;
 pub use etcd::{EtcdConfig, EtcdDiscovery};
 pub use memory::InMemoryDiscovery;

@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::descriptor::{worker_key, ClusterName, WorkerDescriptor};
-use crate::discovery::{BoxFuture, Discovery, DiscoveryEvent, DiscoveryEvents, Registration, RegistrationSignals};
+use crate::discovery::{
+    BoxFuture, Discovery, DiscoveryEvent, DiscoveryEvents, LeaseState, Registration, RegistrationSignals,
+};
 use crate::error::DiscoveryError;
 use crate::members::{Members, Record};
 
@@ -99,6 +101,7 @@ impl InMemoryDiscovery {
             state.next_generation += 1;
             let generation = state.next_generation;
             let c = state.clusters.entry(cluster.clone()).or_default();
+            let descriptor = WorkerDescriptor { lease: generation, ..descriptor };
             let event = c.members.put(key.clone(), Record { descriptor, revision: generation });
             c.broadcast(event);
             generation
@@ -113,7 +116,9 @@ impl InMemoryDiscovery {
             ttl,
             signals.clone(),
         ));
-        Ok(Registration::new(worker, signals, task, Duration::from_secs(1)))
+        // A record in memory never loses its lease while registered.
+        let (_, lease) = tokio::sync::watch::channel(LeaseState::Held(generation));
+        Ok(Registration::new(worker, signals, task, Duration::from_secs(1), lease))
     }
 
     fn list_and_watch_impl(
@@ -209,6 +214,14 @@ mod tests {
         ClusterName::new(name).unwrap()
     }
 
+    /// `d` as watchers see it: with the lease of `reg`, which holds it.
+    fn held(d: WorkerDescriptor, reg: &Registration) -> WorkerDescriptor {
+        match *reg.lease().borrow() {
+            LeaseState::Held(lease) => WorkerDescriptor { lease, ..d },
+            LeaseState::Lost => panic!("a registration in memory never loses its lease"),
+        }
+    }
+
     fn ids(list: &[WorkerDescriptor]) -> Vec<&str> {
         let mut ids: Vec<&str> = list.iter().map(|d| d.id.as_str()).collect();
         ids.sort();
@@ -226,7 +239,7 @@ mod tests {
         assert_eq!(events.try_recv(), None, "the snapshot's workers are not repeated as events");
 
         let both = d.register(&c, descriptor("b0", Role::Both), TTL).await.unwrap();
-        assert_eq!(events.recv().await, Some(DiscoveryEvent::Added(descriptor("b0", Role::Both))));
+        assert_eq!(events.recv().await, Some(DiscoveryEvent::Added(held(descriptor("b0", Role::Both), &both))));
         both.deregister().await.unwrap();
         assert_eq!(events.recv().await, Some(DiscoveryEvent::Removed(WorkerId::new("b0").unwrap())));
         assert_eq!(events.try_recv(), None);
@@ -286,6 +299,8 @@ mod tests {
         let mut newer = descriptor("p0", Role::Prefill);
         newer.grpc_addr = "127.0.0.1:6000".into();
         let new = d.register(&c, newer.clone(), TTL).await.unwrap();
+        let newer = held(newer, &new);
+        assert_ne!(newer.lease, held(descriptor("p0", Role::Prefill), &old).lease, "a new registration, a new lease");
         assert_eq!(events.recv().await, Some(DiscoveryEvent::Added(newer.clone())));
 
         // The old registration's expiry and deregistration leave the new record alone.
@@ -304,12 +319,13 @@ mod tests {
         let c = cluster("c");
         let old = d.register(&c, descriptor("w", Role::Prefill), TTL).await.unwrap();
         let (_, mut events) = d.list_and_watch(&c).await.unwrap();
-        let _new = d.register(&c, descriptor("w", Role::Decode), TTL).await.unwrap();
-        assert_eq!(events.recv().await, Some(DiscoveryEvent::Added(descriptor("w", Role::Decode))));
+        let new = d.register(&c, descriptor("w", Role::Decode), TTL).await.unwrap();
+        let want = held(descriptor("w", Role::Decode), &new);
+        assert_eq!(events.recv().await, Some(DiscoveryEvent::Added(want.clone())));
         old.deregister().await.unwrap();
         tokio::time::sleep(TTL * 2).await;
         assert_eq!(events.try_recv(), None);
-        assert_eq!(d.list_and_watch(&c).await.unwrap().0, vec![descriptor("w", Role::Decode)]);
+        assert_eq!(d.list_and_watch(&c).await.unwrap().0, vec![want]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tandem_cluster::{
     ClusterName, ClusterView, Discovery, DiscoveryEvent, DiscoveryEvents, EtcdConfig, EtcdDiscovery, KvEndpoints,
-    ModelInfo, Registration, Role, WorkerDescriptor, WorkerId,
+    LeaseState, ModelInfo, Registration, Role, WorkerDescriptor, WorkerId,
 };
 use tokio::time::{timeout, Instant};
 
@@ -153,6 +153,14 @@ fn id(name: &str) -> WorkerId {
     WorkerId::new(name).unwrap()
 }
 
+/// `d` as watchers see it: with the lease `reg` holds.
+fn held(d: WorkerDescriptor, reg: &Registration) -> WorkerDescriptor {
+    match *reg.lease().borrow() {
+        LeaseState::Held(lease) => WorkerDescriptor { lease, ..d },
+        LeaseState::Lost => panic!("{} lost its lease", d.id),
+    }
+}
+
 fn worker(name: &str, role: Role) -> WorkerDescriptor {
     WorkerDescriptor {
         id: id(name),
@@ -162,6 +170,7 @@ fn worker(name: &str, role: Role) -> WorkerDescriptor {
         model: ModelInfo { name: "smollm2-135m".into(), fingerprint: 0xfeed_beef_dead_f00d },
         block_size: 16,
         context_length: 8192,
+        lease: 0,
     }
 }
 
@@ -199,7 +208,9 @@ async fn two_registered_workers_are_listed() {
     let w = d.register(&c, worker("d0", Role::Decode), TTL).await.unwrap();
 
     let (snapshot, events) = d.list_and_watch(&c).await.unwrap();
-    assert_eq!(snapshot, vec![worker("d0", Role::Decode), worker("p0", Role::Prefill)]);
+    assert_eq!(snapshot, vec![held(worker("d0", Role::Decode), &w), held(worker("p0", Role::Prefill), &p)]);
+    let stored_leases: Vec<i64> = stored(&etcd, "two").await.into_iter().map(|(_, l)| l).collect();
+    assert_eq!(stored_leases, [snapshot[0].lease, snapshot[1].lease], "descriptors carry etcd's lease ids");
     let keys: Vec<String> = stored(&etcd, "two").await.into_iter().map(|(k, _)| k).collect();
     assert_eq!(keys, ["/tandem/two/workers/decode/d0", "/tandem/two/workers/prefill/p0"]);
     assert!(d.list_and_watch(&cluster("other")).await.unwrap().0.is_empty());
@@ -219,7 +230,7 @@ async fn watch_sees_added_then_removed_on_deregister() {
     assert!(snapshot.is_empty());
 
     let reg = d.register(&c, worker("b0", Role::Both), TTL).await.unwrap();
-    assert_eq!(next_event(&mut events, STEP).await, DiscoveryEvent::Added(worker("b0", Role::Both)));
+    assert_eq!(next_event(&mut events, STEP).await, DiscoveryEvent::Added(held(worker("b0", Role::Both), &reg)));
     reg.deregister().await.unwrap();
     assert_eq!(next_event(&mut events, STEP).await, DiscoveryEvent::Removed(id("b0")));
     assert!(stored(&etcd, "watch").await.is_empty(), "deregistration deletes the key");
@@ -305,14 +316,24 @@ async fn a_worker_registers_again_after_its_lease_is_lost() {
     let reg: Registration = d.register(&c, worker("p0", Role::Prefill), TTL).await.unwrap();
     let (_, mut events) = d.list_and_watch(&c).await.unwrap();
     let [(_, old_lease)] = stored(&etcd, "relet").await[..] else { panic!("one key expected") };
+    let mut lease = reg.lease();
+    assert_eq!(*lease.borrow_and_update(), LeaseState::Held(old_lease));
 
     // The lease ends behind the worker's back (as when it expires while the worker is cut off).
     etcd.client().await.lease_revoke(old_lease).await.unwrap();
     assert_eq!(next_event(&mut events, STEP).await, DiscoveryEvent::Removed(id("p0")));
-    // The next keep-alive finds the lease gone; the worker puts its key again on a new lease.
-    assert_eq!(next_event(&mut events, TTL + MARGIN).await, DiscoveryEvent::Added(worker("p0", Role::Prefill)));
+    // The next keep-alive finds the lease gone: the worker hears it (and fences itself),
+    // then puts its key again on a new lease.
+    timeout(TTL + MARGIN, lease.changed()).await.expect("the loss is reported").unwrap();
+    let seen = *lease.borrow_and_update();
+    let added = next_event(&mut events, TTL + MARGIN).await;
     let [(_, new_lease)] = stored(&etcd, "relet").await[..] else { panic!("one key expected") };
     assert_ne!(new_lease, old_lease);
+    assert_eq!(added, DiscoveryEvent::Added(WorkerDescriptor { lease: new_lease, ..worker("p0", Role::Prefill) }));
+    if seen == LeaseState::Lost {
+        timeout(STEP, lease.changed()).await.expect("the new lease is reported").unwrap();
+    }
+    assert_eq!(*lease.borrow(), LeaseState::Held(new_lease));
 
     reg.deregister().await.unwrap();
     assert_eq!(next_event(&mut events, STEP).await, DiscoveryEvent::Removed(id("p0")));

@@ -1,6 +1,11 @@
 //! One worker process (or one worker inside `tandem up`): the model, the engine
 //! thread, the KV endpoints its role needs, the gRPC server with health and
 //! reflection, and its registration in discovery. `drain` is the graceful exit.
+//!
+//! With TLS (`WorkerConfig::tls`) the gRPC server requires client certificates from
+//! the cluster's CA and the KV plane's TCP connections are mutual TLS both ways; a
+//! plaintext health-only server (`health_listen`) then serves probes that cannot
+//! speak TLS.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_cluster::{
-    ClusterName, Discovery, KvEndpoints, LocalKvEndpoint, ModelInfo, Registration, Role, WorkerDescriptor, WorkerId,
+    ClusterName, Discovery, KvEndpoints, LeaseState, LocalKvEndpoint, ModelInfo, Registration, Role, WorkerDescriptor,
+    WorkerId,
 };
 use tandem_engine::gguf::GgufFile;
 use tandem_engine::kv_cache::{blocks_for_tokens, KvCache, KvDtype};
@@ -17,7 +23,7 @@ use tandem_engine::llm_engine::{LlmEngine, LlmEngineConfig};
 use tandem_engine::model::{Model, ModelOptions};
 use tandem_engine::scheduler::SchedulerConfig;
 use tandem_engine::tokenizer::Tokenizer;
-use tandem_kvtransfer::{host_id, KvReceiver, KvSender, ShmKv, TcpConfig};
+use tandem_kvtransfer::{host_id, KvReceiver, KvSender, MutualTls, ShmKv, TcpConfig, TlsFiles};
 use tandem_prefill_worker::EngineHandle;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_server::{WorkerServer, SERVICE_NAME};
@@ -53,8 +59,16 @@ pub struct WorkerConfig {
     pub kv_listen: SocketAddr,
     /// The host others reach this worker at; empty: the listen address's IP.
     pub advertise_host: String,
+    /// The address prefill workers send KV to over TCP, when it is not the KV listen
+    /// address (a proxy, NAT or port forwarding in between); `None`: the listen address.
+    pub kv_advertise: Option<SocketAddr>,
     /// Offer same-host KV transfer through shared memory.
     pub shm: bool,
+    /// Mutual TLS on the gRPC server and the KV plane's TCP connections; `None`: plaintext.
+    pub tls: Option<TlsFiles>,
+    /// Where a second, plaintext gRPC server answers `grpc.health.v1` alone (for probes
+    /// that cannot speak TLS, such as Kubernetes' gRPC probe); `None`: no such server.
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl WorkerConfig {
@@ -76,7 +90,10 @@ impl WorkerConfig {
             grpc_listen: "127.0.0.1:0".parse().expect("literal"),
             kv_listen: "127.0.0.1:0".parse().expect("literal"),
             advertise_host: String::new(),
+            kv_advertise: None,
             shm: true,
+            tls: None,
+            health_listen: None,
         }
     }
 }
@@ -91,9 +108,12 @@ pub fn model_name_of(path: &std::path::Path) -> String {
 pub struct RunningWorker {
     pub descriptor: WorkerDescriptor,
     pub grpc_addr: SocketAddr,
+    /// Where the plaintext health-only server listens, if it runs.
+    pub health_addr: Option<SocketAddr>,
     pub state: Arc<WorkerState>,
     health: HealthReporter,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
+    health_server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     stop_server: CancellationToken,
     registration: Option<RegistrationTask>,
     /// The shared segment and the Unix socket: removed when the worker stops.
@@ -122,12 +142,21 @@ impl RunningWorker {
                 cfg.model_path.display()
             ));
         }
+        // Checked before the model loads: a bad file fails the start at once.
+        let tls = match &cfg.tls {
+            Some(files) => {
+                let tls = MutualTls::load(files).map_err(|e| e.to_string())?;
+                tls.check_server_name().map_err(|e| e.to_string())?;
+                Some(tls)
+            }
+            None => None,
+        };
         let c2 = cfg.clone();
         let loaded = tokio::task::spawn_blocking(move || load(&c2)).await.map_err(|e| e.to_string())??;
         let Loaded { engine, tokenizer, layout, shm, context_length } = loaded;
         let fingerprint = layout.fingerprint;
         let handle = EngineHandle::spawn(engine, &format!("engine-{}", cfg.id)).map_err(|e| e.to_string())?;
-        let tcp_cfg = TcpConfig::default();
+        let tcp_cfg = TcpConfig { tls: tls.clone(), ..TcpConfig::default() };
 
         let segment = shm.clone();
         let (receiver, kv) = match shm {
@@ -146,7 +175,10 @@ impl RunningWorker {
                 } else {
                     None
                 };
-                let tcp = advertised(rx.local_addr(), &cfg.advertise_host)?;
+                let tcp = match cfg.kv_advertise {
+                    Some(addr) => addr,
+                    None => advertised(rx.local_addr(), &cfg.advertise_host)?,
+                };
                 (Some(rx), Some(KvEndpoints { tcp, local }))
             }
             None => (None, None),
@@ -179,8 +211,32 @@ impl RunningWorker {
         let stop_server = CancellationToken::new();
         let stop = stop_server.clone();
         let svc = WorkerService(state.clone());
+        let (health_addr, health_server) = match cfg.health_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("binding the health server on {addr}: {e}"))?;
+                let local = l.local_addr().map_err(|e| e.to_string())?;
+                let serve =
+                    tonic::transport::Server::builder().add_service(health_svc.clone()).serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(l),
+                        stop_server.clone().cancelled_owned(),
+                    );
+                (Some(local), Some(tokio::spawn(serve)))
+            }
+            None => (None, None),
+        };
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &tls {
+            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+            let server_tls = ServerTlsConfig::new()
+                .identity(Identity::from_pem(tls.cert_pem(), tls.key_pem()))
+                .client_ca_root(Certificate::from_pem(tls.ca_pem()))
+                .timeout(Duration::from_secs(10));
+            builder = builder.tls_config(server_tls).map_err(|e| format!("the gRPC server's TLS: {e}"))?;
+        }
         let server = tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .add_service(health_svc)
                 .add_service(tandem_proto::reflection_service(&[SERVICE_NAME]))
                 .add_service(tandem_proto::reflection_service_v1alpha(&[SERVICE_NAME]))
@@ -199,17 +255,21 @@ impl RunningWorker {
             model: ModelInfo { name: cfg.model_name.clone(), fingerprint },
             block_size: cfg.block_size as u32,
             context_length: context_length as u32,
+            lease: 0,
         };
-        let registration = discovery.map(|(d, cluster, ttl)| register_forever(d, cluster, descriptor.clone(), ttl));
+        let registration =
+            discovery.map(|(d, cluster, ttl)| register_forever(d, cluster, descriptor.clone(), ttl, state.clone()));
         let socket = descriptor.kv.local.as_ref().map(|l| l.uds.clone());
         crate::metrics::describe();
         let gauges = tokio::spawn(publish_load(state.clone()));
         Ok(RunningWorker {
             descriptor,
             grpc_addr,
+            health_addr,
             state,
             health,
             server,
+            health_server,
             stop_server,
             registration,
             segment,
@@ -246,6 +306,9 @@ impl RunningWorker {
         }
         self.stop_server.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.server).await;
+        if let Some(h) = self.health_server {
+            let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+        }
         self.gauges.abort();
         if let Some(rx) = &self.state.receiver {
             rx.shutdown();
@@ -292,6 +355,7 @@ fn register_forever(
     cluster: ClusterName,
     descriptor: WorkerDescriptor,
     ttl: Duration,
+    state: Arc<WorkerState>,
 ) -> RegistrationTask {
     let stop = CancellationToken::new();
     let s = stop.clone();
@@ -304,7 +368,7 @@ fn register_forever(
             };
             match attempt {
                 Ok(reg) => {
-                    s.cancelled().await;
+                    follow_lease(&reg, &state, &s).await;
                     return Some(reg);
                 }
                 Err(e) => {
@@ -320,6 +384,37 @@ fn register_forever(
         }
     });
     RegistrationTask { stop, task }
+}
+
+/// Fences the worker while its registration has lost its lease (the store dropped its
+/// record, so routers dropped it and another incarnation may take its id): new work is
+/// refused until it holds a new lease. Returns when `stop` is cancelled.
+async fn follow_lease(reg: &Registration, state: &WorkerState, stop: &CancellationToken) {
+    let mut lease = reg.lease();
+    let mut last = None;
+    loop {
+        let now = *lease.borrow_and_update();
+        state.fenced.store(now == LeaseState::Lost, Ordering::SeqCst);
+        if last.is_some() && last != Some(now) {
+            match now {
+                LeaseState::Lost => eprintln!("worker {}: lost its discovery lease; fenced", state.id),
+                LeaseState::Held(id) => eprintln!("worker {}: registered again (lease {id:x}); serving", state.id),
+            }
+        }
+        last = Some(now);
+        if let (LeaseState::Held(id), Some(tx)) = (now, &state.sender) {
+            tx.set_lease(id).await;
+        }
+        tokio::select! {
+            r = lease.changed() => {
+                if r.is_err() {
+                    // The registration's task ended: nothing changes any more.
+                    return stop.cancelled().await;
+                }
+            }
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 struct Loaded {

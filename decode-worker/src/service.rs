@@ -73,6 +73,8 @@ pub struct WorkerState {
     /// Router ids of requests in the engine through `Prefill` or `Decode`.
     active: Mutex<HashMap<u64, RequestId>>,
     pub draining: AtomicBool,
+    /// The worker lost its discovery lease: it refuses new work until registered again.
+    pub fenced: AtomicBool,
     /// Handlers and streams in progress (drain waits for none).
     pub inflight: AtomicUsize,
 }
@@ -102,6 +104,7 @@ impl WorkerState {
             cancelled: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
         }
     }
@@ -127,6 +130,12 @@ impl WorkerState {
     fn check_accepting(&self) -> Result<(), Status> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(Status::unavailable(format!("worker {} is draining", self.id)));
+        }
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(format!(
+                "worker {} lost its discovery lease; it takes no new work until registered again",
+                self.id
+            )));
         }
         Ok(())
     }
@@ -168,6 +177,16 @@ async fn release_later(state: Arc<WorkerState>, id: RequestId, rid: u64) {
         reserved.remove(&rid);
     }
 }
+
+/// Marks a status as caused by a failed KV transfer (the router's KV failure policy then
+/// decides what the request gets), as opposed to a failed worker.
+pub fn kv_fault(mut status: Status) -> Status {
+    status.metadata_mut().insert(FAULT_METADATA, tonic::metadata::MetadataValue::from_static("kv"));
+    status
+}
+
+/// The metadata key of `kv_fault` (the router reads it).
+pub const FAULT_METADATA: &str = "tandem-fault";
 
 pub fn status_from_engine(e: EngineError) -> Status {
     match e {
@@ -277,7 +296,13 @@ impl WorkerService {
                     Some(Event::Failed(why)) => {
                         guard.done = true;
                         state.reserved.lock().expect("reserved").remove(&rid);
-                        Err(Status::unavailable(why))
+                        let kv_missing =
+                            timing.as_ref().is_some_and(|(_, arrived)| arrived.lock().expect("arrived").is_none());
+                        if kv_missing {
+                            Err(kv_fault(Status::unavailable(why)))
+                        } else {
+                            Err(Status::unavailable(why))
+                        }
                     }
                     None => Err(Status::internal("the engine dropped the request")),
                 };
@@ -337,7 +362,7 @@ impl Worker for WorkerService {
         let lease = Duration::from_millis(r.lease_ms.max(1) as u64).min(MAX_LEASE);
         let deadline = tokio::time::Instant::now() + lease;
         let blocks: Vec<u32> = admitted.blocks.iter().map(|b| b.0).collect();
-        let reservation = match receiver.reserve(r.request_id, &blocks, deadline) {
+        let reservation = match receiver.reserve_from(r.request_id, &blocks, deadline, r.sender_lease) {
             Ok(res) => res,
             Err(e) => {
                 s.engine.abort(admitted.id, None);
@@ -436,12 +461,17 @@ impl Worker for WorkerService {
             )));
         }
         let submitted = Instant::now();
-        let deadline = tokio::time::Instant::now() + MAX_LEASE;
+        // The transfer ends with the destination's reservation: nothing waits for it after.
+        let lease = match dest.lease_ms {
+            0 => MAX_LEASE,
+            ms => Duration::from_millis(ms as u64).min(MAX_LEASE),
+        };
+        let deadline = tokio::time::Instant::now() + lease;
         let kv_failed =
             |e: &tandem_kvtransfer::TransferError| crate::metrics::kv_session(&s.id, "sent", 0, Some(e.kind()));
         let session = sender.open_target(&target, r.request_id, deadline).await.map_err(|e| {
             kv_failed(&e);
-            Status::unavailable(format!("cannot open a KV session to {}: {e}", dest.worker_id))
+            kv_fault(Status::unavailable(format!("cannot open a KV session to {}: {e}", dest.worker_id)))
         })?;
         let kv_bytes = (need * s.layout.n_layers as usize * s.layout.layer_block_bytes()) as u64;
         let (sink, task, started) = start_export(&tokio::runtime::Handle::current(), session, dest.block_ids);
@@ -475,11 +505,11 @@ impl Worker for WorkerService {
         let first = *out.token_ids.first().ok_or_else(|| Status::internal("the prefill sampled no token"))?;
         let session = task.await.map_err(|e| Status::internal(format!("KV sender task: {e}")))?.map_err(|e| {
             kv_failed(&e);
-            Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id))
+            kv_fault(Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id)))
         })?;
         session.finish(first, prompt_len).await.map_err(|e| {
             kv_failed(&e);
-            Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id))
+            kv_fault(Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id)))
         })?;
         let done = Instant::now();
         crate::metrics::kv_session(&s.id, "sent", kv_bytes, None);
@@ -525,7 +555,8 @@ impl Worker for WorkerService {
         if r.prompt_token_ids.is_empty() {
             return Err(Status::not_found(format!("request {} is not reserved on {}", r.request_id, s.id)));
         }
-        if s.role != Role::Both {
+        // A decode worker prefills itself only to recover a request whose KV transfer failed.
+        if !(s.role == Role::Both || (r.recompute && s.role.can_decode())) {
             return Err(Status::failed_precondition(format!("worker {} ({}) does not prefill locally", s.id, s.role)));
         }
         s.check_accepting()?;
@@ -576,6 +607,7 @@ impl Worker for WorkerService {
             prefix_cache_hit_tokens: st.prefix_hit_tokens,
             preemptions: st.preemptions,
             draining: s.draining.load(Ordering::SeqCst),
+            fenced: s.fenced.load(Ordering::SeqCst),
         }))
     }
 

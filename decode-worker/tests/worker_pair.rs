@@ -93,6 +93,7 @@ async fn prefill_and_decode_workers_over_tcp_generate_what_one_engine_does() {
                 block_ids: res.block_ids.clone(),
                 cached_blocks: 0,
                 layout: res.layout,
+                lease_ms: res.lease_ms,
             }),
             ..Default::default()
         })

@@ -26,6 +26,13 @@ pub enum TransferError {
     Protocol(String),
     #[error("i/o error: {0}")]
     Io(String),
+    /// The frame came over a connection whose sender holds another discovery lease than
+    /// the one the reservation expects: a fenced or replaced worker.
+    #[error("stale sender: {0}")]
+    StaleSender(String),
+    /// The TLS handshake failed: a certificate was refused, or the peer does not speak TLS.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl TransferError {
@@ -40,6 +47,8 @@ impl TransferError {
             TransferError::BadBlock(_) => "bad_block",
             TransferError::Protocol(_) => "protocol",
             TransferError::Io(_) => "io",
+            TransferError::Tls(_) => "tls",
+            TransferError::StaleSender(_) => "stale_sender",
         }
     }
 
@@ -52,6 +61,7 @@ impl TransferError {
             TransferError::LayoutMismatch(_) => Code::LayoutMismatch,
             TransferError::Aborted(_) => Code::Aborted,
             TransferError::BadBlock(_) => Code::BadBlock,
+            TransferError::StaleSender(_) => Code::StaleSender,
             _ => Code::Protocol,
         }
     }
@@ -65,6 +75,7 @@ impl TransferError {
             Code::LayoutMismatch => TransferError::LayoutMismatch(message),
             Code::Aborted => TransferError::Aborted(message),
             Code::BadBlock => TransferError::BadBlock(message),
+            Code::StaleSender => TransferError::StaleSender(message),
             Code::Ok | Code::Protocol => TransferError::Protocol(message),
         }
     }

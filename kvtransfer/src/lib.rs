@@ -12,7 +12,9 @@
 //!   (TCP, and a Unix socket with a shared segment for same-host senders: `listen_shm`).
 //! - `sender`: `KvSender`, the prefill side: persistent shared connections, backpressure,
 //!   same-host shared memory chosen automatically (`open_target`).
-//! - `config`: `TcpConfig`, limits and queue sizes for both ends.
+//! - `config`: `TcpConfig`, limits, queue sizes and TLS for both ends.
+//! - `tls`: `MutualTls`, the cluster's certificates (PEM files) checked at start; the KV
+//!   plane's rustls configurations and the gRPC planes' PEM.
 //! - `shm`: the receiver's blocks in a shared-memory segment that same-host senders write in place.
 //! - `error`: `TransferError`, seen by both ends, with a `kind()` label.
 
@@ -26,6 +28,7 @@ pub mod sender;
 pub mod session;
 pub mod shm;
 pub mod sink;
+pub mod tls;
 pub mod wire;
 
 pub use config::TcpConfig;
@@ -36,3 +39,4 @@ pub use sender::{BufferPool, KvSender, KvTarget, LocalTarget, SendSession};
 pub use session::{Arrived, Reservation};
 pub use shm::{host_id, ShmKv};
 pub use sink::{HostKv, KvSink};
+pub use tls::{MutualTls, TlsError, TlsFiles};

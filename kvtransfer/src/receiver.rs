@@ -8,11 +8,19 @@
 //! copy), with the CRC32C computed over what landed there. On a Unix-socket
 //! connection the receiver first offers its shared segment, and in-place frames
 //! carry no payload at all.
+//!
+//! With TLS (`TcpConfig::tls`), a TCP connection's task first completes a mutual
+//! handshake (the sender's certificate must chain to the CA; a refused or slow
+//! handshake ends only that connection), and payloads are decrypted straight into
+//! the blocks: one copy, out of rustls's record buffer. The Unix socket stays
+//! plaintext: it never leaves the host, and its file is readable and writable by
+//! the receiver's user alone (as is the shared segment it offers).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -44,7 +52,8 @@ impl KvReceiver {
         let local = listener.local_addr()?;
         let rx = Arc::new(KvReceiver { sessions: Sessions::default(), sink, tasks: Mutex::new(JoinSet::new()), local });
         let weak = Arc::downgrade(&rx);
-        rx.tasks.lock().expect("tasks").spawn(accept_loop(listener, weak, 1, cfg, None));
+        let tls = cfg.tls.as_ref().map(|t| t.acceptor());
+        rx.tasks.lock().expect("tasks").spawn(accept_loop(listener, weak, 1, cfg, None, tls));
         Ok(rx)
     }
 
@@ -57,18 +66,34 @@ impl KvReceiver {
         self.sessions.reserve(request_id, blocks, self.sink.n_blocks(), deadline)
     }
 
+    /// As `reserve`, taking frames only from a sender holding discovery lease `sender_lease`
+    /// (announced in its Hello); frames from any other fail the session (`StaleSender`).
+    /// 0: from any sender.
+    pub fn reserve_from(
+        &self,
+        request_id: u64,
+        blocks: &[u32],
+        deadline: Instant,
+        sender_lease: i64,
+    ) -> Result<Reservation, TransferError> {
+        self.sessions.reserve_from(request_id, blocks, self.sink.n_blocks(), deadline, sender_lease)
+    }
+
     /// Also listens on the Unix socket `path` for senders on this host, who then write
-    /// straight into the sink's shared segment (the sink must be a `ShmKv`).
+    /// straight into the sink's shared segment (the sink must be a `ShmKv`). The socket
+    /// is plaintext whatever `cfg.tls` says, and only this process's user may connect.
     pub fn listen_shm(self: &Arc<Self>, path: &std::path::Path, cfg: TcpConfig) -> Result<(), TransferError> {
+        use std::os::unix::fs::PermissionsExt;
         let segment = self
             .sink
             .shm_segment()
             .ok_or_else(|| TransferError::Protocol("this receiver's blocks are not in shared memory".into()))?;
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         let offer = wire::encode_shm_offer(self.sink.n_blocks() as u64, &segment);
         let weak = Arc::downgrade(self);
-        self.tasks.lock().expect("tasks").spawn(accept_loop(listener, weak, 1 << 32, cfg, Some(offer)));
+        self.tasks.lock().expect("tasks").spawn(accept_loop(listener, weak, 1 << 32, cfg, Some(offer), None));
         Ok(())
     }
 
@@ -110,14 +135,21 @@ impl Acceptor for tokio::net::UnixListener {
     }
 }
 
+/// A TLS handshake not done by then ends its connection.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+/// Ciphertext read from a TLS connection's socket at a time.
+const TLS_READ_BUFFER: usize = 256 << 10;
+
 /// Accepts connections until the receiver is dropped; each is served by its own task.
-/// `offer`: the shared-segment offer made on same-host connections.
+/// `offer`: the shared-segment offer made on same-host connections. `tls`: each
+/// connection's task first completes a mutual handshake with it.
 async fn accept_loop<L: Acceptor>(
     listener: L,
     receiver: std::sync::Weak<KvReceiver>,
     first_conn: u64,
     cfg: TcpConfig,
     offer: Option<Vec<u8>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let mut next_conn = first_conn;
     let mut conns = JoinSet::new();
@@ -131,11 +163,26 @@ async fn accept_loop<L: Acceptor>(
             }
         };
         let Some(rx) = receiver.upgrade() else { break };
-        let (sessions, sink, cfg, offer) = (rx.sessions.clone(), rx.sink.clone(), cfg.clone(), offer.clone());
+        let (sessions, sink, cfg, offer, tls) =
+            (rx.sessions.clone(), rx.sink.clone(), cfg.clone(), offer.clone(), tls.clone());
         let conn = next_conn;
         next_conn += 1;
         conns.spawn(async move {
-            let why = match serve_conn(sock, conn, &sessions, sink.as_ref(), &cfg, offer).await {
+            let served = match tls {
+                None => serve_conn(sock, conn, &sessions, sink.as_ref(), &cfg, offer).await,
+                // rustls reads 4 KiB per call: buffered, a payload takes few system calls.
+                Some(tls) => match tokio::time::timeout(
+                    TLS_HANDSHAKE,
+                    tls.accept(BufReader::with_capacity(TLS_READ_BUFFER, sock)),
+                )
+                .await
+                {
+                    Ok(Ok(sock)) => serve_conn(sock, conn, &sessions, sink.as_ref(), &cfg, offer).await,
+                    Ok(Err(e)) => Err(TransferError::Tls(e.to_string())),
+                    Err(_) => Err(TransferError::Tls(format!("no handshake within {TLS_HANDSHAKE:?}"))),
+                },
+            };
+            let why = match served {
                 Ok(()) => "connection closed".to_string(),
                 Err(e) => e.to_string(),
             };
@@ -151,7 +198,7 @@ impl Drop for KvReceiver {
     }
 }
 
-async fn read_hello<S: AsyncRead + Unpin>(s: &mut S, max: usize) -> Result<KvLayout, TransferError> {
+async fn read_hello<S: AsyncRead + Unpin>(s: &mut S, max: usize) -> Result<(KvLayout, i64), TransferError> {
     let mut h = [0u8; HEADER_LEN];
     s.read_exact(&mut h).await?;
     let head = wire::parse_header(&h, max.min(256)).map_err(|e| TransferError::Protocol(e.to_string()))?;
@@ -159,7 +206,7 @@ async fn read_hello<S: AsyncRead + Unpin>(s: &mut S, max: usize) -> Result<KvLay
     buf.resize(HEADER_LEN + head.body_len, 0);
     s.read_exact(&mut buf[HEADER_LEN..]).await?;
     match wire::decode(&buf, 256, 0).map_err(|e| TransferError::Protocol(e.to_string()))? {
-        Some((Frame::Hello(l), _)) => Ok(l),
+        Some((Frame::Hello { layout, lease }, _)) => Ok((layout, lease)),
         Some((Frame::Error { message, .. }, _)) => Err(TransferError::LayoutMismatch(message)),
         _ => Err(TransferError::Protocol("expected a Hello frame".into())),
     }
@@ -168,7 +215,7 @@ async fn read_hello<S: AsyncRead + Unpin>(s: &mut S, max: usize) -> Result<KvLay
 /// One receiving connection: handshake, then frames until EOF or a protocol error.
 /// `offer`: on a shared-memory connection, the segment offer sent after `HelloOk`;
 /// in-place Blocks frames are accepted only then.
-pub(crate) async fn serve_conn<S: VectoredStream>(
+pub(crate) async fn serve_conn<S: KvStream>(
     mut sock: S,
     conn: u64,
     sessions: &Sessions,
@@ -177,15 +224,16 @@ pub(crate) async fn serve_conn<S: VectoredStream>(
     offer: Option<Vec<u8>>,
 ) -> Result<(), TransferError> {
     let layout = sink.layout();
-    let theirs = read_hello(&mut sock, cfg.max_frame).await?;
+    let (theirs, lease) = read_hello(&mut sock, cfg.max_frame).await?;
     if let Some(why) = layout.mismatch(&theirs) {
-        sock.write_all(&wire::encode_error(Code::LayoutMismatch, &why)).await?;
+        send_frame(&mut sock, &wire::encode_error(Code::LayoutMismatch, &why)).await?;
         return Err(TransferError::LayoutMismatch(why));
     }
-    sock.write_all(&wire::encode_hello_ok()).await?;
+    sessions.connected(conn, lease);
+    send_frame(&mut sock, &wire::encode_hello_ok()).await?;
     let in_place = offer.is_some();
     if let Some(o) = offer {
-        sock.write_all(&o).await?;
+        send_frame(&mut sock, &o).await?;
     }
     let lbb = layout.layer_block_bytes();
     let half = layout.half_block_bytes();
@@ -201,7 +249,7 @@ pub(crate) async fn serve_conn<S: VectoredStream>(
         let head = match wire::parse_header(&h, cfg.max_frame) {
             Ok(head) => head,
             Err(e) => {
-                let _ = sock.write_all(&wire::encode_error(Code::Protocol, &e.to_string())).await;
+                let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, &e.to_string())).await;
                 return Err(TransferError::Protocol(e.to_string()));
             }
         };
@@ -211,12 +259,12 @@ pub(crate) async fn serve_conn<S: VectoredStream>(
             let fixed = match wire::parse_blocks_fixed(&small, head.body_len, lbb) {
                 Ok(f) if f.in_place && !in_place => {
                     let why = "in-place blocks on a connection without a shared segment";
-                    let _ = sock.write_all(&wire::encode_error(Code::Protocol, why)).await;
+                    let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, why)).await;
                     return Err(TransferError::Protocol(why.into()));
                 }
                 Ok(x) => x,
                 Err(e) => {
-                    let _ = sock.write_all(&wire::encode_error(Code::Protocol, &e.to_string())).await;
+                    let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, &e.to_string())).await;
                     return Err(TransferError::Protocol(e.to_string()));
                 }
             };
@@ -239,7 +287,7 @@ pub(crate) async fn serve_conn<S: VectoredStream>(
                         })
                         .collect();
                     if !fixed.in_place {
-                        read_exact_vectored(&mut sock, &parts).await?;
+                        sock.read_parts(&parts).await?;
                         for &(addr, len) in &parts {
                             // SAFETY: as above; the data is complete.
                             crc = crc32c::crc32c_append(crc, unsafe {
@@ -250,7 +298,7 @@ pub(crate) async fn serve_conn<S: VectoredStream>(
                     if crc != head.crc {
                         let err = TransferError::Checksum(format!("request {request_id} layer {layer}"));
                         sessions.fail(request_id, err.clone());
-                        sock.write_all(&wire::encode_ack(request_id, Code::Checksum, &err.to_string())).await?;
+                        send_frame(&mut sock, &wire::encode_ack(request_id, Code::Checksum, &err.to_string())).await?;
                     } else {
                         sessions.received(request_id, layer, &ids);
                     }
@@ -264,7 +312,7 @@ pub(crate) async fn serve_conn<S: VectoredStream>(
                         left -= take;
                     }
                     sessions.fail(request_id, err.clone());
-                    sock.write_all(&wire::encode_ack(request_id, err.code(), &err.to_string())).await?;
+                    send_frame(&mut sock, &wire::encode_ack(request_id, err.code(), &err.to_string())).await?;
                 }
             }
             continue;
@@ -276,7 +324,7 @@ pub(crate) async fn serve_conn<S: VectoredStream>(
             Ok(Some((f, _))) => f,
             Ok(None) => unreachable!("the whole frame was read"),
             Err(e) => {
-                let _ = sock.write_all(&wire::encode_error(Code::Protocol, &e.to_string())).await;
+                let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, &e.to_string())).await;
                 return Err(TransferError::Protocol(e.to_string()));
             }
         };
@@ -286,19 +334,56 @@ pub(crate) async fn serve_conn<S: VectoredStream>(
                     Ok(()) => wire::encode_ack(request_id, Code::Ok, ""),
                     Err(e) => wire::encode_ack(request_id, e.code(), &e.to_string()),
                 };
-                sock.write_all(&reply).await?;
+                send_frame(&mut sock, &reply).await?;
             }
             Frame::Abort { request_id, message, .. } => sessions.fail(request_id, TransferError::Aborted(message)),
             other => {
                 let why = format!("unexpected {other:?} from a sender");
-                let _ = sock.write_all(&wire::encode_error(Code::Protocol, &why)).await;
+                let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, &why)).await;
                 return Err(TransferError::Protocol(why));
             }
         }
     }
 }
 
-/// Streams the receiver can read into many buffers with one system call.
+/// Writes one frame to the sender, flushed: a TLS stream would otherwise keep the
+/// records of a small frame (an Ack) while its socket is full.
+async fn send_frame<S: AsyncWrite + Unpin>(sock: &mut S, frame: &[u8]) -> std::io::Result<()> {
+    sock.write_all(frame).await?;
+    sock.flush().await
+}
+
+/// A connection the receiver serves: frames, and payloads read into the reserved blocks.
+pub(crate) trait KvStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Fills every buffer in `parts` (address and length: disjoint writable ranges the
+    /// caller owns for this read) from the stream.
+    fn read_parts(&mut self, parts: &[(usize, usize)])
+        -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+/// Plain sockets: many blocks per system call.
+impl<S: VectoredStream> KvStream for S {
+    fn read_parts(
+        &mut self,
+        parts: &[(usize, usize)],
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        read_exact_vectored(self, parts)
+    }
+}
+
+/// TLS: rustls decrypts a record into its own buffer; each block is copied out of it once.
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> KvStream for tokio_rustls::server::TlsStream<S> {
+    async fn read_parts(&mut self, parts: &[(usize, usize)]) -> std::io::Result<()> {
+        for &(addr, len) in parts {
+            // SAFETY: the caller hands out disjoint writable ranges it owns for this read.
+            let buf = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
+            self.read_exact(buf).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Sockets the receiver can read into many buffers with one system call.
 pub(crate) trait VectoredStream: AsyncRead + AsyncWrite + Unpin + Send {
     fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
     fn try_read_vectored(&self, bufs: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<usize>;

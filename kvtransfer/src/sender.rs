@@ -5,12 +5,14 @@
 //! host (chosen by `open_target`, with a counted fallback to TCP). A writer task
 //! drains a bounded queue (the queue is the backpressure: a sender that
 //! outruns the network waits), a reader task routes the receiver's Acks to the
-//! sessions. `TCP_NODELAY` is set.
+//! sessions. `TCP_NODELAY` is set. With TLS (`TcpConfig::tls`) a TCP connection
+//! presents this worker's certificate and verifies the receiver's against the CA
+//! and the configured server name before the Hello.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -72,9 +74,11 @@ struct Conn {
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     sock: &mut S,
     layout: &KvLayout,
+    lease: i64,
     expect_offer: bool,
 ) -> Result<Option<(u64, String)>, TransferError> {
-    sock.write_all(&wire::encode_hello(layout)).await?;
+    sock.write_all(&wire::encode_hello(layout, lease)).await?;
+    sock.flush().await?;
     let mut offer = None;
     for step in 0..1 + usize::from(expect_offer) {
         let mut h = [0u8; HEADER_LEN];
@@ -117,7 +121,7 @@ where
     let (p2, d2) = (pending.clone(), dead.clone());
     tasks.spawn(async move {
         while let Some(out) = rx.recv().await {
-            let r = match out {
+            let mut r = match out {
                 Outgoing::Bytes(b) => wr.write_all(&b).await,
                 Outgoing::Blocks { head, payload, range } => {
                     let r = match wr.write_all(&head).await {
@@ -130,6 +134,11 @@ where
                     r
                 }
             };
+            // Before waiting for more: a TLS stream may still hold the last frame's records
+            // (its socket was full); a plain socket's flush does nothing.
+            if r.is_ok() && rx.is_empty() {
+                r = wr.flush().await;
+            }
             if let Err(e) = r {
                 fail_all(&p2, &d2, e.into());
                 return;
@@ -200,11 +209,27 @@ pub struct KvSender {
     cfg: TcpConfig,
     conns: tokio::sync::Mutex<HashMap<ConnKey, Arc<Mutex<Conn>>>>,
     fallbacks: AtomicU64,
+    /// This worker's discovery lease, announced in every connection's Hello (0: none).
+    lease: AtomicI64,
 }
 
 impl KvSender {
     pub fn new(layout: KvLayout, cfg: TcpConfig) -> Self {
-        KvSender { layout, cfg, conns: tokio::sync::Mutex::new(HashMap::new()), fallbacks: AtomicU64::new(0) }
+        KvSender {
+            layout,
+            cfg,
+            conns: tokio::sync::Mutex::new(HashMap::new()),
+            fallbacks: AtomicU64::new(0),
+            lease: AtomicI64::new(0),
+        }
+    }
+
+    /// Announces discovery lease `lease` from now on. After a change, sessions open new
+    /// connections (whose Hello carries it); sessions already open finish on the old ones.
+    pub async fn set_lease(&self, lease: i64) {
+        if self.lease.swap(lease, Ordering::SeqCst) != lease {
+            self.conns.lock().await.clear();
+        }
     }
 
     async fn conn(&self, key: &ConnKey, deadline: Instant) -> Result<Arc<Mutex<Conn>>, TransferError> {
@@ -220,19 +245,50 @@ impl KvSender {
                 let mut sock =
                     tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await.map_err(|_| timeout())??;
                 sock.set_nodelay(true)?;
-                tokio::time::timeout_at(deadline, handshake(&mut sock, &self.layout, false))
-                    .await
-                    .map_err(|_| timeout())??;
-                let (rd, wr) = sock.into_split();
-                start_conn(rd, wr, &self.cfg, None)
+                match &self.cfg.tls {
+                    None => {
+                        tokio::time::timeout_at(
+                            deadline,
+                            handshake(&mut sock, &self.layout, self.lease.load(Ordering::SeqCst), false),
+                        )
+                        .await
+                        .map_err(|_| timeout())??;
+                        let (rd, wr) = sock.into_split();
+                        start_conn(rd, wr, &self.cfg, None)
+                    }
+                    Some(tls) => {
+                        let (connector, name) = tls.connector();
+                        let mut sock = tokio::time::timeout_at(deadline, connector.connect(name, sock))
+                            .await
+                            .map_err(|_| timeout())?
+                            .map_err(|e| TransferError::Tls(format!("with {addr}: {e}")))?;
+                        // With TLS 1.3 a refused client certificate shows here: the
+                        // receiver's alert (an i/o error) comes in place of its answer to Hello.
+                        tokio::time::timeout_at(
+                            deadline,
+                            handshake(&mut sock, &self.layout, self.lease.load(Ordering::SeqCst), false),
+                        )
+                        .await
+                        .map_err(|_| timeout())?
+                        .map_err(|e| match e {
+                            TransferError::Io(m) => TransferError::Tls(format!("with {addr}: {m}")),
+                            other => other,
+                        })?;
+                        let (rd, wr) = tokio::io::split(sock);
+                        start_conn(rd, wr, &self.cfg, None)
+                    }
+                }
             }
             ConnKey::Uds(path) => {
                 let mut sock = tokio::time::timeout_at(deadline, tokio::net::UnixStream::connect(path))
                     .await
                     .map_err(|_| timeout())??;
-                let offer = tokio::time::timeout_at(deadline, handshake(&mut sock, &self.layout, true))
-                    .await
-                    .map_err(|_| timeout())??;
+                let offer = tokio::time::timeout_at(
+                    deadline,
+                    handshake(&mut sock, &self.layout, self.lease.load(Ordering::SeqCst), true),
+                )
+                .await
+                .map_err(|_| timeout())??;
                 let (n_blocks, seg) =
                     offer.ok_or_else(|| TransferError::Protocol("no shared segment offered".into()))?;
                 let map = ShmMap::open(&seg, self.layout, n_blocks)?;

@@ -25,6 +25,8 @@ struct Entry {
     done: Option<oneshot::Sender<Result<Arrived, TransferError>>>,
     /// The connection that writes this session, once one has.
     conn: Option<u64>,
+    /// The discovery lease the sender must hold (its Hello's); 0: any sender.
+    sender_lease: i64,
 }
 
 /// All live reservations of one receiver.
@@ -40,6 +42,8 @@ struct State {
     owner: HashMap<u32, u64>,
     /// Payload writes in progress per request (admitted frames not yet fully read).
     writing: HashMap<u64, usize>,
+    /// The lease each open connection's sender announced in its Hello.
+    conn_lease: HashMap<u64, i64>,
 }
 
 /// A lease on blocks for one request; dropping it releases the blocks.
@@ -103,6 +107,19 @@ impl Sessions {
         n_blocks: usize,
         deadline: Instant,
     ) -> Result<Reservation, TransferError> {
+        self.reserve_from(request_id, blocks, n_blocks, deadline, 0)
+    }
+
+    /// As `reserve`, accepting frames only from a sender that announced discovery lease
+    /// `sender_lease` (0: from any sender).
+    pub fn reserve_from(
+        &self,
+        request_id: u64,
+        blocks: &[u32],
+        n_blocks: usize,
+        deadline: Instant,
+        sender_lease: i64,
+    ) -> Result<Reservation, TransferError> {
         let mut st = self.inner.lock().expect("sessions lock");
         if st.by_id.contains_key(&request_id) {
             return Err(TransferError::Protocol(format!("request {request_id} is already reserved")));
@@ -121,7 +138,8 @@ impl Sessions {
             st.owner.insert(b, request_id);
         }
         let (tx, rx) = oneshot::channel();
-        st.by_id.insert(request_id, Entry { blocks: set, received: HashSet::new(), done: Some(tx), conn: None });
+        let entry = Entry { blocks: set, received: HashSet::new(), done: Some(tx), conn: None, sender_lease };
+        st.by_id.insert(request_id, entry);
         Ok(Reservation { request_id, deadline, rx: Some(rx), sessions: self.clone() })
     }
 
@@ -145,6 +163,19 @@ impl Sessions {
         }
         if layer >= n_layers {
             return Admit::Refuse(TransferError::BadBlock(format!("layer {layer} of {n_layers}")));
+        }
+        let sent_by = st.conn_lease.get(&conn).copied().unwrap_or(0);
+        let e = st.by_id.get_mut(&request_id).expect("checked above");
+        if e.sender_lease != 0 && sent_by != e.sender_lease {
+            // A fenced or replaced incarnation of the sender: its KV is not the one expected.
+            let err = TransferError::StaleSender(format!(
+                "request {request_id} expects KV from lease {:x}, this sender holds {sent_by:x}",
+                e.sender_lease
+            ));
+            if let Some(tx) = e.done.take() {
+                let _ = tx.send(Err(err.clone()));
+            }
+            return Admit::Refuse(err);
         }
         if let Some(b) = blocks.iter().find(|b| !e.blocks.contains(b)) {
             return Admit::Refuse(TransferError::BadBlock(format!(
@@ -194,9 +225,15 @@ impl Sessions {
         }
     }
 
+    /// A connection's sender announced discovery lease `lease` in its Hello.
+    pub fn connected(&self, conn: u64, lease: i64) {
+        self.inner.lock().expect("sessions lock").conn_lease.insert(conn, lease);
+    }
+
     /// A connection died: every session it was writing fails.
     pub fn conn_lost(&self, conn: u64, why: &str) {
         let mut st = self.inner.lock().expect("sessions lock");
+        st.conn_lease.remove(&conn);
         for e in st.by_id.values_mut().filter(|e| e.conn == Some(conn)) {
             if let Some(tx) = e.done.take() {
                 let _ = tx.send(Err(TransferError::PeerGone(why.to_string())));

@@ -7,6 +7,7 @@
 //! receiver's blocks, with no socket in between.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
@@ -67,7 +68,8 @@ impl ShmKv {
         let len = n_blocks * layout.block_bytes();
         let name = format!("tandem-kv-{}-{:x}", std::process::id(), rand_suffix());
         let path = shm_dir().join(name);
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        // The owner's alone: a request's KV says much about its prompt.
+        let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path)?;
         file.set_len(len as u64)?;
         // SAFETY: a private file we just created; no one truncates it while mapped.
         let mut map = unsafe { MmapMut::map_mut(&file)? };

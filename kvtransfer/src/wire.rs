@@ -8,7 +8,9 @@
 use crate::layout::{KvDtypeWire, KvLayout};
 
 pub const MAGIC: u32 = 0x564B_5454; // "TTKV" little-endian
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// Bytes of a Hello body: the layout, then the sender's lease.
+const HELLO_LEN: usize = 28;
 pub const HEADER_LEN: usize = 16;
 /// Fixed part of a Blocks body before the block ids.
 pub const BLOCKS_FIXED: usize = 16;
@@ -90,6 +92,7 @@ pub enum Code {
     Deadline = 5,
     Aborted = 6,
     Protocol = 7,
+    StaleSender = 8,
 }
 
 impl Code {
@@ -102,6 +105,7 @@ impl Code {
             4 => Code::Checksum,
             5 => Code::Deadline,
             6 => Code::Aborted,
+            8 => Code::StaleSender,
             _ => Code::Protocol,
         }
     }
@@ -110,7 +114,11 @@ impl Code {
 /// A decoded frame; `Blocks` borrows its ids and payload from the input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame<'a> {
-    Hello(KvLayout),
+    /// The sender's layout and discovery lease (0: none).
+    Hello {
+        layout: KvLayout,
+        lease: i64,
+    },
     HelloOk,
     Blocks(BlocksRef<'a>),
     /// All of a request's KV has been sent; `first_token` is the prefill's sampled token.
@@ -210,8 +218,10 @@ fn message_body(prefix: &[u8], code: Code, message: &str) -> Vec<u8> {
     b
 }
 
-pub fn encode_hello(layout: &KvLayout) -> Vec<u8> {
-    let mut b = Vec::with_capacity(20);
+/// `lease`: the sender's discovery lease (0: none), checked against reservations that
+/// name the sender they expect.
+pub fn encode_hello(layout: &KvLayout, lease: i64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(HELLO_LEN);
     b.extend_from_slice(&layout.n_layers.to_le_bytes());
     b.extend_from_slice(&layout.n_kv_heads.to_le_bytes());
     b.extend_from_slice(&layout.head_dim.to_le_bytes());
@@ -219,6 +229,7 @@ pub fn encode_hello(layout: &KvLayout) -> Vec<u8> {
     b.push(layout.dtype as u8);
     b.extend_from_slice(&[0, 0, 0]);
     b.extend_from_slice(&layout.fingerprint.to_le_bytes());
+    b.extend_from_slice(&lease.to_le_bytes());
     frame(Kind::Hello, &b)
 }
 
@@ -362,18 +373,19 @@ pub fn decode(buf: &[u8], max_body: usize, layer_block_bytes: usize) -> Result<O
     let bad = |why| WireError::Malformed { kind: h.kind, why };
     let f = match h.kind {
         Kind::Hello => {
-            if body.len() != 20 {
+            if body.len() != HELLO_LEN {
                 return Err(bad("wrong length"));
             }
             let dtype = KvDtypeWire::from_u8(body[8]).ok_or(bad("unknown dtype"))?;
-            Frame::Hello(KvLayout {
+            let layout = KvLayout {
                 n_layers: le16(body, 0),
                 n_kv_heads: le16(body, 2),
                 head_dim: le16(body, 4),
                 block_size: le16(body, 6),
                 dtype,
                 fingerprint: le64(body, 12),
-            })
+            };
+            Frame::Hello { layout, lease: le64(body, 20) as i64 }
         }
         Kind::HelloOk => {
             if !body.is_empty() {
@@ -442,7 +454,7 @@ mod tests {
         let lbb = l.layer_block_bytes();
         let payload: Vec<u8> = (0..2 * lbb).map(|i| i as u8).collect();
         let frames = [
-            encode_hello(&l),
+            encode_hello(&l, -0x1234_5678_9abc),
             encode_hello_ok(),
             encode_blocks(7, 1, &[3, 9], &payload),
             encode_finish(7, 123, 40),

@@ -86,7 +86,7 @@ async fn in_place_frames_are_refused_over_tcp() {
     let (rx, _sink, _target) = setup("refuse").await;
     let _res = rx.reserve(4, &[0], Instant::now() + Duration::from_secs(5)).unwrap();
     let mut sock = tokio::net::TcpStream::connect(rx.local_addr()).await.unwrap();
-    sock.write_all(&wire::encode_hello(&l)).await.unwrap();
+    sock.write_all(&wire::encode_hello(&l, 0)).await.unwrap();
     let mut ok = [0u8; 16];
     sock.read_exact(&mut ok).await.unwrap();
     let p = payload(&l, 0, 1);

@@ -186,7 +186,7 @@ async fn a_corrupted_payload_fails_the_checksum() {
     let (rx, _sink) = receiver(8).await;
     let res = rx.reserve(3, &[2], soon(5_000)).unwrap();
     let mut sock = tokio::net::TcpStream::connect(rx.local_addr()).await.unwrap();
-    sock.write_all(&wire::encode_hello(&l)).await.unwrap();
+    sock.write_all(&wire::encode_hello(&l, 0)).await.unwrap();
     let mut ok = [0u8; 16];
     sock.read_exact(&mut ok).await.unwrap();
     let mut frame = wire::encode_blocks(3, 0, &[2], &payload(&l, 1, 1));
@@ -221,4 +221,45 @@ async fn garbage_instead_of_a_handshake_closes_only_that_connection() {
     }
     s.finish(1, 16).await.unwrap();
     res.wait().await.unwrap();
+}
+
+/// A reservation that names its sender's discovery lease takes KV only from a connection
+/// whose Hello announced that lease: a fenced or replaced incarnation (another lease) has
+/// its frames refused and the session fails, typed, on both sides; the right one lands.
+#[tokio::test]
+async fn a_sender_with_another_lease_is_refused_as_stale() {
+    let l = smollm();
+    let (rx, sink) = receiver(16).await;
+    let (current, stale) = (0x7f00_0000_0000_0042_i64, 0x7f00_0000_0000_0017_i64);
+
+    let res = rx.reserve_from(1, &[3], soon(5_000), current).unwrap();
+    let old = KvSender::new(l, TcpConfig::default());
+    old.set_lease(stale).await;
+    let mut s = old.open(rx.local_addr(), 1, soon(5_000)).await.unwrap();
+    let sent = s.send_layer(0, &[3], payload(&l, 1, 1)).await.and(s.finish(7, 16).await);
+    assert!(matches!(sent, Err(TransferError::StaleSender(_))), "the sender hears why: {sent:?}");
+    assert!(matches!(res.wait().await, Err(TransferError::StaleSender(_))));
+    assert!(sink.read_block(0, 3).iter().all(|&x| x == 0), "nothing of the stale sender's landed");
+
+    // The worker registered again: its sender now announces the new lease.
+    let res = rx.reserve_from(2, &[4], soon(5_000), current).unwrap();
+    old.set_lease(current).await;
+    let mut s = old.open(rx.local_addr(), 2, soon(5_000)).await.unwrap();
+    let p = payload(&l, 2, 1);
+    for layer in 0..l.n_layers {
+        s.send_layer(layer, &[4], p.clone()).await.unwrap();
+    }
+    s.finish(9, 16).await.unwrap();
+    assert_eq!(res.wait().await.unwrap().first_token, 9);
+    assert_eq!(sink.read_block(0, 4), p);
+    // A reservation that names no lease takes any sender (as before leases existed).
+    let res = rx.reserve(3, &[5], soon(5_000)).unwrap();
+    let anyone = KvSender::new(l, TcpConfig::default());
+    let mut s = anyone.open(rx.local_addr(), 3, soon(5_000)).await.unwrap();
+    for layer in 0..l.n_layers {
+        s.send_layer(layer, &[5], payload(&l, 3, 1)).await.unwrap();
+    }
+    s.finish(1, 16).await.unwrap();
+    assert!(res.wait().await.is_ok());
+    assert_eq!(rx.active(), 0);
 }

@@ -100,6 +100,7 @@ fn public_samples() -> Vec<Sample> {
         request_id: Some("client-req-1".into()),
         cache_salt: Some("tenant-a".into()),
         priority: -2,
+        kv_failure_policy: api::KvFailurePolicy::Recompute.into(),
     };
     let tokenize = |input| api::TokenizeRequest {
         model: "smollm2-135m-instruct".into(),
@@ -222,6 +223,7 @@ fn destination() -> wk::KvDestination {
         block_ids: vec![10, 11, 12],
         cached_blocks: 1,
         layout: Some(layout()),
+        lease_ms: 30_000,
     }
 }
 
@@ -251,6 +253,7 @@ fn worker_samples() -> Vec<Sample> {
                 priority: 1,
                 sampling: Some(worker_sampling()),
                 resumed_tokens: 3,
+                sender_lease: 0x694d_8a5c_1f00_0042,
             },
         ),
         sample(
@@ -306,6 +309,7 @@ fn worker_samples() -> Vec<Sample> {
                 prompt_token_ids: vec![7, 8, 9],
                 cache_salt: Some("tenant-b".into()),
                 priority: -2,
+                recompute: true,
             },
         ),
         sample(
@@ -343,6 +347,7 @@ fn worker_samples() -> Vec<Sample> {
                 prefix_cache_hit_tokens: 1 << 39,
                 preemptions: 5,
                 draining: true,
+                fenced: true,
             },
         ),
         sample("tandem.worker.v1.KvEventsRequest", wk::KvEventsRequest {}),

@@ -7,6 +7,9 @@
 //! the response starts, so a request that cannot be served at all (no worker,
 //! overload) gets its HTTP status instead of a 200 with an error event. A client
 //! that disconnects drops the response stream, which cancels the request.
+//!
+//! `limits` bounds what a client may send and how long it may take (headers, body,
+//! the whole request) and serves the connections.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -14,9 +17,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -25,16 +27,19 @@ use serde_json::{json, Value};
 use tandem_cluster::Role;
 use tandem_proto::tandem::v1 as api;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::openai::{
-    chat_logprobs, chat_request, completion_request, finish_str, prompt_echo, token_text, usage_json, ApiError,
-    ChatRequest, CompletionLogprobs, CompletionRequest,
+    chat_logprobs, chat_request, check_input_size, completion_request, finish_str, prompt_echo, token_text, usage_json,
+    ApiError, ChatRequest, CompletionLogprobs, CompletionRequest,
 };
 use crate::service::{start_request, tenant_of, Chunks, RouterState, Tenant};
 
-/// Largest request body accepted.
-pub const MAX_BODY: usize = 4 << 20;
+mod limits;
+
+use limits::{read_body, request_deadline, within};
+pub use limits::{serve, HttpLimits, MAX_BODY, REQUEST_TIMEOUT_HEADER};
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -43,12 +48,16 @@ impl IntoResponse for ApiError {
         if self.status == 429 {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        if matches!(self.status, 408 | 413) {
+            // The rest of the body was not read: the connection cannot carry another request.
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         r
     }
 }
 
-/// The HTTP routes over a router's state.
-pub fn routes(state: Arc<RouterState>) -> axum::Router {
+/// The HTTP routes over a router's state; `limits` bound each request's body and time.
+pub fn routes(state: Arc<RouterState>, limits: HttpLimits) -> axum::Router {
     axum::Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -56,7 +65,7 @@ pub fn routes(state: Arc<RouterState>) -> axum::Router {
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(Extension(limits))
         .with_state(state)
 }
 
@@ -77,13 +86,18 @@ pub fn authorized(state: &RouterState, headers: &HeaderMap) -> Result<Option<Ten
     }
 }
 
+/// How deep serde_json lets JSON nest (its recursion limit): deeper bodies are refused
+/// while parsing, long before the stack is at risk.
+const MAX_JSON_DEPTH: usize = 128;
+
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError {
-        status: 400,
-        kind: "invalid_request_error",
-        message: format!("the body is not a valid {what} request: {e}"),
-        param: None,
-        code: None,
+    serde_json::from_slice(body).map_err(|e| {
+        let message = if e.to_string().starts_with("recursion limit exceeded") {
+            format!("the body nests JSON deeper than {MAX_JSON_DEPTH} levels (line {} column {})", e.line(), e.column())
+        } else {
+            format!("the body is not a valid {what} request: {e}")
+        };
+        ApiError { status: 400, kind: "invalid_request_error", message, param: None, code: None }
     })
 }
 
@@ -126,30 +140,33 @@ async fn next_chunk(
     }
 }
 
-/// The body, or the OpenAI-shaped error for one that could not be read (too large, ...).
-fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| ApiError {
-        status: e.status().as_u16(),
-        kind: "invalid_request_error",
-        message: format!("the request body could not be read: {e} (at most {MAX_BODY} bytes)"),
-        param: None,
-        code: None,
-    })
+/// Starts `req` with the request's deadline, after refusing inputs too large to tokenize.
+fn start(
+    state: &Arc<RouterState>,
+    req: &api::GenerateRequest,
+    deadline: Instant,
+    tenant: Option<&Tenant>,
+) -> Result<Chunks, ApiError> {
+    check_input_size(req, &state.facts)?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    start_request(state, req, Some(left), "http", tenant).map_err(|s| ApiError::from_status(&s))
 }
 
 async fn chat(
     State(state): State<Arc<RouterState>>,
+    Extension(limits): Extension<HttpLimits>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    let deadline = request_deadline(&headers, &limits)?;
     let tenant = authorized(&state, &headers)?;
-    let body = body_or_error(body)?;
+    let body = read_body(body, &limits).await?;
     let r: ChatRequest = parse(&body, "chat completion")?;
     let req = chat_request(&r)?;
     let want_logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let chunks = start_request(&state, &req, None, "http", tenant.as_ref()).map_err(|s| ApiError::from_status(&s))?;
-    let (head, mut chunks) = first(chunks).await?;
+    let chunks = start(&state, &req, deadline, tenant.as_ref())?;
+    let (head, mut chunks) = within(deadline, first(chunks)).await??;
     let id = format!("chatcmpl-{}", head.request_id);
     let (model, created) = (head.model.clone(), now_secs());
 
@@ -164,7 +181,7 @@ async fn chat(
             c.1.extend(chat_logprobs(&m.logprobs));
             c.2 = finish_str(m.finish_reason).or(c.2);
             usage = m.usage.or(usage);
-            msg = chunks.recv().await;
+            msg = within(deadline, chunks.recv()).await?;
         }
         let choices: Vec<Value> = choices
             .into_iter()
@@ -186,7 +203,8 @@ async fn chat(
     }
 
     let mut started = std::collections::HashSet::new();
-    let meta = StreamMeta { id, object: "chat.completion.chunk", created, model, include_usage, score_only: false };
+    let meta =
+        StreamMeta { id, object: "chat.completion.chunk", created, model, include_usage, score_only: false, deadline };
     Ok(stream_events(meta, head, chunks, move |m| {
         let mut delta = json!({"content": m.text});
         if started.insert(m.index) {
@@ -210,12 +228,15 @@ struct StreamMeta {
     include_usage: bool,
     /// Prompt scoring only: the token generated to run the request is not reported.
     score_only: bool,
+    /// When the stream is cut with a timeout error event.
+    deadline: Instant,
 }
 
 /// Streams a generation as server-sent events: one `data:` event per chunk, the choice
 /// rendered by `choice`; an error event if the generation fails; with `include_usage` a
 /// last event with no choices and the usage; then `data: [DONE]`. Stops (cancelling the
-/// generation) as soon as the client leaves.
+/// generation) as soon as the client leaves or the deadline passes (after a timeout error
+/// event, if the client is reading).
 fn stream_events(
     meta: StreamMeta,
     head: api::GenerateStreamResponse,
@@ -223,7 +244,7 @@ fn stream_events(
     mut choice: impl FnMut(&api::GenerateStreamResponse) -> Value + Send + 'static,
 ) -> Response {
     sse(move |tx| async move {
-        let StreamMeta { id, object, created, model, include_usage, score_only } = meta;
+        let StreamMeta { id, object, created, model, include_usage, score_only, deadline } = meta;
         let mut usage = None;
         let mut msg = Some(Ok(head));
         while let Some(m) = msg {
@@ -241,10 +262,20 @@ fn stream_events(
                 chunk["usage"] = Value::Null;
             }
             usage = m.usage.or(usage);
-            if tx.send(data(&chunk)).await.is_err() {
-                return;
-            }
-            msg = next_chunk(&mut chunks, &tx).await;
+            // A client that stops reading is cut at the deadline too.
+            msg = match within(deadline, async {
+                tx.send(data(&chunk)).await.ok()?;
+                next_chunk(&mut chunks, &tx).await
+            })
+            .await
+            {
+                Ok(next) => next,
+                Err(e) => {
+                    // Dropping `chunks` cancels the generation.
+                    let _ = tx.try_send(data(&e.body()));
+                    return;
+                }
+            };
             if tx.is_closed() {
                 return;
             }
@@ -277,17 +308,18 @@ struct CompletionChoice {
 
 async fn completions(
     State(state): State<Arc<RouterState>>,
+    Extension(limits): Extension<HttpLimits>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    let deadline = request_deadline(&headers, &limits)?;
     let tenant = authorized(&state, &headers)?;
-    let body = body_or_error(body)?;
+    let body = read_body(body, &limits).await?;
     let r: CompletionRequest = parse(&body, "completion")?;
     let plan = completion_request(&r)?;
     let want_logprobs = plan.request.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let chunks =
-        start_request(&state, &plan.request, None, "http", tenant.as_ref()).map_err(|s| ApiError::from_status(&s))?;
+    let chunks = start(&state, &plan.request, deadline, tenant.as_ref())?;
     // Echo needs the prompt as text and ids (the request passed validation, so this does too).
     let echo = if plan.echo {
         let (text, ids) = prompt_echo(&plan.request, &state.facts).map_err(|s| ApiError::from_status(&s))?;
@@ -296,7 +328,7 @@ async fn completions(
     } else {
         None
     };
-    let (head, mut chunks) = first(chunks).await?;
+    let (head, mut chunks) = within(deadline, first(chunks)).await??;
     let id = format!("cmpl-{}", head.request_id);
     let (model, created) = (head.model.clone(), now_secs());
     let score_only = plan.score_only;
@@ -340,7 +372,7 @@ async fn completions(
             let m = m.map_err(|s| ApiError::from_status(&s))?;
             fold(choices.entry(m.index).or_default(), &m);
             usage = m.usage.or(usage);
-            msg = chunks.recv().await;
+            msg = within(deadline, chunks.recv()).await?;
         }
         let choices: Vec<Value> = choices
             .into_iter()
@@ -367,7 +399,7 @@ async fn completions(
     }
 
     let mut choices: HashMap<u32, CompletionChoice> = HashMap::new();
-    let meta = StreamMeta { id, object: "text_completion", created, model, include_usage, score_only };
+    let meta = StreamMeta { id, object: "text_completion", created, model, include_usage, score_only, deadline };
     Ok(stream_events(meta, head, chunks, move |m| {
         let c = choices.entry(m.index).or_default();
         let (text, from) = fold(c, m);
@@ -430,4 +462,30 @@ async fn metrics(State(state): State<Arc<RouterState>>) -> Response {
         None => String::from("# no metrics recorder is installed in this process\n"),
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deeply_nested_json_is_a_400_that_says_so() {
+        for depth in [129, 10_000, 1_000_000] {
+            // Nested in a field the request type knows, in one it does not, and objects from the top.
+            let nest = |d: usize| format!("{}{}", "[".repeat(d), "]".repeat(d));
+            let bodies = [
+                format!(r#"{{"prompt": {}}}"#, nest(depth)),
+                format!(r#"{{"prompt": "x", "extra": {}}}"#, nest(depth)),
+                format!("{}1{}", r#"{"a": "#.repeat(depth), "}".repeat(depth)),
+            ];
+            for body in bodies {
+                let e = parse::<CompletionRequest>(&Bytes::from(body), "completion").err().expect("refused");
+                assert_eq!(e.status, 400);
+                assert!(e.message.contains("deeper than 128 levels"), "{depth}: {}", e.message);
+            }
+        }
+        // 100 levels inside an ignored field are fine.
+        let ok = format!(r#"{{"prompt": "x", "extra": {}{}}}"#, "[".repeat(100), "]".repeat(100));
+        assert!(parse::<CompletionRequest>(&Bytes::from(ok), "completion").is_ok());
+    }
 }

@@ -13,6 +13,8 @@
 //! - `policy`: `RoutingPolicy`, `RoundRobin`, `LeastLoaded`.
 //! - `members`: membership from discovery, worker clients, load polling, KV events.
 //! - `service`: the `Generate` service: one request's path through the cluster.
+//! - `recovery`: what a choice does after a failed attempt (migration, the KV
+//!   failure policies `fail`, `recompute`, `retry`).
 //! - `openai`, `http`: the OpenAI-compatible HTTP front door (axum), translated to
 //!   and from `tandem.v1` and started through the same path as a gRPC request.
 //! - `metrics`, `telemetry`: the router's metrics and the process's Prometheus recorder.
@@ -23,6 +25,7 @@ pub mod members;
 pub mod metrics;
 pub mod openai;
 pub mod policy;
+pub mod recovery;
 pub mod server;
 pub mod service;
 pub mod telemetry;

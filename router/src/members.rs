@@ -12,7 +12,8 @@ use tandem_cluster::{ClusterView, DiscoveryEvent, Role, ViewChange, WorkerDescri
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::Status;
 
 use crate::policy::{Candidate, RoutingPolicy};
@@ -34,14 +35,20 @@ struct Entry {
     healthy: bool,
     /// Load polls missed in a row.
     misses: u32,
+    /// The last poll could not connect or failed outright (not merely slow): a dead process.
+    refused: bool,
     inflight: Arc<AtomicU64>,
     /// Hashes of the blocks in the worker's prefix cache, from its KV events.
     cached: HashSet<u64>,
     tasks: Vec<JoinHandle<()>>,
+    /// Cancelled when the worker leaves the view (its lease ended, or it deregistered):
+    /// requests still waiting on it stop waiting and move elsewhere.
+    gone: CancellationToken,
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
+        self.gone.cancel();
         for t in &self.tasks {
             t.abort();
         }
@@ -52,6 +59,10 @@ impl Drop for Entry {
 pub struct Picked {
     pub id: WorkerId,
     pub client: WorkerClient<Channel>,
+    /// Cancelled when the worker leaves the cluster's view.
+    pub gone: CancellationToken,
+    /// The discovery lease its record is held by (0: unknown).
+    pub lease: i64,
     inflight: Arc<AtomicU64>,
 }
 
@@ -83,11 +94,14 @@ pub struct WorkerStatus {
 pub struct Members {
     view: RwLock<ClusterView>,
     entries: Mutex<HashMap<WorkerId, Entry>>,
+    /// Mutual TLS of the channels to the workers; `None`: plaintext.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Members {
-    pub fn new() -> Arc<Members> {
-        Arc::new(Members::default())
+    /// `tls`: the channels to the workers present this certificate and verify the workers'.
+    pub fn new(tls: Option<ClientTlsConfig>) -> Arc<Members> {
+        Arc::new(Members { tls, ..Members::default() })
     }
 
     /// Applies a discovery event: a joining worker gets a client and its pollers.
@@ -117,10 +131,14 @@ impl Members {
     }
 
     fn entry_for(self: &Arc<Self>, desc: WorkerDescriptor) -> Result<Entry, String> {
-        let uri =
-            if desc.grpc_addr.contains("://") { desc.grpc_addr.clone() } else { format!("http://{}", desc.grpc_addr) };
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|e| e.to_string())?
+        // The scheme follows this router's TLS setting: tonic speaks TLS to https:// alone.
+        let host = desc.grpc_addr.split_once("://").map_or(desc.grpc_addr.as_str(), |(_, h)| h);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host}")).map_err(|e| e.to_string())?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| e.to_string())?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
@@ -137,9 +155,11 @@ impl Members {
             stats: None,
             healthy: true,
             misses: 0,
+            refused: false,
             inflight: Arc::new(AtomicU64::new(0)),
             cached: HashSet::new(),
             tasks,
+            gone: CancellationToken::new(),
         })
     }
 
@@ -170,10 +190,20 @@ impl Members {
         excluded: &[WorkerId],
     ) -> Result<Route, Status> {
         let entries = self.entries.lock().expect("entries");
-        let serving = |e: &&Entry| e.healthy && e.desc.model.name == model && !excluded.contains(&e.desc.id);
-        let mut prefill: Vec<&Entry> =
-            entries.values().filter(serving).filter(|e| e.desc.role == Role::Prefill).collect();
-        let mut decode: Vec<&Entry> = entries.values().filter(serving).filter(|e| e.desc.role.can_decode()).collect();
+        let eligible = |e: &&Entry| e.desc.model.name == model && !excluded.contains(&e.desc.id);
+        // Workers of a role that answer; when none does, those that are only slow to answer
+        // (busy, or starved of CPU) rather than gone, draining or fenced: a slow worker serves
+        // better than none.
+        let of_role = |role: &dyn Fn(Role) -> bool| -> Vec<&Entry> {
+            let all: Vec<&Entry> = entries.values().filter(eligible).filter(|e| role(e.desc.role)).collect();
+            let healthy: Vec<&Entry> = all.iter().copied().filter(|e| e.healthy).collect();
+            if !healthy.is_empty() {
+                return healthy;
+            }
+            all.into_iter().filter(|e| !e.refused && e.stats.is_some_and(|s| !s.draining && !s.fenced)).collect()
+        };
+        let mut prefill = of_role(&|r| r == Role::Prefill);
+        let mut decode = of_role(&|r| r.can_decode());
         prefill.sort_by(|a, b| a.desc.id.cmp(&b.desc.id));
         decode.sort_by(|a, b| a.desc.id.cmp(&b.desc.id));
         let candidates = |es: &[&Entry]| -> Vec<(Option<pb::StatsResponse>, u64)> {
@@ -194,7 +224,13 @@ impl Members {
         };
         let take = |e: &Entry| {
             e.inflight.fetch_add(1, Ordering::Relaxed);
-            Picked { id: e.desc.id.clone(), client: e.client.clone(), inflight: e.inflight.clone() }
+            Picked {
+                id: e.desc.id.clone(),
+                client: e.client.clone(),
+                gone: e.gone.clone(),
+                lease: e.desc.lease,
+                inflight: e.inflight.clone(),
+            }
         };
         if decode.is_empty() {
             return Err(Status::unavailable(format!("no decode worker serves {model:?}")));
@@ -225,6 +261,33 @@ impl Members {
             )));
         }
         Ok(Route::Local(take(both[pick(&both, false)])))
+    }
+
+    /// Whether a healthy prefill worker of `model` other than `failed` (and not in
+    /// `excluded`) exists.
+    pub fn has_other_prefill(&self, model: &str, failed: &WorkerId, excluded: &[WorkerId]) -> bool {
+        self.entries.lock().expect("entries").values().any(|e| {
+            e.healthy
+                && e.desc.role == Role::Prefill
+                && e.desc.model.name == model
+                && e.desc.id != *failed
+                && !excluded.contains(&e.desc.id)
+        })
+    }
+
+    /// Decode-capable worker `id`, if it is healthy: where a request whose KV transfer
+    /// failed is recomputed.
+    pub fn decoder(&self, id: &WorkerId) -> Option<Picked> {
+        let entries = self.entries.lock().expect("entries");
+        let e = entries.get(id).filter(|e| e.healthy && e.desc.role.can_decode())?;
+        e.inflight.fetch_add(1, Ordering::Relaxed);
+        Some(Picked {
+            id: e.desc.id.clone(),
+            client: e.client.clone(),
+            gone: e.gone.clone(),
+            lease: e.desc.lease,
+            inflight: e.inflight.clone(),
+        })
     }
 
     /// Models served by at least one healthy worker: (name, context length).
@@ -259,8 +322,9 @@ async fn poll_load(members: std::sync::Weak<Members>, id: WorkerId, mut client: 
                     if !e.healthy {
                         eprintln!("router: worker {id} answers again");
                     }
-                    e.healthy = !s.draining;
+                    e.healthy = !s.draining && !s.fenced;
                     e.misses = 0;
+                    e.refused = false;
                     e.stats = Some(s);
                 });
             }
@@ -268,8 +332,14 @@ async fn poll_load(members: std::sync::Weak<Members>, id: WorkerId, mut client: 
                 // A refused connection is a dead process; a slow answer may be a busy one.
                 let refused = matches!(&failure, Ok(Err(s)) if s.code() == tonic::Code::Unavailable);
                 e.misses += 1;
+                e.refused = refused;
                 if e.healthy && (refused || e.misses >= MISSES) {
-                    eprintln!("router: worker {id} does not answer; not routing to it");
+                    // The reason tells a dead process from, say, a refused TLS certificate.
+                    let why = match &failure {
+                        Ok(Err(s)) => s.message().to_string(),
+                        _ => format!("no answer within {LOAD_TIMEOUT:?}"),
+                    };
+                    eprintln!("router: worker {id} does not answer ({why}); not routing to it");
                     e.healthy = false;
                 }
             }),

@@ -16,6 +16,7 @@ pub const IN_FLIGHT: &str = "tandem_router_requests_in_flight";
 pub const MAX_IN_FLIGHT: &str = "tandem_router_max_in_flight";
 pub const WORKERS: &str = "tandem_workers";
 pub const MIGRATIONS: &str = "tandem_migrations_total";
+pub const KV_RECOVERIES: &str = "tandem_kv_failure_recoveries_total";
 
 /// Registers every router metric's description (idempotent).
 pub fn describe() {
@@ -44,6 +45,12 @@ pub fn describe() {
         MIGRATIONS,
         "Times a choice moved to other workers after a worker failed under it (re-prefilling its prompt and \
          the tokens generated so far)."
+    );
+    describe_counter!(
+        KV_RECOVERIES,
+        "Choices whose KV transfer failed or stayed incomplete, by the policy in force (fail, recompute, retry) \
+         and what was done (fail; recompute: the decode worker prefilled itself; retry: another prefill worker; \
+         gave_up: no recovery left)."
     );
 }
 
@@ -97,4 +104,8 @@ pub fn set_workers(role: &'static str, state: &'static str, n: usize) {
 
 pub fn migration() {
     counter!(MIGRATIONS).increment(1);
+}
+
+pub fn kv_failure(policy: &'static str, action: &'static str) {
+    counter!(KV_RECOVERIES, "policy" => policy, "action" => action).increment(1);
 }

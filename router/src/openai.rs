@@ -7,7 +7,14 @@ use serde_json::{json, Value};
 use tandem_proto::tandem::v1 as api;
 use tonic::Status;
 
-use crate::validate::ModelFacts;
+use crate::validate::{ModelFacts, MAX_N, MAX_STOP};
+
+/// Longest stop string, in bytes.
+pub const MAX_STOP_LEN: usize = 1024;
+/// Most `stop_token_ids`.
+pub const MAX_STOP_TOKEN_IDS: usize = 256;
+/// Longest `cache_salt`, in bytes.
+pub const MAX_CACHE_SALT: usize = 256;
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]
@@ -81,6 +88,51 @@ pub struct Common {
     pub ignore_eos: bool,
     pub stop_token_ids: Option<Vec<u32>>,
     pub priority: Option<i32>,
+    /// Tandem: `fail`, `recompute` or `retry` when the request's KV transfer fails.
+    pub kv_failure_policy: Option<String>,
+    /// Fields Tandem does not implement and that change what an answer means: a request
+    /// using them is refused (400 naming the field) rather than answered as if they were
+    /// absent. Their no-op values (`null`, empty, `"none"`, `{"type": "text"}`) pass.
+    #[serde(flatten)]
+    pub unsupported: Unsupported,
+}
+
+/// OpenAI fields whose meaning Tandem does not implement (see [`Common::unsupported`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Unsupported {
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    pub response_format: Option<Value>,
+    pub logit_bias: Option<Value>,
+}
+
+impl Unsupported {
+    /// The first field set to something Tandem would have to ignore.
+    fn check(&self) -> Result<(), ApiError> {
+        let empty = |v: &Value| match v {
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            _ => false,
+        };
+        let no_call = |v: &Value| matches!(v.as_str(), Some("none" | "auto"));
+        let text = |v: &Value| v.get("type").and_then(Value::as_str) == Some("text");
+        let fields: [(&str, &Option<Value>, &dyn Fn(&Value) -> bool, &str); 6] = [
+            ("tools", &self.tools, &empty, "tool calling is not supported"),
+            ("functions", &self.functions, &empty, "function calling is not supported"),
+            ("tool_choice", &self.tool_choice, &no_call, "tool calling is not supported"),
+            ("function_call", &self.function_call, &no_call, "function calling is not supported"),
+            ("response_format", &self.response_format, &text, "only {\"type\": \"text\"} is supported"),
+            ("logit_bias", &self.logit_bias, &empty, "is not supported"),
+        ];
+        for (field, value, harmless, why) in fields {
+            if value.as_ref().is_some_and(|v| !harmless(v)) {
+                return Err(ApiError::bad(field, why));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,6 +188,17 @@ impl ApiError {
         }
     }
 
+    /// The request's deadline passed (its `x-request-timeout`, or the router's limit).
+    pub fn deadline() -> ApiError {
+        ApiError {
+            status: 504,
+            kind: "server_error",
+            message: "the request's deadline passed".into(),
+            param: None,
+            code: Some("timeout"),
+        }
+    }
+
     pub fn unauthorized() -> ApiError {
         ApiError {
             status: 401,
@@ -187,17 +250,40 @@ fn count(field: &str, v: Option<i64>, max: i64) -> Result<Option<u32>, ApiError>
 }
 
 fn sampling(c: &Common, max_tokens: Option<i64>) -> Result<api::SamplingParams, ApiError> {
+    c.unsupported.check()?;
     let max_tokens = match max_tokens {
         // 0 is refused by the core's check, which names the field.
         Some(m) if m < 0 => return Err(ApiError::bad("max_tokens", format!("{m} must be at least 1"))),
-        Some(m) => Some(m.min(u32::MAX as i64) as u32),
+        Some(m) if m > u32::MAX as i64 => return Err(ApiError::bad("max_tokens", format!("{m} exceeds any context"))),
+        Some(m) => Some(m as u32),
         None => None,
     };
     let n = match c.n {
-        Some(n) if n < 1 => return Err(ApiError::bad("n", format!("{n} must be at least 1"))),
-        Some(n) => Some(n.min(u32::MAX as i64) as u32),
-        None => None,
+        Some(n) if !(1..=MAX_N as i64).contains(&n) => {
+            return Err(ApiError::bad("n", format!("{n}; must be in 1..={MAX_N}")))
+        }
+        n => n.map(|n| n as u32),
     };
+    if let Some(seed) = c.seed.filter(|&s| s < 0) {
+        return Err(ApiError::bad("seed", format!("{seed} must not be negative")));
+    }
+    let stop = c.stop.clone().map(Stop::into_vec).unwrap_or_default();
+    if stop.len() > MAX_STOP {
+        return Err(ApiError::bad("stop", format!("{} strings; at most {MAX_STOP}", stop.len())));
+    }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_LEN) {
+        return Err(ApiError::bad("stop", format!("a stop string of {} bytes; at most {MAX_STOP_LEN}", long.len())));
+    }
+    let stop_token_ids = c.stop_token_ids.clone().unwrap_or_default();
+    if stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(ApiError::bad(
+            "stop_token_ids",
+            format!("{} ids; at most {MAX_STOP_TOKEN_IDS}", stop_token_ids.len()),
+        ));
+    }
+    if let Some(salt) = c.cache_salt.as_ref().filter(|s| s.len() > MAX_CACHE_SALT) {
+        return Err(ApiError::bad("cache_salt", format!("{} bytes; at most {MAX_CACHE_SALT}", salt.len())));
+    }
     Ok(api::SamplingParams {
         max_tokens,
         temperature: c.temperature,
@@ -206,8 +292,8 @@ fn sampling(c: &Common, max_tokens: Option<i64>) -> Result<api::SamplingParams, 
         top_k: c.top_k.map(|k| k.clamp(0, u32::MAX as i64) as u32),
         min_p: c.min_p,
         seed: c.seed.map(|s| s as u64),
-        stop: c.stop.clone().map(Stop::into_vec).unwrap_or_default(),
-        stop_token_ids: c.stop_token_ids.clone().unwrap_or_default(),
+        stop,
+        stop_token_ids,
         n,
         logprobs: None,
         presence_penalty: c.presence_penalty,
@@ -218,15 +304,63 @@ fn sampling(c: &Common, max_tokens: Option<i64>) -> Result<api::SamplingParams, 
     })
 }
 
-fn base(c: &Common, input: api::generate_request::Input, s: api::SamplingParams) -> api::GenerateRequest {
-    api::GenerateRequest {
+fn base(
+    c: &Common,
+    input: api::generate_request::Input,
+    s: api::SamplingParams,
+) -> Result<api::GenerateRequest, ApiError> {
+    let kv_failure_policy = match c.kv_failure_policy.as_deref() {
+        None => api::KvFailurePolicy::Unspecified,
+        Some("fail") => api::KvFailurePolicy::Fail,
+        Some("recompute") => api::KvFailurePolicy::Recompute,
+        Some("retry") => api::KvFailurePolicy::Retry,
+        Some(other) => {
+            return Err(ApiError::bad("kv_failure_policy", format!("{other:?} is not one of fail, recompute, retry")))
+        }
+    };
+    Ok(api::GenerateRequest {
         model: c.model.clone().unwrap_or_default(),
         input: Some(input),
         sampling: Some(s),
         request_id: None,
         cache_salt: c.cache_salt.clone(),
         priority: c.priority.unwrap_or(0),
+        kv_failure_policy: kv_failure_policy as i32,
+    })
+}
+
+/// Refuses, before tokenizing, an input that cannot fit the context whatever its tokens,
+/// so that a large body costs the router a byte count rather than a tokenization: no token
+/// covers more bytes than the longest vocabulary entry, so text longer than the context
+/// times that entry is more tokens than the context holds; and a chat template spends at
+/// least one token on each message. What passes is checked exactly by `validate`.
+pub fn check_input_size(req: &api::GenerateRequest, facts: &ModelFacts) -> Result<(), ApiError> {
+    use api::generate_request::Input;
+    let ctx = facts.max_model_len;
+    let (field, bytes) = match &req.input {
+        Some(Input::Prompt(p)) => ("prompt", p.len()),
+        Some(Input::Messages(m)) => {
+            if m.messages.len() >= ctx {
+                let n = m.messages.len();
+                return Err(ApiError::bad("messages", format!("{n} messages; the context holds {ctx} tokens")));
+            }
+            ("messages", m.messages.iter().map(|m| m.content.len()).sum())
+        }
+        _ => return Ok(()),
+    };
+    // Fewer bytes than context tokens always fit: skip the vocabulary scan.
+    if bytes <= ctx {
+        return Ok(());
     }
+    let tok = &facts.tokenizer;
+    let longest = (0..tok.vocab_size() as u32).filter_map(|id| tok.token_bytes(id)).map(<[u8]>::len).max().unwrap_or(1);
+    if bytes > ctx.saturating_mul(longest.max(1)) {
+        return Err(ApiError::bad(
+            field,
+            format!("{bytes} bytes of text cannot fit the context of {ctx} tokens (at most {longest} bytes a token)"),
+        ));
+    }
+    Ok(())
 }
 
 /// A chat request as `tandem.v1`.
@@ -261,7 +395,7 @@ pub fn chat_request(r: &ChatRequest) -> Result<api::GenerateRequest, ApiError> {
     } else if top.is_some_and(|t| t > 0) {
         return Err(ApiError::bad("top_logprobs", "needs logprobs: true"));
     }
-    Ok(base(&r.common, api::generate_request::Input::Messages(api::Messages { messages }), s))
+    base(&r.common, api::generate_request::Input::Messages(api::Messages { messages }), s)
 }
 
 /// What a completions request needs besides its `tandem.v1` form.
@@ -301,7 +435,7 @@ pub fn completion_request(r: &CompletionRequest) -> Result<CompletionPlan, ApiEr
     if r.echo && lp.is_some() {
         s.prompt_logprobs = lp;
     }
-    Ok(CompletionPlan { request: base(&r.common, input, s), echo: r.echo, score_only })
+    Ok(CompletionPlan { request: base(&r.common, input, s)?, echo: r.echo, score_only })
 }
 
 pub fn finish_str(f: i32) -> Option<&'static str> {
@@ -445,6 +579,49 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("messages[0].content"));
         let c: CompletionRequest = serde_json::from_value(json!({"prompt": ["a", "b"]})).unwrap();
         assert_eq!(completion_request(&c).err().unwrap().param.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn unimplemented_fields_and_oversized_lists_are_refused_by_name() {
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        let refused = |extra: Value| {
+            let mut v = json!({"messages": msgs});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            chat(v).err().map(|e| (e.status, e.param.unwrap_or_default()))
+        };
+        let tool = json!([{"type": "function", "function": {"name": "f"}}]);
+        let cases = [
+            (json!({"tools": tool}), "tools"),
+            (json!({"functions": [{"name": "f"}]}), "functions"),
+            (json!({"tool_choice": "required"}), "tool_choice"),
+            (json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}), "tool_choice"),
+            (json!({"function_call": {"name": "f"}}), "function_call"),
+            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
+            (json!({"seed": -1}), "seed"),
+            (json!({"n": 1_000_000_000_000i64}), "n"),
+            (json!({"n": 17}), "n"),
+            (json!({"max_tokens": 1_000_000_000_000i64}), "max_tokens"),
+            (json!({"stop": vec!["x"; 17]}), "stop"),
+            (json!({"stop": "y".repeat(MAX_STOP_LEN + 1)}), "stop"),
+            (json!({"stop_token_ids": vec![1; MAX_STOP_TOKEN_IDS + 1]}), "stop_token_ids"),
+            (json!({"cache_salt": "s".repeat(MAX_CACHE_SALT + 1)}), "cache_salt"),
+            (json!({"logprobs": true, "top_logprobs": 1000}), "top_logprobs"),
+        ];
+        for (extra, field) in cases {
+            assert_eq!(refused(extra.clone()), Some((400, field.to_string())), "{extra}");
+        }
+        // Their no-op values, and unknown harmless fields, pass.
+        let harmless = json!({
+            "tools": [], "functions": null, "tool_choice": "none", "function_call": "auto",
+            "response_format": {"type": "text"}, "logit_bias": {}, "parallel_tool_calls": false,
+            "seed": 0, "n": 16, "stop": vec!["x"; 16], "metadata": {"a": 1},
+        });
+        assert_eq!(refused(harmless), None);
+        let c: CompletionRequest = serde_json::from_value(json!({"prompt": "x", "logprobs": 21})).unwrap();
+        assert_eq!(completion_request(&c).err().unwrap().param.as_deref(), Some("logprobs"));
+        let c: CompletionRequest = serde_json::from_value(json!({"prompt": "x", "logit_bias": {"1": 5}})).unwrap();
+        assert_eq!(completion_request(&c).err().unwrap().param.as_deref(), Some("logit_bias"));
     }
 
     #[test]

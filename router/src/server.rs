@@ -12,13 +12,16 @@ use tandem_engine::chat::ChatTemplate;
 use tandem_engine::config::ModelConfig;
 use tandem_engine::gguf::GgufFile;
 use tandem_engine::tokenizer::Tokenizer;
+use tandem_kvtransfer::{MutualTls, TlsFiles};
 use tandem_proto::tandem::v1::generate_server::{GenerateServer, SERVICE_NAME};
 use tandem_proto::{HealthReporter, ServingStatus};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::members::Members;
 use crate::policy::policy_by_name;
+use crate::recovery::KvFailurePolicy;
 use crate::service::{check_api_key, GenerateService, RouterState};
 use crate::validate::ModelFacts;
 
@@ -35,10 +38,19 @@ pub struct RouterConfig {
     pub max_inflight: usize,
     /// Where the OpenAI-compatible HTTP API listens; `None`: no HTTP.
     pub http_listen: Option<SocketAddr>,
+    /// What the HTTP API bounds: header size and read time, body read time, request deadline.
+    pub http_limits: crate::http::HttpLimits,
     /// Accepted API keys (HTTP `Authorization: Bearer`, gRPC `authorization`); empty: open.
     pub api_keys: Vec<String>,
     /// Times a choice may move to other workers when one fails under it (0: fail instead).
     pub migration_limit: usize,
+    /// Mutual TLS on the channels to the workers (the public API stays plaintext); `None`: plaintext.
+    pub tls: Option<TlsFiles>,
+    /// What a request whose KV transfer fails gets, unless it chooses.
+    pub kv_failure_policy: KvFailurePolicy,
+    /// How long a decode worker holds a prompt's blocks for KV that does not come (the
+    /// prefill side abandons the transfer then too).
+    pub kv_lease: Duration,
 }
 
 pub struct RunningRouter {
@@ -60,15 +72,18 @@ impl RunningRouter {
     ) -> Result<RunningRouter, String> {
         let policy = policy_by_name(&cfg.policy)
             .ok_or_else(|| format!("unknown routing policy {:?} (round-robin, least-loaded)", cfg.policy))?;
+        let tls = cfg.tls.as_ref().map(worker_tls).transpose()?;
         let path = cfg.model_path.clone();
         let facts = tokio::task::spawn_blocking(move || load_facts(&path)).await.map_err(|e| e.to_string())??;
         let facts = ModelFacts { name: cfg.model_name.clone(), ..facts };
         crate::metrics::describe();
-        let members = Members::new();
+        let members = Members::new(tls);
         let membership = tokio::spawn(follow_membership(discovery, cluster, members.clone()));
         let mut state = RouterState::new(facts, members, policy, cfg.max_inflight);
         state.api_keys = cfg.api_keys.clone();
         state.migration_limit = cfg.migration_limit;
+        state.kv_failure_policy = cfg.kv_failure_policy;
+        state.kv_lease = cfg.kv_lease;
         let state = Arc::new(state);
 
         let listener = tokio::net::TcpListener::bind(cfg.grpc_listen)
@@ -102,12 +117,8 @@ impl RunningRouter {
                     .await
                     .map_err(|e| format!("binding the HTTP server on {addr}: {e}"))?;
                 let local = l.local_addr().map_err(|e| e.to_string())?;
-                let stop = stop_server.clone();
-                let app = crate::http::routes(state.clone());
-                let task =
-                    tokio::spawn(
-                        async move { axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await },
-                    );
+                let app = crate::http::routes(state.clone(), cfg.http_limits);
+                let task = tokio::spawn(crate::http::serve(l, app, cfg.http_limits, stop_server.clone()));
                 (Some(local), Some(task))
             }
             None => (None, None),
@@ -150,6 +161,17 @@ impl RunningRouter {
         self.membership.abort();
         clean
     }
+}
+
+/// The channels' TLS: this router's certificate, the CA that workers' certificates must
+/// chain to, and the name they must carry. The files are checked here, at start.
+fn worker_tls(files: &TlsFiles) -> Result<ClientTlsConfig, String> {
+    let tls = MutualTls::load(files).map_err(|e| e.to_string())?;
+    Ok(ClientTlsConfig::new()
+        .identity(Identity::from_pem(tls.cert_pem(), tls.key_pem()))
+        .ca_certificate(Certificate::from_pem(tls.ca_pem()))
+        .domain_name(tls.server_name())
+        .timeout(Duration::from_secs(5)))
 }
 
 fn load_facts(path: &std::path::Path) -> Result<ModelFacts, String> {

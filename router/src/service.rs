@@ -22,12 +22,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::members::{Members, Route};
+use crate::members::{Members, Picked, Route};
 use crate::metrics;
 use crate::policy::RoutingPolicy;
+use crate::recovery::{self, Budget, Fault, KvFailurePolicy, Next, Plan, Recovery};
 use crate::validate::{check_model, input_ids, validate, ModelFacts, Validated};
 
-/// How long a decode worker holds a prompt's blocks for KV that does not come.
+/// How long a decode worker holds a prompt's blocks for KV that does not come, by default.
 pub const KV_LEASE: Duration = Duration::from_secs(30);
 
 /// State shared by the router's handlers.
@@ -45,6 +46,10 @@ pub struct RouterState {
     pub api_keys: Vec<String>,
     /// Times a choice may move to other workers after a worker fails under it.
     pub migration_limit: usize,
+    /// What a request whose KV transfer fails gets when it does not choose.
+    pub kv_failure_policy: KvFailurePolicy,
+    /// The lease of a reservation (see `KV_LEASE`).
+    pub kv_lease: Duration,
     next_id: AtomicU64,
 }
 
@@ -66,6 +71,8 @@ impl RouterState {
                 .unwrap_or(0),
             api_keys: Vec::new(),
             migration_limit: 3,
+            kv_failure_policy: KvFailurePolicy::Retry,
+            kv_lease: KV_LEASE,
             // Workers see ids from every router: start somewhere random.
             next_id: AtomicU64::new(splitmix(seed)),
         }
@@ -220,26 +227,39 @@ impl Marks {
     }
 }
 
-/// Why an attempt failed, and the worker to blame when another one could carry on.
+/// Why an attempt failed, and whose fault it was.
 struct AttemptError {
     status: Status,
-    /// Set when the failure is the worker's (it died, could not be reached, or failed the
-    /// KV transfer), not the request's: the choice may migrate to another worker.
-    worker: Option<WorkerId>,
+    fault: Fault,
 }
 
 impl From<Status> for AttemptError {
     fn from(status: Status) -> Self {
-        AttemptError { status, worker: None }
+        AttemptError { status, fault: Fault::Request }
     }
 }
 
-/// A worker's error as an attempt's failure: migratable unless it is the client's
-/// (invalid, refused for load, deadline).
+/// Workers mark a status whose cause is a failed KV transfer with this metadata key
+/// (value `kv`; `tandem_decode_worker::service::kv_fault`), so the router can tell a
+/// broken transfer from a broken worker.
+const FAULT_METADATA: &str = "tandem-fault";
+
+fn kv_fault(s: &Status) -> bool {
+    s.metadata().get(FAULT_METADATA).is_some_and(|v| v == "kv")
+}
+
+/// A worker's error as an attempt's failure: the worker's fault (the choice may move)
+/// unless it is the request's (invalid, refused for load, deadline).
 fn failed(role: &str, id: &WorkerId, e: Status) -> AttemptError {
     let status = worker_error(role, id, e);
-    let worker = (status.code() == tonic::Code::Unavailable).then(|| id.clone());
-    AttemptError { status, worker }
+    let fault = if status.code() == tonic::Code::Unavailable { Fault::Worker(id.clone()) } else { Fault::Request };
+    AttemptError { status, fault }
+}
+
+/// A worker that left the cluster's view while the choice waited on it.
+fn left(role: &str, id: &WorkerId) -> AttemptError {
+    let status = Status::unavailable(format!("{role} worker {id} left the cluster (its lease ended)"));
+    AttemptError { status, fault: Fault::Worker(id.clone()) }
 }
 
 async fn choice(
@@ -249,31 +269,76 @@ async fn choice(
     out: &mpsc::Sender<Result<Chunk, Status>>,
     accepted: Instant,
 ) -> Result<(), Status> {
+    let policy = v.kv_failure_policy.unwrap_or(s.kv_failure_policy);
     let mut generated = Vec::new();
     let mut excluded = Vec::new();
-    let mut migrations = 0;
+    let mut plan = Plan::Route;
+    let (mut migrations, mut kv_recoveries) = (0, 0);
     loop {
-        match attempt(s, v, index, out, accepted, &mut generated, &excluded).await {
+        let err = match attempt(s, v, index, out, accepted, &mut generated, &excluded, &plan).await {
             Ok(()) => return Ok(()),
-            Err(AttemptError { status, worker: Some(w) }) if migrations < s.migration_limit => {
-                migrations += 1;
-                metrics::migration();
-                eprintln!(
-                    "router: request {} choice {index}: {}; migrating after {} tokens ({migrations} of {})",
-                    v.request_id,
-                    status.message(),
-                    generated.len(),
-                    s.migration_limit
-                );
-                excluded.push(w);
+            Err(e) => e,
+        };
+        let other_prefill = match &err.fault {
+            Fault::Kv { prefill, .. } => s.members.has_other_prefill(&s.facts.name, prefill, &excluded),
+            _ => false,
+        };
+        let budget = Budget {
+            migrations_left: s.migration_limit.saturating_sub(migrations),
+            kv_recoveries_left: recovery::MAX_KV_RECOVERIES.saturating_sub(kv_recoveries),
+            other_prefill,
+        };
+        let decision = recovery::next(&err.fault, policy, budget);
+        if let Fault::Kv { .. } = err.fault {
+            let action = match &decision {
+                Next::Again { kind: Recovery::Kv(p), .. } => p.as_str(),
+                _ if policy == KvFailurePolicy::Fail => "fail",
+                _ => "gave_up",
+            };
+            metrics::kv_failure(policy.as_str(), action);
+        }
+        match decision {
+            Next::GiveUp => {
+                let status = match err.fault {
+                    Fault::Kv { .. } => Status::unavailable(format!(
+                        "{} (KV failure policy {policy}{})",
+                        err.status.message(),
+                        if policy == KvFailurePolicy::Fail { "" } else { "; no recovery left" }
+                    )),
+                    _ => err.status,
+                };
+                return Err(status);
             }
-            Err(e) => return Err(e.status),
+            Next::Again { plan: next_plan, exclude, kind } => {
+                let what = match (kind, &next_plan) {
+                    (Recovery::Migration, _) => {
+                        migrations += 1;
+                        metrics::migration();
+                        format!("migrating after {} tokens ({migrations} of {})", generated.len(), s.migration_limit)
+                    }
+                    (Recovery::Kv(_), Plan::Recompute { on }) => {
+                        kv_recoveries += 1;
+                        format!("KV failure policy {policy}: recomputing on {on} after {} tokens", generated.len())
+                    }
+                    (Recovery::Kv(_), Plan::Route) => {
+                        kv_recoveries += 1;
+                        format!(
+                            "KV failure policy {policy}: retrying on another prefill worker after {} tokens",
+                            generated.len()
+                        )
+                    }
+                };
+                eprintln!("router: request {} choice {index}: {}; {what}", v.request_id, err.status.message());
+                excluded.extend(exclude);
+                plan = next_plan;
+            }
         }
     }
 }
 
-/// One try at a choice: on fresh workers, from the prompt plus what earlier tries generated
-/// (`generated`, which this extends as tokens go out).
+/// One try at a choice: on fresh workers (or as `plan` says), from the prompt plus what
+/// earlier tries generated (`generated`, which this extends as tokens go out).
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     s: &Arc<RouterState>,
     v: &Validated,
@@ -282,6 +347,7 @@ async fn attempt(
     accepted: Instant,
     generated: &mut Vec<u32>,
     excluded: &[WorkerId],
+    plan: &Plan,
 ) -> Result<(), AttemptError> {
     let rid = s.next_rid();
     let resumed = generated.len() as u32;
@@ -293,7 +359,13 @@ async fn attempt(
         sampling.prompt_logprobs = None;
     }
     let prompt: Vec<u32> = v.prompt.iter().chain(generated.iter()).copied().collect();
-    let route = s.members.route(s.policy.as_ref(), &s.facts.name, prompt.len(), excluded)?;
+    let (route, recompute) = match plan {
+        Plan::Route => (s.members.route(s.policy.as_ref(), &s.facts.name, prompt.len(), excluded)?, false),
+        Plan::Recompute { on } => match s.members.decoder(on) {
+            Some(w) => (Route::Local(w), true),
+            None => return Err(left("decode", on)),
+        },
+    };
     match route {
         Route::Local(w) => {
             let mut c = w.client.clone();
@@ -305,10 +377,14 @@ async fn attempt(
                 prompt_token_ids: prompt,
                 cache_salt: v.cache_salt.clone(),
                 priority: v.priority,
+                recompute,
             };
             let marks = Marks { accepted, sent: Instant::now(), prefilled: None };
-            let stream = c.decode(req).await.map_err(|e| failed("decode", &w.id, e))?.into_inner();
-            guard.done = relay(stream, index, None, out, &w.id, marks, generated).await?;
+            let stream = tokio::select! {
+                r = c.decode(req) => r.map_err(|e| failed("decode", &w.id, e))?.into_inner(),
+                _ = w.gone.cancelled() => return Err(left("decode", &w.id)),
+            };
+            guard.done = relay(stream, index, None, out, &w, None, marks, generated).await?;
             Ok(())
         }
         Route::Disaggregated { prefill, decode } => {
@@ -317,23 +393,30 @@ async fn attempt(
                 request_id: rid,
                 prompt_token_ids: prompt.clone(),
                 cache_salt: v.cache_salt.clone(),
-                lease_ms: KV_LEASE.as_millis() as u32,
+                lease_ms: s.kv_lease.as_millis() as u32,
                 max_tokens: sampling.max_tokens,
                 priority: v.priority,
                 sampling: Some(sampling.clone()),
                 resumed_tokens: resumed,
+                sender_lease: prefill.lease,
             };
             // Armed before the reservation: a choice dropped while `Reserve` is in flight still
             // cancels it (the worker refuses a reservation for an id it saw cancelled).
             let mut guard = CancelOnDrop { rid, clients: vec![dc.clone(), pc.clone()], done: false };
-            let res = dc.reserve(reserve).await.map_err(|e| failed("decode", &decode.id, e))?.into_inner();
+            let res = tokio::select! {
+                r = dc.reserve(reserve) => r.map_err(|e| failed("decode", &decode.id, e))?.into_inner(),
+                _ = decode.gone.cancelled() => return Err(left("decode", &decode.id)),
+            };
             let dreq = pb::DecodeRequest {
                 request_id: rid,
                 sampling: Some(sampling.clone()),
                 resumed_tokens: resumed,
                 ..Default::default()
             };
-            let stream = dc.decode(dreq).await.map_err(|e| failed("decode", &decode.id, e))?.into_inner();
+            let stream = tokio::select! {
+                r = dc.decode(dreq) => r.map_err(|e| failed("decode", &decode.id, e))?.into_inner(),
+                _ = decode.gone.cancelled() => return Err(left("decode", &decode.id)),
+            };
             let preq = pb::PrefillRequest {
                 request_id: rid,
                 prompt_token_ids: prompt,
@@ -345,25 +428,36 @@ async fn attempt(
                     block_ids: res.block_ids,
                     cached_blocks: res.cached_blocks,
                     layout: res.layout,
+                    lease_ms: res.lease_ms,
                 }),
                 priority: v.priority,
                 resumed_tokens: resumed,
             };
             let sent = Instant::now();
-            let pres = pc
-                .prefill(preq)
-                .await
-                .map_err(|e| {
-                    let mut err = failed("prefill", &prefill.id, e);
-                    // The prefill worker could not deliver the KV: the destination is to blame.
-                    if err.worker.is_some() && err.status.message().contains(&format!("to {}", decode.id)) {
-                        err.worker = Some(decode.id.clone());
+            let kv_failed = |status: Status, prefill_failed: bool| AttemptError {
+                status,
+                fault: Fault::Kv { prefill: prefill.id.clone(), decode: decode.id.clone(), prefill_failed },
+            };
+            let pres = tokio::select! {
+                r = pc.prefill(preq) => match r {
+                    Ok(r) => r.into_inner(),
+                    Err(e) => {
+                        let kv = kv_fault(&e);
+                        let err = failed("prefill", &prefill.id, e);
+                        return Err(match err.fault {
+                            // The transfer broke: the policy decides.
+                            Fault::Worker(_) if kv => kv_failed(err.status, false),
+                            // The prefill worker died or failed: its KV never arrives whole.
+                            Fault::Worker(_) => kv_failed(err.status, true),
+                            _ => err,
+                        });
                     }
-                    err
-                })?
-                .into_inner();
+                },
+                _ = prefill.gone.cancelled() => return Err(kv_failed(left("prefill", &prefill.id).status, true)),
+                _ = decode.gone.cancelled() => return Err(left("decode", &decode.id)),
+            };
             let marks = Marks { accepted, sent, prefilled: Some(Instant::now()) };
-            guard.done = relay(stream, index, Some(pres), out, &decode.id, marks, generated).await?;
+            guard.done = relay(stream, index, Some(pres), out, &decode, Some(&prefill.id), marks, generated).await?;
             Ok(())
         }
     }
@@ -371,27 +465,40 @@ async fn attempt(
 
 /// Forwards a decode stream as chunks of choice `index`, appending its tokens to
 /// `generated`. Returns true once the choice finished, false if the client left first.
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     mut stream: tonic::Streaming<pb::DecodeResponse>,
     index: u32,
     mut prefill: Option<pb::PrefillResponse>,
     out: &mpsc::Sender<Result<Chunk, Status>>,
-    decode: &WorkerId,
+    worker: &Picked,
+    prefilled_by: Option<&WorkerId>,
     marks: Marks,
     generated: &mut Vec<u32>,
 ) -> Result<bool, AttemptError> {
+    let decode = &worker.id;
     let mut first = true;
     let resumed = !generated.is_empty();
     loop {
         let msg = tokio::select! {
             m = stream.message() => m,
             _ = out.closed() => return Ok(false),
+            _ = worker.gone.cancelled() => return Err(left("decode", decode)),
         };
         let d = match msg {
             Ok(Some(d)) => d,
             Ok(None) => {
                 let status = Status::unavailable(format!("decode worker {decode} ended the stream early"));
-                return Err(AttemptError { status, worker: Some(decode.clone()) });
+                return Err(AttemptError { status, fault: Fault::Worker(decode.clone()) });
+            }
+            // The KV never arrived whole (the prefill side reports it too, usually first).
+            Err(e) if first && kv_fault(&e) && prefilled_by.is_some() => {
+                let prefill = prefilled_by.expect("checked").clone();
+                let status = worker_error("decode", decode, e);
+                return Err(AttemptError {
+                    status,
+                    fault: Fault::Kv { prefill, decode: decode.clone(), prefill_failed: false },
+                });
             }
             Err(e) => return Err(failed("decode", decode, e)),
         };

@@ -1,6 +1,7 @@
 //! Checks a `tandem.v1` request and resolves every default, so that what reaches
 //! the workers is complete and valid. Each error names the field at fault.
 
+use crate::recovery::KvFailurePolicy;
 use tandem_engine::chat::{ChatMessage, ChatTemplate};
 use tandem_engine::generate::{prompt_ids, Prompt};
 use tandem_engine::tokenizer::Tokenizer;
@@ -36,6 +37,8 @@ pub struct Validated {
     pub request_id: String,
     pub cache_salt: Option<String>,
     pub priority: i32,
+    /// The request's own KV failure policy; `None`: the router's default.
+    pub kv_failure_policy: Option<KvFailurePolicy>,
 }
 
 fn bad(field: &str, what: impl std::fmt::Display) -> Status {
@@ -123,6 +126,10 @@ pub fn validate(
         }
     }
     let (prompt, _) = input_ids(req.input.as_ref(), facts, true)?;
+    if prompt.is_empty() {
+        // Text the tokenizer drops entirely (control characters): nothing to prefill.
+        return Err(bad("prompt", "has no tokens"));
+    }
     let ctx = facts.max_model_len;
     if prompt.len() >= ctx {
         return Err(bad("prompt", format!("{} tokens; the context holds {ctx} (prompt and output)", prompt.len())));
@@ -171,6 +178,13 @@ pub fn validate(
     if let Some(t) = s.stop_token_ids.iter().find(|&&t| t as usize >= facts.vocab_size) {
         return Err(bad("sampling.stop_token_ids", format!("{t} is outside the vocabulary of {}", facts.vocab_size)));
     }
+    let kv_failure_policy =
+        match req.kv_failure_policy {
+            0 => None,
+            p => Some(KvFailurePolicy::from_api(p, KvFailurePolicy::Retry).ok_or_else(|| {
+                bad("kv_failure_policy", format!("{p} is not a policy (1 fail, 2 recompute, 3 retry)"))
+            })?),
+        };
     Ok(Validated {
         prompt,
         sampling: pb::SamplingParams {
@@ -193,5 +207,6 @@ pub fn validate(
         request_id: req.request_id.clone().unwrap_or_else(new_id),
         cache_salt: req.cache_salt.clone(),
         priority: req.priority,
+        kv_failure_policy,
     })
 }

@@ -3,7 +3,8 @@
 //! validates every value set, and the tests below read what `helm template` renders for
 //! ci/multi-replica-values.yaml and check the properties an operator relies on:
 //! replica counts, probes on every container, a grace period that covers the drain,
-//! API keys from a Secret, a PodDisruptionBudget per component, no container as root.
+//! API keys from a Secret, a PodDisruptionBudget per component, no container as root;
+//! and, for ci/tls-values.yaml, mutual TLS wired into every router and worker.
 //!
 //! YAML becomes JSON through PyYAML in the .venv-deploy virtualenv that setup-helm.sh
 //! makes, so the tests need no YAML crate.
@@ -16,6 +17,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 const CI_VALUES: &str = "deploy/helm/tandem/ci/multi-replica-values.yaml";
+const TLS_VALUES: &str = "deploy/helm/tandem/ci/tls-values.yaml";
 /// The components of a release, and their replicas in ci/multi-replica-values.yaml.
 const COMPONENTS: [(&str, u64); 3] = [("router", 2), ("prefill", 3), ("decode", 2)];
 
@@ -48,36 +50,36 @@ fn setup() {
 /// The documents `helm template` renders for the multi-replica values, as JSON.
 fn rendered() -> &'static [Value] {
     static DOCS: OnceLock<Vec<Value>> = OnceLock::new();
-    DOCS.get_or_init(|| {
-        setup();
-        let helm_home = root().join(".tools/helm-home");
-        let out = Command::new(root().join(".tools/bin/helm"))
-            .args(["template", "tandem", "deploy/helm/tandem", "--namespace", "tandem", "-f", CI_VALUES])
-            .env("HELM_CACHE_HOME", helm_home.join("cache"))
-            .env("HELM_CONFIG_HOME", helm_home.join("config"))
-            .env("HELM_DATA_HOME", helm_home.join("data"))
-            .current_dir(root())
-            .output()
-            .expect("running helm (scripts/setup-helm.sh installs it)");
-        assert!(out.status.success(), "helm template failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    DOCS.get_or_init(|| render(CI_VALUES))
+}
 
-        let mut py = Command::new(root().join(".venv-deploy/bin/python"))
-            .args([
-                "-c",
-                "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running .venv-deploy/bin/python (scripts/setup-helm.sh makes it)");
-        py.stdin.take().expect("stdin").write_all(&out.stdout).expect("writing the manifests to python");
-        let json = py.wait_with_output().expect("python");
-        assert!(json.status.success(), "YAML to JSON failed:\n{}", String::from_utf8_lossy(&json.stderr));
-        let docs: Vec<Value> = serde_json::from_slice(&json.stdout).expect("JSON from python");
-        assert!(!docs.is_empty(), "helm template rendered nothing");
-        docs
-    })
+/// The documents `helm template` renders for `values` (a file under the repository), as JSON.
+fn render(values: &str) -> Vec<Value> {
+    setup();
+    let helm_home = root().join(".tools/helm-home");
+    let out = Command::new(root().join(".tools/bin/helm"))
+        .args(["template", "tandem", "deploy/helm/tandem", "--namespace", "tandem", "-f", values])
+        .env("HELM_CACHE_HOME", helm_home.join("cache"))
+        .env("HELM_CONFIG_HOME", helm_home.join("config"))
+        .env("HELM_DATA_HOME", helm_home.join("data"))
+        .current_dir(root())
+        .output()
+        .expect("running helm (scripts/setup-helm.sh installs it)");
+    assert!(out.status.success(), "helm template failed:\n{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut py = Command::new(root().join(".venv-deploy/bin/python"))
+        .args(["-c", "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running .venv-deploy/bin/python (scripts/setup-helm.sh makes it)");
+    py.stdin.take().expect("stdin").write_all(&out.stdout).expect("writing the manifests to python");
+    let json = py.wait_with_output().expect("python");
+    assert!(json.status.success(), "YAML to JSON failed:\n{}", String::from_utf8_lossy(&json.stderr));
+    let docs: Vec<Value> = serde_json::from_slice(&json.stdout).expect("JSON from python");
+    assert!(!docs.is_empty(), "helm template rendered nothing");
+    docs
 }
 
 fn kind<'a>(kind: &'a str) -> impl Iterator<Item = &'static Value> + 'a {
@@ -254,4 +256,50 @@ fn service_monitor_scrapes_the_router_and_the_workers() {
     }
     // External etcd: the chart deploys none.
     assert_eq!(kind("StatefulSet").count(), 0);
+}
+
+#[test]
+fn tls_values_mount_the_secret_into_every_router_and_worker_and_probe_a_plaintext_health_port() {
+    let docs = render(TLS_VALUES);
+    let deployments: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Deployment").collect();
+    let env = |c: &Value, var: &str| env_value(c, var).map(str::to_string);
+    for comp in ["router", "prefill", "decode"] {
+        let d = deployments.iter().find(|d| component(d) == comp).unwrap_or_else(|| panic!("no {comp} Deployment"));
+        let spec = &d["spec"]["template"]["spec"];
+        let c = &spec["containers"][0];
+        let volume = array(&spec["volumes"]).iter().find(|v| v["secret"]["secretName"] == "tandem-cluster-tls");
+        let volume = volume.unwrap_or_else(|| panic!("{comp}: the TLS Secret is not a volume"));
+        let mount = array(&c["volumeMounts"]).iter().find(|m| m["name"] == volume["name"]).expect("mounted");
+        assert_eq!(mount["readOnly"], true, "{comp}");
+        let dir = mount["mountPath"].as_str().expect("a mount path");
+        for (var, file) in [("TANDEM_TLS_CERT", "tls.crt"), ("TANDEM_TLS_KEY", "tls.key"), ("TANDEM_TLS_CA", "ca.crt")]
+        {
+            assert_eq!(env(c, var), Some(format!("{dir}/{file}")), "{comp} {var}");
+        }
+        assert_eq!(env(c, "TANDEM_TLS_SERVER_NAME").as_deref(), Some("tandem-worker"), "{comp}");
+        if comp == "router" {
+            // The router's own probes are HTTP, which mutual TLS does not touch.
+            assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/ready");
+            continue;
+        }
+        // The kubelet's gRPC probe cannot present a certificate: the worker's probes go to the
+        // plaintext health-only port it listens on, never to the TLS gRPC port.
+        let port =
+            |name: &str| array(&c["ports"]).iter().find(|p| p["name"] == name).map(|p| p["containerPort"].clone());
+        let health = port("health").unwrap_or_else(|| panic!("{comp}: no health port"));
+        assert_ne!(Some(&health), port("grpc").as_ref(), "{comp}");
+        assert_eq!(env(c, "TANDEM_HEALTH_LISTEN"), Some(format!("0.0.0.0:{health}")), "{comp}");
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+            assert_eq!(c[probe]["grpc"]["port"], health, "{comp} {probe}");
+        }
+    }
+    // Without tls.enabled, no process is given TLS files or a health port.
+    for d in kind("Deployment") {
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert!(
+            env_value(c, "TANDEM_TLS_CERT").is_none() && env_value(c, "TANDEM_HEALTH_LISTEN").is_none(),
+            "{}",
+            name(d)
+        );
+    }
 }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{deadline, EtcdConfig, EtcdDiscovery};
 use crate::backoff::Backoff;
 use crate::descriptor::{worker_key, ClusterName, WorkerDescriptor, WorkerId};
-use crate::discovery::{Registration, RegistrationSignals};
+use crate::discovery::{LeaseState, Registration, RegistrationSignals};
 use crate::error::DiscoveryError;
 
 /// A granted lease.
@@ -56,6 +56,7 @@ pub(super) async fn register(
     tracing::info!(worker = %descriptor.id, key, lease = lease.id, ttl = ?lease.ttl, "registered in etcd");
 
     let signals = RegistrationSignals { stop: discovery.root.child_token(), deregister: CancellationToken::new() };
+    let (state, held) = tokio::sync::watch::channel(LeaseState::Held(lease.id));
     let deregister_deadline = config.request_timeout + Duration::from_secs(1);
     let keeper = Keeper {
         client,
@@ -66,9 +67,10 @@ pub(super) async fn register(
         config,
         signals: signals.clone(),
         failures: 0,
+        state,
     };
     let task = discovery.tasks.spawn(keeper.run(lease));
-    Ok(Registration::new(descriptor.id, signals, task, deregister_deadline))
+    Ok(Registration::new(descriptor.id, signals, task, deregister_deadline, held))
 }
 
 /// etcd TTLs are whole seconds: round up, at least one.
@@ -118,6 +120,8 @@ struct Keeper {
     /// Failed attempts since the last success: the first of a streak is a warning, the
     /// rest are debug lines, so an outage does not flood the log.
     failures: u32,
+    /// The registration's lease, for the worker (`Registration::lease`).
+    state: tokio::sync::watch::Sender<LeaseState>,
 }
 
 impl Keeper {
@@ -153,6 +157,7 @@ impl Keeper {
                     match attempt {
                         Ok(new) => {
                             tracing::info!(worker = %self.worker, lease = new.id, "registered again with a new lease");
+                            self.state.send_replace(LeaseState::Held(new.id));
                             lease = Some(new);
                             new
                         }
@@ -170,6 +175,7 @@ impl Keeper {
                 Ended::Signal(signal) => return self.finish(signal, Some(current)).await,
                 Ended::Expired => {
                     tracing::warn!(worker = %self.worker, lease = current.id, "lease expired; registering again");
+                    self.state.send_replace(LeaseState::Lost);
                     lease = None;
                 }
                 Ended::Broken(e) => {

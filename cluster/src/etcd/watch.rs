@@ -40,7 +40,10 @@ fn decode(kv: &KeyValue) -> Option<(String, Record)> {
         }
     };
     match WorkerDescriptor::from_json(key, kv.value()) {
-        Ok(descriptor) => Some((key.to_string(), Record { descriptor, revision: kv.mod_revision() })),
+        Ok(descriptor) => {
+            let descriptor = WorkerDescriptor { lease: kv.lease(), ..descriptor };
+            Some((key.to_string(), Record { descriptor, revision: kv.mod_revision() }))
+        }
         Err(e) => {
             tracing::warn!(error = %e, "ignoring a worker record");
             None

@@ -31,9 +31,9 @@ pub fn layouts() -> Vec<KvLayout> {
         fingerprint: 0x7a6e_6465_6d00_0001,
     };
     vec![
-        l(2, 1, 4, 2, KvDtypeWire::F16),    // 32 bytes per block and layer
-        l(2, 1, 2, 1, KvDtypeWire::F32),    // 16
-        l(1, 1, 1, 1, KvDtypeWire::F16),    // 4: smallest
+        l(2, 1, 4, 2, KvDtypeWire::F16),     // 32 bytes per block and layer
+        l(2, 1, 2, 1, KvDtypeWire::F32),     // 16
+        l(1, 1, 1, 1, KvDtypeWire::F16),     // 4: smallest
         l(32, 8, 128, 16, KvDtypeWire::F16), // 64 KiB: a real model
         l(u16::MAX, u16::MAX, u16::MAX, u16::MAX, KvDtypeWire::F32), // largest a Hello can declare
     ]
@@ -99,12 +99,12 @@ fn check_frame(frame: &Frame<'_>, bytes: &[u8], max_body: usize, lbb: usize) {
 
     let exact_text = |m: &str| m.len() <= MAX_MESSAGE && !m.contains('\u{FFFD}');
     let (re, comparable) = match frame {
-        Frame::Hello(layout) => {
+        Frame::Hello { layout, lease } => {
             let _ = layout.validate();
             assert_eq!(layout.mismatch(layout), None);
             let _ = layout.mismatch(&layouts()[3]);
             let _ = layout.layer_block_bytes();
-            (wire::encode_hello(layout), true)
+            (wire::encode_hello(layout, *lease), true)
         }
         Frame::HelloOk => (wire::encode_hello_ok(), true),
         Frame::Blocks(b) => {
@@ -114,7 +114,9 @@ fn check_frame(frame: &Frame<'_>, bytes: &[u8], max_body: usize, lbb: usize) {
             let in_place = wire::encode_blocks_in_place(b.request_id, b.layer, &b.block_ids);
             let f = wire::parse_blocks_fixed(&in_place[HEADER_LEN..], in_place.len() - HEADER_LEN, lbb)
                 .expect("an in-place head parses");
-            assert!(f.in_place && f.n_blocks == b.block_ids.len() && f.layer == b.layer && f.request_id == b.request_id);
+            assert!(
+                f.in_place && f.n_blocks == b.block_ids.len() && f.layer == b.layer && f.request_id == b.request_id
+            );
             (wire::encode_blocks(b.request_id, b.layer, &b.block_ids, b.payload), true)
         }
         Frame::Finish { request_id, first_token, num_tokens } => {
@@ -123,7 +125,9 @@ fn check_frame(frame: &Frame<'_>, bytes: &[u8], max_body: usize, lbb: usize) {
         Frame::Abort { request_id, code, message } => {
             (wire::encode_abort(*request_id, *code, message), exact_text(message))
         }
-        Frame::Ack { request_id, code, message } => (wire::encode_ack(*request_id, *code, message), exact_text(message)),
+        Frame::Ack { request_id, code, message } => {
+            (wire::encode_ack(*request_id, *code, message), exact_text(message))
+        }
         Frame::Error { code, message } => (wire::encode_error(*code, message), exact_text(message)),
         Frame::ShmOffer { n_blocks, path } => (wire::encode_shm_offer(*n_blocks, path), exact_text(path)),
     };
@@ -151,7 +155,7 @@ fn check_stream(data: &[u8]) {
     for _ in 0..64 {
         match wire::decode(&data[at..], 1 << 20, lbb) {
             Ok(Some((frame, used))) => {
-                if let Frame::Hello(layout) = &frame {
+                if let Frame::Hello { layout, .. } = &frame {
                     if layout.validate().is_ok() {
                         lbb = layout.layer_block_bytes();
                     }
@@ -217,8 +221,8 @@ impl Rng {
 /// Valid frames of every kind, singly and as streams.
 pub fn seeds() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    for l in layouts() {
-        out.push(wire::encode_hello(&l));
+    for (i, l) in layouts().into_iter().enumerate() {
+        out.push(wire::encode_hello(&l, if i % 2 == 0 { 0 } else { 0x7f3a_0000_0000_0001 + i as i64 }));
     }
     out.push(wire::encode_hello_ok());
     for lbb in [4usize, 16, 32, 64] {
@@ -237,7 +241,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
     out.push(wire::encode_shm_offer(1024, "/dev/shm/tandem-kv-1"));
     // A handshake followed by blocks of that layout, as a receiver sees it.
     let l = layouts()[0];
-    let mut s = wire::encode_hello(&l);
+    let mut s = wire::encode_hello(&l, 0);
     s.extend(wire::encode_blocks(1, 0, &[0, 9], &vec![0xAB; 2 * l.layer_block_bytes()]));
     s.extend(wire::encode_finish(1, 5, 3));
     out.push(s);

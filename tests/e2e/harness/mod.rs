@@ -116,6 +116,22 @@ impl Proc {
         panic!("{}: no {word:?} in {line:?}", self.name);
     }
 
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Its resident set size in KiB (`VmRSS` in /proc/PID/status).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_else(|e| panic!("{}: reading its /proc status: {e}", self.name));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{}: no VmRSS in its /proc status", self.name))
+    }
+
     pub fn signal(&self, sig: &str) {
         let ok = send_signal(sig, self.pid());
         assert!(ok, "kill -{sig} {}", self.name);
@@ -214,6 +230,65 @@ impl Etcd {
         assert!(self.proc.is_none(), "etcd is running");
         self.run();
     }
+
+    /// The keys under `prefix` with their lease ids (0: none), read from etcd itself
+    /// through its JSON gateway (`POST /v3/kv/range`), not through Tandem's client.
+    pub fn keys(&self, prefix: &str) -> Vec<(String, i64)> {
+        use std::io::{Read, Write};
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a non-empty prefix") += 1;
+        let body = serde_json::json!({"key": base64(prefix.as_bytes()), "range_end": base64(&end)}).to_string();
+        let addr = self.url.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to etcd at {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = format!("POST /v3/kv/range HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\n");
+        write!(s, "{head}Content-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let (status, json) = resp.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(
+            status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200"),
+            "etcd range {prefix}: {resp}"
+        );
+        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("etcd range: {e}: {json}"));
+        let kvs = v["kvs"].as_array().cloned().unwrap_or_default();
+        kvs.iter()
+            .map(|kv| {
+                let key = unbase64(kv["key"].as_str().expect("a key"));
+                // int64 fields are strings in the gateway's JSON; absent when zero.
+                let lease = kv["lease"].as_str().map_or(0, |l| l.parse().expect("a lease id"));
+                (String::from_utf8(key).expect("a UTF-8 key"), lease)
+            })
+            .collect()
+    }
+}
+
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding (etcd's gateway carries keys so).
+fn base64(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | ((b as u32) << (16 - 8 * i)));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() { BASE64[((n >> (18 - 6 * i)) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
+}
+
+fn unbase64(text: &str) -> Vec<u8> {
+    let (mut out, mut acc, mut bits) = (Vec::new(), 0u32, 0);
+    for c in text.bytes().take_while(|&c| c != b'=') {
+        let v = BASE64.iter().position(|&b| b == c).unwrap_or_else(|| panic!("not base64: {text:?}"));
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
 }
 
 /// `tandem <args>` with the test's model, with `TANDEM_*` variables of the caller's

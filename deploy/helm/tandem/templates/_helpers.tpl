@@ -99,6 +99,40 @@ app.kubernetes.io/component: {{ .component }}
 - name: TANDEM_MODEL_NAME
   value: {{ . | quote }}
 {{- end }}
+{{- include "tandem.tlsEnv" . }}
+{{- end }}
+
+{{/* Mutual TLS (tls.enabled): the mounted Secret's files. Call with $. */}}
+{{- define "tandem.tlsEnv" -}}
+{{- if .Values.tls.enabled }}
+{{- $dir := trimSuffix "/" .Values.tls.mountPath }}
+- name: TANDEM_TLS_CERT
+  value: {{ printf "%s/tls.crt" $dir | quote }}
+- name: TANDEM_TLS_KEY
+  value: {{ printf "%s/tls.key" $dir | quote }}
+- name: TANDEM_TLS_CA
+  value: {{ printf "%s/ca.crt" $dir | quote }}
+- name: TANDEM_TLS_SERVER_NAME
+  value: {{ .Values.tls.serverName | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The TLS Secret's volume (tls.enabled); readable by the pods' group (fsGroup) only. */}}
+{{- define "tandem.tlsVolume" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ required "tls.existingSecret is required when tls.enabled is true (a Secret with tls.crt, tls.key and ca.crt)" .Values.tls.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "tandem.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{/* Environment of a worker. Call with (dict "ctx" $ "w" .Values.prefill). */}}
@@ -129,6 +163,10 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ $v.engine.maxSeqs | quote }}
 - name: TANDEM_MAX_WAITING
   value: {{ $v.engine.maxWaiting | quote }}
+{{- if $v.tls.enabled }}
+- name: TANDEM_HEALTH_LISTEN
+  value: "0.0.0.0:{{ $v.workerPorts.health }}"
+{{- end }}
 {{- with .w.kvBlocks }}
 - name: TANDEM_KV_BLOCKS
   value: {{ . | quote }}
@@ -242,24 +280,29 @@ The model volume and, for source=download, the init container that fills it.
 {{- end }}
 {{- end }}
 
-{{/* The worker's gRPC health probes (grpc.health.v1, overall service ""). Call with $. */}}
+{{/*
+The worker's gRPC health probes (grpc.health.v1, overall service ""). Call with $.
+Kubernetes' gRPC probe speaks no TLS: with tls.enabled they go to the plaintext
+health-only port, which shares the worker's health status (NOT_SERVING while it drains).
+*/}}
 {{- define "tandem.workerProbes" -}}
 {{- $p := .Values.probes }}
+{{- $port := ternary .Values.workerPorts.health .Values.workerPorts.grpc .Values.tls.enabled }}
 startupProbe:
   grpc:
-    port: {{ .Values.workerPorts.grpc }}
+    port: {{ $port }}
   periodSeconds: {{ $p.startupPeriodSeconds }}
   failureThreshold: {{ $p.startupFailureThreshold }}
   timeoutSeconds: {{ $p.timeoutSeconds }}
 livenessProbe:
   grpc:
-    port: {{ .Values.workerPorts.grpc }}
+    port: {{ $port }}
   periodSeconds: {{ $p.livenessPeriodSeconds }}
   failureThreshold: {{ $p.livenessFailureThreshold }}
   timeoutSeconds: {{ $p.timeoutSeconds }}
 readinessProbe:
   grpc:
-    port: {{ .Values.workerPorts.grpc }}
+    port: {{ $port }}
   periodSeconds: {{ $p.readinessPeriodSeconds }}
   failureThreshold: {{ $p.readinessFailureThreshold }}
   timeoutSeconds: {{ $p.timeoutSeconds }}

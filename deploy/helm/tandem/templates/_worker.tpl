@@ -82,6 +82,11 @@ spec:
             - name: metrics
               containerPort: {{ $v.workerPorts.metrics }}
               protocol: TCP
+            {{- if $v.tls.enabled }}
+            - name: health
+              containerPort: {{ $v.workerPorts.health }}
+              protocol: TCP
+            {{- end }}
           {{- include "tandem.workerProbes" $ctx | trim | nindent 10 }}
           resources:
             {{- toYaml $w.resources | nindent 12 }}
@@ -89,6 +94,7 @@ spec:
             {{- toYaml $v.securityContext | nindent 12 }}
           volumeMounts:
             {{- with (include "tandem.modelMount" $ctx | trim) }}{{ . | nindent 12 }}{{ end }}
+            {{- with (include "tandem.tlsMount" $ctx | trim) }}{{ . | nindent 12 }}{{ end }}
             - name: tmp
               mountPath: /tmp
             {{- if $dshm }}
@@ -97,6 +103,7 @@ spec:
             {{- end }}
       volumes:
         {{- with (include "tandem.modelVolume" $ctx | trim) }}{{ . | nindent 8 }}{{ end }}
+        {{- with (include "tandem.tlsVolume" $ctx | trim) }}{{ . | nindent 8 }}{{ end }}
         - name: tmp
           emptyDir:
             sizeLimit: 64Mi

@@ -1,0 +1,203 @@
+//! What a choice does after one of its attempts failed: move to other workers
+//! (a worker died under it), recover its KV as its policy says (the transfer
+//! from the prefill worker failed or stayed incomplete), or give up.
+//!
+//! Pure decisions, so every case is a table test; `service.rs` carries them out.
+
+use tandem_cluster::WorkerId;
+use tandem_proto::tandem::v1 as api;
+
+/// What happens to a request whose KV transfer fails (`--kv-failure-policy`, or the
+/// request's `kv_failure_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvFailurePolicy {
+    /// End the request with UNAVAILABLE naming the failure.
+    Fail,
+    /// The decode worker prefills the prompt (and the tokens already sent) itself.
+    Recompute,
+    /// Prefill again on another prefill worker; recompute when none is healthy.
+    Retry,
+}
+
+impl KvFailurePolicy {
+    pub const ALL: [KvFailurePolicy; 3] = [KvFailurePolicy::Fail, KvFailurePolicy::Recompute, KvFailurePolicy::Retry];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvFailurePolicy::Fail => "fail",
+            KvFailurePolicy::Recompute => "recompute",
+            KvFailurePolicy::Retry => "retry",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<KvFailurePolicy> {
+        KvFailurePolicy::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// A request's choice (`tandem.v1.KvFailurePolicy`), or `default` when it made none.
+    /// `None` for a value outside the enum.
+    pub fn from_api(value: i32, default: KvFailurePolicy) -> Option<KvFailurePolicy> {
+        match api::KvFailurePolicy::try_from(value).ok()? {
+            api::KvFailurePolicy::Unspecified => Some(default),
+            api::KvFailurePolicy::Fail => Some(KvFailurePolicy::Fail),
+            api::KvFailurePolicy::Recompute => Some(KvFailurePolicy::Recompute),
+            api::KvFailurePolicy::Retry => Some(KvFailurePolicy::Retry),
+        }
+    }
+}
+
+impl std::fmt::Display for KvFailurePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whose fault a failed attempt was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// The request's or the client's (invalid, refused for load, past its deadline):
+    /// another worker would answer the same.
+    Request,
+    /// A worker failed under the choice: it died, broke its stream, or left the cluster.
+    Worker(WorkerId),
+    /// The prompt's KV did not arrive whole from `prefill` at `decode`: the prefill
+    /// worker died or failed (`prefill_failed`), or the transfer itself broke (cut,
+    /// corrupted, refused) while both workers live.
+    Kv { prefill: WorkerId, decode: WorkerId, prefill_failed: bool },
+}
+
+/// How the next attempt of a choice runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Routed afresh, avoiding the workers that failed the choice.
+    Route,
+    /// On decode worker `on`, which prefills the prompt itself (`recompute`).
+    Recompute { on: WorkerId },
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// End the choice with the attempt's error.
+    GiveUp,
+    /// Try again as `plan`, never again on `exclude`.
+    Again { plan: Plan, exclude: Option<WorkerId>, kind: Recovery },
+}
+
+/// Which budget a recovery spends, and how it is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// A worker died under the choice (`--migration-limit`).
+    Migration,
+    /// A failed KV transfer, recovered per policy (at most `MAX_KV_RECOVERIES`).
+    Kv(KvFailurePolicy),
+}
+
+/// KV recoveries a choice may make, whatever the policy.
+pub const MAX_KV_RECOVERIES: usize = 3;
+
+/// Budgets a choice has left, and what the cluster offers now.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub migrations_left: usize,
+    pub kv_recoveries_left: usize,
+    /// A healthy prefill worker other than the failed one (for `retry`).
+    pub other_prefill: bool,
+}
+
+/// The next step after an attempt failed with `fault`, under `policy`.
+pub fn next(fault: &Fault, policy: KvFailurePolicy, budget: Budget) -> Next {
+    match fault {
+        Fault::Request => Next::GiveUp,
+        Fault::Worker(w) if budget.migrations_left > 0 => {
+            Next::Again { plan: Plan::Route, exclude: Some(w.clone()), kind: Recovery::Migration }
+        }
+        Fault::Worker(_) => Next::GiveUp,
+        Fault::Kv { .. } if budget.kv_recoveries_left == 0 => Next::GiveUp,
+        Fault::Kv { prefill, decode, prefill_failed } => {
+            let recompute = |p| Next::Again {
+                plan: Plan::Recompute { on: decode.clone() },
+                // A prefill worker that failed is not tried again by later attempts.
+                exclude: prefill_failed.then(|| prefill.clone()),
+                kind: Recovery::Kv(p),
+            };
+            match policy {
+                KvFailurePolicy::Fail => Next::GiveUp,
+                KvFailurePolicy::Recompute => recompute(KvFailurePolicy::Recompute),
+                KvFailurePolicy::Retry if budget.other_prefill => Next::Again {
+                    plan: Plan::Route,
+                    exclude: Some(prefill.clone()),
+                    kind: Recovery::Kv(KvFailurePolicy::Retry),
+                },
+                KvFailurePolicy::Retry => recompute(KvFailurePolicy::Recompute),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(s: &str) -> WorkerId {
+        WorkerId::new(s).unwrap()
+    }
+
+    fn kv(prefill_failed: bool) -> Fault {
+        Fault::Kv { prefill: w("p1"), decode: w("d1"), prefill_failed }
+    }
+
+    const FULL: Budget = Budget { migrations_left: 3, kv_recoveries_left: 3, other_prefill: true };
+
+    #[test]
+    fn policies_parse_and_map_from_the_api() {
+        for p in KvFailurePolicy::ALL {
+            assert_eq!(KvFailurePolicy::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(KvFailurePolicy::parse("retry-forever"), None);
+        let d = KvFailurePolicy::Retry;
+        assert_eq!(KvFailurePolicy::from_api(0, d), Some(d));
+        assert_eq!(KvFailurePolicy::from_api(1, d), Some(KvFailurePolicy::Fail));
+        assert_eq!(KvFailurePolicy::from_api(2, d), Some(KvFailurePolicy::Recompute));
+        assert_eq!(KvFailurePolicy::from_api(3, d), Some(KvFailurePolicy::Retry));
+        assert_eq!(KvFailurePolicy::from_api(4, d), None);
+        assert_eq!(KvFailurePolicy::from_api(-1, d), None);
+    }
+
+    #[test]
+    fn decisions() {
+        use KvFailurePolicy::*;
+        let recompute = |exclude: Option<&str>, p| Next::Again {
+            plan: Plan::Recompute { on: w("d1") },
+            exclude: exclude.map(w),
+            kind: Recovery::Kv(p),
+        };
+        let retry = Next::Again { plan: Plan::Route, exclude: Some(w("p1")), kind: Recovery::Kv(Retry) };
+        let no_other = Budget { other_prefill: false, ..FULL };
+        let spent_kv = Budget { kv_recoveries_left: 0, ..FULL };
+        let spent_moves = Budget { migrations_left: 0, ..FULL };
+        let table: Vec<(Fault, KvFailurePolicy, Budget, Next)> = vec![
+            (Fault::Request, Retry, FULL, Next::GiveUp),
+            (
+                Fault::Worker(w("d1")),
+                Fail,
+                FULL,
+                Next::Again { plan: Plan::Route, exclude: Some(w("d1")), kind: Recovery::Migration },
+            ),
+            (Fault::Worker(w("d1")), Retry, spent_moves, Next::GiveUp),
+            (kv(true), Fail, FULL, Next::GiveUp),
+            (kv(false), Fail, FULL, Next::GiveUp),
+            (kv(true), Recompute, FULL, recompute(Some("p1"), Recompute)),
+            (kv(false), Recompute, FULL, recompute(None, Recompute)),
+            (kv(true), Retry, FULL, retry.clone()),
+            (kv(false), Retry, FULL, retry),
+            (kv(true), Retry, no_other, recompute(Some("p1"), Recompute)),
+            (kv(true), Recompute, spent_kv, Next::GiveUp),
+            // KV recoveries do not spend the migration budget.
+            (kv(false), Recompute, spent_moves, recompute(None, Recompute)),
+        ];
+        for (fault, policy, budget, want) in table {
+            assert_eq!(next(&fault, policy, budget), want, "{fault:?} under {policy} with {budget:?}");
+        }
+    }
+}

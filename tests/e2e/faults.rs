@@ -1,0 +1,469 @@
+//! KV transfer faults as separate processes against a real etcd: a prefill worker
+//! SIGKILLed under 64 streams, a decode worker that dies before its KV arrives, and a
+//! KV stream corrupted or cut on the wire (through a TCP proxy the decode worker
+//! advertises). Each request ends as its KV failure policy says (`fail`,
+//! `recompute`, `retry`), no recovered text differs from an undisturbed run, and
+//! no block stays held on any worker.
+
+mod harness;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use harness::*;
+use tandem_proto::tandem::v1 as api;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+const PROMPTS: [&str; 8] = [
+    "Name three primary colors and say what each reminds you of.",
+    "Write a haiku about the sea, then explain its imagery.",
+    "What is the capital of France, and what is it famous for?",
+    "Give me three tips for learning to cook at home.",
+    "Explain what a volcano is, and how it forms, in two sentences.",
+    "List three animals that live in the ocean and one fact about each.",
+    "Why is the sky blue? Answer for a ten year old.",
+    "Say hello in French, Spanish and German.",
+];
+
+/// A long shared preamble makes every prompt a few hundred tokens: prefills take long
+/// enough for a kill to land during them.
+fn long_chat(i: usize, max_tokens: u32, policy: api::KvFailurePolicy) -> api::GenerateRequest {
+    let preamble =
+        "You are a patient teacher. Answer clearly, in plain words, without lists unless asked. ".repeat(1 + i % 3);
+    let mut r = chat(&format!("{preamble}Question {i}: {}", PROMPTS[i % PROMPTS.len()]), max_tokens);
+    r.sampling.as_mut().unwrap().ignore_eos = true;
+    r.kv_failure_policy = policy as i32;
+    r
+}
+
+/// Every worker holds nothing: no request running, waiting or waiting for KV, no block used.
+async fn wait_idle(addrs: &[String]) -> Vec<tandem_proto::tandem::worker::v1::StatsResponse> {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut all = Vec::new();
+        for a in addrs {
+            all.push(stats(a).await);
+        }
+        let idle = all.iter().all(|s| s.running + s.waiting + s.waiting_for_kv + s.kv_blocks_used == 0);
+        if idle || Instant::now() > end {
+            return all;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn assert_idle(all: &[tandem_proto::tandem::worker::v1::StatsResponse]) {
+    for s in all {
+        assert_eq!(
+            (s.running, s.waiting, s.waiting_for_kv, s.kv_blocks_used),
+            (0, 0, 0, 0),
+            "a worker still holds a request or blocks: {all:?}"
+        );
+    }
+}
+
+/// Streams every request at once; a request's outcome is its assembled stream or its error.
+async fn stream_all(
+    client: &tandem_proto::tandem::v1::generate_client::GenerateClient<tonic::transport::Channel>,
+    reqs: &[api::GenerateRequest],
+) -> Vec<Result<Streamed, tonic::Status>> {
+    let mut tasks = Vec::new();
+    for r in reqs {
+        let (mut cl, r) = (client.clone(), r.clone());
+        tasks.push(tokio::spawn(async move { stream(&mut cl, r).await }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(tokio::time::timeout(Duration::from_secs(240), t).await.expect("no stream hangs").unwrap());
+    }
+    out
+}
+
+/// Router and workers (role, id, extra flags) as separate processes against a fresh etcd.
+fn start(workers: &[(&str, &str, &[&str])], router_flags: &[&str]) -> Cluster {
+    let etcd = Etcd::start();
+    let cluster = format!("e2e{}", free_port());
+    let ws: Vec<(Proc, String)> =
+        workers.iter().map(|(role, id, extra)| start_worker(&etcd, &cluster, role, id, extra)).collect();
+    let (router, router_addr) = start_router(&etcd, &cluster, router_flags);
+    for (_, id, _) in workers {
+        router.wait_line(&format!("worker {id} ("), Duration::from_secs(30));
+    }
+    Cluster { etcd, router, router_addr, workers: ws, cluster }
+}
+
+fn worker_addr(c: &Cluster, id: &str) -> String {
+    c.workers.iter().find(|(p, _)| p.name == id).map(|(_, a)| a.clone()).unwrap()
+}
+
+/// Two prefill workers, one decode worker; 64 concurrent greedy streams with a mix of
+/// policies; prefill-a is SIGKILLed while it still has prompts queued and computing
+/// (layer-wise shipping overlaps computing and transfer, so sessions die in both).
+#[test]
+fn a_prefill_worker_killed_under_load_loses_nothing_under_recompute_and_retry_and_fails_clearly_under_fail() {
+    let _one = serial();
+    // Without a prefix cache the second run's prompts are computed again, not found cached.
+    let no_cache: &[&str] = &["--no-prefix-cache"];
+    let mut c = start(
+        &[("prefill", "prefill-a", no_cache), ("prefill", "prefill-b", no_cache), ("decode", "decode-0", &[])],
+        &[],
+    );
+    let policies = [api::KvFailurePolicy::Recompute, api::KvFailurePolicy::Retry, api::KvFailurePolicy::Fail];
+    rt().block_on(async {
+        let client = client(&c.router_addr).await;
+        let reqs: Vec<api::GenerateRequest> = (0..64).map(|i| long_chat(i, 24, policies[i % 3])).collect();
+        let want: Vec<Streamed> = stream_all(&client, &reqs).await.into_iter().map(|r| r.unwrap()).collect();
+
+        let run = {
+            let (client, reqs) = (client.clone(), reqs.clone());
+            tokio::spawn(async move { stream_all(&client, &reqs).await })
+        };
+        let a = worker_addr(&c, "prefill-a");
+        let (end, mut most) = (Instant::now() + Duration::from_secs(60), 0);
+        let mut wc = worker_client(&a).await;
+        loop {
+            let st = wc.stats(tandem_proto::tandem::worker::v1::StatsRequest {}).await.unwrap().into_inner();
+            let q = st.queued_prefill_tokens;
+            most = most.max(q);
+            if q >= 300 {
+                break;
+            }
+            assert!(Instant::now() < end, "prefill-a never had 300 prompt tokens queued (at most {most})");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let idx = c.workers.iter().position(|(p, _)| p.name == "prefill-a").unwrap();
+        let killed_at = Instant::now();
+        c.workers[idx].0.kill();
+        let got = run.await.unwrap();
+
+        let (mut failed, mut recovered) = (0, 0);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            match (policies[i % 3], g) {
+                (_, Ok(g)) => {
+                    assert_eq!(
+                        (&g.text, &g.token_ids),
+                        (&w.text, &w.token_ids),
+                        "stream {i}: same bytes as undisturbed"
+                    );
+                    assert_eq!(g.finish, w.finish);
+                }
+                (api::KvFailurePolicy::Fail, Err(e)) => {
+                    assert_eq!(e.code(), Code::Unavailable, "stream {i}: {e:?}");
+                    assert!(e.message().contains("KV failure policy fail"), "stream {i}: {e:?}");
+                    assert!(e.message().contains("prefill-a"), "the error names the worker: {e:?}");
+                    failed += 1;
+                }
+                (p, Err(e)) => panic!("stream {i} under policy {p:?} was lost: {e:?}"),
+            }
+        }
+        let out = c.router.output();
+        for l in out.iter().filter(|l| l.contains("KV failure policy")) {
+            if l.contains("recomputing on") || l.contains("retrying on") {
+                recovered += 1;
+            }
+        }
+        eprintln!("prefill-a killed: {failed} requests failed under `fail`, {recovered} recovered");
+        assert!(failed > 0, "some `fail` requests were on prefill-a when it died: {out:?}");
+        assert!(out.iter().any(|l| l.contains("KV failure policy recompute: recomputing on decode-0")), "{out:?}");
+        assert!(
+            out.iter().any(|l| l.contains("KV failure policy retry: retrying on another prefill worker")),
+            "{out:?}"
+        );
+
+        // Out of routing at once (its connection is refused), out of the view within the
+        // lease TTL (2 s here) + etcd's expiry check.
+        let unrouted = c.router.line_time("worker prefill-a does not answer", Duration::from_secs(10));
+        let left = c.router.line_time("worker prefill-a left", Duration::from_secs(10));
+        eprintln!(
+            "prefill-a: not routed to after {:?}, out of the view after {:?}",
+            unrouted.saturating_duration_since(killed_at),
+            left.saturating_duration_since(killed_at)
+        );
+        assert!(unrouted.saturating_duration_since(killed_at) < Duration::from_secs(3), "TTL + 1 s");
+        assert!(left.saturating_duration_since(killed_at) < Duration::from_secs(5));
+
+        // Later requests go to the survivors, every one of them whole.
+        let again = stream_all(&client, &reqs[..8]).await;
+        for (i, g) in again.iter().enumerate() {
+            let g = g.as_ref().unwrap_or_else(|e| panic!("after the kill, request {i}: {e:?}"));
+            assert_eq!(g.text, want[i].text);
+        }
+        let survivors = vec![worker_addr(&c, "prefill-b"), worker_addr(&c, "decode-0")];
+        assert_idle(&wait_idle(&survivors).await);
+    });
+}
+
+/// A decode worker SIGKILLed while its prompt is still being prefilled elsewhere (the
+/// router does not migrate here): the request ends with UNAVAILABLE naming the worker,
+/// and the prefill side's blocks return within the reservation's lease (3 s) + 1 s.
+#[test]
+fn a_decode_worker_that_dies_before_its_kv_arrives_frees_the_prefill_side_within_its_lease() {
+    let _one = serial();
+    let no_cache: &[&str] = &["--no-prefix-cache"];
+    let mut c = start(
+        &[("prefill", "prefill-0", no_cache), ("decode", "decode-a", &[]), ("decode", "decode-b", &[])],
+        &["--kv-lease", "3", "--migration-limit", "0"],
+    );
+    rt().block_on(async {
+        let client = client(&c.router_addr).await;
+        // About 1,500 prompt tokens: a prefill long enough to kill its destination during it.
+        let req = raw(&"The quick brown fox jumps over the lazy dog. ".repeat(150), 4);
+        let run = {
+            let mut client = client.clone();
+            tokio::spawn(async move { stream(&mut client, req).await })
+        };
+        let (a, b) = (worker_addr(&c, "decode-a"), worker_addr(&c, "decode-b"));
+        let end = Instant::now() + Duration::from_secs(60);
+        let victim = loop {
+            if stats(&a).await.waiting_for_kv > 0 {
+                break "decode-a";
+            }
+            if stats(&b).await.waiting_for_kv > 0 {
+                break "decode-b";
+            }
+            assert!(Instant::now() < end, "no decode worker ever waited for the KV");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let p = worker_addr(&c, "prefill-0");
+        loop {
+            let s = stats(&p).await;
+            if s.running > 0 && s.kv_blocks_used > 0 {
+                break;
+            }
+            assert!(Instant::now() < end, "prefill-0 never computed the prompt: {s:?}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let idx = c.workers.iter().position(|(w, _)| w.name == victim).unwrap();
+        let killed_at = Instant::now();
+        c.workers[idx].0.kill();
+        loop {
+            let s = stats(&p).await;
+            if s.running + s.waiting + s.kv_blocks_used == 0 {
+                eprintln!("prefill-0 held nothing {:?} after {victim} died", killed_at.elapsed());
+                break;
+            }
+            assert!(killed_at.elapsed() < Duration::from_secs(4), "prefill-0 still holds {s:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let err = tokio::time::timeout(Duration::from_secs(30), run).await.expect("no hang").unwrap().unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(err.message().contains(victim), "the error names the worker: {err:?}");
+        let survivor = if victim == "decode-a" { b } else { a };
+        assert_idle(&wait_idle(&[p, survivor]).await);
+    });
+}
+
+/// What the proxy does to the next KV bytes that pass from the prefill worker to the
+/// decode worker.
+#[derive(Debug, Clone, Copy)]
+enum WireFault {
+    /// Flip one byte this many bytes on.
+    Corrupt(u64),
+    /// Close both directions after this many bytes.
+    Cut(u64),
+}
+
+/// A TCP proxy in front of a decode worker's KV listener that can damage the stream.
+struct Proxy {
+    addr: String,
+    armed: Arc<Mutex<Option<WireFault>>>,
+    /// Faults that took effect.
+    applied: Arc<Mutex<Vec<WireFault>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let armed: Arc<Mutex<Option<WireFault>>> = Arc::new(Mutex::new(None));
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let (a2, ap2) = (armed.clone(), applied.clone());
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else { continue };
+                let _ = (down.set_nodelay(true), up.set_nodelay(true));
+                let (mut dr, mut dw) = down.into_split();
+                let (mut ur, mut uw) = up.into_split();
+                // Receiver to sender: untouched.
+                let back = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut ur, &mut dw).await;
+                });
+                let (armed, applied) = (a2.clone(), ap2.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match dr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let fault = *armed.lock().unwrap();
+                        let mut end = n;
+                        let mut cut = false;
+                        match fault {
+                            Some(WireFault::Corrupt(at)) if at < n as u64 => {
+                                buf[at as usize] ^= 0x5a;
+                                *armed.lock().unwrap() = None;
+                                applied.lock().unwrap().push(fault.unwrap());
+                            }
+                            Some(WireFault::Cut(at)) if at < n as u64 => {
+                                end = at as usize;
+                                cut = true;
+                                *armed.lock().unwrap() = None;
+                                applied.lock().unwrap().push(fault.unwrap());
+                            }
+                            Some(WireFault::Corrupt(at)) => {
+                                *armed.lock().unwrap() = Some(WireFault::Corrupt(at - n as u64))
+                            }
+                            Some(WireFault::Cut(at)) => *armed.lock().unwrap() = Some(WireFault::Cut(at - n as u64)),
+                            None => {}
+                        }
+                        if uw.write_all(&buf[..end]).await.is_err() || cut {
+                            break;
+                        }
+                    }
+                    // Both directions close: the sender sees its connection end mid-frame.
+                    let _ = uw.shutdown().await;
+                    back.abort();
+                });
+            }
+        });
+        Proxy { addr, armed, applied }
+    }
+
+    fn arm(&self, f: WireFault) {
+        *self.armed.lock().unwrap() = Some(f);
+    }
+}
+
+/// KV damaged on the wire between a prefill and a decode worker (shared memory off, so
+/// every byte crosses TCP through the proxy): a flipped byte and a cut stream. Under
+/// `recompute` and `retry` (one prefill worker: retry falls back to recompute) the
+/// request completes with exactly the undisturbed text; under `fail` it ends with a clear
+/// UNAVAILABLE; never a hang, never a silently wrong answer, no block left behind.
+#[test]
+fn a_corrupted_or_cut_kv_stream_recomputes_or_fails_per_policy_and_never_decodes_bad_kv() {
+    let _one = serial();
+    let rt = rt();
+    let etcd = Etcd::start();
+    let cluster = format!("e2e{}", free_port());
+    let kv_port = free_port();
+    let proxy = rt.block_on(Proxy::start(format!("127.0.0.1:{kv_port}")));
+    let kv_listen = format!("127.0.0.1:{kv_port}");
+    let (_d, daddr) = start_worker(
+        &etcd,
+        &cluster,
+        "decode",
+        "decode-0",
+        &["--no-shm", "--kv-listen", &kv_listen, "--kv-advertise", &proxy.addr],
+    );
+    let (_p, paddr) = start_worker(&etcd, &cluster, "prefill", "prefill-0", &[]);
+    let (router, raddr) = start_router(&etcd, &cluster, &[]);
+    router.wait_line("worker decode-0 (", Duration::from_secs(30));
+    router.wait_line("worker prefill-0 (", Duration::from_secs(30));
+    rt.block_on(async {
+        let client = client(&raddr).await;
+        let req = |policy| long_chat(5, 16, policy);
+        let want = stream(&mut client.clone(), req(api::KvFailurePolicy::Fail)).await.unwrap();
+        let faults = [WireFault::Corrupt(150_000), WireFault::Cut(150_000)];
+        let policies = [api::KvFailurePolicy::Recompute, api::KvFailurePolicy::Retry, api::KvFailurePolicy::Fail];
+        for fault in faults {
+            for policy in policies {
+                let before = proxy.applied.lock().unwrap().len();
+                proxy.arm(fault);
+                let got = tokio::time::timeout(Duration::from_secs(60), stream(&mut client.clone(), req(policy))).await;
+                let got = got.unwrap_or_else(|_| panic!("{fault:?} under {policy:?}: the request hung"));
+                assert_eq!(proxy.applied.lock().unwrap().len(), before + 1, "{fault:?} hit the request's KV");
+                match (policy, got) {
+                    (api::KvFailurePolicy::Fail, Err(e)) => {
+                        assert_eq!(e.code(), Code::Unavailable, "{fault:?}: {e:?}");
+                        assert!(e.message().contains("KV failure policy fail"), "{fault:?}: {e:?}");
+                    }
+                    (api::KvFailurePolicy::Fail, Ok(g)) => panic!("{fault:?} under fail: served {g:?}"),
+                    (_, Ok(g)) => assert_eq!(
+                        (&g.text, &g.token_ids),
+                        (&want.text, &want.token_ids),
+                        "{fault:?} under {policy:?}: recomputed, same bytes"
+                    ),
+                    (_, Err(e)) => panic!("{fault:?} under {policy:?}: {e:?}"),
+                }
+                assert_idle(&wait_idle(&[daddr.clone(), paddr.clone()]).await);
+            }
+        }
+        // The damaged sessions are counted, by kind, on the decode side.
+        let out = router.output();
+        assert!(out.iter().filter(|l| l.contains("recomputing on decode-0")).count() >= 4, "{out:?}");
+        // And the wire still works: a clean request after all that.
+        let g = stream(&mut client.clone(), req(api::KvFailurePolicy::Fail)).await.unwrap();
+        assert_eq!(g.text, want.text);
+    });
+}
+
+/// `POST` a JSON body to etcd's gateway; the answer's body.
+fn etcd_post(etcd: &Etcd, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = etcd.url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200"), "etcd {path}: {resp}");
+    resp
+}
+
+/// A prefill worker whose lease ends behind its back (as when it expires while the worker
+/// is cut off from etcd) fences itself, registers again under a new lease, and serves on:
+/// the router's reservations name the new lease and the worker's KV connections announce
+/// it (a mismatch would fail the transfer, and under `fail` the request with it).
+#[test]
+fn a_worker_whose_lease_ends_fences_itself_and_serves_again_under_its_new_lease() {
+    let _one = serial();
+    let c = start(&[("prefill", "prefill-0", &[]), ("decode", "decode-0", &[])], &[]);
+    rt().block_on(async {
+        let mut client = client(&c.router_addr).await;
+        let req = long_chat(2, 12, api::KvFailurePolicy::Fail);
+        let want = stream(&mut client, req.clone()).await.unwrap();
+        let prefix = format!("/tandem/{}/workers/prefill/", c.cluster);
+        let [(_, old)] = c.etcd.keys(&prefix)[..] else { panic!("one prefill record") };
+        etcd_post(&c.etcd, "/v3/lease/revoke", &format!("{{\"ID\": \"{old}\"}}"));
+        let p = &c.workers.iter().find(|(w, _)| w.name == "prefill-0").unwrap().0;
+        p.wait_line("prefill-0: registered again (lease", Duration::from_secs(10));
+        let end = Instant::now() + Duration::from_secs(10);
+        let new = loop {
+            if let [(_, l)] = c.etcd.keys(&prefix)[..] {
+                if l != old {
+                    break l;
+                }
+            }
+            assert!(Instant::now() < end, "prefill-0 never put its record back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(p.output().iter().any(|l| l.contains(&format!("lease {new:x}"))), "{:?}", p.output());
+        // The router follows the new record, and the KV of the new incarnation is accepted.
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            match stream(&mut client, req.clone()).await {
+                Ok(g) => {
+                    assert_eq!(g.text, want.text);
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < end, "never served again: {e:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for _ in 0..3 {
+            assert_eq!(stream(&mut client, req.clone()).await.unwrap().text, want.text);
+        }
+        assert!(c.router.output().iter().all(|l| !l.contains("stale sender")), "{:?}", c.router.output());
+    });
+}
