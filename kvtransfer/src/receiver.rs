@@ -212,6 +212,9 @@ async fn read_hello<S: AsyncRead + Unpin>(s: &mut S, max: usize) -> Result<(KvLa
     }
 }
 
+/// How long a new connection may take to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One receiving connection: handshake, then frames until EOF or a protocol error.
 /// `offer`: on a shared-memory connection, the segment offer sent after `HelloOk`;
 /// in-place Blocks frames are accepted only then.
@@ -224,7 +227,10 @@ pub(crate) async fn serve_conn<S: KvStream>(
     offer: Option<Vec<u8>>,
 ) -> Result<(), TransferError> {
     let layout = sink.layout();
-    let (theirs, lease) = read_hello(&mut sock, cfg.max_frame).await?;
+    // A connection that never says Hello (a stalled or foreign client) is not kept.
+    let (theirs, lease) = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut sock, cfg.max_frame))
+        .await
+        .map_err(|_| TransferError::Protocol(format!("no Hello within {HELLO_TIMEOUT:?}")))??;
     if let Some(why) = layout.mismatch(&theirs) {
         send_frame(&mut sock, &wire::encode_error(Code::LayoutMismatch, &why)).await?;
         return Err(TransferError::LayoutMismatch(why));

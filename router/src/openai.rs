@@ -7,14 +7,7 @@ use serde_json::{json, Value};
 use tandem_proto::tandem::v1 as api;
 use tonic::Status;
 
-use crate::validate::{ModelFacts, MAX_N, MAX_STOP};
-
-/// Longest stop string, in bytes.
-pub const MAX_STOP_LEN: usize = 1024;
-/// Most `stop_token_ids`.
-pub const MAX_STOP_TOKEN_IDS: usize = 256;
-/// Longest `cache_salt`, in bytes.
-pub const MAX_CACHE_SALT: usize = 256;
+use crate::validate::{ModelFacts, MAX_CACHE_SALT, MAX_N, MAX_STOP, MAX_STOP_LEN, MAX_STOP_TOKEN_IDS};
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]

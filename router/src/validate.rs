@@ -11,6 +11,12 @@ use tonic::Status;
 
 /// Most choices per request.
 pub const MAX_N: u32 = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_LEN: usize = 1024;
+/// Most `stop_token_ids`.
+pub const MAX_STOP_TOKEN_IDS: usize = 256;
+/// Longest `cache_salt`, in bytes.
+pub const MAX_CACHE_SALT: usize = 256;
 /// Most stop strings per request.
 pub const MAX_STOP: usize = 16;
 /// Most alternatives per position in logprobs.
@@ -174,6 +180,16 @@ pub fn validate(
     }
     if s.stop.iter().any(|x| x.is_empty()) {
         return Err(bad("sampling.stop", "stop strings must not be empty"));
+    }
+    if let Some(long) = s.stop.iter().find(|x| x.len() > MAX_STOP_LEN) {
+        return Err(bad("sampling.stop", format!("a stop string of {} bytes; at most {MAX_STOP_LEN}", long.len())));
+    }
+    if s.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        let n = s.stop_token_ids.len();
+        return Err(bad("sampling.stop_token_ids", format!("{n} ids; at most {MAX_STOP_TOKEN_IDS}")));
+    }
+    if let Some(salt) = req.cache_salt.as_ref().filter(|x| x.len() > MAX_CACHE_SALT) {
+        return Err(bad("cache_salt", format!("{} bytes; at most {MAX_CACHE_SALT}", salt.len())));
     }
     if let Some(t) = s.stop_token_ids.iter().find(|&&t| t as usize >= facts.vocab_size) {
         return Err(bad("sampling.stop_token_ids", format!("{t} is outside the vocabulary of {}", facts.vocab_size)));
