@@ -3,9 +3,10 @@
 # 2 decode workers and a router, each its own process) under open-loop load at a fraction
 # of its measured capacity, while a random worker is SIGKILLed and restarted every minute.
 # Reports the success rate, the KV blocks workers still hold once the load has settled,
-# the router's and workers' RSS at the start and the end, and checks them against issue
-# 9's targets (>= 99.9% success, 0 leaked blocks, RSS growth < 5%; exit status 1 if one
-# is missed).
+# the router's and workers' RSS at the start, every minute and at the end, and the
+# shared-memory segments of killed workers that live ones still map; checks them against
+# issue 9's targets (>= 99.9% success, 0 leaked blocks, RSS growth < 5%) and 0 such
+# segments (exit status 1 if one is missed).
 #
 #   scripts/soak.sh [--minutes M] [--load-fraction F] [--kill-every S] [--scrape-every S] [--keep]
 #
@@ -122,10 +123,14 @@ GRPC=$(sed -n 's/^tandem: router grpc \([^ ]*\) http.*/\1/p' "$WORK/router.log")
 HTTP=$(sed -n 's/^tandem: router grpc [^ ]* http \([^ ]*\) .*/\1/p' "$WORK/router.log")
 log "cluster up: router grpc $GRPC http $HTTP; workers ${WORKERS[*]}; etcd $ETCD"
 
-# Warm-up: long prompts cycle every KV block of every pool (a pool's pages become
-# resident on first use), so the RSS taken next is not the size of a cold pool.
+# Warm-up, so the RSS taken next is a warm process's: long prompts cycle every KV block
+# of every pool (a pool's pages become resident on first use), then a burst of 96
+# concurrent requests, more than the load's peaks while a worker restarts, sets the
+# allocators' high-water marks.
 "$T" bench serve --target "$GRPC" --workload summarize --max-tokens 8 --concurrency 16 --requests 48 --seed 3 \
     --json >"$WORK/warmup.json"
+"$T" bench serve --target "$GRPC" --workload chat --max-tokens 32 --concurrency 96 --requests 192 --seed 5 \
+    --json >>"$WORK/warmup.json"
 # Capacity: a closed loop that keeps every worker busy; its request rate.
 BENCH=(bench serve --target "$GRPC" --workload chat --max-tokens 32 --json)
 "$T" "${BENCH[@]}" --concurrency 16 --requests 96 --seed 7 --timeout 600 >"$WORK/capacity.json"
@@ -136,6 +141,7 @@ log "capacity $CAPACITY req/s (chat, 32 output tokens, 16 concurrent); load $RAT
     "$MINUTES min; a kill every $KILL_EVERY s; /metrics read every $SCRAPE_EVERY s (0: never)"
 
 RSS_ROUTER0=$(rss_kib "$ROUTER")
+curl -sf --max-time 5 "http://$HTTP/metrics" >"$WORK/router-metrics.start" || true
 for w in "${WORKERS[@]}"; do RSS0[$w]=$(rss_kib "${PID[$w]}"); done
 
 "$T" "${BENCH[@]}" --rate "$RATE" --requests "$REQUESTS" --seed 11 --timeout $((MINUTES * 60 + 240)) \
@@ -146,6 +152,7 @@ START=$(date +%s)
 KILLS=0
 CRASHES=0
 SCRAPED=0
+SAMPLED=0
 # A random worker is killed every KILL_EVERY s while the load's arrivals last.
 while kill -0 "$LOAD" 2>/dev/null; do
     sleep 1
@@ -162,6 +169,12 @@ while kill -0 "$LOAD" 2>/dev/null; do
             start_worker "$w"
         fi
     done
+    if [ "$now" -ge $((SAMPLED + 60)) ]; then
+        SAMPLED=$now
+        line="RSS at ${now} s (KiB): router $(rss_kib "$ROUTER")"
+        for w in "${WORKERS[@]}"; do line="$line, $w $(rss_kib "${PID[$w]}")"; done
+        log "$line"
+    fi
     if [ "$now" -ge $(( (KILLS + 1) * KILL_EVERY )) ] && [ "$now" -lt $((MINUTES * 60)) ]; then
         w=${WORKERS[$((RANDOM % ${#WORKERS[@]}))]}
         old=${PID[$w]}
@@ -193,9 +206,26 @@ done
 BLOCKS=0
 for w in "${WORKERS[@]}"; do BLOCKS=$((BLOCKS + $(metric "${METRICS[$w]}" tandem_kv_blocks_used))); done
 INFLIGHT=$(metric "$HTTP" tandem_router_requests_in_flight)
-MIGRATIONS=$(metric "$HTTP" tandem_migrations_total)
-ERRORS=$(curl -sf --max-time 5 "http://$HTTP/metrics" | grep '^tandem_requests_total{' | grep 'outcome="error"' |
-    sed 's/.*kind="\([^"]*\)".* \([0-9.]*\)$/\1=\2/' | tr '\n' ' ' || true)
+curl -sf --max-time 5 "http://$HTTP/metrics" >"$WORK/router-metrics.end" || true
+# The router's counts over the load alone (the warm-up's are left out): errors by kind, migrations.
+COUNTS=$(python3 - "$WORK/router-metrics.start" "$WORK/router-metrics.end" <<'EOF'
+import re, sys
+def read(path):
+    out = {}
+    for line in open(path):
+        m = re.match(r'(tandem_requests_total|tandem_migrations_total)(\{[^}]*\})? (\S+)$', line)
+        if m and ('outcome="error"' in (m.group(2) or "") or m.group(1) == "tandem_migrations_total"):
+            kind = re.search(r'kind="([^"]*)"', m.group(2) or "")
+            key = kind.group(1) if kind else "migrations"
+            out[key] = out.get(key, 0) + float(m.group(3))
+    return out
+start, end = read(sys.argv[1]), read(sys.argv[2])
+migrations = end.pop("migrations", 0) - start.pop("migrations", 0)
+errors = {k: v - start.get(k, 0) for k, v in end.items() if v - start.get(k, 0) > 0}
+print(f"migrations {migrations:.0f}, router errors by kind: "
+      + (", ".join(f"{k} {v:.0f}" for k, v in sorted(errors.items())) or "none"))
+EOF
+)
 ROUTER_ALIVE=yes
 kill -0 "$ROUTER" 2>/dev/null || ROUTER_ALIVE=no
 
@@ -210,7 +240,7 @@ print(f"soak: throughput {v['throughput_rps']:.2f} req/s; TTFT p50 {v['ttft_ms']
       f"e2e p99 {v['e2e_ms']['p99']:.0f} ms")
 open("$WORK/success", "w").write(str((n - failed) / n))
 EOF
-log "kills $KILLS, workers that exited on their own $CRASHES, migrations $MIGRATIONS, router errors by kind: ${ERRORS:-none}"
+log "kills $KILLS, workers that exited on their own $CRASHES, $COUNTS"
 log "after settling: $BLOCKS KV blocks held, router in flight $INFLIGHT, router alive $ROUTER_ALIVE"
 log "router RSS $RSS_ROUTER0 KiB at the start, $RSS_ROUTER1 KiB at the end ($(growth "$RSS_ROUTER0" "$RSS_ROUTER1"))"
 WORKER_GROWTH_OK=1
@@ -224,6 +254,18 @@ for w in "${WORKERS[@]}"; do
         log "$w RSS ${RSS0[$w]} KiB at the start, $r1 KiB at the end ($(growth "${RSS0[$w]}" "$r1")); restarted $n time(s)"
     fi
 done
+# Shared-memory KV segments (`tandem-kv-<pid>-...`) still mapped whose owner is gone: memory
+# a worker keeps for a peer that no longer exists.
+STALE=0
+for w in "${WORKERS[@]}"; do
+    n=0
+    for seg in $(awk '$6 ~ /\/tandem-kv-[0-9]+-/ {print $6}' "/proc/${PID[$w]}/maps" | sort -u); do
+        owner=$(basename "$seg" | cut -d- -f3)
+        kill -0 "$owner" 2>/dev/null || n=$((n + 1))
+    done
+    [ "$n" = 0 ] || log "$w still maps $n shared-memory KV segment(s) of workers that are gone"
+    STALE=$((STALE + n))
+done
 
 SUCCESS=$(cat "$WORK/success")
 FAIL=0
@@ -233,5 +275,6 @@ if [ "$INFLIGHT" != 0 ] || [ "$ROUTER_ALIVE" != yes ]; then log "MISSED: the rou
 [ "$CRASHES" = 0 ] || { log "MISSED: a worker exited on its own"; FAIL=1; }
 python3 -c "import sys; sys.exit(not ($RSS_ROUTER1 < 1.05 * $RSS_ROUTER0))" || { log "MISSED: router RSS grew 5% or more"; FAIL=1; }
 [ "$WORKER_GROWTH_OK" = 1 ] || { log "MISSED: a worker's RSS grew 5% or more"; FAIL=1; }
+[ "$STALE" = 0 ] || { log "MISSED: workers keep $STALE shared-memory segment(s) of killed workers mapped"; FAIL=1; }
 [ "$FAIL" = 0 ] && log "every target met"
 exit "$FAIL"

@@ -224,6 +224,11 @@ impl KvSender {
         }
     }
 
+    /// Connections kept open to receivers (failed ones are dropped when the next session opens).
+    pub async fn connections(&self) -> usize {
+        self.conns.lock().await.len()
+    }
+
     /// Announces discovery lease `lease` from now on. After a change, sessions open new
     /// connections (whose Hello carries it); sessions already open finish on the old ones.
     pub async fn set_lease(&self, lease: i64) {
@@ -234,6 +239,9 @@ impl KvSender {
 
     async fn conn(&self, key: &ConnKey, deadline: Instant) -> Result<Arc<Mutex<Conn>>, TransferError> {
         let mut conns = self.conns.lock().await;
+        // Failed connections go (a receiver that died does not come back at the same
+        // address; keeping them would keep their buffers and a dead receiver's segment mapped).
+        conns.retain(|_, c| c.lock().expect("conn").dead.lock().expect("dead").is_none());
         if let Some(c) = conns.get(key) {
             if c.lock().expect("conn").dead.lock().expect("dead").is_none() {
                 return Ok(c.clone());

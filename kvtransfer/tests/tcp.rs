@@ -263,3 +263,39 @@ async fn a_sender_with_another_lease_is_refused_as_stale() {
     assert!(res.wait().await.is_ok());
     assert_eq!(rx.active(), 0);
 }
+
+/// A receiver that goes away (its worker died; a restarted one listens elsewhere) does not
+/// stay in the sender's connections: the next session drops it with its buffers.
+#[tokio::test]
+async fn a_dead_receivers_connection_is_dropped_by_the_next_session() {
+    let l = smollm();
+    let tx = KvSender::new(l, TcpConfig::default());
+    let send_one = |rx: Arc<KvReceiver>, id: u64| {
+        let tx = &tx;
+        async move {
+            let res = rx.reserve(id, &[1], soon(5_000)).unwrap();
+            let mut s = tx.open(rx.local_addr(), id, soon(5_000)).await.unwrap();
+            for layer in 0..l.n_layers {
+                s.send_layer(layer, &[1], payload(&l, id, 1)).await.unwrap();
+            }
+            s.finish(3, 16).await.unwrap();
+            res.wait().await.unwrap();
+        }
+    };
+    let (old, _) = receiver(4).await;
+    send_one(old.clone(), 1).await;
+    assert_eq!(tx.connections().await, 1);
+    old.shutdown();
+    drop(old);
+    let (new, _) = receiver(4).await;
+    // The old connection is dropped once its reader has seen the receiver go.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        send_one(new.clone(), 2).await;
+        if tx.connections().await == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "the dead receiver's connection stays");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -31,9 +31,21 @@ pub fn install() -> Result<PrometheusHandle, String> {
                 .map_err(|e| e.to_string())?
                 .install_recorder()
                 .map_err(|e| e.to_string())
+                .inspect(|h| {
+                    // Histogram samples are folded into buckets only on a scrape or an upkeep:
+                    // without this, a process nobody scrapes would keep every sample.
+                    let h = h.clone();
+                    let _ = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
+                        std::thread::sleep(UPKEEP_INTERVAL);
+                        h.run_upkeep();
+                    });
+                })
         })
         .clone()
 }
+
+/// How often the recorder folds pending histogram samples when nobody scrapes.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The installed recorder's handle, if `install` ran.
 pub fn handle() -> Option<PrometheusHandle> {

@@ -289,7 +289,9 @@ fn ten_thousand_requests_aborted_at_every_stage_leave_every_block_free() {
 
         let after = settle(&addrs, Duration::from_secs(40), |now| now == before).await;
         let settled = started.elapsed() - storm;
-        eprintln!("abort storm: workers settled {settled:.1?} after the last request; before {before:?}, after {after:?}");
+        eprintln!(
+            "abort storm: workers settled {settled:.1?} after the last request; before {before:?}, after {after:?}"
+        );
         for ((b, a), addr) in before.iter().zip(&after).zip(&addrs) {
             assert_eq!(a, b, "worker {addr}: the free blocks it had before, nothing running or waiting");
         }
@@ -350,7 +352,8 @@ fn a_30_s_etcd_outage_under_load_evicts_no_worker_and_every_worker_is_registered
         for p in PROMPTS {
             want.push(stream(&mut client.clone(), chat(p, 8)).await.expect("served before the outage").text);
         }
-        let (want, stop, tally) = (Arc::new(want), Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Tally::default())));
+        let (want, stop, tally) =
+            (Arc::new(want), Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Tally::default())));
         let mut load = Vec::new();
         for k in 0..8 {
             let (mut cl, want, stop, tally) = (client.clone(), want.clone(), stop.clone(), tally.clone());
@@ -400,7 +403,10 @@ fn a_30_s_etcd_outage_under_load_evicts_no_worker_and_every_worker_is_registered
         }
         let during = { tally.lock().unwrap().ok };
         c.etcd.restart();
-        eprintln!("etcd outage: etcd back after {:.1?}; healthy workers seen (s, prefill, decode): {healthy:?}", outage.elapsed());
+        eprintln!(
+            "etcd outage: etcd back after {:.1?}; healthy workers seen (s, prefill, decode): {healthy:?}",
+            outage.elapsed()
+        );
         let back = Instant::now();
         let first = loop {
             let keys = c.etcd.keys(&prefix);
