@@ -27,10 +27,6 @@ use tandem_kvtransfer::{KvDtypeWire, KvLayout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 /// The router's header and body read timeouts in these tests, in seconds.
 const READ_TIMEOUT_SECS: &str = "2";
 /// How long any single hostile exchange may take before the test fails: far beyond the
@@ -404,78 +400,6 @@ fn hostile_http_clients_get_their_4xx_within_bounds_and_benign_streams_are_uncha
 
 // ---------------------------------------------------------------------------
 // gRPC and KV ports
-
-/// Raw protobuf bytes in, raw bytes out: gRPC calls whose messages do not decode.
-mod raw_grpc {
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-    use tonic::codegen::Bytes;
-
-    #[derive(Default)]
-    pub struct Raw;
-    pub struct RawEnc;
-    pub struct RawDec;
-
-    impl Encoder for RawEnc {
-        type Item = Bytes;
-        type Error = tonic::Status;
-        fn encode(&mut self, item: Bytes, buf: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-            use bytes::BufMut;
-            buf.put_slice(&item);
-            Ok(())
-        }
-    }
-
-    impl Decoder for RawDec {
-        type Item = Bytes;
-        type Error = tonic::Status;
-        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
-            use bytes::Buf;
-            Ok(Some(buf.copy_to_bytes(buf.remaining())))
-        }
-    }
-
-    impl Codec for Raw {
-        type Encode = Bytes;
-        type Decode = Bytes;
-        type Encoder = RawEnc;
-        type Decoder = RawDec;
-        fn encoder(&mut self) -> RawEnc {
-            RawEnc
-        }
-        fn decoder(&mut self) -> RawDec {
-            RawDec
-        }
-    }
-
-    /// Calls `method` (`/package.Service/Method`) with `body`; unary or server-streaming,
-    /// the status it ends with (OK if it answered).
-    pub async fn call(addr: &str, method: &'static str, body: Vec<u8>, streaming: bool) -> tonic::Status {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.unwrap();
-        let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
-        let req = tonic::Request::new(Bytes::from(body));
-        let result = if streaming {
-            match grpc.server_streaming(req, path, Raw).await {
-                Ok(resp) => {
-                    let mut s = resp.into_inner();
-                    loop {
-                        match s.message().await {
-                            Ok(Some(_)) => continue,
-                            Ok(None) => break Ok(()),
-                            Err(e) => break Err(e),
-                        }
-                    }
-                }
-                Err(e) => Err(e),
-            }
-        } else {
-            grpc.unary(req, path, Raw).await.map(|_| ())
-        };
-        result.err().unwrap_or_else(|| tonic::Status::ok(""))
-    }
-}
 
 /// Protobuf bodies that cannot decode as any message.
 fn malformed_protobuf(rng: &mut Rng) -> Vec<(&'static str, Vec<u8>)> {

@@ -10,10 +10,6 @@ use harness::*;
 use tandem_proto::tandem::v1 as api;
 use tonic::Code;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 const PROMPTS: [&str; 8] = [
     "Name three primary colors.",
     "Write a haiku about the sea.",
@@ -110,49 +106,10 @@ fn greedy_text_equals_tandem_generate_and_32_concurrent_streams_complete() {
 
 /// A request whose prompt field is not valid UTF-8, sent as raw protobuf bytes.
 async fn send_invalid_utf8(addr: &str) -> tonic::Status {
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-    use tonic::codegen::Bytes;
-
-    #[derive(Default)]
-    struct Raw;
-    struct RawEnc;
-    struct RawDec;
-    impl Encoder for RawEnc {
-        type Item = Bytes;
-        type Error = tonic::Status;
-        fn encode(&mut self, item: Bytes, buf: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-            use bytes::BufMut;
-            buf.put_slice(&item);
-            Ok(())
-        }
-    }
-    impl Decoder for RawDec {
-        type Item = Bytes;
-        type Error = tonic::Status;
-        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
-            use bytes::Buf;
-            Ok(Some(buf.copy_to_bytes(buf.remaining())))
-        }
-    }
-    impl Codec for Raw {
-        type Encode = Bytes;
-        type Decode = Bytes;
-        type Encoder = RawEnc;
-        type Decoder = RawDec;
-        fn encoder(&mut self) -> RawEnc {
-            RawEnc
-        }
-        fn decoder(&mut self) -> RawDec {
-            RawDec
-        }
-    }
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
     // Field 2 (`prompt`), length-delimited, two bytes that are not UTF-8.
-    let body = Bytes::from_static(&[0x12, 0x02, 0xff, 0xfe]);
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/tandem.v1.Generate/Generate");
-    grpc.unary(tonic::Request::new(body), path, Raw).await.expect_err("invalid UTF-8 is refused")
+    let status = raw_grpc::call(addr, "/tandem.v1.Generate/Generate", vec![0x12, 0x02, 0xff, 0xfe], false).await;
+    assert_ne!(status.code(), tonic::Code::Ok, "invalid UTF-8 is refused");
+    status
 }
 
 #[test]

@@ -15,10 +15,6 @@ use tandem_proto::tandem::v1 as api;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 const PROMPTS: [&str; 8] = [
     "Name three primary colors and say what each reminds you of.",
     "Write a haiku about the sea, then explain its imagery.",

@@ -147,7 +147,3 @@ fn the_openai_client_and_curl_against_tandem_up() {
     let (metrics, _) = curl(&[&format!("http://{http}/metrics")]);
     assert!(metrics.contains("tandem_workers{role=\"decode\",state=\"healthy\"} 1"), "{metrics}");
 }
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}

@@ -18,10 +18,6 @@ use tandem_proto::tandem::v1::generate_client::GenerateClient;
 use tonic::transport::Channel;
 use tonic::Code;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 const PROMPTS: [&str; 8] = [
     "Name three primary colors.",
     "Write a haiku about the sea.",

@@ -9,10 +9,6 @@ use std::time::Duration;
 
 use harness::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 /// `scripts/grpc-call.py` with the project's client virtualenv.
 fn grpc_call(args: &[&str]) -> (bool, String, String) {
     let python = root().join(".venv-clients/bin/python");

@@ -454,3 +454,80 @@ pub fn generate_reference(chat_text: Option<&str>, prompt: Option<&str>, max_tok
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("generate --json prints JSON");
     v["choices"][0]["text"].as_str().or_else(|| v["text"].as_str()).expect("a text field").to_string()
 }
+
+/// A multi-threaded runtime of 2 workers for a test's async part.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// Raw protobuf bytes in, raw bytes out: gRPC calls whose messages do not decode.
+pub mod raw_grpc {
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::codegen::Bytes;
+
+    #[derive(Default)]
+    pub struct Raw;
+    pub struct RawEnc;
+    pub struct RawDec;
+
+    impl Encoder for RawEnc {
+        type Item = Bytes;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Bytes, buf: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            use bytes::BufMut;
+            buf.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawDec {
+        type Item = Bytes;
+        type Error = tonic::Status;
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+            use bytes::Buf;
+            Ok(Some(buf.copy_to_bytes(buf.remaining())))
+        }
+    }
+
+    impl Codec for Raw {
+        type Encode = Bytes;
+        type Decode = Bytes;
+        type Encoder = RawEnc;
+        type Decoder = RawDec;
+        fn encoder(&mut self) -> RawEnc {
+            RawEnc
+        }
+        fn decoder(&mut self) -> RawDec {
+            RawDec
+        }
+    }
+
+    /// Calls `method` (`/package.Service/Method`) with `body`; unary or server-streaming,
+    /// the status it ends with (OK if it answered).
+    pub async fn call(addr: &str, method: &'static str, body: Vec<u8>, streaming: bool) -> tonic::Status {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+        let req = tonic::Request::new(Bytes::from(body));
+        let result = if streaming {
+            match grpc.server_streaming(req, path, Raw).await {
+                Ok(resp) => {
+                    let mut s = resp.into_inner();
+                    loop {
+                        match s.message().await {
+                            Ok(Some(_)) => continue,
+                            Ok(None) => break Ok(()),
+                            Err(e) => break Err(e),
+                        }
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            grpc.unary(req, path, Raw).await.map(|_| ())
+        };
+        result.err().unwrap_or_else(|| tonic::Status::ok(""))
+    }
+}
