@@ -275,6 +275,18 @@ impl Members {
         })
     }
 
+    /// Whether a healthy decode-capable worker of `model` other than `full` (and not in
+    /// `excluded`) exists.
+    pub fn has_other_decode(&self, model: &str, full: &WorkerId, excluded: &[WorkerId]) -> bool {
+        self.entries.lock().expect("entries").values().any(|e| {
+            e.healthy
+                && e.desc.role.can_decode()
+                && e.desc.model.name == model
+                && e.desc.id != *full
+                && !excluded.contains(&e.desc.id)
+        })
+    }
+
     /// Decode-capable worker `id`, if it is healthy: where a request whose KV transfer
     /// failed is recomputed.
     pub fn decoder(&self, id: &WorkerId) -> Option<Picked> {

@@ -60,6 +60,8 @@ pub enum Fault {
     Request,
     /// A worker failed under the choice: it died, broke its stream, or left the cluster.
     Worker(WorkerId),
+    /// A decode worker had no KV blocks free for the prompt: another may have.
+    Full(WorkerId),
     /// The prompt's KV did not arrive whole from `prefill` at `decode`: the prefill
     /// worker died or failed (`prefill_failed`), or the transfer itself broke (cut,
     /// corrupted, refused) while both workers live.
@@ -91,18 +93,25 @@ pub enum Recovery {
     Migration,
     /// A failed KV transfer, recovered per policy (at most `MAX_KV_RECOVERIES`).
     Kv(KvFailurePolicy),
+    /// A full decode worker passed over for another (at most `MAX_OVERFLOWS`).
+    Overflow,
 }
 
 /// KV recoveries a choice may make, whatever the policy.
 pub const MAX_KV_RECOVERIES: usize = 3;
+/// Full decode workers a choice may pass over before it is refused (RESOURCE_EXHAUSTED).
+pub const MAX_OVERFLOWS: usize = 2;
 
 /// Budgets a choice has left, and what the cluster offers now.
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
     pub migrations_left: usize,
     pub kv_recoveries_left: usize,
+    pub overflows_left: usize,
     /// A healthy prefill worker other than the failed one (for `retry`).
     pub other_prefill: bool,
+    /// A healthy decode worker other than the full one (for `Full`).
+    pub other_decode: bool,
 }
 
 /// The next step after an attempt failed with `fault`, under `policy`.
@@ -113,6 +122,10 @@ pub fn next(fault: &Fault, policy: KvFailurePolicy, budget: Budget) -> Next {
             Next::Again { plan: Plan::Route, exclude: Some(w.clone()), kind: Recovery::Migration }
         }
         Fault::Worker(_) => Next::GiveUp,
+        Fault::Full(w) if budget.overflows_left > 0 && budget.other_decode => {
+            Next::Again { plan: Plan::Route, exclude: Some(w.clone()), kind: Recovery::Overflow }
+        }
+        Fault::Full(_) => Next::GiveUp,
         Fault::Kv { .. } if budget.kv_recoveries_left == 0 => Next::GiveUp,
         Fault::Kv { prefill, decode, prefill_failed } => {
             let recompute = |p| Next::Again {
@@ -147,7 +160,13 @@ mod tests {
         Fault::Kv { prefill: w("p1"), decode: w("d1"), prefill_failed }
     }
 
-    const FULL: Budget = Budget { migrations_left: 3, kv_recoveries_left: 3, other_prefill: true };
+    const FULL: Budget = Budget {
+        migrations_left: 3,
+        kv_recoveries_left: 3,
+        overflows_left: 2,
+        other_prefill: true,
+        other_decode: true,
+    };
 
     #[test]
     fn policies_parse_and_map_from_the_api() {
@@ -195,6 +214,15 @@ mod tests {
             (kv(true), Recompute, spent_kv, Next::GiveUp),
             // KV recoveries do not spend the migration budget.
             (kv(false), Recompute, spent_moves, recompute(None, Recompute)),
+            // A full decode worker is passed over while another exists, then the choice is refused.
+            (
+                Fault::Full(w("d1")),
+                Fail,
+                FULL,
+                Next::Again { plan: Plan::Route, exclude: Some(w("d1")), kind: Recovery::Overflow },
+            ),
+            (Fault::Full(w("d1")), Retry, Budget { other_decode: false, ..FULL }, Next::GiveUp),
+            (Fault::Full(w("d1")), Retry, Budget { overflows_left: 0, ..FULL }, Next::GiveUp),
         ];
         for (fault, policy, budget, want) in table {
             assert_eq!(next(&fault, policy, budget), want, "{fault:?} under {policy} with {budget:?}");

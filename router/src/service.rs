@@ -273,7 +273,7 @@ async fn choice(
     let mut generated = Vec::new();
     let mut excluded = Vec::new();
     let mut plan = Plan::Route;
-    let (mut migrations, mut kv_recoveries) = (0, 0);
+    let (mut migrations, mut kv_recoveries, mut overflows) = (0, 0, 0);
     loop {
         let err = match attempt(s, v, index, out, accepted, &mut generated, &excluded, &plan).await {
             Ok(()) => return Ok(()),
@@ -283,10 +283,16 @@ async fn choice(
             Fault::Kv { prefill, .. } => s.members.has_other_prefill(&s.facts.name, prefill, &excluded),
             _ => false,
         };
+        let other_decode = match &err.fault {
+            Fault::Full(decode) => s.members.has_other_decode(&s.facts.name, decode, &excluded),
+            _ => false,
+        };
         let budget = Budget {
             migrations_left: s.migration_limit.saturating_sub(migrations),
             kv_recoveries_left: recovery::MAX_KV_RECOVERIES.saturating_sub(kv_recoveries),
+            overflows_left: recovery::MAX_OVERFLOWS.saturating_sub(overflows),
             other_prefill,
+            other_decode,
         };
         let decision = recovery::next(&err.fault, policy, budget);
         if let Fault::Kv { .. } = err.fault {
@@ -319,6 +325,10 @@ async fn choice(
                     (Recovery::Kv(_), Plan::Recompute { on }) => {
                         kv_recoveries += 1;
                         format!("KV failure policy {policy}: recomputing on {on} after {} tokens", generated.len())
+                    }
+                    (Recovery::Overflow, _) => {
+                        overflows += 1;
+                        format!("trying another decode worker after {} tokens", generated.len())
                     }
                     (Recovery::Kv(_), Plan::Route) => {
                         kv_recoveries += 1;
@@ -404,7 +414,14 @@ async fn attempt(
             // cancels it (the worker refuses a reservation for an id it saw cancelled).
             let mut guard = CancelOnDrop { rid, clients: vec![dc.clone(), pc.clone()], done: false };
             let res = tokio::select! {
-                r = dc.reserve(reserve) => r.map_err(|e| failed("decode", &decode.id, e))?.into_inner(),
+                r = dc.reserve(reserve) => r.map_err(|e| {
+                    let mut err = failed("decode", &decode.id, e);
+                    if err.status.code() == tonic::Code::ResourceExhausted {
+                        // This worker's pool is full; another decode worker may have room.
+                        err.fault = Fault::Full(decode.id.clone());
+                    }
+                    err
+                })?.into_inner(),
                 _ = decode.gone.cancelled() => return Err(left("decode", &decode.id)),
             };
             let dreq = pb::DecodeRequest {

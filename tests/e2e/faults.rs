@@ -463,3 +463,41 @@ fn a_worker_whose_lease_ends_fences_itself_and_serves_again_under_its_new_lease(
         assert!(c.router.output().iter().all(|l| !l.contains("stale sender")), "{:?}", c.router.output());
     });
 }
+
+/// A decode worker whose KV pool is full refuses a reservation; the router passes it over
+/// for a decode worker with room instead of refusing the client, and refuses
+/// (RESOURCE_EXHAUSTED, the worker named) only when no decode worker has room.
+#[test]
+fn a_full_decode_worker_is_passed_over_for_one_with_room() {
+    let _one = serial();
+    // 24 blocks of 16 tokens: one ~330-token prompt at a time.
+    let small: &[&str] = &["--kv-blocks", "24"];
+    let mut c = start(
+        &[("prefill", "prefill-0", &[]), ("decode", "decode-small", small), ("decode", "decode-big", &[])],
+        &["--policy", "round-robin"],
+    );
+    rt().block_on(async {
+        let client = client(&c.router_addr).await;
+        let reqs: Vec<api::GenerateRequest> = (0..6)
+            .map(|i| raw(&format!("{i}: {}", "Paged attention keeps the KV cache in blocks. ".repeat(30)), 4))
+            .collect();
+        for (i, got) in stream_all(&client, &reqs).await.into_iter().enumerate() {
+            let got = got.unwrap_or_else(|e| panic!("request {i} was refused: {e:?}"));
+            assert_eq!(got.token_ids.len(), 4);
+        }
+        let out = c.router.output();
+        let passed = out.iter().filter(|l| l.contains("trying another decode worker")).count();
+        assert!(passed > 0, "decode-small was full for some of the 6 at once: {out:?}");
+        // With the big worker gone, nothing has room for a second prompt at once.
+        let idx = c.workers.iter().position(|(p, _)| p.name == "decode-big").unwrap();
+        c.workers[idx].0.kill();
+        c.router.wait_line("worker decode-big left", Duration::from_secs(10));
+        let got = stream_all(&client, &reqs[..4]).await;
+        let refused: Vec<&tonic::Status> = got.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(!refused.is_empty() && refused.len() < 4, "{got:?}");
+        for e in refused {
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+            assert!(e.message().contains("decode-small"), "{e:?}");
+        }
+    });
+}
