@@ -181,12 +181,9 @@ async fn release_later(state: Arc<WorkerState>, id: RequestId, rid: u64) {
 /// Marks a status as caused by a failed KV transfer (the router's KV failure policy then
 /// decides what the request gets), as opposed to a failed worker.
 pub fn kv_fault(mut status: Status) -> Status {
-    status.metadata_mut().insert(FAULT_METADATA, tonic::metadata::MetadataValue::from_static("kv"));
+    status.metadata_mut().insert(tandem_proto::FAULT_METADATA, tonic::metadata::MetadataValue::from_static("kv"));
     status
 }
-
-/// The metadata key of `kv_fault` (the router reads it).
-pub const FAULT_METADATA: &str = "tandem-fault";
 
 pub fn status_from_engine(e: EngineError) -> Status {
     match e {

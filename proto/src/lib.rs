@@ -57,6 +57,10 @@ pub mod tandem {
     }
 }
 
+/// The gRPC metadata key a worker sets (to `kv`) on a status whose cause is a failed KV
+/// transfer rather than a failed worker; the router's KV failure policy then decides.
+pub const FAULT_METADATA: &str = "tandem-fault";
+
 /// The encoded `google.protobuf.FileDescriptorSet` of `tandem.v1` and
 /// `tandem.worker.v1` (with source comments), as server reflection serves it.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tandem_descriptor");

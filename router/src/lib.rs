@@ -13,6 +13,7 @@
 //! - `policy`: `RoutingPolicy`, `RoundRobin`, `LeastLoaded`.
 //! - `members`: membership from discovery, worker clients, load polling, KV events.
 //! - `service`: the `Generate` service: one request's path through the cluster.
+//! - `choice`: one choice's path across workers, its attempts and their recovery.
 //! - `recovery`: what a choice does after a failed attempt (migration, the KV
 //!   failure policies `fail`, `recompute`, `retry`).
 //! - `openai`, `http`: the OpenAI-compatible HTTP front door (axum), translated to
@@ -20,6 +21,7 @@
 //! - `metrics`, `telemetry`: the router's metrics and the process's Prometheus recorder.
 //! - `server`: `RunningRouter`: start, serve, drain.
 
+pub mod choice;
 pub mod http;
 pub mod members;
 pub mod metrics;

@@ -10,17 +10,6 @@ use harness::*;
 use tandem_proto::tandem::v1 as api;
 use tonic::Code;
 
-const PROMPTS: [&str; 8] = [
-    "Name three primary colors.",
-    "Write a haiku about the sea.",
-    "What is the capital of France?",
-    "Give me a tip for learning to cook.",
-    "Explain what a volcano is in one sentence.",
-    "List three animals that live in the ocean.",
-    "Why is the sky blue?",
-    "Say hello in French.",
-];
-
 async fn settle_idle(addrs: &[String]) -> Vec<api_stats::Stats> {
     let end = Instant::now() + Duration::from_secs(10);
     loop {

@@ -18,17 +18,6 @@ use tandem_proto::tandem::v1::generate_client::GenerateClient;
 use tonic::transport::Channel;
 use tonic::Code;
 
-const PROMPTS: [&str; 8] = [
-    "Name three primary colors.",
-    "Write a haiku about the sea.",
-    "What is the capital of France?",
-    "Give me a tip for learning to cook.",
-    "Explain what a volcano is in one sentence.",
-    "List three animals that live in the ocean.",
-    "Why is the sky blue?",
-    "Say hello in French.",
-];
-
 const WORDS: [&str; 16] = [
     "market", "river", "engine", "winter", "signal", "harvest", "orbit", "ledger", "canvas", "thunder", "copper",
     "meadow", "lantern", "harbor", "circuit", "granite",

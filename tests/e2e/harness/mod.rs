@@ -531,3 +531,15 @@ pub mod raw_grpc {
         result.err().unwrap_or_else(|| tonic::Status::ok(""))
     }
 }
+
+/// Short chat prompts the cluster tests send.
+pub const PROMPTS: [&str; 8] = [
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+    "Give me a tip for learning to cook.",
+    "Explain what a volcano is in one sentence.",
+    "List three animals that live in the ocean.",
+    "Why is the sky blue?",
+    "Say hello in French.",
+];
