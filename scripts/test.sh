@@ -18,5 +18,7 @@ scripts/setup-helm.sh
 scripts/setup-bench.sh
 # Debian's prometheus and promtool for the metrics checks (tests/e2e/metrics.rs).
 scripts/setup-prometheus.sh
+# Incremental state would add ~2 GB to a one-shot build; a caller may still ask for it.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo check -p tandem-kvtransfer --features cuda --locked
 cargo test --workspace --locked "$@"
