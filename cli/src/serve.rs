@@ -58,6 +58,10 @@ pub struct Migration {
     /// prefill side abandons the transfer then too.
     #[arg(long, env = "TANDEM_KV_LEASE", default_value_t = 30)]
     pub kv_lease: u64,
+    /// Seconds a request waits for KV room when every decode worker's pool is full (it is
+    /// tried again as requests finish); past it, RESOURCE_EXHAUSTED / 429. 0: refuse at once.
+    #[arg(long, env = "TANDEM_KV_WAIT", value_parser = non_negative_secs, default_value_t = 30.0)]
+    pub kv_wait: f64,
 }
 
 impl Migration {
@@ -105,6 +109,13 @@ fn positive_secs(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(x) if x.is_finite() && x > 0.0 && x <= 31_536_000.0 => Ok(x),
         _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
+fn non_negative_secs(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 && x <= 31_536_000.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a number of seconds (0 or more)")),
     }
 }
 
@@ -437,6 +448,7 @@ pub fn up(a: UpArgs) -> Result<()> {
             migration_limit: a.migration.migration_limit,
             kv_failure_policy: a.migration.policy(),
             kv_lease: Duration::from_secs(a.migration.kv_lease.max(1)),
+            kv_wait: Duration::from_secs_f64(a.migration.kv_wait),
         };
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         if !router.wait_for_workers(running.len(), Duration::from_secs(30)).await {
@@ -493,6 +505,7 @@ pub fn router(a: RouterArgs) -> Result<()> {
             migration_limit: a.migration.migration_limit,
             kv_failure_policy: a.migration.policy(),
             kv_lease: Duration::from_secs(a.migration.kv_lease.max(1)),
+            kv_wait: Duration::from_secs_f64(a.migration.kv_wait),
         };
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         println!(

@@ -218,15 +218,15 @@ impl RunningWorker {
                     .map_err(|e| format!("binding the health server on {addr}: {e}"))?;
                 let local = l.local_addr().map_err(|e| e.to_string())?;
                 let serve =
-                    tonic::transport::Server::builder().add_service(health_svc.clone()).serve_with_incoming_shutdown(
-                        tonic::transport::server::TcpIncoming::from(l),
+                    tandem_proto::incoming::server().add_service(health_svc.clone()).serve_with_incoming_shutdown(
+                        tandem_proto::incoming::incoming(l, tandem_proto::incoming::HANDSHAKE_TIMEOUT),
                         stop_server.clone().cancelled_owned(),
                     );
                 (Some(local), Some(tokio::spawn(serve)))
             }
             None => (None, None),
         };
-        let mut builder = tonic::transport::Server::builder();
+        let mut builder = tandem_proto::incoming::server();
         if let Some(tls) = &tls {
             use tonic::transport::{Certificate, Identity, ServerTlsConfig};
             let server_tls = ServerTlsConfig::new()
@@ -242,8 +242,7 @@ impl RunningWorker {
                 .add_service(tandem_proto::reflection_service_v1alpha(&[SERVICE_NAME]))
                 .add_service(WorkerServer::new(svc))
                 .serve_with_incoming_shutdown(
-                    // Small gRPC messages must not wait for Nagle and delayed ACKs (40 ms stalls).
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    tandem_proto::incoming::incoming(listener, tandem_proto::incoming::HANDSHAKE_TIMEOUT),
                     stop.cancelled_owned(),
                 ),
         );

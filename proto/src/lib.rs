@@ -34,6 +34,7 @@
 //! ```
 
 pub mod codec;
+pub mod incoming;
 
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthService;

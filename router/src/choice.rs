@@ -158,8 +158,17 @@ async fn choice(
     let mut excluded = Vec::new();
     let mut plan = Plan::Route;
     let (mut migrations, mut kv_recoveries, mut overflows) = (0, 0, 0);
+    // Decode workers found full since the last wait for room; tried again after it.
+    let mut full: Vec<WorkerId> = Vec::new();
+    let mut waiting: Option<WaitingForRoom> = None;
     loop {
-        let err = match attempt(s, v, index, out, accepted, &mut generated, &excluded, &plan).await {
+        let avoid: Vec<WorkerId> = excluded.iter().chain(&full).cloned().collect();
+        let result = attempt(s, v, index, out, accepted, &mut generated, &avoid, &plan).await;
+        if !matches!(&result, Err(AttemptError { fault: Fault::Full(_), .. })) {
+            // Whatever this attempt held is being freed: choices waiting for room try again.
+            s.kv_room.notify_waiters();
+        }
+        let err = match result {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
@@ -168,15 +177,18 @@ async fn choice(
             _ => false,
         };
         let other_decode = match &err.fault {
-            Fault::Full(decode) => s.members.has_other_decode(&s.facts.name, decode, &excluded),
+            Fault::Full(decode) => s.members.has_other_decode(&s.facts.name, decode, &avoid),
             _ => false,
         };
+        let tokens = v.prompt.len() + generated.len();
+        let fits = s.members.could_hold(&s.facts.name, tokens);
         let budget = Budget {
             migrations_left: s.migration_limit.saturating_sub(migrations),
             kv_recoveries_left: recovery::MAX_KV_RECOVERIES.saturating_sub(kv_recoveries),
             overflows_left: recovery::MAX_OVERFLOWS.saturating_sub(overflows),
             other_prefill,
             other_decode,
+            may_wait: fits && !s.kv_wait.is_zero() && waiting.as_ref().is_none_or(|w| w.since.elapsed() < s.kv_wait),
         };
         let decision = recovery::next(&err.fault, policy, budget);
         if let Fault::Kv { .. } = err.fault {
@@ -195,9 +207,44 @@ async fn choice(
                         err.status.message(),
                         if policy == KvFailurePolicy::Fail { "" } else { "; no recovery left" }
                     )),
+                    Fault::Full(_) => {
+                        let mut st = Status::resource_exhausted(match &waiting {
+                            Some(w) => format!(
+                                "{} (no decode worker had room within {:.1} s)",
+                                err.status.message(),
+                                w.since.elapsed().as_secs_f64()
+                            ),
+                            None => err.status.message().to_string(),
+                        });
+                        st.metadata_mut().insert("retry-after", tonic::metadata::MetadataValue::from_static("1"));
+                        st
+                    }
                     _ => err.status,
                 };
                 return Err(status);
+            }
+            Next::WaitForRoom => {
+                let w = waiting.get_or_insert_with(|| {
+                    eprintln!(
+                        "router: request {} choice {index}: {}; waiting up to {:.1} s for KV room",
+                        v.request_id,
+                        err.status.message(),
+                        s.kv_wait.as_secs_f64()
+                    );
+                    WaitingForRoom::new(s)
+                });
+                w.rounds += 1;
+                // Woken when any attempt ends; polled in case blocks are freed some other
+                // way (a reservation's lease ending, another router's request).
+                let poll =
+                    Duration::from_millis(20 << w.rounds.min(5)).min(s.kv_wait.saturating_sub(w.since.elapsed()));
+                tokio::select! {
+                    _ = s.kv_room.notified() => {}
+                    _ = tokio::time::sleep(poll) => {}
+                }
+                full.clear();
+                overflows = 0;
+                plan = Plan::Route;
             }
             Next::Again { plan: next_plan, exclude, kind } => {
                 let what = match (kind, &next_plan) {
@@ -223,10 +270,37 @@ async fn choice(
                     }
                 };
                 eprintln!("router: request {} choice {index}: {}; {what}", v.request_id, err.status.message());
-                excluded.extend(exclude);
+                match kind {
+                    Recovery::Overflow => full.extend(exclude),
+                    _ => excluded.extend(exclude),
+                }
                 plan = next_plan;
             }
         }
+    }
+}
+
+/// A choice waiting for KV room (counted in `RouterState::kv_waiting` while it lives).
+struct WaitingForRoom {
+    state: Arc<RouterState>,
+    since: Instant,
+    rounds: u32,
+}
+
+impl WaitingForRoom {
+    fn new(s: &Arc<RouterState>) -> Self {
+        let n = s.kv_waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        metrics::set_waiting_for_room(n);
+        metrics::waited_for_room();
+        WaitingForRoom { state: s.clone(), since: Instant::now(), rounds: 0 }
+    }
+}
+
+impl Drop for WaitingForRoom {
+    fn drop(&mut self) {
+        let n = self.state.kv_waiting.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) - 1;
+        metrics::set_waiting_for_room(n);
+        metrics::seconds(metrics::ROOM_WAIT, self.since.elapsed());
     }
 }
 

@@ -17,6 +17,9 @@ pub const MAX_IN_FLIGHT: &str = "tandem_router_max_in_flight";
 pub const WORKERS: &str = "tandem_workers";
 pub const MIGRATIONS: &str = "tandem_migrations_total";
 pub const KV_RECOVERIES: &str = "tandem_kv_failure_recoveries_total";
+pub const WAITING_FOR_ROOM: &str = "tandem_router_requests_waiting_for_kv_room";
+pub const ROOM_WAITS: &str = "tandem_kv_room_waits_total";
+pub const ROOM_WAIT: &str = "tandem_kv_room_wait_seconds";
 
 /// Registers every router metric's description (idempotent).
 pub fn describe() {
@@ -51,6 +54,16 @@ pub fn describe() {
         "Choices whose KV transfer failed or stayed incomplete, by the policy in force (fail, recompute, retry) \
          and what was done (fail; recompute: the decode worker prefilled itself; retry: another prefill worker; \
          gave_up: no recovery left)."
+    );
+    describe_gauge!(
+        WAITING_FOR_ROOM,
+        "Choices waiting for a decode worker with free KV blocks (every pool was full; --kv-wait)."
+    );
+    describe_counter!(ROOM_WAITS, "Choices that had to wait for KV room because every decode worker's pool was full.");
+    describe_histogram!(
+        ROOM_WAIT,
+        Unit::Seconds,
+        "How long choices that waited for KV room waited (until served, refused, or the client left)."
     );
 }
 
@@ -108,4 +121,12 @@ pub fn migration() {
 
 pub fn kv_failure(policy: &'static str, action: &'static str) {
     counter!(KV_RECOVERIES, "policy" => policy, "action" => action).increment(1);
+}
+
+pub fn set_waiting_for_room(n: usize) {
+    gauge!(WAITING_FOR_ROOM).set(n as f64);
+}
+
+pub fn waited_for_room() {
+    counter!(ROOM_WAITS).increment(1);
 }

@@ -84,6 +84,9 @@ pub enum Next {
     GiveUp,
     /// Try again as `plan`, never again on `exclude`.
     Again { plan: Plan, exclude: Option<WorkerId>, kind: Recovery },
+    /// Every decode worker with room for the prompt is full: wait until requests finish
+    /// (or a moment passes), then route again over every decode worker.
+    WaitForRoom,
 }
 
 /// Which budget a recovery spends, and how it is counted.
@@ -112,6 +115,9 @@ pub struct Budget {
     pub other_prefill: bool,
     /// A healthy decode worker other than the full one (for `Full`).
     pub other_decode: bool,
+    /// The choice may still wait for KV room: waiting is on, its time is not spent, and
+    /// some decode worker's whole pool could hold the prompt.
+    pub may_wait: bool,
 }
 
 /// The next step after an attempt failed with `fault`, under `policy`.
@@ -125,6 +131,7 @@ pub fn next(fault: &Fault, policy: KvFailurePolicy, budget: Budget) -> Next {
         Fault::Full(w) if budget.overflows_left > 0 && budget.other_decode => {
             Next::Again { plan: Plan::Route, exclude: Some(w.clone()), kind: Recovery::Overflow }
         }
+        Fault::Full(_) if budget.may_wait => Next::WaitForRoom,
         Fault::Full(_) => Next::GiveUp,
         Fault::Kv { .. } if budget.kv_recoveries_left == 0 => Next::GiveUp,
         Fault::Kv { prefill, decode, prefill_failed } => {
@@ -166,6 +173,7 @@ mod tests {
         overflows_left: 2,
         other_prefill: true,
         other_decode: true,
+        may_wait: true,
     };
 
     #[test]
@@ -214,15 +222,21 @@ mod tests {
             (kv(true), Recompute, spent_kv, Next::GiveUp),
             // KV recoveries do not spend the migration budget.
             (kv(false), Recompute, spent_moves, recompute(None, Recompute)),
-            // A full decode worker is passed over while another exists, then the choice is refused.
+            // A full decode worker is passed over while another exists; when none has room the
+            // choice waits for room while it may, and is refused after.
             (
                 Fault::Full(w("d1")),
                 Fail,
                 FULL,
                 Next::Again { plan: Plan::Route, exclude: Some(w("d1")), kind: Recovery::Overflow },
             ),
-            (Fault::Full(w("d1")), Retry, Budget { other_decode: false, ..FULL }, Next::GiveUp),
-            (Fault::Full(w("d1")), Retry, Budget { overflows_left: 0, ..FULL }, Next::GiveUp),
+            (Fault::Full(w("d1")), Retry, Budget { other_decode: false, ..FULL }, Next::WaitForRoom),
+            (Fault::Full(w("d1")), Retry, Budget { overflows_left: 0, ..FULL }, Next::WaitForRoom),
+            (Fault::Full(w("d1")), Retry, Budget { other_decode: false, may_wait: false, ..FULL }, Next::GiveUp),
+            (Fault::Full(w("d1")), Retry, Budget { overflows_left: 0, may_wait: false, ..FULL }, Next::GiveUp),
+            // Waiting is for full pools only.
+            (Fault::Worker(w("d1")), Retry, Budget { migrations_left: 0, ..FULL }, Next::GiveUp),
+            (Fault::Request, Retry, FULL, Next::GiveUp),
         ];
         for (fault, policy, budget, want) in table {
             assert_eq!(next(&fault, policy, budget), want, "{fault:?} under {policy} with {budget:?}");

@@ -51,6 +51,9 @@ pub struct RouterConfig {
     /// How long a decode worker holds a prompt's blocks for KV that does not come (the
     /// prefill side abandons the transfer then too).
     pub kv_lease: Duration,
+    /// How long a request waits for KV room when every decode worker's pool is full
+    /// (zero: refused at once).
+    pub kv_wait: Duration,
 }
 
 pub struct RunningRouter {
@@ -84,6 +87,7 @@ impl RunningRouter {
         state.migration_limit = cfg.migration_limit;
         state.kv_failure_policy = cfg.kv_failure_policy;
         state.kv_lease = cfg.kv_lease;
+        state.kv_wait = cfg.kv_wait;
         let state = Arc::new(state);
 
         let listener = tokio::net::TcpListener::bind(cfg.grpc_listen)
@@ -100,14 +104,13 @@ impl RunningRouter {
             move |mut req: tonic::Request<()>| check_api_key(&keys, &mut req).map(|_| req),
         );
         let server = tokio::spawn(
-            tonic::transport::Server::builder()
+            tandem_proto::incoming::server()
                 .add_service(health_svc)
                 .add_service(tandem_proto::reflection_service(&[SERVICE_NAME]))
                 .add_service(tandem_proto::reflection_service_v1alpha(&[SERVICE_NAME]))
                 .add_service(generate)
                 .serve_with_incoming_shutdown(
-                    // Small gRPC messages must not wait for Nagle and delayed ACKs (40 ms stalls).
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    tandem_proto::incoming::incoming(listener, tandem_proto::incoming::HANDSHAKE_TIMEOUT),
                     stop.cancelled_owned(),
                 ),
         );

@@ -28,6 +28,8 @@ use crate::validate::{check_model, input_ids, validate, ModelFacts, Validated};
 
 /// How long a decode worker holds a prompt's blocks for KV that does not come, by default.
 pub const KV_LEASE: Duration = Duration::from_secs(30);
+/// How long a choice waits for KV room when every decode worker's pool is full.
+pub const KV_WAIT: Duration = Duration::from_secs(30);
 
 /// State shared by the router's handlers.
 pub struct RouterState {
@@ -48,6 +50,14 @@ pub struct RouterState {
     pub kv_failure_policy: KvFailurePolicy,
     /// The lease of a reservation (see `KV_LEASE`).
     pub kv_lease: Duration,
+    /// How long a choice waits for a decode worker with room (see `KV_WAIT`); zero: refuse
+    /// at once.
+    pub kv_wait: Duration,
+    /// Woken whenever a choice's attempt ends (its blocks are being freed): choices
+    /// waiting for KV room try again.
+    pub kv_room: tokio::sync::Notify,
+    /// Choices waiting for KV room now.
+    pub kv_waiting: AtomicUsize,
     next_id: AtomicU64,
 }
 
@@ -71,6 +81,9 @@ impl RouterState {
             migration_limit: 3,
             kv_failure_policy: KvFailurePolicy::Retry,
             kv_lease: KV_LEASE,
+            kv_wait: KV_WAIT,
+            kv_room: tokio::sync::Notify::new(),
+            kv_waiting: AtomicUsize::new(0),
             // Workers see ids from every router: start somewhere random.
             next_id: AtomicU64::new(splitmix(seed)),
         }

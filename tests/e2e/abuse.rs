@@ -7,9 +7,10 @@
 //!   (OpenAI's error shape where a body is possible) or a closed connection within its
 //!   bound, while benign streams run alongside and produce the same text as alone;
 //! - the gRPC ports of the router and the workers (random bytes, HTTP/1, a truncated
-//!   HTTP/2 preface, well-formed gRPC calls whose protobuf does not decode) and the
-//!   decode worker's KV port (garbage, forged handshakes, forged and replayed `Blocks`
-//!   frames for requests that do not exist, frames of the wrong layout), all refused.
+//!   HTTP/2 preface, half a preface and then silence, well-formed gRPC calls whose
+//!   protobuf does not decode) and the decode worker's KV port (garbage, forged
+//!   handshakes, forged and replayed `Blocks` frames for requests that do not exist,
+//!   frames of the wrong layout), all refused.
 //!
 //! Afterwards every process still serves, none printed a panic, and the workers hold
 //! no KV block. Timings are printed, never asserted beyond generous bounds.
@@ -458,6 +459,12 @@ async fn garbage_at_grpc_port(addr: &str, rng: &mut Rng) {
     }
 }
 
+/// Half an HTTP/2 preface, then silence with the socket held open: the server closes it
+/// at its handshake deadline (10 s) rather than holding it for as long as the client does.
+async fn stalled_preface(addr: String) -> Exchange {
+    send_and_read(&addr, b"PRI * HTTP/2.0\r\n".to_vec()).await
+}
+
 /// Reads frames from a KV connection until one decodes, the connection closes, or 10 s pass.
 async fn next_frame(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Frame<'static>> {
     let end = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -616,6 +623,13 @@ fn garbage_at_the_control_and_kv_ports_is_refused_and_leaves_nothing_behind() {
             }
         }
         println!("gRPC: {} ports refused random bytes, HTTP/1 and a truncated preface", ports.len());
+        let stalls: Vec<_> = ports.iter().map(|a| tokio::spawn(stalled_preface(a.clone()))).collect();
+        for (addr, t) in ports.iter().zip(stalls) {
+            let ex = t.await.unwrap();
+            println!("{addr}: a stalled preface closed {} after {:?}", ex.closed, ex.took);
+            assert!(ex.closed, "{addr}: a connection stalled mid-preface was still open after {BOUND:?}");
+            assert!(ex.took >= Duration::from_secs(9), "{addr}: closed before its handshake deadline: {ex:?}");
+        }
 
         forgeries_at_kv_port(&kv, &mut rng).await;
         println!("KV port {kv}: garbage, forged handshakes and forged or replayed frames refused");

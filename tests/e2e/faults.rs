@@ -465,10 +465,12 @@ fn a_worker_whose_lease_ends_fences_itself_and_serves_again_under_its_new_lease(
 }
 
 /// A decode worker whose KV pool is full refuses a reservation; the router passes it over
-/// for a decode worker with room instead of refusing the client, and refuses
-/// (RESOURCE_EXHAUSTED, the worker named) only when no decode worker has room.
+/// for a decode worker with room instead of refusing the client. When no decode worker has
+/// room, the request waits for room (`--kv-wait`) and is served as others finish; with
+/// `--kv-wait 0` it is refused at once (RESOURCE_EXHAUSTED, the worker named). A prompt
+/// the whole pool could not hold is refused as too long (INVALID_ARGUMENT), without waiting.
 #[test]
-fn a_full_decode_worker_is_passed_over_for_one_with_room() {
+fn a_full_decode_worker_is_passed_over_for_one_with_room_and_without_room_requests_wait() {
     let _one = serial();
     // 24 blocks of 16 tokens: one ~330-token prompt at a time.
     let small: &[&str] = &["--kv-blocks", "24"];
@@ -488,16 +490,48 @@ fn a_full_decode_worker_is_passed_over_for_one_with_room() {
         let out = c.router.output();
         let passed = out.iter().filter(|l| l.contains("trying another decode worker")).count();
         assert!(passed > 0, "decode-small was full for some of the 6 at once: {out:?}");
-        // With the big worker gone, nothing has room for a second prompt at once.
+        // With the big worker gone, nothing has room for a second prompt at once: they wait
+        // their turn and are all served.
         let idx = c.workers.iter().position(|(p, _)| p.name == "decode-big").unwrap();
         c.workers[idx].0.kill();
         c.router.wait_line("worker decode-big left", Duration::from_secs(10));
-        let got = stream_all(&client, &reqs[..4]).await;
+        let alone: Vec<(String, Vec<u32>)> = {
+            let mut out = Vec::new();
+            for r in &reqs[..4] {
+                let got = stream_all(&client, std::slice::from_ref(r)).await.remove(0).expect("served alone");
+                out.push((got.text, got.token_ids));
+            }
+            out
+        };
+        let before = c.router.output().iter().filter(|l| l.contains("for KV room")).count();
+        for (i, got) in stream_all(&client, &reqs[..4]).await.into_iter().enumerate() {
+            let got = got.unwrap_or_else(|e| panic!("request {i} was not served after waiting for room: {e:?}"));
+            assert_eq!((got.text, got.token_ids), alone[i].clone(), "request {i} after waiting for room");
+        }
+        let waited = c.router.output().iter().filter(|l| l.contains("for KV room")).count() - before;
+        assert!(waited > 0, "some of the 4 waited for room: {:?}", c.router.output());
+        let small_addr = worker_addr(&c, "decode-small");
+        assert_idle(&wait_idle(&[small_addr.clone()]).await);
+
+        // A prompt the decode worker's whole pool could not hold (24 blocks = 384 tokens) is
+        // refused as too long, not kept waiting.
+        let huge = raw(&"Paged attention keeps the KV cache in blocks. ".repeat(60), 4);
+        let e = stream_all(&client, &[huge]).await.remove(0).expect_err("cannot fit");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("the KV cache holds 384"), "{e:?}");
+
+        // A router that does not wait refuses what does not fit now.
+        let (impatient, addr) = start_router(&c.etcd, &c.cluster, &["--kv-wait", "0"]);
+        impatient.wait_line("worker decode-small (", Duration::from_secs(30));
+        let impatient_client = harness::client(&addr).await;
+        let got = stream_all(&impatient_client, &reqs[..4]).await;
         let refused: Vec<&tonic::Status> = got.iter().filter_map(|r| r.as_ref().err()).collect();
         assert!(!refused.is_empty() && refused.len() < 4, "{got:?}");
         for e in refused {
             assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
             assert!(e.message().contains("decode-small"), "{e:?}");
         }
+        assert!(impatient.output().iter().all(|l| !l.contains("for KV room")), "{:?}", impatient.output());
+        assert_idle(&wait_idle(&[small_addr]).await);
     });
 }
