@@ -7,8 +7,11 @@ that define a symbol and every file they import, builds the message classes in a
 private descriptor pool, turns a JSON request into the request message and prints
 each response message as one line of JSON (proto field names).
 
-What it does not do: TLS, client-streaming or bidirectional methods, .proto files
-given on the command line.
+TLS, as grpcurl's flags: --cacert (the CA that signed the server), --cert and --key
+(a client certificate, for servers that require one, as Tandem's workers do with
+mutual TLS) and --servername (the name to check the server's certificate against,
+when the address is not it). What it does not do: client-streaming or bidirectional
+methods, .proto files given on the command line.
 
 Needs grpcio, grpcio-reflection and protobuf: scripts/setup-python-clients.sh puts
 them in <repo>/.venv-clients, which this script re-executes itself with when they
@@ -44,6 +47,8 @@ examples:
   %(prog)s 127.0.0.1:50051 describe tandem.v1.GenerateRequest
   %(prog)s -d '{"prompt":"hi","sampling":{"max_tokens":3}}' 127.0.0.1:50051 tandem.v1.Generate/GenerateStream
   echo '{}' | %(prog)s -d @ --timeout 5 -H 'x-request-id: 42' 127.0.0.1:50051 tandem.v1.Generate/ListModels
+  %(prog)s --cacert ca.crt --cert router.crt --key router.key --servername tandem-worker \
+      10.0.0.7:50061 tandem.worker.v1.Worker/Stats
 
 output:
   list: one service (or, with SERVICE, one fully qualified method) per line.
@@ -469,7 +474,7 @@ def parse_args(argv):
         usage="%(prog)s [options] ADDR (list [SERVICE] | describe [SYMBOL] | SERVICE/METHOD)",
         description="Call a gRPC server, grpcurl style, learning its services and message "
                     "types through server reflection (no .proto files needed). Plaintext "
-                    "(no TLS) only.",
+                    "unless a TLS flag is given.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--data", metavar="JSON",
                         help="the request as JSON (proto or JSON field names); '@' reads it "
@@ -485,6 +490,15 @@ def parse_args(argv):
                         help="also print fields that hold their default value")
     parser.add_argument("--plaintext", action="store_true",
                         help="accepted for grpcurl command lines; plaintext is the default")
+    parser.add_argument("--cacert", metavar="FILE",
+                        help="TLS: the PEM CA certificate(s) the server's certificate must "
+                             "chain to (absent with another TLS flag: the system's roots)")
+    parser.add_argument("--cert", metavar="FILE",
+                        help="TLS: this client's PEM certificate chain (with --key)")
+    parser.add_argument("--key", metavar="FILE", help="TLS: this client's PEM private key")
+    parser.add_argument("--servername", metavar="NAME",
+                        help="TLS: the name the server's certificate must carry, when it "
+                             "is not ADDR's host")
     parser.add_argument("address", metavar="ADDR", help="the server, host:port")
     parser.add_argument("command", metavar="COMMAND", nargs="+",
                         help="'list' lists services, 'list SERVICE' its methods; "
@@ -503,7 +517,31 @@ def parse_args(argv):
         parser.error(f"unexpected arguments after {verb}: {' '.join(operands)}")
     if args.timeout is not None and args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if bool(args.cert) != bool(args.key):
+        parser.error("--cert and --key go together")
+    if args.plaintext and (args.cacert or args.cert or args.servername):
+        parser.error("--plaintext and TLS flags exclude each other")
     return args
+
+
+def open_channel(args) -> grpc.Channel:
+    """A plaintext channel, or a TLS one when any TLS flag is given."""
+    if not (args.cacert or args.cert or args.servername):
+        return grpc.insecure_channel(args.address)
+
+    def read(path):
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise Failure(f"reading {path}: {e.strerror}") from None
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(args.cacert), private_key=read(args.key),
+        certificate_chain=read(args.cert))
+    options = [("grpc.ssl_target_name_override", args.servername)] if args.servername else []
+    return grpc.secure_channel(args.address, credentials, options)
 
 
 def main(argv=None) -> int:
@@ -511,7 +549,12 @@ def main(argv=None) -> int:
     verb, operands = args.command[0], args.command[1:]
     symbol = operands[0].lstrip(".").replace("/", ".") if operands else None
     deadline = Deadline(args.timeout)
-    with grpc.insecure_channel(args.address) as channel:
+    try:
+        channel = open_channel(args)
+    except Failure as failure:
+        print(f"ERROR: {failure}", file=sys.stderr)
+        return 1
+    with channel:
         reflection = Reflection(channel, args.header, deadline)
         schema = Schema(reflection)
         try:

@@ -253,6 +253,20 @@ fn a_mutual_tls_cluster_serves_the_same_text_and_refuses_strangers() {
             assert!(plain.is_err(), "{addr}: a plaintext client was served");
         }
 
+        // The generic client (grpcurl's TLS flags) with a member's certificate is served; with
+        // the cluster's CA but no certificate of its own it is refused.
+        let p = |f: &str| pki.path(f).to_string_lossy().into_owned();
+        let (ca, cert, key) = (p("ca.crt"), p("router.crt"), p("router.key"));
+        let tls_flags = ["--cacert", &ca, "--servername", "tandem-worker", "--timeout", "20"];
+        let stats_call = [&decode_addr[..], "tandem.worker.v1.Worker/Stats"];
+        let member: Vec<&str> =
+            tls_flags.iter().chain(&["--cert", &cert, "--key", &key]).chain(&stats_call).copied().collect();
+        let (ok, out, err) = grpc_call(&member);
+        assert!(ok && out.contains("\"kv_blocks_total\""), "grpc-call with a member's certificate: {out} {err}");
+        let stranger: Vec<&str> = tls_flags.iter().chain(&stats_call).copied().collect();
+        let (ok, out, err) = grpc_call(&stranger);
+        assert!(!ok && err.contains("ERROR: "), "grpc-call without a client certificate: {out} {err}");
+
         // KV: the same. A member gets the receiver's answer (its layout differs: an Error frame).
         let answer = kv_hello_over_tls(&pki, &kv_addr, Some("worker")).await.expect("a member is answered");
         assert!(tandem_kvtransfer::wire::parse_header(&answer, 1 << 16).is_ok(), "a frame header: {answer:?}");

@@ -9,18 +9,6 @@ use std::time::Duration;
 
 use harness::*;
 
-/// `scripts/grpc-call.py` with the project's client virtualenv.
-fn grpc_call(args: &[&str]) -> (bool, String, String) {
-    let python = root().join(".venv-clients/bin/python");
-    assert!(python.exists(), "the gRPC client virtualenv is missing: run scripts/setup-python-clients.sh");
-    let out = Command::new(python).arg(root().join("scripts/grpc-call.py")).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn start_up(extra: &[&str]) -> (Proc, String) {
     let mut args = vec!["up", "--grpc-port", "0", "--http-port", "0"];
     args.extend_from_slice(extra);

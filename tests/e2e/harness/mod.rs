@@ -23,6 +23,18 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `scripts/grpc-call.py` with the project's client virtualenv.
+pub fn grpc_call(args: &[&str]) -> (bool, String, String) {
+    let python = root().join(".venv-clients/bin/python");
+    assert!(python.exists(), "the gRPC client virtualenv is missing: run scripts/setup-python-clients.sh");
+    let out = std::process::Command::new(python).arg(root().join("scripts/grpc-call.py")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn model() -> PathBuf {
     let m = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(m.exists(), "model missing: run scripts/fetch-model.sh first");
