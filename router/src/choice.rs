@@ -165,8 +165,10 @@ async fn choice(
         let avoid: Vec<WorkerId> = excluded.iter().chain(&full).cloned().collect();
         let result = attempt(s, v, index, out, accepted, &mut generated, &avoid, &plan).await;
         if !matches!(&result, Err(AttemptError { fault: Fault::Full(_), .. })) {
-            // Whatever this attempt held is being freed: choices waiting for room try again.
-            s.kv_room.notify_waiters();
+            // Whatever this attempt held is being freed: the longest-waiting choice (tokio's
+            // `Notify` wakes in the order waiters registered) tries again. One per ending
+            // attempt, not all: a herd of retries would each cost a `Reserve`.
+            s.kv_room.notify_one();
         }
         let err = match result {
             Ok(()) => return Ok(()),

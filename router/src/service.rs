@@ -53,8 +53,8 @@ pub struct RouterState {
     /// How long a choice waits for a decode worker with room (see `KV_WAIT`); zero: refuse
     /// at once.
     pub kv_wait: Duration,
-    /// Woken whenever a choice's attempt ends (its blocks are being freed): choices
-    /// waiting for KV room try again.
+    /// Notified whenever a choice's attempt ends (its blocks are being freed): one choice
+    /// waiting for KV room tries again.
     pub kv_room: tokio::sync::Notify,
     /// Choices waiting for KV room now.
     pub kv_waiting: AtomicUsize,
