@@ -359,14 +359,17 @@ impl Worker for WorkerService {
         let lease = Duration::from_millis(r.lease_ms.max(1) as u64).min(MAX_LEASE);
         let deadline = tokio::time::Instant::now() + lease;
         let blocks: Vec<u32> = admitted.blocks.iter().map(|b| b.0).collect();
-        let reservation = match receiver.reserve_from(r.request_id, &blocks, deadline, r.sender_lease) {
+        // Leading blocks this worker's prefix cache holds are not sent: only the rest is
+        // reserved for the transfer.
+        let cached = admitted.cached_blocks.min(blocks.len());
+        let reservation = match receiver.reserve_from(r.request_id, &blocks[cached..], deadline, r.sender_lease) {
             Ok(res) => res,
             Err(e) => {
                 s.engine.abort(admitted.id, None);
                 return Err(Status::internal(format!("reserving blocks: {e}")));
             }
         };
-        let (id, rid, n_blocks) = (admitted.id, r.request_id, blocks.len());
+        let (id, rid, n_blocks) = (admitted.id, r.request_id, blocks.len() - cached);
         let arrived = Arc::new(Mutex::new(None));
         let watcher = {
             let (state, arrived) = (s.clone(), arrived.clone());
@@ -429,7 +432,7 @@ impl Worker for WorkerService {
         );
         Ok(Response::new(pb::ReserveResponse {
             block_ids: blocks,
-            cached_blocks: 0,
+            cached_blocks: cached as u32,
             kv_endpoints: s.kv_endpoints.clone(),
             layout: Some(layout_to_pb(&s.layout)),
             lease_ms: lease.as_millis() as u32,
@@ -457,6 +460,14 @@ impl Worker for WorkerService {
                 dest.block_ids.len()
             )));
         }
+        // The destination's cache never holds the block of the last prompt token.
+        let skip = dest.cached_blocks as usize;
+        if skip >= need {
+            return Err(Status::invalid_argument(format!(
+                "destination holds {skip} of the prompt's {need} blocks already; at most {} can be",
+                need - 1
+            )));
+        }
         let submitted = Instant::now();
         // The transfer ends with the destination's reservation: nothing waits for it after.
         let lease = match dest.lease_ms {
@@ -470,8 +481,8 @@ impl Worker for WorkerService {
             kv_failed(&e);
             kv_fault(Status::unavailable(format!("cannot open a KV session to {}: {e}", dest.worker_id)))
         })?;
-        let kv_bytes = (need * s.layout.n_layers as usize * s.layout.layer_block_bytes()) as u64;
-        let (sink, task, started) = start_export(&tokio::runtime::Handle::current(), session, dest.block_ids);
+        let kv_bytes = ((need - skip) * s.layout.n_layers as usize * s.layout.layer_block_bytes()) as u64;
+        let (sink, task, started) = start_export(&tokio::runtime::Handle::current(), session, dest.block_ids, skip);
         let mut params = sampling_from_pb(&r.sampling.unwrap_or_default());
         params.max_tokens = 1;
         params.stop.clear();

@@ -45,6 +45,67 @@ async fn wait_idle(c: &mut WorkerClient<Channel>) -> pb::StatsResponse {
     }
 }
 
+/// What a disaggregated request's stream came to.
+struct Streamed {
+    first_token: u32,
+    tokens: Vec<u32>,
+    text: String,
+    finish: i32,
+}
+
+/// The router's three calls for one request (reserve on `dc`, attach its stream, prefill on
+/// `pc` into the reservation) and the stream read to its end.
+async fn disaggregated(
+    dc: &mut WorkerClient<Channel>,
+    pc: &mut WorkerClient<Channel>,
+    rid: u64,
+    ids: &[u32],
+    max_tokens: u32,
+) -> (pb::ReserveResponse, Streamed) {
+    let res = dc
+        .reserve(pb::ReserveRequest {
+            request_id: rid,
+            prompt_token_ids: ids.to_vec(),
+            lease_ms: 10_000,
+            max_tokens,
+            sampling: Some(greedy(max_tokens)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = dc
+        .decode(pb::DecodeRequest { request_id: rid, sampling: Some(greedy(max_tokens)), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let pre = pc
+        .prefill(pb::PrefillRequest {
+            request_id: rid,
+            prompt_token_ids: ids.to_vec(),
+            sampling: Some(greedy(max_tokens)),
+            destination: Some(pb::KvDestination {
+                worker_id: "decode-t".into(),
+                endpoints: res.kv_endpoints.clone(),
+                block_ids: res.block_ids.clone(),
+                cached_blocks: res.cached_blocks,
+                layout: res.layout,
+                lease_ms: res.lease_ms,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Streamed { first_token: pre.first_token_id, tokens: Vec::new(), text: String::new(), finish: 0 };
+    while let Some(m) = stream.message().await.unwrap() {
+        got.text.push_str(&m.text);
+        got.tokens.extend(m.token_ids);
+        got.finish = m.finish_reason;
+    }
+    (res, got)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefill_and_decode_workers_over_tcp_generate_what_one_engine_does() {
     let (p, mut pc) = start("prefill-t", Role::Prefill).await;
@@ -63,53 +124,13 @@ async fn prefill_and_decode_workers_over_tcp_generate_what_one_engine_does() {
     assert!(matches!(first.events[0].event, Some(pb::kv_event::Event::Cleared(_))), "the stream starts cleared");
 
     // Reserve, attach, prefill: the router's three calls.
-    let rid = 42;
-    let res = dc
-        .reserve(pb::ReserveRequest {
-            request_id: rid,
-            prompt_token_ids: ids.clone(),
-            lease_ms: 10_000,
-            max_tokens: 40,
-            sampling: Some(greedy(40)),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (res, got) = disaggregated(&mut dc, &mut pc, 42, &ids, 40).await;
     assert_eq!(res.block_ids.len(), ids.len().div_ceil(16));
-    let mut stream = dc
-        .decode(pb::DecodeRequest { request_id: rid, sampling: Some(greedy(40)), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    let pre = pc
-        .prefill(pb::PrefillRequest {
-            request_id: rid,
-            prompt_token_ids: ids.clone(),
-            sampling: Some(greedy(40)),
-            destination: Some(pb::KvDestination {
-                worker_id: "decode-t".into(),
-                endpoints: res.kv_endpoints.clone(),
-                block_ids: res.block_ids.clone(),
-                cached_blocks: 0,
-                layout: res.layout,
-                lease_ms: res.lease_ms,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(pre.first_token_id, want.token_ids[0], "the prefill worker's first token");
-    let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), 0);
-    while let Some(m) = stream.message().await.unwrap() {
-        text.push_str(&m.text);
-        tokens.extend(m.token_ids);
-        finish = m.finish_reason;
-    }
-    assert_eq!(tokens, want.token_ids, "decoded from KV received over TCP");
-    assert_eq!(text, want.text);
-    assert_ne!(finish, 0);
+    assert_eq!(res.cached_blocks, 0, "nothing cached yet");
+    assert_eq!(got.first_token, want.token_ids[0], "the prefill worker's first token");
+    assert_eq!(got.tokens, want.token_ids, "decoded from KV received over TCP");
+    assert_eq!(got.text, want.text);
+    assert_ne!(got.finish, 0);
 
     // The decode worker registered the prompt's blocks in its prefix cache and said so.
     let batch = tokio::time::timeout(Duration::from_secs(5), events.message()).await.unwrap().unwrap().unwrap();
@@ -122,6 +143,14 @@ async fn prefill_and_decode_workers_over_tcp_generate_what_one_engine_does() {
         })
         .sum();
     assert!(stored >= ids.len() / 16, "KV events report the stored prompt blocks ({stored})");
+
+    // The same prompt again: the decode worker holds its full blocks but the last, so only
+    // that one travels, and the text is the same.
+    assert_eq!(wait_idle(&mut dc).await.kv_blocks_used, 0);
+    let (res, again) = disaggregated(&mut dc, &mut pc, 43, &ids, 40).await;
+    assert_eq!(res.cached_blocks as usize, (ids.len() - 1) / 16, "every full block before the last token");
+    assert_eq!(res.block_ids.len(), ids.len().div_ceil(16));
+    assert_eq!((again.tokens, again.text), (want.token_ids.clone(), want.text.clone()), "from cached + sent KV");
 
     // Both sides hold nothing once the request is over.
     assert_eq!(wait_idle(&mut pc).await.kv_blocks_used, 0);

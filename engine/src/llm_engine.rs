@@ -254,14 +254,16 @@ impl LlmEngine {
 
     /// Admits a request whose prompt KV another worker computes: blocks for the whole
     /// prompt are reserved now (the returned table, in order) and the request waits
-    /// until `remote_kv_ready`. One choice only (`n` = 1).
-    pub fn add_remote_request(&mut self, req: EngineRequest) -> Result<(RequestId, Vec<BlockId>), EngineError> {
+    /// until `remote_kv_ready`. Also returned: how many leading blocks of the table
+    /// this engine's prefix cache already holds, whose KV need not be sent. One
+    /// choice only (`n` = 1).
+    pub fn add_remote_request(&mut self, req: EngineRequest) -> Result<(RequestId, Vec<BlockId>, usize), EngineError> {
         self.check(&req)?;
         if req.n != 1 {
             return Err(EngineError::InvalidRequest(format!("a remote-KV request has one choice, got n = {}", req.n)));
         }
         let id = RequestId(self.next_id);
-        let table = self.scheduler.add_remote(self.new_request(id, &req))?;
+        let (table, cached) = self.scheduler.add_remote(self.new_request(id, &req))?;
         self.next_id += 1;
         let mut seq = new_seq(id, 0, &req.params, Vec::new());
         // The prefill worker drew the first token: keep the seeded stream where an
@@ -273,7 +275,7 @@ impl LlmEngine {
             return Err(e);
         }
         self.seqs.insert(id, seq);
-        Ok((id, table))
+        Ok((id, table, cached))
     }
 
     /// The prompt's KV of `id` is in its blocks and the prefill worker sampled

@@ -292,17 +292,26 @@ impl Scheduler {
     }
 
     /// Admits a request whose prompt KV will arrive from a prefill worker: its
-    /// blocks are reserved now and it waits until `remote_kv_ready`.
-    pub fn add_remote(&mut self, r: NewRequest) -> Result<Vec<BlockId>, EngineError> {
+    /// blocks are reserved now and it waits until `remote_kv_ready`. Returns the
+    /// prompt's block table and how many of its leading blocks this worker's prefix
+    /// cache already holds (their KV need not arrive; never the block of the last
+    /// prompt token).
+    pub fn add_remote(&mut self, r: NewRequest) -> Result<(Vec<BlockId>, usize), EngineError> {
         self.check_new(&r)?;
         let mut req = self.make(r, Status::WaitingForRemoteKv);
         let n = req.prompt.len();
-        self.blocks.allocate(&mut req.blocks, n)?;
+        let hit = self.blocks.lookup_prefix(&req.prompt, req.cache_salt.as_deref());
+        let cached = hit.blocks.len();
+        self.blocks.take_prefix(&mut req.blocks, hit);
+        if let Err(e) = self.blocks.allocate(&mut req.blocks, n) {
+            self.blocks.free(&mut req.blocks);
+            return Err(e);
+        }
         let table = req.blocks.table.clone();
         let id = req.id;
         self.requests.insert(id, req);
         self.running.push(id);
-        Ok(table)
+        Ok((table, cached))
     }
 
     /// The prompt's KV has arrived; `first_token` was sampled by the prefill worker.

@@ -279,7 +279,7 @@ fn exported_kv_continues_on_another_engine_like_one_engine() {
     let mut remote = HashMap::new(); // prefill id -> (decode id, decode table, prompt index)
     for (i, p) in ps.iter().enumerate() {
         let mut rp = params.clone();
-        let (did, table) = decode.add_remote_request(EngineRequest::new(p.clone(), rp.clone())).unwrap();
+        let (did, table, _) = decode.add_remote_request(EngineRequest::new(p.clone(), rp.clone())).unwrap();
         rp.max_tokens = 1;
         let req = EngineRequest { export_kv: true, ..EngineRequest::new(p.clone(), rp) };
         let pid = prefill.add_request(req).unwrap();

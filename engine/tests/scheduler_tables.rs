@@ -536,8 +536,9 @@ fn cache_salt_separates_tenants_in_the_scheduler() {
 fn remote_kv_reserves_blocks_then_decodes() {
     let mut s = sched(cfg(64, 8), 8, 4, true);
     let p = prompt(10, 3);
-    let table = s.add_remote(req(1, p.clone(), 3)).unwrap();
+    let (table, cached) = s.add_remote(req(1, p.clone(), 3)).unwrap();
     assert_eq!(table.len(), 3, "10 tokens in blocks of 4");
+    assert_eq!(cached, 0, "nothing cached yet");
     assert_eq!(s.blocks.n_free(), 5);
     let r = s.get(RequestId(1)).unwrap();
     assert_eq!(r.status, Status::WaitingForRemoteKv);
@@ -570,6 +571,55 @@ fn remote_kv_reserves_blocks_then_decodes() {
     assert_eq!(entry(&plan, 3).unwrap().start, 8);
     run_to_end(&mut s, 5, 20);
     assert_eq!(s.blocks.n_free(), 8);
+}
+
+#[test]
+fn a_remote_request_reuses_the_cached_blocks_of_its_prefix_and_only_the_rest_is_reserved() {
+    let mut s = sched(cfg(64, 8), 8, 4, true);
+    let p = prompt(13, 3);
+    let (first, cached) = s.add_remote(req(1, p.clone(), 2)).unwrap();
+    assert_eq!((first.len(), cached), (4, 0));
+    assert_eq!(s.remote_kv_ready(RequestId(1), 42).unwrap(), None);
+    run_to_end(&mut s, 5, 20);
+    assert_eq!(s.blocks.n_free(), 8, "finished; its full blocks stay cached");
+
+    // The same prompt again: its 3 full blocks are cached (the 4th holds the last
+    // prompt token, whose KV always travels); one block is newly taken.
+    let (again, cached) = s.add_remote(req(2, p.clone(), 2)).unwrap();
+    assert_eq!(cached, 3);
+    assert_eq!(again[..3], first[..3], "the cached blocks themselves");
+    assert_eq!(s.blocks.n_free(), 4, "4 blocks held: 3 cached, 1 new");
+    assert_eq!(s.remote_kv_ready(RequestId(2), 42).unwrap(), None);
+    run_to_end(&mut s, 5, 20);
+
+    // A prompt sharing the first 8 tokens: 2 blocks; another tenant's: none.
+    let mut q = p[..8].to_vec();
+    q.extend(prompt(6, 9));
+    let (_, cached) = s.add_remote(req(3, q.clone(), 2)).unwrap();
+    assert_eq!(cached, 2);
+    s.finish(RequestId(3), Finish::Aborted);
+    let mut other = req(4, p.clone(), 2);
+    other.cache_salt = Some("another tenant".into());
+    let (_, cached) = s.add_remote(other).unwrap();
+    assert_eq!(cached, 0);
+    s.finish(RequestId(4), Finish::Aborted);
+    assert_eq!(s.blocks.n_free(), 8);
+
+    // Refused for room: the hit's blocks are let go again.
+    let mut t = sched(cfg(64, 8), 6, 4, true);
+    t.add_remote(req(1, p.clone(), 2)).unwrap();
+    t.remote_kv_ready(RequestId(1), 42).unwrap();
+    run_to_end(&mut t, 5, 20);
+    t.add(req(2, prompt(5, 7), 4)).unwrap();
+    step(&mut t, 5);
+    let held = 6 - t.blocks.n_free();
+    assert_eq!(held, 2, "the local request holds its 2 blocks");
+    let mut longer = p.clone();
+    longer.extend(prompt(8, 8));
+    assert!(matches!(t.add_remote(req(3, longer, 2)), Err(EngineError::OutOfBlocks(_))));
+    assert!(t.get(RequestId(3)).is_none());
+    assert_eq!(6 - t.blocks.n_free(), held, "nothing more held after the refusal");
+    ok(&t);
 }
 
 #[test]

@@ -50,6 +50,9 @@ pub struct Admitted {
     pub id: RequestId,
     /// The reserved block table (remote requests only).
     pub blocks: Vec<BlockId>,
+    /// Leading blocks of `blocks` this worker's prefix cache already holds: their KV
+    /// is not sent (remote requests only).
+    pub cached_blocks: usize,
     pub events: mpsc::UnboundedReceiver<Event>,
 }
 
@@ -241,18 +244,18 @@ fn handle(
             let (tx, events) = mpsc::unbounded_channel();
             let admitted = match how {
                 Admission::Local => {
-                    engine.add_request(EngineRequest { export_kv: false, ..req }).map(|id| (id, vec![]))
+                    engine.add_request(EngineRequest { export_kv: false, ..req }).map(|id| (id, vec![], 0))
                 }
                 Admission::Export(sink) => engine.add_request(EngineRequest { export_kv: true, ..req }).map(|id| {
                     sinks.insert(id, sink);
-                    (id, vec![])
+                    (id, vec![], 0)
                 }),
                 Admission::Remote => engine.add_remote_request(req),
             };
-            let remote = admitted.as_ref().is_ok_and(|(_, b)| !b.is_empty());
-            let answer = admitted.map(|(id, blocks)| {
+            let remote = admitted.as_ref().is_ok_and(|(_, b, _)| !b.is_empty());
+            let answer = admitted.map(|(id, blocks, cached_blocks)| {
                 tracked.insert(id, Tracked { events: tx, remote_waiting: remote, prompt_len });
-                Admitted { id, blocks, events }
+                Admitted { id, blocks, cached_blocks, events }
             });
             if let Err(Ok(a)) = reply.send(answer) {
                 // The caller left before the answer: undo.

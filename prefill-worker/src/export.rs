@@ -28,6 +28,8 @@ pub struct SessionSink {
     buffers: BufferPool,
     /// The decode worker's blocks for the prompt, in table order.
     dst: Vec<u32>,
+    /// Leading blocks of `dst` the decode worker already holds (its prefix cache): not sent.
+    skip: usize,
     /// When the first layer was handed over (the prefill left the queue).
     started: Arc<OnceLock<Instant>>,
 }
@@ -36,11 +38,13 @@ pub struct SessionSink {
 pub type SendTask = JoinHandle<Result<SendSession, TransferError>>;
 
 /// Splits `session` into the engine-side sink and the sending task (spawned on `rt`).
-/// `dst` are the receiver's blocks for the whole prompt.
+/// `dst` are the receiver's blocks for the whole prompt, of which it holds the first
+/// `skip` already.
 pub fn start_export(
     rt: &tokio::runtime::Handle,
     mut session: SendSession,
     dst: Vec<u32>,
+    skip: usize,
 ) -> (SessionSink, SendTask, Arc<OnceLock<Instant>>) {
     let (tx, mut rx) = mpsc::channel::<Layer>(QUEUE_LAYERS);
     let buffers = session.buffers();
@@ -51,19 +55,26 @@ pub fn start_export(
         Ok(session)
     });
     let started = Arc::new(OnceLock::new());
-    (SessionSink { tx, buffers, dst, started: started.clone() }, task, started)
+    (SessionSink { tx, buffers, dst, skip, started: started.clone() }, task, started)
 }
 
 impl ExportSink for SessionSink {
     fn on_layer(&mut self, e: &KvExport, layer: usize, kv: &LayerKvBytes<'_>) {
         self.started.get_or_init(Instant::now);
-        let Some(dst) = self.dst.get(e.first..e.first + e.blocks.len()) else {
+        let end = e.first + e.blocks.len();
+        let first = e.first.max(self.skip);
+        if first >= end {
+            // All of these the destination holds already.
+            return;
+        }
+        let Some(dst) = self.dst.get(first..end) else {
             // More blocks than the reservation: the final frame's check reports it.
             return;
         };
+        let src = &e.blocks[first - e.first..];
         let mut payload = self.buffers.take();
-        payload.reserve(e.blocks.len() * 2 * kv.half_block_bytes);
-        kv.gather(&e.blocks, &mut payload);
+        payload.reserve(src.len() * 2 * kv.half_block_bytes);
+        kv.gather(src, &mut payload);
         // A closed queue means the session already failed; the task's result says why.
         let _ = self.tx.blocking_send((layer as u16, dst.to_vec(), payload));
     }
