@@ -45,10 +45,22 @@ impl Etcd {
                  run scripts/setup-etcd.sh (installs Debian's etcd-server)"
             ),
         }
-        let mut etcd =
-            Etcd { child: None, dir: tempfile::tempdir().unwrap(), client_port: free_port(), peer_port: free_port() };
-        etcd.spawn().await;
-        etcd
+        // A port found free may be taken before etcd binds it (tests run in parallel, and
+        // other processes bind ephemeral ports): then start over on fresh ports.
+        for _ in 0..5 {
+            let mut etcd = Etcd {
+                child: None,
+                dir: tempfile::tempdir().unwrap(),
+                client_port: free_port(),
+                peer_port: free_port(),
+            };
+            match etcd.try_spawn().await {
+                Ok(()) => return etcd,
+                Err(log) if log.contains("address already in use") => continue,
+                Err(log) => panic!("etcd exited during start-up; log:\n{log}"),
+            }
+        }
+        panic!("etcd found its ports taken 5 times in a row");
     }
 
     fn url(&self) -> String {
@@ -60,6 +72,13 @@ impl Etcd {
     }
 
     async fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn().await {
+            panic!("etcd exited during start-up; log:\n{log}");
+        }
+    }
+
+    /// Starts etcd and waits until it serves; its log if it exits first.
+    async fn try_spawn(&mut self) -> Result<(), String> {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new("etcd")
@@ -76,15 +95,16 @@ impl Etcd {
             .spawn()
             .expect("spawn etcd");
         self.child = Some(child);
-        self.wait_ready().await;
+        self.wait_ready().await
     }
 
-    /// Waits until etcd answers a read.
-    async fn wait_ready(&mut self) {
+    /// Waits until etcd answers a read; its log if it exits first.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + STEP;
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("etcd exited with {status} during start-up; log:\n{}", self.log());
+                self.child = None;
+                return Err(format!("(exit {status})\n{}", self.log()));
             }
             let url = self.url();
             let probe = async move {
@@ -92,7 +112,7 @@ impl Etcd {
                 client.get("probe", None).await
             };
             if let Ok(Ok(_)) = timeout(Duration::from_millis(500), probe).await {
-                return;
+                return Ok(());
             }
             assert!(Instant::now() < deadline, "etcd not ready after {STEP:?}; log:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(50)).await;

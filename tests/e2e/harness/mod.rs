@@ -207,18 +207,33 @@ impl Etcd {
             Ok(o) if o.status.success() => {}
             _ => panic!("cannot run `etcd`: run scripts/setup-etcd.sh (installs Debian's etcd-server)"),
         }
-        let (client, peer) = (free_port(), free_port());
-        let mut etcd = Etcd {
-            url: format!("http://127.0.0.1:{client}"),
-            peer_url: format!("http://127.0.0.1:{peer}"),
-            proc: None,
-            dir: tempfile::tempdir().unwrap(),
-        };
-        etcd.run();
-        etcd
+        // A port found free may be taken before etcd binds it (by a worker's ephemeral
+        // port, say): then start over on fresh ports.
+        for _ in 0..5 {
+            let (client, peer) = (free_port(), free_port());
+            let mut etcd = Etcd {
+                url: format!("http://127.0.0.1:{client}"),
+                peer_url: format!("http://127.0.0.1:{peer}"),
+                proc: None,
+                dir: tempfile::tempdir().unwrap(),
+            };
+            match etcd.try_run() {
+                Ok(()) => return etcd,
+                Err(out) if out.contains("address already in use") => continue,
+                Err(out) => panic!("etcd exited during start-up; output:\n{out}"),
+            }
+        }
+        panic!("etcd found its ports taken 5 times in a row");
     }
 
     fn run(&mut self) {
+        if let Err(out) = self.try_run() {
+            panic!("etcd exited during start-up; output:\n{out}");
+        }
+    }
+
+    /// Starts etcd and waits until it serves; its output if it exits first.
+    fn try_run(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("etcd");
         cmd.arg("--name=tandem-e2e")
             .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
@@ -227,9 +242,21 @@ impl Etcd {
             .arg(format!("--listen-peer-urls={}", self.peer_url))
             .arg(format!("--initial-advertise-peer-urls={}", self.peer_url))
             .arg(format!("--initial-cluster=tandem-e2e={}", self.peer_url));
-        let proc = Proc::spawn("etcd", cmd);
-        proc.wait_line("ready to serve client requests", Duration::from_secs(30));
-        self.proc = Some(proc);
+        let mut proc = Proc::spawn("etcd", cmd);
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if proc.output().iter().any(|l| l.contains("ready to serve client requests")) {
+                self.proc = Some(proc);
+                return Ok(());
+            }
+            if !proc.alive() {
+                // Let the reader threads take the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(proc.output().join("\n"));
+            }
+            assert!(Instant::now() < end, "etcd not ready within 30 s; output:\n{}", proc.output().join("\n"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills etcd (SIGKILL: an outage, not a shutdown).
