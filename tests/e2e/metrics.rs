@@ -113,14 +113,30 @@ impl Prometheus {
         }
         let file = dir.path().join("prometheus.yml");
         std::fs::write(&file, cfg).unwrap();
-        let listen = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new("prometheus");
-        cmd.arg(format!("--config.file={}", file.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-            .arg(format!("--web.listen-address={listen}"));
-        let proc = Proc::spawn("prometheus", cmd);
-        proc.wait_line("Server is ready to receive web requests", Duration::from_secs(30));
-        Prometheus { url: format!("http://{listen}"), _proc: proc, _dir: dir }
+        // A port found free may be taken before Prometheus binds it: then try another.
+        for attempt in 0..5 {
+            let listen = format!("127.0.0.1:{}", free_port());
+            let mut cmd = Command::new("prometheus");
+            cmd.arg(format!("--config.file={}", file.display()))
+                .arg(format!("--storage.tsdb.path={}", dir.path().join(format!("data{attempt}")).display()))
+                .arg(format!("--web.listen-address={listen}"));
+            let mut proc = Proc::spawn("prometheus", cmd);
+            let end = Instant::now() + Duration::from_secs(30);
+            loop {
+                if proc.output().iter().any(|l| l.contains("Server is ready to receive web requests")) {
+                    return Prometheus { url: format!("http://{listen}"), _proc: proc, _dir: dir };
+                }
+                if !proc.alive() {
+                    std::thread::sleep(Duration::from_millis(100));
+                    let out = proc.output().join("\n");
+                    assert!(out.contains("address already in use"), "prometheus exited at start:\n{out}");
+                    break;
+                }
+                assert!(Instant::now() < end, "prometheus not ready within 30 s:\n{}", proc.output().join("\n"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("prometheus found its port taken 5 times in a row");
     }
 
     /// `promtool query instant`: the resulting series (labels, value).
