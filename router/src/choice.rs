@@ -160,15 +160,23 @@ async fn choice(
     let (mut migrations, mut kv_recoveries, mut overflows) = (0, 0, 0);
     // Decode workers found full since the last wait for room; tried again after it.
     let mut full: Vec<WorkerId> = Vec::new();
-    let mut waiting: Option<WaitingForRoom> = None;
+    // Since when the choice has been waiting for KV room (every decode worker full), and
+    // how many times it has looked since.
+    let (mut wait_since, mut rounds): (Option<Instant>, u32) = (None, 0);
     loop {
         let avoid: Vec<WorkerId> = excluded.iter().chain(&full).cloned().collect();
+        let started = Instant::now();
         let result = attempt(s, v, index, out, accepted, &mut generated, &avoid, &plan).await;
         if !matches!(&result, Err(AttemptError { fault: Fault::Full(_), .. })) {
             // Whatever this attempt held is being freed: the longest-waiting choice (tokio's
             // `Notify` wakes in the order waiters registered) tries again. One per ending
             // attempt, not all: a herd of retries would each cost a `Reserve`.
             s.kv_room.notify_one();
+            if let Some(since) = wait_since.take() {
+                // The wait ended when this attempt found room.
+                metrics::seconds(metrics::ROOM_WAIT, started - since);
+                rounds = 0;
+            }
         }
         let err = match result {
             Ok(()) => return Ok(()),
@@ -190,7 +198,7 @@ async fn choice(
             overflows_left: recovery::MAX_OVERFLOWS.saturating_sub(overflows),
             other_prefill,
             other_decode,
-            may_wait: fits && !s.kv_wait.is_zero() && waiting.as_ref().is_none_or(|w| w.since.elapsed() < s.kv_wait),
+            may_wait: fits && !s.kv_wait.is_zero() && wait_since.is_none_or(|t| t.elapsed() < s.kv_wait),
         };
         let decision = recovery::next(&err.fault, policy, budget);
         if let Fault::Kv { .. } = err.fault {
@@ -210,12 +218,15 @@ async fn choice(
                         if policy == KvFailurePolicy::Fail { "" } else { "; no recovery left" }
                     )),
                     Fault::Full(_) => {
-                        let mut st = Status::resource_exhausted(match &waiting {
-                            Some(w) => format!(
-                                "{} (no decode worker had room within {:.1} s)",
-                                err.status.message(),
-                                w.since.elapsed().as_secs_f64()
-                            ),
+                        let mut st = Status::resource_exhausted(match wait_since {
+                            Some(since) => {
+                                metrics::seconds(metrics::ROOM_WAIT, since.elapsed());
+                                format!(
+                                    "{} (no decode worker had room within {:.1} s)",
+                                    err.status.message(),
+                                    since.elapsed().as_secs_f64()
+                                )
+                            }
                             None => err.status.message().to_string(),
                         });
                         st.metadata_mut().insert("retry-after", tonic::metadata::MetadataValue::from_static("1"));
@@ -226,20 +237,21 @@ async fn choice(
                 return Err(status);
             }
             Next::WaitForRoom => {
-                let w = waiting.get_or_insert_with(|| {
+                let since = *wait_since.get_or_insert_with(|| {
                     eprintln!(
                         "router: request {} choice {index}: {}; waiting up to {:.1} s for KV room",
                         v.request_id,
                         err.status.message(),
                         s.kv_wait.as_secs_f64()
                     );
-                    WaitingForRoom::new(s)
+                    metrics::waited_for_room();
+                    Instant::now()
                 });
-                w.rounds += 1;
+                rounds += 1;
                 // Woken when any attempt ends; polled in case blocks are freed some other
                 // way (a reservation's lease ending, another router's request).
-                let poll =
-                    Duration::from_millis(20 << w.rounds.min(5)).min(s.kv_wait.saturating_sub(w.since.elapsed()));
+                let poll = Duration::from_millis(20 << rounds.min(5)).min(s.kv_wait.saturating_sub(since.elapsed()));
+                let _waiting = WaitingForRoom::new(s);
                 tokio::select! {
                     _ = s.kv_room.notified() => {}
                     _ = tokio::time::sleep(poll) => {}
@@ -282,27 +294,22 @@ async fn choice(
     }
 }
 
-/// A choice waiting for KV room (counted in `RouterState::kv_waiting` while it lives).
-struct WaitingForRoom {
-    state: Arc<RouterState>,
-    since: Instant,
-    rounds: u32,
-}
+/// A choice between two looks for KV room (counted in `RouterState::kv_waiting` while it
+/// lives, so a choice dropped mid-wait is uncounted too).
+struct WaitingForRoom(Arc<RouterState>);
 
 impl WaitingForRoom {
     fn new(s: &Arc<RouterState>) -> Self {
         let n = s.kv_waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         metrics::set_waiting_for_room(n);
-        metrics::waited_for_room();
-        WaitingForRoom { state: s.clone(), since: Instant::now(), rounds: 0 }
+        WaitingForRoom(s.clone())
     }
 }
 
 impl Drop for WaitingForRoom {
     fn drop(&mut self) {
-        let n = self.state.kv_waiting.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) - 1;
+        let n = self.0.kv_waiting.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) - 1;
         metrics::set_waiting_for_room(n);
-        metrics::seconds(metrics::ROOM_WAIT, self.since.elapsed());
     }
 }
 

@@ -63,7 +63,7 @@ pub fn describe() {
     describe_histogram!(
         ROOM_WAIT,
         Unit::Seconds,
-        "How long choices that waited for KV room waited (until served, refused, or the client left)."
+        "How long choices that waited for KV room waited: until an attempt found room, or until refused."
     );
 }
 

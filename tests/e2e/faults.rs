@@ -510,6 +510,20 @@ fn a_full_decode_worker_is_passed_over_for_one_with_room_and_without_room_reques
         }
         let waited = c.router.output().iter().filter(|l| l.contains("for KV room")).count() - before;
         assert!(waited > 0, "some of the 4 waited for room: {:?}", c.router.output());
+        // The router counts the waits and how long they took, and no one waits now.
+        let http_addr = c.router.addr_after("tandem: router", "http");
+        let m = reqwest::get(format!("http://{http_addr}/metrics")).await.unwrap().text().await.unwrap();
+        let sample = |name: &str| -> f64 {
+            m.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+                .unwrap_or_else(|| panic!("no {name} in /metrics:\n{m}"))
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(sample("tandem_kv_room_waits_total") as usize, waited, "one count per waiting choice");
+        assert_eq!(sample("tandem_kv_room_wait_seconds_count") as usize, waited, "one wait time per choice");
+        assert!(sample("tandem_kv_room_wait_seconds_sum") > 0.0);
+        assert_eq!(sample("tandem_router_requests_waiting_for_kv_room"), 0.0);
         let small_addr = worker_addr(&c, "decode-small");
         assert_idle(&wait_idle(&[small_addr.clone()]).await);
 
