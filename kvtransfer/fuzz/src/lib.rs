@@ -1,6 +1,7 @@
 //! What the `frame_decoder` fuzz targets check, shared by the libFuzzer target
 //! (`fuzz_targets/frame_decoder.rs`) and the stable-Rust mutation loop
-//! (`src/bin/frame_decoder_stable.rs`), plus the seeds and the mutator of the latter.
+//! (`src/bin/frame_decoder_stable.rs`), plus the seeds and the mutator of the latter, and
+//! the loop itself ([`stable`]) with its PRNG ([`Rng`]), which `proto/fuzz` uses too.
 //!
 //! [`check`] feeds arbitrary bytes to `tandem_kvtransfer::wire::decode` under several
 //! `max_body` and `layer_block_bytes` values and asserts, besides "no panic":
@@ -13,6 +14,8 @@
 //! - a Blocks frame's payload is exactly `n_blocks * layer_block_bytes`;
 //! - a receiver reading the bytes as a stream (layout learnt from a Hello) stops
 //!   at the first error or incomplete frame and never reads past the buffer.
+
+pub mod stable;
 
 use tandem_kvtransfer::wire::{self, Code, Frame, HEADER_LEN, MAX_MESSAGE};
 use tandem_kvtransfer::{KvDtypeWire, KvLayout};

@@ -181,27 +181,8 @@ fn check_validation(req: &api::GenerateRequest) {
 // ---------------------------------------------------------------------------
 // Seeds and mutations for the stable loop (the libFuzzer target brings its own).
 
-/// A small deterministic PRNG (xorshift64*), so that a run is reproducible from its seed.
-#[derive(Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
+/// The PRNG of the shared stable loop, so a run is reproducible from its seed.
+pub use tandem_kvtransfer_fuzz::Rng;
 
 /// Valid requests of every kind, encoded, and a few gRPC bodies of them.
 pub fn seeds() -> Vec<Vec<u8>> {

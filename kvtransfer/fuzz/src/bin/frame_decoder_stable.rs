@@ -1,127 +1,16 @@
-//! The `frame_decoder` fuzz target on stable Rust, without libFuzzer: a seeded,
-//! structure-aware mutation loop over valid frames (see `tandem_kvtransfer_fuzz`),
-//! bounded in time and/or executions. Mutated inputs that decode to a frame join the
-//! pool (a crude stand-in for coverage feedback), so mutations build on each other.
-//!
-//!   frame_decoder_stable [--seconds S] [--max-execs N] [--seed X] [--corpus DIR] [--write-seeds DIR]
-//!
-//! `--corpus DIR` also runs every file of DIR (e.g. a cargo-fuzz corpus) first.
-//! `--write-seeds DIR` writes the valid seed frames into DIR (to start a libFuzzer
-//! corpus) and exits. On a
-//! failed check the input is written to `artifacts/frame_decoder_stable-crash-<seed>-<n>`
-//! before the panic propagates. Prints `executions: N` at the end.
-
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+//! The `frame_decoder` fuzz target on stable Rust, without libFuzzer: the shared loop of
+//! `tandem_kvtransfer_fuzz::stable` over structure-aware mutations of valid frames;
+//! mutated inputs that still decode to a frame join the pool.
 
 use tandem_kvtransfer::wire;
-use tandem_kvtransfer_fuzz::{check, mutate, seeds, Rng};
-
-struct Args {
-    seconds: f64,
-    max_execs: u64,
-    seed: u64,
-    corpus: Option<PathBuf>,
-    write_seeds: Option<PathBuf>,
-}
-
-fn parse_args() -> Args {
-    let mut a = Args { seconds: 10.0, max_execs: u64::MAX, seed: 0x5eed, corpus: None, write_seeds: None };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--seconds" => a.seconds = value().parse().expect("--seconds: a number"),
-            "--max-execs" => a.max_execs = value().parse().expect("--max-execs: an integer"),
-            "--seed" => a.seed = value().parse().expect("--seed: an integer"),
-            "--corpus" => a.corpus = Some(PathBuf::from(value())),
-            "--write-seeds" => a.write_seeds = Some(PathBuf::from(value())),
-            other => panic!("unknown argument {other}"),
-        }
-    }
-    a
-}
-
-/// Runs `check`, saving the input if it panics.
-fn run(data: &[u8], seed: u64, n: u64) {
-    let r = std::panic::catch_unwind(|| check(data));
-    if let Err(e) = r {
-        let dir = PathBuf::from("artifacts");
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join(format!("frame_decoder_stable-crash-{seed}-{n}"));
-        let _ = std::fs::write(&path, data);
-        eprintln!("check failed on execution {n} (seed {seed}); input saved to {}", path.display());
-        std::panic::resume_unwind(e);
-    }
-}
+use tandem_kvtransfer_fuzz::{check, mutate, seeds, stable};
 
 fn main() {
-    let args = parse_args();
-    if let Some(dir) = &args.write_seeds {
-        std::fs::create_dir_all(dir).expect("create the seed directory");
-        let seeds = seeds();
-        for (i, s) in seeds.iter().enumerate() {
-            std::fs::write(dir.join(format!("seed-{i:03}")), s).expect("write a seed");
-        }
-        println!("wrote {} seeds to {}", seeds.len(), dir.display());
-        return;
-    }
-    let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
-    let mut execs: u64 = 0;
-
-    if let Some(dir) = &args.corpus {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                if let Ok(data) = std::fs::read(e.path()) {
-                    run(&data, args.seed, execs);
-                    execs += 1;
-                }
-            }
-        }
-        println!("corpus: {execs} inputs from {}", dir.display());
-    }
-
-    let base = seeds();
-    let mut pool = base.clone();
-    const POOL_MAX: usize = 4096;
-    let mut rng = Rng::new(args.seed);
-    let mut decoded: u64 = 0;
-    let start = Instant::now();
-    'outer: loop {
-        // Check the clock every 1024 executions.
-        for _ in 0..1024 {
-            if execs >= args.max_execs {
-                break 'outer;
-            }
-            let mut buf = pool[rng.below(pool.len())].clone();
-            mutate(&mut rng, &mut buf, &base);
-            if buf.len() > 1 << 16 {
-                buf.truncate(1 << 16);
-            }
-            run(&buf, args.seed, execs);
-            execs += 1;
-            // Keep inputs that still decode to a frame: new material for later mutations.
-            if let Ok(Some(_)) = wire::decode(&buf, usize::MAX, 32) {
-                decoded += 1;
-                if pool.len() < POOL_MAX {
-                    pool.push(buf);
-                } else {
-                    let i = base.len() + rng.below(POOL_MAX - base.len());
-                    pool[i] = buf;
-                }
-            }
-        }
-        if Instant::now() >= deadline {
-            break;
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "frame_decoder_stable: seed {} ran {:.1} s, {} decodable inputs kept, {:.0} execs/s",
-        args.seed,
-        secs,
-        decoded,
-        execs as f64 / secs.max(1e-9)
-    );
-    println!("executions: {execs}");
+    stable::main(stable::Target {
+        name: "frame_decoder_stable",
+        seeds: seeds(),
+        mutate,
+        check,
+        keep: |buf| matches!(wire::decode(buf, usize::MAX, 32), Ok(Some(_))),
+    });
 }
