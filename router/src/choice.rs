@@ -190,15 +190,15 @@ async fn choice(
             Fault::Full(decode) => s.members.has_other_decode(&s.facts.name, decode, &avoid),
             _ => false,
         };
-        let tokens = v.prompt.len() + generated.len();
-        let fits = s.members.could_hold(&s.facts.name, tokens);
         let budget = Budget {
             migrations_left: s.migration_limit.saturating_sub(migrations),
             kv_recoveries_left: recovery::MAX_KV_RECOVERIES.saturating_sub(kv_recoveries),
             overflows_left: recovery::MAX_OVERFLOWS.saturating_sub(overflows),
             other_prefill,
             other_decode,
-            may_wait: fits && !s.kv_wait.is_zero() && wait_since.is_none_or(|t| t.elapsed() < s.kv_wait),
+            // A worker that answered "full" judged the prompt able to fit its whole pool (it
+            // refuses one that cannot as INVALID_ARGUMENT), so waiting can help.
+            may_wait: !s.kv_wait.is_zero() && wait_since.is_none_or(|t| t.elapsed() < s.kv_wait),
         };
         let decision = recovery::next(&err.fault, policy, budget);
         if let Fault::Kv { .. } = err.fault {

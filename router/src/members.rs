@@ -287,19 +287,6 @@ impl Members {
         })
     }
 
-    /// Whether some healthy decode-capable worker of `model` has a KV pool that could hold
-    /// `tokens` once it is empty (a worker not polled yet is assumed to): whether waiting
-    /// for room can help.
-    pub fn could_hold(&self, model: &str, tokens: usize) -> bool {
-        self.entries.lock().expect("entries").values().any(|e| {
-            e.healthy
-                && e.desc.role.can_decode()
-                && e.desc.model.name == model
-                && e.stats
-                    .is_none_or(|s| tokens.div_ceil(e.desc.block_size.max(1) as usize) <= s.kv_blocks_total as usize)
-        })
-    }
-
     /// Decode-capable worker `id`, if it is healthy: where a request whose KV transfer
     /// failed is recomputed.
     pub fn decoder(&self, id: &WorkerId) -> Option<Picked> {

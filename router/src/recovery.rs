@@ -115,8 +115,7 @@ pub struct Budget {
     pub other_prefill: bool,
     /// A healthy decode worker other than the full one (for `Full`).
     pub other_decode: bool,
-    /// The choice may still wait for KV room: waiting is on, its time is not spent, and
-    /// some decode worker's whole pool could hold the prompt.
+    /// The choice may still wait for KV room: waiting is on and its time is not spent.
     pub may_wait: bool,
 }
 
