@@ -3,7 +3,8 @@
 #   grpcio, grpcio-reflection, protobuf   for scripts/grpc-call.py (a grpcurl-like client
 #                                         that learns the API through server reflection)
 #   openai                                for talking to the OpenAI-compatible HTTP API
-# and curl (apt), which the HTTP tests use to check the wire format.
+# and curl (apt), which the HTTP tests use to check the wire format; `--no-curl` leaves
+# it out (scripts/up.sh --example needs only the gRPC client).
 #
 # Idempotent: pip runs only when the stamp file in the venv does not list exactly the
 # requirements below, or when they no longer import. On Debian, where `python3 -m venv`
@@ -43,7 +44,9 @@ install_python3_venv() {
     have_venv || fail "python3-venv installed, but $PYTHON still cannot make a venv (is $PYTHON Debian's python3?)"
 }
 
-command -v curl >/dev/null 2>&1 || apt_install setup-python-clients curl ca-certificates || exit 1
+if [ "${1:-}" != --no-curl ]; then
+    command -v curl >/dev/null 2>&1 || apt_install setup-python-clients curl ca-certificates || exit 1
+fi
 
 requirements_ok() {
     [ "$FORCE" != 1 ] || return 1

@@ -19,7 +19,7 @@ fi
 
 scripts/fetch-model.sh
 if [[ "$EXAMPLE" == 1 ]]; then
-    scripts/setup-python-clients.sh
+    scripts/setup-python-clients.sh --no-curl
 fi
 cargo build --release --locked -p tandem
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tonic::Code;
+use crate::etcd::EtcdError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -17,14 +17,14 @@ pub enum DiscoveryError {
     Unavailable {
         op: &'static str,
         #[source]
-        source: etcd_client::Error,
+        source: EtcdError,
     },
     /// etcd answered with an error.
     #[error("etcd {op} failed: {source}")]
     Etcd {
         op: &'static str,
         #[source]
-        source: etcd_client::Error,
+        source: EtcdError,
     },
     /// A request to etcd got no answer before its deadline.
     #[error("etcd {op} timed out after {after:?}")]
@@ -56,18 +56,10 @@ impl DiscoveryError {
         }
     }
 
-    /// Classifies an etcd-client error: transport failures and gRPC `UNAVAILABLE`
-    /// are `Unavailable` (worth retrying), the rest `Etcd`.
-    pub(crate) fn etcd(op: &'static str, source: etcd_client::Error) -> DiscoveryError {
-        let unavailable = match &source {
-            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-            etcd_client::Error::GRpcStatus(s) => {
-                matches!(s.code(), Code::Unavailable | Code::Cancelled | Code::Unknown)
-                    && !s.message().starts_with("etcdserver:")
-            }
-            _ => false,
-        };
-        if unavailable {
+    /// Classifies an etcd call's error: failures to reach etcd are `Unavailable`
+    /// (worth retrying), its refusals `Etcd`.
+    pub(crate) fn etcd(op: &'static str, source: EtcdError) -> DiscoveryError {
+        if source.is_unavailable() {
             DiscoveryError::Unavailable { op, source }
         } else {
             DiscoveryError::Etcd { op, source }

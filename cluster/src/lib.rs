@@ -14,6 +14,8 @@
 //!   `DiscoveryEvent` (`Added` / `Removed`), and the handles `Registration` and `DiscoveryEvents`.
 //! - `memory`: `InMemoryDiscovery`, the single-machine default; TTLs on tokio's clock.
 //! - `etcd`: `EtcdDiscovery`: leases with keep-alives, list-then-watch, resync after outages.
+//!   `etcd::client` is the small etcd v3 client under it, generated from `proto/etcd.proto`
+//!   (the subset of etcd's API that discovery uses) with the vendored protoc.
 //! - `members`: the per-cluster record set both implementations keep (one worker per id).
 //! - `view`: `ClusterView`, the pure current set by role that the router queries.
 //! - `backoff`: retry pacing for the etcd tasks.
@@ -31,6 +33,6 @@ pub mod view;
 pub use descriptor::{ClusterName, KvEndpoints, LocalKvEndpoint, ModelInfo, Role, WorkerDescriptor, WorkerId};
 pub use discovery::{BoxFuture, Discovery, DiscoveryEvent, DiscoveryEvents, LeaseState, Registration};
 pub use error::DiscoveryError;
-pub use etcd::{EtcdConfig, EtcdDiscovery};
+pub use etcd::{EtcdClient, EtcdConfig, EtcdDiscovery, EtcdError};
 pub use memory::InMemoryDiscovery;
 pub use view::{ClusterView, ViewChange};

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use tandem_cluster::etcd::EtcdClient;
 use tandem_cluster::{
     ClusterName, ClusterView, Discovery, DiscoveryEvent, DiscoveryEvents, EtcdConfig, EtcdDiscovery, KvEndpoints,
     LeaseState, ModelInfo, Registration, Role, WorkerDescriptor, WorkerId,
@@ -108,8 +109,8 @@ impl Etcd {
             }
             let url = self.url();
             let probe = async move {
-                let mut client = etcd_client::Client::connect([url], None).await?;
-                client.get("probe", None).await
+                let config = EtcdConfig { endpoints: vec![url], ..EtcdConfig::default() };
+                EtcdClient::new(&config)?.get("probe").await
             };
             if let Ok(Ok(_)) = timeout(Duration::from_millis(500), probe).await {
                 return Ok(());
@@ -138,8 +139,8 @@ impl Etcd {
     }
 
     /// A plain client, to look at what discovery stored.
-    async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.url()], None).await.unwrap()
+    async fn client(&self) -> EtcdClient {
+        EtcdClient::new(&EtcdConfig { endpoints: vec![self.url()], ..EtcdConfig::default() }).unwrap()
     }
 }
 
@@ -211,8 +212,8 @@ async fn assert_quiet(events: &mut DiscoveryEvents, for_: Duration) {
 /// The worker keys etcd holds under `cluster`, with their lease ids.
 async fn stored(etcd: &Etcd, cluster: &str) -> Vec<(String, i64)> {
     let prefix = format!("/tandem/{cluster}/workers/");
-    let response = etcd.client().await.get(prefix, Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
-    response.kvs().iter().map(|kv| (kv.key_str().unwrap().to_string(), kv.lease())).collect()
+    let response = etcd.client().await.get_prefix(&prefix).await.unwrap();
+    response.kvs.iter().map(|kv| (String::from_utf8(kv.key.clone()).unwrap(), kv.lease)).collect()
 }
 
 async fn shutdown(d: &EtcdDiscovery) {

@@ -22,7 +22,8 @@ pub struct ModelConfig {
 }
 
 /// Architectures whose tensors follow the Llama layout.
-const LLAMA_LIKE: &[&str] = &["llama"];
+/// `general.architecture` values the forward pass implements.
+pub(crate) const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
 
 impl ModelConfig {
     pub fn from_gguf(f: &GgufFile) -> Result<Self, EngineError> {
@@ -30,10 +31,10 @@ impl ModelConfig {
             .get_str("general.architecture")
             .ok_or_else(|| EngineError::BadModel("GGUF file has no general.architecture".into()))?
             .to_string();
-        if !LLAMA_LIKE.contains(&arch.as_str()) {
+        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
             return Err(EngineError::Unsupported(format!(
                 "unsupported model architecture '{arch}' (supported: {})",
-                LLAMA_LIKE.join(", ")
+                SUPPORTED_ARCHITECTURES.join(", ")
             )));
         }
         let req = |key: &str| -> Result<usize, EngineError> {

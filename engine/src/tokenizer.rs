@@ -550,6 +550,24 @@ mod tests {
         assert!(matches!(&err, EngineError::BadModel(m) if m.contains("tokens")), "{err:?}");
     }
 
+    /// The README says which files load; it must name exactly what this module takes
+    /// (and the architectures `config` takes), so a widened loader updates the claim.
+    #[test]
+    fn readme_names_what_loads() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let start = readme.find("- **Engine**").expect("README has an Engine item");
+        let item = &readme[start..start + readme[start..].find("\n- **").unwrap_or(readme.len() - start)];
+        let item = item.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(item.contains("`tokenizer.ggml.model` `gpt2`"), "README must name the vocabulary model: {item}");
+        for (pre, _) in SUPPORTED_PRE {
+            assert!(item.contains(&format!("`{pre}`")), "README must name the `{pre}` pre-tokenizer: {item}");
+        }
+        for arch in crate::config::SUPPORTED_ARCHITECTURES {
+            assert!(item.contains(&format!("`{arch}` architecture")), "README must name `{arch}`: {item}");
+        }
+        assert!(!item.contains("Llama-architecture GGUF files"), "the old, wider claim: {item}");
+    }
+
     #[test]
     fn shareable_across_threads() {
         fn assert_send_sync<T: Send + Sync>() {}

@@ -11,13 +11,13 @@
 //! Every request has a deadline (`EtcdConfig::request_timeout`); every task takes a
 //! cancellation token and is tracked, so `shutdown` awaits them all.
 
+pub mod client;
 mod registration;
 mod watch;
 
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,6 +26,7 @@ use crate::descriptor::{workers_prefix, ClusterName, WorkerDescriptor};
 use crate::discovery::{BoxFuture, Discovery, DiscoveryEvents, Registration};
 use crate::error::DiscoveryError;
 use crate::members::Members;
+pub use client::{EtcdClient, EtcdError};
 
 /// How to reach etcd and how patiently. `Default` is a local etcd on its usual port.
 #[derive(Debug, Clone)]
@@ -61,7 +62,7 @@ impl Default for EtcdConfig {
 /// Discovery backed by etcd. Cheap to clone: clones share the connection and tasks.
 #[derive(Clone)]
 pub struct EtcdDiscovery {
-    client: Client,
+    client: EtcdClient,
     config: EtcdConfig,
     root: CancellationToken,
     tasks: TaskTracker,
@@ -74,12 +75,7 @@ impl EtcdDiscovery {
         if config.endpoints.is_empty() {
             return Err(DiscoveryError::InvalidArgument("no etcd endpoints".into()));
         }
-        let options = ConnectOptions::new()
-            .with_connect_timeout(config.connect_timeout)
-            .with_keep_alive(config.ping_interval, config.ping_timeout)
-            .with_keep_alive_while_idle(true);
-        let client =
-            deadline("connect", config.connect_timeout, Client::connect(&config.endpoints, Some(options))).await?;
+        let client = EtcdClient::new(&config).map_err(|e| DiscoveryError::InvalidArgument(e.to_string()))?;
         Ok(EtcdDiscovery { client, config, root: CancellationToken::new(), tasks: TaskTracker::new() })
     }
 
@@ -111,8 +107,8 @@ impl EtcdDiscovery {
     ) -> Result<(Vec<WorkerDescriptor>, DiscoveryEvents), DiscoveryError> {
         self.check_open()?;
         let prefix = workers_prefix(&cluster);
-        let mut client = self.client.clone();
-        let (records, revision) = watch::list(&mut client, &prefix, self.config.request_timeout).await?;
+        let client = self.client.clone();
+        let (records, revision) = watch::list(&client, &prefix, self.config.request_timeout).await?;
         let members = Members::from_records(records);
         let snapshot = members.current().cloned().collect();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -159,7 +155,7 @@ impl std::fmt::Debug for EtcdDiscovery {
 async fn deadline<T>(
     op: &'static str,
     after: Duration,
-    request: impl Future<Output = Result<T, etcd_client::Error>>,
+    request: impl Future<Output = Result<T, EtcdError>>,
 ) -> Result<T, DiscoveryError> {
     match tokio::time::timeout(after, request).await {
         Ok(Ok(value)) => Ok(value),

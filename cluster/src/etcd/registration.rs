@@ -8,10 +8,10 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::client::EtcdClient;
 use super::{deadline, EtcdConfig, EtcdDiscovery};
 use crate::backoff::Backoff;
 use crate::descriptor::{worker_key, ClusterName, WorkerDescriptor, WorkerId};
@@ -50,9 +50,9 @@ pub(super) async fn register(
     let ttl_secs = whole_seconds(ttl)?;
     let key = worker_key(cluster, descriptor.role, &descriptor.id);
     let value = descriptor.to_json()?;
-    let mut client = discovery.client.clone();
+    let client = discovery.client.clone();
     let config = discovery.config.clone();
-    let lease = grant_and_put(&mut client, &key, &value, ttl_secs, config.request_timeout).await?;
+    let lease = grant_and_put(&client, &key, &value, ttl_secs, config.request_timeout).await?;
     tracing::info!(worker = %descriptor.id, key, lease = lease.id, ttl = ?lease.ttl, "registered in etcd");
 
     let signals = RegistrationSignals { stop: discovery.root.child_token(), deregister: CancellationToken::new() };
@@ -83,15 +83,15 @@ fn whole_seconds(ttl: Duration) -> Result<i64, DiscoveryError> {
 }
 
 async fn grant_and_put(
-    client: &mut Client,
+    client: &EtcdClient,
     key: &str,
     value: &[u8],
     ttl_secs: i64,
     timeout: Duration,
 ) -> Result<Lease, DiscoveryError> {
-    let grant = deadline("lease grant", timeout, client.lease_grant(ttl_secs, None)).await?;
-    let lease = Lease { id: grant.id(), ttl: Duration::from_secs(grant.ttl().max(1) as u64) };
-    let put = deadline("put", timeout, client.put(key, value, Some(PutOptions::new().with_lease(lease.id)))).await;
+    let grant = deadline("lease grant", timeout, client.lease_grant(ttl_secs)).await?;
+    let lease = Lease { id: grant.id, ttl: Duration::from_secs(grant.ttl.max(1) as u64) };
+    let put = deadline("put", timeout, client.put(key, value, lease.id)).await;
     if let Err(e) = put {
         // The lease holds no key; revoke it rather than leave it to run out (best effort).
         let _ = deadline("lease revoke", timeout, client.lease_revoke(lease.id)).await;
@@ -102,15 +102,11 @@ async fn grant_and_put(
 
 /// True if the error says etcd does not know the lease.
 fn lease_gone(e: &DiscoveryError) -> bool {
-    match e {
-        DiscoveryError::Etcd { source: etcd_client::Error::LeaseKeepAliveError(m), .. } => m.contains("not found"),
-        DiscoveryError::Etcd { source: etcd_client::Error::GRpcStatus(s), .. } => s.code() == tonic::Code::NotFound,
-        _ => false,
-    }
+    matches!(e, DiscoveryError::Etcd { source, .. } if source.is_lease_not_found())
 }
 
 struct Keeper {
-    client: Client,
+    client: EtcdClient,
     worker: WorkerId,
     key: String,
     value: Vec<u8>,
@@ -152,7 +148,7 @@ impl Keeper {
                     let attempt = tokio::select! {
                         biased;
                         signal = signalled(&self.signals) => return self.finish(signal, None).await,
-                        r = grant_and_put(&mut self.client, &self.key, &self.value, self.ttl_secs, timeout) => r,
+                        r = grant_and_put(&self.client, &self.key, &self.value, self.ttl_secs, timeout) => r,
                     };
                     match attempt {
                         Ok(new) => {
@@ -198,8 +194,8 @@ impl Keeper {
             signal = signalled(&self.signals) => return Ended::Signal(signal),
             r = deadline("lease keep-alive", timeout, self.client.lease_keep_alive(lease.id)) => r,
         };
-        let (mut keeper, mut stream) = match opened {
-            Ok(pair) => pair,
+        let mut stream = match opened {
+            Ok((stream, _ttl)) => stream,
             Err(e) if lease_gone(&e) => return Ended::Expired,
             Err(e) => return Ended::Broken(e),
         };
@@ -216,11 +212,10 @@ impl Keeper {
             let renewed = tokio::select! {
                 biased;
                 signal = signalled(&self.signals) => return Ended::Signal(signal),
-                r = renew(&mut keeper, &mut stream, interval) => r,
+                r = deadline("lease keep-alive", interval, stream.renew()) => r,
             };
             match renewed {
-                Ok(ttl) if ttl > 0 => {}
-                Ok(_) => return Ended::Expired,
+                Ok(_ttl) => {}
                 Err(e) if lease_gone(&e) => return Ended::Expired,
                 Err(e) => return Ended::Broken(e),
             }
@@ -238,7 +233,7 @@ impl Keeper {
 
     /// Ends the task: on deregistration, revokes the lease (deleting the key) unless the
     /// whole discovery is stopping too.
-    async fn finish(mut self, signal: Signal, lease: Option<Lease>) -> Result<(), DiscoveryError> {
+    async fn finish(self, signal: Signal, lease: Option<Lease>) -> Result<(), DiscoveryError> {
         let (Signal::Deregister, Some(lease)) = (signal, lease) else {
             tracing::info!(worker = %self.worker, "registration keep-alives stopped");
             return Ok(());
@@ -257,22 +252,6 @@ impl Keeper {
             }
         }
     }
-}
-
-/// Sends one keep-alive and waits up to `wait` for its answer: the lease's remaining TTL.
-async fn renew(
-    keeper: &mut LeaseKeeper,
-    stream: &mut LeaseKeepAliveStream,
-    wait: Duration,
-) -> Result<i64, DiscoveryError> {
-    let exchange = async {
-        keeper.keep_alive().await?;
-        match stream.message().await? {
-            Some(response) => Ok(response.ttl()),
-            None => Err(etcd_client::Error::LeaseKeepAliveError("keep-alive stream closed".into())),
-        }
-    };
-    deadline("lease keep-alive", wait, exchange).await
 }
 
 async fn signalled(signals: &RegistrationSignals) -> Signal {

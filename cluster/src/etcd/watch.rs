@@ -8,10 +8,11 @@
 
 use std::collections::HashMap;
 
-use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::client::pb::{event::EventType, KeyValue};
+use super::client::EtcdClient;
 use super::{deadline, EtcdConfig};
 use crate::backoff::{sleep_or_cancel, Backoff};
 use crate::descriptor::WorkerDescriptor;
@@ -21,28 +22,28 @@ use crate::members::{Members, Record};
 
 /// The records under `prefix` and the revision they were read at.
 pub(super) async fn list(
-    client: &mut Client,
+    client: &EtcdClient,
     prefix: &str,
     timeout: std::time::Duration,
 ) -> Result<(HashMap<String, Record>, i64), DiscoveryError> {
-    let response = deadline("get", timeout, client.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
-    let revision = response.header().map_or(0, |h| h.revision());
-    Ok((response.kvs().iter().filter_map(decode).collect(), revision))
+    let response = deadline("get", timeout, client.get_prefix(prefix)).await?;
+    let revision = response.header.as_ref().map_or(0, |h| h.revision);
+    Ok((response.kvs.iter().filter_map(decode).collect(), revision))
 }
 
 /// A worker record from a key-value pair, or `None` (logged) if it is not one.
 fn decode(kv: &KeyValue) -> Option<(String, Record)> {
-    let key = match kv.key_str() {
+    let key = match std::str::from_utf8(&kv.key) {
         Ok(key) => key,
         Err(_) => {
-            tracing::warn!(key = ?kv.key(), "ignoring a non-UTF-8 key under the workers prefix");
+            tracing::warn!(key = ?kv.key, "ignoring a non-UTF-8 key under the workers prefix");
             return None;
         }
     };
-    match WorkerDescriptor::from_json(key, kv.value()) {
+    match WorkerDescriptor::from_json(key, &kv.value) {
         Ok(descriptor) => {
-            let descriptor = WorkerDescriptor { lease: kv.lease(), ..descriptor };
-            Some((key.to_string(), Record { descriptor, revision: kv.mod_revision() }))
+            let descriptor = WorkerDescriptor { lease: kv.lease, ..descriptor };
+            Some((key.to_string(), Record { descriptor, revision: kv.mod_revision }))
         }
         Err(e) => {
             tracing::warn!(error = %e, "ignoring a worker record");
@@ -52,7 +53,7 @@ fn decode(kv: &KeyValue) -> Option<(String, Record)> {
 }
 
 pub(super) struct Watcher {
-    client: Client,
+    client: EtcdClient,
     prefix: String,
     members: Members,
     tx: mpsc::UnboundedSender<DiscoveryEvent>,
@@ -71,7 +72,7 @@ enum Ended {
 
 impl Watcher {
     pub(super) fn new(
-        client: Client,
+        client: EtcdClient,
         prefix: String,
         members: Members,
         tx: mpsc::UnboundedSender<DiscoveryEvent>,
@@ -98,7 +99,7 @@ impl Watcher {
                 let listed = tokio::select! {
                     biased;
                     _ = self.cancel.cancelled() => return,
-                    r = list(&mut self.client, &self.prefix, self.config.request_timeout) => r,
+                    r = list(&self.client, &self.prefix, self.config.request_timeout) => r,
                 };
                 match listed {
                     Ok((records, at)) => {
@@ -129,12 +130,11 @@ impl Watcher {
 
     /// One watch stream from `start`, applied until it ends.
     async fn watch_from(&mut self, start: i64, backoff: &mut Backoff) -> Ended {
-        let options = WatchOptions::new().with_prefix().with_start_revision(start);
         let timeout = self.config.request_timeout;
         let opened = tokio::select! {
             biased;
             _ = self.cancel.cancelled() => return Ended::Cancelled,
-            r = deadline("watch", timeout, self.client.watch(self.prefix.as_str(), Some(options))) => r,
+            r = deadline("watch", timeout, self.client.watch_prefix(&self.prefix, start)) => r,
         };
         let mut stream = match opened {
             Ok(stream) => stream,
@@ -151,30 +151,30 @@ impl Watcher {
                 Ok(None) => return Ended::Broken("stream ended".into()),
                 Err(e) => return Ended::Broken(DiscoveryError::etcd("watch", e).to_string()),
             };
-            if response.canceled() {
+            if response.canceled {
                 let why = format!(
                     "watch cancelled by etcd (compact revision {}): {}",
-                    response.compact_revision(),
-                    response.cancel_reason()
+                    response.compact_revision, response.cancel_reason
                 );
                 return Ended::Broken(why);
             }
-            if response.created() {
+            if response.created {
                 backoff.reset();
                 if self.failures > 0 {
                     tracing::info!(prefix = self.prefix, failures = self.failures, "worker watch resumed");
                     self.failures = 0;
                 }
             }
-            for event in response.events() {
-                let Some(kv) = event.kv() else { continue };
-                let change = match event.event_type() {
+            for event in &response.events {
+                let Some(kv) = &event.kv else { continue };
+                let key = std::str::from_utf8(&kv.key).ok();
+                let change = match event.r#type() {
                     EventType::Put => match decode(kv) {
                         Some((key, record)) => self.members.put(key, record),
                         // An undecodable overwrite removes the worker.
-                        None => kv.key_str().ok().and_then(|key| self.members.delete(key)),
+                        None => key.and_then(|key| self.members.delete(key)),
                     },
-                    EventType::Delete => kv.key_str().ok().and_then(|key| self.members.delete(key)),
+                    EventType::Delete => key.and_then(|key| self.members.delete(key)),
                 };
                 if let Some(change) = change {
                     if self.tx.send(change).is_err() {
