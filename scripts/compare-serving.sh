@@ -81,8 +81,8 @@ start_disagg() {
     wait_for "$WORK/decode.log" "tandem: ready"
     "$T" router "${common[@]}" --grpc-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$WORK/router.log" 2>&1 &
     PIDS+=($!)
-    wait_for "$WORK/router.log" "worker decode-0 ("
-    wait_for "$WORK/router.log" "worker prefill-0 ("
+    wait_for "$WORK/router.log" "worker joined worker=decode-0 role="
+    wait_for "$WORK/router.log" "worker joined worker=prefill-0 role="
     TARGET=$(sed -n 's/^tandem: router grpc \([^ ]*\).*/\1/p' "$WORK/router.log")
     API=grpc
 }

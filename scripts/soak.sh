@@ -47,8 +47,10 @@ scripts/fetch-model.sh >/dev/null
 command -v etcd >/dev/null || { echo "soak: etcd is needed: scripts/setup-etcd.sh" >&2; exit 1; }
 cargo build --release --locked -p tandem >/dev/null 2>&1 || cargo build --release --locked -p tandem
 T=target/release/tandem
-# Only this script's settings reach the processes.
+# Only this script's settings reach the processes (RUST_LOG would hide the router's
+# `worker joined` lines this script waits for).
 for v in $(compgen -e | grep '^TANDEM_' || true); do unset "$v"; done
+unset RUST_LOG
 WORK="$(mktemp -d -t tandem-soak.XXXXXX)"
 # The workers' shared-memory KV segments (those of killed workers too) in a directory of
 # their own, on tmpfs as by default.
@@ -118,7 +120,7 @@ for w in "${WORKERS[@]}"; do start_worker "$w"; done
 ROUTER=$!
 PIDS+=($!)
 wait_for "$WORK/router.log" "tandem: ready"
-for w in "${WORKERS[@]}"; do wait_for "$WORK/router.log" "worker $w ("; done
+for w in "${WORKERS[@]}"; do wait_for "$WORK/router.log" "worker joined worker=$w role="; done
 GRPC=$(sed -n 's/^tandem: router grpc \([^ ]*\) http.*/\1/p' "$WORK/router.log")
 HTTP=$(sed -n 's/^tandem: router grpc [^ ]* http \([^ ]*\) .*/\1/p' "$WORK/router.log")
 log "cluster up: router grpc $GRPC http $HTTP; workers ${WORKERS[*]}; etcd $ETCD"

@@ -5,12 +5,15 @@
 //! - `tandem generate`: one prompt through the engine, text or JSON out.
 //! - `tandem bench engine`: prefill and decode throughput of the engine.
 //! - `tandem bench kvtransfer`: KV transfer over TCP and shared memory.
+//!
+//! Every command logs to stderr (`--log-level`, `--log-format`, `RUST_LOG`: `logging`).
 
 mod bench;
 mod bench_kv;
 mod bench_overlap;
 mod bench_serve;
 mod generate;
+mod logging;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +21,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "tandem", version, about = "Tandem: disaggregated prefill/decode LLM serving")]
 struct Cli {
+    #[command(flatten)]
+    log: logging::LogFlags,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,14 +48,14 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = cli.log.install().and_then(|()| match cli.command {
         Command::Up(args) => serve::up(args),
         Command::Router(args) => serve::router(args),
         Command::Prefill(args) => serve::worker(args, tandem_cluster::Role::Prefill),
         Command::Decode(args) => serve::worker(args, tandem_cluster::Role::Decode),
         Command::Generate(args) => generate::run(args),
         Command::Bench { what } => bench::run(what),
-    };
+    });
     if let Err(e) = result {
         // One line, no backtrace: the message names what was wrong.
         eprintln!("error: {e:#}");

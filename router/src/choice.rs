@@ -238,11 +238,12 @@ async fn choice(
             }
             Next::WaitForRoom => {
                 let since = *wait_since.get_or_insert_with(|| {
-                    eprintln!(
-                        "router: request {} choice {index}: {}; waiting up to {:.1} s for KV room",
-                        v.request_id,
-                        err.status.message(),
-                        s.kv_wait.as_secs_f64()
+                    tracing::info!(
+                        request = %v.request_id,
+                        choice = index,
+                        reason = err.status.message(),
+                        limit = ?s.kv_wait,
+                        "every decode worker is full; waiting for KV room"
                     );
                     metrics::waited_for_room();
                     Instant::now()
@@ -261,29 +262,39 @@ async fn choice(
                 plan = Plan::Route;
             }
             Next::Again { plan: next_plan, exclude, kind } => {
-                let what = match (kind, &next_plan) {
+                let (request, error, tokens) = (&v.request_id, err.status.message(), generated.len());
+                match (kind, &next_plan) {
                     (Recovery::Migration, _) => {
                         migrations += 1;
                         metrics::migration();
-                        format!("migrating after {} tokens ({migrations} of {})", generated.len(), s.migration_limit)
+                        let (migration, limit) = (migrations, s.migration_limit);
+                        tracing::warn!(
+                            request = %request, choice = index, error, tokens, migration, limit,
+                            "migrating to another worker"
+                        );
                     }
                     (Recovery::Kv(_), Plan::Recompute { on }) => {
                         kv_recoveries += 1;
-                        format!("KV failure policy {policy}: recomputing on {on} after {} tokens", generated.len())
+                        tracing::warn!(
+                            request = %request, choice = index, error, tokens, %policy, on = %on,
+                            "KV transfer failed; recomputing on the decode worker"
+                        );
                     }
                     (Recovery::Overflow, _) => {
                         overflows += 1;
-                        format!("trying another decode worker after {} tokens", generated.len())
+                        tracing::info!(
+                            request = %request, choice = index, reason = error, tokens,
+                            "decode worker full; trying another decode worker"
+                        );
                     }
                     (Recovery::Kv(_), Plan::Route) => {
                         kv_recoveries += 1;
-                        format!(
-                            "KV failure policy {policy}: retrying on another prefill worker after {} tokens",
-                            generated.len()
-                        )
+                        tracing::warn!(
+                            request = %request, choice = index, error, tokens, %policy,
+                            "KV transfer failed; retrying on another prefill worker"
+                        );
                     }
-                };
-                eprintln!("router: request {} choice {index}: {}; {what}", v.request_id, err.status.message());
+                }
                 match kind {
                     Recovery::Overflow => full.extend(exclude),
                     _ => excluded.extend(exclude),

@@ -114,16 +114,18 @@ impl Members {
         match change {
             ViewChange::Joined(id) | ViewChange::Updated(id) => {
                 let desc = desc.expect("an Added event");
-                eprintln!("router: worker {id} ({}) joined at {}", desc.role, desc.grpc_addr);
+                tracing::info!(worker = %id, role = %desc.role, addr = %desc.grpc_addr, "worker joined");
                 match self.entry_for(desc) {
                     Ok(e) => {
                         self.entries.lock().expect("entries").insert(id, e);
                     }
-                    Err(e) => eprintln!("router: worker {id} has an unusable address: {e}"),
+                    Err(e) => {
+                        tracing::warn!(worker = %id, error = %e, "worker has an unusable address; not routing to it")
+                    }
                 }
             }
             ViewChange::Left(id) => {
-                eprintln!("router: worker {id} left");
+                tracing::info!(worker = %id, "worker left");
                 self.entries.lock().expect("entries").remove(&id);
             }
             ViewChange::Unchanged => {}
@@ -332,7 +334,7 @@ async fn poll_load(members: std::sync::Weak<Members>, id: WorkerId, mut client: 
                 let s = r.into_inner();
                 m.update(&id, |e| {
                     if !e.healthy {
-                        eprintln!("router: worker {id} answers again");
+                        tracing::info!(worker = %id, "worker answers again");
                     }
                     e.healthy = !s.draining && !s.fenced;
                     e.misses = 0;
@@ -351,7 +353,7 @@ async fn poll_load(members: std::sync::Weak<Members>, id: WorkerId, mut client: 
                         Ok(Err(s)) => s.message().to_string(),
                         _ => format!("no answer within {LOAD_TIMEOUT:?}"),
                     };
-                    eprintln!("router: worker {id} does not answer ({why}); not routing to it");
+                    tracing::warn!(worker = %id, reason = %why, "worker does not answer; not routing to it");
                     e.healthy = false;
                 }
             }),

@@ -216,10 +216,10 @@ async fn follow_membership(discovery: Arc<dyn Discovery>, cluster: ClusterName, 
                 while let Some(ev) = events.recv().await {
                     members.apply(ev);
                 }
-                eprintln!("router: the membership watch ended; serving on the last view and listing again");
+                tracing::warn!("the membership watch ended; serving on the last view and listing again");
             }
             Err(e) => {
-                eprintln!("router: listing workers failed ({e}); serving on the last view, retrying in {wait:?}");
+                tracing::warn!(error = %e, retry_in = ?wait, "listing workers failed; serving on the last view");
             }
         }
         tokio::time::sleep(wait).await;

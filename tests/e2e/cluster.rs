@@ -109,8 +109,8 @@ fn bad_input_cancel_overload_and_missing_roles_get_their_status() {
     let (prefill, paddr) = start_worker(&etcd, &cluster, "prefill", "prefill-0", &[]);
     let (_decode, daddr) = start_worker(&etcd, &cluster, "decode", "decode-0", &[]);
     let (router, raddr) = start_router(&etcd, &cluster, &["--max-inflight", "3"]);
-    router.wait_line("worker prefill-0 (", Duration::from_secs(30));
-    router.wait_line("worker decode-0 (", Duration::from_secs(30));
+    router.wait_event("worker joined", &[("worker", "prefill-0")], Duration::from_secs(30));
+    router.wait_event("worker joined", &[("worker", "decode-0")], Duration::from_secs(30));
     let mut prefill = prefill;
     rt().block_on(async {
         let mut client = client(&raddr).await;
@@ -210,7 +210,7 @@ fn bad_input_cancel_overload_and_missing_roles_get_their_status() {
 
         // No prefill worker (and the decode worker is not role `both`): UNAVAILABLE.
         prefill.kill();
-        router.wait_line("worker prefill-0 left", Duration::from_secs(15));
+        router.wait_event("worker left", &[("worker", "prefill-0")], Duration::from_secs(15));
         let e = stream(&mut client, chat("Hi", 4)).await.expect_err("no prefill worker");
         assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     });
@@ -265,7 +265,8 @@ fn a_killed_decode_worker_leaves_within_its_ttl_and_without_migration_its_reques
             }
         }
         assert!(done >= 1 && failed >= 1, "streams were spread over both decode workers: {done} done, {failed} failed");
-        let gone_after = c.router.line_time("worker decode-b left", Duration::from_secs(10)) - killed;
+        let gone_after =
+            c.router.event_time("worker left", &[("worker", "decode-b")], Duration::from_secs(10)) - killed;
         // A 2 s lease; etcd checks expiry every half second or so.
         assert!(gone_after < Duration::from_secs(5), "left the view after {gone_after:?}");
         let mut cl = client.clone();
@@ -293,18 +294,16 @@ fn an_etcd_outage_keeps_the_cluster_serving_and_membership_resumes_after() {
             let got = stream(&mut client, chat(PROMPTS[0], 16)).await.expect("served on the last view");
             assert_eq!(got.text, want.text);
         }
-        assert!(!c.router.output().iter().any(|l| l.contains(" left")), "no worker left: {:?}", c.router.output());
+        let left = |l: &String| is_event(l, "worker left", &[]);
+        assert!(!c.router.output().iter().any(left), "no worker left: {:?}", c.router.output());
         c.etcd.restart();
         // The watch resumes: a worker killed now leaves the view.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let b = c.workers.iter_mut().find(|(p, _)| p.name == "decode-b").unwrap();
         b.0.kill();
-        c.router.wait_line("worker decode-b left", Duration::from_secs(20));
-        assert!(
-            !c.router.output().iter().any(|l| l.contains("decode-a left") || l.contains("prefill-0 left")),
-            "the others stayed: {:?}",
-            c.router.output()
-        );
+        c.router.wait_event("worker left", &[("worker", "decode-b")], Duration::from_secs(20));
+        let gone = |w: &str| c.router.output().iter().any(|l| is_event(l, "worker left", &[("worker", w)]));
+        assert!(!gone("decode-a") && !gone("prefill-0"), "the others stayed: {:?}", c.router.output());
         for p in &PROMPTS[..2] {
             stream(&mut client, chat(p, 8)).await.expect("the survivors serve");
         }
@@ -383,7 +382,7 @@ fn a_decode_worker_killed_mid_stream_loses_no_request_and_changes_no_byte() {
             );
             assert_eq!(g.finish, w.finish);
         }
-        let moved = c.router.output().iter().filter(|l| l.contains("migrating after")).count();
+        let moved = c.router.output().iter().filter(|l| l.contains("migrating to another worker")).count();
         assert!(moved > 0, "some streams were on the killed worker and moved: {:?}", c.router.output());
         let survivors: Vec<String> =
             c.workers.iter().filter(|(p, _)| p.name != "decode-b").map(|(_, a)| a.clone()).collect();

@@ -88,7 +88,7 @@ fn start(workers: &[(&str, &str, &[&str])], router_flags: &[&str]) -> Cluster {
         workers.iter().map(|(role, id, extra)| start_worker(&etcd, &cluster, role, id, extra)).collect();
     let (router, router_addr) = start_router(&etcd, &cluster, router_flags);
     for (_, id, _) in workers {
-        router.wait_line(&format!("worker {id} ("), Duration::from_secs(30));
+        router.wait_event("worker joined", &[("worker", id)], Duration::from_secs(30));
     }
     Cluster { etcd, router, router_addr, workers: ws, cluster }
 }
@@ -158,23 +158,23 @@ fn a_prefill_worker_killed_under_load_loses_nothing_under_recompute_and_retry_an
             }
         }
         let out = c.router.output();
-        for l in out.iter().filter(|l| l.contains("KV failure policy")) {
-            if l.contains("recomputing on") || l.contains("retrying on") {
+        for l in &out {
+            if l.contains("KV transfer failed; recomputing on") || l.contains("KV transfer failed; retrying on") {
                 recovered += 1;
             }
         }
         eprintln!("prefill-a killed: {failed} requests failed under `fail`, {recovered} recovered");
         assert!(failed > 0, "some `fail` requests were on prefill-a when it died: {out:?}");
-        assert!(out.iter().any(|l| l.contains("KV failure policy recompute: recomputing on decode-0")), "{out:?}");
-        assert!(
-            out.iter().any(|l| l.contains("KV failure policy retry: retrying on another prefill worker")),
-            "{out:?}"
-        );
+        let recomputed = &[("policy", "recompute"), ("on", "decode-0")];
+        assert!(out.iter().any(|l| is_event(l, "recomputing on the decode worker", recomputed)), "{out:?}");
+        let retried = &[("policy", "retry")];
+        assert!(out.iter().any(|l| is_event(l, "retrying on another prefill worker", retried)), "{out:?}");
 
         // Out of routing at once (its connection is refused), out of the view within the
         // lease TTL (2 s here) + etcd's expiry check.
-        let unrouted = c.router.line_time("worker prefill-a does not answer", Duration::from_secs(10));
-        let left = c.router.line_time("worker prefill-a left", Duration::from_secs(10));
+        let unrouted =
+            c.router.event_time("worker does not answer", &[("worker", "prefill-a")], Duration::from_secs(10));
+        let left = c.router.event_time("worker left", &[("worker", "prefill-a")], Duration::from_secs(10));
         eprintln!(
             "prefill-a: not routed to after {:?}, out of the view after {:?}",
             unrouted.saturating_duration_since(killed_at),
@@ -359,8 +359,8 @@ fn a_corrupted_or_cut_kv_stream_recomputes_or_fails_per_policy_and_never_decodes
     );
     let (_p, paddr) = start_worker(&etcd, &cluster, "prefill", "prefill-0", &[]);
     let (router, raddr) = start_router(&etcd, &cluster, &[]);
-    router.wait_line("worker decode-0 (", Duration::from_secs(30));
-    router.wait_line("worker prefill-0 (", Duration::from_secs(30));
+    router.wait_event("worker joined", &[("worker", "decode-0")], Duration::from_secs(30));
+    router.wait_event("worker joined", &[("worker", "prefill-0")], Duration::from_secs(30));
     rt.block_on(async {
         let client = client(&raddr).await;
         let req = |policy| long_chat(5, 16, policy);
@@ -392,7 +392,10 @@ fn a_corrupted_or_cut_kv_stream_recomputes_or_fails_per_policy_and_never_decodes
         }
         // The damaged sessions are counted, by kind, on the decode side.
         let out = router.output();
-        assert!(out.iter().filter(|l| l.contains("recomputing on decode-0")).count() >= 4, "{out:?}");
+        assert!(
+            out.iter().filter(|l| is_event(l, "recomputing on the decode worker", &[("on", "decode-0")])).count() >= 4,
+            "{out:?}"
+        );
         // And the wire still works: a clean request after all that.
         let g = stream(&mut client.clone(), req(api::KvFailurePolicy::Fail)).await.unwrap();
         assert_eq!(g.text, want.text);
@@ -433,7 +436,7 @@ fn a_worker_whose_lease_ends_fences_itself_and_serves_again_under_its_new_lease(
         let [(_, old)] = c.etcd.keys(&prefix)[..] else { panic!("one prefill record") };
         etcd_post(&c.etcd, "/v3/lease/revoke", &format!("{{\"ID\": \"{old}\"}}"));
         let p = &c.workers.iter().find(|(w, _)| w.name == "prefill-0").unwrap().0;
-        p.wait_line("prefill-0: registered again (lease", Duration::from_secs(10));
+        p.wait_event("registered again; serving", &[("worker", "prefill-0")], Duration::from_secs(10));
         let end = Instant::now() + Duration::from_secs(10);
         let new = loop {
             if let [(_, l)] = c.etcd.keys(&prefix)[..] {
@@ -444,7 +447,8 @@ fn a_worker_whose_lease_ends_fences_itself_and_serves_again_under_its_new_lease(
             assert!(Instant::now() < end, "prefill-0 never put its record back");
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        assert!(p.output().iter().any(|l| l.contains(&format!("lease {new:x}"))), "{:?}", p.output());
+        let serving = |l: &String| is_event(l, "registered again; serving", &[("lease", &new.to_string())]);
+        assert!(p.output().iter().any(serving), "{:?}", p.output());
         // The router follows the new record, and the KV of the new incarnation is accepted.
         let end = Instant::now() + Duration::from_secs(10);
         loop {
@@ -494,7 +498,7 @@ fn a_full_decode_worker_is_passed_over_for_one_with_room_and_without_room_reques
         // their turn and are all served.
         let idx = c.workers.iter().position(|(p, _)| p.name == "decode-big").unwrap();
         c.workers[idx].0.kill();
-        c.router.wait_line("worker decode-big left", Duration::from_secs(10));
+        c.router.wait_event("worker left", &[("worker", "decode-big")], Duration::from_secs(10));
         let alone: Vec<(String, Vec<u32>)> = {
             let mut out = Vec::new();
             for r in &reqs[..4] {
@@ -536,7 +540,7 @@ fn a_full_decode_worker_is_passed_over_for_one_with_room_and_without_room_reques
 
         // A router that does not wait refuses what does not fit now.
         let (impatient, addr) = start_router(&c.etcd, &c.cluster, &["--kv-wait", "0"]);
-        impatient.wait_line("worker decode-small (", Duration::from_secs(30));
+        impatient.wait_event("worker joined", &[("worker", "decode-small")], Duration::from_secs(30));
         let impatient_client = harness::client(&addr).await;
         let got = stream_all(&impatient_client, &reqs[..4]).await;
         let refused: Vec<&tonic::Status> = got.iter().filter_map(|r| r.as_ref().err()).collect();

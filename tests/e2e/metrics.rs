@@ -412,7 +412,7 @@ fn metrics_pass_promtool_and_every_dashboard_and_rule_query_returns_series() {
     let grpc = up.addr_after("tandem: router", "grpc");
     let http = up.addr_after("tandem: router", "http");
     up.wait_line("tandem: ready", Duration::from_secs(60));
-    up.wait_line("worker prefill-m (", Duration::from_secs(30));
+    up.wait_event("worker joined", &[("worker", "prefill-m")], Duration::from_secs(30));
 
     let prom = Prometheus::start(&[("tandem-router", &http), ("tandem-workers", &worker_http)]);
     prom.wait(r#"sum(up{job=~"tandem-router|tandem-workers"})"#, |v| v == 2.0);

@@ -431,7 +431,7 @@ fn a_30_s_etcd_outage_under_load_evicts_no_worker_and_every_worker_is_registered
             assert!(b, "{} served during the outage", w.1);
         }
         let out = c.router.output();
-        let left: Vec<&String> = out.iter().filter(|l| l.contains(" left")).collect();
+        let left: Vec<&String> = out.iter().filter(|l| is_event(l, "worker left", &[])).collect();
         assert!(left.is_empty(), "no worker left the router's view: {left:?}");
         let mut ids: Vec<String> = registered.iter().map(|(k, _)| k.rsplit('/').next().unwrap().to_string()).collect();
         ids.sort();

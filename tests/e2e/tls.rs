@@ -219,7 +219,7 @@ fn a_mutual_tls_cluster_serves_the_same_text_and_refuses_strangers() {
     let (router, router_addr) = start_router(&etcd, &cluster, &strs(&pki.flags("router")));
     router.wait_line("tandem: mutual TLS to the workers", Duration::from_secs(5));
     for id in ["prefill-0", "decode-0"] {
-        router.wait_line(&format!("worker {id} ("), Duration::from_secs(30));
+        router.wait_event("worker joined", &[("worker", id)], Duration::from_secs(30));
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();

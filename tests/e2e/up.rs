@@ -21,7 +21,7 @@ fn start_up(extra: &[&str]) -> (Proc, String) {
 /// Waits until the router has seen `n` workers join.
 fn wait_workers(p: &Proc, n: usize) {
     let end = std::time::Instant::now() + Duration::from_secs(30);
-    while p.output().iter().filter(|l| l.contains("router: worker") && l.contains("joined")).count() < n {
+    while p.output().iter().filter(|l| is_event(l, "worker joined", &[])).count() < n {
         assert!(std::time::Instant::now() < end, "workers did not join: {:?}", p.output());
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -59,7 +59,23 @@ pub fn free_port() -> u16 {
 pub struct Proc {
     pub name: String,
     child: Option<Child>,
-    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    lines: Arc<Mutex<Vec<Line>>>,
+}
+
+/// A line a process wrote, when it was read, and whether on stderr (its logs) or stdout.
+struct Line {
+    at: Instant,
+    stderr: bool,
+    text: String,
+}
+
+/// Whether `line`, in the text log format (`TIME LEVEL target: message key=value ...`), is
+/// the event `message` with each of `fields` (`key=value` as a whole word).
+pub fn is_event(line: &str, message: &str, fields: &[(&str, &str)]) -> bool {
+    line.contains(message)
+        && fields.iter().all(|&(k, v)| {
+            line.split_whitespace().any(|w| w.strip_prefix(k).and_then(|r| r.strip_prefix('=')) == Some(v))
+        })
 }
 
 impl Proc {
@@ -67,17 +83,15 @@ impl Proc {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
-        for out in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for (out, stderr) in [
+            (child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), false),
+            (child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), true),
+        ] {
+            let Some(out) = out else { continue };
             let lines = lines.clone();
             std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push((Instant::now(), line));
+                for text in BufReader::new(out).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(Line { at: Instant::now(), stderr, text });
                 }
             });
         }
@@ -88,29 +102,56 @@ impl Proc {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Its lines so far, stdout's and stderr's as they were read.
     pub fn output(&self) -> Vec<String> {
-        self.lines.lock().unwrap().iter().map(|(_, l)| l.clone()).collect()
+        self.lines.lock().unwrap().iter().map(|l| l.text.clone()).collect()
+    }
+
+    /// Its stderr lines so far: its logs.
+    pub fn stderr(&self) -> Vec<String> {
+        self.lines.lock().unwrap().iter().filter(|l| l.stderr).map(|l| l.text.clone()).collect()
     }
 
     /// When the first line containing `needle` was read (waiting for it up to `within`).
     pub fn line_time(&self, needle: &str, within: Duration) -> Instant {
-        self.wait_line(needle, within);
-        self.lines.lock().unwrap().iter().find(|(_, l)| l.contains(needle)).expect("waited for it").0
+        self.wait_for(&format!("line with {needle:?}"), within, |l| l.text.contains(needle)).0
     }
 
     /// Waits until a line containing `needle` appears; returns it.
     pub fn wait_line(&self, needle: &str, within: Duration) -> String {
+        self.wait_for(&format!("line with {needle:?}"), within, |l| l.text.contains(needle)).1
+    }
+
+    /// Waits until a line containing `needle` appears on stderr; returns it.
+    pub fn wait_stderr_line(&self, needle: &str, within: Duration) -> String {
+        self.wait_for(&format!("stderr line with {needle:?}"), within, |l| l.stderr && l.text.contains(needle)).1
+    }
+
+    /// When the first log line of the event `message` with `fields` (`is_event`) was read.
+    pub fn event_time(&self, message: &str, fields: &[(&str, &str)], within: Duration) -> Instant {
+        self.first_event(message, fields, within).0
+    }
+
+    /// Waits until the process logs the event `message` with `fields` (`is_event`); the line.
+    pub fn wait_event(&self, message: &str, fields: &[(&str, &str)], within: Duration) -> String {
+        self.first_event(message, fields, within).1
+    }
+
+    fn first_event(&self, message: &str, fields: &[(&str, &str)], within: Duration) -> (Instant, String) {
+        let what = format!("event {message:?} with {fields:?}");
+        self.wait_for(&what, within, |l| l.stderr && is_event(&l.text, message, fields))
+    }
+
+    /// The first line that `matches`, and when it was read; panics, naming `what`, when
+    /// there is none within `within`.
+    fn wait_for(&self, what: &str, within: Duration, matches: impl Fn(&Line) -> bool) -> (Instant, String) {
         let end = Instant::now() + within;
         loop {
-            if let Some((_, l)) = self.lines.lock().unwrap().iter().find(|(_, l)| l.contains(needle)) {
-                return l.clone();
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| matches(l)) {
+                return (l.at, l.text.clone());
             }
             if Instant::now() > end {
-                panic!(
-                    "{}: no line with {needle:?} within {within:?}; output:\n{}",
-                    self.name,
-                    self.output().join("\n")
-                );
+                panic!("{}: no {what} within {within:?}; output:\n{}", self.name, self.output().join("\n"));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -264,6 +305,13 @@ impl Etcd {
         self.proc.take();
     }
 
+    /// Kills etcd with SIGKILL at once: no graceful close of its clients' connections.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
     /// Starts etcd again on the same ports and data.
     pub fn restart(&mut self) {
         assert!(self.proc.is_none(), "etcd is running");
@@ -330,12 +378,13 @@ fn unbase64(text: &str) -> Vec<u8> {
     out
 }
 
-/// `tandem <args>` with the test's model, with `TANDEM_*` variables of the caller's
-/// environment cleared so they cannot change what is tested.
+/// `tandem <args>` with the test's model, with `TANDEM_*` variables and `RUST_LOG` of the
+/// caller's environment cleared so they cannot change what is tested (the tests read the
+/// processes' logs at the default level and format).
 pub fn tandem(args: &[&str]) -> Command {
     let mut cmd = Command::new(tandem_bin());
     for (k, _) in std::env::vars() {
-        if k.starts_with("TANDEM_") {
+        if k.starts_with("TANDEM_") || k == "RUST_LOG" {
             cmd.env_remove(k);
         }
     }
@@ -390,7 +439,7 @@ impl Cluster {
         }
         let (router, router_addr) = start_router(&etcd, &cluster, router_flags);
         for (_, id) in workers {
-            router.wait_line(&format!("worker {id} ("), Duration::from_secs(30));
+            router.wait_event("worker joined", &[("worker", id)], Duration::from_secs(30));
         }
         Cluster { etcd, router, router_addr, workers: ws, cluster }
     }
