@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use tandem_cluster::{ClusterName, Discovery, EtcdConfig, EtcdDiscovery, InMemoryDiscovery, Role};
 use tandem_decode_worker::{model_name_of, RunningWorker, WorkerConfig};
+use tandem_engine::scheduler::Policy;
 use tandem_router::http::HttpLimits;
 use tandem_router::recovery::KvFailurePolicy;
 use tandem_router::{RouterConfig, RunningRouter};
@@ -193,6 +194,18 @@ pub struct WorkerFlags {
     /// Turn the prefix cache off (every prompt is computed in full; for comparisons).
     #[arg(long, env = "TANDEM_NO_PREFIX_CACHE")]
     pub no_prefix_cache: bool,
+    /// Which waiting request a worker admits first: `fcfs` (in arrival order) or `priority`
+    /// (the request's `priority`, lower values first, then arrival; the highest value is also
+    /// the first preempted).
+    #[arg(long, env = "TANDEM_SCHEDULING_POLICY", default_value = "fcfs", value_parser = scheduling_policy())]
+    pub scheduling_policy: Policy,
+}
+
+/// `--scheduling-policy`: the engine's built-in policies by name.
+fn scheduling_policy() -> impl clap::builder::TypedValueParser<Value = Policy> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["fcfs", "priority"])
+        .map(|s| Policy::parse(&s).expect("one of the possible values"))
 }
 
 #[derive(Args, Debug)]
@@ -380,6 +393,7 @@ fn worker_config(
         max_seqs: w.max_seqs,
         max_waiting: w.max_waiting,
         prefix_caching: !w.no_prefix_cache,
+        scheduling_policy: w.scheduling_policy.clone(),
         grpc_listen: grpc,
         kv_listen: kv,
         model_name: model_name(common),

@@ -21,7 +21,7 @@ use tandem_engine::gguf::GgufFile;
 use tandem_engine::kv_cache::{blocks_for_tokens, KvCache, KvDtype};
 use tandem_engine::llm_engine::{LlmEngine, LlmEngineConfig};
 use tandem_engine::model::{Model, ModelOptions};
-use tandem_engine::scheduler::SchedulerConfig;
+use tandem_engine::scheduler::{Policy, SchedulerConfig};
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_kvtransfer::{host_id, KvReceiver, KvSender, MutualTls, ShmKv, TcpConfig, TlsFiles};
 use tandem_prefill_worker::EngineHandle;
@@ -53,6 +53,10 @@ pub struct WorkerConfig {
     pub max_waiting: usize,
     /// Reuse cached prompt prefixes (the default).
     pub prefix_caching: bool,
+    /// Which waiting request the engine admits first (and which running one it preempts
+    /// first, the other end of the same order): `Policy::Fcfs`, by arrival (the default),
+    /// or `Policy::Priority`, by the request's `priority`, lower values first, then arrival.
+    pub scheduling_policy: Policy,
     /// Where the gRPC server listens (port 0: any free port).
     pub grpc_listen: SocketAddr,
     /// Where the KV receiver listens over TCP (decode-capable roles).
@@ -87,6 +91,7 @@ impl WorkerConfig {
             max_seqs: 64,
             max_waiting: 1024,
             prefix_caching: true,
+            scheduling_policy: Policy::Fcfs,
             grpc_listen: "127.0.0.1:0".parse().expect("literal"),
             kv_listen: "127.0.0.1:0".parse().expect("literal"),
             advertise_host: String::new(),
@@ -371,8 +376,8 @@ fn register_forever(
                     return Some(reg);
                 }
                 Err(e) => {
-                    tracing::warn!(worker = %descriptor.id, error = %e, "registration failed; retrying");
-                    eprintln!("worker {}: registration failed ({e}); retrying in {wait:?}", descriptor.id);
+                    let worker = &descriptor.id;
+                    tracing::warn!(worker = %worker, error = %e, retry_in = ?wait, "registration failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = s.cancelled() => return None,
@@ -396,8 +401,8 @@ async fn follow_lease(reg: &Registration, state: &WorkerState, stop: &Cancellati
         state.fenced.store(now == LeaseState::Lost, Ordering::SeqCst);
         if last.is_some() && last != Some(now) {
             match now {
-                LeaseState::Lost => eprintln!("worker {}: lost its discovery lease; fenced", state.id),
-                LeaseState::Held(id) => eprintln!("worker {}: registered again (lease {id:x}); serving", state.id),
+                LeaseState::Lost => tracing::warn!(worker = %state.id, "lost its discovery lease; fenced"),
+                LeaseState::Held(id) => tracing::info!(worker = %state.id, lease = id, "registered again; serving"),
             }
         }
         last = Some(now);
@@ -443,6 +448,7 @@ fn load(cfg: &WorkerConfig) -> Result<Loaded, String> {
             max_seqs: cfg.max_seqs,
             max_waiting: cfg.max_waiting,
             max_model_len: ctx,
+            policy: cfg.scheduling_policy.clone(),
             ..SchedulerConfig::default()
         },
         block_size: cfg.block_size,

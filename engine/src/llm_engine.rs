@@ -48,6 +48,7 @@ pub struct EngineRequest {
     pub params: SamplingParams,
     /// Parallel samples; they share the prompt's blocks copy-on-write.
     pub n: usize,
+    /// Lower first under the scheduler's `Policy::Priority`; ignored under `Fcfs`.
     pub priority: i32,
     pub cache_salt: Option<String>,
     /// Hand the prompt's KV blocks to `step_exporting`'s hook as the steps compute them

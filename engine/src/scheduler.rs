@@ -55,6 +55,7 @@ pub struct SchedulerConfig {
     pub max_prompt_len: usize,
     /// Context length of the model: prompt + output never exceed it.
     pub max_model_len: usize,
+    /// The order of admission and preemption (`Fcfs` by default).
     pub policy: Policy,
 }
 
@@ -141,6 +142,8 @@ pub struct NewRequest {
     pub max_tokens: usize,
     /// Token ids that end the request (EOS unless ignored, plus stop token ids).
     pub stop_ids: Vec<u32>,
+    /// Under `Policy::Priority`, lower values are admitted first (vLLM's meaning); `Fcfs`
+    /// ignores it.
     pub priority: i32,
     /// Separates tenants in the prefix cache.
     pub cache_salt: Option<String>,

@@ -80,6 +80,8 @@ pub struct Common {
     #[serde(default)]
     pub ignore_eos: bool,
     pub stop_token_ids: Option<Vec<u32>>,
+    /// vLLM's `priority`: `tandem.v1` `priority` (lower first, default 0); it orders a
+    /// worker's queue only when the workers run `--scheduling-policy priority`.
     pub priority: Option<i32>,
     /// Tandem: `fail`, `recompute` or `retry` when the request's KV transfer fails.
     pub kv_failure_policy: Option<String>,
