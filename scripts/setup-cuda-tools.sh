@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs the CUDA compiler tools the PTX test needs, without a GPU or a CUDA
+# Installs the CUDA compiler tools the PTX and NCCL tests need, without a GPU or a CUDA
 # toolkit: NVRTC (run-time compiler), the CUDA runtime headers and ptxas, all from
 # NVIDIA's pip wheels, into <repo>/.venv-cuda (git-ignored).
 #
 # Idempotent: does nothing when the venv already has all three wheels.
 # Never fails the caller because the package index is unreachable: it prints why
-# and exits 0, and the PTX test then skips with the same reason.
+# and exits 0. The CUDA tests then skip with the same reason, or fail under
+# scripts/test.sh, which sets TANDEM_REQUIRE_TOOLS=1 (docs/operations.md).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -33,14 +34,14 @@ if have_all; then
 fi
 
 if ! command -v "$PY" >/dev/null 2>&1; then
-    echo "setup-cuda-tools: SKIP: $PY not found; the CUDA PTX test will be skipped" >&2
+    echo "setup-cuda-tools: SKIP: $PY not found; the CUDA tests will skip (or fail, with TANDEM_REQUIRE_TOOLS=1)" >&2
     exit 0
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "setup-cuda-tools: creating $VENV"
     if ! "$PY" -m venv "$VENV"; then
-        echo "setup-cuda-tools: SKIP: could not create a venv with $PY -m venv; the CUDA PTX test will be skipped" >&2
+        echo "setup-cuda-tools: SKIP: could not create a venv with $PY -m venv; the CUDA tests will skip (or fail, with TANDEM_REQUIRE_TOOLS=1)" >&2
         rm -rf "$VENV"
         exit 0
     fi
@@ -49,7 +50,7 @@ fi
 echo "setup-cuda-tools: installing ${PKGS[*]} into $VENV"
 if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet "${PKGS[@]}"; then
     echo "setup-cuda-tools: SKIP: pip could not install ${PKGS[*]} (is the package index reachable?);" \
-         "the CUDA PTX test will be skipped" >&2
+         "the CUDA tests will skip (or fail, with TANDEM_REQUIRE_TOOLS=1)" >&2
     exit 0
 fi
 

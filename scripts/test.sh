@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/fetch-model.sh
-# etcd for cluster/tests/etcd.rs; protoc + google/protobuf/*.proto for etcd-client's build script.
+# etcd for cluster/tests/etcd.rs and the end-to-end tests (the build itself needs no system package).
 scripts/setup-etcd.sh
-# CUDA code is compiled and checked here, never run: NVRTC/ptxas from PyPI wheels, and the
+# CUDA code is compiled and checked here, never run on a GPU: NVRTC/ptxas from PyPI wheels, and the
 # NCCL transport built against cudarc's dynamic loading.
 scripts/setup-cuda-tools.sh
 # grpcio + reflection for the generic gRPC client the end-to-end tests drive (tests/e2e).
@@ -20,5 +20,13 @@ scripts/setup-bench.sh
 scripts/setup-prometheus.sh
 # Incremental state would add ~2 GB to a one-shot build; a caller may still ask for it.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-cargo check -p tandem-kvtransfer --features cuda --locked
+# The set-ups above ran, so a test missing a tool they install fails instead of skipping (docs/operations.md).
+export TANDEM_REQUIRE_TOOLS="${TANDEM_REQUIRE_TOOLS:-1}"
+# The NCCL tests exist only with `cuda`: build and run them, the venv's NVRTC on the loader path.
+NVRTC_LIB=(.venv-cuda/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib)
+LD_LIBRARY_PATH="$PWD/${NVRTC_LIB[0]}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    cargo test -p tandem-kvtransfer --features cuda --locked --lib nccl
+# The fuzz crates are outside the workspace: build their stable loops (one target/fuzz) and run each briefly.
+FUZZ_ENGINE=stable scripts/fuzz-kvtransfer.sh 5
+FUZZ_ENGINE=stable scripts/fuzz-control.sh 5
 cargo test --workspace --locked "$@"

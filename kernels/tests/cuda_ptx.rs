@@ -5,8 +5,12 @@
 //! `scripts/setup-cuda-tools.sh` creates. NVRTC is called through the venv's Python
 //! (`ctypes`), so this test needs no CUDA crate, no feature and no `LD_LIBRARY_PATH`;
 //! `ptxas -v` then reports registers and spills per kernel, printed on stderr (shown
-//! even without `--nocapture`). Without the venv or the wheels the test prints why it
-//! skips and passes.
+//! even without `--nocapture`).
+//!
+//! Without the venv, a wheel or a loadable NVRTC, the test fails when
+//! `TANDEM_REQUIRE_TOOLS=1` (`scripts/test.sh` sets it once its set-up scripts have
+//! run, so CI never passes without compiling the kernels), and otherwise prints
+//! `skipped: <why>` on stderr and passes. It never needs a GPU: nothing runs on a device.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -163,10 +167,7 @@ fn every_cuda_source_compiles_to_ptx_and_assembles_for_sm80() {
     assert!(!sources.is_empty(), "no .cu files in kernels/cuda");
     let tools = match find_tools(&root) {
         Ok(t) => t,
-        Err(why) => {
-            say(&format!("SKIP cuda_ptx: {why}"));
-            return;
-        }
+        Err(why) => return tools_missing(&why),
     };
     let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda_ptx");
     std::fs::create_dir_all(&out_dir).expect("create the PTX output dir");
@@ -190,8 +191,7 @@ fn every_cuda_source_compiles_to_ptx_and_assembles_for_sm80() {
             .expect("run the venv's python");
         let stderr = String::from_utf8_lossy(&nvrtc.stderr);
         if nvrtc.status.code() == Some(2) {
-            say(&format!("SKIP cuda_ptx: {}", stderr.trim()));
-            return;
+            return tools_missing(stderr.trim());
         }
         assert!(nvrtc.status.success(), "NVRTC failed on {}:\n{stderr}", src.display());
         if !stderr.trim().is_empty() {
@@ -247,6 +247,19 @@ fn every_cuda_source_compiles_to_ptx_and_assembles_for_sm80() {
             assert!(k.registers.is_some(), "{stem}: no register count for {} in:\n{log}", k.name);
         }
     }
+}
+
+/// Set to `1` by `scripts/test.sh` after its set-up scripts: the tools they install are
+/// then expected, and a missing one is a failure rather than a skip.
+const REQUIRE_TOOLS: &str = "TANDEM_REQUIRE_TOOLS";
+
+/// The tools cannot be used here, because `why`: fails the test when they are required
+/// ([`REQUIRE_TOOLS`]), else says the test is skipped.
+fn tools_missing(why: &str) {
+    if std::env::var_os(REQUIRE_TOOLS).is_some_and(|v| v == "1") {
+        panic!("{REQUIRE_TOOLS}=1, but the CUDA tools are not usable: {why}");
+    }
+    say(&format!("skipped: cuda_ptx: {why}"));
 }
 
 /// Writes straight to the process's stderr, past the test harness's capture, so the

@@ -17,6 +17,8 @@
 //!   plane's rustls configurations and the gRPC planes' PEM.
 //! - `shm`: the receiver's blocks in a shared-memory segment that same-host senders write in place.
 //! - `error`: `TransferError`, seen by both ends, with a `kind()` label.
+//! - `nccl` (feature `cuda`): a GPU-to-GPU transport over NCCL, compiled and unit-tested
+//!   but not wired to any worker (its module doc says what a caller would have to add).
 
 pub mod config;
 pub mod error;

@@ -1,41 +1,45 @@
 //! GPU-to-GPU KV transfer over NCCL (feature `cuda`).
 //!
-//! The TCP transport moves KV through host memory; this one keeps it on the GPUs. Each
-//! layer's blocks are gathered on the prefill GPU into one contiguous staging buffer
-//! (kernel `gather_kv_blocks*` of `kernels/cuda/kv_blocks.cu`), sent with one NCCL
-//! `send`, received with the matching `recv` into a staging buffer on the decode GPU,
-//! and scattered into the destination blocks (`scatter_kv_blocks*`). The staging
+//! **Compiled, not wired to any worker.** No crate of the workspace enables `cuda`; the
+//! engine keeps its KV cache in host memory; the KV wire protocol (`PROTOCOL.md`) has no
+//! frame that carries an NCCL id or announces a layer's block ids without its payload;
+//! decode workers advertise `KvEndpoints.nccl = false` and no sender reads it. CI builds
+//! this module and runs its unit tests, which need no GPU; nothing in it has run on a
+//! device.
+//!
+//! The TCP transport moves KV through host memory; this one would keep it on the GPUs.
+//! Each layer's blocks are gathered on the prefill GPU into one contiguous staging
+//! buffer (kernel `gather_kv_blocks*` of `kernels/cuda/kv_blocks.cu`), sent with one
+//! NCCL `send`, received with the matching `recv` into a staging buffer on the decode
+//! GPU, and scattered into the destination blocks (`scatter_kv_blocks*`). The staging
 //! buffer has exactly the layout of a TCP Blocks frame's payload (for each block in
-//! order: its K bytes, then its V bytes, for one layer), so the two transports are
-//! interchangeable per request and the receiver's cache looks the same either way.
+//! order: its K bytes, then its V bytes, for one layer), so the receiver's cache would
+//! look the same whichever transport filled it.
 //!
-//! ## Control path and data path
+//! ## What a caller must provide
 //!
-//! NCCL carries only the KV bytes. Everything else travels on the TCP control
-//! connection of `wire` (`PROTOCOL.md`), in this order:
+//! NCCL carries only the KV bytes. Everything else needs a control path between the two
+//! workers, which does not exist yet; a caller must:
 //!
-//! 1. Handshake: `Hello`/`HelloOk` with the `KvLayout`; both ends must agree (same
-//!    dtype, block size, heads, head dim and model), since the byte count of each NCCL
-//!    message is derived from it and NCCL does not check it.
-//! 2. Communicator: the prefill worker creates the NCCL unique id ([`new_unique_id`],
-//!    128 bytes) and sends it over the control connection; both workers then call
+//! 1. Make both ends agree on the [`KvLayout`] (as the TCP handshake's `Hello`/`HelloOk`
+//!    does): the byte count of each NCCL message is derived from it, and NCCL does not
+//!    check it.
+//! 2. Build one communicator per prefill/decode pair: one worker creates the NCCL unique
+//!    id ([`new_unique_id`], [`NCCL_ID_LEN`] bytes) and hands it to the other; both call
 //!    [`NcclTransport::new`] with it, the prefill as rank 0 ([`Role::Prefill`], the
 //!    sender), the decode as rank 1 ([`Role::Decode`], the receiver). Creation blocks
-//!    until both ranks have joined. One communicator per prefill/decode pair.
-//! 3. Per layer: the prefill sends the layer's metadata on TCP — request id, layer and
-//!    the destination block ids (decode-side ids, as in a Blocks frame, but without the
-//!    payload) — then calls [`NcclTransport::send_layer`]. The decode worker, on reading
-//!    that metadata, calls [`NcclTransport::recv_layer`] with the same ids. NCCL pairs a
+//!    until both ranks have joined.
+//! 3. Per layer, tell the decode worker the destination block ids (decode-side ids, as
+//!    in a Blocks frame) that the prefill passes to [`NcclTransport::send_layer`]; the
+//!    decode worker calls [`NcclTransport::recv_layer`] with the same ids. NCCL pairs a
 //!    send with the peer's receives in the order they were issued, so both sides must
-//!    issue layers in the same order: the order of the TCP stream, which is ordered.
-//!    Both sides compute the message size as `n_blocks * layer_block_bytes()`
-//!    ([`payload_bytes`]).
-//! 4. `Finish` on TCP after the last layer. The decode worker must let its compute
-//!    stream wait for the transport's stream (or call [`NcclTransport::synchronize`])
-//!    before reading the blocks, then answers `Ack`.
+//!    issue layers in the same order. Both compute the message size as
+//!    `n_blocks * layer_block_bytes()` ([`payload_bytes`]).
+//! 4. On the decode side, let the compute stream wait for the transport's stream (or call
+//!    [`NcclTransport::synchronize`]) before reading the blocks.
 //!
-//! An NCCL error poisons the communicator: the caller aborts the affected requests on
-//! the control path (`Abort`), drops the transport and builds a new one (new id).
+//! An NCCL error poisons the communicator: the caller must fail the affected requests,
+//! drop the transport and build a new one (new id).
 //!
 //! ## Streams and buffers
 //!
@@ -50,7 +54,7 @@
 //!
 //! The CUDA driver, NVRTC and NCCL are loaded at run time. [`check_libraries`] and
 //! every constructor check they are present and return [`NcclError::Unavailable`]
-//! (never a panic) when they or a GPU are missing, so a worker can fall back to TCP.
+//! (never a panic) when they or a GPU are missing, so a caller can fall back to TCP.
 //! The kernels are compiled at run time by NVRTC, for the device's architecture, from
 //! the source embedded in this crate; the source needs no CUDA headers.
 
@@ -72,7 +76,7 @@ use crate::layout::KvLayout;
 /// The CUDA source of the gather/scatter kernels, compiled at run time by NVRTC.
 pub const KV_BLOCKS_CU: &str = include_str!("../../kernels/cuda/kv_blocks.cu");
 
-/// Size of an NCCL unique id, as exchanged over the control path.
+/// Size of an NCCL unique id, as one worker must hand it to the other.
 pub const NCCL_ID_LEN: usize = 128;
 
 /// Rank of the prefill worker (the sender) in a pair's communicator.
@@ -161,8 +165,8 @@ fn driver_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> NcclError +
     move |e| NcclError::Driver(format!("{what}: {e}"))
 }
 
-/// Creates a fresh NCCL unique id (on the prefill side) to send to the peer over the
-/// control path. Needs only the NCCL library, no GPU.
+/// Creates a fresh NCCL unique id for one pair's communicator, to hand to the peer (see
+/// the module doc). Needs only the NCCL library, no GPU.
 pub fn new_unique_id() -> Result<[u8; NCCL_ID_LEN], NcclError> {
     // SAFETY: see `check_libraries`.
     if !unsafe { cudarc::nccl::sys::is_culib_present() } {
@@ -176,7 +180,7 @@ pub fn new_unique_id() -> Result<[u8; NCCL_ID_LEN], NcclError> {
     Ok(out)
 }
 
-/// Rebuilds an NCCL id from the bytes received over the control path.
+/// Rebuilds an NCCL id from the bytes [`new_unique_id`] made on the peer.
 pub fn id_from_bytes(bytes: &[u8]) -> Result<Id, NcclError> {
     if bytes.len() != NCCL_ID_LEN {
         return Err(NcclError::Invalid(format!("NCCL id of {} bytes, expected {NCCL_ID_LEN}", bytes.len())));
@@ -306,8 +310,8 @@ pub struct NcclTransport {
 
 impl NcclTransport {
     /// Opens GPU `device`, compiles and loads the kernels, and joins the pair's
-    /// communicator from the `id` bytes exchanged on the control path (see the module
-    /// doc). Blocks until the peer has joined too.
+    /// communicator from the `id` bytes both workers hold (see the module doc). Blocks
+    /// until the peer has joined too.
     pub fn new(device: usize, role: Role, id: &[u8], layout: KvLayout) -> Result<Self, NcclError> {
         check_libraries()?;
         layout.validate().map_err(NcclError::Invalid)?;
@@ -403,8 +407,9 @@ impl NcclTransport {
 
     /// Decode side: receives one layer's blocks from the prefill rank into the staging
     /// buffer, then scatters them into blocks `block_ids` of the K and V caches. The ids
-    /// must be those the prefill sent with the layer's metadata, in the same order, and
-    /// distinct. Asynchronous: returns once the work is queued on [`Self::stream`].
+    /// must be those the prefill passed to its `send_layer` for this layer, in the same
+    /// order, and distinct. Asynchronous: returns once the work is queued on
+    /// [`Self::stream`].
     pub fn recv_layer<T>(
         &mut self,
         block_ids: &[u32],
@@ -497,11 +502,26 @@ mod tests {
         KvLayout { n_layers: 2, n_kv_heads: 8, head_dim: 128, block_size: 16, dtype: KvDtypeWire::F16, fingerprint: 1 }
     }
 
+    /// Set to `1` by `scripts/test.sh` after its set-up scripts: the tools they install
+    /// (here NVRTC, from `.venv-cuda`) are then expected, and a missing one is a failure.
+    const REQUIRE_TOOLS: &str = "TANDEM_REQUIRE_TOOLS";
+
+    /// Writes to the process's stderr, past the test harness's capture, so a skip shows
+    /// in a plain `cargo test`.
+    fn say(msg: &str) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), "{msg}");
+    }
+
+    /// The no-GPU path: without the CUDA driver (the case on CI, which has no GPU) both
+    /// roles' constructors return `Unavailable` rather than panicking. Where the driver,
+    /// NVRTC and NCCL all load, i.e. on a GPU machine, it is skipped with a line on
+    /// stderr: `new` would wait for a peer on a made-up id. No test here runs the
+    /// transport on a device.
     #[test]
     fn constructing_without_cuda_is_unavailable_not_a_panic() {
         if check_libraries().is_ok() {
-            // A real machine: `new` would wait for a peer on this made-up id.
-            eprintln!("SKIP: CUDA, NVRTC and NCCL are all present; not joining a communicator with no peer");
+            say("skipped: CUDA, NVRTC and NCCL are all present; not joining a communicator with no peer");
             return;
         }
         let got =
@@ -560,12 +580,22 @@ mod tests {
         assert_eq!(payload_bytes(&layout(), 3), 3 * layout().layer_block_bytes());
     }
 
+    /// The embedded kernels compile to PTX through cudarc's NVRTC binding (no GPU
+    /// needed). Needs libnvrtc on the loader path, e.g.
+    /// `LD_LIBRARY_PATH=<.venv-cuda site-packages>/nvidia/cuda_nvrtc/lib`, which
+    /// `scripts/test.sh` sets. Without it: a failure when [`REQUIRE_TOOLS`] is `1`, else
+    /// a skip said on stderr.
     #[test]
     fn embedded_kernels_compile_when_nvrtc_is_loadable() {
-        // Runs where libnvrtc is on the loader path, e.g.
-        // LD_LIBRARY_PATH=<.venv-cuda site-packages>/nvidia/cuda_nvrtc/lib; skips otherwise.
         match compile_kernels(Some((8, 0))) {
-            Err(NcclError::Unavailable(why)) => eprintln!("SKIP: {why}"),
+            Err(NcclError::Unavailable(why)) => {
+                assert!(
+                    std::env::var_os(REQUIRE_TOOLS).is_none_or(|v| v != "1"),
+                    "{REQUIRE_TOOLS}=1, but {why}: put <.venv-cuda site-packages>/nvidia/cuda_nvrtc/lib \
+                     on LD_LIBRARY_PATH (scripts/setup-cuda-tools.sh installs it)"
+                );
+                say(&format!("skipped: {why} (put .venv-cuda's nvidia/cuda_nvrtc/lib on LD_LIBRARY_PATH)"));
+            }
             Err(e) => panic!("{e}"),
             Ok(ptx) => {
                 let src = ptx.to_src();

@@ -11,8 +11,18 @@ export CARGO_TARGET_DIR="$ROOT/target/fuzz"
 FUZZ_DIR="$ROOT/$CRATE/fuzz"
 CORPUS="$FUZZ_DIR/corpus/$TARGET"
 
+# The fuzz crate is its own workspace, and its Cargo.lock is git-ignored: start it from the
+# workspace's (checked with --locked by scripts/test.sh), so the fuzzers build exactly the versions
+# the workspace is tested with, and both fuzz crates share those builds in target/fuzz. Cargo only
+# adds libfuzzer-sys and its dependencies, which the stable engine never compiles.
+cp "$ROOT/Cargo.lock" "$FUZZ_DIR/Cargo.lock"
+
 stable_bin() {
-    (cd "$FUZZ_DIR" && cargo build --quiet --release --no-default-features --bin "${TARGET}_stable")
+    # A failed build must not fall through to a stale binary from an earlier one.
+    if ! (cd "$FUZZ_DIR" && cargo build --quiet --release --no-default-features --bin "${TARGET}_stable"); then
+        echo "$NAME: building ${TARGET}_stable failed" >&2
+        exit 1
+    fi
     echo "$CARGO_TARGET_DIR/release/${TARGET}_stable"
 }
 
