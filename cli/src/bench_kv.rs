@@ -82,8 +82,7 @@ async fn setup(shm: bool, n_blocks: usize, cfg: &TcpConfig) -> Result<Setup> {
         if shm { Arc::new(ShmKv::create(l, n_blocks)?) } else { Arc::new(HostKv::new(l, n_blocks)) };
     let rx = KvReceiver::bind("127.0.0.1:0".parse()?, sink, cfg.clone()).await?;
     let local = if shm {
-        let uds = std::env::temp_dir().join(format!("tandem-bench-kv-{}.sock", std::process::id()));
-        rx.listen_shm(&uds, TcpConfig::default())?;
+        let uds = rx.listen_shm(TcpConfig::default())?;
         Some(LocalTarget { uds, host: host_id() })
     } else {
         None

@@ -71,6 +71,13 @@ pub fn kv_session(worker: &str, direction: &'static str, bytes: u64, failure: Op
     }
 }
 
+/// Connections the KV receiver closed at accept because a connection cap was reached (a
+/// receive-side failure of kind `connection_refused`; the count is the receiver's own).
+pub fn kv_connections_refused(worker: &str, total: u64) {
+    counter!(KV_FAILURES, "worker" => worker.to_string(), "direction" => "received", "kind" => "connection_refused")
+        .absolute(total);
+}
+
 pub fn kv_seconds(worker: &str, d: Duration) {
     histogram!(KV_SECONDS, "worker" => worker.to_string()).record(d.as_secs_f64());
 }

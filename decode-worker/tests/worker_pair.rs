@@ -1,9 +1,10 @@
 //! A prefill worker and a decode worker in one process, driven through their gRPC
 //! service exactly as the router drives them (Reserve, Decode, Prefill), with
-//! shared memory switched off so the KV crosses a real TCP connection.
+//! shared memory switched off so the KV crosses a real TCP connection; and, with it
+//! on, a stranger's Prefill aimed at another request's cached blocks (issue 15, item 2).
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tandem_cluster::Role;
 use tandem_decode_worker::{RunningWorker, WorkerConfig};
@@ -13,6 +14,9 @@ use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
 use tonic::transport::Channel;
 
+mod common;
+use common::wait_idle;
+
 fn model() -> PathBuf {
     let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(m.exists(), "model missing: run scripts/fetch-model.sh first");
@@ -20,7 +24,11 @@ fn model() -> PathBuf {
 }
 
 async fn start(id: &str, role: Role) -> (RunningWorker, WorkerClient<Channel>) {
-    let cfg = WorkerConfig { shm: false, kv_blocks: Some(256), ..WorkerConfig::new(id, role, model()) };
+    start_with(id, role, false).await
+}
+
+async fn start_with(id: &str, role: Role, shm: bool) -> (RunningWorker, WorkerClient<Channel>) {
+    let cfg = WorkerConfig { shm, kv_blocks: Some(256), ..WorkerConfig::new(id, role, model()) };
     let w = RunningWorker::start(cfg, None).await.unwrap();
     let c = WorkerClient::connect(format!("http://{}", w.grpc_addr)).await.unwrap();
     (w, c)
@@ -32,17 +40,6 @@ fn greedy(max_tokens: u32) -> pb::SamplingParams {
 
 async fn used_blocks(c: &mut WorkerClient<Channel>) -> u32 {
     c.stats(pb::StatsRequest {}).await.unwrap().into_inner().kv_blocks_used
-}
-
-async fn wait_idle(c: &mut WorkerClient<Channel>) -> pb::StatsResponse {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = c.stats(pb::StatsRequest {}).await.unwrap().into_inner();
-        if (s.running, s.waiting, s.waiting_for_kv, s.kv_blocks_used) == (0, 0, 0, 0) || Instant::now() > end {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// What a disaggregated request's stream came to.
@@ -194,6 +191,72 @@ async fn prefill_and_decode_workers_over_tcp_generate_what_one_engine_does() {
     assert_eq!(e.code(), tonic::Code::NotFound);
     let e = pc.reserve(pb::ReserveRequest { request_id: 1, prompt_token_ids: ids.clone(), ..Default::default() }).await;
     assert_eq!(e.expect_err("a prefill worker does not reserve").code(), tonic::Code::FailedPrecondition);
+
+    assert!(p.drain(Duration::from_secs(5)).await);
+    assert!(d.drain(Duration::from_secs(5)).await);
+}
+
+/// Before the fix the prefill worker wrote layer 0 into the victim's cached blocks before
+/// the decode worker refused the frame. Now the sender writes only the blocks the receiver
+/// accepted the session for (the reservation's freshly allocated tail), so not one byte of
+/// the attack lands, and the victim's answer is what it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_aimed_at_cached_blocks_writes_nothing_and_the_victim_answers_as_before() {
+    let (p, mut pc) = start_with("prefill-k", Role::Prefill, true).await;
+    let (d, mut dc) = start_with("decode-k", Role::Decode, true).await;
+    assert!(d.descriptor.kv.local.is_some(), "shared memory is on");
+
+    // The victim's prompt: several full blocks, cached after its first run.
+    let engine = Engine::load(&EngineConfig { model_path: model(), threads: 1, ..EngineConfig::default() }).unwrap();
+    let question = "Describe the sea at dawn, the gulls over the harbour, the boats going out, and the \
+                    fishermen's songs, in a short poem of four lines that rhyme.";
+    let ids = engine.prompt_ids(&Prompt::Chat(vec![tandem_engine::chat::ChatMessage::new("user", question)])).unwrap();
+    drop(engine);
+    let (_, first) = disaggregated(&mut dc, &mut pc, 1, &ids, 24).await;
+    assert_eq!(wait_idle(&mut dc).await.kv_blocks_used, 0);
+
+    // The decode worker's KV blocks: the shared segment next to its registered socket.
+    let uds = &d.descriptor.kv.local.as_ref().unwrap().uds;
+    let segment = tandem_kvtransfer::shm::segment_for_socket(uds).unwrap();
+    let before = std::fs::read(&segment).unwrap();
+
+    // The attacker reserves the same prompt: the answer names the cached blocks.
+    let reserve = pb::ReserveRequest {
+        request_id: 2,
+        prompt_token_ids: ids.clone(),
+        lease_ms: 10_000,
+        sampling: Some(greedy(24)),
+        ..Default::default()
+    };
+    let res = dc.reserve(reserve).await.unwrap().into_inner();
+    assert!(res.cached_blocks >= 2, "the victim's prefix is cached ({} blocks)", res.cached_blocks);
+    // Its own prompt of the same length, prefilled into every block, claiming none is cached.
+    let destination = pb::KvDestination {
+        worker_id: "decode-k".into(),
+        endpoints: res.kv_endpoints.clone(),
+        block_ids: res.block_ids.clone(),
+        cached_blocks: 0,
+        layout: res.layout,
+        lease_ms: res.lease_ms,
+    };
+    let prefill = pb::PrefillRequest {
+        request_id: 2,
+        prompt_token_ids: ids.iter().map(|t| t + 1).collect(),
+        sampling: Some(greedy(24)),
+        destination: Some(destination),
+        ..Default::default()
+    };
+    assert!(pc.prefill(prefill).await.is_err(), "a prefill into cached blocks succeeded");
+    assert_eq!(p.state.sender.as_ref().unwrap().fallbacks(), 0, "the attack went over shared memory, not TCP");
+    // Not one byte landed: the first layer named blocks outside the accepted reservation.
+    assert!(std::fs::read(&segment).unwrap() == before, "the attack wrote into the decode worker's KV");
+    dc.cancel(pb::CancelRequest { request_id: 2, reason: "test".into() }).await.unwrap();
+    assert_eq!(wait_idle(&mut dc).await.kv_blocks_used, 0);
+
+    // The victim asks again, from its cached blocks: the same answer.
+    let (res, again) = disaggregated(&mut dc, &mut pc, 3, &ids, 24).await;
+    assert!(res.cached_blocks >= 2);
+    assert_eq!((again.tokens, again.text), (first.tokens, first.text), "the victim's cached KV was changed");
 
     assert!(p.drain(Duration::from_secs(5)).await);
     assert!(d.drain(Duration::from_secs(5)).await);

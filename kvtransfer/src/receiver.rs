@@ -15,8 +15,17 @@
 //! the blocks: one copy, out of rustls's record buffer. The Unix socket stays
 //! plaintext: it never leaves the host, and its file is readable and writable by
 //! the receiver's user alone (as is the shared segment it offers).
+//!
+//! A peer that is not a Tandem sender holds little: every frame kind's body is bounded
+//! by what it can be (a Finish by 16 bytes, a Blocks frame by the pool), deadlines cover
+//! the whole connection (`TcpConfig::idle_timeout` between frames, `frame_timeout` within
+//! one), and `max_conns` / `max_conns_per_ip` cap the connections served, refusing more
+//! at accept (counted: `refused_connections`). A peer whose layout differs is told only
+//! "layout mismatch"; the differences are logged here.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +48,50 @@ pub struct KvReceiver {
     sink: Arc<dyn KvSink>,
     tasks: Mutex<JoinSet<()>>,
     local: SocketAddr,
+    /// Connections served now, per peer IP (`None`: the Unix socket) and in total.
+    conns: Arc<Mutex<ConnCount>>,
+    /// Connections closed at accept because a cap was reached.
+    refused: AtomicU64,
+}
+
+#[derive(Default)]
+struct ConnCount {
+    total: usize,
+    per_peer: HashMap<Option<IpAddr>, usize>,
+}
+
+/// One served connection's place under the caps, given back when it ends.
+struct ConnSlot {
+    conns: Arc<Mutex<ConnCount>>,
+    peer: Option<IpAddr>,
+}
+
+impl ConnSlot {
+    /// A slot for a new connection from `peer`, unless a cap is reached.
+    fn take(conns: &Arc<Mutex<ConnCount>>, peer: Option<IpAddr>, cfg: &TcpConfig) -> Option<ConnSlot> {
+        let mut c = conns.lock().expect("conns");
+        let mine = c.per_peer.get(&peer).copied().unwrap_or(0);
+        // Unix-socket peers are this user's own processes: only the total applies.
+        if c.total >= cfg.max_conns || (peer.is_some() && mine >= cfg.max_conns_per_ip) {
+            return None;
+        }
+        c.total += 1;
+        *c.per_peer.entry(peer).or_default() += 1;
+        Some(ConnSlot { conns: conns.clone(), peer })
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut c = self.conns.lock().expect("conns");
+        c.total -= 1;
+        if let Some(n) = c.per_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl KvReceiver {
@@ -50,7 +103,14 @@ impl KvReceiver {
     ) -> Result<Arc<KvReceiver>, TransferError> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
-        let rx = Arc::new(KvReceiver { sessions: Sessions::default(), sink, tasks: Mutex::new(JoinSet::new()), local });
+        let rx = Arc::new(KvReceiver {
+            sessions: Sessions::default(),
+            sink,
+            tasks: Mutex::new(JoinSet::new()),
+            local,
+            conns: Arc::default(),
+            refused: AtomicU64::new(0),
+        });
         let weak = Arc::downgrade(&rx);
         let tls = cfg.tls.as_ref().map(|t| t.acceptor());
         rx.tasks.lock().expect("tasks").spawn(accept_loop(listener, weak, 1, cfg, None, tls));
@@ -79,22 +139,25 @@ impl KvReceiver {
         self.sessions.reserve_from(request_id, blocks, self.sink.n_blocks(), deadline, sender_lease)
     }
 
-    /// Also listens on the Unix socket `path` for senders on this host, who then write
-    /// straight into the sink's shared segment (the sink must be a `ShmKv`). The socket
-    /// is plaintext whatever `cfg.tls` says, and only this process's user may connect.
-    pub fn listen_shm(self: &Arc<Self>, path: &std::path::Path, cfg: TcpConfig) -> Result<(), TransferError> {
+    /// Also listens on a Unix socket for senders on this host, who then write straight
+    /// into the sink's shared segment (the sink must be a `ShmKv`). Returns the socket's
+    /// path, next to the segment (`shm::socket_for_segment`): the worker registers it, and
+    /// a sender derives the segment from it. The socket is plaintext whatever `cfg.tls`
+    /// says, and only this process's user may connect.
+    pub fn listen_shm(self: &Arc<Self>, cfg: TcpConfig) -> Result<std::path::PathBuf, TransferError> {
         use std::os::unix::fs::PermissionsExt;
         let segment = self
             .sink
             .shm_segment()
             .ok_or_else(|| TransferError::Protocol("this receiver's blocks are not in shared memory".into()))?;
-        let _ = std::fs::remove_file(path);
-        let listener = tokio::net::UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let path = crate::shm::socket_for_segment(std::path::Path::new(&segment));
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let offer = wire::encode_shm_offer(self.sink.n_blocks() as u64, &segment);
         let weak = Arc::downgrade(self);
         self.tasks.lock().expect("tasks").spawn(accept_loop(listener, weak, 1 << 32, cfg, Some(offer), None));
-        Ok(())
+        Ok(path)
     }
 
     /// Payload writes into `request_id`'s blocks still in progress (see `Sessions`).
@@ -107,6 +170,16 @@ impl KvReceiver {
         self.sessions.len()
     }
 
+    /// Connections being served now (TCP and Unix socket).
+    pub fn connections(&self) -> usize {
+        self.conns.lock().expect("conns").total
+    }
+
+    /// Connections closed at accept because `max_conns` or `max_conns_per_ip` was reached.
+    pub fn refused_connections(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
     /// Stops accepting and closes every connection.
     pub fn shutdown(&self) {
         self.tasks.lock().expect("tasks").abort_all();
@@ -116,22 +189,23 @@ impl KvReceiver {
 /// A listener the receiver accepts KV connections from.
 trait Acceptor: Send + 'static {
     type Stream: VectoredStream + 'static;
-    fn accept_one(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+    /// The next connection and its peer's IP address (`None` on a Unix socket).
+    fn accept_one(&self) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, Option<IpAddr>)>> + Send;
 }
 
 impl Acceptor for TcpListener {
     type Stream = TcpStream;
-    async fn accept_one(&self) -> std::io::Result<TcpStream> {
-        let (sock, _) = self.accept().await?;
+    async fn accept_one(&self) -> std::io::Result<(TcpStream, Option<IpAddr>)> {
+        let (sock, peer) = self.accept().await?;
         sock.set_nodelay(true)?;
-        Ok(sock)
+        Ok((sock, Some(peer.ip())))
     }
 }
 
 impl Acceptor for tokio::net::UnixListener {
     type Stream = tokio::net::UnixStream;
-    async fn accept_one(&self) -> std::io::Result<tokio::net::UnixStream> {
-        Ok(self.accept().await?.0)
+    async fn accept_one(&self) -> std::io::Result<(tokio::net::UnixStream, Option<IpAddr>)> {
+        Ok((self.accept().await?.0, None))
     }
 }
 
@@ -154,8 +228,8 @@ async fn accept_loop<L: Acceptor>(
     let mut next_conn = first_conn;
     let mut conns = JoinSet::new();
     loop {
-        let sock = match listener.accept_one().await {
-            Ok(sock) => sock,
+        let (sock, peer) = match listener.accept_one().await {
+            Ok(accepted) => accepted,
             // Out of descriptors and the like: back off instead of spinning.
             Err(_) => {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -163,11 +237,18 @@ async fn accept_loop<L: Acceptor>(
             }
         };
         let Some(rx) = receiver.upgrade() else { break };
+        // Over a cap: closed at once, before a task or a buffer exists for it.
+        let Some(slot) = ConnSlot::take(&rx.conns, peer, &cfg) else {
+            rx.refused.fetch_add(1, Ordering::Relaxed);
+            drop(sock);
+            continue;
+        };
         let (sessions, sink, cfg, offer, tls) =
             (rx.sessions.clone(), rx.sink.clone(), cfg.clone(), offer.clone(), tls.clone());
         let conn = next_conn;
         next_conn += 1;
         conns.spawn(async move {
+            let _slot = slot;
             let served = match tls {
                 None => serve_conn(sock, conn, &sessions, sink.as_ref(), &cfg, offer).await,
                 // rustls reads 4 KiB per call: buffered, a payload takes few system calls.
@@ -231,15 +312,18 @@ pub(crate) async fn serve_conn<S: KvStream>(
     let (theirs, lease) = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut sock, cfg.max_frame))
         .await
         .map_err(|_| TransferError::Protocol(format!("no Hello within {HELLO_TIMEOUT:?}")))??;
+    let limit = cfg.frame_timeout;
     if let Some(why) = layout.mismatch(&theirs) {
-        send_frame(&mut sock, &wire::encode_error(Code::LayoutMismatch, &why)).await?;
+        // The peer is not yet anyone: it learns that it does not fit, not what would.
+        tracing::warn!(conn, %why, "KV sender refused");
+        send_frame(&mut sock, &wire::encode_error(Code::LayoutMismatch, LAYOUT_MISMATCH), limit).await?;
         return Err(TransferError::LayoutMismatch(why));
     }
     sessions.connected(conn, lease);
-    send_frame(&mut sock, &wire::encode_hello_ok()).await?;
+    send_frame(&mut sock, &wire::encode_hello_ok(), limit).await?;
     let in_place = offer.is_some();
     if let Some(o) = offer {
-        send_frame(&mut sock, &o).await?;
+        send_frame(&mut sock, &o, limit).await?;
     }
     let lbb = layout.layer_block_bytes();
     let half = layout.half_block_bytes();
@@ -247,40 +331,50 @@ pub(crate) async fn serve_conn<S: KvStream>(
     let mut scratch = vec![0u8; 64 << 10];
     loop {
         let mut h = [0u8; HEADER_LEN];
-        match sock.read_exact(&mut h).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
+        // Between frames: a connection silent past the idle deadline is closed.
+        match tokio::time::timeout(cfg.idle_timeout, sock.read_exact(&mut h)).await {
+            Err(_) => return Err(TransferError::Deadline(format!("no frame for {:?}", cfg.idle_timeout))),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e.into()),
         }
+        // Within a frame: its body must arrive by then.
+        let by = Instant::now() + cfg.frame_timeout;
         let head = match wire::parse_header(&h, cfg.max_frame) {
             Ok(head) => head,
             Err(e) => {
-                let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, &e.to_string())).await;
+                let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, &e.to_string()), limit).await;
                 return Err(TransferError::Protocol(e.to_string()));
             }
         };
         if head.kind == Kind::Blocks {
             small.resize(BLOCKS_FIXED, 0);
-            sock.read_exact(&mut small).await?;
+            within(by, sock.read_exact(&mut small)).await?;
             let fixed = match wire::parse_blocks_fixed(&small, head.body_len, lbb) {
                 Ok(f) if f.in_place && !in_place => {
-                    let why = "in-place blocks on a connection without a shared segment";
-                    let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, why)).await;
-                    return Err(TransferError::Protocol(why.into()));
+                    Err("in-place blocks on a connection without a shared segment".into())
                 }
-                Ok(x) => x,
-                Err(e) => {
-                    let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, &e.to_string())).await;
-                    return Err(TransferError::Protocol(e.to_string()));
+                // No reservation is larger than the pool: the block ids are bounded before they are read.
+                Ok(f) if f.n_blocks > sink.n_blocks() => {
+                    Err(format!("{} blocks in a pool of {}", f.n_blocks, sink.n_blocks()))
+                }
+                Ok(f) => Ok(f),
+                Err(e) => Err(e.to_string()),
+            };
+            let fixed = match fixed {
+                Ok(f) => f,
+                Err(why) => {
+                    let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, &why), limit).await;
+                    return Err(TransferError::Protocol(why));
                 }
             };
             let (request_id, layer, n) = (fixed.request_id, fixed.layer, fixed.n_blocks);
             small.resize(BLOCKS_FIXED + 4 * n, 0);
-            sock.read_exact(&mut small[BLOCKS_FIXED..]).await?;
+            within(by, sock.read_exact(&mut small[BLOCKS_FIXED..])).await?;
             let mut crc = crc32c::crc32c(&small);
             let ids: Vec<u32> =
                 small[BLOCKS_FIXED..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect();
-            match sessions.admit(conn, request_id, layer, layout.n_layers, &ids) {
+            match sessions.admit(conn, request_id, layer, layout.n_layers, &ids, fixed.in_place) {
                 Admit::Ok(_writing) => {
                     // Addresses, not pointers, so the future stays Send. The blocks are reserved
                     // for this request alone (admit checked it), and the sink guarantees `half`
@@ -293,7 +387,7 @@ pub(crate) async fn serve_conn<S: KvStream>(
                         })
                         .collect();
                     if !fixed.in_place {
-                        sock.read_parts(&parts).await?;
+                        within(by, sock.read_parts(&parts)).await?;
                         for &(addr, len) in &parts {
                             // SAFETY: as above; the data is complete.
                             crc = crc32c::crc32c_append(crc, unsafe {
@@ -304,7 +398,8 @@ pub(crate) async fn serve_conn<S: KvStream>(
                     if crc != head.crc {
                         let err = TransferError::Checksum(format!("request {request_id} layer {layer}"));
                         sessions.fail(request_id, err.clone());
-                        send_frame(&mut sock, &wire::encode_ack(request_id, Code::Checksum, &err.to_string())).await?;
+                        let ack = wire::encode_ack(request_id, Code::Checksum, &err.to_string());
+                        send_frame(&mut sock, &ack, limit).await?;
                     } else {
                         sessions.received(request_id, layer, &ids);
                     }
@@ -314,23 +409,24 @@ pub(crate) async fn serve_conn<S: KvStream>(
                     let mut left = if fixed.in_place { 0 } else { n * lbb };
                     while left > 0 {
                         let take = left.min(scratch.len());
-                        sock.read_exact(&mut scratch[..take]).await?;
+                        within(by, sock.read_exact(&mut scratch[..take])).await?;
                         left -= take;
                     }
                     sessions.fail(request_id, err.clone());
-                    send_frame(&mut sock, &wire::encode_ack(request_id, err.code(), &err.to_string())).await?;
+                    send_frame(&mut sock, &wire::encode_ack(request_id, err.code(), &err.to_string()), limit).await?;
                 }
             }
             continue;
         }
+        // Every other kind is short (`Kind::max_body`, checked by `parse_header`).
         small.resize(HEADER_LEN + head.body_len, 0);
         small[..HEADER_LEN].copy_from_slice(&h);
-        sock.read_exact(&mut small[HEADER_LEN..]).await?;
+        within(by, sock.read_exact(&mut small[HEADER_LEN..])).await?;
         let frame = match wire::decode(&small, cfg.max_frame, lbb) {
             Ok(Some((f, _))) => f,
             Ok(None) => unreachable!("the whole frame was read"),
             Err(e) => {
-                let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, &e.to_string())).await;
+                let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, &e.to_string()), limit).await;
                 return Err(TransferError::Protocol(e.to_string()));
             }
         };
@@ -340,23 +436,49 @@ pub(crate) async fn serve_conn<S: KvStream>(
                     Ok(()) => wire::encode_ack(request_id, Code::Ok, ""),
                     Err(e) => wire::encode_ack(request_id, e.code(), &e.to_string()),
                 };
-                send_frame(&mut sock, &reply).await?;
+                send_frame(&mut sock, &reply, limit).await?;
             }
             Frame::Abort { request_id, message, .. } => sessions.fail(request_id, TransferError::Aborted(message)),
+            // Same host: the sender writes nothing in place before this answer.
+            Frame::Open { request_id } if in_place => {
+                let reply = match sessions.open(conn, request_id) {
+                    Ok(blocks) => wire::encode_accept(request_id, &blocks),
+                    Err(e) => wire::encode_ack(request_id, e.code(), &e.to_string()),
+                };
+                send_frame(&mut sock, &reply, limit).await?;
+            }
             other => {
                 let why = format!("unexpected {other:?} from a sender");
-                let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, &why)).await;
+                let _ = send_frame(&mut sock, &wire::encode_error(Code::Protocol, &why), limit).await;
                 return Err(TransferError::Protocol(why));
             }
         }
     }
 }
 
+/// What a sender whose layout differs is told (the differences are logged, not sent).
+const LAYOUT_MISMATCH: &str = "layout mismatch";
+
 /// Writes one frame to the sender, flushed: a TLS stream would otherwise keep the
-/// records of a small frame (an Ack) while its socket is full.
-async fn send_frame<S: AsyncWrite + Unpin>(sock: &mut S, frame: &[u8]) -> std::io::Result<()> {
-    sock.write_all(frame).await?;
-    sock.flush().await
+/// records of a small frame (an Ack) while its socket is full. A peer that does not
+/// read it within `limit` is given up.
+async fn send_frame<S: AsyncWrite + Unpin>(sock: &mut S, frame: &[u8], limit: Duration) -> Result<(), TransferError> {
+    let write = async {
+        sock.write_all(frame).await?;
+        sock.flush().await
+    };
+    Ok(tokio::time::timeout(limit, write).await.map_err(|_| TransferError::Deadline("peer does not read".into()))??)
+}
+
+/// A read of the current frame, which must be done by `by` (the frame deadline).
+async fn within<T>(
+    by: Instant,
+    read: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, TransferError> {
+    match tokio::time::timeout_at(by, read).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(TransferError::Deadline("a frame did not arrive in time".into())),
+    }
 }
 
 /// A connection the receiver serves: frames, and payloads read into the reserved blocks.

@@ -8,8 +8,14 @@
 //! sessions. `TCP_NODELAY` is set. With TLS (`TcpConfig::tls`) a TCP connection
 //! presents this worker's certificate and verifies the receiver's against the CA
 //! and the configured server name before the Hello.
+//!
+//! On a same-host connection a session first asks the receiver (`Open`) and writes
+//! into the shared segment only after its `Accept`, and only the blocks it lists: no
+//! byte lands in a block the receiver has not accepted this session for. The segment
+//! is the one the receiver's registered socket names (`shm::segment_for_socket`), and
+//! the socket's peer must run as this user; the `ShmOffer` must agree.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -23,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::error::TransferError;
 use crate::layout::KvLayout;
-use crate::shm::{host_id, ShmMap};
+use crate::shm::{host_id, our_uid, segment_for_socket, ShmMap};
 use crate::wire::{self, Code, Frame, HEADER_LEN};
 
 use crate::config::TcpConfig;
@@ -34,6 +40,8 @@ enum Outgoing {
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), TransferError>>>>>;
+/// Same-host sessions waiting for the receiver's `Accept` (the blocks they may write).
+type Opening = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u32>, TransferError>>>>>;
 
 /// Payload buffers the writer hands back once written, so steady sending reuses memory
 /// instead of faulting in fresh pages for every layer.
@@ -63,6 +71,10 @@ struct Conn {
     tx: mpsc::Sender<Outgoing>,
     pool: BufferPool,
     pending: Pending,
+    opening: Opening,
+    /// When a session last opened on it: one idle for half the receiver's idle deadline
+    /// is not reused (the receiver may be closing it).
+    last_used: Instant,
     /// Set when the connection failed; new sessions reconnect.
     dead: Arc<Mutex<Option<TransferError>>>,
     tasks: JoinSet<()>,
@@ -90,8 +102,9 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         match wire::decode(&buf, 4096, 0).map_err(|e| TransferError::Protocol(e.to_string()))? {
             Some((Frame::HelloOk, _)) if step == 0 => {}
             Some((Frame::ShmOffer { n_blocks, path }, _)) if step == 1 => offer = Some((n_blocks, path)),
+            // The receiver does not say what it expects (it logs that); say what we sent.
             Some((Frame::Error { code: Code::LayoutMismatch, message }, _)) => {
-                return Err(TransferError::LayoutMismatch(message))
+                return Err(TransferError::LayoutMismatch(format!("{message}: the receiver refused {layout:?}")))
             }
             Some((Frame::Error { message, .. }, _)) => return Err(TransferError::Protocol(message)),
             _ => return Err(TransferError::Protocol("unexpected answer to Hello".into())),
@@ -110,15 +123,20 @@ where
     let pool = BufferPool::default();
     let writer_pool = pool.clone();
     let pending: Pending = Arc::default();
+    let opening: Opening = Arc::default();
     let dead: Arc<Mutex<Option<TransferError>>> = Arc::default();
     let mut tasks = JoinSet::new();
-    let fail_all = |pending: &Pending, dead: &Arc<Mutex<Option<TransferError>>>, err: TransferError| {
-        *dead.lock().expect("dead") = Some(err.clone());
-        for (_, tx) in pending.lock().expect("pending").drain() {
-            let _ = tx.send(Err(err.clone()));
-        }
-    };
-    let (p2, d2) = (pending.clone(), dead.clone());
+    let fail_all =
+        move |pending: &Pending, opening: &Opening, dead: &Arc<Mutex<Option<TransferError>>>, err: TransferError| {
+            *dead.lock().expect("dead") = Some(err.clone());
+            for (_, tx) in pending.lock().expect("pending").drain() {
+                let _ = tx.send(Err(err.clone()));
+            }
+            for (_, tx) in opening.lock().expect("opening").drain() {
+                let _ = tx.send(Err(err.clone()));
+            }
+        };
+    let (p2, o2, d2) = (pending.clone(), opening.clone(), dead.clone());
     tasks.spawn(async move {
         while let Some(out) = rx.recv().await {
             let mut r = match out {
@@ -140,13 +158,13 @@ where
                 r = wr.flush().await;
             }
             if let Err(e) = r {
-                fail_all(&p2, &d2, e.into());
+                fail_all(&p2, &o2, &d2, e.into());
                 return;
             }
         }
         let _ = wr.shutdown().await;
     });
-    let (p3, d3, max) = (pending.clone(), dead.clone(), cfg.max_frame);
+    let (p3, o3, d3, max) = (pending.clone(), opening.clone(), dead.clone(), cfg.max_frame);
     tasks.spawn(async move {
         let err = loop {
             let mut h = [0u8; HEADER_LEN];
@@ -163,7 +181,15 @@ where
                 break e.into();
             }
             match wire::decode(&buf, 1 << 16, 0) {
+                Ok(Some((Frame::Accept { request_id, block_ids }, _))) => {
+                    if let Some(tx) = o3.lock().expect("opening").remove(&request_id) {
+                        let _ = tx.send(Ok(block_ids));
+                    }
+                }
                 Ok(Some((Frame::Ack { request_id, code, message }, _))) => {
+                    if let Some(tx) = o3.lock().expect("opening").remove(&request_id) {
+                        let _ = tx.send(Err(TransferError::from_code(code, request_id, message.clone())));
+                    }
                     if let Some(tx) = p3.lock().expect("pending").remove(&request_id) {
                         let _ = tx.send(if code == Code::Ok {
                             Ok(())
@@ -177,9 +203,9 @@ where
                 Err(e) => break TransferError::Protocol(e.to_string()),
             }
         };
-        fail_all(&p3, &d3, err);
+        fail_all(&p3, &o3, &d3, err);
     });
-    Conn { tx, pool, pending, dead, tasks, shm }
+    Conn { tx, pool, pending, opening, last_used: Instant::now(), dead, tasks, shm }
 }
 
 /// Where a receiver listens: always TCP; also a Unix socket for senders on its host.
@@ -241,9 +267,21 @@ impl KvSender {
         let mut conns = self.conns.lock().await;
         // Failed connections go (a receiver that died does not come back at the same
         // address; keeping them would keep their buffers and a dead receiver's segment mapped).
-        conns.retain(|_, c| c.lock().expect("conn").dead.lock().expect("dead").is_none());
+        // So are idle ones, before the receiver's idle deadline closes them under a new
+        // session; their tasks are let run until the sessions still on them end.
+        let idle = self.cfg.idle_timeout / 2;
+        conns.retain(|_, c| {
+            let mut c = c.lock().expect("conn");
+            let keep = c.dead.lock().expect("dead").is_none() && c.last_used.elapsed() < idle;
+            if !keep {
+                c.tasks.detach_all();
+            }
+            keep
+        });
         if let Some(c) = conns.get(key) {
-            if c.lock().expect("conn").dead.lock().expect("dead").is_none() {
+            let mut conn = c.lock().expect("conn");
+            if conn.dead.lock().expect("dead").is_none() {
+                conn.last_used = Instant::now();
                 return Ok(c.clone());
             }
         }
@@ -288,18 +326,32 @@ impl KvSender {
                 }
             }
             ConnKey::Uds(path) => {
+                let segment = segment_for_socket(path)
+                    .ok_or_else(|| TransferError::Protocol(format!("{} is not a KV socket", path.display())))?;
                 let mut sock = tokio::time::timeout_at(deadline, tokio::net::UnixStream::connect(path))
                     .await
                     .map_err(|_| timeout())??;
+                // Only a receiver run by this user serves a segment this sender may write.
+                let peer = sock.peer_cred()?.uid();
+                if peer != our_uid() {
+                    return Err(TransferError::Protocol(format!("{} is served by uid {peer}", path.display())));
+                }
                 let offer = tokio::time::timeout_at(
                     deadline,
                     handshake(&mut sock, &self.layout, self.lease.load(Ordering::SeqCst), true),
                 )
                 .await
                 .map_err(|_| timeout())??;
-                let (n_blocks, seg) =
+                let (n_blocks, offered) =
                     offer.ok_or_else(|| TransferError::Protocol("no shared segment offered".into()))?;
-                let map = ShmMap::open(&seg, self.layout, n_blocks)?;
+                // The registration names the segment; an offer of another path is not followed.
+                if std::path::Path::new(&offered) != segment {
+                    return Err(TransferError::Protocol(format!(
+                        "offered segment {offered} is not the registered {}",
+                        segment.display()
+                    )));
+                }
+                let map = ShmMap::open(&segment, self.layout, n_blocks)?;
                 let (rd, wr) = sock.into_split();
                 start_conn(rd, wr, &self.cfg, Some(Arc::new(map)))
             }
@@ -320,7 +372,12 @@ impl KvSender {
         if let Some(local) = target.local.as_ref().filter(|l| l.host == host_id()) {
             match self.open_key(&ConnKey::Uds(local.uds.clone()), request_id, deadline).await {
                 Ok(s) => return Ok(s),
-                Err(TransferError::LayoutMismatch(m)) => return Err(TransferError::LayoutMismatch(m)),
+                // The receiver answered, and would answer the same over TCP.
+                Err(
+                    e @ (TransferError::LayoutMismatch(_)
+                    | TransferError::UnknownRequest(_)
+                    | TransferError::StaleSender(_)),
+                ) => return Err(e),
                 Err(_) => {
                     self.fallbacks.fetch_add(1, Ordering::Relaxed);
                 }
@@ -347,10 +404,20 @@ impl KvSender {
     async fn open_key(&self, key: &ConnKey, request_id: u64, deadline: Instant) -> Result<SendSession, TransferError> {
         let conn = self.conn(key, deadline).await?;
         let (tx, rx) = oneshot::channel();
-        let (queue, dead, shm, pool) = {
+        let (queue, dead, shm, pool, pending, opening) = {
             let c = conn.lock().expect("conn");
             c.pending.lock().expect("pending").insert(request_id, tx);
-            (c.tx.clone(), c.dead.clone(), c.shm.clone(), c.pool.clone())
+            (c.tx.clone(), c.dead.clone(), c.shm.clone(), c.pool.clone(), c.pending.clone(), c.opening.clone())
+        };
+        let accepted = match shm {
+            None => HashSet::new(),
+            Some(_) => match open_in_place(&queue, &opening, request_id, deadline).await {
+                Ok(blocks) => blocks.into_iter().collect(),
+                Err(e) => {
+                    pending.lock().expect("pending").remove(&request_id);
+                    return Err(e);
+                }
+            },
         };
         Ok(SendSession {
             request_id,
@@ -362,6 +429,7 @@ impl KvSender {
             chunk_bytes: self.cfg.chunk_bytes,
             done: false,
             shm,
+            accepted,
             pool,
         })
     }
@@ -372,6 +440,31 @@ impl KvSender {
             c.lock().expect("conn").tasks.abort_all();
         }
     }
+}
+
+/// Asks a same-host receiver for `request_id`'s blocks (`Open`) and waits for its answer:
+/// the blocks this session may write in place, or why not.
+async fn open_in_place(
+    queue: &mpsc::Sender<Outgoing>,
+    opening: &Opening,
+    request_id: u64,
+    deadline: Instant,
+) -> Result<Vec<u32>, TransferError> {
+    let (tx, rx) = oneshot::channel();
+    opening.lock().expect("opening").insert(request_id, tx);
+    let late = || TransferError::Deadline(format!("request {request_id}: the receiver did not accept it in time"));
+    let asked = tokio::time::timeout_at(deadline, queue.send(Outgoing::Bytes(wire::encode_open(request_id)))).await;
+    let answer = match asked {
+        Err(_) => Err(late()),
+        Ok(Err(_)) => Err(TransferError::PeerGone("connection closed".into())),
+        Ok(Ok(())) => match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(TransferError::PeerGone("connection closed".into())),
+            Err(_) => Err(late()),
+        },
+    };
+    opening.lock().expect("opening").remove(&request_id);
+    answer
 }
 
 /// One request's transfer from the sending side.
@@ -385,6 +478,8 @@ pub struct SendSession {
     chunk_bytes: usize,
     done: bool,
     shm: Option<Arc<ShmMap>>,
+    /// On a same-host connection: the blocks the receiver accepted this session for.
+    accepted: HashSet<u32>,
     pool: BufferPool,
 }
 
@@ -441,7 +536,7 @@ impl SendSession {
                     block_ids.len()
                 )));
             }
-            shm.write(layer, block_ids, payload)?;
+            shm.write(&self.accepted, layer, block_ids, payload)?;
             let frame = wire::encode_blocks_in_place(self.request_id, layer, block_ids);
             return self.push(Outgoing::Bytes(frame)).await;
         }
@@ -464,7 +559,7 @@ impl SendSession {
         }
         if let Some(shm) = &self.shm {
             // Same host: write the blocks in place, then ring the doorbell.
-            shm.write(layer, block_ids, &payload)?;
+            shm.write(&self.accepted, layer, block_ids, &payload)?;
             let frame = wire::encode_blocks_in_place(self.request_id, layer, block_ids);
             return self.push(Outgoing::Bytes(frame)).await;
         }

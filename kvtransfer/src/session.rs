@@ -27,6 +27,9 @@ struct Entry {
     conn: Option<u64>,
     /// The discovery lease the sender must hold (its Hello's); 0: any sender.
     sender_lease: i64,
+    /// The same-host connection whose sender may write these blocks in place (it sent
+    /// `Open` and was told the blocks); no other may.
+    opened_by: Option<u64>,
 }
 
 /// All live reservations of one receiver.
@@ -138,7 +141,8 @@ impl Sessions {
             st.owner.insert(b, request_id);
         }
         let (tx, rx) = oneshot::channel();
-        let entry = Entry { blocks: set, received: HashSet::new(), done: Some(tx), conn: None, sender_lease };
+        let entry =
+            Entry { blocks: set, received: HashSet::new(), done: Some(tx), conn: None, sender_lease, opened_by: None };
         st.by_id.insert(request_id, entry);
         Ok(Reservation { request_id, deadline, rx: Some(rx), sessions: self.clone() })
     }
@@ -152,8 +156,42 @@ impl Sessions {
         }
     }
 
-    /// May connection `conn` write `blocks` of `layer` for `request_id`?
-    pub fn admit(&self, conn: u64, request_id: u64, layer: u16, n_layers: u16, blocks: &[u32]) -> Admit {
+    /// A same-host sender on connection `conn` asks to write `request_id`'s blocks in
+    /// place. Yes (the reserved block ids, sorted: the only ones it may write) when the
+    /// reservation is live, its sender is the one expected, and no other connection has
+    /// opened it. Until then no in-place frame for it is admitted, and an honest sender
+    /// writes nothing.
+    pub fn open(&self, conn: u64, request_id: u64) -> Result<Vec<u32>, TransferError> {
+        let mut st = self.inner.lock().expect("sessions lock");
+        let sent_by = st.conn_lease.get(&conn).copied().unwrap_or(0);
+        let e = match st.by_id.get_mut(&request_id) {
+            Some(e) if e.done.is_some() => e,
+            _ => return Err(TransferError::UnknownRequest(request_id)),
+        };
+        if e.sender_lease != 0 && sent_by != e.sender_lease {
+            return Err(TransferError::StaleSender(format!("request {request_id} expects another sender")));
+        }
+        if e.opened_by.is_some_and(|c| c != conn) {
+            return Err(TransferError::Protocol(format!("request {request_id} is opened by another connection")));
+        }
+        e.opened_by = Some(conn);
+        let mut blocks: Vec<u32> = e.blocks.iter().copied().collect();
+        blocks.sort_unstable();
+        Ok(blocks)
+    }
+
+    /// May connection `conn` write `blocks` of `layer` for `request_id`? `in_place`: the
+    /// frame says the sender already wrote them into the shared segment, which only a
+    /// connection that opened the session (`open`) may.
+    pub fn admit(
+        &self,
+        conn: u64,
+        request_id: u64,
+        layer: u16,
+        n_layers: u16,
+        blocks: &[u32],
+        in_place: bool,
+    ) -> Admit {
         let mut st = self.inner.lock().expect("sessions lock");
         let Some(e) = st.by_id.get_mut(&request_id) else {
             return Admit::Refuse(TransferError::UnknownRequest(request_id));
@@ -176,6 +214,11 @@ impl Sessions {
                 let _ = tx.send(Err(err.clone()));
             }
             return Admit::Refuse(err);
+        }
+        if in_place && e.opened_by != Some(conn) {
+            return Admit::Refuse(TransferError::Protocol(format!(
+                "in-place blocks for request {request_id} before the receiver accepted it"
+            )));
         }
         if let Some(b) = blocks.iter().find(|b| !e.blocks.contains(b)) {
             return Admit::Refuse(TransferError::BadBlock(format!(
@@ -260,14 +303,28 @@ mod tests {
         let s = Sessions::default();
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         let res = s.reserve(7, &[1, 2], 8, deadline).unwrap();
-        let Admit::Ok(w) = s.admit(1, 7, 0, 2, &[1]) else { panic!("admitted") };
-        let Admit::Ok(w2) = s.admit(1, 7, 1, 2, &[2]) else { panic!("admitted") };
+        let Admit::Ok(w) = s.admit(1, 7, 0, 2, &[1], false) else { panic!("admitted") };
+        let Admit::Ok(w2) = s.admit(1, 7, 1, 2, &[2], false) else { panic!("admitted") };
         assert_eq!(s.writes_in_progress(7), 2);
         drop(res);
-        assert!(matches!(s.admit(1, 7, 0, 2, &[1]), Admit::Refuse(_)), "no new frame after the reservation");
+        assert!(matches!(s.admit(1, 7, 0, 2, &[1], false), Admit::Refuse(_)), "no new frame after the reservation");
         assert_eq!(s.writes_in_progress(7), 2, "the admitted ones are still landing");
         drop(w);
         drop(w2);
         assert_eq!(s.writes_in_progress(7), 0);
+    }
+
+    #[test]
+    fn in_place_frames_need_the_session_opened_by_their_connection() {
+        let s = Sessions::default();
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let _res = s.reserve(7, &[4, 2], 8, deadline).unwrap();
+        assert!(matches!(s.admit(1, 7, 0, 2, &[2], true), Admit::Refuse(_)), "not opened yet");
+        assert!(matches!(s.open(1, 8), Err(TransferError::UnknownRequest(8))));
+        assert_eq!(s.open(1, 7).unwrap(), vec![2, 4], "exactly the reserved blocks");
+        assert!(s.open(2, 7).is_err(), "one connection per session");
+        assert!(matches!(s.admit(2, 7, 0, 2, &[2], true), Admit::Refuse(_)), "another connection");
+        assert!(matches!(s.admit(1, 7, 0, 2, &[3], true), Admit::Refuse(_)), "a block outside the reservation");
+        assert!(matches!(s.admit(1, 7, 0, 2, &[2], true), Admit::Ok(_)));
     }
 }

@@ -5,9 +5,16 @@
 //!
 //! The bytes are copied once, from the sender's buffer straight into the
 //! receiver's blocks, with no socket in between.
+//!
+//! What a sender trusts: the segment is the file next to the receiver's registered
+//! socket (`segment_for_socket`: the socket's path without `.sock`), never a path
+//! the peer names; the socket's peer must run as this user; the file must be a
+//! regular file in `shm_dir()` named `tandem-kv-*`, not a symlink (`O_NOFOLLOW`),
+//! owned by this user, mode 0600, with one link, and of the size the layout says.
+//! It writes only blocks the receiver listed in its `Accept` of the session.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
@@ -81,10 +88,17 @@ impl ShmKv {
         &self.path
     }
 
+    /// Where the receiver's Unix socket for this segment listens (`segment_for_socket`
+    /// maps it back): registering the socket registers the segment.
+    pub fn socket_path(&self) -> PathBuf {
+        socket_for_segment(&self.path)
+    }
+
     /// Removes the segment's file now (mappings stay valid; no new sender can map it).
     /// Drop does the same; call this when the process may exit without dropping.
     pub fn unlink(&self) {
         let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(self.socket_path());
     }
 
     /// The mapped region (page-aligned, `len()` bytes), laid out as `block_offsets`
@@ -117,7 +131,7 @@ impl ShmKv {
 
 impl Drop for ShmKv {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.unlink();
     }
 }
 
@@ -143,6 +157,27 @@ unsafe impl KvSink for ShmKv {
     }
 }
 
+const SOCKET_SUFFIX: &str = ".sock";
+
+/// The Unix socket that serves the segment at `segment`.
+pub fn socket_for_segment(segment: &Path) -> PathBuf {
+    let mut p = segment.as_os_str().to_owned();
+    p.push(SOCKET_SUFFIX);
+    PathBuf::from(p)
+}
+
+/// The segment a receiver's registered socket `socket` serves, if the name is one of ours.
+pub fn segment_for_socket(socket: &Path) -> Option<PathBuf> {
+    let name = socket.file_name()?.to_str()?.strip_suffix(SOCKET_SUFFIX)?;
+    name.starts_with("tandem-kv-").then(|| socket.with_file_name(name))
+}
+
+/// This process's effective user id.
+pub(crate) fn our_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// A sender's mapping of a receiver's segment.
 pub(crate) struct ShmMap {
     layout: KvLayout,
@@ -156,16 +191,41 @@ unsafe impl Send for ShmMap {}
 unsafe impl Sync for ShmMap {}
 
 impl ShmMap {
-    /// Maps the segment a receiver offered; its size must match the layout and block count.
-    pub(crate) fn open(path: &str, layout: KvLayout, n_blocks: u64) -> Result<ShmMap, TransferError> {
-        let n_blocks = usize::try_from(n_blocks).map_err(|_| TransferError::Protocol("segment too large".into()))?;
-        let want = n_blocks
-            .checked_mul(layout.block_bytes())
-            .ok_or_else(|| TransferError::Protocol("segment too large".into()))?;
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        let len = file.metadata()?.len() as usize;
+    /// Maps the segment at `path` (derived from the receiver's registration, see
+    /// `segment_for_socket`), refusing anything but a receiver's segment: a symlink, a file
+    /// outside `shm_dir()` or not named `tandem-kv-*`, one another user owns, one others
+    /// may read or write, one with other links, or one whose size is not `n_blocks` blocks.
+    pub(crate) fn open(path: &Path, layout: KvLayout, n_blocks: u64) -> Result<ShmMap, TransferError> {
+        let refuse = |why: String| TransferError::Protocol(format!("segment {}: {why}", path.display()));
+        let n_blocks = usize::try_from(n_blocks).map_err(|_| refuse("too large".into()))?;
+        let want = n_blocks.checked_mul(layout.block_bytes()).ok_or_else(|| refuse("too large".into()))?;
+        let named = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("tandem-kv-"));
+        if !named || path.parent() != Some(shm_dir().as_path()) {
+            return Err(refuse(format!("not a segment in {}", shm_dir().display())));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| refuse(e.to_string()))?;
+        // Checked on the file opened (fstat), not on the name: nothing can swap it in between.
+        let meta = file.metadata()?;
+        if !meta.file_type().is_file() {
+            return Err(refuse("not a regular file".into()));
+        }
+        if meta.uid() != our_uid() {
+            return Err(refuse(format!("owned by uid {}, not ours", meta.uid())));
+        }
+        if meta.mode() & 0o777 != 0o600 {
+            return Err(refuse(format!("mode {:o}, not 600", meta.mode() & 0o777)));
+        }
+        if meta.nlink() != 1 {
+            return Err(refuse(format!("{} links", meta.nlink())));
+        }
+        let len = meta.len() as usize;
         if len != want {
-            return Err(TransferError::Protocol(format!("segment {path} is {len} bytes, expected {want}")));
+            return Err(refuse(format!("{len} bytes, expected {want}")));
         }
         // SAFETY: the receiver created the file at this size and never truncates it.
         let mut map = unsafe { MmapMut::map_mut(&file)? };
@@ -174,15 +234,23 @@ impl ShmMap {
     }
 
     /// Writes one layer of `blocks` (payload: per block K then V) into the segment.
-    pub(crate) fn write(&self, layer: u16, blocks: &[u32], payload: &[u8]) -> Result<(), TransferError> {
+    /// `accepted`: the blocks the receiver accepted this session for; a block outside
+    /// them fails the call before anything is written.
+    pub(crate) fn write(
+        &self,
+        accepted: &std::collections::HashSet<u32>,
+        layer: u16,
+        blocks: &[u32],
+        payload: &[u8],
+    ) -> Result<(), TransferError> {
         let half = self.layout.half_block_bytes();
         if layer >= self.layout.n_layers {
             return Err(TransferError::BadBlock(format!("layer {layer}")));
         }
+        if let Some(b) = blocks.iter().find(|&&b| b as usize >= self.n_blocks || !accepted.contains(&b)) {
+            return Err(TransferError::BadBlock(format!("block {b} is not reserved for this session")));
+        }
         for (i, &b) in blocks.iter().enumerate() {
-            if b as usize >= self.n_blocks {
-                return Err(TransferError::BadBlock(format!("block {b} outside the segment")));
-            }
             let (k, v) = block_offsets(&self.layout, self.n_blocks, layer as usize, b as usize);
             let src = &payload[2 * half * i..2 * half * (i + 1)];
             // SAFETY: offsets are inside the mapping (checked above); the block is reserved

@@ -8,7 +8,7 @@
 use crate::layout::{KvDtypeWire, KvLayout};
 
 pub const MAGIC: u32 = 0x564B_5454; // "TTKV" little-endian
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Bytes of a Hello body: the layout, then the sender's lease.
 const HELLO_LEN: usize = 28;
 pub const HEADER_LEN: usize = 16;
@@ -18,6 +18,8 @@ pub const BLOCKS_FIXED: usize = 16;
 /// segment and is not in the frame; the CRC covers the frame body only (the
 /// payload never crossed a wire).
 pub const FLAG_IN_PLACE: u16 = 1;
+/// Bytes of a Finish body.
+const FINISH_LEN: usize = 16;
 /// Longest message text carried by Abort, Ack and Error frames.
 pub const MAX_MESSAGE: usize = 1024;
 
@@ -33,6 +35,8 @@ pub enum Kind {
     Ack = 6,
     Error = 7,
     ShmOffer = 8,
+    Open = 9,
+    Accept = 10,
 }
 
 impl Kind {
@@ -46,6 +50,8 @@ impl Kind {
             6 => Kind::Ack,
             7 => Kind::Error,
             8 => Kind::ShmOffer,
+            9 => Kind::Open,
+            10 => Kind::Accept,
             _ => return None,
         })
     }
@@ -70,6 +76,25 @@ pub enum WireError {
     NoLayout,
     #[error("reserved header flags {0:#x} are set")]
     Flags(u8),
+}
+
+impl Kind {
+    /// The longest body a frame of this kind can have, and at most `max_frame` (which alone
+    /// bounds the kinds whose size depends on the KV: Blocks, Accept). A header claiming
+    /// more is refused before one byte of its body is read or allocated.
+    pub fn max_body(self, max_frame: usize) -> usize {
+        let most = match self {
+            Kind::Hello => HELLO_LEN,
+            Kind::HelloOk => 0,
+            Kind::Blocks | Kind::Accept => max_frame,
+            Kind::Finish => FINISH_LEN,
+            Kind::Open => 8,
+            Kind::Abort | Kind::Ack => 8 + 4 + MAX_MESSAGE,
+            Kind::Error => 4 + MAX_MESSAGE,
+            Kind::ShmOffer => 10 + MAX_MESSAGE,
+        };
+        most.min(max_frame)
+    }
 }
 
 /// A parsed header.
@@ -148,6 +173,17 @@ pub enum Frame<'a> {
         n_blocks: u64,
         path: String,
     },
+    /// On a same-host connection, before any in-place write: may this sender write
+    /// `request_id`'s blocks?
+    Open {
+        request_id: u64,
+    },
+    /// The receiver's yes to `Open`: the blocks reserved for the request, the only ones
+    /// the sender may write (a refusal is an `Ack` with the code).
+    Accept {
+        request_id: u64,
+        block_ids: Vec<u32>,
+    },
 }
 
 /// One layer of K and V for some blocks of one request.
@@ -186,8 +222,9 @@ pub fn parse_header(h: &[u8; HEADER_LEN], max_body: usize) -> Result<Header, Wir
         return Err(WireError::Flags(h[7]));
     }
     let body_len = le32(h, 8) as usize;
-    if body_len > max_body {
-        return Err(WireError::TooLong { len: body_len, max: max_body });
+    let max = kind.max_body(max_body);
+    if body_len > max {
+        return Err(WireError::TooLong { len: body_len, max });
     }
     Ok(Header { kind, body_len, crc: le32(h, 12) })
 }
@@ -311,6 +348,20 @@ pub fn encode_shm_offer(n_blocks: u64, path: &str) -> Vec<u8> {
     frame(Kind::ShmOffer, &b)
 }
 
+pub fn encode_open(request_id: u64) -> Vec<u8> {
+    frame(Kind::Open, &request_id.to_le_bytes())
+}
+
+pub fn encode_accept(request_id: u64, block_ids: &[u32]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(12 + 4 * block_ids.len());
+    b.extend_from_slice(&request_id.to_le_bytes());
+    b.extend_from_slice(&(block_ids.len() as u32).to_le_bytes());
+    for id in block_ids {
+        b.extend_from_slice(&id.to_le_bytes());
+    }
+    frame(Kind::Accept, &b)
+}
+
 /// The fixed part of a Blocks body, checked against the body length and the per-block size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlocksFixed {
@@ -403,7 +454,7 @@ pub fn decode(buf: &[u8], max_body: usize, layer_block_bytes: usize) -> Result<O
             Frame::Blocks(BlocksRef { request_id: f.request_id, layer: f.layer, block_ids, payload: &body[ids_end..] })
         }
         Kind::Finish => {
-            if body.len() != 16 {
+            if body.len() != FINISH_LEN {
                 return Err(bad("wrong length"));
             }
             Frame::Finish { request_id: le64(body, 0), first_token: le32(body, 8), num_tokens: le32(body, 12) }
@@ -436,6 +487,19 @@ pub fn decode(buf: &[u8], max_body: usize, layer_block_bytes: usize) -> Result<O
             }
             Frame::ShmOffer { n_blocks: le64(body, 0), path: String::from_utf8_lossy(&body[10..]).into_owned() }
         }
+        Kind::Open => {
+            if body.len() != 8 {
+                return Err(bad("wrong length"));
+            }
+            Frame::Open { request_id: le64(body, 0) }
+        }
+        Kind::Accept => {
+            if body.len() < 12 || (body.len() - 12) / 4 != le32(body, 8) as usize || body.len() % 4 != 0 {
+                return Err(bad("block count does not match the body length"));
+            }
+            let block_ids = body[12..].chunks_exact(4).map(|c| le32(c, 0)).collect();
+            Frame::Accept { request_id: le64(body, 0), block_ids }
+        }
     };
     Ok(Some((f, HEADER_LEN + h.body_len)))
 }
@@ -462,6 +526,8 @@ mod tests {
             encode_ack(7, Code::Ok, ""),
             encode_error(Code::LayoutMismatch, "head_dim 64 vs 128"),
             encode_shm_offer(12, "/dev/shm/x"),
+            encode_open(7),
+            encode_accept(7, &[3, 9]),
         ];
         let mut stream = Vec::new();
         for f in &frames {
@@ -481,6 +547,8 @@ mod tests {
         assert!(got[4].contains("Deadline") && got[4].contains("late"));
         assert!(got[6].contains("LayoutMismatch"));
         assert!(got[7].contains("n_blocks: 12") && got[7].contains("/dev/shm/x"));
+        assert!(got[8].contains("Open { request_id: 7 }"));
+        assert!(got[9].contains("block_ids: [3, 9]"));
     }
 
     #[test]
@@ -505,6 +573,20 @@ mod tests {
         let mut f = encode_finish(1, 2, 3);
         f[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(decode(&f, 1 << 20, 64), Err(WireError::TooLong { .. })));
+        // Each kind is bounded by what it can be, whatever the frame limit: a Finish
+        // claiming 64 MiB, or an Abort longer than its message can be, is refused.
+        for (frame, most) in [
+            (encode_finish(1, 2, 3), 16),
+            (encode_abort(1, Code::Aborted, "x"), 8 + 4 + MAX_MESSAGE),
+            (encode_error(Code::Protocol, "x"), 4 + MAX_MESSAGE),
+            (encode_open(1), 8),
+        ] {
+            for claimed in [most + 1, 64 << 20] {
+                let mut h: [u8; HEADER_LEN] = frame[..HEADER_LEN].try_into().unwrap();
+                h[8..12].copy_from_slice(&(claimed as u32).to_le_bytes());
+                assert_eq!(parse_header(&h, 64 << 20), Err(WireError::TooLong { len: claimed, max: most }));
+            }
+        }
         let blocks = encode_blocks(1, 0, &[0], &[0u8; 64]);
         assert_eq!(decode(&blocks, 1 << 20, 0), Err(WireError::NoLayout));
         // A block count that disagrees with the body length.

@@ -23,11 +23,11 @@ fn uds_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("tandem-kv-test-{}-{name}.sock", std::process::id()))
 }
 
-async fn setup(name: &str) -> (Arc<KvReceiver>, Arc<ShmKv>, KvTarget) {
+async fn setup() -> (Arc<KvReceiver>, Arc<ShmKv>, KvTarget) {
     let sink = Arc::new(ShmKv::create(smollm(), 32).unwrap());
     let rx = KvReceiver::bind("127.0.0.1:0".parse().unwrap(), sink.clone(), TcpConfig::default()).await.unwrap();
-    let uds = uds_path(name);
-    rx.listen_shm(&uds, TcpConfig::default()).unwrap();
+    let uds = rx.listen_shm(TcpConfig::default()).unwrap();
+    assert_eq!(uds, sink.socket_path());
     let target = KvTarget { tcp: rx.local_addr(), local: Some(LocalTarget { uds, host: host_id() }) };
     (rx, sink, target)
 }
@@ -47,7 +47,7 @@ async fn send_all(tx: &KvSender, target: &KvTarget, req: u64, blocks: &[u32]) ->
 #[tokio::test]
 async fn same_host_senders_write_the_segment_in_place() {
     let l = smollm();
-    let (rx, sink, target) = setup("inplace").await;
+    let (rx, sink, target) = setup().await;
     let res = rx.reserve(1, &[3, 8], Instant::now() + Duration::from_secs(5)).unwrap();
     let tx = KvSender::new(l, TcpConfig::default());
     assert_eq!(send_all(&tx, &target, 1, &[3, 8]).await, "shm");
@@ -64,7 +64,7 @@ async fn same_host_senders_write_the_segment_in_place() {
 #[tokio::test]
 async fn a_broken_local_endpoint_falls_back_to_tcp_and_another_host_uses_tcp() {
     let l = smollm();
-    let (rx, sink, mut target) = setup("fallback").await;
+    let (rx, sink, mut target) = setup().await;
     target.local.as_mut().unwrap().uds = uds_path("nobody-listens-here");
     let res = rx.reserve(2, &[1], Instant::now() + Duration::from_secs(5)).unwrap();
     let tx = KvSender::new(l, TcpConfig::default());
@@ -83,7 +83,7 @@ async fn a_broken_local_endpoint_falls_back_to_tcp_and_another_host_uses_tcp() {
 #[tokio::test]
 async fn in_place_frames_are_refused_over_tcp() {
     let l = smollm();
-    let (rx, _sink, _target) = setup("refuse").await;
+    let (rx, _sink, _target) = setup().await;
     let _res = rx.reserve(4, &[0], Instant::now() + Duration::from_secs(5)).unwrap();
     let mut sock = tokio::net::TcpStream::connect(rx.local_addr()).await.unwrap();
     sock.write_all(&wire::encode_hello(&l, 0)).await.unwrap();

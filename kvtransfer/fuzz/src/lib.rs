@@ -133,6 +133,8 @@ fn check_frame(frame: &Frame<'_>, bytes: &[u8], max_body: usize, lbb: usize) {
         }
         Frame::Error { code, message } => (wire::encode_error(*code, message), exact_text(message)),
         Frame::ShmOffer { n_blocks, path } => (wire::encode_shm_offer(*n_blocks, path), exact_text(path)),
+        Frame::Open { request_id } => (wire::encode_open(*request_id), true),
+        Frame::Accept { request_id, block_ids } => (wire::encode_accept(*request_id, block_ids), true),
     };
     // Decode the re-encoding with a bound it fits in.
     let back = wire::decode(&re, usize::MAX, lbb);
@@ -242,6 +244,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
     out.push(wire::encode_ack(u64::MAX, Code::BadBlock, &"x".repeat(MAX_MESSAGE)));
     out.push(wire::encode_error(Code::LayoutMismatch, "head_dim 64 vs 128"));
     out.push(wire::encode_shm_offer(1024, "/dev/shm/tandem-kv-1"));
+    out.push(wire::encode_open(7));
+    out.push(wire::encode_accept(7, &[3, 4, 9]));
     // A handshake followed by blocks of that layout, as a receiver sees it.
     let l = layouts()[0];
     let mut s = wire::encode_hello(&l, 0);
