@@ -199,6 +199,21 @@ pub struct WorkerFlags {
     /// the first preempted).
     #[arg(long, env = "TANDEM_SCHEDULING_POLICY", default_value = "fcfs", value_parser = scheduling_policy())]
     pub scheduling_policy: Policy,
+    /// A prompt with more tokens than this left to compute is long: while shorter prompts
+    /// wait, it takes only part of each step, so they are not queued behind it.
+    #[arg(long, env = "TANDEM_LONG_PREFILL_THRESHOLD", default_value_t = 512)]
+    pub long_prefill_threshold: usize,
+    /// Percent of each step's tokens (--max-batched-tokens) long prompts take at most while
+    /// shorter prompts wait; 100 turns the yielding off (plain first come, first served).
+    #[arg(long, env = "TANDEM_LONG_PREFILL_SHARE", default_value_t = 25,
+          value_parser = percent())]
+    pub long_prefill_share: usize,
+}
+
+/// A whole percentage, 1 to 100.
+fn percent() -> impl clap::builder::TypedValueParser<Value = usize> {
+    use clap::builder::TypedValueParser;
+    clap::value_parser!(u8).range(1..=100).map(usize::from)
 }
 
 /// `--scheduling-policy`: the engine's built-in policies by name.
@@ -394,6 +409,8 @@ fn worker_config(
         max_waiting: w.max_waiting,
         prefix_caching: !w.no_prefix_cache,
         scheduling_policy: w.scheduling_policy.clone(),
+        long_prefill_threshold: w.long_prefill_threshold,
+        long_prefill_share: w.long_prefill_share,
         grpc_listen: grpc,
         kv_listen: kv,
         model_name: model_name(common),

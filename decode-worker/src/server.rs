@@ -57,6 +57,12 @@ pub struct WorkerConfig {
     /// first, the other end of the same order): `Policy::Fcfs`, by arrival (the default),
     /// or `Policy::Priority`, by the request's `priority`, lower values first, then arrival.
     pub scheduling_policy: Policy,
+    /// A prefill with more tokens than this left to compute yields step budget to shorter
+    /// prompts (`SchedulerConfig::long_prefill_threshold`).
+    pub long_prefill_threshold: usize,
+    /// Percent of a step's tokens long prefills take at most while shorter prompts wait; 100
+    /// turns the yielding off (`SchedulerConfig::long_prefill_share`).
+    pub long_prefill_share: usize,
     /// Where the gRPC server listens (port 0: any free port).
     pub grpc_listen: SocketAddr,
     /// Where the KV receiver listens over TCP (decode-capable roles).
@@ -92,6 +98,8 @@ impl WorkerConfig {
             max_waiting: 1024,
             prefix_caching: true,
             scheduling_policy: Policy::Fcfs,
+            long_prefill_threshold: SchedulerConfig::default().long_prefill_threshold,
+            long_prefill_share: SchedulerConfig::default().long_prefill_share,
             grpc_listen: "127.0.0.1:0".parse().expect("literal"),
             kv_listen: "127.0.0.1:0".parse().expect("literal"),
             advertise_host: String::new(),
@@ -170,12 +178,10 @@ impl RunningWorker {
                     .await
                     .map_err(|e| format!("binding the KV receiver on {}: {e}", cfg.kv_listen))?;
                 let local = if cfg.shm {
-                    let uds = tandem_kvtransfer::shm::shm_dir().join(format!(
-                        "tandem-kv-{}-{}.sock",
-                        std::process::id(),
-                        cfg.id
-                    ));
-                    rx.listen_shm(&uds, tcp_cfg.clone()).map_err(|e| format!("listening on {}: {e}", uds.display()))?;
+                    // Next to the segment: a sender derives the segment from this registered path.
+                    let uds = rx
+                        .listen_shm(tcp_cfg.clone())
+                        .map_err(|e| format!("listening on {}: {e}", shm.socket_path().display()))?;
                     Some(LocalKvEndpoint { uds, host_id: host_id() })
                 } else {
                     None
@@ -340,6 +346,10 @@ async fn publish_load(state: Arc<WorkerState>) {
             let fallbacks = state.sender.as_ref().map_or(0, |s| s.fallbacks());
             crate::metrics::set_load(&state.id, state.role.as_str(), &l, fallbacks);
         }
+        // Like every failure series, it appears with the first refusal.
+        if let Some(n) = state.receiver.as_ref().map(|rx| rx.refused_connections()).filter(|&n| n > 0) {
+            crate::metrics::kv_connections_refused(&state.id, n);
+        }
         tokio::time::sleep(LOAD_INTERVAL).await;
     }
 }
@@ -449,6 +459,8 @@ fn load(cfg: &WorkerConfig) -> Result<Loaded, String> {
             max_waiting: cfg.max_waiting,
             max_model_len: ctx,
             policy: cfg.scheduling_policy.clone(),
+            long_prefill_threshold: cfg.long_prefill_threshold,
+            long_prefill_share: cfg.long_prefill_share,
             ..SchedulerConfig::default()
         },
         block_size: cfg.block_size,

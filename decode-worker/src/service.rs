@@ -40,8 +40,10 @@ const MAX_WRITE_WAIT: Duration = Duration::from_secs(60);
 /// A reservation whose `Decode` stream does not attach within this (the router opens it
 /// right after `Reserve`) is abandoned: its router went away.
 pub const ATTACH_DEADLINE: Duration = Duration::from_secs(5);
-/// How long a cancelled request id is remembered, so a `Reserve` that arrives after its
-/// `Cancel` (the two race when a router drops a request mid-`Reserve`) is refused.
+/// How long a cancelled request's id is remembered: its stream ends as CANCELLED, and a
+/// second `Reserve` for it is refused. Only ids this worker holds get a tombstone, so a
+/// `Cancel` of an id not yet used cannot refuse a later request; a `Reserve` that lands
+/// after its router's `Cancel` is abandoned at `ATTACH_DEADLINE` instead.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(60);
 
 /// A reservation whose `Decode` call has not attached yet.
@@ -125,6 +127,21 @@ impl WorkerState {
             self.engine.abort(*id, Some(reason.to_string()));
         }
         reserved.len() + active.len()
+    }
+
+    /// Whether request `rid` was cancelled within `TOMBSTONE_TTL`.
+    fn was_cancelled(&self, rid: u64) -> bool {
+        self.cancelled.lock().expect("cancelled").get(&rid).is_some_and(|at| at.elapsed() < TOMBSTONE_TTL)
+    }
+
+    /// The status a request that failed with `why` ends with: CANCELLED when a `Cancel`
+    /// ended it, else `unavailable` (its worker failed it; the router may move it).
+    fn failed_status(&self, rid: u64, why: String, unavailable: impl FnOnce(String) -> Status) -> Status {
+        if self.was_cancelled(rid) {
+            Status::cancelled(why)
+        } else {
+            unavailable(why)
+        }
     }
 
     fn check_accepting(&self) -> Result<(), Status> {
@@ -295,11 +312,13 @@ impl WorkerService {
                         state.reserved.lock().expect("reserved").remove(&rid);
                         let kv_missing =
                             timing.as_ref().is_some_and(|(_, arrived)| arrived.lock().expect("arrived").is_none());
-                        if kv_missing {
-                            Err(kv_fault(Status::unavailable(why)))
-                        } else {
-                            Err(Status::unavailable(why))
-                        }
+                        Err(state.failed_status(rid, why, |why| {
+                            if kv_missing {
+                                kv_fault(Status::unavailable(why))
+                            } else {
+                                Status::unavailable(why)
+                            }
+                        }))
                     }
                     None => Err(Status::internal("the engine dropped the request")),
                 };
@@ -339,7 +358,7 @@ impl Worker for WorkerService {
         if s.reserved.lock().expect("reserved").contains_key(&r.request_id) {
             return Err(Status::already_exists(format!("request {} is already reserved", r.request_id)));
         }
-        if s.cancelled.lock().expect("cancelled").contains_key(&r.request_id) {
+        if s.was_cancelled(r.request_id) {
             return Err(Status::cancelled(format!("request {} was cancelled", r.request_id)));
         }
         let mut params = sampling_from_pb(&r.sampling.unwrap_or_default());
@@ -500,25 +519,50 @@ impl Worker for WorkerService {
             s.engine.submit(ereq, Admission::Export(Box::new(sink))).await.map_err(status_from_engine)?;
         s.active.lock().expect("active").insert(r.request_id, admitted.id);
         let mut guard = RequestGuard { state: s.clone(), rid: r.request_id, id: admitted.id, done: false };
+        let kv_lost = |e: &tandem_kvtransfer::TransferError| {
+            kv_failed(e);
+            kv_fault(Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id)))
+        };
+        // Queued or computing, the prefill ends with the destination's lease or as soon as
+        // the transfer fails: returning drops the guard, which aborts the request, and the
+        // engine frees its blocks before its next step.
+        let (mut task, mut sent) = (task, None);
         let out = loop {
-            match admitted.events.recv().await {
+            let event = tokio::select! {
+                e = admitted.events.recv() => e,
+                r = &mut task, if sent.is_none() => {
+                    match r.map_err(|e| Status::internal(format!("KV sender task: {e}")))? {
+                        Err(e) => return Err(kv_lost(&e)),
+                        // The sink is gone: the request has just finished or failed.
+                        Ok(session) => sent = Some(session),
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(kv_fault(Status::unavailable(format!(
+                        "the reservation on {} ended (lease {} ms) before the prefill finished; abandoned",
+                        dest.worker_id,
+                        lease.as_millis()
+                    ))));
+                }
+            };
+            match event {
                 Some(Event::Output(o)) if o.finish.is_some() => break o,
                 Some(Event::Output(_)) => continue,
-                Some(Event::Failed(why)) => return Err(Status::unavailable(why)),
+                Some(Event::Failed(why)) => return Err(s.failed_status(r.request_id, why, Status::unavailable)),
                 None => return Err(Status::internal("the engine dropped the request")),
             }
         };
         guard.done = true;
         let computed = Instant::now();
         let first = *out.token_ids.first().ok_or_else(|| Status::internal("the prefill sampled no token"))?;
-        let session = task.await.map_err(|e| Status::internal(format!("KV sender task: {e}")))?.map_err(|e| {
-            kv_failed(&e);
-            kv_fault(Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id)))
-        })?;
-        session.finish(first, prompt_len).await.map_err(|e| {
-            kv_failed(&e);
-            kv_fault(Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id)))
-        })?;
+        let session = match sent {
+            Some(session) => session,
+            None => {
+                task.await.map_err(|e| Status::internal(format!("KV sender task: {e}")))?.map_err(|e| kv_lost(&e))?
+            }
+        };
+        session.finish(first, prompt_len).await.map_err(|e| kv_lost(&e))?;
         let done = Instant::now();
         crate::metrics::kv_session(&s.id, "sent", kv_bytes, None);
         crate::metrics::kv_seconds(&s.id, done - started.get().copied().unwrap_or(computed));
@@ -584,7 +628,14 @@ impl Worker for WorkerService {
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
         let s = &self.0;
         let r = req.into_inner();
+        let reserved = s.reserved.lock().expect("reserved").contains_key(&r.request_id);
+        let active = s.active.lock().expect("active").get(&r.request_id).copied();
+        if !reserved && active.is_none() {
+            // Nothing to cancel, and nothing remembered: the id may be someone's later request.
+            return Ok(Response::new(pb::CancelResponse { found: false, freed_blocks: 0 }));
+        }
         {
+            // The tombstone goes first, so the stream that ends next reports CANCELLED.
             let mut c = s.cancelled.lock().expect("cancelled");
             c.retain(|_, at| at.elapsed() < TOMBSTONE_TTL);
             c.insert(r.request_id, Instant::now());
@@ -593,11 +644,10 @@ impl Worker for WorkerService {
         if let Some(blocks) = s.cancel_reserved(r.request_id, reason.clone()) {
             return Ok(Response::new(pb::CancelResponse { found: true, freed_blocks: blocks as u32 }));
         }
-        let id = s.active.lock().expect("active").get(&r.request_id).copied();
-        if let Some(id) = id {
+        if let Some(id) = active {
             s.engine.abort(id, reason);
         }
-        Ok(Response::new(pb::CancelResponse { found: id.is_some(), freed_blocks: 0 }))
+        Ok(Response::new(pb::CancelResponse { found: active.is_some(), freed_blocks: 0 }))
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {

@@ -6,6 +6,11 @@
 //! controls, `bos_token`/`eos_token`, `raise_exception`), so the prompt text
 //! is byte-identical to theirs. A few Python string and dict methods that
 //! templates call (`.strip()`, `.items()`, ...) are provided as well.
+//!
+//! Message content is the user's text, never markup: [`ChatTemplate::render_chat`] keeps
+//! control-token text written in a message (`<|im_end|>`) from becoming a control token,
+//! as vLLM and llama.cpp's server tokenize user text, while the template's own control
+//! tokens stay special.
 
 use minijinja::value::{from_args, Value, ValueKind};
 use minijinja::{context, Environment, Error, ErrorKind, State};
@@ -13,8 +18,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
+use crate::tokenizer::{Piece, Tokenizer};
 
 const TEMPLATE_NAME: &str = "chat";
+
+/// Escapes control-token text in message content while the template runs: `ESC n ;` stands
+/// for the `n`th of [`Tokenizer::control_texts`], `ESC ;` for `ESC` itself. A private-use
+/// character, which no template writes and filters such as `trim` or `upper` leave alone.
+const ESC: char = '\u{10FFFD}';
 
 /// One conversation turn, as the OpenAI chat API sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +108,116 @@ impl ChatTemplate {
             })
             .map_err(|e| EngineError::Template(render_error(&e)))
     }
+}
+
+/// A conversation rendered by its template, in which message content cannot act as
+/// control tokens (see [`ChatTemplate::render_chat`]).
+#[derive(Debug, Clone)]
+pub struct RenderedChat {
+    /// The rendering, with control text inside message content escaped (see `ESC`).
+    escaped: String,
+    /// Whether any content was escaped; if not, `escaped` is exactly what `render` gives.
+    any: bool,
+}
+
+impl ChatTemplate {
+    /// Renders `messages` for `tok` so that control-token text in message content stays
+    /// text: content holding any is escaped before the template runs (so the escapes go
+    /// wherever the template puts the content, through its filters), and only what the
+    /// template wrote is parsed for control tokens. Conversations without such text
+    /// render and tokenize exactly as `render` then `encode(_, true)`.
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tok: &Tokenizer,
+    ) -> Result<RenderedChat, EngineError> {
+        let needs_escape = |c: &str| c.contains(ESC) || tok.has_control_text(c);
+        if !messages.iter().any(|m| needs_escape(&m.content)) {
+            return Ok(RenderedChat { escaped: self.render(messages, add_generation_prompt)?, any: false });
+        }
+        let controls: Vec<&str> = tok.control_texts().collect();
+        let escaped: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage { role: m.role.clone(), content: escape(&m.content, &controls) })
+            .collect();
+        Ok(RenderedChat { escaped: self.render(&escaped, add_generation_prompt)?, any: true })
+    }
+}
+
+impl RenderedChat {
+    /// The prompt text as the model reads it.
+    pub fn text(&self, tok: &Tokenizer) -> String {
+        if !self.any {
+            return self.escaped.clone();
+        }
+        unescape(&self.escaped, &tok.control_texts().collect::<Vec<_>>())
+    }
+
+    /// The prompt's token ids (no BOS): control tokens where the template wrote them, and
+    /// message content as ordinary text.
+    pub fn ids(&self, tok: &Tokenizer) -> Result<Vec<u32>, EngineError> {
+        if !self.any {
+            return tok.encode(&self.escaped, true);
+        }
+        let controls: Vec<&str> = tok.control_texts().collect();
+        let mut ids = Vec::new();
+        for piece in tok.split_control(&self.escaped) {
+            match piece {
+                Piece::Control(id) => ids.push(id),
+                Piece::Text(t) => ids.extend(tok.encode(&unescape(t, &controls), false)?),
+            }
+        }
+        Ok(ids)
+    }
+}
+
+/// `content` with every control text (`controls`, longest first) and every `ESC` escaped.
+fn escape(content: &str, controls: &[&str]) -> String {
+    let mut out = String::with_capacity(content.len());
+    let mut rest = content;
+    while let Some(c) = rest.chars().next() {
+        if c == ESC {
+            out.push(ESC);
+            out.push(';');
+            rest = &rest[c.len_utf8()..];
+        } else if let Some((i, t)) =
+            controls.iter().enumerate().find(|(_, t)| t.starts_with(c) && rest.starts_with(**t))
+        {
+            out.push(ESC);
+            out.push_str(&i.to_string());
+            out.push(';');
+            rest = &rest[t.len()..];
+        } else {
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    out
+}
+
+/// Undoes `escape`; an escape a template mangled stays as it is.
+fn unescape(text: &str, controls: &[&str]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(ESC) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + ESC.len_utf8()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        let code = after[..digits].parse::<usize>().ok();
+        match (after[digits..].starts_with(';'), code) {
+            (true, None) if digits == 0 => out.push(ESC),
+            (true, Some(i)) if i < controls.len() => out.push_str(controls[i]),
+            _ => {
+                out.push(ESC);
+                rest = after;
+                continue;
+            }
+        }
+        rest = &after[digits + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Templates call `raise_exception('...')` to reject conversations they cannot format.

@@ -241,17 +241,33 @@ impl Engine {
 /// token ids as they are. The router and `tandem generate` both call this, so the same
 /// input gives the same ids on every path.
 pub fn prompt_ids(tok: &Tokenizer, template: Option<&ChatTemplate>, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
-    let text = match prompt {
-        Prompt::Tokens(ids) => return Ok(ids.clone()),
-        Prompt::Text(t) => t.clone(),
-        Prompt::Chat(messages) => template
-            .ok_or_else(|| EngineError::InvalidRequest("this model has no chat template".into()))?
-            .render(messages, true)?,
-    };
-    let mut ids = Vec::new();
-    if tok.add_bos() {
-        ids.extend(tok.bos_id());
+    match prompt {
+        Prompt::Tokens(ids) => Ok(ids.clone()),
+        // A raw prompt is the caller's markup: control tokens written in it are parsed.
+        Prompt::Text(t) => Ok(with_bos(tok, tok.encode(t, true)?)),
+        Prompt::Chat(messages) => {
+            let template =
+                template.ok_or_else(|| EngineError::InvalidRequest("this model has no chat template".into()))?;
+            Ok(chat_ids(tok, template, messages, true)?.0)
+        }
     }
-    ids.extend(tok.encode(&text, true)?);
-    Ok(ids)
+}
+
+/// A conversation's prompt ids (with BOS if the model asks for it) and its rendered text.
+/// Control-token text inside a message stays text (see [`ChatTemplate::render_chat`]).
+pub fn chat_ids(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<(Vec<u32>, String), EngineError> {
+    let chat = template.render_chat(messages, add_generation_prompt, tok)?;
+    Ok((with_bos(tok, chat.ids(tok)?), chat.text(tok)))
+}
+
+fn with_bos(tok: &Tokenizer, text_ids: Vec<u32>) -> Vec<u32> {
+    match tok.bos_id().filter(|_| tok.add_bos()) {
+        Some(bos) => std::iter::once(bos).chain(text_ids).collect(),
+        None => text_ids,
+    }
 }

@@ -5,7 +5,11 @@
 //! to `num_tokens - num_computed` of them within a token budget. Running
 //! requests go first (their single decode tokens, or the rest of a chunked
 //! prompt); waiting ones fill what is left of the budget, in policy order,
-//! starting after their prefix-cache hit. When blocks run out the newest
+//! starting after their prefix-cache hit. Long prefills (more than
+//! `long_prefill_threshold` tokens to compute) together take at most
+//! `long_prefill_share` percent of the budget while a shorter prompt is pending,
+//! so the step that gives it its first token stays short; otherwise they take
+//! the whole budget. When blocks run out the newest
 //! running request is preempted (its blocks freed, to be recomputed later
 //! with the tokens it has generated). Pure and synchronous: the engine loop
 //! runs the plan through the model and samples.
@@ -57,6 +61,14 @@ pub struct SchedulerConfig {
     pub max_model_len: usize,
     /// The order of admission and preemption (`Fcfs` by default).
     pub policy: Policy,
+    /// A prefill with more tokens than this left to compute is long: it yields step
+    /// budget to shorter pending prompts, so one huge prompt does not hold everyone's
+    /// first token behind it.
+    pub long_prefill_threshold: usize,
+    /// Percent (1..=100) of `max_batched_tokens` long prefills take at most, together, in a
+    /// step while a shorter prompt is pending; the rest is the shorter prompts'. 100 turns
+    /// the yielding off (plain first come, first served).
+    pub long_prefill_share: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -68,6 +80,8 @@ impl Default for SchedulerConfig {
             max_prompt_len: 8191,
             max_model_len: 8192,
             policy: Policy::Fcfs,
+            long_prefill_threshold: 512,
+            long_prefill_share: 25,
         }
     }
 }
@@ -421,6 +435,8 @@ impl Scheduler {
     pub fn schedule(&mut self) -> StepPlan {
         let mut plan = StepPlan::default();
         let mut budget;
+        // Tokens long prefills may still take this step.
+        let mut long_left = self.long_prefill_cap();
 
         // Running requests first, oldest first.
         for id in self.running.clone() {
@@ -433,9 +449,14 @@ impl Scheduler {
             if r.status != Status::Running {
                 continue; // preempted earlier in this loop, or waiting for remote KV
             }
-            let want = (r.num_tokens() - r.num_computed).min(budget);
+            let left = r.num_tokens() - r.num_computed;
+            let long = left > self.cfg.long_prefill_threshold;
+            let want = if long { left.min(budget).min(long_left) } else { left.min(budget) };
             if want == 0 || !self.reserve(id, want, &mut plan) {
                 continue;
+            }
+            if long {
+                long_left -= want;
             }
             let r = &self.requests[&id];
             plan.scheduled.push(Scheduled {
@@ -450,8 +471,10 @@ impl Scheduler {
         // Then waiting requests, in policy order, unless this step had to preempt.
         if plan.preempted.is_empty() {
             self.sort_waiting();
+            // Index into `waiting`: a long prompt over its share is passed over, not waited on.
+            let mut next = 0;
             while budget > 0 && self.running.len() < self.cfg.max_seqs {
-                let Some(&id) = self.waiting.front() else { break };
+                let Some(&id) = self.waiting.get(next) else { break };
                 let r = self.requests.get_mut(&id).expect("waiting request exists");
                 let tokens = r.tokens();
                 let hit = if r.skip_prefix_cache {
@@ -460,7 +483,13 @@ impl Scheduler {
                     self.blocks.lookup_prefix(&tokens, r.cache_salt.as_deref())
                 };
                 let hit_tokens = hit.tokens(self.blocks.block_size());
-                let want = (tokens.len() - hit_tokens).min(budget);
+                let left = tokens.len() - hit_tokens;
+                let long = left > self.cfg.long_prefill_threshold;
+                let want = if long { left.min(budget).min(long_left) } else { left.min(budget) };
+                if want == 0 {
+                    next += 1;
+                    continue;
+                }
                 let need = self.blocks.hit_cost(&hit) + (hit_tokens + want).div_ceil(self.blocks.block_size())
                     - hit.blocks.len();
                 if need > self.blocks.n_free() {
@@ -478,9 +507,12 @@ impl Scheduler {
                     len: want,
                     sample: hit_tokens + want == tokens.len(),
                 });
-                self.waiting.pop_front();
+                self.waiting.remove(next);
                 self.running.push(id);
                 budget -= want;
+                if long {
+                    long_left -= want;
+                }
             }
         }
 
@@ -497,6 +529,28 @@ impl Scheduler {
             self.stats.kv_waste_sum += (alloc - filled.min(alloc)) as f64 / alloc as f64;
         }
         plan
+    }
+
+    /// How many tokens long prefills may take this step: `long_prefill_share` percent of
+    /// the budget while a short prompt is pending (running with two or more tokens left, or
+    /// waiting within the free sequence slots), else the whole budget. Decodes alone do not
+    /// hold a long prefill back. Waiting prompts count whole (their prefix-cache hit is not
+    /// looked up here).
+    fn long_prefill_cap(&self) -> usize {
+        let budget = self.cfg.max_batched_tokens;
+        let share = (budget * self.cfg.long_prefill_share.clamp(1, 100) / 100).max(1);
+        let short = |left: usize| left <= self.cfg.long_prefill_threshold;
+        let running = self.running.iter().map(|id| &self.requests[id]).any(|r| {
+            let left = r.num_tokens() - r.num_computed;
+            r.status == Status::Running && left >= 2 && short(left)
+        });
+        let slots = self.cfg.max_seqs.saturating_sub(self.running.len());
+        let waiting = self.waiting.iter().take(slots).any(|id| short(self.requests[id].num_tokens()));
+        if running || waiting {
+            share
+        } else {
+            budget
+        }
     }
 
     /// Makes room for `want` more tokens of running request `id`, preempting the

@@ -50,9 +50,18 @@ pub struct Tokenizer {
     /// The bytes each id stands for in output text.
     pieces: Vec<Box<[u8]>>,
     kinds: Vec<Kind>,
+    /// Control-token texts with their ids, longest first (what [`Tokenizer::split_control`] matches).
+    controls: Vec<(String, u32)>,
     bos: Option<u32>,
     eos: Option<u32>,
     add_bos: bool,
+}
+
+/// A stretch of text cut at the control tokens written in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece<'a> {
+    Control(u32),
+    Text(&'a str),
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -217,7 +226,16 @@ impl Tokenizer {
             })
             .collect();
 
-        Ok(Tokenizer { with_special, plain, tokens, pieces, kinds, bos, eos, add_bos })
+        // The id a control text encodes to: the first entry of that text, as in `vocab`.
+        let mut controls: Vec<(String, u32)> = Vec::new();
+        for (id, (t, k)) in tokens.iter().zip(&kinds).enumerate() {
+            if *k == Kind::Control && !t.is_empty() && !controls.iter().any(|(c, _)| c == t) {
+                controls.push((t.clone(), vocab_id(&tokens, t).unwrap_or(id as u32)));
+            }
+        }
+        controls.sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
+
+        Ok(Tokenizer { with_special, plain, tokens, pieces, kinds, controls, bos, eos, add_bos })
     }
 
     /// Encodes text. With `parse_special`, control tokens written in the text
@@ -228,6 +246,45 @@ impl Tokenizer {
         let tk = if parse_special { &self.with_special } else { &self.plain };
         let enc = tk.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(format!("encoding failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Cuts `text` at the control tokens written in it, as encoding with `parse_special`
+    /// does (the leftmost match first, the longest there): encoding each `Text` piece
+    /// without `parse_special` and keeping each `Control` id gives `encode(text, true)`.
+    /// Chat prompts use it to parse the template's control tokens but not the messages'.
+    pub fn split_control<'a>(&self, text: &'a str) -> Vec<Piece<'a>> {
+        let bytes = text.as_bytes();
+        let (mut out, mut start, mut i) = (Vec::new(), 0, 0);
+        while i < bytes.len() {
+            // A token text is valid UTF-8, so a match starts on a character boundary. Most
+            // bytes start no control text: only those that do are compared.
+            let starts = self.controls.iter().any(|(t, _)| t.as_bytes()[0] == bytes[i]);
+            match self.controls.iter().find(|(t, _)| starts && bytes[i..].starts_with(t.as_bytes())) {
+                Some((t, id)) => {
+                    if start < i {
+                        out.push(Piece::Text(&text[start..i]));
+                    }
+                    out.push(Piece::Control(*id));
+                    i += t.len();
+                    start = i;
+                }
+                None => i += 1,
+            }
+        }
+        if start < bytes.len() {
+            out.push(Piece::Text(&text[start..]));
+        }
+        out
+    }
+
+    /// Whether `text` holds the text of a control token.
+    pub fn has_control_text(&self, text: &str) -> bool {
+        self.controls.iter().any(|(t, _)| text.contains(t.as_str()))
+    }
+
+    /// The control-token texts, longest first.
+    pub fn control_texts(&self) -> impl Iterator<Item = &str> {
+        self.controls.iter().map(|(t, _)| t.as_str())
     }
 
     /// Decodes ids to text; invalid UTF-8 becomes U+FFFD. With `skip_special`,
@@ -276,6 +333,11 @@ impl Tokenizer {
     pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {
         self.pieces.get(id as usize).map(|p| &p[..])
     }
+}
+
+/// The first id whose vocabulary text is `t` (the id BPE and added tokens resolve it to).
+fn vocab_id(tokens: &[String], t: &str) -> Option<u32> {
+    tokens.iter().position(|x| x == t).map(|i| i as u32)
 }
 
 /// Reads a string array from the metadata; `Ok(None)` when absent.
@@ -477,6 +539,30 @@ mod tests {
         let plain = t.encode("<|im_end|>", false).unwrap();
         assert!(!plain.contains(&2) && plain.len() == "<|im_end|>".len());
         assert_eq!(t.decode(&plain, false).unwrap(), "<|im_end|>");
+    }
+
+    #[test]
+    fn split_control_cuts_like_parse_special() {
+        let t = tiny();
+        for text in [
+            "<|im_start|>hi the<|im_end|>",
+            "hi<|im_start|>hi",
+            "plain",
+            "",
+            "<|im_end|><|im_end|>x",
+            "a🦀<|im_start|>",
+        ] {
+            let mut ids = Vec::new();
+            for p in t.split_control(text) {
+                match p {
+                    Piece::Control(id) => ids.push(id),
+                    Piece::Text(s) => ids.extend(t.encode(s, false).unwrap()),
+                }
+            }
+            assert_eq!(ids, t.encode(text, true).unwrap(), "{text:?}");
+        }
+        assert_eq!(t.split_control("hi<|im_end|>"), vec![Piece::Text("hi"), Piece::Control(2)]);
+        assert!(t.has_control_text("x<|im_start|>") && !t.has_control_text("<|im_sta"));
     }
 
     #[test]

@@ -409,22 +409,28 @@ struct SchedCase {
     caching: bool,
     /// `max_model_len` beyond the pool's capacity (0: the pool holds a full context).
     overhang: usize,
+    /// `long_prefill_threshold` and `long_prefill_share`.
+    long_prefill: (usize, usize),
 }
 
 fn sched_case() -> impl Strategy<Value = SchedCase> {
     (
         (3usize..10, 1usize..6, 1usize..24, 1usize..5),
         (2usize..8, any::<bool>(), prop::bool::weighted(0.8), prop_oneof![2 => Just(0usize), 1 => 1usize..40]),
+        (1usize..30, 1usize..=100),
     )
-        .prop_map(|((n_blocks, bs, budget, max_seqs), (max_waiting, prio, caching, overhang))| SchedCase {
-            n_blocks,
-            bs,
-            budget,
-            max_seqs,
-            max_waiting,
-            policy: if prio { Policy::Priority } else { Policy::Fcfs },
-            caching,
-            overhang,
+        .prop_map(|((n_blocks, bs, budget, max_seqs), (max_waiting, prio, caching, overhang), long_prefill)| {
+            SchedCase {
+                n_blocks,
+                bs,
+                budget,
+                max_seqs,
+                max_waiting,
+                policy: if prio { Policy::Priority } else { Policy::Fcfs },
+                caching,
+                overhang,
+                long_prefill,
+            }
         })
 }
 
@@ -450,6 +456,8 @@ impl SchedModel {
             max_model_len: pool + c.overhang,
             max_prompt_len: pool - 1,
             policy: c.policy.clone(),
+            long_prefill_threshold: c.long_prefill.0,
+            long_prefill_share: c.long_prefill.1,
         };
         SchedModel {
             s: Scheduler::new(cfg, BlockManager::new(c.n_blocks, c.bs, c.caching)),

@@ -389,7 +389,8 @@ async fn attempt(
                 sender_lease: prefill.lease,
             };
             // Armed before the reservation: a choice dropped while `Reserve` is in flight still
-            // cancels it (the worker refuses a reservation for an id it saw cancelled).
+            // cancels it (a reservation that lands after the `Cancel` is abandoned by the
+            // worker when no `Decode` attaches to it).
             let mut guard = CancelOnDrop { rid, clients: vec![dc.clone(), pc.clone()], done: false };
             let res = tokio::select! {
                 r = dc.reserve(reserve) => r.map_err(|e| {

@@ -31,8 +31,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::openai::{
-    chat_logprobs, chat_request, check_input_size, completion_request, finish_str, prompt_echo, token_text, usage_json,
-    ApiError, ChatRequest, CompletionLogprobs, CompletionRequest,
+    chat_logprobs, chat_request, completion_request, finish_str, prompt_echo, token_text, usage_json, ApiError,
+    ChatRequest, CompletionLogprobs, CompletionRequest,
 };
 use crate::service::{start_request, tenant_of, Chunks, RouterState, Tenant};
 
@@ -140,16 +140,16 @@ async fn next_chunk(
     }
 }
 
-/// Starts `req` with the request's deadline, after refusing inputs too large to tokenize.
-fn start(
+/// Starts `req` with the request's deadline (inputs too large to tokenize are refused
+/// first, as on gRPC).
+async fn start(
     state: &Arc<RouterState>,
-    req: &api::GenerateRequest,
+    req: api::GenerateRequest,
     deadline: Instant,
     tenant: Option<&Tenant>,
 ) -> Result<Chunks, ApiError> {
-    check_input_size(req, &state.facts)?;
     let left = deadline.saturating_duration_since(Instant::now());
-    start_request(state, req, Some(left), "http", tenant).map_err(|s| ApiError::from_status(&s))
+    start_request(state, req, Some(left), "http", tenant).await.map_err(|s| ApiError::from_status(&s))
 }
 
 async fn chat(
@@ -165,7 +165,7 @@ async fn chat(
     let req = chat_request(&r)?;
     let want_logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let chunks = start(&state, &req, deadline, tenant.as_ref())?;
+    let chunks = start(&state, req, deadline, tenant.as_ref()).await?;
     let (head, mut chunks) = within(deadline, first(chunks)).await??;
     let id = format!("chatcmpl-{}", head.request_id);
     let (model, created) = (head.model.clone(), now_secs());
@@ -319,10 +319,15 @@ async fn completions(
     let plan = completion_request(&r)?;
     let want_logprobs = plan.request.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let chunks = start(&state, &plan.request, deadline, tenant.as_ref())?;
+    let chunks = start(&state, plan.request.clone(), deadline, tenant.as_ref()).await?;
     // Echo needs the prompt as text and ids (the request passed validation, so this does too).
     let echo = if plan.echo {
-        let (text, ids) = prompt_echo(&plan.request, &state.facts).map_err(|s| ApiError::from_status(&s))?;
+        let req = plan.request;
+        let (text, ids) = state
+            .tokenize(move |s| prompt_echo(&req, &s.facts))
+            .await
+            .and_then(|r| r)
+            .map_err(|s| ApiError::from_status(&s))?;
         let first_token = ids.first().map(|&t| token_text(&state.facts, t)).unwrap_or_default();
         Some((text, first_token))
     } else {

@@ -30,13 +30,8 @@ struct Entry {
     desc: WorkerDescriptor,
     client: WorkerClient<Channel>,
     stats: Option<pb::StatsResponse>,
-    /// False after a refused connection or `MISSES` slow polls in a row, until a poll
-    /// succeeds: not routed to meanwhile.
-    healthy: bool,
-    /// Load polls missed in a row.
-    misses: u32,
-    /// The last poll could not connect or failed outright (not merely slow): a dead process.
-    refused: bool,
+    /// Whether it is routed to, from its load polls.
+    liveness: Liveness,
     inflight: Arc<AtomicU64>,
     /// Hashes of the blocks in the worker's prefix cache, from its KV events.
     cached: HashSet<u64>,
@@ -155,9 +150,7 @@ impl Members {
             desc,
             client,
             stats: None,
-            healthy: true,
-            misses: 0,
-            refused: false,
+            liveness: Liveness::default(),
             inflight: Arc::new(AtomicU64::new(0)),
             cached: HashSet::new(),
             tasks,
@@ -172,7 +165,7 @@ impl Members {
             .values()
             .map(|e| WorkerStatus {
                 desc: e.desc.clone(),
-                healthy: e.healthy,
+                healthy: e.liveness.healthy(),
                 stats: e.stats,
                 inflight: e.inflight.load(Ordering::Relaxed),
                 cached_blocks: e.cached.len(),
@@ -198,11 +191,13 @@ impl Members {
         // better than none.
         let of_role = |role: &dyn Fn(Role) -> bool| -> Vec<&Entry> {
             let all: Vec<&Entry> = entries.values().filter(eligible).filter(|e| role(e.desc.role)).collect();
-            let healthy: Vec<&Entry> = all.iter().copied().filter(|e| e.healthy).collect();
+            let healthy: Vec<&Entry> = all.iter().copied().filter(|e| e.liveness.healthy()).collect();
             if !healthy.is_empty() {
                 return healthy;
             }
-            all.into_iter().filter(|e| !e.refused && e.stats.is_some_and(|s| !s.draining && !s.fenced)).collect()
+            all.into_iter()
+                .filter(|e| !e.liveness.refused && e.stats.is_some_and(|s| !s.draining && !s.fenced))
+                .collect()
         };
         let mut prefill = of_role(&|r| r == Role::Prefill);
         let mut decode = of_role(&|r| r.can_decode());
@@ -269,7 +264,7 @@ impl Members {
     /// `excluded`) exists.
     pub fn has_other_prefill(&self, model: &str, failed: &WorkerId, excluded: &[WorkerId]) -> bool {
         self.entries.lock().expect("entries").values().any(|e| {
-            e.healthy
+            e.liveness.healthy()
                 && e.desc.role == Role::Prefill
                 && e.desc.model.name == model
                 && e.desc.id != *failed
@@ -281,7 +276,7 @@ impl Members {
     /// `excluded`) exists.
     pub fn has_other_decode(&self, model: &str, full: &WorkerId, excluded: &[WorkerId]) -> bool {
         self.entries.lock().expect("entries").values().any(|e| {
-            e.healthy
+            e.liveness.healthy()
                 && e.desc.role.can_decode()
                 && e.desc.model.name == model
                 && e.desc.id != *full
@@ -293,7 +288,7 @@ impl Members {
     /// failed is recomputed.
     pub fn decoder(&self, id: &WorkerId) -> Option<Picked> {
         let entries = self.entries.lock().expect("entries");
-        let e = entries.get(id).filter(|e| e.healthy && e.desc.role.can_decode())?;
+        let e = entries.get(id).filter(|e| e.liveness.healthy() && e.desc.role.can_decode())?;
         e.inflight.fetch_add(1, Ordering::Relaxed);
         Some(Picked {
             id: e.desc.id.clone(),
@@ -308,7 +303,7 @@ impl Members {
     pub fn models(&self) -> Vec<(String, u32)> {
         let entries = self.entries.lock().expect("entries");
         let mut out: Vec<(String, u32)> = Vec::new();
-        for e in entries.values().filter(|e| e.healthy) {
+        for e in entries.values().filter(|e| e.liveness.healthy()) {
             match out.iter_mut().find(|(n, _)| *n == e.desc.model.name) {
                 Some((_, ctx)) => *ctx = (*ctx).min(e.desc.context_length),
                 None => out.push((e.desc.model.name.clone(), e.desc.context_length)),
@@ -325,6 +320,66 @@ impl Members {
     }
 }
 
+/// Whether a worker is routed to, as its load polls tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Health {
+    /// Answers and takes new work: routed to.
+    #[default]
+    Serving,
+    /// Answers, but is draining or fenced: not routed to.
+    Refusing,
+    /// Does not answer: a refused connection, or `MISSES` slow polls in a row.
+    Silent,
+}
+
+/// One load poll's outcome.
+#[derive(Debug, Clone, Copy)]
+enum Poll {
+    /// The worker answered; it takes work unless draining or fenced.
+    Answered { takes_work: bool },
+    /// The call could not connect or failed outright: a dead process.
+    Refused,
+    /// No answer within `LOAD_TIMEOUT`: maybe a busy process.
+    Slow,
+}
+
+/// A worker's health across its load polls: a pure state machine, so that each change is
+/// reported (and logged) once, however long the worker stays drained, fenced or silent.
+#[derive(Debug, Clone, Copy, Default)]
+struct Liveness {
+    health: Health,
+    /// Polls missed in a row.
+    misses: u32,
+    /// The last poll could not connect or failed outright (not merely slow).
+    refused: bool,
+}
+
+impl Liveness {
+    fn healthy(&self) -> bool {
+        self.health == Health::Serving
+    }
+
+    /// Applies one poll; `(before, after)` when the health changed, else `None`.
+    fn observe(&mut self, poll: Poll) -> Option<(Health, Health)> {
+        let before = self.health;
+        match poll {
+            Poll::Answered { takes_work } => {
+                self.misses = 0;
+                self.refused = false;
+                self.health = if takes_work { Health::Serving } else { Health::Refusing };
+            }
+            Poll::Refused | Poll::Slow => {
+                self.misses += 1;
+                self.refused = matches!(poll, Poll::Refused);
+                if self.refused || self.misses >= MISSES {
+                    self.health = Health::Silent;
+                }
+            }
+        }
+        (self.health != before).then_some((before, self.health))
+    }
+}
+
 async fn poll_load(members: std::sync::Weak<Members>, id: WorkerId, mut client: WorkerClient<Channel>) {
     loop {
         let res = tokio::time::timeout(LOAD_TIMEOUT, client.stats(pb::StatsRequest {})).await;
@@ -333,28 +388,32 @@ async fn poll_load(members: std::sync::Weak<Members>, id: WorkerId, mut client: 
             Ok(Ok(r)) => {
                 let s = r.into_inner();
                 m.update(&id, |e| {
-                    if !e.healthy {
-                        tracing::info!(worker = %id, "worker answers again");
+                    let change = e.liveness.observe(Poll::Answered { takes_work: !s.draining && !s.fenced });
+                    match change {
+                        Some((Health::Silent, _)) => {
+                            tracing::info!(worker = %id, draining = s.draining, fenced = s.fenced, "worker answers again")
+                        }
+                        Some((_, Health::Refusing)) => tracing::info!(
+                            worker = %id, draining = s.draining, fenced = s.fenced,
+                            "worker takes no new work; not routing to it"
+                        ),
+                        Some((_, Health::Serving)) => tracing::info!(worker = %id, "worker takes new work again"),
+                        _ => {}
                     }
-                    e.healthy = !s.draining && !s.fenced;
-                    e.misses = 0;
-                    e.refused = false;
                     e.stats = Some(s);
                 });
             }
             failure => m.update(&id, |e| {
                 // A refused connection is a dead process; a slow answer may be a busy one.
                 let refused = matches!(&failure, Ok(Err(s)) if s.code() == tonic::Code::Unavailable);
-                e.misses += 1;
-                e.refused = refused;
-                if e.healthy && (refused || e.misses >= MISSES) {
+                let poll = if refused { Poll::Refused } else { Poll::Slow };
+                if let Some((_, Health::Silent)) = e.liveness.observe(poll) {
                     // The reason tells a dead process from, say, a refused TLS certificate.
                     let why = match &failure {
                         Ok(Err(s)) => s.message().to_string(),
                         _ => format!("no answer within {LOAD_TIMEOUT:?}"),
                     };
                     tracing::warn!(worker = %id, reason = %why, "worker does not answer; not routing to it");
-                    e.healthy = false;
                 }
             }),
         }
@@ -389,5 +448,40 @@ async fn follow_kv_events(members: std::sync::Weak<Members>, id: WorkerId, mut c
             return;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_health_change_is_reported_once() {
+        use Health::*;
+        let answered = Poll::Answered { takes_work: true };
+        let drained = Poll::Answered { takes_work: false };
+        // The polls, and the changes they report in order.
+        type Case = (Vec<Poll>, Vec<(Health, Health)>);
+        let cases: Vec<Case> = vec![
+            (vec![answered; 5], vec![]),
+            // A worker that stays drained is reported once, not at every poll.
+            (vec![drained; 40], vec![(Serving, Refusing)]),
+            (vec![drained, drained, answered, answered], vec![(Serving, Refusing), (Refusing, Serving)]),
+            // Slow polls count; a refused connection is silence at once.
+            (vec![Poll::Slow, Poll::Slow, answered], vec![]),
+            (vec![Poll::Slow; 10], vec![(Serving, Silent)]),
+            (vec![Poll::Refused, Poll::Refused, drained, drained], vec![(Serving, Silent), (Silent, Refusing)]),
+            (vec![Poll::Refused, answered, answered], vec![(Serving, Silent), (Silent, Serving)]),
+        ];
+        for (polls, expected) in cases {
+            let mut l = Liveness::default();
+            let got: Vec<_> = polls.iter().filter_map(|&p| l.observe(p)).collect();
+            assert_eq!(got, expected, "{polls:?}");
+        }
+        let mut l = Liveness::default();
+        l.observe(Poll::Refused);
+        assert!(l.refused && !l.healthy());
+        l.observe(Poll::Answered { takes_work: false });
+        assert!(!l.refused && !l.healthy());
     }
 }

@@ -221,6 +221,9 @@ impl ApiError {
             tonic::Code::ResourceExhausted => (429, "rate_limit_error", Some("rate_limit_exceeded")),
             tonic::Code::Unavailable => (503, "server_error", Some("service_unavailable")),
             tonic::Code::DeadlineExceeded => (504, "server_error", Some("timeout")),
+            // Ended by a `Cancel` on its worker, not by a fault: 499 as gRPC gateways map
+            // CANCELLED, never 500.
+            tonic::Code::Cancelled => (499, "server_error", Some("request_cancelled")),
             _ => (500, "server_error", Some("internal_error")),
         };
         // OpenAI's field names: `sampling.temperature` is `temperature`, `prompt_tokens` is `prompt`.
@@ -322,40 +325,6 @@ fn base(
         priority: c.priority.unwrap_or(0),
         kv_failure_policy: kv_failure_policy as i32,
     })
-}
-
-/// Refuses, before tokenizing, an input that cannot fit the context whatever its tokens,
-/// so that a large body costs the router a byte count rather than a tokenization: no token
-/// covers more bytes than the longest vocabulary entry, so text longer than the context
-/// times that entry is more tokens than the context holds; and a chat template spends at
-/// least one token on each message. What passes is checked exactly by `validate`.
-pub fn check_input_size(req: &api::GenerateRequest, facts: &ModelFacts) -> Result<(), ApiError> {
-    use api::generate_request::Input;
-    let ctx = facts.max_model_len;
-    let (field, bytes) = match &req.input {
-        Some(Input::Prompt(p)) => ("prompt", p.len()),
-        Some(Input::Messages(m)) => {
-            if m.messages.len() >= ctx {
-                let n = m.messages.len();
-                return Err(ApiError::bad("messages", format!("{n} messages; the context holds {ctx} tokens")));
-            }
-            ("messages", m.messages.iter().map(|m| m.content.len()).sum())
-        }
-        _ => return Ok(()),
-    };
-    // Fewer bytes than context tokens always fit: skip the vocabulary scan.
-    if bytes <= ctx {
-        return Ok(());
-    }
-    let tok = &facts.tokenizer;
-    let longest = (0..tok.vocab_size() as u32).filter_map(|id| tok.token_bytes(id)).map(<[u8]>::len).max().unwrap_or(1);
-    if bytes > ctx.saturating_mul(longest.max(1)) {
-        return Err(ApiError::bad(
-            field,
-            format!("{bytes} bytes of text cannot fit the context of {ctx} tokens (at most {longest} bytes a token)"),
-        ));
-    }
-    Ok(())
 }
 
 /// A chat request as `tandem.v1`.
@@ -640,6 +609,7 @@ mod tests {
             (Status::resource_exhausted("full"), 429, None),
             (Status::unavailable("no decode worker"), 503, None),
             (Status::unauthenticated("key"), 401, None),
+            (Status::cancelled("decode worker d: cancelled: by the operator"), 499, None),
             (Status::internal("bug"), 500, None),
         ];
         for (s, code, param) in cases {

@@ -7,7 +7,7 @@
 //! chunks interleave on the client's stream. A client that leaves cancels every
 //! choice on every worker; a deadline ends the request with DEADLINE_EXCEEDED.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use crate::members::Members;
 use crate::metrics;
 use crate::policy::RoutingPolicy;
 use crate::recovery::KvFailurePolicy;
-use crate::validate::{check_model, input_ids, validate, ModelFacts, Validated};
+use crate::validate::{check_input_size, check_model, input_ids, validate, ModelFacts, Validated};
 
 /// How long a decode worker holds a prompt's blocks for KV that does not come, by default.
 pub const KV_LEASE: Duration = Duration::from_secs(30);
@@ -58,14 +58,12 @@ pub struct RouterState {
     pub kv_room: tokio::sync::Notify,
     /// Choices waiting for KV room now.
     pub kv_waiting: AtomicUsize,
-    next_id: AtomicU64,
+    /// Tokenizations and chat renders running at once, at most (see `RouterState::tokenize`).
+    tokenizers: Arc<tokio::sync::Semaphore>,
 }
 
 impl RouterState {
     pub fn new(facts: ModelFacts, members: Arc<Members>, policy: Box<dyn RoutingPolicy>, max_inflight: usize) -> Self {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
-            as u64
-            ^ ((std::process::id() as u64) << 40);
         RouterState {
             facts,
             members,
@@ -84,14 +82,45 @@ impl RouterState {
             kv_wait: KV_WAIT,
             kv_room: tokio::sync::Notify::new(),
             kv_waiting: AtomicUsize::new(0),
-            // Workers see ids from every router: start somewhere random.
-            next_id: AtomicU64::new(splitmix(seed)),
+            tokenizers: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
         }
     }
 
-    pub(crate) fn next_rid(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
+    /// Runs `f` (tokenizing, rendering a chat template) on the blocking pool, as many at
+    /// once as there are cores, never on the runtime's threads: a large input delays other
+    /// inputs' tokenization, not `/health` or the streams in flight. A caller that goes
+    /// away leaves `f` to finish, still counted.
+    pub async fn tokenize<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&RouterState) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        let permit = self.tokenizers.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&s)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("tokenizing failed: {e}")))
     }
+
+    /// A new id for one attempt at a choice on the workers: random, so that nobody can
+    /// name (and `Cancel`) a request before or while it runs, and unique across routers.
+    pub(crate) fn next_rid(&self) -> u64 {
+        random_u64()
+    }
+}
+
+/// 64 bits from the operating system's random source.
+fn random_u64() -> u64 {
+    getrandom::u64().expect("the operating system's random source")
+}
+
+/// A new public request id: 128 random bits, unrelated to the workers' ids.
+pub fn public_request_id() -> String {
+    format!("req-{:016x}{:016x}", random_u64(), random_u64())
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -352,36 +381,35 @@ pub fn check_api_key(keys: &[String], req: &mut tonic::Request<()>) -> Result<()
 pub type Chunks = mpsc::Receiver<Result<api::GenerateStreamResponse, Status>>;
 
 impl GenerateService {
-    fn start(&self, req: Request<api::GenerateRequest>) -> Result<Chunks, Status> {
+    async fn start(&self, req: Request<api::GenerateRequest>) -> Result<Chunks, Status> {
         // tonic's transport answers CANCELLED when the client's deadline passes; end the
         // request a little earlier so the client hears DEADLINE_EXCEEDED from us instead.
         let deadline = grpc_timeout(req.metadata()).map(|d| d.saturating_sub(d / 20 + Duration::from_millis(5)));
         let tenant = req.extensions().get::<Tenant>().cloned();
-        start_request(&self.0, req.get_ref(), deadline, "grpc", tenant.as_ref())
+        start_request(&self.0, req.into_inner(), deadline, "grpc", tenant.as_ref()).await
     }
 }
 
 /// Checks `req`, admits it and starts it: every front door (gRPC, HTTP) goes through here.
-pub fn start_request(
+pub async fn start_request(
     s: &Arc<RouterState>,
-    req: &api::GenerateRequest,
+    mut req: api::GenerateRequest,
     deadline: Option<Duration>,
     api: &'static str,
     tenant: Option<&Tenant>,
 ) -> Result<Chunks, Status> {
     let accepted = Instant::now();
-    let salted;
-    let req = if tenant.is_some() {
-        let mut r = req.clone();
-        r.cache_salt = effective_salt(tenant, req.cache_salt.as_deref());
-        salted = r;
-        &salted
-    } else {
-        req
-    };
-    // A bad request is the client's to fix whatever the load: check it first.
-    let checked = validate(req, &s.facts, || format!("req-{:016x}", splitmix(s.next_rid())))
-        .and_then(|v| admit(s).map(|p| (v, p)));
+    if tenant.is_some() {
+        req.cache_salt = effective_salt(tenant, req.cache_salt.as_deref());
+    }
+    // A bad request is the client's to fix whatever the load: check it first. The bounds
+    // on its size come before any tokenizing, which runs off the runtime.
+    let checked = async {
+        check_input_size(req.input.as_ref(), &s.facts)?;
+        let v = s.tokenize(move |s| validate(&req, &s.facts, public_request_id)).await??;
+        Ok::<_, Status>((v, admit(s)?))
+    }
+    .await;
     let (v, permit) = match checked {
         Ok(x) => x,
         Err(e) => {
@@ -398,7 +426,7 @@ pub fn start_request(
 #[tonic::async_trait]
 impl Generate for GenerateService {
     async fn generate(&self, req: Request<api::GenerateRequest>) -> Result<Response<api::GenerateResponse>, Status> {
-        let mut rx = self.start(req)?;
+        let mut rx = self.start(req).await?;
         let mut resp = api::GenerateResponse::default();
         let mut choices: Vec<api::Choice> = Vec::new();
         while let Some(msg) = rx.recv().await {
@@ -438,18 +466,21 @@ impl Generate for GenerateService {
         &self,
         req: Request<api::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        Ok(Response::new(ReceiverStream::new(self.start(req)?)))
+        Ok(Response::new(ReceiverStream::new(self.start(req).await?)))
     }
 
     async fn tokenize(&self, req: Request<api::TokenizeRequest>) -> Result<Response<api::TokenizeResponse>, Status> {
-        let f = &self.0.facts;
         let r = req.into_inner();
-        check_model(&r.model, f)?;
+        check_model(&r.model, &self.0.facts)?;
         let input = r.input.map(|i| match i {
             api::tokenize_request::Input::Prompt(p) => api::generate_request::Input::Prompt(p),
             api::tokenize_request::Input::Messages(m) => api::generate_request::Input::Messages(m),
         });
-        let (mut ids, rendered) = input_ids(input.as_ref(), f, r.add_generation_prompt.unwrap_or(true))?;
+        check_input_size(input.as_ref(), &self.0.facts)?;
+        let add_generation_prompt = r.add_generation_prompt.unwrap_or(true);
+        let (mut ids, rendered) =
+            self.0.tokenize(move |s| input_ids(input.as_ref(), &s.facts, add_generation_prompt)).await??;
+        let f = &self.0.facts;
         if !r.add_special_tokens.unwrap_or(true)
             && f.tokenizer.add_bos()
             && ids.first() == f.tokenizer.bos_id().as_ref()
@@ -503,5 +534,21 @@ mod tests {
         assert_ne!(effective_salt(Some(&plain), Some("x")), effective_salt(Some(&acme), Some("x")));
         assert_ne!(effective_salt(Some(&plain), Some("tenant:acme|x")), effective_salt(Some(&acme), Some("x")));
         assert_eq!(effective_salt(None, Some("x")).as_deref(), Some("x"), "open API: the client's salt as is");
+    }
+
+    #[test]
+    fn public_ids_are_128_random_bits() {
+        let ids: Vec<String> = (0..256).map(|_| public_request_id()).collect();
+        for id in &ids {
+            let hex = id.strip_prefix("req-").unwrap();
+            assert!(hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        }
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        // Half the bits differ between consecutive ids, on average: nothing counts up.
+        let low = |id: &String| u64::from_str_radix(&id[id.len() - 16..], 16).unwrap();
+        let flips: u32 = ids.windows(2).map(|w| (low(&w[0]) ^ low(&w[1])).count_ones()).sum();
+        let mean = flips as f64 / (ids.len() - 1) as f64;
+        assert!((24.0..40.0).contains(&mean), "{mean} bits differ on average");
     }
 }

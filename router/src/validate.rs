@@ -3,7 +3,7 @@
 
 use crate::recovery::KvFailurePolicy;
 use tandem_engine::chat::{ChatMessage, ChatTemplate};
-use tandem_engine::generate::{prompt_ids, Prompt};
+use tandem_engine::generate::{chat_ids, prompt_ids, Prompt};
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::worker::v1 as pb;
@@ -60,7 +60,46 @@ pub fn check_model(model: &str, facts: &ModelFacts) -> Result<(), Status> {
     }
 }
 
-/// Token ids of a request's input.
+/// Refuses, before tokenizing, an input that cannot fit the context whatever its tokens,
+/// so that a large input costs the router a count rather than a tokenization: a chat
+/// template spends at least one token on each message, and no token covers more bytes
+/// than the longest vocabulary entry, so text longer than the context times that entry is
+/// more tokens than the context holds. What passes is checked exactly after tokenizing.
+/// Every API (gRPC `Generate`, `GenerateStream`, `Tokenize`, and HTTP) checks this first.
+pub fn check_input_size(input: Option<&api::generate_request::Input>, facts: &ModelFacts) -> Result<(), Status> {
+    use api::generate_request::Input;
+    let ctx = facts.max_model_len;
+    let (field, bytes) = match input {
+        Some(Input::Prompt(p)) => ("prompt", p.len()),
+        Some(Input::Messages(m)) => {
+            if m.messages.len() >= ctx {
+                let n = m.messages.len();
+                return Err(bad(
+                    "messages",
+                    format!("{n} messages; at most {} (the context holds {ctx} tokens)", ctx - 1),
+                ));
+            }
+            ("messages", m.messages.iter().map(|m| m.content.len()).sum())
+        }
+        _ => return Ok(()),
+    };
+    // Fewer bytes than context tokens always fit: skip the vocabulary scan.
+    if bytes <= ctx {
+        return Ok(());
+    }
+    let tok = &facts.tokenizer;
+    let longest = (0..tok.vocab_size() as u32).filter_map(|id| tok.token_bytes(id)).map(<[u8]>::len).max().unwrap_or(1);
+    if bytes > ctx.saturating_mul(longest.max(1)) {
+        return Err(bad(
+            field,
+            format!("{bytes} bytes of text cannot fit the context of {ctx} tokens (at most {longest} bytes a token)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Token ids of a request's input (and the rendered chat prompt). Slow for a large input:
+/// callers check [`check_input_size`] first and run this off the async runtime.
 pub fn input_ids(
     input: Option<&api::generate_request::Input>,
     facts: &ModelFacts,
@@ -98,17 +137,13 @@ pub fn input_ids(
             Prompt::Tokens(t.token_ids.clone())
         }
     };
-    let rendered = match (&prompt, facts.template.as_ref()) {
-        (Prompt::Chat(msgs), Some(t)) => t.render(msgs, add_generation_prompt).map_err(|e| bad("messages", e))?,
-        (Prompt::Chat(_), None) => return Err(bad("messages", "this model has no chat template")),
-        _ => String::new(),
-    };
-    let ids = if let (Prompt::Chat(_), false) = (&prompt, add_generation_prompt) {
-        prompt_ids(&facts.tokenizer, None, &Prompt::Text(rendered.clone())).map_err(|e| bad("messages", e))?
-    } else {
-        prompt_ids(&facts.tokenizer, facts.template.as_ref(), &prompt).map_err(|e| bad("prompt", e))?
-    };
-    Ok((ids, rendered))
+    match (&prompt, facts.template.as_ref()) {
+        (Prompt::Chat(msgs), Some(t)) => {
+            chat_ids(&facts.tokenizer, t, msgs, add_generation_prompt).map_err(|e| bad("messages", e))
+        }
+        (Prompt::Chat(_), None) => Err(bad("messages", "this model has no chat template")),
+        _ => Ok((prompt_ids(&facts.tokenizer, None, &prompt).map_err(|e| bad("prompt", e))?, String::new())),
+    }
 }
 
 fn in_range(field: &str, v: Option<f32>, default: f32, ok: impl Fn(f32) -> bool, rule: &str) -> Result<f32, Status> {
@@ -126,6 +161,7 @@ pub fn validate(
     new_id: impl FnOnce() -> String,
 ) -> Result<Validated, Status> {
     check_model(&req.model, facts)?;
+    check_input_size(req.input.as_ref(), facts)?;
     if let Some(id) = &req.request_id {
         if id.len() > MAX_REQUEST_ID {
             return Err(bad("request_id", format!("{} bytes; at most {MAX_REQUEST_ID}", id.len())));

@@ -13,8 +13,8 @@
 //!   INVALID_ARGUMENT (the client's fault, never INTERNAL);
 //! - for a decoded `GenerateRequest`, the router's `validate` (with the real model's
 //!   tokenizer, chat template and context, when the model file is there): what it accepts
-//!   is complete and within every limit, and whatever the HTTP front door's cheap size
-//!   pre-check (`check_input_size`) refuses, `validate` refuses too.
+//!   is complete and within every limit, and whatever the cheap size pre-check that every
+//!   API runs before tokenizing (`validate::check_input_size`) refuses, `validate` refuses too.
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -162,8 +162,8 @@ pub fn facts() -> Option<&'static ModelFacts> {
 fn check_validation(req: &api::GenerateRequest) {
     let Some(facts) = facts() else { return };
     let checked = validate(req, facts, || "fuzz".into());
-    if tandem_router::openai::check_input_size(req, facts).is_err() {
-        assert!(checked.is_err(), "the HTTP pre-check refused what validate accepts: {req:?}");
+    if tandem_router::validate::check_input_size(req.input.as_ref(), facts).is_err() {
+        assert!(checked.is_err(), "the size pre-check refused what validate accepts: {req:?}");
     }
     let Ok(v) = checked else { return };
     let s = &v.sampling;
