@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::HeaderMap;
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -32,6 +33,10 @@ use crate::openai::ApiError;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 4 << 20;
+
+/// How much of a too-large body is still read (and dropped) before its 413, and for how long.
+const MAX_DRAIN: usize = 16 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
 
 /// The request header with which a client shortens its own deadline: seconds, e.g. `30` or `2.5`.
 pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
@@ -125,6 +130,12 @@ pub fn request_deadline(headers: &HeaderMap, limits: &HttpLimits) -> Result<Inst
 }
 
 /// The whole body, at most [`MAX_BODY`] bytes, read within [`HttpLimits::body_read_timeout`].
+///
+/// A larger body is refused (413) only after the rest of it has been read and dropped, up to
+/// [`MAX_DRAIN`] more bytes within [`DRAIN_TIME`]: closing the connection with the client's
+/// bytes unread makes the kernel reset it, and a client still sending would see a broken
+/// connection instead of the 413. Draining holds no memory; past those bounds the connection
+/// is closed anyway.
 pub async fn read_body(body: Body, limits: &HttpLimits) -> Result<Bytes, ApiError> {
     let err = |status: u16, message: String| ApiError {
         status,
@@ -133,16 +144,36 @@ pub async fn read_body(body: Body, limits: &HttpLimits) -> Result<Bytes, ApiErro
         param: None,
         code: None,
     };
-    match tokio::time::timeout(limits.body_read_timeout, axum::body::to_bytes(body, MAX_BODY)).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) => {
-            let e = e.into_inner();
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                Err(err(413, format!("the request body is larger than {MAX_BODY} bytes")))
-            } else {
-                Err(err(400, format!("the request body could not be read: {e}")))
+    let mut body = body;
+    let mut bytes = Vec::new();
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| err(400, format!("the request body could not be read: {e}")))?;
+            let Ok(data) = frame.into_data() else { continue };
+            if bytes.len() + data.len() > MAX_BODY {
+                return Ok(false);
             }
+            bytes.extend_from_slice(&data);
         }
+        Ok(true)
+    };
+    match tokio::time::timeout(limits.body_read_timeout, read).await {
+        Ok(Ok(true)) => Ok(Bytes::from(bytes)),
+        Ok(Ok(false)) => {
+            drop(bytes);
+            let mut drained = 0usize;
+            let drain = async {
+                while let Some(Ok(frame)) = body.frame().await {
+                    drained += frame.data_ref().map_or(0, |d| d.len());
+                    if drained > MAX_DRAIN {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+            Err(err(413, format!("the request body is larger than {MAX_BODY} bytes")))
+        }
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(err(
             408,
             format!(
@@ -194,6 +225,29 @@ mod tests {
         let stalled = Body::from_stream(futures_pending());
         let e = read_body(stalled, &limits).await.unwrap_err();
         assert_eq!(e.status, 408, "{}", e.message);
+    }
+
+    /// A too-large body is read to its end (and dropped) before the 413, so the client
+    /// is not reset while it is still sending; one past the drain bound is cut off.
+    #[tokio::test]
+    async fn a_too_large_body_is_drained_before_its_413_within_bounds() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let limits = HttpLimits::default();
+        let chunk = 64 << 10;
+        for (total, all_read) in [(MAX_BODY + (1 << 20), true), (MAX_BODY + MAX_DRAIN + (4 << 20), false)] {
+            let pulled = Arc::new(AtomicUsize::new(0));
+            let counter = pulled.clone();
+            let chunks = tokio_stream::iter((0..total / chunk).map(move |_| {
+                counter.fetch_add(chunk, Ordering::Relaxed);
+                Ok::<_, std::io::Error>(Bytes::from(vec![b' '; chunk]))
+            }));
+            let e = read_body(Body::from_stream(chunks), &limits).await.unwrap_err();
+            assert_eq!(e.status, 413);
+            let read = pulled.load(Ordering::Relaxed);
+            assert_eq!(read == total, all_read, "{read} of {total} bytes read");
+            assert!(read <= MAX_BODY + MAX_DRAIN + 2 * chunk, "{read} bytes read");
+        }
     }
 
     fn futures_pending() -> impl tokio_stream::Stream<Item = Result<Bytes, std::io::Error>> {
