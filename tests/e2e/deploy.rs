@@ -3,7 +3,8 @@
 //! validates every value set, and the tests below read what `helm template` renders for
 //! ci/multi-replica-values.yaml and check the properties an operator relies on:
 //! replica counts, probes on every container, a grace period that covers the drain,
-//! API keys from a Secret, a PodDisruptionBudget per component, no container as root;
+//! API keys from a Secret, a PodDisruptionBudget per component, no container as root,
+//! every TANDEM_* variable read by its command and JSON logs;
 //! and, for ci/tls-values.yaml, mutual TLS wired into every router and worker.
 //!
 //! YAML becomes JSON through PyYAML in the .venv-deploy virtualenv that setup-helm.sh
@@ -301,5 +302,32 @@ fn tls_values_mount_the_secret_into_every_router_and_worker_and_probe_a_plaintex
             "{}",
             name(d)
         );
+    }
+}
+
+/// Every `TANDEM_*` variable the chart sets is one the container's command reads (a flag's
+/// env fallback in its `--help`), so a renamed or missing flag cannot be silently ignored;
+/// and every component logs JSON lines by default, for the cluster's log pipeline.
+#[test]
+fn every_tandem_variable_of_the_chart_is_a_flag_of_its_command_and_logs_are_json() {
+    for (comp, _) in COMPONENTS {
+        let spec = &deployment(comp)["spec"]["template"]["spec"];
+        let container = array(&spec["containers"]).iter().find(|c| c["name"] == comp).expect("main container");
+        let command = array(&container["args"])[0].as_str().expect("the command is the first argument");
+        let help = Command::new(env!("CARGO_BIN_EXE_tandem")).args([command, "--help"]).output().unwrap();
+        assert!(help.status.success(), "tandem {command} --help");
+        let help = String::from_utf8_lossy(&help.stdout);
+        let vars: Vec<&str> = array(&container["env"]).iter().filter_map(|e| e["name"].as_str()).collect();
+        for var in vars.iter().filter(|v| v.starts_with("TANDEM_")) {
+            // `[env: VAR=default]`, or `[env: VAR]` for a value the help hides (API keys).
+            let read = help.contains(&format!("[env: {var}=")) || help.contains(&format!("[env: {var}]"));
+            assert!(read, "{comp}: `tandem {command}` reads no {var}");
+        }
+        assert_eq!(env_value(container, "TANDEM_LOG_FORMAT"), Some("json"), "{comp}");
+        if comp != "router" {
+            for var in ["TANDEM_SCHEDULING_POLICY", "TANDEM_LONG_PREFILL_THRESHOLD", "TANDEM_LONG_PREFILL_SHARE"] {
+                assert!(vars.contains(&var), "{comp} has no {var}");
+            }
+        }
     }
 }

@@ -95,6 +95,10 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.drain.timeoutSeconds | quote }}
 - name: TANDEM_MODEL
   value: {{ include "tandem.modelPath" . | quote }}
+- name: TANDEM_LOG_LEVEL
+  value: {{ .Values.logging.level | quote }}
+- name: TANDEM_LOG_FORMAT
+  value: {{ .Values.logging.format | quote }}
 {{- with .Values.model.servedName }}
 - name: TANDEM_MODEL_NAME
   value: {{ . | quote }}
@@ -163,6 +167,12 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ $v.engine.maxSeqs | quote }}
 - name: TANDEM_MAX_WAITING
   value: {{ $v.engine.maxWaiting | quote }}
+- name: TANDEM_SCHEDULING_POLICY
+  value: {{ $v.engine.schedulingPolicy | quote }}
+- name: TANDEM_LONG_PREFILL_THRESHOLD
+  value: {{ $v.engine.longPrefillThreshold | quote }}
+- name: TANDEM_LONG_PREFILL_SHARE
+  value: {{ $v.engine.longPrefillShare | quote }}
 {{- if $v.tls.enabled }}
 - name: TANDEM_HEALTH_LISTEN
   value: "0.0.0.0:{{ $v.workerPorts.health }}"
