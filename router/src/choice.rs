@@ -239,7 +239,7 @@ async fn choice(
             Next::WaitForRoom => {
                 let since = *wait_since.get_or_insert_with(|| {
                     tracing::info!(
-                        request = %v.request_id,
+                        request = ?v.request_id,
                         choice = index,
                         reason = err.status.message(),
                         limit = ?s.kv_wait,
@@ -269,28 +269,28 @@ async fn choice(
                         metrics::migration();
                         let (migration, limit) = (migrations, s.migration_limit);
                         tracing::warn!(
-                            request = %request, choice = index, error, tokens, migration, limit,
+                            request = ?request, choice = index, error, tokens, migration, limit,
                             "migrating to another worker"
                         );
                     }
                     (Recovery::Kv(_), Plan::Recompute { on }) => {
                         kv_recoveries += 1;
                         tracing::warn!(
-                            request = %request, choice = index, error, tokens, %policy, on = %on,
+                            request = ?request, choice = index, error, tokens, %policy, on = %on,
                             "KV transfer failed; recomputing on the decode worker"
                         );
                     }
                     (Recovery::Overflow, _) => {
                         overflows += 1;
                         tracing::info!(
-                            request = %request, choice = index, reason = error, tokens,
+                            request = ?request, choice = index, reason = error, tokens,
                             "decode worker full; trying another decode worker"
                         );
                     }
                     (Recovery::Kv(_), Plan::Route) => {
                         kv_recoveries += 1;
                         tracing::warn!(
-                            request = %request, choice = index, error, tokens, %policy,
+                            request = ?request, choice = index, error, tokens, %policy,
                             "KV transfer failed; retrying on another prefill worker"
                         );
                     }

@@ -166,6 +166,10 @@ pub fn validate(
         if id.len() > MAX_REQUEST_ID {
             return Err(bad("request_id", format!("{} bytes; at most {MAX_REQUEST_ID}", id.len())));
         }
+        // The id is logged: no line breaks or terminal escapes to forge log lines with.
+        if id.chars().any(char::is_control) {
+            return Err(bad("request_id", "has control characters (line breaks, escapes)"));
+        }
     }
     let (prompt, _) = input_ids(req.input.as_ref(), facts, true)?;
     if prompt.is_empty() {

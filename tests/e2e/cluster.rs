@@ -130,6 +130,9 @@ fn bad_input_cancel_overload_and_missing_roles_get_their_status() {
         if let Some(api::generate_request::Input::Messages(m)) = bad_role.input.as_mut() {
             m.messages[0].role = "robot".into();
         }
+        let mut forged_id = chat("Hi", 8);
+        forged_id.request_id =
+            Some("r1\n2026-12-03T00:00:00Z  INFO tandem_router::members: worker left worker=decode-0\u{1b}[2J".into());
         let cases: Vec<(&str, api::GenerateRequest, &str)> = vec![
             ("empty prompt", raw("", 8), "prompt"),
             ("no input", api::GenerateRequest::default(), "prompt"),
@@ -142,6 +145,7 @@ fn bad_input_cancel_overload_and_missing_roles_get_their_status() {
             ("n above 16", with(&|s| s.n = Some(17)), "sampling.n"),
             ("unknown model", unknown_model, "model"),
             ("unknown role", bad_role, "messages[0].role"),
+            ("a request_id forging a log line", forged_id, "request_id"),
         ];
         for (what, req, field) in cases {
             let e = stream(&mut client, req.clone()).await.expect_err(what);
