@@ -147,6 +147,13 @@ SERVICE_MONITOR = {
                         "interval": DURATION, "scrapeTimeout": DURATION,
                         "honorLabels": {"type": "boolean"},
                         "relabelings": {"type": "array", "items": RELABEL},
+                        # SafeAuthorization: the credentials are a key of a Secret in the
+                        # ServiceMonitor's namespace.
+                        "authorization": {"type": "object", "additionalProperties": False, "properties": {
+                            "type": {"type": "string"},
+                            "credentials": {"type": "object", "additionalProperties": False, "required": ["key"],
+                                            "properties": {"name": {"type": "string"}, "key": {"type": "string"},
+                                                           "optional": {"type": "boolean"}}}}},
                         "metricRelabelings": {"type": "array", "items": RELABEL},
                     },
                     "oneOf": [{"required": ["port"]}, {"required": ["targetPort"]}]}},
@@ -217,5 +224,6 @@ refuse "an unknown decode role" "decode.role must be decode or both" --set decod
 refuse "an unknown model source" "model.source must be" --set model.source=s3
 refuse "a PVC model source without a claim" "model.pvc.existingClaim is required" --set model.source=pvc
 refuse "mutual TLS without its Secret" "tls.existingSecret is required" --set tls.enabled=true
-echo "check-deploy: invalid value sets refused (5)"
+refuse "a keyed /metrics without API keys" "metrics.requireKey needs API keys" --set metrics.requireKey=true
+echo "check-deploy: invalid value sets refused (6)"
 echo "check-deploy: ok: ${#sets[@]} value set(s) linted, rendered and validated"

@@ -14,7 +14,7 @@ use clap::Args;
 use tandem_cluster::{ClusterName, Discovery, EtcdConfig, EtcdDiscovery, InMemoryDiscovery, Role};
 use tandem_decode_worker::{model_name_of, RunningWorker, WorkerConfig};
 use tandem_engine::scheduler::Policy;
-use tandem_router::http::HttpLimits;
+use tandem_router::http::{HttpLimits, MetricsAccess};
 use tandem_router::recovery::KvFailurePolicy;
 use tandem_router::{RouterConfig, RunningRouter};
 
@@ -91,6 +91,20 @@ pub struct HttpFlags {
     /// Bytes of request line and headers at most; beyond, 431.
     #[arg(long, env = "TANDEM_HTTP_MAX_HEADER_BYTES", default_value_t = HttpLimits::default().max_header_bytes)]
     pub http_max_header_bytes: usize,
+    /// Connections the HTTP port holds open at once; one more is closed at accept.
+    #[arg(long, env = "TANDEM_HTTP_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..),
+          default_value_t = HttpLimits::default().max_connections as u32)]
+    pub http_max_connections: u32,
+    /// Connections one client (an IPv4 address, an IPv6 /64) holds open on the HTTP port at
+    /// once; one more is closed at accept. Behind a proxy every client is the proxy: raise it
+    /// to --http-max-connections there.
+    #[arg(long, env = "TANDEM_HTTP_MAX_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u32).range(1..),
+          default_value_t = HttpLimits::default().max_connections_per_ip as u32)]
+    pub http_max_connections_per_ip: u32,
+    /// `/metrics` on the HTTP port requires `Authorization: Bearer <an API key>` (401
+    /// otherwise); needs --api-key. `/health` and `/ready` stay open.
+    #[arg(long, env = "TANDEM_METRICS_REQUIRE_KEY")]
+    pub metrics_require_key: bool,
 }
 
 impl HttpFlags {
@@ -100,7 +114,17 @@ impl HttpFlags {
             header_read_timeout: Duration::from_secs_f64(self.http_header_timeout),
             body_read_timeout: Duration::from_secs_f64(self.http_body_timeout),
             request_timeout: Duration::from_secs_f64(self.http_request_timeout),
+            max_connections: self.http_max_connections as usize,
+            max_connections_per_ip: self.http_max_connections_per_ip as usize,
             ..HttpLimits::default()
+        }
+    }
+
+    fn metrics_access(&self) -> MetricsAccess {
+        if self.metrics_require_key {
+            MetricsAccess::ApiKey
+        } else {
+            MetricsAccess::Open
         }
     }
 }
@@ -476,6 +500,7 @@ pub fn up(a: UpArgs) -> Result<()> {
             tls: None,
             http_limits: a.http.limits(),
             api_keys: a.keys.keys(),
+            metrics_access: a.http.metrics_access(),
             migration_limit: a.migration.migration_limit,
             kv_failure_policy: a.migration.policy(),
             kv_lease: Duration::from_secs(a.migration.kv_lease.max(1)),
@@ -533,6 +558,7 @@ pub fn router(a: RouterArgs) -> Result<()> {
             tls: tls.clone(),
             http_limits: a.http.limits(),
             api_keys: a.keys.keys(),
+            metrics_access: a.http.metrics_access(),
             migration_limit: a.migration.migration_limit,
             kv_failure_policy: a.migration.policy(),
             kv_lease: Duration::from_secs(a.migration.kv_lease.max(1)),

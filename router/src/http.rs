@@ -9,7 +9,8 @@
 //! that disconnects drops the response stream, which cancels the request.
 //!
 //! `limits` bounds what a client may send and how long it may take (headers, body,
-//! the whole request) and serves the connections.
+//! the whole request) and serves the connections; `conns` caps how many are open, in
+//! total and per client. `/metrics` may require an API key ([`MetricsAccess`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -36,8 +37,10 @@ use crate::openai::{
 };
 use crate::service::{start_request, tenant_of, Chunks, RouterState, Tenant};
 
+mod conns;
 mod limits;
 
+pub use conns::{client_of, ConnCounts, ConnGate, ConnPermit, Refusal};
 use limits::{read_body, request_deadline, within};
 pub use limits::{serve, HttpLimits, MAX_BODY, REQUEST_TIMEOUT_HEADER};
 
@@ -56,8 +59,19 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The HTTP routes over a router's state; `limits` bound each request's body and time.
-pub fn routes(state: Arc<RouterState>, limits: HttpLimits) -> axum::Router {
+/// Who may read `/metrics` on the HTTP port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MetricsAccess {
+    /// Anyone who reaches the port (the default: existing scrapes keep working).
+    #[default]
+    Open,
+    /// A client with one of the API keys, as `Authorization: Bearer <key>` (401 otherwise).
+    ApiKey,
+}
+
+/// The HTTP routes over a router's state; `limits` bound each request's body and time,
+/// `metrics` says who may read `/metrics` (`/health` and `/ready` stay open for probes).
+pub fn routes(state: Arc<RouterState>, limits: HttpLimits, metrics_access: MetricsAccess) -> axum::Router {
     axum::Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -66,6 +80,7 @@ pub fn routes(state: Arc<RouterState>, limits: HttpLimits) -> axum::Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .layer(Extension(limits))
+        .layer(Extension(metrics_access))
         .with_state(state)
 }
 
@@ -460,13 +475,21 @@ pub fn refresh_gauges(state: &RouterState) {
     }
 }
 
-async fn metrics(State(state): State<Arc<RouterState>>) -> Response {
+async fn metrics(
+    State(state): State<Arc<RouterState>>,
+    Extension(access): Extension<MetricsAccess>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if access == MetricsAccess::ApiKey {
+        // The router refuses to start with this and no key, so `authorized` never waves it through.
+        authorized(&state, &headers)?;
+    }
     refresh_gauges(&state);
     let body = match crate::telemetry::handle() {
         Some(h) => h.render(),
         None => String::from("# no metrics recorder is installed in this process\n"),
     };
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
 #[cfg(test)]

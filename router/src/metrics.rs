@@ -20,6 +20,8 @@ pub const KV_RECOVERIES: &str = "tandem_kv_failure_recoveries_total";
 pub const WAITING_FOR_ROOM: &str = "tandem_router_requests_waiting_for_kv_room";
 pub const ROOM_WAITS: &str = "tandem_kv_room_waits_total";
 pub const ROOM_WAIT: &str = "tandem_kv_room_wait_seconds";
+pub const HTTP_CONNECTIONS: &str = "tandem_http_connections_open";
+pub const HTTP_REFUSED: &str = "tandem_http_connections_refused_total";
 
 /// Registers every router metric's description (idempotent).
 pub fn describe() {
@@ -64,6 +66,12 @@ pub fn describe() {
         ROOM_WAIT,
         Unit::Seconds,
         "How long choices that waited for KV room waited: until an attempt found room, or until refused."
+    );
+    describe_gauge!(HTTP_CONNECTIONS, "Connections the HTTP front door holds open now.");
+    describe_counter!(
+        HTTP_REFUSED,
+        "Connections the HTTP front door closed at accept, by the cap they would have passed: total \
+         (--http-max-connections) or per_ip (--http-max-connections-per-ip)."
     );
 }
 
@@ -129,4 +137,12 @@ pub fn set_waiting_for_room(n: usize) {
 
 pub fn waited_for_room() {
     counter!(ROOM_WAITS).increment(1);
+}
+
+pub fn set_http_connections(n: usize) {
+    gauge!(HTTP_CONNECTIONS).set(n as f64);
+}
+
+pub fn http_connection_refused(reason: &'static str) {
+    counter!(HTTP_REFUSED, "reason" => reason).increment(1);
 }

@@ -42,6 +42,8 @@ pub struct RouterConfig {
     pub http_limits: crate::http::HttpLimits,
     /// Accepted API keys (HTTP `Authorization: Bearer`, gRPC `authorization`); empty: open.
     pub api_keys: Vec<String>,
+    /// Who may read `/metrics` on the HTTP port; `ApiKey` needs `api_keys`.
+    pub metrics_access: crate::http::MetricsAccess,
     /// Times a choice may move to other workers when one fails under it (0: fail instead).
     pub migration_limit: usize,
     /// Mutual TLS on the channels to the workers (the public API stays plaintext); `None`: plaintext.
@@ -75,6 +77,9 @@ impl RunningRouter {
     ) -> Result<RunningRouter, String> {
         let policy = policy_by_name(&cfg.policy)
             .ok_or_else(|| format!("unknown routing policy {:?} (round-robin, least-loaded)", cfg.policy))?;
+        if cfg.metrics_access == crate::http::MetricsAccess::ApiKey && cfg.api_keys.is_empty() {
+            return Err("--metrics-require-key needs at least one API key (--api-key or TANDEM_API_KEYS)".into());
+        }
         let tls = cfg.tls.as_ref().map(worker_tls).transpose()?;
         let path = cfg.model_path.clone();
         let facts = tokio::task::spawn_blocking(move || load_facts(&path)).await.map_err(|e| e.to_string())??;
@@ -120,7 +125,7 @@ impl RunningRouter {
                     .await
                     .map_err(|e| format!("binding the HTTP server on {addr}: {e}"))?;
                 let local = l.local_addr().map_err(|e| e.to_string())?;
-                let app = crate::http::routes(state.clone(), cfg.http_limits);
+                let app = crate::http::routes(state.clone(), cfg.http_limits, cfg.metrics_access);
                 let task = tokio::spawn(crate::http::serve(l, app, cfg.http_limits, stop_server.clone()));
                 (Some(local), Some(task))
             }

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use subtle::ConstantTimeEq;
 use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::v1::generate_server::Generate;
 use tandem_proto::tandem::worker::v1 as pb;
@@ -324,8 +325,12 @@ pub struct Tenant(pub String);
 /// The tenant of API key `given` among the configured `keys`, if it is one of them. A
 /// configured key is `KEY` (its own tenant, named after a hash of the key) or
 /// `TENANT:KEY` (keys sharing a tenant share its prefix cache).
+///
+/// Every configured key is compared, each in constant time (`subtle`), so neither the time
+/// of one comparison nor where the search stops tells an attacker how much of a key matched.
 pub fn tenant_of(keys: &[String], given: &str) -> Option<Tenant> {
-    keys.iter().find_map(|entry| {
+    let mut found = None;
+    for entry in keys {
         let (tenant, key) = match entry.split_once(':') {
             Some((t, k)) if !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => {
                 (t.to_string(), k)
@@ -342,8 +347,11 @@ pub fn tenant_of(keys: &[String], given: &str) -> Option<Tenant> {
                 entry.as_str(),
             ),
         };
-        (key == given).then_some(Tenant(tenant))
-    })
+        if bool::from(key.as_bytes().ct_eq(given.as_bytes())) && found.is_none() {
+            found = Some(Tenant(tenant));
+        }
+    }
+    found
 }
 
 /// The prefix-cache salt a request runs with: set by the server from the tenant when keys

@@ -931,3 +931,121 @@ fn request_ids_are_unguessable_cancel_is_for_live_requests_and_chat_content_is_t
     });
     no_panics(&std::iter::once(&c.router).chain(c.workers.iter().map(|(p, _)| p)).collect::<Vec<_>>());
 }
+
+// ---------------------------------------------------------------------------
+// Connection caps and a keyed /metrics (issue 15: 12)
+
+/// The per-client connection cap the router runs with below.
+const PER_IP_CAP: usize = 8;
+
+/// A connection the server closes: a read ends (EOF or reset) within `within`.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(tokio::time::timeout(within, s.read(&mut buf)).await, Ok(Ok(0)) | Ok(Err(_)))
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[test]
+fn connections_over_the_per_ip_cap_are_closed_at_accept_and_metrics_need_a_key() {
+    let _one = serial();
+    let key = "sk-abuse-12";
+    let cap = PER_IP_CAP.to_string();
+    let flags = ["--http-max-connections-per-ip", &cap, "--api-key", key, "--metrics-require-key"];
+    let c = Cluster::start_with(&[("both", "decode-0")], &flags);
+    let http = c.router.addr_after("tandem: router", "http");
+    let base = format!("http://{http}");
+    rt().block_on(async {
+        // The cap's worth of connections, held idle (the header timeout, 10 s, outlasts this
+        // part); one of them answers, so all were accepted and served.
+        let mut held = Vec::new();
+        for _ in 0..PER_IP_CAP {
+            held.push(TcpStream::connect(&http).await.unwrap());
+        }
+        let health = send_on(&mut held[0], b"GET /health HTTP/1.1\r\nHost: tandem\r\n\r\n").await;
+        assert_eq!(status_of(&health), Some(200), "{health}");
+
+        // One more: closed at once, with nothing read or written.
+        let t0 = Instant::now();
+        let mut over = TcpStream::connect(&http).await.unwrap();
+        assert!(closed_within(&mut over, BOUND).await, "connection {} stayed open", PER_IP_CAP + 1);
+        println!("connection {} closed after {:?}", PER_IP_CAP + 1, t0.elapsed());
+
+        // Once one held connection closes, a benign request is served (the router sees the
+        // close asynchronously: retried until a deadline).
+        drop(held.pop());
+        let web = reqwest::Client::builder().timeout(BOUND).build().unwrap();
+        let body = json!({"messages": [{"role": "user", "content": BENIGN[0]}], "max_tokens": 4, "temperature": 0});
+        let end = Instant::now() + BOUND;
+        let served = loop {
+            let r = web.post(format!("{base}/v1/chat/completions")).bearer_auth(key).json(&body).send().await;
+            match r {
+                Ok(r) => break r,
+                Err(e) => assert!(Instant::now() < end, "no benign request served after a close: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(served.status(), 200, "{:?}", served.text().await);
+        drop(held);
+
+        // /metrics: 401 in OpenAI's shape without the key or with a wrong one; 200 with it,
+        // counting the refusal. Probes stay open.
+        for auth in [None, Some("sk-wrong")] {
+            let mut r = web.get(format!("{base}/metrics"));
+            if let Some(k) = auth {
+                r = r.bearer_auth(k);
+            }
+            let r = r.send().await.unwrap();
+            assert_eq!(r.status(), 401, "{auth:?}");
+            let e: Value = r.json().await.unwrap();
+            assert_eq!(e["error"]["type"], "authentication_error", "{e}");
+        }
+        let r = web.get(format!("{base}/metrics")).bearer_auth(key).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let metrics = r.text().await.unwrap();
+        let refused = sample(&metrics, r#"tandem_http_connections_refused_total{reason="per_ip"}"#);
+        assert!(refused.is_some_and(|n| n >= 1.0), "no per-IP refusal counted:\n{metrics}");
+        assert!(sample(&metrics, "tandem_http_connections_open").is_some(), "no open-connections gauge");
+        for probe in ["health", "ready"] {
+            assert_eq!(web.get(format!("{base}/{probe}")).send().await.unwrap().status(), 200, "/{probe}");
+        }
+    });
+    no_panics(&[&c.router, &c.workers[0].0]);
+
+    // The flag without any API key is refused at start, not silently open.
+    let mut router = Proc::spawn(
+        "router-no-key",
+        tandem(&[
+            "router",
+            "--etcd",
+            &c.etcd.url,
+            "--cluster",
+            &c.cluster,
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--metrics-require-key",
+        ]),
+    );
+    assert_ne!(router.wait_exit(BOUND), Some(0), "started with --metrics-require-key and no key");
+    assert!(router.output().iter().any(|l| l.contains("--metrics-require-key needs")), "{:?}", router.output());
+}
+
+/// Writes `request` on `s` and reads one response's head (up to a blank line), within `BOUND`.
+async fn send_on(s: &mut TcpStream, request: &[u8]) -> String {
+    s.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = tokio::time::Instant::now() + BOUND;
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout_at(end, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}

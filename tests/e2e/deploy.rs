@@ -56,10 +56,16 @@ fn rendered() -> &'static [Value] {
 
 /// The documents `helm template` renders for `values` (a file under the repository), as JSON.
 fn render(values: &str) -> Vec<Value> {
+    render_with(values, &[])
+}
+
+/// As `render`, with `--set` assignments (`key=value`) over the file.
+fn render_with(values: &str, sets: &[&str]) -> Vec<Value> {
     setup();
     let helm_home = root().join(".tools/helm-home");
     let out = Command::new(root().join(".tools/bin/helm"))
         .args(["template", "tandem", "deploy/helm/tandem", "--namespace", "tandem", "-f", values])
+        .args(sets.iter().flat_map(|s| ["--set", s]))
         .env("HELM_CACHE_HOME", helm_home.join("cache"))
         .env("HELM_CONFIG_HOME", helm_home.join("config"))
         .env("HELM_DATA_HOME", helm_home.join("data"))
@@ -330,4 +336,36 @@ fn every_tandem_variable_of_the_chart_is_a_flag_of_its_command_and_logs_are_json
             }
         }
     }
+}
+
+/// With `metrics.requireKey`, the router requires a key on /metrics and the ServiceMonitor's
+/// router endpoint sends one: a single API key (the first, without its tenant) that the
+/// chart writes into the API-keys Secret. The workers' endpoint is unchanged, and without
+/// the value nothing is sent.
+#[test]
+fn with_metrics_require_key_the_service_monitor_sends_an_api_key_to_the_router() {
+    let docs = render_with(CI_VALUES, &["metrics.requireKey=true", "apiKeys.keys={team-a:sk-ci-one,sk-ci-two}"]);
+    let of = |k: &'static str| docs.iter().filter(move |d| d["kind"] == k);
+    let router = of("Deployment").find(|d| component(d) == "router").expect("router Deployment");
+    let c = &router["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(env_value(c, "TANDEM_METRICS_REQUIRE_KEY"), Some("true"));
+    let sm = of("ServiceMonitor").next().expect("a ServiceMonitor");
+    let endpoints = array(&sm["spec"]["endpoints"]);
+    let http = endpoints.iter().find(|e| e["port"] == "http").expect("the router endpoint");
+    assert_eq!(http["authorization"]["type"], "Bearer", "{http}");
+    let cred = &http["authorization"]["credentials"];
+    let (secret, key) = (cred["name"].as_str().expect("secret name"), cred["key"].as_str().expect("key"));
+    let s = of("Secret").find(|s| name(s) == secret).unwrap_or_else(|| panic!("Secret {secret} not rendered"));
+    let sent = s["data"][key].as_str().unwrap_or_else(|| panic!("Secret {secret} has no key {key}"));
+    // base64 of "sk-ci-one": the first key, without its tenant.
+    assert_eq!(sent, "c2stY2ktb25l", "the scrape key in Secret {secret}");
+    let workers = endpoints.iter().find(|e| e["port"] == "metrics").expect("the workers' endpoint");
+    assert!(workers.get("authorization").is_none(), "{workers}");
+    // Without the value (the ci values): no key required, none sent.
+    let plain = kind("ServiceMonitor").next().expect("a ServiceMonitor");
+    assert!(array(&plain["spec"]["endpoints"]).iter().all(|e| e.get("authorization").is_none()));
+    assert_eq!(
+        env_value(&deployment("router")["spec"]["template"]["spec"]["containers"][0], "TANDEM_METRICS_REQUIRE_KEY"),
+        None
+    );
 }

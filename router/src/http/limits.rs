@@ -10,7 +10,10 @@
 //!   [`HttpLimits::body_read_timeout`] once the headers are in (408);
 //! - the whole request: [`HttpLimits::request_timeout`], or less when the client asks
 //!   with an `x-request-timeout` header (504; the generation is cancelled and its blocks
-//!   freed).
+//!   freed);
+//! - open connections: at most [`HttpLimits::max_connections`] in total and
+//!   [`HttpLimits::max_connections_per_ip`] per client (`conns`); one over either cap is
+//!   closed at accept, before a task is spawned or a byte read, and counted.
 //!
 //! Each connection is served by its own task, so a client stuck at any of these stages
 //! holds nothing but its socket and never delays another client. Only HTTP/1.1 is
@@ -29,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::conns::ConnGate;
 use crate::openai::ApiError;
 
 /// Largest request body accepted.
@@ -56,6 +60,11 @@ pub struct HttpLimits {
     /// Longest a request runs, from its headers to its last token; past it, 504 (an
     /// error event when streaming). A client may ask for less with `x-request-timeout`.
     pub request_timeout: Duration,
+    /// Connections open at once at most; one more is closed at accept.
+    pub max_connections: usize,
+    /// Connections one client (an IPv4 address, an IPv6 /64) holds open at most; one more
+    /// is closed at accept.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for HttpLimits {
@@ -66,6 +75,8 @@ impl Default for HttpLimits {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(600),
+            max_connections: 1024,
+            max_connections_per_ip: 128,
         }
     }
 }
@@ -86,13 +97,22 @@ pub async fn serve(
         .max_header_size(limits.max_header_bytes)
         .max_headers(limits.max_headers);
     let graceful = GracefulShutdown::new();
+    let gate = ConnGate::new(limits.max_connections, limits.max_connections_per_ip);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.cancelled() => break,
         };
-        let sock = match accepted {
-            Ok((sock, _)) => sock,
+        let (sock, permit) = match accepted {
+            // Over a cap: dropping the socket closes it, unread.
+            Ok((sock, peer)) => match gate.admit(peer.ip()) {
+                Ok(permit) => (sock, permit),
+                Err(refusal) => {
+                    crate::metrics::http_connection_refused(refusal.kind());
+                    drop(sock);
+                    continue;
+                }
+            },
             // A connection reset before it was accepted, or out of descriptors: back off
             // briefly instead of spinning, and keep serving.
             Err(_) => {
@@ -104,8 +124,10 @@ pub async fn serve(
         let _ = sock.set_nodelay(true);
         let conn = graceful.watch(http.serve_connection(TokioIo::new(sock), TowerToHyperService::new(app.clone())));
         // A connection's error (a client gone, a header timeout) concerns that client alone.
+        // Its permit is given back however the task ends.
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(permit);
         });
     }
     drop(listener);
