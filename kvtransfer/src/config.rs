@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::auth::KvAuth;
 use crate::tls::MutualTls;
 
 /// Settings shared by both ends.
@@ -17,6 +18,10 @@ pub struct TcpConfig {
     /// CA, the sender verifies the receiver's. `None`: plaintext. The same-host Unix socket
     /// stays plaintext either way (it never leaves the host; its file is the owner's alone).
     pub tls: Option<MutualTls>,
+    /// The cluster's key: a sender signs its Hello with it, a receiver refuses a Hello
+    /// that is not signed with it (on TCP and on the same-host socket alike). `None`:
+    /// Hellos are neither signed nor checked.
+    pub auth: Option<KvAuth>,
     /// Receiver: a connection silent this long between frames is closed. No session
     /// outlives its lease (at most a minute), so a longer silence holds nothing. A sender
     /// stops reusing a connection idle for half of this (so it never picks one the
@@ -37,6 +42,7 @@ impl Default for TcpConfig {
             chunk_bytes: 4 << 20,
             queue_frames: 64,
             tls: None,
+            auth: None,
             idle_timeout: Duration::from_secs(120),
             frame_timeout: Duration::from_secs(30),
             max_conns: 256,

@@ -33,6 +33,9 @@ pub enum TransferError {
     /// The TLS handshake failed: a certificate was refused, or the peer does not speak TLS.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The peer did not prove it holds the cluster's secret (its Hello's tag).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
 }
 
 impl TransferError {
@@ -49,6 +52,7 @@ impl TransferError {
             TransferError::Io(_) => "io",
             TransferError::Tls(_) => "tls",
             TransferError::StaleSender(_) => "stale_sender",
+            TransferError::Unauthenticated(_) => "unauthenticated",
         }
     }
 
@@ -62,6 +66,7 @@ impl TransferError {
             TransferError::Aborted(_) => Code::Aborted,
             TransferError::BadBlock(_) => Code::BadBlock,
             TransferError::StaleSender(_) => Code::StaleSender,
+            TransferError::Unauthenticated(_) => Code::Unauthenticated,
             _ => Code::Protocol,
         }
     }
@@ -76,6 +81,7 @@ impl TransferError {
             Code::Aborted => TransferError::Aborted(message),
             Code::BadBlock => TransferError::BadBlock(message),
             Code::StaleSender => TransferError::StaleSender(message),
+            Code::Unauthenticated => TransferError::Unauthenticated(message),
             Code::Ok | Code::Protocol => TransferError::Protocol(message),
         }
     }

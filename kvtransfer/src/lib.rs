@@ -20,6 +20,7 @@
 //! - `nccl` (feature `cuda`): a GPU-to-GPU transport over NCCL, compiled and unit-tested
 //!   but not wired to any worker (its module doc says what a caller would have to add).
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod layout;
@@ -33,11 +34,12 @@ pub mod sink;
 pub mod tls;
 pub mod wire;
 
+pub use auth::KvAuth;
 pub use config::TcpConfig;
 pub use error::TransferError;
 pub use layout::{KvDtypeWire, KvLayout};
 pub use receiver::KvReceiver;
-pub use sender::{BufferPool, KvSender, KvTarget, LocalTarget, SendSession};
+pub use sender::{BufferPool, KvSender, KvTarget, LocalTarget, Renewer, SendSession};
 pub use session::{Arrived, Reservation};
 pub use shm::{host_id, ShmKv};
 pub use sink::{HostKv, KvSink};

@@ -279,7 +279,10 @@ impl Drop for KvReceiver {
     }
 }
 
-async fn read_hello<S: AsyncRead + Unpin>(s: &mut S, max: usize) -> Result<(KvLayout, i64), TransferError> {
+async fn read_hello<S: AsyncRead + Unpin>(
+    s: &mut S,
+    max: usize,
+) -> Result<(KvLayout, i64, [u8; crate::auth::TAG_LEN]), TransferError> {
     let mut h = [0u8; HEADER_LEN];
     s.read_exact(&mut h).await?;
     let head = wire::parse_header(&h, max.min(256)).map_err(|e| TransferError::Protocol(e.to_string()))?;
@@ -287,7 +290,7 @@ async fn read_hello<S: AsyncRead + Unpin>(s: &mut S, max: usize) -> Result<(KvLa
     buf.resize(HEADER_LEN + head.body_len, 0);
     s.read_exact(&mut buf[HEADER_LEN..]).await?;
     match wire::decode(&buf, 256, 0).map_err(|e| TransferError::Protocol(e.to_string()))? {
-        Some((Frame::Hello { layout, lease }, _)) => Ok((layout, lease)),
+        Some((Frame::Hello { layout, lease, tag }, _)) => Ok((layout, lease, tag)),
         Some((Frame::Error { message, .. }, _)) => Err(TransferError::LayoutMismatch(message)),
         _ => Err(TransferError::Protocol("expected a Hello frame".into())),
     }
@@ -309,10 +312,18 @@ pub(crate) async fn serve_conn<S: KvStream>(
 ) -> Result<(), TransferError> {
     let layout = sink.layout();
     // A connection that never says Hello (a stalled or foreign client) is not kept.
-    let (theirs, lease) = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut sock, cfg.max_frame))
+    let (theirs, lease, tag) = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut sock, cfg.max_frame))
         .await
         .map_err(|_| TransferError::Protocol(format!("no Hello within {HELLO_TIMEOUT:?}")))??;
     let limit = cfg.frame_timeout;
+    if let Some(auth) = &cfg.auth {
+        if !auth.verify(&wire::hello_fields(&theirs, lease), &tag) {
+            // Not one of the cluster's workers: it learns nothing else, and is not read again.
+            tracing::warn!(conn, "KV sender refused: its Hello is not signed with the cluster's key");
+            let _ = send_frame(&mut sock, &wire::encode_error(Code::Unauthenticated, UNAUTHENTICATED), limit).await;
+            return Err(TransferError::Unauthenticated("the Hello is not signed with the cluster's key".into()));
+        }
+    }
     if let Some(why) = layout.mismatch(&theirs) {
         // The peer is not yet anyone: it learns that it does not fit, not what would.
         tracing::warn!(conn, %why, "KV sender refused");
@@ -439,6 +450,12 @@ pub(crate) async fn serve_conn<S: KvStream>(
                 send_frame(&mut sock, &reply, limit).await?;
             }
             Frame::Abort { request_id, message, .. } => sessions.fail(request_id, TransferError::Aborted(message)),
+            // A granted renewal is not answered; a refused one is, and the sender stops.
+            Frame::Renew { request_id, lease_ms } => {
+                if let Err(e) = sessions.renew(conn, request_id, lease_ms) {
+                    send_frame(&mut sock, &wire::encode_ack(request_id, e.code(), &e.to_string()), limit).await?;
+                }
+            }
             // Same host: the sender writes nothing in place before this answer.
             Frame::Open { request_id } if in_place => {
                 let reply = match sessions.open(conn, request_id) {
@@ -458,6 +475,8 @@ pub(crate) async fn serve_conn<S: KvStream>(
 
 /// What a sender whose layout differs is told (the differences are logged, not sent).
 const LAYOUT_MISMATCH: &str = "layout mismatch";
+/// What a sender without the cluster's key is told.
+const UNAUTHENTICATED: &str = "unauthenticated";
 
 /// Writes one frame to the sender, flushed: a TLS stream would otherwise keep the
 /// records of a small frame (an Ack) while its socket is full. A peer that does not

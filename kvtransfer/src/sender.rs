@@ -20,10 +20,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -39,7 +40,10 @@ enum Outgoing {
     Blocks { head: Vec<u8>, payload: Arc<Vec<u8>>, range: std::ops::Range<usize> },
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), TransferError>>>>>;
+/// What the receiver said of a session: nothing yet, its verdict after `Finish`, or a
+/// refusal (an error `Ack`) at any time.
+type Verdict = Option<Result<(), TransferError>>;
+type Pending = Arc<Mutex<HashMap<u64, watch::Sender<Verdict>>>>;
 /// Same-host sessions waiting for the receiver's `Accept` (the blocks they may write).
 type Opening = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u32>, TransferError>>>>>;
 
@@ -87,9 +91,10 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     sock: &mut S,
     layout: &KvLayout,
     lease: i64,
+    auth: Option<&crate::auth::KvAuth>,
     expect_offer: bool,
 ) -> Result<Option<(u64, String)>, TransferError> {
-    sock.write_all(&wire::encode_hello(layout, lease)).await?;
+    sock.write_all(&wire::encode_hello_signed(layout, lease, auth)).await?;
     sock.flush().await?;
     let mut offer = None;
     for step in 0..1 + usize::from(expect_offer) {
@@ -105,6 +110,9 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             // The receiver does not say what it expects (it logs that); say what we sent.
             Some((Frame::Error { code: Code::LayoutMismatch, message }, _)) => {
                 return Err(TransferError::LayoutMismatch(format!("{message}: the receiver refused {layout:?}")))
+            }
+            Some((Frame::Error { code: Code::Unauthenticated, message }, _)) => {
+                return Err(TransferError::Unauthenticated(message))
             }
             Some((Frame::Error { message, .. }, _)) => return Err(TransferError::Protocol(message)),
             _ => return Err(TransferError::Protocol("unexpected answer to Hello".into())),
@@ -130,7 +138,7 @@ where
         move |pending: &Pending, opening: &Opening, dead: &Arc<Mutex<Option<TransferError>>>, err: TransferError| {
             *dead.lock().expect("dead") = Some(err.clone());
             for (_, tx) in pending.lock().expect("pending").drain() {
-                let _ = tx.send(Err(err.clone()));
+                tx.send_replace(Some(Err(err.clone())));
             }
             for (_, tx) in opening.lock().expect("opening").drain() {
                 let _ = tx.send(Err(err.clone()));
@@ -191,11 +199,11 @@ where
                         let _ = tx.send(Err(TransferError::from_code(code, request_id, message.clone())));
                     }
                     if let Some(tx) = p3.lock().expect("pending").remove(&request_id) {
-                        let _ = tx.send(if code == Code::Ok {
+                        tx.send_replace(Some(if code == Code::Ok {
                             Ok(())
                         } else {
                             Err(TransferError::from_code(code, request_id, message))
-                        });
+                        }));
                     }
                 }
                 Ok(Some((Frame::Error { code, message }, _))) => break TransferError::from_code(code, 0, message),
@@ -240,6 +248,16 @@ pub struct KvSender {
 }
 
 impl KvSender {
+    /// The handshake on a new connection: this sender's layout, lease and signature.
+    async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        sock: &mut S,
+        expect_offer: bool,
+    ) -> Result<Option<(u64, String)>, TransferError> {
+        let lease = self.lease.load(Ordering::SeqCst);
+        handshake(sock, &self.layout, lease, self.cfg.auth.as_ref(), expect_offer).await
+    }
+
     pub fn new(layout: KvLayout, cfg: TcpConfig) -> Self {
         KvSender {
             layout,
@@ -293,12 +311,9 @@ impl KvSender {
                 sock.set_nodelay(true)?;
                 match &self.cfg.tls {
                     None => {
-                        tokio::time::timeout_at(
-                            deadline,
-                            handshake(&mut sock, &self.layout, self.lease.load(Ordering::SeqCst), false),
-                        )
-                        .await
-                        .map_err(|_| timeout())??;
+                        tokio::time::timeout_at(deadline, self.hello(&mut sock, false))
+                            .await
+                            .map_err(|_| timeout())??;
                         let (rd, wr) = sock.into_split();
                         start_conn(rd, wr, &self.cfg, None)
                     }
@@ -310,13 +325,10 @@ impl KvSender {
                             .map_err(|e| TransferError::Tls(format!("with {addr}: {e}")))?;
                         // With TLS 1.3 a refused client certificate shows here: the
                         // receiver's alert (an i/o error) comes in place of its answer to Hello.
-                        tokio::time::timeout_at(
-                            deadline,
-                            handshake(&mut sock, &self.layout, self.lease.load(Ordering::SeqCst), false),
-                        )
-                        .await
-                        .map_err(|_| timeout())?
-                        .map_err(|e| match e {
+                        tokio::time::timeout_at(deadline, self.hello(&mut sock, false))
+                            .await
+                            .map_err(|_| timeout())?
+                            .map_err(|e| match e {
                             TransferError::Io(m) => TransferError::Tls(format!("with {addr}: {m}")),
                             other => other,
                         })?;
@@ -336,12 +348,8 @@ impl KvSender {
                 if peer != our_uid() {
                     return Err(TransferError::Protocol(format!("{} is served by uid {peer}", path.display())));
                 }
-                let offer = tokio::time::timeout_at(
-                    deadline,
-                    handshake(&mut sock, &self.layout, self.lease.load(Ordering::SeqCst), true),
-                )
-                .await
-                .map_err(|_| timeout())??;
+                let offer =
+                    tokio::time::timeout_at(deadline, self.hello(&mut sock, true)).await.map_err(|_| timeout())??;
                 let (n_blocks, offered) =
                     offer.ok_or_else(|| TransferError::Protocol("no shared segment offered".into()))?;
                 // The registration names the segment; an offer of another path is not followed.
@@ -403,7 +411,7 @@ impl KvSender {
 
     async fn open_key(&self, key: &ConnKey, request_id: u64, deadline: Instant) -> Result<SendSession, TransferError> {
         let conn = self.conn(key, deadline).await?;
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = watch::channel(None);
         let (queue, dead, shm, pool, pending, opening) = {
             let c = conn.lock().expect("conn");
             c.pending.lock().expect("pending").insert(request_id, tx);
@@ -421,7 +429,7 @@ impl KvSender {
         };
         Ok(SendSession {
             request_id,
-            deadline,
+            deadline: Arc::new(Mutex::new(deadline)),
             queue,
             dead,
             verdict: Some(rx),
@@ -470,10 +478,11 @@ async fn open_in_place(
 /// One request's transfer from the sending side.
 pub struct SendSession {
     pub request_id: u64,
-    deadline: Instant,
+    /// Moves later with each renewal (`Renewer`).
+    deadline: Arc<Mutex<Instant>>,
     queue: mpsc::Sender<Outgoing>,
     dead: Arc<Mutex<Option<TransferError>>>,
-    verdict: Option<oneshot::Receiver<Result<(), TransferError>>>,
+    verdict: Option<watch::Receiver<Verdict>>,
     layout: KvLayout,
     chunk_bytes: usize,
     done: bool,
@@ -498,12 +507,30 @@ impl SendSession {
         }
     }
 
+    /// Keeps this session's reservation alive from elsewhere while the session itself is
+    /// busy or idle (a queued prefill): see `Renewer`.
+    pub fn renewer(&self) -> Renewer {
+        Renewer {
+            request_id: self.request_id,
+            queue: self.queue.clone(),
+            deadline: self.deadline.clone(),
+            verdict: self.verdict.clone(),
+            dead: self.dead.clone(),
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        *self.deadline.lock().expect("deadline")
+    }
+
     fn early_error(&mut self) -> Result<(), TransferError> {
-        if let Some(rx) = self.verdict.as_mut() {
-            if let Ok(Err(e)) = rx.try_recv() {
-                self.verdict = None;
-                return Err(e);
-            }
+        let refused = self.verdict.as_ref().and_then(|rx| match &*rx.borrow() {
+            Some(Err(e)) => Some(e.clone()),
+            _ => None,
+        });
+        if let Some(e) = refused {
+            self.verdict = None;
+            return Err(e);
         }
         if let Some(e) = self.dead.lock().expect("dead").clone() {
             return Err(e);
@@ -512,7 +539,7 @@ impl SendSession {
     }
 
     async fn push(&mut self, out: Outgoing) -> Result<(), TransferError> {
-        match tokio::time::timeout_at(self.deadline, self.queue.send(out)).await {
+        match tokio::time::timeout_at(self.deadline(), self.queue.send(out)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(TransferError::PeerGone("connection closed".into())),
             Err(_) => Err(TransferError::Deadline(format!("request {}: the send queue stayed full", self.request_id))),
@@ -578,9 +605,10 @@ impl SendSession {
         self.early_error()?;
         self.push(Outgoing::Bytes(wire::encode_finish(self.request_id, first_token, num_tokens))).await?;
         self.done = true;
-        let rx = self.verdict.take().ok_or_else(|| TransferError::Protocol("session already failed".into()))?;
-        match tokio::time::timeout_at(self.deadline, rx).await {
-            Ok(Ok(r)) => r,
+        let mut rx = self.verdict.take().ok_or_else(|| TransferError::Protocol("session already failed".into()))?;
+        let verdict = async { rx.wait_for(Option::is_some).await.map(|v| v.clone()) };
+        match tokio::time::timeout_at(self.deadline(), verdict).await {
+            Ok(Ok(r)) => r.expect("waited for a verdict"),
             Ok(Err(_)) => Err(TransferError::PeerGone("connection closed before the verdict".into())),
             Err(_) => {
                 Err(TransferError::Deadline(format!("request {}: no verdict from the receiver", self.request_id)))
@@ -592,6 +620,64 @@ impl SendSession {
     pub async fn abort(mut self, why: &str) {
         self.done = true;
         let _ = self.queue.try_send(Outgoing::Bytes(wire::encode_abort(self.request_id, Code::Aborted, why)));
+    }
+}
+
+/// Renews a session's reservation on the receiver (a `Renew` frame) while the sender
+/// still works on the request, and tells when the receiver has refused the session.
+#[derive(Clone)]
+pub struct Renewer {
+    request_id: u64,
+    queue: mpsc::Sender<Outgoing>,
+    deadline: Arc<Mutex<Instant>>,
+    verdict: Option<watch::Receiver<Verdict>>,
+    dead: Arc<Mutex<Option<TransferError>>>,
+}
+
+impl Renewer {
+    /// Asks for the reservation to last `lease` more, and moves this side's deadline as
+    /// far. A full send queue skips this renewal (KV is flowing; the next one goes out).
+    pub fn renew(&self, lease: Duration) -> Result<(), TransferError> {
+        if let Some(e) = self.failed() {
+            return Err(e);
+        }
+        let ms = lease.as_millis().min(u32::MAX as u128) as u32;
+        match self.queue.try_send(Outgoing::Bytes(wire::encode_renew(self.request_id, ms))) {
+            Ok(()) => {
+                let mut d = self.deadline.lock().expect("deadline");
+                *d = (*d).max(Instant::now() + lease);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(TransferError::PeerGone("connection closed".into())),
+        }
+    }
+
+    /// When the session must be given up now: the deadline as renewals have moved it.
+    pub fn deadline(&self) -> Instant {
+        *self.deadline.lock().expect("deadline")
+    }
+
+    /// The receiver's refusal of the session, or the connection's death, if either came.
+    pub fn failed(&self) -> Option<TransferError> {
+        if let Some(Some(Err(e))) = self.verdict.as_ref().map(|rx| rx.borrow().clone()) {
+            return Some(e);
+        }
+        self.dead.lock().expect("dead").clone()
+    }
+
+    /// Waits until the receiver refuses the session or the connection dies (forever if
+    /// neither happens).
+    pub async fn refused(&self) -> TransferError {
+        if let Some(mut rx) = self.verdict.clone() {
+            if let Ok(v) = rx.wait_for(|v| matches!(v, Some(Err(_)))).await {
+                if let Some(Err(e)) = &*v {
+                    return e.clone();
+                }
+            }
+        }
+        // The verdict came and was not a refusal (or never can come): nothing to wait for.
+        std::future::pending().await
     }
 }
 

@@ -30,6 +30,10 @@ struct Entry {
     /// The same-host connection whose sender may write these blocks in place (it sent
     /// `Open` and was told the blocks); no other may.
     opened_by: Option<u64>,
+    /// When the lease ends, unless the sender renews it (`Sessions::renew`).
+    deadline: Instant,
+    /// The lease first granted: a renewal extends to at most this much from now.
+    lease: std::time::Duration,
 }
 
 /// All live reservations of one receiver.
@@ -49,6 +53,22 @@ struct State {
     conn_lease: HashMap<u64, i64>,
 }
 
+impl State {
+    /// `request_id`'s reservation, if it is live and connection `conn`'s sender is the
+    /// one it expects.
+    fn live_for(&mut self, conn: u64, request_id: u64) -> Result<&mut Entry, TransferError> {
+        let sent_by = self.conn_lease.get(&conn).copied().unwrap_or(0);
+        let e = match self.by_id.get_mut(&request_id) {
+            Some(e) if e.done.is_some() => e,
+            _ => return Err(TransferError::UnknownRequest(request_id)),
+        };
+        if e.sender_lease != 0 && sent_by != e.sender_lease {
+            return Err(TransferError::StaleSender(format!("request {request_id} expects another sender")));
+        }
+        Ok(e)
+    }
+}
+
 /// A lease on blocks for one request; dropping it releases the blocks.
 pub struct Reservation {
     pub request_id: u64,
@@ -58,14 +78,29 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// Waits until the KV has arrived, the session fails, or the lease expires.
+    /// Waits until the KV has arrived, the session fails, or the lease expires (as the
+    /// sender's renewals have moved it).
     pub async fn wait(mut self) -> Result<Arrived, TransferError> {
-        let rx = self.rx.take().expect("wait is called once");
-        match tokio::time::timeout_at(self.deadline, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(TransferError::PeerGone("the receiver shut down".into())),
-            Err(_) => Err(TransferError::Deadline(format!("request {}: KV did not arrive in time", self.request_id))),
+        let mut rx = self.rx.take().expect("wait is called once");
+        loop {
+            let deadline = self.sessions.deadline(self.request_id).unwrap_or(self.deadline);
+            match tokio::time::timeout_at(deadline, &mut rx).await {
+                Ok(Ok(r)) => return r,
+                Ok(Err(_)) => return Err(TransferError::PeerGone("the receiver shut down".into())),
+                Err(_) if self.sessions.deadline(self.request_id).is_some_and(|d| d > deadline) => continue,
+                Err(_) => {
+                    return Err(TransferError::Deadline(format!(
+                        "request {}: KV did not arrive in time",
+                        self.request_id
+                    )))
+                }
+            }
         }
+    }
+
+    /// When the lease now ends (later than at first if the sender renewed it).
+    pub fn deadline(&self) -> Instant {
+        self.sessions.deadline(self.request_id).unwrap_or(self.deadline)
     }
 }
 
@@ -141,10 +176,36 @@ impl Sessions {
             st.owner.insert(b, request_id);
         }
         let (tx, rx) = oneshot::channel();
-        let entry =
-            Entry { blocks: set, received: HashSet::new(), done: Some(tx), conn: None, sender_lease, opened_by: None };
+        let lease = deadline.saturating_duration_since(Instant::now());
+        let entry = Entry {
+            blocks: set,
+            received: HashSet::new(),
+            done: Some(tx),
+            conn: None,
+            sender_lease,
+            opened_by: None,
+            deadline,
+            lease,
+        };
         st.by_id.insert(request_id, entry);
         Ok(Reservation { request_id, deadline, rx: Some(rx), sessions: self.clone() })
+    }
+
+    /// When `request_id`'s lease ends; `None` once it is gone.
+    fn deadline(&self, request_id: u64) -> Option<Instant> {
+        self.inner.lock().expect("sessions lock").by_id.get(&request_id).map(|e| e.deadline)
+    }
+
+    /// The sender on connection `conn` still works on `request_id`: its lease is moved to
+    /// `lease_ms` from now, but never further than the lease first granted. Refused (the
+    /// sender stops) when the reservation is gone or done, or the connection's sender is not
+    /// the one expected.
+    pub fn renew(&self, conn: u64, request_id: u64, lease_ms: u32) -> Result<(), TransferError> {
+        let mut st = self.inner.lock().expect("sessions lock");
+        let e = st.live_for(conn, request_id)?;
+        let wanted = std::time::Duration::from_millis(lease_ms as u64).min(e.lease);
+        e.deadline = e.deadline.max(Instant::now() + wanted);
+        Ok(())
     }
 
     fn remove(&self, request_id: u64) {
@@ -163,14 +224,7 @@ impl Sessions {
     /// writes nothing.
     pub fn open(&self, conn: u64, request_id: u64) -> Result<Vec<u32>, TransferError> {
         let mut st = self.inner.lock().expect("sessions lock");
-        let sent_by = st.conn_lease.get(&conn).copied().unwrap_or(0);
-        let e = match st.by_id.get_mut(&request_id) {
-            Some(e) if e.done.is_some() => e,
-            _ => return Err(TransferError::UnknownRequest(request_id)),
-        };
-        if e.sender_lease != 0 && sent_by != e.sender_lease {
-            return Err(TransferError::StaleSender(format!("request {request_id} expects another sender")));
-        }
+        let e = st.live_for(conn, request_id)?;
         if e.opened_by.is_some_and(|c| c != conn) {
             return Err(TransferError::Protocol(format!("request {request_id} is opened by another connection")));
         }
@@ -312,6 +366,30 @@ mod tests {
         drop(w);
         drop(w2);
         assert_eq!(s.writes_in_progress(7), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_keep_a_reservation_past_its_first_lease_and_no_further_than_it_each_time() {
+        use std::time::Duration;
+        let s = Sessions::default();
+        let t0 = Instant::now();
+        let res = s.reserve_from(7, &[1], 8, t0 + Duration::from_secs(2), 42).unwrap();
+        s.connected(1, 42);
+        s.connected(2, 43);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        s.renew(1, 7, 60_000).unwrap();
+        assert_eq!(res.deadline(), Instant::now() + Duration::from_secs(2), "at most the first lease");
+        assert!(matches!(s.renew(2, 7, 1000), Err(TransferError::StaleSender(_))), "another sender");
+        assert!(matches!(s.renew(1, 8, 1000), Err(TransferError::UnknownRequest(8))), "nothing reserved");
+        s.renew(1, 7, 10).unwrap();
+        assert_eq!(res.deadline(), t0 + Duration::from_millis(3500), "a shorter renewal never cuts it");
+        let waited = tokio::spawn(res.wait());
+        tokio::time::sleep(Duration::from_millis(1900)).await;
+        s.renew(1, 7, 2000).unwrap();
+        assert!(!waited.is_finished(), "renewed before its end: still waiting");
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert!(matches!(waited.await.unwrap(), Err(TransferError::Deadline(_))), "ends when renewals stop");
+        assert!(matches!(s.renew(1, 7, 1000), Err(TransferError::UnknownRequest(7))), "gone with its lease");
     }
 
     #[test]

@@ -5,12 +5,15 @@
 //! sliced, so a hostile or corrupt peer gets a `WireError`, never a panic or
 //! an allocation of its choosing.
 
+use crate::auth::{KvAuth, TAG_LEN};
 use crate::layout::{KvDtypeWire, KvLayout};
 
 pub const MAGIC: u32 = 0x564B_5454; // "TTKV" little-endian
-pub const VERSION: u16 = 3;
-/// Bytes of a Hello body: the layout, then the sender's lease.
-const HELLO_LEN: usize = 28;
+pub const VERSION: u16 = 4;
+/// Bytes of a Hello's signed fields: the layout, then the sender's lease.
+pub const HELLO_FIELDS: usize = 28;
+/// Bytes of a Hello body: the signed fields, then their tag (`auth`).
+const HELLO_LEN: usize = HELLO_FIELDS + TAG_LEN;
 pub const HEADER_LEN: usize = 16;
 /// Fixed part of a Blocks body before the block ids.
 pub const BLOCKS_FIXED: usize = 16;
@@ -37,6 +40,7 @@ pub enum Kind {
     ShmOffer = 8,
     Open = 9,
     Accept = 10,
+    Renew = 11,
 }
 
 impl Kind {
@@ -52,6 +56,7 @@ impl Kind {
             8 => Kind::ShmOffer,
             9 => Kind::Open,
             10 => Kind::Accept,
+            11 => Kind::Renew,
             _ => return None,
         })
     }
@@ -89,6 +94,7 @@ impl Kind {
             Kind::Blocks | Kind::Accept => max_frame,
             Kind::Finish => FINISH_LEN,
             Kind::Open => 8,
+            Kind::Renew => 12,
             Kind::Abort | Kind::Ack => 8 + 4 + MAX_MESSAGE,
             Kind::Error => 4 + MAX_MESSAGE,
             Kind::ShmOffer => 10 + MAX_MESSAGE,
@@ -118,6 +124,7 @@ pub enum Code {
     Aborted = 6,
     Protocol = 7,
     StaleSender = 8,
+    Unauthenticated = 9,
 }
 
 impl Code {
@@ -131,6 +138,7 @@ impl Code {
             5 => Code::Deadline,
             6 => Code::Aborted,
             8 => Code::StaleSender,
+            9 => Code::Unauthenticated,
             _ => Code::Protocol,
         }
     }
@@ -139,10 +147,12 @@ impl Code {
 /// A decoded frame; `Blocks` borrows its ids and payload from the input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame<'a> {
-    /// The sender's layout and discovery lease (0: none).
+    /// The sender's layout and discovery lease (0: none), and the tag that proves it
+    /// holds the cluster's secret (zeros from a sender without one).
     Hello {
         layout: KvLayout,
         lease: i64,
+        tag: [u8; TAG_LEN],
     },
     HelloOk,
     Blocks(BlocksRef<'a>),
@@ -183,6 +193,13 @@ pub enum Frame<'a> {
     Accept {
         request_id: u64,
         block_ids: Vec<u32>,
+    },
+    /// The sender is still computing `request_id` (queued or prefilling): its reservation
+    /// should last `lease_ms` more (the receiver grants at most the lease it first granted).
+    /// A refusal is an `Ack` with the code; a renewal granted is not answered.
+    Renew {
+        request_id: u64,
+        lease_ms: u32,
     },
 }
 
@@ -256,8 +273,26 @@ fn message_body(prefix: &[u8], code: Code, message: &str) -> Vec<u8> {
 }
 
 /// `lease`: the sender's discovery lease (0: none), checked against reservations that
-/// name the sender they expect.
+/// name the sender they expect. Unsigned: a receiver that checks Hellos refuses it.
 pub fn encode_hello(layout: &KvLayout, lease: i64) -> Vec<u8> {
+    encode_hello_tagged(layout, lease, &[0; TAG_LEN])
+}
+
+/// A Hello signed with the cluster's key (`auth`), or unsigned without one.
+pub fn encode_hello_signed(layout: &KvLayout, lease: i64, auth: Option<&KvAuth>) -> Vec<u8> {
+    let tag = auth.map_or([0; TAG_LEN], |a| a.tag(&hello_fields(layout, lease)));
+    encode_hello_tagged(layout, lease, &tag)
+}
+
+/// A Hello carrying `tag` as it is.
+pub fn encode_hello_tagged(layout: &KvLayout, lease: i64, tag: &[u8; TAG_LEN]) -> Vec<u8> {
+    let mut b = hello_fields(layout, lease);
+    b.extend_from_slice(tag);
+    frame(Kind::Hello, &b)
+}
+
+/// The bytes of a Hello that its tag covers.
+pub fn hello_fields(layout: &KvLayout, lease: i64) -> Vec<u8> {
     let mut b = Vec::with_capacity(HELLO_LEN);
     b.extend_from_slice(&layout.n_layers.to_le_bytes());
     b.extend_from_slice(&layout.n_kv_heads.to_le_bytes());
@@ -267,7 +302,7 @@ pub fn encode_hello(layout: &KvLayout, lease: i64) -> Vec<u8> {
     b.extend_from_slice(&[0, 0, 0]);
     b.extend_from_slice(&layout.fingerprint.to_le_bytes());
     b.extend_from_slice(&lease.to_le_bytes());
-    frame(Kind::Hello, &b)
+    b
 }
 
 pub fn encode_hello_ok() -> Vec<u8> {
@@ -350,6 +385,13 @@ pub fn encode_shm_offer(n_blocks: u64, path: &str) -> Vec<u8> {
 
 pub fn encode_open(request_id: u64) -> Vec<u8> {
     frame(Kind::Open, &request_id.to_le_bytes())
+}
+
+/// The sender still works on `request_id`: keep its reservation for `lease_ms` more.
+pub fn encode_renew(request_id: u64, lease_ms: u32) -> Vec<u8> {
+    let mut b = request_id.to_le_bytes().to_vec();
+    b.extend_from_slice(&lease_ms.to_le_bytes());
+    frame(Kind::Renew, &b)
 }
 
 pub fn encode_accept(request_id: u64, block_ids: &[u32]) -> Vec<u8> {
@@ -436,7 +478,8 @@ pub fn decode(buf: &[u8], max_body: usize, layer_block_bytes: usize) -> Result<O
                 dtype,
                 fingerprint: le64(body, 12),
             };
-            Frame::Hello { layout, lease: le64(body, 20) as i64 }
+            let tag = body[HELLO_FIELDS..].try_into().expect("HELLO_LEN bytes");
+            Frame::Hello { layout, lease: le64(body, 20) as i64, tag }
         }
         Kind::HelloOk => {
             if !body.is_empty() {
@@ -493,6 +536,12 @@ pub fn decode(buf: &[u8], max_body: usize, layer_block_bytes: usize) -> Result<O
             }
             Frame::Open { request_id: le64(body, 0) }
         }
+        Kind::Renew => {
+            if body.len() != 12 {
+                return Err(bad("wrong length"));
+            }
+            Frame::Renew { request_id: le64(body, 0), lease_ms: le32(body, 8) }
+        }
         Kind::Accept => {
             if body.len() < 12 || (body.len() - 12) / 4 != le32(body, 8) as usize || body.len() % 4 != 0 {
                 return Err(bad("block count does not match the body length"));
@@ -528,6 +577,8 @@ mod tests {
             encode_shm_offer(12, "/dev/shm/x"),
             encode_open(7),
             encode_accept(7, &[3, 9]),
+            encode_hello_signed(&l, 7, Some(&KvAuth::from_secret(b"secret"))),
+            encode_renew(7, 1500),
         ];
         let mut stream = Vec::new();
         for f in &frames {
@@ -549,6 +600,16 @@ mod tests {
         assert!(got[7].contains("n_blocks: 12") && got[7].contains("/dev/shm/x"));
         assert!(got[8].contains("Open { request_id: 7 }"));
         assert!(got[9].contains("block_ids: [3, 9]"));
+        let auth = KvAuth::from_secret(b"secret");
+        match decode(&frames[10], 256, 0).unwrap().unwrap().0 {
+            Frame::Hello { layout, lease, tag } => {
+                assert_eq!((layout, lease), (l, 7));
+                assert!(auth.verify(&hello_fields(&l, 7), &tag), "the tag survives the wire");
+                assert!(!auth.verify(&hello_fields(&l, 8), &tag), "and covers the lease");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(got[11].contains("Renew { request_id: 7, lease_ms: 1500 }"), "{}", got[11]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_kvtransfer::wire::{self, Frame, HEADER_LEN};
-use tandem_kvtransfer::{HostKv, KvDtypeWire, KvLayout, KvReceiver, KvSender, TcpConfig};
+use tandem_kvtransfer::{HostKv, KvAuth, KvDtypeWire, KvLayout, KvReceiver, KvSender, TcpConfig, TransferError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -72,9 +72,14 @@ fn finish_header_claiming(len: u32) -> Vec<u8> {
 
 /// A real sender still gets its KV through.
 async fn a_transfer_works(rx: &KvReceiver, sink: &HostKv, request_id: u64) {
+    a_transfer_works_with(rx, sink, request_id, TcpConfig::default()).await
+}
+
+/// As `a_transfer_works`, from a sender configured by `cfg`.
+async fn a_transfer_works_with(rx: &KvReceiver, sink: &HostKv, request_id: u64, cfg: TcpConfig) {
     let l = layout();
     let res = rx.reserve(request_id, &[5], Instant::now() + Duration::from_secs(5)).unwrap();
-    let tx = KvSender::new(l, TcpConfig::default());
+    let tx = KvSender::new(l, cfg);
     let mut s = tx.open(rx.local_addr(), request_id, Instant::now() + Duration::from_secs(5)).await.unwrap();
     for layer in 0..l.n_layers {
         s.send_layer(layer, &[5], vec![layer as u8 + 7; l.layer_block_bytes()]).await.unwrap();
@@ -166,4 +171,44 @@ async fn a_refused_hello_learns_nothing_of_the_expected_layout() {
         other => panic!("{other:?}"),
     }
     a_transfer_works(&rx, &sink, 4).await;
+}
+
+/// Issue 15, item 3: a receiver with the cluster's key refuses every Hello not signed with
+/// it (unsigned, signed with another key, or a replayed tag on other fields) before it
+/// looks at the layout, and tells the stranger nothing but that.
+#[tokio::test]
+async fn a_hello_without_the_clusters_key_is_refused_before_anything_else() {
+    let key = || Some(KvAuth::from_secret(b"this cluster's secret, 32 bytes+"));
+    let (rx, sink) = receiver(TcpConfig { auth: key(), ..cfg() }).await;
+    let stranger = KvAuth::from_secret(b"a guess at the secret, 32 bytes+");
+    let right = key().unwrap();
+    let attempts = [
+        ("unsigned", wire::encode_hello(&layout(), 0)),
+        ("another key", wire::encode_hello_signed(&layout(), 0, Some(&stranger))),
+        ("a wrong layout, unsigned", wire::encode_hello(&KvLayout { head_dim: 64, ..layout() }, 0)),
+        // A real tag, lifted from another sender's Hello, on a lease of the stranger's choice.
+        (
+            "a tag of other fields",
+            wire::encode_hello_tagged(&layout(), 9, &right.tag(&wire::hello_fields(&layout(), 0))),
+        ),
+    ];
+    for (what, hello) in attempts {
+        let mut sock = TcpStream::connect(rx.local_addr()).await.unwrap();
+        sock.write_all(&hello).await.unwrap();
+        let said = until_closed(&mut sock, Duration::from_secs(5)).await;
+        match wire::decode(&said, 1 << 16, 0).unwrap().unwrap().0 {
+            Frame::Error { code: wire::Code::Unauthenticated, message } => {
+                assert_eq!(message, "unauthenticated", "{what}")
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // A sender without the key learns why it failed; one with it gets its KV through.
+    let res = rx.reserve(5, &[5], Instant::now() + Duration::from_secs(5)).unwrap();
+    let tx = KvSender::new(layout(), TcpConfig::default());
+    let err = tx.open(rx.local_addr(), 5, Instant::now() + Duration::from_secs(5)).await.err();
+    assert!(matches!(err, Some(TransferError::Unauthenticated(_))), "{err:?}");
+    tx.shutdown().await;
+    drop(res);
+    a_transfer_works_with(&rx, &sink, 6, TcpConfig { auth: key(), ..TcpConfig::default() }).await;
 }

@@ -303,3 +303,40 @@ async fn a_dead_receivers_connection_is_dropped_by_the_next_session() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A sender still computing keeps its reservation by renewing it (the receiver's lease
+/// is 300 ms; the KV comes after 1 s), and learns at once when the reservation is gone.
+#[tokio::test]
+async fn renewals_keep_a_slow_senders_reservation_and_a_gone_one_is_refused() {
+    let l = smollm();
+    let (rx, sink) = receiver(16).await;
+    let res = rx.reserve(1, &[3], soon(300)).unwrap();
+    let tx = KvSender::new(l, TcpConfig::default());
+    let mut s = tx.open(rx.local_addr(), 1, soon(300)).await.unwrap();
+    let renewer = s.renewer();
+    let waiting = tokio::spawn(res.wait());
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        renewer.renew(Duration::from_millis(300)).unwrap();
+    }
+    assert!(!waiting.is_finished(), "the receiver still waits, 1 s into a 300 ms lease");
+    assert!(renewer.deadline() > Instant::now(), "the sender's own deadline moved too");
+    let p = payload(&l, 7, 1);
+    for layer in 0..l.n_layers {
+        s.send_layer(layer, &[3], p.clone()).await.unwrap();
+    }
+    s.finish(5, 16).await.unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap().first_token, 5);
+    assert_eq!(sink.read_block(0, 3), p);
+
+    // A reservation that ended (dropped here, as a cancel does): the next renewal is refused.
+    let res = rx.reserve(2, &[4], soon(5_000)).unwrap();
+    let s = tx.open(rx.local_addr(), 2, soon(5_000)).await.unwrap();
+    let renewer = s.renewer();
+    drop(res);
+    renewer.renew(Duration::from_millis(300)).unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(5), renewer.refused()).await.expect("refused in time");
+    assert!(matches!(refused, TransferError::UnknownRequest(2)), "{refused:?}");
+    assert!(renewer.renew(Duration::from_millis(300)).is_err(), "no renewal after the refusal");
+    tx.shutdown().await;
+}

@@ -102,12 +102,12 @@ fn check_frame(frame: &Frame<'_>, bytes: &[u8], max_body: usize, lbb: usize) {
 
     let exact_text = |m: &str| m.len() <= MAX_MESSAGE && !m.contains('\u{FFFD}');
     let (re, comparable) = match frame {
-        Frame::Hello { layout, lease } => {
+        Frame::Hello { layout, lease, tag } => {
             let _ = layout.validate();
             assert_eq!(layout.mismatch(layout), None);
             let _ = layout.mismatch(&layouts()[3]);
             let _ = layout.layer_block_bytes();
-            (wire::encode_hello(layout, *lease), true)
+            (wire::encode_hello_tagged(layout, *lease, tag), true)
         }
         Frame::HelloOk => (wire::encode_hello_ok(), true),
         Frame::Blocks(b) => {
@@ -135,6 +135,7 @@ fn check_frame(frame: &Frame<'_>, bytes: &[u8], max_body: usize, lbb: usize) {
         Frame::ShmOffer { n_blocks, path } => (wire::encode_shm_offer(*n_blocks, path), exact_text(path)),
         Frame::Open { request_id } => (wire::encode_open(*request_id), true),
         Frame::Accept { request_id, block_ids } => (wire::encode_accept(*request_id, block_ids), true),
+        Frame::Renew { request_id, lease_ms } => (wire::encode_renew(*request_id, *lease_ms), true),
     };
     // Decode the re-encoding with a bound it fits in.
     let back = wire::decode(&re, usize::MAX, lbb);
@@ -246,6 +247,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
     out.push(wire::encode_shm_offer(1024, "/dev/shm/tandem-kv-1"));
     out.push(wire::encode_open(7));
     out.push(wire::encode_accept(7, &[3, 4, 9]));
+    out.push(wire::encode_renew(7, 30_000));
     // A handshake followed by blocks of that layout, as a receiver sees it.
     let l = layouts()[0];
     let mut s = wire::encode_hello(&l, 0);
