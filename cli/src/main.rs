@@ -12,6 +12,7 @@ mod bench;
 mod bench_kv;
 mod bench_overlap;
 mod bench_serve;
+mod cluster_token;
 mod generate;
 mod logging;
 mod serve;

@@ -18,6 +18,8 @@ use tandem_router::http::{HttpLimits, MetricsAccess};
 use tandem_router::recovery::KvFailurePolicy;
 use tandem_router::{RouterConfig, RunningRouter};
 
+use crate::cluster_token::TokenFlags;
+
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Flags every serving process shares.
@@ -200,6 +202,10 @@ impl ApiKeys {
 /// Flags of a worker.
 #[derive(Args, Debug, Clone)]
 pub struct WorkerFlags {
+    /// Seconds a reservation's lease (or a prefill's transfer) lasts at most, whatever the
+    /// router asks: what one caller can hold a decode worker's blocks for.
+    #[arg(long, env = "TANDEM_MAX_KV_LEASE", value_parser = positive_secs, default_value_t = 60.0)]
+    pub max_kv_lease: f64,
     /// KV blocks in the pool (default: one full context's worth).
     #[arg(long, env = "TANDEM_KV_BLOCKS")]
     pub kv_blocks: Option<usize>,
@@ -271,6 +277,10 @@ pub struct UpArgs {
     pub http: HttpFlags,
     #[command(flatten)]
     pub migration: Migration,
+    /// With --etcd (workers of other processes may join): the cluster's token, as the
+    /// router and workers have it. Without: a fresh token for this process alone.
+    #[command(flatten)]
+    pub token: TokenFlags,
     /// Address every listener binds to (loopback by default).
     #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -309,6 +319,8 @@ pub struct RouterArgs {
     pub max_inflight: usize,
     #[command(flatten)]
     pub tls: TlsFlags,
+    #[command(flatten)]
+    pub token: TokenFlags,
 }
 
 #[derive(Args, Debug)]
@@ -319,6 +331,8 @@ pub struct WorkerArgs {
     pub worker: WorkerFlags,
     #[command(flatten)]
     pub tls: TlsFlags,
+    #[command(flatten)]
+    pub token: TokenFlags,
     /// Also answer grpc.health.v1, plaintext and alone, here: for probes that cannot speak
     /// TLS (Kubernetes' gRPC probe) when --tls-cert is set.
     #[arg(long, env = "TANDEM_HEALTH_LISTEN")]
@@ -438,6 +452,7 @@ fn worker_config(
         grpc_listen: grpc,
         kv_listen: kv,
         model_name: model_name(common),
+        max_kv_lease: Duration::from_secs_f64(w.max_kv_lease),
         ..WorkerConfig::new(id, role, common.model.clone())
     }
 }
@@ -468,6 +483,16 @@ pub fn up(a: UpArgs) -> Result<()> {
             Some(d) => d,
             None => Arc::new(InMemoryDiscovery::new()),
         };
+        let token = match (&a.token.cluster_token_file, &a.common.etcd) {
+            // One process, nobody else to share it with: the workers' ports still refuse
+            // every caller but this process's router.
+            (None, None) => tandem_proto::auth::ClusterToken::random(),
+            _ => {
+                let (token, path) = a.token.load(cluster.as_str())?;
+                println!("tandem: cluster token from {}", path.display());
+                token
+            }
+        };
         let ttl = Duration::from_secs(a.common.lease_ttl.max(1));
         let any = SocketAddr::new(a.host, 0);
         let decode_role = if a.prefill_workers == 0 { Role::Both } else { Role::Decode };
@@ -485,6 +510,7 @@ pub fn up(a: UpArgs) -> Result<()> {
                 // Listening everywhere: the router and the other worker reach it on loopback.
                 cfg.advertise_host = "127.0.0.1".into();
             }
+            cfg.cluster_token = Some(token.clone());
             let w = RunningWorker::start(cfg, Some((d.clone(), cluster.clone(), ttl))).await.map_err(|e| anyhow!(e))?;
             println!("tandem: {}", describe(&w));
             running.push(w);
@@ -498,6 +524,7 @@ pub fn up(a: UpArgs) -> Result<()> {
             http_listen: Some(SocketAddr::new(a.host, a.http_port)),
             // One process on one machine: nothing crosses a network to encrypt.
             tls: None,
+            cluster_token: Some(token.clone()),
             http_limits: a.http.limits(),
             api_keys: a.keys.keys(),
             metrics_access: a.http.metrics_access(),
@@ -548,6 +575,7 @@ pub fn router(a: RouterArgs) -> Result<()> {
         let d = discovery(&a.common)
             .await?
             .ok_or_else(|| anyhow!("tandem router needs --etcd (or TANDEM_ETCD) to find its workers"))?;
+        let (token, token_path) = a.token.load(cluster.as_str())?;
         let rcfg = RouterConfig {
             model_path: a.common.model.clone(),
             model_name: model_name(&a.common),
@@ -556,6 +584,7 @@ pub fn router(a: RouterArgs) -> Result<()> {
             max_inflight: a.max_inflight,
             http_listen: Some(a.http_listen),
             tls: tls.clone(),
+            cluster_token: Some(token),
             http_limits: a.http.limits(),
             api_keys: a.keys.keys(),
             metrics_access: a.http.metrics_access(),
@@ -571,6 +600,7 @@ pub fn router(a: RouterArgs) -> Result<()> {
             router.http_addr.map(|a| a.to_string()).unwrap_or_default(),
             model_name(&a.common)
         );
+        println!("tandem: cluster token from {}", token_path.display());
         if let Some(t) = &tls {
             println!("tandem: mutual TLS to the workers (verified as {})", t.server_name);
         }
@@ -615,6 +645,8 @@ pub fn worker(a: WorkerArgs, default_role: Role) -> Result<()> {
         cfg.shm = !a.no_shm;
         cfg.tls = tls.clone();
         cfg.health_listen = a.health_listen;
+        let (token, token_path) = a.token.load(cluster.as_str())?;
+        cfg.cluster_token = Some(token);
         let ttl = Duration::from_secs(a.common.lease_ttl.max(1));
         let metrics = match a.metrics_listen {
             Some(addr) => Some(serve_metrics(addr).await?),
@@ -622,6 +654,7 @@ pub fn worker(a: WorkerArgs, default_role: Role) -> Result<()> {
         };
         let w = RunningWorker::start(cfg, Some((d.clone(), cluster, ttl))).await.map_err(|e| anyhow!(e))?;
         println!("tandem: {}", describe(&w));
+        println!("tandem: cluster token from {}", token_path.display());
         if let Some(t) = &tls {
             println!("tandem: mutual TLS on gRPC and KV (workers verified as {})", t.server_name);
         }

@@ -2,6 +2,11 @@
 //! thread, the KV endpoints its role needs, the gRPC server with health and
 //! reflection, and its registration in discovery. `drain` is the graceful exit.
 //!
+//! With a cluster token (`WorkerConfig::cluster_token`; the `tandem` commands always
+//! give one) the `Worker` service refuses calls without it and the KV receiver refuses
+//! Hellos not signed with it; a prefill-capable worker with discovery sends KV only to
+//! the decode workers discovery lists (`service::Peers`).
+//!
 //! With TLS (`WorkerConfig::tls`) the gRPC server requires client certificates from
 //! the cluster's CA and the KV plane's TCP connections are mutual TLS both ways; a
 //! plaintext health-only server (`health_listen`) then serves probes that cannot
@@ -23,15 +28,16 @@ use tandem_engine::llm_engine::{LlmEngine, LlmEngineConfig};
 use tandem_engine::model::{Model, ModelOptions};
 use tandem_engine::scheduler::{Policy, SchedulerConfig};
 use tandem_engine::tokenizer::Tokenizer;
-use tandem_kvtransfer::{host_id, KvReceiver, KvSender, MutualTls, ShmKv, TcpConfig, TlsFiles};
+use tandem_kvtransfer::{host_id, KvAuth, KvReceiver, KvSender, MutualTls, ShmKv, TcpConfig, TlsFiles};
 use tandem_prefill_worker::EngineHandle;
+use tandem_proto::auth::{ClusterToken, RequireToken};
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_server::{WorkerServer, SERVICE_NAME};
 use tandem_proto::{HealthReporter, ServingStatus};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::service::{WorkerService, WorkerState};
+use crate::service::{Peers, WorkerService, WorkerState};
 
 /// How to run one worker.
 #[derive(Debug, Clone)]
@@ -79,6 +85,12 @@ pub struct WorkerConfig {
     /// Where a second, plaintext gRPC server answers `grpc.health.v1` alone (for probes
     /// that cannot speak TLS, such as Kubernetes' gRPC probe); `None`: no such server.
     pub health_listen: Option<SocketAddr>,
+    /// The cluster's token: the `Worker` service refuses calls without it, and the KV
+    /// plane's Hellos are signed and checked with a key derived from it. `None`: open
+    /// (tests, and embeddings whose ports nobody else reaches).
+    pub cluster_token: Option<ClusterToken>,
+    /// Longest lease a reservation (or a prefill's transfer) gets, whatever it asks.
+    pub max_kv_lease: Duration,
 }
 
 impl WorkerConfig {
@@ -107,6 +119,8 @@ impl WorkerConfig {
             shm: true,
             tls: None,
             health_listen: None,
+            cluster_token: None,
+            max_kv_lease: crate::service::MAX_LEASE,
         }
     }
 }
@@ -134,6 +148,8 @@ pub struct RunningWorker {
     socket: Option<PathBuf>,
     /// Publishes the engine's load as metrics.
     gauges: JoinHandle<()>,
+    /// Keeps the view of the cluster's decode workers (prefill-capable workers).
+    peers_task: Option<JoinHandle<()>>,
 }
 
 /// Registers (retrying while discovery is unreachable) and holds the registration.
@@ -169,7 +185,8 @@ impl RunningWorker {
         let Loaded { engine, tokenizer, layout, shm, context_length } = loaded;
         let fingerprint = layout.fingerprint;
         let handle = EngineHandle::spawn(engine, &format!("engine-{}", cfg.id)).map_err(|e| e.to_string())?;
-        let tcp_cfg = TcpConfig { tls: tls.clone(), ..TcpConfig::default() };
+        let auth = cfg.cluster_token.as_ref().map(|t| KvAuth::from_secret(t.secret()));
+        let tcp_cfg = TcpConfig { tls: tls.clone(), auth, ..TcpConfig::default() };
 
         let segment = shm.clone();
         let (receiver, kv) = match shm {
@@ -203,16 +220,19 @@ impl RunningWorker {
             }),
             nccl: false,
         });
-        let state = Arc::new(WorkerState::new(
-            cfg.id.clone(),
-            cfg.role,
-            handle,
-            Arc::new(tokenizer),
-            layout,
-            receiver,
-            kv_pb,
-            sender,
-        ));
+        let mut state =
+            WorkerState::new(cfg.id.clone(), cfg.role, handle, Arc::new(tokenizer), layout, receiver, kv_pb, sender);
+        state.max_lease = cfg.max_kv_lease.max(Duration::from_millis(1));
+        // A prefill worker sends KV only to decode workers discovery lists.
+        let peers_task = match (&discovery, cfg.role.can_prefill()) {
+            (Some((d, cluster, _)), true) => {
+                let peers = Peers::default();
+                state.peers = Some(peers.clone());
+                Some(tokio::spawn(crate::service::follow_peers(d.clone(), cluster.clone(), peers)))
+            }
+            _ => None,
+        };
+        let state = Arc::new(state);
 
         let listener = tokio::net::TcpListener::bind(cfg.grpc_listen)
             .await
@@ -251,7 +271,7 @@ impl RunningWorker {
                 .add_service(health_svc)
                 .add_service(tandem_proto::reflection_service(&[SERVICE_NAME]))
                 .add_service(tandem_proto::reflection_service_v1alpha(&[SERVICE_NAME]))
-                .add_service(WorkerServer::new(svc))
+                .add_service(WorkerServer::with_interceptor(svc, RequireToken::new(cfg.cluster_token.clone())))
                 .serve_with_incoming_shutdown(
                     tandem_proto::incoming::incoming(listener, tandem_proto::incoming::HANDSHAKE_TIMEOUT),
                     stop.cancelled_owned(),
@@ -285,6 +305,7 @@ impl RunningWorker {
             segment,
             socket,
             gauges,
+            peers_task,
         })
     }
 
@@ -320,6 +341,9 @@ impl RunningWorker {
             let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
         }
         self.gauges.abort();
+        if let Some(t) = &self.peers_task {
+            t.abort();
+        }
         if let Some(rx) = &self.state.receiver {
             rx.shutdown();
         }

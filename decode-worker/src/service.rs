@@ -28,8 +28,12 @@ use tonic::{Request, Response, Status};
 
 use crate::convert::{finish_to_pb, layout_from_pb, layout_to_pb, logprobs_to_pb, sampling_from_pb};
 
-/// Longest lease a reservation gets, whatever the router asks.
+/// Longest lease a reservation gets by default, whatever the router asks
+/// (`WorkerState::max_lease`, `--max-kv-lease`).
 pub const MAX_LEASE: Duration = Duration::from_secs(60);
+/// How long a `Prefill` naming a destination this worker's view of discovery does not
+/// hold yet waits for the view to catch up (the router may have seen it join first).
+const PEER_WAIT: Duration = Duration::from_secs(2);
 
 /// How long the blocks of a request whose KV never completed stay out of use after its
 /// reservation ends: a same-host sender copies into shared memory before it sends the
@@ -79,6 +83,82 @@ pub struct WorkerState {
     pub fenced: AtomicBool,
     /// Handlers and streams in progress (drain waits for none).
     pub inflight: AtomicUsize,
+    /// Longest lease a reservation or a prefill's transfer gets, whatever it asks.
+    pub max_lease: Duration,
+    /// The cluster's workers as discovery lists them (prefill-capable workers with
+    /// discovery): a `Prefill` sends KV only to a decode worker listed here, at the
+    /// endpoints it registered. `None`: no check (a worker without discovery).
+    pub peers: Option<Peers>,
+}
+
+/// This worker's view of the cluster's members, kept by a discovery watch
+/// (`follow_peers`); its version ticks with every change.
+#[derive(Clone)]
+pub struct Peers {
+    view: Arc<std::sync::RwLock<tandem_cluster::ClusterView>>,
+    version: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Peers { view: Arc::default(), version: tokio::sync::watch::channel(0).0 }
+    }
+}
+
+impl Peers {
+    /// Applies a discovery event.
+    pub fn apply(&self, event: tandem_cluster::DiscoveryEvent) {
+        self.view.write().expect("peers").apply(event);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Replaces the view with a fresh listing.
+    pub fn reset(&self, snapshot: Vec<tandem_cluster::WorkerDescriptor>) {
+        *self.view.write().expect("peers") = tandem_cluster::ClusterView::from_snapshot(snapshot);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// The registered descriptor of decode-capable worker `id`, waiting up to `within` for
+    /// the view to learn of it.
+    async fn decode_worker(&self, id: &str, within: Duration) -> Option<tandem_cluster::WorkerDescriptor> {
+        let id = tandem_cluster::WorkerId::new(id).ok()?;
+        let mut changes = self.version.subscribe();
+        let end = tokio::time::Instant::now() + within;
+        loop {
+            let found = self.view.read().expect("peers").get(&id).filter(|d| d.role.can_decode()).cloned();
+            if found.is_some() {
+                return found;
+            }
+            match tokio::time::timeout_at(end, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// Keeps `peers` in step with discovery's listing of `cluster` until cancelled.
+pub async fn follow_peers(
+    discovery: Arc<dyn tandem_cluster::Discovery>,
+    cluster: tandem_cluster::ClusterName,
+    peers: Peers,
+) {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match discovery.list_and_watch(&cluster).await {
+            Ok((snapshot, mut events)) => {
+                wait = Duration::from_millis(100);
+                peers.reset(snapshot);
+                while let Some(ev) = events.recv().await {
+                    peers.apply(ev);
+                }
+                tracing::warn!("the peers watch ended; listing again");
+            }
+            Err(e) => tracing::warn!(error = %e, retry_in = ?wait, "listing peers failed; keeping the last view"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
 }
 
 impl WorkerState {
@@ -108,6 +188,8 @@ impl WorkerState {
             draining: AtomicBool::new(false),
             fenced: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
+            max_lease: MAX_LEASE,
+            peers: None,
         }
     }
 
@@ -375,7 +457,7 @@ impl Worker for WorkerService {
             resumed: r.resumed_tokens as usize,
         };
         let admitted = s.engine.submit(ereq, Admission::Remote).await.map_err(status_from_engine)?;
-        let lease = Duration::from_millis(r.lease_ms.max(1) as u64).min(MAX_LEASE);
+        let lease = Duration::from_millis(r.lease_ms.max(1) as u64).min(s.max_lease);
         let deadline = tokio::time::Instant::now() + lease;
         let blocks: Vec<u32> = admitted.blocks.iter().map(|b| b.0).collect();
         // Leading blocks this worker's prefix cache holds are not sent: only the rest is
@@ -472,6 +554,24 @@ impl Worker for WorkerService {
             return Err(Status::failed_precondition(format!("destination KV layout differs: {m}")));
         }
         let target = kv_target(&dest.endpoints.unwrap_or_default())?;
+        if let Some(peers) = &s.peers {
+            // KV goes only to the cluster's decode workers, at the endpoints they registered:
+            // never to an address a caller names.
+            let Some(d) = peers.decode_worker(&dest.worker_id, PEER_WAIT).await else {
+                return Err(Status::failed_precondition(format!(
+                    "destination {:?} is not a decode worker of this cluster",
+                    dest.worker_id
+                )));
+            };
+            let registered_local = d.kv.local.as_ref().map(|l| (l.uds.as_path(), l.host_id.as_str()));
+            let named_local = target.local.as_ref().map(|l| (l.uds.as_path(), l.host.as_str()));
+            if target.tcp != d.kv.tcp || named_local.is_some_and(|n| Some(n) != registered_local) {
+                return Err(Status::failed_precondition(format!(
+                    "destination endpoints are not the ones {:?} registered",
+                    dest.worker_id
+                )));
+            }
+        }
         let need = r.prompt_token_ids.len().div_ceil(s.layout.block_size as usize);
         if dest.block_ids.len() != need {
             return Err(Status::invalid_argument(format!(
@@ -490,8 +590,8 @@ impl Worker for WorkerService {
         let submitted = Instant::now();
         // The transfer ends with the destination's reservation: nothing waits for it after.
         let lease = match dest.lease_ms {
-            0 => MAX_LEASE,
-            ms => Duration::from_millis(ms as u64).min(MAX_LEASE),
+            0 => s.max_lease,
+            ms => Duration::from_millis(ms as u64).min(s.max_lease),
         };
         let deadline = tokio::time::Instant::now() + lease;
         let kv_failed =
@@ -501,6 +601,7 @@ impl Worker for WorkerService {
             kv_fault(Status::unavailable(format!("cannot open a KV session to {}: {e}", dest.worker_id)))
         })?;
         let kv_bytes = ((need - skip) * s.layout.n_layers as usize * s.layout.layer_block_bytes()) as u64;
+        let renewer = session.renewer();
         let (sink, task, started) = start_export(&tokio::runtime::Handle::current(), session, dest.block_ids, skip);
         let mut params = sampling_from_pb(&r.sampling.unwrap_or_default());
         params.max_tokens = 1;
@@ -523,13 +624,24 @@ impl Worker for WorkerService {
             kv_failed(e);
             kv_fault(Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id)))
         };
-        // Queued or computing, the prefill ends with the destination's lease or as soon as
-        // the transfer fails: returning drops the guard, which aborts the request, and the
-        // engine frees its blocks before its next step.
+        // Queued or computing, the prefill renews the destination's reservation every third
+        // of its lease, so a prompt that waits behind others keeps its blocks. It ends as soon
+        // as the destination refuses the session (its lease ended, it was cancelled there) or
+        // the transfer fails, or when no renewal got through for a whole lease: returning
+        // drops the guard, which aborts the request, and the engine frees its blocks before
+        // its next step.
+        let every = (lease / 3).max(Duration::from_millis(50));
+        let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (mut task, mut sent) = (task, None);
         let out = loop {
             let event = tokio::select! {
                 e = admitted.events.recv() => e,
+                _ = renewals.tick() => {
+                    renewer.renew(lease).map_err(|e| kv_lost(&e))?;
+                    continue;
+                }
+                e = renewer.refused() => return Err(kv_lost(&e)),
                 r = &mut task, if sent.is_none() => {
                     match r.map_err(|e| Status::internal(format!("KV sender task: {e}")))? {
                         Err(e) => return Err(kv_lost(&e)),
@@ -538,7 +650,7 @@ impl Worker for WorkerService {
                     }
                     continue;
                 }
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = tokio::time::sleep_until(renewer.deadline()) => {
                     return Err(kv_fault(Status::unavailable(format!(
                         "the reservation on {} ended (lease {} ms) before the prefill finished; abandoned",
                         dest.worker_id,

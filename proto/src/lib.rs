@@ -33,6 +33,7 @@
 //! # }
 //! ```
 
+pub mod auth;
 pub mod codec;
 pub mod incoming;
 

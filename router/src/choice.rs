@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_cluster::WorkerId;
+use tandem_proto::auth::WorkerChannel;
 use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::members::{Picked, Route};
@@ -50,7 +50,7 @@ pub(crate) struct Chunk {
 /// Sends Cancel to the workers of a choice that did not finish (client gone, error).
 struct CancelOnDrop {
     rid: u64,
-    clients: Vec<WorkerClient<Channel>>,
+    clients: Vec<WorkerClient<WorkerChannel>>,
     done: bool,
 }
 

@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tandem_cluster::{ClusterView, DiscoveryEvent, Role, ViewChange, WorkerDescriptor, WorkerId};
+use tandem_proto::auth::{ClusterToken, WorkerChannel};
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic::Status;
 
 use crate::policy::{Candidate, RoutingPolicy};
@@ -28,7 +29,7 @@ const MISSES: u32 = 3;
 
 struct Entry {
     desc: WorkerDescriptor,
-    client: WorkerClient<Channel>,
+    client: WorkerClient<WorkerChannel>,
     stats: Option<pb::StatsResponse>,
     /// Whether it is routed to, from its load polls.
     liveness: Liveness,
@@ -53,7 +54,7 @@ impl Drop for Entry {
 /// A worker chosen for one request; counts as in flight on it while alive.
 pub struct Picked {
     pub id: WorkerId,
-    pub client: WorkerClient<Channel>,
+    pub client: WorkerClient<WorkerChannel>,
     /// Cancelled when the worker leaves the cluster's view.
     pub gone: CancellationToken,
     /// The discovery lease its record is held by (0: unknown).
@@ -91,12 +92,15 @@ pub struct Members {
     entries: Mutex<HashMap<WorkerId, Entry>>,
     /// Mutual TLS of the channels to the workers; `None`: plaintext.
     tls: Option<ClientTlsConfig>,
+    /// Sent with every call to a worker; `None`: none (workers without a token).
+    token: Option<ClusterToken>,
 }
 
 impl Members {
     /// `tls`: the channels to the workers present this certificate and verify the workers'.
-    pub fn new(tls: Option<ClientTlsConfig>) -> Arc<Members> {
-        Arc::new(Members { tls, ..Members::default() })
+    /// `token`: the cluster token every call to a worker carries.
+    pub fn new(tls: Option<ClientTlsConfig>, token: Option<ClusterToken>) -> Arc<Members> {
+        Arc::new(Members { tls, token, ..Members::default() })
     }
 
     /// Applies a discovery event: a joining worker gets a client and its pollers.
@@ -141,7 +145,7 @@ impl Members {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
-        let client = WorkerClient::new(channel);
+        let client = tandem_proto::auth::worker_client(channel, self.token.as_ref());
         let tasks = vec![
             tokio::spawn(poll_load(Arc::downgrade(self), desc.id.clone(), client.clone())),
             tokio::spawn(follow_kv_events(Arc::downgrade(self), desc.id.clone(), client.clone())),
@@ -380,7 +384,7 @@ impl Liveness {
     }
 }
 
-async fn poll_load(members: std::sync::Weak<Members>, id: WorkerId, mut client: WorkerClient<Channel>) {
+async fn poll_load(members: std::sync::Weak<Members>, id: WorkerId, mut client: WorkerClient<WorkerChannel>) {
     loop {
         let res = tokio::time::timeout(LOAD_TIMEOUT, client.stats(pb::StatsRequest {})).await;
         let Some(m) = members.upgrade() else { return };
@@ -422,7 +426,7 @@ async fn poll_load(members: std::sync::Weak<Members>, id: WorkerId, mut client: 
     }
 }
 
-async fn follow_kv_events(members: std::sync::Weak<Members>, id: WorkerId, mut client: WorkerClient<Channel>) {
+async fn follow_kv_events(members: std::sync::Weak<Members>, id: WorkerId, mut client: WorkerClient<WorkerChannel>) {
     loop {
         if let Ok(resp) = client.kv_events(pb::KvEventsRequest {}).await {
             let mut stream = resp.into_inner();

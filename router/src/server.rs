@@ -13,6 +13,7 @@ use tandem_engine::config::ModelConfig;
 use tandem_engine::gguf::GgufFile;
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_kvtransfer::{MutualTls, TlsFiles};
+use tandem_proto::auth::ClusterToken;
 use tandem_proto::tandem::v1::generate_server::{GenerateServer, SERVICE_NAME};
 use tandem_proto::{HealthReporter, ServingStatus};
 use tokio::task::JoinHandle;
@@ -48,6 +49,9 @@ pub struct RouterConfig {
     pub migration_limit: usize,
     /// Mutual TLS on the channels to the workers (the public API stays plaintext); `None`: plaintext.
     pub tls: Option<TlsFiles>,
+    /// The cluster token every call to a worker carries (workers refuse calls without
+    /// theirs); `None`: none, for workers started without one.
+    pub cluster_token: Option<ClusterToken>,
     /// What a request whose KV transfer fails gets, unless it chooses.
     pub kv_failure_policy: KvFailurePolicy,
     /// How long a decode worker holds a prompt's blocks for KV that does not come (the
@@ -85,7 +89,7 @@ impl RunningRouter {
         let facts = tokio::task::spawn_blocking(move || load_facts(&path)).await.map_err(|e| e.to_string())??;
         let facts = ModelFacts { name: cfg.model_name.clone(), ..facts };
         crate::metrics::describe();
-        let members = Members::new(tls);
+        let members = Members::new(tls, cfg.cluster_token.clone());
         let membership = tokio::spawn(follow_membership(discovery, cluster, members.clone()));
         let mut state = RouterState::new(facts, members, policy, cfg.max_inflight);
         state.api_keys = cfg.api_keys.clone();
