@@ -199,14 +199,18 @@ async fn short_prompts_behind_a_max_context_prompt_get_their_first_token_promptl
     assert_eq!(long.tokens.len(), 2, "the long prompt's transfer succeeded and it decoded");
 }
 
+/// A prefill far longer than its destination's lease keeps the reservation by renewing it;
+/// when the reservation ends on the decode side anyway (cancelled there, as a router does
+/// when its client goes), the next renewal is refused and the prefill stops at once, its
+/// blocks freed, long before the prompt's end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_prefill_whose_destination_lease_ends_stops_at_once_and_frees_its_blocks() {
+async fn a_prefill_whose_destination_reservation_ends_stops_at_once_and_frees_its_blocks() {
     let share = tandem_engine::scheduler::SchedulerConfig::default().long_prefill_share;
     let (p, mut pc) = start("prefill-lease", Role::Prefill, share).await;
     let (d, mut dc) = start("decode-lease", Role::Decode, share).await;
     // How far the prefill got: the prompt blocks its steps put into the prefix cache.
     let mut events = pc.kv_events(pb::KvEventsRequest {}).await.unwrap().into_inner();
-    // A lease far shorter than the prompt's prefill (tens of seconds on 2 cores).
+    // A lease far shorter than the prompt's prefill (tens of seconds on 2 cores): renewed.
     let ids = long_prompt();
     let res = dc.reserve(reserve_request(5, &ids, 1_500, 2)).await.unwrap().into_inner();
     let mut stream = dc
@@ -214,11 +218,22 @@ async fn a_prefill_whose_destination_lease_ends_stops_at_once_and_frees_its_bloc
         .await
         .unwrap()
         .into_inner();
-    let err = pc
-        .prefill(prefill_request(5, ids, 2, "decode-lease", res))
+    let prefill = tokio::spawn({
+        let mut pc = pc.clone();
+        async move { pc.prefill(prefill_request(5, ids, 2, "decode-lease", res)).await }
+    });
+    // Past two leases, the prefill is still at work and the reservation still held.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert!(!prefill.is_finished(), "the prefill ended within two leases: {:?}", prefill.await);
+    let held = dc.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(held.waiting_for_kv, 1, "the reservation outlived its first lease: {held:?}");
+    let cancel = pb::CancelRequest { request_id: 5, reason: "the client went away".into() };
+    assert!(dc.cancel(cancel).await.unwrap().into_inner().found);
+    let err = tokio::time::timeout(Duration::from_secs(10), prefill)
         .await
-        .expect_err("the lease ends long before the prompt is computed");
-    // The lease ending, or the transfer refused because of it, whichever the worker sees first.
+        .expect("the prefill stops within a renewal period")
+        .unwrap()
+        .expect_err("the reservation ended long before the prompt is computed");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     // The prefill worker stopped computing and freed the prompt's blocks ...
     let s = wait_idle(&mut pc).await;
@@ -236,8 +251,8 @@ async fn a_prefill_whose_destination_lease_ends_stops_at_once_and_frees_its_bloc
     }
     eprintln!("abandoned after {stored} of {} prompt blocks: {}", LONG / 16, err.message());
     assert!(stored < LONG / 16, "the prefill went on to the prompt's end ({stored} blocks stored)");
-    // The decode side failed the request and freed its reservation.
-    assert!(stream.message().await.is_err(), "the decode stream reports the failed transfer");
+    // The decode side ended the request and freed its reservation.
+    assert!(stream.message().await.is_err(), "the decode stream reports the cancel");
     let s = wait_idle(&mut dc).await;
     assert_eq!((s.waiting_for_kv, s.kv_blocks_used), (0, 0), "{s:?}");
     assert!(p.drain(Duration::from_secs(5)).await);

@@ -26,7 +26,8 @@ use harness::*;
 use hostile::*;
 use serde_json::{json, Value};
 use tandem_kvtransfer::wire::{self, Code, Frame};
-use tandem_kvtransfer::{KvDtypeWire, KvLayout};
+use tandem_kvtransfer::{KvAuth, KvDtypeWire, KvLayout};
+use tandem_proto::auth::ClusterToken;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -462,6 +463,11 @@ fn cluster_layout() -> KvLayout {
     }
 }
 
+/// A Hello signed with the key of the test's cluster, as its prefill workers sign theirs.
+fn signed_hello(layout: &KvLayout) -> Vec<u8> {
+    wire::encode_hello_signed(layout, NO_LEASE, Some(&KvAuth::from_secret(cluster_token().secret())))
+}
+
 /// Garbage, forged handshakes and forged or replayed frames at a decode worker's KV port.
 async fn forgeries_at_kv_port(addr: &str, rng: &mut Rng) {
     let layout = cluster_layout();
@@ -477,12 +483,30 @@ async fn forgeries_at_kv_port(addr: &str, rng: &mut Rng) {
         assert!(closes(&mut s).await, "KV port, {what}: the connection stayed open");
     }
 
-    // Forged handshakes: another model's fingerprint, a layout of zeros. Refused, closed.
+    // A stranger's Hello (not signed with the cluster's key) is refused before anything
+    // else, whatever it claims (issue 15, item 3).
+    for (what, hello) in [
+        ("an unsigned Hello", wire::encode_hello(&layout, NO_LEASE)),
+        ("a forged tag", {
+            let stranger = KvAuth::from_secret(ClusterToken::random().secret());
+            wire::encode_hello_signed(&layout, NO_LEASE, Some(&stranger))
+        }),
+    ] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&hello).await.unwrap();
+        let mut buf = Vec::new();
+        let reply = next_frame(&mut s, &mut buf).await;
+        assert!(matches!(reply, Some(Frame::Error { code: Code::Unauthenticated, .. })), "{what}: {reply:?}");
+        assert!(closes(&mut s).await, "KV port, {what}: the connection stayed open");
+    }
+
+    // Past that, as an insider holding the key. Forged handshakes: another model's
+    // fingerprint, a layout of zeros. Refused, closed.
     let other = KvLayout { fingerprint: layout.fingerprint ^ 1, ..layout };
     let zeros = KvLayout { n_layers: 0, n_kv_heads: 0, head_dim: 0, block_size: 0, ..layout };
     for (what, hello) in [("another model's layout", other), ("a layout of zeros", zeros)] {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&wire::encode_hello(&hello, NO_LEASE)).await.unwrap();
+        s.write_all(&signed_hello(&hello)).await.unwrap();
         let mut buf = Vec::new();
         let reply = next_frame(&mut s, &mut buf).await;
         // Told that it does not fit, not what would (issue 15, item 1).
@@ -498,7 +522,7 @@ async fn forgeries_at_kv_port(addr: &str, rng: &mut Rng) {
     for round in 0..2 {
         let mut s = TcpStream::connect(addr).await.unwrap();
         let mut buf = Vec::new();
-        s.write_all(&wire::encode_hello(&layout, NO_LEASE)).await.unwrap();
+        s.write_all(&signed_hello(&layout)).await.unwrap();
         let ok = next_frame(&mut s, &mut buf).await;
         assert!(matches!(ok, Some(Frame::HelloOk)), "the right layout: {ok:?}");
         for &id in &ids {
@@ -544,7 +568,7 @@ async fn huge_claims_at_kv_port(addr: &str, decode: &Proc) {
     for _ in 0..10 {
         let mut s = TcpStream::connect(addr).await.unwrap();
         let mut buf = Vec::new();
-        s.write_all(&wire::encode_hello(&layout, NO_LEASE)).await.unwrap();
+        s.write_all(&signed_hello(&layout)).await.unwrap();
         assert!(matches!(next_frame(&mut s, &mut buf).await, Some(Frame::HelloOk)));
         let mut header = wire::encode_finish(1, 2, 3)[..wire::HEADER_LEN].to_vec();
         header[8..12].copy_from_slice(&(64u32 << 20).to_le_bytes());
@@ -582,13 +606,21 @@ fn garbage_at_the_control_and_kv_ports_is_refused_and_leaves_nothing_behind() {
             .chain(worker_addrs.iter().map(|a| (a, &WORKER_METHODS[..])))
             .collect();
         for (addr, methods) in targets {
+            // A worker's methods refuse a stranger before they decode anything (issue 15,
+            // item 3); the decoding is checked as an insider holding the cluster token.
+            let worker = !std::ptr::eq(methods, &ROUTER_METHODS[..]);
+            let insider = worker.then(cluster_token);
             for &(method, streaming) in methods {
                 for (what, body) in malformed_protobuf(&mut rng) {
-                    let st = raw_grpc::call(addr, method, body, streaming).await;
+                    if worker {
+                        let st = raw_grpc::call(addr, method, body.clone(), streaming).await;
+                        assert_eq!(st.code(), tonic::Code::Unauthenticated, "{addr} {method}, a stranger: {st:?}");
+                    }
+                    let st = raw_grpc::call_as(addr, method, body, streaming, insider).await;
                     assert_eq!(st.code(), tonic::Code::InvalidArgument, "{addr} {method} with {what}: {st:?}");
                 }
                 // A message over the 4 MiB limit is refused before it is decoded.
-                let st = raw_grpc::call(addr, method, vec![0x0a; 5 << 20], streaming).await;
+                let st = raw_grpc::call_as(addr, method, vec![0x0a; 5 << 20], streaming, insider).await;
                 assert_ne!(st.code(), tonic::Code::Ok, "{addr} {method} with 5 MiB: {st:?}");
             }
         }

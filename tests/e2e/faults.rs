@@ -275,6 +275,38 @@ fn a_decode_worker_that_dies_before_its_kv_arrives_frees_the_prefill_side_within
     });
 }
 
+/// Prompts that wait on a prefill worker longer than their reservation's lease keep their
+/// blocks on the decode worker (issue 15, item 4): the prefill worker renews the lease while
+/// the prompt is queued or computing. Before, every prompt still queued when its 1 s lease
+/// ended failed its transfer (here, under the `fail` policy, its client got the error).
+#[test]
+fn prompts_queued_past_their_lease_keep_their_reservations_by_renewal() {
+    const PROMPTS_AT_ONCE: usize = 10;
+    let _one = serial();
+    // A small step budget and plain first come, first served: the last prompt waits for
+    // every one before it, well past the 1 s lease.
+    let slow: &[&str] = &["--no-prefix-cache", "--max-batched-tokens", "16", "--long-prefill-share", "100"];
+    let c = start(&[("prefill", "prefill-0", slow), ("decode", "decode-0", &[])], &["--kv-lease", "1"]);
+    let prompt = format!("Renewal. {}", "The quick brown fox jumps over the lazy dog. ".repeat(60));
+    let expected = generate_reference(None, Some(&prompt), 4);
+    rt().block_on(async {
+        let client = client(&c.router_addr).await;
+        let mut req = raw(&prompt, 4);
+        req.kv_failure_policy = api::KvFailurePolicy::Fail as i32;
+        let t0 = Instant::now();
+        let outcomes = stream_all(&client, &vec![req; PROMPTS_AT_ONCE]).await;
+        let took = t0.elapsed();
+        for (i, o) in outcomes.iter().enumerate() {
+            let got = o.as_ref().unwrap_or_else(|e| panic!("prompt {i} failed: {e:?}"));
+            assert_eq!(got.text, expected, "prompt {i}");
+        }
+        // The test means something only if some prompt did wait past its lease.
+        assert!(took > Duration::from_secs(2), "all {PROMPTS_AT_ONCE} prompts took {took:?}: none waited past 1 s");
+        eprintln!("{PROMPTS_AT_ONCE} prompts of ~600 tokens behind one another, 1 s leases: all served in {took:?}");
+        assert_idle(&wait_idle(&[worker_addr(&c, "prefill-0"), worker_addr(&c, "decode-0")]).await);
+    });
+}
+
 /// What the proxy does to the next KV bytes that pass from the prefill worker to the
 /// decode worker.
 #[derive(Debug, Clone, Copy)]

@@ -96,7 +96,8 @@ async fn stats_over_tls(pki: &Pki, addr: &str, who: Option<&str>) -> Result<pb::
         .connect()
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
-    let reply = WorkerClient::new(channel).stats(pb::StatsRequest {}).await;
+    // A member holds the cluster token too: TLS says who may connect, the token who may call.
+    let reply = tandem_proto::auth::worker_client(channel, Some(cluster_token())).stats(pb::StatsRequest {}).await;
     reply.map(|r| r.into_inner()).map_err(|s| format!("stats: {s}"))
 }
 
@@ -259,8 +260,13 @@ fn a_mutual_tls_cluster_serves_the_same_text_and_refuses_strangers() {
         let (ca, cert, key) = (p("ca.crt"), p("router.crt"), p("router.key"));
         let tls_flags = ["--cacert", &ca, "--servername", "tandem-worker", "--timeout", "20"];
         let stats_call = [&decode_addr[..], "tandem.worker.v1.Worker/Stats"];
-        let member: Vec<&str> =
-            tls_flags.iter().chain(&["--cert", &cert, "--key", &key]).chain(&stats_call).copied().collect();
+        let token = format!("{}: {}", tandem_proto::auth::TOKEN_METADATA, cluster_token().expose());
+        let member: Vec<&str> = tls_flags
+            .iter()
+            .chain(&["--cert", &cert, "--key", &key, "-H", &token])
+            .chain(&stats_call)
+            .copied()
+            .collect();
         let (ok, out, err) = grpc_call(&member);
         assert!(ok && out.contains("\"kv_blocks_total\""), "grpc-call with a member's certificate: {out} {err}");
         let stranger: Vec<&str> = tls_flags.iter().chain(&stats_call).copied().collect();

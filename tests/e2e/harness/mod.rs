@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tandem_proto::auth::{ClusterToken, WorkerChannel};
 use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::v1::generate_client::GenerateClient;
 use tandem_proto::tandem::worker::v1 as pb;
@@ -378,9 +379,10 @@ fn unbase64(text: &str) -> Vec<u8> {
     out
 }
 
-/// `tandem <args>` with the test's model, with `TANDEM_*` variables and `RUST_LOG` of the
-/// caller's environment cleared so they cannot change what is tested (the tests read the
-/// processes' logs at the default level and format).
+/// `tandem <args>` with the test's model and the test process's cluster token, with
+/// `TANDEM_*` variables and `RUST_LOG` of the caller's environment cleared so they cannot
+/// change what is tested (the tests read the processes' logs at the default level and
+/// format).
 pub fn tandem(args: &[&str]) -> Command {
     let mut cmd = Command::new(tandem_bin());
     for (k, _) in std::env::vars() {
@@ -388,8 +390,33 @@ pub fn tandem(args: &[&str]) -> Command {
             cmd.env_remove(k);
         }
     }
+    cmd.env("TANDEM_CLUSTER_TOKEN_FILE", &token_file().path);
     cmd.args(args).arg("--model").arg(model());
     cmd
+}
+
+/// The cluster token every process this test process starts shares (a `--cluster-token-file`
+/// flag of a test's own wins), and the file that holds it. Not the user's default token.
+struct TokenFile {
+    token: ClusterToken,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn token_file() -> &'static TokenFile {
+    static FILE: std::sync::OnceLock<TokenFile> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.token");
+        let token = ClusterToken::random();
+        std::fs::write(&path, token.expose()).unwrap();
+        TokenFile { token, path, _dir: dir }
+    })
+}
+
+/// The cluster token of the processes this test starts: what a router or a worker holds.
+pub fn cluster_token() -> &'static ClusterToken {
+    &token_file().token
 }
 
 /// A separate-process cluster: router, prefill and decode workers against etcd.
@@ -456,8 +483,19 @@ pub async fn client(addr: &str) -> GenerateClient<Channel> {
     }
 }
 
-pub async fn worker_client(addr: &str) -> WorkerClient<Channel> {
-    WorkerClient::connect(format!("http://{addr}")).await.unwrap_or_else(|e| panic!("connecting to {addr}: {e}"))
+/// A client of a worker's control port that holds the cluster token, as a router does.
+pub async fn worker_client(addr: &str) -> WorkerClient<WorkerChannel> {
+    worker_client_with(addr, Some(cluster_token())).await
+}
+
+/// A client of a worker's control port that sends `token` (`None`: a stranger's, none).
+pub async fn worker_client_with(addr: &str, token: Option<&ClusterToken>) -> WorkerClient<WorkerChannel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    tandem_proto::auth::worker_client(channel, token)
 }
 
 pub async fn stats(addr: &str) -> pb::StatsResponse {
@@ -590,15 +628,29 @@ pub mod raw_grpc {
         }
     }
 
-    /// Calls `method` (`/package.Service/Method`) with `body`; unary or server-streaming,
-    /// the status it ends with (OK if it answered).
+    /// Calls `method` (`/package.Service/Method`) with `body` as a stranger (no cluster
+    /// token); unary or server-streaming, the status it ends with (OK if it answered).
     pub async fn call(addr: &str, method: &'static str, body: Vec<u8>, streaming: bool) -> tonic::Status {
+        call_as(addr, method, body, streaming, None).await
+    }
+
+    /// As `call`, sending `token` as routers and workers do.
+    pub async fn call_as(
+        addr: &str,
+        method: &'static str,
+        body: Vec<u8>,
+        streaming: bool,
+        token: Option<&tandem_proto::auth::ClusterToken>,
+    ) -> tonic::Status {
         let channel =
             tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await.unwrap();
         let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
-        let req = tonic::Request::new(Bytes::from(body));
+        let mut req = tonic::Request::new(Bytes::from(body));
+        if let Some(t) = token {
+            req.metadata_mut().insert(tandem_proto::auth::TOKEN_METADATA, t.expose().parse().unwrap());
+        }
         let result = if streaming {
             match grpc.server_streaming(req, path, Raw).await {
                 Ok(resp) => {
