@@ -6,9 +6,11 @@
 //! - the free queue in eviction order: blocks nobody holds, oldest release
 //!   first; blocks that never held a cached prefix go to the front, so cached
 //!   prefixes are the last to be overwritten (LRU);
-//! - the prefix cache: full blocks keyed by a chained hash of (parent hash,
-//!   the block's token ids, and for the first block a per-tenant salt); a hit
-//!   re-checks the token ids, so a hash collision is a miss, never wrong KV;
+//! - the prefix cache: full blocks found by a 64-bit chained hash, each kept
+//!   with its `PrefixKey` (128 bits of SHA-256 chained from the request's cache
+//!   salt through every token up to the block's end) and its token ids; a hit
+//!   re-checks both, so a hash collision, by chance or forged, across tenants
+//!   or within one, is a miss, never another prefix's KV;
 //! - the queue of `KvEvent`s (stored / removed) the worker publishes so a
 //!   router can keep a global prefix index.
 //!
@@ -16,12 +18,22 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use ring::digest;
+
 use crate::error::EngineError;
 use crate::kv_cache::BlockId;
 
-/// The chained hash of a full block: identifies the whole prefix up to and including it.
+/// The chained hash of a full block: names the whole prefix up to and including it (in
+/// `KvEvent`s and the router's index). 64 bits, so it may collide; `PrefixKey` decides a hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeqHash(pub u64);
+
+/// A full block's identity: 128 bits of SHA-256 chained from the cache salt through every
+/// token up to the block's end. Every cached block keeps its key (the first block's covers
+/// the salt, so a chain's root carries its tenant) and every hit compares it: a block is
+/// reused only after the same tokens under the same salt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct PrefixKey(pub u128);
 
 /// A change to the set of cached prefix blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +53,8 @@ pub struct SeqBlocks {
     pub num_hashed: usize,
     /// Hash of block `num_hashed - 1`.
     pub last_hash: Option<SeqHash>,
+    /// Key of block `num_hashed - 1`: where the next block's key and hash chain from.
+    pub last_key: Option<PrefixKey>,
 }
 
 /// Prefix-cache lookups and hits, in tokens.
@@ -55,6 +69,8 @@ struct Meta {
     refs: u32,
     /// Set while the block is registered in the prefix cache.
     hash: Option<SeqHash>,
+    /// Key of a cached block (its salt and its whole prefix), re-checked on every hit.
+    key: PrefixKey,
     /// Token ids of a cached block, re-checked on every hit.
     tokens: Vec<u32>,
     /// Position in the free queue while `refs == 0`.
@@ -66,6 +82,8 @@ struct Meta {
 pub struct PrefixHit {
     pub blocks: Vec<BlockId>,
     pub hashes: Vec<SeqHash>,
+    /// Key of the last hit block.
+    pub last_key: Option<PrefixKey>,
 }
 
 impl PrefixHit {
@@ -85,44 +103,60 @@ pub struct BlockManager {
     prefix_caching: bool,
     events: Vec<KvEvent>,
     stats: PrefixStats,
+    /// Bits of each `SeqHash` kept: 64, or fewer under the test hook `with_hash_bits`.
+    hash_bits: u32,
 }
 
-/// Hash of the first block's parent: mixes the tenant salt in.
-fn root_hash(salt: Option<&str>) -> u64 {
-    let mut h = 0x6a09_e667_f3bc_c908u64;
-    if let Some(s) = salt {
-        for b in s.bytes() {
-            h = mix(h ^ b as u64);
+/// Domain separation: the root key's digest input starts with this label, a block's with
+/// its parent's key.
+const ROOT_DOMAIN: &[u8] = b"tandem prefix-cache salt v1\0";
+
+/// The key of the empty prefix under `salt`: the salt's identity. No salt, the empty salt
+/// and every other salt string each have their own.
+fn root_key(salt: Option<&str>) -> PrefixKey {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(ROOT_DOMAIN);
+    match salt {
+        None => ctx.update(&[0]),
+        Some(s) => {
+            ctx.update(&[1]);
+            ctx.update(s.as_bytes());
         }
-        h = mix(h ^ 0xff);
     }
-    h
+    let d = ctx.finish();
+    PrefixKey(u128::from_le_bytes(d.as_ref()[..16].try_into().expect("SHA-256 has 32 bytes")))
 }
 
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// Chained hash of one full block given its parent's hash (or the root).
-pub fn chain_hash(parent: u64, tokens: &[u32]) -> SeqHash {
-    let mut h = mix(parent ^ 0x5851_F42D_4C95_7F2D);
-    for &t in tokens {
-        h = mix(h ^ t as u64);
+/// The key and the hash of a full block of `tokens` after the prefix whose key is `parent`:
+/// one SHA-256 over (parent key, token ids); the key is its first 128 bits, the hash the
+/// next 64. Neither can be inverted or steered to a chosen value, unlike a reversible mix.
+fn chain(parent: PrefixKey, tokens: &[u32]) -> (PrefixKey, SeqHash) {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(&parent.0.to_le_bytes());
+    let mut buf = [0u8; 256];
+    for part in tokens.chunks(buf.len() / 4) {
+        for (b, t) in buf.chunks_exact_mut(4).zip(part) {
+            b.copy_from_slice(&t.to_le_bytes());
+        }
+        ctx.update(&buf[..part.len() * 4]);
     }
-    SeqHash(h)
+    let d = ctx.finish();
+    let d = d.as_ref();
+    (
+        PrefixKey(u128::from_le_bytes(d[..16].try_into().expect("SHA-256 has 32 bytes"))),
+        SeqHash(u64::from_le_bytes(d[16..24].try_into().expect("SHA-256 has 32 bytes"))),
+    )
 }
 
-/// The chained hashes of every full block of `tokens`.
+/// The chained hashes of every full block of `tokens`: what a worker's `KvEvent`s name
+/// them by. Prefill and decode workers compute the same ones for the same salt.
 pub fn prefix_hashes(tokens: &[u32], block_size: usize, salt: Option<&str>) -> Vec<SeqHash> {
-    let mut parent = root_hash(salt);
+    let mut parent = root_key(salt);
     tokens
         .chunks_exact(block_size)
         .map(|blk| {
-            let h = chain_hash(parent, blk);
-            parent = h.0;
+            let (key, h) = chain(parent, blk);
+            parent = key;
             h
         })
         .collect()
@@ -141,11 +175,32 @@ impl BlockManager {
             prefix_caching,
             events: Vec::new(),
             stats: PrefixStats::default(),
+            hash_bits: 64,
         };
         for i in 0..n_blocks {
             bm.push_free(BlockId(i as u32), false);
         }
         bm
+    }
+
+    /// Test hook: keeps only the low `bits` bits of every `SeqHash` (0: every block's hash
+    /// is the same), so tests can make hashes collide at will, across salts and across token
+    /// ids, and show that a collision is a miss: keys, not hashes, decide a hit. Events then
+    /// name blocks by these shortened hashes, which `prefix_hashes` does not give.
+    #[doc(hidden)]
+    pub fn with_hash_bits(mut self, bits: u32) -> Self {
+        assert!(bits <= 64);
+        self.hash_bits = bits;
+        self
+    }
+
+    /// `chain`, with the hash shortened under `with_hash_bits`.
+    fn chain(&self, parent: PrefixKey, tokens: &[u32]) -> (PrefixKey, SeqHash) {
+        let (key, h) = chain(parent, tokens);
+        match self.hash_bits {
+            64 => (key, h),
+            bits => (key, SeqHash(h.0 & ((1u64 << bits) - 1))),
+        }
     }
 
     pub fn block_size(&self) -> usize {
@@ -209,14 +264,15 @@ impl BlockManager {
         }
         self.stats.queried_tokens += tokens.len() as u64;
         let usable = &tokens[..tokens.len() - 1];
-        let mut parent = root_hash(salt);
+        let mut parent = root_key(salt);
         for blk in usable.chunks_exact(self.block_size) {
-            let h = chain_hash(parent, blk);
-            match self.cached.get(&h) {
-                Some(&id) if self.meta[id.0 as usize].tokens == blk => {
+            let (key, h) = self.chain(parent, blk);
+            match self.cached.get(&h).map(|&id| (id, &self.meta[id.0 as usize])) {
+                Some((id, m)) if m.key == key && m.tokens == blk => {
                     hit.blocks.push(id);
                     hit.hashes.push(h);
-                    parent = h.0;
+                    hit.last_key = Some(key);
+                    parent = key;
                 }
                 _ => break,
             }
@@ -242,6 +298,7 @@ impl BlockManager {
         }
         seq.num_hashed = hit.blocks.len();
         seq.last_hash = hit.hashes.last().copied();
+        seq.last_key = hit.last_key;
         seq.table = hit.blocks;
     }
 
@@ -288,15 +345,16 @@ impl BlockManager {
         // One Stored event per run of newly cached blocks, each naming the hash before it.
         let mut parent = seq.last_hash;
         let mut stored = Vec::new();
-        let mut prev = parent.map(|h| h.0).unwrap_or_else(|| root_hash(salt));
+        let mut prev = seq.last_key.unwrap_or_else(|| root_key(salt));
         for i in seq.num_hashed..full {
             let blk = &tokens[i * self.block_size..(i + 1) * self.block_size];
-            let h = chain_hash(prev, blk);
-            prev = h.0;
+            let (key, h) = self.chain(prev, blk);
+            prev = key;
             let id = seq.table[i];
             if !self.cached.contains_key(&h) && self.meta[id.0 as usize].hash.is_none() {
                 let m = &mut self.meta[id.0 as usize];
                 m.hash = Some(h);
+                m.key = key;
                 m.tokens = blk.to_vec();
                 self.cached.insert(h, id);
                 if stored.is_empty() {
@@ -307,6 +365,7 @@ impl BlockManager {
                 self.events.push(KvEvent::Stored { parent, hashes: std::mem::take(&mut stored) });
             }
             seq.last_hash = Some(h);
+            seq.last_key = Some(key);
         }
         seq.num_hashed = full;
         if !stored.is_empty() {
@@ -367,6 +426,7 @@ impl BlockManager {
             // `idx - 1` is not kept), so the copy is never hashed as a root block.
             seq.num_hashed = 0;
             seq.last_hash = None;
+            seq.last_key = None;
         }
         Ok(Some((old, new)))
     }

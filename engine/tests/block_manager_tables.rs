@@ -1,45 +1,14 @@
 //! Table tests for `BlockManager`: allocation, eviction order, the prefix
-//! cache (hits, salts, the uncached last token, token re-checks), KV events,
-//! copy-on-write and duplicate computation. `check()` runs after every step.
-
-use std::collections::HashMap;
+//! cache (hits, salts, the uncached last token), KV events, copy-on-write and
+//! duplicate computation. `check()` runs after every step. Forged hash
+//! collisions, across salts and token ids: `prefix_isolation_tables.rs`.
 
 use tandem_engine::block_manager::{prefix_hashes, BlockManager, KvEvent, PrefixStats, SeqBlocks, SeqHash};
 use tandem_engine::kv_cache::BlockId;
 use tandem_engine::EngineError;
 
-fn ok(bm: &BlockManager, holders: &[&SeqBlocks]) {
-    bm.check(holders).unwrap_or_else(|e| panic!("invariant broken: {e}"));
-    let mut held: Vec<BlockId> = holders.iter().flat_map(|s| s.table.iter().copied()).collect();
-    held.sort();
-    held.dedup();
-    assert_eq!(bm.n_free() + held.len(), bm.n_blocks(), "free + held == total");
-    assert_eq!(bm.n_used(), held.len());
-    let st = bm.stats();
-    assert!(st.hit_tokens <= st.queried_tokens, "{st:?}");
-}
-
-/// A sequence that looked up its prefix, took the hit, allocated and computed all of `tokens`.
-fn computed_seq(bm: &mut BlockManager, tokens: &[u32], salt: Option<&str>) -> SeqBlocks {
-    let mut s = SeqBlocks::default();
-    let hit = bm.lookup_prefix(tokens, salt);
-    bm.take_prefix(&mut s, hit);
-    bm.allocate(&mut s, tokens.len()).expect("room for the sequence");
-    bm.commit(&mut s, tokens, tokens.len(), salt);
-    s
-}
-
-/// A sequence that allocated and computed `tokens` without looking the prefix up
-/// (it was admitted while an identical prompt was still being computed).
-fn private_seq(bm: &mut BlockManager, tokens: &[u32]) -> SeqBlocks {
-    let mut s = SeqBlocks::default();
-    bm.allocate(&mut s, tokens.len()).expect("room for the sequence");
-    s
-}
-
-fn toks(range: std::ops::Range<u32>) -> Vec<u32> {
-    range.collect()
-}
+mod block_manager_support;
+use block_manager_support::{computed_seq, ok, private_seq, toks};
 
 // ---------------------------------------------------------------- allocation
 
@@ -306,72 +275,6 @@ fn prefix_caching_off_never_hits_and_never_stores() {
     bm.free(&mut a);
     assert!(bm.lookup_prefix(&t, None).blocks.is_empty());
     assert_eq!(bm.stats(), PrefixStats::default());
-    ok(&bm, &[]);
-}
-
-/// The hash construction of `block_manager` (splitmix64 finalizer), mirrored
-/// only to *search* for a real collision; the collision itself is then
-/// verified through the public `prefix_hashes`.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// With block size 1, `hash(salt, [t]) = mix(A(salt) ^ t)`: two salts whose
-/// `A` agree in the upper 32 bits give a collision for suitable tokens.
-fn find_block_collision() -> ((String, u32), (String, u32)) {
-    let a_of = |salt: &str| {
-        let mut h = 0x6a09_e667_f3bc_c908u64;
-        for b in salt.bytes() {
-            h = mix(h ^ b as u64);
-        }
-        h = mix(h ^ 0xff);
-        mix(h ^ 0x5851_F42D_4C95_7F2D)
-    };
-    let mut seen: HashMap<u32, (String, u64)> = HashMap::new();
-    for i in 0u64..2_000_000 {
-        let salt = format!("tenant-{i}");
-        let a = a_of(&salt);
-        if let Some((s1, a1)) = seen.get(&((a >> 32) as u32)) {
-            let t1 = 7u32;
-            let t2 = t1 ^ (*a1 as u32) ^ (a as u32);
-            if t1 != t2 {
-                return ((s1.clone(), t1), (salt, t2));
-            }
-        }
-        seen.insert((a >> 32) as u32, (salt, a));
-    }
-    panic!("no collision found");
-}
-
-#[test]
-fn a_hit_rechecks_token_ids_so_a_hash_collision_is_a_miss() {
-    let ((s1, t1), (s2, t2)) = find_block_collision();
-    let h1 = prefix_hashes(&[t1], 1, Some(&s1));
-    let h2 = prefix_hashes(&[t2], 1, Some(&s2));
-    assert_eq!(h1, h2, "the search relies on block_manager's hash construction; update `mix` above if it changed");
-    assert_ne!(t1, t2);
-
-    let mut bm = BlockManager::new(4, 1, true);
-    let mut a = computed_seq(&mut bm, &[t1, 1], Some(&s1));
-    assert_eq!(
-        bm.take_events(),
-        vec![KvEvent::Stored { parent: None, hashes: vec![h1[0], prefix_hashes(&[t1, 1], 1, Some(&s1))[1]] }]
-    );
-    // Same hash, different token: must miss.
-    let hit = bm.lookup_prefix(&[t2, 1], Some(&s2));
-    assert!(hit.blocks.is_empty(), "collision must not hit: {hit:?}");
-    // The genuine prefix still hits.
-    assert_eq!(bm.lookup_prefix(&[t1, 1], Some(&s1)).blocks, a.table[..1].to_vec());
-    // The colliding sequence computes its own block, which stays private (hash taken).
-    let mut b = computed_seq(&mut bm, &[t2, 1], Some(&s2));
-    assert!(!b.table.contains(&a.table[0]));
-    assert!(bm.take_events().iter().all(|e| !matches!(e, KvEvent::Stored { hashes, .. } if hashes.contains(&h1[0]))));
-    ok(&bm, &[&a, &b]);
-    bm.free(&mut a);
-    bm.free(&mut b);
     ok(&bm, &[]);
 }
 

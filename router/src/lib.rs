@@ -13,6 +13,7 @@
 //! - `policy`: `RoutingPolicy`, `RoundRobin`, `LeastLoaded`.
 //! - `members`: membership from discovery, worker clients, load polling, KV events.
 //! - `service`: the `Generate` service: one request's path through the cluster.
+//! - `salt`: the keyed prefix-cache salt that keeps tenants' caches apart (`SaltKey`).
 //! - `choice`: one choice's path across workers, its attempts and their recovery.
 //! - `recovery`: what a choice does after a failed attempt (migration, the KV
 //!   failure policies `fail`, `recompute`, `retry`).
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod recovery;
+pub mod salt;
 pub mod server;
 pub mod service;
 pub mod telemetry;

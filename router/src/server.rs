@@ -92,6 +92,10 @@ impl RunningRouter {
         let members = Members::new(tls, cfg.cluster_token.clone());
         let membership = tokio::spawn(follow_membership(discovery, cluster, members.clone()));
         let mut state = RouterState::new(facts, members, policy, cfg.max_inflight);
+        // Every router of the cluster derives the same tenant salts from the cluster's secret.
+        if let Some(token) = &cfg.cluster_token {
+            state.salt_key = crate::salt::SaltKey::derive(token.secret());
+        }
         state.api_keys = cfg.api_keys.clone();
         state.migration_limit = cfg.migration_limit;
         state.kv_failure_policy = cfg.kv_failure_policy;

@@ -25,6 +25,7 @@ use crate::members::Members;
 use crate::metrics;
 use crate::policy::RoutingPolicy;
 use crate::recovery::KvFailurePolicy;
+use crate::salt::{effective_salt, SaltKey};
 use crate::validate::{check_input_size, check_model, input_ids, validate, ModelFacts, Validated};
 
 /// How long a decode worker holds a prompt's blocks for KV that does not come, by default.
@@ -61,6 +62,8 @@ pub struct RouterState {
     pub kv_waiting: AtomicUsize,
     /// Tokenizations and chat renders running at once, at most (see `RouterState::tokenize`).
     tokenizers: Arc<tokio::sync::Semaphore>,
+    /// Keys the cache salts sent to workers (`salt::effective_salt`); random unless set.
+    pub salt_key: SaltKey,
 }
 
 impl RouterState {
@@ -86,6 +89,7 @@ impl RouterState {
             tokenizers: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
+            salt_key: SaltKey::random(),
         }
     }
 
@@ -354,16 +358,6 @@ pub fn tenant_of(keys: &[String], given: &str) -> Option<Tenant> {
     found
 }
 
-/// The prefix-cache salt a request runs with: set by the server from the tenant when keys
-/// are configured, so no client-sent salt reaches another tenant's blocks; the client's
-/// salt then only subdivides its own tenant's cache.
-pub fn effective_salt(tenant: Option<&Tenant>, client: Option<&str>) -> Option<String> {
-    match tenant {
-        Some(Tenant(t)) => Some(format!("tenant:{t}|{}", client.unwrap_or(""))),
-        None => client.map(str::to_string),
-    }
-}
-
 /// gRPC's `authorization: Bearer <key>` metadata against the configured keys; the caller's
 /// tenant goes into the request's extensions.
 pub fn check_api_key(keys: &[String], req: &mut tonic::Request<()>) -> Result<(), Status> {
@@ -401,20 +395,19 @@ impl GenerateService {
 /// Checks `req`, admits it and starts it: every front door (gRPC, HTTP) goes through here.
 pub async fn start_request(
     s: &Arc<RouterState>,
-    mut req: api::GenerateRequest,
+    req: api::GenerateRequest,
     deadline: Option<Duration>,
     api: &'static str,
     tenant: Option<&Tenant>,
 ) -> Result<Chunks, Status> {
     let accepted = Instant::now();
-    if tenant.is_some() {
-        req.cache_salt = effective_salt(tenant, req.cache_salt.as_deref());
-    }
     // A bad request is the client's to fix whatever the load: check it first. The bounds
     // on its size come before any tokenizing, which runs off the runtime.
     let checked = async {
         check_input_size(req.input.as_ref(), &s.facts)?;
-        let v = s.tokenize(move |s| validate(&req, &s.facts, public_request_id)).await??;
+        let mut v = s.tokenize(move |s| validate(&req, &s.facts, public_request_id)).await??;
+        // The client's salt was checked as sent; the workers get the router's keyed one.
+        v.cache_salt = effective_salt(&s.salt_key, tenant, v.cache_salt.as_deref());
         Ok::<_, Status>((v, admit(s)?))
     }
     .await;
@@ -529,7 +522,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_name_their_tenants_and_salts_keep_tenants_apart() {
+    fn keys_name_their_tenants() {
         let keys = vec!["sk-plain".to_string(), "acme:sk-a1".to_string(), "acme:sk-a2".to_string()];
         let plain = tenant_of(&keys, "sk-plain").unwrap();
         assert!(plain.0.starts_with("key-"));
@@ -537,11 +530,7 @@ mod tests {
         assert_eq!(tenant_of(&keys, "sk-a1"), tenant_of(&keys, "sk-a2"), "keys of one tenant share it");
         assert_eq!(tenant_of(&keys, "acme:sk-a1"), None, "the tenant is not part of the key");
         assert_eq!(tenant_of(&keys, "sk-nope"), None);
-        let acme = Tenant("acme".into());
-        // A client cannot pick another tenant's salt: the server's comes first.
-        assert_ne!(effective_salt(Some(&plain), Some("x")), effective_salt(Some(&acme), Some("x")));
-        assert_ne!(effective_salt(Some(&plain), Some("tenant:acme|x")), effective_salt(Some(&acme), Some("x")));
-        assert_eq!(effective_salt(None, Some("x")).as_deref(), Some("x"), "open API: the client's salt as is");
+        // The salts that keep tenants apart: unit tables in `salt.rs`.
     }
 
     #[test]
