@@ -13,6 +13,8 @@
 //! - `policy`: `RoutingPolicy`, `RoundRobin`, `LeastLoaded`.
 //! - `members`: membership from discovery, worker clients, load polling, KV events.
 //! - `service`: the `Generate` service: one request's path through the cluster.
+//! - `quota`: per-tenant limits on requests in flight.
+//! - `stall`: the bound on a client that stops reading its stream.
 //! - `choice`: one choice's path across workers, its attempts and their recovery.
 //! - `recovery`: what a choice does after a failed attempt (migration, the KV
 //!   failure policies `fail`, `recompute`, `retry`).
@@ -27,9 +29,11 @@ pub mod members;
 pub mod metrics;
 pub mod openai;
 pub mod policy;
+pub mod quota;
 pub mod recovery;
 pub mod server;
 pub mod service;
+pub mod stall;
 pub mod telemetry;
 pub mod validate;
 
