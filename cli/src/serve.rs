@@ -199,6 +199,37 @@ impl ApiKeys {
     }
 }
 
+/// Per-tenant limits and the bound on stalled streams (docs/operations.md, "Per-tenant
+/// limits and stalled streams").
+#[derive(Args, Debug, Clone)]
+pub struct QuotaFlags {
+    /// Requests one tenant (what an API key names) may hold in flight; beyond, RESOURCE_EXHAUSTED
+    /// (HTTP 429). Default: half of --max-inflight, rounded up, when the API keys name two
+    /// tenants or more; with one tenant or an open API, none (--max-inflight bounds it).
+    #[arg(long, env = "TANDEM_TENANT_MAX_INFLIGHT", value_parser = clap::value_parser!(u32).range(1..))]
+    pub tenant_max_inflight: Option<u32>,
+    /// A tenant's own limit in place of --tenant-max-inflight, as TENANT=N (repeatable;
+    /// `TANDEM_TENANT_LIMITS` takes a comma-separated list). The tenant must be one an API key
+    /// names.
+    #[arg(long = "tenant-limit", env = "TANDEM_TENANT_LIMITS", value_delimiter = ',', value_parser = tenant_limit)]
+    pub tenant_limits: Vec<(String, usize)>,
+    /// Seconds a stream (gRPC GenerateStream, HTTP streaming) may wait for its client to take
+    /// the next chunk; past it the request is cancelled and its KV blocks freed. Positive;
+    /// there is no "never".
+    #[arg(long, env = "TANDEM_STREAM_STALL_TIMEOUT", value_parser = positive_secs,
+          default_value_t = tandem_router::stall::STREAM_STALL_TIMEOUT.as_secs_f64())]
+    pub stream_stall_timeout: f64,
+}
+
+/// `TENANT=N`, N at least 1.
+fn tenant_limit(s: &str) -> Result<(String, usize), String> {
+    let (tenant, n) = s.trim().split_once('=').ok_or_else(|| format!("{s:?} is not TENANT=N"))?;
+    match n.trim().parse::<usize>() {
+        Ok(n) if n >= 1 && !tenant.trim().is_empty() => Ok((tenant.trim().to_string(), n)),
+        _ => Err(format!("{s:?} is not TENANT=N with N at least 1")),
+    }
+}
+
 /// Flags of a worker.
 #[derive(Args, Debug, Clone)]
 pub struct WorkerFlags {
@@ -293,6 +324,8 @@ pub struct UpArgs {
     /// Requests the router holds in flight at most; beyond, RESOURCE_EXHAUSTED.
     #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = 512)]
     pub max_inflight: usize,
+    #[command(flatten)]
+    pub quotas: QuotaFlags,
 }
 
 #[derive(Args, Debug)]
@@ -317,6 +350,8 @@ pub struct RouterArgs {
     /// Requests in flight at most; beyond, RESOURCE_EXHAUSTED.
     #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = 512)]
     pub max_inflight: usize,
+    #[command(flatten)]
+    pub quotas: QuotaFlags,
     #[command(flatten)]
     pub tls: TlsFlags,
     #[command(flatten)]
@@ -532,6 +567,9 @@ pub fn up(a: UpArgs) -> Result<()> {
             kv_failure_policy: a.migration.policy(),
             kv_lease: Duration::from_secs(a.migration.kv_lease.max(1)),
             kv_wait: Duration::from_secs_f64(a.migration.kv_wait),
+            tenant_max_inflight: a.quotas.tenant_max_inflight.map(|n| n as usize),
+            tenant_limits: a.quotas.tenant_limits.clone(),
+            stream_stall_timeout: Duration::from_secs_f64(a.quotas.stream_stall_timeout),
         };
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         if !router.wait_for_workers(running.len(), Duration::from_secs(30)).await {
@@ -592,6 +630,9 @@ pub fn router(a: RouterArgs) -> Result<()> {
             kv_failure_policy: a.migration.policy(),
             kv_lease: Duration::from_secs(a.migration.kv_lease.max(1)),
             kv_wait: Duration::from_secs_f64(a.migration.kv_wait),
+            tenant_max_inflight: a.quotas.tenant_max_inflight.map(|n| n as usize),
+            tenant_limits: a.quotas.tenant_limits.clone(),
+            stream_stall_timeout: Duration::from_secs_f64(a.quotas.stream_stall_timeout),
         };
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         println!(

@@ -6,7 +6,8 @@
 //! gRPC one; its chunks are translated back. The first chunk is awaited before
 //! the response starts, so a request that cannot be served at all (no worker,
 //! overload) gets its HTTP status instead of a 200 with an error event. A client
-//! that disconnects drops the response stream, which cancels the request.
+//! that disconnects drops the response stream, which cancels the request; one that
+//! stops reading a stream has it cancelled after `--stream-stall-timeout` (`stall`).
 //!
 //! `limits` bounds what a client may send and how long it may take (headers, body,
 //! the whole request) and serves the connections; `conns` caps how many are open, in
@@ -35,7 +36,8 @@ use crate::openai::{
     chat_logprobs, chat_request, completion_request, finish_str, prompt_echo, token_text, usage_json, ApiError,
     ChatRequest, CompletionLogprobs, CompletionRequest,
 };
-use crate::service::{start_request, tenant_of, Chunks, RouterState, Tenant};
+use crate::service::{stall_message, stalled, start_request, tenant_of, Chunks, RouterState, Tenant};
+use crate::stall::{HandOff, Outbox};
 
 mod conns;
 mod limits;
@@ -129,14 +131,15 @@ async fn first(mut chunks: Chunks) -> Result<(api::GenerateStreamResponse, Chunk
     }
 }
 
-/// An SSE response fed by `produce`, which gets a sender and ends when the client leaves.
-fn sse<F, Fut>(produce: F) -> Response
+/// An SSE response fed by `produce`, which gets a sender (waiting at most `stall` for the
+/// client to take each event) and ends when the client leaves.
+fn sse<F, Fut>(stall: Duration, produce: F) -> Response
 where
-    F: FnOnce(mpsc::Sender<Result<Event, Infallible>>) -> Fut,
+    F: FnOnce(Outbox<Result<Event, Infallible>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(produce(tx));
+    tokio::spawn(produce(Outbox::new(tx, stall)));
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 
@@ -147,7 +150,7 @@ fn data(v: &Value) -> Result<Event, Infallible> {
 /// The next chunk, or None when the client left (its sender is closed) or the stream ended.
 async fn next_chunk(
     chunks: &mut Chunks,
-    tx: &mpsc::Sender<Result<Event, Infallible>>,
+    tx: &Outbox<Result<Event, Infallible>>,
 ) -> Option<Result<api::GenerateStreamResponse, tonic::Status>> {
     tokio::select! {
         m = chunks.recv() => m,
@@ -218,8 +221,16 @@ async fn chat(
     }
 
     let mut started = std::collections::HashSet::new();
-    let meta =
-        StreamMeta { id, object: "chat.completion.chunk", created, model, include_usage, score_only: false, deadline };
+    let meta = StreamMeta {
+        id,
+        object: "chat.completion.chunk",
+        created,
+        model,
+        include_usage,
+        score_only: false,
+        deadline,
+        stall: state.stream_stall,
+    };
     Ok(stream_events(meta, head, chunks, move |m| {
         let mut delta = json!({"content": m.text});
         if started.insert(m.index) {
@@ -245,28 +256,41 @@ struct StreamMeta {
     score_only: bool,
     /// When the stream is cut with a timeout error event.
     deadline: Instant,
+    /// How long the client may take nothing before the stream is cut (`--stream-stall-timeout`).
+    stall: Duration,
 }
 
 /// Streams a generation as server-sent events: one `data:` event per chunk, the choice
 /// rendered by `choice`; an error event if the generation fails; with `include_usage` a
 /// last event with no choices and the usage; then `data: [DONE]`. Stops (cancelling the
-/// generation) as soon as the client leaves or the deadline passes (after a timeout error
-/// event, if the client is reading).
+/// generation) as soon as the client leaves, the deadline passes (after a timeout error
+/// event, if the client is reading) or the client takes no event for the stall timeout
+/// (the error event is queued for it, should it read again).
 fn stream_events(
     meta: StreamMeta,
     head: api::GenerateStreamResponse,
     mut chunks: Chunks,
     mut choice: impl FnMut(&api::GenerateStreamResponse) -> Value + Send + 'static,
 ) -> Response {
-    sse(move |tx| async move {
-        let StreamMeta { id, object, created, model, include_usage, score_only, deadline } = meta;
+    let stall = meta.stall;
+    sse(stall, move |tx| async move {
+        let StreamMeta { id, object, created, model, include_usage, score_only, deadline, stall: _ } = meta;
+        // Past the stall timeout the generation is cancelled (dropping `chunks` does it).
+        let stalled_out = |tx: &Outbox<Result<Event, Infallible>>| {
+            stalled("http", &id, stall);
+            let e = ApiError::from_status(&tonic::Status::cancelled(stall_message(stall)));
+            tx.last(data(&e.body()));
+        };
         let mut usage = None;
         let mut msg = Some(Ok(head));
         while let Some(m) = msg {
             let m = match m {
                 Ok(m) => m,
                 Err(s) => {
-                    let _ = tx.send(data(&ApiError::from_status(&s).body())).await;
+                    // The generation is over (its slots are free): only the event is bounded.
+                    if tx.send(data(&ApiError::from_status(&s).body())).await.is_err() {
+                        return;
+                    }
                     break;
                 }
             };
@@ -277,17 +301,22 @@ fn stream_events(
                 chunk["usage"] = Value::Null;
             }
             usage = m.usage.or(usage);
-            // A client that stops reading is cut at the deadline too.
+            // A client that stops reading is cut at the stall timeout, or the deadline.
             msg = match within(deadline, async {
-                tx.send(data(&chunk)).await.ok()?;
-                next_chunk(&mut chunks, &tx).await
+                tx.send(data(&chunk)).await?;
+                Ok(next_chunk(&mut chunks, &tx).await)
             })
             .await
             {
-                Ok(next) => next,
+                Ok(Ok(next)) => next,
+                Ok(Err(HandOff::Closed)) => return,
+                Ok(Err(HandOff::Stalled)) => {
+                    stalled_out(&tx);
+                    return;
+                }
                 Err(e) => {
                     // Dropping `chunks` cancels the generation.
-                    let _ = tx.try_send(data(&e.body()));
+                    tx.last(data(&e.body()));
                     return;
                 }
             };
@@ -305,7 +334,11 @@ fn stream_events(
                     "id": id, "object": object, "created": created, "model": model,
                     "choices": [], "usage": usage_json(&u),
                 });
-                let _ = tx.send(data(&last)).await;
+                // The generation is over: a client that stops reading now holds no slot, only
+                // its connection, and this task ends at the stall timeout.
+                if tx.send(data(&last)).await.is_err() {
+                    return;
+                }
             }
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
@@ -419,7 +452,16 @@ async fn completions(
     }
 
     let mut choices: HashMap<u32, CompletionChoice> = HashMap::new();
-    let meta = StreamMeta { id, object: "text_completion", created, model, include_usage, score_only, deadline };
+    let meta = StreamMeta {
+        id,
+        object: "text_completion",
+        created,
+        model,
+        include_usage,
+        score_only,
+        deadline,
+        stall: state.stream_stall,
+    };
     Ok(stream_events(meta, head, chunks, move |m| {
         let c = choices.entry(m.index).or_default();
         let (text, from) = fold(c, m);
@@ -467,6 +509,7 @@ async fn ready(State(state): State<Arc<RouterState>>) -> Response {
 pub fn refresh_gauges(state: &RouterState) {
     let ws = state.members.snapshot();
     crate::metrics::set_in_flight(state.inflight.load(Ordering::SeqCst), state.max_inflight);
+    crate::metrics::set_tenant_max_in_flight(state.quotas.limits().default);
     for role in Role::ALL {
         for (healthy, label) in [(true, "healthy"), (false, "unhealthy")] {
             let n = ws.iter().filter(|w| w.desc.role == role && w.healthy == healthy).count();

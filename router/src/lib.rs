@@ -14,6 +14,8 @@
 //! - `members`: membership from discovery, worker clients, load polling, KV events.
 //! - `service`: the `Generate` service: one request's path through the cluster.
 //! - `salt`: the keyed prefix-cache salt that keeps tenants' caches apart (`SaltKey`).
+//! - `quota`: per-tenant limits on requests in flight.
+//! - `stall`: the bound on a client that stops reading its stream.
 //! - `choice`: one choice's path across workers, its attempts and their recovery.
 //! - `recovery`: what a choice does after a failed attempt (migration, the KV
 //!   failure policies `fail`, `recompute`, `retry`).
@@ -28,10 +30,12 @@ pub mod members;
 pub mod metrics;
 pub mod openai;
 pub mod policy;
+pub mod quota;
 pub mod recovery;
 pub mod salt;
 pub mod server;
 pub mod service;
+pub mod stall;
 pub mod telemetry;
 pub mod validate;
 

@@ -22,6 +22,9 @@ pub const ROOM_WAITS: &str = "tandem_kv_room_waits_total";
 pub const ROOM_WAIT: &str = "tandem_kv_room_wait_seconds";
 pub const HTTP_CONNECTIONS: &str = "tandem_http_connections_open";
 pub const HTTP_REFUSED: &str = "tandem_http_connections_refused_total";
+pub const ADMISSION_REFUSED: &str = "tandem_router_admission_refusals_total";
+pub const TENANT_MAX_IN_FLIGHT: &str = "tandem_router_tenant_max_in_flight";
+pub const STREAM_STALLS: &str = "tandem_stream_stalls_total";
 
 /// Registers every router metric's description (idempotent).
 pub fn describe() {
@@ -72,6 +75,20 @@ pub fn describe() {
         HTTP_REFUSED,
         "Connections the HTTP front door closed at accept, by the cap they would have passed: total \
          (--http-max-connections) or per_ip (--http-max-connections-per-ip)."
+    );
+    describe_counter!(
+        ADMISSION_REFUSED,
+        "Requests the router refused at admission, by the limit they would have passed: max_inflight \
+         (--max-inflight) or tenant_limit (their tenant's limit, --tenant-max-inflight / --tenant-limit)."
+    );
+    describe_gauge!(
+        TENANT_MAX_IN_FLIGHT,
+        "Requests one tenant may hold in flight unless --tenant-limit names it (--tenant-max-inflight); \
+         0: no per-tenant default."
+    );
+    describe_counter!(
+        STREAM_STALLS,
+        "Streams cancelled because the client took no chunk for --stream-stall-timeout, by API (grpc, http)."
     );
 }
 
@@ -145,4 +162,18 @@ pub fn set_http_connections(n: usize) {
 
 pub fn http_connection_refused(reason: &'static str) {
     counter!(HTTP_REFUSED, "reason" => reason).increment(1);
+}
+
+/// A request refused at admission: `reason` is `max_inflight` or `tenant_limit`.
+pub fn admission_refused(reason: &'static str) {
+    counter!(ADMISSION_REFUSED, "reason" => reason).increment(1);
+}
+
+pub fn set_tenant_max_in_flight(n: Option<usize>) {
+    gauge!(TENANT_MAX_IN_FLIGHT).set(n.unwrap_or(0) as f64);
+}
+
+/// A stream cancelled because its client stopped reading.
+pub fn stream_stalled(api: &'static str) {
+    counter!(STREAM_STALLS, "api" => api).increment(1);
 }

@@ -22,6 +22,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::members::Members;
 use crate::policy::policy_by_name;
+use crate::quota::{Quotas, TenantLimits};
 use crate::recovery::KvFailurePolicy;
 use crate::service::{check_api_key, GenerateService, RouterState};
 use crate::validate::ModelFacts;
@@ -60,6 +61,15 @@ pub struct RouterConfig {
     /// How long a request waits for KV room when every decode worker's pool is full
     /// (zero: refused at once).
     pub kv_wait: Duration,
+    /// Requests one tenant may hold in flight unless `tenant_limits` names it; `None`: half
+    /// of `max_inflight` (rounded up) when the API keys name two tenants or more, else no
+    /// per-tenant bound (see `quota::TenantLimits::resolve`).
+    pub tenant_max_inflight: Option<usize>,
+    /// Per-tenant limits in place of the default: (tenant, requests in flight at most).
+    pub tenant_limits: Vec<(String, usize)>,
+    /// How long a stream may wait for its client to take the next chunk before the request
+    /// is cancelled (must be positive).
+    pub stream_stall_timeout: Duration,
 }
 
 pub struct RunningRouter {
@@ -84,6 +94,11 @@ impl RunningRouter {
         if cfg.metrics_access == crate::http::MetricsAccess::ApiKey && cfg.api_keys.is_empty() {
             return Err("--metrics-require-key needs at least one API key (--api-key or TANDEM_API_KEYS)".into());
         }
+        if cfg.stream_stall_timeout.is_zero() {
+            return Err("--stream-stall-timeout must be positive".into());
+        }
+        let tenants = crate::service::tenants(&cfg.api_keys);
+        let limits = TenantLimits::resolve(cfg.tenant_max_inflight, &cfg.tenant_limits, &tenants, cfg.max_inflight)?;
         let tls = cfg.tls.as_ref().map(worker_tls).transpose()?;
         let path = cfg.model_path.clone();
         let facts = tokio::task::spawn_blocking(move || load_facts(&path)).await.map_err(|e| e.to_string())??;
@@ -101,6 +116,15 @@ impl RunningRouter {
         state.kv_failure_policy = cfg.kv_failure_policy;
         state.kv_lease = cfg.kv_lease;
         state.kv_wait = cfg.kv_wait;
+        tracing::info!(
+            tenants = tenants.len(),
+            default = ?limits.default,
+            overrides = limits.overrides.len(),
+            stream_stall_secs = cfg.stream_stall_timeout.as_secs_f64(),
+            "per-tenant limits on requests in flight"
+        );
+        state.quotas = Quotas::new(limits);
+        state.stream_stall = cfg.stream_stall_timeout;
         let state = Arc::new(state);
 
         let listener = tokio::net::TcpListener::bind(cfg.grpc_listen)

@@ -5,7 +5,10 @@
 //! open the decode stream, have the prefill worker compute the prompt and ship
 //! its KV, then relay the decode stream. Choices run concurrently and their
 //! chunks interleave on the client's stream. A client that leaves cancels every
-//! choice on every worker; a deadline ends the request with DEADLINE_EXCEEDED.
+//! choice on every worker; a deadline ends the request with DEADLINE_EXCEEDED; a
+//! client that reads nothing of its stream for `--stream-stall-timeout` has its
+//! request cancelled (`stall`). Admission holds a slot of `--max-inflight` and one of
+//! the caller's tenant (`quota`) for the request's whole life.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,8 +27,10 @@ use crate::choice::run_choice;
 use crate::members::Members;
 use crate::metrics;
 use crate::policy::RoutingPolicy;
+use crate::quota::{Quotas, TenantPermit, ANONYMOUS};
 use crate::recovery::KvFailurePolicy;
 use crate::salt::{effective_salt, SaltKey};
+use crate::stall::{HandOff, Outbox, STREAM_STALL_TIMEOUT};
 use crate::validate::{check_input_size, check_model, input_ids, validate, ModelFacts, Validated};
 
 /// How long a decode worker holds a prompt's blocks for KV that does not come, by default.
@@ -60,6 +65,11 @@ pub struct RouterState {
     pub kv_room: tokio::sync::Notify,
     /// Choices waiting for KV room now.
     pub kv_waiting: AtomicUsize,
+    /// Requests in flight per tenant, against each tenant's limit.
+    pub quotas: Quotas,
+    /// How long a stream may wait for its client to take the next chunk before the request
+    /// is cancelled (see `stall`).
+    pub stream_stall: Duration,
     /// Tokenizations and chat renders running at once, at most (see `RouterState::tokenize`).
     tokenizers: Arc<tokio::sync::Semaphore>,
     /// Keys the cache salts sent to workers (`salt::effective_salt`); random unless set.
@@ -86,6 +96,8 @@ impl RouterState {
             kv_wait: KV_WAIT,
             kv_room: tokio::sync::Notify::new(),
             kv_waiting: AtomicUsize::new(0),
+            quotas: Quotas::default(),
+            stream_stall: STREAM_STALL_TIMEOUT,
             tokenizers: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
@@ -135,29 +147,49 @@ fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// A request admitted past the in-flight limit; releases its slot when dropped.
-pub struct Permit(Arc<RouterState>);
+/// A request admitted past the in-flight limit and its tenant's; releases both slots
+/// when dropped, however the request ends.
+pub struct Permit {
+    state: Arc<RouterState>,
+    _tenant: TenantPermit,
+}
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+        self.state.inflight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-fn admit(s: &Arc<RouterState>) -> Result<Permit, Status> {
+/// RESOURCE_EXHAUSTED with `retry-after` metadata (as HTTP's Retry-After: seconds to wait).
+fn overloaded(message: String) -> Status {
+    let mut st = Status::resource_exhausted(message);
+    st.metadata_mut().insert("retry-after", tonic::metadata::MetadataValue::from_static("1"));
+    st
+}
+
+/// Takes a slot of the caller's tenant, then one of the router's. The tenant's comes first
+/// so that a tenant over its limit never holds, even for a moment, a slot another tenant
+/// could have had.
+fn admit(s: &Arc<RouterState>, tenant: Option<&Tenant>) -> Result<Permit, Status> {
     if s.draining.load(Ordering::SeqCst) {
         return Err(Status::unavailable("the router is shutting down"));
     }
+    let tenant = s.quotas.acquire(tenant.map_or(ANONYMOUS, |t| t.0.as_str())).map_err(|r| {
+        metrics::admission_refused("tenant_limit");
+        // Only the caller's own limit: nothing about other tenants.
+        overloaded(format!(
+            "your tenant has {} requests in flight, its limit (the per-tenant limit); retry later",
+            r.limit
+        ))
+    })?;
     let n = s.inflight.fetch_add(1, Ordering::SeqCst);
-    let permit = Permit(s.clone());
+    let permit = Permit { state: s.clone(), _tenant: tenant };
     if n >= s.max_inflight {
-        let mut st = Status::resource_exhausted(format!(
+        metrics::admission_refused("max_inflight");
+        return Err(overloaded(format!(
             "the router has {} requests in flight, its limit; retry later",
             s.max_inflight
-        ));
-        // As HTTP's Retry-After: seconds to wait before trying again.
-        st.metadata_mut().insert("retry-after", tonic::metadata::MetadataValue::from_static("1"));
-        return Err(st);
+        )));
     }
     Ok(permit)
 }
@@ -193,11 +225,11 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Runs every choice of `v` and streams their chunks to `tx` until all finish, one
-/// fails, the deadline passes or the client leaves.
+/// fails, the deadline passes, the client leaves or stops reading.
 async fn run_request(
     s: Arc<RouterState>,
     v: Arc<Validated>,
-    tx: mpsc::Sender<Result<api::GenerateStreamResponse, Status>>,
+    tx: Outbox<Result<api::GenerateStreamResponse, Status>>,
     accepted: Instant,
     deadline: Option<Duration>,
     _permit: Permit,
@@ -213,6 +245,16 @@ async fn run_request(
     let mut remaining = v.n;
     let mut cached_tokens = 0;
     let end = deadline.map(|d| tokio::time::Instant::now() + d);
+    let deadline_passed = || async move {
+        match end {
+            Some(e) => tokio::time::sleep_until(e).await,
+            None => std::future::pending().await,
+        }
+    };
+    let past_deadline = |tx: &Outbox<_>| {
+        metrics::request_done(api, "deadline_exceeded");
+        tx.last(Err(Status::deadline_exceeded("the request's deadline passed")));
+    };
     loop {
         let next = tokio::select! {
             c = crx.recv() => c,
@@ -221,9 +263,8 @@ async fn run_request(
                 metrics::request_done(api, "cancelled");
                 return;
             }
-            _ = async { match end { Some(e) => tokio::time::sleep_until(e).await, None => std::future::pending().await } } => {
-                metrics::request_done(api, "deadline_exceeded");
-                let _ = tx.send(Err(Status::deadline_exceeded("the request's deadline passed"))).await;
+            _ = deadline_passed() => {
+                past_deadline(&tx);
                 return;
             }
         };
@@ -234,7 +275,7 @@ async fn run_request(
             }
             Some(Err(status)) => {
                 metrics::request_done(api, metrics::error_kind(status.code()));
-                let _ = tx.send(Err(status)).await;
+                tx.last(Err(status));
                 return;
             }
             Some(Ok(c)) => c,
@@ -307,9 +348,27 @@ async fn run_request(
             model: s.facts.name.clone(),
             prompt_logprobs: chunk.prompt_logprobs,
         };
-        if tx.send(Ok(resp)).await.is_err() {
-            metrics::request_done(api, "cancelled");
-            return;
+        // A client that reads nothing is cut at the stall timeout, or at its deadline.
+        let sent = tokio::select! {
+            sent = tx.send(Ok(resp)) => sent,
+            _ = deadline_passed() => {
+                past_deadline(&tx);
+                return;
+            }
+        };
+        match sent {
+            Ok(()) => {}
+            Err(HandOff::Closed) => {
+                metrics::request_done(api, "cancelled");
+                return;
+            }
+            Err(HandOff::Stalled) => {
+                // Returning drops `choices`: their workers get `Cancel` and free the blocks.
+                stalled(api, &v.request_id, tx.stall());
+                metrics::request_done(api, "cancelled");
+                tx.last(Err(Status::cancelled(stall_message(tx.stall()))));
+                return;
+            }
         }
         if remaining == 0 {
             metrics::seconds(metrics::E2E, now - accepted);
@@ -319,12 +378,55 @@ async fn run_request(
     }
 }
 
+/// Logs and counts a stream cancelled because its client stopped reading (once per request).
+pub fn stalled(api: &'static str, request_id: &str, stall: Duration) {
+    metrics::stream_stalled(api);
+    tracing::warn!(
+        request = request_id,
+        api,
+        stall_secs = stall.as_secs_f64(),
+        "the client took nothing of its stream for the stall timeout; cancelling the request"
+    );
+}
+
+/// What a client whose stream stalled is told, should it read again.
+pub fn stall_message(stall: Duration) -> String {
+    format!(
+        "the client read nothing of its stream for {} s (--stream-stall-timeout); the request was cancelled",
+        stall.as_secs_f64()
+    )
+}
+
 #[derive(Clone)]
 pub struct GenerateService(pub Arc<RouterState>);
 
 /// The tenant an authenticated request belongs to; its prefix-cache entries are its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant(pub String);
+
+/// A configured key entry's tenant and key: `TENANT:KEY`, or a plain `KEY` as a tenant of its
+/// own, named after a hash of the key.
+fn split_key(entry: &str) -> (String, &str) {
+    match entry.split_once(':') {
+        Some((t, k)) if !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => {
+            (t.to_string(), k)
+        }
+        _ => (
+            format!(
+                "key-{:016x}",
+                splitmix(
+                    entry.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+                )
+            ),
+            entry,
+        ),
+    }
+}
+
+/// The tenants the configured `keys` name (empty: the API is open).
+pub fn tenants(keys: &[String]) -> std::collections::BTreeSet<String> {
+    keys.iter().map(|k| split_key(k).0).collect()
+}
 
 /// The tenant of API key `given` among the configured `keys`, if it is one of them. A
 /// configured key is `KEY` (its own tenant, named after a hash of the key) or
@@ -335,22 +437,7 @@ pub struct Tenant(pub String);
 pub fn tenant_of(keys: &[String], given: &str) -> Option<Tenant> {
     let mut found = None;
     for entry in keys {
-        let (tenant, key) = match entry.split_once(':') {
-            Some((t, k)) if !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => {
-                (t.to_string(), k)
-            }
-            _ => (
-                format!(
-                    "key-{:016x}",
-                    splitmix(
-                        entry
-                            .bytes()
-                            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
-                    )
-                ),
-                entry.as_str(),
-            ),
-        };
+        let (tenant, key) = split_key(entry);
         if bool::from(key.as_bytes().ct_eq(given.as_bytes())) && found.is_none() {
             found = Some(Tenant(tenant));
         }
@@ -408,7 +495,7 @@ pub async fn start_request(
         let mut v = s.tokenize(move |s| validate(&req, &s.facts, public_request_id)).await??;
         // The client's salt was checked as sent; the workers get the router's keyed one.
         v.cache_salt = effective_salt(&s.salt_key, tenant, v.cache_salt.as_deref());
-        Ok::<_, Status>((v, admit(s)?))
+        Ok::<_, Status>((v, admit(s, tenant)?))
     }
     .await;
     let (v, permit) = match checked {
@@ -420,6 +507,7 @@ pub async fn start_request(
     };
     metrics::tokens(v.prompt.len());
     let (tx, rx) = mpsc::channel(64);
+    let tx = Outbox::new(tx, s.stream_stall);
     tokio::spawn(run_request(s.clone(), Arc::new(v), tx, accepted, deadline, permit, api));
     Ok(rx)
 }
@@ -531,6 +619,17 @@ mod tests {
         assert_eq!(tenant_of(&keys, "acme:sk-a1"), None, "the tenant is not part of the key");
         assert_eq!(tenant_of(&keys, "sk-nope"), None);
         // The salts that keep tenants apart: unit tables in `salt.rs`.
+    }
+
+    #[test]
+    fn keys_list_their_tenants_once_each() {
+        let keys: Vec<String> = ["sk-plain", "acme:sk-a1", "acme:sk-a2", "beta:sk-b"].map(String::from).into();
+        let named = tenants(&keys);
+        assert_eq!(named.len(), 3, "{named:?}");
+        assert!(named.contains("acme") && named.contains("beta"));
+        // A plain key's tenant is the one its requests are counted under.
+        assert!(named.contains(&tenant_of(&keys, "sk-plain").unwrap().0));
+        assert!(tenants(&[]).is_empty(), "an open API names no tenant");
     }
 
     #[test]
