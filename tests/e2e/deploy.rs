@@ -11,8 +11,8 @@
 //! check each process runs at start) and the cluster token, and NetworkPolicies admit the
 //! workers' gRPC and KV ports and etcd's client port from this release's routers and
 //! workers only; ci/tls-values.yaml brings its own Secrets, ci/cert-manager-values.yaml has
-//! cert-manager issue the certificate, and `tls.enabled=false` or
-//! ci/trusted-network-values.yaml take the protections off.
+//! cert-manager issue the certificate, `tls.enabled=false` takes TLS off and
+//! ci/trusted-network-values.yaml the NetworkPolicies too.
 //!
 //! YAML becomes JSON through PyYAML in the .venv-deploy virtualenv that setup-helm.sh
 //! makes, so the tests need no YAML crate.
@@ -538,10 +538,10 @@ fn cert_manager_issues_the_certificate_every_router_and_worker_mounts() {
 }
 
 /// `tls.enabled=false` gives no process TLS files, a health port or a TLS volume, and the
-/// workers' probes go to their gRPC port; the trusted-network values also drop the token and
-/// the NetworkPolicies.
+/// workers' probes go to their gRPC port; the trusted-network values also drop the
+/// NetworkPolicies. The cluster token stays in both: every process needs one.
 #[test]
-fn without_tls_no_process_gets_tls_and_a_trusted_network_drops_every_protection() {
+fn without_tls_no_process_gets_tls_and_a_trusted_network_drops_the_network_policies() {
     let no_tls = render_with(DEFAULT_VALUES, &["tls.enabled=false"]);
     let trusted = render(TRUSTED_VALUES);
     for (docs, what) in [(&no_tls, "tls.enabled=false"), (&trusted, "trusted network")] {
@@ -562,15 +562,15 @@ fn without_tls_no_process_gets_tls_and_a_trusted_network_drops_every_protection(
         }
         assert_eq!(of(docs, "Certificate").count() + of(docs, "Secret").filter(|s| name(s) == "tandem-tls").count(), 0);
     }
-    // TLS off alone keeps the token and the NetworkPolicies.
-    let c = &deployment_of(&no_tls, "decode")["spec"]["template"]["spec"]["containers"][0];
-    assert!(env_value(c, "TANDEM_CLUSTER_TOKEN_FILE").is_some());
-    assert!(of(&no_tls, "NetworkPolicy").count() > 0);
-    for d in of(&trusted, "Deployment") {
-        assert_eq!(env_value(&d["spec"]["template"]["spec"]["containers"][0], "TANDEM_CLUSTER_TOKEN_FILE"), None);
+    for docs in [&no_tls, &trusted] {
+        for d in of(docs, "Deployment") {
+            let c = &d["spec"]["template"]["spec"]["containers"][0];
+            assert!(env_value(c, "TANDEM_CLUSTER_TOKEN_FILE").is_some(), "{}: no cluster token", name(d));
+        }
+        assert!(of(docs, "Secret").any(|s| name(s) == "tandem-cluster-token"));
     }
+    assert!(of(&no_tls, "NetworkPolicy").count() > 0, "TLS off alone keeps the NetworkPolicies");
     assert_eq!(of(&trusted, "NetworkPolicy").count(), 0);
-    assert_eq!(of(&trusted, "Secret").count(), 0);
 }
 
 /// Whether a label selector selects a pod with these labels.
@@ -710,9 +710,9 @@ fn network_policies_admit_only_this_releases_routers_and_workers_to_etcd() {
     let rules = ingress_rules(docs, pod_labels(etcd)).expect("a NetworkPolicy selects etcd");
     let welcome: Vec<_> = ["router", "prefill", "decode"].map(|c| (c, pod_labels(deployment_of(docs, c)))).into();
     let mut intruders = intruders(docs);
-    intruders.retain(|(who, _)| *who != "the release's etcd");
     assert_admits_only(&rules, container_port(etcd, "client"), "etcd client port", &welcome, &intruders);
     let members = [("an etcd member", pod_labels(etcd))];
+    intruders.retain(|(who, _)| *who != "the release's etcd");
     intruders.extend(welcome.iter().map(|(who, labels)| (*who, (*labels).clone())));
     assert_admits_only(&rules, container_port(etcd, "peer"), "etcd peer port", &members, &intruders);
 }

@@ -53,7 +53,7 @@ cluster and makes new ones. Renders nothing.
 {{- $_ := set $g "tls" (dict "ca.crt" ($ca.Cert | b64enc) "tls.crt" ($cert.Cert | b64enc) "tls.key" ($cert.Key | b64enc) "notAfter" $notAfter) }}
 {{- end }}
 {{- end }}
-{{- if and .Values.clusterAuth.enabled (not .Values.clusterAuth.existingSecret) }}
+{{- if not .Values.clusterAuth.existingSecret }}
 {{- $old := lookup "v1" "Secret" $ns (include "tandem.clusterTokenSecretName" .) }}
 {{- $token := dig "data" .Values.clusterAuth.secretKey "" $old }}
 {{- $_ := set $g "token" ($token | default (randAlphaNum 48 | b64enc)) }}
@@ -92,12 +92,10 @@ generated nothing (existing Secrets and cert-manager: restart the pods yourself)
 {{- end }}
 {{- end }}
 
-{{/* Environment of every router and worker for the cluster token (clusterAuth.enabled). */}}
-{{- define "tandem.clusterTokenEnv" -}}
-{{- if .Values.clusterAuth.enabled }}
+{{/* Environment of every router and worker for the cluster token (on a line of its own). */}}
+{{- define "tandem.clusterTokenEnv" }}
 - name: TANDEM_CLUSTER_TOKEN_FILE
   value: {{ printf "%s/token" (trimSuffix "/" .Values.clusterAuth.mountPath) | quote }}
-{{- end }}
 {{- end }}
 
 {{/* The TLS Secret and the cluster token as volumes; readable by the pods' group (fsGroup) only. */}}
@@ -111,7 +109,6 @@ generated nothing (existing Secrets and cert-manager: restart the pods yourself)
     secretName: {{ include "tandem.tlsSecretName" . }}
     defaultMode: 0440
 {{- end }}
-{{- if .Values.clusterAuth.enabled }}
 - name: cluster-token
   secret:
     secretName: {{ include "tandem.clusterTokenSecretName" . }}
@@ -120,7 +117,6 @@ generated nothing (existing Secrets and cert-manager: restart the pods yourself)
       - key: {{ required "clusterAuth.secretKey is required" .Values.clusterAuth.secretKey }}
         path: token
 {{- end }}
-{{- end }}
 
 {{- define "tandem.authMounts" -}}
 {{- if .Values.tls.enabled }}
@@ -128,9 +124,7 @@ generated nothing (existing Secrets and cert-manager: restart the pods yourself)
   mountPath: {{ .Values.tls.mountPath }}
   readOnly: true
 {{- end }}
-{{- if .Values.clusterAuth.enabled }}
 - name: cluster-token
   mountPath: {{ .Values.clusterAuth.mountPath }}
   readOnly: true
-{{- end }}
 {{- end }}
