@@ -4,10 +4,11 @@
 #      every deploy/helm/tandem/ci/*-values.yaml;
 #   2. `helm template` with each value set, into <out>/<set>.yaml;
 #   3. every rendered document validated with kubernetes-validate's strict schemas (no
-#      unknown fields) for each Kubernetes version in KUBE_VERSIONS. The ServiceMonitor
-#      (monitoring.coreos.com/v1, a prometheus-operator CRD) has no schema there: it is
-#      checked against a strict subset of the CRD's schema written below, which covers
-#      every field the chart emits; any other kind without a schema fails;
+#      unknown fields) for each Kubernetes version in KUBE_VERSIONS. Two kinds come from
+#      CRDs and have no schema there: the ServiceMonitor (monitoring.coreos.com/v1,
+#      prometheus-operator) and the Certificate (cert-manager.io/v1, cert-manager). Each is
+#      checked against a strict subset of its CRD's schema written below, which covers every
+#      field the chart emits; any other kind without a schema fails;
 #   4. value sets the chart must refuse (`helm template` must fail, with the message given).
 # Exits non-zero on the first failing step, naming the value set and the failing document
 # (kind/name and the template it came from).
@@ -161,7 +162,50 @@ SERVICE_MONITOR = {
         },
     },
 }
-EXTRA_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR}
+# A strict subset of cert-manager's Certificate CRD (cert-manager.io/v1): the fields this
+# chart writes, with the CRD's types and enums; anything else is rejected.
+GO_DURATION = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"}
+CERTIFICATE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "kind": {"const": "Certificate"},
+        "metadata": SERVICE_MONITOR["properties"]["metadata"],
+        "spec": {
+            "type": "object", "additionalProperties": False, "required": ["secretName", "issuerRef"],
+            "properties": {
+                "secretName": {"type": "string", "minLength": 1},
+                "secretTemplate": {"type": "object", "additionalProperties": False,
+                                   "properties": {"labels": LABELS, "annotations": LABELS}},
+                "commonName": {"type": "string", "maxLength": 64},
+                "dnsNames": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                "usages": {"type": "array", "items": {"enum": [
+                    "signing", "digital signature", "content commitment", "key encipherment",
+                    "key agreement", "data encipherment", "cert sign", "crl sign", "encipher only",
+                    "decipher only", "any", "server auth", "client auth", "code signing",
+                    "email protection", "s/mime", "ipsec end system", "ipsec tunnel", "ipsec user",
+                    "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"]}},
+                "duration": GO_DURATION,
+                "renewBefore": GO_DURATION,
+                "isCA": {"type": "boolean"},
+                "privateKey": {"type": "object", "additionalProperties": False, "properties": {
+                    "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                    "size": {"type": "integer"},
+                    "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                    "rotationPolicy": {"enum": ["Never", "Always"]}}},
+                "issuerRef": {"type": "object", "additionalProperties": False, "required": ["name"],
+                              "properties": {"name": {"type": "string", "minLength": 1},
+                                             "kind": {"type": "string"}, "group": {"type": "string"}}},
+            },
+        },
+    },
+}
+EXTRA_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
+    ("cert-manager.io/v1", "Certificate"): CERTIFICATE,
+}
 
 
 def documents(path):
@@ -189,7 +233,7 @@ for arg in sys.argv[2:]:
         extra = EXTRA_SCHEMAS.get((doc.get("apiVersion"), kind))
         if extra is not None:
             for e in jsonschema.Draft202012Validator(extra).iter_errors(doc):
-                failures.append(f"{what} against the ServiceMonitor subset schema: "
+                failures.append(f"{what} against the {kind} subset schema: "
                                 f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}")
             continue
         for v in versions:
@@ -223,7 +267,9 @@ refuse "no prefill workers and decode role 'decode'" "set decode.role to both" -
 refuse "an unknown decode role" "decode.role must be decode or both" --set decode.role=prefill
 refuse "an unknown model source" "model.source must be" --set model.source=s3
 refuse "a PVC model source without a claim" "model.pvc.existingClaim is required" --set model.source=pvc
-refuse "mutual TLS without its Secret" "tls.existingSecret is required" --set tls.enabled=true
+refuse "cert-manager without an issuer" "tls.certManager.issuerRef.name is required" --set tls.certManager.enabled=true
+refuse "a generated certificate that outlives its CA" "must not exceed tls.generated.caDays" \
+    --set tls.generated.certDays=4000
 refuse "a keyed /metrics without API keys" "metrics.requireKey needs API keys" --set metrics.requireKey=true
-echo "check-deploy: invalid value sets refused (6)"
+echo "check-deploy: invalid value sets refused (7)"
 echo "check-deploy: ok: ${#sets[@]} value set(s) linted, rendered and validated"

@@ -104,39 +104,7 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ . | quote }}
 {{- end }}
 {{- include "tandem.tlsEnv" . }}
-{{- end }}
-
-{{/* Mutual TLS (tls.enabled): the mounted Secret's files. Call with $. */}}
-{{- define "tandem.tlsEnv" -}}
-{{- if .Values.tls.enabled }}
-{{- $dir := trimSuffix "/" .Values.tls.mountPath }}
-- name: TANDEM_TLS_CERT
-  value: {{ printf "%s/tls.crt" $dir | quote }}
-- name: TANDEM_TLS_KEY
-  value: {{ printf "%s/tls.key" $dir | quote }}
-- name: TANDEM_TLS_CA
-  value: {{ printf "%s/ca.crt" $dir | quote }}
-- name: TANDEM_TLS_SERVER_NAME
-  value: {{ .Values.tls.serverName | quote }}
-{{- end }}
-{{- end }}
-
-{{/* The TLS Secret's volume (tls.enabled); readable by the pods' group (fsGroup) only. */}}
-{{- define "tandem.tlsVolume" -}}
-{{- if .Values.tls.enabled }}
-- name: tls
-  secret:
-    secretName: {{ required "tls.existingSecret is required when tls.enabled is true (a Secret with tls.crt, tls.key and ca.crt)" .Values.tls.existingSecret }}
-    defaultMode: 0440
-{{- end }}
-{{- end }}
-
-{{- define "tandem.tlsMount" -}}
-{{- if .Values.tls.enabled }}
-- name: tls
-  mountPath: {{ .Values.tls.mountPath }}
-  readOnly: true
-{{- end }}
+{{- include "tandem.clusterTokenEnv" . }}
 {{- end }}
 
 {{/* Environment of a worker. Call with (dict "ctx" $ "w" .Values.prefill). */}}
@@ -316,4 +284,16 @@ readinessProbe:
   periodSeconds: {{ $p.readinessPeriodSeconds }}
   failureThreshold: {{ $p.readinessFailureThreshold }}
   timeoutSeconds: {{ $p.timeoutSeconds }}
+{{- end }}
+
+{{/* A label selector for the pods of this release with one of the given components (a
+NetworkPolicy's podSelector). Call with (dict "ctx" $ "components" (list "router")). */}}
+{{- define "tandem.releasePods" -}}
+matchLabels:
+  app.kubernetes.io/name: {{ include "tandem.name" .ctx }}
+  app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+matchExpressions:
+  - key: app.kubernetes.io/component
+    operator: In
+    values: {{ toJson .components }}
 {{- end }}

@@ -33,6 +33,9 @@ spec:
         {{- include "tandem.labels" (dict "ctx" $ctx "component" $kind) | nindent 8 }}
         tandem-worker: "true"
       {{- $annotations := merge (dict) $w.podAnnotations (include "tandem.scrapeAnnotations" (dict "ctx" $ctx "port" $v.workerPorts.metrics) | fromYaml) }}
+      {{- with (include "tandem.authChecksum" $ctx) }}
+      {{- $_ := set $annotations "checksum/cluster-auth" . }}
+      {{- end }}
       {{- with $annotations }}
       annotations:
         {{- toYaml . | nindent 8 }}
@@ -94,7 +97,7 @@ spec:
             {{- toYaml $v.securityContext | nindent 12 }}
           volumeMounts:
             {{- with (include "tandem.modelMount" $ctx | trim) }}{{ . | nindent 12 }}{{ end }}
-            {{- with (include "tandem.tlsMount" $ctx | trim) }}{{ . | nindent 12 }}{{ end }}
+            {{- with (include "tandem.authMounts" $ctx | trim) }}{{ . | nindent 12 }}{{ end }}
             - name: tmp
               mountPath: /tmp
             {{- if $dshm }}
@@ -103,7 +106,7 @@ spec:
             {{- end }}
       volumes:
         {{- with (include "tandem.modelVolume" $ctx | trim) }}{{ . | nindent 8 }}{{ end }}
-        {{- with (include "tandem.tlsVolume" $ctx | trim) }}{{ . | nindent 8 }}{{ end }}
+        {{- with (include "tandem.authVolumes" $ctx | trim) }}{{ . | nindent 8 }}{{ end }}
         - name: tmp
           emptyDir:
             sizeLimit: 64Mi
