@@ -12,9 +12,11 @@
 //!   endpoints and the server, registers, and drains.
 //! - `convert`: proto messages to and from the engine's types.
 //! - `metrics`: the worker's metrics (load, prefix cache, KV transfer).
+//! - `peers`: the decode workers discovery lists, the only places a prefill sends KV to.
 
 pub mod convert;
 pub mod metrics;
+pub mod peers;
 pub mod server;
 pub mod service;
 

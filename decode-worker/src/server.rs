@@ -37,7 +37,8 @@ use tandem_proto::{HealthReporter, ServingStatus};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::service::{Peers, WorkerService, WorkerState};
+use crate::peers::Peers;
+use crate::service::{WorkerService, WorkerState};
 
 /// How to run one worker.
 #[derive(Debug, Clone)]
@@ -228,7 +229,7 @@ impl RunningWorker {
             (Some((d, cluster, _)), true) => {
                 let peers = Peers::default();
                 state.peers = Some(peers.clone());
-                Some(tokio::spawn(crate::service::follow_peers(d.clone(), cluster.clone(), peers)))
+                Some(tokio::spawn(crate::peers::follow_peers(d.clone(), cluster.clone(), peers)))
             }
             _ => None,
         };

@@ -7,7 +7,6 @@
 //! request locally when the router has no prefill worker to send it to.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use tandem_engine::error::EngineError;
 use tandem_engine::llm_engine::EngineRequest;
 use tandem_engine::scheduler::RequestId;
 use tandem_engine::tokenizer::Tokenizer;
-use tandem_kvtransfer::{KvLayout, KvReceiver, KvSender, KvTarget, LocalTarget};
+use tandem_kvtransfer::{KvLayout, KvReceiver, KvSender};
 use tandem_prefill_worker::{start_export, Admission, EngineHandle, Event};
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_server::Worker;
@@ -88,77 +87,7 @@ pub struct WorkerState {
     /// The cluster's workers as discovery lists them (prefill-capable workers with
     /// discovery): a `Prefill` sends KV only to a decode worker listed here, at the
     /// endpoints it registered. `None`: no check (a worker without discovery).
-    pub peers: Option<Peers>,
-}
-
-/// This worker's view of the cluster's members, kept by a discovery watch
-/// (`follow_peers`); its version ticks with every change.
-#[derive(Clone)]
-pub struct Peers {
-    view: Arc<std::sync::RwLock<tandem_cluster::ClusterView>>,
-    version: tokio::sync::watch::Sender<u64>,
-}
-
-impl Default for Peers {
-    fn default() -> Self {
-        Peers { view: Arc::default(), version: tokio::sync::watch::channel(0).0 }
-    }
-}
-
-impl Peers {
-    /// Applies a discovery event.
-    pub fn apply(&self, event: tandem_cluster::DiscoveryEvent) {
-        self.view.write().expect("peers").apply(event);
-        self.version.send_modify(|v| *v += 1);
-    }
-
-    /// Replaces the view with a fresh listing.
-    pub fn reset(&self, snapshot: Vec<tandem_cluster::WorkerDescriptor>) {
-        *self.view.write().expect("peers") = tandem_cluster::ClusterView::from_snapshot(snapshot);
-        self.version.send_modify(|v| *v += 1);
-    }
-
-    /// The registered descriptor of decode-capable worker `id`, waiting up to `within` for
-    /// the view to learn of it.
-    async fn decode_worker(&self, id: &str, within: Duration) -> Option<tandem_cluster::WorkerDescriptor> {
-        let id = tandem_cluster::WorkerId::new(id).ok()?;
-        let mut changes = self.version.subscribe();
-        let end = tokio::time::Instant::now() + within;
-        loop {
-            let found = self.view.read().expect("peers").get(&id).filter(|d| d.role.can_decode()).cloned();
-            if found.is_some() {
-                return found;
-            }
-            match tokio::time::timeout_at(end, changes.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return None,
-            }
-        }
-    }
-}
-
-/// Keeps `peers` in step with discovery's listing of `cluster` until cancelled.
-pub async fn follow_peers(
-    discovery: Arc<dyn tandem_cluster::Discovery>,
-    cluster: tandem_cluster::ClusterName,
-    peers: Peers,
-) {
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match discovery.list_and_watch(&cluster).await {
-            Ok((snapshot, mut events)) => {
-                wait = Duration::from_millis(100);
-                peers.reset(snapshot);
-                while let Some(ev) = events.recv().await {
-                    peers.apply(ev);
-                }
-                tracing::warn!("the peers watch ended; listing again");
-            }
-            Err(e) => tracing::warn!(error = %e, retry_in = ?wait, "listing peers failed; keeping the last view"),
-        }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(5));
-    }
+    pub peers: Option<crate::peers::Peers>,
 }
 
 impl WorkerState {
@@ -414,19 +343,6 @@ impl WorkerService {
     }
 }
 
-fn kv_target(e: &pb::KvEndpoints) -> Result<KvTarget, Status> {
-    let tcp: SocketAddr = e
-        .tcp_address
-        .parse()
-        .map_err(|_| Status::invalid_argument(format!("destination tcp_address {:?} is not ip:port", e.tcp_address)))?;
-    let local = e
-        .shm
-        .as_ref()
-        .filter(|s| !s.socket_path.is_empty())
-        .map(|s| LocalTarget { uds: s.socket_path.clone().into(), host: s.host_id.clone() });
-    Ok(KvTarget { tcp, local })
-}
-
 #[tonic::async_trait]
 impl Worker for WorkerService {
     async fn reserve(&self, req: Request<pb::ReserveRequest>) -> Result<Response<pb::ReserveResponse>, Status> {
@@ -553,7 +469,7 @@ impl Worker for WorkerService {
         if let Some(m) = s.layout.mismatch(&layout) {
             return Err(Status::failed_precondition(format!("destination KV layout differs: {m}")));
         }
-        let target = kv_target(&dest.endpoints.unwrap_or_default())?;
+        let target = crate::peers::kv_target(&dest.endpoints.unwrap_or_default())?;
         if let Some(peers) = &s.peers {
             // KV goes only to the cluster's decode workers, at the endpoints they registered:
             // never to an address a caller names.
