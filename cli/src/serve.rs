@@ -65,6 +65,12 @@ pub struct Migration {
     /// tried again as requests finish); past it, RESOURCE_EXHAUSTED / 429. 0: refuse at once.
     #[arg(long, env = "TANDEM_KV_WAIT", value_parser = non_negative_secs, default_value_t = 30.0)]
     pub kv_wait: f64,
+    /// Seconds a request may go without its first token (waiting for KV room, queued behind
+    /// other prompts, computing); past it, RESOURCE_EXHAUSTED / 429 and it is cancelled on its
+    /// workers. A client's own deadline, if sooner, wins.
+    #[arg(long, env = "TANDEM_FIRST_TOKEN_TIMEOUT", value_parser = positive_secs,
+          default_value_t = tandem_router::service::FIRST_TOKEN_TIMEOUT.as_secs_f64())]
+    pub first_token_timeout: f64,
 }
 
 impl Migration {
@@ -567,6 +573,7 @@ pub fn up(a: UpArgs) -> Result<()> {
             kv_failure_policy: a.migration.policy(),
             kv_lease: Duration::from_secs(a.migration.kv_lease.max(1)),
             kv_wait: Duration::from_secs_f64(a.migration.kv_wait),
+            first_token_timeout: Duration::from_secs_f64(a.migration.first_token_timeout),
             tenant_max_inflight: a.quotas.tenant_max_inflight.map(|n| n as usize),
             tenant_limits: a.quotas.tenant_limits.clone(),
             stream_stall_timeout: Duration::from_secs_f64(a.quotas.stream_stall_timeout),
@@ -630,6 +637,7 @@ pub fn router(a: RouterArgs) -> Result<()> {
             kv_failure_policy: a.migration.policy(),
             kv_lease: Duration::from_secs(a.migration.kv_lease.max(1)),
             kv_wait: Duration::from_secs_f64(a.migration.kv_wait),
+            first_token_timeout: Duration::from_secs_f64(a.migration.first_token_timeout),
             tenant_max_inflight: a.quotas.tenant_max_inflight.map(|n| n as usize),
             tenant_limits: a.quotas.tenant_limits.clone(),
             stream_stall_timeout: Duration::from_secs_f64(a.quotas.stream_stall_timeout),

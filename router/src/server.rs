@@ -61,6 +61,9 @@ pub struct RouterConfig {
     /// How long a request waits for KV room when every decode worker's pool is full
     /// (zero: refused at once).
     pub kv_wait: Duration,
+    /// How long a request may go without its first token before it is refused as
+    /// overloaded (`service::FIRST_TOKEN_TIMEOUT` by default).
+    pub first_token_timeout: Duration,
     /// Requests one tenant may hold in flight unless `tenant_limits` names it; `None`: half
     /// of `max_inflight` (rounded up) when the API keys name two tenants or more, else no
     /// per-tenant bound (see `quota::TenantLimits::resolve`).
@@ -116,6 +119,7 @@ impl RunningRouter {
         state.kv_failure_policy = cfg.kv_failure_policy;
         state.kv_lease = cfg.kv_lease;
         state.kv_wait = cfg.kv_wait;
+        state.first_token_timeout = cfg.first_token_timeout;
         tracing::info!(
             tenants = tenants.len(),
             default = ?limits.default,

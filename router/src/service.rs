@@ -37,6 +37,9 @@ use crate::validate::{check_input_size, check_model, input_ids, validate, ModelF
 pub const KV_LEASE: Duration = Duration::from_secs(30);
 /// How long a choice waits for KV room when every decode worker's pool is full.
 pub const KV_WAIT: Duration = Duration::from_secs(30);
+/// How long a request may go without its first token, by default: past it, it is refused
+/// as overloaded rather than left waiting in queues.
+pub const FIRST_TOKEN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// State shared by the router's handlers.
 pub struct RouterState {
@@ -65,6 +68,10 @@ pub struct RouterState {
     pub kv_room: tokio::sync::Notify,
     /// Choices waiting for KV room now.
     pub kv_waiting: AtomicUsize,
+    /// How long a request may go without its first token (waiting for room, queued on a
+    /// prefill worker, computing) before it is refused as overloaded and cancelled on its
+    /// workers (see `FIRST_TOKEN_TIMEOUT`). The request's own deadline, if sooner, wins.
+    pub first_token_timeout: Duration,
     /// Requests in flight per tenant, against each tenant's limit.
     pub quotas: Quotas,
     /// How long a stream may wait for its client to take the next chunk before the request
@@ -96,6 +103,7 @@ impl RouterState {
             kv_wait: KV_WAIT,
             kv_room: tokio::sync::Notify::new(),
             kv_waiting: AtomicUsize::new(0),
+            first_token_timeout: FIRST_TOKEN_TIMEOUT,
             quotas: Quotas::default(),
             stream_stall: STREAM_STALL_TIMEOUT,
             tokenizers: Arc::new(tokio::sync::Semaphore::new(
@@ -255,9 +263,26 @@ async fn run_request(
         metrics::request_done(api, "deadline_exceeded");
         tx.last(Err(Status::deadline_exceeded("the request's deadline passed")));
     };
+    // Served or refused: no request waits for its first token longer than this.
+    let first_by = tokio::time::Instant::now() + s.first_token_timeout;
+    let mut started = false;
     loop {
         let next = tokio::select! {
             c = crx.recv() => c,
+            _ = tokio::time::sleep_until(first_by), if !started => {
+                metrics::request_done(api, "first_token_timeout");
+                tracing::warn!(
+                    request = ?v.request_id,
+                    waited = ?s.first_token_timeout,
+                    "no first token in time; refusing the request as overloaded"
+                );
+                tx.last(Err(overloaded(format!(
+                    "no first token within {} s (--first-token-timeout): the cluster is overloaded; retry later",
+                    s.first_token_timeout.as_secs_f64()
+                ))));
+                // Dropping `choices` cancels the request on its workers.
+                return;
+            }
             _ = tx.closed() => {
                 // The client left: dropping `choices` cancels them.
                 metrics::request_done(api, "cancelled");
@@ -280,6 +305,8 @@ async fn run_request(
             }
             Some(Ok(c)) => c,
         };
+        // The first chunk of any choice: the prompt is computed.
+        started = true;
         let now = Instant::now();
         let clock = &mut clocks[chunk.index as usize];
         let first = clock.first.is_none();

@@ -307,6 +307,50 @@ fn prompts_queued_past_their_lease_keep_their_reservations_by_renewal() {
     });
 }
 
+/// A request that cannot get its first token in time is refused, never left waiting
+/// (issue 15, item 4): twelve ~600-token prompts behind one another on a slow prefill
+/// worker with `--first-token-timeout 3`; those not started by then end RESOURCE_EXHAUSTED
+/// with `retry-after` (HTTP 429) soon after, and are cancelled on their workers, which end
+/// up holding nothing. Before, they waited as long as the queue took.
+#[test]
+fn requests_without_a_first_token_in_time_are_refused_and_cancelled() {
+    const PROMPTS_AT_ONCE: usize = 12;
+    const TIMEOUT_SECS: u64 = 3;
+    let _one = serial();
+    let slow: &[&str] = &["--no-prefix-cache", "--max-batched-tokens", "16", "--long-prefill-share", "100"];
+    let timeout = TIMEOUT_SECS.to_string();
+    let c = start(&[("prefill", "prefill-0", slow), ("decode", "decode-0", &[])], &["--first-token-timeout", &timeout]);
+    let prompt = format!("Timeout. {}", "The quick brown fox jumps over the lazy dog. ".repeat(60));
+    let expected = generate_reference(None, Some(&prompt), 4);
+    rt().block_on(async {
+        let client = client(&c.router_addr).await;
+        let t0 = Instant::now();
+        let outcomes = stream_all(&client, &vec![raw(&prompt, 4); PROMPTS_AT_ONCE]).await;
+        let took = t0.elapsed();
+        let mut refused = 0;
+        for (i, o) in outcomes.iter().enumerate() {
+            match o {
+                Ok(got) => assert_eq!(got.text, expected, "prompt {i}"),
+                Err(st) => {
+                    assert_eq!(st.code(), Code::ResourceExhausted, "prompt {i}: {st:?}");
+                    assert!(st.message().contains("--first-token-timeout"), "prompt {i}: {st:?}");
+                    assert_eq!(st.metadata().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+                    refused += 1;
+                }
+            }
+        }
+        eprintln!("{PROMPTS_AT_ONCE} prompts, {refused} refused, all ended in {took:?}");
+        assert!(refused > 0, "every prompt got its first token within {TIMEOUT_SECS} s: the test proved nothing");
+        // Served or refused soon after the bound, not when the queue would have reached them
+        // (a loose bound: the refusal is immediate, the rest is the machine's load).
+        assert!(took < Duration::from_secs(TIMEOUT_SECS + 20), "the last request ended after {took:?}");
+        assert_idle(&wait_idle(&[worker_addr(&c, "prefill-0"), worker_addr(&c, "decode-0")]).await);
+        // And the cluster serves again.
+        let got = stream(&mut client.clone(), raw(&prompt, 4)).await.unwrap();
+        assert_eq!(got.text, expected, "after the refusals");
+    });
+}
+
 /// What the proxy does to the next KV bytes that pass from the prefill worker to the
 /// decode worker.
 #[derive(Debug, Clone, Copy)]

@@ -152,7 +152,7 @@ fn even_with_the_token_kv_goes_only_to_listed_decode_workers_and_leases_are_boun
             endpoints: Some(pb::KvEndpoints { tcp_address: tcp.into(), shm: None, nccl: false }),
             block_ids: granted.block_ids.clone(),
             cached_blocks: 0,
-            layout: granted.layout.clone(),
+            layout: granted.layout,
             lease_ms: 2000,
         };
         for (what, dest) in [
