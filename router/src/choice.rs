@@ -23,13 +23,17 @@ use crate::validate::Validated;
 
 /// A worker's error as the client should see it: the worker named, client errors
 /// kept, everything else UNAVAILABLE (the cluster could not serve it).
+/// A CANCELLED is the worker's only when the worker sent it: a stream its transport cut
+/// (the worker died, the connection reset) reads as CANCELLED too, with the transport's
+/// error behind it, and is the worker's failure like any other.
 fn worker_error(role: &str, id: &WorkerId, s: Status) -> Status {
     let msg = format!("{role} worker {id}: {}", s.message());
+    let transport = std::error::Error::source(&s).is_some();
     match s.code() {
         tonic::Code::InvalidArgument => Status::invalid_argument(msg),
         tonic::Code::ResourceExhausted => Status::resource_exhausted(msg),
         tonic::Code::DeadlineExceeded => Status::deadline_exceeded(msg),
-        tonic::Code::Cancelled => Status::cancelled(msg),
+        tonic::Code::Cancelled if !transport => Status::cancelled(msg),
         _ => Status::unavailable(msg),
     }
 }
@@ -535,5 +539,24 @@ async fn relay(
         if finish != api::FinishReason::Unspecified as i32 {
             return Ok(true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_the_worker_sent_is_the_requests_and_a_cut_stream_is_the_workers() {
+        let id = WorkerId::new("decode-0").unwrap();
+        let sent = failed("decode", &id, Status::cancelled("cancelled: by the operator"));
+        assert_eq!(sent.status.code(), tonic::Code::Cancelled);
+        assert!(matches!(sent.fault, Fault::Request), "the worker's own CANCELLED is not retried elsewhere");
+        // What tonic makes of a connection the dying worker dropped: CANCELLED, caused by hyper.
+        let mut cut = Status::cancelled("operation was canceled");
+        cut.set_source(Arc::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)));
+        let cut = failed("decode", &id, cut);
+        assert_eq!(cut.status.code(), tonic::Code::Unavailable, "{:?}", cut.status);
+        assert!(matches!(cut.fault, Fault::Worker(ref w) if *w == id), "the choice moves to another worker");
     }
 }
