@@ -145,6 +145,8 @@ pub struct LlmEngine {
     scratch: Scratch,
     seqs: HashMap<RequestId, SeqState>,
     next_id: u64,
+    /// The last step scheduled something (`last_step_ran`).
+    last_step_ran: bool,
 }
 
 impl std::fmt::Debug for LlmEngine {
@@ -182,6 +184,7 @@ impl LlmEngine {
             scratch: Scratch::default(),
             seqs: HashMap::new(),
             next_id: 1,
+            last_step_ran: false,
         })
     }
 
@@ -306,6 +309,13 @@ impl LlmEngine {
         self.seqs.values().any(|s| s.group == group)
     }
 
+    /// Whether the last step computed anything. A step that scheduled nothing changes
+    /// nothing: the next one schedules nothing either until a request is added, aborted
+    /// or given its KV, so a loop can wait for that instead of stepping again.
+    pub fn last_step_ran(&self) -> bool {
+        self.last_step_ran
+    }
+
     pub fn has_unfinished(&self) -> bool {
         self.scheduler.has_unfinished()
     }
@@ -332,6 +342,7 @@ impl LlmEngine {
         on_layer: &mut dyn FnMut(&[KvExport], usize, LayerKvBytes<'_>),
     ) -> Result<Vec<SeqOutput>, EngineError> {
         let plan = self.scheduler.schedule();
+        self.last_step_ran = !plan.is_empty();
         if plan.is_empty() {
             return Ok(Vec::new());
         }

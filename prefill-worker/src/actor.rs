@@ -149,10 +149,13 @@ fn run(
 ) {
     let mut tracked: HashMap<RequestId, Tracked> = HashMap::new();
     let mut sinks: HashMap<RequestId, Box<dyn ExportSink>> = HashMap::new();
+    // The last step scheduled nothing (every request that could run waits for blocks that
+    // requests waiting for KV hold): stepping again changes nothing until a command comes.
+    let mut stuck = false;
     loop {
         *latest.lock().expect("load") = load_of(&engine, &tracked);
         // Block only when no request can make progress.
-        let busy = tracked.values().any(|t| !t.remote_waiting);
+        let busy = !stuck && tracked.values().any(|t| !t.remote_waiting);
         let first = if busy {
             match rx.try_recv() {
                 Ok(c) => Some(c),
@@ -191,6 +194,7 @@ fn run(
                 }
             }
         });
+        stuck = !engine.last_step_ran();
         match result {
             Ok(outputs) => {
                 for out in outputs {
