@@ -10,6 +10,10 @@
 //!
 //! Which events are written: `RUST_LOG`'s directives when it is set (per crate, as
 //! `info,tandem_cluster=debug`), else `--log-level` for every crate.
+//!
+//! Libraries that log through the `log` crate rather than `tracing` (rustls's TLS
+//! handshake failures, for one) reach the same subscriber: their records become events
+//! with the library's module path as the target.
 
 use std::io::IsTerminal;
 
@@ -51,10 +55,18 @@ fn level() -> impl TypedValueParser<Value = LevelFilter> {
 impl LogFlags {
     /// Makes stderr the destination of every `tracing` event of the process.
     pub fn install(&self) -> Result<()> {
+        bridge_log_crate();
         let filter = filter(self.log_level, std::env::var("RUST_LOG").ok().as_deref())?;
         let subscriber = subscriber(self.log_format, filter, std::io::stderr().is_terminal(), std::io::stderr);
         tracing::subscriber::set_global_default(subscriber).map_err(|e| anyhow!("installing the log subscriber: {e}"))
     }
+}
+
+/// Turns the `log` crate's records into `tracing` events (once per process).
+fn bridge_log_crate() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // Fails only if another `log` logger is installed: then that one keeps them.
+    ONCE.call_once(|| drop(tracing_log::LogTracer::init()));
 }
 
 /// `rust_log`'s directives when it has any (a malformed one is an error, not silence), else
@@ -149,6 +161,22 @@ mod tests {
         });
         let bytes = out.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn records_of_log_crate_libraries_are_written_too() {
+        bridge_log_crate();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = out.clone();
+        let writer = move || Sink(sink.clone());
+        let s = subscriber(LogFormat::Text, filter(LevelFilter::INFO, None).unwrap(), false, writer);
+        tracing::subscriber::with_default(s, || {
+            log::warn!(target: "rustls::conn", "a TLS alert from the peer");
+            log::debug!(target: "rustls::conn", "below the level: not written");
+        });
+        let out = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let [line] = out.lines().collect::<Vec<_>>()[..] else { panic!("one line: {out:?}") };
+        assert!(line.contains("WARN") && line.contains("rustls::conn") && line.contains("a TLS alert"), "{line}");
     }
 
     struct Sink(Arc<Mutex<Vec<u8>>>);

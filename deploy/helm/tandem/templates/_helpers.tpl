@@ -141,6 +141,8 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ $v.engine.longPrefillThreshold | quote }}
 - name: TANDEM_LONG_PREFILL_SHARE
   value: {{ $v.engine.longPrefillShare | quote }}
+- name: TANDEM_MAX_KV_LEASE
+  value: {{ $v.engine.maxKvLeaseSeconds | quote }}
 {{- if $v.tls.enabled }}
 - name: TANDEM_HEALTH_LISTEN
   value: "0.0.0.0:{{ $v.workerPorts.health }}"
