@@ -97,6 +97,7 @@ fn read(path: &Path, private: bool) -> Result<ClusterToken> {
     let meta = std::fs::symlink_metadata(path)
         .with_context(|| format!("the cluster token file {} (write 32+ random characters into it)", path.display()))?;
     if private {
+        // SAFETY: geteuid has no preconditions and cannot fail.
         let uid = unsafe { libc::geteuid() };
         if !meta.file_type().is_file() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
             bail!(

@@ -210,3 +210,31 @@ impl std::fmt::Debug for DiscoveryEvents {
         f.debug_struct("DiscoveryEvents").finish_non_exhaustive()
     }
 }
+
+/// Follows `cluster`'s membership until the future is dropped: `snapshot` gets every
+/// fresh listing (the first, and again whenever the watch ends or listing failed, so a
+/// follower can drop what left meanwhile), `event` every change after it. While discovery
+/// is unreachable the follower keeps its last view; listing is retried with backoff
+/// (100 ms doubling to 5 s).
+pub async fn follow_members(
+    discovery: std::sync::Arc<dyn Discovery>,
+    cluster: ClusterName,
+    mut snapshot: impl FnMut(Vec<WorkerDescriptor>),
+    mut event: impl FnMut(DiscoveryEvent),
+) {
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match discovery.list_and_watch(&cluster).await {
+            Ok((listed, mut events)) => {
+                backoff = crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+                snapshot(listed);
+                while let Some(ev) = events.recv().await {
+                    event(ev);
+                }
+                tracing::warn!("the membership watch ended; serving on the last view and listing again");
+            }
+            Err(e) => tracing::warn!(error = %e, "listing workers failed; serving on the last view"),
+        }
+        tokio::time::sleep(backoff.next_wait()).await;
+    }
+}

@@ -31,7 +31,7 @@ pub mod memory;
 pub mod view;
 
 pub use descriptor::{ClusterName, KvEndpoints, LocalKvEndpoint, ModelInfo, Role, WorkerDescriptor, WorkerId};
-pub use discovery::{BoxFuture, Discovery, DiscoveryEvent, DiscoveryEvents, LeaseState, Registration};
+pub use discovery::{follow_members, BoxFuture, Discovery, DiscoveryEvent, DiscoveryEvents, LeaseState, Registration};
 pub use error::DiscoveryError;
 pub use etcd::{EtcdClient, EtcdConfig, EtcdDiscovery, EtcdError};
 pub use memory::InMemoryDiscovery;

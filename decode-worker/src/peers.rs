@@ -62,22 +62,8 @@ pub async fn follow_peers(
     cluster: tandem_cluster::ClusterName,
     peers: Peers,
 ) {
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match discovery.list_and_watch(&cluster).await {
-            Ok((snapshot, mut events)) => {
-                wait = Duration::from_millis(100);
-                peers.reset(snapshot);
-                while let Some(ev) = events.recv().await {
-                    peers.apply(ev);
-                }
-                tracing::warn!("the peers watch ended; listing again");
-            }
-            Err(e) => tracing::warn!(error = %e, retry_in = ?wait, "listing peers failed; keeping the last view"),
-        }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(5));
-    }
+    let p = peers.clone();
+    tandem_cluster::follow_members(discovery, cluster, move |listed| p.reset(listed), |ev| peers.apply(ev)).await
 }
 
 /// The KV endpoints a `Prefill` names, parsed (checked against `Peers` before use).

@@ -242,28 +242,16 @@ fn load_facts(path: &std::path::Path) -> Result<ModelFacts, String> {
 /// watch ends (discovery unreachable for long), the router keeps its last view and
 /// lists again after a pause; a fresh listing replaces the view.
 async fn follow_membership(discovery: Arc<dyn Discovery>, cluster: ClusterName, members: Arc<Members>) {
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match discovery.list_and_watch(&cluster).await {
-            Ok((snapshot, mut events)) => {
-                wait = Duration::from_millis(100);
-                let listed: std::collections::HashSet<_> = snapshot.iter().map(|d| d.id.clone()).collect();
-                for gone in members.snapshot().into_iter().filter(|w| !listed.contains(&w.desc.id)) {
-                    members.apply(DiscoveryEvent::Removed(gone.desc.id));
-                }
-                for d in snapshot {
-                    members.apply(DiscoveryEvent::Added(d));
-                }
-                while let Some(ev) = events.recv().await {
-                    members.apply(ev);
-                }
-                tracing::warn!("the membership watch ended; serving on the last view and listing again");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?wait, "listing workers failed; serving on the last view");
-            }
+    let m = members.clone();
+    let snapshot = move |listed: Vec<tandem_cluster::WorkerDescriptor>| {
+        // Workers that left while the watch was down, then everyone listed now.
+        let ids: std::collections::HashSet<_> = listed.iter().map(|d| d.id.clone()).collect();
+        for gone in m.snapshot().into_iter().filter(|w| !ids.contains(&w.desc.id)) {
+            m.apply(DiscoveryEvent::Removed(gone.desc.id));
         }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(5));
-    }
+        for d in listed {
+            m.apply(DiscoveryEvent::Added(d));
+        }
+    };
+    tandem_cluster::follow_members(discovery, cluster, snapshot, |ev| members.apply(ev)).await
 }
