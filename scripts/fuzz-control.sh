@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes the decoding of the control plane's gRPC requests (tandem.v1 and
 # tandem.worker.v1, through the servers' codec path) and the router's validation of a
-# decoded GenerateRequest (proto/fuzz, target control_messages) for a bounded time and
+# decoded GenerateRequest (fuzz/, target control_messages) for a bounded time and
 # prints the number of executions reached. Validation runs against the model file
 # (TANDEM_MODEL, default models/SmolLM2-135M-Instruct.Q4_1.gguf) when it is there.
 #
@@ -17,11 +17,11 @@
 #   auto       libfuzzer when cargo-fuzz is installed and the target builds, else stable.
 #
 # Build output goes to <repo>/target/fuzz; the corpus and crash artifacts to
-# proto/fuzz/{corpus,artifacts} (git-ignored). Exits non-zero on a failed check.
+# fuzz/{corpus,artifacts}/control_messages (git-ignored). Exits non-zero on a failed check.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 
-NAME=fuzz-control CRATE=proto TARGET=control_messages
+NAME=fuzz-control TARGET=control_messages
 # shellcheck source=scripts/lib/fuzz.sh
 source "$ROOT/scripts/lib/fuzz.sh"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzes the KV transfer frame decoder (kvtransfer/fuzz, target frame_decoder) for a
+# Fuzzes the KV transfer frame decoder (fuzz/, target frame_decoder) for a
 # bounded time and prints the number of executions reached.
 #
 #   scripts/fuzz-kvtransfer.sh [SECONDS]        # default 60
@@ -14,11 +14,11 @@
 #   auto       libfuzzer when cargo-fuzz is installed and the target builds, else stable.
 #
 # Build output goes to <repo>/target/fuzz; the corpus and crash artifacts to
-# kvtransfer/fuzz/{corpus,artifacts} (git-ignored). Exits non-zero on a failed check.
+# fuzz/{corpus,artifacts}/frame_decoder (git-ignored). Exits non-zero on a failed check.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 
-NAME=fuzz-kvtransfer CRATE=kvtransfer TARGET=frame_decoder
+NAME=fuzz-kvtransfer TARGET=frame_decoder
 # shellcheck source=scripts/lib/fuzz.sh
 source "$ROOT/scripts/lib/fuzz.sh"

@@ -1,19 +1,19 @@
 # shellcheck shell=bash
 # The bounded fuzzing run shared by scripts/fuzz-*.sh: sourced with NAME (the log prefix),
-# CRATE (the crate whose fuzz/ directory holds the target), TARGET (the cargo-fuzz target;
-# its stable-Rust twin is the bin TARGET_stable), ROOT (the repository) and the seconds as $1.
+# TARGET (a cargo-fuzz target of the fuzz/ crate; its stable-Rust twin is the bin
+# TARGET_stable), ROOT (the repository) and the seconds as $1.
 # See scripts/fuzz-kvtransfer.sh for the engines and the variables that choose them.
 
 SECS=${1:-60}
 ENGINE=${FUZZ_ENGINE:-auto}
 SEED=${FUZZ_SEED:-24301}
 export CARGO_TARGET_DIR="$ROOT/target/fuzz"
-FUZZ_DIR="$ROOT/$CRATE/fuzz"
+FUZZ_DIR="$ROOT/fuzz"
 CORPUS="$FUZZ_DIR/corpus/$TARGET"
 
 # The fuzz crate is its own workspace, and its Cargo.lock is git-ignored: start it from the
 # workspace's (checked with --locked by scripts/test.sh), so the fuzzers build exactly the versions
-# the workspace is tested with, and both fuzz crates share those builds in target/fuzz. Cargo only
+# the workspace is tested with, in target/fuzz. Cargo only
 # adds libfuzzer-sys and its dependencies, which the stable engine never compiles.
 cp "$ROOT/Cargo.lock" "$FUZZ_DIR/Cargo.lock"
 
@@ -65,7 +65,7 @@ fi
 
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
-cd "$ROOT/$CRATE"
+cd "$ROOT"
 if ! "${FUZZ[@]}" build "$TARGET" >"$LOG" 2>&1; then
     tail -20 "$LOG" >&2
     if [ "$ENGINE" = libfuzzer ]; then
@@ -90,7 +90,7 @@ status=${PIPESTATUS[0]}
 set -e
 if [ "$status" -ne 0 ]; then
     tail -40 "$LOG" >&2
-    echo "$NAME: libFuzzer exited with $status (a failed check? see $CRATE/fuzz/artifacts/)" >&2
+    echo "$NAME: libFuzzer exited with $status (a failed check? see fuzz/artifacts/)" >&2
     exit "$status"
 fi
 EXECS=$(sed -n 's/^stat::number_of_executed_units: *//p' "$LOG" | tail -1)

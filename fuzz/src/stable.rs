@@ -1,5 +1,5 @@
-//! The stable-Rust fuzzing loop, shared by every `*_stable` binary (this crate's and
-//! `proto/fuzz`'s): a seeded mutation loop without libFuzzer, bounded in time and/or
+//! The stable-Rust fuzzing loop, shared by every `*_stable` binary (the KV frame decoder's and
+//! the control messages'): a seeded mutation loop without libFuzzer, bounded in time and/or
 //! executions. Inputs the target calls interesting (`keep`: they still decode) join the
 //! pool, a crude stand-in for coverage feedback, so mutations build on each other.
 //!
@@ -12,8 +12,6 @@
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-use crate::Rng;
 
 /// One fuzz target as the loop drives it.
 pub struct Target {
@@ -132,4 +130,29 @@ pub fn main(t: Target) {
         execs as f64 / secs.max(1e-9)
     );
     println!("executions: {execs}");
+}
+
+/// A small deterministic PRNG (xorshift64*), so that a run is reproducible from its seed.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn chance(&mut self, one_in: usize) -> bool {
+        self.below(one_in) == 0
+    }
 }

@@ -1,4 +1,4 @@
-//! libFuzzer target: arbitrary bytes into `wire::decode` (see `tandem_kvtransfer_fuzz::check`),
+//! libFuzzer target: arbitrary bytes into `wire::decode` (see `tandem_fuzz::frames::check`),
 //! as given and with its header repaired to match its body (length, CRC32C).
 //!
 //!   cargo +nightly fuzz run frame_decoder            # with a nightly toolchain
@@ -10,5 +10,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    tandem_kvtransfer_fuzz::check_raw_and_repaired(data);
+    tandem_fuzz::frames::check_raw_and_repaired(data);
 });

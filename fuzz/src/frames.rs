@@ -1,7 +1,6 @@
 //! What the `frame_decoder` fuzz targets check, shared by the libFuzzer target
 //! (`fuzz_targets/frame_decoder.rs`) and the stable-Rust mutation loop
-//! (`src/bin/frame_decoder_stable.rs`), plus the seeds and the mutator of the latter, and
-//! the loop itself ([`stable`]) with its PRNG ([`Rng`]), which `proto/fuzz` uses too.
+//! (`src/bin/frame_decoder_stable.rs`), plus the seeds and the mutator of the latter.
 //!
 //! [`check`] feeds arbitrary bytes to `tandem_kvtransfer::wire::decode` under several
 //! `max_body` and `layer_block_bytes` values and asserts, besides "no panic":
@@ -15,8 +14,7 @@
 //! - a receiver reading the bytes as a stream (layout learnt from a Hello) stops
 //!   at the first error or incomplete frame and never reads past the buffer.
 
-pub mod stable;
-
+use crate::stable::Rng;
 use tandem_kvtransfer::wire::{self, Code, Frame, HEADER_LEN, MAX_MESSAGE};
 use tandem_kvtransfer::{KvDtypeWire, KvLayout};
 
@@ -198,31 +196,6 @@ fn check_header_and_fixed(data: &[u8]) {
 
 // ---------------------------------------------------------------------------
 // Seeds and mutations for the stable loop (the libFuzzer target brings its own).
-
-/// A small deterministic PRNG (xorshift64*), so that a run is reproducible from its seed.
-#[derive(Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    pub fn chance(&mut self, one_in: usize) -> bool {
-        self.below(one_in) == 0
-    }
-}
 
 /// Valid frames of every kind, singly and as streams.
 pub fn seeds() -> Vec<Vec<u8>> {

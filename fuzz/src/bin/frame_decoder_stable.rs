@@ -1,9 +1,10 @@
 //! The `frame_decoder` fuzz target on stable Rust, without libFuzzer: the shared loop of
-//! `tandem_kvtransfer_fuzz::stable` over structure-aware mutations of valid frames;
+//! `tandem_fuzz::stable` over structure-aware mutations of valid frames;
 //! mutated inputs that still decode to a frame join the pool.
 
+use tandem_fuzz::frames::{check, mutate, seeds};
+use tandem_fuzz::stable;
 use tandem_kvtransfer::wire;
-use tandem_kvtransfer_fuzz::{check, mutate, seeds, stable};
 
 fn main() {
     stable::main(stable::Target {

@@ -1,12 +1,12 @@
 //! The `control_messages` fuzz target on stable Rust, without libFuzzer: the shared loop
-//! of `tandem_kvtransfer_fuzz::stable` over mutations of valid encoded requests (see
-//! `tandem_proto_fuzz`); mutated inputs that still decode as a `GenerateRequest` join the
+//! of `tandem_fuzz::stable` over mutations of valid encoded requests (see
+//! `tandem_fuzz::control`); mutated inputs that still decode as a `GenerateRequest` join the
 //! pool.
 
 use prost::Message;
-use tandem_kvtransfer_fuzz::stable;
+use tandem_fuzz::control::{check, facts, mutate, seeds};
+use tandem_fuzz::stable;
 use tandem_proto::tandem::v1 as api;
-use tandem_proto_fuzz::{check, facts, mutate, seeds};
 
 fn main() {
     println!("validation with the model: {}", if facts().is_some() { "yes" } else { "no (model file missing)" });

@@ -182,7 +182,7 @@ fn check_validation(req: &api::GenerateRequest) {
 // Seeds and mutations for the stable loop (the libFuzzer target brings its own).
 
 /// The PRNG of the shared stable loop, so a run is reproducible from its seed.
-pub use tandem_kvtransfer_fuzz::Rng;
+use crate::stable::Rng;
 
 /// Valid requests of every kind, encoded, and a few gRPC bodies of them.
 pub fn seeds() -> Vec<Vec<u8>> {
