@@ -7,7 +7,8 @@
 //! - `error`: `EngineError`, with a `kind()` label.
 //! - `config`: `ModelConfig`, the hyperparameters read from GGUF metadata.
 //! - `model`: weights in the compute layout and the batched forward pass over the paged cache.
-//! - `kv_cache`: paged K/V storage (`KvCache`); block ownership lives in `block_manager`.
+//! - `kv_cache`: paged K/V storage (`KvCache`) and its byte views for shipping (`LayerKvBytes`); block
+//!   ownership lives in `block_manager`.
 //! - `block_manager`: block ownership, the prefix cache (chained hashes), eviction order, KV events.
 //! - `scheduler`: continuous batching with chunked prefill and preemption; `schedule()` then `update()`.
 //! - `llm_engine`: the engine loop: schedule, forward, sample, detokenize; many requests at once.

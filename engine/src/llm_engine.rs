@@ -11,8 +11,8 @@ use std::collections::HashMap;
 
 use crate::block_manager::{BlockManager, KvEvent};
 use crate::error::EngineError;
-use crate::kv_cache::{BlockId, KvCache, KvDtype};
-use crate::model::{ForwardBatch, LayerKvBytes, LogitsWanted, Model, Scratch};
+use crate::kv_cache::{BlockId, KvCache, KvDtype, LayerKvBytes};
+use crate::model::{ForwardBatch, LogitsWanted, Model, Scratch};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
 use crate::scheduler::{Finish, NewRequest, RequestId, Sampled, Scheduler, SchedulerConfig, SchedulerStats};
 use crate::stop::StopMatcher;
