@@ -11,10 +11,11 @@ use std::collections::HashMap;
 
 use crate::block_manager::{BlockManager, KvEvent};
 use crate::error::EngineError;
+use crate::finish::FinishReason;
 use crate::kv_cache::{BlockId, KvCache, KvDtype, LayerKvBytes};
 use crate::model::{ForwardBatch, LogitsWanted, Model, Scratch};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
-use crate::scheduler::{Finish, NewRequest, RequestId, Sampled, Scheduler, SchedulerConfig, SchedulerStats};
+use crate::scheduler::{NewRequest, RequestId, Sampled, Scheduler, SchedulerConfig, SchedulerStats};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -77,24 +78,6 @@ pub struct KvExport {
     pub id: RequestId,
     pub first: usize,
     pub blocks: Vec<BlockId>,
-}
-
-/// Why a sequence ended, as clients see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    Stop,
-    Length,
-    Abort,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Abort => "abort",
-        }
-    }
 }
 
 /// News of one sequence from one step.
@@ -245,7 +228,7 @@ impl LlmEngine {
         let mut seq = new_seq(id, 0, &req.params, forks);
         seq.exported = req.export_kv.then_some(0);
         if let Err(e) = self.prime(&mut seq, &req) {
-            self.scheduler.finish(id, Finish::Aborted);
+            self.scheduler.finish(id, FinishReason::Abort);
             self.scheduler.take_finished(id);
             return Err(e);
         }
@@ -274,7 +257,7 @@ impl LlmEngine {
         // undivided run would have it.
         seq.sampler.skip_draw();
         if let Err(e) = self.prime(&mut seq, &req) {
-            self.scheduler.finish(id, Finish::Aborted);
+            self.scheduler.finish(id, FinishReason::Abort);
             self.scheduler.take_finished(id);
             return Err(e);
         }
@@ -298,7 +281,7 @@ impl LlmEngine {
     pub fn abort(&mut self, group: RequestId) {
         let ids: Vec<RequestId> = self.seqs.iter().filter(|(_, s)| s.group == group).map(|(&id, _)| id).collect();
         for id in ids {
-            self.scheduler.finish(id, Finish::Aborted);
+            self.scheduler.finish(id, FinishReason::Abort);
             self.scheduler.take_finished(id);
             self.seqs.remove(&id);
         }
@@ -450,7 +433,8 @@ impl LlmEngine {
             sampled.push((s.id, Sampled { token: tok.id, forks }));
         }
         let sampled_only: Vec<Sampled> = sampled.iter().map(|(_, s)| s.clone()).collect();
-        let finished: HashMap<RequestId, Finish> = self.scheduler.update(&plan, &sampled_only).into_iter().collect();
+        let finished: HashMap<RequestId, FinishReason> =
+            self.scheduler.update(&plan, &sampled_only).into_iter().collect();
 
         // Text, stop strings, finish reasons.
         let mut outputs = Vec::new();
@@ -464,7 +448,7 @@ impl LlmEngine {
         Ok(outputs)
     }
 
-    fn postprocess(&mut self, id: RequestId, finished: Option<Finish>) -> Result<Option<SeqOutput>, EngineError> {
+    fn postprocess(&mut self, id: RequestId, finished: Option<FinishReason>) -> Result<Option<SeqOutput>, EngineError> {
         let Some(r) = self.scheduler.get(id) else { return Ok(None) };
         let new_tokens: Vec<u32> = {
             let st = &self.seqs[&id];
@@ -473,11 +457,7 @@ impl LlmEngine {
         let cached_tokens = r.cached_tokens;
         let st = self.seqs.get_mut(&id).expect("exists");
         let mut text = String::new();
-        let mut finish = finished.map(|f| match f {
-            Finish::Stop => FinishReason::Stop,
-            Finish::Length => FinishReason::Length,
-            Finish::Aborted => FinishReason::Abort,
-        });
+        let mut finish = finished;
         let mut kept = 0;
         for &t in &new_tokens {
             let delta = st.decoder.push(&self.tokenizer, t)?;
@@ -515,7 +495,7 @@ impl LlmEngine {
         };
         if finish.is_some() {
             if finished.is_none() {
-                self.scheduler.finish(id, Finish::Stop);
+                self.scheduler.finish(id, FinishReason::Stop);
             }
             self.scheduler.take_finished(id);
             self.seqs.remove(&id);
