@@ -5,10 +5,10 @@
 //! (`max_tokens`, the context, the pool); the engine loop decides `Stop` on a stop
 //! string and `Abort` when a request is cancelled; `generate` hands it to its
 //! caller in each `Choice`. It has a module of its own because all three layers
-//! name it and none of them owns it; the scheduler file, already its longest,
-//! would otherwise hold a type that matters most to its callers. The proto's
-//! enum is not this one: the workers map to it at their edge, and the engine
-//! never sees prost types.
+//! name it and none of them owns it: the scheduler decides two of its values and
+//! the loop the third, and a worker that reads a `SeqOutput` should not have to
+//! reach into the scheduler for its type. The proto's enum is not this one: the
+//! decode worker maps to it at its edge, and the engine never sees prost types.
 
 /// Why a sequence ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
