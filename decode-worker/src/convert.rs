@@ -1,8 +1,8 @@
 //! `tandem.worker.v1` messages to and from the engine's types.
 
-use tandem_engine::llm_engine::FinishReason;
 use tandem_engine::sampling::{SampledToken, SamplingParams};
 use tandem_engine::tokenizer::Tokenizer;
+use tandem_engine::FinishReason;
 use tandem_kvtransfer::{KvDtypeWire, KvLayout};
 use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::worker::v1 as pb;

@@ -9,9 +9,10 @@ use tandem_kernels::Isa;
 
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::EngineError;
+use crate::finish::FinishReason;
 use crate::gguf::GgufFile;
 use crate::kv_cache::{blocks_for_tokens, KvDtype};
-use crate::llm_engine::{EngineRequest, FinishReason as LoopFinish, LlmEngine, LlmEngineConfig};
+use crate::llm_engine::{EngineRequest, LlmEngine, LlmEngineConfig};
 use crate::model::{Model, ModelOptions};
 use crate::sampling::{SampledToken, SamplingParams};
 use crate::scheduler::SchedulerConfig;
@@ -58,24 +59,6 @@ pub enum Prompt {
     Chat(Vec<ChatMessage>),
     /// Token ids as is.
     Tokens(Vec<u32>),
-}
-
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// EOS, a stop token id or a stop string.
-    Stop,
-    /// `max_tokens` or the end of the context.
-    Length,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
 }
 
 /// One finished sequence of a generation.
@@ -224,10 +207,7 @@ impl Engine {
                 c.token_ids.extend(&o.token_ids);
                 c.logprobs.extend(o.logprobs);
                 if let Some(f) = o.finish {
-                    c.finish_reason = match f {
-                        LoopFinish::Stop => FinishReason::Stop,
-                        _ => FinishReason::Length,
-                    };
+                    c.finish_reason = f;
                     choices[o.index] = Some(c.clone());
                 }
             }

@@ -1,10 +1,12 @@
-//! The paged KV cache: per-layer K and V storage split into fixed-size blocks,
-//! and the allocator that hands blocks to sequences.
+//! The paged KV cache's memory: per-layer K and V storage split into fixed-size
+//! blocks, owned or laid over a region someone else maps (`KvCache::from_raw`),
+//! with block copies (copy-on-write) and the byte views that ship blocks between
+//! workers (`LayerKvBytes`, `scatter_block`).
 //!
 //! Storage is `[layer] -> [block][kv_head][slot][head_dim]` (see
-//! `tandem_kernels::attention`). A sequence owns an append-only block table;
-//! nothing else knows where its tokens live. Which block belongs to whom is
-//! the block manager's business (`block_manager.rs`), not this module's.
+//! `tandem_kernels::attention`). It allocates nothing: which block belongs to
+//! whom (block tables, the free list, the prefix cache) is the block manager's
+//! business (`block_manager.rs`), not this module's.
 
 use half::f16;
 use tandem_kernels::{KvElem, KvShape};
@@ -114,6 +116,35 @@ pub struct KvCache {
     _external: Option<ExternalOwner>,
 }
 
+/// One layer's K and V caches as bytes, for shipping blocks to another worker.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerKvBytes<'a> {
+    pub k: &'a [u8],
+    pub v: &'a [u8],
+    /// Bytes of K (or V) per block.
+    pub half_block_bytes: usize,
+}
+
+impl<'a> LayerKvBytes<'a> {
+    /// A byte view of one layer's K and V elements.
+    pub(crate) fn from_slices<E: KvElem>(k: &'a [E], v: &'a [E], half_block_bytes: usize) -> Self {
+        // SAFETY: f16 and f32 are plain data without padding; any byte view is valid.
+        let bytes =
+            |x: &'a [E]| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) };
+        LayerKvBytes { k: bytes(k), v: bytes(v), half_block_bytes }
+    }
+
+    /// Appends the blocks' K then V, block by block (the KV transfer payload order).
+    pub fn gather(&self, blocks: &[BlockId], out: &mut Vec<u8>) {
+        let h = self.half_block_bytes;
+        for b in blocks {
+            let o = b.0 as usize * h;
+            out.extend_from_slice(&self.k[o..o + h]);
+            out.extend_from_slice(&self.v[o..o + h]);
+        }
+    }
+}
+
 /// Whatever keeps an external region mapped.
 struct ExternalOwner(#[allow(dead_code)] std::sync::Arc<dyn Send + Sync>);
 
@@ -215,11 +246,11 @@ impl KvCache {
     }
 
     /// One layer's K and V as bytes (for shipping and checking blocks).
-    pub fn layer_bytes(&self, layer: usize) -> crate::model::LayerKvBytes<'_> {
+    pub fn layer_bytes(&self, layer: usize) -> LayerKvBytes<'_> {
         let half = self.shape.block_elems() * self.dtype.bytes();
         match &self.storage {
-            KvStorage::F16(l) => crate::model::LayerKvBytes::from_slices(&l[layer].k, &l[layer].v, half),
-            KvStorage::F32(l) => crate::model::LayerKvBytes::from_slices(&l[layer].k, &l[layer].v, half),
+            KvStorage::F16(l) => LayerKvBytes::from_slices(&l[layer].k, &l[layer].v, half),
+            KvStorage::F32(l) => LayerKvBytes::from_slices(&l[layer].k, &l[layer].v, half),
         }
     }
 

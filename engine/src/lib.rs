@@ -6,8 +6,10 @@
 //! - `gguf`: reads GGUF files (bounds-checked; corrupt files are errors).
 //! - `error`: `EngineError`, with a `kind()` label.
 //! - `config`: `ModelConfig`, the hyperparameters read from GGUF metadata.
+//! - `finish`: `FinishReason`, why a sequence ended (scheduler, loop and `generate` alike).
 //! - `model`: weights in the compute layout and the batched forward pass over the paged cache.
-//! - `kv_cache`: paged K/V storage (`KvCache`); block ownership lives in `block_manager`.
+//! - `kv_cache`: paged K/V storage (`KvCache`) and its byte views for shipping (`LayerKvBytes`); block
+//!   ownership lives in `block_manager`.
 //! - `block_manager`: block ownership, the prefix cache (chained hashes), eviction order, KV events.
 //! - `scheduler`: continuous batching with chunked prefill and preemption; `schedule()` then `update()`.
 //! - `llm_engine`: the engine loop: schedule, forward, sample, detokenize; many requests at once.
@@ -21,6 +23,7 @@ pub mod block_manager;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod finish;
 pub mod generate;
 pub mod gguf;
 pub mod kv_cache;
@@ -32,4 +35,5 @@ pub mod stop;
 pub mod tokenizer;
 
 pub use error::EngineError;
-pub use generate::{Choice, Engine, EngineConfig, FinishReason, Generation, Prompt};
+pub use finish::FinishReason;
+pub use generate::{Choice, Engine, EngineConfig, Generation, Prompt};

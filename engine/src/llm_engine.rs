@@ -1,20 +1,21 @@
 //! The engine loop: many requests through one model with continuous batching.
 //!
-//! `step()` is three calls: the scheduler's `schedule()`, the model's
-//! `forward()` over the plan's flat batch, and `postprocess` (sampling, the
-//! scheduler's `update()`, detokenization and stop strings). The loop owns
-//! the per-request state the scheduler does not need: samplers, incremental
-//! decoders, stop matchers, logprobs. It is synchronous; an async worker wraps
-//! it as an actor.
+//! `step()` is three calls: `schedule()` (the scheduler's plan), `run()` (the
+//! model's forward over the plan's flat batch, with KV export hooks) and
+//! `postprocess()` (prompt scoring, sampling, the scheduler's `update()`,
+//! detokenization and stop strings). The loop owns the per-request state the
+//! scheduler does not need: samplers, incremental decoders, stop matchers,
+//! logprobs. It is synchronous; an async worker wraps it as an actor.
 
 use std::collections::HashMap;
 
 use crate::block_manager::{BlockManager, KvEvent};
 use crate::error::EngineError;
-use crate::kv_cache::{BlockId, KvCache, KvDtype};
-use crate::model::{ForwardBatch, LayerKvBytes, LogitsWanted, Model, Scratch};
+use crate::finish::FinishReason;
+use crate::kv_cache::{BlockId, KvCache, KvDtype, LayerKvBytes};
+use crate::model::{ForwardBatch, LogitsWanted, Model, Scratch};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
-use crate::scheduler::{Finish, NewRequest, RequestId, Sampled, Scheduler, SchedulerConfig, SchedulerStats};
+use crate::scheduler::{NewRequest, RequestId, Sampled, Scheduler, SchedulerConfig, SchedulerStats, StepPlan};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -79,24 +80,6 @@ pub struct KvExport {
     pub blocks: Vec<BlockId>,
 }
 
-/// Why a sequence ended, as clients see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    Stop,
-    Length,
-    Abort,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Abort => "abort",
-        }
-    }
-}
-
 /// News of one sequence from one step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeqOutput {
@@ -135,6 +118,42 @@ struct SeqState {
     /// Prompt scoring: the last prompt position scored, and scores not yet output.
     prompt_scored: usize,
     prompt_lp_pending: Vec<SampledToken>,
+}
+
+impl SeqState {
+    /// The text of `tokens` (new output) through the decoder and the stop matcher, how
+    /// many of them it keeps (all, or those up to a stop string) and the finish
+    /// (`finished`, or `Stop` at a stop string). A finishing sequence's text includes
+    /// what the decoder and the matcher still held.
+    fn text(
+        &mut self,
+        tok: &Tokenizer,
+        tokens: &[u32],
+        finished: Option<FinishReason>,
+    ) -> Result<(String, usize, Option<FinishReason>), EngineError> {
+        let mut text = String::new();
+        let mut finish = finished;
+        let mut kept = 0;
+        for &t in tokens {
+            let delta = self.decoder.push(tok, t)?;
+            let out = self.stops.push(&delta);
+            text.push_str(&out.text);
+            kept += 1;
+            if out.is_stop() {
+                finish = Some(FinishReason::Stop);
+                break;
+            }
+        }
+        if finish.is_some() && !self.stops.is_stopped() {
+            let tail = self.decoder.finish();
+            let out = self.stops.push(&tail);
+            text.push_str(&out.text);
+            if !self.stops.is_stopped() {
+                text.push_str(&self.stops.finish());
+            }
+        }
+        Ok((text, kept, finish))
+    }
 }
 
 pub struct LlmEngine {
@@ -245,7 +264,7 @@ impl LlmEngine {
         let mut seq = new_seq(id, 0, &req.params, forks);
         seq.exported = req.export_kv.then_some(0);
         if let Err(e) = self.prime(&mut seq, &req) {
-            self.scheduler.finish(id, Finish::Aborted);
+            self.scheduler.finish(id, FinishReason::Abort);
             self.scheduler.take_finished(id);
             return Err(e);
         }
@@ -274,7 +293,7 @@ impl LlmEngine {
         // undivided run would have it.
         seq.sampler.skip_draw();
         if let Err(e) = self.prime(&mut seq, &req) {
-            self.scheduler.finish(id, Finish::Aborted);
+            self.scheduler.finish(id, FinishReason::Abort);
             self.scheduler.take_finished(id);
             return Err(e);
         }
@@ -291,14 +310,14 @@ impl LlmEngine {
             return Err(EngineError::InvalidRequest(format!("first token {first_token} is outside the vocabulary")));
         }
         let finished = self.scheduler.remote_kv_ready(id, first_token)?;
-        self.postprocess(id, finished)?.ok_or_else(|| EngineError::InvalidRequest(format!("request {} vanished", id.0)))
+        self.seq_output(id, finished)?.ok_or_else(|| EngineError::InvalidRequest(format!("request {} vanished", id.0)))
     }
 
     /// Ends a request and all its parallel samples now; their blocks return at once.
     pub fn abort(&mut self, group: RequestId) {
         let ids: Vec<RequestId> = self.seqs.iter().filter(|(_, s)| s.group == group).map(|(&id, _)| id).collect();
         for id in ids {
-            self.scheduler.finish(id, Finish::Aborted);
+            self.scheduler.finish(id, FinishReason::Abort);
             self.scheduler.take_finished(id);
             self.seqs.remove(&id);
         }
@@ -337,15 +356,44 @@ impl LlmEngine {
     /// `step`, calling `on_layer(exports, layer, kv)` as soon as each layer's K and V are
     /// in the cache when the step computes blocks of exporting requests (`export_kv`).
     /// `exports` is the same for every layer of the step.
-    pub fn step_exporting(
-        &mut self,
-        on_layer: &mut dyn FnMut(&[KvExport], usize, LayerKvBytes<'_>),
-    ) -> Result<Vec<SeqOutput>, EngineError> {
+    pub fn step_exporting(&mut self, on_layer: &mut ExportHook<'_>) -> Result<Vec<SeqOutput>, EngineError> {
+        let plan = self.schedule();
+        let logits = self.run(&plan, on_layer)?;
+        self.postprocess(&plan, &logits)
+    }
+
+    /// The scheduler's plan for this step; records whether it holds any work (`last_step_ran`).
+    fn schedule(&mut self) -> StepPlan {
         let plan = self.scheduler.schedule();
         self.last_step_ran = !plan.is_empty();
+        plan
+    }
+
+    /// Computes the plan's tokens: makes its copy-on-write block copies, runs the model
+    /// over its flat batch (handing the blocks this step completes for exporting requests
+    /// to `on_layer`, layer by layer) and returns the logits rows the plan needs. An
+    /// empty plan computes nothing.
+    fn run(&mut self, plan: &StepPlan, on_layer: &mut ExportHook<'_>) -> Result<StepLogits, EngineError> {
         if plan.is_empty() {
-            return Ok(Vec::new());
+            return Ok(StepLogits::default());
         }
+        let exports = self.exports(plan);
+        for &(from, to) in &plan.copies {
+            self.kv.copy_block(from, to);
+        }
+        let (batch, rows) = forward_batch(plan, &self.scheduler, &self.seqs);
+        let values = if exports.is_empty() {
+            self.model.forward(&batch, &mut self.kv, &mut self.scratch)?.to_vec()
+        } else {
+            let hook = &mut |layer: usize, kv: LayerKvBytes<'_>| on_layer(&exports, layer, kv);
+            self.model.forward_with_hook(&batch, &mut self.kv, &mut self.scratch, hook)?.to_vec()
+        };
+        Ok(StepLogits { values, vocab: self.model.config.vocab_size, rows })
+    }
+
+    /// The blocks of exporting requests that the plan completes (see `KvExport`), each
+    /// handed over once: they are marked exported here.
+    fn exports(&mut self, plan: &StepPlan) -> Vec<KvExport> {
         let bs = self.kv.shape.block_size;
         let mut exports = Vec::new();
         for s in &plan.scheduled {
@@ -359,49 +407,34 @@ impl LlmEngine {
                 st.exported = Some(upto);
             }
         }
-        for &(from, to) in &plan.copies {
-            self.kv.copy_block(from, to);
-        }
-        let vocab = self.model.config.vocab_size;
-        let token_lists: Vec<Vec<u32>> = plan
-            .scheduled
-            .iter()
-            .map(|s| {
-                let r = self.scheduler.get(s.id).expect("scheduled request exists");
-                (s.start..s.start + s.len).map(|i| r.token(i)).collect()
-            })
-            .collect();
-        // Logits rows: every position of a chunk whose prompt is being scored, else the
-        // last position of a chunk that samples. `rows[i]` is entry i's first row and count.
-        let mut rows = Vec::with_capacity(plan.scheduled.len());
-        let mut next_row = 0;
-        let logits = {
-            let mut batch = ForwardBatch::default();
-            for (s, toks) in plan.scheduled.iter().zip(&token_lists) {
-                let r = self.scheduler.get(s.id).expect("exists");
-                let scoring = self.seqs.get(&s.id).is_some_and(|st| st.params.prompt_logprobs.is_some())
-                    && s.start + 1 < r.prompt.len();
-                let table = &r.blocks.table;
-                let seq = batch.add_seq(table);
-                let (want, n) = match (scoring, s.sample) {
-                    (true, _) => (LogitsWanted::All, s.len),
-                    (false, true) => (LogitsWanted::Last, 1),
-                    (false, false) => (LogitsWanted::None, 0),
-                };
-                rows.push((next_row, n));
-                next_row += n;
-                batch.add_tokens(seq, toks, s.start, want);
-            }
-            if exports.is_empty() {
-                self.model.forward(&batch, &mut self.kv, &mut self.scratch)?.to_vec()
-            } else {
-                let hook = &mut |layer: usize, kv: LayerKvBytes<'_>| on_layer(&exports, layer, kv);
-                self.model.forward_with_hook(&batch, &mut self.kv, &mut self.scratch, hook)?.to_vec()
-            }
-        };
+        exports
+    }
 
-        // Prompt scoring: the logits at position p give prompt token p + 1's log-probability.
-        for (s, &(first, n)) in plan.scheduled.iter().zip(&rows) {
+    /// Turns the step's logits into news: prompt scores, sampled tokens (and the first
+    /// tokens of parallel samples), the scheduler's `update()`, then each sampled
+    /// sequence's output (text, stop strings, finish), in plan order.
+    fn postprocess(&mut self, plan: &StepPlan, logits: &StepLogits) -> Result<Vec<SeqOutput>, EngineError> {
+        self.score_prompts(plan, logits);
+        let sampled = self.sample(plan, logits);
+        let draws: Vec<Sampled> = sampled.iter().map(|(_, s)| s.clone()).collect();
+        let finished: HashMap<RequestId, FinishReason> = self.scheduler.update(plan, &draws).into_iter().collect();
+        let mut outputs = Vec::new();
+        for (id, smp) in &sampled {
+            for sid in std::iter::once(*id).chain(smp.forks.iter().map(|f| f.0)) {
+                if let Some(out) = self.seq_output(sid, finished.get(&sid).copied())? {
+                    outputs.push(out);
+                }
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// Prompt scoring (`prompt_logprobs`): the logits at position p give prompt token
+    /// p + 1's log-probability. Each prompt token is scored once, into its sequence's
+    /// pending scores.
+    fn score_prompts(&mut self, plan: &StepPlan, logits: &StepLogits) {
+        for (i, s) in plan.scheduled.iter().enumerate() {
+            let n = logits.rows_of(i);
             if n == 0 {
                 continue;
             }
@@ -413,91 +446,70 @@ impl LlmEngine {
             for j in 0..n {
                 let target = s.start + j + 1;
                 if target < prompt.len() && target > st.prompt_scored {
-                    let row = &logits[(first + j) * vocab..(first + j + 1) * vocab];
-                    st.prompt_lp_pending.push(crate::sampling::token_logprobs(row, prompt[target], top));
+                    st.prompt_lp_pending.push(crate::sampling::token_logprobs(logits.row(i, j), prompt[target], top));
                     st.prompt_scored = target;
                 }
             }
         }
+    }
 
-        // Sample, in plan order.
+    /// Draws a token for every plan entry that samples, in plan order, from its last
+    /// logits row; a request's first draw also starts its parallel samples
+    /// (`start_forks`). Returns the draws as `Scheduler::update` takes them, with their
+    /// sequence ids.
+    fn sample(&mut self, plan: &StepPlan, logits: &StepLogits) -> Vec<(RequestId, Sampled)> {
         let mut sampled = Vec::new();
-        for (s, &(first, n)) in plan.scheduled.iter().zip(&rows) {
+        for (i, s) in plan.scheduled.iter().enumerate() {
             if !s.sample {
                 continue;
             }
             let r = self.scheduler.get(s.id).expect("exists");
             let (prompt, output) = (r.prompt.clone(), r.output.clone());
+            let l = logits.row(i, logits.rows_of(i) - 1);
             let st = self.seqs.get_mut(&s.id).expect("engine state for every sequence");
-            let row = first + n - 1;
-            let l = &logits[row * vocab..(row + 1) * vocab];
             let tok = st.sampler.sample(l, &prompt, &output);
-            let mut forks = Vec::new();
-            if !st.pending_forks.is_empty() {
-                let (group, params) = (st.group, st.params.clone());
-                for (i, child) in std::mem::take(&mut st.pending_forks).into_iter().enumerate() {
-                    let mut p = params.clone();
-                    p.seed = params.seed.map(|x| x.wrapping_add(i as u64 + 1));
-                    let mut cs = new_seq(group, i + 1, &p, Vec::new());
-                    let ct = cs.sampler.sample(l, &prompt, &output);
-                    record_logprob(&mut cs, &ct);
-                    forks.push((child, ct.id));
-                    self.seqs.insert(child, cs);
-                }
-            }
+            let forks = self.start_forks(s.id, l, &prompt, &output);
             let st = self.seqs.get_mut(&s.id).expect("exists");
             record_logprob(st, &tok);
             sampled.push((s.id, Sampled { token: tok.id, forks }));
         }
-        let sampled_only: Vec<Sampled> = sampled.iter().map(|(_, s)| s.clone()).collect();
-        let finished: HashMap<RequestId, Finish> = self.scheduler.update(&plan, &sampled_only).into_iter().collect();
-
-        // Text, stop strings, finish reasons.
-        let mut outputs = Vec::new();
-        for (id, smp) in &sampled {
-            for sid in std::iter::once(*id).chain(smp.forks.iter().map(|f| f.0)) {
-                if let Some(out) = self.postprocess(sid, finished.get(&sid).copied())? {
-                    outputs.push(out);
-                }
-            }
-        }
-        Ok(outputs)
+        sampled
     }
 
-    fn postprocess(&mut self, id: RequestId, finished: Option<Finish>) -> Result<Option<SeqOutput>, EngineError> {
+    /// Starts the parallel samples reserved for `parent` (none after its first draw):
+    /// sample i gets its own state, its seed offset by i, and draws its first token from
+    /// the parent's logits row `l`. Returns each child's id and token.
+    fn start_forks(&mut self, parent: RequestId, l: &[f32], prompt: &[u32], output: &[u32]) -> Vec<(RequestId, u32)> {
+        let st = self.seqs.get_mut(&parent).expect("exists");
+        if st.pending_forks.is_empty() {
+            return Vec::new();
+        }
+        let (group, params) = (st.group, st.params.clone());
+        let children = std::mem::take(&mut st.pending_forks);
+        let mut forks = Vec::with_capacity(children.len());
+        for (i, child) in children.into_iter().enumerate() {
+            let mut p = params.clone();
+            p.seed = params.seed.map(|x| x.wrapping_add(i as u64 + 1));
+            let mut cs = new_seq(group, i + 1, &p, Vec::new());
+            let ct = cs.sampler.sample(l, prompt, output);
+            record_logprob(&mut cs, &ct);
+            forks.push((child, ct.id));
+            self.seqs.insert(child, cs);
+        }
+        forks
+    }
+
+    /// One sequence's news since its last output: the text of its new tokens, its
+    /// logprobs, and its finish (`finished` as the scheduler decided it, or `Stop` at a
+    /// stop string). A finished sequence leaves the scheduler and the loop. `None` if
+    /// the scheduler no longer knows `id`.
+    fn seq_output(&mut self, id: RequestId, finished: Option<FinishReason>) -> Result<Option<SeqOutput>, EngineError> {
         let Some(r) = self.scheduler.get(id) else { return Ok(None) };
-        let new_tokens: Vec<u32> = {
-            let st = &self.seqs[&id];
-            r.output[st.emitted..].to_vec()
-        };
-        let cached_tokens = r.cached_tokens;
         let st = self.seqs.get_mut(&id).expect("exists");
-        let mut text = String::new();
-        let mut finish = finished.map(|f| match f {
-            Finish::Stop => FinishReason::Stop,
-            Finish::Length => FinishReason::Length,
-            Finish::Aborted => FinishReason::Abort,
-        });
-        let mut kept = 0;
-        for &t in &new_tokens {
-            let delta = st.decoder.push(&self.tokenizer, t)?;
-            let out = st.stops.push(&delta);
-            text.push_str(&out.text);
-            kept += 1;
-            if out.is_stop() {
-                finish = Some(FinishReason::Stop);
-                break;
-            }
-        }
+        let new_tokens = r.output[st.emitted..].to_vec();
+        let cached_tokens = r.cached_tokens;
+        let (text, kept, finish) = st.text(&self.tokenizer, &new_tokens, finished)?;
         st.emitted += new_tokens.len();
-        if finish.is_some() && !st.stops.is_stopped() {
-            let tail = st.decoder.finish();
-            let out = st.stops.push(&tail);
-            text.push_str(&out.text);
-            if !st.stops.is_stopped() {
-                text.push_str(&st.stops.finish());
-            }
-        }
         let first = !st.started;
         st.started = true;
         let logprobs = std::mem::take(&mut st.logprobs_pending);
@@ -515,13 +527,69 @@ impl LlmEngine {
         };
         if finish.is_some() {
             if finished.is_none() {
-                self.scheduler.finish(id, Finish::Stop);
+                self.scheduler.finish(id, FinishReason::Stop);
             }
             self.scheduler.take_finished(id);
             self.seqs.remove(&id);
         }
         Ok(Some(out))
     }
+}
+
+/// The hook `step_exporting` calls per layer with the step's exports.
+pub type ExportHook<'h> = dyn FnMut(&[KvExport], usize, LayerKvBytes<'_>) + 'h;
+
+/// A step's logits: `vocab` values per row, each plan entry's rows together, in plan
+/// order. An entry has a row per position while its prompt is scored, else one (its
+/// last position) if it samples, else none.
+#[derive(Default)]
+struct StepLogits {
+    values: Vec<f32>,
+    vocab: usize,
+    /// Per plan entry: its first row and its row count.
+    rows: Vec<(usize, usize)>,
+}
+
+impl StepLogits {
+    /// How many rows plan entry `entry` has.
+    fn rows_of(&self, entry: usize) -> usize {
+        self.rows[entry].1
+    }
+
+    /// Row `j` of plan entry `entry`.
+    fn row(&self, entry: usize, j: usize) -> &[f32] {
+        let r = self.rows[entry].0 + j;
+        &self.values[r * self.vocab..(r + 1) * self.vocab]
+    }
+}
+
+/// The plan as one flat batch for the model, with each entry's first logits row and row
+/// count: every position of a chunk whose prompt is being scored, else the last
+/// position of a chunk that samples, else none.
+fn forward_batch<'a>(
+    plan: &StepPlan,
+    scheduler: &'a Scheduler,
+    seqs: &HashMap<RequestId, SeqState>,
+) -> (ForwardBatch<'a>, Vec<(usize, usize)>) {
+    let mut batch = ForwardBatch::default();
+    let mut rows = Vec::with_capacity(plan.scheduled.len());
+    let mut next_row = 0;
+    for s in &plan.scheduled {
+        let r = scheduler.get(s.id).expect("scheduled request exists");
+        let tokens: Vec<u32> = (s.start..s.start + s.len).map(|i| r.token(i)).collect();
+        let scoring =
+            seqs.get(&s.id).is_some_and(|st| st.params.prompt_logprobs.is_some()) && s.start + 1 < r.prompt.len();
+        let seq = batch.add_seq(&r.blocks.table);
+        let (want, n) = match (scoring, s.sample) {
+            (true, _) => (LogitsWanted::All, s.len),
+            (false, true) => (LogitsWanted::Last, 1),
+            (false, false) => (LogitsWanted::None, 0),
+        };
+        rows.push((next_row, n));
+        next_row += n;
+        batch.add_tokens(seq, &tokens, s.start, want);
+    }
+    (batch, rows)
 }
 
 fn new_seq(group: RequestId, index: usize, params: &SamplingParams, pending_forks: Vec<RequestId>) -> SeqState {

@@ -18,7 +18,7 @@ use tandem_kernels::{GgmlType, Isa, KvElem, KvShape, QuantizedActs, ThreadPool, 
 use crate::config::ModelConfig;
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
-use crate::kv_cache::{block_ids_as_u32, BlockId, KvCache, KvStorage, LayerKv};
+use crate::kv_cache::{block_ids_as_u32, BlockId, KvCache, KvStorage, LayerKv, LayerKvBytes};
 
 /// How the model runs.
 #[derive(Debug, Clone)]
@@ -108,38 +108,6 @@ impl<'a> ForwardBatch<'a> {
                 }
             }
             LogitsWanted::All => self.logits_for.extend((first..first + tokens.len()).map(|i| i as u32)),
-        }
-    }
-}
-
-/// One layer's K and V caches as bytes, for shipping blocks to another worker.
-#[derive(Debug, Clone, Copy)]
-pub struct LayerKvBytes<'a> {
-    pub k: &'a [u8],
-    pub v: &'a [u8],
-    /// Bytes of K (or V) per block.
-    pub half_block_bytes: usize,
-}
-
-impl<'a> LayerKvBytes<'a> {
-    pub(crate) fn from_slices<E: KvElem>(k: &'a [E], v: &'a [E], half_block_bytes: usize) -> Self {
-        Self::new(k, v, half_block_bytes)
-    }
-
-    fn new<E: KvElem>(k: &'a [E], v: &'a [E], half_block_bytes: usize) -> Self {
-        // SAFETY: f16 and f32 are plain data without padding; any byte view is valid.
-        let bytes =
-            |x: &'a [E]| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) };
-        LayerKvBytes { k: bytes(k), v: bytes(v), half_block_bytes }
-    }
-
-    /// Appends the blocks' K then V, block by block (the KV transfer payload order).
-    pub fn gather(&self, blocks: &[BlockId], out: &mut Vec<u8>) {
-        let h = self.half_block_bytes;
-        for b in blocks {
-            let o = b.0 as usize * h;
-            out.extend_from_slice(&self.k[o..o + h]);
-            out.extend_from_slice(&self.v[o..o + h]);
         }
     }
 }
@@ -354,7 +322,7 @@ impl Model {
                     &s.v[t * kv_dim..(t + 1) * kv_dim],
                 );
             }
-            on_layer(li, LayerKvBytes::new(&cache.k, &cache.v, shape.block_elems() * std::mem::size_of::<E>()));
+            on_layer(li, LayerKvBytes::from_slices(&cache.k, &cache.v, shape.block_elems() * std::mem::size_of::<E>()));
             {
                 let (q, k_cache, v_cache) = (&s.q, &cache.k, &cache.v);
                 let out = SyncPtr::new(&mut s.attn);

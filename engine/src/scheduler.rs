@@ -18,6 +18,7 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::block_manager::{BlockManager, SeqBlocks};
 use crate::error::EngineError;
+use crate::finish::FinishReason;
 use crate::kv_cache::BlockId;
 
 /// A request's id, unique within one engine.
@@ -33,17 +34,7 @@ pub enum Status {
     Preempted,
     /// Blocks reserved; the KV of the prompt is being sent by another worker.
     WaitingForRemoteKv,
-    Finished(Finish),
-}
-
-/// Why a request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
-    /// EOS, a stop token or a stop string.
-    Stop,
-    /// `max_tokens` or the end of the context.
-    Length,
-    Aborted,
+    Finished(FinishReason),
 }
 
 /// Scheduler settings.
@@ -332,7 +323,7 @@ impl Scheduler {
     }
 
     /// The prompt's KV has arrived; `first_token` was sampled by the prefill worker.
-    pub fn remote_kv_ready(&mut self, id: RequestId, first_token: u32) -> Result<Option<Finish>, EngineError> {
+    pub fn remote_kv_ready(&mut self, id: RequestId, first_token: u32) -> Result<Option<FinishReason>, EngineError> {
         let r = self
             .requests
             .get_mut(&id)
@@ -613,7 +604,7 @@ impl Scheduler {
 
     /// Records a step's results: `sampled` holds one entry per scheduled entry
     /// with `sample` set, in plan order. Returns the requests that finished.
-    pub fn update(&mut self, plan: &StepPlan, sampled: &[Sampled]) -> Vec<(RequestId, Finish)> {
+    pub fn update(&mut self, plan: &StepPlan, sampled: &[Sampled]) -> Vec<(RequestId, FinishReason)> {
         let mut finished = Vec::new();
         let mut next = sampled.iter();
         for s in &plan.scheduled {
@@ -647,16 +638,16 @@ impl Scheduler {
         finished
     }
 
-    fn append_token(&mut self, id: RequestId, tok: u32) -> Option<Finish> {
+    fn append_token(&mut self, id: RequestId, tok: u32) -> Option<FinishReason> {
         // A request longer than the whole pool could only preempt itself forever.
         let max_len = self.cfg.max_model_len.min(self.blocks.n_blocks() * self.blocks.block_size());
         let r = self.requests.get_mut(&id).expect("exists");
         let finish = if r.stop_ids.contains(&tok) {
-            Some(Finish::Stop)
+            Some(FinishReason::Stop)
         } else {
             r.output.push(tok);
             if r.output.len() >= r.max_tokens || r.num_tokens() >= max_len {
-                Some(Finish::Length)
+                Some(FinishReason::Length)
             } else {
                 None
             }
@@ -668,7 +659,7 @@ impl Scheduler {
     }
 
     /// Ends a request (stop string, abort, client gone): its blocks return at once.
-    pub fn finish(&mut self, id: RequestId, why: Finish) {
+    pub fn finish(&mut self, id: RequestId, why: FinishReason) {
         let Some(r) = self.requests.get_mut(&id) else { return };
         if matches!(r.status, Status::Finished(_)) {
             return;

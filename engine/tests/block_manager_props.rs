@@ -12,10 +12,8 @@ use std::collections::{HashMap, HashSet};
 use proptest::prelude::*;
 use tandem_engine::block_manager::{prefix_hashes, BlockManager, KvEvent, SeqBlocks, SeqHash};
 use tandem_engine::kv_cache::BlockId;
-use tandem_engine::scheduler::{
-    Finish, NewRequest, Policy, RequestId, Sampled, Scheduler, SchedulerConfig, Status, StepPlan,
-};
-use tandem_engine::EngineError;
+use tandem_engine::scheduler::{NewRequest, Policy, RequestId, Sampled, Scheduler, SchedulerConfig, Status, StepPlan};
+use tandem_engine::{EngineError, FinishReason};
 
 // ============================================================ BlockManager
 
@@ -563,7 +561,7 @@ impl SchedModel {
         let mut gone = HashSet::new();
         if !plan.scheduled.is_empty() && d.next().unwrap() % 8 == 0 {
             let victim = plan.scheduled[d.next().unwrap() as usize % plan.scheduled.len()].id;
-            self.s.finish(victim, Finish::Aborted);
+            self.s.finish(victim, FinishReason::Abort);
             if d.next().unwrap() % 2 == 0 {
                 assert!(self.s.take_finished(victim).is_some());
                 self.taken.insert(victim);
@@ -595,7 +593,7 @@ impl SchedModel {
         let before: HashMap<RequestId, usize> =
             expect.iter().filter_map(|&(id, _)| self.s.get(id).map(|r| (id, r.output.len()))).collect();
         let finished = self.s.update(&plan, &sampled);
-        let fin: HashMap<RequestId, Finish> = finished.iter().copied().collect();
+        let fin: HashMap<RequestId, FinishReason> = finished.iter().copied().collect();
         assert_eq!(fin.len(), finished.len(), "finished once");
         for (id, tok) in expect {
             let r = self.s.get(id).expect("sampled request (or fork) exists");
@@ -603,15 +601,15 @@ impl SchedModel {
                 self.known.push(id); // a fork child
             }
             if tok == STOP {
-                assert_eq!(r.status, Status::Finished(Finish::Stop), "{id:?} sampled the stop id");
-                assert_eq!(fin.get(&id), Some(&Finish::Stop));
+                assert_eq!(r.status, Status::Finished(FinishReason::Stop), "{id:?} sampled the stop id");
+                assert_eq!(fin.get(&id), Some(&FinishReason::Stop));
             } else {
                 assert_eq!(r.output.last(), Some(&tok), "{id:?} got someone else's token");
                 if let Some(&n) = before.get(&id) {
                     assert_eq!(r.output.len(), n + 1);
                 }
                 match r.status {
-                    Status::Finished(Finish::Length) => assert_eq!(fin.get(&id), Some(&Finish::Length)),
+                    Status::Finished(FinishReason::Length) => assert_eq!(fin.get(&id), Some(&FinishReason::Length)),
                     Status::Running => assert!(!fin.contains_key(&id)),
                     s => panic!("{id:?} is {s:?} after sampling"),
                 }
@@ -633,10 +631,10 @@ impl SchedModel {
             return;
         }
         let was_finished = matches!(self.s.get(id).unwrap().status, Status::Finished(_));
-        self.s.finish(id, Finish::Aborted);
+        self.s.finish(id, FinishReason::Abort);
         let r = self.s.get(id).unwrap();
         if !was_finished {
-            assert_eq!(r.status, Status::Finished(Finish::Aborted));
+            assert_eq!(r.status, Status::Finished(FinishReason::Abort));
         }
         assert!(r.blocks.table.is_empty());
         if take {

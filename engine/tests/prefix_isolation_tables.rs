@@ -11,7 +11,8 @@ mod scheduler_support;
 use block_manager_support::{computed_seq, ok, toks};
 use scheduler_support::{cfg, prompt, req, run_to_end};
 use tandem_engine::block_manager::{prefix_hashes, BlockManager, KvEvent, SeqBlocks, SeqHash};
-use tandem_engine::scheduler::{Finish, RequestId, Scheduler};
+use tandem_engine::scheduler::{RequestId, Scheduler};
+use tandem_engine::FinishReason;
 
 /// The hashes a manager under `with_hash_bits(bits)` names the blocks of `tokens` by.
 fn short_hashes(tokens: &[u32], bs: usize, salt: Option<&str>, bits: u32) -> Vec<SeqHash> {
@@ -176,7 +177,7 @@ fn the_reserve_path_counts_cached_blocks_of_the_same_salt_only() {
         second.cache_salt = salt.map(String::from);
         let (_, cached) = s.add_remote(second).unwrap();
         assert_eq!(cached, want, "bits {bits}, salt {salt:?}");
-        s.finish(RequestId(2), Finish::Aborted);
+        s.finish(RequestId(2), FinishReason::Abort);
         s.blocks.check(&s.holders()).unwrap();
         assert_eq!(s.blocks.n_free(), 16);
     }

@@ -7,8 +7,9 @@
 mod scheduler_support;
 use scheduler_support::*;
 
-use tandem_engine::scheduler::{Finish, Policy, RequestId, Sampled, Scheduled, SchedulerConfig, Status};
+use tandem_engine::scheduler::{Policy, RequestId, Sampled, Scheduled, SchedulerConfig, Status};
 use tandem_engine::EngineError;
+use tandem_engine::FinishReason;
 
 // ---------------------------------------------------------------- budget
 
@@ -125,7 +126,7 @@ fn max_seqs_caps_running_requests() {
             assert!(plan.scheduled.len() <= max_seqs);
             assert!(s.num_running() <= max_seqs);
             finished.extend(fin.into_iter().map(|(id, f)| {
-                assert_eq!(f, Finish::Length);
+                assert_eq!(f, FinishReason::Length);
                 id.0
             }));
         }
@@ -150,19 +151,19 @@ fn abort_returns_every_block() {
         assert!(s.num_running() >= 2);
         assert!(s.stats().blocks_used > 0);
         for id in [3u64, 1, 4, 2] {
-            s.finish(RequestId(id), Finish::Aborted);
+            s.finish(RequestId(id), FinishReason::Abort);
             ok(&s);
             let r = s.get(RequestId(id)).unwrap();
-            assert_eq!(r.status, Status::Finished(Finish::Aborted));
+            assert_eq!(r.status, Status::Finished(FinishReason::Abort));
             assert!(r.blocks.table.is_empty());
         }
         assert!(!s.has_unfinished());
         assert_eq!(s.blocks.n_free(), s.blocks.n_blocks(), "caching {caching}");
         assert_eq!(s.stats().blocks_used, 0);
         // Aborting again, or an unknown id, is a no-op.
-        s.finish(RequestId(1), Finish::Stop);
-        s.finish(RequestId(99), Finish::Aborted);
-        assert_eq!(s.get(RequestId(1)).unwrap().status, Status::Finished(Finish::Aborted));
+        s.finish(RequestId(1), FinishReason::Stop);
+        s.finish(RequestId(99), FinishReason::Abort);
+        assert_eq!(s.get(RequestId(1)).unwrap().status, Status::Finished(FinishReason::Abort));
         assert!(s.take_finished(RequestId(1)).is_some());
         assert!(s.get(RequestId(1)).is_none());
         assert!(s.schedule().is_empty());
@@ -179,7 +180,7 @@ fn abort_between_schedule_and_update_keeps_sampled_tokens_aligned() {
         let plan = s.schedule();
         assert_eq!(plan.scheduled.len(), 3);
         // The client of request 2 leaves while the step runs.
-        s.finish(RequestId(2), Finish::Aborted);
+        s.finish(RequestId(2), FinishReason::Abort);
         if take {
             s.take_finished(RequestId(2)).unwrap();
         }
@@ -199,9 +200,9 @@ fn a_request_that_never_admits_can_be_aborted_from_waiting() {
     s.add(req(2, prompt(3, 2), 10)).unwrap();
     step(&mut s, 5);
     assert_eq!(s.num_waiting(), 1);
-    s.finish(RequestId(2), Finish::Aborted);
+    s.finish(RequestId(2), FinishReason::Abort);
     assert_eq!(s.num_waiting(), 0);
-    assert_eq!(s.get(RequestId(2)).unwrap().status, Status::Finished(Finish::Aborted));
+    assert_eq!(s.get(RequestId(2)).unwrap().status, Status::Finished(FinishReason::Abort));
     ok(&s);
 }
 
@@ -214,12 +215,12 @@ fn stop_ids_and_max_tokens_finish_requests() {
     s.add(req(2, prompt(3, 2), 10)).unwrap();
     let plan = s.schedule();
     let fin = s.update(&plan, &[Sampled::one(7), Sampled::one(EOS)]);
-    assert_eq!(fin, vec![(RequestId(2), Finish::Stop)]);
+    assert_eq!(fin, vec![(RequestId(2), FinishReason::Stop)]);
     assert_eq!(s.get(RequestId(2)).unwrap().output, Vec::<u32>::new(), "the stop id is not an output token");
     let (_, f2) = step(&mut s, 7);
     assert!(f2.is_empty());
     let (_, f3) = step(&mut s, 7);
-    assert_eq!(f3, vec![(RequestId(1), Finish::Length)]);
+    assert_eq!(f3, vec![(RequestId(1), FinishReason::Length)]);
     assert_eq!(s.get(RequestId(1)).unwrap().output, vec![7, 7, 7]);
     assert_eq!(s.blocks.n_used(), 0);
 
@@ -231,7 +232,7 @@ fn stop_ids_and_max_tokens_finish_requests() {
     s.add(req(1, prompt(4, 1), 100)).unwrap();
     step(&mut s, 7);
     let (_, fin) = step(&mut s, 7);
-    assert_eq!(fin, vec![(RequestId(1), Finish::Length)]);
+    assert_eq!(fin, vec![(RequestId(1), FinishReason::Length)]);
     assert_eq!(s.get(RequestId(1)).unwrap().num_tokens(), 6);
 }
 
@@ -276,7 +277,7 @@ fn preemption_picks_the_newest_and_the_victim_recomputes_its_output() {
         }
         assert!(plan.preempted.is_empty());
     }
-    assert_eq!(s.get(RequestId(1)).unwrap().status, Status::Finished(Finish::Length));
+    assert_eq!(s.get(RequestId(1)).unwrap().status, Status::Finished(FinishReason::Length));
     let e = resumed.expect("the victim resumed");
     assert_eq!(e, Scheduled { id: RequestId(2), start: 0, len: 8 + out_before.len(), sample: true });
     let b = s.get(RequestId(2)).unwrap();
@@ -284,7 +285,7 @@ fn preemption_picks_the_newest_and_the_victim_recomputes_its_output() {
     assert_eq!(&b.output[..out_before.len()], &out_before[..], "output kept across the preemption");
     run_to_end(&mut s, 6, 40);
     let b = s.get(RequestId(2)).unwrap();
-    assert_eq!(b.status, Status::Finished(Finish::Length));
+    assert_eq!(b.status, Status::Finished(FinishReason::Length));
     assert_eq!(b.output.len(), 12);
     assert_eq!(s.blocks.n_free(), 6);
 }
@@ -348,7 +349,7 @@ fn a_victim_already_scheduled_in_the_step_is_removed_from_the_plan() {
     run_to_end(&mut s, 5, 100);
     for (id, n) in [(1, 6), (2, 4)] {
         let r = s.get(RequestId(id)).unwrap();
-        assert_eq!((r.status, r.output.len()), (Status::Finished(Finish::Length), n));
+        assert_eq!((r.status, r.output.len()), (Status::Finished(FinishReason::Length), n));
     }
     assert_eq!(s.stats().preemptions, 1);
 }
@@ -361,7 +362,7 @@ fn a_request_longer_than_the_pool_ends_instead_of_preempting_itself_forever() {
         s.add(req(1, prompt(3, 1), 100)).unwrap();
         run_to_end(&mut s, 5, 50);
         let r = s.get(RequestId(1)).unwrap();
-        assert_eq!((r.status, r.num_tokens(), r.preemptions), (Status::Finished(Finish::Length), 8, 0));
+        assert_eq!((r.status, r.num_tokens(), r.preemptions), (Status::Finished(FinishReason::Length), 8, 0));
         assert_eq!(s.blocks.n_free(), 4);
     }
 }
@@ -448,7 +449,7 @@ fn a_prefix_hit_survives_the_first_request_finishing() {
     let p = prompt(9, 4);
     s.add(req(1, p.clone(), 1)).unwrap();
     let (_, fin) = step(&mut s, 5);
-    assert_eq!(fin, vec![(RequestId(1), Finish::Length)]);
+    assert_eq!(fin, vec![(RequestId(1), FinishReason::Length)]);
     assert_eq!(s.blocks.n_free(), 16);
     s.add(req(2, p, 1)).unwrap();
     let (plan, _) = step(&mut s, 5);
@@ -541,12 +542,12 @@ fn a_remote_request_reuses_the_cached_blocks_of_its_prefix_and_only_the_rest_is_
     q.extend(prompt(6, 9));
     let (_, cached) = s.add_remote(req(3, q.clone(), 2)).unwrap();
     assert_eq!(cached, 2);
-    s.finish(RequestId(3), Finish::Aborted);
+    s.finish(RequestId(3), FinishReason::Abort);
     let mut other = req(4, p.clone(), 2);
     other.cache_salt = Some("another tenant".into());
     let (_, cached) = s.add_remote(other).unwrap();
     assert_eq!(cached, 0);
-    s.finish(RequestId(4), Finish::Aborted);
+    s.finish(RequestId(4), FinishReason::Abort);
     assert_eq!(s.blocks.n_free(), 8);
 
     // Refused for room: the hit's blocks are let go again.
@@ -575,11 +576,11 @@ fn remote_kv_errors() {
     assert!(s.get(RequestId(2)).is_none());
     ok(&s);
     // A first token that is a stop id finishes it at once and frees its blocks.
-    assert_eq!(s.remote_kv_ready(RequestId(1), EOS).unwrap(), Some(Finish::Stop));
+    assert_eq!(s.remote_kv_ready(RequestId(1), EOS).unwrap(), Some(FinishReason::Stop));
     assert_eq!(s.blocks.n_free(), 2);
     // Aborting while waiting for KV frees the reservation.
     s.add_remote(req(3, prompt(7, 3), 3)).unwrap();
-    s.finish(RequestId(3), Finish::Aborted);
+    s.finish(RequestId(3), FinishReason::Abort);
     assert_eq!(s.blocks.n_free(), 2);
     assert!(!s.has_unfinished());
     ok(&s);
@@ -652,7 +653,7 @@ fn forked_children_obey_max_seqs() {
     }
     assert!(!s.has_unfinished());
     for id in [1, 10, 11, 12, 13] {
-        assert_eq!(s.get(RequestId(id)).unwrap().status, Status::Finished(Finish::Length));
+        assert_eq!(s.get(RequestId(id)).unwrap().status, Status::Finished(FinishReason::Length));
     }
 }
 
@@ -664,7 +665,7 @@ fn a_fork_with_a_taken_id_is_ignored_and_a_stopping_parent_still_forks() {
     let plan = s.schedule();
     let fin =
         s.update(&plan, &[Sampled { token: EOS, forks: vec![(RequestId(2), 9), (RequestId(3), 9)] }, Sampled::one(5)]);
-    assert_eq!(fin, vec![(RequestId(1), Finish::Stop)]);
+    assert_eq!(fin, vec![(RequestId(1), FinishReason::Stop)]);
     assert_eq!(s.get(RequestId(2)).unwrap().output, vec![5], "existing id untouched");
     let c = s.get(RequestId(3)).unwrap();
     assert_eq!((c.status, c.output.clone()), (Status::Running, vec![9]));
@@ -719,7 +720,7 @@ fn max_tokens_zero_still_produces_one_token() {
     let mut s = sched(cfg(64, 8), 8, 4, true);
     s.add(req(1, prompt(3, 1), 0)).unwrap();
     let (_, fin) = step(&mut s, 5);
-    assert_eq!(fin, vec![(RequestId(1), Finish::Length)]);
+    assert_eq!(fin, vec![(RequestId(1), FinishReason::Length)]);
     assert_eq!(s.get(RequestId(1)).unwrap().output, vec![5]);
 }
 

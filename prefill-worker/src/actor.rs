@@ -15,8 +15,8 @@ use std::time::Duration;
 use tandem_engine::block_manager::KvEvent;
 use tandem_engine::error::EngineError;
 use tandem_engine::kv_cache::BlockId;
+use tandem_engine::kv_cache::LayerKvBytes;
 use tandem_engine::llm_engine::{EngineRequest, KvExport, LlmEngine, SeqOutput};
-use tandem_engine::model::LayerKvBytes;
 use tandem_engine::scheduler::{RequestId, SchedulerStats};
 use tokio::sync::{broadcast, mpsc, oneshot};
 

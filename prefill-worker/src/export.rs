@@ -9,8 +9,8 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use tandem_engine::kv_cache::LayerKvBytes;
 use tandem_engine::llm_engine::KvExport;
-use tandem_engine::model::LayerKvBytes;
 use tandem_kvtransfer::{BufferPool, SendSession, TransferError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;

@@ -7,7 +7,7 @@
 //! waits for the network otherwise, so layer L travels while layer L+1 computes.
 
 use tandem_engine::kv_cache::BlockId;
-use tandem_engine::model::LayerKvBytes;
+use tandem_engine::kv_cache::LayerKvBytes;
 use tandem_kvtransfer::{SendSession, TransferError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;

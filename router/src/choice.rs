@@ -44,7 +44,7 @@ pub(crate) struct Chunk {
     pub(crate) text: String,
     pub(crate) token_ids: Vec<u32>,
     pub(crate) logprobs: Vec<api::TokenLogprobs>,
-    pub(crate) finish: i32,
+    pub(crate) finish: api::FinishReason,
     pub(crate) prefill: Option<pb::PrefillResponse>,
     pub(crate) prompt_logprobs: Vec<api::TokenLogprobs>,
     /// Prompt tokens served from a prefix cache (first chunk only).
@@ -502,8 +502,8 @@ async fn relay(
             }
             Err(e) => return Err(failed("decode", decode, e)),
         };
+        let finish = d.finish_reason();
         let mut logprobs = d.logprobs;
-        let finish = d.finish_reason;
         let mut prompt_logprobs = d.prompt_logprobs;
         let mut cached_tokens = d.cached_tokens;
         if first {
@@ -536,7 +536,7 @@ async fn relay(
         if out.send(Ok(chunk)).await.is_err() {
             return Ok(false);
         }
-        if finish != api::FinishReason::Unspecified as i32 {
+        if finish != api::FinishReason::Unspecified {
             return Ok(true);
         }
     }

@@ -33,8 +33,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::openai::{
-    chat_logprobs, chat_request, completion_request, finish_str, prompt_echo, token_text, usage_json, ApiError,
-    ChatRequest, CompletionLogprobs, CompletionRequest,
+    chat_logprobs, chat_request, completion_request, prompt_echo, token_text, usage_json, ApiError, ChatRequest,
+    CompletionLogprobs, CompletionRequest,
 };
 use crate::service::{stall_message, stalled, start_request, tenant_of, Chunks, RouterState, Tenant};
 use crate::stall::{HandOff, Outbox};
@@ -197,7 +197,7 @@ async fn chat(
             let c = choices.entry(m.index).or_default();
             c.0.push_str(&m.text);
             c.1.extend(chat_logprobs(&m.logprobs));
-            c.2 = finish_str(m.finish_reason).or(c.2);
+            c.2 = m.finish_reason().as_openai_str().or(c.2);
             usage = m.usage.or(usage);
             msg = within(deadline, chunks.recv()).await?;
         }
@@ -240,7 +240,7 @@ async fn chat(
             "index": m.index,
             "delta": delta,
             "logprobs": if want_logprobs { json!({"content": chat_logprobs(&m.logprobs)}) } else { Value::Null },
-            "finish_reason": finish_str(m.finish_reason),
+            "finish_reason": m.finish_reason().as_openai_str(),
         })
     }))
 }
@@ -411,7 +411,7 @@ async fn completions(
             }
         }
         c.text.push_str(&text);
-        if let Some(f) = finish_str(m.finish_reason) {
+        if let Some(f) = m.finish_reason().as_openai_str() {
             c.finish = Some(f);
         }
         (text, from)
@@ -468,7 +468,7 @@ async fn completions(
         json!({
             "index": m.index, "text": text,
             "logprobs": if want_logprobs { c.logprobs.since(from) } else { Value::Null },
-            "finish_reason": finish_str(m.finish_reason),
+            "finish_reason": m.finish_reason().as_openai_str(),
         })
     }))
 }

@@ -402,10 +402,6 @@ pub fn completion_request(r: &CompletionRequest) -> Result<CompletionPlan, ApiEr
     Ok(CompletionPlan { request: base(&r.common, input, s)?, echo: r.echo, score_only })
 }
 
-pub fn finish_str(f: i32) -> Option<&'static str> {
-    api::FinishReason::try_from(f).ok().and_then(|f| f.as_openai_str())
-}
-
 pub fn usage_json(u: &api::Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,

@@ -2,7 +2,7 @@
 //! (a worker died under it), recover its KV as its policy says (the transfer
 //! from the prefill worker failed or stayed incomplete), or give up.
 //!
-//! Pure decisions, so every case is a table test; `service.rs` carries them out.
+//! Pure decisions, so every case is a table test; `choice.rs` carries them out.
 
 use tandem_cluster::WorkerId;
 use tandem_proto::tandem::v1 as api;

@@ -332,7 +332,7 @@ async fn run_request(
         if chunk.index == 0 && chunk.cached_tokens > 0 {
             cached_tokens = chunk.cached_tokens;
         }
-        let finished = chunk.finish != api::FinishReason::Unspecified as i32;
+        let finished = chunk.finish != api::FinishReason::Unspecified;
         let timing = if finished {
             let f = clock.first.expect("set above");
             let p = clock.prefill.unwrap_or_default();
@@ -368,7 +368,7 @@ async fn run_request(
             text: chunk.text,
             token_ids: chunk.token_ids,
             logprobs: chunk.logprobs,
-            finish_reason: chunk.finish,
+            finish_reason: chunk.finish.into(),
             usage,
             timing,
             request_id: v.request_id.clone(),

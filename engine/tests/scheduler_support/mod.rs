@@ -3,9 +3,8 @@
 #![allow(dead_code)] // each test file uses its own part
 
 use tandem_engine::block_manager::BlockManager;
-use tandem_engine::scheduler::{
-    Finish, NewRequest, RequestId, Sampled, Scheduled, Scheduler, SchedulerConfig, StepPlan,
-};
+use tandem_engine::scheduler::{NewRequest, RequestId, Sampled, Scheduled, Scheduler, SchedulerConfig, StepPlan};
+use tandem_engine::FinishReason;
 
 pub const EOS: u32 = 2;
 
@@ -42,7 +41,7 @@ pub fn tokens_for(plan: &StepPlan, tok: u32) -> Vec<Sampled> {
 }
 
 /// One schedule + update sampling `tok` for everyone; returns the plan and finished list.
-pub fn step(s: &mut Scheduler, tok: u32) -> (StepPlan, Vec<(RequestId, Finish)>) {
+pub fn step(s: &mut Scheduler, tok: u32) -> (StepPlan, Vec<(RequestId, FinishReason)>) {
     let plan = s.schedule();
     check_plan(s, &plan);
     let fin = s.update(&plan, &tokens_for(&plan, tok));
