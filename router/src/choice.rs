@@ -7,7 +7,8 @@
 //! [`Routing`] is what every choice shares: the workers, the policy, the recovery limits
 //! and the wait for KV room. A [`ChoiceRun`] is one choice; its methods are its attempts
 //! and the relay of its decode stream, which turns each worker chunk into what the client
-//! gets ([`Chunk`]) in one conversion. Workers are reached through `worker::WorkerApi`.
+//! gets ([`Chunk`]) in one conversion. Workers are reached through `worker::WorkerApi`;
+//! `choice_tests` runs choices over fake ones.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -621,6 +622,3 @@ impl Drop for WaitingForRoom {
         metrics::set_waiting_for_room(n);
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -20,7 +20,8 @@
 //! - `worker`: `WorkerApi`, what a request asks of a worker, and its gRPC implementation.
 //! - `members`: membership from discovery, worker clients, load polling, KV events.
 //! - `choice`: one choice's path across workers (`ChoiceRun`), its attempts and their
-//!   recovery; `Routing`, what every choice shares.
+//!   recovery; `Routing`, what every choice shares. `choice_tests`: its table tests,
+//!   over fake workers.
 //! - `recovery`: what a choice does after a failed attempt (migration, the KV
 //!   failure policies `fail`, `recompute`, `retry`), and whose fault a failure was.
 //! - `relay`: one request from admission to its last chunk: its choices run, their
@@ -38,6 +39,8 @@
 
 pub mod admission;
 pub mod choice;
+#[cfg(test)]
+mod choice_tests;
 pub mod http;
 pub mod ids;
 pub mod keys;

@@ -1,7 +1,8 @@
 //! The router's picture of the cluster: discovery's membership, a gRPC client
-//! per worker, each worker's last load report (polled), the prefix-cache
-//! blocks each worker reports (its KV events), and the router's own count of
-//! requests in flight on each worker.
+//! per worker (requests reach it as a `worker::WorkerApi`, the pollers directly),
+//! each worker's last load report (polled), the prefix-cache blocks each worker
+//! reports (its KV events), and the router's own count of requests in flight on
+//! each worker.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

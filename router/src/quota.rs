@@ -10,8 +10,8 @@
 //! resolved from the flags by [`TenantLimits::resolve`]); [`TenantCounts`] is the pure
 //! bookkeeping (no locks, no I/O); [`Quotas`] shares it between the router's handlers
 //! and hands out [`TenantPermit`]s, which give their slot back when dropped, however the
-//! request ends. This module does not know keys or statuses: the service checks keys and
-//! turns a [`Refused`] into RESOURCE_EXHAUSTED.
+//! request ends. This module does not know keys or statuses: `keys` names the tenant and
+//! `admission` turns a [`Refused`] into RESOURCE_EXHAUSTED.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};

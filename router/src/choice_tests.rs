@@ -1,19 +1,28 @@
-//! Table tests of a choice's run across fake workers: migration, the KV failure policies,
+//! Table tests of `choice`: a choice's run across fake workers: migration, the KV failure policies,
 //! the wait for KV room, and a client that leaves while `Reserve` is in flight. Each runs a
 //! whole request through `relay::RequestRelay`, as a front door starts it, with the workers
 //! replaced by [`Fake`]s that record what they were asked.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tandem_cluster::{KvEndpoints, ModelInfo, Role, WorkerDescriptor};
-use tokio::sync::watch;
+use tandem_cluster::{KvEndpoints, ModelInfo, Role, WorkerDescriptor, WorkerId};
+use tandem_proto::tandem::v1 as api;
+use tandem_proto::tandem::worker::v1 as pb;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
 
-use super::*;
-use crate::policy::Candidate;
+use crate::choice::Routing;
+use crate::members::Members;
+use crate::policy::{Candidate, RoutingPolicy};
+use crate::recovery::KvFailurePolicy;
 use crate::relay::RequestRelay;
 use crate::stall::Outbox;
+use crate::validate::Validated;
+use crate::worker::{DecodeStream, WorkerApi};
 
 const MODEL: &str = "fake-model";
 const PROMPT: [u32; 4] = [1, 2, 3, 4];
