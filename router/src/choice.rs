@@ -4,77 +4,32 @@
 //! what comes next (migrate, recover the KV per policy, pass over a full decode worker, or
 //! give up) and the choice tries again from the prompt plus what it already sent.
 //!
-//! [`Routing`] is what every choice shares: the workers, the policy, the recovery limits
-//! and the wait for KV room. A [`ChoiceRun`] is one choice; its methods are its attempts
-//! and the relay of its decode stream, which turns each worker chunk into what the client
+//! What every choice shares is `routing::Routing`: the workers, the policy, the recovery
+//! limits and the wait for KV room. A [`ChoiceRun`] is one choice; its methods are its
+//! attempts and the relay of its decode stream, which turns each worker chunk into what the client
 //! gets ([`Chunk`]) in one conversion. Workers are reached through `worker::WorkerApi`;
 //! `choice_tests` runs choices over fake ones.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_cluster::WorkerId;
 use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::worker::v1 as pb;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::Status;
 
 use crate::admission::overloaded;
 use crate::ids::worker_request_id;
-use crate::members::{Members, Picked, Route};
+use crate::members::{Picked, Route};
 use crate::metrics;
-use crate::policy::RoutingPolicy;
 use crate::recovery::{
     self, failed, kv_fault, left, AttemptError, Budget, Fault, KvFailurePolicy, Next, Plan, Recovery,
 };
+use crate::routing::{Routing, WaitingForRoom};
 use crate::validate::Validated;
-use crate::worker::{DecodeStream, WorkerApi};
-
-/// How long a decode worker holds a prompt's blocks for KV that does not come, by default.
-pub const KV_LEASE: Duration = Duration::from_secs(30);
-/// How long a choice waits for KV room when every decode worker's pool is full.
-pub const KV_WAIT: Duration = Duration::from_secs(30);
-
-/// What every choice shares: where the workers are and how to pick them, how a choice
-/// recovers, and the wait for KV room.
-pub struct Routing {
-    /// The model's name as clients use it: routed on, and carried by every chunk.
-    pub model: String,
-    pub members: Arc<Members>,
-    pub policy: Box<dyn RoutingPolicy>,
-    /// Times a choice may move to other workers after a worker fails under it.
-    pub migration_limit: usize,
-    /// What a request whose KV transfer fails gets when it does not choose.
-    pub kv_failure_policy: KvFailurePolicy,
-    /// The lease of a reservation (see `KV_LEASE`).
-    pub kv_lease: Duration,
-    /// How long a choice waits for a decode worker with room (see `KV_WAIT`); zero: refuse
-    /// at once.
-    pub kv_wait: Duration,
-    /// Notified whenever a choice's attempt ends (its blocks are being freed): one choice
-    /// waiting for KV room tries again.
-    pub kv_room: Notify,
-    /// Choices waiting for KV room now.
-    pub kv_waiting: AtomicUsize,
-}
-
-impl Routing {
-    pub fn new(model: String, members: Arc<Members>, policy: Box<dyn RoutingPolicy>) -> Self {
-        Routing {
-            model,
-            members,
-            policy,
-            migration_limit: 3,
-            kv_failure_policy: KvFailurePolicy::Retry,
-            kv_lease: KV_LEASE,
-            kv_wait: KV_WAIT,
-            kv_room: Notify::new(),
-            kv_waiting: AtomicUsize::new(0),
-        }
-    }
-}
+use crate::worker::{CancelOnDrop, DecodeStream};
 
 /// One chunk of one choice, on its way to the client.
 pub(crate) struct Chunk {
@@ -88,30 +43,6 @@ pub(crate) struct Chunk {
 
 /// Where a choice's chunks (or its error) go.
 pub(crate) type ChunkSender = mpsc::Sender<Result<Chunk, Status>>;
-
-/// Sends Cancel to the workers of a choice that did not finish (client gone, error).
-struct CancelOnDrop {
-    rid: u64,
-    workers: Vec<Arc<dyn WorkerApi>>,
-    done: bool,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if self.done || self.workers.is_empty() {
-            return;
-        }
-        let (rid, workers) = (self.rid, std::mem::take(&mut self.workers));
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                for w in workers {
-                    let req = pb::CancelRequest { request_id: rid, reason: "the client went away".into() };
-                    let _ = tokio::time::timeout(Duration::from_secs(1), w.cancel(req)).await;
-                }
-            });
-        }
-    }
-}
 
 /// When a choice passed each point on its way to the first token.
 #[derive(Debug, Clone, Copy)]
@@ -601,24 +532,5 @@ impl ChoiceRun {
             prefill: if opening { timing } else { None },
             cached_tokens: if opening { cached_tokens } else { 0 },
         }
-    }
-}
-
-/// A choice between two looks for KV room (counted in `Routing::kv_waiting` while it
-/// lives, so a choice dropped mid-wait is uncounted too).
-struct WaitingForRoom(Arc<Routing>);
-
-impl WaitingForRoom {
-    fn new(r: &Arc<Routing>) -> Self {
-        let n = r.kv_waiting.fetch_add(1, Ordering::SeqCst) + 1;
-        metrics::set_waiting_for_room(n);
-        WaitingForRoom(r.clone())
-    }
-}
-
-impl Drop for WaitingForRoom {
-    fn drop(&mut self) {
-        let n = self.0.kv_waiting.fetch_sub(1, Ordering::SeqCst) - 1;
-        metrics::set_waiting_for_room(n);
     }
 }

@@ -15,11 +15,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::choice::Routing;
 use crate::members::Members;
 use crate::policy::{Candidate, RoutingPolicy};
 use crate::recovery::KvFailurePolicy;
 use crate::relay::RequestRelay;
+use crate::routing::Routing;
 use crate::stall::Outbox;
 use crate::validate::Validated;
 use crate::worker::{DecodeStream, WorkerApi};

@@ -19,9 +19,10 @@
 //! - `policy`: `RoutingPolicy`, `RoundRobin`, `LeastLoaded`.
 //! - `worker`: `WorkerApi`, what a request asks of a worker, and its gRPC implementation.
 //! - `members`: membership from discovery, worker clients, load polling, KV events.
+//! - `routing`: `Routing`, what every choice shares (members, policy, recovery limits,
+//!   the wait for KV room).
 //! - `choice`: one choice's path across workers (`ChoiceRun`), its attempts and their
-//!   recovery; `Routing`, what every choice shares. `choice_tests`: its table tests,
-//!   over fake workers.
+//!   recovery. `choice_tests`: its table tests, over fake workers.
 //! - `recovery`: what a choice does after a failed attempt (migration, the KV
 //!   failure policies `fail`, `recompute`, `retry`), and whose fault a failure was.
 //! - `relay`: one request from admission to its last chunk: its choices run, their
@@ -34,8 +35,9 @@
 //! - `metrics`, `telemetry`: the router's metrics and the process's Prometheus recorder.
 //! - `server`: `RunningRouter`: start (`StartError`), serve, drain.
 //!
-//! Modules depend one way: `service`, `http` -> `relay` -> `choice` -> `members` ->
-//! `worker`; `relay` -> `state` -> {`choice`, `admission`}; nothing below calls back up.
+//! Modules depend one way: `service`, `http` -> `relay` -> `choice` -> `routing` ->
+//! `members` -> `worker`; `relay` -> `state` -> {`routing`, `admission`}; nothing below
+//! calls back up.
 
 pub mod admission;
 pub mod choice;
@@ -51,6 +53,7 @@ pub mod policy;
 pub mod quota;
 pub mod recovery;
 pub mod relay;
+pub mod routing;
 pub mod salt;
 pub mod server;
 pub mod service;

@@ -20,10 +20,11 @@ use tokio::task::JoinSet;
 use tonic::Status;
 
 use crate::admission::overloaded;
-use crate::choice::{ChoiceRun, Chunk, Routing};
+use crate::choice::{ChoiceRun, Chunk};
 use crate::ids::public_request_id;
 use crate::keys::Tenant;
 use crate::metrics;
+use crate::routing::Routing;
 use crate::salt::effective_salt;
 use crate::stall::{HandOff, Outbox};
 use crate::state::RouterState;

@@ -22,11 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::admission::Admission;
-use crate::choice::Routing;
 use crate::members::Members;
 use crate::policy::policy_by_name;
 use crate::quota::{LimitError, Quotas, TenantLimits};
 use crate::recovery::KvFailurePolicy;
+use crate::routing::Routing;
 use crate::service::{check_api_key, GenerateService};
 use crate::state::RouterState;
 use crate::validate::ModelFacts;

@@ -1,6 +1,6 @@
 //! `RouterState`: what the router's handlers share. The model's facts (to check and
 //! tokenize requests), the workers and how a request's choices run across them
-//! (`choice::Routing`), the door (`admission::Admission`), the API keys, the salt key and
+//! (`routing::Routing`), the door (`admission::Admission`), the API keys, the salt key and
 //! the per-request bounds (first token, stalled streams).
 
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use tonic::Status;
 
 use crate::admission::Admission;
-use crate::choice::Routing;
+use crate::routing::Routing;
 use crate::salt::SaltKey;
 use crate::stall::STREAM_STALL_TIMEOUT;
 use crate::validate::ModelFacts;

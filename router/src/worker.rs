@@ -1,12 +1,15 @@
 //! What the router asks of a worker on a request's path, as a trait: reserve a prompt's
 //! blocks, prefill, decode (a stream), cancel. [`GrpcWorker`] is the real one, over the
 //! tonic client (with the cluster token every call carries, as `tandem_proto::auth`
-//! builds it); the choice tests put a fake in its place.
+//! builds it); the choice tests put a fake in its place. [`CancelOnDrop`] cancels an
+//! attempt on its workers unless it finished.
 //!
 //! Load polls and KV events stay on the tonic client in `members`: they are the
 //! membership's, not a request's.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tandem_proto::auth::WorkerChannel;
 use tandem_proto::tandem::worker::v1 as pb;
@@ -51,5 +54,30 @@ impl WorkerApi for GrpcWorker {
 
     async fn cancel(&self, req: pb::CancelRequest) -> Result<pb::CancelResponse, Status> {
         Ok(self.0.clone().cancel(req).await?.into_inner())
+    }
+}
+
+/// Sends Cancel to the workers of a choice that did not finish (client gone, error).
+pub(crate) struct CancelOnDrop {
+    pub(crate) rid: u64,
+    pub(crate) workers: Vec<Arc<dyn WorkerApi>>,
+    /// Set once the request finished on its workers: nothing to cancel.
+    pub(crate) done: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.done || self.workers.is_empty() {
+            return;
+        }
+        let (rid, workers) = (self.rid, std::mem::take(&mut self.workers));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                for w in workers {
+                    let req = pb::CancelRequest { request_id: rid, reason: "the client went away".into() };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), w.cancel(req)).await;
+                }
+            });
+        }
     }
 }
