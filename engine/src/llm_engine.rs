@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 
+use tandem_text::tokenizer::{IncrementalDecoder, Tokenizer};
+
 use crate::block_manager::{BlockManager, KvEvent};
 use crate::error::EngineError;
 use crate::kv_cache::{BlockId, KvCache, KvDtype};
@@ -16,7 +18,6 @@ use crate::model::{ForwardBatch, LayerKvBytes, LogitsWanted, Model, Scratch};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
 use crate::scheduler::{Finish, NewRequest, RequestId, Sampled, Scheduler, SchedulerConfig, SchedulerStats};
 use crate::stop::StopMatcher;
-use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// Settings of the engine loop.
 #[derive(Debug, Clone)]
