@@ -64,12 +64,12 @@ impl ModelConfig {
         if n_heads % n_kv_heads != 0 {
             return Err(TextError::BadModel(format!("{n_heads} heads are not a multiple of {n_kv_heads} KV heads")));
         }
-        if head_dim % 2 != 0 || rope_dims != head_dim {
+        if !head_dim.is_multiple_of(2) || rope_dims != head_dim {
             return Err(TextError::Unsupported(format!(
                 "rotary dimension {rope_dims} with head dimension {head_dim} (partial or odd RoPE is not supported)"
             )));
         }
-        if !(rope_theta.is_finite() && rope_theta > 1.0) || !(rms_eps.is_finite() && rms_eps > 0.0) {
+        if !(rope_theta.is_finite() && rope_theta > 1.0 && rms_eps.is_finite() && rms_eps > 0.0) {
             return Err(TextError::BadModel("invalid rope.freq_base or layer_norm_rms_epsilon".into()));
         }
         Ok(ModelConfig {

@@ -123,7 +123,7 @@ fn sized_type(type_id: u32) -> Option<&'static (u32, &'static str, u64, u64)> {
 /// of unknown size, an error if rows are not whole blocks.
 pub fn tensor_byte_size(type_id: u32, n_elements: u64, row_len: u64) -> Option<Result<u64, String>> {
     let &(_, name, block_elements, block_bytes) = sized_type(type_id)?;
-    if row_len % block_elements != 0 {
+    if !row_len.is_multiple_of(block_elements) {
         return Some(Err(format!("row length {row_len} is not a multiple of the {name} block size {block_elements}")));
     }
     Some(Ok(n_elements / block_elements * block_bytes))
@@ -215,7 +215,7 @@ impl<'a> Cursor<'a> {
                 let min = match elem {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
-                    4 | 5 | 6 => 4,
+                    4..=6 => 4,
                     10..=12 => 8,
                     8 | 9 => 8,
                     other => return Err(TextError::BadModel(format!("corrupt GGUF file: unknown value type {other}"))),
