@@ -328,17 +328,19 @@ impl Reservations {
     }
 
     /// No stream attached to reservation `rid` (request `id`) in time: its router went
-    /// away. It ends as if cancelled.
-    fn expire(&self, rid: u64, id: RequestId) {
+    /// away. It ends as if cancelled. Returns whether it ended (false: a stream holds it,
+    /// or it had ended already).
+    fn expire(&self, rid: u64, id: RequestId) -> bool {
         let mut map = self.inner.map.lock().expect("reservations");
         if !map.get(&rid).is_some_and(|e| e.id == id && e.events.is_some()) {
-            return;
+            return !map.get(&rid).is_some_and(|e| e.id == id);
         }
         let e = map.remove(&rid).expect("checked above");
         drop(map);
         // The caller is the watcher itself: it returns (and gives the receiver's reservation
         // up) right after.
         self.end(rid, e, None);
+        true
     }
 
     /// Frees request `id`'s blocks once no write into them can still be in flight: after
@@ -371,17 +373,19 @@ impl Reservations {
     }
 }
 
-/// A reservation's watcher: waits for its transfer's outcome and, while no stream has
-/// attached, for its attach deadline. Returning drops `kv`, which gives the receiver's
-/// reservation up.
+/// A reservation's watcher: waits for its transfer's outcome and, until a stream
+/// attaches, for its attach deadline. Returning drops `kv`, which gives the receiver's
+/// reservation up: it returns once the outcome is known and a stream holds the request,
+/// or once the reservation has ended.
 async fn watch(r: Reservations, rid: u64, id: RequestId, kv: KvOutcome, attach_by: tokio::time::Instant) {
     let mut kv = Some(kv);
     let deadline = tokio::time::sleep_until(attach_by);
     tokio::pin!(deadline);
+    let mut attach_pending = true;
     loop {
         let outcome = tokio::select! {
             outcome = async { kv.as_mut().expect("guarded").await }, if kv.is_some() => Some(outcome),
-            _ = &mut deadline => None,
+            _ = &mut deadline, if attach_pending => None,
         };
         match outcome {
             Some(outcome) => {
@@ -390,7 +394,12 @@ async fn watch(r: Reservations, rid: u64, id: RequestId, kv: KvOutcome, attach_b
                     return;
                 }
             }
-            None => return r.expire(rid, id),
+            None => {
+                attach_pending = false;
+                if r.expire(rid, id) || kv.is_none() {
+                    return;
+                }
+            }
         }
     }
 }

@@ -42,6 +42,8 @@ impl Outbox {
     fn start(rt: &tokio::runtime::Handle, mut session: SendSession) -> (Outbox, SendTask) {
         let (tx, mut rx) = mpsc::channel::<Layer>(QUEUE_LAYERS);
         let buffers = session.buffers();
+        // Its handle goes to the caller, who awaits it; dropped, the task still ends as soon
+        // as the queue closes (the sink or the shipper dropped), sending Abort as it goes.
         let task = rt.spawn(async move {
             while let Some((layer, blocks, payload)) = rx.recv().await {
                 session.send_layer(layer, &blocks, payload).await?;
