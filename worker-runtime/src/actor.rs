@@ -203,7 +203,7 @@ fn run(
         let mut cmds: Vec<Cmd> = first.into_iter().collect();
         cmds.extend(rx.try_iter());
         for cmd in cmds {
-            handle(&mut engine, &mut tracked, &mut sinks, cmd);
+            handle(&mut engine, &mut tracked, &mut sinks, cmd, &latest);
         }
         // Clients that went away: abort before spending a step on them.
         let gone: Vec<RequestId> = tracked.iter().filter(|(_, t)| t.abandoned()).map(|(&id, _)| id).collect();
@@ -270,6 +270,7 @@ fn handle(
     tracked: &mut HashMap<RequestId, Tracked>,
     sinks: &mut HashMap<RequestId, Box<dyn ExportSink>>,
     cmd: Cmd,
+    latest: &Mutex<Load>,
 ) {
     match cmd {
         Cmd::Submit(req, how, reply) => {
@@ -292,6 +293,8 @@ fn handle(
                     .insert(id, Tracked { events: tx, remote_waiting: remote, claimed: claimed.clone(), prompt_len });
                 Admitted { id, blocks, cached_blocks, events, claimed }
             });
+            // The load the submitter reads next counts the request it is told of.
+            *latest.lock().expect("load") = load_of(engine, tracked);
             if let Err(Ok(a)) = reply.send(answer) {
                 // The caller left before the answer: undo.
                 engine.abort(a.id);
