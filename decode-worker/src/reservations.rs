@@ -333,7 +333,7 @@ impl Reservations {
     fn expire(&self, rid: u64, id: RequestId) -> bool {
         let mut map = self.inner.map.lock().expect("reservations");
         if !map.get(&rid).is_some_and(|e| e.id == id && e.events.is_some()) {
-            return !map.get(&rid).is_some_and(|e| e.id == id);
+            return map.get(&rid).is_none_or(|e| e.id != id);
         }
         let e = map.remove(&rid).expect("checked above");
         drop(map);

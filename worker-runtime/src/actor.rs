@@ -85,7 +85,7 @@ pub struct Load {
 }
 
 enum Cmd {
-    Submit(EngineRequest, Admission, oneshot::Sender<Result<Admitted, EngineError>>),
+    Submit(Box<EngineRequest>, Admission, oneshot::Sender<Result<Admitted, EngineError>>),
     RemoteReady(RequestId, u32),
     Abort(RequestId, Option<String>),
     Fail(RequestId, String),
@@ -136,7 +136,7 @@ impl EngineHandle {
     /// Adds a request; its outputs arrive on `Admitted::events`.
     pub async fn submit(&self, req: EngineRequest, how: Admission) -> Result<Admitted, EngineError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Cmd::Submit(req, how, tx)).map_err(|_| EngineError::Io(GONE.into()))?;
+        self.tx.send(Cmd::Submit(Box::new(req), how, tx)).map_err(|_| EngineError::Io(GONE.into()))?;
         rx.await.map_err(|_| EngineError::Io(GONE.into()))?
     }
 
@@ -274,6 +274,7 @@ fn handle(
 ) {
     match cmd {
         Cmd::Submit(req, how, reply) => {
+            let req = *req;
             let prompt_len = req.prompt.len();
             let (tx, events) = mpsc::unbounded_channel();
             let admitted = match how {

@@ -35,6 +35,6 @@ pub use actor::{Admission, Admitted, EngineHandle, Event, ExportSink, Load};
 pub use config::{model_name_of, WorkerConfig};
 pub use convert::kv_layout;
 pub use error::StartError;
-pub use server::{RoleBuilders, RoleContext, RunningWorker};
+pub use server::{BuildDecode, BuildPrefill, RoleBuilders, RoleContext, RunningWorker};
 pub use service::{DecodeRole, DecodeStream, PrefillRole, Roles, WorkerService};
 pub use state::{Active, InFlight, WorkerParts, WorkerState, MAX_LEASE};

@@ -57,12 +57,17 @@ pub struct RoleContext {
     pub discovery: Option<(Arc<dyn Discovery>, ClusterName)>,
 }
 
+/// Builds a worker's prefill role (`PrefillWorker::build` in `tandem-prefill-worker`).
+pub type BuildPrefill = fn(&RoleContext) -> Arc<dyn PrefillRole>;
+/// Builds a worker's decode role (`DecodeWorker::build` in `tandem-decode-worker`).
+pub type BuildDecode = fn(&RoleContext) -> Arc<dyn DecodeRole>;
+
 /// How to build the roles a worker's `Role` names; wired by a caller that sees the
 /// role crates (the `tandem` binary, tests).
 #[derive(Clone, Copy, Default)]
 pub struct RoleBuilders {
-    pub prefill: Option<fn(&RoleContext) -> Arc<dyn PrefillRole>>,
-    pub decode: Option<fn(&RoleContext) -> Arc<dyn DecodeRole>>,
+    pub prefill: Option<BuildPrefill>,
+    pub decode: Option<BuildDecode>,
 }
 
 impl RoleBuilders {

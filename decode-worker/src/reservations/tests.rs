@@ -130,7 +130,8 @@ fn failed() -> Call {
 #[tokio::test(start_paused = true)]
 async fn every_ending_frees_the_engine_request_exactly_once() {
     use Step::*;
-    let cancelled = Some("cancelled: by the router");
+    const REASON: &str = "cancelled: by the router";
+    let cancelled = Some(REASON);
     let table: Vec<(&str, Vec<Step>, Vec<Call>)> = vec![
         ("kv arrives, the stream attaches and finishes", vec![Attach, Arrive(4), StreamEnded], vec![Call::Ready(9)]),
         ("the stream attaches after the kv", vec![Arrive(4), Attach, StreamEnded], vec![Call::Ready(9)]),
@@ -157,7 +158,7 @@ async fn every_ending_frees_the_engine_request_exactly_once() {
         (
             "cancelled while waiting: freed after the quarantine",
             vec![Attach, Cancel(cancelled)],
-            vec![Call::Fail(cancelled.unwrap().into()), Call::Abort(None)],
+            vec![Call::Fail(REASON.into()), Call::Abort(None)],
         ),
         ("cancelled without a reason while waiting", vec![Cancel(None)], vec![Call::Abort(None)]),
         (
