@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_cluster::Role;
-use tandem_engine::llm_engine::EngineRequest;
 use tandem_kvtransfer::KvReceiver;
 use tandem_proto::tandem::worker::v1 as pb;
-use tandem_worker_runtime::convert::{layout_to_pb, sampling_from_pb, status_from_engine};
+use tandem_worker_runtime::convert::{engine_request, layout_to_pb, sampling_from_pb, status_from_engine};
 use tandem_worker_runtime::{Admission, DecodeRole, DecodeStream, RoleContext, WorkerState};
 use tonic::Status;
 
@@ -52,15 +51,7 @@ impl DecodeRole for DecodeWorker {
         // The prefill worker computes (and scores) the prompt; this side never does.
         params.prompt_logprobs = None;
         let prompt_len = r.prompt_token_ids.len();
-        let ereq = EngineRequest {
-            prompt: r.prompt_token_ids,
-            params,
-            n: 1,
-            priority: r.priority,
-            cache_salt: r.cache_salt,
-            export_kv: false,
-            resumed: r.resumed_tokens as usize,
-        };
+        let ereq = engine_request(r.prompt_token_ids, params, r.priority, r.cache_salt, r.resumed_tokens);
         // Had this call gone away before the engine's answer was taken, the unclaimed answer
         // would have ended the request; from here on, ending it is this role's job.
         let admitted = s.engine.submit(ereq, Admission::Remote).await.map_err(status_from_engine)?;
@@ -112,15 +103,8 @@ impl DecodeRole for DecodeWorker {
             return Err(Status::failed_precondition(format!("worker {} ({}) does not prefill locally", s.id, s.role)));
         }
         s.check_accepting()?;
-        let ereq = EngineRequest {
-            prompt: r.prompt_token_ids,
-            params: sampling_from_pb(&r.sampling.unwrap_or_default()),
-            n: 1,
-            priority: r.priority,
-            cache_salt: r.cache_salt,
-            export_kv: false,
-            resumed: r.resumed_tokens as usize,
-        };
+        let params = sampling_from_pb(&r.sampling.unwrap_or_default());
+        let ereq = engine_request(r.prompt_token_ids, params, r.priority, r.cache_salt, r.resumed_tokens);
         let admitted = s.engine.submit(ereq, Admission::Local).await.map_err(status_from_engine)?;
         Ok(stream_events(s, &self.reservations, (r.request_id, admitted.id), admitted.events, None))
     }

@@ -10,11 +10,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_engine::llm_engine::EngineRequest;
 use tandem_kvtransfer::{KvSender, KvTarget, TransferError};
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_worker_runtime::convert::{
-    finish_to_pb, kv_fault, layout_from_pb, logprobs_to_pb, sampling_from_pb, status_from_engine,
+    engine_request, finish_to_pb, kv_fault, layout_from_pb, logprobs_to_pb, sampling_from_pb, status_from_engine,
 };
 use tandem_worker_runtime::{Admission, Event, PrefillRole, RoleContext, WorkerState};
 use tokio::task::JoinHandle;
@@ -144,15 +143,7 @@ impl PrefillRole for PrefillWorker {
         params.max_tokens = 1;
         params.stop.clear();
         let prompt_len = r.prompt_token_ids.len() as u32;
-        let ereq = EngineRequest {
-            prompt: r.prompt_token_ids,
-            params,
-            n: 1,
-            priority: r.priority,
-            cache_salt: r.cache_salt,
-            export_kv: true,
-            resumed: r.resumed_tokens as usize,
-        };
+        let ereq = engine_request(r.prompt_token_ids, params, r.priority, r.cache_salt, r.resumed_tokens);
         let mut admitted =
             s.engine.submit(ereq, Admission::Export(Box::new(sink))).await.map_err(status_from_engine)?;
         let mut active = s.track(r.request_id, admitted.id);

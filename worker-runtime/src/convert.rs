@@ -3,7 +3,7 @@
 //! events, and the statuses engine errors and KV faults become.
 
 use tandem_engine::error::EngineError;
-use tandem_engine::llm_engine::FinishReason;
+use tandem_engine::llm_engine::{EngineRequest, FinishReason};
 use tandem_engine::sampling::{SampledToken, SamplingParams};
 use tandem_engine::tokenizer::Tokenizer;
 use tandem_kvtransfer::{KvDtypeWire, KvLayout};
@@ -28,6 +28,19 @@ pub fn sampling_from_pb(p: &pb::SamplingParams) -> SamplingParams {
         logprobs: p.logprobs.map(|n| n as usize),
         prompt_logprobs: p.prompt_logprobs.map(|n| n as usize),
     }
+}
+
+/// The engine request of one choice for `prompt`, with the scheduling fields every worker
+/// call carries (`priority`, `cache_salt`, `resumed_tokens`). Whether it exports its KV is
+/// the `Admission`'s to say.
+pub fn engine_request(
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    priority: i32,
+    cache_salt: Option<String>,
+    resumed_tokens: u32,
+) -> EngineRequest {
+    EngineRequest { prompt, params, n: 1, priority, cache_salt, export_kv: false, resumed: resumed_tokens as usize }
 }
 
 pub fn finish_to_pb(f: Option<FinishReason>) -> api::FinishReason {
