@@ -19,9 +19,12 @@
 //! writing its blocks (the KV arrived whole, or the engine already dropped it), else
 //! after the quarantine ([`QUARANTINE`], then until no admitted write is landing).
 //! An entry that leaves the map while `Waiting` always schedules that release; an
-//! `Arrived` one is aborted (or its stream ends it); an `Ended` one was freed when
-//! it ended. A transfer outcome that finds its entry gone or replaced is ignored:
-//! whoever removed it owned the ending.
+//! `Arrived` one is aborted (or its stream ends it); an `Ended` one is not freed
+//! again (its abort was sent, or its release scheduled, when it ended). A transfer
+//! outcome that finds its entry gone or replaced is ignored: whoever removed it
+//! owned the ending. The engine request is the role's from `Admitted::claim`, just
+//! before `insert`; a `Reserve` call that goes away before that never gets here, and
+//! the engine aborts the request nobody claimed.
 //!
 //! Every task this type spawns (one watcher per reservation: the transfer's outcome
 //! and the attach deadline; one release per quarantine) is kept in a `JoinSet` that
