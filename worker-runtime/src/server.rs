@@ -187,18 +187,8 @@ impl RunningWorker {
             }
             None => (None, None),
         };
-        let mut builder = tandem_proto::incoming::server();
-        if let Some(tls) = &tls {
-            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-            let server_tls = ServerTlsConfig::new()
-                .identity(Identity::from_pem(tls.cert_pem(), tls.key_pem()))
-                .client_ca_root(Certificate::from_pem(tls.ca_pem()))
-                .timeout(Duration::from_secs(10));
-            builder =
-                builder.tls_config(server_tls).map_err(|e| StartError::Tls(format!("the gRPC server's TLS: {e}")))?;
-        }
         let server = tokio::spawn(
-            builder
+            grpc_server(tls.as_ref())?
                 .add_service(health_svc)
                 .add_service(tandem_proto::reflection_service(&[SERVICE_NAME]))
                 .add_service(tandem_proto::reflection_service_v1alpha(&[SERVICE_NAME]))
@@ -311,6 +301,19 @@ impl RunningWorker {
         }
         clean
     }
+}
+
+/// The gRPC server's builder, requiring client certificates from the cluster's CA when
+/// `tls` is given.
+fn grpc_server(tls: Option<&MutualTls>) -> Result<tonic::transport::Server, StartError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let builder = tandem_proto::incoming::server();
+    let Some(tls) = tls else { return Ok(builder) };
+    let server_tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(tls.cert_pem(), tls.key_pem()))
+        .client_ca_root(Certificate::from_pem(tls.ca_pem()))
+        .timeout(Duration::from_secs(10));
+    builder.tls_config(server_tls).map_err(|e| StartError::Tls(format!("the gRPC server's TLS: {e}")))
 }
 
 /// Binds the KV receiver (and its Unix socket) of a decode-capable worker whose cache
