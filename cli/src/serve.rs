@@ -12,11 +12,13 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use tandem_cluster::{ClusterName, Discovery, EtcdConfig, EtcdDiscovery, InMemoryDiscovery, Role};
-use tandem_decode_worker::{model_name_of, RunningWorker, WorkerConfig};
+use tandem_decode_worker::DecodeWorker;
 use tandem_engine::scheduler::Policy;
+use tandem_prefill_worker::PrefillWorker;
 use tandem_router::http::{HttpLimits, MetricsAccess};
 use tandem_router::recovery::KvFailurePolicy;
 use tandem_router::{RouterConfig, RunningRouter};
+use tandem_worker_runtime::{model_name_of, RoleBuilders, RunningWorker, WorkerConfig};
 
 use crate::cluster_token::TokenFlags;
 
@@ -470,6 +472,10 @@ async fn shutdown_signal() {
     }
 }
 
+/// The roles a worker is built with: the one place the two role crates meet. A worker
+/// of role `both` gets both.
+const ROLES: RoleBuilders = RoleBuilders { prefill: Some(PrefillWorker::build), decode: Some(DecodeWorker::build) };
+
 fn worker_config(
     id: String,
     role: Role,
@@ -596,7 +602,9 @@ pub fn up(a: UpArgs) -> Result<()> {
                 cfg.advertise_host = "127.0.0.1".into();
             }
             cfg.cluster_token = Some(token.clone());
-            let w = RunningWorker::start(cfg, Some((d.clone(), cluster.clone(), ttl))).await.map_err(|e| anyhow!(e))?;
+            let w = RunningWorker::start(cfg, Some((d.clone(), cluster.clone(), ttl)), ROLES)
+                .await
+                .map_err(|e| anyhow!(e))?;
             println!("tandem: {}", describe(&w));
             running.push(w);
         }
@@ -724,7 +732,7 @@ pub fn worker(a: WorkerArgs, default_role: Role) -> Result<()> {
             Some(addr) => Some(serve_metrics(addr).await?),
             None => None,
         };
-        let w = RunningWorker::start(cfg, Some((d.clone(), cluster, ttl))).await.map_err(|e| anyhow!(e))?;
+        let w = RunningWorker::start(cfg, Some((d.clone(), cluster, ttl)), ROLES).await.map_err(|e| anyhow!(e))?;
         println!("tandem: {}", describe(&w));
         println!("tandem: cluster token from {}", token_path.display());
         if let Some(t) = &tls {

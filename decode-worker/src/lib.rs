@@ -1,24 +1,23 @@
 //! # tandem-decode-worker
 //!
-//! A Tandem worker process: the engine in the decode role (its KV cache lives in
-//! a shared segment that the KV receiver writes prefill workers' blocks into),
-//! in the prefill role (computing prompts and shipping their KV), or both.
-//! Whatever the role, the worker serves `tandem.worker.v1.Worker` over gRPC,
-//! with health and reflection, and registers itself in discovery.
+//! Tandem's decode role: the engine's KV cache lives in a shared segment that
+//! the KV receiver writes prefill workers' blocks into; `Reserve` holds blocks
+//! for a prompt, and `Decode` streams its generation once the KV has arrived (or
+//! prefills it here, on a worker of role `both` or to recompute a request whose
+//! transfer failed). The engine actor, the `Worker` service and the process
+//! around it are the runtime's (`tandem-worker-runtime`); this crate never sees
+//! the prefill role.
 //!
 //! ## Layout
-//! - `service`: the `Worker` gRPC service, one implementation for every role.
-//! - `server`: `RunningWorker`: loads the model, starts the engine, the KV
-//!   endpoints and the server, registers, and drains.
-//! - `convert`: proto messages to and from the engine's types.
-//! - `metrics`: the worker's metrics (load, prefix cache, KV transfer).
-//! - `peers`: the decode workers discovery lists, the only places a prefill sends KV to.
+//! - `role`: `DecodeWorker`, the `Reserve` and `Decode` handlers
+//!   (`DecodeWorker::build` is the role's `RoleBuilders` entry).
+//! - `reservations`: `Reservations`, every reservation's life from `Reserve` to
+//!   its stream or its end, and the quarantine of blocks a transfer may still write.
+//! - `stream`: a request's engine events as `DecodeResponse`s.
 
-pub mod convert;
-pub mod metrics;
-pub mod peers;
-pub mod server;
-pub mod service;
+pub mod reservations;
+pub mod role;
+mod stream;
 
-pub use server::{model_name_of, RunningWorker, WorkerConfig};
-pub use service::{WorkerService, WorkerState};
+pub use reservations::{Reservations, ATTACH_DEADLINE, QUARANTINE};
+pub use role::DecodeWorker;

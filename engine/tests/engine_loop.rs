@@ -10,10 +10,10 @@ use tandem_engine::llm_engine::{EngineRequest, LlmEngine, LlmEngineConfig};
 use tandem_engine::model::{Model, ModelOptions};
 use tandem_engine::sampling::{SamplingParams, MAX_LOGPROBS};
 use tandem_engine::scheduler::{RequestId, SchedulerConfig};
+use tandem_engine::FinishReason;
 use tandem_text::chat::{ChatMessage, ChatTemplate};
 use tandem_text::gguf::GgufFile;
 use tandem_text::tokenizer::Tokenizer;
-use tandem_engine::FinishReason;
 
 use llama_cpp::{fixture, ids, top5, Top5Comparison};
 

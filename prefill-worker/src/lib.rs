@@ -1,19 +1,21 @@
 //! # tandem-prefill-worker
 //!
-//! The engine in the prefill role: it computes prompts and ships their KV to
-//! decode workers layer by layer, while the forward pass is still computing the
-//! next layers.
+//! Tandem's prefill role: it computes prompts and ships their KV to decode
+//! workers layer by layer, while the forward pass is still computing the next
+//! layers. The engine actor, the `Worker` service and the process around it are
+//! the runtime's (`tandem-worker-runtime`); this crate never sees the decode role.
 //!
 //! ## Layout
-//! - `actor`: `EngineHandle`, the engine on its own thread behind a message queue
-//!   (shared by every role: the decode worker runs the same actor).
-//! - `export`: `SessionSink`, the step hook's end of a KV transfer session.
-//! - `shipper`: `LayerShipper`, the same for a single forward pass (tests, benchmarks).
+//! - `role`: `PrefillWorker`, the `Prefill` handler (`PrefillWorker::build` is the
+//!   role's `RoleBuilders` entry).
+//! - `export`: the layer shipper: `SessionSink` (the engine step hook's end of a
+//!   transfer session) and `LayerShipper` (the same for a single forward pass).
+//! - `peers`: the decode workers discovery lists, the only places a prefill sends KV to.
 
-pub mod actor;
 pub mod export;
-pub mod shipper;
+pub mod peers;
+pub mod role;
 
-pub use actor::{Admission, Admitted, EngineHandle, Event, ExportSink, Load};
-pub use export::{start_export, SendTask, SessionSink};
-pub use shipper::{kv_layout, LayerShipper};
+pub use export::{start_export, LayerShipper, SendTask, SessionSink};
+pub use role::PrefillWorker;
+pub use tandem_worker_runtime::kv_layout;

@@ -7,16 +7,21 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tandem_cluster::Role;
-use tandem_decode_worker::{RunningWorker, WorkerConfig};
+use tandem_decode_worker::DecodeWorker;
 use tandem_engine::sampling::SamplingParams;
 use tandem_engine::{Engine, EngineConfig};
+use tandem_prefill_worker::PrefillWorker;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
 use tandem_text::Prompt;
+use tandem_worker_runtime::{RoleBuilders, RunningWorker, WorkerConfig};
 use tonic::transport::Channel;
 
 mod common;
 use common::wait_idle;
+
+/// A worker of any role: both role crates, as the `tandem` binary builds them.
+const ROLES: RoleBuilders = RoleBuilders { prefill: Some(PrefillWorker::build), decode: Some(DecodeWorker::build) };
 
 fn model() -> PathBuf {
     let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -30,7 +35,7 @@ async fn start(id: &str, role: Role) -> (RunningWorker, WorkerClient<Channel>) {
 
 async fn start_with(id: &str, role: Role, shm: bool) -> (RunningWorker, WorkerClient<Channel>) {
     let cfg = WorkerConfig { shm, kv_blocks: Some(256), ..WorkerConfig::new(id, role, model()) };
-    let w = RunningWorker::start(cfg, None).await.unwrap();
+    let w = RunningWorker::start(cfg, None, ROLES).await.unwrap();
     let c = WorkerClient::connect(format!("http://{}", w.grpc_addr)).await.unwrap();
     (w, c)
 }
@@ -248,7 +253,7 @@ async fn a_prefill_aimed_at_cached_blocks_writes_nothing_and_the_victim_answers_
         ..Default::default()
     };
     assert!(pc.prefill(prefill).await.is_err(), "a prefill into cached blocks succeeded");
-    assert_eq!(p.state.sender.as_ref().unwrap().fallbacks(), 0, "the attack went over shared memory, not TCP");
+    assert_eq!(p.sender().unwrap().fallbacks(), 0, "the attack went over shared memory, not TCP");
     // Not one byte landed: the first layer named blocks outside the accepted reservation.
     assert!(std::fs::read(&segment).unwrap() == before, "the attack wrote into the decode worker's KV");
     dc.cancel(pb::CancelRequest { request_id: 2, reason: "test".into() }).await.unwrap();

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::actor::Load;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
-use tandem_prefill_worker::Load;
 
 pub const RUNNING: &str = "tandem_worker_requests_running";
 pub const WAITING: &str = "tandem_worker_requests_waiting";

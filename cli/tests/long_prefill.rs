@@ -22,9 +22,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tandem_cluster::Role;
-use tandem_decode_worker::{RunningWorker, WorkerConfig};
+use tandem_decode_worker::DecodeWorker;
+use tandem_prefill_worker::PrefillWorker;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
+use tandem_worker_runtime::{RoleBuilders, RunningWorker, WorkerConfig};
 use tonic::transport::Channel;
 
 mod common;
@@ -38,6 +40,9 @@ const SHORTS: [&[u32]; 3] = [&[1, 504, 3101], &[1, 1216, 2004, 331], &[1, 4123, 
 const SLOWDOWN: u32 = 10;
 /// ... plus this many full steps (`--max-batched-tokens`, 512 by default).
 const STEPS: u32 = 4;
+
+/// A worker of any role: both role crates, as the `tandem` binary builds them.
+const ROLES: RoleBuilders = RoleBuilders { prefill: Some(PrefillWorker::build), decode: Some(DecodeWorker::build) };
 
 fn model() -> PathBuf {
     let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -63,7 +68,7 @@ struct Done {
 /// A worker of `role` whose long prefills keep `share` percent of a step.
 async fn start(id: &str, role: Role, share: usize) -> (RunningWorker, WorkerClient<Channel>) {
     let cfg = WorkerConfig { shm: false, long_prefill_share: share, ..WorkerConfig::new(id, role, model()) };
-    let w = RunningWorker::start(cfg, None).await.unwrap();
+    let w = RunningWorker::start(cfg, None, ROLES).await.unwrap();
     let c = WorkerClient::connect(format!("http://{}", w.grpc_addr)).await.unwrap();
     (w, c)
 }

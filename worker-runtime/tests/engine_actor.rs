@@ -1,6 +1,9 @@
 //! The engine thread waits, rather than spins, while nothing it holds can run: a local
 //! request queued behind blocks that a request waiting for remote KV holds used to keep
 //! the thread stepping an empty plan at full speed until the KV came.
+//!
+//! And a request admitted to wait for remote KV whose answer nobody took (its `Reserve`
+//! call went away while the engine admitted it) does not hold its blocks forever.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -8,9 +11,9 @@ use std::time::{Duration, Instant};
 use tandem_engine::llm_engine::{EngineRequest, LlmEngine, LlmEngineConfig};
 use tandem_engine::model::{Model, ModelOptions};
 use tandem_engine::sampling::SamplingParams;
-use tandem_prefill_worker::{Admission, EngineHandle, Event};
 use tandem_text::gguf::GgufFile;
 use tandem_text::tokenizer::Tokenizer;
+use tandem_worker_runtime::{Admission, EngineHandle, Event, Load};
 
 fn model_path() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -40,16 +43,21 @@ fn greedy(max_tokens: usize) -> SamplingParams {
     SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() }
 }
 
-#[test]
-fn a_request_that_cannot_run_leaves_the_engine_thread_idle_until_the_kv_comes() {
+/// The engine on its thread, with four blocks of 16 tokens: a remote request of 60
+/// tokens takes all of them.
+fn engine(name: &str) -> EngineHandle {
     let file = GgufFile::open(&model_path()).unwrap();
     let model = Model::from_gguf(&file, &ModelOptions::default()).unwrap();
     let tokenizer = Tokenizer::from_gguf(&file).unwrap();
-    // Four blocks of 16 tokens: the remote request takes all of them.
     let cfg = LlmEngineConfig { kv_blocks: 4, ..LlmEngineConfig::default() };
     let engine = LlmEngine::new(model, tokenizer, cfg).unwrap();
+    EngineHandle::spawn(engine, name).unwrap()
+}
+
+#[test]
+fn a_request_that_cannot_run_leaves_the_engine_thread_idle_until_the_kv_comes() {
     let name = "engine-idle";
-    let h = EngineHandle::spawn(engine, name).unwrap();
+    let h = engine(name);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let remote = h.submit(EngineRequest::new((1..61).collect(), greedy(2)), Admission::Remote).await.unwrap();
@@ -74,5 +82,42 @@ fn a_request_that_cannot_run_leaves_the_engine_thread_idle_until_the_kv_comes() 
                 other => panic!("{other:?}"),
             }
         }
+    });
+}
+
+/// Polls the engine's load until `done` holds of it, or for 10 s; returns the last one.
+async fn load_until(h: &EngineHandle, done: impl Fn(&Load) -> bool) -> Load {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = h.load().await.unwrap();
+        if done(&l) || Instant::now() > end {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn a_remote_request_nobody_claimed_frees_its_blocks() {
+    let h = engine("engine-unclaimed");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let free = |l: &Load| l.waiting_for_kv == 0 && l.scheduler.blocks_used == 0;
+        // The answer is dropped untaken, as when the `Reserve` call that asked went away.
+        let unclaimed = h.submit(EngineRequest::new((1..61).collect(), greedy(2)), Admission::Remote).await.unwrap();
+        assert_eq!(h.load().await.unwrap().waiting_for_kv, 1);
+        drop(unclaimed);
+        let l = load_until(&h, free).await;
+        assert!(free(&l), "an unclaimed remote request kept its blocks: {l:?}");
+        // A claimed one is its claimer's to end, whatever becomes of its channel.
+        let claimed = h.submit(EngineRequest::new((1..61).collect(), greedy(2)), Admission::Remote).await.unwrap();
+        claimed.claim();
+        let id = claimed.id;
+        drop(claimed);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(h.load().await.unwrap().waiting_for_kv, 1, "the engine ended a claimed remote request");
+        h.abort(id, None);
+        let l = load_until(&h, free).await;
+        assert!(free(&l), "an aborted remote request kept its blocks: {l:?}");
     });
 }

@@ -1,11 +1,16 @@
-//! `tandem.worker.v1` messages to and from the engine's types.
+//! `tandem.worker.v1` messages to and from the engine's types, shared by the roles:
+//! sampling parameters, finish reasons, log-probabilities, KV layouts, prefix-cache
+//! events, and the statuses engine errors and KV faults become.
 
+use tandem_engine::error::EngineError;
+use tandem_engine::llm_engine::EngineRequest;
 use tandem_engine::sampling::{SampledToken, SamplingParams};
 use tandem_engine::FinishReason;
 use tandem_kvtransfer::{KvDtypeWire, KvLayout};
 use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_text::tokenizer::Tokenizer;
+use tonic::Status;
 
 pub fn sampling_from_pb(p: &pb::SamplingParams) -> SamplingParams {
     SamplingParams {
@@ -24,6 +29,19 @@ pub fn sampling_from_pb(p: &pb::SamplingParams) -> SamplingParams {
         logprobs: p.logprobs.map(|n| n as usize),
         prompt_logprobs: p.prompt_logprobs.map(|n| n as usize),
     }
+}
+
+/// The engine request of one choice for `prompt`, with the scheduling fields every worker
+/// call carries (`priority`, `cache_salt`, `resumed_tokens`). Whether it exports its KV is
+/// the `Admission`'s to say.
+pub fn engine_request(
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    priority: i32,
+    cache_salt: Option<String>,
+    resumed_tokens: u32,
+) -> EngineRequest {
+    EngineRequest { prompt, params, n: 1, priority, cache_salt, export_kv: false, resumed: resumed_tokens as usize }
 }
 
 pub fn finish_to_pb(f: Option<FinishReason>) -> api::FinishReason {
@@ -76,4 +94,47 @@ pub fn layout_from_pb(l: &pb::KvLayout) -> Result<KvLayout, String> {
         dtype,
         fingerprint: l.fingerprint,
     })
+}
+
+/// The transfer layout of `model`'s KV cache with f16 blocks of `block_size` tokens.
+pub fn kv_layout(model: &tandem_engine::model::Model, block_size: usize) -> KvLayout {
+    let c = &model.config;
+    KvLayout {
+        n_layers: c.n_layers as u16,
+        n_kv_heads: c.n_kv_heads as u16,
+        head_dim: c.head_dim as u16,
+        block_size: block_size as u16,
+        dtype: KvDtypeWire::F16,
+        fingerprint: c.fingerprint(),
+    }
+}
+
+pub fn kv_event_to_pb(e: tandem_engine::block_manager::KvEvent, event_id: u64) -> pb::KvEvent {
+    use tandem_engine::block_manager::KvEvent;
+    let event = match e {
+        KvEvent::Stored { parent, hashes } => pb::kv_event::Event::Stored(pb::KvStored {
+            parent_hash: parent.map(|h| h.0),
+            block_hashes: hashes.into_iter().map(|h| h.0).collect(),
+        }),
+        KvEvent::Removed { hashes } => {
+            pb::kv_event::Event::Removed(pb::KvRemoved { block_hashes: hashes.into_iter().map(|h| h.0).collect() })
+        }
+    };
+    pb::KvEvent { event_id, event: Some(event) }
+}
+
+/// Marks a status as caused by a failed KV transfer (the router's KV failure policy then
+/// decides what the request gets), as opposed to a failed worker.
+pub fn kv_fault(mut status: Status) -> Status {
+    status.metadata_mut().insert(tandem_proto::FAULT_METADATA, tonic::metadata::MetadataValue::from_static("kv"));
+    status
+}
+
+pub fn status_from_engine(e: EngineError) -> Status {
+    match e {
+        EngineError::InvalidRequest(m) => Status::invalid_argument(m),
+        EngineError::Overloaded(m) => Status::resource_exhausted(m),
+        EngineError::OutOfBlocks(m) => Status::resource_exhausted(format!("out of KV cache blocks: {m}")),
+        other => Status::internal(other.to_string()),
+    }
 }

@@ -6,8 +6,16 @@
 //! and running one engine step. Each request's outputs go to its own channel;
 //! a request whose channel's receiver is gone (the client left) is aborted at
 //! the next step, so no blocks outlive their request.
+//!
+//! A request waiting for remote KV is the decode role's to end (a transfer may
+//! still be writing its blocks), but only once the role holds it: the answer to
+//! a remote submission is [`Admitted::claim`]ed by its reservation. An answer
+//! dropped before that (the `Reserve` call went away while the engine admitted
+//! it) leaves a request nobody would ever end; the engine aborts it like any
+//! request whose client left.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -54,6 +62,18 @@ pub struct Admitted {
     /// is not sent (remote requests only).
     pub cached_blocks: usize,
     pub events: mpsc::UnboundedReceiver<Event>,
+    /// Set by `claim`: the caller, not the engine, ends the request.
+    claimed: Arc<AtomicBool>,
+}
+
+impl Admitted {
+    /// The caller takes charge of ending this remote request (`remote_ready`, `abort`).
+    /// Until then, dropping the answer (and with it `events`) aborts the request as if its
+    /// client had left. Local and exporting requests need no claim: a closed `events`
+    /// always ends them.
+    pub fn claim(&self) {
+        self.claimed.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Counters for the Stats RPC and routing.
@@ -65,7 +85,7 @@ pub struct Load {
 }
 
 enum Cmd {
-    Submit(EngineRequest, Admission, oneshot::Sender<Result<Admitted, EngineError>>),
+    Submit(Box<EngineRequest>, Admission, oneshot::Sender<Result<Admitted, EngineError>>),
     RemoteReady(RequestId, u32),
     Abort(RequestId, Option<String>),
     Fail(RequestId, String),
@@ -74,7 +94,18 @@ enum Cmd {
 struct Tracked {
     events: mpsc::UnboundedSender<Event>,
     remote_waiting: bool,
+    /// Whether the submitter holds the request (`Admitted::claim`).
+    claimed: Arc<AtomicBool>,
     prompt_len: usize,
+}
+
+impl Tracked {
+    /// Its client went away and nobody else ends it: abort before spending a step on it.
+    /// A request waiting for remote KV that was claimed is the decode role's to end (its
+    /// blocks may still be written); an unclaimed one never had a transfer.
+    fn abandoned(&self) -> bool {
+        self.events.is_closed() && (!self.remote_waiting || !self.claimed.load(Ordering::SeqCst))
+    }
 }
 
 /// A handle to the engine thread; cheap to clone. The thread stops when every handle is gone.
@@ -105,7 +136,7 @@ impl EngineHandle {
     /// Adds a request; its outputs arrive on `Admitted::events`.
     pub async fn submit(&self, req: EngineRequest, how: Admission) -> Result<Admitted, EngineError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Cmd::Submit(req, how, tx)).map_err(|_| EngineError::Io(GONE.into()))?;
+        self.tx.send(Cmd::Submit(Box::new(req), how, tx)).map_err(|_| EngineError::Io(GONE.into()))?;
         rx.await.map_err(|_| EngineError::Io(GONE.into()))?
     }
 
@@ -172,12 +203,10 @@ fn run(
         let mut cmds: Vec<Cmd> = first.into_iter().collect();
         cmds.extend(rx.try_iter());
         for cmd in cmds {
-            handle(&mut engine, &mut tracked, &mut sinks, cmd);
+            handle(&mut engine, &mut tracked, &mut sinks, cmd, &latest);
         }
-        // Clients that went away: abort before spending a step on them. Requests waiting for
-        // remote KV are the worker service's to end: their blocks may still be written.
-        let gone: Vec<RequestId> =
-            tracked.iter().filter(|(_, t)| t.events.is_closed() && !t.remote_waiting).map(|(&id, _)| id).collect();
+        // Clients that went away: abort before spending a step on them.
+        let gone: Vec<RequestId> = tracked.iter().filter(|(_, t)| t.abandoned()).map(|(&id, _)| id).collect();
         for id in gone {
             engine.abort(id);
             tracked.remove(&id);
@@ -241,9 +270,11 @@ fn handle(
     tracked: &mut HashMap<RequestId, Tracked>,
     sinks: &mut HashMap<RequestId, Box<dyn ExportSink>>,
     cmd: Cmd,
+    latest: &Mutex<Load>,
 ) {
     match cmd {
         Cmd::Submit(req, how, reply) => {
+            let req = *req;
             let prompt_len = req.prompt.len();
             let (tx, events) = mpsc::unbounded_channel();
             let admitted = match how {
@@ -258,9 +289,13 @@ fn handle(
             };
             let remote = admitted.as_ref().is_ok_and(|(_, b, _)| !b.is_empty());
             let answer = admitted.map(|(id, blocks, cached_blocks)| {
-                tracked.insert(id, Tracked { events: tx, remote_waiting: remote, prompt_len });
-                Admitted { id, blocks, cached_blocks, events }
+                let claimed = Arc::new(AtomicBool::new(false));
+                tracked
+                    .insert(id, Tracked { events: tx, remote_waiting: remote, claimed: claimed.clone(), prompt_len });
+                Admitted { id, blocks, cached_blocks, events, claimed }
             });
+            // The load the submitter reads next counts the request it is told of.
+            *latest.lock().expect("load") = load_of(engine, tracked);
             if let Err(Ok(a)) = reply.send(answer) {
                 // The caller left before the answer: undo.
                 engine.abort(a.id);

@@ -12,12 +12,17 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tandem_cluster::Role;
-use tandem_decode_worker::{RunningWorker, WorkerConfig};
+use tandem_decode_worker::DecodeWorker;
 use tandem_engine::scheduler::Policy;
+use tandem_prefill_worker::PrefillWorker;
 use tandem_proto::tandem::v1::FinishReason;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
+use tandem_worker_runtime::{RoleBuilders, RunningWorker, WorkerConfig};
 use tokio::sync::mpsc;
+
+/// A worker of any role: both role crates, as the `tandem` binary builds them.
+const ROLES: RoleBuilders = RoleBuilders { prefill: Some(PrefillWorker::build), decode: Some(DecodeWorker::build) };
 
 fn model() -> PathBuf {
     let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -56,7 +61,7 @@ async fn first_token_order(policy: Policy) -> Vec<&'static str> {
         scheduling_policy: policy,
         ..WorkerConfig::new("both-sched", Role::Both, model())
     };
-    let w = RunningWorker::start(cfg, None).await.unwrap();
+    let w = RunningWorker::start(cfg, None, ROLES).await.unwrap();
     let mut c = WorkerClient::connect(format!("http://{}", w.grpc_addr)).await.unwrap();
 
     // The blocker: reserved blocks whose KV never comes, counted as the one running sequence.

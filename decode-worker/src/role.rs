@@ -1,0 +1,127 @@
+//! The decode role: `Reserve` holds blocks for a prompt whose KV a prefill worker
+//! will send (`Reservations`), and `Decode` streams the generation, attached to a
+//! reservation or, on a worker of role `both` (or to recompute a request whose KV
+//! transfer failed), prefilled here. What the runtime answers for every role
+//! (draining, fenced, `Cancel`, `Stats`) is not here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_cluster::Role;
+use tandem_kvtransfer::KvReceiver;
+use tandem_proto::tandem::worker::v1 as pb;
+use tandem_worker_runtime::convert::{engine_request, layout_to_pb, sampling_from_pb, status_from_engine};
+use tandem_worker_runtime::{Admission, DecodeRole, DecodeStream, RoleContext, WorkerState};
+use tonic::Status;
+
+use crate::reservations::{NewReservation, Reservations, Timing};
+use crate::stream::stream_events;
+
+/// A worker's decode role.
+pub struct DecodeWorker {
+    state: Arc<WorkerState>,
+    receiver: Arc<KvReceiver>,
+    kv_endpoints: Option<pb::KvEndpoints>,
+    reservations: Reservations,
+}
+
+impl DecodeWorker {
+    /// The decode role of the worker `ctx` describes (which must be decode-capable: it has
+    /// a KV receiver).
+    pub fn build(ctx: &RoleContext) -> Arc<dyn DecodeRole> {
+        let receiver = ctx.receiver.clone().expect("a decode-capable worker has a KV receiver");
+        let s = &ctx.state;
+        let reservations =
+            Reservations::new(s.id.clone(), Arc::new(s.engine.clone()), receiver.clone(), Timing::default());
+        Arc::new(DecodeWorker { state: s.clone(), receiver, kv_endpoints: ctx.kv_endpoints.clone(), reservations })
+    }
+}
+
+#[tonic::async_trait]
+impl DecodeRole for DecodeWorker {
+    async fn reserve(&self, r: pb::ReserveRequest) -> Result<pb::ReserveResponse, Status> {
+        let s = &self.state;
+        if self.reservations.contains(r.request_id) {
+            return Err(Status::already_exists(format!("request {} is already reserved", r.request_id)));
+        }
+        if s.was_cancelled(r.request_id) {
+            return Err(Status::cancelled(format!("request {} was cancelled", r.request_id)));
+        }
+        let mut params = sampling_from_pb(&r.sampling.unwrap_or_default());
+        // The prefill worker computes (and scores) the prompt; this side never does.
+        params.prompt_logprobs = None;
+        let prompt_len = r.prompt_token_ids.len();
+        let ereq = engine_request(r.prompt_token_ids, params, r.priority, r.cache_salt, r.resumed_tokens);
+        // Had this call gone away before the engine's answer was taken, the unclaimed answer
+        // would have ended the request; from here on, ending it is this role's job.
+        let admitted = s.engine.submit(ereq, Admission::Remote).await.map_err(status_from_engine)?;
+        admitted.claim();
+        let lease = Duration::from_millis(r.lease_ms.max(1) as u64).min(s.max_lease);
+        let deadline = tokio::time::Instant::now() + lease;
+        let blocks: Vec<u32> = admitted.blocks.iter().map(|b| b.0).collect();
+        // Leading blocks this worker's prefix cache holds are not sent: only the rest is
+        // reserved for the transfer.
+        let cached = admitted.cached_blocks.min(blocks.len());
+        let reservation = match self.receiver.reserve_from(r.request_id, &blocks[cached..], deadline, r.sender_lease) {
+            Ok(res) => res,
+            Err(e) => {
+                s.engine.abort(admitted.id, None);
+                return Err(Status::internal(format!("reserving blocks: {e}")));
+            }
+        };
+        let n_sent = blocks.len() - cached;
+        let new = NewReservation {
+            rid: r.request_id,
+            id: admitted.id,
+            blocks: blocks.len(),
+            prompt_len,
+            kv_bytes: (n_sent * s.layout.n_layers as usize * s.layout.layer_block_bytes()) as u64,
+            events: admitted.events,
+            lease,
+        };
+        self.reservations.insert(new, Box::pin(reservation.wait()));
+        Ok(pb::ReserveResponse {
+            block_ids: blocks,
+            cached_blocks: cached as u32,
+            kv_endpoints: self.kv_endpoints.clone(),
+            layout: Some(layout_to_pb(&s.layout)),
+            lease_ms: lease.as_millis() as u32,
+        })
+    }
+
+    async fn decode(&self, r: pb::DecodeRequest) -> Result<DecodeStream, Status> {
+        let s = &self.state;
+        if let Some(a) = self.reservations.attach(r.request_id)? {
+            let timing = Some((a.reserved_at, a.arrived));
+            return Ok(stream_events(s, &self.reservations, (r.request_id, a.id), a.events, timing));
+        }
+        if r.prompt_token_ids.is_empty() {
+            return Err(Status::not_found(format!("request {} is not reserved on {}", r.request_id, s.id)));
+        }
+        // A decode worker prefills itself only to recover a request whose KV transfer failed.
+        if !(s.role == Role::Both || (r.recompute && s.role.can_decode())) {
+            return Err(Status::failed_precondition(format!("worker {} ({}) does not prefill locally", s.id, s.role)));
+        }
+        s.check_accepting()?;
+        let params = sampling_from_pb(&r.sampling.unwrap_or_default());
+        let ereq = engine_request(r.prompt_token_ids, params, r.priority, r.cache_salt, r.resumed_tokens);
+        let admitted = s.engine.submit(ereq, Admission::Local).await.map_err(status_from_engine)?;
+        Ok(stream_events(s, &self.reservations, (r.request_id, admitted.id), admitted.events, None))
+    }
+
+    fn is_reserved(&self, rid: u64) -> bool {
+        self.reservations.contains(rid)
+    }
+
+    fn cancel_reserved(&self, rid: u64, reason: Option<String>) -> Option<usize> {
+        self.reservations.cancel(rid, reason)
+    }
+
+    fn reserved_ids(&self) -> Vec<u64> {
+        self.reservations.ids()
+    }
+
+    async fn shutdown(&self) {
+        self.reservations.shutdown();
+    }
+}

@@ -1,0 +1,250 @@
+//! The `tandem.worker.v1.Worker` service: one implementation for every role.
+//!
+//! The runtime answers what every worker answers (`Cancel`, `Stats`, `KvEvents`,
+//! `Drain`) and delegates the rest to the roles the worker was built with:
+//! `Prefill` to a [`PrefillRole`], `Reserve` and `Decode` to a [`DecodeRole`]. A
+//! worker of role `both` holds both; a call for a role the worker does not hold
+//! gets the status it always got (FAILED_PRECONDITION "does not decode", ...).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_proto::tandem::worker::v1 as pb;
+use tandem_proto::tandem::worker::v1::worker_server::Worker;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{kv_event_to_pb, status_from_engine};
+use crate::state::{InFlight, WorkerState};
+
+/// A `Decode` call's stream.
+pub type DecodeStream = ReceiverStream<Result<pb::DecodeResponse, Status>>;
+
+/// The prefill role: computes a prompt and ships its KV to a decode worker.
+#[tonic::async_trait]
+pub trait PrefillRole: Send + Sync {
+    /// Serves `Prefill` (the runtime has checked the worker takes new work).
+    async fn prefill(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse, Status>;
+
+    /// Stops the role's own tasks (the end of a drain).
+    async fn shutdown(&self) {}
+}
+
+/// The decode role: reservations for KV that prefill workers send, and the streams of
+/// generated tokens.
+#[tonic::async_trait]
+pub trait DecodeRole: Send + Sync {
+    /// Serves `Reserve` (the runtime has checked the worker takes new work).
+    async fn reserve(&self, req: pb::ReserveRequest) -> Result<pb::ReserveResponse, Status>;
+
+    /// Serves `Decode`: attaches to a reservation, or prefills locally.
+    async fn decode(&self, req: pb::DecodeRequest) -> Result<DecodeStream, Status>;
+
+    /// Whether `rid` holds a reservation.
+    fn is_reserved(&self, rid: u64) -> bool;
+
+    /// Ends reservation `rid` (a `Cancel`, or a drain past its deadline with `reason`);
+    /// returns the blocks it held, or `None` when there was none.
+    fn cancel_reserved(&self, rid: u64, reason: Option<String>) -> Option<usize>;
+
+    /// Router ids of the reservations held.
+    fn reserved_ids(&self) -> Vec<u64>;
+
+    /// Stops the role's own tasks (the end of a drain).
+    async fn shutdown(&self) {}
+}
+
+/// The roles one worker holds.
+#[derive(Clone, Default)]
+pub struct Roles {
+    pub prefill: Option<Arc<dyn PrefillRole>>,
+    pub decode: Option<Arc<dyn DecodeRole>>,
+}
+
+/// Serves `tandem.worker.v1.Worker` for one worker.
+#[derive(Clone)]
+pub struct WorkerService {
+    pub state: Arc<WorkerState>,
+    pub roles: Roles,
+}
+
+impl WorkerService {
+    /// Requests this worker still holds: reserved, prefilling or decoding.
+    pub fn outstanding(&self) -> usize {
+        let reserved = self.roles.decode.as_ref().map_or(0, |d| d.reserved_ids().len());
+        reserved + self.state.active_ids().len()
+    }
+
+    /// Ends every request this worker holds (a drain past its deadline); returns how many.
+    pub fn abort_all(&self, reason: &str) -> usize {
+        let reserved = self.roles.decode.as_ref().map(|d| d.reserved_ids()).unwrap_or_default();
+        let active = self.state.active_ids();
+        if let Some(d) = &self.roles.decode {
+            for rid in &reserved {
+                d.cancel_reserved(*rid, Some(reason.to_string()));
+            }
+        }
+        for id in &active {
+            self.state.engine.abort(*id, Some(reason.to_string()));
+        }
+        reserved.len() + active.len()
+    }
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn reserve(&self, req: Request<pb::ReserveRequest>) -> Result<Response<pb::ReserveResponse>, Status> {
+        let s = &self.state;
+        let _inflight = InFlight::new(s);
+        s.check_accepting()?;
+        let Some(decode) = &self.roles.decode else {
+            return Err(Status::failed_precondition(format!("worker {} ({}) does not decode", s.id, s.role)));
+        };
+        decode.reserve(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<pb::PrefillResponse>, Status> {
+        let s = &self.state;
+        let _inflight = InFlight::new(s);
+        s.check_accepting()?;
+        let Some(prefill) = &self.roles.prefill else {
+            return Err(Status::failed_precondition(format!("worker {} ({}) does not prefill", s.id, s.role)));
+        };
+        prefill.prefill(req.into_inner()).await.map(Response::new)
+    }
+
+    type DecodeStream = DecodeStream;
+
+    async fn decode(&self, req: Request<pb::DecodeRequest>) -> Result<Response<DecodeStream>, Status> {
+        let s = &self.state;
+        let r = req.into_inner();
+        match &self.roles.decode {
+            Some(decode) => decode.decode(r).await.map(Response::new),
+            // Nothing is reserved on a worker that does not decode, and it prefills nothing locally.
+            None if r.prompt_token_ids.is_empty() => {
+                Err(Status::not_found(format!("request {} is not reserved on {}", r.request_id, s.id)))
+            }
+            None => Err(Status::failed_precondition(format!("worker {} ({}) does not prefill locally", s.id, s.role))),
+        }
+    }
+
+    async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
+        let s = &self.state;
+        let r = req.into_inner();
+        let reserved = self.roles.decode.as_ref().is_some_and(|d| d.is_reserved(r.request_id));
+        let active = s.active(r.request_id);
+        if !reserved && active.is_none() {
+            // Nothing to cancel, and nothing remembered: the id may be someone's later request.
+            return Ok(Response::new(pb::CancelResponse { found: false, freed_blocks: 0 }));
+        }
+        // The tombstone goes first, so the stream that ends next reports CANCELLED.
+        s.bury(r.request_id);
+        let reason = Some(format!("cancelled: {}", if r.reason.is_empty() { "by the router" } else { &r.reason }));
+        if let Some(blocks) = self.roles.decode.as_ref().and_then(|d| d.cancel_reserved(r.request_id, reason.clone())) {
+            return Ok(Response::new(pb::CancelResponse { found: true, freed_blocks: blocks as u32 }));
+        }
+        if let Some(id) = active {
+            s.engine.abort(id, reason);
+        }
+        Ok(Response::new(pb::CancelResponse { found: active.is_some(), freed_blocks: 0 }))
+    }
+
+    async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
+        let s = &self.state;
+        let l = s.engine.load().await.map_err(status_from_engine)?;
+        let st = l.scheduler;
+        Ok(Response::new(pb::StatsResponse {
+            running: st.running.saturating_sub(l.waiting_for_kv) as u32,
+            waiting: st.waiting as u32,
+            waiting_for_kv: l.waiting_for_kv as u32,
+            queued_prefill_tokens: l.queued_prefill_tokens,
+            kv_blocks_used: st.blocks_used as u32,
+            kv_blocks_total: st.blocks_total as u32,
+            prefix_cache_queried_tokens: st.prefix_queried_tokens,
+            prefix_cache_hit_tokens: st.prefix_hit_tokens,
+            preemptions: st.preemptions,
+            draining: s.draining.load(Ordering::SeqCst),
+            fenced: s.fenced.load(Ordering::SeqCst),
+        }))
+    }
+
+    type KvEventsStream = ReceiverStream<Result<pb::KvEventBatch, Status>>;
+
+    async fn kv_events(&self, _req: Request<pb::KvEventsRequest>) -> Result<Response<Self::KvEventsStream>, Status> {
+        let mut sub = self.state.engine.kv_events();
+        let (tx, rx) = mpsc::channel(64);
+        // Detached on purpose: the task ends when its subscriber goes (`tx.closed()`) or
+        // the engine stops (the broadcast closes); nothing else holds it.
+        tokio::spawn(async move {
+            let ids = AtomicU64::new(1);
+            let next = || ids.fetch_add(1, Ordering::Relaxed);
+            // The stream starts from an empty index; what is cached before it arrives
+            // as `stored` events when blocks are next registered.
+            let first = pb::KvEventBatch {
+                events: vec![pb::KvEvent {
+                    event_id: next(),
+                    event: Some(pb::kv_event::Event::Cleared(pb::KvCleared {})),
+                }],
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                let batch = tokio::select! {
+                    b = sub.recv() => b,
+                    _ = tx.closed() => return,
+                };
+                let events = match batch {
+                    Ok(b) => b.into_iter().map(|e| kv_event_to_pb(e, next())).collect(),
+                    // Fell behind: tell the subscriber to start over.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        vec![pb::KvEvent {
+                            event_id: next(),
+                            event: Some(pb::kv_event::Event::Cleared(pb::KvCleared {})),
+                        }]
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Ok(pb::KvEventBatch { events })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type DrainStream = ReceiverStream<Result<pb::DrainStatus, Status>>;
+
+    async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<Self::DrainStream>, Status> {
+        let svc = self.clone();
+        svc.state.draining.store(true, Ordering::SeqCst);
+        let deadline = req.into_inner().deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms as u64));
+        let (tx, rx) = mpsc::channel(8);
+        // Detached on purpose: it reports until the worker is drained or its caller goes
+        // away (a failed send), and holds nothing a shutdown must wait for.
+        tokio::spawn(async move {
+            let mut aborted: Option<usize> = None;
+            loop {
+                if deadline.is_some_and(|d| Instant::now() >= d) && aborted.is_none() {
+                    aborted = Some(svc.abort_all("the worker drained past its deadline"));
+                }
+                let Ok(l) = svc.state.engine.load().await else { return };
+                let drained = svc.outstanding() == 0 && l.scheduler.running == 0 && l.scheduler.waiting == 0;
+                let status = pb::DrainStatus {
+                    running: l.scheduler.running.saturating_sub(l.waiting_for_kv) as u32,
+                    waiting: l.scheduler.waiting as u32,
+                    waiting_for_kv: l.waiting_for_kv as u32,
+                    aborted: aborted.unwrap_or(0) as u32,
+                    drained,
+                };
+                if tx.send(Ok(status)).await.is_err() || drained {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
