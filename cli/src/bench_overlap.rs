@@ -21,8 +21,8 @@ use anyhow::{Context, Result};
 use tandem_engine::kv_cache::{BlockId, KvCache, KvDtype};
 use tandem_engine::model::{ForwardBatch, LogitsWanted, Model, ModelOptions, Scratch};
 use tandem_kvtransfer::{HostKv, KvLayout, KvReceiver, KvSender, TcpConfig};
-use tandem_proto::ids::ClusterRequestId;
 use tandem_prefill_worker::LayerShipper;
+use tandem_proto::ids::ClusterRequestId;
 
 pub struct OverlapArgs {
     pub repetitions: usize,
@@ -60,7 +60,8 @@ pub fn serve(a: &OverlapArgs, addr: std::net::SocketAddr) -> Result<()> {
         for id in 1.. {
             let Some(t) = schedule(&a.tokens, a.repetitions, id) else { break };
             let blocks: Vec<BlockId> = (0..blocks_for(t) as u32).map(BlockId).collect();
-            let res = rx.reserve(ClusterRequestId(id), &blocks, tokio::time::Instant::now() + Duration::from_secs(3600))?;
+            let res =
+                rx.reserve(ClusterRequestId(id), &blocks, tokio::time::Instant::now() + Duration::from_secs(3600))?;
             match res.wait().await {
                 Ok(a) => eprintln!("request {id}: {} tokens arrived", a.num_tokens),
                 Err(e) => eprintln!("request {id}: {e}"),

@@ -28,8 +28,8 @@ use serde_json::{json, Value};
 use tandem_kernels::BlockId;
 use tandem_kvtransfer::wire::{self, Code, Frame};
 use tandem_kvtransfer::{KvAuth, KvDtypeWire, KvLayout};
-use tandem_proto::ids::{ClusterRequestId, LeaseId};
 use tandem_proto::auth::ClusterToken;
+use tandem_proto::ids::{ClusterRequestId, LeaseId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -529,7 +529,9 @@ async fn forgeries_at_kv_port(addr: &str, rng: &mut Rng) {
         let ok = next_frame(&mut s, &mut buf).await;
         assert!(matches!(ok, Some(Frame::HelloOk)), "the right layout: {ok:?}");
         for &id in &ids {
-            for (layer, blocks) in [(0u16, [BlockId(0), BlockId(1)]), (layout.n_layers - 1, [BlockId(u32::MAX - 1), BlockId(u32::MAX)])] {
+            for (layer, blocks) in
+                [(0u16, [BlockId(0), BlockId(1)]), (layout.n_layers - 1, [BlockId(u32::MAX - 1), BlockId(u32::MAX)])]
+            {
                 let frame = wire::encode_blocks(id, layer, &blocks, &payload);
                 // Sent twice: the replay is refused as the original was.
                 for _ in 0..2 {
