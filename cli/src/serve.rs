@@ -69,7 +69,7 @@ pub struct Migration {
     /// other prompts, computing); past it, RESOURCE_EXHAUSTED / 429 and it is cancelled on its
     /// workers. A client's own deadline, if sooner, wins.
     #[arg(long, env = "TANDEM_FIRST_TOKEN_TIMEOUT", value_parser = positive_secs,
-          default_value_t = tandem_router::service::FIRST_TOKEN_TIMEOUT.as_secs_f64())]
+          default_value_t = tandem_router::state::FIRST_TOKEN_TIMEOUT.as_secs_f64())]
     pub first_token_timeout: f64,
 }
 
@@ -498,6 +498,50 @@ fn worker_config(
     }
 }
 
+/// The flags a router is configured from, as `tandem up` and `tandem router` both have them.
+struct RouterFlags<'a> {
+    common: &'a Common,
+    policy: &'a str,
+    max_inflight: usize,
+    keys: &'a ApiKeys,
+    http: &'a HttpFlags,
+    migration: &'a Migration,
+    quotas: &'a QuotaFlags,
+}
+
+impl RouterFlags<'_> {
+    /// The router's configuration: its gRPC and HTTP addresses, the TLS to its workers and
+    /// the cluster token from the caller, everything else from the flags.
+    fn config(
+        &self,
+        (grpc, http): (SocketAddr, SocketAddr),
+        tls: Option<tandem_kvtransfer::TlsFiles>,
+        token: tandem_proto::auth::ClusterToken,
+    ) -> RouterConfig {
+        RouterConfig {
+            model_path: self.common.model.clone(),
+            model_name: model_name(self.common),
+            grpc_listen: grpc,
+            policy: self.policy.to_string(),
+            max_inflight: self.max_inflight,
+            http_listen: Some(http),
+            tls,
+            cluster_token: Some(token),
+            http_limits: self.http.limits(),
+            api_keys: self.keys.keys(),
+            metrics_access: self.http.metrics_access(),
+            migration_limit: self.migration.migration_limit,
+            kv_failure_policy: self.migration.policy(),
+            kv_lease: Duration::from_secs(self.migration.kv_lease.max(1)),
+            kv_wait: Duration::from_secs_f64(self.migration.kv_wait),
+            first_token_timeout: Duration::from_secs_f64(self.migration.first_token_timeout),
+            tenant_max_inflight: self.quotas.tenant_max_inflight.map(|n| n as usize),
+            tenant_limits: self.quotas.tenant_limits.clone(),
+            stream_stall_timeout: Duration::from_secs_f64(self.quotas.stream_stall_timeout),
+        }
+    }
+}
+
 fn describe(w: &RunningWorker) -> String {
     let kv = if w.descriptor.role.can_decode() {
         let shm = if w.descriptor.kv.local.is_some() { " (+shm)" } else { "" };
@@ -556,28 +600,18 @@ pub fn up(a: UpArgs) -> Result<()> {
             println!("tandem: {}", describe(&w));
             running.push(w);
         }
-        let rcfg = RouterConfig {
-            model_path: a.common.model.clone(),
-            model_name: model_name(&a.common),
-            grpc_listen: SocketAddr::new(a.host, a.grpc_port),
-            policy: a.policy.clone(),
+        let flags = RouterFlags {
+            common: &a.common,
+            policy: &a.policy,
             max_inflight: a.max_inflight,
-            http_listen: Some(SocketAddr::new(a.host, a.http_port)),
-            // One process on one machine: nothing crosses a network to encrypt.
-            tls: None,
-            cluster_token: Some(token.clone()),
-            http_limits: a.http.limits(),
-            api_keys: a.keys.keys(),
-            metrics_access: a.http.metrics_access(),
-            migration_limit: a.migration.migration_limit,
-            kv_failure_policy: a.migration.policy(),
-            kv_lease: Duration::from_secs(a.migration.kv_lease.max(1)),
-            kv_wait: Duration::from_secs_f64(a.migration.kv_wait),
-            first_token_timeout: Duration::from_secs_f64(a.migration.first_token_timeout),
-            tenant_max_inflight: a.quotas.tenant_max_inflight.map(|n| n as usize),
-            tenant_limits: a.quotas.tenant_limits.clone(),
-            stream_stall_timeout: Duration::from_secs_f64(a.quotas.stream_stall_timeout),
+            keys: &a.keys,
+            http: &a.http,
+            migration: &a.migration,
+            quotas: &a.quotas,
         };
+        let listen = (SocketAddr::new(a.host, a.grpc_port), SocketAddr::new(a.host, a.http_port));
+        // One process on one machine: nothing crosses a network to encrypt.
+        let rcfg = flags.config(listen, None, token.clone());
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         if !router.wait_for_workers(running.len(), Duration::from_secs(30)).await {
             bail!("the router did not see its {} workers register within 30 s", running.len());
@@ -621,27 +655,16 @@ pub fn router(a: RouterArgs) -> Result<()> {
             .await?
             .ok_or_else(|| anyhow!("tandem router needs --etcd (or TANDEM_ETCD) to find its workers"))?;
         let (token, token_path) = a.token.load(cluster.as_str())?;
-        let rcfg = RouterConfig {
-            model_path: a.common.model.clone(),
-            model_name: model_name(&a.common),
-            grpc_listen: a.grpc_listen,
-            policy: a.policy.clone(),
+        let flags = RouterFlags {
+            common: &a.common,
+            policy: &a.policy,
             max_inflight: a.max_inflight,
-            http_listen: Some(a.http_listen),
-            tls: tls.clone(),
-            cluster_token: Some(token),
-            http_limits: a.http.limits(),
-            api_keys: a.keys.keys(),
-            metrics_access: a.http.metrics_access(),
-            migration_limit: a.migration.migration_limit,
-            kv_failure_policy: a.migration.policy(),
-            kv_lease: Duration::from_secs(a.migration.kv_lease.max(1)),
-            kv_wait: Duration::from_secs_f64(a.migration.kv_wait),
-            first_token_timeout: Duration::from_secs_f64(a.migration.first_token_timeout),
-            tenant_max_inflight: a.quotas.tenant_max_inflight.map(|n| n as usize),
-            tenant_limits: a.quotas.tenant_limits.clone(),
-            stream_stall_timeout: Duration::from_secs_f64(a.quotas.stream_stall_timeout),
+            keys: &a.keys,
+            http: &a.http,
+            migration: &a.migration,
+            quotas: &a.quotas,
         };
+        let rcfg = flags.config((a.grpc_listen, a.http_listen), tls.clone(), token);
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         println!(
             "tandem: router grpc {} http {} (model {})",

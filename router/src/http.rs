@@ -32,12 +32,14 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::keys::{tenant_of, Tenant};
 use crate::openai::{
     chat_logprobs, chat_request, completion_request, prompt_echo, token_text, usage_json, ApiError, ChatRequest,
     CompletionLogprobs, CompletionRequest,
 };
-use crate::service::{stall_message, stalled, start_request, tenant_of, Chunks, RouterState, Tenant};
+use crate::relay::{stall_message, stalled, start_request, Chunks};
 use crate::stall::{HandOff, Outbox};
+use crate::state::RouterState;
 
 mod conns;
 mod limits;
@@ -476,6 +478,7 @@ async fn completions(
 async fn models(State(state): State<Arc<RouterState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorized(&state, &headers)?;
     let data: Vec<Value> = state
+        .routing
         .members
         .models()
         .into_iter()
@@ -489,15 +492,15 @@ async fn models(State(state): State<Arc<RouterState>>, headers: HeaderMap) -> Re
 /// Ready when the router can serve a request: a prefill-capable and a decode-capable
 /// worker answer (one worker of role `both` is both), and it is not draining.
 pub fn is_ready(state: &RouterState) -> bool {
-    let ws = state.members.snapshot();
+    let ws = state.routing.members.snapshot();
     let healthy = |f: fn(Role) -> bool| ws.iter().any(|w| w.healthy && f(w.desc.role));
-    !state.draining.load(Ordering::SeqCst) && healthy(Role::can_prefill) && healthy(Role::can_decode)
+    !state.admission.draining.load(Ordering::SeqCst) && healthy(Role::can_prefill) && healthy(Role::can_decode)
 }
 
 async fn ready(State(state): State<Arc<RouterState>>) -> Response {
     if is_ready(&state) {
         (StatusCode::OK, "ready").into_response()
-    } else if state.draining.load(Ordering::SeqCst) {
+    } else if state.admission.draining.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready: no healthy prefill-capable or decode-capable worker")
@@ -507,9 +510,9 @@ async fn ready(State(state): State<Arc<RouterState>>) -> Response {
 
 /// Sets the gauges that are read from state, not counted as things happen.
 pub fn refresh_gauges(state: &RouterState) {
-    let ws = state.members.snapshot();
-    crate::metrics::set_in_flight(state.inflight.load(Ordering::SeqCst), state.max_inflight);
-    crate::metrics::set_tenant_max_in_flight(state.quotas.limits().default);
+    let ws = state.routing.members.snapshot();
+    crate::metrics::set_in_flight(state.admission.inflight.load(Ordering::SeqCst), state.admission.max_inflight);
+    crate::metrics::set_tenant_max_in_flight(state.admission.quotas.limits().default);
     for role in Role::ALL {
         for (healthy, label) in [(true, "healthy"), (false, "unhealthy")] {
             let n = ws.iter().filter(|w| w.desc.role == role && w.healthy == healthy).count();

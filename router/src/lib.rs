@@ -10,33 +10,57 @@
 //!
 //! ## Layout
 //! - `validate`: request checks, defaults, tokenization (`ModelFacts`).
-//! - `policy`: `RoutingPolicy`, `RoundRobin`, `LeastLoaded`.
-//! - `members`: membership from discovery, worker clients, load polling, KV events.
-//! - `service`: the `Generate` service: one request's path through the cluster.
+//! - `keys`: API keys and the tenants they name (`Tenant`).
 //! - `salt`: the keyed prefix-cache salt that keeps tenants' caches apart (`SaltKey`).
 //! - `quota`: per-tenant limits on requests in flight.
-//! - `stall`: the bound on a client that stops reading its stream.
-//! - `choice`: one choice's path across workers, its attempts and their recovery.
+//! - `admission`: who may come in: the in-flight limit, the tenants' quotas, draining,
+//!   overload answers (`Admission`, `Permit`).
+//! - `state`: `RouterState`, what the handlers share.
+//! - `policy`: `RoutingPolicy`, `RoundRobin`, `LeastLoaded`.
+//! - `worker`: `WorkerApi`, what a request asks of a worker, and its gRPC implementation.
+//! - `members`: membership from discovery, worker clients, load polling, KV events.
+//! - `routing`: `Routing`, what every choice shares (members, policy, recovery limits,
+//!   the wait for KV room).
+//! - `choice`: one choice's path across workers (`ChoiceRun`), its attempts and their
+//!   recovery. `choice_tests`: its table tests, over fake workers.
 //! - `recovery`: what a choice does after a failed attempt (migration, the KV
-//!   failure policies `fail`, `recompute`, `retry`).
+//!   failure policies `fail`, `recompute`, `retry`), and whose fault a failure was.
+//! - `relay`: one request from admission to its last chunk: its choices run, their
+//!   chunks relayed to the client with timing and usage.
+//! - `stall`: the bound on a client that stops reading its stream.
+//! - `ids`: random public and worker request ids.
+//! - `service`: the `Generate` gRPC handlers.
 //! - `openai`, `http`: the OpenAI-compatible HTTP front door (axum), translated to
 //!   and from `tandem.v1` and started through the same path as a gRPC request.
 //! - `metrics`, `telemetry`: the router's metrics and the process's Prometheus recorder.
-//! - `server`: `RunningRouter`: start, serve, drain.
+//! - `server`: `RunningRouter`: start (`StartError`), serve, drain.
+//!
+//! Modules depend one way: `service`, `http` -> `relay` -> `choice` -> `routing` ->
+//! `members` -> `worker`; `relay` -> `state` -> {`routing`, `admission`}; nothing below
+//! calls back up.
 
+pub mod admission;
 pub mod choice;
+#[cfg(test)]
+mod choice_tests;
 pub mod http;
+pub mod ids;
+pub mod keys;
 pub mod members;
 pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod quota;
 pub mod recovery;
+pub mod relay;
+pub mod routing;
 pub mod salt;
 pub mod server;
 pub mod service;
 pub mod stall;
+pub mod state;
 pub mod telemetry;
 pub mod validate;
+pub mod worker;
 
-pub use server::{RouterConfig, RunningRouter};
+pub use server::{RouterConfig, RunningRouter, StartError};

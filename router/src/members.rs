@@ -1,7 +1,8 @@
 //! The router's picture of the cluster: discovery's membership, a gRPC client
-//! per worker, each worker's last load report (polled), the prefix-cache
-//! blocks each worker reports (its KV events), and the router's own count of
-//! requests in flight on each worker.
+//! per worker (requests reach it as a `worker::WorkerApi`, the pollers directly),
+//! each worker's last load report (polled), the prefix-cache blocks each worker
+//! reports (its KV events), and the router's own count of requests in flight on
+//! each worker.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +19,7 @@ use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic::Status;
 
 use crate::policy::{Candidate, RoutingPolicy};
+use crate::worker::{GrpcWorker, WorkerApi};
 
 /// How often each worker's load is polled.
 pub const LOAD_INTERVAL: Duration = Duration::from_millis(250);
@@ -29,7 +31,8 @@ const MISSES: u32 = 3;
 
 struct Entry {
     desc: WorkerDescriptor,
-    client: WorkerClient<WorkerChannel>,
+    /// What requests call; the pollers keep their own tonic client.
+    worker: Arc<dyn WorkerApi>,
     stats: Option<pb::StatsResponse>,
     /// Whether it is routed to, from its load polls.
     liveness: Liveness,
@@ -54,7 +57,7 @@ impl Drop for Entry {
 /// A worker chosen for one request; counts as in flight on it while alive.
 pub struct Picked {
     pub id: WorkerId,
-    pub client: WorkerClient<WorkerChannel>,
+    pub worker: Arc<dyn WorkerApi>,
     /// Cancelled when the worker leaves the cluster's view.
     pub gone: CancellationToken,
     /// The discovery lease its record is held by (0: unknown).
@@ -152,7 +155,7 @@ impl Members {
         ];
         Ok(Entry {
             desc,
-            client,
+            worker: Arc::new(GrpcWorker(client)),
             stats: None,
             liveness: Liveness::default(),
             inflight: Arc::new(AtomicU64::new(0)),
@@ -227,7 +230,7 @@ impl Members {
             e.inflight.fetch_add(1, Ordering::Relaxed);
             Picked {
                 id: e.desc.id.clone(),
-                client: e.client.clone(),
+                worker: e.worker.clone(),
                 gone: e.gone.clone(),
                 lease: e.desc.lease,
                 inflight: e.inflight.clone(),
@@ -296,7 +299,7 @@ impl Members {
         e.inflight.fetch_add(1, Ordering::Relaxed);
         Some(Picked {
             id: e.desc.id.clone(),
-            client: e.client.clone(),
+            worker: e.worker.clone(),
             gone: e.gone.clone(),
             lease: e.desc.lease,
             inflight: e.inflight.clone(),
@@ -315,6 +318,25 @@ impl Members {
         }
         out.sort();
         out
+    }
+
+    /// Puts `desc` in the view with `worker` standing for it, and no load polls or KV
+    /// events: the choice tests' fake workers.
+    #[cfg(test)]
+    pub(crate) fn join_fake(&self, desc: WorkerDescriptor, worker: Arc<dyn WorkerApi>) {
+        let id = desc.id.clone();
+        self.view.write().expect("view").apply(DiscoveryEvent::Added(desc.clone()));
+        let entry = Entry {
+            desc,
+            worker,
+            stats: None,
+            liveness: Liveness::default(),
+            inflight: Arc::new(AtomicU64::new(0)),
+            cached: HashSet::new(),
+            tasks: Vec::new(),
+            gone: CancellationToken::new(),
+        };
+        self.entries.lock().expect("entries").insert(id, entry);
     }
 
     fn update(&self, id: &WorkerId, f: impl FnOnce(&mut Entry)) {

@@ -10,8 +10,8 @@
 //! resolved from the flags by [`TenantLimits::resolve`]); [`TenantCounts`] is the pure
 //! bookkeeping (no locks, no I/O); [`Quotas`] shares it between the router's handlers
 //! and hands out [`TenantPermit`]s, which give their slot back when dropped, however the
-//! request ends. This module does not know keys or statuses: the service checks keys and
-//! turns a [`Refused`] into RESOURCE_EXHAUSTED.
+//! request ends. This module does not know keys or statuses: `keys` names the tenant and
+//! `admission` turns a [`Refused`] into RESOURCE_EXHAUSTED.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -47,25 +47,38 @@ impl TenantLimits {
         overrides: &[(String, usize)],
         tenants: &BTreeSet<String>,
         max_inflight: usize,
-    ) -> Result<TenantLimits, String> {
+    ) -> Result<TenantLimits, LimitError> {
         if default == Some(0) || overrides.iter().any(|(_, n)| *n == 0) {
-            return Err("a per-tenant limit must be at least 1".into());
+            return Err(LimitError::Zero);
         }
         if !overrides.is_empty() && tenants.is_empty() {
-            return Err("--tenant-limit needs API keys (--api-key TENANT:KEY) to name tenants".into());
+            return Err(LimitError::NoKeys);
         }
         let mut named = BTreeMap::new();
         for (tenant, n) in overrides {
             if !tenants.contains(tenant) {
-                return Err(format!("--tenant-limit {tenant}={n}: no API key names the tenant {tenant:?}"));
+                return Err(LimitError::UnknownTenant { tenant: tenant.clone(), limit: *n });
             }
             if named.insert(tenant.clone(), *n).is_some() {
-                return Err(format!("--tenant-limit names the tenant {tenant:?} twice"));
+                return Err(LimitError::Twice(tenant.clone()));
             }
         }
         let default = default.or_else(|| (tenants.len() >= 2).then(|| max_inflight.div_ceil(2).max(1)));
         Ok(TenantLimits { default, overrides: named })
     }
+}
+
+/// Per-tenant limits the flags cannot mean.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error("a per-tenant limit must be at least 1")]
+    Zero,
+    #[error("--tenant-limit needs API keys (--api-key TENANT:KEY) to name tenants")]
+    NoKeys,
+    #[error("--tenant-limit {tenant}={limit}: no API key names the tenant {tenant:?}")]
+    UnknownTenant { tenant: String, limit: usize },
+    #[error("--tenant-limit names the tenant {0:?} twice")]
+    Twice(String),
 }
 
 /// A request its tenant's limit refused.
@@ -225,7 +238,7 @@ mod tests {
             (Some(0), vec![], ts.clone(), "at least 1"),
         ];
         for (d, ov, ts, why) in refused {
-            let e = TenantLimits::resolve(d, &ov, &ts, 8).unwrap_err();
+            let e = TenantLimits::resolve(d, &ov, &ts, 8).unwrap_err().to_string();
             assert!(e.contains(why), "{ov:?}: {e}");
         }
     }

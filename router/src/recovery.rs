@@ -1,11 +1,13 @@
 //! What a choice does after one of its attempts failed: move to other workers
 //! (a worker died under it), recover its KV as its policy says (the transfer
-//! from the prefill worker failed or stayed incomplete), or give up.
+//! from the prefill worker failed or stayed incomplete), or give up. Also whose fault a
+//! failure was, read from the worker's status ([`failed`]).
 //!
 //! Pure decisions, so every case is a table test; `choice.rs` carries them out.
 
 use tandem_cluster::WorkerId;
 use tandem_proto::tandem::v1 as api;
+use tonic::Status;
 
 /// What happens to a request whose KV transfer fails (`--kv-failure-policy`, or the
 /// request's `kv_failure_policy`).
@@ -154,9 +156,72 @@ pub fn next(fault: &Fault, policy: KvFailurePolicy, budget: Budget) -> Next {
     }
 }
 
+/// A worker's error as the client should see it: the worker named, client errors
+/// kept, everything else UNAVAILABLE (the cluster could not serve it).
+/// A CANCELLED is the worker's only when the worker sent it: a stream its transport cut
+/// (the worker died, the connection reset) reads as CANCELLED too, with the transport's
+/// error behind it, and is the worker's failure like any other.
+pub(crate) fn worker_error(role: &str, id: &WorkerId, s: Status) -> Status {
+    let msg = format!("{role} worker {id}: {}", s.message());
+    let transport = std::error::Error::source(&s).is_some();
+    match s.code() {
+        tonic::Code::InvalidArgument => Status::invalid_argument(msg),
+        tonic::Code::ResourceExhausted => Status::resource_exhausted(msg),
+        tonic::Code::DeadlineExceeded => Status::deadline_exceeded(msg),
+        tonic::Code::Cancelled if !transport => Status::cancelled(msg),
+        _ => Status::unavailable(msg),
+    }
+}
+
+/// Why an attempt failed, and whose fault it was.
+#[derive(Debug)]
+pub(crate) struct AttemptError {
+    pub(crate) status: Status,
+    pub(crate) fault: Fault,
+}
+
+impl From<Status> for AttemptError {
+    fn from(status: Status) -> Self {
+        AttemptError { status, fault: Fault::Request }
+    }
+}
+
+/// Whether a worker marked `s` as caused by a failed KV transfer (`FAULT_METADATA`).
+pub(crate) fn kv_fault(s: &Status) -> bool {
+    s.metadata().get(tandem_proto::FAULT_METADATA).is_some_and(|v| v == "kv")
+}
+
+/// A worker's error as an attempt's failure: the worker's fault (the choice may move)
+/// unless it is the request's (invalid, refused for load, deadline).
+pub(crate) fn failed(role: &str, id: &WorkerId, e: Status) -> AttemptError {
+    let status = worker_error(role, id, e);
+    let fault = if status.code() == tonic::Code::Unavailable { Fault::Worker(id.clone()) } else { Fault::Request };
+    AttemptError { status, fault }
+}
+
+/// A worker that left the cluster's view while the choice waited on it.
+pub(crate) fn left(role: &str, id: &WorkerId) -> AttemptError {
+    let status = Status::unavailable(format!("{role} worker {id} left the cluster (its lease ended)"));
+    AttemptError { status, fault: Fault::Worker(id.clone()) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cancel_the_worker_sent_is_the_requests_and_a_cut_stream_is_the_workers() {
+        let id = WorkerId::new("decode-0").unwrap();
+        let sent = failed("decode", &id, Status::cancelled("cancelled: by the operator"));
+        assert_eq!(sent.status.code(), tonic::Code::Cancelled);
+        assert!(matches!(sent.fault, Fault::Request), "the worker's own CANCELLED is not retried elsewhere");
+        // What tonic makes of a connection the dying worker dropped: CANCELLED, caused by hyper.
+        let mut cut = Status::cancelled("operation was canceled");
+        cut.set_source(std::sync::Arc::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)));
+        let cut = failed("decode", &id, cut);
+        assert_eq!(cut.status.code(), tonic::Code::Unavailable, "{:?}", cut.status);
+        assert!(matches!(cut.fault, Fault::Worker(ref w) if *w == id), "the choice moves to another worker");
+    }
 
     fn w(s: &str) -> WorkerId {
         WorkerId::new(s).unwrap()

@@ -7,11 +7,11 @@
 //! another tenant's salt, choose a client salt that equals it, or tell a tenant or a client
 //! salt from the digest the workers see.
 //!
-//! It owns the key and the encoding; it does not decide who the tenant is (`service`).
+//! It owns the key and the encoding; it does not decide who the tenant is (`keys`).
 
 use ring::hmac;
 
-use crate::service::Tenant;
+use crate::keys::Tenant;
 
 /// Domain separation: the salt key is the cluster secret's HMAC of this label, so it is no
 /// other key derived from the same secret under another label.

@@ -1,5 +1,6 @@
 //! A running router: the model's tokenizer and limits, membership followed from
-//! discovery, and the public gRPC server with health and reflection.
+//! discovery, and the public gRPC server with health and reflection. What can stop it
+//! from starting is a [`StartError`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,12 +21,43 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
+use crate::admission::Admission;
 use crate::members::Members;
 use crate::policy::policy_by_name;
-use crate::quota::{Quotas, TenantLimits};
+use crate::quota::{LimitError, Quotas, TenantLimits};
 use crate::recovery::KvFailurePolicy;
-use crate::service::{check_api_key, GenerateService, RouterState};
+use crate::routing::Routing;
+use crate::service::{check_api_key, GenerateService};
+use crate::state::RouterState;
 use crate::validate::ModelFacts;
+
+/// Why a router did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("unknown routing policy {0:?} (round-robin, least-loaded)")]
+    UnknownPolicy(String),
+    #[error("--metrics-require-key needs at least one API key (--api-key or TANDEM_API_KEYS)")]
+    MetricsKeyMissing,
+    #[error("--stream-stall-timeout must be positive")]
+    NoStallTimeout,
+    #[error(transparent)]
+    TenantLimits(#[from] LimitError),
+    /// The TLS files of the channels to the workers.
+    #[error("{0}")]
+    Tls(#[from] tandem_kvtransfer::TlsError),
+    #[error("model file {} does not exist (scripts/fetch-model.sh fetches the default model)", .0.display())]
+    NoModel(PathBuf),
+    /// The model file's tokenizer, chat template or configuration.
+    #[error("{0}")]
+    Model(Box<dyn std::error::Error + Send + Sync>),
+    /// The task loading the model's facts did not finish.
+    #[error("{0}")]
+    Loading(#[from] tokio::task::JoinError),
+    #[error("binding the {what} server on {addr}: {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    LocalAddr(std::io::Error),
+}
 
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -62,7 +94,7 @@ pub struct RouterConfig {
     /// (zero: refused at once).
     pub kv_wait: Duration,
     /// How long a request may go without its first token before it is refused as
-    /// overloaded (`service::FIRST_TOKEN_TIMEOUT` by default).
+    /// overloaded (`state::FIRST_TOKEN_TIMEOUT` by default).
     pub first_token_timeout: Duration,
     /// Requests one tenant may hold in flight unless `tenant_limits` names it; `None`: half
     /// of `max_inflight` (rounded up) when the API keys name two tenants or more, else no
@@ -91,35 +123,28 @@ impl RunningRouter {
         cfg: RouterConfig,
         discovery: Arc<dyn Discovery>,
         cluster: ClusterName,
-    ) -> Result<RunningRouter, String> {
-        let policy = policy_by_name(&cfg.policy)
-            .ok_or_else(|| format!("unknown routing policy {:?} (round-robin, least-loaded)", cfg.policy))?;
+    ) -> Result<RunningRouter, StartError> {
+        let policy = policy_by_name(&cfg.policy).ok_or_else(|| StartError::UnknownPolicy(cfg.policy.clone()))?;
         if cfg.metrics_access == crate::http::MetricsAccess::ApiKey && cfg.api_keys.is_empty() {
-            return Err("--metrics-require-key needs at least one API key (--api-key or TANDEM_API_KEYS)".into());
+            return Err(StartError::MetricsKeyMissing);
         }
         if cfg.stream_stall_timeout.is_zero() {
-            return Err("--stream-stall-timeout must be positive".into());
+            return Err(StartError::NoStallTimeout);
         }
-        let tenants = crate::service::tenants(&cfg.api_keys);
+        let tenants = crate::keys::tenants(&cfg.api_keys);
         let limits = TenantLimits::resolve(cfg.tenant_max_inflight, &cfg.tenant_limits, &tenants, cfg.max_inflight)?;
         let tls = cfg.tls.as_ref().map(worker_tls).transpose()?;
         let path = cfg.model_path.clone();
-        let facts = tokio::task::spawn_blocking(move || load_facts(&path)).await.map_err(|e| e.to_string())??;
+        let facts = tokio::task::spawn_blocking(move || load_facts(&path)).await??;
         let facts = ModelFacts { name: cfg.model_name.clone(), ..facts };
         crate::metrics::describe();
         let members = Members::new(tls, cfg.cluster_token.clone());
         let membership = tokio::spawn(follow_membership(discovery, cluster, members.clone()));
-        let mut state = RouterState::new(facts, members, policy, cfg.max_inflight);
-        // Every router of the cluster derives the same tenant salts from the cluster's secret.
-        if let Some(token) = &cfg.cluster_token {
-            state.salt_key = crate::salt::SaltKey::derive(token.secret());
-        }
-        state.api_keys = cfg.api_keys.clone();
-        state.migration_limit = cfg.migration_limit;
-        state.kv_failure_policy = cfg.kv_failure_policy;
-        state.kv_lease = cfg.kv_lease;
-        state.kv_wait = cfg.kv_wait;
-        state.first_token_timeout = cfg.first_token_timeout;
+        let mut routing = Routing::new(cfg.model_name.clone(), members, policy);
+        routing.migration_limit = cfg.migration_limit;
+        routing.kv_failure_policy = cfg.kv_failure_policy;
+        routing.kv_lease = cfg.kv_lease;
+        routing.kv_wait = cfg.kv_wait;
         tracing::info!(
             tenants = tenants.len(),
             default = ?limits.default,
@@ -127,14 +152,23 @@ impl RunningRouter {
             stream_stall_secs = cfg.stream_stall_timeout.as_secs_f64(),
             "per-tenant limits on requests in flight"
         );
-        state.quotas = Quotas::new(limits);
+        let admission = Admission::new(cfg.max_inflight, Quotas::new(limits));
+        let mut state = RouterState::new(facts, routing, admission);
+        // Every router of the cluster derives the same tenant salts from the cluster's secret.
+        if let Some(token) = &cfg.cluster_token {
+            state.salt_key = crate::salt::SaltKey::derive(token.secret());
+        }
+        state.api_keys = cfg.api_keys.clone();
+        state.first_token_timeout = cfg.first_token_timeout;
         state.stream_stall = cfg.stream_stall_timeout;
         let state = Arc::new(state);
 
-        let listener = tokio::net::TcpListener::bind(cfg.grpc_listen)
-            .await
-            .map_err(|e| format!("binding the gRPC server on {}: {e}", cfg.grpc_listen))?;
-        let grpc_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind(cfg.grpc_listen).await.map_err(|source| StartError::Bind {
+            what: "gRPC",
+            addr: cfg.grpc_listen,
+            source,
+        })?;
+        let grpc_addr = listener.local_addr().map_err(StartError::LocalAddr)?;
         let (health, health_svc) = tandem_proto::health_service(&[SERVICE_NAME]).await;
         let stop_server = CancellationToken::new();
         let stop = stop_server.clone();
@@ -157,10 +191,12 @@ impl RunningRouter {
         );
         let (http_addr, http) = match cfg.http_listen {
             Some(addr) => {
-                let l = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| format!("binding the HTTP server on {addr}: {e}"))?;
-                let local = l.local_addr().map_err(|e| e.to_string())?;
+                let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+                    what: "HTTP",
+                    addr,
+                    source,
+                })?;
+                let local = l.local_addr().map_err(StartError::LocalAddr)?;
                 let app = crate::http::routes(state.clone(), cfg.http_limits, cfg.metrics_access);
                 let task = tokio::spawn(crate::http::serve(l, app, cfg.http_limits, stop_server.clone()));
                 (Some(local), Some(task))
@@ -173,7 +209,7 @@ impl RunningRouter {
     /// Waits (up to `within`) until the router knows at least `n` workers; returns whether it does.
     pub async fn wait_for_workers(&self, n: usize, within: Duration) -> bool {
         let end = Instant::now() + within;
-        while self.state.members.snapshot().len() < n {
+        while self.state.routing.members.snapshot().len() < n {
             if Instant::now() >= end {
                 return false;
             }
@@ -186,11 +222,11 @@ impl RunningRouter {
     /// then stops. Returns whether all finished in time.
     pub async fn drain(self, deadline: Duration) -> bool {
         let end = Instant::now() + deadline;
-        self.state.draining.store(true, Ordering::SeqCst);
+        self.state.admission.draining.store(true, Ordering::SeqCst);
         self.health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
         self.health.set_service_status("", ServingStatus::NotServing).await;
         let mut clean = true;
-        while self.state.inflight.load(Ordering::SeqCst) > 0 {
+        while self.state.admission.inflight.load(Ordering::SeqCst) > 0 {
             if Instant::now() >= end {
                 clean = false;
                 break;
@@ -209,8 +245,8 @@ impl RunningRouter {
 
 /// The channels' TLS: this router's certificate, the CA that workers' certificates must
 /// chain to, and the name they must carry. The files are checked here, at start.
-fn worker_tls(files: &TlsFiles) -> Result<ClientTlsConfig, String> {
-    let tls = MutualTls::load(files).map_err(|e| e.to_string())?;
+fn worker_tls(files: &TlsFiles) -> Result<ClientTlsConfig, StartError> {
+    let tls = MutualTls::load(files)?;
     Ok(ClientTlsConfig::new()
         .identity(Identity::from_pem(tls.cert_pem(), tls.key_pem()))
         .ca_certificate(Certificate::from_pem(tls.ca_pem()))
@@ -218,17 +254,15 @@ fn worker_tls(files: &TlsFiles) -> Result<ClientTlsConfig, String> {
         .timeout(Duration::from_secs(5)))
 }
 
-fn load_facts(path: &std::path::Path) -> Result<ModelFacts, String> {
+fn load_facts(path: &std::path::Path) -> Result<ModelFacts, StartError> {
     if !path.exists() {
-        return Err(format!(
-            "model file {} does not exist (scripts/fetch-model.sh fetches the default model)",
-            path.display()
-        ));
+        return Err(StartError::NoModel(path.to_path_buf()));
     }
-    let file = GgufFile::open(path).map_err(|e| e.to_string())?;
-    let config = ModelConfig::from_gguf(&file).map_err(|e| e.to_string())?;
-    let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
-    let template = ChatTemplate::from_gguf(&file).map_err(|e| e.to_string())?;
+    let model = |e| StartError::Model(Box::new(e));
+    let file = GgufFile::open(path).map_err(model)?;
+    let config = ModelConfig::from_gguf(&file).map_err(model)?;
+    let tokenizer = Tokenizer::from_gguf(&file).map_err(model)?;
+    let template = ChatTemplate::from_gguf(&file).map_err(model)?;
     Ok(ModelFacts {
         name: String::new(),
         vocab_size: config.vocab_size,
