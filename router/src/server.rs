@@ -13,9 +13,9 @@ use tandem_engine::chat::ChatTemplate;
 use tandem_engine::config::ModelConfig;
 use tandem_engine::gguf::GgufFile;
 use tandem_engine::tokenizer::Tokenizer;
-use tandem_kvtransfer::{MutualTls, TlsFiles};
 use tandem_proto::auth::ClusterToken;
 use tandem_proto::tandem::v1::generate_server::{GenerateServer, SERVICE_NAME};
+use tandem_proto::tls::{MutualTls, TlsFiles};
 use tandem_proto::{HealthReporter, ServingStatus};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -44,7 +44,7 @@ pub enum StartError {
     TenantLimits(#[from] LimitError),
     /// The TLS files of the channels to the workers.
     #[error("{0}")]
-    Tls(#[from] tandem_kvtransfer::TlsError),
+    Tls(#[from] tandem_proto::tls::TlsError),
     #[error("model file {} does not exist (scripts/fetch-model.sh fetches the default model)", .0.display())]
     NoModel(PathBuf),
     /// The model file's tokenizer, chat template or configuration.
