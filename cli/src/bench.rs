@@ -12,14 +12,14 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use tandem_engine::gguf::GgufFile;
 use tandem_engine::kv_cache::{blocks_for_tokens, BlockId, KvCache, KvDtype};
 use tandem_engine::llm_engine::{EngineRequest, LlmEngine, LlmEngineConfig};
 use tandem_engine::model::{ForwardBatch, LogitsWanted, Model, ModelOptions, Scratch};
 use tandem_engine::sampling::SamplingParams;
 use tandem_engine::scheduler::SchedulerConfig;
-use tandem_engine::tokenizer::Tokenizer;
 use tandem_kernels::Isa;
+use tandem_text::gguf::GgufFile;
+use tandem_text::tokenizer::Tokenizer;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use tandem_engine::chat::ChatMessage;
 use tandem_engine::kv_cache::KvDtype;
 use tandem_engine::sampling::SamplingParams;
-use tandem_engine::{Engine, EngineConfig, Prompt};
+use tandem_engine::{Engine, EngineConfig};
 use tandem_kernels::Isa;
+use tandem_text::chat::ChatMessage;
+use tandem_text::Prompt;
 
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("input").required(true).multiple(true).args(["prompt", "chat"])))]

@@ -1,11 +1,11 @@
 //! `tandem.worker.v1` messages to and from the engine's types.
 
 use tandem_engine::sampling::{SampledToken, SamplingParams};
-use tandem_engine::tokenizer::Tokenizer;
 use tandem_engine::FinishReason;
 use tandem_kvtransfer::{KvDtypeWire, KvLayout};
 use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::worker::v1 as pb;
+use tandem_text::tokenizer::Tokenizer;
 
 pub fn sampling_from_pb(p: &pb::SamplingParams) -> SamplingParams {
     SamplingParams {

@@ -22,18 +22,18 @@ use tandem_cluster::{
     ClusterName, Discovery, KvEndpoints, LeaseState, LocalKvEndpoint, ModelInfo, Registration, Role, WorkerDescriptor,
     WorkerId,
 };
-use tandem_engine::gguf::GgufFile;
 use tandem_engine::kv_cache::{blocks_for_tokens, KvCache, KvDtype};
 use tandem_engine::llm_engine::{LlmEngine, LlmEngineConfig};
 use tandem_engine::model::{Model, ModelOptions};
 use tandem_engine::scheduler::{Policy, SchedulerConfig};
-use tandem_engine::tokenizer::Tokenizer;
 use tandem_kvtransfer::{host_id, KvAuth, KvReceiver, KvSender, MutualTls, ShmKv, TcpConfig, TlsFiles};
 use tandem_prefill_worker::EngineHandle;
 use tandem_proto::auth::{ClusterToken, RequireToken};
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_server::{WorkerServer, SERVICE_NAME};
 use tandem_proto::{HealthReporter, ServingStatus};
+use tandem_text::tokenizer::Tokenizer;
+use tandem_text::ModelText;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -469,12 +469,12 @@ fn load(cfg: &WorkerConfig) -> Result<Loaded, String> {
     if cfg.block_size == 0 || cfg.block_size > 1024 {
         return Err(format!("block size must be in 1..=1024, got {}", cfg.block_size));
     }
-    let file = GgufFile::open(&cfg.model_path).map_err(|e| e.to_string())?;
-    let model =
-        Model::from_gguf(&file, &ModelOptions { threads: cfg.threads.max(1), isa: None }).map_err(|e| e.to_string())?;
-    let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
-    let engine_tok = Tokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
-    drop(file);
+    let opts = ModelOptions { threads: cfg.threads.max(1), isa: None };
+    let (text, model) =
+        ModelText::open_with(&cfg.model_path, |file| Model::from_gguf(file, &opts)).map_err(|e| e.to_string())?;
+    // One tokenizer for the process: the engine's copy and the service's share it.
+    let tokenizer = text.tokenizer;
+    let engine_tok = tokenizer.clone();
     let ctx = model.config.context_length;
     let kv_blocks = cfg.kv_blocks.unwrap_or_else(|| blocks_for_tokens(ctx, cfg.block_size));
     let lcfg = LlmEngineConfig {

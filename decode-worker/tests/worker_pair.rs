@@ -9,9 +9,10 @@ use std::time::Duration;
 use tandem_cluster::Role;
 use tandem_decode_worker::{RunningWorker, WorkerConfig};
 use tandem_engine::sampling::SamplingParams;
-use tandem_engine::{Engine, EngineConfig, Prompt};
+use tandem_engine::{Engine, EngineConfig};
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
+use tandem_text::Prompt;
 use tonic::transport::Channel;
 
 mod common;
@@ -111,7 +112,7 @@ async fn prefill_and_decode_workers_over_tcp_generate_what_one_engine_does() {
 
     let mut engine =
         Engine::load(&EngineConfig { model_path: model(), threads: 1, ..EngineConfig::default() }).unwrap();
-    let prompt = Prompt::Chat(vec![tandem_engine::chat::ChatMessage::new("user", "Write a haiku about the sea.")]);
+    let prompt = Prompt::Chat(vec![tandem_text::chat::ChatMessage::new("user", "Write a haiku about the sea.")]);
     let ids = engine.prompt_ids(&prompt).unwrap();
     let params = SamplingParams { temperature: 0.0, max_tokens: 40, ..SamplingParams::default() };
     let want = engine.generate(ids.clone(), &params, 1, |_| {}).unwrap().choices.remove(0);
@@ -210,7 +211,7 @@ async fn a_prefill_aimed_at_cached_blocks_writes_nothing_and_the_victim_answers_
     let engine = Engine::load(&EngineConfig { model_path: model(), threads: 1, ..EngineConfig::default() }).unwrap();
     let question = "Describe the sea at dawn, the gulls over the harbour, the boats going out, and the \
                     fishermen's songs, in a short poem of four lines that rhyme.";
-    let ids = engine.prompt_ids(&Prompt::Chat(vec![tandem_engine::chat::ChatMessage::new("user", question)])).unwrap();
+    let ids = engine.prompt_ids(&Prompt::Chat(vec![tandem_text::chat::ChatMessage::new("user", question)])).unwrap();
     drop(engine);
     let (_, first) = disaggregated(&mut dc, &mut pc, 1, &ids, 24).await;
     assert_eq!(wait_idle(&mut dc).await.kv_blocks_used, 0);

@@ -1,17 +1,18 @@
 //! The engine's error type. `kind()` is a stable, low-cardinality label that
 //! front doors map to status codes and metrics use as a label.
 
+use tandem_text::TextError;
 use thiserror::Error;
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum EngineError {
-    /// The model file could not be read.
+    /// The model file is not there, or the engine thread is gone.
     #[error("{0}")]
     Io(String),
-    /// The file is not a valid GGUF model (bad magic, truncated, corrupt, missing tensors).
+    /// The weights do not match the model's config (a tensor missing or of the wrong shape).
     #[error("{0}")]
     BadModel(String),
-    /// A valid file that uses something this engine does not implement (architecture, tensor type).
+    /// A tensor of a GGML type the kernels do not compute with.
     #[error("{0}")]
     Unsupported(String),
     /// The request itself is invalid (empty prompt, too long, bad sampling parameters).
@@ -23,12 +24,10 @@ pub enum EngineError {
     /// The KV block pool cannot hold the request.
     #[error("out of KV cache blocks: {0}")]
     OutOfBlocks(String),
-    /// Building or running the tokenizer failed.
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    /// Rendering the chat template failed.
-    #[error("chat template: {0}")]
-    Template(String),
+    /// The text side failed: reading the file, its metadata, the tokenizer or the chat
+    /// template. Shown and labelled as the text side's error.
+    #[error(transparent)]
+    Text(TextError),
 }
 
 impl EngineError {
@@ -41,8 +40,18 @@ impl EngineError {
             EngineError::InvalidRequest(_) => "invalid_request",
             EngineError::OutOfBlocks(_) => "out_of_blocks",
             EngineError::Overloaded(_) => "overloaded",
-            EngineError::Tokenizer(_) => "tokenizer",
-            EngineError::Template(_) => "template",
+            EngineError::Text(e) => e.kind(),
+        }
+    }
+}
+
+/// A prompt the text side refuses is a request fault like any other (`InvalidRequest`, which
+/// front doors map to a client error); every other text error stays the text side's.
+impl From<TextError> for EngineError {
+    fn from(e: TextError) -> Self {
+        match e {
+            TextError::InvalidRequest(m) => EngineError::InvalidRequest(m),
+            other => EngineError::Text(other),
         }
     }
 }

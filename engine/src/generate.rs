@@ -7,16 +7,18 @@ use std::path::{Path, PathBuf};
 
 use tandem_kernels::Isa;
 
-use crate::chat::{ChatMessage, ChatTemplate};
+use tandem_text::chat::ChatTemplate;
+use tandem_text::prompt::{prompt_ids, Prompt};
+use tandem_text::tokenizer::Tokenizer;
+use tandem_text::ModelText;
+
 use crate::error::EngineError;
 use crate::finish::FinishReason;
-use crate::gguf::GgufFile;
 use crate::kv_cache::{blocks_for_tokens, KvDtype};
 use crate::llm_engine::{EngineRequest, LlmEngine, LlmEngineConfig};
 use crate::model::{Model, ModelOptions};
 use crate::sampling::{SampledToken, SamplingParams};
 use crate::scheduler::SchedulerConfig;
-use crate::tokenizer::Tokenizer;
 
 /// Settings for loading an engine.
 #[derive(Debug, Clone)]
@@ -48,17 +50,6 @@ impl Default for EngineConfig {
             scheduler: SchedulerConfig::default(),
         }
     }
-}
-
-/// What to generate from.
-#[derive(Debug, Clone)]
-pub enum Prompt {
-    /// Raw text; special tokens in it are parsed as special tokens.
-    Text(String),
-    /// A conversation, rendered with the model's chat template plus the generation prompt.
-    Chat(Vec<ChatMessage>),
-    /// Token ids as is.
-    Tokens(Vec<u32>),
 }
 
 /// One finished sequence of a generation.
@@ -105,11 +96,8 @@ impl Engine {
                 path.display()
             )));
         }
-        let file = GgufFile::open(path)?;
-        let model = Model::from_gguf(&file, &ModelOptions { threads: cfg.threads, isa: cfg.isa })?;
-        let tokenizer = Tokenizer::from_gguf(&file)?;
-        let chat_template = ChatTemplate::from_gguf(&file)?;
-        drop(file);
+        let opts = ModelOptions { threads: cfg.threads, isa: cfg.isa };
+        let (text, model) = ModelText::open_with(path, |file| Model::from_gguf(file, &opts))?;
         let ctx = model.config.context_length;
         let kv_blocks = cfg.kv_blocks.unwrap_or_else(|| blocks_for_tokens(ctx, cfg.block_size));
         let lcfg = LlmEngineConfig {
@@ -119,7 +107,7 @@ impl Engine {
             kv_dtype: cfg.kv_dtype,
             prefix_caching: cfg.prefix_caching,
         };
-        Ok(Engine { engine: LlmEngine::new(model, tokenizer, lcfg)?, chat_template })
+        Ok(Engine { engine: LlmEngine::new(model, text.tokenizer, lcfg)?, chat_template: text.chat_template })
     }
 
     pub fn model(&self) -> &Model {
@@ -132,7 +120,7 @@ impl Engine {
 
     /// The prompt as token ids: chat rendered, text tokenized (BOS added only if the model asks).
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
-        prompt_ids(self.tokenizer(), self.chat_template.as_ref(), prompt)
+        Ok(prompt_ids(self.tokenizer(), self.chat_template.as_ref(), prompt)?)
     }
 
     /// Free KV blocks, counting cached prefix blocks nobody holds (all of them between requests).
@@ -213,41 +201,5 @@ impl Engine {
             }
         }
         Ok(Generation { prompt_token_ids: prompt_ids, choices: choices.into_iter().flatten().collect(), cached_tokens })
-    }
-}
-
-/// `prompt` as the model sees it: a chat rendered with `template` (and the generation
-/// prompt appended), text tokenized with the tokenizer's BOS if the model asks for it,
-/// token ids as they are. The router and `tandem generate` both call this, so the same
-/// input gives the same ids on every path.
-pub fn prompt_ids(tok: &Tokenizer, template: Option<&ChatTemplate>, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
-    match prompt {
-        Prompt::Tokens(ids) => Ok(ids.clone()),
-        // A raw prompt is the caller's markup: control tokens written in it are parsed.
-        Prompt::Text(t) => Ok(with_bos(tok, tok.encode(t, true)?)),
-        Prompt::Chat(messages) => {
-            let template =
-                template.ok_or_else(|| EngineError::InvalidRequest("this model has no chat template".into()))?;
-            Ok(chat_ids(tok, template, messages, true)?.0)
-        }
-    }
-}
-
-/// A conversation's prompt ids (with BOS if the model asks for it) and its rendered text.
-/// Control-token text inside a message stays text (see [`ChatTemplate::render_chat`]).
-pub fn chat_ids(
-    tok: &Tokenizer,
-    template: &ChatTemplate,
-    messages: &[ChatMessage],
-    add_generation_prompt: bool,
-) -> Result<(Vec<u32>, String), EngineError> {
-    let chat = template.render_chat(messages, add_generation_prompt, tok)?;
-    Ok((with_bos(tok, chat.ids(tok)?), chat.text(tok)))
-}
-
-fn with_bos(tok: &Tokenizer, text_ids: Vec<u32>) -> Vec<u32> {
-    match tok.bos_id().filter(|_| tok.add_bos()) {
-        Some(bos) => std::iter::once(bos).chain(text_ids).collect(),
-        None => text_ids,
     }
 }

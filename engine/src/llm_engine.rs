@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 
+use tandem_text::tokenizer::{IncrementalDecoder, Tokenizer};
+
 use crate::block_manager::{BlockManager, KvEvent};
 use crate::error::EngineError;
 use crate::finish::FinishReason;
@@ -17,7 +19,6 @@ use crate::model::{ForwardBatch, LogitsWanted, Model, Scratch};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
 use crate::scheduler::{NewRequest, RequestId, Sampled, Scheduler, SchedulerConfig, SchedulerStats, StepPlan};
 use crate::stop::StopMatcher;
-use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// Settings of the engine loop.
 #[derive(Debug, Clone)]

@@ -14,10 +14,10 @@ use tandem_kernels::ops::{add_in_place, rms_norm, swiglu_isa, RopeTable};
 use tandem_kernels::pool::{split_range, SyncPtr};
 use tandem_kernels::quant::dequantize_row;
 use tandem_kernels::{GgmlType, Isa, KvElem, KvShape, QuantizedActs, ThreadPool, Weights};
+use tandem_text::config::ModelConfig;
+use tandem_text::gguf::{GgufFile, TensorInfo};
 
-use crate::config::ModelConfig;
 use crate::error::EngineError;
-use crate::gguf::GgufFile;
 use crate::kv_cache::{BlockId, KvCache, KvStorage, LayerKv, LayerKvBytes};
 
 /// How the model runs.
@@ -401,35 +401,34 @@ impl Model {
     }
 }
 
-fn tensor_bytes<'f>(f: &'f GgufFile, name: &str) -> Result<(&'f crate::gguf::TensorInfo, &'f [u8]), EngineError> {
+fn tensor_bytes<'f>(f: &'f GgufFile, name: &str) -> Result<(&'f TensorInfo, GgmlType, &'f [u8]), EngineError> {
     let info = f.tensor(name).ok_or_else(|| EngineError::BadModel(format!("missing tensor {name}")))?;
-    if GgmlType::from_id(info.type_id).is_none() {
+    let Some(ggml_type) = GgmlType::from_id(info.type_id) else {
         return Err(EngineError::Unsupported(format!(
             "tensor {name} has type {}, which is not supported (supported: F32, F16, Q4_0, Q4_1, Q8_0)",
             GgmlType::name_of_id(info.type_id)
         )));
-    }
-    Ok((info, f.tensor_data(info)?))
+    };
+    Ok((info, ggml_type, f.tensor_data(info)?))
 }
 
 fn load_matrix(f: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Weights, EngineError> {
-    let (info, bytes) = tensor_bytes(f, name)?;
+    let (info, ggml_type, bytes) = tensor_bytes(f, name)?;
     if info.dims.len() != 2 || info.dims[0] as usize != cols || info.dims[1] as usize != rows {
         return Err(EngineError::BadModel(format!(
             "tensor {name} has shape {:?}, expected [{cols}, {rows}]",
             info.dims
         )));
     }
-    Weights::from_ggml(info.ggml_type, bytes, rows, cols)
-        .map_err(|e| EngineError::BadModel(format!("tensor {name}: {e}")))
+    Weights::from_ggml(ggml_type, bytes, rows, cols).map_err(|e| EngineError::BadModel(format!("tensor {name}: {e}")))
 }
 
 fn load_vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
-    let (info, bytes) = tensor_bytes(f, name)?;
+    let (info, ggml_type, bytes) = tensor_bytes(f, name)?;
     if info.n_elements() != len as u64 {
         return Err(EngineError::BadModel(format!("tensor {name} has {} elements, expected {len}", info.n_elements())));
     }
     let mut out = vec![0f32; len];
-    dequantize_row(info.ggml_type, bytes, &mut out);
+    dequantize_row(ggml_type, bytes, &mut out);
     Ok(out)
 }

@@ -6,13 +6,13 @@ mod llama_cpp;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use tandem_engine::chat::{ChatMessage, ChatTemplate};
-use tandem_engine::gguf::GgufFile;
 use tandem_engine::llm_engine::{EngineRequest, LlmEngine, LlmEngineConfig};
 use tandem_engine::model::{Model, ModelOptions};
 use tandem_engine::sampling::{SamplingParams, MAX_LOGPROBS};
 use tandem_engine::scheduler::{RequestId, SchedulerConfig};
-use tandem_engine::tokenizer::Tokenizer;
+use tandem_text::chat::{ChatMessage, ChatTemplate};
+use tandem_text::gguf::GgufFile;
+use tandem_text::tokenizer::Tokenizer;
 use tandem_engine::FinishReason;
 
 use llama_cpp::{fixture, ids, top5, Top5Comparison};

@@ -142,7 +142,7 @@ pub fn facts() -> Option<&'static ModelFacts> {
                 PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"))
             });
             let load = || -> Result<ModelFacts, String> {
-                use tandem_engine::{chat::ChatTemplate, config::ModelConfig, gguf::GgufFile, tokenizer::Tokenizer};
+                use tandem_text::{chat::ChatTemplate, config::ModelConfig, gguf::GgufFile, tokenizer::Tokenizer};
                 let f = GgufFile::open(&path).map_err(|e| e.to_string())?;
                 let config = ModelConfig::from_gguf(&f).map_err(|e| e.to_string())?;
                 Ok(ModelFacts {

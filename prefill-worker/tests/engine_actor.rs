@@ -5,12 +5,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tandem_engine::gguf::GgufFile;
 use tandem_engine::llm_engine::{EngineRequest, LlmEngine, LlmEngineConfig};
 use tandem_engine::model::{Model, ModelOptions};
 use tandem_engine::sampling::SamplingParams;
-use tandem_engine::tokenizer::Tokenizer;
 use tandem_prefill_worker::{Admission, EngineHandle, Event};
+use tandem_text::gguf::GgufFile;
+use tandem_text::tokenizer::Tokenizer;
 
 fn model_path() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");

@@ -9,14 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_cluster::{ClusterName, Discovery, DiscoveryEvent};
-use tandem_engine::chat::ChatTemplate;
-use tandem_engine::config::ModelConfig;
-use tandem_engine::gguf::GgufFile;
-use tandem_engine::tokenizer::Tokenizer;
 use tandem_proto::auth::ClusterToken;
 use tandem_proto::tandem::v1::generate_server::{GenerateServer, SERVICE_NAME};
 use tandem_proto::tls::{MutualTls, TlsFiles};
 use tandem_proto::{HealthReporter, ServingStatus};
+use tandem_text::ModelText;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
@@ -258,17 +255,13 @@ fn load_facts(path: &std::path::Path) -> Result<ModelFacts, StartError> {
     if !path.exists() {
         return Err(StartError::NoModel(path.to_path_buf()));
     }
-    let model = |e| StartError::Model(Box::new(e));
-    let file = GgufFile::open(path).map_err(model)?;
-    let config = ModelConfig::from_gguf(&file).map_err(model)?;
-    let tokenizer = Tokenizer::from_gguf(&file).map_err(model)?;
-    let template = ChatTemplate::from_gguf(&file).map_err(model)?;
+    let text = ModelText::open(path).map_err(|e| StartError::Model(Box::new(e)))?;
     Ok(ModelFacts {
         name: String::new(),
-        vocab_size: config.vocab_size,
-        max_model_len: config.context_length,
-        tokenizer,
-        template,
+        vocab_size: text.config.vocab_size,
+        max_model_len: text.config.context_length,
+        tokenizer: text.tokenizer,
+        template: text.chat_template,
     })
 }
 

@@ -2,11 +2,11 @@
 //! the workers is complete and valid. Each error names the field at fault.
 
 use crate::recovery::KvFailurePolicy;
-use tandem_engine::chat::{ChatMessage, ChatTemplate};
-use tandem_engine::generate::{chat_ids, prompt_ids, Prompt};
-use tandem_engine::tokenizer::Tokenizer;
 use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::worker::v1 as pb;
+use tandem_text::chat::{ChatMessage, ChatTemplate};
+use tandem_text::prompt::{chat_ids, prompt_ids, Prompt};
+use tandem_text::tokenizer::Tokenizer;
 use tonic::Status;
 
 /// Most choices per request.

@@ -453,8 +453,8 @@ async fn closes(s: &mut TcpStream) -> bool {
 
 /// The layout the cluster's workers use: the model's shape, 16-token f16 blocks.
 fn cluster_layout() -> KvLayout {
-    let gguf = tandem_engine::gguf::GgufFile::open(&model()).unwrap();
-    let c = tandem_engine::config::ModelConfig::from_gguf(&gguf).unwrap();
+    let gguf = tandem_text::gguf::GgufFile::open(&model()).unwrap();
+    let c = tandem_text::config::ModelConfig::from_gguf(&gguf).unwrap();
     KvLayout {
         n_layers: c.n_layers as u16,
         n_kv_heads: c.n_kv_heads as u16,

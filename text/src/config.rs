@@ -1,6 +1,6 @@
-//! Model hyperparameters, read from GGUF metadata.
+//! Model hyperparameters, read from GGUF metadata, and the architectures Tandem runs.
 
-use crate::error::EngineError;
+use crate::error::TextError;
 use crate::gguf::GgufFile;
 
 /// The shape of a Llama-family model.
@@ -26,23 +26,23 @@ pub struct ModelConfig {
 pub(crate) const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
 
 impl ModelConfig {
-    pub fn from_gguf(f: &GgufFile) -> Result<Self, EngineError> {
+    pub fn from_gguf(f: &GgufFile) -> Result<Self, TextError> {
         let arch = f
             .get_str("general.architecture")
-            .ok_or_else(|| EngineError::BadModel("GGUF file has no general.architecture".into()))?
+            .ok_or_else(|| TextError::BadModel("GGUF file has no general.architecture".into()))?
             .to_string();
         if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
-            return Err(EngineError::Unsupported(format!(
+            return Err(TextError::Unsupported(format!(
                 "unsupported model architecture '{arch}' (supported: {})",
                 SUPPORTED_ARCHITECTURES.join(", ")
             )));
         }
-        let req = |key: &str| -> Result<usize, EngineError> {
+        let req = |key: &str| -> Result<usize, TextError> {
             let full = format!("{arch}.{key}");
             f.get_u64(&full)
                 .filter(|&v| v > 0 && v < 1 << 24)
                 .map(|v| v as usize)
-                .ok_or_else(|| EngineError::BadModel(format!("missing or invalid metadata {full}")))
+                .ok_or_else(|| TextError::BadModel(format!("missing or invalid metadata {full}")))
         };
         let n_layers = req("block_count")?;
         let hidden = req("embedding_length")?;
@@ -59,18 +59,18 @@ impl ModelConfig {
             .tensor("token_embd.weight")
             .filter(|t| t.dims.len() == 2)
             .map(|t| t.dims[1] as usize)
-            .ok_or_else(|| EngineError::BadModel("missing tensor token_embd.weight".into()))?;
+            .ok_or_else(|| TextError::BadModel("missing tensor token_embd.weight".into()))?;
 
         if n_heads % n_kv_heads != 0 {
-            return Err(EngineError::BadModel(format!("{n_heads} heads are not a multiple of {n_kv_heads} KV heads")));
+            return Err(TextError::BadModel(format!("{n_heads} heads are not a multiple of {n_kv_heads} KV heads")));
         }
-        if head_dim % 2 != 0 || rope_dims != head_dim {
-            return Err(EngineError::Unsupported(format!(
+        if !head_dim.is_multiple_of(2) || rope_dims != head_dim {
+            return Err(TextError::Unsupported(format!(
                 "rotary dimension {rope_dims} with head dimension {head_dim} (partial or odd RoPE is not supported)"
             )));
         }
-        if !(rope_theta.is_finite() && rope_theta > 1.0) || !(rms_eps.is_finite() && rms_eps > 0.0) {
-            return Err(EngineError::BadModel("invalid rope.freq_base or layer_norm_rms_epsilon".into()));
+        if !(rope_theta.is_finite() && rope_theta > 1.0 && rms_eps.is_finite() && rms_eps > 0.0) {
+            return Err(TextError::BadModel("invalid rope.freq_base or layer_norm_rms_epsilon".into()));
         }
         Ok(ModelConfig {
             architecture: arch,

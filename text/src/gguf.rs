@@ -3,18 +3,24 @@
 //! Owns the file's bytes and hands out bounds-checked views of tensor data.
 //! Every length and offset read from the file is checked against what is left
 //! of it, so a truncated or corrupt file is an error, never a panic or an
-//! out-of-bounds read. It knows nothing about Llama: `model.rs` interprets
-//! the metadata.
+//! out-of-bounds read. It knows nothing about Llama (`config` interprets the
+//! metadata) and does not compute: a tensor's type is kept as the raw GGML type
+//! id, which the engine maps to its kernels' type where it loads weights. Only
+//! the storage size of the types the engine computes with is known here, to
+//! check that their data lies inside the file.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use tandem_kernels::quant::GgmlType;
-
-use crate::error::EngineError;
+use crate::error::TextError;
 
 const MAGIC: u32 = 0x4655_4747; // "GGUF", little-endian
 const DEFAULT_ALIGNMENT: u64 = 32;
+/// GGML type ids whose storage this reader knows: (id, name, elements per block, bytes per
+/// block). The same five types the kernels compute with (the engine's tests check that
+/// both agree); tensors of other types are kept unsized and refused when read.
+const SIZED_TYPES: &[(u32, &str, u64, u64)] =
+    &[(0, "F32", 1, 4), (1, "F16", 1, 2), (2, "Q4_0", 32, 18), (3, "Q4_1", 32, 20), (8, "Q8_0", 32, 34)];
 /// Arrays and strings longer than this are treated as corruption.
 const MAX_ELEMENTS: u64 = 1 << 28;
 const MAX_DIMS: u32 = 4;
@@ -96,10 +102,9 @@ pub struct TensorInfo {
     pub name: String,
     /// Dimensions in GGML order: `dims[0]` is the contiguous (row) length.
     pub dims: Vec<u64>,
-    pub ggml_type: GgmlType,
-    /// Raw type id as stored, kept for error messages about unsupported types.
+    /// The GGML type id as stored (the engine maps it to the kernels' type).
     pub type_id: u32,
-    /// Absolute byte range of the tensor's data in the file.
+    /// Absolute byte range of the tensor's data in the file; empty for a type of unknown size.
     pub start: usize,
     pub len: usize,
 }
@@ -108,6 +113,20 @@ impl TensorInfo {
     pub fn n_elements(&self) -> u64 {
         self.dims.iter().product()
     }
+}
+
+fn sized_type(type_id: u32) -> Option<&'static (u32, &'static str, u64, u64)> {
+    SIZED_TYPES.iter().find(|t| t.0 == type_id)
+}
+
+/// Bytes taken by `n_elements` of GGML type `type_id` in rows of `row_len`: `None` for a type
+/// of unknown size, an error if rows are not whole blocks.
+pub fn tensor_byte_size(type_id: u32, n_elements: u64, row_len: u64) -> Option<Result<u64, String>> {
+    let &(_, name, block_elements, block_bytes) = sized_type(type_id)?;
+    if !row_len.is_multiple_of(block_elements) {
+        return Some(Err(format!("row length {row_len} is not a multiple of the {name} block size {block_elements}")));
+    }
+    Some(Ok(n_elements / block_elements * block_bytes))
 }
 
 /// A parsed GGUF file held in memory.
@@ -135,48 +154,48 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], EngineError> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], TextError> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            EngineError::BadModel(format!("truncated GGUF file while reading {what} at byte {}", self.pos))
+            TextError::BadModel(format!("truncated GGUF file while reading {what} at byte {}", self.pos))
         })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
     }
-    fn u8(&mut self, what: &str) -> Result<u8, EngineError> {
+    fn u8(&mut self, what: &str) -> Result<u8, TextError> {
         Ok(self.take(1, what)?[0])
     }
-    fn u16(&mut self, what: &str) -> Result<u16, EngineError> {
+    fn u16(&mut self, what: &str) -> Result<u16, TextError> {
         Ok(u16::from_le_bytes(self.take(2, what)?.try_into().unwrap()))
     }
-    fn u32(&mut self, what: &str) -> Result<u32, EngineError> {
+    fn u32(&mut self, what: &str) -> Result<u32, TextError> {
         Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap()))
     }
-    fn u64(&mut self, what: &str) -> Result<u64, EngineError> {
+    fn u64(&mut self, what: &str) -> Result<u64, TextError> {
         Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
     }
     fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
     /// A count that must be plausible given the bytes left (each element at least `min_size` bytes).
-    fn count(&mut self, what: &str, min_size: usize) -> Result<usize, EngineError> {
+    fn count(&mut self, what: &str, min_size: usize) -> Result<usize, TextError> {
         let n = self.u64(what)?;
         if n > MAX_ELEMENTS || (n as u128) * (min_size as u128) > self.remaining() as u128 {
-            return Err(EngineError::BadModel(format!(
+            return Err(TextError::BadModel(format!(
                 "corrupt GGUF file: {what} claims {n} elements at byte {}",
                 self.pos
             )));
         }
         Ok(n as usize)
     }
-    fn string(&mut self, what: &str) -> Result<String, EngineError> {
+    fn string(&mut self, what: &str) -> Result<String, TextError> {
         let n = self.count(what, 1)?;
         let bytes = self.take(n, what)?;
         // Vocabularies may hold invalid UTF-8 fragments; keep them lossily.
         Ok(String::from_utf8_lossy(bytes).into_owned())
     }
 
-    fn value(&mut self, type_id: u32, depth: u32) -> Result<Value, EngineError> {
+    fn value(&mut self, type_id: u32, depth: u32) -> Result<Value, TextError> {
         const W: &str = "metadata value";
         Ok(match type_id {
             0 => Value::U8(self.u8(W)?),
@@ -190,18 +209,16 @@ impl<'a> Cursor<'a> {
             8 => Value::String(self.string(W)?),
             9 => {
                 if depth > 2 {
-                    return Err(EngineError::BadModel("corrupt GGUF file: arrays nested too deeply".into()));
+                    return Err(TextError::BadModel("corrupt GGUF file: arrays nested too deeply".into()));
                 }
                 let elem = self.u32("array element type")?;
                 let min = match elem {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
-                    4 | 5 | 6 => 4,
+                    4..=6 => 4,
                     10..=12 => 8,
                     8 | 9 => 8,
-                    other => {
-                        return Err(EngineError::BadModel(format!("corrupt GGUF file: unknown value type {other}")))
-                    }
+                    other => return Err(TextError::BadModel(format!("corrupt GGUF file: unknown value type {other}"))),
                 };
                 let n = self.count("array length", min)?;
                 let mut items = Vec::with_capacity(n);
@@ -213,29 +230,29 @@ impl<'a> Cursor<'a> {
             10 => Value::U64(self.u64(W)?),
             11 => Value::I64(self.u64(W)? as i64),
             12 => Value::F64(f64::from_bits(self.u64(W)?)),
-            other => return Err(EngineError::BadModel(format!("corrupt GGUF file: unknown value type {other}"))),
+            other => return Err(TextError::BadModel(format!("corrupt GGUF file: unknown value type {other}"))),
         })
     }
 }
 
 impl GgufFile {
     /// Reads and parses a GGUF file.
-    pub fn open(path: &Path) -> Result<Self, EngineError> {
+    pub fn open(path: &Path) -> Result<Self, TextError> {
         let bytes = std::fs::read(path)
-            .map_err(|e| EngineError::Io(format!("cannot read model file {}: {e}", path.display())))?;
+            .map_err(|e| TextError::Io(format!("cannot read model file {}: {e}", path.display())))?;
         Self::parse(bytes)
     }
 
     /// Parses a GGUF file held in memory.
-    pub fn parse(bytes: Vec<u8>) -> Result<Self, EngineError> {
+    pub fn parse(bytes: Vec<u8>) -> Result<Self, TextError> {
         let mut c = Cursor { buf: &bytes, pos: 0 };
-        let magic = c.u32("magic").map_err(|_| EngineError::BadModel("not a GGUF file (too short)".into()))?;
+        let magic = c.u32("magic").map_err(|_| TextError::BadModel("not a GGUF file (too short)".into()))?;
         if magic != MAGIC {
-            return Err(EngineError::BadModel("not a GGUF file (bad magic)".into()));
+            return Err(TextError::BadModel("not a GGUF file (bad magic)".into()));
         }
         let version = c.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(EngineError::BadModel(format!("unsupported GGUF version {version} (2 and 3 are supported)")));
+            return Err(TextError::BadModel(format!("unsupported GGUF version {version} (2 and 3 are supported)")));
         }
         // A tensor info takes at least 8 (name len) + 4 + 8 + 4 + 8 bytes; a KV at least 8 + 4 + 1.
         let n_tensors = c.count("tensor count", 32)?;
@@ -254,7 +271,7 @@ impl GgufFile {
             let name = c.string("tensor name")?;
             let n_dims = c.u32("tensor rank")?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(EngineError::BadModel(format!("corrupt GGUF file: tensor {name} has rank {n_dims}")));
+                return Err(TextError::BadModel(format!("corrupt GGUF file: tensor {name} has rank {n_dims}")));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -269,7 +286,7 @@ impl GgufFile {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 16 => a,
-                _ => return Err(EngineError::BadModel("corrupt GGUF file: bad general.alignment".into())),
+                _ => return Err(TextError::BadModel("corrupt GGUF file: bad general.alignment".into())),
             },
         };
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
@@ -283,36 +300,25 @@ impl GgufFile {
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
                 .filter(|&n| n > 0 && n <= 1 << 40)
                 .ok_or_else(|| {
-                    EngineError::BadModel(format!("corrupt GGUF file: tensor {name} has bad dimensions {dims:?}"))
+                    TextError::BadModel(format!("corrupt GGUF file: tensor {name} has bad dimensions {dims:?}"))
                 })?;
-            let ggml_type = GgmlType::from_id(type_id);
             // Unknown types are kept (reported by the model loader only if the tensor is used),
             // but their size cannot be checked.
-            let len = match ggml_type.map(|t| t.byte_size(n_elements, dims[0])) {
+            let len = match tensor_byte_size(type_id, n_elements, dims[0]) {
                 Some(Ok(len)) => len,
-                Some(Err(msg)) => return Err(EngineError::BadModel(format!("tensor {name}: {msg}"))),
+                Some(Err(msg)) => return Err(TextError::BadModel(format!("tensor {name}: {msg}"))),
                 None => 0,
             };
             let start = data_start
                 .checked_add(offset)
                 .filter(|s| s.checked_add(len).is_some_and(|e| e <= file_len))
                 .ok_or_else(|| {
-                    EngineError::BadModel(format!(
+                    TextError::BadModel(format!(
                         "truncated or corrupt GGUF file: tensor {name} ({len} bytes at offset {offset}) lies beyond the end of the file ({file_len} bytes)"
                     ))
                 })?;
             by_name.insert(name.clone(), tensors.len());
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ggml_type: ggml_type.unwrap_or(GgmlType::F32),
-                type_id,
-                start: start as usize,
-                len: len as usize,
-            });
-            if ggml_type.is_none() {
-                tensors.last_mut().unwrap().len = 0;
-            }
+            tensors.push(TensorInfo { name, dims, type_id, start: start as usize, len: len as usize });
         }
 
         Ok(GgufFile { version, metadata, tensors, by_name, bytes })
@@ -339,9 +345,9 @@ impl GgufFile {
     }
 
     /// The tensor's raw bytes; an error names the tensor if its type is unknown.
-    pub fn tensor_data(&self, info: &TensorInfo) -> Result<&[u8], EngineError> {
-        if GgmlType::from_id(info.type_id).is_none() {
-            return Err(EngineError::Unsupported(format!(
+    pub fn tensor_data(&self, info: &TensorInfo) -> Result<&[u8], TextError> {
+        if sized_type(info.type_id).is_none() {
+            return Err(TextError::Unsupported(format!(
                 "tensor {} has unsupported GGML type id {}",
                 info.name, info.type_id
             )));

@@ -9,10 +9,10 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use serde::Deserialize;
-use tandem_engine::chat::{ChatMessage, ChatTemplate};
-use tandem_engine::generate::chat_ids;
-use tandem_engine::gguf::GgufFile;
-use tandem_engine::tokenizer::{IncrementalDecoder, Tokenizer};
+use tandem_text::chat::{ChatMessage, ChatTemplate};
+use tandem_text::gguf::GgufFile;
+use tandem_text::prompt::chat_ids;
+use tandem_text::tokenizer::{IncrementalDecoder, Tokenizer};
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const FIXTURE: &str = "tests/fixtures/llama_cpp/reference.json";

@@ -7,6 +7,8 @@
 //! step), and the byte pieces that decoding and streaming use. [`IncrementalDecoder`] turns generated ids into text deltas
 //! that are always valid UTF-8.
 
+use std::sync::Arc;
+
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -15,7 +17,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
-use crate::error::EngineError;
+use crate::error::TextError;
 use crate::gguf::GgufFile;
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
@@ -39,8 +41,15 @@ enum Kind {
     UserDefined,
 }
 
-/// The model's tokenizer. Cheap to share behind an `Arc`; all methods take `&self`.
+/// The model's tokenizer. All methods take `&self`; a clone shares the one built vocabulary
+/// (an `Arc`), so a process builds it once and hands copies to the engine and its services.
+#[derive(Clone)]
 pub struct Tokenizer {
+    vocab: Arc<Vocabulary>,
+}
+
+/// What a built tokenizer holds.
+struct Vocabulary {
     /// Control tokens are split out of the input before BPE.
     with_special: tokenizers::Tokenizer,
     /// Same vocabulary, but control tokens in the input are plain text.
@@ -67,10 +76,10 @@ pub enum Piece<'a> {
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
-            .field("vocab_size", &self.tokens.len())
-            .field("bos", &self.bos)
-            .field("eos", &self.eos)
-            .field("add_bos", &self.add_bos)
+            .field("vocab_size", &self.vocab.tokens.len())
+            .field("bos", &self.vocab.bos)
+            .field("eos", &self.vocab.eos)
+            .field("add_bos", &self.vocab.add_bos)
             .finish()
     }
 }
@@ -90,34 +99,34 @@ struct VocabSpec {
 impl Tokenizer {
     /// Builds the tokenizer from the GGUF's own vocabulary, so tokenization
     /// always matches the weights without a side-car `tokenizer.json`.
-    pub fn from_gguf(gguf: &GgufFile) -> Result<Self, EngineError> {
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self, TextError> {
         let model = gguf
             .get_str("tokenizer.ggml.model")
-            .ok_or_else(|| EngineError::BadModel("GGUF has no tokenizer.ggml.model".into()))?;
+            .ok_or_else(|| TextError::BadModel("GGUF has no tokenizer.ggml.model".into()))?;
         if model != "gpt2" {
-            return Err(EngineError::Unsupported(format!(
+            return Err(TextError::Unsupported(format!(
                 "tokenizer model '{model}' is not supported (only 'gpt2' byte-level BPE is)"
             )));
         }
         let pre = gguf.get_str("tokenizer.ggml.pre").unwrap_or("default");
         let Some(&(_, split_digits)) = SUPPORTED_PRE.iter().find(|(name, _)| *name == pre) else {
             let names: Vec<&str> = SUPPORTED_PRE.iter().map(|(name, _)| *name).collect();
-            return Err(EngineError::Unsupported(format!(
+            return Err(TextError::Unsupported(format!(
                 "pre-tokenizer '{pre}' is not supported (supported: {})",
                 names.join(", ")
             )));
         };
 
         let tokens = string_array(gguf, "tokenizer.ggml.tokens")?
-            .ok_or_else(|| EngineError::BadModel("GGUF has no tokenizer.ggml.tokens".into()))?;
+            .ok_or_else(|| TextError::BadModel("GGUF has no tokenizer.ggml.tokens".into()))?;
         let merges = string_array(gguf, "tokenizer.ggml.merges")?
-            .ok_or_else(|| EngineError::BadModel("GGUF has no tokenizer.ggml.merges".into()))?;
+            .ok_or_else(|| TextError::BadModel("GGUF has no tokenizer.ggml.merges".into()))?;
         let merges = merges
             .into_iter()
             .enumerate()
             .map(|(i, m)| match m.split_once(' ') {
                 Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_string(), b.to_string())),
-                _ => Err(EngineError::BadModel(format!("tokenizer merge #{i} ('{m}') is not 'a b'"))),
+                _ => Err(TextError::BadModel(format!("tokenizer merge #{i} ('{m}') is not 'a b'"))),
             })
             .collect::<Result<Vec<_>, _>>()?;
 
@@ -126,9 +135,9 @@ impl Tokenizer {
             Some(v) => {
                 let arr = v
                     .as_array()
-                    .ok_or_else(|| EngineError::BadModel("tokenizer.ggml.token_type is not an array".into()))?;
+                    .ok_or_else(|| TextError::BadModel("tokenizer.ggml.token_type is not an array".into()))?;
                 if arr.len() != tokens.len() {
-                    return Err(EngineError::BadModel(format!(
+                    return Err(TextError::BadModel(format!(
                         "tokenizer.ggml.token_type has {} entries but there are {} tokens",
                         arr.len(),
                         tokens.len()
@@ -139,13 +148,13 @@ impl Tokenizer {
                         Some(TYPE_CONTROL) => Ok(Kind::Control),
                         Some(TYPE_USER_DEFINED) => Ok(Kind::UserDefined),
                         Some(_) => Ok(Kind::Normal),
-                        None => Err(EngineError::BadModel("tokenizer.ggml.token_type holds a non-integer".into())),
+                        None => Err(TextError::BadModel("tokenizer.ggml.token_type holds a non-integer".into())),
                     })
                     .collect::<Result<Vec<_>, _>>()?
             }
         };
 
-        let id_key = |key: &str| -> Result<Option<u32>, EngineError> {
+        let id_key = |key: &str| -> Result<Option<u32>, TextError> {
             match gguf.get(key) {
                 None => Ok(None),
                 Some(v) => v
@@ -153,7 +162,7 @@ impl Tokenizer {
                     .and_then(|id| u32::try_from(id).ok())
                     .filter(|&id| (id as usize) < tokens.len())
                     .map(Some)
-                    .ok_or_else(|| EngineError::BadModel(format!("{key} is not a token id of the vocabulary"))),
+                    .ok_or_else(|| TextError::BadModel(format!("{key} is not a token id of the vocabulary"))),
             }
         };
         let bos = id_key("tokenizer.ggml.bos_token_id")?;
@@ -166,10 +175,10 @@ impl Tokenizer {
         Self::build(VocabSpec { tokens, kinds, merges, split_digits, bos, eos, add_bos })
     }
 
-    fn build(spec: VocabSpec) -> Result<Self, EngineError> {
+    fn build(spec: VocabSpec) -> Result<Self, TextError> {
         let VocabSpec { tokens, kinds, merges, split_digits, bos, eos, add_bos } = spec;
         if tokens.is_empty() || tokens.len() > u32::MAX as usize {
-            return Err(EngineError::BadModel(format!("vocabulary size {} is not usable", tokens.len())));
+            return Err(TextError::BadModel(format!("vocabulary size {} is not usable", tokens.len())));
         }
 
         // First occurrence wins for duplicated strings; ids stay those of the GGUF.
@@ -180,12 +189,12 @@ impl Tokenizer {
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
-            .map_err(|e| EngineError::BadModel(format!("cannot build BPE from the GGUF vocabulary: {e}")))?;
+            .map_err(|e| TextError::BadModel(format!("cannot build BPE from the GGUF vocabulary: {e}")))?;
 
         let mut steps = Vec::new();
         if split_digits {
             let digits = Split::new(SplitPattern::Regex(r"\p{N}".into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| EngineError::Tokenizer(format!("digit split regex: {e}")))?;
+                .map_err(|e| TextError::Tokenizer(format!("digit split regex: {e}")))?;
             steps.push(PreTokenizerWrapper::Split(digits));
         }
         // add_prefix_space=false, trim_offsets=false, use_regex=true (the GPT-2 split).
@@ -209,10 +218,8 @@ impl Tokenizer {
             .collect();
         with_special
             .add_special_tokens(control)
-            .map_err(|e| EngineError::Tokenizer(format!("adding control tokens: {e}")))?;
-        with_special
-            .add_tokens(user)
-            .map_err(|e| EngineError::Tokenizer(format!("adding user-defined tokens: {e}")))?;
+            .map_err(|e| TextError::Tokenizer(format!("adding control tokens: {e}")))?;
+        with_special.add_tokens(user).map_err(|e| TextError::Tokenizer(format!("adding user-defined tokens: {e}")))?;
 
         let mut plain = with_special.clone();
         plain.set_encode_special_tokens(true);
@@ -235,16 +242,17 @@ impl Tokenizer {
         }
         controls.sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
 
-        Ok(Tokenizer { with_special, plain, tokens, pieces, kinds, controls, bos, eos, add_bos })
+        let vocab = Vocabulary { with_special, plain, tokens, pieces, kinds, controls, bos, eos, add_bos };
+        Ok(Tokenizer { vocab: Arc::new(vocab) })
     }
 
     /// Encodes text. With `parse_special`, control tokens written in the text
     /// (`<|im_start|>`) become their ids, which chat prompts need; without it
     /// they are tokenized as ordinary characters, which untrusted input needs.
     /// Never adds BOS: callers consult [`Tokenizer::add_bos`].
-    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, EngineError> {
-        let tk = if parse_special { &self.with_special } else { &self.plain };
-        let enc = tk.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(format!("encoding failed: {e}")))?;
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TextError> {
+        let tk = if parse_special { &self.vocab.with_special } else { &self.vocab.plain };
+        let enc = tk.encode_fast(text, false).map_err(|e| TextError::Tokenizer(format!("encoding failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -258,8 +266,8 @@ impl Tokenizer {
         while i < bytes.len() {
             // A token text is valid UTF-8, so a match starts on a character boundary. Most
             // bytes start no control text: only those that do are compared.
-            let starts = self.controls.iter().any(|(t, _)| t.as_bytes()[0] == bytes[i]);
-            match self.controls.iter().find(|(t, _)| starts && bytes[i..].starts_with(t.as_bytes())) {
+            let starts = self.vocab.controls.iter().any(|(t, _)| t.as_bytes()[0] == bytes[i]);
+            match self.vocab.controls.iter().find(|(t, _)| starts && bytes[i..].starts_with(t.as_bytes())) {
                 Some((t, id)) => {
                     if start < i {
                         out.push(Piece::Text(&text[start..i]));
@@ -279,59 +287,62 @@ impl Tokenizer {
 
     /// Whether `text` holds the text of a control token.
     pub fn has_control_text(&self, text: &str) -> bool {
-        self.controls.iter().any(|(t, _)| text.contains(t.as_str()))
+        self.vocab.controls.iter().any(|(t, _)| text.contains(t.as_str()))
     }
 
     /// The control-token texts, longest first.
     pub fn control_texts(&self) -> impl Iterator<Item = &str> {
-        self.controls.iter().map(|(t, _)| t.as_str())
+        self.vocab.controls.iter().map(|(t, _)| t.as_str())
     }
 
     /// Decodes ids to text; invalid UTF-8 becomes U+FFFD. With `skip_special`,
     /// control tokens contribute nothing, as API responses want.
-    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, EngineError> {
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.tokens.len()) {
-            return Err(EngineError::Tokenizer(format!(
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TextError> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.vocab.tokens.len()) {
+            return Err(TextError::Tokenizer(format!(
                 "token id {bad} is outside the vocabulary (size {})",
-                self.tokens.len()
+                self.vocab.tokens.len()
             )));
         }
-        self.with_special.decode(ids, skip_special).map_err(|e| EngineError::Tokenizer(format!("decoding failed: {e}")))
+        self.vocab
+            .with_special
+            .decode(ids, skip_special)
+            .map_err(|e| TextError::Tokenizer(format!("decoding failed: {e}")))
     }
 
     /// Whether the model wants BOS prepended to prompts (`tokenizer.ggml.add_bos_token`, default false).
     pub fn add_bos(&self) -> bool {
-        self.add_bos
+        self.vocab.add_bos
     }
 
     /// Beginning-of-sequence id, if the model declares one.
     pub fn bos_id(&self) -> Option<u32> {
-        self.bos
+        self.vocab.bos
     }
 
     /// End-of-sequence id, if the model declares one; generation stops on it.
     pub fn eos_id(&self) -> Option<u32> {
-        self.eos
+        self.vocab.eos
     }
 
     /// Number of ids; logits rows have this length.
     pub fn vocab_size(&self) -> usize {
-        self.tokens.len()
+        self.vocab.tokens.len()
     }
 
     /// Whether `id` is a control token (skipped when decoding with `skip_special`).
     pub fn is_special(&self, id: u32) -> bool {
-        self.kinds.get(id as usize) == Some(&Kind::Control)
+        self.vocab.kinds.get(id as usize) == Some(&Kind::Control)
     }
 
     /// The vocabulary string of `id` as stored in the GGUF (byte-level form, e.g. `Ġthe`).
     pub fn token_str(&self, id: u32) -> Option<&str> {
-        self.tokens.get(id as usize).map(String::as_str)
+        self.vocab.tokens.get(id as usize).map(String::as_str)
     }
 
     /// The bytes `id` contributes to output text (not necessarily valid UTF-8 alone).
     pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {
-        self.pieces.get(id as usize).map(|p| &p[..])
+        self.vocab.pieces.get(id as usize).map(|p| &p[..])
     }
 }
 
@@ -341,13 +352,11 @@ fn vocab_id(tokens: &[String], t: &str) -> Option<u32> {
 }
 
 /// Reads a string array from the metadata; `Ok(None)` when absent.
-fn string_array(gguf: &GgufFile, key: &str) -> Result<Option<Vec<String>>, EngineError> {
+fn string_array(gguf: &GgufFile, key: &str) -> Result<Option<Vec<String>>, TextError> {
     let Some(v) = gguf.get(key) else { return Ok(None) };
-    let arr = v.as_array().ok_or_else(|| EngineError::BadModel(format!("{key} is not an array")))?;
+    let arr = v.as_array().ok_or_else(|| TextError::BadModel(format!("{key} is not an array")))?;
     arr.iter()
-        .map(|s| {
-            s.as_str().map(str::to_string).ok_or_else(|| EngineError::BadModel(format!("{key} holds a non-string")))
-        })
+        .map(|s| s.as_str().map(str::to_string).ok_or_else(|| TextError::BadModel(format!("{key} holds a non-string"))))
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
 }
@@ -403,9 +412,9 @@ impl IncrementalDecoder {
     }
 
     /// Adds one generated id and returns the text it completes (often empty).
-    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String, EngineError> {
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String, TextError> {
         let piece = tokenizer.token_bytes(id).ok_or_else(|| {
-            EngineError::Tokenizer(format!("token id {id} is outside the vocabulary (size {})", tokenizer.vocab_size()))
+            TextError::Tokenizer(format!("token id {id} is outside the vocabulary (size {})", tokenizer.vocab_size()))
         })?;
         if !(self.skip_special && tokenizer.is_special(id)) {
             self.pending.extend_from_slice(piece);
@@ -574,7 +583,7 @@ mod tests {
         assert!(t.is_special(1) && !t.is_special(259) && !t.is_special(999_999));
         assert_eq!(t.token_str(262), Some("Ġthe"));
         assert_eq!(t.token_str(999_999), None);
-        assert!(matches!(t.decode(&[999_999], false), Err(EngineError::Tokenizer(_))));
+        assert!(matches!(t.decode(&[999_999], false), Err(TextError::Tokenizer(_))));
     }
 
     #[test]
@@ -606,7 +615,7 @@ mod tests {
         }
         let mut dec = IncrementalDecoder::new(true);
         assert!(dec.push(&t, 1).unwrap().is_empty());
-        assert!(matches!(dec.push(&t, 1_000_000), Err(EngineError::Tokenizer(_))));
+        assert!(matches!(dec.push(&t, 1_000_000), Err(TextError::Tokenizer(_))));
     }
 
     #[test]
@@ -623,17 +632,17 @@ mod tests {
     #[test]
     fn refuses_other_tokenizer_models() {
         let err = Tokenizer::from_gguf(&gguf_with(&[("tokenizer.ggml.model", "llama")])).unwrap_err();
-        assert!(matches!(&err, EngineError::Unsupported(m) if m.contains("'llama'")), "{err:?}");
+        assert!(matches!(&err, TextError::Unsupported(m) if m.contains("'llama'")), "{err:?}");
         let err =
             Tokenizer::from_gguf(&gguf_with(&[("tokenizer.ggml.model", "gpt2"), ("tokenizer.ggml.pre", "qwen2")]))
                 .unwrap_err();
-        assert!(matches!(&err, EngineError::Unsupported(m) if m.contains("'qwen2'")), "{err:?}");
+        assert!(matches!(&err, TextError::Unsupported(m) if m.contains("'qwen2'")), "{err:?}");
         let err = Tokenizer::from_gguf(&gguf_with(&[("general.architecture", "llama")])).unwrap_err();
-        assert!(matches!(err, EngineError::BadModel(_)), "{err:?}");
+        assert!(matches!(err, TextError::BadModel(_)), "{err:?}");
         let err =
             Tokenizer::from_gguf(&gguf_with(&[("tokenizer.ggml.model", "gpt2"), ("tokenizer.ggml.pre", "smollm")]))
                 .unwrap_err();
-        assert!(matches!(&err, EngineError::BadModel(m) if m.contains("tokens")), "{err:?}");
+        assert!(matches!(&err, TextError::BadModel(m) if m.contains("tokens")), "{err:?}");
     }
 
     /// The README says which files load; it must name exactly what this module takes

@@ -16,7 +16,7 @@ use minijinja::value::{from_args, Value, ValueKind};
 use minijinja::{context, Environment, Error, ErrorKind, State};
 use serde::{Deserialize, Serialize};
 
-use crate::error::EngineError;
+use crate::error::TextError;
 use crate::gguf::GgufFile;
 use crate::tokenizer::{Piece, Tokenizer};
 
@@ -57,12 +57,12 @@ impl std::fmt::Debug for ChatTemplate {
 impl ChatTemplate {
     /// The GGUF's template, or `None` when the model ships without one (base
     /// models), in which case only raw completions make sense.
-    pub fn from_gguf(gguf: &GgufFile) -> Result<Option<Self>, EngineError> {
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Option<Self>, TextError> {
         let Some(value) = gguf.get("tokenizer.chat_template") else {
             return Ok(None);
         };
         let source =
-            value.as_str().ok_or_else(|| EngineError::BadModel("tokenizer.chat_template is not a string".into()))?;
+            value.as_str().ok_or_else(|| TextError::BadModel("tokenizer.chat_template is not a string".into()))?;
         let token_text = |key: &str| -> String {
             let id = gguf.get_u64(key);
             let tokens = gguf.get("tokenizer.ggml.tokens").and_then(|v| v.as_array());
@@ -84,21 +84,21 @@ impl ChatTemplate {
 
     /// Compiles a template from source; `bos_token`/`eos_token` are the texts
     /// templates see under those names.
-    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, EngineError> {
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, TextError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_function("raise_exception", raise_exception);
         env.set_unknown_method_callback(python_method);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| EngineError::Template(format!("cannot compile the chat template: {e}")))?;
+            .map_err(|e| TextError::Template(format!("cannot compile the chat template: {e}")))?;
         Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
     /// Renders the conversation to prompt text. `add_generation_prompt` appends
     /// the opening of an assistant turn so the model answers next.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, EngineError> {
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| EngineError::Template(e.to_string()))?;
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TextError> {
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| TextError::Template(e.to_string()))?;
         template
             .render(context! {
                 messages => messages,
@@ -106,7 +106,7 @@ impl ChatTemplate {
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             })
-            .map_err(|e| EngineError::Template(render_error(&e)))
+            .map_err(|e| TextError::Template(render_error(&e)))
     }
 }
 
@@ -131,7 +131,7 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
         tok: &Tokenizer,
-    ) -> Result<RenderedChat, EngineError> {
+    ) -> Result<RenderedChat, TextError> {
         let needs_escape = |c: &str| c.contains(ESC) || tok.has_control_text(c);
         if !messages.iter().any(|m| needs_escape(&m.content)) {
             return Ok(RenderedChat { escaped: self.render(messages, add_generation_prompt)?, any: false });
@@ -156,7 +156,7 @@ impl RenderedChat {
 
     /// The prompt's token ids (no BOS): control tokens where the template wrote them, and
     /// message content as ordinary text.
-    pub fn ids(&self, tok: &Tokenizer) -> Result<Vec<u32>, EngineError> {
+    pub fn ids(&self, tok: &Tokenizer) -> Result<Vec<u32>, TextError> {
         if !self.any {
             return tok.encode(&self.escaped, true);
         }
@@ -405,14 +405,14 @@ mod tests {
         let t = ChatTemplate::new(src, "", "").unwrap();
         assert_eq!(t.render(&[ChatMessage::new("user", "x")], false).unwrap(), "ok");
         match t.render(&[ChatMessage::new("assistant", "x")], false) {
-            Err(EngineError::Template(msg)) => assert!(msg.contains("first message must be from the user"), "{msg}"),
+            Err(TextError::Template(msg)) => assert!(msg.contains("first message must be from the user"), "{msg}"),
             other => panic!("expected a template error, got {other:?}"),
         }
     }
 
     #[test]
     fn bad_template_source_is_a_template_error() {
-        assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(EngineError::Template(_))));
+        assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(TextError::Template(_))));
     }
 
     use crate::gguf::testing::with_strings as gguf_with;
@@ -424,7 +424,7 @@ mod tests {
         assert!(t.render(&[ChatMessage::new("user", "x")], true).unwrap().ends_with("<|im_start|>assistant\n"));
         assert!(matches!(
             ChatTemplate::from_gguf(&gguf_with(&[("tokenizer.chat_template", "{% if %}")])),
-            Err(EngineError::Template(_))
+            Err(TextError::Template(_))
         ));
     }
 

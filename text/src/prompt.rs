@@ -1,0 +1,54 @@
+//! What a model is asked, as token ids: [`Prompt`] (text, a conversation or ids) and the
+//! functions that turn it into the ids the model sees. The router and the engine's
+//! `tandem generate` path both call them, so one input gives the same ids everywhere.
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::error::TextError;
+use crate::tokenizer::Tokenizer;
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// Raw text; special tokens in it are parsed as special tokens.
+    Text(String),
+    /// A conversation, rendered with the model's chat template plus the generation prompt.
+    Chat(Vec<ChatMessage>),
+    /// Token ids as is.
+    Tokens(Vec<u32>),
+}
+
+/// `prompt` as the model sees it: a chat rendered with `template` (and the generation
+/// prompt appended), text tokenized with the tokenizer's BOS if the model asks for it,
+/// token ids as they are. The router and `tandem generate` both call this, so the same
+/// input gives the same ids on every path.
+pub fn prompt_ids(tok: &Tokenizer, template: Option<&ChatTemplate>, prompt: &Prompt) -> Result<Vec<u32>, TextError> {
+    match prompt {
+        Prompt::Tokens(ids) => Ok(ids.clone()),
+        // A raw prompt is the caller's markup: control tokens written in it are parsed.
+        Prompt::Text(t) => Ok(with_bos(tok, tok.encode(t, true)?)),
+        Prompt::Chat(messages) => {
+            let template =
+                template.ok_or_else(|| TextError::InvalidRequest("this model has no chat template".into()))?;
+            Ok(chat_ids(tok, template, messages, true)?.0)
+        }
+    }
+}
+
+/// A conversation's prompt ids (with BOS if the model asks for it) and its rendered text.
+/// Control-token text inside a message stays text (see [`ChatTemplate::render_chat`]).
+pub fn chat_ids(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<(Vec<u32>, String), TextError> {
+    let chat = template.render_chat(messages, add_generation_prompt, tok)?;
+    Ok((with_bos(tok, chat.ids(tok)?), chat.text(tok)))
+}
+
+fn with_bos(tok: &Tokenizer, text_ids: Vec<u32>) -> Vec<u32> {
+    match tok.bos_id().filter(|_| tok.add_bos()) {
+        Some(bos) => std::iter::once(bos).chain(text_ids).collect(),
+        None => text_ids,
+    }
+}
