@@ -515,7 +515,7 @@ impl RouterFlags<'_> {
     fn config(
         &self,
         (grpc, http): (SocketAddr, SocketAddr),
-        tls: Option<tandem_kvtransfer::TlsFiles>,
+        tls: Option<tandem_proto::tls::TlsFiles>,
         token: tandem_proto::auth::ClusterToken,
     ) -> RouterConfig {
         RouterConfig {

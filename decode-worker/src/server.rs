@@ -26,11 +26,12 @@ use tandem_engine::kv_cache::{blocks_for_tokens, KvCache, KvDtype};
 use tandem_engine::llm_engine::{LlmEngine, LlmEngineConfig};
 use tandem_engine::model::{Model, ModelOptions};
 use tandem_engine::scheduler::{Policy, SchedulerConfig};
-use tandem_kvtransfer::{host_id, KvAuth, KvReceiver, KvSender, MutualTls, ShmKv, TcpConfig, TlsFiles};
+use tandem_kvtransfer::{host_id, KvAuth, KvReceiver, KvSender, ShmKv, TcpConfig};
 use tandem_prefill_worker::EngineHandle;
 use tandem_proto::auth::{ClusterToken, RequireToken};
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_server::{WorkerServer, SERVICE_NAME};
+use tandem_proto::tls::{MutualTls, TlsFiles};
 use tandem_proto::{HealthReporter, ServingStatus};
 use tandem_text::tokenizer::Tokenizer;
 use tandem_text::ModelText;
@@ -286,7 +287,7 @@ impl RunningWorker {
             model: ModelInfo { name: cfg.model_name.clone(), fingerprint },
             block_size: cfg.block_size as u32,
             context_length: context_length as u32,
-            lease: 0,
+            lease: None,
         };
         let registration =
             discovery.map(|(d, cluster, ttl)| register_forever(d, cluster, descriptor.clone(), ttl, state.clone()));
@@ -437,12 +438,14 @@ async fn follow_lease(reg: &Registration, state: &WorkerState, stop: &Cancellati
         if last.is_some() && last != Some(now) {
             match now {
                 LeaseState::Lost => tracing::warn!(worker = %state.id, "lost its discovery lease; fenced"),
-                LeaseState::Held(id) => tracing::info!(worker = %state.id, lease = id, "registered again; serving"),
+                LeaseState::Held(id) => {
+                    tracing::info!(worker = %state.id, lease = id.get(), "registered again; serving")
+                }
             }
         }
         last = Some(now);
         if let (LeaseState::Held(id), Some(tx)) = (now, &state.sender) {
-            tx.set_lease(id).await;
+            tx.set_lease(Some(id)).await;
         }
         tokio::select! {
             r = lease.changed() => {

@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 
 use tandem_cluster::Role;
 use tandem_engine::error::EngineError;
+use tandem_engine::kv_cache::BlockId;
 use tandem_engine::llm_engine::EngineRequest;
 use tandem_engine::scheduler::RequestId;
 use tandem_kvtransfer::{KvLayout, KvReceiver, KvSender};
 use tandem_prefill_worker::{start_export, Admission, EngineHandle, Event};
+use tandem_proto::ids::{ClusterRequestId, LeaseId};
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_server::Worker;
 use tandem_text::tokenizer::Tokenizer;
@@ -194,7 +196,7 @@ async fn release_later(state: Arc<WorkerState>, id: RequestId, rid: u64) {
     tokio::time::sleep(QUARANTINE).await;
     if let Some(rx) = &state.receiver {
         let end = Instant::now() + MAX_WRITE_WAIT;
-        while rx.writes_in_progress(rid) > 0 && Instant::now() < end {
+        while rx.writes_in_progress(ClusterRequestId(rid)) > 0 && Instant::now() < end {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -375,11 +377,12 @@ impl Worker for WorkerService {
         let admitted = s.engine.submit(ereq, Admission::Remote).await.map_err(status_from_engine)?;
         let lease = Duration::from_millis(r.lease_ms.max(1) as u64).min(s.max_lease);
         let deadline = tokio::time::Instant::now() + lease;
-        let blocks: Vec<u32> = admitted.blocks.iter().map(|b| b.0).collect();
+        let blocks: Vec<u32> = BlockId::as_u32s(&admitted.blocks).to_vec();
         // Leading blocks this worker's prefix cache holds are not sent: only the rest is
         // reserved for the transfer.
         let cached = admitted.cached_blocks.min(blocks.len());
-        let reservation = match receiver.reserve_from(r.request_id, &blocks[cached..], deadline, r.sender_lease) {
+        let (rid, from) = (ClusterRequestId(r.request_id), LeaseId::from_wire(r.sender_lease));
+        let reservation = match receiver.reserve_from(rid, &admitted.blocks[cached..], deadline, from) {
             Ok(res) => res,
             Err(e) => {
                 s.engine.abort(admitted.id, None);
@@ -512,13 +515,18 @@ impl Worker for WorkerService {
         let deadline = tokio::time::Instant::now() + lease;
         let kv_failed =
             |e: &tandem_kvtransfer::TransferError| crate::metrics::kv_session(&s.id, "sent", 0, Some(e.kind()));
-        let session = sender.open_target(&target, r.request_id, deadline).await.map_err(|e| {
+        let session = sender.open_target(&target, ClusterRequestId(r.request_id), deadline).await.map_err(|e| {
             kv_failed(&e);
             kv_fault(Status::unavailable(format!("cannot open a KV session to {}: {e}", dest.worker_id)))
         })?;
         let kv_bytes = ((need - skip) * s.layout.n_layers as usize * s.layout.layer_block_bytes()) as u64;
         let renewer = session.renewer();
-        let (sink, task, started) = start_export(&tokio::runtime::Handle::current(), session, dest.block_ids, skip);
+        let (sink, task, started) = start_export(
+            &tokio::runtime::Handle::current(),
+            session,
+            dest.block_ids.into_iter().map(BlockId).collect(),
+            skip,
+        );
         let mut params = sampling_from_pb(&r.sampling.unwrap_or_default());
         params.max_tokens = 1;
         params.stop.clear();

@@ -9,6 +9,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use tandem_engine::kv_cache::BlockId;
 use tandem_engine::kv_cache::LayerKvBytes;
 use tandem_engine::llm_engine::KvExport;
 use tandem_kvtransfer::{BufferPool, SendSession, TransferError};
@@ -20,14 +21,14 @@ use crate::actor::ExportSink;
 /// Layers queued before the compute thread waits.
 const QUEUE_LAYERS: usize = 8;
 
-type Layer = (u16, Vec<u32>, Vec<u8>);
+type Layer = (u16, Vec<BlockId>, Vec<u8>);
 
 /// The engine-thread half of one request's export.
 pub struct SessionSink {
     tx: mpsc::Sender<Layer>,
     buffers: BufferPool,
     /// The decode worker's blocks for the prompt, in table order.
-    dst: Vec<u32>,
+    dst: Vec<BlockId>,
     /// Leading blocks of `dst` the decode worker already holds (its prefix cache): not sent.
     skip: usize,
     /// When the first layer was handed over (the prefill left the queue).
@@ -43,7 +44,7 @@ pub type SendTask = JoinHandle<Result<SendSession, TransferError>>;
 pub fn start_export(
     rt: &tokio::runtime::Handle,
     mut session: SendSession,
-    dst: Vec<u32>,
+    dst: Vec<BlockId>,
     skip: usize,
 ) -> (SessionSink, SendTask, Arc<OnceLock<Instant>>) {
     let (tx, mut rx) = mpsc::channel::<Layer>(QUEUE_LAYERS);

@@ -44,7 +44,7 @@ impl LayerShipper {
         rt: &tokio::runtime::Handle,
         mut session: SendSession,
         src: Vec<BlockId>,
-        dst: Vec<u32>,
+        dst: Vec<BlockId>,
     ) -> LayerShipper {
         let (tx, mut rx) = mpsc::channel::<(u16, Vec<u8>)>(QUEUE_LAYERS);
         let buffers = session.buffers();

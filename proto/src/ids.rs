@@ -35,6 +35,13 @@ pub struct ClusterRequestId(pub u64);
 
 prints_as_its_number!(ClusterRequestId);
 
+/// Hex, as logs of random ids print them.
+impl fmt::LowerHex for ClusterRequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
 /// A discovery lease: the etcd lease a worker's record is held by (a registration's
 /// generation in memory). Never zero; "no lease" (a sender that announces none, a
 /// reservation that takes KV from any sender) is `Option::None`.
