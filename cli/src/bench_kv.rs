@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tandem_kernels::BlockId;
 use tandem_kvtransfer::{
     host_id, HostKv, KvDtypeWire, KvLayout, KvReceiver, KvSender, KvSink, KvTarget, LocalTarget, ShmKv, TcpConfig,
 };
+use tandem_proto::ids::ClusterRequestId;
 
 #[derive(Args, Debug)]
 pub struct KvBenchArgs {
@@ -100,8 +102,8 @@ async fn run_once(s: &Setup, tx: &Arc<KvSender>, sessions: usize, tokens: usize,
     let mut sends = Vec::new();
     let t0 = Instant::now();
     for i in 0..sessions {
-        let id = base_id + i as u64;
-        let blocks: Vec<u32> = (0..blocks_per).map(|b| (i * blocks_per + b) as u32).collect();
+        let id = ClusterRequestId(base_id + i as u64);
+        let blocks: Vec<BlockId> = (0..blocks_per).map(|b| BlockId((i * blocks_per + b) as u32)).collect();
         waits.push(s.rx.reserve(id, &blocks, deadline)?);
         let (tx, target) = (tx.clone(), s.target.clone());
         sends.push(tokio::spawn(async move {
@@ -142,7 +144,7 @@ pub fn run(a: KvBenchArgs) -> Result<()> {
 async fn run_async(a: KvBenchArgs) -> Result<()> {
     let mut transports = vec![("tcp", false, TcpConfig::default()), ("shm", true, TcpConfig::default())];
     if let Some(files) = a.tls.files()? {
-        let tls = tandem_kvtransfer::MutualTls::load(&files)?;
+        let tls = tandem_proto::tls::MutualTls::load(&files)?;
         tls.check_server_name()?;
         transports.push(("tcp+tls", false, TcpConfig { tls: Some(tls), ..TcpConfig::default() }));
     }

@@ -22,6 +22,7 @@ use tandem_engine::kv_cache::{BlockId, KvCache, KvDtype};
 use tandem_engine::model::{ForwardBatch, LogitsWanted, Model, ModelOptions, Scratch};
 use tandem_kvtransfer::{HostKv, KvLayout, KvReceiver, KvSender, TcpConfig};
 use tandem_prefill_worker::LayerShipper;
+use tandem_proto::ids::ClusterRequestId;
 
 pub struct OverlapArgs {
     pub repetitions: usize,
@@ -58,8 +59,9 @@ pub fn serve(a: &OverlapArgs, addr: std::net::SocketAddr) -> Result<()> {
         eprintln!("serving KV on {}", rx.local_addr());
         for id in 1.. {
             let Some(t) = schedule(&a.tokens, a.repetitions, id) else { break };
-            let blocks: Vec<u32> = (0..blocks_for(t) as u32).collect();
-            let res = rx.reserve(id, &blocks, tokio::time::Instant::now() + Duration::from_secs(3600))?;
+            let blocks: Vec<BlockId> = (0..blocks_for(t) as u32).map(BlockId).collect();
+            let res =
+                rx.reserve(ClusterRequestId(id), &blocks, tokio::time::Instant::now() + Duration::from_secs(3600))?;
             match res.wait().await {
                 Ok(a) => eprintln!("request {id}: {} tokens arrived", a.num_tokens),
                 Err(e) => eprintln!("request {id}: {e}"),
@@ -115,7 +117,7 @@ pub fn run(a: &OverlapArgs) -> Result<()> {
     for &t in &a.tokens {
         let nb = blocks_for(t);
         let src: Vec<BlockId> = (0..nb as u32).map(BlockId).collect();
-        let dst: Vec<u32> = (0..nb as u32).collect();
+        let dst = src.clone();
         let toks = tokens(t);
         let mut kv = KvCache::new(m.kv_shape(BLOCK), m.config.n_layers, n, KvDtype::F16)?;
         let mut scratch = Scratch::default();
@@ -125,7 +127,7 @@ pub fn run(a: &OverlapArgs) -> Result<()> {
         let deadline = || tokio::time::Instant::now() + Duration::from_secs(600);
         let reserve = |id: u64| -> Result<Option<tandem_kvtransfer::Reservation>> {
             Ok(match &local_rx {
-                Some(rx) => Some(rx.reserve(id, &dst, deadline())?),
+                Some(rx) => Some(rx.reserve(ClusterRequestId(id), &dst, deadline())?),
                 None => None,
             })
         };
@@ -143,7 +145,7 @@ pub fn run(a: &OverlapArgs) -> Result<()> {
             let t0 = Instant::now();
             let mut shipper = LayerShipper::start(
                 rt.handle(),
-                rt.block_on(sender.open(addr, next_id, deadline()))?,
+                rt.block_on(sender.open(addr, ClusterRequestId(next_id), deadline()))?,
                 src.clone(),
                 dst.clone(),
             );
@@ -163,7 +165,7 @@ pub fn run(a: &OverlapArgs) -> Result<()> {
             let t0 = Instant::now();
             let mut shipper = LayerShipper::start(
                 rt.handle(),
-                rt.block_on(sender.open(addr, next_id, deadline()))?,
+                rt.block_on(sender.open(addr, ClusterRequestId(next_id), deadline()))?,
                 src.clone(),
                 dst.clone(),
             );

@@ -170,15 +170,15 @@ pub struct TlsFlags {
     #[arg(long, env = "TANDEM_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
     /// The DNS name a worker's certificate must carry: clients verify it, not the worker's IP.
-    #[arg(long, env = "TANDEM_TLS_SERVER_NAME", default_value = tandem_kvtransfer::tls::DEFAULT_SERVER_NAME)]
+    #[arg(long, env = "TANDEM_TLS_SERVER_NAME", default_value = tandem_proto::tls::DEFAULT_SERVER_NAME)]
     pub tls_server_name: String,
 }
 
 impl TlsFlags {
-    pub(crate) fn files(&self) -> Result<Option<tandem_kvtransfer::TlsFiles>> {
+    pub(crate) fn files(&self) -> Result<Option<tandem_proto::tls::TlsFiles>> {
         match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
             (None, None, None) => Ok(None),
-            (Some(cert), Some(key), Some(ca)) => Ok(Some(tandem_kvtransfer::TlsFiles {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(tandem_proto::tls::TlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
                 ca: ca.clone(),
@@ -521,7 +521,7 @@ impl RouterFlags<'_> {
     fn config(
         &self,
         (grpc, http): (SocketAddr, SocketAddr),
-        tls: Option<tandem_kvtransfer::TlsFiles>,
+        tls: Option<tandem_proto::tls::TlsFiles>,
         token: tandem_proto::auth::ClusterToken,
     ) -> RouterConfig {
         RouterConfig {

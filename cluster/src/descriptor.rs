@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use tandem_proto::ids::LeaseId;
 
 use crate::error::DiscoveryError;
 
@@ -176,9 +177,9 @@ pub struct WorkerDescriptor {
     /// The lease the record is held by, as discovery read it (etcd's lease id; the
     /// registration's generation in memory). Never stored in the record itself: a worker
     /// that lost its lease and registered again has a new one, and KV from its earlier
-    /// incarnation is refused by the lease it carries. 0: unknown.
-    #[serde(default, skip_serializing)]
-    pub lease: i64,
+    /// incarnation is refused by the lease it carries. `None`: unknown.
+    #[serde(skip)]
+    pub lease: Option<LeaseId>,
 }
 
 impl WorkerDescriptor {
@@ -233,7 +234,7 @@ pub(crate) fn test_descriptor(id: &str, role: Role) -> WorkerDescriptor {
         model: ModelInfo { name: "smollm2-135m".into(), fingerprint: u64::MAX - 7 },
         block_size: 16,
         context_length: 8192,
-        lease: 0,
+        lease: None,
     }
 }
 

@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tandem_proto::ids::LeaseId;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -77,7 +78,7 @@ pub(crate) struct RegistrationSignals {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseState {
     /// The record is held by this lease (etcd's lease id; a generation in memory).
-    Held(i64),
+    Held(LeaseId),
     /// The store said the lease is gone (it expired while the worker was cut off, or was
     /// revoked): the record went with it and routers dropped the worker. The worker should
     /// accept no new work (fence itself) until it holds a new lease.

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tandem_proto::ids::LeaseId;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,6 +34,11 @@ struct Shared {
     state: Mutex<State>,
     root: CancellationToken,
     tasks: TaskTracker,
+}
+
+/// A registration's generation as its lease: generations count from 1.
+fn generation_lease(generation: i64) -> LeaseId {
+    LeaseId::from_wire(generation).expect("generations start at 1")
 }
 
 #[derive(Default)]
@@ -101,7 +107,7 @@ impl InMemoryDiscovery {
             state.next_generation += 1;
             let generation = state.next_generation;
             let c = state.clusters.entry(cluster.clone()).or_default();
-            let descriptor = WorkerDescriptor { lease: generation, ..descriptor };
+            let descriptor = WorkerDescriptor { lease: Some(generation_lease(generation)), ..descriptor };
             let event = c.members.put(key.clone(), Record { descriptor, revision: generation });
             c.broadcast(event);
             generation
@@ -117,7 +123,7 @@ impl InMemoryDiscovery {
             signals.clone(),
         ));
         // A record in memory never loses its lease while registered.
-        let (_, lease) = tokio::sync::watch::channel(LeaseState::Held(generation));
+        let (_, lease) = tokio::sync::watch::channel(LeaseState::Held(generation_lease(generation)));
         Ok(Registration::new(worker, signals, task, Duration::from_secs(1), lease))
     }
 
@@ -217,7 +223,7 @@ mod tests {
     /// `d` as watchers see it: with the lease of `reg`, which holds it.
     fn held(d: WorkerDescriptor, reg: &Registration) -> WorkerDescriptor {
         match *reg.lease().borrow() {
-            LeaseState::Held(lease) => WorkerDescriptor { lease, ..d },
+            LeaseState::Held(lease) => WorkerDescriptor { lease: Some(lease), ..d },
             LeaseState::Lost => panic!("a registration in memory never loses its lease"),
         }
     }

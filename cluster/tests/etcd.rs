@@ -14,6 +14,7 @@ use tandem_cluster::{
     ClusterName, ClusterView, Discovery, DiscoveryEvent, DiscoveryEvents, EtcdConfig, EtcdDiscovery, KvEndpoints,
     LeaseState, ModelInfo, Registration, Role, WorkerDescriptor, WorkerId,
 };
+use tandem_proto::ids::LeaseId;
 use tokio::time::{timeout, Instant};
 
 const TTL: Duration = Duration::from_secs(2);
@@ -177,7 +178,7 @@ fn id(name: &str) -> WorkerId {
 /// `d` as watchers see it: with the lease `reg` holds.
 fn held(d: WorkerDescriptor, reg: &Registration) -> WorkerDescriptor {
     match *reg.lease().borrow() {
-        LeaseState::Held(lease) => WorkerDescriptor { lease, ..d },
+        LeaseState::Held(lease) => WorkerDescriptor { lease: Some(lease), ..d },
         LeaseState::Lost => panic!("{} lost its lease", d.id),
     }
 }
@@ -191,7 +192,7 @@ fn worker(name: &str, role: Role) -> WorkerDescriptor {
         model: ModelInfo { name: "smollm2-135m".into(), fingerprint: 0xfeed_beef_dead_f00d },
         block_size: 16,
         context_length: 8192,
-        lease: 0,
+        lease: None,
     }
 }
 
@@ -230,7 +231,8 @@ async fn two_registered_workers_are_listed() {
 
     let (snapshot, events) = d.list_and_watch(&c).await.unwrap();
     assert_eq!(snapshot, vec![held(worker("d0", Role::Decode), &w), held(worker("p0", Role::Prefill), &p)]);
-    let stored_leases: Vec<i64> = stored(&etcd, "two").await.into_iter().map(|(_, l)| l).collect();
+    let stored_leases: Vec<Option<LeaseId>> =
+        stored(&etcd, "two").await.into_iter().map(|(_, l)| LeaseId::from_wire(l)).collect();
     assert_eq!(stored_leases, [snapshot[0].lease, snapshot[1].lease], "descriptors carry etcd's lease ids");
     let keys: Vec<String> = stored(&etcd, "two").await.into_iter().map(|(k, _)| k).collect();
     assert_eq!(keys, ["/tandem/two/workers/decode/d0", "/tandem/two/workers/prefill/p0"]);
@@ -338,7 +340,7 @@ async fn a_worker_registers_again_after_its_lease_is_lost() {
     let (_, mut events) = d.list_and_watch(&c).await.unwrap();
     let [(_, old_lease)] = stored(&etcd, "relet").await[..] else { panic!("one key expected") };
     let mut lease = reg.lease();
-    assert_eq!(*lease.borrow_and_update(), LeaseState::Held(old_lease));
+    assert_eq!(*lease.borrow_and_update(), LeaseState::Held(LeaseId::from_wire(old_lease).unwrap()));
 
     // The lease ends behind the worker's back (as when it expires while the worker is cut off).
     etcd.client().await.lease_revoke(old_lease).await.unwrap();
@@ -350,11 +352,14 @@ async fn a_worker_registers_again_after_its_lease_is_lost() {
     let added = next_event(&mut events, TTL + MARGIN).await;
     let [(_, new_lease)] = stored(&etcd, "relet").await[..] else { panic!("one key expected") };
     assert_ne!(new_lease, old_lease);
-    assert_eq!(added, DiscoveryEvent::Added(WorkerDescriptor { lease: new_lease, ..worker("p0", Role::Prefill) }));
+    assert_eq!(
+        added,
+        DiscoveryEvent::Added(WorkerDescriptor { lease: LeaseId::from_wire(new_lease), ..worker("p0", Role::Prefill) })
+    );
     if seen == LeaseState::Lost {
         timeout(STEP, lease.changed()).await.expect("the new lease is reported").unwrap();
     }
-    assert_eq!(*lease.borrow(), LeaseState::Held(new_lease));
+    assert_eq!(*lease.borrow(), LeaseState::Held(LeaseId::from_wire(new_lease).unwrap()));
 
     reg.deregister().await.unwrap();
     assert_eq!(next_event(&mut events, STEP).await, DiscoveryEvent::Removed(id("p0")));

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use tandem_engine::scheduler::RequestId;
 use tandem_kvtransfer::{Arrived, KvReceiver, TransferError};
+use tandem_proto::ids::ClusterRequestId;
 use tandem_worker_runtime::{EngineHandle, Event};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -79,11 +80,11 @@ impl RemoteEngine for EngineHandle {
 
 /// Writes into a request's blocks still landing: the `KvReceiver` in a worker.
 pub trait Landing: Send + Sync {
-    fn writes_in_progress(&self, rid: u64) -> usize;
+    fn writes_in_progress(&self, rid: ClusterRequestId) -> usize;
 }
 
 impl Landing for KvReceiver {
-    fn writes_in_progress(&self, rid: u64) -> usize {
+    fn writes_in_progress(&self, rid: ClusterRequestId) -> usize {
         KvReceiver::writes_in_progress(self, rid)
     }
 }
@@ -110,7 +111,7 @@ impl Default for Timing {
 /// receiver's reservation of its blocks.
 pub struct NewReservation {
     /// The router's request id.
-    pub rid: u64,
+    pub rid: ClusterRequestId,
     pub id: RequestId,
     /// The prompt's blocks, cached ones included (what a `Cancel` reports freed).
     pub blocks: usize,
@@ -170,7 +171,7 @@ struct Inner {
     engine: Arc<dyn RemoteEngine>,
     landing: Arc<dyn Landing>,
     timing: Timing,
-    map: Mutex<HashMap<u64, Entry>>,
+    map: Mutex<HashMap<ClusterRequestId, Entry>>,
     /// Watchers and quarantine releases. Lock order: `map`, then `tasks`.
     tasks: Mutex<JoinSet<()>>,
 }
@@ -211,17 +212,17 @@ impl Reservations {
     }
 
     /// Whether `rid` holds a reservation.
-    pub fn contains(&self, rid: u64) -> bool {
+    pub fn contains(&self, rid: ClusterRequestId) -> bool {
         self.inner.map.lock().expect("reservations").contains_key(&rid)
     }
 
     /// Router ids of the reservations held.
-    pub fn ids(&self) -> Vec<u64> {
+    pub fn ids(&self) -> Vec<ClusterRequestId> {
         self.inner.map.lock().expect("reservations").keys().copied().collect()
     }
 
     /// Hands reservation `rid` to its `Decode` stream. `None`: nothing is reserved for it.
-    pub fn attach(&self, rid: u64) -> Result<Option<Attached>, Status> {
+    pub fn attach(&self, rid: ClusterRequestId) -> Result<Option<Attached>, Status> {
         let mut map = self.inner.map.lock().expect("reservations");
         let Some(e) = map.get_mut(&rid) else { return Ok(None) };
         let Some(events) = e.events.take() else {
@@ -233,7 +234,7 @@ impl Reservations {
     /// Ends reservation `rid` (a `Cancel`, a drain, a stream whose client left): the
     /// receiver's reservation goes first (no frame is admitted for it after this), then
     /// the engine request is freed (see `end`). Returns the blocks it held.
-    pub fn cancel(&self, rid: u64, reason: Option<String>) -> Option<usize> {
+    pub fn cancel(&self, rid: ClusterRequestId, reason: Option<String>) -> Option<usize> {
         let e = self.inner.map.lock().expect("reservations").remove(&rid)?;
         e.watcher.abort();
         let blocks = e.blocks;
@@ -242,7 +243,7 @@ impl Reservations {
     }
 
     /// The stream of request `id` ended (finished, or failed): its reservation is done.
-    pub fn stream_ended(&self, rid: u64, id: RequestId) {
+    pub fn stream_ended(&self, rid: ClusterRequestId, id: RequestId) {
         if let Some(e) = self.take(rid, id) {
             e.watcher.abort();
             if e.kv == Kv::Waiting {
@@ -255,7 +256,7 @@ impl Reservations {
 
     /// The stream of request `id` went away before its end (its client left): the request
     /// ends, through its reservation if it still has one.
-    pub fn stream_dropped(&self, rid: u64, id: RequestId) {
+    pub fn stream_dropped(&self, rid: ClusterRequestId, id: RequestId) {
         match self.take(rid, id) {
             Some(e) => {
                 e.watcher.abort();
@@ -272,7 +273,7 @@ impl Reservations {
     }
 
     /// Removes reservation `rid` if it is request `id`'s.
-    fn take(&self, rid: u64, id: RequestId) -> Option<Entry> {
+    fn take(&self, rid: ClusterRequestId, id: RequestId) -> Option<Entry> {
         let mut map = self.inner.map.lock().expect("reservations");
         if map.get(&rid).is_some_and(|e| e.id == id) {
             map.remove(&rid)
@@ -284,7 +285,7 @@ impl Reservations {
     /// Frees the engine request of a removed entry, once: at once if its KV had arrived,
     /// after the quarantine if a transfer may still be writing its blocks, not at all if it
     /// had ended already (freed then, or its release is pending).
-    fn end(&self, rid: u64, e: Entry, reason: Option<String>) {
+    fn end(&self, rid: ClusterRequestId, e: Entry, reason: Option<String>) {
         match e.kv {
             Kv::Arrived => self.inner.engine.abort(e.id, reason),
             Kv::Waiting => {
@@ -299,7 +300,7 @@ impl Reservations {
 
     /// The transfer of reservation `rid` (request `id`) ended. Returns whether the watcher
     /// still has an attach deadline to keep.
-    fn kv_outcome(&self, rid: u64, id: RequestId, outcome: Result<Arrived, TransferError>) -> bool {
+    fn kv_outcome(&self, rid: ClusterRequestId, id: RequestId, outcome: Result<Arrived, TransferError>) -> bool {
         let inner = &self.inner;
         let mut map = inner.map.lock().expect("reservations");
         let Some(e) = map.get_mut(&rid).filter(|e| e.id == id && e.kv == Kv::Waiting) else {
@@ -333,7 +334,7 @@ impl Reservations {
     /// No stream attached to reservation `rid` (request `id`) in time: its router went
     /// away. It ends as if cancelled. Returns whether it ended (false: a stream holds it,
     /// or it had ended already).
-    fn expire(&self, rid: u64, id: RequestId) -> bool {
+    fn expire(&self, rid: ClusterRequestId, id: RequestId) -> bool {
         let mut map = self.inner.map.lock().expect("reservations");
         if !map.get(&rid).is_some_and(|e| e.id == id && e.events.is_some()) {
             return map.get(&rid).is_none_or(|e| e.id != id);
@@ -348,7 +349,7 @@ impl Reservations {
 
     /// Frees request `id`'s blocks once no write into them can still be in flight: after
     /// the quarantine, and after every admitted frame for it has been read.
-    fn release_after_quarantine(&self, rid: u64, id: RequestId) {
+    fn release_after_quarantine(&self, rid: ClusterRequestId, id: RequestId) {
         let me = self.clone();
         self.spawn(async move {
             let Timing { quarantine, max_write_wait, .. } = me.inner.timing;
@@ -380,7 +381,7 @@ impl Reservations {
 /// attaches, for its attach deadline. Returning drops `kv`, which gives the receiver's
 /// reservation up: it returns once the outcome is known and a stream holds the request,
 /// or once the reservation has ended.
-async fn watch(r: Reservations, rid: u64, id: RequestId, kv: KvOutcome, attach_by: tokio::time::Instant) {
+async fn watch(r: Reservations, rid: ClusterRequestId, id: RequestId, kv: KvOutcome, attach_by: tokio::time::Instant) {
     let mut kv = Some(kv);
     let deadline = tokio::time::sleep_until(attach_by);
     tokio::pin!(deadline);

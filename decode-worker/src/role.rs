@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_cluster::Role;
+use tandem_engine::kv_cache::BlockId;
 use tandem_kvtransfer::KvReceiver;
+use tandem_proto::ids::{ClusterRequestId, LeaseId};
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_worker_runtime::convert::{engine_request, layout_to_pb, sampling_from_pb, status_from_engine};
 use tandem_worker_runtime::{Admission, DecodeRole, DecodeStream, RoleContext, WorkerState};
@@ -41,11 +43,12 @@ impl DecodeWorker {
 impl DecodeRole for DecodeWorker {
     async fn reserve(&self, r: pb::ReserveRequest) -> Result<pb::ReserveResponse, Status> {
         let s = &self.state;
-        if self.reservations.contains(r.request_id) {
-            return Err(Status::already_exists(format!("request {} is already reserved", r.request_id)));
+        let (rid, sender_lease) = (ClusterRequestId(r.request_id), LeaseId::from_wire(r.sender_lease));
+        if self.reservations.contains(rid) {
+            return Err(Status::already_exists(format!("request {rid} is already reserved")));
         }
-        if s.was_cancelled(r.request_id) {
-            return Err(Status::cancelled(format!("request {} was cancelled", r.request_id)));
+        if s.was_cancelled(rid) {
+            return Err(Status::cancelled(format!("request {rid} was cancelled")));
         }
         let mut params = sampling_from_pb(&r.sampling.unwrap_or_default());
         // The prefill worker computes (and scores) the prompt; this side never does.
@@ -58,11 +61,11 @@ impl DecodeRole for DecodeWorker {
         admitted.claim();
         let lease = Duration::from_millis(r.lease_ms.max(1) as u64).min(s.max_lease);
         let deadline = tokio::time::Instant::now() + lease;
-        let blocks: Vec<u32> = admitted.blocks.iter().map(|b| b.0).collect();
+        let blocks = &admitted.blocks;
         // Leading blocks this worker's prefix cache holds are not sent: only the rest is
         // reserved for the transfer.
         let cached = admitted.cached_blocks.min(blocks.len());
-        let reservation = match self.receiver.reserve_from(r.request_id, &blocks[cached..], deadline, r.sender_lease) {
+        let reservation = match self.receiver.reserve_from(rid, &blocks[cached..], deadline, sender_lease) {
             Ok(res) => res,
             Err(e) => {
                 s.engine.abort(admitted.id, None);
@@ -71,7 +74,7 @@ impl DecodeRole for DecodeWorker {
         };
         let n_sent = blocks.len() - cached;
         let new = NewReservation {
-            rid: r.request_id,
+            rid,
             id: admitted.id,
             blocks: blocks.len(),
             prompt_len,
@@ -81,7 +84,7 @@ impl DecodeRole for DecodeWorker {
         };
         self.reservations.insert(new, Box::pin(reservation.wait()));
         Ok(pb::ReserveResponse {
-            block_ids: blocks,
+            block_ids: BlockId::as_u32s(blocks).to_vec(),
             cached_blocks: cached as u32,
             kv_endpoints: self.kv_endpoints.clone(),
             layout: Some(layout_to_pb(&s.layout)),
@@ -91,9 +94,10 @@ impl DecodeRole for DecodeWorker {
 
     async fn decode(&self, r: pb::DecodeRequest) -> Result<DecodeStream, Status> {
         let s = &self.state;
-        if let Some(a) = self.reservations.attach(r.request_id)? {
+        let rid = ClusterRequestId(r.request_id);
+        if let Some(a) = self.reservations.attach(rid)? {
             let timing = Some((a.reserved_at, a.arrived));
-            return Ok(stream_events(s, &self.reservations, (r.request_id, a.id), a.events, timing));
+            return Ok(stream_events(s, &self.reservations, (rid, a.id), a.events, timing));
         }
         if r.prompt_token_ids.is_empty() {
             return Err(Status::not_found(format!("request {} is not reserved on {}", r.request_id, s.id)));
@@ -106,18 +110,18 @@ impl DecodeRole for DecodeWorker {
         let params = sampling_from_pb(&r.sampling.unwrap_or_default());
         let ereq = engine_request(r.prompt_token_ids, params, r.priority, r.cache_salt, r.resumed_tokens);
         let admitted = s.engine.submit(ereq, Admission::Local).await.map_err(status_from_engine)?;
-        Ok(stream_events(s, &self.reservations, (r.request_id, admitted.id), admitted.events, None))
+        Ok(stream_events(s, &self.reservations, (rid, admitted.id), admitted.events, None))
     }
 
-    fn is_reserved(&self, rid: u64) -> bool {
+    fn is_reserved(&self, rid: ClusterRequestId) -> bool {
         self.reservations.contains(rid)
     }
 
-    fn cancel_reserved(&self, rid: u64, reason: Option<String>) -> Option<usize> {
+    fn cancel_reserved(&self, rid: ClusterRequestId, reason: Option<String>) -> Option<usize> {
         self.reservations.cancel(rid, reason)
     }
 
-    fn reserved_ids(&self) -> Vec<u64> {
+    fn reserved_ids(&self) -> Vec<ClusterRequestId> {
         self.reservations.ids()
     }
 

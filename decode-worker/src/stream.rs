@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tandem_engine::llm_engine::SeqOutput;
 use tandem_engine::scheduler::RequestId;
+use tandem_proto::ids::ClusterRequestId;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_worker_runtime::convert::{finish_to_pb, kv_fault, logprobs_to_pb};
 use tandem_worker_runtime::{Active, DecodeStream, Event, InFlight, WorkerState};
@@ -22,7 +23,7 @@ pub(crate) type KvTiming = (Instant, Arc<OnceLock<Instant>>);
 /// Ends the request when its stream goes away before the request did.
 struct StreamEnd {
     reservations: Reservations,
-    rid: u64,
+    rid: ClusterRequestId,
     id: RequestId,
     active: Active,
     done: bool,
@@ -43,7 +44,7 @@ impl Drop for StreamEnd {
 pub(crate) fn stream_events(
     state: &Arc<WorkerState>,
     reservations: &Reservations,
-    (rid, id): (u64, RequestId),
+    (rid, id): (ClusterRequestId, RequestId),
     mut events: mpsc::UnboundedReceiver<Event>,
     timing: Option<KvTiming>,
 ) -> DecodeStream {

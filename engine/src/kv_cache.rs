@@ -13,16 +13,8 @@ use tandem_kernels::{KvElem, KvShape};
 
 use crate::error::EngineError;
 
-/// Index of a block in the pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(transparent)]
-pub struct BlockId(pub u32);
-
-/// A block table as the kernels read it.
-pub fn block_ids_as_u32(ids: &[BlockId]) -> &[u32] {
-    // SAFETY: BlockId is repr(transparent) over u32.
-    unsafe { std::slice::from_raw_parts(ids.as_ptr() as *const u32, ids.len()) }
-}
+/// Index of a block in the pool; one type with kvtransfer's frames (see `tandem_kernels::block`).
+pub use tandem_kernels::BlockId;
 
 /// Element type of the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

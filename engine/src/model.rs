@@ -18,7 +18,7 @@ use tandem_text::config::ModelConfig;
 use tandem_text::gguf::{GgufFile, TensorInfo};
 
 use crate::error::EngineError;
-use crate::kv_cache::{block_ids_as_u32, BlockId, KvCache, KvStorage, LayerKv, LayerKvBytes};
+use crate::kv_cache::{BlockId, KvCache, KvStorage, LayerKv, LayerKvBytes};
 
 /// How the model runs.
 #[derive(Debug, Clone)]
@@ -338,7 +338,7 @@ impl Model {
                             k_cache,
                             v_cache,
                             kv_head: kvh,
-                            block_table: block_ids_as_u32(b.seqs[b.seq_of[t] as usize].block_table),
+                            block_table: BlockId::as_u32s(b.seqs[b.seq_of[t] as usize].block_table),
                             ctx_len: b.positions[t] as usize + 1,
                             scale,
                         };

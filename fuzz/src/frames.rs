@@ -15,8 +15,10 @@
 //!   at the first error or incomplete frame and never reads past the buffer.
 
 use crate::stable::Rng;
+use tandem_kernels::BlockId;
 use tandem_kvtransfer::wire::{self, Code, Frame, HEADER_LEN, MAX_MESSAGE};
 use tandem_kvtransfer::{KvDtypeWire, KvLayout};
+use tandem_proto::ids::{ClusterRequestId, LeaseId};
 
 /// `max_body` values decoded with: none, tiny, a receiver's usual, the u32 limit, unbounded.
 pub const MAX_BODIES: [usize; 5] = [0, 64, 1 << 20, u32::MAX as usize, usize::MAX];
@@ -201,31 +203,31 @@ fn check_header_and_fixed(data: &[u8]) {
 pub fn seeds() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for (i, l) in layouts().into_iter().enumerate() {
-        out.push(wire::encode_hello(&l, if i % 2 == 0 { 0 } else { 0x7f3a_0000_0000_0001 + i as i64 }));
+        out.push(wire::encode_hello(&l, if i % 2 == 0 { None } else { LeaseId::from_wire(0x7f3a_0000_0000_0001 + i as i64) }));
     }
     out.push(wire::encode_hello_ok());
     for lbb in [4usize, 16, 32, 64] {
         for n in [1usize, 2, 5] {
-            let ids: Vec<u32> = (0..n as u32).map(|i| i * 3 + 1).collect();
+            let ids: Vec<BlockId> = (0..n as u32).map(|i| BlockId(i * 3 + 1)).collect();
             let payload: Vec<u8> = (0..n * lbb).map(|i| (i * 31 % 251) as u8).collect();
-            out.push(wire::encode_blocks(7, 1, &ids, &payload));
-            out.push(wire::encode_blocks_in_place(7, 1, &ids));
+            out.push(wire::encode_blocks(ClusterRequestId(7), 1, &ids, &payload));
+            out.push(wire::encode_blocks_in_place(ClusterRequestId(7), 1, &ids));
         }
     }
-    out.push(wire::encode_finish(7, 123, 40));
-    out.push(wire::encode_abort(7, Code::Deadline, "late"));
-    out.push(wire::encode_ack(7, Code::Ok, ""));
-    out.push(wire::encode_ack(u64::MAX, Code::BadBlock, &"x".repeat(MAX_MESSAGE)));
+    out.push(wire::encode_finish(ClusterRequestId(7), 123, 40));
+    out.push(wire::encode_abort(ClusterRequestId(7), Code::Deadline, "late"));
+    out.push(wire::encode_ack(ClusterRequestId(7), Code::Ok, ""));
+    out.push(wire::encode_ack(ClusterRequestId(u64::MAX), Code::BadBlock, &"x".repeat(MAX_MESSAGE)));
     out.push(wire::encode_error(Code::LayoutMismatch, "head_dim 64 vs 128"));
     out.push(wire::encode_shm_offer(1024, "/dev/shm/tandem-kv-1"));
-    out.push(wire::encode_open(7));
-    out.push(wire::encode_accept(7, &[3, 4, 9]));
-    out.push(wire::encode_renew(7, 30_000));
+    out.push(wire::encode_open(ClusterRequestId(7)));
+    out.push(wire::encode_accept(ClusterRequestId(7), &[BlockId(3), BlockId(4), BlockId(9)]));
+    out.push(wire::encode_renew(ClusterRequestId(7), 30_000));
     // A handshake followed by blocks of that layout, as a receiver sees it.
     let l = layouts()[0];
-    let mut s = wire::encode_hello(&l, 0);
-    s.extend(wire::encode_blocks(1, 0, &[0, 9], &vec![0xAB; 2 * l.layer_block_bytes()]));
-    s.extend(wire::encode_finish(1, 5, 3));
+    let mut s = wire::encode_hello(&l, None);
+    s.extend(wire::encode_blocks(ClusterRequestId(1), 0, &[BlockId(0), BlockId(9)], &vec![0xAB; 2 * l.layer_block_bytes()]));
+    s.extend(wire::encode_finish(ClusterRequestId(1), 5, 3));
     out.push(s);
     out
 }
@@ -382,7 +384,7 @@ mod tests {
             check(&s);
         }
         // Our CRC agrees with the codec's: a fixed-up valid frame still decodes.
-        let f = wire::encode_finish(1, 2, 3);
+        let f = wire::encode_finish(ClusterRequestId(1), 2, 3);
         let mut g = f.clone();
         fix_header(&mut Rng::new(1), &mut g);
         assert!(wire::decode(&g, 1 << 20, 0).unwrap().is_some());

@@ -4,6 +4,7 @@
 //! no model knowledge, no allocation in the hot paths, no I/O.
 //!
 //! ## Layout
+//! - `block`: `BlockId`, a block's index in the paged KV pool (shared with the engine and kvtransfer).
 //! - `cpu`: which SIMD family runs (`Isa`), detected at run time; never `target-cpu=native`.
 //! - `pool`: a persistent spinning thread pool; one data-parallel job at a time.
 //! - `quant`: GGML tensor types and scalar dequantization (the reference).
@@ -13,6 +14,7 @@
 //! - `attention`: paged KV writes and paged attention through block tables.
 
 pub mod attention;
+pub mod block;
 pub mod cpu;
 pub mod matmul;
 pub mod ops;
@@ -25,6 +27,7 @@ mod x86;
 mod x86_attn;
 
 pub use attention::{KvElem, KvShape};
+pub use block::BlockId;
 pub use cpu::Isa;
 pub use matmul::{matmul, QuantizedActs};
 pub use packed::{PackedMatrix, Weights};

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::auth::KvAuth;
-use crate::tls::MutualTls;
+use tandem_proto::tls::MutualTls;
 
 /// Settings shared by both ends.
 #[derive(Debug, Clone)]

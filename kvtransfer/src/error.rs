@@ -1,5 +1,7 @@
 //! Errors of a transfer session. Both ends see one; `kind()` is a metric label.
 
+use tandem_proto::ids::ClusterRequestId;
+
 use crate::wire::Code;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -13,7 +15,7 @@ pub enum TransferError {
     #[error("checksum mismatch: {0}")]
     Checksum(String),
     #[error("unknown request {0} (no reservation, or it expired)")]
-    UnknownRequest(u64),
+    UnknownRequest(ClusterRequestId),
     /// The two ends disagree on the KV layout or the model.
     #[error("{0}")]
     LayoutMismatch(String),
@@ -72,7 +74,7 @@ impl TransferError {
     }
 
     /// The error a peer's code stands for.
-    pub fn from_code(code: Code, request_id: u64, message: String) -> TransferError {
+    pub fn from_code(code: Code, request_id: ClusterRequestId, message: String) -> TransferError {
         match code {
             Code::Deadline => TransferError::Deadline(message),
             Code::Checksum => TransferError::Checksum(message),

@@ -13,8 +13,11 @@
 //! - `sender`: `KvSender`, the prefill side: persistent shared connections, backpressure,
 //!   same-host shared memory chosen automatically (`open_target`).
 //! - `config`: `TcpConfig`, limits, queue sizes and TLS for both ends.
-//! - `tls`: `MutualTls`, the cluster's certificates (PEM files) checked at start; the KV
-//!   plane's rustls configurations and the gRPC planes' PEM.
+//! - TLS: `TcpConfig::tls` takes the cluster's `tandem_proto::tls::MutualTls`.
+//!
+//! Ids: requests are `tandem_proto::ids::ClusterRequestId`, blocks `tandem_kernels::BlockId`,
+//! a sender's discovery lease `Option<tandem_proto::ids::LeaseId>`; the wire codec alone
+//! turns them into the frames' integers.
 //! - `shm`: the receiver's blocks in a shared-memory segment that same-host senders write in place.
 //! - `error`: `TransferError`, seen by both ends, with a `kind()` label.
 //! - `nccl` (feature `cuda`): a GPU-to-GPU transport over NCCL, compiled and unit-tested
@@ -31,7 +34,6 @@ pub mod sender;
 pub mod session;
 pub mod shm;
 pub mod sink;
-pub mod tls;
 pub mod wire;
 
 pub use auth::KvAuth;
@@ -43,4 +45,3 @@ pub use sender::{BufferPool, KvSender, KvTarget, LocalTarget, Renewer, SendSessi
 pub use session::{Arrived, Reservation};
 pub use shm::{host_id, ShmKv};
 pub use sink::{HostKv, KvSink};
-pub use tls::{MutualTls, TlsError, TlsFiles};

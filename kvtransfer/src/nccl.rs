@@ -70,6 +70,7 @@ use cudarc::driver::{
 };
 use cudarc::nccl::{Comm, Id};
 use cudarc::nvrtc::{CompileOptions, Ptx};
+use tandem_kernels::BlockId;
 
 use crate::layout::KvLayout;
 
@@ -249,14 +250,14 @@ fn plan_launch(half_block_bytes: usize, n_blocks: usize, aligned16: bool) -> Res
 }
 
 /// Checks block ids against the cache size; a scatter destination also may not repeat.
-fn validate_ids(ids: &[u32], n_cache_blocks: usize, distinct: bool) -> Result<(), NcclError> {
+fn validate_ids(ids: &[BlockId], n_cache_blocks: usize, distinct: bool) -> Result<(), NcclError> {
     if ids.is_empty() {
         return Err(NcclError::Invalid("no blocks".into()));
     }
     if ids.len() > u32::MAX as usize {
         return Err(NcclError::Invalid(format!("{} blocks in one layer", ids.len())));
     }
-    if let Some(bad) = ids.iter().find(|&&id| id as usize >= n_cache_blocks) {
+    if let Some(bad) = ids.iter().find(|id| id.index() >= n_cache_blocks) {
         return Err(NcclError::Invalid(format!("block id {bad} outside a cache of {n_cache_blocks} blocks")));
     }
     if distinct {
@@ -371,7 +372,7 @@ impl NcclTransport {
         &mut self,
         k: &CudaView<'_, T>,
         v: &CudaView<'_, T>,
-        block_ids: &[u32],
+        block_ids: &[BlockId],
     ) -> Result<(), NcclError> {
         if self.role != Role::Prefill {
             return Err(NcclError::Invalid("send_layer on the decode (receiving) rank".into()));
@@ -386,7 +387,7 @@ impl NcclTransport {
         let aligned = self.aligned16(k) && self.aligned16(v);
         let plan = plan_launch(hbb, block_ids.len(), aligned)?;
         self.ensure_staging(bytes)?;
-        let slot = self.upload_ids(block_ids)?;
+        let slot = self.upload_ids(BlockId::as_u32s(block_ids))?;
 
         let n_blocks = block_ids.len() as u32;
         let n_cache = n_cache.min(u32::MAX as usize) as u32;
@@ -412,7 +413,7 @@ impl NcclTransport {
     /// [`Self::stream`].
     pub fn recv_layer<T>(
         &mut self,
-        block_ids: &[u32],
+        block_ids: &[BlockId],
         k: &mut CudaViewMut<'_, T>,
         v: &mut CudaViewMut<'_, T>,
     ) -> Result<(), NcclError> {
@@ -429,7 +430,7 @@ impl NcclTransport {
         let aligned = self.aligned16(&*k) && self.aligned16(&*v);
         let plan = plan_launch(hbb, block_ids.len(), aligned)?;
         self.ensure_staging(bytes)?;
-        let slot = self.upload_ids(block_ids)?;
+        let slot = self.upload_ids(BlockId::as_u32s(block_ids))?;
 
         {
             let staging = self.staging.as_mut().expect("ensured");
@@ -570,10 +571,10 @@ mod tests {
 
     #[test]
     fn block_ids_are_checked_before_any_launch() {
-        assert!(validate_ids(&[0, 5, 9], 10, true).is_ok());
-        assert!(validate_ids(&[3, 3], 10, false).is_ok());
-        assert!(matches!(validate_ids(&[3, 3], 10, true), Err(NcclError::Invalid(_))));
-        assert!(matches!(validate_ids(&[10], 10, false), Err(NcclError::Invalid(_))));
+        assert!(validate_ids(&[BlockId(0), BlockId(5), BlockId(9)], 10, true).is_ok());
+        assert!(validate_ids(&[BlockId(3), BlockId(3)], 10, false).is_ok());
+        assert!(matches!(validate_ids(&[BlockId(3), BlockId(3)], 10, true), Err(NcclError::Invalid(_))));
+        assert!(matches!(validate_ids(&[BlockId(10)], 10, false), Err(NcclError::Invalid(_))));
         assert!(matches!(validate_ids(&[], 10, false), Err(NcclError::Invalid(_))));
         assert_eq!(cache_blocks("K", 3 * 64, 64), Ok(3));
         assert!(cache_blocks("K", 3 * 64 + 2, 64).is_err());

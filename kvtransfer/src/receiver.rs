@@ -29,6 +29,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tandem_kernels::BlockId;
+use tandem_proto::ids::{ClusterRequestId, LeaseId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -122,19 +124,24 @@ impl KvReceiver {
     }
 
     /// Reserves `blocks` for `request_id` until `deadline` (a lease: it expires if the sender never comes).
-    pub fn reserve(&self, request_id: u64, blocks: &[u32], deadline: Instant) -> Result<Reservation, TransferError> {
+    pub fn reserve(
+        &self,
+        request_id: ClusterRequestId,
+        blocks: &[BlockId],
+        deadline: Instant,
+    ) -> Result<Reservation, TransferError> {
         self.sessions.reserve(request_id, blocks, self.sink.n_blocks(), deadline)
     }
 
     /// As `reserve`, taking frames only from a sender holding discovery lease `sender_lease`
     /// (announced in its Hello); frames from any other fail the session (`StaleSender`).
-    /// 0: from any sender.
+    /// `None`: from any sender.
     pub fn reserve_from(
         &self,
-        request_id: u64,
-        blocks: &[u32],
+        request_id: ClusterRequestId,
+        blocks: &[BlockId],
         deadline: Instant,
-        sender_lease: i64,
+        sender_lease: Option<LeaseId>,
     ) -> Result<Reservation, TransferError> {
         self.sessions.reserve_from(request_id, blocks, self.sink.n_blocks(), deadline, sender_lease)
     }
@@ -161,7 +168,7 @@ impl KvReceiver {
     }
 
     /// Payload writes into `request_id`'s blocks still in progress (see `Sessions`).
-    pub fn writes_in_progress(&self, request_id: u64) -> usize {
+    pub fn writes_in_progress(&self, request_id: ClusterRequestId) -> usize {
         self.sessions.writes_in_progress(request_id)
     }
 
@@ -282,7 +289,7 @@ impl Drop for KvReceiver {
 async fn read_hello<S: AsyncRead + Unpin>(
     s: &mut S,
     max: usize,
-) -> Result<(KvLayout, i64, [u8; crate::auth::TAG_LEN]), TransferError> {
+) -> Result<(KvLayout, Option<LeaseId>, [u8; crate::auth::TAG_LEN]), TransferError> {
     let mut h = [0u8; HEADER_LEN];
     s.read_exact(&mut h).await?;
     let head = wire::parse_header(&h, max.min(256)).map_err(|e| TransferError::Protocol(e.to_string()))?;
@@ -383,8 +390,7 @@ pub(crate) async fn serve_conn<S: KvStream>(
             small.resize(BLOCKS_FIXED + 4 * n, 0);
             within(by, sock.read_exact(&mut small[BLOCKS_FIXED..])).await?;
             let mut crc = crc32c::crc32c(&small);
-            let ids: Vec<u32> =
-                small[BLOCKS_FIXED..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect();
+            let ids = wire::block_ids(&small[BLOCKS_FIXED..]);
             match sessions.admit(conn, request_id, layer, layout.n_layers, &ids, fixed.in_place) {
                 Admit::Ok(_writing) => {
                     // Addresses, not pointers, so the future stays Send. The blocks are reserved
@@ -393,7 +399,7 @@ pub(crate) async fn serve_conn<S: KvStream>(
                     let parts: Vec<(usize, usize)> = ids
                         .iter()
                         .flat_map(|&b| {
-                            let (k, v) = sink.block_ptrs(layer as usize, b as usize);
+                            let (k, v) = sink.block_ptrs(layer as usize, b.index());
                             [(k as usize, half), (v as usize, half)]
                         })
                         .collect();

@@ -18,10 +18,12 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tandem_kernels::BlockId;
+use tandem_proto::ids::{ClusterRequestId, LeaseId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -43,9 +45,9 @@ enum Outgoing {
 /// What the receiver said of a session: nothing yet, its verdict after `Finish`, or a
 /// refusal (an error `Ack`) at any time.
 type Verdict = Option<Result<(), TransferError>>;
-type Pending = Arc<Mutex<HashMap<u64, watch::Sender<Verdict>>>>;
+type Pending = Arc<Mutex<HashMap<ClusterRequestId, watch::Sender<Verdict>>>>;
 /// Same-host sessions waiting for the receiver's `Accept` (the blocks they may write).
-type Opening = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u32>, TransferError>>>>>;
+type Opening = Arc<Mutex<HashMap<ClusterRequestId, oneshot::Sender<Result<Vec<BlockId>, TransferError>>>>>;
 
 /// Payload buffers the writer hands back once written, so steady sending reuses memory
 /// instead of faulting in fresh pages for every layer.
@@ -90,7 +92,7 @@ struct Conn {
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     sock: &mut S,
     layout: &KvLayout,
-    lease: i64,
+    lease: Option<LeaseId>,
     auth: Option<&crate::auth::KvAuth>,
     expect_offer: bool,
 ) -> Result<Option<(u64, String)>, TransferError> {
@@ -206,7 +208,10 @@ where
                         }));
                     }
                 }
-                Ok(Some((Frame::Error { code, message }, _))) => break TransferError::from_code(code, 0, message),
+                // A connection-level error names no request (request 0 in the rare `UnknownRequest`).
+                Ok(Some((Frame::Error { code, message }, _))) => {
+                    break TransferError::from_code(code, ClusterRequestId(0), message)
+                }
                 Ok(_) => break TransferError::Protocol("unexpected frame from a receiver".into()),
                 Err(e) => break TransferError::Protocol(e.to_string()),
             }
@@ -243,8 +248,8 @@ pub struct KvSender {
     cfg: TcpConfig,
     conns: tokio::sync::Mutex<HashMap<ConnKey, Arc<Mutex<Conn>>>>,
     fallbacks: AtomicU64,
-    /// This worker's discovery lease, announced in every connection's Hello (0: none).
-    lease: AtomicI64,
+    /// This worker's discovery lease, announced in every connection's Hello.
+    lease: Mutex<Option<LeaseId>>,
 }
 
 impl KvSender {
@@ -254,7 +259,7 @@ impl KvSender {
         sock: &mut S,
         expect_offer: bool,
     ) -> Result<Option<(u64, String)>, TransferError> {
-        let lease = self.lease.load(Ordering::SeqCst);
+        let lease = *self.lease.lock().expect("lease");
         handshake(sock, &self.layout, lease, self.cfg.auth.as_ref(), expect_offer).await
     }
 
@@ -264,7 +269,7 @@ impl KvSender {
             cfg,
             conns: tokio::sync::Mutex::new(HashMap::new()),
             fallbacks: AtomicU64::new(0),
-            lease: AtomicI64::new(0),
+            lease: Mutex::new(None),
         }
     }
 
@@ -275,8 +280,9 @@ impl KvSender {
 
     /// Announces discovery lease `lease` from now on. After a change, sessions open new
     /// connections (whose Hello carries it); sessions already open finish on the old ones.
-    pub async fn set_lease(&self, lease: i64) {
-        if self.lease.swap(lease, Ordering::SeqCst) != lease {
+    pub async fn set_lease(&self, lease: Option<LeaseId>) {
+        let before = std::mem::replace(&mut *self.lease.lock().expect("lease"), lease);
+        if before != lease {
             self.conns.lock().await.clear();
         }
     }
@@ -374,7 +380,7 @@ impl KvSender {
     pub async fn open_target(
         &self,
         target: &KvTarget,
-        request_id: u64,
+        request_id: ClusterRequestId,
         deadline: Instant,
     ) -> Result<SendSession, TransferError> {
         if let Some(local) = target.local.as_ref().filter(|l| l.host == host_id()) {
@@ -403,13 +409,18 @@ impl KvSender {
     pub async fn open(
         &self,
         addr: SocketAddr,
-        request_id: u64,
+        request_id: ClusterRequestId,
         deadline: Instant,
     ) -> Result<SendSession, TransferError> {
         self.open_key(&ConnKey::Tcp(addr), request_id, deadline).await
     }
 
-    async fn open_key(&self, key: &ConnKey, request_id: u64, deadline: Instant) -> Result<SendSession, TransferError> {
+    async fn open_key(
+        &self,
+        key: &ConnKey,
+        request_id: ClusterRequestId,
+        deadline: Instant,
+    ) -> Result<SendSession, TransferError> {
         let conn = self.conn(key, deadline).await?;
         let (tx, rx) = watch::channel(None);
         let (queue, dead, shm, pool, pending, opening) = {
@@ -455,9 +466,9 @@ impl KvSender {
 async fn open_in_place(
     queue: &mpsc::Sender<Outgoing>,
     opening: &Opening,
-    request_id: u64,
+    request_id: ClusterRequestId,
     deadline: Instant,
-) -> Result<Vec<u32>, TransferError> {
+) -> Result<Vec<BlockId>, TransferError> {
     let (tx, rx) = oneshot::channel();
     opening.lock().expect("opening").insert(request_id, tx);
     let late = || TransferError::Deadline(format!("request {request_id}: the receiver did not accept it in time"));
@@ -477,7 +488,7 @@ async fn open_in_place(
 
 /// One request's transfer from the sending side.
 pub struct SendSession {
-    pub request_id: u64,
+    pub request_id: ClusterRequestId,
     /// Moves later with each renewal (`Renewer`).
     deadline: Arc<Mutex<Instant>>,
     queue: mpsc::Sender<Outgoing>,
@@ -488,7 +499,7 @@ pub struct SendSession {
     done: bool,
     shm: Option<Arc<ShmMap>>,
     /// On a same-host connection: the blocks the receiver accepted this session for.
-    accepted: HashSet<u32>,
+    accepted: HashSet<BlockId>,
     pool: BufferPool,
 }
 
@@ -551,7 +562,7 @@ impl SendSession {
     pub async fn send_layer_from(
         &mut self,
         layer: u16,
-        block_ids: &[u32],
+        block_ids: &[BlockId],
         payload: &[u8],
     ) -> Result<(), TransferError> {
         if let Some(shm) = self.shm.clone() {
@@ -574,7 +585,12 @@ impl SendSession {
 
     /// Queues one layer of K/V for `block_ids` (payload: per block K then V). Waits while
     /// the connection's queue is full; fails at once if the receiver already refused the session.
-    pub async fn send_layer(&mut self, layer: u16, block_ids: &[u32], payload: Vec<u8>) -> Result<(), TransferError> {
+    pub async fn send_layer(
+        &mut self,
+        layer: u16,
+        block_ids: &[BlockId],
+        payload: Vec<u8>,
+    ) -> Result<(), TransferError> {
         self.early_error()?;
         let lbb = self.layout.layer_block_bytes();
         if payload.len() != block_ids.len() * lbb {
@@ -627,7 +643,7 @@ impl SendSession {
 /// still works on the request, and tells when the receiver has refused the session.
 #[derive(Clone)]
 pub struct Renewer {
-    request_id: u64,
+    request_id: ClusterRequestId,
     queue: mpsc::Sender<Outgoing>,
     deadline: Arc<Mutex<Instant>>,
     verdict: Option<watch::Receiver<Verdict>>,

@@ -18,6 +18,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
+use tandem_kernels::BlockId;
 
 use crate::error::TransferError;
 use crate::layout::KvLayout;
@@ -238,20 +239,20 @@ impl ShmMap {
     /// them fails the call before anything is written.
     pub(crate) fn write(
         &self,
-        accepted: &std::collections::HashSet<u32>,
+        accepted: &std::collections::HashSet<BlockId>,
         layer: u16,
-        blocks: &[u32],
+        blocks: &[BlockId],
         payload: &[u8],
     ) -> Result<(), TransferError> {
         let half = self.layout.half_block_bytes();
         if layer >= self.layout.n_layers {
             return Err(TransferError::BadBlock(format!("layer {layer}")));
         }
-        if let Some(b) = blocks.iter().find(|&&b| b as usize >= self.n_blocks || !accepted.contains(&b)) {
+        if let Some(b) = blocks.iter().find(|b| b.index() >= self.n_blocks || !accepted.contains(b)) {
             return Err(TransferError::BadBlock(format!("block {b} is not reserved for this session")));
         }
         for (i, &b) in blocks.iter().enumerate() {
-            let (k, v) = block_offsets(&self.layout, self.n_blocks, layer as usize, b as usize);
+            let (k, v) = block_offsets(&self.layout, self.n_blocks, layer as usize, b.index());
             let src = &payload[2 * half * i..2 * half * (i + 1)];
             // SAFETY: offsets are inside the mapping (checked above); the block is reserved
             // for this session on the receiver, so no one else writes it.

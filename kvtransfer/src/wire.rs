@@ -5,6 +5,9 @@
 //! sliced, so a hostile or corrupt peer gets a `WireError`, never a panic or
 //! an allocation of its choosing.
 
+use tandem_kernels::BlockId;
+use tandem_proto::ids::{ClusterRequestId, LeaseId};
+
 use crate::auth::{KvAuth, TAG_LEN};
 use crate::layout::{KvDtypeWire, KvLayout};
 
@@ -147,29 +150,29 @@ impl Code {
 /// A decoded frame; `Blocks` borrows its ids and payload from the input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame<'a> {
-    /// The sender's layout and discovery lease (0: none), and the tag that proves it
-    /// holds the cluster's secret (zeros from a sender without one).
+    /// The sender's layout and discovery lease (0 on the wire: none), and the tag that
+    /// proves it holds the cluster's secret (zeros from a sender without one).
     Hello {
         layout: KvLayout,
-        lease: i64,
+        lease: Option<LeaseId>,
         tag: [u8; TAG_LEN],
     },
     HelloOk,
     Blocks(BlocksRef<'a>),
     /// All of a request's KV has been sent; `first_token` is the prefill's sampled token.
     Finish {
-        request_id: u64,
+        request_id: ClusterRequestId,
         first_token: u32,
         num_tokens: u32,
     },
     Abort {
-        request_id: u64,
+        request_id: ClusterRequestId,
         code: Code,
         message: String,
     },
     /// The receiver's verdict on a request (after Finish, or on an error).
     Ack {
-        request_id: u64,
+        request_id: ClusterRequestId,
         code: Code,
         message: String,
     },
@@ -186,19 +189,19 @@ pub enum Frame<'a> {
     /// On a same-host connection, before any in-place write: may this sender write
     /// `request_id`'s blocks?
     Open {
-        request_id: u64,
+        request_id: ClusterRequestId,
     },
     /// The receiver's yes to `Open`: the blocks reserved for the request, the only ones
     /// the sender may write (a refusal is an `Ack` with the code).
     Accept {
-        request_id: u64,
-        block_ids: Vec<u32>,
+        request_id: ClusterRequestId,
+        block_ids: Vec<BlockId>,
     },
     /// The sender is still computing `request_id` (queued or prefilling): its reservation
     /// should last `lease_ms` more (the receiver grants at most the lease it first granted).
     /// A refusal is an `Ack` with the code; a renewal granted is not answered.
     Renew {
-        request_id: u64,
+        request_id: ClusterRequestId,
         lease_ms: u32,
     },
 }
@@ -206,10 +209,10 @@ pub enum Frame<'a> {
 /// One layer of K and V for some blocks of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlocksRef<'a> {
-    pub request_id: u64,
+    pub request_id: ClusterRequestId,
     pub layer: u16,
     /// Destination block ids on the receiver.
-    pub block_ids: Vec<u32>,
+    pub block_ids: Vec<BlockId>,
     /// For each block in order: K bytes then V bytes of this layer.
     pub payload: &'a [u8],
 }
@@ -222,6 +225,13 @@ fn le32(b: &[u8], at: usize) -> u32 {
 }
 fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+fn request_at(b: &[u8], at: usize) -> ClusterRequestId {
+    ClusterRequestId(le64(b, at))
+}
+/// The block ids of a Blocks or Accept body: `ids` holds them back to back, 4 bytes each.
+pub fn block_ids(ids: &[u8]) -> Vec<BlockId> {
+    ids.chunks_exact(4).map(|c| BlockId(le32(c, 0))).collect()
 }
 
 /// Parses and bounds-checks a header.
@@ -272,27 +282,27 @@ fn message_body(prefix: &[u8], code: Code, message: &str) -> Vec<u8> {
     b
 }
 
-/// `lease`: the sender's discovery lease (0: none), checked against reservations that
+/// `lease`: the sender's discovery lease (`None`: none), checked against reservations that
 /// name the sender they expect. Unsigned: a receiver that checks Hellos refuses it.
-pub fn encode_hello(layout: &KvLayout, lease: i64) -> Vec<u8> {
+pub fn encode_hello(layout: &KvLayout, lease: Option<LeaseId>) -> Vec<u8> {
     encode_hello_tagged(layout, lease, &[0; TAG_LEN])
 }
 
 /// A Hello signed with the cluster's key (`auth`), or unsigned without one.
-pub fn encode_hello_signed(layout: &KvLayout, lease: i64, auth: Option<&KvAuth>) -> Vec<u8> {
+pub fn encode_hello_signed(layout: &KvLayout, lease: Option<LeaseId>, auth: Option<&KvAuth>) -> Vec<u8> {
     let tag = auth.map_or([0; TAG_LEN], |a| a.tag(&hello_fields(layout, lease)));
     encode_hello_tagged(layout, lease, &tag)
 }
 
 /// A Hello carrying `tag` as it is.
-pub fn encode_hello_tagged(layout: &KvLayout, lease: i64, tag: &[u8; TAG_LEN]) -> Vec<u8> {
+pub fn encode_hello_tagged(layout: &KvLayout, lease: Option<LeaseId>, tag: &[u8; TAG_LEN]) -> Vec<u8> {
     let mut b = hello_fields(layout, lease);
     b.extend_from_slice(tag);
     frame(Kind::Hello, &b)
 }
 
 /// The bytes of a Hello that its tag covers.
-pub fn hello_fields(layout: &KvLayout, lease: i64) -> Vec<u8> {
+pub fn hello_fields(layout: &KvLayout, lease: Option<LeaseId>) -> Vec<u8> {
     let mut b = Vec::with_capacity(HELLO_LEN);
     b.extend_from_slice(&layout.n_layers.to_le_bytes());
     b.extend_from_slice(&layout.n_kv_heads.to_le_bytes());
@@ -301,7 +311,7 @@ pub fn hello_fields(layout: &KvLayout, lease: i64) -> Vec<u8> {
     b.push(layout.dtype as u8);
     b.extend_from_slice(&[0, 0, 0]);
     b.extend_from_slice(&layout.fingerprint.to_le_bytes());
-    b.extend_from_slice(&lease.to_le_bytes());
+    b.extend_from_slice(&LeaseId::to_wire(lease).to_le_bytes());
     b
 }
 
@@ -311,23 +321,34 @@ pub fn encode_hello_ok() -> Vec<u8> {
 
 /// The header and fixed part of a Blocks frame; the payload follows separately, so a
 /// sender can write it straight from KV memory. `crc` is the CRC32C of fixed part + payload.
-pub fn encode_blocks_head(request_id: u64, layer: u16, block_ids: &[u32], payload: &[&[u8]]) -> Vec<u8> {
+pub fn encode_blocks_head(
+    request_id: ClusterRequestId,
+    layer: u16,
+    block_ids: &[BlockId],
+    payload: &[&[u8]],
+) -> Vec<u8> {
     blocks_head(request_id, layer, block_ids, payload, false)
 }
 
 /// A whole in-place Blocks frame: the payload was already written into the receiver's segment.
-pub fn encode_blocks_in_place(request_id: u64, layer: u16, block_ids: &[u32]) -> Vec<u8> {
+pub fn encode_blocks_in_place(request_id: ClusterRequestId, layer: u16, block_ids: &[BlockId]) -> Vec<u8> {
     blocks_head(request_id, layer, block_ids, &[], true)
 }
 
-fn blocks_head(request_id: u64, layer: u16, block_ids: &[u32], payload: &[&[u8]], in_place: bool) -> Vec<u8> {
+fn blocks_head(
+    request_id: ClusterRequestId,
+    layer: u16,
+    block_ids: &[BlockId],
+    payload: &[&[u8]],
+    in_place: bool,
+) -> Vec<u8> {
     let mut fixed = Vec::with_capacity(BLOCKS_FIXED + 4 * block_ids.len());
-    fixed.extend_from_slice(&request_id.to_le_bytes());
+    fixed.extend_from_slice(&request_id.0.to_le_bytes());
     fixed.extend_from_slice(&layer.to_le_bytes());
     fixed.extend_from_slice(&(if in_place { FLAG_IN_PLACE } else { 0 }).to_le_bytes());
     fixed.extend_from_slice(&(block_ids.len() as u32).to_le_bytes());
     for id in block_ids {
-        fixed.extend_from_slice(&id.to_le_bytes());
+        fixed.extend_from_slice(&id.0.to_le_bytes());
     }
     let mut crc = crc32c::crc32c(&fixed);
     let mut len = fixed.len();
@@ -349,26 +370,26 @@ fn blocks_head(request_id: u64, layer: u16, block_ids: &[u32], payload: &[&[u8]]
 }
 
 /// A whole Blocks frame in one buffer.
-pub fn encode_blocks(request_id: u64, layer: u16, block_ids: &[u32], payload: &[u8]) -> Vec<u8> {
+pub fn encode_blocks(request_id: ClusterRequestId, layer: u16, block_ids: &[BlockId], payload: &[u8]) -> Vec<u8> {
     let mut out = encode_blocks_head(request_id, layer, block_ids, &[payload]);
     out.extend_from_slice(payload);
     out
 }
 
-pub fn encode_finish(request_id: u64, first_token: u32, num_tokens: u32) -> Vec<u8> {
+pub fn encode_finish(request_id: ClusterRequestId, first_token: u32, num_tokens: u32) -> Vec<u8> {
     let mut b = Vec::with_capacity(16);
-    b.extend_from_slice(&request_id.to_le_bytes());
+    b.extend_from_slice(&request_id.0.to_le_bytes());
     b.extend_from_slice(&first_token.to_le_bytes());
     b.extend_from_slice(&num_tokens.to_le_bytes());
     frame(Kind::Finish, &b)
 }
 
-pub fn encode_abort(request_id: u64, code: Code, message: &str) -> Vec<u8> {
-    frame(Kind::Abort, &message_body(&request_id.to_le_bytes(), code, message))
+pub fn encode_abort(request_id: ClusterRequestId, code: Code, message: &str) -> Vec<u8> {
+    frame(Kind::Abort, &message_body(&request_id.0.to_le_bytes(), code, message))
 }
 
-pub fn encode_ack(request_id: u64, code: Code, message: &str) -> Vec<u8> {
-    frame(Kind::Ack, &message_body(&request_id.to_le_bytes(), code, message))
+pub fn encode_ack(request_id: ClusterRequestId, code: Code, message: &str) -> Vec<u8> {
+    frame(Kind::Ack, &message_body(&request_id.0.to_le_bytes(), code, message))
 }
 
 pub fn encode_error(code: Code, message: &str) -> Vec<u8> {
@@ -383,23 +404,23 @@ pub fn encode_shm_offer(n_blocks: u64, path: &str) -> Vec<u8> {
     frame(Kind::ShmOffer, &b)
 }
 
-pub fn encode_open(request_id: u64) -> Vec<u8> {
-    frame(Kind::Open, &request_id.to_le_bytes())
+pub fn encode_open(request_id: ClusterRequestId) -> Vec<u8> {
+    frame(Kind::Open, &request_id.0.to_le_bytes())
 }
 
 /// The sender still works on `request_id`: keep its reservation for `lease_ms` more.
-pub fn encode_renew(request_id: u64, lease_ms: u32) -> Vec<u8> {
-    let mut b = request_id.to_le_bytes().to_vec();
+pub fn encode_renew(request_id: ClusterRequestId, lease_ms: u32) -> Vec<u8> {
+    let mut b = request_id.0.to_le_bytes().to_vec();
     b.extend_from_slice(&lease_ms.to_le_bytes());
     frame(Kind::Renew, &b)
 }
 
-pub fn encode_accept(request_id: u64, block_ids: &[u32]) -> Vec<u8> {
+pub fn encode_accept(request_id: ClusterRequestId, block_ids: &[BlockId]) -> Vec<u8> {
     let mut b = Vec::with_capacity(12 + 4 * block_ids.len());
-    b.extend_from_slice(&request_id.to_le_bytes());
+    b.extend_from_slice(&request_id.0.to_le_bytes());
     b.extend_from_slice(&(block_ids.len() as u32).to_le_bytes());
     for id in block_ids {
-        b.extend_from_slice(&id.to_le_bytes());
+        b.extend_from_slice(&id.0.to_le_bytes());
     }
     frame(Kind::Accept, &b)
 }
@@ -407,7 +428,7 @@ pub fn encode_accept(request_id: u64, block_ids: &[u32]) -> Vec<u8> {
 /// The fixed part of a Blocks body, checked against the body length and the per-block size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlocksFixed {
-    pub request_id: u64,
+    pub request_id: ClusterRequestId,
     pub layer: u16,
     pub n_blocks: usize,
     /// The payload is in the receiver's shared segment, not in the frame.
@@ -432,7 +453,7 @@ pub fn parse_blocks_fixed(fixed: &[u8], body_len: usize, layer_block_bytes: usiz
     if n == 0 || (body_len - BLOCKS_FIXED) / per != n || (body_len - BLOCKS_FIXED) % per != 0 {
         return Err(bad("block count does not match the body length"));
     }
-    Ok(BlocksFixed { request_id: le64(fixed, 0), layer: le16(fixed, 8), n_blocks: n, in_place })
+    Ok(BlocksFixed { request_id: request_at(fixed, 0), layer: le16(fixed, 8), n_blocks: n, in_place })
 }
 
 fn parse_message(body: &[u8], at: usize, kind: Kind) -> Result<(Code, String), WireError> {
@@ -479,7 +500,7 @@ pub fn decode(buf: &[u8], max_body: usize, layer_block_bytes: usize) -> Result<O
                 fingerprint: le64(body, 12),
             };
             let tag = body[HELLO_FIELDS..].try_into().expect("HELLO_LEN bytes");
-            Frame::Hello { layout, lease: le64(body, 20) as i64, tag }
+            Frame::Hello { layout, lease: LeaseId::from_wire(le64(body, 20) as i64), tag }
         }
         Kind::HelloOk => {
             if !body.is_empty() {
@@ -493,28 +514,28 @@ pub fn decode(buf: &[u8], max_body: usize, layer_block_bytes: usize) -> Result<O
                 return Err(bad("in-place blocks are only valid on a shared-memory connection"));
             }
             let ids_end = BLOCKS_FIXED + 4 * f.n_blocks;
-            let block_ids = (0..f.n_blocks).map(|i| le32(body, BLOCKS_FIXED + 4 * i)).collect();
+            let block_ids = block_ids(&body[BLOCKS_FIXED..ids_end]);
             Frame::Blocks(BlocksRef { request_id: f.request_id, layer: f.layer, block_ids, payload: &body[ids_end..] })
         }
         Kind::Finish => {
             if body.len() != FINISH_LEN {
                 return Err(bad("wrong length"));
             }
-            Frame::Finish { request_id: le64(body, 0), first_token: le32(body, 8), num_tokens: le32(body, 12) }
+            Frame::Finish { request_id: request_at(body, 0), first_token: le32(body, 8), num_tokens: le32(body, 12) }
         }
         Kind::Abort => {
             if body.len() < 8 {
                 return Err(bad("too short"));
             }
             let (code, message) = parse_message(body, 8, h.kind)?;
-            Frame::Abort { request_id: le64(body, 0), code, message }
+            Frame::Abort { request_id: request_at(body, 0), code, message }
         }
         Kind::Ack => {
             if body.len() < 8 {
                 return Err(bad("too short"));
             }
             let (code, message) = parse_message(body, 8, h.kind)?;
-            Frame::Ack { request_id: le64(body, 0), code, message }
+            Frame::Ack { request_id: request_at(body, 0), code, message }
         }
         Kind::Error => {
             let (code, message) = parse_message(body, 0, h.kind)?;
@@ -534,20 +555,19 @@ pub fn decode(buf: &[u8], max_body: usize, layer_block_bytes: usize) -> Result<O
             if body.len() != 8 {
                 return Err(bad("wrong length"));
             }
-            Frame::Open { request_id: le64(body, 0) }
+            Frame::Open { request_id: request_at(body, 0) }
         }
         Kind::Renew => {
             if body.len() != 12 {
                 return Err(bad("wrong length"));
             }
-            Frame::Renew { request_id: le64(body, 0), lease_ms: le32(body, 8) }
+            Frame::Renew { request_id: request_at(body, 0), lease_ms: le32(body, 8) }
         }
         Kind::Accept => {
             if body.len() < 12 || (body.len() - 12) / 4 != le32(body, 8) as usize || body.len() % 4 != 0 {
                 return Err(bad("block count does not match the body length"));
             }
-            let block_ids = body[12..].chunks_exact(4).map(|c| le32(c, 0)).collect();
-            Frame::Accept { request_id: le64(body, 0), block_ids }
+            Frame::Accept { request_id: request_at(body, 0), block_ids: block_ids(&body[12..]) }
         }
     };
     Ok(Some((f, HEADER_LEN + h.body_len)))
@@ -567,18 +587,18 @@ mod tests {
         let lbb = l.layer_block_bytes();
         let payload: Vec<u8> = (0..2 * lbb).map(|i| i as u8).collect();
         let frames = [
-            encode_hello(&l, -0x1234_5678_9abc),
+            encode_hello(&l, LeaseId::from_wire(-0x1234_5678_9abc)),
             encode_hello_ok(),
-            encode_blocks(7, 1, &[3, 9], &payload),
-            encode_finish(7, 123, 40),
-            encode_abort(7, Code::Deadline, "late"),
-            encode_ack(7, Code::Ok, ""),
+            encode_blocks(ClusterRequestId(7), 1, &[BlockId(3), BlockId(9)], &payload),
+            encode_finish(ClusterRequestId(7), 123, 40),
+            encode_abort(ClusterRequestId(7), Code::Deadline, "late"),
+            encode_ack(ClusterRequestId(7), Code::Ok, ""),
             encode_error(Code::LayoutMismatch, "head_dim 64 vs 128"),
             encode_shm_offer(12, "/dev/shm/x"),
-            encode_open(7),
-            encode_accept(7, &[3, 9]),
-            encode_hello_signed(&l, 7, Some(&KvAuth::from_secret(b"secret"))),
-            encode_renew(7, 1500),
+            encode_open(ClusterRequestId(7)),
+            encode_accept(ClusterRequestId(7), &[BlockId(3), BlockId(9)]),
+            encode_hello_signed(&l, LeaseId::from_wire(7), Some(&KvAuth::from_secret(b"secret"))),
+            encode_renew(ClusterRequestId(7), 1500),
         ];
         let mut stream = Vec::new();
         for f in &frames {
@@ -603,9 +623,9 @@ mod tests {
         let auth = KvAuth::from_secret(b"secret");
         match decode(&frames[10], 256, 0).unwrap().unwrap().0 {
             Frame::Hello { layout, lease, tag } => {
-                assert_eq!((layout, lease), (l, 7));
-                assert!(auth.verify(&hello_fields(&l, 7), &tag), "the tag survives the wire");
-                assert!(!auth.verify(&hello_fields(&l, 8), &tag), "and covers the lease");
+                assert_eq!((layout, lease), (l, LeaseId::from_wire(7)));
+                assert!(auth.verify(&hello_fields(&l, LeaseId::from_wire(7)), &tag), "the tag survives the wire");
+                assert!(!auth.verify(&hello_fields(&l, LeaseId::from_wire(8)), &tag), "and covers the lease");
             }
             other => panic!("{other:?}"),
         }
@@ -615,7 +635,7 @@ mod tests {
     #[test]
     fn partial_input_asks_for_more_and_corruption_is_an_error() {
         let lbb = layout().layer_block_bytes();
-        let f = encode_blocks(1, 0, &[0], &vec![5u8; lbb]);
+        let f = encode_blocks(ClusterRequestId(1), 0, &[BlockId(0)], &vec![5u8; lbb]);
         for cut in 0..f.len() {
             assert_eq!(decode(&f[..cut], 1 << 20, lbb), Ok(None));
         }
@@ -631,16 +651,16 @@ mod tests {
 
     #[test]
     fn lengths_are_bounded_before_anything_is_read() {
-        let mut f = encode_finish(1, 2, 3);
+        let mut f = encode_finish(ClusterRequestId(1), 2, 3);
         f[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(decode(&f, 1 << 20, 64), Err(WireError::TooLong { .. })));
         // Each kind is bounded by what it can be, whatever the frame limit: a Finish
         // claiming 64 MiB, or an Abort longer than its message can be, is refused.
         for (frame, most) in [
-            (encode_finish(1, 2, 3), 16),
-            (encode_abort(1, Code::Aborted, "x"), 8 + 4 + MAX_MESSAGE),
+            (encode_finish(ClusterRequestId(1), 2, 3), 16),
+            (encode_abort(ClusterRequestId(1), Code::Aborted, "x"), 8 + 4 + MAX_MESSAGE),
             (encode_error(Code::Protocol, "x"), 4 + MAX_MESSAGE),
-            (encode_open(1), 8),
+            (encode_open(ClusterRequestId(1)), 8),
         ] {
             for claimed in [most + 1, 64 << 20] {
                 let mut h: [u8; HEADER_LEN] = frame[..HEADER_LEN].try_into().unwrap();
@@ -648,10 +668,10 @@ mod tests {
                 assert_eq!(parse_header(&h, 64 << 20), Err(WireError::TooLong { len: claimed, max: most }));
             }
         }
-        let blocks = encode_blocks(1, 0, &[0], &[0u8; 64]);
+        let blocks = encode_blocks(ClusterRequestId(1), 0, &[BlockId(0)], &[0u8; 64]);
         assert_eq!(decode(&blocks, 1 << 20, 0), Err(WireError::NoLayout));
         // A block count that disagrees with the body length.
-        let wrong = encode_blocks(1, 0, &[0, 1], &[0u8; 64]);
+        let wrong = encode_blocks(ClusterRequestId(1), 0, &[BlockId(0), BlockId(1)], &[0u8; 64]);
         assert!(matches!(decode(&wrong, 1 << 20, 64), Err(WireError::Malformed { .. })));
     }
 }

@@ -6,8 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tandem_kernels::BlockId;
 use tandem_kvtransfer::wire::{self, Frame, HEADER_LEN};
 use tandem_kvtransfer::{HostKv, KvAuth, KvDtypeWire, KvLayout, KvReceiver, KvSender, TcpConfig, TransferError};
+use tandem_proto::ids::{ClusterRequestId, LeaseId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -43,7 +45,7 @@ fn rss() -> usize {
 /// A connection past the handshake: Hello sent, HelloOk read.
 async fn handshaken(rx: &KvReceiver) -> TcpStream {
     let mut sock = TcpStream::connect(rx.local_addr()).await.unwrap();
-    sock.write_all(&wire::encode_hello(&layout(), 0)).await.unwrap();
+    sock.write_all(&wire::encode_hello(&layout(), None)).await.unwrap();
     let mut ok = [0u8; HEADER_LEN];
     sock.read_exact(&mut ok).await.unwrap();
     assert!(matches!(wire::decode(&ok, 0, 0), Ok(Some((Frame::HelloOk, _)))));
@@ -65,24 +67,24 @@ async fn until_closed(sock: &mut TcpStream, within: Duration) -> Vec<u8> {
 
 /// A Finish header (valid magic, version, kind) that claims a body of `len` bytes.
 fn finish_header_claiming(len: u32) -> Vec<u8> {
-    let mut h = wire::encode_finish(1, 2, 3)[..HEADER_LEN].to_vec();
+    let mut h = wire::encode_finish(ClusterRequestId(1), 2, 3)[..HEADER_LEN].to_vec();
     h[8..12].copy_from_slice(&len.to_le_bytes());
     h
 }
 
 /// A real sender still gets its KV through.
-async fn a_transfer_works(rx: &KvReceiver, sink: &HostKv, request_id: u64) {
+async fn a_transfer_works(rx: &KvReceiver, sink: &HostKv, request_id: ClusterRequestId) {
     a_transfer_works_with(rx, sink, request_id, TcpConfig::default()).await
 }
 
 /// As `a_transfer_works`, from a sender configured by `cfg`.
-async fn a_transfer_works_with(rx: &KvReceiver, sink: &HostKv, request_id: u64, cfg: TcpConfig) {
+async fn a_transfer_works_with(rx: &KvReceiver, sink: &HostKv, request_id: ClusterRequestId, cfg: TcpConfig) {
     let l = layout();
-    let res = rx.reserve(request_id, &[5], Instant::now() + Duration::from_secs(5)).unwrap();
+    let res = rx.reserve(request_id, &[BlockId(5)], Instant::now() + Duration::from_secs(5)).unwrap();
     let tx = KvSender::new(l, cfg);
     let mut s = tx.open(rx.local_addr(), request_id, Instant::now() + Duration::from_secs(5)).await.unwrap();
     for layer in 0..l.n_layers {
-        s.send_layer(layer, &[5], vec![layer as u8 + 7; l.layer_block_bytes()]).await.unwrap();
+        s.send_layer(layer, &[BlockId(5)], vec![layer as u8 + 7; l.layer_block_bytes()]).await.unwrap();
     }
     s.finish(42, 3).await.unwrap();
     assert_eq!(res.wait().await.unwrap().first_token, 42);
@@ -112,7 +114,7 @@ async fn headers_claiming_64_mib_bodies_are_refused_without_allocating_them() {
         assert!(matches!(frame, Frame::Error { code: wire::Code::Protocol, .. }), "{frame:?}");
     }
     drop(socks);
-    a_transfer_works(&rx, &sink, 1).await;
+    a_transfer_works(&rx, &sink, ClusterRequestId(1)).await;
 }
 
 #[tokio::test]
@@ -120,7 +122,7 @@ async fn stalled_connections_are_closed_by_the_read_deadlines() {
     let (rx, sink) = receiver(cfg()).await;
     // Within a frame: a header, part of its body, then silence (frame deadline, 300 ms).
     let mut mid_frame = handshaken(&rx).await;
-    let finish = wire::encode_finish(1, 2, 3);
+    let finish = wire::encode_finish(ClusterRequestId(1), 2, 3);
     mid_frame.write_all(&finish[..HEADER_LEN + 4]).await.unwrap();
     // Between frames: nothing after the handshake (idle deadline, 600 ms).
     let mut idle = handshaken(&rx).await;
@@ -130,7 +132,7 @@ async fn stalled_connections_are_closed_by_the_read_deadlines() {
     for sock in [&mut mid_frame, &mut idle, &mut mid_header] {
         until_closed(sock, Duration::from_secs(5)).await;
     }
-    a_transfer_works(&rx, &sink, 2).await;
+    a_transfer_works(&rx, &sink, ClusterRequestId(2)).await;
 }
 
 #[tokio::test]
@@ -153,7 +155,7 @@ async fn connections_past_the_caps_are_refused_at_accept() {
             assert!(Instant::now() < gone, "closed connections still counted");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        a_transfer_works(&rx, &sink, 3).await;
+        a_transfer_works(&rx, &sink, ClusterRequestId(3)).await;
     }
 }
 
@@ -162,7 +164,7 @@ async fn a_refused_hello_learns_nothing_of_the_expected_layout() {
     let (rx, sink) = receiver(cfg()).await;
     let mut sock = TcpStream::connect(rx.local_addr()).await.unwrap();
     let guess = KvLayout { head_dim: 64, fingerprint: 0x1234, ..layout() };
-    sock.write_all(&wire::encode_hello(&guess, 0)).await.unwrap();
+    sock.write_all(&wire::encode_hello(&guess, None)).await.unwrap();
     let said = until_closed(&mut sock, Duration::from_secs(5)).await;
     match wire::decode(&said, 1 << 16, 0).unwrap().unwrap().0 {
         Frame::Error { code: wire::Code::LayoutMismatch, message } => {
@@ -170,7 +172,7 @@ async fn a_refused_hello_learns_nothing_of_the_expected_layout() {
         }
         other => panic!("{other:?}"),
     }
-    a_transfer_works(&rx, &sink, 4).await;
+    a_transfer_works(&rx, &sink, ClusterRequestId(4)).await;
 }
 
 /// Issue 15, item 3: a receiver with the cluster's key refuses every Hello not signed with
@@ -183,13 +185,17 @@ async fn a_hello_without_the_clusters_key_is_refused_before_anything_else() {
     let stranger = KvAuth::from_secret(b"a guess at the secret, 32 bytes+");
     let right = key().unwrap();
     let attempts = [
-        ("unsigned", wire::encode_hello(&layout(), 0)),
-        ("another key", wire::encode_hello_signed(&layout(), 0, Some(&stranger))),
-        ("a wrong layout, unsigned", wire::encode_hello(&KvLayout { head_dim: 64, ..layout() }, 0)),
+        ("unsigned", wire::encode_hello(&layout(), None)),
+        ("another key", wire::encode_hello_signed(&layout(), None, Some(&stranger))),
+        ("a wrong layout, unsigned", wire::encode_hello(&KvLayout { head_dim: 64, ..layout() }, None)),
         // A real tag, lifted from another sender's Hello, on a lease of the stranger's choice.
         (
             "a tag of other fields",
-            wire::encode_hello_tagged(&layout(), 9, &right.tag(&wire::hello_fields(&layout(), 0))),
+            wire::encode_hello_tagged(
+                &layout(),
+                LeaseId::from_wire(9),
+                &right.tag(&wire::hello_fields(&layout(), None)),
+            ),
         ),
     ];
     for (what, hello) in attempts {
@@ -204,11 +210,11 @@ async fn a_hello_without_the_clusters_key_is_refused_before_anything_else() {
         }
     }
     // A sender without the key learns why it failed; one with it gets its KV through.
-    let res = rx.reserve(5, &[5], Instant::now() + Duration::from_secs(5)).unwrap();
+    let res = rx.reserve(ClusterRequestId(5), &[BlockId(5)], Instant::now() + Duration::from_secs(5)).unwrap();
     let tx = KvSender::new(layout(), TcpConfig::default());
-    let err = tx.open(rx.local_addr(), 5, Instant::now() + Duration::from_secs(5)).await.err();
+    let err = tx.open(rx.local_addr(), ClusterRequestId(5), Instant::now() + Duration::from_secs(5)).await.err();
     assert!(matches!(err, Some(TransferError::Unauthenticated(_))), "{err:?}");
     tx.shutdown().await;
     drop(res);
-    a_transfer_works_with(&rx, &sink, 6, TcpConfig { auth: key(), ..TcpConfig::default() }).await;
+    a_transfer_works_with(&rx, &sink, ClusterRequestId(6), TcpConfig { auth: key(), ..TcpConfig::default() }).await;
 }

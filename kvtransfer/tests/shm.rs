@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tandem_kernels::BlockId;
 use tandem_kvtransfer::wire;
 use tandem_kvtransfer::{
     host_id, KvDtypeWire, KvLayout, KvReceiver, KvSender, KvTarget, LocalTarget, ShmKv, TcpConfig,
 };
+use tandem_proto::ids::ClusterRequestId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -35,10 +37,11 @@ async fn setup() -> (Arc<KvReceiver>, Arc<ShmKv>, KvTarget) {
 async fn send_all(tx: &KvSender, target: &KvTarget, req: u64, blocks: &[u32]) -> &'static str {
     let l = smollm();
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut s = tx.open_target(target, req, deadline).await.unwrap();
+    let mut s = tx.open_target(target, ClusterRequestId(req), deadline).await.unwrap();
     let transport = s.transport();
+    let blocks: Vec<BlockId> = blocks.iter().map(|&b| BlockId(b)).collect();
     for layer in 0..l.n_layers {
-        s.send_layer(layer, blocks, payload(&l, layer as u8, blocks.len())).await.unwrap();
+        s.send_layer(layer, &blocks, payload(&l, layer as u8, blocks.len())).await.unwrap();
     }
     s.finish(11, 32).await.unwrap();
     transport
@@ -48,7 +51,8 @@ async fn send_all(tx: &KvSender, target: &KvTarget, req: u64, blocks: &[u32]) ->
 async fn same_host_senders_write_the_segment_in_place() {
     let l = smollm();
     let (rx, sink, target) = setup().await;
-    let res = rx.reserve(1, &[3, 8], Instant::now() + Duration::from_secs(5)).unwrap();
+    let res =
+        rx.reserve(ClusterRequestId(1), &[BlockId(3), BlockId(8)], Instant::now() + Duration::from_secs(5)).unwrap();
     let tx = KvSender::new(l, TcpConfig::default());
     assert_eq!(send_all(&tx, &target, 1, &[3, 8]).await, "shm");
     assert_eq!(res.wait().await.unwrap().first_token, 11);
@@ -66,7 +70,7 @@ async fn a_broken_local_endpoint_falls_back_to_tcp_and_another_host_uses_tcp() {
     let l = smollm();
     let (rx, sink, mut target) = setup().await;
     target.local.as_mut().unwrap().uds = uds_path("nobody-listens-here");
-    let res = rx.reserve(2, &[1], Instant::now() + Duration::from_secs(5)).unwrap();
+    let res = rx.reserve(ClusterRequestId(2), &[BlockId(1)], Instant::now() + Duration::from_secs(5)).unwrap();
     let tx = KvSender::new(l, TcpConfig::default());
     assert_eq!(send_all(&tx, &target, 2, &[1]).await, "tcp");
     res.wait().await.unwrap();
@@ -74,7 +78,7 @@ async fn a_broken_local_endpoint_falls_back_to_tcp_and_another_host_uses_tcp() {
     assert_eq!(sink.read_block(4, 1), payload(&l, 4, 1));
 
     target.local.as_mut().unwrap().host = "another-host".into();
-    let res = rx.reserve(3, &[2], Instant::now() + Duration::from_secs(5)).unwrap();
+    let res = rx.reserve(ClusterRequestId(3), &[BlockId(2)], Instant::now() + Duration::from_secs(5)).unwrap();
     assert_eq!(send_all(&tx, &target, 3, &[2]).await, "tcp");
     res.wait().await.unwrap();
     assert_eq!(tx.fallbacks(), 1, "no shared-memory attempt toward another host");
@@ -84,14 +88,14 @@ async fn a_broken_local_endpoint_falls_back_to_tcp_and_another_host_uses_tcp() {
 async fn in_place_frames_are_refused_over_tcp() {
     let l = smollm();
     let (rx, _sink, _target) = setup().await;
-    let _res = rx.reserve(4, &[0], Instant::now() + Duration::from_secs(5)).unwrap();
+    let _res = rx.reserve(ClusterRequestId(4), &[BlockId(0)], Instant::now() + Duration::from_secs(5)).unwrap();
     let mut sock = tokio::net::TcpStream::connect(rx.local_addr()).await.unwrap();
-    sock.write_all(&wire::encode_hello(&l, 0)).await.unwrap();
+    sock.write_all(&wire::encode_hello(&l, None)).await.unwrap();
     let mut ok = [0u8; 16];
     sock.read_exact(&mut ok).await.unwrap();
     let p = payload(&l, 0, 1);
     let _ = &p;
-    sock.write_all(&wire::encode_blocks_in_place(4, 0, &[0])).await.unwrap();
+    sock.write_all(&wire::encode_blocks_in_place(ClusterRequestId(4), 0, &[BlockId(0)])).await.unwrap();
     let mut buf = vec![0u8; 512];
     let n = sock.read(&mut buf).await.unwrap();
     let frame = wire::decode(&buf[..n], 1 << 16, 0).unwrap().unwrap().0;

@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tandem_kernels::BlockId;
 use tandem_kvtransfer::shm::shm_dir;
 use tandem_kvtransfer::wire::{self, Frame, HEADER_LEN};
 use tandem_kvtransfer::{
     host_id, KvDtypeWire, KvLayout, KvReceiver, KvSender, KvTarget, LocalTarget, ShmKv, TcpConfig, TransferError,
 };
+use tandem_proto::ids::ClusterRequestId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::time::Instant;
@@ -41,8 +43,8 @@ async fn a_session_for_an_unknown_reservation_leaves_the_segment_unchanged() {
     let before = std::fs::read(sink.path()).unwrap();
     let tx = KvSender::new(l, TcpConfig::default());
     // No reservation for request 99: the receiver says so before the sender writes anything.
-    match tx.open_target(&target, 99, soon()).await {
-        Err(TransferError::UnknownRequest(99)) => {}
+    match tx.open_target(&target, ClusterRequestId(99), soon()).await {
+        Err(TransferError::UnknownRequest(ClusterRequestId(99))) => {}
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a session opened without a reservation"),
     }
@@ -50,16 +52,16 @@ async fn a_session_for_an_unknown_reservation_leaves_the_segment_unchanged() {
     assert_eq!(std::fs::read(sink.path()).unwrap(), before);
 
     // A raw client that skips `Open` gets its in-place frames refused, and the session fails.
-    let res = rx.reserve(5, &[2], soon()).unwrap();
+    let res = rx.reserve(ClusterRequestId(5), &[BlockId(2)], soon()).unwrap();
     let mut sock = UnixStream::connect(&target.local.as_ref().unwrap().uds).await.unwrap();
-    sock.write_all(&wire::encode_hello(&l, 0)).await.unwrap();
+    sock.write_all(&wire::encode_hello(&l, None)).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let mut got = Vec::new();
     while !matches!(wire::decode(&got, 1 << 16, 0), Ok(Some((Frame::HelloOk, n))) if got.len() > n) {
         let n = sock.read(&mut buf).await.unwrap();
         got.extend_from_slice(&buf[..n]);
     }
-    sock.write_all(&wire::encode_blocks_in_place(5, 0, &[2])).await.unwrap();
+    sock.write_all(&wire::encode_blocks_in_place(ClusterRequestId(5), 0, &[BlockId(2)])).await.unwrap();
     let mut ack = [0u8; HEADER_LEN + 12];
     sock.read_exact(&mut ack[..HEADER_LEN]).await.unwrap();
     let len = u32::from_le_bytes(ack[8..12].try_into().unwrap()) as usize;
@@ -67,7 +69,7 @@ async fn a_session_for_an_unknown_reservation_leaves_the_segment_unchanged() {
     frame.resize(HEADER_LEN + len, 0);
     sock.read_exact(&mut frame[HEADER_LEN..]).await.unwrap();
     match wire::decode(&frame, 1 << 16, 0).unwrap().unwrap().0 {
-        Frame::Ack { request_id: 5, code: wire::Code::Protocol, .. } => {}
+        Frame::Ack { request_id: ClusterRequestId(5), code: wire::Code::Protocol, .. } => {}
         other => panic!("{other:?}"),
     }
     assert!(res.wait().await.is_err());
@@ -81,17 +83,17 @@ async fn blocks_outside_the_reservation_are_never_a_destination() {
     // Blocks 0..3 stand for a cached prefix the decode worker shares with other requests:
     // its reservation holds only the freshly allocated tail, 3 and 4.
     let before = std::fs::read(sink.path()).unwrap();
-    let res = rx.reserve(1, &[3, 4], soon()).unwrap();
+    let res = rx.reserve(ClusterRequestId(1), &[BlockId(3), BlockId(4)], soon()).unwrap();
     let tx = KvSender::new(l, TcpConfig::default());
-    let mut s = tx.open_target(&target, 1, soon()).await.unwrap();
+    let mut s = tx.open_target(&target, ClusterRequestId(1), soon()).await.unwrap();
     assert_eq!(s.transport(), "shm");
     // A Prefill aimed at the cached block 0 (as a stranger's could be): refused before writing.
-    let err = s.send_layer(0, &[0, 3], vec![0xAB; 2 * lbb]).await.unwrap_err();
+    let err = s.send_layer(0, &[BlockId(0), BlockId(3)], vec![0xAB; 2 * lbb]).await.unwrap_err();
     assert!(matches!(err, TransferError::BadBlock(_)), "{err}");
     assert_eq!(std::fs::read(sink.path()).unwrap(), before, "no byte of the refused layer landed");
     // The reserved blocks still take their KV.
     for layer in 0..l.n_layers {
-        s.send_layer(layer, &[3, 4], vec![layer as u8 + 1; 2 * lbb]).await.unwrap();
+        s.send_layer(layer, &[BlockId(3), BlockId(4)], vec![layer as u8 + 1; 2 * lbb]).await.unwrap();
     }
     s.finish(7, 20).await.unwrap();
     assert_eq!(res.wait().await.unwrap().first_token, 7);
@@ -103,9 +105,9 @@ async fn blocks_outside_the_reservation_are_never_a_destination() {
     }
 
     // Over TCP the receiver itself refuses the block, before reading its payload into it.
-    let res = rx.reserve(2, &[5], soon()).unwrap();
-    let mut s = tx.open(rx.local_addr(), 2, soon()).await.unwrap();
-    s.send_layer(0, &[0], vec![0xCD; lbb]).await.unwrap();
+    let res = rx.reserve(ClusterRequestId(2), &[BlockId(5)], soon()).unwrap();
+    let mut s = tx.open(rx.local_addr(), ClusterRequestId(2), soon()).await.unwrap();
+    s.send_layer(0, &[BlockId(0)], vec![0xCD; lbb]).await.unwrap();
     assert!(matches!(s.finish(7, 4).await, Err(TransferError::BadBlock(_))));
     assert!(res.wait().await.is_err());
     assert_eq!(sink.read_block(0, 0), vec![0u8; lbb]);
@@ -128,8 +130,8 @@ fn fake_receiver(socket: &Path, offered: &Path) -> tokio::task::JoinHandle<()> {
             let mut open = [0u8; HEADER_LEN + 8];
             while sock.read_exact(&mut open).await.is_ok() {
                 let rid = u64::from_le_bytes(open[HEADER_LEN..].try_into().unwrap());
-                let all: Vec<u32> = (0..N_BLOCKS as u32).collect();
-                let _ = sock.write_all(&wire::encode_accept(rid, &all)).await;
+                let all: Vec<BlockId> = (0..N_BLOCKS as u32).map(BlockId).collect();
+                let _ = sock.write_all(&wire::encode_accept(ClusterRequestId(rid), &all)).await;
             }
         }
     })
@@ -155,9 +157,9 @@ async fn attack(socket: &Path) -> bool {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let target = KvTarget { tcp: closed, local: Some(LocalTarget { uds: socket.to_path_buf(), host: host_id() }) };
     let tx = KvSender::new(l, TcpConfig::default());
-    match tx.open_target(&target, 1, Instant::now() + Duration::from_secs(2)).await {
+    match tx.open_target(&target, ClusterRequestId(1), Instant::now() + Duration::from_secs(2)).await {
         Ok(mut s) if s.transport() == "shm" => {
-            let _ = s.send_layer(0, &[0], vec![0xEE; l.layer_block_bytes()]).await;
+            let _ = s.send_layer(0, &[BlockId(0)], vec![0xEE; l.layer_block_bytes()]).await;
             true
         }
         _ => false,

@@ -4,8 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tandem_kernels::BlockId;
 use tandem_kvtransfer::wire::{self, Code};
 use tandem_kvtransfer::{HostKv, KvDtypeWire, KvLayout, KvReceiver, KvSender, TcpConfig, TransferError};
+use tandem_proto::ids::{ClusterRequestId, LeaseId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -39,10 +41,10 @@ fn soon(ms: u64) -> Instant {
 async fn layers_land_in_the_reserved_blocks() {
     let l = smollm();
     let (rx, sink) = receiver(64).await;
-    let blocks = [5u32, 2, 9];
-    let res = rx.reserve(1, &blocks, soon(5_000)).unwrap();
+    let blocks = [BlockId(5), BlockId(2), BlockId(9)];
+    let res = rx.reserve(ClusterRequestId(1), &blocks, soon(5_000)).unwrap();
     let tx = KvSender::new(l, TcpConfig { chunk_bytes: 10_000, ..TcpConfig::default() });
-    let mut s = tx.open(rx.local_addr(), 1, soon(5_000)).await.unwrap();
+    let mut s = tx.open(rx.local_addr(), ClusterRequestId(1), soon(5_000)).await.unwrap();
     let mut sent = Vec::new();
     for layer in 0..l.n_layers {
         let p = payload(&l, layer as u64, blocks.len());
@@ -56,7 +58,7 @@ async fn layers_land_in_the_reserved_blocks() {
     for layer in 0..l.n_layers as usize {
         for (i, &b) in blocks.iter().enumerate() {
             assert_eq!(
-                sink.read_block(layer, b as usize),
+                sink.read_block(layer, b.index()),
                 sent[layer][i * lbb..(i + 1) * lbb],
                 "layer {layer} block {b}"
             );
@@ -74,11 +76,11 @@ async fn many_sessions_share_one_connection() {
     let mut waits = Vec::new();
     let mut sends = Vec::new();
     for r in 0..16u64 {
-        let blocks = vec![(r * 4) as u32, (r * 4 + 1) as u32, (r * 4 + 2) as u32];
-        waits.push(rx.reserve(r, &blocks, soon(10_000)).unwrap());
+        let blocks = vec![BlockId((r * 4) as u32), BlockId((r * 4 + 1) as u32), BlockId((r * 4 + 2) as u32)];
+        waits.push(rx.reserve(ClusterRequestId(r), &blocks, soon(10_000)).unwrap());
         let (tx, addr) = (tx.clone(), rx.local_addr());
         sends.push(tokio::spawn(async move {
-            let mut s = tx.open(addr, r, soon(10_000)).await.unwrap();
+            let mut s = tx.open(addr, ClusterRequestId(r), soon(10_000)).await.unwrap();
             for layer in 0..l.n_layers {
                 s.send_layer(layer, &blocks, payload(&l, r * 100 + layer as u64, 3)).await.unwrap();
             }
@@ -100,14 +102,18 @@ async fn layout_mismatch_fails_before_any_kv() {
     let (rx, sink) = receiver(8).await;
     let other = KvLayout { head_dim: 128, ..smollm() };
     let tx = KvSender::new(other, TcpConfig::default());
-    let err = tx.open(rx.local_addr(), 1, soon(2_000)).await.err().expect("handshake must fail");
+    let err = tx.open(rx.local_addr(), ClusterRequestId(1), soon(2_000)).await.err().expect("handshake must fail");
     // The sender learns that it does not fit, not what the receiver expects (head dim 64).
     assert!(
         matches!(&err, TransferError::LayoutMismatch(m) if m.contains("layout mismatch") && !m.contains("64")),
         "{err}"
     );
     let fp = KvLayout { fingerprint: 1, ..smollm() };
-    let err = KvSender::new(fp, TcpConfig::default()).open(rx.local_addr(), 1, soon(2_000)).await.err().unwrap();
+    let err = KvSender::new(fp, TcpConfig::default())
+        .open(rx.local_addr(), ClusterRequestId(1), soon(2_000))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.kind(), "layout_mismatch");
     assert!(sink.read_block(0, 0).iter().all(|&x| x == 0));
 }
@@ -118,21 +124,21 @@ async fn unknown_request_and_bad_blocks_are_refused_on_both_sides() {
     let (rx, _sink) = receiver(8).await;
     let tx = KvSender::new(l, TcpConfig::default());
     // No reservation at all.
-    let mut s = tx.open(rx.local_addr(), 77, soon(2_000)).await.unwrap();
-    s.send_layer(0, &[1], payload(&l, 1, 1)).await.unwrap();
+    let mut s = tx.open(rx.local_addr(), ClusterRequestId(77), soon(2_000)).await.unwrap();
+    s.send_layer(0, &[BlockId(1)], payload(&l, 1, 1)).await.unwrap();
     let err = s.finish(0, 1).await.unwrap_err();
-    assert_eq!(err, TransferError::UnknownRequest(77));
+    assert_eq!(err, TransferError::UnknownRequest(ClusterRequestId(77)));
     // A block outside the reservation.
-    let res = rx.reserve(5, &[1, 2], soon(2_000)).unwrap();
-    let mut s = tx.open(rx.local_addr(), 5, soon(2_000)).await.unwrap();
-    s.send_layer(0, &[3], payload(&l, 2, 1)).await.unwrap();
+    let res = rx.reserve(ClusterRequestId(5), &[BlockId(1), BlockId(2)], soon(2_000)).unwrap();
+    let mut s = tx.open(rx.local_addr(), ClusterRequestId(5), soon(2_000)).await.unwrap();
+    s.send_layer(0, &[BlockId(3)], payload(&l, 2, 1)).await.unwrap();
     assert_eq!(s.finish(0, 1).await.unwrap_err().kind(), "bad_block");
     assert_eq!(res.wait().await.unwrap_err().kind(), "bad_block");
     // The connection survives for the next session.
-    let res = rx.reserve(6, &[4], soon(2_000)).unwrap();
-    let mut s = tx.open(rx.local_addr(), 6, soon(2_000)).await.unwrap();
+    let res = rx.reserve(ClusterRequestId(6), &[BlockId(4)], soon(2_000)).unwrap();
+    let mut s = tx.open(rx.local_addr(), ClusterRequestId(6), soon(2_000)).await.unwrap();
     for layer in 0..l.n_layers {
-        s.send_layer(layer, &[4], payload(&l, 3, 1)).await.unwrap();
+        s.send_layer(layer, &[BlockId(4)], payload(&l, 3, 1)).await.unwrap();
     }
     s.finish(9, 16).await.unwrap();
     assert_eq!(res.wait().await.unwrap().first_token, 9);
@@ -141,23 +147,23 @@ async fn unknown_request_and_bad_blocks_are_refused_on_both_sides() {
 #[tokio::test]
 async fn a_lease_expires_when_the_sender_never_comes() {
     let (rx, _sink) = receiver(8).await;
-    let res = rx.reserve(1, &[0, 1], soon(100)).unwrap();
+    let res = rx.reserve(ClusterRequestId(1), &[BlockId(0), BlockId(1)], soon(100)).unwrap();
     assert_eq!(rx.active(), 1);
     let err = res.wait().await.unwrap_err();
     assert_eq!(err.kind(), "deadline");
     assert_eq!(rx.active(), 0, "the blocks are released");
     // Released blocks can be reserved again.
-    rx.reserve(2, &[0, 1], soon(100)).unwrap();
+    rx.reserve(ClusterRequestId(2), &[BlockId(0), BlockId(1)], soon(100)).unwrap();
 }
 
 #[tokio::test]
 async fn finish_before_all_layers_is_an_error_on_both_sides() {
     let l = smollm();
     let (rx, _sink) = receiver(8).await;
-    let res = rx.reserve(1, &[0], soon(2_000)).unwrap();
+    let res = rx.reserve(ClusterRequestId(1), &[BlockId(0)], soon(2_000)).unwrap();
     let tx = KvSender::new(l, TcpConfig::default());
-    let mut s = tx.open(rx.local_addr(), 1, soon(2_000)).await.unwrap();
-    s.send_layer(0, &[0], payload(&l, 1, 1)).await.unwrap();
+    let mut s = tx.open(rx.local_addr(), ClusterRequestId(1), soon(2_000)).await.unwrap();
+    s.send_layer(0, &[BlockId(0)], payload(&l, 1, 1)).await.unwrap();
     assert_eq!(s.finish(1, 16).await.unwrap_err().kind(), "protocol");
     assert_eq!(res.wait().await.unwrap_err().kind(), "protocol");
 }
@@ -166,16 +172,16 @@ async fn finish_before_all_layers_is_an_error_on_both_sides() {
 async fn abort_and_a_vanished_sender_end_the_session() {
     let l = smollm();
     let (rx, _sink) = receiver(8).await;
-    let res = rx.reserve(1, &[0], soon(5_000)).unwrap();
+    let res = rx.reserve(ClusterRequestId(1), &[BlockId(0)], soon(5_000)).unwrap();
     let tx = KvSender::new(l, TcpConfig::default());
-    let mut s = tx.open(rx.local_addr(), 1, soon(5_000)).await.unwrap();
-    s.send_layer(0, &[0], payload(&l, 1, 1)).await.unwrap();
+    let mut s = tx.open(rx.local_addr(), ClusterRequestId(1), soon(5_000)).await.unwrap();
+    s.send_layer(0, &[BlockId(0)], payload(&l, 1, 1)).await.unwrap();
     s.abort("prefill failed").await;
     assert_eq!(res.wait().await.unwrap_err().kind(), "aborted");
 
-    let res = rx.reserve(2, &[1], soon(5_000)).unwrap();
-    let mut s = tx.open(rx.local_addr(), 2, soon(5_000)).await.unwrap();
-    s.send_layer(0, &[1], payload(&l, 2, 1)).await.unwrap();
+    let res = rx.reserve(ClusterRequestId(2), &[BlockId(1)], soon(5_000)).unwrap();
+    let mut s = tx.open(rx.local_addr(), ClusterRequestId(2), soon(5_000)).await.unwrap();
+    s.send_layer(0, &[BlockId(1)], payload(&l, 2, 1)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     std::mem::forget(s); // no abort frame: the process "dies"
     tx.shutdown().await;
@@ -188,19 +194,19 @@ async fn abort_and_a_vanished_sender_end_the_session() {
 async fn a_corrupted_payload_fails_the_checksum() {
     let l = smollm();
     let (rx, _sink) = receiver(8).await;
-    let res = rx.reserve(3, &[2], soon(5_000)).unwrap();
+    let res = rx.reserve(ClusterRequestId(3), &[BlockId(2)], soon(5_000)).unwrap();
     let mut sock = tokio::net::TcpStream::connect(rx.local_addr()).await.unwrap();
-    sock.write_all(&wire::encode_hello(&l, 0)).await.unwrap();
+    sock.write_all(&wire::encode_hello(&l, None)).await.unwrap();
     let mut ok = [0u8; 16];
     sock.read_exact(&mut ok).await.unwrap();
-    let mut frame = wire::encode_blocks(3, 0, &[2], &payload(&l, 1, 1));
+    let mut frame = wire::encode_blocks(ClusterRequestId(3), 0, &[BlockId(2)], &payload(&l, 1, 1));
     let last = frame.len() - 1;
     frame[last] ^= 1;
     sock.write_all(&frame).await.unwrap();
     let mut ack = vec![0u8; 256];
     let n = sock.read(&mut ack).await.unwrap();
     match wire::decode(&ack[..n], 1 << 16, 0).unwrap().unwrap().0 {
-        wire::Frame::Ack { request_id: 3, code: Code::Checksum, .. } => {}
+        wire::Frame::Ack { request_id: ClusterRequestId(3), code: Code::Checksum, .. } => {}
         other => panic!("expected a checksum ack, got {other:?}"),
     }
     assert_eq!(res.wait().await.unwrap_err().kind(), "checksum");
@@ -217,11 +223,11 @@ async fn garbage_instead_of_a_handshake_closes_only_that_connection() {
         .await
         .expect("the receiver closes the connection");
     // The receiver still serves real senders.
-    let res = rx.reserve(1, &[0], soon(5_000)).unwrap();
+    let res = rx.reserve(ClusterRequestId(1), &[BlockId(0)], soon(5_000)).unwrap();
     let tx = KvSender::new(l, TcpConfig::default());
-    let mut s = tx.open(rx.local_addr(), 1, soon(5_000)).await.unwrap();
+    let mut s = tx.open(rx.local_addr(), ClusterRequestId(1), soon(5_000)).await.unwrap();
     for layer in 0..l.n_layers {
-        s.send_layer(layer, &[0], payload(&l, 9, 1)).await.unwrap();
+        s.send_layer(layer, &[BlockId(0)], payload(&l, 9, 1)).await.unwrap();
     }
     s.finish(1, 16).await.unwrap();
     res.wait().await.unwrap();
@@ -234,34 +240,34 @@ async fn garbage_instead_of_a_handshake_closes_only_that_connection() {
 async fn a_sender_with_another_lease_is_refused_as_stale() {
     let l = smollm();
     let (rx, sink) = receiver(16).await;
-    let (current, stale) = (0x7f00_0000_0000_0042_i64, 0x7f00_0000_0000_0017_i64);
+    let (current, stale) = (LeaseId::from_wire(0x7f00_0000_0000_0042), LeaseId::from_wire(0x7f00_0000_0000_0017));
 
-    let res = rx.reserve_from(1, &[3], soon(5_000), current).unwrap();
+    let res = rx.reserve_from(ClusterRequestId(1), &[BlockId(3)], soon(5_000), current).unwrap();
     let old = KvSender::new(l, TcpConfig::default());
     old.set_lease(stale).await;
-    let mut s = old.open(rx.local_addr(), 1, soon(5_000)).await.unwrap();
-    let sent = s.send_layer(0, &[3], payload(&l, 1, 1)).await.and(s.finish(7, 16).await);
+    let mut s = old.open(rx.local_addr(), ClusterRequestId(1), soon(5_000)).await.unwrap();
+    let sent = s.send_layer(0, &[BlockId(3)], payload(&l, 1, 1)).await.and(s.finish(7, 16).await);
     assert!(matches!(sent, Err(TransferError::StaleSender(_))), "the sender hears why: {sent:?}");
     assert!(matches!(res.wait().await, Err(TransferError::StaleSender(_))));
     assert!(sink.read_block(0, 3).iter().all(|&x| x == 0), "nothing of the stale sender's landed");
 
     // The worker registered again: its sender now announces the new lease.
-    let res = rx.reserve_from(2, &[4], soon(5_000), current).unwrap();
+    let res = rx.reserve_from(ClusterRequestId(2), &[BlockId(4)], soon(5_000), current).unwrap();
     old.set_lease(current).await;
-    let mut s = old.open(rx.local_addr(), 2, soon(5_000)).await.unwrap();
+    let mut s = old.open(rx.local_addr(), ClusterRequestId(2), soon(5_000)).await.unwrap();
     let p = payload(&l, 2, 1);
     for layer in 0..l.n_layers {
-        s.send_layer(layer, &[4], p.clone()).await.unwrap();
+        s.send_layer(layer, &[BlockId(4)], p.clone()).await.unwrap();
     }
     s.finish(9, 16).await.unwrap();
     assert_eq!(res.wait().await.unwrap().first_token, 9);
     assert_eq!(sink.read_block(0, 4), p);
     // A reservation that names no lease takes any sender (as before leases existed).
-    let res = rx.reserve(3, &[5], soon(5_000)).unwrap();
+    let res = rx.reserve(ClusterRequestId(3), &[BlockId(5)], soon(5_000)).unwrap();
     let anyone = KvSender::new(l, TcpConfig::default());
-    let mut s = anyone.open(rx.local_addr(), 3, soon(5_000)).await.unwrap();
+    let mut s = anyone.open(rx.local_addr(), ClusterRequestId(3), soon(5_000)).await.unwrap();
     for layer in 0..l.n_layers {
-        s.send_layer(layer, &[5], payload(&l, 3, 1)).await.unwrap();
+        s.send_layer(layer, &[BlockId(5)], payload(&l, 3, 1)).await.unwrap();
     }
     s.finish(1, 16).await.unwrap();
     assert!(res.wait().await.is_ok());
@@ -277,10 +283,10 @@ async fn a_dead_receivers_connection_is_dropped_by_the_next_session() {
     let send_one = |rx: Arc<KvReceiver>, id: u64| {
         let tx = &tx;
         async move {
-            let res = rx.reserve(id, &[1], soon(5_000)).unwrap();
-            let mut s = tx.open(rx.local_addr(), id, soon(5_000)).await.unwrap();
+            let res = rx.reserve(ClusterRequestId(id), &[BlockId(1)], soon(5_000)).unwrap();
+            let mut s = tx.open(rx.local_addr(), ClusterRequestId(id), soon(5_000)).await.unwrap();
             for layer in 0..l.n_layers {
-                s.send_layer(layer, &[1], payload(&l, id, 1)).await.unwrap();
+                s.send_layer(layer, &[BlockId(1)], payload(&l, id, 1)).await.unwrap();
             }
             s.finish(3, 16).await.unwrap();
             res.wait().await.unwrap();
@@ -310,9 +316,9 @@ async fn a_dead_receivers_connection_is_dropped_by_the_next_session() {
 async fn renewals_keep_a_slow_senders_reservation_and_a_gone_one_is_refused() {
     let l = smollm();
     let (rx, sink) = receiver(16).await;
-    let res = rx.reserve(1, &[3], soon(300)).unwrap();
+    let res = rx.reserve(ClusterRequestId(1), &[BlockId(3)], soon(300)).unwrap();
     let tx = KvSender::new(l, TcpConfig::default());
-    let mut s = tx.open(rx.local_addr(), 1, soon(300)).await.unwrap();
+    let mut s = tx.open(rx.local_addr(), ClusterRequestId(1), soon(300)).await.unwrap();
     let renewer = s.renewer();
     let waiting = tokio::spawn(res.wait());
     for _ in 0..10 {
@@ -323,20 +329,20 @@ async fn renewals_keep_a_slow_senders_reservation_and_a_gone_one_is_refused() {
     assert!(renewer.deadline() > Instant::now(), "the sender's own deadline moved too");
     let p = payload(&l, 7, 1);
     for layer in 0..l.n_layers {
-        s.send_layer(layer, &[3], p.clone()).await.unwrap();
+        s.send_layer(layer, &[BlockId(3)], p.clone()).await.unwrap();
     }
     s.finish(5, 16).await.unwrap();
     assert_eq!(waiting.await.unwrap().unwrap().first_token, 5);
     assert_eq!(sink.read_block(0, 3), p);
 
     // A reservation that ended (dropped here, as a cancel does): the next renewal is refused.
-    let res = rx.reserve(2, &[4], soon(5_000)).unwrap();
-    let s = tx.open(rx.local_addr(), 2, soon(5_000)).await.unwrap();
+    let res = rx.reserve(ClusterRequestId(2), &[BlockId(4)], soon(5_000)).unwrap();
+    let s = tx.open(rx.local_addr(), ClusterRequestId(2), soon(5_000)).await.unwrap();
     let renewer = s.renewer();
     drop(res);
     renewer.renew(Duration::from_millis(300)).unwrap();
     let refused = tokio::time::timeout(Duration::from_secs(5), renewer.refused()).await.expect("refused in time");
-    assert!(matches!(refused, TransferError::UnknownRequest(2)), "{refused:?}");
+    assert!(matches!(refused, TransferError::UnknownRequest(ClusterRequestId(2))), "{refused:?}");
     assert!(renewer.renew(Duration::from_millis(300)).is_err(), "no renewal after the refusal");
     tx.shutdown().await;
 }

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use tandem_kvtransfer::{
-    HostKv, KvDtypeWire, KvLayout, KvReceiver, KvSender, MutualTls, TcpConfig, TlsFiles, TransferError,
-};
+use tandem_kernels::BlockId;
+use tandem_kvtransfer::{HostKv, KvDtypeWire, KvLayout, KvReceiver, KvSender, TcpConfig, TransferError};
+use tandem_proto::ids::ClusterRequestId;
+use tandem_proto::tls::{MutualTls, TlsFiles};
 use tokio::time::Instant;
 
 fn smollm() -> KvLayout {
@@ -70,12 +71,12 @@ async fn layers_land_in_the_reserved_blocks_over_mutual_tls() {
     let ca = Ca::new(dir.path(), "cluster");
     let (rx, sink) = receiver(tls_cfg(&ca.issue("decode", &["tandem-worker"]))).await;
     let l = smollm();
-    let blocks = [3u32, 7, 1];
-    let res = rx.reserve(1, &blocks, soon(10_000)).unwrap();
+    let blocks = [BlockId(3), BlockId(7), BlockId(1)];
+    let res = rx.reserve(ClusterRequestId(1), &blocks, soon(10_000)).unwrap();
     // Small chunks: many frames, each payload split over TLS records.
     let cfg = TcpConfig { chunk_bytes: 10_000, ..tls_cfg(&ca.issue("prefill", &["prefill"])) };
     let tx = KvSender::new(l, cfg);
-    let mut s = tx.open(rx.local_addr(), 1, soon(10_000)).await.unwrap();
+    let mut s = tx.open(rx.local_addr(), ClusterRequestId(1), soon(10_000)).await.unwrap();
     for layer in 0..l.n_layers {
         s.send_layer(layer, &blocks, payload(&l, layer as u64, blocks.len())).await.unwrap();
     }
@@ -85,7 +86,7 @@ async fn layers_land_in_the_reserved_blocks_over_mutual_tls() {
     for layer in 0..l.n_layers as usize {
         for (i, &b) in blocks.iter().enumerate() {
             let sent = payload(&l, layer as u64, blocks.len());
-            assert_eq!(sink.read_block(layer, b as usize), sent[i * lbb..(i + 1) * lbb], "layer {layer} block {b}");
+            assert_eq!(sink.read_block(layer, b.index()), sent[i * lbb..(i + 1) * lbb], "layer {layer} block {b}");
         }
     }
 }
@@ -103,11 +104,11 @@ async fn sessions_that_fill_the_socket_all_get_their_verdicts() {
     let tx = Arc::new(KvSender::new(l, tls_cfg(&ca.issue("prefill", &["prefill"]))));
     let mut sessions = Vec::new();
     for r in 0..4u32 {
-        let blocks: Vec<u32> = (r * 64..(r + 1) * 64).collect();
-        let res = rx.reserve(r as u64, &blocks, soon(30_000)).unwrap();
+        let blocks: Vec<BlockId> = (r * 64..(r + 1) * 64).map(BlockId).collect();
+        let res = rx.reserve(ClusterRequestId(r as u64), &blocks, soon(30_000)).unwrap();
         let (tx, addr) = (tx.clone(), rx.local_addr());
         let send = tokio::spawn(async move {
-            let mut s = tx.open(addr, r as u64, soon(30_000)).await?;
+            let mut s = tx.open(addr, ClusterRequestId(r as u64), soon(30_000)).await?;
             for layer in 0..l.n_layers {
                 s.send_layer(layer, &blocks, payload(&l, (r * 100) as u64 + layer as u64, blocks.len())).await?;
             }
@@ -122,11 +123,11 @@ async fn sessions_that_fill_the_socket_all_get_their_verdicts() {
     let lbb = l.layer_block_bytes();
     assert_eq!(sink.read_block(29, 3 * 64 + 5), payload(&l, 300 + 29, 64)[5 * lbb..6 * lbb]);
     // One session at a time on the same connection: each burst ends with its Finish alone.
-    let blocks: Vec<u32> = (0..16).collect();
+    let blocks: Vec<BlockId> = (0..16).map(BlockId).collect();
     let layer = payload(&l, 9, blocks.len());
     for r in 10..60u64 {
-        let res = rx.reserve(r, &blocks, soon(5_000)).unwrap();
-        let mut s = tx.open(rx.local_addr(), r, soon(5_000)).await.unwrap();
+        let res = rx.reserve(ClusterRequestId(r), &blocks, soon(5_000)).unwrap();
+        let mut s = tx.open(rx.local_addr(), ClusterRequestId(r), soon(5_000)).await.unwrap();
         for li in 0..l.n_layers {
             s.send_layer_from(li, &blocks, &layer).await.unwrap();
         }
@@ -142,7 +143,7 @@ async fn senders_without_a_certificate_from_the_ca_are_refused() {
     let rogue = Ca::new(dir.path(), "rogue");
     let (rx, sink) = receiver(tls_cfg(&ca.issue("decode", &["tandem-worker"]))).await;
     let l = smollm();
-    let _res = rx.reserve(1, &[0], soon(10_000)).unwrap();
+    let _res = rx.reserve(ClusterRequestId(1), &[BlockId(0)], soon(10_000)).unwrap();
 
     // A certificate from another CA, by a sender that trusts the receiver's CA.
     let mut files = rogue.issue("intruder", &["intruder"]);
@@ -154,18 +155,18 @@ async fn senders_without_a_certificate_from_the_ca_are_refused() {
     );
     // A sender of another cluster (its own CA, its own trust): no session either way.
     let tx = KvSender::new(l, tls_cfg(&rogue.issue("intruder", &["tandem-worker"])));
-    let err = tx.open(rx.local_addr(), 1, soon(5_000)).await.err().expect("refused");
+    let err = tx.open(rx.local_addr(), ClusterRequestId(1), soon(5_000)).await.err().expect("refused");
     assert_eq!(err.kind(), "tls", "{err}");
 
     // Plaintext to a TLS receiver: no handshake, no session.
     let tx = KvSender::new(l, TcpConfig::default());
-    let err = tx.open(rx.local_addr(), 1, soon(5_000)).await.err().expect("refused");
+    let err = tx.open(rx.local_addr(), ClusterRequestId(1), soon(5_000)).await.err().expect("refused");
     assert!(!matches!(err, TransferError::LayoutMismatch(_)), "never reached the Hello: {err}");
 
     // TLS to a plaintext receiver.
     let (plain, _) = receiver(TcpConfig::default()).await;
     let tx = KvSender::new(l, tls_cfg(&ca.issue("prefill", &["prefill"])));
-    let err = tx.open(plain.local_addr(), 1, soon(5_000)).await.err().expect("refused");
+    let err = tx.open(plain.local_addr(), ClusterRequestId(1), soon(5_000)).await.err().expect("refused");
     assert_eq!(err.kind(), "tls", "{err}");
     assert!(sink.read_block(0, 0).iter().all(|&x| x == 0), "nothing was written");
 }
@@ -198,7 +199,7 @@ async fn hello_as(rx: &KvReceiver, ca: &Path, identity: Option<(&Path, &Path)>) 
     let name = ServerName::try_from("tandem-worker").unwrap();
     let mut tls =
         tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, sock).await.map_err(|e| e.to_string())?;
-    tls.write_all(&tandem_kvtransfer::wire::encode_hello(&smollm(), 0)).await.map_err(|e| e.to_string())?;
+    tls.write_all(&tandem_kvtransfer::wire::encode_hello(&smollm(), None)).await.map_err(|e| e.to_string())?;
     let mut answer = [0u8; 16];
     tls.read_exact(&mut answer).await.map_err(|e| e.to_string())?;
     Ok(answer)
@@ -231,14 +232,14 @@ async fn a_receiver_whose_certificate_lacks_the_server_name_is_refused() {
     assert!(err.contains("not valid for the server name \"tandem-worker\""), "{err}");
     let (rx, _) = receiver(TcpConfig { tls: Some(tls), ..TcpConfig::default() }).await;
     let tx = KvSender::new(smollm(), tls_cfg(&ca.issue("prefill", &["prefill"])));
-    let err = tx.open(rx.local_addr(), 1, soon(5_000)).await.err().expect("refused");
+    let err = tx.open(rx.local_addr(), ClusterRequestId(1), soon(5_000)).await.err().expect("refused");
     assert_eq!(err.kind(), "tls", "{err}");
     // The same receiver, verified by the name its certificate has.
     let mut named = ca.issue("prefill", &["prefill"]);
     named.server_name = "somebody-else".into();
     let tx = KvSender::new(smollm(), tls_cfg(&named));
-    let _res = rx.reserve(1, &[0], soon(5_000)).unwrap();
-    tx.open(rx.local_addr(), 1, soon(5_000)).await.expect("accepted by name");
+    let _res = rx.reserve(ClusterRequestId(1), &[BlockId(0)], soon(5_000)).unwrap();
+    tx.open(rx.local_addr(), ClusterRequestId(1), soon(5_000)).await.expect("accepted by name");
 }
 
 #[test]

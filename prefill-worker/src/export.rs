@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 const QUEUE_LAYERS: usize = 8;
 
 /// One layer of some blocks: the layer, the destination's block ids, their K and V.
-type Layer = (u16, Vec<u32>, Vec<u8>);
+type Layer = (u16, Vec<BlockId>, Vec<u8>);
 
 /// The async half: resolves to the session once every queued layer is sent.
 pub type SendTask = JoinHandle<Result<SendSession, TransferError>>;
@@ -55,7 +55,7 @@ impl Outbox {
     /// Gathers `src`'s blocks of `layer` from `kv` and queues them for the destination's
     /// blocks `dst` (same order). Returns the bytes queued. Call from the compute thread,
     /// never from the runtime.
-    fn ship(&self, layer: usize, src: &[BlockId], dst: Vec<u32>, kv: &LayerKvBytes<'_>) -> usize {
+    fn ship(&self, layer: usize, src: &[BlockId], dst: Vec<BlockId>, kv: &LayerKvBytes<'_>) -> usize {
         // A recycled buffer: no fresh pages to fault in for every layer.
         let mut payload = self.buffers.take();
         payload.reserve(src.len() * 2 * kv.half_block_bytes);
@@ -71,7 +71,7 @@ impl Outbox {
 pub struct SessionSink {
     outbox: Outbox,
     /// The decode worker's blocks for the prompt, in table order.
-    dst: Vec<u32>,
+    dst: Vec<BlockId>,
     /// Leading blocks of `dst` the decode worker already holds (its prefix cache): not sent.
     skip: usize,
     /// When the first layer was handed over (the prefill left the queue).
@@ -84,7 +84,7 @@ pub struct SessionSink {
 pub fn start_export(
     rt: &tokio::runtime::Handle,
     session: SendSession,
-    dst: Vec<u32>,
+    dst: Vec<BlockId>,
     skip: usize,
 ) -> (SessionSink, SendTask, Arc<OnceLock<Instant>>) {
     let (outbox, task) = Outbox::start(rt, session);
@@ -113,7 +113,7 @@ impl ExportSink for SessionSink {
 pub struct LayerShipper {
     outbox: Outbox,
     src: Vec<BlockId>,
-    dst: Vec<u32>,
+    dst: Vec<BlockId>,
     task: SendTask,
     /// Bytes handed to the sender so far.
     pub bytes: usize,
@@ -122,7 +122,12 @@ pub struct LayerShipper {
 impl LayerShipper {
     /// Starts the sending task on `rt` for a session whose destination blocks are `dst`,
     /// shipping the source blocks `src` (same order) of every layer.
-    pub fn start(rt: &tokio::runtime::Handle, session: SendSession, src: Vec<BlockId>, dst: Vec<u32>) -> LayerShipper {
+    pub fn start(
+        rt: &tokio::runtime::Handle,
+        session: SendSession,
+        src: Vec<BlockId>,
+        dst: Vec<BlockId>,
+    ) -> LayerShipper {
         let (outbox, task) = Outbox::start(rt, session);
         LayerShipper { outbox, src, dst, task, bytes: 0 }
     }

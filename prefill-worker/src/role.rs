@@ -10,7 +10,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tandem_engine::kv_cache::BlockId;
 use tandem_kvtransfer::{KvSender, KvTarget, TransferError};
+use tandem_proto::ids::ClusterRequestId;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_worker_runtime::convert::{
     engine_request, finish_to_pb, kv_fault, layout_from_pb, logprobs_to_pb, sampling_from_pb, status_from_engine,
@@ -42,7 +44,7 @@ pub struct PrefillWorker {
 struct Destination {
     worker_id: String,
     target: KvTarget,
-    block_ids: Vec<u32>,
+    block_ids: Vec<BlockId>,
     /// Blocks of the prompt.
     need: usize,
     /// Leading blocks the destination holds already: not sent.
@@ -114,7 +116,8 @@ impl PrefillWorker {
             0 => s.max_lease,
             ms => Duration::from_millis(ms as u64).min(s.max_lease),
         };
-        Ok(Destination { worker_id: dest.worker_id, target, block_ids: dest.block_ids, need, skip, lease })
+        let block_ids = dest.block_ids.into_iter().map(BlockId).collect();
+        Ok(Destination { worker_id: dest.worker_id, target, block_ids, need, skip, lease })
     }
 
     fn kv_failed(&self, e: &TransferError) {
@@ -126,12 +129,13 @@ impl PrefillWorker {
 impl PrefillRole for PrefillWorker {
     async fn prefill(&self, r: pb::PrefillRequest) -> Result<pb::PrefillResponse, Status> {
         let s = &self.state;
+        let rid = ClusterRequestId(r.request_id);
         let dest = r.destination.ok_or_else(|| Status::invalid_argument("destination: missing"))?;
         let dest = self.destination(dest, r.prompt_token_ids.len()).await?;
         let submitted = Instant::now();
         let lease = dest.lease;
         let deadline = tokio::time::Instant::now() + lease;
-        let session = self.sender.open_target(&dest.target, r.request_id, deadline).await.map_err(|e| {
+        let session = self.sender.open_target(&dest.target, rid, deadline).await.map_err(|e| {
             self.kv_failed(&e);
             kv_fault(Status::unavailable(format!("cannot open a KV session to {}: {e}", dest.worker_id)))
         })?;
@@ -146,7 +150,7 @@ impl PrefillRole for PrefillWorker {
         let ereq = engine_request(r.prompt_token_ids, params, r.priority, r.cache_salt, r.resumed_tokens);
         let mut admitted =
             s.engine.submit(ereq, Admission::Export(Box::new(sink))).await.map_err(status_from_engine)?;
-        let mut active = s.track(r.request_id, admitted.id);
+        let mut active = s.track(rid, admitted.id);
         let kv_lost = |e: &TransferError| {
             self.kv_failed(e);
             kv_fault(Status::unavailable(format!("KV transfer to {} failed: {e}", dest.worker_id)))
@@ -188,7 +192,7 @@ impl PrefillRole for PrefillWorker {
             match event {
                 Some(Event::Output(o)) if o.finish.is_some() => break o,
                 Some(Event::Output(_)) => continue,
-                Some(Event::Failed(why)) => return Err(s.failed_status(r.request_id, why, Status::unavailable)),
+                Some(Event::Failed(why)) => return Err(s.failed_status(rid, why, Status::unavailable)),
                 None => return Err(Status::internal("the engine dropped the request")),
             }
         };

@@ -11,6 +11,7 @@ use tandem_engine::kv_cache::{BlockId, KvCache, KvDtype};
 use tandem_engine::model::{ForwardBatch, LogitsWanted, Model, ModelOptions, Scratch};
 use tandem_kvtransfer::{HostKv, KvReceiver, KvSender, TcpConfig};
 use tandem_prefill_worker::LayerShipper;
+use tandem_proto::ids::ClusterRequestId;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -51,15 +52,15 @@ fn kv_shipped_during_prefill_decodes_like_an_undivided_run() {
     let sink = Arc::new(HostKv::new(layout, 64));
     let rx = rt.block_on(KvReceiver::bind("127.0.0.1:0".parse().unwrap(), sink.clone(), TcpConfig::default())).unwrap();
     // Destination blocks on the decode side: scattered, unlike the prefill side's.
-    let dst: Vec<u32> = (0..n_blocks as u32).map(|i| 63 - 2 * i).collect();
+    let dst: Vec<BlockId> = (0..n_blocks as u32).map(|i| BlockId(63 - 2 * i)).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let reservation = rx.reserve(9, &dst, deadline).unwrap();
+    let reservation = rx.reserve(ClusterRequestId(9), &dst, deadline).unwrap();
 
     // Prefill side.
     let mut kv_a = KvCache::new(m.kv_shape(bs), m.config.n_layers, 64, KvDtype::F16).unwrap();
     let src: Vec<BlockId> = (0..n_blocks as u32).map(BlockId).collect();
     let sender = KvSender::new(layout, TcpConfig::default());
-    let session = rt.block_on(sender.open(rx.local_addr(), 9, deadline)).unwrap();
+    let session = rt.block_on(sender.open(rx.local_addr(), ClusterRequestId(9), deadline)).unwrap();
     let mut shipper = LayerShipper::start(rt.handle(), session, src.clone(), dst.clone());
     let mut scratch = Scratch::default();
     let mut batch = ForwardBatch::default();
@@ -80,15 +81,14 @@ fn kv_shipped_during_prefill_decodes_like_an_undivided_run() {
     let mut kv_b = KvCache::new(m.kv_shape(bs), m.config.n_layers, 64, KvDtype::F16).unwrap();
     for layer in 0..m.config.n_layers {
         for (i, &d) in dst.iter().enumerate() {
-            let got = sink.read_block(layer, d as usize);
+            let got = sink.read_block(layer, d.index());
             let mut want = Vec::new();
             kv_a.layer_bytes(layer).gather(&src[i..i + 1], &mut want);
             assert_eq!(got, want, "layer {layer}: block {i} arrived bit-exact");
-            kv_b.scatter_block(layer, BlockId(d), &got);
+            kv_b.scatter_block(layer, d, &got);
         }
     }
-    let dst_table: Vec<BlockId> = dst.iter().map(|&d| BlockId(d)).collect();
-    let remote = decode(&m, &mut kv_b, &dst_table, first, prompt.len(), 20);
+    let remote = decode(&m, &mut kv_b, &dst, first, prompt.len(), 20);
     let local = decode(&m, &mut kv_a, &src, first, prompt.len(), 20);
     assert_eq!(remote, local, "decoding from shipped KV equals decoding in place");
     assert_eq!(rx.active(), 0);

@@ -11,6 +11,10 @@
 //! - `tandem/worker/v1/worker.proto` → [`tandem::worker::v1`]: router ↔ worker control
 //!   (`Reserve`, `Prefill`, `Decode`, `Cancel`, `Stats`, `KvEvents`, `Drain`) and the
 //!   `WorkerDescriptor` that discovery publishes.
+//! - [`ids`]: `ClusterRequestId` and `LeaseId`, the numbers those messages and the KV
+//!   plane's frames carry, as types (converted where a message is read or built).
+//! - [`tls`]: `MutualTls`, the cluster's certificates (PEM files) checked at start, for both
+//!   internal planes: the gRPC channels and servers, and the KV plane's rustls configurations.
 //! - [`FILE_DESCRIPTOR_SET`]: both files, encoded, for server reflection.
 //! - [`reflection_service`], [`reflection_service_v1alpha`], [`health_service`]: the
 //!   standard services every Tandem server adds, one call each.
@@ -35,7 +39,9 @@
 
 pub mod auth;
 pub mod codec;
+pub mod ids;
 pub mod incoming;
+pub mod tls;
 
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthService;

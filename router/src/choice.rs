@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_cluster::WorkerId;
+use tandem_proto::ids::{ClusterRequestId, LeaseId};
 use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::worker::v1 as pb;
 use tokio::sync::mpsc;
@@ -156,7 +157,7 @@ impl Tries {
 /// What one attempt asks its workers for.
 struct Ask {
     /// The attempt's id on its workers.
-    rid: u64,
+    rid: ClusterRequestId,
     sampling: pb::SamplingParams,
     /// The prompt, then what earlier attempts generated.
     prompt: Vec<u32>,
@@ -344,7 +345,7 @@ impl ChoiceRun {
     async fn local(&mut self, w: Picked, ask: Ask, recompute: bool) -> Result<(), AttemptError> {
         let mut guard = CancelOnDrop { rid: ask.rid, workers: vec![w.worker.clone()], done: false };
         let req = pb::DecodeRequest {
-            request_id: ask.rid,
+            request_id: ask.rid.0,
             sampling: Some(ask.sampling),
             resumed_tokens: ask.resumed,
             prompt_token_ids: ask.prompt,
@@ -367,7 +368,7 @@ impl ChoiceRun {
         let Ask { rid, sampling, prompt, resumed } = ask;
         let v = &self.v;
         let reserve = pb::ReserveRequest {
-            request_id: rid,
+            request_id: rid.0,
             prompt_token_ids: prompt.clone(),
             cache_salt: v.cache_salt.clone(),
             lease_ms: self.routing.kv_lease.as_millis() as u32,
@@ -375,7 +376,7 @@ impl ChoiceRun {
             priority: v.priority,
             sampling: Some(sampling.clone()),
             resumed_tokens: resumed,
-            sender_lease: prefill.lease,
+            sender_lease: LeaseId::to_wire(prefill.lease),
         };
         // Armed before the reservation: a choice dropped while `Reserve` is in flight still
         // cancels it (a reservation that lands after the `Cancel` is abandoned by the
@@ -393,7 +394,7 @@ impl ChoiceRun {
             _ = decode.gone.cancelled() => return Err(left("decode", &decode.id)),
         };
         let dreq = pb::DecodeRequest {
-            request_id: rid,
+            request_id: rid.0,
             sampling: Some(sampling.clone()),
             resumed_tokens: resumed,
             ..Default::default()
@@ -403,7 +404,7 @@ impl ChoiceRun {
             _ = decode.gone.cancelled() => return Err(left("decode", &decode.id)),
         };
         let preq = pb::PrefillRequest {
-            request_id: rid,
+            request_id: rid.0,
             prompt_token_ids: prompt,
             sampling: Some(sampling),
             cache_salt: v.cache_salt.clone(),

@@ -200,7 +200,7 @@ fn cluster(workers: &[(&str, Role, Script)]) -> (Routing, HashMap<String, Fake>)
             model: ModelInfo { name: MODEL.into(), fingerprint: 7 },
             block_size: 16,
             context_length: 4096,
-            lease: 1,
+            lease: tandem_proto::ids::LeaseId::from_wire(1),
         };
         let fake = Fake::new(script.clone());
         members.join_fake(desc, Arc::new(fake.clone()));

@@ -3,6 +3,8 @@
 //! nobody can name (and `Cancel`) a request before or while it runs, and ids are unique
 //! across routers.
 
+use tandem_proto::ids::ClusterRequestId;
+
 /// 64 bits from the operating system's random source.
 fn random_u64() -> u64 {
     getrandom::u64().expect("the operating system's random source")
@@ -14,8 +16,8 @@ pub fn public_request_id() -> String {
 }
 
 /// A new id for one attempt at a choice on the workers.
-pub(crate) fn worker_request_id() -> u64 {
-    random_u64()
+pub(crate) fn worker_request_id() -> ClusterRequestId {
+    ClusterRequestId(random_u64())
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tandem_cluster::{ClusterView, DiscoveryEvent, Role, ViewChange, WorkerDescriptor, WorkerId};
 use tandem_proto::auth::{ClusterToken, WorkerChannel};
+use tandem_proto::ids::LeaseId;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
 use tokio::task::JoinHandle;
@@ -60,8 +61,8 @@ pub struct Picked {
     pub worker: Arc<dyn WorkerApi>,
     /// Cancelled when the worker leaves the cluster's view.
     pub gone: CancellationToken,
-    /// The discovery lease its record is held by (0: unknown).
-    pub lease: i64,
+    /// The discovery lease its record is held by (`None`: unknown).
+    pub lease: Option<LeaseId>,
     inflight: Arc<AtomicU64>,
 }
 

@@ -109,7 +109,7 @@ mod tests {
             model: ModelInfo { name: "m".into(), fingerprint: 1 },
             block_size: 16,
             context_length: 8192,
-            lease: 0,
+            lease: None,
         }
     }
 

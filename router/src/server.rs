@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_cluster::{ClusterName, Discovery, DiscoveryEvent};
-use tandem_kvtransfer::{MutualTls, TlsFiles};
 use tandem_proto::auth::ClusterToken;
 use tandem_proto::tandem::v1::generate_server::{GenerateServer, SERVICE_NAME};
+use tandem_proto::tls::{MutualTls, TlsFiles};
 use tandem_proto::{HealthReporter, ServingStatus};
 use tandem_text::ModelText;
 use tokio::task::JoinHandle;
@@ -41,7 +41,7 @@ pub enum StartError {
     TenantLimits(#[from] LimitError),
     /// The TLS files of the channels to the workers.
     #[error("{0}")]
-    Tls(#[from] tandem_kvtransfer::TlsError),
+    Tls(#[from] tandem_proto::tls::TlsError),
     #[error("model file {} does not exist (scripts/fetch-model.sh fetches the default model)", .0.display())]
     NoModel(PathBuf),
     /// The model file's tokenizer, chat template or configuration.

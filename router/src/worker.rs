@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_proto::auth::WorkerChannel;
+use tandem_proto::ids::ClusterRequestId;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_client::WorkerClient;
 use tokio_stream::Stream;
@@ -59,7 +60,7 @@ impl WorkerApi for GrpcWorker {
 
 /// Sends Cancel to the workers of a choice that did not finish (client gone, error).
 pub(crate) struct CancelOnDrop {
-    pub(crate) rid: u64,
+    pub(crate) rid: ClusterRequestId,
     pub(crate) workers: Vec<Arc<dyn WorkerApi>>,
     /// Set once the request finished on its workers: nothing to cancel.
     pub(crate) done: bool,
@@ -74,7 +75,7 @@ impl Drop for CancelOnDrop {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 for w in workers {
-                    let req = pb::CancelRequest { request_id: rid, reason: "the client went away".into() };
+                    let req = pb::CancelRequest { request_id: rid.0, reason: "the client went away".into() };
                     let _ = tokio::time::timeout(Duration::from_secs(1), w.cancel(req)).await;
                 }
             });

@@ -25,9 +25,11 @@ use std::time::{Duration, Instant};
 use harness::*;
 use hostile::*;
 use serde_json::{json, Value};
+use tandem_kernels::BlockId;
 use tandem_kvtransfer::wire::{self, Code, Frame};
 use tandem_kvtransfer::{KvAuth, KvDtypeWire, KvLayout};
 use tandem_proto::auth::ClusterToken;
+use tandem_proto::ids::{ClusterRequestId, LeaseId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -35,7 +37,7 @@ use tokio::net::TcpStream;
 const READ_TIMEOUT_SECS: &str = "2";
 
 /// A forged sender claims no discovery lease.
-const NO_LEASE: i64 = 0;
+const NO_LEASE: Option<LeaseId> = None;
 
 /// A deterministic byte source (xorshift64*), so a failure replays.
 struct Rng(u64);
@@ -517,7 +519,8 @@ async fn forgeries_at_kv_port(addr: &str, rng: &mut Rng) {
 
     // The right layout passes the handshake, but frames for requests nobody reserved are
     // refused one by one, sent once or replayed, on this connection and a second one.
-    let ids: Vec<u64> = rng.bytes(8 * 4).chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+    let ids: Vec<ClusterRequestId> =
+        rng.bytes(8 * 4).chunks(8).map(|c| ClusterRequestId(u64::from_le_bytes(c.try_into().unwrap()))).collect();
     let payload = rng.bytes(2 * lbb);
     for round in 0..2 {
         let mut s = TcpStream::connect(addr).await.unwrap();
@@ -526,7 +529,9 @@ async fn forgeries_at_kv_port(addr: &str, rng: &mut Rng) {
         let ok = next_frame(&mut s, &mut buf).await;
         assert!(matches!(ok, Some(Frame::HelloOk)), "the right layout: {ok:?}");
         for &id in &ids {
-            for (layer, blocks) in [(0u16, [0u32, 1]), (layout.n_layers - 1, [u32::MAX - 1, u32::MAX])] {
+            for (layer, blocks) in
+                [(0u16, [BlockId(0), BlockId(1)]), (layout.n_layers - 1, [BlockId(u32::MAX - 1), BlockId(u32::MAX)])]
+            {
                 let frame = wire::encode_blocks(id, layer, &blocks, &payload);
                 // Sent twice: the replay is refused as the original was.
                 for _ in 0..2 {
@@ -547,9 +552,9 @@ async fn forgeries_at_kv_port(addr: &str, rng: &mut Rng) {
         }
         // Frames of the wrong layout end the connection: a payload one byte short of
         // its blocks, then (on a fresh connection) blocks written "in place" over TCP.
-        let mut short = wire::encode_blocks(ids[0], 0, &[0], &payload[..lbb - 1]);
+        let mut short = wire::encode_blocks(ids[0], 0, &[BlockId(0)], &payload[..lbb - 1]);
         if round == 1 {
-            short = wire::encode_blocks_in_place(ids[0], 0, &[0, 1]);
+            short = wire::encode_blocks_in_place(ids[0], 0, &[BlockId(0), BlockId(1)]);
         }
         s.write_all(&short).await.unwrap();
         let err = next_frame(&mut s, &mut buf).await;
@@ -570,7 +575,7 @@ async fn huge_claims_at_kv_port(addr: &str, decode: &Proc) {
         let mut buf = Vec::new();
         s.write_all(&signed_hello(&layout)).await.unwrap();
         assert!(matches!(next_frame(&mut s, &mut buf).await, Some(Frame::HelloOk)));
-        let mut header = wire::encode_finish(1, 2, 3)[..wire::HEADER_LEN].to_vec();
+        let mut header = wire::encode_finish(ClusterRequestId(1), 2, 3)[..wire::HEADER_LEN].to_vec();
         header[8..12].copy_from_slice(&(64u32 << 20).to_le_bytes());
         s.write_all(&header).await.unwrap();
         held.push(s);

@@ -135,7 +135,7 @@ fn by_default_every_router_and_worker_gets_a_generated_certificate_and_the_clust
 /// carries tls.serverName; the same check refuses another name.
 #[test]
 fn the_generated_certificate_passes_the_check_every_process_runs_at_start() {
-    use tandem_kvtransfer::{MutualTls, TlsFiles};
+    use tandem_proto::tls::{MutualTls, TlsFiles};
     let docs = defaults();
     let dir = tempfile::tempdir().expect("a temporary directory");
     for key in ["tls.crt", "tls.key", "ca.crt"] {

@@ -134,7 +134,7 @@ async fn hello<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let layout =
         KvLayout { n_layers: 1, n_kv_heads: 1, head_dim: 8, block_size: 16, dtype: KvDtypeWire::F16, fingerprint: 0 };
-    s.write_all(&tandem_kvtransfer::wire::encode_hello(&layout, 0)).await.map_err(|e| format!("write: {e}"))?;
+    s.write_all(&tandem_kvtransfer::wire::encode_hello(&layout, None)).await.map_err(|e| format!("write: {e}"))?;
     let mut answer = [0u8; 16];
     let read = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut answer)).await;
     read.expect("an answer or an error in time").map_err(|e| format!("read: {e}"))?;

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tandem_cluster::Role;
 use tandem_engine::scheduler::{Policy, SchedulerConfig};
-use tandem_kvtransfer::TlsFiles;
 use tandem_proto::auth::ClusterToken;
+use tandem_proto::tls::TlsFiles;
 
 /// How to run one worker.
 #[derive(Debug, Clone)]

@@ -76,12 +76,14 @@ async fn follow_lease(reg: &Registration, state: &WorkerState, sender: Option<&K
         if last.is_some() && last != Some(now) {
             match now {
                 LeaseState::Lost => tracing::warn!(worker = %state.id, "lost its discovery lease; fenced"),
-                LeaseState::Held(id) => tracing::info!(worker = %state.id, lease = id, "registered again; serving"),
+                LeaseState::Held(id) => {
+                    tracing::info!(worker = %state.id, lease = id.get(), "registered again; serving")
+                }
             }
         }
         last = Some(now);
         if let (LeaseState::Held(id), Some(tx)) = (now, sender) {
-            tx.set_lease(id).await;
+            tx.set_lease(Some(id)).await;
         }
         tokio::select! {
             r = lease.changed() => {

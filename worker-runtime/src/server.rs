@@ -26,10 +26,11 @@ use tandem_engine::kv_cache::{blocks_for_tokens, KvCache, KvDtype};
 use tandem_engine::llm_engine::{LlmEngine, LlmEngineConfig};
 use tandem_engine::model::{Model, ModelOptions};
 use tandem_engine::scheduler::SchedulerConfig;
-use tandem_kvtransfer::{host_id, KvAuth, KvReceiver, KvSender, MutualTls, ShmKv, TcpConfig};
+use tandem_kvtransfer::{host_id, KvAuth, KvReceiver, KvSender, ShmKv, TcpConfig};
 use tandem_proto::auth::RequireToken;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_server::{WorkerServer, SERVICE_NAME};
+use tandem_proto::tls::MutualTls;
 use tandem_proto::{HealthReporter, ServingStatus};
 use tandem_text::tokenizer::Tokenizer;
 use tandem_text::ModelText;
@@ -210,7 +211,7 @@ impl RunningWorker {
             model: ModelInfo { name: cfg.model_name.clone(), fingerprint },
             block_size: cfg.block_size as u32,
             context_length: context_length as u32,
-            lease: 0,
+            lease: None,
         };
         let registration = discovery.map(|(discovery, cluster, ttl)| {
             let r = Registering { discovery, cluster, descriptor: descriptor.clone(), ttl };

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tandem_proto::ids::ClusterRequestId;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_proto::tandem::worker::v1::worker_server::Worker;
 use tokio::sync::mpsc;
@@ -43,14 +44,14 @@ pub trait DecodeRole: Send + Sync {
     async fn decode(&self, req: pb::DecodeRequest) -> Result<DecodeStream, Status>;
 
     /// Whether `rid` holds a reservation.
-    fn is_reserved(&self, rid: u64) -> bool;
+    fn is_reserved(&self, rid: ClusterRequestId) -> bool;
 
     /// Ends reservation `rid` (a `Cancel`, or a drain past its deadline with `reason`);
     /// returns the blocks it held, or `None` when there was none.
-    fn cancel_reserved(&self, rid: u64, reason: Option<String>) -> Option<usize>;
+    fn cancel_reserved(&self, rid: ClusterRequestId, reason: Option<String>) -> Option<usize>;
 
     /// Router ids of the reservations held.
-    fn reserved_ids(&self) -> Vec<u64>;
+    fn reserved_ids(&self) -> Vec<ClusterRequestId>;
 
     /// Stops the role's own tasks (the end of a drain).
     async fn shutdown(&self) {}
@@ -133,16 +134,17 @@ impl Worker for WorkerService {
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
         let s = &self.state;
         let r = req.into_inner();
-        let reserved = self.roles.decode.as_ref().is_some_and(|d| d.is_reserved(r.request_id));
-        let active = s.active(r.request_id);
+        let rid = ClusterRequestId(r.request_id);
+        let reserved = self.roles.decode.as_ref().is_some_and(|d| d.is_reserved(rid));
+        let active = s.active(rid);
         if !reserved && active.is_none() {
             // Nothing to cancel, and nothing remembered: the id may be someone's later request.
             return Ok(Response::new(pb::CancelResponse { found: false, freed_blocks: 0 }));
         }
         // The tombstone goes first, so the stream that ends next reports CANCELLED.
-        s.bury(r.request_id);
+        s.bury(rid);
         let reason = Some(format!("cancelled: {}", if r.reason.is_empty() { "by the router" } else { &r.reason }));
-        if let Some(blocks) = self.roles.decode.as_ref().and_then(|d| d.cancel_reserved(r.request_id, reason.clone())) {
+        if let Some(blocks) = self.roles.decode.as_ref().and_then(|d| d.cancel_reserved(rid, reason.clone())) {
             return Ok(Response::new(pb::CancelResponse { found: true, freed_blocks: blocks as u32 }));
         }
         if let Some(id) = active {

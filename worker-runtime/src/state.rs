@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tandem_cluster::Role;
 use tandem_engine::scheduler::RequestId;
 use tandem_kvtransfer::KvLayout;
+use tandem_proto::ids::ClusterRequestId;
 use tandem_text::tokenizer::Tokenizer;
 use tonic::Status;
 
@@ -50,9 +51,9 @@ pub struct WorkerState {
     /// Handlers and streams in progress (drain waits for none).
     pub inflight: AtomicUsize,
     /// Request ids cancelled recently, with when (see `TOMBSTONE_TTL`).
-    cancelled: Mutex<HashMap<u64, Instant>>,
+    cancelled: Mutex<HashMap<ClusterRequestId, Instant>>,
     /// Router ids of requests in the engine through `Prefill` or `Decode`.
-    active: Mutex<HashMap<u64, RequestId>>,
+    active: Mutex<HashMap<ClusterRequestId, RequestId>>,
 }
 
 impl WorkerState {
@@ -73,12 +74,12 @@ impl WorkerState {
     }
 
     /// Whether request `rid` was cancelled within `TOMBSTONE_TTL`.
-    pub fn was_cancelled(&self, rid: u64) -> bool {
+    pub fn was_cancelled(&self, rid: ClusterRequestId) -> bool {
         self.cancelled.lock().expect("cancelled").get(&rid).is_some_and(|at| at.elapsed() < TOMBSTONE_TTL)
     }
 
     /// Remembers that `rid` was cancelled (and forgets tombstones past their time).
-    pub fn bury(&self, rid: u64) {
+    pub fn bury(&self, rid: ClusterRequestId) {
         let mut c = self.cancelled.lock().expect("cancelled");
         c.retain(|_, at| at.elapsed() < TOMBSTONE_TTL);
         c.insert(rid, Instant::now());
@@ -86,7 +87,12 @@ impl WorkerState {
 
     /// The status a request that failed with `why` ends with: CANCELLED when a `Cancel`
     /// ended it, else `unavailable` (its worker failed it; the router may move it).
-    pub fn failed_status(&self, rid: u64, why: String, unavailable: impl FnOnce(String) -> Status) -> Status {
+    pub fn failed_status(
+        &self,
+        rid: ClusterRequestId,
+        why: String,
+        unavailable: impl FnOnce(String) -> Status,
+    ) -> Status {
         if self.was_cancelled(rid) {
             Status::cancelled(why)
         } else {
@@ -109,7 +115,7 @@ impl WorkerState {
     }
 
     /// The engine request of router request `rid`, if it runs through `Prefill` or `Decode`.
-    pub fn active(&self, rid: u64) -> Option<RequestId> {
+    pub fn active(&self, rid: ClusterRequestId) -> Option<RequestId> {
         self.active.lock().expect("active").get(&rid).copied()
     }
 
@@ -120,7 +126,7 @@ impl WorkerState {
 
     /// Counts `rid` (engine request `id`) as active while the returned guard lives; the
     /// guard aborts the request unless it is `finish`ed (client gone, handler dropped).
-    pub fn track(self: &Arc<Self>, rid: u64, id: RequestId) -> Active {
+    pub fn track(self: &Arc<Self>, rid: ClusterRequestId, id: RequestId) -> Active {
         self.active.lock().expect("active").insert(rid, id);
         Active { state: self.clone(), rid, id, finished: false }
     }
@@ -145,7 +151,7 @@ impl Drop for InFlight {
 /// A request in the engine through `Prefill` or `Decode` (`WorkerState::track`).
 pub struct Active {
     state: Arc<WorkerState>,
-    rid: u64,
+    rid: ClusterRequestId,
     id: RequestId,
     finished: bool,
 }

@@ -8,10 +8,11 @@
 
 use std::time::Duration;
 
+use tandem_proto::ids::LeaseId;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::client::EtcdClient;
+use super::client::{EtcdClient, EtcdError};
 use super::{deadline, EtcdConfig, EtcdDiscovery};
 use crate::backoff::Backoff;
 use crate::descriptor::{worker_key, ClusterName, WorkerDescriptor, WorkerId};
@@ -21,7 +22,7 @@ use crate::error::DiscoveryError;
 /// A granted lease.
 #[derive(Debug, Clone, Copy)]
 struct Lease {
-    id: i64,
+    id: LeaseId,
     /// As granted: etcd raises a TTL below its minimum.
     ttl: Duration,
 }
@@ -53,7 +54,7 @@ pub(super) async fn register(
     let client = discovery.client.clone();
     let config = discovery.config.clone();
     let lease = grant_and_put(&client, &key, &value, ttl_secs, config.request_timeout).await?;
-    tracing::info!(worker = %descriptor.id, key, lease = lease.id, ttl = ?lease.ttl, "registered in etcd");
+    tracing::info!(worker = %descriptor.id, key, lease = lease.id.get(), ttl = ?lease.ttl, "registered in etcd");
 
     let signals = RegistrationSignals { stop: discovery.root.child_token(), deregister: CancellationToken::new() };
     let (state, held) = tokio::sync::watch::channel(LeaseState::Held(lease.id));
@@ -90,11 +91,14 @@ async fn grant_and_put(
     timeout: Duration,
 ) -> Result<Lease, DiscoveryError> {
     let grant = deadline("lease grant", timeout, client.lease_grant(ttl_secs)).await?;
-    let lease = Lease { id: grant.id, ttl: Duration::from_secs(grant.ttl.max(1) as u64) };
-    let put = deadline("put", timeout, client.put(key, value, lease.id)).await;
+    // etcd's own "no lease" is 0: a grant always names another.
+    let id = LeaseId::from_wire(grant.id)
+        .ok_or_else(|| DiscoveryError::etcd("lease grant", EtcdError::Refused("granted lease id 0".into())))?;
+    let lease = Lease { id, ttl: Duration::from_secs(grant.ttl.max(1) as u64) };
+    let put = deadline("put", timeout, client.put(key, value, lease.id.get())).await;
     if let Err(e) = put {
         // The lease holds no key; revoke it rather than leave it to run out (best effort).
-        let _ = deadline("lease revoke", timeout, client.lease_revoke(lease.id)).await;
+        let _ = deadline("lease revoke", timeout, client.lease_revoke(lease.id.get())).await;
         return Err(e);
     }
     Ok(lease)
@@ -132,7 +136,7 @@ impl Keeper {
 
     fn recovered(&mut self, lease: Lease) {
         if self.failures > 0 {
-            tracing::info!(worker = %self.worker, lease = lease.id, failures = self.failures, "lease keep-alives resumed");
+            tracing::info!(worker = %self.worker, lease = lease.id.get(), failures = self.failures, "lease keep-alives resumed");
             self.failures = 0;
         }
     }
@@ -152,7 +156,7 @@ impl Keeper {
                     };
                     match attempt {
                         Ok(new) => {
-                            tracing::info!(worker = %self.worker, lease = new.id, "registered again with a new lease");
+                            tracing::info!(worker = %self.worker, lease = new.id.get(), "registered again with a new lease");
                             self.state.send_replace(LeaseState::Held(new.id));
                             lease = Some(new);
                             new
@@ -170,7 +174,7 @@ impl Keeper {
             match self.keep_alive(current, &mut backoff).await {
                 Ended::Signal(signal) => return self.finish(signal, Some(current)).await,
                 Ended::Expired => {
-                    tracing::warn!(worker = %self.worker, lease = current.id, "lease expired; registering again");
+                    tracing::warn!(worker = %self.worker, lease = current.id.get(), "lease expired; registering again");
                     self.state.send_replace(LeaseState::Lost);
                     lease = None;
                 }
@@ -192,7 +196,7 @@ impl Keeper {
         let opened = tokio::select! {
             biased;
             signal = signalled(&self.signals) => return Ended::Signal(signal),
-            r = deadline("lease keep-alive", timeout, self.client.lease_keep_alive(lease.id)) => r,
+            r = deadline("lease keep-alive", timeout, self.client.lease_keep_alive(lease.id.get())) => r,
         };
         let mut stream = match opened {
             Ok((stream, _ttl)) => stream,
@@ -242,12 +246,12 @@ impl Keeper {
         let revoked = tokio::select! {
             biased;
             _ = self.signals.stop.cancelled() => Err(DiscoveryError::Shutdown),
-            r = deadline("lease revoke", timeout, self.client.lease_revoke(lease.id)) => r.map(drop),
+            r = deadline("lease revoke", timeout, self.client.lease_revoke(lease.id.get())) => r.map(drop),
         };
         match revoked {
             Err(e) if !lease_gone(&e) => Err(e),
             _ => {
-                tracing::info!(worker = %self.worker, lease = lease.id, "deregistered from etcd");
+                tracing::info!(worker = %self.worker, lease = lease.id.get(), "deregistered from etcd");
                 Ok(())
             }
         }

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use tandem_proto::ids::LeaseId;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -42,7 +43,7 @@ fn decode(kv: &KeyValue) -> Option<(String, Record)> {
     };
     match WorkerDescriptor::from_json(key, &kv.value) {
         Ok(descriptor) => {
-            let descriptor = WorkerDescriptor { lease: kv.lease, ..descriptor };
+            let descriptor = WorkerDescriptor { lease: LeaseId::from_wire(kv.lease), ..descriptor };
             Some((key.to_string(), Record { descriptor, revision: kv.mod_revision }))
         }
         Err(e) => {

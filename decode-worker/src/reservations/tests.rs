@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tandem_engine::scheduler::RequestId;
 use tandem_kvtransfer::{Arrived, TransferError};
+use tandem_proto::ids::ClusterRequestId;
 use tokio::sync::{mpsc, oneshot};
 
 use super::*;
@@ -37,12 +38,12 @@ impl RemoteEngine for FakeEngine {
 struct FakeLanding(AtomicUsize);
 
 impl Landing for FakeLanding {
-    fn writes_in_progress(&self, _rid: u64) -> usize {
+    fn writes_in_progress(&self, _rid: ClusterRequestId) -> usize {
         self.0.load(Ordering::SeqCst)
     }
 }
 
-const RID: u64 = 42;
+const RID: ClusterRequestId = ClusterRequestId(42);
 const ID: RequestId = RequestId(7);
 const PROMPT: usize = 4;
 

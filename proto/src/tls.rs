@@ -7,7 +7,7 @@
 //! one-line error before anything listens), the rustls configurations of the
 //! KV plane, and the checked PEM bytes that the gRPC servers and channels
 //! (tonic) are built from. Does not: reload certificates (restart to rotate),
-//! check revocation, or secure the same-host Unix socket (see `receiver`).
+//! check revocation, or secure the KV plane's same-host Unix socket (see kvtransfer's `receiver`).
 //!
 //! Names: workers advertise IP addresses, and pod addresses change, so a client
 //! verifies a worker's certificate against one configured DNS name
@@ -214,12 +214,12 @@ impl MutualTls {
     }
 
     /// Accepts KV connections: requires a client certificate chaining to the CA.
-    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.server.clone())
     }
 
     /// Opens KV connections: presents this certificate, verifies the receiver's.
-    pub(crate) fn connector(&self) -> (tokio_rustls::TlsConnector, ServerName<'static>) {
+    pub fn connector(&self) -> (tokio_rustls::TlsConnector, ServerName<'static>) {
         (tokio_rustls::TlsConnector::from(self.client.clone()), self.server_name.clone())
     }
 }
