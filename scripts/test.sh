@@ -18,6 +18,9 @@ scripts/setup-helm.sh
 scripts/setup-bench.sh
 # Debian's prometheus and promtool for the metrics checks (tests/e2e/metrics.rs).
 scripts/setup-prometheus.sh
+# The crate map's "never" arrows (docs/architecture.md): the router never links the kernels, the
+# engine knows no gRPC or etcd, the two worker roles never import each other.
+scripts/check-layout.sh
 # Incremental state would add ~2 GB to a one-shot build; a caller may still ask for it.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 # The set-ups above ran, so a test missing a tool they install fails instead of skipping (docs/operations.md).

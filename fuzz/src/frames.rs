@@ -203,7 +203,10 @@ fn check_header_and_fixed(data: &[u8]) {
 pub fn seeds() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for (i, l) in layouts().into_iter().enumerate() {
-        out.push(wire::encode_hello(&l, if i % 2 == 0 { None } else { LeaseId::from_wire(0x7f3a_0000_0000_0001 + i as i64) }));
+        out.push(wire::encode_hello(
+            &l,
+            if i % 2 == 0 { None } else { LeaseId::from_wire(0x7f3a_0000_0000_0001 + i as i64) },
+        ));
     }
     out.push(wire::encode_hello_ok());
     for lbb in [4usize, 16, 32, 64] {
@@ -226,7 +229,12 @@ pub fn seeds() -> Vec<Vec<u8>> {
     // A handshake followed by blocks of that layout, as a receiver sees it.
     let l = layouts()[0];
     let mut s = wire::encode_hello(&l, None);
-    s.extend(wire::encode_blocks(ClusterRequestId(1), 0, &[BlockId(0), BlockId(9)], &vec![0xAB; 2 * l.layer_block_bytes()]));
+    s.extend(wire::encode_blocks(
+        ClusterRequestId(1),
+        0,
+        &[BlockId(0), BlockId(9)],
+        &vec![0xAB; 2 * l.layer_block_bytes()],
+    ));
     s.extend(wire::encode_finish(ClusterRequestId(1), 5, 3));
     out.push(s);
     out
