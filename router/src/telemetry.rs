@@ -1,7 +1,7 @@
 //! The process's metrics registry: one Prometheus recorder per process, with explicit
 //! histogram buckets, shared by the router and any workers running in the process.
 //! Every metric is described where it is defined (`router::metrics`,
-//! `tandem_decode_worker::metrics`), so each has `# HELP` and `# TYPE` lines.
+//! `tandem_worker_runtime::metrics`), so each has `# HELP` and `# TYPE` lines.
 
 use std::sync::OnceLock;
 
