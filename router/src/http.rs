@@ -141,6 +141,8 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(64);
+    // Detached on purpose: `produce` relays one request's chunks and ends with it or with
+    // the client (a closed or stalled `tx`); the request's own run is counted in flight.
     tokio::spawn(produce(Outbox::new(tx, stall)));
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }

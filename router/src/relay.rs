@@ -70,6 +70,9 @@ pub async fn start_request(
         first_token_timeout: s.first_token_timeout,
         api,
     };
+    // Detached on purpose: the run ends with its request (finished, failed, past its
+    // deadline or first-token bound) or its client (a closed `tx`), holding the admission
+    // permit until then; a drain waits for it through that permit's in-flight count.
     tokio::spawn(async move {
         let _permit = permit;
         relay.run().await

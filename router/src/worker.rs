@@ -73,6 +73,8 @@ impl Drop for CancelOnDrop {
         }
         let (rid, workers) = (self.rid, std::mem::take(&mut self.workers));
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            // Detached on purpose: a drop cannot await. The task is bounded (one `Cancel` per
+            // worker, 1 s each) and a worker ends an unclaimed reservation on its own anyway.
             rt.spawn(async move {
                 for w in workers {
                     let req = pb::CancelRequest { request_id: rid.0, reason: "the client went away".into() };
