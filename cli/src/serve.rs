@@ -326,9 +326,8 @@ pub struct UpArgs {
     /// Compute threads per worker (default: the cores shared out among the workers).
     #[arg(long, env = "TANDEM_THREADS_PER_WORKER")]
     pub threads_per_worker: Option<usize>,
-    /// Routing policy: least-loaded or round-robin.
-    #[arg(long, env = "TANDEM_POLICY", default_value = "least-loaded")]
-    pub policy: String,
+    #[command(flatten)]
+    pub placement: Placement,
     /// Requests the router holds in flight at most; beyond, RESOURCE_EXHAUSTED.
     #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = 512)]
     pub max_inflight: usize,
@@ -352,9 +351,13 @@ pub struct RouterArgs {
     pub http: HttpFlags,
     #[command(flatten)]
     pub migration: Migration,
-    /// Routing policy: least-loaded or round-robin.
-    #[arg(long, env = "TANDEM_POLICY", default_value = "least-loaded")]
-    pub policy: String,
+    #[command(flatten)]
+    pub placement: Placement,
+    /// Tokens per KV block, as the workers have it (their --block-size): how the router names
+    /// a prompt's blocks to find them in the workers' caches. A worker with another block
+    /// size is routed to by load only.
+    #[arg(long, env = "TANDEM_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
     /// Requests in flight at most; beyond, RESOURCE_EXHAUSTED.
     #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = 512)]
     pub max_inflight: usize,
@@ -504,10 +507,37 @@ fn worker_config(
     }
 }
 
+/// Where the router places requests: the policy and what the prefix index needs.
+#[derive(Args, Debug)]
+pub struct Placement {
+    /// Routing policy: cache-aware (prefix-cache overlap against load), least-loaded or round-robin.
+    #[arg(long, env = "TANDEM_POLICY", default_value = "least-loaded",
+          value_parser = clap::builder::PossibleValuesParser::new(tandem_router::policy::POLICIES))]
+    pub policy: String,
+    /// cache-aware: how much a prompt token a worker would compute weighs against a token of
+    /// prefill work queued on it.
+    #[arg(long, env = "TANDEM_CACHE_WEIGHT", default_value_t = 1.0, value_parser = non_negative)]
+    pub cache_weight: f64,
+    /// How long a prompt's blocks count as cached on the workers it was sent to before their
+    /// KV events say so, in ms: requests sharing a new prefix that arrive together follow the
+    /// first.
+    #[arg(long, env = "TANDEM_PENDING_TTL_MS", default_value_t = 2000)]
+    pub pending_ttl_ms: u64,
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a finite number >= 0")),
+    }
+}
+
 /// The flags a router is configured from, as `tandem up` and `tandem router` both have them.
 struct RouterFlags<'a> {
     common: &'a Common,
-    policy: &'a str,
+    placement: &'a Placement,
+    /// The workers' tokens per KV block: how the router names prompt blocks.
+    block_size: usize,
     max_inflight: usize,
     keys: &'a ApiKeys,
     http: &'a HttpFlags,
@@ -528,7 +558,13 @@ impl RouterFlags<'_> {
             model_path: self.common.model.clone(),
             model_name: model_name(self.common),
             grpc_listen: grpc,
-            policy: self.policy.to_string(),
+            policy: self.placement.policy.clone(),
+            cache_weight: self.placement.cache_weight,
+            hashing: tandem_router::members::Hashing {
+                block_size: self.block_size as u32,
+                pending_ttl: Duration::from_millis(self.placement.pending_ttl_ms),
+                ..Default::default()
+            },
             max_inflight: self.max_inflight,
             http_listen: Some(http),
             tls,
@@ -610,7 +646,8 @@ pub fn up(a: UpArgs) -> Result<()> {
         }
         let flags = RouterFlags {
             common: &a.common,
-            policy: &a.policy,
+            placement: &a.placement,
+            block_size: a.worker.block_size,
             max_inflight: a.max_inflight,
             keys: &a.keys,
             http: &a.http,
@@ -665,7 +702,8 @@ pub fn router(a: RouterArgs) -> Result<()> {
         let (token, token_path) = a.token.load(cluster.as_str())?;
         let flags = RouterFlags {
             common: &a.common,
-            policy: &a.policy,
+            placement: &a.placement,
+            block_size: a.block_size,
             max_inflight: a.max_inflight,
             keys: &a.keys,
             http: &a.http,

@@ -124,7 +124,11 @@ async fn prefill_and_decode_workers_over_tcp_generate_what_one_engine_does() {
 
     let mut events = dc.kv_events(pb::KvEventsRequest {}).await.unwrap().into_inner();
     let first = events.message().await.unwrap().unwrap();
-    assert!(matches!(first.events[0].event, Some(pb::kv_event::Event::Cleared(_))), "the stream starts cleared");
+    assert!(
+        matches!(&first.events[0].event, Some(pb::kv_event::Event::Snapshot(s)) if s.last && s.block_hashes.is_empty()),
+        "a fresh worker's stream opens with an empty snapshot: {first:?}"
+    );
+    assert_eq!(first.events[0].event_id, 1);
 
     // Reserve, attach, prefill: the router's three calls.
     let (res, got) = disaggregated(&mut dc, &mut pc, 42, &ids, 40).await;
@@ -146,6 +150,23 @@ async fn prefill_and_decode_workers_over_tcp_generate_what_one_engine_does() {
         })
         .sum();
     assert!(stored >= ids.len() / 16, "KV events report the stored prompt blocks ({stored})");
+    assert_eq!(batch.events[0].event_id, 2, "live events follow the snapshot's id");
+
+    // A new subscriber (a router started now) learns the same blocks from its snapshot, named
+    // as the router names a prompt's blocks.
+    let mut late = dc.kv_events(pb::KvEventsRequest {}).await.unwrap().into_inner();
+    let snap = late.message().await.unwrap().unwrap();
+    let Some(pb::kv_event::Event::Snapshot(snapshot)) = &snap.events[0].event else {
+        panic!("a stream opens with a snapshot: {snap:?}")
+    };
+    assert!(snapshot.last && snap.events[0].event_id == 1);
+    let expected = tandem_text::prefix::prefix_hashes(&ids, 16, None);
+    assert!(
+        expected.iter().all(|h| snapshot.block_hashes.contains(&h.0)),
+        "the snapshot holds every full block of the prompt: {} of {:?}",
+        snapshot.block_hashes.len(),
+        expected.len()
+    );
 
     // The same prompt again: the decode worker holds its full blocks but the last, so only
     // that one travels, and the text is the same.

@@ -172,6 +172,11 @@ pub struct WorkerDescriptor {
     pub model: ModelInfo,
     /// Tokens per KV block.
     pub block_size: u32,
+    /// How the worker names cached blocks in its KV events (`tandem_text::prefix::SCHEME`,
+    /// salt included); with `block_size`, what a router must match to read the worker's
+    /// events as hits. `None`: a worker that does not say (routed to by load only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_scheme: Option<String>,
     /// Longest sequence (prompt + output) the worker accepts, in tokens.
     pub context_length: u32,
     /// The lease the record is held by, as discovery read it (etcd's lease id; the
@@ -233,6 +238,7 @@ pub(crate) fn test_descriptor(id: &str, role: Role) -> WorkerDescriptor {
         },
         model: ModelInfo { name: "smollm2-135m".into(), fingerprint: u64::MAX - 7 },
         block_size: 16,
+        hash_scheme: Some("sha256-chain-v1".into()),
         context_length: 8192,
         lease: None,
     }

@@ -191,6 +191,7 @@ fn worker(name: &str, role: Role) -> WorkerDescriptor {
         kv: KvEndpoints { tcp: "127.0.0.1:7002".parse().unwrap(), local: None },
         model: ModelInfo { name: "smollm2-135m".into(), fingerprint: 0xfeed_beef_dead_f00d },
         block_size: 16,
+        hash_scheme: Some("sha256-chain-v1".into()),
         context_length: 8192,
         lease: None,
     }

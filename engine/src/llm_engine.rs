@@ -349,6 +349,12 @@ impl LlmEngine {
         self.scheduler.blocks.take_events()
     }
 
+    /// Hashes of every block in the prefix cache now (take the events first: a subscriber
+    /// starts from this, then follows the events made after it).
+    pub fn cached_hashes(&self) -> Vec<crate::block_manager::SeqHash> {
+        self.scheduler.blocks.cached_hashes()
+    }
+
     /// Runs one step; returns what each touched sequence produced.
     pub fn step(&mut self) -> Result<Vec<SeqOutput>, EngineError> {
         self.step_exporting(&mut |_, _, _| {})

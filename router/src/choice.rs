@@ -23,7 +23,7 @@ use tonic::Status;
 
 use crate::admission::overloaded;
 use crate::ids::worker_request_id;
-use crate::members::{Picked, Route};
+use crate::members::{Picked, Route, RouteAsk};
 use crate::metrics;
 use crate::recovery::{
     self, failed, kv_fault, left, AttemptError, Budget, Fault, KvFailurePolicy, Next, Plan, Recovery,
@@ -329,10 +329,13 @@ impl ChoiceRun {
         let ask = self.ask();
         let r = self.routing.clone();
         match plan {
-            Plan::Route => match r.members.route(r.policy.as_ref(), &r.model, ask.prompt.len(), avoid)? {
-                Route::Local(w) => self.local(w, ask, false).await,
-                Route::Disaggregated { prefill, decode } => self.disaggregated(prefill, decode, ask).await,
-            },
+            Plan::Route => {
+                let to = RouteAsk { model: &r.model, prompt: &ask.prompt, salt: self.v.cache_salt.as_deref() };
+                match r.members.route(r.policy.as_ref(), &to, avoid)? {
+                    Route::Local(w) => self.local(w, ask, false).await,
+                    Route::Disaggregated { prefill, decode } => self.disaggregated(prefill, decode, ask).await,
+                }
+            }
             Plan::Recompute { on } => match r.members.decoder(on) {
                 Some(w) => self.local(w, ask, true).await,
                 None => Err(left("decode", on)),
@@ -393,6 +396,9 @@ impl ChoiceRun {
             })?,
             _ = decode.gone.cancelled() => return Err(left("decode", &decode.id)),
         };
+        if let Some(layout) = &res.layout {
+            metrics::decode_cached(res.cached_blocks as usize * layout.block_size as usize);
+        }
         let dreq = pb::DecodeRequest {
             request_id: rid.0,
             sampling: Some(sampling.clone()),
@@ -443,7 +449,11 @@ impl ChoiceRun {
             _ = decode.gone.cancelled() => return Err(left("decode", &decode.id)),
         };
         let marks = Marks { accepted: self.accepted, sent, prefilled: Some(Instant::now()) };
-        guard.done = self.relay(stream, &decode, Some((pres, &prefill.id)), marks).await?;
+        metrics::cache_outcome("prefill", prefill.predicted_cached, pres.cached_tokens as usize);
+        // The prefill worker's part is done: it no longer counts as in flight there.
+        let prefill_id = prefill.id.clone();
+        drop(prefill);
+        guard.done = self.relay(stream, &decode, Some((pres, &prefill_id)), marks).await?;
         Ok(())
     }
 
@@ -484,6 +494,11 @@ impl ChoiceRun {
                 }
                 Err(e) => return Err(failed("decode", decode, e)),
             };
+            if first && prefilled_by.is_none() {
+                // A worker that prefilled the prompt itself says on its first message what
+                // it reused.
+                metrics::cache_outcome("local", worker.predicted_cached, d.cached_tokens as usize);
+            }
             if first && !resumed && !d.token_ids.is_empty() {
                 marks.first_token(prefill.as_ref());
             }

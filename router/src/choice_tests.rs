@@ -189,7 +189,7 @@ impl RoutingPolicy for First {
 
 /// A cluster of fake workers: `(id, role, script)` each.
 fn cluster(workers: &[(&str, Role, Script)]) -> (Routing, HashMap<String, Fake>) {
-    let members = Members::new(None, None);
+    let members = Members::new(None, None, Default::default());
     let mut fakes = HashMap::new();
     for (id, role, script) in workers {
         let desc = WorkerDescriptor {
@@ -199,6 +199,7 @@ fn cluster(workers: &[(&str, Role, Script)]) -> (Routing, HashMap<String, Fake>)
             kv: KvEndpoints { tcp: "127.0.0.1:2".parse().unwrap(), local: None },
             model: ModelInfo { name: MODEL.into(), fingerprint: 7 },
             block_size: 16,
+            hash_scheme: Some("sha256-chain-v1".into()),
             context_length: 4096,
             lease: tandem_proto::ids::LeaseId::from_wire(1),
         };

@@ -16,9 +16,12 @@
 //! - `admission`: who may come in: the in-flight limit, the tenants' quotas, draining,
 //!   overload answers (`Admission`, `Permit`).
 //! - `state`: `RouterState`, what the handlers share.
-//! - `policy`: `RoutingPolicy`, `RoundRobin`, `LeastLoaded`.
+//! - `policy`: `RoutingPolicy`, `CacheAware`, `LeastLoaded`, `RoundRobin`.
+//! - `index`: `PrefixIndex`, which worker caches which blocks (a pure data structure);
+//!   `follow`: each worker's KV event stream into it (snapshot, gaps, resubscribing).
 //! - `worker`: `WorkerApi`, what a request asks of a worker, and its gRPC implementation.
-//! - `members`: membership from discovery, worker clients, load polling, KV events.
+//! - `members`: membership from discovery, worker clients, load polling, the prefix
+//!   index, hash parity, placement (`route`).
 //! - `routing`: `Routing`, what every choice shares (members, policy, recovery limits,
 //!   the wait for KV room).
 //! - `choice`: one choice's path across workers (`ChoiceRun`), its attempts and their
@@ -36,15 +39,17 @@
 //! - `server`: `RunningRouter`: start (`StartError`), serve, drain.
 //!
 //! Modules depend one way: `service`, `http` -> `relay` -> `choice` -> `routing` ->
-//! `members` -> `worker`; `relay` -> `state` -> {`routing`, `admission`}; nothing below
+//! `members` -> {`worker`, `index`, `follow`}; `relay` -> `state` -> {`routing`, `admission`}; nothing below
 //! calls back up.
 
 pub mod admission;
 pub mod choice;
 #[cfg(test)]
 mod choice_tests;
+mod follow;
 pub mod http;
 pub mod ids;
+pub mod index;
 pub mod keys;
 pub mod members;
 pub mod metrics;

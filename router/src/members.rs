@@ -1,13 +1,13 @@
 //! The router's picture of the cluster: discovery's membership, a gRPC client
 //! per worker (requests reach it as a `worker::WorkerApi`, the pollers directly),
-//! each worker's last load report (polled), the prefix-cache blocks each worker
-//! reports (its KV events), and the router's own count of requests in flight on
-//! each worker.
+//! each worker's last load report (polled), the prefix index of what each worker
+//! caches (fed by its KV events, `follow`), and the router's own count of requests in
+//! flight on each worker.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_cluster::{ClusterView, DiscoveryEvent, Role, ViewChange, WorkerDescriptor, WorkerId};
 use tandem_proto::auth::{ClusterToken, WorkerChannel};
@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic::Status;
 
+use crate::index::PrefixIndex;
+use crate::metrics;
 use crate::policy::{Candidate, RoutingPolicy};
 use crate::worker::{GrpcWorker, WorkerApi};
 
@@ -38,8 +40,9 @@ struct Entry {
     /// Whether it is routed to, from its load polls.
     liveness: Liveness,
     inflight: Arc<AtomicU64>,
-    /// Hashes of the blocks in the worker's prefix cache, from its KV events.
-    cached: HashSet<u64>,
+    /// The worker names its blocks as this router does (block size and hash scheme): its
+    /// KV events are followed into the index. Otherwise it is routed to by load only.
+    comparable: bool,
     tasks: Vec<JoinHandle<()>>,
     /// Cancelled when the worker leaves the view (its lease ended, or it deregistered):
     /// requests still waiting on it stop waiting and move elsewhere.
@@ -63,6 +66,9 @@ pub struct Picked {
     pub gone: CancellationToken,
     /// The discovery lease its record is held by (`None`: unknown).
     pub lease: Option<LeaseId>,
+    /// Prompt tokens it was predicted to find in its prefix cache when picked (`None`:
+    /// unknown, its hashing differs from the router's, or it was not picked by the index).
+    pub predicted_cached: Option<usize>,
     inflight: Arc<AtomicU64>,
 }
 
@@ -87,13 +93,50 @@ pub struct WorkerStatus {
     pub healthy: bool,
     pub stats: Option<pb::StatsResponse>,
     pub inflight: u64,
+    /// Blocks the prefix index says it caches.
     pub cached_blocks: usize,
+    /// Whether it hashes blocks as the router does (else routed to by load only).
+    pub comparable: bool,
+}
+
+/// How this router names prompt blocks, which a worker must match for its KV events to
+/// count, and how long a block sent to a worker counts as held before its event comes.
+#[derive(Debug, Clone)]
+pub struct Hashing {
+    /// Tokens per block (the workers' `--block-size`).
+    pub block_size: u32,
+    /// `tandem_text::prefix::SCHEME` unless a test says otherwise.
+    pub scheme: String,
+    /// How long routed blocks count as pending on the chosen workers.
+    pub pending_ttl: Duration,
+}
+
+/// Blocks sent to a worker count as held for this long, unless its events say so first.
+pub const PENDING_TTL: Duration = Duration::from_secs(2);
+
+impl Default for Hashing {
+    fn default() -> Self {
+        Hashing { block_size: 16, scheme: tandem_text::prefix::SCHEME.to_string(), pending_ttl: PENDING_TTL }
+    }
+}
+
+/// What placement needs to know of one attempt's prompt.
+pub struct RouteAsk<'a> {
+    /// The model's name as clients use it.
+    pub model: &'a str,
+    /// The prompt's token ids (with, after a migration, the tokens generated so far).
+    pub prompt: &'a [u32],
+    /// The request's prefix-cache salt, as sent to the workers.
+    pub salt: Option<&'a str>,
 }
 
 #[derive(Default)]
 pub struct Members {
     view: RwLock<ClusterView>,
     entries: Mutex<HashMap<WorkerId, Entry>>,
+    /// What each comparable worker caches. Never locked while `entries` is.
+    pub(crate) index: Mutex<PrefixIndex>,
+    hashing: Hashing,
     /// Mutual TLS of the channels to the workers; `None`: plaintext.
     tls: Option<ClientTlsConfig>,
     /// Sent with every call to a worker; `None`: none (workers without a token).
@@ -103,8 +146,27 @@ pub struct Members {
 impl Members {
     /// `tls`: the channels to the workers present this certificate and verify the workers'.
     /// `token`: the cluster token every call to a worker carries.
-    pub fn new(tls: Option<ClientTlsConfig>, token: Option<ClusterToken>) -> Arc<Members> {
-        Arc::new(Members { tls, token, ..Members::default() })
+    /// `hashing`: how this router names prompt blocks (see `Hashing`).
+    pub fn new(tls: Option<ClientTlsConfig>, token: Option<ClusterToken>, hashing: Hashing) -> Arc<Members> {
+        Arc::new(Members { tls, token, hashing, ..Members::default() })
+    }
+
+    /// Whether `desc` names its blocks as this router does; logged and counted when not.
+    fn comparable(&self, desc: &WorkerDescriptor) -> bool {
+        let same = desc.block_size == self.hashing.block_size
+            && desc.hash_scheme.as_deref() == Some(self.hashing.scheme.as_str());
+        if !same {
+            tracing::warn!(
+                worker = %desc.id,
+                block_size = desc.block_size,
+                scheme = desc.hash_scheme.as_deref().unwrap_or("(none)"),
+                router_block_size = self.hashing.block_size,
+                router_scheme = %self.hashing.scheme,
+                "worker names its cached blocks differently from this router; routing to it by load only"
+            );
+        }
+        metrics::index_mismatch(&desc.id, !same);
+        same
     }
 
     /// Applies a discovery event: a joining worker gets a client and its pollers.
@@ -130,6 +192,8 @@ impl Members {
             ViewChange::Left(id) => {
                 tracing::info!(worker = %id, "worker left");
                 self.entries.lock().expect("entries").remove(&id);
+                self.index.lock().expect("index").leave(&id);
+                metrics::index_left(&id);
             }
             ViewChange::Unchanged => {}
         }
@@ -150,17 +214,24 @@ impl Members {
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
         let client = tandem_proto::auth::worker_client(channel, self.token.as_ref());
-        let tasks = vec![
-            tokio::spawn(poll_load(Arc::downgrade(self), desc.id.clone(), client.clone())),
-            tokio::spawn(follow_kv_events(Arc::downgrade(self), desc.id.clone(), client.clone())),
-        ];
+        let comparable = self.comparable(&desc);
+        // A re-registered worker (a new process under the same id) starts from its snapshot.
+        self.index.lock().expect("index").leave(&desc.id);
+        let mut tasks = vec![tokio::spawn(poll_load(Arc::downgrade(self), desc.id.clone(), client.clone()))];
+        if comparable {
+            tasks.push(tokio::spawn(crate::follow::follow_kv_events(
+                Arc::downgrade(self),
+                desc.id.clone(),
+                client.clone(),
+            )));
+        }
         Ok(Entry {
             desc,
             worker: Arc::new(GrpcWorker(client)),
             stats: None,
             liveness: Liveness::default(),
             inflight: Arc::new(AtomicU64::new(0)),
-            cached: HashSet::new(),
+            comparable,
             tasks,
             gone: CancellationToken::new(),
         })
@@ -168,30 +239,77 @@ impl Members {
 
     /// Every known worker, in id order.
     pub fn snapshot(&self) -> Vec<WorkerStatus> {
-        let entries = self.entries.lock().expect("entries");
-        let mut out: Vec<WorkerStatus> = entries
-            .values()
-            .map(|e| WorkerStatus {
-                desc: e.desc.clone(),
-                healthy: e.liveness.healthy(),
-                stats: e.stats,
-                inflight: e.inflight.load(Ordering::Relaxed),
-                cached_blocks: e.cached.len(),
-            })
-            .collect();
+        let mut out: Vec<WorkerStatus> = {
+            let entries = self.entries.lock().expect("entries");
+            entries
+                .values()
+                .map(|e| WorkerStatus {
+                    desc: e.desc.clone(),
+                    healthy: e.liveness.healthy(),
+                    stats: e.stats,
+                    inflight: e.inflight.load(Ordering::Relaxed),
+                    cached_blocks: 0,
+                    comparable: e.comparable,
+                })
+                .collect()
+        };
+        let index = self.index.lock().expect("index");
+        for w in &mut out {
+            w.cached_blocks = index.blocks(&w.desc.id);
+        }
         out.sort_by(|a, b| a.desc.id.cmp(&b.desc.id));
         out
     }
 
-    /// Picks where a request of `prompt_len` tokens for `model` goes.
-    /// Workers in `excluded` (failed under this request before) are not picked.
+    /// The chained hashes of the prompt's blocks that a worker could reuse (never the
+    /// block holding the last token, which is always computed), as this router names them.
+    pub fn prompt_hashes(&self, prompt: &[u32], salt: Option<&str>) -> Vec<u64> {
+        let usable = &prompt[..prompt.len().saturating_sub(1)];
+        tandem_text::prefix::prefix_hashes(usable, self.hashing.block_size as usize, salt)
+            .into_iter()
+            .map(|h| h.0)
+            .collect()
+    }
+
+    /// Picks where one attempt of a request goes: `policy` weighs each candidate's load and
+    /// the prompt tokens the prefix index predicts it caches. Workers in `excluded` (failed
+    /// under this request before) are not picked. The prompt's blocks then count as pending
+    /// on the chosen workers, so siblings that follow before any KV event find them there.
     pub fn route(
         &self,
         policy: &dyn RoutingPolicy,
-        model: &str,
-        prompt_len: usize,
+        ask: &RouteAsk<'_>,
         excluded: &[WorkerId],
     ) -> Result<Route, Status> {
+        let hashes = self.prompt_hashes(ask.prompt, ask.salt);
+        let now = Instant::now();
+        let block = self.hashing.block_size as usize;
+        let held: HashMap<WorkerId, usize> =
+            self.index.lock().expect("index").lookup(&hashes, now).into_iter().collect();
+        let route = self.route_with(policy, ask, excluded, &|e: &Entry| {
+            e.comparable.then(|| held.get(&e.desc.id).copied().unwrap_or(0) * block)
+        })?;
+        let until = now + self.hashing.pending_ttl;
+        let mut index = self.index.lock().expect("index");
+        let chosen: Vec<&Picked> = match &route {
+            Route::Disaggregated { prefill, decode } => vec![prefill, decode],
+            Route::Local(w) => vec![w],
+        };
+        for p in chosen.into_iter().filter(|p| p.predicted_cached.is_some()) {
+            index.add_pending(&p.id, &hashes, now, until);
+        }
+        Ok(route)
+    }
+
+    /// `route`, with `cached(e)` the prompt tokens worker `e` is predicted to hold.
+    fn route_with(
+        &self,
+        policy: &dyn RoutingPolicy,
+        ask: &RouteAsk<'_>,
+        excluded: &[WorkerId],
+        cached: &dyn Fn(&Entry) -> Option<usize>,
+    ) -> Result<Route, Status> {
+        let (model, prompt_len) = (ask.model, ask.prompt.len());
         let entries = self.entries.lock().expect("entries");
         let eligible = |e: &&Entry| e.desc.model.name == model && !excluded.contains(&e.desc.id);
         // Workers of a role that answer; when none does, those that are only slow to answer
@@ -211,29 +329,46 @@ impl Members {
         let mut decode = of_role(&|r| r.can_decode());
         prefill.sort_by(|a, b| a.desc.id.cmp(&b.desc.id));
         decode.sort_by(|a, b| a.desc.id.cmp(&b.desc.id));
-        let candidates = |es: &[&Entry]| -> Vec<(Option<pb::StatsResponse>, u64)> {
-            es.iter().map(|e| (e.stats, e.inflight.load(Ordering::Relaxed))).collect()
-        };
-        let pick = |es: &[&Entry], prefill_role: bool| -> usize {
-            let loads = candidates(es);
+        // The pick, and the chosen worker's predicted cached tokens beside the most any
+        // other candidate was predicted to hold (the runner-up by cache).
+        let pick = |es: &[&Entry], stage: Stage| -> (usize, Option<usize>) {
+            let predicted: Vec<Option<usize>> = es.iter().map(|e| cached(e)).collect();
             let c: Vec<Candidate> = es
                 .iter()
-                .zip(&loads)
-                .map(|(e, (s, n))| Candidate { worker: &e.desc, stats: s.as_ref(), inflight: *n })
+                .zip(&predicted)
+                .map(|(e, p)| Candidate {
+                    worker: &e.desc,
+                    stats: e.stats.as_ref(),
+                    inflight: e.inflight.load(Ordering::Relaxed),
+                    cached_tokens: *p,
+                })
                 .collect();
-            if prefill_role {
-                policy.pick_prefill(&c, prompt_len)
-            } else {
-                policy.pick_decode(&c, prompt_len)
-            }
+            let i = match stage {
+                Stage::Prefill => policy.pick_prefill(&c, prompt_len),
+                Stage::Decode => policy.pick_decode(&c, prompt_len),
+                Stage::Local => policy.pick_local(&c, prompt_len),
+            };
+            let runner_up = predicted.iter().enumerate().filter(|&(j, _)| j != i).filter_map(|(_, p)| *p).max();
+            metrics::predicted_cached(stage.as_str(), predicted[i], runner_up);
+            tracing::debug!(
+                worker = %es[i].desc.id,
+                stage = stage.as_str(),
+                policy = policy.name(),
+                predicted_cached = ?predicted[i],
+                runner_up_cached = ?runner_up,
+                candidates = es.len(),
+                "placed"
+            );
+            (i, predicted[i])
         };
-        let take = |e: &Entry| {
+        let take = |e: &Entry, predicted_cached: Option<usize>| {
             e.inflight.fetch_add(1, Ordering::Relaxed);
             Picked {
                 id: e.desc.id.clone(),
                 worker: e.worker.clone(),
                 gone: e.gone.clone(),
                 lease: e.desc.lease,
+                predicted_cached,
                 inflight: e.inflight.clone(),
             }
         };
@@ -241,7 +376,8 @@ impl Members {
             return Err(Status::unavailable(format!("no decode worker serves {model:?}")));
         }
         if !prefill.is_empty() {
-            let d = decode[pick(&decode, false)];
+            let (di, dc) = pick(&decode, Stage::Decode);
+            let d = decode[di];
             // The pair must agree on the model's weights and the KV block size.
             let matching: Vec<&Entry> = prefill
                 .iter()
@@ -256,8 +392,8 @@ impl Members {
                     d.desc.id
                 )));
             }
-            let p = matching[pick(&matching, true)];
-            return Ok(Route::Disaggregated { prefill: take(p), decode: take(d) });
+            let (pi, pc) = pick(&matching, Stage::Prefill);
+            return Ok(Route::Disaggregated { prefill: take(matching[pi], pc), decode: take(d, dc) });
         }
         let both: Vec<&Entry> = decode.iter().copied().filter(|e| e.desc.role == Role::Both).collect();
         if both.is_empty() {
@@ -265,7 +401,8 @@ impl Members {
                 "no prefill worker serves {model:?} and no decode worker has role both"
             )));
         }
-        Ok(Route::Local(take(both[pick(&both, false)])))
+        let (i, c) = pick(&both, Stage::Local);
+        Ok(Route::Local(take(both[i], c)))
     }
 
     /// Whether a healthy prefill worker of `model` other than `failed` (and not in
@@ -303,6 +440,7 @@ impl Members {
             worker: e.worker.clone(),
             gone: e.gone.clone(),
             lease: e.desc.lease,
+            predicted_cached: None,
             inflight: e.inflight.clone(),
         })
     }
@@ -333,7 +471,7 @@ impl Members {
             stats: None,
             liveness: Liveness::default(),
             inflight: Arc::new(AtomicU64::new(0)),
-            cached: HashSet::new(),
+            comparable: true,
             tasks: Vec::new(),
             gone: CancellationToken::new(),
         };
@@ -343,6 +481,25 @@ impl Members {
     fn update(&self, id: &WorkerId, f: impl FnOnce(&mut Entry)) {
         if let Some(e) = self.entries.lock().expect("entries").get_mut(id) {
             f(e);
+        }
+    }
+}
+
+/// Which of a request's workers a pick is for.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    Prefill,
+    Decode,
+    /// A role-`both` worker doing the whole request.
+    Local,
+}
+
+impl Stage {
+    fn as_str(self) -> &'static str {
+        match self {
+            Stage::Prefill => "prefill",
+            Stage::Decode => "decode",
+            Stage::Local => "local",
         }
     }
 }
@@ -446,35 +603,6 @@ async fn poll_load(members: std::sync::Weak<Members>, id: WorkerId, mut client: 
         }
         drop(m);
         tokio::time::sleep(LOAD_INTERVAL).await;
-    }
-}
-
-async fn follow_kv_events(members: std::sync::Weak<Members>, id: WorkerId, mut client: WorkerClient<WorkerChannel>) {
-    loop {
-        if let Ok(resp) = client.kv_events(pb::KvEventsRequest {}).await {
-            let mut stream = resp.into_inner();
-            while let Ok(Some(batch)) = stream.message().await {
-                let Some(m) = members.upgrade() else { return };
-                m.update(&id, |e| {
-                    for ev in batch.events {
-                        match ev.event {
-                            Some(pb::kv_event::Event::Stored(s)) => e.cached.extend(s.block_hashes),
-                            Some(pb::kv_event::Event::Removed(r)) => {
-                                for h in r.block_hashes {
-                                    e.cached.remove(&h);
-                                }
-                            }
-                            Some(pb::kv_event::Event::Cleared(_)) => e.cached.clear(),
-                            None => {}
-                        }
-                    }
-                });
-            }
-        }
-        if members.strong_count() == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -25,6 +25,15 @@ pub const HTTP_REFUSED: &str = "tandem_http_connections_refused_total";
 pub const ADMISSION_REFUSED: &str = "tandem_router_admission_refusals_total";
 pub const TENANT_MAX_IN_FLIGHT: &str = "tandem_router_tenant_max_in_flight";
 pub const STREAM_STALLS: &str = "tandem_stream_stalls_total";
+pub const INDEX_MISMATCH: &str = "tandem_router_index_mismatch";
+pub const INDEX_BLOCKS: &str = "tandem_router_index_blocks";
+pub const INDEX_RESYNCS: &str = "tandem_router_index_resyncs_total";
+pub const PREDICTED_CACHED: &str = "tandem_router_predicted_cached_tokens";
+pub const PREDICTION_ERROR: &str = "tandem_router_cache_prediction_error_tokens";
+pub const PREDICTED_HITS: &str = "tandem_router_cache_predicted_hits_total";
+pub const PREDICTED_HITS_MISSED: &str = "tandem_router_cache_predicted_hits_missed_total";
+pub const REUSED_TOKENS: &str = "tandem_router_cache_reused_tokens_total";
+pub const DECODE_CACHED: &str = "tandem_router_decode_cached_tokens_total";
 
 /// Registers every router metric's description (idempotent).
 pub fn describe() {
@@ -89,6 +98,41 @@ pub fn describe() {
     describe_counter!(
         STREAM_STALLS,
         "Streams cancelled because the client took no chunk for --stream-stall-timeout, by API (grpc, http)."
+    );
+    describe_gauge!(
+        INDEX_MISMATCH,
+        "1 for a worker that names its cached blocks differently from this router (block size or hash \
+         scheme): routed to by load only; 0 otherwise."
+    );
+    describe_gauge!(INDEX_BLOCKS, "Blocks the router's prefix index says each worker caches.");
+    describe_counter!(
+        INDEX_RESYNCS,
+        "Times a worker's KV event stream was dropped for a fresh snapshot, by reason: gap or order (events \
+         out of sequence), lagged (the worker fell behind and said so)."
+    );
+    describe_histogram!(
+        PREDICTED_CACHED,
+        Unit::Count,
+        "Prompt tokens the prefix index predicted a worker caches, at each pick: the chosen worker's \
+         (pick=chosen) and the most any other candidate held (pick=runner_up), by stage (prefill, decode, local)."
+    );
+    describe_histogram!(
+        PREDICTION_ERROR,
+        Unit::Count,
+        "Per attempt, |prompt tokens the worker reused - tokens the router predicted it would|, by stage \
+         (prefill: the prefill worker; local: a role-both worker)."
+    );
+    describe_counter!(PREDICTED_HITS, "Attempts the router sent to a worker predicted to hold part of the prompt.");
+    describe_counter!(
+        PREDICTED_HITS_MISSED,
+        "Attempts predicted to hit the prefix cache whose worker reused nothing: the router's index and the \
+         workers' caches disagree."
+    );
+    describe_counter!(REUSED_TOKENS, Unit::Count, "Prompt tokens workers reported reusing, by stage (prefill, local).");
+    describe_counter!(
+        DECODE_CACHED,
+        Unit::Count,
+        "Prompt tokens a decode worker already held when reserving (not sent by the prefill worker)."
     );
 }
 
@@ -176,4 +220,52 @@ pub fn set_tenant_max_in_flight(n: Option<usize>) {
 /// A stream cancelled because its client stopped reading.
 pub fn stream_stalled(api: &'static str) {
     counter!(STREAM_STALLS, "api" => api).increment(1);
+}
+
+/// Whether worker `id` hashes blocks differently from this router.
+pub fn index_mismatch(id: &tandem_cluster::WorkerId, mismatched: bool) {
+    gauge!(INDEX_MISMATCH, "worker" => id.to_string()).set(if mismatched { 1.0 } else { 0.0 });
+}
+
+/// Worker `id` left: its index gauges go to zero.
+pub fn index_left(id: &tandem_cluster::WorkerId) {
+    index_mismatch(id, false);
+    index_blocks(id, 0);
+}
+
+pub fn index_blocks(id: &tandem_cluster::WorkerId, n: usize) {
+    gauge!(INDEX_BLOCKS, "worker" => id.to_string()).set(n as f64);
+}
+
+pub fn index_resync(id: &tandem_cluster::WorkerId, reason: &'static str) {
+    counter!(INDEX_RESYNCS, "worker" => id.to_string(), "reason" => reason).increment(1);
+}
+
+/// One pick's predicted cached tokens: the chosen worker's and the best other candidate's
+/// (either `None` when unknown).
+pub fn predicted_cached(stage: &'static str, chosen: Option<usize>, runner_up: Option<usize>) {
+    if let Some(c) = chosen {
+        histogram!(PREDICTED_CACHED, "stage" => stage, "pick" => "chosen").record(c as f64);
+    }
+    if let Some(r) = runner_up {
+        histogram!(PREDICTED_CACHED, "stage" => stage, "pick" => "runner_up").record(r as f64);
+    }
+}
+
+/// What a worker reused against what the router predicted it would (`None`: no prediction).
+pub fn cache_outcome(stage: &'static str, predicted: Option<usize>, reused: usize) {
+    counter!(REUSED_TOKENS, "stage" => stage).increment(reused as u64);
+    let Some(p) = predicted else { return };
+    histogram!(PREDICTION_ERROR, "stage" => stage).record(p.abs_diff(reused) as f64);
+    if p > 0 {
+        counter!(PREDICTED_HITS, "stage" => stage).increment(1);
+        if reused == 0 {
+            counter!(PREDICTED_HITS_MISSED, "stage" => stage).increment(1);
+        }
+    }
+}
+
+/// Prompt tokens a decode worker already held at its reservation.
+pub fn decode_cached(tokens: usize) {
+    counter!(DECODE_CACHED).increment(tokens as u64);
 }

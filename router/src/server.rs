@@ -31,7 +31,7 @@ use crate::validate::ModelFacts;
 /// Why a router did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("unknown routing policy {0:?} (round-robin, least-loaded)")]
+    #[error("unknown routing policy {0:?} (cache-aware, least-loaded, round-robin)")]
     UnknownPolicy(String),
     #[error("--metrics-require-key needs at least one API key (--api-key or TANDEM_API_KEYS)")]
     MetricsKeyMissing,
@@ -63,8 +63,14 @@ pub struct RouterConfig {
     /// The name clients use; workers must serve the same.
     pub model_name: String,
     pub grpc_listen: SocketAddr,
-    /// `round-robin` or `least-loaded`.
+    /// `cache-aware`, `least-loaded` or `round-robin`.
     pub policy: String,
+    /// `cache-aware`: how much a prompt token to compute weighs against a token of queued
+    /// prefill work (`policy::CacheAware`).
+    pub cache_weight: f64,
+    /// How this router names prompt blocks (the workers' block size) and how long routed
+    /// blocks count as pending on the chosen workers.
+    pub hashing: crate::members::Hashing,
     /// Requests in flight at most.
     pub max_inflight: usize,
     /// Where the OpenAI-compatible HTTP API listens; `None`: no HTTP.
@@ -121,7 +127,8 @@ impl RunningRouter {
         discovery: Arc<dyn Discovery>,
         cluster: ClusterName,
     ) -> Result<RunningRouter, StartError> {
-        let policy = policy_by_name(&cfg.policy).ok_or_else(|| StartError::UnknownPolicy(cfg.policy.clone()))?;
+        let policy = policy_by_name(&cfg.policy, cfg.cache_weight)
+            .ok_or_else(|| StartError::UnknownPolicy(cfg.policy.clone()))?;
         if cfg.metrics_access == crate::http::MetricsAccess::ApiKey && cfg.api_keys.is_empty() {
             return Err(StartError::MetricsKeyMissing);
         }
@@ -135,7 +142,7 @@ impl RunningRouter {
         let facts = tokio::task::spawn_blocking(move || load_facts(&path)).await??;
         let facts = ModelFacts { name: cfg.model_name.clone(), ..facts };
         crate::metrics::describe();
-        let members = Members::new(tls, cfg.cluster_token.clone());
+        let members = Members::new(tls, cfg.cluster_token.clone(), cfg.hashing.clone());
         let membership = tokio::spawn(follow_membership(discovery, cluster, members.clone()));
         let mut routing = Routing::new(cfg.model_name.clone(), members, policy);
         routing.migration_limit = cfg.migration_limit;

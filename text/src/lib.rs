@@ -10,6 +10,8 @@
 //! - `config`: `ModelConfig`, the hyperparameters read from GGUF metadata.
 //! - `tokenizer`: GGUF byte-level BPE tokenizer and streaming `IncrementalDecoder`.
 //! - `chat`: renders conversations with the model's Jinja chat template.
+//! - `prefix`: the prefix-cache hash scheme (`prefix_hashes`, `SCHEME`), shared by the engine
+//!   that caches blocks and the router that looks them up.
 //! - `prompt`: `Prompt` (text, chat or ids) and the ids the model sees (`prompt_ids`, `chat_ids`).
 //! - `model_text`: `ModelText`, the one loader: opens the file, reads the config, builds the
 //!   tokenizer and the chat template (and lets the engine load weights on the way).
@@ -19,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod model_text;
+pub mod prefix;
 pub mod prompt;
 pub mod tokenizer;
 

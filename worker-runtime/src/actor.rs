@@ -20,7 +20,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tandem_engine::block_manager::KvEvent;
+use tandem_engine::block_manager::{KvEvent, SeqHash};
 use tandem_engine::error::EngineError;
 use tandem_engine::kv_cache::BlockId;
 use tandem_engine::kv_cache::LayerKvBytes;
@@ -89,6 +89,15 @@ enum Cmd {
     RemoteReady(RequestId, u32),
     Abort(RequestId, Option<String>),
     Fail(RequestId, String),
+    SubscribeKv(oneshot::Sender<KvSubscription>),
+}
+
+/// A new subscriber's view of the prefix cache: what it holds, then every change after.
+pub struct KvSubscription {
+    /// Hashes of the blocks cached when the subscription began.
+    pub snapshot: Vec<SeqHash>,
+    /// The changes made after the snapshot, in order, none missed unless the receiver lags.
+    pub live: broadcast::Receiver<Vec<KvEvent>>,
 }
 
 struct Tracked {
@@ -114,7 +123,6 @@ pub struct EngineHandle {
     tx: std_mpsc::Sender<Cmd>,
     /// The load as of the last step, so a load report never waits for a step to end.
     latest: Arc<Mutex<Load>>,
-    kv_events: broadcast::Sender<Vec<KvEvent>>,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -124,13 +132,13 @@ impl EngineHandle {
     /// Moves `engine` onto a new thread named `name`.
     pub fn spawn(engine: LlmEngine, name: &str) -> std::io::Result<EngineHandle> {
         let (tx, rx) = std_mpsc::channel();
-        let (kv_events, _) = broadcast::channel(1024);
-        let events = kv_events.clone();
+        // The thread owns the sender; subscribers join through `subscribe_kv`.
+        let (events, _) = broadcast::channel(1024);
         let latest = Arc::new(Mutex::new(Load::default()));
         let shared = latest.clone();
         let thread =
             std::thread::Builder::new().name(name.to_string()).spawn(move || run(engine, rx, events, shared))?;
-        Ok(EngineHandle { tx, latest, kv_events, thread: Arc::new(Mutex::new(Some(thread))) })
+        Ok(EngineHandle { tx, latest, thread: Arc::new(Mutex::new(Some(thread))) })
     }
 
     /// Adds a request; its outputs arrive on `Admitted::events`.
@@ -166,9 +174,12 @@ impl EngineHandle {
         Ok(*self.latest.lock().expect("load"))
     }
 
-    /// Prefix-cache events as the engine makes them.
-    pub fn kv_events(&self) -> broadcast::Receiver<Vec<KvEvent>> {
-        self.kv_events.subscribe()
+    /// What the prefix cache holds now and every change after it: taken on the engine
+    /// thread between steps, so no change falls between the snapshot and the first event.
+    pub async fn subscribe_kv(&self) -> Result<KvSubscription, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Cmd::SubscribeKv(tx)).map_err(|_| EngineError::Io(GONE.into()))?;
+        rx.await.map_err(|_| EngineError::Io(GONE.into()))
     }
 }
 
@@ -203,7 +214,7 @@ fn run(
         let mut cmds: Vec<Cmd> = first.into_iter().collect();
         cmds.extend(rx.try_iter());
         for cmd in cmds {
-            handle(&mut engine, &mut tracked, &mut sinks, cmd, &latest);
+            handle(&mut engine, &mut tracked, &mut sinks, cmd, &latest, &kv_events);
         }
         // Clients that went away: abort before spending a step on them.
         let gone: Vec<RequestId> = tracked.iter().filter(|(_, t)| t.abandoned()).map(|(&id, _)| id).collect();
@@ -271,6 +282,7 @@ fn handle(
     sinks: &mut HashMap<RequestId, Box<dyn ExportSink>>,
     cmd: Cmd,
     latest: &Mutex<Load>,
+    kv_events: &broadcast::Sender<Vec<KvEvent>>,
 ) {
     match cmd {
         Cmd::Submit(req, how, reply) => {
@@ -334,6 +346,12 @@ fn handle(
             if let Some(t) = tracked.get(&id) {
                 let _ = t.events.send(Event::Failed(reason));
             }
+        }
+        Cmd::SubscribeKv(reply) => {
+            // Changes not yet published go to the existing subscribers first; the
+            // snapshot already reflects them.
+            publish(engine, kv_events);
+            let _ = reply.send(KvSubscription { snapshot: engine.cached_hashes(), live: kv_events.subscribe() });
         }
     }
 }

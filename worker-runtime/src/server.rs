@@ -210,6 +210,7 @@ impl RunningWorker {
             kv: kv.endpoints.unwrap_or(KvEndpoints { tcp: advertised_grpc, local: None }),
             model: ModelInfo { name: cfg.model_name.clone(), fingerprint },
             block_size: cfg.block_size as u32,
+            hash_scheme: Some(tandem_text::prefix::SCHEME.to_string()),
             context_length: context_length as u32,
             lease: None,
         };

@@ -6,7 +6,7 @@
 //! worker of role `both` holds both; a call for a role the worker does not hold
 //! gets the status it always got (FAILED_PRECONDITION "does not decode", ...).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -175,37 +175,36 @@ impl Worker for WorkerService {
     type KvEventsStream = ReceiverStream<Result<pb::KvEventBatch, Status>>;
 
     async fn kv_events(&self, _req: Request<pb::KvEventsRequest>) -> Result<Response<Self::KvEventsStream>, Status> {
-        let mut sub = self.state.engine.kv_events();
+        let sub = tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.state.engine.subscribe_kv())
+            .await
+            .map_err(|_| Status::unavailable("the engine did not take the subscription in time"))?
+            .map_err(status_from_engine)?;
         let (tx, rx) = mpsc::channel(64);
         // Detached on purpose: the task ends when its subscriber goes (`tx.closed()`) or
         // the engine stops (the broadcast closes); nothing else holds it.
         tokio::spawn(async move {
-            let ids = AtomicU64::new(1);
-            let next = || ids.fetch_add(1, Ordering::Relaxed);
-            // The stream starts from an empty index; what is cached before it arrives
-            // as `stored` events when blocks are next registered.
-            let first = pb::KvEventBatch {
-                events: vec![pb::KvEvent {
-                    event_id: next(),
-                    event: Some(pb::kv_event::Event::Cleared(pb::KvCleared {})),
-                }],
-            };
-            if tx.send(Ok(first)).await.is_err() {
-                return;
+            let crate::actor::KvSubscription { snapshot, mut live } = sub;
+            let mut ids = 1u64..;
+            let mut next = move || ids.next().expect("an unbounded range");
+            for batch in kv_snapshot_batches(snapshot.into_iter().map(|h| h.0).collect(), &mut next) {
+                if tx.send(Ok(batch)).await.is_err() {
+                    return;
+                }
             }
             loop {
                 let batch = tokio::select! {
-                    b = sub.recv() => b,
+                    b = live.recv() => b,
                     _ = tx.closed() => return,
                 };
                 let events = match batch {
                     Ok(b) => b.into_iter().map(|e| kv_event_to_pb(e, next())).collect(),
-                    // Fell behind: tell the subscriber to start over.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        vec![pb::KvEvent {
-                            event_id: next(),
-                            event: Some(pb::kv_event::Event::Cleared(pb::KvCleared {})),
-                        }]
+                    // Fell behind: skipping changes would leave the subscriber wrong without
+                    // knowing it. End the stream; it subscribes again from a fresh snapshot.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!("fell {n} batches behind the cache's changes"))))
+                            .await;
+                        return;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
@@ -249,4 +248,31 @@ impl Worker for WorkerService {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Longest wait for the engine thread to take a KV-event subscription (it answers between
+/// steps).
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Hashes per snapshot event: keeps each message far below gRPC's 4 MiB limit.
+const SNAPSHOT_CHUNK: usize = 16_384;
+
+/// The opening snapshot as batches of `snapshot` events, the last marked `last` (one empty
+/// event for an empty cache), numbered by `next`.
+fn kv_snapshot_batches(hashes: Vec<u64>, next: &mut impl FnMut() -> u64) -> Vec<pb::KvEventBatch> {
+    let chunks: Vec<&[u64]> = if hashes.is_empty() { vec![&[]] } else { hashes.chunks(SNAPSHOT_CHUNK).collect() };
+    let n = chunks.len();
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| pb::KvEventBatch {
+            events: vec![pb::KvEvent {
+                event_id: next(),
+                event: Some(pb::kv_event::Event::Snapshot(pb::KvSnapshot {
+                    block_hashes: c.to_vec(),
+                    last: i + 1 == n,
+                })),
+            }],
+        })
+        .collect()
 }
