@@ -516,7 +516,7 @@ pub struct Placement {
     pub policy: String,
     /// cache-aware: how much a prompt token a worker would compute weighs against a token of
     /// prefill work queued on it.
-    #[arg(long, env = "TANDEM_CACHE_WEIGHT", default_value_t = 1.0, value_parser = non_negative)]
+    #[arg(long, env = "TANDEM_CACHE_WEIGHT", default_value_t = 2.0, value_parser = non_negative)]
     pub cache_weight: f64,
     /// How long a prompt's blocks count as cached on the workers it was sent to before their
     /// KV events say so, in ms: requests sharing a new prefix that arrive together follow the

@@ -498,6 +498,7 @@ impl ChoiceRun {
                 // A worker that prefilled the prompt itself says on its first message what
                 // it reused.
                 metrics::cache_outcome("local", worker.predicted_cached, d.cached_tokens as usize);
+                worker.prefill_done();
             }
             if first && !resumed && !d.token_ids.is_empty() {
                 marks.first_token(prefill.as_ref());

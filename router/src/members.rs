@@ -39,7 +39,7 @@ struct Entry {
     stats: Option<pb::StatsResponse>,
     /// Whether it is routed to, from its load polls.
     liveness: Liveness,
-    inflight: Arc<AtomicU64>,
+    inflight: Arc<InFlight>,
     /// The worker names its blocks as this router does (block size and hash scheme): its
     /// KV events are followed into the index. Otherwise it is routed to by load only.
     comparable: bool,
@@ -69,13 +69,34 @@ pub struct Picked {
     /// Prompt tokens it was predicted to find in its prefix cache when picked (`None`:
     /// unknown, its hashing differs from the router's, or it was not picked by the index).
     pub predicted_cached: Option<usize>,
-    inflight: Arc<AtomicU64>,
+    inflight: Arc<InFlight>,
+    /// Prompt tokens this pick still counts in `InFlight::prefill_tokens`.
+    charge: AtomicU64,
+}
+
+impl Picked {
+    /// The worker has computed the prompt (its prefill answered, or a local generation's
+    /// first token came): the prompt no longer counts as queued work there.
+    pub fn prefill_done(&self) {
+        let c = self.charge.swap(0, Ordering::Relaxed);
+        self.inflight.prefill_tokens.fetch_sub(c, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Picked {
     fn drop(&mut self) {
-        self.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.prefill_done();
+        self.inflight.requests.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// What this router has in flight on one worker, live (load reports are up to a poll old).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    /// Requests picked for it and not yet ended.
+    pub requests: AtomicU64,
+    /// Prompt tokens it is predicted to compute for them and has not yet answered.
+    pub prefill_tokens: AtomicU64,
 }
 
 /// Where one request goes.
@@ -230,7 +251,7 @@ impl Members {
             worker: Arc::new(GrpcWorker(client)),
             stats: None,
             liveness: Liveness::default(),
-            inflight: Arc::new(AtomicU64::new(0)),
+            inflight: Arc::default(),
             comparable,
             tasks,
             gone: CancellationToken::new(),
@@ -247,7 +268,7 @@ impl Members {
                     desc: e.desc.clone(),
                     healthy: e.liveness.healthy(),
                     stats: e.stats,
-                    inflight: e.inflight.load(Ordering::Relaxed),
+                    inflight: e.inflight.requests.load(Ordering::Relaxed),
                     cached_blocks: 0,
                     comparable: e.comparable,
                 })
@@ -339,7 +360,8 @@ impl Members {
                 .map(|(e, p)| Candidate {
                     worker: &e.desc,
                     stats: e.stats.as_ref(),
-                    inflight: e.inflight.load(Ordering::Relaxed),
+                    inflight: e.inflight.requests.load(Ordering::Relaxed),
+                    inflight_tokens: e.inflight.prefill_tokens.load(Ordering::Relaxed),
                     cached_tokens: *p,
                 })
                 .collect();
@@ -361,8 +383,12 @@ impl Members {
             );
             (i, predicted[i])
         };
-        let take = |e: &Entry, predicted_cached: Option<usize>| {
-            e.inflight.fetch_add(1, Ordering::Relaxed);
+        // A prefill (or local) pick counts the prompt tokens it will compute until it
+        // answers; a decode pick counts as a request only.
+        let take = |e: &Entry, predicted_cached: Option<usize>, computes: bool| {
+            let charge = if computes { prompt_len.saturating_sub(predicted_cached.unwrap_or(0)) as u64 } else { 0 };
+            e.inflight.requests.fetch_add(1, Ordering::Relaxed);
+            e.inflight.prefill_tokens.fetch_add(charge, Ordering::Relaxed);
             Picked {
                 id: e.desc.id.clone(),
                 worker: e.worker.clone(),
@@ -370,6 +396,7 @@ impl Members {
                 lease: e.desc.lease,
                 predicted_cached,
                 inflight: e.inflight.clone(),
+                charge: AtomicU64::new(charge),
             }
         };
         if decode.is_empty() {
@@ -393,7 +420,7 @@ impl Members {
                 )));
             }
             let (pi, pc) = pick(&matching, Stage::Prefill);
-            return Ok(Route::Disaggregated { prefill: take(matching[pi], pc), decode: take(d, dc) });
+            return Ok(Route::Disaggregated { prefill: take(matching[pi], pc, true), decode: take(d, dc, false) });
         }
         let both: Vec<&Entry> = decode.iter().copied().filter(|e| e.desc.role == Role::Both).collect();
         if both.is_empty() {
@@ -402,7 +429,7 @@ impl Members {
             )));
         }
         let (i, c) = pick(&both, Stage::Local);
-        Ok(Route::Local(take(both[i], c)))
+        Ok(Route::Local(take(both[i], c, true)))
     }
 
     /// Whether a healthy prefill worker of `model` other than `failed` (and not in
@@ -434,7 +461,7 @@ impl Members {
     pub fn decoder(&self, id: &WorkerId) -> Option<Picked> {
         let entries = self.entries.lock().expect("entries");
         let e = entries.get(id).filter(|e| e.liveness.healthy() && e.desc.role.can_decode())?;
-        e.inflight.fetch_add(1, Ordering::Relaxed);
+        e.inflight.requests.fetch_add(1, Ordering::Relaxed);
         Some(Picked {
             id: e.desc.id.clone(),
             worker: e.worker.clone(),
@@ -442,6 +469,7 @@ impl Members {
             lease: e.desc.lease,
             predicted_cached: None,
             inflight: e.inflight.clone(),
+            charge: AtomicU64::new(0),
         })
     }
 
@@ -470,7 +498,7 @@ impl Members {
             worker,
             stats: None,
             liveness: Liveness::default(),
-            inflight: Arc::new(AtomicU64::new(0)),
+            inflight: Arc::default(),
             comparable: true,
             tasks: Vec::new(),
             gone: CancellationToken::new(),

@@ -17,6 +17,9 @@ pub struct Candidate<'a> {
     pub stats: Option<&'a pb::StatsResponse>,
     /// Requests this router has in flight on the worker now.
     pub inflight: u64,
+    /// Prompt tokens this router has sent the worker to compute and it has not answered
+    /// yet (each request's predicted uncached part).
+    pub inflight_tokens: u64,
     /// Prompt tokens the worker is predicted to find in its prefix cache (the leading
     /// blocks the index says it holds, or that were just sent it). `None`: the worker
     /// hashes blocks differently from this router, so nothing is known (load only).
@@ -113,11 +116,16 @@ impl RoutingPolicy for LeastLoaded {
 /// Follows the prefix cache, held back by load. A candidate's cost is the prompt tokens it
 /// would have to compute (those it is not predicted to hold), times `weight`, plus its load
 /// in the same unit, tokens of prefill work:
-/// - a prefill worker: its prefill queue (`prefill_load`);
+/// - a prefill worker: its prefill queue (`queued_tokens`);
 /// - a decode worker: `INFLIGHT_PREFILL_TOKENS` per request of `decode_load`; its own cache
 ///   counts at `DECODE_CACHE_SHARE` of the weight, since a block it holds is neither sent
 ///   nor allocated again, but no prefill is saved there;
 /// - a role-`both` worker: both loads, and its cache at full weight.
+///
+/// The default weight, 2 (`--cache-weight`), makes a prompt token to compute cost twice a
+/// queued one: computing a prefix again costs the cluster that work, not only this request
+/// its wait. So requests that share a new prefix and arrive together follow the first one
+/// (its blocks pending there) instead of splitting once its queue equals their prompt.
 ///
 /// Ties go to the lower load, then to the first worker in id order. A hot prefix does not
 /// pile onto one worker: once its queue is longer than the prefix, another worker computes
@@ -138,6 +146,14 @@ impl CacheAware {
     }
 }
 
+/// A prefill queue in tokens as `cache-aware` sees it: the larger of the reported queue
+/// and the uncached tokens this router has sent since and not seen answered. Not their sum:
+/// once a request reaches the worker it is in both, and a burst of siblings whose prefix is
+/// pending adds only their short suffixes, not a flat amount each.
+fn queued_tokens(w: &Candidate<'_>) -> f64 {
+    w.stats.map_or(0, |s| s.queued_prefill_tokens).max(w.inflight_tokens) as f64
+}
+
 fn decode_tokens(w: &Candidate<'_>) -> f64 {
     decode_load(w) * INFLIGHT_PREFILL_TOKENS as f64
 }
@@ -147,13 +163,13 @@ impl RoutingPolicy for CacheAware {
         "cache-aware"
     }
     fn pick_prefill(&self, c: &[Candidate<'_>], prompt_len: usize) -> usize {
-        argmin_by(c, |w| (self.to_compute(w, prompt_len) + prefill_load(w), prefill_load(w)))
+        argmin_by(c, |w| (self.to_compute(w, prompt_len) + queued_tokens(w), queued_tokens(w)))
     }
     fn pick_decode(&self, c: &[Candidate<'_>], prompt_len: usize) -> usize {
         argmin_by(c, |w| (DECODE_CACHE_SHARE * self.to_compute(w, prompt_len) + decode_tokens(w), decode_tokens(w)))
     }
     fn pick_local(&self, c: &[Candidate<'_>], prompt_len: usize) -> usize {
-        let load = |w: &Candidate<'_>| w.stats.map_or(0, |s| s.queued_prefill_tokens) as f64 + decode_tokens(w);
+        let load = |w: &Candidate<'_>| queued_tokens(w) + decode_tokens(w);
         argmin_by(c, |w| (self.to_compute(w, prompt_len) + load(w), load(w)))
     }
 }
@@ -202,8 +218,10 @@ mod tests {
     #[test]
     fn round_robin_takes_turns() {
         let ws = [worker("a"), worker("b"), worker("c")];
-        let c: Vec<Candidate> =
-            ws.iter().map(|w| Candidate { worker: w, stats: None, inflight: 0, cached_tokens: Some(0) }).collect();
+        let c: Vec<Candidate> = ws
+            .iter()
+            .map(|w| Candidate { worker: w, stats: None, inflight: 0, inflight_tokens: 0, cached_tokens: Some(0) })
+            .collect();
         let p = RoundRobin::default();
         let picks: Vec<usize> = (0..6).map(|_| p.pick_decode(&c, 10)).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
@@ -215,15 +233,15 @@ mod tests {
         let ws = [worker("a"), worker("b")];
         let (s0, s1) = (stats(1000, 80), stats(10, 20));
         let c = [
-            Candidate { worker: &ws[0], stats: Some(&s0), inflight: 0, cached_tokens: None },
-            Candidate { worker: &ws[1], stats: Some(&s1), inflight: 0, cached_tokens: None },
+            Candidate { worker: &ws[0], stats: Some(&s0), inflight: 0, inflight_tokens: 0, cached_tokens: None },
+            Candidate { worker: &ws[1], stats: Some(&s1), inflight: 0, inflight_tokens: 0, cached_tokens: None },
         ];
         assert_eq!(LeastLoaded.pick_prefill(&c, 10), 1);
         assert_eq!(LeastLoaded.pick_decode(&c, 10), 1);
         // Requests in flight count before the next report.
         let c = [
-            Candidate { worker: &ws[0], stats: Some(&s1), inflight: 0, cached_tokens: None },
-            Candidate { worker: &ws[1], stats: Some(&s1), inflight: 3, cached_tokens: None },
+            Candidate { worker: &ws[0], stats: Some(&s1), inflight: 0, inflight_tokens: 0, cached_tokens: None },
+            Candidate { worker: &ws[1], stats: Some(&s1), inflight: 3, inflight_tokens: 0, cached_tokens: None },
         ];
         assert_eq!(LeastLoaded.pick_prefill(&c, 10), 0);
         assert_eq!(LeastLoaded.pick_decode(&c, 10), 0);
@@ -247,7 +265,13 @@ mod tests {
         let c: Vec<Candidate> = rows
             .iter()
             .enumerate()
-            .map(|(i, r)| Candidate { worker: &ws[i], stats: Some(&st[i]), inflight: r.2, cached_tokens: r.3 })
+            .map(|(i, r)| Candidate {
+                worker: &ws[i],
+                stats: Some(&st[i]),
+                inflight: r.2,
+                inflight_tokens: r.2 * INFLIGHT_PREFILL_TOKENS,
+                cached_tokens: r.3,
+            })
             .collect();
         let p = CacheAware { weight: 1.0 };
         match stage {
@@ -263,7 +287,8 @@ mod tests {
         let cases: Vec<(&str, usize, Vec<Row>, usize, &str)> = vec![
             ("prefill", 1000, vec![(0, 0, 0, Some(0)), (0, 0, 0, Some(960))], 1, "the holder of the prefix"),
             ("prefill", 1000, vec![(0, 0, 0, Some(0)), (300, 0, 1, Some(960))], 1, "a short queue is worth it"),
-            ("prefill", 1000, vec![(0, 0, 0, Some(0)), (900, 0, 2, Some(960))], 0, "a hot prefix spills over"),
+            ("prefill", 1000, vec![(0, 0, 0, Some(0)), (1200, 0, 2, Some(960))], 0, "a hot prefix spills over"),
+            ("prefill", 1000, vec![(0, 0, 0, Some(0)), (0, 0, 3, Some(960))], 1, "reports and in flight overlap"),
             ("prefill", 1000, vec![(100, 0, 0, Some(0)), (0, 0, 0, Some(0))], 1, "no sharing: the load decides"),
             ("prefill", 1000, vec![(0, 0, 1, Some(0)), (0, 0, 0, Some(0))], 1, "in flight counts before reports"),
             ("prefill", 1000, vec![(0, 0, 0, None), (50, 0, 0, Some(0))], 0, "unknown hashing: load only"),
@@ -282,9 +307,9 @@ mod tests {
     }
 
     #[test]
-    fn cache_aware_without_sharing_picks_as_least_loaded() {
-        // With no worker holding anything, the cache term is the same for all: the picks are
-        // least-loaded's wherever the loads differ.
+    fn cache_aware_without_sharing_follows_the_load_alone() {
+        // With no worker holding anything, the prompt term is the same for every candidate:
+        // the pick is the least loaded by cache-aware's own measure (decode: least-loaded's).
         let ws: Vec<WorkerDescriptor> = (0..3).map(|i| worker(&format!("w{i}"))).collect();
         let mut rng = 7u64;
         let mut next = |n: u64| {
@@ -293,17 +318,18 @@ mod tests {
         };
         for _ in 0..500 {
             let st: Vec<pb::StatsResponse> = (0..3).map(|_| stats(next(4000), next(100) as u32)).collect();
-            let inflight: Vec<u64> = (0..3).map(|_| next(6)).collect();
+            let inflight: Vec<(u64, u64)> = (0..3).map(|_| (next(6), next(3000))).collect();
             let c: Vec<Candidate> = (0..3)
                 .map(|i| Candidate {
                     worker: &ws[i],
                     stats: Some(&st[i]),
-                    inflight: inflight[i],
+                    inflight: inflight[i].0,
+                    inflight_tokens: inflight[i].1,
                     cached_tokens: Some(0),
                 })
                 .collect();
-            let p = CacheAware { weight: 1.0 };
-            assert_eq!(p.pick_prefill(&c, 500), LeastLoaded.pick_prefill(&c, 500), "{st:?} {inflight:?}");
+            let p = CacheAware { weight: 2.0 };
+            assert_eq!(p.pick_prefill(&c, 500), argmin(&c, queued_tokens), "{st:?} {inflight:?}");
             assert_eq!(p.pick_decode(&c, 500), LeastLoaded.pick_decode(&c, 500), "{st:?} {inflight:?}");
         }
     }
