@@ -50,6 +50,9 @@ struct Script {
     /// Reserve: reservations held at once at most (a pool this full answers
     /// RESOURCE_EXHAUSTED); `None`: no bound.
     capacity: Option<usize>,
+    /// Prompt tokens reported reused from the prefix cache, by call: the `i`th prefill (or
+    /// local decode) reports `cached[i]` (the last one again past the end; none: 0).
+    cached: Vec<u32>,
 }
 
 struct FakeState {
@@ -81,6 +84,12 @@ impl Fake {
 
     fn held(&self) -> usize {
         self.state.lock().unwrap().held.len()
+    }
+
+    /// What the call just recorded reports as reused (see `Script::cached`).
+    fn cached_now(&self, of: impl Fn(&Call) -> bool) -> u32 {
+        let n = self.calls().iter().filter(|c| of(c)).count();
+        self.script.cached.get(n.saturating_sub(1)).or(self.script.cached.last()).copied().unwrap_or(0)
     }
 
     fn record(&self, call: Call) {
@@ -122,6 +131,7 @@ impl WorkerApi for Fake {
             Some(false) => Err(Status::unavailable("the prefill worker died")),
             None => Ok(pb::PrefillResponse {
                 timing: Some(pb::PrefillTiming { compute_time_ms: 1.0, ..Default::default() }),
+                cached_tokens: self.cached_now(|c| matches!(c, Call::Prefill { .. })),
                 ..Default::default()
             }),
         }
@@ -132,6 +142,8 @@ impl WorkerApi for Fake {
         let prompt = req.prompt_token_ids.len();
         self.record(Call::Decode { rid, prompt, resumed, recompute: req.recompute });
         let max_tokens = req.sampling.map_or(1, |s| s.max_tokens);
+        // A local generation (a prompt to prefill here) says what it reused on its first message.
+        let cached = if prompt > 0 { self.cached_now(|c| matches!(c, Call::Decode { prompt: 1.., .. })) } else { 0 };
         let (tx, rx) = mpsc::channel(4);
         let (me, mut open) = (self.clone(), self.open.clone());
         tokio::spawn(async move {
@@ -153,6 +165,7 @@ impl WorkerApi for Fake {
                     token_ids: vec![token],
                     text: format!("<{token}>"),
                     finish_reason: finish as i32,
+                    cached_tokens: if i == 0 { cached } else { 0 },
                     ..Default::default()
                 };
                 if tx.send(Ok(d)).await.is_err() {
@@ -497,4 +510,50 @@ async fn a_client_that_leaves_while_reserve_is_in_flight_cancels_the_reservation
         "no worker counts the request in flight: {:?}",
         routing.members.snapshot().iter().map(|w| (w.desc.id.clone(), w.inflight)).collect::<Vec<_>>()
     );
+}
+
+#[tokio::test]
+async fn usage_counts_the_prompt_tokens_the_prefill_side_did_not_compute_once() {
+    let dies = Script { die_after: Some(3), ..Script::default() };
+    let cached = |c: &[u32]| Script { cached: c.to_vec(), ..Script::default() };
+    // (workers, cached_tokens in the usage, why)
+    let cases: Vec<(Vec<(&str, Role, Script)>, u32, &str)> = vec![
+        (
+            vec![("prefill-a", Role::Prefill, cached(&[3])), ("decode-a", Role::Decode, cached(&[2]))],
+            3,
+            "disaggregated: the prefill worker's reuse, not the decode worker's",
+        ),
+        (vec![("both-a", Role::Both, cached(&[2]))], 2, "local: the worker that prefilled"),
+        (
+            vec![
+                ("prefill-a", Role::Prefill, cached(&[1, 3])),
+                ("decode-a", Role::Decode, dies.clone()),
+                ("decode-b", Role::Decode, Script::default()),
+            ],
+            1,
+            "migrated after tokens were sent: the first prefill's only, not added to nor replaced by the re-prefill's",
+        ),
+        (
+            vec![
+                ("both-a", Role::Both, Script { die_after: Some(2), cached: vec![2, 3], ..Script::default() }),
+                ("both-b", Role::Both, cached(&[3])),
+            ],
+            2,
+            "local, migrated: the first worker's",
+        ),
+        (
+            vec![("prefill-a", Role::Prefill, cached(&[99])), ("decode-a", Role::Decode, Script::default())],
+            4,
+            "never more than the prompt, whatever a worker says",
+        ),
+    ];
+    for (workers, want, why) in cases {
+        let (routing, _fakes) = cluster(&workers);
+        let seen = run(&Arc::new(routing), request(8, None)).await;
+        assert!(seen.error.is_none(), "{why}: {:?}", seen.error);
+        assert_eq!(seen.tokens, tokens(0, 8), "{why}");
+        let usage = seen.usage.expect("usage on the last chunk");
+        assert_eq!(usage.cached_tokens, want, "{why}");
+        assert!(usage.cached_tokens <= usage.prompt_tokens, "{why}");
+    }
 }

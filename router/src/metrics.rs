@@ -257,12 +257,9 @@ pub fn cache_outcome(stage: &'static str, predicted: Option<usize>, reused: usiz
     counter!(REUSED_TOKENS, "stage" => stage).increment(reused as u64);
     let Some(p) = predicted else { return };
     histogram!(PREDICTION_ERROR, "stage" => stage).record(p.abs_diff(reused) as f64);
-    if p > 0 {
-        counter!(PREDICTED_HITS, "stage" => stage).increment(1);
-        if reused == 0 {
-            counter!(PREDICTED_HITS_MISSED, "stage" => stage).increment(1);
-        }
-    }
+    // Both counters exist from the first prediction on (a miss rate of 0 is a series).
+    counter!(PREDICTED_HITS, "stage" => stage).increment(u64::from(p > 0));
+    counter!(PREDICTED_HITS_MISSED, "stage" => stage).increment(u64::from(p > 0 && reused == 0));
 }
 
 /// Prompt tokens a decode worker already held at its reservation.

@@ -244,7 +244,9 @@ impl Tally {
             clock.prefill = prefill;
         }
         if out.index == 0 && cached_tokens > 0 {
-            self.cached_tokens = cached_tokens;
+            // What the prefill side did not compute: never more than the prompt, whatever
+            // a worker reports.
+            self.cached_tokens = cached_tokens.min(self.prompt_tokens);
         }
         let finished = out.finish_reason() != api::FinishReason::Unspecified;
         out.timing = if finished {
