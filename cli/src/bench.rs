@@ -29,6 +29,8 @@ pub enum BenchCommand {
     Kvtransfer(crate::bench_kv::KvBenchArgs),
     /// Closed-loop load against a running cluster's gRPC API: TTFT, TPOT, throughput.
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// The router's prefix index: hashing and lookup time per request at a given size.
+    Index(crate::bench_index::IndexBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -89,6 +91,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Engine(a) => a,
         BenchCommand::Kvtransfer(a) => return crate::bench_kv::run(a),
         BenchCommand::Serve(a) => return crate::bench_serve::run(a),
+        BenchCommand::Index(a) => return crate::bench_index::run(a),
     };
     if a.offline {
         return offline(&a);

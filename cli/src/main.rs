@@ -9,6 +9,7 @@
 //! Every command logs to stderr (`--log-level`, `--log-format`, `RUST_LOG`: `logging`).
 
 mod bench;
+mod bench_index;
 mod bench_kv;
 mod bench_overlap;
 mod bench_serve;
