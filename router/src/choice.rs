@@ -397,7 +397,9 @@ impl ChoiceRun {
             _ = decode.gone.cancelled() => return Err(left("decode", &decode.id)),
         };
         if let Some(layout) = &res.layout {
-            metrics::decode_cached(res.cached_blocks as usize * layout.block_size as usize);
+            let held = res.cached_blocks as usize * layout.block_size as usize;
+            metrics::decode_cached(held);
+            metrics::cache_outcome("decode", decode.predicted_cached, held);
         }
         let dreq = pb::DecodeRequest {
             request_id: rid.0,

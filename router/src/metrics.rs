@@ -120,7 +120,7 @@ pub fn describe() {
         PREDICTION_ERROR,
         Unit::Count,
         "Per attempt, |prompt tokens the worker reused - tokens the router predicted it would|, by stage \
-         (prefill: the prefill worker; local: a role-both worker)."
+         (prefill: the prefill worker; decode: the decode worker's reservation; local: a role-both worker)."
     );
     describe_counter!(PREDICTED_HITS, "Attempts the router sent to a worker predicted to hold part of the prompt.");
     describe_counter!(
@@ -128,7 +128,11 @@ pub fn describe() {
         "Attempts predicted to hit the prefix cache whose worker reused nothing: the router's index and the \
          workers' caches disagree."
     );
-    describe_counter!(REUSED_TOKENS, Unit::Count, "Prompt tokens workers reported reusing, by stage (prefill, local).");
+    describe_counter!(
+        REUSED_TOKENS,
+        Unit::Count,
+        "Prompt tokens workers reported reusing, by stage (prefill, decode: already held at the reservation, local)."
+    );
     describe_counter!(
         DECODE_CACHED,
         Unit::Count,
