@@ -17,6 +17,9 @@ pub const ITL_BUCKETS: &[f64] = &[
     0.5, 1.0,
 ];
 
+/// Token-count buckets (predicted cached tokens, prediction errors): 0 means exact.
+pub const TOKEN_BUCKETS: &[f64] = &[0.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 32768.0];
+
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
 /// Installs the process's recorder (once; later calls return the same handle).
@@ -28,6 +31,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
                 .set_buckets_for_metric(Matcher::Full(crate::metrics::ITL.into()), ITL_BUCKETS)
                 .map_err(|e| e.to_string())?
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .map_err(|e| e.to_string())?
+                .set_buckets_for_metric(Matcher::Full(crate::metrics::PREDICTED_CACHED.into()), TOKEN_BUCKETS)
+                .map_err(|e| e.to_string())?
+                .set_buckets_for_metric(Matcher::Full(crate::metrics::PREDICTION_ERROR.into()), TOKEN_BUCKETS)
                 .map_err(|e| e.to_string())?
                 .install_recorder()
                 .map_err(|e| e.to_string())
