@@ -27,8 +27,7 @@
 mod harness;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -65,18 +64,6 @@ fn check_metrics(body: &str) -> Option<String> {
     let out = child.wait_with_output().unwrap();
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (!out.status.success() || !said.trim().is_empty()).then(|| format!("exit {:?}: {}", out.status.code(), said.trim()))
-}
-
-/// A plain HTTP/1.0 GET (the server closes the connection, no chunking); the body of a 200.
-fn get(addr: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "GET {addr}{path}: {head}");
-    body.to_string()
 }
 
 /// `tandem bench serve` against the gRPC address or (`openai`) the HTTP one.
@@ -173,7 +160,7 @@ impl Prometheus {
     /// with the problems of any rule whose evaluation failed.
     fn rules(&self, problems: &mut Vec<String>) -> Vec<(String, bool, String)> {
         let addr = self.url.trim_start_matches("http://");
-        let v: Value = serde_json::from_str(&get(addr, "/api/v1/rules")).unwrap();
+        let v: Value = serde_json::from_str(&http_get(addr, "/api/v1/rules")).unwrap();
         let mut rules = Vec::new();
         for r in v["data"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap()) {
             let name = r["name"].as_str().unwrap().to_string();
@@ -433,7 +420,7 @@ fn metrics_pass_promtool_and_every_dashboard_and_rule_query_returns_series() {
     for (what, addr) in
         [("tandem up's router /metrics", &http), ("the worker's --metrics-listen /metrics", &worker_http)]
     {
-        let body = get(addr, "/metrics");
+        let body = http_get(addr, "/metrics");
         assert!(body.contains("tandem_kv_blocks_used{"), "{what} has worker metrics:\n{body}");
         if let Some(said) = check_metrics(&body) {
             problems.push(format!("promtool check metrics on {what}: {said}"));

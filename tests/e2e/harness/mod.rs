@@ -581,6 +581,19 @@ pub fn generate_reference(chat_text: Option<&str>, prompt: Option<&str>, max_tok
     v["choices"][0]["text"].as_str().or_else(|| v["text"].as_str()).expect("a text field").to_string()
 }
 
+/// A plain HTTP/1.0 GET (the server closes the connection, no chunking); the body of a 200.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "GET {addr}{path}: {head}");
+    body.to_string()
+}
+
 /// A multi-threaded runtime of 2 workers for a test's async part.
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
