@@ -20,6 +20,8 @@ pub struct Sample {
     pub e2e: Duration,
     pub output_tokens: usize,
     pub prompt_tokens: usize,
+    /// Prompt tokens the server served from its prefix cache, as its usage reports them.
+    pub cached_tokens: usize,
     /// Gaps between consecutive token arrivals after the first (a chunk of k tokens counts k gaps).
     pub itl: Vec<f64>,
 }
@@ -66,7 +68,7 @@ impl Clock {
         self.last = Some(now);
         self.tokens += n;
     }
-    fn done(self, prompt_tokens: usize, reported_tokens: Option<usize>) -> Sample {
+    fn done(self, prompt_tokens: usize, cached_tokens: usize, reported_tokens: Option<usize>) -> Sample {
         let e2e = self.t0.elapsed();
         Sample {
             ok: true,
@@ -75,6 +77,7 @@ impl Clock {
             e2e,
             output_tokens: reported_tokens.unwrap_or(self.tokens).max(self.tokens.min(1)),
             prompt_tokens,
+            cached_tokens,
             itl: self.itl,
         }
     }
@@ -121,10 +124,18 @@ impl Client {
 }
 
 async fn grpc(mut c: GenerateClient<Channel>, key: Option<&str>, item: &Item) -> Result<Sample> {
-    let messages =
-        item.messages.iter().map(|(role, content)| api::ChatMessage { role: role.clone(), content: content.clone() });
+    let input = match &item.tokens {
+        Some(ids) => api::generate_request::Input::PromptTokens(api::PromptTokens { token_ids: ids.clone() }),
+        None => {
+            let messages = item
+                .messages
+                .iter()
+                .map(|(role, content)| api::ChatMessage { role: role.clone(), content: content.clone() });
+            api::generate_request::Input::Messages(api::Messages { messages: messages.collect() })
+        }
+    };
     let mut req = tonic::Request::new(api::GenerateRequest {
-        input: Some(api::generate_request::Input::Messages(api::Messages { messages: messages.collect() })),
+        input: Some(input),
         sampling: Some(api::SamplingParams {
             temperature: Some(0.0),
             max_tokens: Some(item.output_len),
@@ -138,14 +149,15 @@ async fn grpc(mut c: GenerateClient<Channel>, key: Option<&str>, item: &Item) ->
     }
     let mut clock = Clock::new();
     let mut s = c.generate_stream(req).await?.into_inner();
-    let mut prompt_tokens = 0;
+    let (mut prompt_tokens, mut cached_tokens) = (0, 0);
     while let Some(m) = s.message().await? {
         clock.tokens(m.token_ids.len());
         if let Some(u) = m.usage {
             prompt_tokens = u.prompt_tokens as usize;
+            cached_tokens = u.cached_tokens as usize;
         }
     }
-    Ok(clock.done(prompt_tokens, None))
+    Ok(clock.done(prompt_tokens, cached_tokens, None))
 }
 
 async fn openai(http: &reqwest::Client, base: &str, model: &str, key: Option<&str>, item: &Item) -> Result<Sample> {
@@ -193,6 +205,7 @@ async fn openai(http: &reqwest::Client, base: &str, model: &str, key: Option<&st
         }
     }
     let prompt = usage.as_ref().and_then(|u| u["prompt_tokens"].as_u64()).unwrap_or(0) as usize;
+    let cached = usage.as_ref().and_then(|u| u["prompt_tokens_details"]["cached_tokens"].as_u64()).unwrap_or(0);
     let reported = usage.as_ref().and_then(|u| u["completion_tokens"].as_u64()).map(|x| x as usize);
-    Ok(clock.done(prompt, reported))
+    Ok(clock.done(prompt, cached as usize, reported))
 }

@@ -6,9 +6,14 @@
 //! OpenAI-compatible HTTP server, so the same seeded trace drives Tandem and, e.g.,
 //! llama.cpp's `llama-server`. Reports TTFT, TPOT, ITL and end-to-end latency
 //! (mean, p50, p90, p99), throughput, and SLO attainment and goodput (requests per
-//! second that meet both the TTFT and the TPOT objective, DistServe's measure).
+//! second that meet both the TTFT and the TPOT objective, DistServe's measure), the
+//! rejection rate, and the prefix hit rate (prompt tokens the server served from its cache).
+//! Workloads with shared prefixes (`shared-prefix`, `shared-contexts`) and replays of
+//! Mooncake-format traces (`trace:FILE`, with the trace's ideal hit rate) measure how well a
+//! cluster's routing keeps requests next to their cached prefixes.
 
 mod client;
+mod mooncake;
 mod plot;
 mod report;
 mod workload;
@@ -37,14 +42,53 @@ pub struct ServeBenchArgs {
     /// Closed loop: requests in flight at once (the default, 8, when no --rate is given).
     #[arg(long)]
     pub concurrency: Option<usize>,
-    /// Requests per run.
-    #[arg(long, default_value_t = 64)]
-    pub requests: usize,
+    /// Requests per run (default 64; a trace: every request it keeps, at most this many).
+    #[arg(long)]
+    pub requests: Option<usize>,
     /// `chat` (short prompts, 64–192 output tokens), `summarize` (~940-token prompts, 32 out),
-    /// `shared-prefix` (a ~600-token shared system prompt, 32 out), or a JSONL file of
+    /// `shared-prefix` (a ~600-token shared system prompt, 32 out), `shared-contexts` (--groups
+    /// long contexts, each shared by --users users' short queries, 32 out), `trace:FILE` (a
+    /// Mooncake-format trace replayed, see --trace-*), or a JSONL file of
     /// `{"prompt" | "messages", "output_len"}`.
     #[arg(long, default_value = "chat")]
     pub workload: String,
+    /// shared-contexts: groups, each with its own long context.
+    #[arg(long, default_value_t = 8)]
+    pub groups: usize,
+    /// shared-contexts: users per group, each sending short queries about the group's context.
+    #[arg(long, default_value_t = 4)]
+    pub users: usize,
+    /// shared-contexts: tokens per context (approximate: the server tokenizes).
+    #[arg(long, default_value_t = 1000)]
+    pub context_tokens: usize,
+    /// shared-contexts: tokens per query (approximate).
+    #[arg(long, default_value_t = 20)]
+    pub query_tokens: usize,
+    /// trace: tokens each 512-token hash block of the trace becomes (input lengths scale by this / 512).
+    #[arg(long, default_value_t = mooncake::TRACE_BLOCK_TOKENS)]
+    pub trace_block_tokens: usize,
+    /// trace: multiplies the trace's timestamps. Requests are sent at them unless --rate
+    /// (Poisson) or --concurrency (closed loop) is given.
+    #[arg(long, default_value_t = 1.0)]
+    pub trace_time_scale: f64,
+    /// trace: keep the first this many requests (after --trace-sample).
+    #[arg(long)]
+    pub trace_max_requests: Option<usize>,
+    /// trace: multiplies output lengths (at least 1 token; --max-tokens overrides).
+    #[arg(long, default_value_t = 1.0)]
+    pub trace_output_scale: f64,
+    /// trace: prompts are cut to this many tokens, blocks dropped from the end. The model's
+    /// context holds 8192, but on CPU a long prompt takes seconds of prefill.
+    #[arg(long, default_value_t = 1800)]
+    pub trace_max_input: usize,
+    /// trace: keep this seeded fraction of the conversations (requests sharing their first two
+    /// hash ids), each with all its requests.
+    #[arg(long, default_value_t = 1.0)]
+    pub trace_sample: f64,
+    /// Print what the workload would send (requests, prompt and output tokens, a trace's ideal
+    /// hit rate and span) as one JSON line, and send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Output tokens per request, overriding the workload's.
     #[arg(long)]
     pub max_tokens: Option<u32>,
@@ -74,9 +118,15 @@ pub struct ServeBenchArgs {
     pub plot: Option<PathBuf>,
 }
 
-/// Requests sent at their Poisson arrival times.
-async fn open_loop(client: &Client, items: &Arc<Vec<workload::Item>>, rate: f64, seed: u64, timeout: Duration) -> Run {
-    let times = workload::arrivals(items.len(), rate, seed);
+/// Requests sent at their arrival times (seconds from the start).
+async fn open_loop(
+    client: &Client,
+    items: &Arc<Vec<workload::Item>>,
+    times: Vec<f64>,
+    label: String,
+    rate: Option<f64>,
+    timeout: Duration,
+) -> Run {
     let start = tokio::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (i, at) in times.into_iter().enumerate() {
@@ -86,7 +136,7 @@ async fn open_loop(client: &Client, items: &Arc<Vec<workload::Item>>, rate: f64,
             (i, c.send(&items[i]).await)
         });
     }
-    collect(tasks, items.len(), start, timeout, format!("rate={rate}"), Some(rate)).await
+    collect(tasks, items.len(), start, timeout, label, rate).await
 }
 
 /// `c` clients, each sending its next request when its last one ends.
@@ -166,11 +216,55 @@ async fn gather(
             })
         })
         .collect();
-    Run { label, rate, samples, wall_s }
+    Run { label, rate, samples, wall_s, ideal_hit_rate: None }
+}
+
+impl ServeBenchArgs {
+    fn spec(&self) -> workload::Spec {
+        workload::Spec {
+            name: self.workload.clone(),
+            output_len: self.max_tokens,
+            shared: workload::SharedContexts {
+                groups: self.groups,
+                users: self.users,
+                context_tokens: self.context_tokens,
+                query_tokens: self.query_tokens,
+            },
+            trace: mooncake::Options {
+                block_tokens: self.trace_block_tokens,
+                time_scale: self.trace_time_scale,
+                max_requests: self.trace_max_requests,
+                output_scale: self.trace_output_scale,
+                max_input: self.trace_max_input,
+                sample: self.trace_sample,
+                timed: self.rate.is_empty() && self.concurrency.is_none(),
+            },
+            // Only Tandem's gRPC API is sure to take token ids; OpenAI servers get text.
+            token_ids: self.api == "grpc",
+        }
+    }
+}
+
+/// What `--dry-run` prints: the workload's size without sending it. Prompt tokens are exact
+/// for token-id prompts and counted as words for text (the server's tokenizer decides).
+fn describe(w: &workload::Workload) -> serde_json::Value {
+    let prompt = |i: &workload::Item| match &i.tokens {
+        Some(t) => t.len(),
+        None => i.messages.iter().map(|(_, c)| c.split_whitespace().count()).sum(),
+    };
+    serde_json::json!({
+        "requests": w.items.len(),
+        "prompt_tokens": w.items.iter().map(prompt).sum::<usize>(),
+        "prompt_tokens_max": w.items.iter().map(prompt).max(),
+        "output_tokens": w.items.iter().map(|i| u64::from(i.output_len)).sum::<u64>(),
+        "output_tokens_max": w.items.iter().map(|i| i.output_len).max(),
+        "ideal_hit_rate": w.ideal_hit_rate,
+        "span_s": w.times.as_ref().and_then(|t| t.last().copied()),
+    })
 }
 
 pub fn run(a: ServeBenchArgs) -> Result<()> {
-    if a.requests == 0 || a.concurrency == Some(0) || a.max_tokens == Some(0) {
+    if a.requests == Some(0) || a.concurrency == Some(0) || a.max_tokens == Some(0) {
         bail!("--requests, --concurrency and --max-tokens must be positive");
     }
     if let Some(r) = a.rate.iter().find(|r| !(r.is_finite() && **r > 0.0)) {
@@ -178,19 +272,38 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
     }
     // Each run of a sweep gets its own prompts (seed + k): a server's caches must not
     // turn one run's prompts into the next run's hits.
-    let trace = |k: usize| workload::trace(&a.workload, a.requests, a.seed + k as u64, a.max_tokens).map(Arc::new);
-    trace(0)?;
+    let spec = a.spec();
+    let trace = |k: usize| workload::build(&spec, a.requests, a.seed + k as u64);
+    let first = trace(0)?;
+    if a.dry_run {
+        let mut v = describe(&first);
+        v["workload"] = a.workload.clone().into();
+        println!("{v}");
+        return Ok(());
+    }
     let slo = Slo { ttft_ms: a.slo_ttft_ms, tpot_ms: a.slo_tpot_ms };
     let timeout = Duration::from_secs(a.timeout);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let runs = rt.block_on(async {
         let client = Client::connect(&a.target, &a.api, a.model.clone(), a.api_key.clone()).await?;
         let mut runs = Vec::new();
-        if a.rate.is_empty() {
-            runs.push(closed_loop(&client, &trace(0)?, a.concurrency.unwrap_or(8), timeout).await);
+        if let Some(times) = first.times.clone() {
+            let label = format!("trace x{}", a.trace_time_scale);
+            let mut run = open_loop(&client, &Arc::new(first.items), times, label, None, timeout).await;
+            run.ideal_hit_rate = first.ideal_hit_rate;
+            runs.push(run);
+        } else if a.rate.is_empty() {
+            let mut run = closed_loop(&client, &Arc::new(first.items), a.concurrency.unwrap_or(8), timeout).await;
+            run.ideal_hit_rate = first.ideal_hit_rate;
+            runs.push(run);
         } else {
             for (k, &r) in a.rate.iter().enumerate() {
-                runs.push(open_loop(&client, &trace(k)?, r, a.seed + k as u64, timeout).await);
+                let w = if k == 0 { first.clone() } else { trace(k)? };
+                let times = workload::arrivals(w.items.len(), r, a.seed + k as u64);
+                let items = Arc::new(w.items);
+                let mut run = open_loop(&client, &items, times, format!("rate={r}"), Some(r), timeout).await;
+                run.ideal_hit_rate = w.ideal_hit_rate;
+                runs.push(run);
             }
         }
         Ok::<_, anyhow::Error>(runs)

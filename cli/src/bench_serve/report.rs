@@ -11,6 +11,8 @@ pub struct Run {
     pub rate: Option<f64>,
     pub samples: Vec<Sample>,
     pub wall_s: f64,
+    /// A replayed trace's: the share of prompt tokens one infinite cache would have served.
+    pub ideal_hit_rate: Option<f64>,
 }
 
 /// Service-level objectives: a request meets them when both hold.
@@ -48,6 +50,8 @@ impl Run {
         let met = self.samples.iter().filter(|s| slo.met(s)).count();
         let n = self.samples.len().max(1) as f64;
         let first_error = self.samples.iter().find_map(|s| s.error.clone());
+        let prompt: usize = ok.iter().map(|s| s.prompt_tokens).sum();
+        let cached: usize = ok.iter().map(|s| s.cached_tokens).sum();
         json!({
             "run": self.label,
             "rate": self.rate,
@@ -55,7 +59,11 @@ impl Run {
             "failed": self.samples.len() - ok.len(),
             "first_error": first_error,
             "wall_s": self.wall_s,
-            "prompt_tokens_mean": ok.iter().map(|s| s.prompt_tokens).sum::<usize>() as f64 / ok.len().max(1) as f64,
+            "prompt_tokens_mean": prompt as f64 / ok.len().max(1) as f64,
+            "prompt_tokens": prompt,
+            "cached_tokens": cached,
+            "prefix_hit_rate": cached as f64 / prompt.max(1) as f64,
+            "ideal_hit_rate": self.ideal_hit_rate,
             "throughput_rps": ok.len() as f64 / self.wall_s,
             "output_tok_s": tokens as f64 / self.wall_s,
             "ttft_ms": summary(ok.iter().map(|s| ms(s.ttft.as_secs_f64())).collect()),
@@ -66,6 +74,7 @@ impl Run {
             "slo_tpot_ms": slo.tpot_ms,
             "slo_attainment": met as f64 / n,
             "goodput_rps": met as f64 / self.wall_s,
+            "rejection_rate": (self.samples.len() - ok.len()) as f64 / n,
         })
     }
 
@@ -95,6 +104,45 @@ impl Run {
                 g("p99")
             );
         }
-        println!("  SLO attainment {:.1}%, goodput {:.2} req/s", 100.0 * f("slo_attainment"), f("goodput_rps"));
+        println!(
+            "  SLO attainment {:.1}%, goodput {:.2} req/s, rejection rate {:.1}%",
+            100.0 * f("slo_attainment"),
+            f("goodput_rps"),
+            100.0 * f("rejection_rate")
+        );
+        let ideal = v["ideal_hit_rate"].as_f64().map(|x| format!(" (the trace's ideal: {:.1}%)", 100.0 * x));
+        println!(
+            "  prefix hit rate {:.1}%{}: {} of {} prompt tokens cached",
+            100.0 * f("prefix_hit_rate"),
+            ideal.unwrap_or_default(),
+            v["cached_tokens"],
+            v["prompt_tokens"]
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_and_rejection_rates() {
+        let ok =
+            |prompt, cached| Sample { ok: true, prompt_tokens: prompt, cached_tokens: cached, ..Sample::default() };
+        let failed = Sample { error: Some("RESOURCE_EXHAUSTED".into()), ..Sample::default() };
+        let run = Run {
+            label: "rate=1".into(),
+            rate: Some(1.0),
+            samples: vec![ok(100, 40), failed, ok(60, 0), ok(40, 40)],
+            wall_s: 2.0,
+            ideal_hit_rate: Some(0.5),
+        };
+        let v = run.json(&Slo::default());
+        assert_eq!(v["prefix_hit_rate"], 0.4, "80 of 200 prompt tokens, the failed request's none");
+        assert_eq!(v["rejection_rate"], 0.25);
+        assert_eq!(v["ideal_hit_rate"], 0.5);
+        assert_eq!(v["goodput_rps"], 1.5);
+        let none = Run { samples: vec![], ideal_hit_rate: None, ..run };
+        assert_eq!(none.json(&Slo::default())["prefix_hit_rate"], 0.0);
     }
 }
