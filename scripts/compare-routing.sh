@@ -155,8 +155,12 @@ for w in $WORKLOADS; do
     read -r KV NEED INFO < <(kv_blocks "$w")
     [ -n "${NEED:-}" ] || { echo "compare-routing: could not size the pools for $w" >&2; exit 1; }
     echo "== $w: ${WL_ARGS[*]}" >&2
-    echo "   distinct prompt tokens need $NEED KV blocks of $BLOCK tokens; $KV per worker" \
-        "($(( KV * 4 )) in the cluster, $(( 100 * NEED / (KV * 4) ))% of it; $(( 100 * NEED / KV ))% of one pool)$INFO" >&2
+    if [ "$w" = chat ]; then
+        echo "   no context shared: the pools of shared-contexts, $KV KV blocks of $BLOCK tokens per worker" >&2
+    else
+        echo "   distinct prompt tokens need $NEED KV blocks of $BLOCK tokens; $KV per worker" \
+            "($(( KV * 4 )) in the cluster, $(( 100 * NEED / (KV * 4) ))% of it; $(( 100 * NEED / KV ))% of one pool)$INFO" >&2
+    fi
     for topo in $TOPOLOGIES; do
         for p in $POLICIES; do
             f="$OUT/$topo-$w-$p.json"
