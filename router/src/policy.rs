@@ -117,10 +117,15 @@ impl RoutingPolicy for LeastLoaded {
 /// would have to compute (those it is not predicted to hold), times `weight`, plus its load
 /// in the same unit, tokens of prefill work:
 /// - a prefill worker: its prefill queue (`queued_tokens`);
-/// - a decode worker: `INFLIGHT_PREFILL_TOKENS` per request of `decode_load`; its own cache
-///   counts at `DECODE_CACHE_SHARE` of the weight, since a block it holds is neither sent
-///   nor allocated again, but no prefill is saved there;
+/// - a decode worker: `DECODE_REQUEST_TOKENS` per request in flight, plus
+///   `FULL_POOL_TOKENS` times the square of its KV use (cheap while the pool has room, steep
+///   as it fills and admission would wait or preempt); its own cache counts at
+///   `DECODE_CACHE_SHARE` of the weight, since a block it holds is neither sent nor allocated
+///   again, but no prefill is saved there;
 /// - a role-`both` worker: both loads, and its cache at full weight.
+///
+/// Not least-loaded's decode measure (a full pool weighs 64 requests): with small pools a
+/// single running request would outweigh a whole prompt, and every prefix would be spread.
 ///
 /// The default weight, 2 (`--cache-weight`), makes a prompt token to compute cost twice a
 /// queued one: computing a prefix again costs the cluster that work, not only this request
@@ -138,7 +143,11 @@ pub struct CacheAware {
 }
 
 /// The share of the cache weight a decode worker's own cache gets (see `CacheAware`).
-const DECODE_CACHE_SHARE: f64 = 0.25;
+const DECODE_CACHE_SHARE: f64 = 0.1;
+/// What a request decoding on a worker weighs, in tokens of prefill work.
+const DECODE_REQUEST_TOKENS: f64 = 128.0;
+/// What a full KV pool weighs, in tokens of prefill work (times the square of its use).
+const FULL_POOL_TOKENS: f64 = 4096.0;
 
 impl CacheAware {
     fn to_compute(&self, w: &Candidate<'_>, prompt_len: usize) -> f64 {
@@ -154,8 +163,13 @@ fn queued_tokens(w: &Candidate<'_>) -> f64 {
     w.stats.map_or(0, |s| s.queued_prefill_tokens).max(w.inflight_tokens) as f64
 }
 
+/// A decode worker's load in tokens of prefill work (see `CacheAware`).
 fn decode_tokens(w: &Candidate<'_>) -> f64 {
-    decode_load(w) * INFLIGHT_PREFILL_TOKENS as f64
+    let usage = w
+        .stats
+        .filter(|s| s.kv_blocks_total > 0)
+        .map_or(0.0, |s| (s.kv_blocks_used as f64) / (s.kv_blocks_total as f64));
+    DECODE_REQUEST_TOKENS * w.inflight as f64 + FULL_POOL_TOKENS * usage * usage
 }
 
 impl RoutingPolicy for CacheAware {
@@ -273,7 +287,7 @@ mod tests {
                 cached_tokens: r.3,
             })
             .collect();
-        let p = CacheAware { weight: 1.0 };
+        let p = CacheAware { weight: 2.0 };
         match stage {
             "prefill" => p.pick_prefill(&c, prompt_len),
             "decode" => p.pick_decode(&c, prompt_len),
@@ -287,7 +301,7 @@ mod tests {
         let cases: Vec<(&str, usize, Vec<Row>, usize, &str)> = vec![
             ("prefill", 1000, vec![(0, 0, 0, Some(0)), (0, 0, 0, Some(960))], 1, "the holder of the prefix"),
             ("prefill", 1000, vec![(0, 0, 0, Some(0)), (300, 0, 1, Some(960))], 1, "a short queue is worth it"),
-            ("prefill", 1000, vec![(0, 0, 0, Some(0)), (1200, 0, 2, Some(960))], 0, "a hot prefix spills over"),
+            ("prefill", 1000, vec![(0, 0, 0, Some(0)), (2500, 0, 2, Some(960))], 0, "a hot prefix spills over"),
             ("prefill", 1000, vec![(0, 0, 0, Some(0)), (0, 0, 3, Some(960))], 1, "reports and in flight overlap"),
             ("prefill", 1000, vec![(100, 0, 0, Some(0)), (0, 0, 0, Some(0))], 1, "no sharing: the load decides"),
             ("prefill", 1000, vec![(0, 0, 1, Some(0)), (0, 0, 0, Some(0))], 1, "in flight counts before reports"),
@@ -297,8 +311,16 @@ mod tests {
             ("decode", 1000, vec![(0, 10, 0, Some(0)), (0, 10, 0, Some(960))], 1, "its own cache counts"),
             ("decode", 1000, vec![(0, 10, 0, Some(0)), (0, 60, 1, Some(960))], 0, "but less than its load"),
             ("decode", 1000, vec![(0, 50, 0, Some(0)), (0, 10, 0, Some(0))], 1, "the emptier pool"),
+            (
+                "decode",
+                1000,
+                vec![(0, 10, 2, Some(0)), (0, 10, 0, Some(960))],
+                1,
+                "requests in flight, not only the pool",
+            ),
+            ("local", 1000, vec![(0, 0, 0, Some(0)), (0, 40, 1, Some(960))], 1, "a small pool's one request neither"),
             ("local", 1000, vec![(0, 10, 0, Some(0)), (0, 10, 0, Some(960))], 1, "a both worker's hit saves prefill"),
-            ("local", 1000, vec![(0, 10, 0, Some(0)), (0, 10, 5, Some(960))], 0, "unless it is busy"),
+            ("local", 1000, vec![(0, 10, 0, Some(0)), (0, 10, 6, Some(960))], 0, "unless it is busy"),
             ("local", 1000, vec![(2000, 10, 0, Some(960)), (0, 10, 0, Some(0))], 1, "or its queue is long"),
         ];
         for (stage, len, rows, want, why) in cases {
@@ -309,7 +331,7 @@ mod tests {
     #[test]
     fn cache_aware_without_sharing_follows_the_load_alone() {
         // With no worker holding anything, the prompt term is the same for every candidate:
-        // the pick is the least loaded by cache-aware's own measure (decode: least-loaded's).
+        // the pick is the least loaded by cache-aware's own measure.
         let ws: Vec<WorkerDescriptor> = (0..3).map(|i| worker(&format!("w{i}"))).collect();
         let mut rng = 7u64;
         let mut next = |n: u64| {
@@ -330,7 +352,9 @@ mod tests {
                 .collect();
             let p = CacheAware { weight: 2.0 };
             assert_eq!(p.pick_prefill(&c, 500), argmin(&c, queued_tokens), "{st:?} {inflight:?}");
-            assert_eq!(p.pick_decode(&c, 500), LeastLoaded.pick_decode(&c, 500), "{st:?} {inflight:?}");
+            assert_eq!(p.pick_decode(&c, 500), argmin(&c, decode_tokens), "{st:?} {inflight:?}");
+            let load = |w: &Candidate<'_>| queued_tokens(w) + decode_tokens(w);
+            assert_eq!(p.pick_local(&c, 500), argmin(&c, load), "{st:?} {inflight:?}");
         }
     }
 }
