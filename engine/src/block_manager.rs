@@ -221,6 +221,29 @@ impl BlockManager {
         hit
     }
 
+    /// Prompt tokens a lookup of `tokens` would find cached now, without counting it as a
+    /// lookup (no stats change): how much of a queued request's prompt is likely not to be
+    /// computed, for load reports.
+    pub fn cached_prefix_tokens(&self, tokens: &[u32], salt: Option<&str>) -> usize {
+        if !self.prefix_caching || tokens.is_empty() {
+            return 0;
+        }
+        let usable = &tokens[..tokens.len() - 1];
+        let mut parent = root_key(salt);
+        let mut hit = 0;
+        for blk in usable.chunks_exact(self.block_size) {
+            let (key, h) = self.chain(parent, blk);
+            match self.cached.get(&h).map(|&id| &self.meta[id.0 as usize]) {
+                Some(m) if m.key == key && m.tokens == blk => {
+                    hit += self.block_size;
+                    parent = key;
+                }
+                _ => break,
+            }
+        }
+        hit
+    }
+
     /// How many free blocks taking `hit` would use up (hit blocks nobody holds).
     pub fn hit_cost(&self, hit: &PrefixHit) -> usize {
         hit.blocks.iter().filter(|b| self.meta[b.0 as usize].refs == 0).count()

@@ -349,6 +349,12 @@ impl LlmEngine {
         self.scheduler.blocks.take_events()
     }
 
+    /// Prompt tokens of `prompt` found in the prefix cache now (an estimate for load
+    /// reports: blocks may be evicted before the request is admitted; stats unchanged).
+    pub fn cached_prefix_tokens(&self, prompt: &[u32], salt: Option<&str>) -> usize {
+        self.scheduler.blocks.cached_prefix_tokens(prompt, salt)
+    }
+
     /// Hashes of every block in the prefix cache now (take the events first: a subscriber
     /// starts from this, then follows the events made after it).
     pub fn cached_hashes(&self) -> Vec<crate::block_manager::SeqHash> {

@@ -515,3 +515,31 @@ fn check_detects_a_wrong_holder_set() {
     assert!(bm.check(&[&a, &f]).is_ok());
     assert!(bm.check(&[&a]).is_err());
 }
+
+#[test]
+fn cached_prefix_tokens_is_a_lookup_that_counts_nothing() {
+    let mut bm = BlockManager::new(8, 2, true);
+    let ta = toks(0..6); // 3 full blocks
+    let mut a = computed_seq(&mut bm, &ta, Some("s"));
+    bm.free(&mut a);
+    let before = bm.stats();
+    // (prompt, salt, tokens a lookup would hit)
+    let mut longer = ta.clone();
+    longer.extend([7, 8, 9]);
+    let mut other = ta.clone();
+    other[3] = 99;
+    let cases: Vec<(Vec<u32>, Option<&str>, usize)> = vec![
+        (longer.clone(), Some("s"), 6),
+        // The last token is always computed: a prompt equal to the cached tokens hits all but its last block.
+        (ta.clone(), Some("s"), 4),
+        (other, Some("s"), 2),
+        (longer.clone(), None, 0),
+        (longer.clone(), Some("t"), 0),
+        (vec![], Some("s"), 0),
+    ];
+    for (prompt, salt, want) in cases {
+        assert_eq!(bm.cached_prefix_tokens(&prompt, salt), want, "{prompt:?} {salt:?}");
+        assert_eq!(bm.cached_prefix_tokens(&prompt, salt), bm.clone().lookup_prefix(&prompt, salt).tokens(2));
+    }
+    assert_eq!(bm.stats(), before, "no lookup counted");
+}

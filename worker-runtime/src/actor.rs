@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_engine::block_manager::{KvEvent, SeqHash};
 use tandem_engine::error::EngineError;
@@ -106,6 +106,9 @@ struct Tracked {
     /// Whether the submitter holds the request (`Admitted::claim`).
     claimed: Arc<AtomicBool>,
     prompt_len: usize,
+    /// Prompt tokens the prefix cache held for it when last looked (before admission): a
+    /// queued request that will hit counts only its uncached part in the load report.
+    cached_guess: usize,
 }
 
 impl Tracked {
@@ -194,7 +197,13 @@ fn run(
     // The last step scheduled nothing (every request that could run waits for blocks that
     // requests waiting for KV hold): stepping again changes nothing until a command comes.
     let mut stuck = false;
+    let mut guessed = Instant::now();
     loop {
+        if guessed.elapsed() >= GUESS_INTERVAL {
+            // Prefixes computed since a request was queued (a sibling's) count for it too.
+            refresh_guesses(&engine, &mut tracked);
+            guessed = Instant::now();
+        }
         *latest.lock().expect("load") = load_of(&engine, &tracked);
         // Block only when no request can make progress.
         let busy = !stuck && tracked.values().any(|t| !t.remote_waiting);
@@ -288,6 +297,10 @@ fn handle(
         Cmd::Submit(req, how, reply) => {
             let req = *req;
             let prompt_len = req.prompt.len();
+            let cached_guess = match how {
+                Admission::Remote => 0,
+                _ => engine.cached_prefix_tokens(&req.prompt, req.cache_salt.as_deref()),
+            };
             let (tx, events) = mpsc::unbounded_channel();
             let admitted = match how {
                 Admission::Local => {
@@ -302,8 +315,9 @@ fn handle(
             let remote = admitted.as_ref().is_ok_and(|(_, b, _)| !b.is_empty());
             let answer = admitted.map(|(id, blocks, cached_blocks)| {
                 let claimed = Arc::new(AtomicBool::new(false));
-                tracked
-                    .insert(id, Tracked { events: tx, remote_waiting: remote, claimed: claimed.clone(), prompt_len });
+                let t =
+                    Tracked { events: tx, remote_waiting: remote, claimed: claimed.clone(), prompt_len, cached_guess };
+                tracked.insert(id, t);
                 Admitted { id, blocks, cached_blocks, events, claimed }
             });
             // The load the submitter reads next counts the request it is told of.
@@ -356,12 +370,26 @@ fn handle(
     }
 }
 
+/// How often queued requests' cached-prefix guesses are looked up again.
+const GUESS_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Looks up again what the prefix cache holds for each request not yet admitted.
+fn refresh_guesses(engine: &LlmEngine, tracked: &mut HashMap<RequestId, Tracked>) {
+    for (&id, t) in tracked.iter_mut().filter(|(_, t)| !t.remote_waiting) {
+        if let Some(r) = engine.scheduler.get(id).filter(|r| r.num_computed == 0) {
+            t.cached_guess = engine.cached_prefix_tokens(&r.tokens(), r.cache_salt.as_deref());
+        }
+    }
+}
+
 fn load_of(engine: &LlmEngine, tracked: &HashMap<RequestId, Tracked>) -> Load {
     let mut queued = 0u64;
     for (&id, t) in tracked.iter() {
         if let Some(r) = engine.scheduler.get(id) {
             if !t.remote_waiting {
-                queued += t.prompt_len.saturating_sub(r.num_computed) as u64;
+                // Not yet admitted: what its prefix-cache lookup is likely to leave.
+                let done = if r.num_computed == 0 { t.cached_guess } else { r.num_computed };
+                queued += t.prompt_len.saturating_sub(done) as u64;
             }
         }
     }
