@@ -162,6 +162,11 @@ impl PrefixIndex {
         self.workers.get(worker).map_or(0, |h| h.blocks.len())
     }
 
+    /// Every known worker with the blocks its events say it holds.
+    pub fn sizes(&self) -> Vec<(WorkerId, usize)> {
+        self.workers.iter().map(|(w, h)| (w.clone(), h.blocks.len())).collect()
+    }
+
     /// Whether `worker`'s opening snapshot has been read whole.
     pub fn synced(&self, worker: &WorkerId) -> bool {
         self.workers.get(worker).is_some_and(|h| h.synced)

@@ -108,6 +108,9 @@ fn workers_are_kept_apart_and_leave_alone() {
     let prompt = [1, 2, 3, 4, 5];
     assert_eq!(index.lookup(&prompt, now), vec![(a.clone(), 3), (b.clone(), 4), (c.clone(), 0)]);
     assert_eq!((index.blocks(&a), index.blocks(&b), index.blocks(&c)), (3, 4, 2));
+    let mut sizes = index.sizes();
+    sizes.sort();
+    assert_eq!(sizes, vec![(a.clone(), 3), (b.clone(), 4), (c.clone(), 2)]);
     // b's blocks leave with it; a's are untouched.
     index.leave(&b);
     assert_eq!(index.lookup(&prompt, now), vec![(a.clone(), 3), (c.clone(), 0)]);

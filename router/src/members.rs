@@ -305,11 +305,17 @@ impl Members {
         let hashes = self.prompt_hashes(ask.prompt, ask.salt);
         let now = Instant::now();
         let block = self.hashing.block_size as usize;
-        let held: HashMap<WorkerId, usize> =
-            self.index.lock().expect("index").lookup(&hashes, now).into_iter().collect();
-        let route = self.route_with(policy, ask, excluded, &|e: &Entry| {
-            e.comparable.then(|| held.get(&e.desc.id).copied().unwrap_or(0) * block)
-        })?;
+        let (held, sizes): (HashMap<WorkerId, usize>, HashMap<WorkerId, usize>) = {
+            let index = self.index.lock().expect("index");
+            let held = index.lookup(&hashes, now).into_iter().collect();
+            let sizes = index.sizes().into_iter().collect();
+            (held, sizes)
+        };
+        let cache = |e: &Entry| {
+            let predicted = e.comparable.then(|| held.get(&e.desc.id).copied().unwrap_or(0) * block);
+            (predicted, sizes.get(&e.desc.id).copied().unwrap_or(0))
+        };
+        let route = self.route_with(policy, ask, excluded, &cache)?;
         let until = now + self.hashing.pending_ttl;
         let mut index = self.index.lock().expect("index");
         let chosen: Vec<&Picked> = match &route {
@@ -322,13 +328,14 @@ impl Members {
         Ok(route)
     }
 
-    /// `route`, with `cached(e)` the prompt tokens worker `e` is predicted to hold.
+    /// `route`, with `cache(e)` the prompt tokens worker `e` is predicted to hold and the
+    /// blocks it caches in all.
     fn route_with(
         &self,
         policy: &dyn RoutingPolicy,
         ask: &RouteAsk<'_>,
         excluded: &[WorkerId],
-        cached: &dyn Fn(&Entry) -> Option<usize>,
+        cache: &dyn Fn(&Entry) -> (Option<usize>, usize),
     ) -> Result<Route, Status> {
         let (model, prompt_len) = (ask.model, ask.prompt.len());
         let entries = self.entries.lock().expect("entries");
@@ -353,16 +360,18 @@ impl Members {
         // The pick, and the chosen worker's predicted cached tokens beside the most any
         // other candidate was predicted to hold (the runner-up by cache).
         let pick = |es: &[&Entry], stage: Stage| -> (usize, Option<usize>) {
-            let predicted: Vec<Option<usize>> = es.iter().map(|e| cached(e)).collect();
+            let known: Vec<(Option<usize>, usize)> = es.iter().map(|e| cache(e)).collect();
+            let predicted: Vec<Option<usize>> = known.iter().map(|k| k.0).collect();
             let c: Vec<Candidate> = es
                 .iter()
-                .zip(&predicted)
-                .map(|(e, p)| Candidate {
+                .zip(&known)
+                .map(|(e, &(p, blocks))| Candidate {
                     worker: &e.desc,
                     stats: e.stats.as_ref(),
                     inflight: e.inflight.requests.load(Ordering::Relaxed),
                     inflight_tokens: e.inflight.prefill_tokens.load(Ordering::Relaxed),
-                    cached_tokens: *p,
+                    cached_tokens: p,
+                    indexed_blocks: blocks,
                 })
                 .collect();
             let i = match stage {

@@ -24,6 +24,8 @@ pub struct Candidate<'a> {
     /// blocks the index says it holds, or that were just sent it). `None`: the worker
     /// hashes blocks differently from this router, so nothing is known (load only).
     pub cached_tokens: Option<usize>,
+    /// Blocks the prefix index says the worker caches in all (0 when unknown).
+    pub indexed_blocks: usize,
 }
 
 /// Picks among candidates (never empty); returns an index into them.
@@ -69,16 +71,17 @@ const INFLIGHT_PREFILL_TOKENS: u64 = 256;
 const FULL_CACHE_REQUESTS: f64 = 64.0;
 
 fn argmin(c: &[Candidate<'_>], score: impl Fn(&Candidate<'_>) -> f64) -> usize {
-    argmin_by(c, |w| (score(w), 0.0))
+    argmin_by(c, |w| [score(w), 0.0, 0.0])
 }
 
-/// The candidate with the lowest `(cost, tie-break)`; the first of equals.
-fn argmin_by(c: &[Candidate<'_>], score: impl Fn(&Candidate<'_>) -> (f64, f64)) -> usize {
+/// The candidate with the lowest `[cost, tie-break, tie-break]` (in that order); the first
+/// of equals.
+fn argmin_by(c: &[Candidate<'_>], score: impl Fn(&Candidate<'_>) -> [f64; 3]) -> usize {
     let mut best = 0;
     let mut best_score = score(&c[0]);
     for (i, w) in c.iter().enumerate().skip(1) {
         let s = score(w);
-        if s.0 < best_score.0 || (s.0 == best_score.0 && s.1 < best_score.1) {
+        if s.partial_cmp(&best_score) == Some(std::cmp::Ordering::Less) {
             (best, best_score) = (i, s);
         }
     }
@@ -132,7 +135,10 @@ impl RoutingPolicy for LeastLoaded {
 /// its wait. So requests that share a new prefix and arrive together follow the first one
 /// (its blocks pending there) instead of splitting once its queue equals their prompt.
 ///
-/// Ties go to the lower load, then to the first worker in id order. A hot prefix does not
+/// Ties go to the lower load, then to the worker whose prefix cache holds the fewest blocks,
+/// then to the first in id order: a prefix no worker holds goes where it evicts least, so
+/// new prefixes spread over the cluster's pools instead of piling onto the first idle
+/// worker and evicting each other there. A hot prefix does not
 /// pile onto one worker: once its queue is longer than the prefix, another worker computes
 /// the prefix too, and from then on both hold it. With no sharing, every candidate's
 /// prompt term is the same and the load decides, as under `least-loaded`.
@@ -177,14 +183,17 @@ impl RoutingPolicy for CacheAware {
         "cache-aware"
     }
     fn pick_prefill(&self, c: &[Candidate<'_>], prompt_len: usize) -> usize {
-        argmin_by(c, |w| (self.to_compute(w, prompt_len) + queued_tokens(w), queued_tokens(w)))
+        argmin_by(c, |w| [self.to_compute(w, prompt_len) + queued_tokens(w), queued_tokens(w), w.indexed_blocks as f64])
     }
     fn pick_decode(&self, c: &[Candidate<'_>], prompt_len: usize) -> usize {
-        argmin_by(c, |w| (DECODE_CACHE_SHARE * self.to_compute(w, prompt_len) + decode_tokens(w), decode_tokens(w)))
+        argmin_by(c, |w| {
+            let load = decode_tokens(w);
+            [DECODE_CACHE_SHARE * self.to_compute(w, prompt_len) + load, load, w.indexed_blocks as f64]
+        })
     }
     fn pick_local(&self, c: &[Candidate<'_>], prompt_len: usize) -> usize {
         let load = |w: &Candidate<'_>| queued_tokens(w) + decode_tokens(w);
-        argmin_by(c, |w| (self.to_compute(w, prompt_len) + load(w), load(w)))
+        argmin_by(c, |w| [self.to_compute(w, prompt_len) + load(w), load(w), w.indexed_blocks as f64])
     }
 }
 
@@ -234,7 +243,14 @@ mod tests {
         let ws = [worker("a"), worker("b"), worker("c")];
         let c: Vec<Candidate> = ws
             .iter()
-            .map(|w| Candidate { worker: w, stats: None, inflight: 0, inflight_tokens: 0, cached_tokens: Some(0) })
+            .map(|w| Candidate {
+                worker: w,
+                stats: None,
+                inflight: 0,
+                inflight_tokens: 0,
+                cached_tokens: Some(0),
+                indexed_blocks: 0,
+            })
             .collect();
         let p = RoundRobin::default();
         let picks: Vec<usize> = (0..6).map(|_| p.pick_decode(&c, 10)).collect();
@@ -247,15 +263,43 @@ mod tests {
         let ws = [worker("a"), worker("b")];
         let (s0, s1) = (stats(1000, 80), stats(10, 20));
         let c = [
-            Candidate { worker: &ws[0], stats: Some(&s0), inflight: 0, inflight_tokens: 0, cached_tokens: None },
-            Candidate { worker: &ws[1], stats: Some(&s1), inflight: 0, inflight_tokens: 0, cached_tokens: None },
+            Candidate {
+                worker: &ws[0],
+                stats: Some(&s0),
+                inflight: 0,
+                inflight_tokens: 0,
+                cached_tokens: None,
+                indexed_blocks: 0,
+            },
+            Candidate {
+                worker: &ws[1],
+                stats: Some(&s1),
+                inflight: 0,
+                inflight_tokens: 0,
+                cached_tokens: None,
+                indexed_blocks: 0,
+            },
         ];
         assert_eq!(LeastLoaded.pick_prefill(&c, 10), 1);
         assert_eq!(LeastLoaded.pick_decode(&c, 10), 1);
         // Requests in flight count before the next report.
         let c = [
-            Candidate { worker: &ws[0], stats: Some(&s1), inflight: 0, inflight_tokens: 0, cached_tokens: None },
-            Candidate { worker: &ws[1], stats: Some(&s1), inflight: 3, inflight_tokens: 0, cached_tokens: None },
+            Candidate {
+                worker: &ws[0],
+                stats: Some(&s1),
+                inflight: 0,
+                inflight_tokens: 0,
+                cached_tokens: None,
+                indexed_blocks: 0,
+            },
+            Candidate {
+                worker: &ws[1],
+                stats: Some(&s1),
+                inflight: 3,
+                inflight_tokens: 0,
+                cached_tokens: None,
+                indexed_blocks: 0,
+            },
         ];
         assert_eq!(LeastLoaded.pick_prefill(&c, 10), 0);
         assert_eq!(LeastLoaded.pick_decode(&c, 10), 0);
@@ -285,6 +329,7 @@ mod tests {
                 inflight: r.2,
                 inflight_tokens: r.2 * INFLIGHT_PREFILL_TOKENS,
                 cached_tokens: r.3,
+                indexed_blocks: 0,
             })
             .collect();
         let p = CacheAware { weight: 2.0 };
@@ -329,6 +374,29 @@ mod tests {
     }
 
     #[test]
+    fn a_prefix_nobody_holds_goes_where_it_evicts_least() {
+        let ws: Vec<WorkerDescriptor> = (0..3).map(|i| worker(&format!("w{i}"))).collect();
+        let st = stats(0, 0);
+        // (blocks each worker caches, the pick)
+        for (held, want) in [([120, 40, 80], 1), ([0, 0, 0], 0), ([90, 90, 10], 2)] {
+            let c: Vec<Candidate> = (0..3)
+                .map(|i| Candidate {
+                    worker: &ws[i],
+                    stats: Some(&st),
+                    inflight: 0,
+                    inflight_tokens: 0,
+                    cached_tokens: Some(0),
+                    indexed_blocks: held[i],
+                })
+                .collect();
+            let p = CacheAware { weight: 2.0 };
+            assert_eq!(p.pick_prefill(&c, 1000), want, "{held:?}");
+            assert_eq!(p.pick_local(&c, 1000), want, "{held:?}");
+            assert_eq!(p.pick_decode(&c, 1000), want, "{held:?}");
+        }
+    }
+
+    #[test]
     fn cache_aware_without_sharing_follows_the_load_alone() {
         // With no worker holding anything, the prompt term is the same for every candidate:
         // the pick is the least loaded by cache-aware's own measure.
@@ -348,6 +416,7 @@ mod tests {
                     inflight: inflight[i].0,
                     inflight_tokens: inflight[i].1,
                     cached_tokens: Some(0),
+                    indexed_blocks: 0,
                 })
                 .collect();
             let p = CacheAware { weight: 2.0 };
