@@ -23,6 +23,8 @@
 #               trace workload is skipped when it is missing
 #   PROFILE     release or debug: the build that runs [release]
 #   TIMEOUT     seconds one run may take at most [150]
+#   POOL_DIVISOR  each worker's pool is the distinct need over this [3]; e.g. 0.5 gives pools
+#               that each hold the whole working set twice (the "pools can hold it" case)
 #
 # Bounded: every run sends REQUESTS requests and stops after TIMEOUT; with the defaults a
 # full run is 18 runs of one to two minutes each. Every process it starts is stopped on exit.
@@ -44,6 +46,7 @@ TRACE_SECONDS="${TRACE_SECONDS:-60}"
 TRACE="${TRACE:-../shared/data/mooncake/conversation_trace.jsonl}"
 PROFILE="${PROFILE:-release}"
 TIMEOUT="${TIMEOUT:-150}"
+POOL_DIVISOR="${POOL_DIVISOR:-3}"
 SEED=7
 BLOCK=16 # tokens per KV block (tandem up's default)
 NGROUPS=8 CONTEXT=1000
@@ -115,11 +118,11 @@ print(json.dumps({"distinct": round(v["prompt_tokens"] * (1 - v["ideal_hit_rate"
                   "span": v["span_s"], "requests": v["requests"]}))') ;;
     esac
     echo "$desc" >"$WORK/desc.json"
-    python3 - "$BLOCK" "$WORK/desc.json" <<'EOF'
+    python3 - "$BLOCK" "$WORK/desc.json" "$POOL_DIVISOR" <<'EOF'
 import json, math, sys
-block, d = int(sys.argv[1]), json.load(open(sys.argv[2]))
+block, d, divisor = int(sys.argv[1]), json.load(open(sys.argv[2])), float(sys.argv[3])
 need = math.ceil(d["distinct"] / block)
-kv = max(math.ceil(need / 3), math.ceil(1.25 * d["largest"] / block))
+kv = max(math.ceil(need / divisor), math.ceil(1.25 * d["largest"] / block))
 info = f"; {d['requests']} requests over {d['span']:.0f} s, ideal hit rate {100 * d['ideal']:.1f}%" if "ideal" in d else ""
 print(kv, need, info)
 EOF

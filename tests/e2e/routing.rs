@@ -133,6 +133,8 @@ const BLOCKS: &str = "tandem_router_index_blocks";
 const MISMATCH: &str = "tandem_router_index_mismatch";
 const HITS: &str = "tandem_router_cache_predicted_hits_total";
 const MISSED: &str = "tandem_router_cache_predicted_hits_missed_total";
+/// The prefill stage's predictions (the decode stage predicts the reservation's reuse too).
+const PREFILL: &[(&str, &str)] = &[("stage", "prefill")];
 const REUSED: &str = "tandem_router_cache_reused_tokens_total";
 
 /// Polls the router's `/metrics` until `ok` holds for metric `name` with `labels` (`None`:
@@ -256,8 +258,8 @@ fn each_group_sharing_a_long_prefix_is_prefilled_where_its_prefix_is_cached() {
             );
         }
         let m1 = Metrics::read(&r.http);
-        let hits = m1.count(HITS, &[]) - m0.count(HITS, &[]);
-        let missed = m1.count(MISSED, &[]) - m0.count(MISSED, &[]);
+        let hits = m1.count(HITS, PREFILL) - m0.count(HITS, PREFILL);
+        let missed = m1.count(MISSED, PREFILL) - m0.count(MISSED, PREFILL);
         assert_eq!((hits, missed), (groups.len() as f64, 0.0), "predicted hits, of them missed");
     });
 }
@@ -296,7 +298,7 @@ fn a_new_router_sends_its_first_request_to_the_worker_holding_the_prefix() {
         assert!(after[1].hit > before[1].hit, "a prefix hit on prefill-b: {before:?} -> {after:?}");
         assert!(u.cached_tokens * 2 >= u.prompt_tokens, "{} of {} cached", u.cached_tokens, u.prompt_tokens);
         let m = Metrics::read(&r.http);
-        assert_eq!((m.count(HITS, &[]), m.count(MISSED, &[])), (1.0, 0.0), "predicted hits, of them missed");
+        assert_eq!((m.count(HITS, PREFILL), m.count(MISSED, PREFILL)), (1.0, 0.0), "predicted hits, of them missed");
     });
 }
 
@@ -339,7 +341,8 @@ fn a_killed_worker_leaves_the_index_and_comes_back_empty() {
         let (m1, after) = (Metrics::read(&r.http), caches(&[&addrs[0], &addrs[1]]).await);
         let on = prefilled_on(&before, &after);
         assert_eq!(on.len(), 1, "one prefill worker prefilled: {before:?} -> {after:?}");
-        let (hits, missed) = (m1.count(HITS, &[]) - m0.count(HITS, &[]), m1.count(MISSED, &[]) - m0.count(MISSED, &[]));
+        let (hits, missed) =
+            (m1.count(HITS, PREFILL) - m0.count(HITS, PREFILL), m1.count(MISSED, PREFILL) - m0.count(MISSED, PREFILL));
         // Neither worker holds the prefix now: no hit may be predicted, wherever it went.
         assert_eq!((hits, missed), (0.0, 0.0), "predicted hits, of them missed (went to {})", ids[on[0]]);
         assert_eq!(u.cached_tokens, 0, "went to {}, which cannot hold it", ids[on[0]]);
@@ -352,7 +355,8 @@ fn a_killed_worker_leaves_the_index_and_comes_back_empty() {
         let u = send(&mut client, ask(&system, PROMPTS[2])).await;
         let m1 = Metrics::read(&r.http);
         assert!(u.cached_tokens * 2 >= u.prompt_tokens, "{} of {} cached", u.cached_tokens, u.prompt_tokens);
-        let (hits, missed) = (m1.count(HITS, &[]) - m0.count(HITS, &[]), m1.count(MISSED, &[]) - m0.count(MISSED, &[]));
+        let (hits, missed) =
+            (m1.count(HITS, PREFILL) - m0.count(HITS, PREFILL), m1.count(MISSED, PREFILL) - m0.count(MISSED, PREFILL));
         assert_eq!((hits, missed), (1.0, 0.0), "predicted hits, of them missed, once {} holds it", ids[z]);
     });
 }
@@ -419,8 +423,8 @@ fn siblings_of_a_new_prefix_sent_together_are_prefilled_on_one_worker() {
             cached.push(t.await.unwrap().cached_tokens);
         }
         let (m1, after) = (Metrics::read(&r.http), caches(&addrs).await);
-        let hits = m1.count(HITS, &[]) - m0.count(HITS, &[]);
-        let missed = m1.count(MISSED, &[]) - m0.count(MISSED, &[]);
+        let hits = m1.count(HITS, PREFILL) - m0.count(HITS, PREFILL);
+        let missed = m1.count(MISSED, PREFILL) - m0.count(MISSED, PREFILL);
         eprintln!(
             "siblings: cached tokens {cached:?}; predicted hits {hits}, missed {missed}; {before:?} -> {after:?}"
         );
