@@ -511,7 +511,7 @@ fn worker_config(
 #[derive(Args, Debug)]
 pub struct Placement {
     /// Routing policy: cache-aware (prefix-cache overlap against load), least-loaded or round-robin.
-    #[arg(long, env = "TANDEM_POLICY", default_value = "least-loaded",
+    #[arg(long, env = "TANDEM_POLICY", default_value = "cache-aware",
           value_parser = clap::builder::PossibleValuesParser::new(tandem_router::policy::POLICIES))]
     pub policy: String,
     /// cache-aware: how much a prompt token a worker would compute weighs against a token of
