@@ -324,7 +324,10 @@ struct Tally {
 fn a_30_s_etcd_outage_under_load_evicts_no_worker_and_every_worker_is_registered_after() {
     let _one = serial();
     let workers = [("prefill", "prefill-a"), ("prefill", "prefill-b"), ("decode", "decode-a"), ("decode", "decode-b")];
-    let mut c = Cluster::start(&workers);
+    // The test asks that every worker stays routable and serves through the outage. Its load
+    // repeats a few prompts, which `cache-aware` (the default) rightly keeps where their
+    // prefixes are cached, leaving a worker idle; `least-loaded` spreads them over all four.
+    let mut c = Cluster::start_with(&workers, &["--policy", "least-loaded"]);
     let http_addr = c.router.addr_after("tandem: router", "http");
     let addrs: Vec<String> = c.workers.iter().map(|(_, a)| a.clone()).collect();
     let prefix = format!("/tandem/{}/workers/", c.cluster);
