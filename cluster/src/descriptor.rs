@@ -174,7 +174,8 @@ pub struct WorkerDescriptor {
     pub block_size: u32,
     /// How the worker names cached blocks in its KV events (`tandem_text::prefix::SCHEME`,
     /// salt included); with `block_size`, what a router must match to read the worker's
-    /// events as hits. `None`: a worker that does not say (routed to by load only).
+    /// events as hits. `None`: a worker with no prefix cache (`--no-prefix-cache`), or one that
+    /// does not say: routed to by load only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_scheme: Option<String>,
     /// Longest sequence (prompt + output) the worker accepts, in tokens.

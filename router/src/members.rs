@@ -174,13 +174,18 @@ impl Members {
 
     /// Whether `desc` names its blocks as this router does; logged and counted when not.
     fn comparable(&self, desc: &WorkerDescriptor) -> bool {
-        let same = desc.block_size == self.hashing.block_size
-            && desc.hash_scheme.as_deref() == Some(self.hashing.scheme.as_str());
+        let Some(scheme) = desc.hash_scheme.as_deref() else {
+            // No prefix cache (or a worker that does not say): nothing to follow or predict.
+            tracing::info!(worker = %desc.id, "worker announces no prefix cache; routing to it by load only");
+            metrics::index_mismatch(&desc.id, false);
+            return false;
+        };
+        let same = desc.block_size == self.hashing.block_size && scheme == self.hashing.scheme;
         if !same {
             tracing::warn!(
                 worker = %desc.id,
                 block_size = desc.block_size,
-                scheme = desc.hash_scheme.as_deref().unwrap_or("(none)"),
+                scheme,
                 router_block_size = self.hashing.block_size,
                 router_scheme = %self.hashing.scheme,
                 "worker names its cached blocks differently from this router; routing to it by load only"

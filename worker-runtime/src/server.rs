@@ -210,7 +210,8 @@ impl RunningWorker {
             kv: kv.endpoints.unwrap_or(KvEndpoints { tcp: advertised_grpc, local: None }),
             model: ModelInfo { name: cfg.model_name.clone(), fingerprint },
             block_size: cfg.block_size as u32,
-            hash_scheme: Some(tandem_text::prefix::SCHEME.to_string()),
+            // A worker without a prefix cache names no blocks: routers place it by load only.
+            hash_scheme: cfg.prefix_caching.then(|| tandem_text::prefix::SCHEME.to_string()),
             context_length: context_length as u32,
             lease: None,
         };
