@@ -357,6 +357,11 @@ fn worker_samples() -> Vec<Sample> {
         sample("tandem.worker.v1.KvEvent", kv_event(Event::Stored(stored()), 1)),
         sample("tandem.worker.v1.KvEvent", kv_event(Event::Removed(wk::KvRemoved { block_hashes: vec![7] }), 2)),
         sample("tandem.worker.v1.KvEvent", kv_event(Event::Cleared(wk::KvCleared {}), 3)),
+        sample("tandem.worker.v1.KvSnapshot", wk::KvSnapshot { block_hashes: vec![0x2222, u64::MAX], last: true }),
+        sample(
+            "tandem.worker.v1.KvEvent",
+            kv_event(Event::Snapshot(wk::KvSnapshot { block_hashes: vec![5, 6], last: false }), 4),
+        ),
         sample(
             "tandem.worker.v1.KvEventBatch",
             wk::KvEventBatch {
