@@ -117,7 +117,7 @@ pub fn quantize_row_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32
 
 /// `out[t * rows + r] = x[t] . w[r]` for `n` tokens. `xq` must hold `x` quantized
 /// (dense weights read `x` itself). 8-bit weights are summed exactly as signed
-/// integers (no offset term), so every ISA agrees to float rounding.
+/// integers, so every ISA agrees to float rounding.
 pub fn matmul(pool: &ThreadPool, isa: Isa, w: &Weights, x: &[f32], xq: &QuantizedActs, n: usize, out: &mut [f32]) {
     let rows = w.rows();
     assert!(out.len() >= n * rows);
@@ -169,7 +169,8 @@ unsafe fn matmul_rows(isa: Isa, p: &PackedMatrix, xq: &QuantizedActs, rr: std::o
     }
 }
 
-/// The reference dot product of packed row `r` with quantized token `t`.
+/// The reference dot product of packed row `r` with quantized token `t`:
+/// per block `d_w * d_x * sum(code * q_x) + m_w * s_x`.
 pub fn dot_scalar(p: &PackedMatrix, r: usize, xq: &QuantizedActs, t: usize) -> f32 {
     let rb = p.row_bytes();
     let wq = &p.qs[r * rb..(r + 1) * rb];
@@ -178,19 +179,19 @@ pub fn dot_scalar(p: &PackedMatrix, r: usize, xq: &QuantizedActs, t: usize) -> f
     for b in 0..p.nbp {
         let mut sum = 0i32;
         for j in 0..QK {
-            let u = match p.bits {
+            let code = match p.bits {
                 Bits::Four => {
                     let byte = wq[(b / 2) * QK + j];
-                    (if b % 2 == 0 { byte & 0x0f } else { byte >> 4 }) as i32
+                    (if b.is_multiple_of(2) { byte & 0x0f } else { byte >> 4 }) as i32
                 }
-                // Exactly w . x for 8-bit weights: undo the +128 in integers.
                 Bits::Eight => wq[b * QK + j] as i32 - 128,
             };
-            sum += u * xs[b * QK + j] as i32;
+            sum += code * xs[b * QK + j] as i32;
         }
-        let wd = p.d[r * p.nbp + b];
-        let wm = if p.bits == Bits::Eight { 0.0 } else { p.m[r * p.nbp + b] };
-        acc += wd * xq.d[t * xq.nbp + b] * sum as f32 + wm * xq.s[t * xq.nbp + b];
+        acc += p.d[r * p.nbp + b] * xq.d[t * xq.nbp + b] * sum as f32;
+        if let Some(m) = &p.m {
+            acc += m[r * p.nbp + b] * xq.s[t * xq.nbp + b];
+        }
     }
     acc
 }
@@ -214,44 +215,8 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::GgmlType;
-
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (self.0 >> 33) as u32
-        }
-        fn f(&mut self) -> f32 {
-            self.next() as f32 / u32::MAX as f32 * 2.0 - 1.0
-        }
-    }
-
-    fn tensor(t: GgmlType, rows: usize, cols: usize, rng: &mut Lcg) -> Vec<u8> {
-        let (be, bb) = t.block();
-        let mut out = Vec::new();
-        for _ in 0..rows * cols / be {
-            let mut blk = vec![0u8; bb];
-            match t {
-                GgmlType::F32 => blk.copy_from_slice(&rng.f().to_le_bytes()),
-                GgmlType::F16 => blk.copy_from_slice(&f16::from_f32(rng.f()).to_le_bytes()),
-                _ => {
-                    blk[0..2].copy_from_slice(&f16::from_f32(0.02 + rng.f().abs() * 0.05).to_le_bytes());
-                    let start = if t == GgmlType::Q4_1 {
-                        blk[2..4].copy_from_slice(&f16::from_f32(-0.1 * rng.f().abs()).to_le_bytes());
-                        4
-                    } else {
-                        2
-                    };
-                    for b in &mut blk[start..] {
-                        *b = rng.next() as u8;
-                    }
-                }
-            }
-            out.extend_from_slice(&blk);
-        }
-        out
-    }
+    use crate::quant::SUPPORTED;
+    use crate::testutil::{tensor, Lcg};
 
     /// Every ISA this CPU runs (the others are named on stderr) agrees with the float
     /// reference (dequantized weights times dequantized activations) and with the
@@ -260,8 +225,13 @@ mod tests {
     fn all_isas_match_the_reference() {
         let isas = crate::cpu::testing::isas_for("all_isas_match_the_reference");
         let mut rng = Lcg(42);
-        for t in [GgmlType::Q4_1, GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::F16, GgmlType::F32] {
-            for &(rows, cols, n) in &[(1, 32, 1), (7, 96, 3), (13, 576, 5), (64, 1536, 9), (9, 64, 17)] {
+        for t in SUPPORTED {
+            let shapes: &[(usize, usize, usize)] = if t.block().0 == 256 {
+                &[(1, 256, 1), (7, 768, 3), (13, 1280, 5), (64, 1536, 9), (9, 256, 17)]
+            } else {
+                &[(1, 32, 1), (7, 96, 3), (13, 576, 5), (64, 1536, 9), (9, 64, 17)]
+            };
+            for &(rows, cols, n) in shapes {
                 let bytes = tensor(t, rows, cols, &mut rng);
                 let w = Weights::from_ggml(t, &bytes, rows, cols).unwrap();
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f() * 3.0).collect();

@@ -3,7 +3,8 @@
 //! Every function here has a scalar twin elsewhere in the crate that the tests
 //! compare it against; callers check the CPU before calling (see `cpu.rs`).
 
-#![allow(clippy::missing_safety_doc)]
+// Register tiles are indexed by row and token, as the arithmetic reads.
+#![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 
@@ -162,10 +163,9 @@ unsafe fn tile_avx512<const Q8: bool, const R: usize, const T: usize>(
             let row = r0 + i;
             for j in 0..T {
                 let tok = t0 + j;
-                let ms = if Q8 {
-                    0.0
-                } else {
-                    dot_f32_avx512(p.m.as_ptr().add(row * nbp), xq.s.as_ptr().add(tok * nbp), nbp)
+                let ms = match &p.m {
+                    Some(m) => dot_f32_avx512(m.as_ptr().add(row * nbp), xq.s.as_ptr().add(tok * nbp), nbp),
+                    None => 0.0,
                 };
                 out.write(tok * p.rows + row, _mm512_reduce_add_ps(acc[i][j]) + ms);
             }
@@ -212,9 +212,6 @@ pub unsafe fn matmul_rows_avx2(p: &PackedMatrix, xq: &QuantizedActs, rr: std::op
                                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
                             }
                         }
-                        for b in 0..nbp {
-                            tail += p.m[row * nbp + b] * xq.s[tok * nbp + b];
-                        }
                     }
                     Bits::Eight => {
                         // Signed weights and the sign trick: |w| * (x * sign w); no offset term.
@@ -226,6 +223,11 @@ pub unsafe fn matmul_rows_avx2(p: &PackedMatrix, xq: &QuantizedActs, rr: std::op
                             let scale = _mm256_set1_ps(*wd.add(b) * *xd.add(b));
                             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
                         }
+                    }
+                }
+                if let Some(m) = &p.m {
+                    for b in 0..nbp {
+                        tail += m[row * nbp + b] * xq.s[tok * nbp + b];
                     }
                 }
                 out.write(tok * p.rows + row, hsum256(acc) + tail);
