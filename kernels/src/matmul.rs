@@ -12,7 +12,7 @@
 use half::f16;
 
 use crate::cpu::Isa;
-use crate::packed::{Bits, PackedMatrix, Weights};
+use crate::packed::{PackedMatrix, Weights};
 use crate::pool::{split_range, SyncPtr, ThreadPool};
 use crate::quant::QK;
 
@@ -170,7 +170,7 @@ unsafe fn matmul_rows(isa: Isa, p: &PackedMatrix, xq: &QuantizedActs, rr: std::o
 }
 
 /// The reference dot product of packed row `r` with quantized token `t`:
-/// per block `d_w * d_x * sum(code * q_x) + m_w * s_x`.
+/// per block `d_w * d_x * sum((u - zero) * q_x) + m_w * s_x`.
 pub fn dot_scalar(p: &PackedMatrix, r: usize, xq: &QuantizedActs, t: usize) -> f32 {
     let rb = p.row_bytes();
     let wq = &p.qs[r * rb..(r + 1) * rb];
@@ -179,14 +179,8 @@ pub fn dot_scalar(p: &PackedMatrix, r: usize, xq: &QuantizedActs, t: usize) -> f
     for b in 0..p.nbp {
         let mut sum = 0i32;
         for j in 0..QK {
-            let code = match p.bits {
-                Bits::Four => {
-                    let byte = wq[(b / 2) * QK + j];
-                    (if b.is_multiple_of(2) { byte & 0x0f } else { byte >> 4 }) as i32
-                }
-                Bits::Eight => wq[b * QK + j] as i32 - 128,
-            };
-            sum += code * xs[b * QK + j] as i32;
+            let w = p.bits.code(wq, b, j) as i32 - p.zero as i32;
+            sum += w * xs[b * QK + j] as i32;
         }
         acc += p.d[r * p.nbp + b] * xq.d[t * xq.nbp + b] * sum as f32;
         if let Some(m) = &p.m {
@@ -215,12 +209,14 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::SUPPORTED;
+    use crate::packed::Bits;
+    use crate::quant::{GgmlType, SUPPORTED};
+    use crate::repack::default_bits;
     use crate::testutil::{tensor, Lcg};
 
     /// Every ISA this CPU runs (the others are named on stderr) agrees with the float
     /// reference (dequantized weights times dequantized activations) and with the
-    /// scalar kernel, for odd shapes.
+    /// scalar kernel, for every type in every layout it fits, for odd shapes.
     #[test]
     fn all_isas_match_the_reference() {
         let isas = crate::cpu::testing::isas_for("all_isas_match_the_reference");
@@ -233,56 +229,72 @@ mod tests {
             };
             for &(rows, cols, n) in shapes {
                 let bytes = tensor(t, rows, cols, &mut rng);
-                let w = Weights::from_ggml(t, &bytes, rows, cols).unwrap();
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f() * 3.0).collect();
-                let mut reference = vec![0f32; n * rows];
-                // A strict bound on the activation-quantization error of each output.
-                let mut bound = vec![0f32; n * rows];
-                let mut wrow = vec![0f32; cols];
-                for r in 0..rows {
-                    w.dequantize_row(r, &mut wrow);
-                    for tk in 0..n {
-                        let xt = &x[tk * cols..(tk + 1) * cols];
-                        reference[tk * rows + r] = dot_f32(xt, &wrow);
-                        let mut b = 1e-3f32;
-                        for (blk, wb) in xt.chunks(QK).zip(wrow.chunks(QK)) {
-                            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-                            for (xv, wv) in blk.iter().zip(wb) {
-                                b += wv.abs() * (amax / 127.0 * 0.51 + xv.abs() * 2e-3);
-                            }
-                        }
-                        bound[tk * rows + r] = b;
+                let mut layouts = vec![Weights::from_ggml(t, &bytes, rows, cols).unwrap()];
+                for bits in [Bits::Four, Bits::Five, Bits::Eight] {
+                    if default_bits(t).is_some_and(|d| d != bits) {
+                        layouts.extend(Weights::from_ggml_as(t, &bytes, rows, cols, bits).ok());
                     }
                 }
-                let mut scalar_out = None;
-                for &isa in &isas {
-                    for threads in [1, 2, 3] {
-                        let pool = ThreadPool::new(threads);
-                        let mut xq = QuantizedActs::new();
-                        xq.quantize(&pool, isa, &x, n, cols);
-                        let mut out = vec![f32::NAN; n * rows];
-                        matmul(&pool, isa, &w, &x, &xq, n, &mut out);
+                for w in &layouts {
+                    check_every_isa(&isas, t, w, &x, n);
+                }
+            }
+        }
+    }
+
+    fn check_every_isa(isas: &[Isa], t: GgmlType, w: &Weights, x: &[f32], n: usize) {
+        let (rows, cols) = (w.rows(), w.cols());
+        let layout = match w {
+            Weights::Packed(p) => format!("{:?}", p.bits),
+            Weights::Dense { .. } => "dense".to_string(),
+        };
+        let mut reference = vec![0f32; n * rows];
+        // A strict bound on the activation-quantization error of each output.
+        let mut bound = vec![0f32; n * rows];
+        let mut wrow = vec![0f32; cols];
+        for r in 0..rows {
+            w.dequantize_row(r, &mut wrow);
+            for tk in 0..n {
+                let xt = &x[tk * cols..(tk + 1) * cols];
+                reference[tk * rows + r] = dot_f32(xt, &wrow);
+                let mut b = 1e-3f32;
+                for (blk, wb) in xt.chunks(QK).zip(wrow.chunks(QK)) {
+                    let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    for (xv, wv) in blk.iter().zip(wb) {
+                        b += wv.abs() * (amax / 127.0 * 0.51 + xv.abs() * 2e-3);
+                    }
+                }
+                bound[tk * rows + r] = b;
+            }
+        }
+        let mut scalar_out = None;
+        for &isa in isas {
+            for threads in [1, 2, 3] {
+                let pool = ThreadPool::new(threads);
+                let mut xq = QuantizedActs::new();
+                xq.quantize(&pool, isa, x, n, cols);
+                let mut out = vec![f32::NAN; n * rows];
+                matmul(&pool, isa, w, x, &xq, n, &mut out);
+                for i in 0..n * rows {
+                    let tol = if matches!(w, Weights::Dense { .. }) { 1e-3 } else { bound[i] };
+                    assert!(
+                        (out[i] - reference[i]).abs() <= tol,
+                        "{t:?} as {layout} {isa:?} {rows}x{cols} n={n} i={i}: {} vs {}",
+                        out[i],
+                        reference[i]
+                    );
+                }
+                match &scalar_out {
+                    None => scalar_out = Some(out),
+                    Some(s) => {
                         for i in 0..n * rows {
-                            let tol = if matches!(w, Weights::Dense { .. }) { 1e-3 } else { bound[i] };
                             assert!(
-                                (out[i] - reference[i]).abs() <= tol,
-                                "{t:?} {isa:?} {rows}x{cols} n={n} i={i}: {} vs {}",
+                                (out[i] - s[i]).abs() <= 1e-4 * (1.0 + s[i].abs()),
+                                "{t:?} as {layout} {isa:?} differs from scalar at {i}: {} vs {}",
                                 out[i],
-                                reference[i]
+                                s[i]
                             );
-                        }
-                        match &scalar_out {
-                            None => scalar_out = Some(out),
-                            Some(s) => {
-                                for i in 0..n * rows {
-                                    assert!(
-                                        (out[i] - s[i]).abs() <= 1e-4 * (1.0 + s[i].abs()),
-                                        "{t:?} {isa:?} differs from scalar at {i}: {} vs {}",
-                                        out[i],
-                                        s[i]
-                                    );
-                                }
-                            }
                         }
                     }
                 }

@@ -1,20 +1,26 @@
 //! Weight matrices in the compute layout.
 //!
 //! GGUF's layout is not the compute layout. At load time (`repack`) every
-//! quantized matrix is repacked once into blocks of 32 integers with a per-block
-//! f32 scale d and offset m:
-//! - 4-bit: value = d * u + m, u in 0..16 unsigned. Q4_1 and Q4_K: u = q, m = the
-//!   block's minimum; Q4_0: u = q, m = -8 d.
-//! - 8-bit: value = d * w + m, w in -128..128 signed, stored as w + 128. The
-//!   symmetric types (Q8_0, Q6_K) keep no offsets (`m` is `None`); Q5_0 stores
-//!   w = q - 16, Q5_1 and Q5_K w = q with their minimum as m.
+//! quantized matrix is repacked once into blocks of 32 unsigned codes u with a
+//! per-block f32 scale d and, for the asymmetric types, an offset m:
+//! value = d * (u - zero) + m. `zero` is the matrix's zero point:
+//! - symmetric types (Q4_0, Q5_0, Q8_0, Q6_K) store w + 2^(bits-1) and no offsets;
+//! - asymmetric ones (Q4_1, Q5_1, Q4_K, Q5_K) store u = q with zero 0 and their
+//!   block minimum as m; in the 8-bit layout always zero 128 (u = q + 128), so its
+//!   kernels may sum signed weights.
 //!
-//! The kernels sum `u * q_x` (or `w * q_x`) in integers; the offset becomes one
+//! The kernels sum `(u - zero) * q_x` exactly in integers; the offset becomes one
 //! `m * s` term per block, where s = d_x * sum(q_x) comes with the activations.
-//! Two neighbouring 4-bit blocks share 32 bytes: byte j holds element j of the
-//! even block in its low nibble and of the odd block in its high nibble, so a
-//! 256-bit load and two masks give 64 activations' worth of weights. Rows are
-//! padded to an even number of blocks with zero weights.
+//!
+//! Byte layouts, per pair of neighbouring blocks (rows are padded to an even
+//! number of blocks with zero weights):
+//! - `Four`: 32 bytes; byte j holds element j of the even block in its low nibble
+//!   and of the odd block in its high nibble, so a 256-bit load and two masks give
+//!   64 activations' worth of weights.
+//! - `Five`: those 32 nibble bytes, then a little-endian u64 of fifth bits: bit j
+//!   for element j of the even block, bit 32 + j of the odd one (an AVX-512 byte
+//!   mask as it stands). 40 bytes for 64 weights.
+//! - `Eight`: 64 bytes, one per weight, the even block first.
 
 use crate::quant::{GgmlType, QK};
 
@@ -22,6 +28,7 @@ use crate::quant::{GgmlType, QK};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bits {
     Four,
+    Five,
     Eight,
 }
 
@@ -29,7 +36,35 @@ impl Bits {
     pub fn width(self) -> u32 {
         match self {
             Bits::Four => 4,
+            Bits::Five => 5,
             Bits::Eight => 8,
+        }
+    }
+
+    /// Bytes per pair of 32-element blocks.
+    pub fn pair_bytes(self) -> usize {
+        match self {
+            Bits::Four => QK,
+            Bits::Five => QK + 8,
+            Bits::Eight => 2 * QK,
+        }
+    }
+
+    /// The stored code of element `j` of block `b` in a row laid out as `self`.
+    pub fn code(self, row: &[u8], b: usize, j: usize) -> u8 {
+        let pair = &row[(b / 2) * self.pair_bytes()..(b / 2 + 1) * self.pair_bytes()];
+        let odd = b % 2;
+        match self {
+            Bits::Four | Bits::Five => {
+                let nibble = (pair[j] >> (4 * odd)) & 0x0f;
+                if self == Bits::Five {
+                    let high = u64::from_le_bytes(pair[QK..QK + 8].try_into().unwrap());
+                    nibble | (((high >> (32 * odd + j)) & 1) as u8) << 4
+                } else {
+                    nibble
+                }
+            }
+            Bits::Eight => pair[odd * QK + j],
         }
     }
 }
@@ -40,13 +75,15 @@ pub struct PackedMatrix {
     pub rows: usize,
     pub cols: usize,
     pub bits: Bits,
+    /// The code of a zero weight: value = d * (u - zero) + m.
+    pub zero: u8,
     /// Blocks per row, rounded up to even.
     pub nbp: usize,
     /// Row-major; `row_bytes()` per row.
     pub qs: Vec<u8>,
     /// Per-block scale, `nbp` per row.
     pub d: Vec<f32>,
-    /// Per-block offset, `nbp` per row; `None` when every block's is zero.
+    /// Per-block offset, `nbp` per row; `None` for symmetric types.
     pub m: Option<Vec<f32>>,
     /// The type it came from (for reports).
     pub source: GgmlType,
@@ -54,25 +91,15 @@ pub struct PackedMatrix {
 
 impl PackedMatrix {
     pub fn row_bytes(&self) -> usize {
-        match self.bits {
-            Bits::Four => self.nbp * QK / 2,
-            Bits::Eight => self.nbp * QK,
-        }
+        self.nbp / 2 * self.bits.pair_bytes()
     }
 
     /// Element `(r, c)` as a float (slow; for tests and embedding lookups).
     pub fn get(&self, r: usize, c: usize) -> f32 {
-        let b = c / QK;
-        let j = c % QK;
+        let (b, j) = (c / QK, c % QK);
         let row = &self.qs[r * self.row_bytes()..(r + 1) * self.row_bytes()];
-        let code = match self.bits {
-            Bits::Four => {
-                let byte = row[(b / 2) * QK + j];
-                (if b.is_multiple_of(2) { byte & 0x0f } else { byte >> 4 }) as i32
-            }
-            Bits::Eight => row[b * QK + j] as i32 - 128,
-        };
-        let dw = self.d[r * self.nbp + b] * code as f32;
+        let w = self.bits.code(row, b, j) as i32 - self.zero as i32;
+        let dw = self.d[r * self.nbp + b] * w as f32;
         match &self.m {
             Some(m) => dw + m[r * self.nbp + b],
             None => dw,

@@ -1,11 +1,13 @@
 //! Repacking GGML tensors into the compute layout (`PackedMatrix`), once at load.
 //!
 //! Every quantized type is first read block by block (32 elements) into one
-//! integer form, value_j = d * code_j + m, then written in a layout (`Bits`).
-//! The repacking is exact (every value equals `quant::dequantize_row`'s, bit
-//! for bit) except for Q6_K, whose 16-element scales have no place in 32-element
-//! blocks: a block whose two scales are small multiples of a common step is
-//! exact, any other is requantized to 8 bits (each value within half a step).
+//! integer form, value_j = d * code_j + m, then written in a layout (`Bits`):
+//! the narrowest its codes fit, since batch-1 decode is bound by the bytes it
+//! reads (Q4_*: 4-bit; Q5_*: 5-bit; Q8_0, Q6_K: 8-bit). The repacking is exact
+//! (every value equals `quant::dequantize_row`'s, bit for bit) except for Q6_K,
+//! whose 16-element scales have no place in 32-element blocks: a block whose two
+//! scales are small multiples of a common step is exact, any other is
+//! requantized to 8 bits (each value within half a step).
 
 use crate::kquant::{self, QK_K};
 use crate::packed::{Bits, PackedMatrix, Weights};
@@ -16,7 +18,8 @@ pub fn default_bits(t: GgmlType) -> Option<Bits> {
     match t {
         GgmlType::F32 | GgmlType::F16 => None,
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => Some(Bits::Four),
-        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K | GgmlType::Q8_0 | GgmlType::Q6_K => Some(Bits::Eight),
+        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => Some(Bits::Five),
+        GgmlType::Q8_0 | GgmlType::Q6_K => Some(Bits::Eight),
     }
 }
 
@@ -154,48 +157,51 @@ impl Weights {
         let row_in = check_size(t, bytes, rows, cols)?;
         let nb = cols / QK;
         let nbp = nb.div_ceil(2) * 2;
+        let symmetric = is_symmetric(t);
+        // Zero points as `packed` describes them; every stored code then lies in
+        // 0..2^width (checked in debug builds).
+        let zero = if symmetric || bits == Bits::Eight { 1u8 << (bits.width() - 1) } else { 0 };
         let mut p = PackedMatrix {
             rows,
             cols,
             bits,
+            zero,
             nbp,
             qs: Vec::new(),
             d: vec![0f32; rows * nbp],
-            m: (bits == Bits::Four || !is_symmetric(t)).then(|| vec![0f32; rows * nbp]),
+            m: (!symmetric).then(|| vec![0f32; rows * nbp]),
             source: t,
         };
         let row_out = p.row_bytes();
-        // Padding stores code 0 (with d = m = 0 it contributes nothing either way).
-        p.qs = vec![if bits == Bits::Eight { 128 } else { 0 }; rows * row_out];
+        let pair_bytes = bits.pair_bytes();
+        // Padding blocks keep code 0 with d = m = 0: they contribute nothing.
+        p.qs = vec![0; rows * row_out];
         for r in 0..rows {
             let src = &bytes[r * row_in..(r + 1) * row_in];
             let dst = &mut p.qs[r * row_out..(r + 1) * row_out];
             for b in 0..nb {
-                let mut blk = int_block(t, src, b);
-                if bits == Bits::Four && is_symmetric(t) {
-                    // Unsigned codes: d * (c + 8) - 8 d is d * c exactly (all terms are
-                    // products of an f16 and a small integer).
-                    blk.codes.iter_mut().for_each(|c| *c += 8);
-                    blk.m = -8.0 * blk.d;
-                }
+                let blk = int_block(t, src, b);
                 p.d[r * nbp + b] = blk.d;
                 if let Some(m) = &mut p.m {
                     m[r * nbp + b] = blk.m;
                 }
-                match bits {
-                    Bits::Four => {
-                        let shift = if b % 2 == 0 { 0 } else { 4 };
-                        for (j, &c) in blk.codes.iter().enumerate() {
-                            debug_assert!((0..16).contains(&c));
-                            dst[(b / 2) * QK + j] |= (c as u8) << shift;
+                let pair = &mut dst[(b / 2) * pair_bytes..(b / 2 + 1) * pair_bytes];
+                let odd = b % 2;
+                let mut high = 0u64;
+                for (j, &c) in blk.codes.iter().enumerate() {
+                    let u = c + zero as i32;
+                    debug_assert!(u >= 0 && u < 1 << bits.width(), "{t:?} code {c} in {bits:?}");
+                    match bits {
+                        Bits::Four | Bits::Five => {
+                            pair[j] |= ((u & 0x0f) as u8) << (4 * odd);
+                            high |= ((u >> 4) as u64 & 1) << (32 * odd + j);
                         }
+                        Bits::Eight => pair[odd * QK + j] = u as u8,
                     }
-                    Bits::Eight => {
-                        for (j, &c) in blk.codes.iter().enumerate() {
-                            debug_assert!((-128..128).contains(&c));
-                            dst[b * QK + j] = (c + 128) as u8;
-                        }
-                    }
+                }
+                if bits == Bits::Five {
+                    let word = u64::from_le_bytes(pair[QK..QK + 8].try_into().unwrap()) | high;
+                    pair[QK..QK + 8].copy_from_slice(&word.to_le_bytes());
                 }
             }
         }
@@ -265,7 +271,18 @@ mod tests {
     #[test]
     fn types_repack_exactly_into_any_layout_wide_enough() {
         let mut rng = Lcg(4);
-        for (t, bits) in [(GgmlType::Q4_0, Bits::Eight), (GgmlType::Q4_1, Bits::Eight), (GgmlType::Q4_K, Bits::Eight)] {
+        let wider = [
+            (GgmlType::Q4_0, Bits::Five),
+            (GgmlType::Q4_1, Bits::Five),
+            (GgmlType::Q4_K, Bits::Five),
+            (GgmlType::Q4_0, Bits::Eight),
+            (GgmlType::Q4_1, Bits::Eight),
+            (GgmlType::Q4_K, Bits::Eight),
+            (GgmlType::Q5_0, Bits::Eight),
+            (GgmlType::Q5_1, Bits::Eight),
+            (GgmlType::Q5_K, Bits::Eight),
+        ];
+        for (t, bits) in wider {
             let cols = shapes(t)[2];
             let bytes = tensor(t, 2, cols, &mut rng);
             let Weights::Packed(p) = Weights::from_ggml_as(t, &bytes, 2, cols, bits).unwrap() else { panic!() };
@@ -279,6 +296,10 @@ mod tests {
         for t in [GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::Q8_0] {
             let err = Weights::from_ggml_as(t, &tensor(t, 1, 256, &mut rng), 1, 256, Bits::Four).unwrap_err();
             assert_eq!(err, format!("{} does not fit the 4-bit layout", t.name()));
+        }
+        for t in [GgmlType::Q6_K, GgmlType::Q8_0] {
+            let err = Weights::from_ggml_as(t, &tensor(t, 1, 256, &mut rng), 1, 256, Bits::Five).unwrap_err();
+            assert_eq!(err, format!("{} does not fit the 5-bit layout", t.name()));
         }
     }
 
