@@ -2,7 +2,7 @@
 //! functions that turn it into the ids the model sees. The router and the engine's
 //! `tandem generate` path both call them, so one input gives the same ids everywhere.
 
-use crate::chat::{ChatMessage, ChatTemplate};
+use crate::chat::{ChatMessage, ChatTemplate, Conversation};
 use crate::error::TextError;
 use crate::tokenizer::Tokenizer;
 
@@ -42,8 +42,23 @@ pub fn chat_ids(
     messages: &[ChatMessage],
     add_generation_prompt: bool,
 ) -> Result<(Vec<u32>, String), TextError> {
-    let chat = template.render_chat(messages, add_generation_prompt, tok)?;
-    Ok((with_bos(tok, chat.ids(tok)?), chat.text(tok)))
+    conversation_ids(tok, template, Conversation::new(messages, add_generation_prompt))
+}
+
+/// [`chat_ids`] for a conversation that may offer tools and hold tool calls and results.
+/// Control-token text in any of the client's strings stays text (see
+/// [`ChatTemplate::render_chat_with`]).
+pub fn conversation_ids(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    conv: Conversation<'_>,
+) -> Result<(Vec<u32>, String), TextError> {
+    let chat = template.render_chat_with(conv, tok)?;
+    let ids = chat.ids(tok)?;
+    // A template that writes `bos_token` itself (Llama 3's) already starts with BOS: one BOS
+    // either way, as llama.cpp's server gives (it strips the template's and adds its own).
+    let ids = if tok.bos_id().is_some() && ids.first() == tok.bos_id().as_ref() { ids } else { with_bos(tok, ids) };
+    Ok((ids, chat.text(tok)))
 }
 
 fn with_bos(tok: &Tokenizer, text_ids: Vec<u32>) -> Vec<u32> {
