@@ -67,3 +67,30 @@ fn with_bos(tok: &Tokenizer, text_ids: Vec<u32>) -> Vec<u32> {
         None => text_ids,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::testing::{tiny, tiny_adding_bos};
+
+    /// A template that writes `bos_token` first, as Llama 3's does, and one that does not.
+    fn templates() -> (ChatTemplate, ChatTemplate) {
+        let body = "{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}";
+        let with_bos = ChatTemplate::new(&format!("{{{{ bos_token }}}}{body}"), "<|im_start|>", "<|im_end|>").unwrap();
+        (with_bos, ChatTemplate::new(body, "<|im_start|>", "<|im_end|>").unwrap())
+    }
+
+    #[test]
+    fn one_bos_whoever_writes_it() {
+        let (writes_bos, plain) = templates();
+        let messages = [ChatMessage::new("user", "hi")];
+        let (tok, no_bos) = (tiny_adding_bos(), tiny());
+        let ids = |tok: &Tokenizer, t: &ChatTemplate| chat_ids(tok, t, &messages, false).unwrap().0;
+        assert_eq!(ids(&tok, &writes_bos), vec![1, 259, 2], "the template's BOS, no second one");
+        assert_eq!(ids(&tok, &plain), vec![1, 259, 2], "the model's BOS");
+        assert_eq!(ids(&no_bos, &plain), vec![259, 2]);
+        assert_eq!(ids(&no_bos, &writes_bos), vec![1, 259, 2]);
+        // Raw text gets the model's BOS even when it starts with one, as llama.cpp gives.
+        assert_eq!(prompt_ids(&tok, None, &Prompt::Text("<|im_start|>hi".into())).unwrap(), vec![1, 1, 259]);
+    }
+}

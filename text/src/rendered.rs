@@ -188,3 +188,42 @@ fn unescape(text: &str, controls: &[&str]) -> String {
     out.push_str(rest);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::testing::{tiny, TOOL_CALL};
+
+    const CONTROLS: [&str; 3] = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"];
+
+    #[test]
+    fn escape_round_trips() {
+        for s in ["", "plain", "a<|im_end|>b", "\u{10FFFD}", "\u{10FFFD}0;", "<|im_start|><|endoftext|>x\u{10FFFD};"] {
+            let e = escape(s, &CONTROLS);
+            assert!(!CONTROLS.iter().any(|c| e.contains(c)), "{e:?}");
+            assert_eq!(unescape(&e, &CONTROLS), s);
+        }
+        // An escape a template cut short or renumbered stays as it is.
+        assert_eq!(unescape("\u{10FFFD}9;x\u{10FFFD}1", &CONTROLS), "\u{10FFFD}9;x\u{10FFFD}1");
+    }
+
+    /// Control text in a tool definition and a call's arguments is text; the template's is not.
+    #[test]
+    fn tools_and_calls_are_escaped() {
+        let tok = tiny();
+        let src = "{% for t in tools %}{{ t | tojson }}{% endfor %}<|im_start|>\
+            {% for m in messages %}{{ m.content }}{% for c in m.tool_calls %}{{ c.function.arguments | tojson }}{% endfor %}{% endfor %}<|im_end|>";
+        let template = ChatTemplate::new(src, "", "").unwrap();
+        let tools = [serde_json::json!({"name": "<|im_end|>"})];
+        let calls = serde_json::json!([{"function": {"name": "f", "arguments": "{\"a\": \"<|im_start|>\"}"}}]);
+        let messages = [ChatMessage::assistant_calls(Some("<tool_call>".into()), calls)];
+        let chat = template.render_chat_with(Conversation::new(&messages, false).with_tools(&tools), &tok).unwrap();
+        let text = chat.text(&tok);
+        assert_eq!(text, r#"{"name": "<|im_end|>"}<|im_start|><tool_call>{"a": "<|im_start|>"}<|im_end|>"#);
+        let ids = chat.ids(&tok).unwrap();
+        let controls: Vec<u32> = ids.iter().copied().filter(|&id| tok.is_special(id)).collect();
+        assert_eq!(controls, vec![1, 2], "{ids:?}");
+        assert!(ids.contains(&TOOL_CALL), "a user-defined token is matched in the client's text");
+        assert_eq!(tok.decode(&ids, false).unwrap(), text);
+    }
+}

@@ -369,7 +369,16 @@ pub(crate) mod testing {
         tiny_with(PreTokenizer::Smollm)
     }
 
+    /// [`tiny`] for a model that asks for BOS (`<|im_start|>`, id 1) before prompts.
+    pub(crate) fn tiny_adding_bos() -> Tokenizer {
+        build(PreTokenizer::Smollm, true)
+    }
+
     pub(crate) fn tiny_with(pre: PreTokenizer) -> Tokenizer {
+        build(pre, false)
+    }
+
+    fn build(pre: PreTokenizer, add_bos: bool) -> Tokenizer {
         let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
         let mut kinds = vec![Kind::Control; 3];
         tokens.extend(byte_alphabet());
@@ -387,7 +396,7 @@ pub(crate) mod testing {
             pre,
             bos: Some(1),
             eos: Some(2),
-            add_bos: false,
+            add_bos,
         })
         .expect("tiny tokenizer builds")
     }

@@ -5,8 +5,8 @@
 //! extracted into `.vocab/` from the llama-cpp-python sdist. `tests/fixtures/llama_cpp/
 //! llama_bpe_text.json` (written by `scripts/make-text-fixtures.py`) holds llama.cpp's ids for a
 //! set of strings on it, and Llama 3 Instruct conversations rendered with jinja2. Without the
-//! file these tests say so and pass, unless `TANDEM_REQUIRE_TOOLS=1` (`scripts/test.sh` sets it
-//! after running the set-up), when they fail.
+//! file these tests print `skipped: <why>` on stderr and pass, unless `TANDEM_REQUIRE_TOOLS=1`
+//! (`scripts/test.sh` sets it after running the set-up), when they fail.
 
 mod fixture;
 
@@ -43,7 +43,7 @@ fn tokenizer() -> Option<&'static Tokenizer> {
         if !path.is_file() {
             let why = format!("{VOCAB} is missing: run scripts/setup-vocab-fixtures.sh");
             assert!(std::env::var("TANDEM_REQUIRE_TOOLS").as_deref() != Ok("1"), "{why}");
-            eprintln!("skipping the llama-bpe tests: {why}");
+            eprintln!("skipped: llama_bpe_reference: {why}");
             return None;
         }
         let (tokenizer, template) = fixture::open(&path);
