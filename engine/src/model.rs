@@ -440,8 +440,9 @@ fn tensor_bytes<'f>(f: &'f GgufFile, name: &str) -> Result<(&'f TensorInfo, Ggml
     let info = f.tensor(name).ok_or_else(|| EngineError::BadModel(format!("missing tensor {name}")))?;
     let Some(ggml_type) = GgmlType::from_id(info.type_id) else {
         return Err(EngineError::Unsupported(format!(
-            "tensor {name} has type {}, which is not supported (supported: F32, F16, Q4_0, Q4_1, Q8_0)",
-            GgmlType::name_of_id(info.type_id)
+            "tensor {name} has type {}, which is not supported (supported: {})",
+            GgmlType::name_of_id(info.type_id),
+            GgmlType::supported_names()
         )));
     };
     Ok((info, ggml_type, f.tensor_data(info)?))
