@@ -119,8 +119,18 @@ start_llama() {
     API=openai
 }
 
-# Per workload: rates, requests per run, SLOs (TTFT ms, TPOT ms).
+# Per workload: rates, requests per run, SLOs (TTFT ms, TPOT ms). Qwen2.5-Coder-0.5B computes ~4x
+# SmolLM2-135M's work a token: its rates are lower and its SLOs looser.
 params() {
+    if [[ "$MODEL" == *qwen* ]]; then
+        case "$1" in
+            chat) RATES="0.25,0.5,1,2"; N=24; SLO_TTFT=3000; SLO_TPOT=200 ;;
+            summarize) RATES="0.1,0.2,0.3"; N=12; SLO_TTFT=15000; SLO_TPOT=100 ;;
+            shared-prefix) RATES="0.5,1,2"; N=24; SLO_TTFT=3000; SLO_TPOT=200 ;;
+            *) echo "unknown workload $1" >&2; exit 2 ;;
+        esac
+        return
+    fi
     case "$1" in
         chat) RATES="1,2,4,6,8"; N=48; SLO_TTFT=1000; SLO_TPOT=100 ;;
         summarize) RATES="0.25,0.5,0.75,1"; N=24; SLO_TTFT=5000; SLO_TPOT=30 ;;
