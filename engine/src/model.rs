@@ -1,4 +1,10 @@
-//! The Llama model: weights in the compute layout and the batched forward pass.
+//! The model: weights in the compute layout and the batched forward pass.
+//!
+//! One forward pass serves every architecture in [`tandem_text::config::ARCHITECTURES`]:
+//! Llama's shape (pre-norm blocks, RMSNorm, grouped-query attention, SwiGLU) with the few
+//! things an [`ArchSpec`](tandem_text::config::ArchSpec) says differ, such as Qwen2's Q/K/V
+//! biases and its rotary pairing. Output weights are the file's own `output.weight` or,
+//! when it has none, the tied embedding.
 //!
 //! One `forward` call takes a flat batch of tokens drawn from many sequences
 //! (prefill chunks and decode tokens alike), each with its position and its
@@ -14,7 +20,7 @@ use tandem_kernels::ops::{add_in_place, rms_norm, swiglu_isa, RopeTable};
 use tandem_kernels::pool::{split_range, SyncPtr};
 use tandem_kernels::quant::dequantize_row;
 use tandem_kernels::{GgmlType, Isa, KvElem, KvShape, QuantizedActs, ThreadPool, Weights};
-use tandem_text::config::ModelConfig;
+use tandem_text::config::{ModelConfig, RopeStyle};
 use tandem_text::gguf::{GgufFile, TensorInfo};
 
 use crate::error::EngineError;
@@ -42,6 +48,8 @@ struct Layer {
     wk: Weights,
     wv: Weights,
     wo: Weights,
+    /// Q, K, V biases (Qwen2); `None` for architectures without them.
+    qkv_bias: Option<[Vec<f32>; 3]>,
     ffn_norm: Vec<f32>,
     w_gate: Weights,
     w_up: Weights,
@@ -163,12 +171,18 @@ impl Model {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let bias = |s: &str, len| load_vector(f, &format!("blk.{i}.{s}.bias"), len);
+            let qkv_bias = match cfg.arch.qkv_bias {
+                true => Some([bias("attn_q", q_dim)?, bias("attn_k", kv_dim)?, bias("attn_v", kv_dim)?]),
+                false => None,
+            };
             layers.push(Layer {
                 attn_norm: load_vector(f, &n("attn_norm"), h)?,
                 wq: load_matrix(f, &n("attn_q"), q_dim, h)?,
                 wk: load_matrix(f, &n("attn_k"), kv_dim, h)?,
                 wv: load_matrix(f, &n("attn_v"), kv_dim, h)?,
                 wo: load_matrix(f, &n("attn_output"), h, q_dim)?,
+                qkv_bias,
                 ffn_norm: load_vector(f, &n("ffn_norm"), h)?,
                 w_gate: load_matrix(f, &n("ffn_gate"), cfg.ffn, h)?,
                 w_up: load_matrix(f, &n("ffn_up"), cfg.ffn, h)?,
@@ -304,11 +318,25 @@ impl Model {
             matmul(pool, isa, &layer.wq, &s.xn, &s.xq, n, &mut s.q);
             matmul(pool, isa, &layer.wk, &s.xn, &s.xq, n, &mut s.k);
             matmul(pool, isa, &layer.wv, &s.xn, &s.xq, n, &mut s.v);
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                add_rows(&mut s.q[..n * q_dim], bq);
+                add_rows(&mut s.k[..n * kv_dim], bk);
+                add_rows(&mut s.v[..n * kv_dim], bv);
+            }
             let cache = &mut kv[li];
             for t in 0..n {
                 let pos = b.positions[t] as usize;
-                self.rope.apply(&mut s.q[t * q_dim..(t + 1) * q_dim], pos);
-                self.rope.apply(&mut s.k[t * kv_dim..(t + 1) * kv_dim], pos);
+                let (q, k) = (&mut s.q[t * q_dim..(t + 1) * q_dim], &mut s.k[t * kv_dim..(t + 1) * kv_dim]);
+                match cfg.arch.rope {
+                    RopeStyle::Adjacent => {
+                        self.rope.apply(q, pos);
+                        self.rope.apply(k, pos);
+                    }
+                    RopeStyle::Halves => {
+                        self.rope.apply_halves(q, pos);
+                        self.rope.apply_halves(k, pos);
+                    }
+                }
 
                 let table = b.seqs[b.seq_of[t] as usize].block_table;
                 let block = table[pos / shape.block_size].0 as usize;
@@ -401,12 +429,20 @@ impl Model {
     }
 }
 
+/// Adds `bias` to every row of `x` (rows of `bias.len()`).
+fn add_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        add_in_place(row, bias);
+    }
+}
+
 fn tensor_bytes<'f>(f: &'f GgufFile, name: &str) -> Result<(&'f TensorInfo, GgmlType, &'f [u8]), EngineError> {
     let info = f.tensor(name).ok_or_else(|| EngineError::BadModel(format!("missing tensor {name}")))?;
     let Some(ggml_type) = GgmlType::from_id(info.type_id) else {
         return Err(EngineError::Unsupported(format!(
-            "tensor {name} has type {}, which is not supported (supported: F32, F16, Q4_0, Q4_1, Q8_0)",
-            GgmlType::name_of_id(info.type_id)
+            "tensor {name} has type {}, which is not supported (supported: {})",
+            GgmlType::name_of_id(info.type_id),
+            GgmlType::supported_names()
         )));
     };
     Ok((info, ggml_type, f.tensor_data(info)?))

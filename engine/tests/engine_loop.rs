@@ -15,7 +15,7 @@ use tandem_text::chat::{ChatMessage, ChatTemplate};
 use tandem_text::gguf::GgufFile;
 use tandem_text::tokenizer::Tokenizer;
 
-use llama_cpp::{fixture, ids, top5, Top5Comparison};
+use llama_cpp::{fixture_named, ids, model_path, top5, Top5Bounds, Top5Comparison, SMOLLM2_TOP5};
 
 struct Loaded {
     file: GgufFile,
@@ -360,8 +360,19 @@ fn exported_kv_continues_on_another_engine_like_one_engine() {
 /// log-softmax removes it (`model_reference.rs` checks the logits themselves).
 #[test]
 fn prompt_logprobs_in_chunks_agree_with_llama_cpp() {
-    let l = load();
-    let fx = fixture();
+    prompt_logprobs_in_chunks("SmolLM2-135M-Instruct.Q4_1.gguf", "reference.json", &SMOLLM2_TOP5);
+}
+
+/// The same for Qwen2.5-Coder-0.5B (Q4_K_M, `qwen2`), within its bounds (`model_reference.rs`).
+#[test]
+fn qwen_prompt_logprobs_in_chunks_agree_with_llama_cpp() {
+    let bounds = Top5Bounds { logprob_worst: 2.0, logprob_mean: 0.4, kl_worst: 0.3, kl_mean: 0.006, scale: 0.01 };
+    prompt_logprobs_in_chunks("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen2.5-coder-0.5b.json", &bounds);
+}
+
+fn prompt_logprobs_in_chunks(model: &str, fixture: &str, bounds: &Top5Bounds) {
+    let l = Loaded { file: GgufFile::open(&model_path(model)).unwrap() };
+    let fx = fixture_named(fixture);
     let model = Model::from_gguf(&l.file, &ModelOptions::default()).unwrap();
     let tok = Tokenizer::from_gguf(&l.file).unwrap();
     let cfg = LlmEngineConfig {
@@ -406,7 +417,7 @@ fn prompt_logprobs_in_chunks_agree_with_llama_cpp() {
             }
         }
     }
-    dist.check();
+    dist.check_within(bounds);
     assert!(counted > 200, "enough positions compared ({counted})");
     assert!(agree * 100 >= counted * 99, "top-1 agrees with llama.cpp at {agree}/{counted} positions");
 }

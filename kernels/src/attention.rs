@@ -105,7 +105,7 @@ pub fn attend<E: KvElem>(isa: Isa, a: &AttendArgs<'_, E>, out: &mut [f32], score
     assert!(a.ctx_len > 0 && a.ctx_len <= a.block_table.len() * a.shape.block_size);
     assert!(scores.len() >= group * a.ctx_len && out.len() >= group * hd);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && hd % 16 == 0 {
+    if isa == Isa::Avx512Vnni && hd.is_multiple_of(16) {
         // SAFETY: the ISA was detected; bounds were checked above and per block below.
         unsafe { crate::x86_attn::attend_avx512(a, out, scores) };
         return;

@@ -12,7 +12,7 @@
 use half::f16;
 
 use crate::cpu::Isa;
-use crate::packed::{Bits, PackedMatrix, Weights};
+use crate::packed::{PackedMatrix, Weights};
 use crate::pool::{split_range, SyncPtr, ThreadPool};
 use crate::quant::QK;
 
@@ -117,7 +117,7 @@ pub fn quantize_row_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32
 
 /// `out[t * rows + r] = x[t] . w[r]` for `n` tokens. `xq` must hold `x` quantized
 /// (dense weights read `x` itself). 8-bit weights are summed exactly as signed
-/// integers (no offset term), so every ISA agrees to float rounding.
+/// integers, so every ISA agrees to float rounding.
 pub fn matmul(pool: &ThreadPool, isa: Isa, w: &Weights, x: &[f32], xq: &QuantizedActs, n: usize, out: &mut [f32]) {
     let rows = w.rows();
     assert!(out.len() >= n * rows);
@@ -169,7 +169,8 @@ unsafe fn matmul_rows(isa: Isa, p: &PackedMatrix, xq: &QuantizedActs, rr: std::o
     }
 }
 
-/// The reference dot product of packed row `r` with quantized token `t`.
+/// The reference dot product of packed row `r` with quantized token `t`:
+/// per block `d_w * d_x * sum((u - zero) * q_x) + m_w * s_x`.
 pub fn dot_scalar(p: &PackedMatrix, r: usize, xq: &QuantizedActs, t: usize) -> f32 {
     let rb = p.row_bytes();
     let wq = &p.qs[r * rb..(r + 1) * rb];
@@ -178,19 +179,13 @@ pub fn dot_scalar(p: &PackedMatrix, r: usize, xq: &QuantizedActs, t: usize) -> f
     for b in 0..p.nbp {
         let mut sum = 0i32;
         for j in 0..QK {
-            let u = match p.bits {
-                Bits::Four => {
-                    let byte = wq[(b / 2) * QK + j];
-                    (if b % 2 == 0 { byte & 0x0f } else { byte >> 4 }) as i32
-                }
-                // Exactly w . x for 8-bit weights: undo the +128 in integers.
-                Bits::Eight => wq[b * QK + j] as i32 - 128,
-            };
-            sum += u * xs[b * QK + j] as i32;
+            let w = p.bits.code(wq, b, j) as i32 - p.zero as i32;
+            sum += w * xs[b * QK + j] as i32;
         }
-        let wd = p.d[r * p.nbp + b];
-        let wm = if p.bits == Bits::Eight { 0.0 } else { p.m[r * p.nbp + b] };
-        acc += wd * xq.d[t * xq.nbp + b] * sum as f32 + wm * xq.s[t * xq.nbp + b];
+        acc += p.d[r * p.nbp + b] * xq.d[t * xq.nbp + b] * sum as f32;
+        if let Some(m) = &p.m {
+            acc += m[r * p.nbp + b] * xq.s[t * xq.nbp + b];
+        }
     }
     acc
 }
@@ -214,105 +209,92 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::GgmlType;
-
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (self.0 >> 33) as u32
-        }
-        fn f(&mut self) -> f32 {
-            self.next() as f32 / u32::MAX as f32 * 2.0 - 1.0
-        }
-    }
-
-    fn tensor(t: GgmlType, rows: usize, cols: usize, rng: &mut Lcg) -> Vec<u8> {
-        let (be, bb) = t.block();
-        let mut out = Vec::new();
-        for _ in 0..rows * cols / be {
-            let mut blk = vec![0u8; bb];
-            match t {
-                GgmlType::F32 => blk.copy_from_slice(&rng.f().to_le_bytes()),
-                GgmlType::F16 => blk.copy_from_slice(&f16::from_f32(rng.f()).to_le_bytes()),
-                _ => {
-                    blk[0..2].copy_from_slice(&f16::from_f32(0.02 + rng.f().abs() * 0.05).to_le_bytes());
-                    let start = if t == GgmlType::Q4_1 {
-                        blk[2..4].copy_from_slice(&f16::from_f32(-0.1 * rng.f().abs()).to_le_bytes());
-                        4
-                    } else {
-                        2
-                    };
-                    for b in &mut blk[start..] {
-                        *b = rng.next() as u8;
-                    }
-                }
-            }
-            out.extend_from_slice(&blk);
-        }
-        out
-    }
+    use crate::packed::Bits;
+    use crate::quant::{GgmlType, SUPPORTED};
+    use crate::repack::default_bits;
+    use crate::testutil::{tensor, Lcg};
 
     /// Every ISA this CPU runs (the others are named on stderr) agrees with the float
     /// reference (dequantized weights times dequantized activations) and with the
-    /// scalar kernel, for odd shapes.
+    /// scalar kernel, for every type in every layout it fits, for odd shapes.
     #[test]
     fn all_isas_match_the_reference() {
         let isas = crate::cpu::testing::isas_for("all_isas_match_the_reference");
         let mut rng = Lcg(42);
-        for t in [GgmlType::Q4_1, GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::F16, GgmlType::F32] {
-            for &(rows, cols, n) in &[(1, 32, 1), (7, 96, 3), (13, 576, 5), (64, 1536, 9), (9, 64, 17)] {
+        for t in SUPPORTED {
+            let shapes: &[(usize, usize, usize)] = if t.block().0 == 256 {
+                &[(1, 256, 1), (7, 768, 3), (13, 1280, 5), (64, 1536, 9), (9, 256, 17)]
+            } else {
+                &[(1, 32, 1), (7, 96, 3), (13, 576, 5), (64, 1536, 9), (9, 64, 17)]
+            };
+            for &(rows, cols, n) in shapes {
                 let bytes = tensor(t, rows, cols, &mut rng);
-                let w = Weights::from_ggml(t, &bytes, rows, cols).unwrap();
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f() * 3.0).collect();
-                let mut reference = vec![0f32; n * rows];
-                // A strict bound on the activation-quantization error of each output.
-                let mut bound = vec![0f32; n * rows];
-                let mut wrow = vec![0f32; cols];
-                for r in 0..rows {
-                    w.dequantize_row(r, &mut wrow);
-                    for tk in 0..n {
-                        let xt = &x[tk * cols..(tk + 1) * cols];
-                        reference[tk * rows + r] = dot_f32(xt, &wrow);
-                        let mut b = 1e-3f32;
-                        for (blk, wb) in xt.chunks(QK).zip(wrow.chunks(QK)) {
-                            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-                            for (xv, wv) in blk.iter().zip(wb) {
-                                b += wv.abs() * (amax / 127.0 * 0.51 + xv.abs() * 2e-3);
-                            }
-                        }
-                        bound[tk * rows + r] = b;
+                let mut layouts = vec![Weights::from_ggml(t, &bytes, rows, cols).unwrap()];
+                for bits in [Bits::Four, Bits::Five, Bits::Eight] {
+                    if default_bits(t).is_some_and(|d| d != bits) {
+                        layouts.extend(Weights::from_ggml_as(t, &bytes, rows, cols, bits).ok());
                     }
                 }
-                let mut scalar_out = None;
-                for &isa in &isas {
-                    for threads in [1, 2, 3] {
-                        let pool = ThreadPool::new(threads);
-                        let mut xq = QuantizedActs::new();
-                        xq.quantize(&pool, isa, &x, n, cols);
-                        let mut out = vec![f32::NAN; n * rows];
-                        matmul(&pool, isa, &w, &x, &xq, n, &mut out);
+                for w in &layouts {
+                    check_every_isa(&isas, t, w, &x, n);
+                }
+            }
+        }
+    }
+
+    fn check_every_isa(isas: &[Isa], t: GgmlType, w: &Weights, x: &[f32], n: usize) {
+        let (rows, cols) = (w.rows(), w.cols());
+        let layout = match w {
+            Weights::Packed(p) => format!("{:?}", p.bits),
+            Weights::Dense { .. } => "dense".to_string(),
+        };
+        let mut reference = vec![0f32; n * rows];
+        // A strict bound on the activation-quantization error of each output.
+        let mut bound = vec![0f32; n * rows];
+        let mut wrow = vec![0f32; cols];
+        for r in 0..rows {
+            w.dequantize_row(r, &mut wrow);
+            for tk in 0..n {
+                let xt = &x[tk * cols..(tk + 1) * cols];
+                reference[tk * rows + r] = dot_f32(xt, &wrow);
+                let mut b = 1e-3f32;
+                for (blk, wb) in xt.chunks(QK).zip(wrow.chunks(QK)) {
+                    let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    for (xv, wv) in blk.iter().zip(wb) {
+                        b += wv.abs() * (amax / 127.0 * 0.51 + xv.abs() * 2e-3);
+                    }
+                }
+                bound[tk * rows + r] = b;
+            }
+        }
+        let mut scalar_out = None;
+        for &isa in isas {
+            for threads in [1, 2, 3] {
+                let pool = ThreadPool::new(threads);
+                let mut xq = QuantizedActs::new();
+                xq.quantize(&pool, isa, x, n, cols);
+                let mut out = vec![f32::NAN; n * rows];
+                matmul(&pool, isa, w, x, &xq, n, &mut out);
+                for i in 0..n * rows {
+                    let tol = if matches!(w, Weights::Dense { .. }) { 1e-3 } else { bound[i] };
+                    assert!(
+                        (out[i] - reference[i]).abs() <= tol,
+                        "{t:?} as {layout} {isa:?} {rows}x{cols} n={n} i={i}: {} vs {}",
+                        out[i],
+                        reference[i]
+                    );
+                }
+                match &scalar_out {
+                    None => scalar_out = Some(out),
+                    Some(s) => {
                         for i in 0..n * rows {
-                            let tol = if matches!(w, Weights::Dense { .. }) { 1e-3 } else { bound[i] };
                             assert!(
-                                (out[i] - reference[i]).abs() <= tol,
-                                "{t:?} {isa:?} {rows}x{cols} n={n} i={i}: {} vs {}",
+                                (out[i] - s[i]).abs() <= 1e-4 * (1.0 + s[i].abs()),
+                                "{t:?} as {layout} {isa:?} differs from scalar at {i}: {} vs {}",
                                 out[i],
-                                reference[i]
+                                s[i]
                             );
-                        }
-                        match &scalar_out {
-                            None => scalar_out = Some(out),
-                            Some(s) => {
-                                for i in 0..n * rows {
-                                    assert!(
-                                        (out[i] - s[i]).abs() <= 1e-4 * (1.0 + s[i].abs()),
-                                        "{t:?} {isa:?} differs from scalar at {i}: {} vs {}",
-                                        out[i],
-                                        s[i]
-                                    );
-                                }
-                            }
                         }
                     }
                 }

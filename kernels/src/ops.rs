@@ -44,6 +44,22 @@ impl RopeTable {
         RopeTable { half, max_pos, cos, sin }
     }
 
+    /// Rotates the pairs `(x[i], x[i + d/2])` of every head in `x` (the GPT-NeoX
+    /// mode, which Qwen2 GGUFs keep): frequency `i` turns element `i` with its twin
+    /// half a head away.
+    pub fn apply_halves(&self, x: &mut [f32], pos: usize) {
+        let c = &self.cos[pos * self.half..(pos + 1) * self.half];
+        let s = &self.sin[pos * self.half..(pos + 1) * self.half];
+        for head in x.chunks_exact_mut(2 * self.half) {
+            let (lo, hi) = head.split_at_mut(self.half);
+            for i in 0..self.half {
+                let (x0, x1) = (lo[i], hi[i]);
+                lo[i] = x0 * c[i] - x1 * s[i];
+                hi[i] = x0 * s[i] + x1 * c[i];
+            }
+        }
+    }
+
     /// Rotates adjacent pairs `(x[2i], x[2i+1])` of every head in `x` (Llama's
     /// "normal" RoPE, as in GGUF files converted from Hugging Face checkpoints).
     pub fn apply(&self, x: &mut [f32], pos: usize) {
@@ -112,11 +128,21 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_matches_definition() {
-        let mut g = [0.0f32, 1.0, -2.0];
-        swiglu(&mut g, &[1.0, 2.0, 3.0]);
-        assert_eq!(g[0], 0.0);
-        assert!((g[1] - 2.0 / (1.0 + (-1f32).exp())).abs() < 1e-6);
-        assert!((g[2] - 3.0 * -2.0 / (1.0 + 2f32.exp())).abs() < 1e-6);
+    fn halves_rotate_the_same_pairs_as_adjacent_after_an_interleave() {
+        let t = RopeTable::new(8, 1_000_000.0, 64);
+        let x: Vec<f32> = (0..16).map(|i| (i as f32 * 0.37).sin()).collect();
+        // Head of 8 in halves order: pairs (0,4), (1,5), (2,6), (3,7). Interleave each head so the
+        // same pairs sit side by side, rotate with the adjacent mode, and undo the interleave.
+        let inter = |h: &[f32]| -> Vec<f32> { (0..4).flat_map(|i| [h[i], h[i + 4]]).collect() };
+        let mut want = Vec::new();
+        for h in x.chunks(8) {
+            let mut a = inter(h);
+            t.apply(&mut a, 37);
+            want.extend((0..8).map(|k| if k < 4 { a[2 * k] } else { a[2 * (k - 4) + 1] }));
+        }
+        let mut got = x.clone();
+        t.apply_halves(&mut got, 37);
+        assert_eq!(got, want);
+        assert_ne!(got, x);
     }
 }

@@ -1,26 +1,72 @@
 //! Weight matrices in the compute layout.
 //!
-//! GGUF's layout is not the compute layout. At load time every quantized
-//! matrix is repacked once into one form, "unsigned integers with a per-block
-//! scale and offset": value = d * u + m, u in 0..16 (4-bit) or 0..256 (8-bit).
-//! - Q4_1: u = q, m = min.  Q4_0: u = q, m = -8 d.  Q8_0: u = q + 128, m = -128 d.
+//! GGUF's layout is not the compute layout. At load time (`repack`) every
+//! quantized matrix is repacked once into blocks of 32 unsigned codes u with a
+//! per-block f32 scale d and, for the asymmetric types, an offset m:
+//! value = d * (u - zero) + m. `zero` is the matrix's zero point:
+//! - symmetric types (Q4_0, Q5_0, Q8_0, Q6_K) store w + 2^(bits-1) and no offsets;
+//! - asymmetric ones (Q4_1, Q5_1, Q4_K, Q5_K) store u = q with zero 0 and their
+//!   block minimum as m; in the 8-bit layout always zero 128 (u = q + 128), so its
+//!   kernels may sum signed weights.
 //!
-//! Unsigned weights feed `vpdpbusd` (u8 x i8) directly; the offset becomes one
+//! The kernels sum `(u - zero) * q_x` exactly in integers; the offset becomes one
 //! `m * s` term per block, where s = d_x * sum(q_x) comes with the activations.
-//! Two neighbouring 4-bit blocks share 32 bytes: byte j holds element j of the
-//! even block in its low nibble and of the odd block in its high nibble, so a
-//! 256-bit load and two masks give 64 activations' worth of weights. Rows are
-//! padded to an even number of blocks with zero weights.
+//!
+//! Byte layouts, per pair of neighbouring blocks (rows are padded to an even
+//! number of blocks with zero weights):
+//! - `Four`: 32 bytes; byte j holds element j of the even block in its low nibble
+//!   and of the odd block in its high nibble, so a 256-bit load and two masks give
+//!   64 activations' worth of weights.
+//! - `Five`: those 32 nibble bytes, then a little-endian u64 of fifth bits: bit j
+//!   for element j of the even block, bit 32 + j of the odd one (an AVX-512 byte
+//!   mask as it stands). 40 bytes for 64 weights.
+//! - `Eight`: 64 bytes, one per weight, the even block first.
 
-use half::f16;
-
-use crate::quant::{dequantize_row, GgmlType, QK};
+use crate::quant::{GgmlType, QK};
 
 /// Bits per stored weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bits {
     Four,
+    Five,
     Eight,
+}
+
+impl Bits {
+    pub fn width(self) -> u32 {
+        match self {
+            Bits::Four => 4,
+            Bits::Five => 5,
+            Bits::Eight => 8,
+        }
+    }
+
+    /// Bytes per pair of 32-element blocks.
+    pub fn pair_bytes(self) -> usize {
+        match self {
+            Bits::Four => QK,
+            Bits::Five => QK + 8,
+            Bits::Eight => 2 * QK,
+        }
+    }
+
+    /// The stored code of element `j` of block `b` in a row laid out as `self`.
+    pub fn code(self, row: &[u8], b: usize, j: usize) -> u8 {
+        let pair = &row[(b / 2) * self.pair_bytes()..(b / 2 + 1) * self.pair_bytes()];
+        let odd = b % 2;
+        match self {
+            Bits::Four | Bits::Five => {
+                let nibble = (pair[j] >> (4 * odd)) & 0x0f;
+                if self == Bits::Five {
+                    let high = u64::from_le_bytes(pair[QK..QK + 8].try_into().unwrap());
+                    nibble | (((high >> (32 * odd + j)) & 1) as u8) << 4
+                } else {
+                    nibble
+                }
+            }
+            Bits::Eight => pair[odd * QK + j],
+        }
+    }
 }
 
 /// A quantized matrix of `rows` outputs by `cols` inputs in the compute layout.
@@ -29,42 +75,35 @@ pub struct PackedMatrix {
     pub rows: usize,
     pub cols: usize,
     pub bits: Bits,
+    /// The code of a zero weight: value = d * (u - zero) + m.
+    pub zero: u8,
     /// Blocks per row, rounded up to even.
     pub nbp: usize,
     /// Row-major; `row_bytes()` per row.
     pub qs: Vec<u8>,
     /// Per-block scale, `nbp` per row.
     pub d: Vec<f32>,
-    /// Per-block offset, `nbp` per row.
-    pub m: Vec<f32>,
+    /// Per-block offset, `nbp` per row; `None` for symmetric types.
+    pub m: Option<Vec<f32>>,
     /// The type it came from (for reports).
     pub source: GgmlType,
 }
 
 impl PackedMatrix {
     pub fn row_bytes(&self) -> usize {
-        match self.bits {
-            Bits::Four => self.nbp * QK / 2,
-            Bits::Eight => self.nbp * QK,
-        }
+        self.nbp / 2 * self.bits.pair_bytes()
     }
 
     /// Element `(r, c)` as a float (slow; for tests and embedding lookups).
     pub fn get(&self, r: usize, c: usize) -> f32 {
-        let b = c / QK;
-        let j = c % QK;
-        let u = match self.bits {
-            Bits::Four => {
-                let byte = self.qs[r * self.row_bytes() + (b / 2) * QK + j];
-                if b % 2 == 0 {
-                    byte & 0x0f
-                } else {
-                    byte >> 4
-                }
-            }
-            Bits::Eight => self.qs[r * self.row_bytes() + b * QK + j],
-        };
-        self.d[r * self.nbp + b] * u as f32 + self.m[r * self.nbp + b]
+        let (b, j) = (c / QK, c % QK);
+        let row = &self.qs[r * self.row_bytes()..(r + 1) * self.row_bytes()];
+        let w = self.bits.code(row, b, j) as i32 - self.zero as i32;
+        let dw = self.d[r * self.nbp + b] * w as f32;
+        match &self.m {
+            Some(m) => dw + m[r * self.nbp + b],
+            None => dw,
+        }
     }
 
     /// Row `r` as floats.
@@ -105,7 +144,7 @@ impl Weights {
     /// Bytes the matrix occupies in memory.
     pub fn nbytes(&self) -> usize {
         match self {
-            Weights::Packed(p) => p.qs.len() + 4 * (p.d.len() + p.m.len()),
+            Weights::Packed(p) => p.qs.len() + 4 * (p.d.len() + p.m.as_ref().map_or(0, Vec::len)),
             Weights::Dense { data, .. } => 4 * data.len(),
         }
     }
@@ -116,145 +155,5 @@ impl Weights {
             Weights::Packed(p) => p.dequantize_row(r, out),
             Weights::Dense { cols, data, .. } => out[..*cols].copy_from_slice(&data[r * cols..(r + 1) * cols]),
         }
-    }
-
-    /// Repacks a GGML tensor of `rows` x `cols` (cols contiguous). `bytes` must hold exactly
-    /// the tensor; the caller has checked sizes.
-    pub fn from_ggml(t: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Result<Weights, String> {
-        let (be, bb) = t.block();
-        if cols % be != 0 {
-            return Err(format!("{} rows of {cols} are not whole blocks", t.name()));
-        }
-        let row_in = cols / be * bb;
-        if bytes.len() != rows * row_in {
-            return Err(format!(
-                "{} tensor of {rows}x{cols} should be {} bytes, got {}",
-                t.name(),
-                rows * row_in,
-                bytes.len()
-            ));
-        }
-        let nb = cols / QK;
-        let nbp = nb.div_ceil(2) * 2;
-        match t {
-            GgmlType::F32 | GgmlType::F16 => {
-                let mut data = vec![0f32; rows * cols];
-                for r in 0..rows {
-                    dequantize_row(t, &bytes[r * row_in..(r + 1) * row_in], &mut data[r * cols..(r + 1) * cols]);
-                }
-                Ok(Weights::Dense { rows, cols, data })
-            }
-            GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                let row_out = nbp * QK / 2;
-                let mut qs = vec![0u8; rows * row_out];
-                let mut d = vec![0f32; rows * nbp];
-                let mut m = vec![0f32; rows * nbp];
-                let off = if t == GgmlType::Q4_1 { 4 } else { 2 };
-                for r in 0..rows {
-                    for b in 0..nb {
-                        let blk = &bytes[r * row_in + b * bb..r * row_in + (b + 1) * bb];
-                        let scale = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                        d[r * nbp + b] = scale;
-                        m[r * nbp + b] = if t == GgmlType::Q4_1 {
-                            f16::from_le_bytes([blk[2], blk[3]]).to_f32()
-                        } else {
-                            -8.0 * scale
-                        };
-                        let dst = &mut qs[r * row_out + (b / 2) * QK..r * row_out + (b / 2 + 1) * QK];
-                        let shift = if b % 2 == 0 { 0 } else { 4 };
-                        for j in 0..16 {
-                            dst[j] |= (blk[off + j] & 0x0f) << shift;
-                            dst[j + 16] |= (blk[off + j] >> 4) << shift;
-                        }
-                    }
-                }
-                Ok(Weights::Packed(PackedMatrix { rows, cols, bits: Bits::Four, nbp, qs, d, m, source: t }))
-            }
-            GgmlType::Q8_0 => {
-                let row_out = nbp * QK;
-                let mut qs = vec![0u8; rows * row_out];
-                let mut d = vec![0f32; rows * nbp];
-                let mut m = vec![0f32; rows * nbp];
-                for r in 0..rows {
-                    for b in 0..nb {
-                        let blk = &bytes[r * row_in + b * bb..r * row_in + (b + 1) * bb];
-                        let scale = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                        d[r * nbp + b] = scale;
-                        m[r * nbp + b] = -128.0 * scale;
-                        for j in 0..QK {
-                            qs[r * row_out + b * QK + j] = blk[2 + j] ^ 0x80;
-                        }
-                    }
-                    // Padding blocks: u = 128 with d = m = 0 contributes nothing.
-                }
-                Ok(Weights::Packed(PackedMatrix { rows, cols, bits: Bits::Eight, nbp, qs, d, m, source: t }))
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn q4_1_tensor(rows: usize, cols: usize, seed: u32) -> Vec<u8> {
-        let mut s = seed;
-        let mut next = || {
-            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-            (s >> 8) as u8
-        };
-        let mut out = Vec::new();
-        for _ in 0..rows * cols / QK {
-            out.extend_from_slice(&f16::from_f32(0.01 + (next() as f32) / 5000.0).to_le_bytes());
-            out.extend_from_slice(&f16::from_f32(-0.05).to_le_bytes());
-            for _ in 0..16 {
-                out.push(next());
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn repacking_preserves_every_value() {
-        for cols in [32, 64, 96] {
-            let bytes = q4_1_tensor(3, cols, 7);
-            let w = Weights::from_ggml(GgmlType::Q4_1, &bytes, 3, cols).unwrap();
-            let row_in = cols / QK * 20;
-            for r in 0..3 {
-                let mut want = vec![0f32; cols];
-                dequantize_row(GgmlType::Q4_1, &bytes[r * row_in..(r + 1) * row_in], &mut want);
-                let mut got = vec![0f32; cols];
-                w.dequantize_row(r, &mut got);
-                assert_eq!(want, got, "row {r} cols {cols}");
-            }
-        }
-    }
-
-    #[test]
-    fn q8_0_and_q4_0_offsets() {
-        let mut blk = vec![0u8; 34];
-        blk[0..2].copy_from_slice(&f16::from_f32(0.25).to_le_bytes());
-        for j in 0..32 {
-            blk[2 + j] = (j as i8 - 16) as u8;
-        }
-        let w = Weights::from_ggml(GgmlType::Q8_0, &blk, 1, 32).unwrap();
-        let mut got = vec![0f32; 32];
-        w.dequantize_row(0, &mut got);
-        for j in 0..32 {
-            assert_eq!(got[j], 0.25 * (j as f32 - 16.0));
-        }
-        let mut blk = vec![0u8; 18];
-        blk[0..2].copy_from_slice(&f16::from_f32(2.0).to_le_bytes());
-        blk[2] = 0xf0;
-        let w = Weights::from_ggml(GgmlType::Q4_0, &blk, 1, 32).unwrap();
-        w.dequantize_row(0, &mut got);
-        assert_eq!(got[0], -16.0);
-        assert_eq!(got[16], 14.0);
-    }
-
-    #[test]
-    fn wrong_sizes_are_errors() {
-        assert!(Weights::from_ggml(GgmlType::Q4_1, &[0u8; 19], 1, 32).is_err());
-        assert!(Weights::from_ggml(GgmlType::Q4_1, &[0u8; 20], 1, 31).is_err());
     }
 }

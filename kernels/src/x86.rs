@@ -3,7 +3,8 @@
 //! Every function here has a scalar twin elsewhere in the crate that the tests
 //! compare it against; callers check the CPU before calling (see `cpu.rs`).
 
-#![allow(clippy::missing_safety_doc)]
+// Register tiles are indexed by row and token, as the arithmetic reads.
+#![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 
@@ -59,15 +60,18 @@ unsafe fn dot_f32_avx512(a: *const f32, b: *const f32, n: usize) -> f32 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn matmul_rows_avx512(p: &PackedMatrix, xq: &QuantizedActs, rr: std::ops::Range<usize>, out: SyncPtr<f32>) {
     unsafe {
-        match p.bits {
-            Bits::Four => rows_avx512::<false>(p, xq, rr, out),
-            Bits::Eight => rows_avx512::<true>(p, xq, rr, out),
+        match (p.bits, p.zero != 0) {
+            (Bits::Four, false) => rows_avx512::<4, false>(p, xq, rr, out),
+            (Bits::Four, true) => rows_avx512::<4, true>(p, xq, rr, out),
+            (Bits::Five, false) => rows_avx512::<5, false>(p, xq, rr, out),
+            (Bits::Five, true) => rows_avx512::<5, true>(p, xq, rr, out),
+            (Bits::Eight, _) => rows_avx512::<8, true>(p, xq, rr, out),
         }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn rows_avx512<const Q8: bool>(
+unsafe fn rows_avx512<const BITS: u32, const CENTRED: bool>(
     p: &PackedMatrix,
     xq: &QuantizedActs,
     rr: std::ops::Range<usize>,
@@ -79,11 +83,11 @@ unsafe fn rows_avx512<const Q8: bool>(
         while r + 4 <= rr.end {
             let mut t = 0;
             while t + 4 <= n {
-                tile_avx512::<Q8, 4, 4>(p, xq, r, t, out);
+                tile_avx512::<BITS, CENTRED, 4, 4>(p, xq, r, t, out);
                 t += 4;
             }
             while t < n {
-                tile_avx512::<Q8, 4, 1>(p, xq, r, t, out);
+                tile_avx512::<BITS, CENTRED, 4, 1>(p, xq, r, t, out);
                 t += 1;
             }
             r += 4;
@@ -91,11 +95,11 @@ unsafe fn rows_avx512<const Q8: bool>(
         while r < rr.end {
             let mut t = 0;
             while t + 4 <= n {
-                tile_avx512::<Q8, 1, 4>(p, xq, r, t, out);
+                tile_avx512::<BITS, CENTRED, 1, 4>(p, xq, r, t, out);
                 t += 4;
             }
             while t < n {
-                tile_avx512::<Q8, 1, 1>(p, xq, r, t, out);
+                tile_avx512::<BITS, CENTRED, 1, 1>(p, xq, r, t, out);
                 t += 1;
             }
             r += 1;
@@ -104,10 +108,12 @@ unsafe fn rows_avx512<const Q8: bool>(
 }
 
 /// An `R` rows by `T` tokens tile: weights are expanded once per pair of
-/// blocks and applied to `T` tokens from registers.
+/// blocks (64 byte lanes: the even block, then the odd one) and applied to `T`
+/// tokens from registers. `BITS` is the layout's width; `CENTRED` says the zero
+/// point is not 0.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile_avx512<const Q8: bool, const R: usize, const T: usize>(
+unsafe fn tile_avx512<const BITS: u32, const CENTRED: bool, const R: usize, const T: usize>(
     p: &PackedMatrix,
     xq: &QuantizedActs,
     r0: usize,
@@ -116,10 +122,12 @@ unsafe fn tile_avx512<const Q8: bool, const R: usize, const T: usize>(
 ) {
     let nbp = p.nbp;
     let rb = p.row_bytes();
+    let pb = p.bits.pair_bytes();
     let npairs = nbp / 2;
     let mask = _mm512_set1_epi8(0x0f);
+    let sixteen = _mm512_set1_epi8(16);
     let shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-    let flip = _mm512_set1_epi8(-128);
+    let zero = _mm512_set1_epi8(p.zero as i8);
     let pair_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let wq = p.qs.as_ptr();
@@ -132,11 +140,19 @@ unsafe fn tile_avx512<const Q8: bool, const R: usize, const T: usize>(
             let mut dw = [_mm512_setzero_ps(); R];
             for i in 0..R {
                 let row = r0 + i;
-                w[i] = if Q8 {
-                    _mm512_loadu_si512(wq.add(row * rb + pi * 64) as *const __m512i)
+                let base = wq.add(row * rb + pi * pb);
+                w[i] = if BITS == 8 {
+                    _mm512_loadu_si512(base as *const __m512i)
                 } else {
-                    let v = _mm512_broadcast_i64x4(_mm256_loadu_si256(wq.add(row * rb + pi * 32) as *const __m256i));
-                    _mm512_and_si512(_mm512_srlv_epi16(v, shifts), mask)
+                    let v = _mm512_broadcast_i64x4(_mm256_loadu_si256(base as *const __m256i));
+                    let low = _mm512_and_si512(_mm512_srlv_epi16(v, shifts), mask);
+                    if BITS == 5 {
+                        // The fifth bits are the byte mask of the lanes that gain 16.
+                        let high: __mmask64 = (base.add(QK) as *const u64).read_unaligned();
+                        _mm512_mask_add_epi8(low, high, low, sixteen)
+                    } else {
+                        low
+                    }
                 };
                 let d2 = _mm_castsi128_ps(_mm_loadl_epi64(wd.add(row * nbp + 2 * pi) as *const __m128i));
                 dw[i] = _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(d2));
@@ -145,10 +161,10 @@ unsafe fn tile_avx512<const Q8: bool, const R: usize, const T: usize>(
                 let tok = t0 + j;
                 let x = _mm512_loadu_si512(xqs.add(tok * nbp * QK + pi * 64) as *const __m512i);
                 let dx = _mm512_loadu_ps(xdx.add(tok * nbp * 8 + pi * 16));
-                // 8-bit weights are stored as u = w + 128; starting each lane at
-                // -128 * (its four activations' sum) makes the sum exactly w . x.
-                let init = if Q8 {
-                    _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, x))
+                // Starting each lane at -zero * (its four activations' sum) makes
+                // the integer sum exactly (u - zero) . x.
+                let init = if CENTRED {
+                    _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), zero, x))
                 } else {
                     _mm512_setzero_si512()
                 };
@@ -162,10 +178,9 @@ unsafe fn tile_avx512<const Q8: bool, const R: usize, const T: usize>(
             let row = r0 + i;
             for j in 0..T {
                 let tok = t0 + j;
-                let ms = if Q8 {
-                    0.0
-                } else {
-                    dot_f32_avx512(p.m.as_ptr().add(row * nbp), xq.s.as_ptr().add(tok * nbp), nbp)
+                let ms = match &p.m {
+                    Some(m) => dot_f32_avx512(m.as_ptr().add(row * nbp), xq.s.as_ptr().add(tok * nbp), nbp),
+                    None => 0.0,
                 };
                 out.write(tok * p.rows + row, _mm512_reduce_add_ps(acc[i][j]) + ms);
             }
@@ -182,13 +197,49 @@ unsafe fn hsum256(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// 32 bytes, each 16 where its bit of `bits` is set and 0 elsewhere.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fifth_bits_avx2(bits: u32) -> __m256i {
+    // Byte j takes byte j / 8 of the word (in both 128-bit lanes), then tests bit j % 8.
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    );
+    let select = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
+    _mm256_and_si256(set, _mm256_set1_epi8(16))
+}
+
 /// Rows `rr` of `p` times every token of `xq`, with AVX2 (`vpmaddubsw`).
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn matmul_rows_avx2(p: &PackedMatrix, xq: &QuantizedActs, rr: std::ops::Range<usize>, out: SyncPtr<f32>) {
+    unsafe {
+        match (p.bits, p.zero != 0) {
+            (Bits::Four, false) => rows_avx2::<4, false>(p, xq, rr, out),
+            (Bits::Four, true) => rows_avx2::<4, true>(p, xq, rr, out),
+            (Bits::Five, false) => rows_avx2::<5, false>(p, xq, rr, out),
+            (Bits::Five, true) => rows_avx2::<5, true>(p, xq, rr, out),
+            (Bits::Eight, _) => rows_avx2::<8, true>(p, xq, rr, out),
+        }
+    }
+}
+
+/// One row and token at a time. Centred codes are made signed (u - zero) and
+/// summed with the sign trick, |w| * (x * sign w), which no 8-bit weight can
+/// saturate; uncentred ones (at most 31) multiply x directly.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_avx2<const BITS: u32, const CENTRED: bool>(
+    p: &PackedMatrix,
+    xq: &QuantizedActs,
+    rr: std::ops::Range<usize>,
+    out: SyncPtr<f32>,
+) {
     let nbp = p.nbp;
     let rb = p.row_bytes();
+    let pb = p.bits.pair_bytes();
     let mask = _mm256_set1_epi8(0x0f);
-    let flip = _mm256_set1_epi8(-128);
+    let zero = _mm256_set1_epi8(p.zero as i8);
     let ones = _mm256_set1_epi16(1);
     unsafe {
         for row in rr {
@@ -198,34 +249,41 @@ pub unsafe fn matmul_rows_avx2(p: &PackedMatrix, xq: &QuantizedActs, rr: std::op
                 let xs = xq.qs.as_ptr().add(tok * nbp * QK);
                 let xd = xq.d.as_ptr().add(tok * nbp);
                 let mut acc = _mm256_setzero_ps();
-                let mut tail = 0f32;
-                match p.bits {
-                    Bits::Four => {
-                        for pi in 0..nbp / 2 {
-                            let v = _mm256_loadu_si256(wrow.add(pi * 32) as *const __m256i);
-                            let halves = [_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask)];
-                            for (h, wv) in halves.into_iter().enumerate() {
-                                let b = 2 * pi + h;
-                                let x = _mm256_loadu_si256(xs.add(b * QK) as *const __m256i);
-                                let s = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x), ones);
-                                let scale = _mm256_set1_ps(*wd.add(b) * *xd.add(b));
-                                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
-                            }
+                for pi in 0..nbp / 2 {
+                    let base = wrow.add(pi * pb);
+                    let halves = if BITS == 8 {
+                        [_mm256_loadu_si256(base as *const __m256i), _mm256_loadu_si256(base.add(QK) as *const __m256i)]
+                    } else {
+                        let v = _mm256_loadu_si256(base as *const __m256i);
+                        let low = [_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask)];
+                        if BITS == 5 {
+                            let high = (base.add(QK) as *const u64).read_unaligned();
+                            [
+                                _mm256_or_si256(low[0], fifth_bits_avx2(high as u32)),
+                                _mm256_or_si256(low[1], fifth_bits_avx2((high >> 32) as u32)),
+                            ]
+                        } else {
+                            low
                         }
-                        for b in 0..nbp {
-                            tail += p.m[row * nbp + b] * xq.s[tok * nbp + b];
-                        }
+                    };
+                    for (h, u) in halves.into_iter().enumerate() {
+                        let b = 2 * pi + h;
+                        let x = _mm256_loadu_si256(xs.add(b * QK) as *const __m256i);
+                        let prod = if CENTRED {
+                            let w = _mm256_sub_epi8(u, zero);
+                            _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w))
+                        } else {
+                            _mm256_maddubs_epi16(u, x)
+                        };
+                        let s = _mm256_madd_epi16(prod, ones);
+                        let scale = _mm256_set1_ps(*wd.add(b) * *xd.add(b));
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
                     }
-                    Bits::Eight => {
-                        // Signed weights and the sign trick: |w| * (x * sign w); no offset term.
-                        for b in 0..nbp {
-                            let ws = _mm256_xor_si256(_mm256_loadu_si256(wrow.add(b * QK) as *const __m256i), flip);
-                            let x = _mm256_loadu_si256(xs.add(b * QK) as *const __m256i);
-                            let prod = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws));
-                            let s = _mm256_madd_epi16(prod, ones);
-                            let scale = _mm256_set1_ps(*wd.add(b) * *xd.add(b));
-                            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc);
-                        }
+                }
+                let mut tail = 0f32;
+                if let Some(m) = &p.m {
+                    for b in 0..nbp {
+                        tail += m[row * nbp + b] * xq.s[tok * nbp + b];
                     }
                 }
                 out.write(tok * p.rows + row, hsum256(acc) + tail);

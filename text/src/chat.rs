@@ -1,43 +1,97 @@
 //! Chat prompts: renders a conversation with the model's own Jinja chat template.
 //!
-//! Owns the compiled template (`tokenizer.chat_template` from the GGUF) and
-//! the environment it runs in, set up like Hugging Face transformers and
-//! llama-cpp-python render templates (`trim_blocks`, `lstrip_blocks`, loop
-//! controls, `bos_token`/`eos_token`, `raise_exception`), so the prompt text
-//! is byte-identical to theirs. A few Python string and dict methods that
-//! templates call (`.strip()`, `.items()`, ...) are provided as well.
+//! Owns the compiled template (`tokenizer.chat_template` from the GGUF) and the environment it
+//! runs in, set up like Hugging Face transformers renders templates (`trim_blocks`,
+//! `lstrip_blocks`, loop controls, `bos_token`/`eos_token`, `raise_exception`, `tojson` as
+//! Python's `json.dumps`, see `tojson`), so the prompt text is byte-identical to theirs. Python
+//! string and dict methods that templates call (`.strip()`, `.items()`, ...) come from `pycompat`.
 //!
-//! Message content is the user's text, never markup: [`ChatTemplate::render_chat`] keeps
-//! control-token text written in a message (`<|im_end|>`) from becoming a control token,
-//! as vLLM and llama.cpp's server tokenize user text, while the template's own control
-//! tokens stay special.
+//! A conversation ([`Conversation`]) is its messages plus, optionally, the OpenAI-style tools
+//! offered: assistant turns may carry `tool_calls`, and `tool` turns answer them. As vLLM does, a
+//! tool call's `arguments` sent as a JSON string (OpenAI's form) reach the template as the value
+//! they encode, which is what templates written for transformers expect (Qwen2.5's writes
+//! `tool_call.arguments | tojson`).
+//!
+//! The client's text is never markup: [`ChatTemplate::render_chat`] (in `rendered`) keeps
+//! control-token text written in a message (`<|im_end|>`) from becoming a control token.
 
-use minijinja::value::{from_args, Value, ValueKind};
-use minijinja::{context, Environment, Error, ErrorKind, State};
+use std::borrow::Cow;
+
+use minijinja::{context, Environment, Error};
 use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
 
 use crate::error::TextError;
 use crate::gguf::GgufFile;
-use crate::tokenizer::{Piece, Tokenizer};
+use crate::pycompat::{python_method, raise_exception};
+pub use crate::rendered::RenderedChat;
 
 const TEMPLATE_NAME: &str = "chat";
-
-/// Escapes control-token text in message content while the template runs: `ESC n ;` stands
-/// for the `n`th of [`Tokenizer::control_texts`], `ESC ;` for `ESC` itself. A private-use
-/// character, which no template writes and filters such as `trim` or `upper` leave alone.
-const ESC: char = '\u{10FFFD}';
 
 /// One conversation turn, as the OpenAI chat API sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
-    pub content: String,
+    /// The turn's text; `None` (JSON `null` or absent) for an assistant turn that only calls
+    /// tools. Templates see `none`, as they see Python's `None`.
+    #[serde(default)]
+    pub content: Option<String>,
+    /// An assistant turn's calls, OpenAI's array as sent:
+    /// `[{"id": .., "type": "function", "function": {"name": .., "arguments": ..}}]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Json>,
+    /// A `tool` turn: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The name of the tool a `tool` turn reports (or of the turn's author).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
-    /// Convenience constructor for tests and callers building conversations.
+    /// A turn with text and nothing else.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: Some(content.into()),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+        }
+    }
+
+    /// An assistant turn that calls tools (`calls` as OpenAI's `tool_calls` array), with or
+    /// without text.
+    pub fn assistant_calls(content: Option<String>, calls: Json) -> Self {
+        ChatMessage { role: "assistant".into(), content, tool_calls: Some(calls), tool_call_id: None, name: None }
+    }
+
+    /// A `tool` turn: what the call `tool_call_id` returned.
+    pub fn tool_result(tool_call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage { tool_call_id: Some(tool_call_id.into()), ..ChatMessage::new("tool", content) }
+    }
+}
+
+/// What a chat template renders.
+#[derive(Debug, Clone, Copy)]
+pub struct Conversation<'a> {
+    pub messages: &'a [ChatMessage],
+    /// OpenAI-style tool definitions (`{"type": "function", "function": {..}}`), in the order
+    /// offered. `None` is what templates see as no tools (`tools` is `none`).
+    pub tools: Option<&'a [Json]>,
+    /// Append the opening of an assistant turn so the model answers next.
+    pub add_generation_prompt: bool,
+}
+
+impl<'a> Conversation<'a> {
+    /// `messages` without tools.
+    pub fn new(messages: &'a [ChatMessage], add_generation_prompt: bool) -> Self {
+        Conversation { messages, tools: None, add_generation_prompt }
+    }
+
+    /// The same conversation with `tools` offered.
+    pub fn with_tools(self, tools: &'a [Json]) -> Self {
+        Conversation { tools: Some(tools), ..self }
     }
 }
 
@@ -89,20 +143,30 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_function("raise_exception", raise_exception);
+        env.add_filter("tojson", crate::tojson::tojson);
         env.set_unknown_method_callback(python_method);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|e| TextError::Template(format!("cannot compile the chat template: {e}")))?;
         Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
-    /// Renders the conversation to prompt text. `add_generation_prompt` appends
-    /// the opening of an assistant turn so the model answers next.
+    /// Renders the conversation to prompt text, without tools. `add_generation_prompt`
+    /// appends the opening of an assistant turn so the model answers next.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TextError> {
+        self.render_with(Conversation::new(messages, add_generation_prompt))
+    }
+
+    /// Renders `conv` to prompt text, tools and tool calls included. The text is the
+    /// template's own: control-token text in the client's strings is left as it is (see
+    /// [`ChatTemplate::render_chat_with`] for the prompt a model should be given).
+    pub fn render_with(&self, conv: Conversation<'_>) -> Result<String, TextError> {
+        let messages = normalize_tool_calls(conv.messages)?;
         let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| TextError::Template(e.to_string()))?;
         template
             .render(context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
+                messages => &*messages,
+                tools => conv.tools,
+                add_generation_prompt => conv.add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             })
@@ -110,119 +174,41 @@ impl ChatTemplate {
     }
 }
 
-/// A conversation rendered by its template, in which message content cannot act as
-/// control tokens (see [`ChatTemplate::render_chat`]).
-#[derive(Debug, Clone)]
-pub struct RenderedChat {
-    /// The rendering, with control text inside message content escaped (see `ESC`).
-    escaped: String,
-    /// Whether any content was escaped; if not, `escaped` is exactly what `render` gives.
-    any: bool,
-}
-
-impl ChatTemplate {
-    /// Renders `messages` for `tok` so that control-token text in message content stays
-    /// text: content holding any is escaped before the template runs (so the escapes go
-    /// wherever the template puts the content, through its filters), and only what the
-    /// template wrote is parsed for control tokens. Conversations without such text
-    /// render and tokenize exactly as `render` then `encode(_, true)`.
-    pub fn render_chat(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-        tok: &Tokenizer,
-    ) -> Result<RenderedChat, TextError> {
-        let needs_escape = |c: &str| c.contains(ESC) || tok.has_control_text(c);
-        if !messages.iter().any(|m| needs_escape(&m.content)) {
-            return Ok(RenderedChat { escaped: self.render(messages, add_generation_prompt)?, any: false });
-        }
-        let controls: Vec<&str> = tok.control_texts().collect();
-        let escaped: Vec<ChatMessage> = messages
-            .iter()
-            .map(|m| ChatMessage { role: m.role.clone(), content: escape(&m.content, &controls) })
-            .collect();
-        Ok(RenderedChat { escaped: self.render(&escaped, add_generation_prompt)?, any: true })
+/// `messages` with every assistant tool call's `function.arguments` given as the value it
+/// encodes, as vLLM hands them to templates: a JSON string is parsed, a missing, `null` or
+/// empty one becomes `{}`. Borrowed when nothing changes.
+pub(crate) fn normalize_tool_calls(messages: &[ChatMessage]) -> Result<Cow<'_, [ChatMessage]>, TextError> {
+    // A call whose `function` is an object with arguments that are not yet a value.
+    let unparsed = |call: &Json| {
+        call.get("function")
+            .and_then(Json::as_object)
+            .is_some_and(|f| matches!(f.get("arguments"), None | Some(Json::Null | Json::String(_))))
+    };
+    let needs = |m: &ChatMessage| {
+        m.role == "assistant" && m.tool_calls.as_ref().and_then(Json::as_array).is_some_and(|c| c.iter().any(unparsed))
+    };
+    if !messages.iter().any(needs) {
+        return Ok(Cow::Borrowed(messages));
     }
-}
-
-impl RenderedChat {
-    /// The prompt text as the model reads it.
-    pub fn text(&self, tok: &Tokenizer) -> String {
-        if !self.any {
-            return self.escaped.clone();
-        }
-        unescape(&self.escaped, &tok.control_texts().collect::<Vec<_>>())
-    }
-
-    /// The prompt's token ids (no BOS): control tokens where the template wrote them, and
-    /// message content as ordinary text.
-    pub fn ids(&self, tok: &Tokenizer) -> Result<Vec<u32>, TextError> {
-        if !self.any {
-            return tok.encode(&self.escaped, true);
-        }
-        let controls: Vec<&str> = tok.control_texts().collect();
-        let mut ids = Vec::new();
-        for piece in tok.split_control(&self.escaped) {
-            match piece {
-                Piece::Control(id) => ids.push(id),
-                Piece::Text(t) => ids.extend(tok.encode(&unescape(t, &controls), false)?),
-            }
-        }
-        Ok(ids)
-    }
-}
-
-/// `content` with every control text (`controls`, longest first) and every `ESC` escaped.
-fn escape(content: &str, controls: &[&str]) -> String {
-    let mut out = String::with_capacity(content.len());
-    let mut rest = content;
-    while let Some(c) = rest.chars().next() {
-        if c == ESC {
-            out.push(ESC);
-            out.push(';');
-            rest = &rest[c.len_utf8()..];
-        } else if let Some((i, t)) =
-            controls.iter().enumerate().find(|(_, t)| t.starts_with(c) && rest.starts_with(**t))
-        {
-            out.push(ESC);
-            out.push_str(&i.to_string());
-            out.push(';');
-            rest = &rest[t.len()..];
-        } else {
-            out.push(c);
-            rest = &rest[c.len_utf8()..];
+    let mut out = messages.to_vec();
+    for (i, m) in out.iter_mut().enumerate().filter(|(_, m)| needs(m)) {
+        let calls = m.tool_calls.as_mut().and_then(Json::as_array_mut).into_iter().flatten();
+        for (j, call) in calls.enumerate() {
+            let Some(function) = call.get_mut("function").and_then(Json::as_object_mut) else { continue };
+            let parsed = match function.get("arguments") {
+                None | Some(Json::Null) => Json::Object(Default::default()),
+                Some(Json::String(s)) if s.is_empty() => Json::Object(Default::default()),
+                Some(Json::String(s)) => serde_json::from_str(s).map_err(|e| {
+                    TextError::InvalidRequest(format!(
+                        "messages[{i}].tool_calls[{j}].function.arguments is not valid JSON: {e}"
+                    ))
+                })?,
+                Some(_) => continue,
+            };
+            function.insert("arguments".into(), parsed);
         }
     }
-    out
-}
-
-/// Undoes `escape`; an escape a template mangled stays as it is.
-fn unescape(text: &str, controls: &[&str]) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find(ESC) {
-        out.push_str(&rest[..at]);
-        let after = &rest[at + ESC.len_utf8()..];
-        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
-        let code = after[..digits].parse::<usize>().ok();
-        match (after[digits..].starts_with(';'), code) {
-            (true, None) if digits == 0 => out.push(ESC),
-            (true, Some(i)) if i < controls.len() => out.push_str(controls[i]),
-            _ => {
-                out.push(ESC);
-                rest = after;
-                continue;
-            }
-        }
-        rest = &after[digits + 1..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Templates call `raise_exception('...')` to reject conversations they cannot format.
-fn raise_exception(message: String) -> Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, message))
+    Ok(Cow::Owned(out))
 }
 
 /// The message of a render error, with its cause chain.
@@ -235,114 +221,6 @@ fn render_error(e: &Error) -> String {
         source = s.source();
     }
     msg
-}
-
-/// Python `str` and `dict` methods that chat templates written for Jinja2 use.
-fn python_method(state: &State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
-    if let Some(s) = value.as_str() {
-        return string_method(state, s, method, args);
-    }
-    if value.kind() == ValueKind::Map {
-        match method {
-            "items" => {
-                let () = from_args(args)?;
-                return state.apply_filter("items", std::slice::from_ref(value));
-            }
-            "keys" => {
-                let () = from_args(args)?;
-                return Ok(Value::from(value.try_iter()?.collect::<Vec<_>>()));
-            }
-            "values" => {
-                let () = from_args(args)?;
-                let values = value.try_iter()?.map(|k| value.get_item(&k)).collect::<Result<Vec<_>, _>>()?;
-                return Ok(Value::from(values));
-            }
-            "get" => {
-                let (key, default): (Value, Option<Value>) = from_args(args)?;
-                let v = value.get_item(&key)?;
-                return Ok(if v.is_undefined() { default.unwrap_or(Value::from(())) } else { v });
-            }
-            _ => {}
-        }
-    }
-    Err(Error::from(ErrorKind::UnknownMethod))
-}
-
-fn string_method(state: &State, s: &str, method: &str, args: &[Value]) -> Result<Value, Error> {
-    let strip_set = |chars: Option<&str>| -> Box<dyn Fn(char) -> bool> {
-        match chars {
-            Some(set) => {
-                let set: Vec<char> = set.chars().collect();
-                Box::new(move |c| set.contains(&c))
-            }
-            None => Box::new(char::is_whitespace),
-        }
-    };
-    Ok(match method {
-        "strip" | "lstrip" | "rstrip" => {
-            let (chars,): (Option<&str>,) = from_args(args)?;
-            let pred = strip_set(chars);
-            Value::from(match method {
-                "strip" => s.trim_matches(&*pred),
-                "lstrip" => s.trim_start_matches(&*pred),
-                _ => s.trim_end_matches(&*pred),
-            })
-        }
-        "startswith" => {
-            let (prefix,): (&str,) = from_args(args)?;
-            Value::from(s.starts_with(prefix))
-        }
-        "endswith" => {
-            let (suffix,): (&str,) = from_args(args)?;
-            Value::from(s.ends_with(suffix))
-        }
-        "upper" | "lower" | "title" | "capitalize" => {
-            let () = from_args(args)?;
-            state.apply_filter(method, &[Value::from(s)])?
-        }
-        "replace" => {
-            let (old, new, count): (&str, &str, Option<usize>) = from_args(args)?;
-            Value::from(match count {
-                Some(n) => s.replacen(old, new, n),
-                None => s.replace(old, new),
-            })
-        }
-        "split" => {
-            let (sep, maxsplit): (Option<&str>, Option<i64>) = from_args(args)?;
-            let limit = maxsplit.filter(|&n| n >= 0).map(|n| n as usize + 1).unwrap_or(usize::MAX);
-            let parts: Vec<Value> = match sep {
-                Some("") => return Err(Error::new(ErrorKind::InvalidOperation, "empty separator")),
-                Some(sep) => s.splitn(limit, sep).map(Value::from).collect(),
-                None => split_whitespace_n(s, limit).into_iter().map(Value::from).collect(),
-            };
-            Value::from(parts)
-        }
-        _ => return Err(Error::from(ErrorKind::UnknownMethod)),
-    })
-}
-
-/// Python's `str.split()` without a separator: runs of whitespace separate,
-/// at most `limit` parts, the last keeping the rest (left-trimmed).
-fn split_whitespace_n(s: &str, limit: usize) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let mut rest = s.trim_start();
-    while !rest.is_empty() {
-        if parts.len() + 1 == limit {
-            parts.push(rest);
-            break;
-        }
-        match rest.find(char::is_whitespace) {
-            Some(end) => {
-                parts.push(&rest[..end]);
-                rest = rest[end..].trim_start();
-            }
-            None => {
-                parts.push(rest);
-                break;
-            }
-        }
-    }
-    parts
 }
 
 #[cfg(test)]
@@ -396,7 +274,6 @@ mod tests {
         let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
         let out = t.render(&[ChatMessage::new("user", " x y  ")], false).unwrap();
         assert_eq!(out, "<s>X Y|True|x,y</s>");
-        assert_eq!(split_whitespace_n("  a b  c ", 2), vec!["a", "b  c "]);
     }
 
     #[test]
@@ -438,5 +315,82 @@ mod tests {
     fn chat_message_serde() {
         let m: ChatMessage = serde_json::from_str(r#"{"role":"user","content":"hi"}"#).unwrap();
         assert_eq!(m, ChatMessage::new("user", "hi"));
+        let calls = serde_json::json!([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]);
+        for text in
+            [r#"{"role":"assistant","content":null,"tool_calls":CALLS}"#, r#"{"role":"assistant","tool_calls":CALLS}"#]
+        {
+            let m: ChatMessage = serde_json::from_str(&text.replace("CALLS", &calls.to_string())).unwrap();
+            assert_eq!(m, ChatMessage::assistant_calls(None, calls.clone()));
+        }
+        let m: ChatMessage = serde_json::from_str(r#"{"role":"tool","tool_call_id":"c1","content":"42"}"#).unwrap();
+        assert_eq!(m, ChatMessage::tool_result("c1", "42"));
+        // Absent fields stay absent for the template (`is defined` is false); content is `none`.
+        let v = serde_json::to_value(ChatMessage::assistant_calls(None, calls)).unwrap();
+        assert_eq!(v.as_object().unwrap().keys().collect::<Vec<_>>(), ["role", "content", "tool_calls"]);
+    }
+
+    /// A template in the style of Qwen2.5's: tools through `tojson`, tool calls with their
+    /// arguments, `set` inside a loop, and a look at the next message by `loop.index0`.
+    const TOOLS: &str = "{% if tools %}T:{% for t in tools %}{{ t | tojson }};{% endfor %}{{ '\n' }}{% endif %}\
+        {% for m in messages %}{{ m.role }}:{% if m.content %}{{ m.content }}{% endif %}\
+        {% for c in m.tool_calls %}{% if c.function is defined %}{% set c = c.function %}{% endif %}\
+        [{{ c.name }} {{ c.arguments | tojson }}]{% endfor %}\
+        {% if not loop.last and messages[loop.index0 + 1].role == 'tool' %}>{% endif %}{{ '\n' }}{% endfor %}";
+
+    #[test]
+    fn renders_tools_and_tool_calls() {
+        let t = ChatTemplate::new(TOOLS, "", "").unwrap();
+        let tools = [
+            serde_json::json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}),
+        ];
+        let calls = serde_json::json!([
+            {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Zürich\", \"days\": 2}"}},
+            {"name": "now", "arguments": {"tz": "UTC"}}
+        ]);
+        let messages = [
+            ChatMessage::new("user", "Weather?"),
+            ChatMessage::assistant_calls(None, calls),
+            ChatMessage::tool_result("a", "sunny"),
+        ];
+        let out = t.render_with(Conversation::new(&messages, false).with_tools(&tools)).unwrap();
+        assert_eq!(
+            out,
+            "T:{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}}}};\n\
+             user:Weather?\n\
+             assistant:[get_weather {\"city\": \"Zürich\", \"days\": 2}][now {\"tz\": \"UTC\"}]>\n\
+             tool:sunny\n"
+        );
+        // No tools: `tools` is none, so the header is not written.
+        assert!(t.render(&messages[..1], false).unwrap().starts_with("user:"));
+        assert!(t.render_with(Conversation::new(&messages[..1], false).with_tools(&[])).unwrap().starts_with("user:"));
+    }
+
+    #[test]
+    fn tool_call_arguments_become_values() {
+        let call = |args: Json| serde_json::json!([{"type": "function", "function": {"name": "f", "arguments": args}}]);
+        let args_of = |m: &ChatMessage| m.tool_calls.as_ref().unwrap()[0]["function"]["arguments"].clone();
+        let plain =
+            [ChatMessage::new("user", "x"), ChatMessage::assistant_calls(None, call(serde_json::json!({"a": 1})))];
+        assert!(matches!(normalize_tool_calls(&plain).unwrap(), Cow::Borrowed(_)));
+        for (given, want) in [
+            (Json::String("{\"b\": [1, 2], \"a\": null}".into()), serde_json::json!({"b": [1, 2], "a": null})),
+            (Json::String(String::new()), serde_json::json!({})),
+            (Json::Null, serde_json::json!({})),
+        ] {
+            let m = [ChatMessage::assistant_calls(None, call(given))];
+            let out = normalize_tool_calls(&m).unwrap();
+            assert_eq!(args_of(&out[0]), want);
+            assert_eq!(serde_json::to_string(&args_of(&out[0])).unwrap(), serde_json::to_string(&want).unwrap());
+        }
+        let bad = [ChatMessage::new("user", "x"), ChatMessage::assistant_calls(None, call(Json::String("{".into())))];
+        match normalize_tool_calls(&bad) {
+            Err(TextError::InvalidRequest(m)) => {
+                assert!(m.contains("messages[1].tool_calls[0].function.arguments"), "{m}")
+            }
+            other => panic!("expected an invalid request, got {other:?}"),
+        }
+        // Only assistant turns are touched.
+        let user = [ChatMessage { tool_calls: Some(call(Json::Null)), ..ChatMessage::new("user", "x") }];
+        assert!(matches!(normalize_tool_calls(&user).unwrap(), Cow::Borrowed(_)));
     }
 }

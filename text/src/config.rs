@@ -19,11 +19,45 @@ pub struct ModelConfig {
     pub rms_eps: f32,
     /// The model's name from `general.name`, if any.
     pub name: Option<String>,
+    /// How this architecture's forward pass differs from Llama's.
+    pub arch: ArchSpec,
 }
 
-/// Architectures whose tensors follow the Llama layout.
-/// `general.architecture` values the forward pass implements.
-pub(crate) const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+/// Which elements of a head the rotary embedding turns together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// `(x[2i], x[2i+1])`: llama.cpp's "normal" mode; Llama GGUFs are converted for it.
+    Adjacent,
+    /// `(x[i], x[i + d/2])`: the GPT-NeoX mode, which Qwen2 keeps.
+    Halves,
+}
+
+/// An architecture the forward pass runs, described by what sets it apart from Llama's
+/// (pre-norm blocks, RMSNorm, grouped-query attention, SwiGLU): one forward pass reads
+/// this description instead of each family having a model file of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchSpec {
+    /// The `general.architecture` value.
+    pub name: &'static str,
+    pub rope: RopeStyle,
+    /// Q, K and V projections carry biases (`blk.N.attn_{q,k,v}.bias`).
+    pub qkv_bias: bool,
+}
+
+/// Every architecture the forward pass implements. A file of any other is refused by name.
+pub const ARCHITECTURES: &[ArchSpec] = &[
+    ArchSpec { name: "llama", rope: RopeStyle::Adjacent, qkv_bias: false },
+    ArchSpec { name: "qwen2", rope: RopeStyle::Halves, qkv_bias: true },
+];
+
+/// `general.architecture` values the forward pass implements (the names of [`ARCHITECTURES`]).
+pub(crate) const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
+
+impl ArchSpec {
+    pub fn by_name(name: &str) -> Option<ArchSpec> {
+        ARCHITECTURES.iter().find(|a| a.name == name).copied()
+    }
+}
 
 impl ModelConfig {
     pub fn from_gguf(f: &GgufFile) -> Result<Self, TextError> {
@@ -31,12 +65,12 @@ impl ModelConfig {
             .get_str("general.architecture")
             .ok_or_else(|| TextError::BadModel("GGUF file has no general.architecture".into()))?
             .to_string();
-        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+        let Some(spec) = ArchSpec::by_name(&arch) else {
             return Err(TextError::Unsupported(format!(
                 "unsupported model architecture '{arch}' (supported: {})",
                 SUPPORTED_ARCHITECTURES.join(", ")
             )));
-        }
+        };
         let req = |key: &str| -> Result<usize, TextError> {
             let full = format!("{arch}.{key}");
             f.get_u64(&full)
@@ -85,6 +119,7 @@ impl ModelConfig {
             rope_theta,
             rms_eps,
             name: f.get_str("general.name").map(str::to_string),
+            arch: spec,
         })
     }
 
@@ -120,5 +155,19 @@ impl ModelConfig {
     /// Query heads per KV head.
     pub fn group(&self) -> usize {
         self.n_heads / self.n_kv_heads
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_described_architecture_is_listed_as_supported() {
+        let names: Vec<&str> = ARCHITECTURES.iter().map(|a| a.name).collect();
+        assert_eq!(names, SUPPORTED_ARCHITECTURES);
+        assert_eq!(ArchSpec::by_name("qwen2").map(|a| (a.rope, a.qkv_bias)), Some((RopeStyle::Halves, true)));
+        assert_eq!(ArchSpec::by_name("llama").map(|a| (a.rope, a.qkv_bias)), Some((RopeStyle::Adjacent, false)));
+        assert_eq!(ArchSpec::by_name("gemma"), None);
     }
 }

@@ -8,21 +8,31 @@
 //! - `gguf`: reads GGUF files (bounds-checked; corrupt files are errors); tensor types stay raw GGML ids.
 //! - `error`: `TextError`, with a `kind()` label.
 //! - `config`: `ModelConfig`, the hyperparameters read from GGUF metadata.
-//! - `tokenizer`: GGUF byte-level BPE tokenizer and streaming `IncrementalDecoder`.
-//! - `chat`: renders conversations with the model's Jinja chat template.
+//! - `tokenizer`: GGUF byte-level BPE tokenizer and streaming `IncrementalDecoder`, built from
+//!   `pretokenize` (the per-family word splitting of `tokenizer.ggml.pre`), `byte_level` (GPT-2's
+//!   byte alphabet) and `incremental` (the streaming decoder).
+//! - `chat`: renders conversations (messages, tools, tool calls) with the model's Jinja chat
+//!   template, in an environment like Hugging Face's: `tojson` (Python's `json.dumps`), `pycompat`
+//!   (Python string and dict methods), and `rendered` (client text kept from acting as markup).
 //! - `prefix`: the prefix-cache hash scheme (`prefix_hashes`, `SCHEME`), shared by the engine
 //!   that caches blocks and the router that looks them up.
 //! - `prompt`: `Prompt` (text, chat or ids) and the ids the model sees (`prompt_ids`, `chat_ids`).
 //! - `model_text`: `ModelText`, the one loader: opens the file, reads the config, builds the
 //!   tokenizer and the chat template (and lets the engine load weights on the way).
 
+mod byte_level;
 pub mod chat;
 pub mod config;
 pub mod error;
 pub mod gguf;
+mod incremental;
 pub mod model_text;
 pub mod prefix;
+mod pretokenize;
 pub mod prompt;
+mod pycompat;
+mod rendered;
+mod tojson;
 pub mod tokenizer;
 
 pub use error::TextError;

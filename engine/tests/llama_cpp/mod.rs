@@ -15,9 +15,17 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-pub fn fixture() -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama_cpp/reference.json");
+/// A fixture of `tests/fixtures/llama_cpp/` by file name (one per model).
+pub fn fixture_named(file: &str) -> Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama_cpp").join(file);
     serde_json::from_str(&std::fs::read_to_string(p).expect("fixture file")).expect("fixture json")
+}
+
+/// A model file of `models/`, which must be there (`scripts/fetch-model.sh all`).
+pub fn model_path(file: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models").join(file);
+    assert!(path.exists(), "model missing: run scripts/fetch-model.sh all first ({})", path.display());
+    path
 }
 
 pub fn ids(v: &Value) -> Vec<u32> {
@@ -42,21 +50,35 @@ pub fn top5(case: &Value, p: usize) -> Vec<(u32, f32)> {
 // tokens differ as much; docs/perf.md, "Correctness"), and other kernels round differently.
 // A 2% scale error in our logits moves these means by only 4-13%: the fitted scale is what
 // catches it.
-/// Per position, the largest |our renormalised log-probability - llama.cpp's|. Measured:
-/// worst 0.955 (french-greeting, position 28) in both tests.
-const LOGPROB_WORST: f64 = 2.0;
-/// Its mean. Measured: 0.196 (model_reference), 0.184 (engine_loop).
-const LOGPROB_MEAN: f64 = 0.4;
-/// Per position, KL(llama.cpp ‖ ours) in nats. Measured: worst 0.136 (french-greeting,
-/// position 28) in both tests.
-const KL_WORST: f64 = 0.3;
-/// Its mean. Measured: 0.0027 (model_reference), 0.0029 (engine_loop).
-const KL_MEAN: f64 = 0.006;
-/// How far the fitted scale of our logit gaps may be from 1. Measured: 1.00006
-/// (model_reference), 1.00000 (engine_loop): a least-squares fit over four gaps a position. The
-/// bound is half the smallest scale error these tests are meant to catch (2%), and over 100x
-/// what rounding shows.
-const SCALE: f64 = 0.01;
+/// SmolLM2's bounds.
+pub const SMOLLM2_TOP5: Top5Bounds = Top5Bounds {
+    // Measured: worst 0.955 (french-greeting, position 28) in both tests.
+    logprob_worst: 2.0,
+    // Measured: 0.196 (model_reference), 0.184 (engine_loop).
+    logprob_mean: 0.4,
+    // Measured: worst 0.136 (french-greeting, position 28) in both tests.
+    kl_worst: 0.3,
+    // Measured: 0.0027 (model_reference), 0.0029 (engine_loop).
+    kl_mean: 0.006,
+    // Measured: 1.00006 (model_reference), 1.00000 (engine_loop): a least-squares fit over four
+    // gaps a position. The bound is half the smallest scale error these tests are meant to catch
+    // (2%), and over 100x what rounding shows.
+    scale: 0.01,
+};
+
+/// What a `Top5Comparison` may show, per model.
+pub struct Top5Bounds {
+    /// Per position, the largest |our renormalised log-probability - llama.cpp's|.
+    pub logprob_worst: f64,
+    /// Its mean.
+    pub logprob_mean: f64,
+    /// Per position, KL(llama.cpp ‖ ours) in nats.
+    pub kl_worst: f64,
+    /// Its mean.
+    pub kl_mean: f64,
+    /// How far the fitted scale of our logit gaps may be from 1.
+    pub scale: f64,
+}
 
 /// Our distribution against llama.cpp's over llama.cpp's top-5 tokens at many
 /// positions, both renormalised over that set.
@@ -112,12 +134,13 @@ impl Top5Comparison {
     }
 
     /// Prints the figures, then asserts each is within its bound.
-    pub fn check(&self) {
-        self.logprob.check(LOGPROB_WORST, LOGPROB_MEAN);
-        self.kl.check(KL_WORST, KL_MEAN);
+    pub fn check_within(&self, b: &Top5Bounds) {
+        self.logprob.check(b.logprob_worst, b.logprob_mean);
+        self.kl.check(b.kl_worst, b.kl_mean);
         let s = self.fitted_scale();
         eprintln!("top-5 logit gaps: ours = {s:.5} x llama.cpp's (least-squares fit)");
-        assert!((s - 1.0).abs() <= SCALE, "top-5 logit gaps: fitted scale {s:.5} is not within 1 +- {SCALE}");
+        let bound = b.scale;
+        assert!((s - 1.0).abs() <= bound, "top-5 logit gaps: fitted scale {s:.5} is not within 1 +- {bound}");
     }
 }
 
