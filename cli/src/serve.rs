@@ -4,14 +4,14 @@
 //! Every flag can also be set through its `TANDEM_*` environment variable.
 //! SIGINT or SIGTERM drains (no new requests, in-flight ones finish) and exits 0.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use tandem_cluster::{ClusterName, Discovery, EtcdConfig, EtcdDiscovery, InMemoryDiscovery, Role};
+use tandem_cluster::{ClusterName, Discovery, EtcdConfig, EtcdDiscovery, Role};
 use tandem_decode_worker::DecodeWorker;
 use tandem_engine::scheduler::Policy;
 use tandem_prefill_worker::PrefillWorker;
@@ -208,7 +208,7 @@ pub struct ApiKeys {
 }
 
 impl ApiKeys {
-    fn keys(&self) -> Vec<String> {
+    pub(crate) fn keys(&self) -> Vec<String> {
         self.api_keys.iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect()
     }
 }

@@ -484,7 +484,7 @@ fn a_killed_router_leaves_no_orphans_and_a_new_one_serves_at_once() {
         for id in ["prefill-0", "decode-0"] {
             router.wait_event("worker joined", &[("worker", id)], Duration::from_secs(10));
         }
-        let mut fresh = client(&addr).await;
+        let mut fresh = harness::client(&addr).await;
         let got = stream(&mut fresh, chat(PROMPTS[1], 8)).await.expect("the new router serves");
         assert!(!got.text.is_empty());
         assert!(started.elapsed() < Duration::from_secs(10), "served after {:?}", started.elapsed());
