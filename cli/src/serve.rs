@@ -155,7 +155,7 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 
 fn non_negative_secs(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
-        Ok(x) if x.is_finite() && x >= 0.0 && x <= 31_536_000.0 => Ok(x),
+        Ok(x) if x.is_finite() && (0.0..=31_536_000.0).contains(&x) => Ok(x),
         _ => Err(format!("{s:?} is not a number of seconds (0 or more)")),
     }
 }

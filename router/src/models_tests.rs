@@ -127,7 +127,9 @@ fn each_model_is_placed_on_its_own_workers_only() {
         ("z-decode", Role::Decode, "alpha", 7),
         ("z-prefill", Role::Prefill, "alpha", 7),
     ]);
-    let cases: [(&str, Result<(Option<&str>, &str), Code>); 4] = [
+    /// (model asked, where it goes: `(prefill, decode)`, or the error's code)
+    type Case<'a> = (&'a str, Result<(Option<&'a str>, &'a str), Code>);
+    let cases: [Case<'_>; 4] = [
         ("alpha", Ok((Some("z-prefill"), "z-decode"))),
         ("beta", Ok((Some("a-prefill"), "a-decode"))),
         ("gamma", Ok((None, "b-both"))),
