@@ -161,6 +161,9 @@ pub struct LlmEngine {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub scheduler: Scheduler,
+    /// The tokenizer's end-of-generation ids, found once: a request stops on any of them
+    /// unless it ignores EOS.
+    end_ids: Vec<u32>,
     kv: KvCache,
     scratch: Scratch,
     seqs: HashMap<RequestId, SeqState>,
@@ -198,6 +201,7 @@ impl LlmEngine {
         let blocks = BlockManager::new(cfg.kv_blocks, cfg.block_size, cfg.prefix_caching);
         Ok(LlmEngine {
             model,
+            end_ids: tokenizer.end_of_generation_ids(),
             tokenizer,
             scheduler: Scheduler::new(sc, blocks),
             kv,
@@ -243,7 +247,7 @@ impl LlmEngine {
     fn new_request(&self, id: RequestId, req: &EngineRequest) -> NewRequest {
         let mut stop_ids = req.params.stop_token_ids.clone();
         if !req.params.ignore_eos {
-            stop_ids.extend(self.tokenizer.eos_id());
+            stop_ids.extend(&self.end_ids);
         }
         NewRequest {
             id,

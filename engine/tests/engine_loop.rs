@@ -15,7 +15,7 @@ use tandem_text::chat::{ChatMessage, ChatTemplate};
 use tandem_text::gguf::GgufFile;
 use tandem_text::tokenizer::Tokenizer;
 
-use llama_cpp::{fixture_named, ids, model_path, top5, Top5Bounds, Top5Comparison, SMOLLM2_TOP5};
+use llama_cpp::{fixture_named, ids, model_path, top5, Top5Bounds, Top5Comparison, QWEN_TOP5, SMOLLM2_TOP5};
 
 struct Loaded {
     file: GgufFile,
@@ -366,8 +366,7 @@ fn prompt_logprobs_in_chunks_agree_with_llama_cpp() {
 /// The same for Qwen2.5-Coder-0.5B (Q4_K_M, `qwen2`), within its bounds (`model_reference.rs`).
 #[test]
 fn qwen_prompt_logprobs_in_chunks_agree_with_llama_cpp() {
-    let bounds = Top5Bounds { logprob_worst: 2.0, logprob_mean: 0.4, kl_worst: 0.3, kl_mean: 0.006, scale: 0.01 };
-    prompt_logprobs_in_chunks("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen2.5-coder-0.5b.json", &bounds);
+    prompt_logprobs_in_chunks("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen2.5-coder-0.5b.json", &QWEN_TOP5);
 }
 
 fn prompt_logprobs_in_chunks(model: &str, fixture: &str, bounds: &Top5Bounds) {

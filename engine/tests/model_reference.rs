@@ -5,7 +5,7 @@
 
 mod llama_cpp;
 
-use llama_cpp::{fixture_named, ids, model_path, top5, Tally, Top5Bounds, Top5Comparison, SMOLLM2_TOP5};
+use llama_cpp::{fixture_named, ids, model_path, top5, Tally, Top5Bounds, Top5Comparison, QWEN_TOP5, SMOLLM2_TOP5};
 use tandem_engine::kv_cache::{blocks_for_tokens, BlockId, KvCache, KvDtype};
 use tandem_engine::model::{ForwardBatch, LogitsWanted, Model, ModelOptions, Scratch};
 
@@ -220,9 +220,10 @@ fn greedy(r: &Reference) {
     eprintln!("{} of {} cases diverged from llama.cpp, each at a near-tie", diverged, cases.len());
 }
 
-// Qwen2.5-Coder-0.5B (Q4_K_M) bounds.
-const QWEN_TOP1_WORST: f64 = 3.0;
-const QWEN_TOP1_MEAN: f64 = 0.35;
-const QWEN_TOP1_BIAS: f64 = 0.05;
-const QWEN_TOP5: Top5Bounds =
-    Top5Bounds { logprob_worst: 2.0, logprob_mean: 0.4, kl_worst: 0.3, kl_mean: 0.006, scale: 0.01 };
+// Qwen2.5-Coder-0.5B (Q4_K_M) bounds: about twice what was measured over all 1,532 positions.
+/// Measured: worst 0.369 (german-weather, position 30).
+const QWEN_TOP1_WORST: f64 = 0.8;
+/// Measured: 0.060.
+const QWEN_TOP1_MEAN: f64 = 0.12;
+/// Measured: +0.0044; an offset of 0.05 in our logits would show.
+const QWEN_TOP1_BIAS: f64 = 0.02;

@@ -17,10 +17,24 @@ use crate::error::TextError;
 const MAGIC: u32 = 0x4655_4747; // "GGUF", little-endian
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// GGML type ids whose storage this reader knows: (id, name, elements per block, bytes per
-/// block). The same five types the kernels compute with (the engine's tests check that
-/// both agree); tensors of other types are kept unsized and refused when read.
-const SIZED_TYPES: &[(u32, &str, u64, u64)] =
-    &[(0, "F32", 1, 4), (1, "F16", 1, 2), (2, "Q4_0", 32, 18), (3, "Q4_1", 32, 20), (8, "Q8_0", 32, 34)];
+/// block). Every type the kernels compute with (the engine's tests check that both agree), and a
+/// few they do not (Q2_K, Q3_K, BF16) so that such files parse and the engine refuses them by
+/// name; tensors of other types are kept unsized and refused when read.
+const SIZED_TYPES: &[(u32, &str, u64, u64)] = &[
+    (0, "F32", 1, 4),
+    (1, "F16", 1, 2),
+    (2, "Q4_0", 32, 18),
+    (3, "Q4_1", 32, 20),
+    (6, "Q5_0", 32, 22),
+    (7, "Q5_1", 32, 24),
+    (8, "Q8_0", 32, 34),
+    (10, "Q2_K", 256, 84),
+    (11, "Q3_K", 256, 110),
+    (12, "Q4_K", 256, 144),
+    (13, "Q5_K", 256, 176),
+    (14, "Q6_K", 256, 210),
+    (30, "BF16", 1, 2),
+];
 /// Arrays and strings longer than this are treated as corruption.
 const MAX_ELEMENTS: u64 = 1 << 28;
 const MAX_DIMS: u32 = 4;

@@ -314,6 +314,32 @@ impl Tokenizer {
         self.vocab.eos
     }
 
+    /// Every id that ends a generation: EOS, and the control tokens whose text marks the end
+    /// of a turn or a document in the common chat formats (`<|im_end|>`, `<|endoftext|>`,
+    /// `<|eot_id|>`, ...), as llama.cpp's end-of-generation set. Qwen's instruct models end a
+    /// turn with `<|im_end|>` (their EOS) but may still end a raw completion with
+    /// `<|endoftext|>`.
+    pub fn end_of_generation_ids(&self) -> Vec<u32> {
+        const TEXTS: &[&str] = &[
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|eot_id|>",
+            "<|eom_id|>",
+            "<|end_of_text|>",
+            "<|end|>",
+            "<end_of_turn>",
+            "<|return|>",
+            "<|call|>",
+        ];
+        let mut ids: Vec<u32> = self.vocab.eos.into_iter().collect();
+        for (id, text) in self.vocab.tokens.iter().enumerate() {
+            if self.vocab.kinds[id] == Kind::Control && TEXTS.contains(&text.as_str()) && !ids.contains(&(id as u32)) {
+                ids.push(id as u32);
+            }
+        }
+        ids
+    }
+
     /// Number of ids; logits rows have this length.
     pub fn vocab_size(&self) -> usize {
         self.vocab.tokens.len()

@@ -92,6 +92,15 @@ fn vocabulary_like_llama_cpp() {
     assert_eq!(specials, expected);
 }
 
+/// Generation ends on `<|im_end|>` (EOS, the end of a chat turn) and on `<|endoftext|>` (the end
+/// of a document, which raw completions reach), as in llama.cpp's end-of-generation set; SmolLM2
+/// uses the same two texts.
+#[test]
+fn end_of_generation_ids() {
+    assert_eq!(qwen().tokenizer.end_of_generation_ids(), vec![151645, 151643]);
+    assert_eq!(model(SMOLLM).tokenizer.end_of_generation_ids(), vec![2, 0]);
+}
+
 /// `<tool_call>` is user-defined: matched in any text, parsed or not, and printed when
 /// special tokens are skipped. `<|im_start|>` is a control token: text unless parsed.
 #[test]

@@ -66,6 +66,20 @@ pub const SMOLLM2_TOP5: Top5Bounds = Top5Bounds {
     scale: 0.01,
 };
 
+/// Qwen2.5-Coder-0.5B's bounds, about twice the worst measured.
+pub const QWEN_TOP5: Top5Bounds = Top5Bounds {
+    // Measured: worst 0.762 (model_reference, raw-python-def, position 69), 0.639 (engine_loop).
+    logprob_worst: 1.5,
+    // Measured: 0.111 (model_reference), 0.105 (engine_loop).
+    logprob_mean: 0.22,
+    // Measured: worst 0.0143 (model_reference), 0.0124 (engine_loop).
+    kl_worst: 0.03,
+    // Measured: 0.0008 (model_reference), 0.0010 (engine_loop).
+    kl_mean: 0.002,
+    // Measured: 1.0013 (model_reference).
+    scale: 0.01,
+};
+
 /// What a `Top5Comparison` may show, per model.
 pub struct Top5Bounds {
     /// Per position, the largest |our renormalised log-probability - llama.cpp's|.
