@@ -144,9 +144,20 @@ fn one_router_serves_two_models_each_on_its_own_workers() {
         assert!(smol.count > 0 && qwen.count > 0);
         if two_files {
             assert_ne!(smol.token_ids, qwen.token_ids, "two vocabularies");
-            let past = qwen.token_ids.iter().any(|&t| t >= 49_152);
-            assert!(past, "Qwen's ids go past SmolLM2's vocabulary: {qwen:?}");
-            assert_ne!(smol.max_model_len, qwen.max_model_len);
+            assert_eq!((smol.max_model_len, qwen.max_model_len), (8192, 32768));
+            // Each chat template, each vocabulary: ChatML's `<|im_start|>` is 1 in SmolLM2's and
+            // 151644 in Qwen's.
+            let chat_of = |model: &str| api::TokenizeRequest {
+                model: model.into(),
+                input: Some(api::tokenize_request::Input::Messages(api::Messages {
+                    messages: vec![api::ChatMessage { role: "user".into(), content: chat_text.into() }],
+                })),
+                ..Default::default()
+            };
+            let smol = c.tokenize(chat_of(SMOL)).await.unwrap().into_inner();
+            let qwen = c.tokenize(chat_of(QWEN)).await.unwrap().into_inner();
+            assert!(smol.token_ids.contains(&1) && smol.token_ids.iter().all(|&t| t < 49_152), "{smol:?}");
+            assert!(qwen.token_ids.contains(&151_644), "{qwen:?}");
         }
         let e = c.tokenize(tokenize("gpt-17")).await.expect_err("a model not served");
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
