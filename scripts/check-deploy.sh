@@ -271,5 +271,10 @@ refuse "cert-manager without an issuer" "tls.certManager.issuerRef.name is requi
 refuse "a generated certificate that outlives its CA" "must not exceed tls.generated.caDays" \
     --set tls.generated.certDays=4000
 refuse "a keyed /metrics without API keys" "metrics.requireKey needs API keys" --set metrics.requireKey=true
-echo "check-deploy: invalid value sets refused (7)"
+refuse "two models of one name" "models[1].name \"a\" is given twice" --set 'models[0].name=a' --set 'models[1].name=a'
+refuse "a model name that cannot name a Deployment" "must be lower-case letters" --set 'models[0].name=Qwen_2.5'
+refuse "a model without a name" "models[0].name is required" --set 'models[0].file=x.gguf'
+refuse "a model's pool with no prefill workers and decode role 'decode'" "models[b]: prefill.replicas is 0" \
+    --set 'models[0].name=a' --set 'models[1].name=b' --set 'models[1].prefill.replicas=0'
+echo "check-deploy: invalid value sets refused (11)"
 echo "check-deploy: ok: ${#sets[@]} value set(s) linted, rendered and validated"

@@ -1,6 +1,7 @@
 //! The `tandem` command.
 //!
-//! - `tandem up`: router + prefill and decode workers on this machine, serving gRPC.
+//! - `tandem up`: router + prefill and decode workers on this machine (a pool per model),
+//!   serving gRPC and HTTP.
 //! - `tandem router` / `tandem prefill` / `tandem decode`: one role per process (etcd).
 //! - `tandem generate`: one prompt through the engine, text or JSON out.
 //! - `tandem bench engine`: prefill and decode throughput of the engine.
@@ -16,7 +17,9 @@ mod bench_serve;
 mod cluster_token;
 mod generate;
 mod logging;
+mod model_flags;
 mod serve;
+mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -32,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a router with prefill and decode workers on this machine and serve until SIGTERM.
-    Up(serve::UpArgs),
+    Up(up::UpArgs),
     /// Run the router alone: the public gRPC API, finding workers through etcd.
     Router(serve::RouterArgs),
     /// Run one prefill worker, registered in etcd.
@@ -51,7 +54,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = cli.log.install().and_then(|()| match cli.command {
-        Command::Up(args) => serve::up(args),
+        Command::Up(args) => up::up(args),
         Command::Router(args) => serve::router(args),
         Command::Prefill(args) => serve::worker(args, tandem_cluster::Role::Prefill),
         Command::Decode(args) => serve::worker(args, tandem_cluster::Role::Decode),

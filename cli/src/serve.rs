@@ -1,36 +1,42 @@
-//! `tandem up`, `tandem router`, `tandem prefill`, `tandem decode`: the serving
-//! processes. `up` runs a router and its workers in one process with in-memory
-//! discovery (or etcd); the others run one role per process against etcd.
+//! `tandem router`, `tandem prefill`, `tandem decode`: the serving processes, one role per
+//! process against etcd, and the flags they share with `tandem up` (`up.rs`), which runs
+//! a router and its workers in one process.
 //! Every flag can also be set through its `TANDEM_*` environment variable.
 //! SIGINT or SIGTERM drains (no new requests, in-flight ones finish) and exits 0.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use tandem_cluster::{ClusterName, Discovery, EtcdConfig, EtcdDiscovery, InMemoryDiscovery, Role};
+use tandem_cluster::{ClusterName, Discovery, EtcdConfig, EtcdDiscovery, Role};
 use tandem_decode_worker::DecodeWorker;
 use tandem_engine::scheduler::Policy;
 use tandem_prefill_worker::PrefillWorker;
 use tandem_router::http::{HttpLimits, MetricsAccess};
 use tandem_router::recovery::KvFailurePolicy;
+use tandem_router::ModelSpec;
 use tandem_router::{RouterConfig, RunningRouter};
-use tandem_worker_runtime::{model_name_of, RoleBuilders, RunningWorker, WorkerConfig};
+use tandem_worker_runtime::{RoleBuilders, RunningWorker, WorkerConfig};
 
 use crate::cluster_token::TokenFlags;
+use crate::model_flags::{model_arg, ModelArg};
 
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Flags every serving process shares.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    /// GGUF model file.
-    #[arg(long, env = "TANDEM_MODEL", default_value = DEFAULT_MODEL)]
-    pub model: PathBuf,
-    /// The name clients use for the model (default: the file name without `.gguf`).
+    /// GGUF model file, as PATH or NAME=PATH (NAME: what clients give as `model`). A router or
+    /// `tandem up` serves every --model given (repeat it; `TANDEM_MODEL` takes a
+    /// comma-separated list), the first for requests that name none; a worker serves one.
+    #[arg(long, env = "TANDEM_MODEL", default_value = DEFAULT_MODEL, value_delimiter = ',',
+          value_parser = model_arg)]
+    pub model: Vec<ModelArg>,
+    /// The name clients use for the model, with a single --model (default: the file name
+    /// without `.gguf`).
     #[arg(long, env = "TANDEM_MODEL_NAME")]
     pub model_name: Option<String>,
     /// etcd client URLs, comma-separated (e.g. http://127.0.0.1:2379).
@@ -149,7 +155,7 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 
 fn non_negative_secs(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
-        Ok(x) if x.is_finite() && x >= 0.0 && x <= 31_536_000.0 => Ok(x),
+        Ok(x) if x.is_finite() && (0.0..=31_536_000.0).contains(&x) => Ok(x),
         _ => Err(format!("{s:?} is not a number of seconds (0 or more)")),
     }
 }
@@ -202,7 +208,7 @@ pub struct ApiKeys {
 }
 
 impl ApiKeys {
-    fn keys(&self) -> Vec<String> {
+    pub(crate) fn keys(&self) -> Vec<String> {
         self.api_keys.iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect()
     }
 }
@@ -290,49 +296,6 @@ fn scheduling_policy() -> impl clap::builder::TypedValueParser<Value = Policy> {
     use clap::builder::TypedValueParser;
     clap::builder::PossibleValuesParser::new(["fcfs", "priority"])
         .map(|s| Policy::parse(&s).expect("one of the possible values"))
-}
-
-#[derive(Args, Debug)]
-pub struct UpArgs {
-    #[command(flatten)]
-    pub common: Common,
-    #[command(flatten)]
-    pub worker: WorkerFlags,
-    /// Prefill workers; 0 gives aggregated serving on role-`both` decode workers.
-    #[arg(long, env = "TANDEM_PREFILL_WORKERS", default_value_t = 1)]
-    pub prefill_workers: usize,
-    /// Decode workers.
-    #[arg(long, env = "TANDEM_DECODE_WORKERS", default_value_t = 1)]
-    pub decode_workers: usize,
-    /// Port of the public gRPC API.
-    #[arg(long, env = "TANDEM_GRPC_PORT", default_value_t = 50051)]
-    pub grpc_port: u16,
-    /// Port of the OpenAI-compatible HTTP API.
-    #[arg(long, env = "TANDEM_HTTP_PORT", default_value_t = 8000)]
-    pub http_port: u16,
-    #[command(flatten)]
-    pub keys: ApiKeys,
-    #[command(flatten)]
-    pub http: HttpFlags,
-    #[command(flatten)]
-    pub migration: Migration,
-    /// With --etcd (workers of other processes may join): the cluster's token, as the
-    /// router and workers have it. Without: a fresh token for this process alone.
-    #[command(flatten)]
-    pub token: TokenFlags,
-    /// Address every listener binds to (loopback by default).
-    #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
-    pub host: IpAddr,
-    /// Compute threads per worker (default: the cores shared out among the workers).
-    #[arg(long, env = "TANDEM_THREADS_PER_WORKER")]
-    pub threads_per_worker: Option<usize>,
-    #[command(flatten)]
-    pub placement: Placement,
-    /// Requests the router holds in flight at most; beyond, RESOURCE_EXHAUSTED.
-    #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = 512)]
-    pub max_inflight: usize,
-    #[command(flatten)]
-    pub quotas: QuotaFlags,
 }
 
 #[derive(Args, Debug)]
@@ -434,7 +397,7 @@ async fn serve_metrics(addr: SocketAddr) -> Result<SocketAddr> {
     Ok(local)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tandem-io")
@@ -443,7 +406,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn discovery(common: &Common) -> Result<Option<Arc<dyn Discovery>>> {
+pub(crate) async fn discovery(common: &Common) -> Result<Option<Arc<dyn Discovery>>> {
     let Some(urls) = &common.etcd else { return Ok(None) };
     let endpoints: Vec<String> = urls.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     let d = EtcdDiscovery::connect(EtcdConfig { endpoints, ..EtcdConfig::default() })
@@ -452,22 +415,29 @@ async fn discovery(common: &Common) -> Result<Option<Arc<dyn Discovery>>> {
     Ok(Some(Arc::new(d)))
 }
 
-fn model_name(common: &Common) -> String {
-    common.model_name.clone().unwrap_or_else(|| model_name_of(&common.model))
+impl Common {
+    /// The models a router serves, named, the default first (`model_flags::served`).
+    pub(crate) fn served(&self) -> Result<Vec<ModelSpec>> {
+        crate::model_flags::served(&self.model, self.model_name.as_deref())
+    }
+
+    /// The one model a worker serves.
+    fn single(&self) -> Result<ModelSpec> {
+        crate::model_flags::single(&self.model, self.model_name.as_deref())
+    }
 }
 
-fn check_model(common: &Common) -> Result<()> {
-    if !common.model.exists() {
-        bail!(
-            "model file {} does not exist (run scripts/fetch-model.sh to fetch the default model)",
-            common.model.display()
-        );
+/// The served models' names as a startup line says them: `model NAME` or `models A,B`.
+pub(crate) fn model_words(models: &[ModelSpec]) -> String {
+    let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+    match names.as_slice() {
+        [one] => format!("model {one}"),
+        many => format!("models {}", many.join(",")),
     }
-    Ok(())
 }
 
 /// Waits for SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -477,12 +447,13 @@ async fn shutdown_signal() {
 
 /// The roles a worker is built with: the one place the two role crates meet. A worker
 /// of role `both` gets both.
-const ROLES: RoleBuilders = RoleBuilders { prefill: Some(PrefillWorker::build), decode: Some(DecodeWorker::build) };
+pub(crate) const ROLES: RoleBuilders =
+    RoleBuilders { prefill: Some(PrefillWorker::build), decode: Some(DecodeWorker::build) };
 
-fn worker_config(
+pub(crate) fn worker_config(
     id: String,
     role: Role,
-    common: &Common,
+    model: &ModelSpec,
     w: &WorkerFlags,
     threads: usize,
     grpc: SocketAddr,
@@ -501,9 +472,9 @@ fn worker_config(
         long_prefill_share: w.long_prefill_share,
         grpc_listen: grpc,
         kv_listen: kv,
-        model_name: model_name(common),
+        model_name: model.name.clone(),
         max_kv_lease: Duration::from_secs_f64(w.max_kv_lease),
-        ..WorkerConfig::new(id, role, common.model.clone())
+        ..WorkerConfig::new(id, role, model.path.clone())
     }
 }
 
@@ -533,30 +504,30 @@ fn non_negative(s: &str) -> Result<f64, String> {
 }
 
 /// The flags a router is configured from, as `tandem up` and `tandem router` both have them.
-struct RouterFlags<'a> {
-    common: &'a Common,
-    placement: &'a Placement,
+pub(crate) struct RouterFlags<'a> {
+    /// The models served, the default first.
+    pub(crate) models: Vec<ModelSpec>,
+    pub(crate) placement: &'a Placement,
     /// The workers' tokens per KV block: how the router names prompt blocks.
-    block_size: usize,
-    max_inflight: usize,
-    keys: &'a ApiKeys,
-    http: &'a HttpFlags,
-    migration: &'a Migration,
-    quotas: &'a QuotaFlags,
+    pub(crate) block_size: usize,
+    pub(crate) max_inflight: usize,
+    pub(crate) keys: &'a ApiKeys,
+    pub(crate) http: &'a HttpFlags,
+    pub(crate) migration: &'a Migration,
+    pub(crate) quotas: &'a QuotaFlags,
 }
 
 impl RouterFlags<'_> {
     /// The router's configuration: its gRPC and HTTP addresses, the TLS to its workers and
     /// the cluster token from the caller, everything else from the flags.
-    fn config(
+    pub(crate) fn config(
         &self,
         (grpc, http): (SocketAddr, SocketAddr),
         tls: Option<tandem_proto::tls::TlsFiles>,
         token: tandem_proto::auth::ClusterToken,
     ) -> RouterConfig {
         RouterConfig {
-            model_path: self.common.model.clone(),
-            model_name: model_name(self.common),
+            models: self.models.clone(),
             grpc_listen: grpc,
             policy: self.placement.policy.clone(),
             cache_weight: self.placement.cache_weight,
@@ -584,7 +555,7 @@ impl RouterFlags<'_> {
     }
 }
 
-fn describe(w: &RunningWorker) -> String {
+pub(crate) fn describe(w: &RunningWorker) -> String {
     let kv = if w.descriptor.role.can_decode() {
         let shm = if w.descriptor.kv.local.is_some() { " (+shm)" } else { "" };
         format!(" kv {}{shm}", w.descriptor.kv.tcp)
@@ -594,103 +565,8 @@ fn describe(w: &RunningWorker) -> String {
     format!("worker {} ({}) grpc {}{kv}", w.descriptor.id, w.descriptor.role, w.grpc_addr)
 }
 
-pub fn up(a: UpArgs) -> Result<()> {
-    check_model(&a.common)?;
-    if a.decode_workers == 0 {
-        bail!("--decode-workers must be at least 1");
-    }
-    let workers = a.prefill_workers + a.decode_workers;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads = a.threads_per_worker.unwrap_or((cores / workers).max(1));
-    let rt = runtime()?;
-    rt.block_on(async move {
-        tandem_router::telemetry::install().map_err(|e| anyhow!("metrics recorder: {e}"))?;
-        let cluster = ClusterName::new(a.common.cluster.clone()).map_err(|e| anyhow!("{e}"))?;
-        let d: Arc<dyn Discovery> = match discovery(&a.common).await? {
-            Some(d) => d,
-            None => Arc::new(InMemoryDiscovery::new()),
-        };
-        let token = match (&a.token.cluster_token_file, &a.common.etcd) {
-            // One process, nobody else to share it with: the workers' ports still refuse
-            // every caller but this process's router.
-            (None, None) => tandem_proto::auth::ClusterToken::random(),
-            _ => {
-                let (token, path) = a.token.load(cluster.as_str())?;
-                println!("tandem: cluster token from {}", path.display());
-                token
-            }
-        };
-        let ttl = Duration::from_secs(a.common.lease_ttl.max(1));
-        let any = SocketAddr::new(a.host, 0);
-        let decode_role = if a.prefill_workers == 0 { Role::Both } else { Role::Decode };
-        let mut specs = Vec::new();
-        for i in 0..a.prefill_workers {
-            specs.push((format!("prefill-{i}"), Role::Prefill));
-        }
-        for i in 0..a.decode_workers {
-            specs.push((format!("decode-{i}"), decode_role));
-        }
-        let mut running = Vec::new();
-        for (id, role) in specs {
-            let mut cfg = worker_config(id, role, &a.common, &a.worker, threads, any, any);
-            if a.host.is_unspecified() {
-                // Listening everywhere: the router and the other worker reach it on loopback.
-                cfg.advertise_host = "127.0.0.1".into();
-            }
-            cfg.cluster_token = Some(token.clone());
-            let w = RunningWorker::start(cfg, Some((d.clone(), cluster.clone(), ttl)), ROLES)
-                .await
-                .map_err(|e| anyhow!(e))?;
-            println!("tandem: {}", describe(&w));
-            running.push(w);
-        }
-        let flags = RouterFlags {
-            common: &a.common,
-            placement: &a.placement,
-            block_size: a.worker.block_size,
-            max_inflight: a.max_inflight,
-            keys: &a.keys,
-            http: &a.http,
-            migration: &a.migration,
-            quotas: &a.quotas,
-        };
-        let listen = (SocketAddr::new(a.host, a.grpc_port), SocketAddr::new(a.host, a.http_port));
-        // One process on one machine: nothing crosses a network to encrypt.
-        let rcfg = flags.config(listen, None, token.clone());
-        let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
-        if !router.wait_for_workers(running.len(), Duration::from_secs(30)).await {
-            bail!("the router did not see its {} workers register within 30 s", running.len());
-        }
-        let mode = if a.prefill_workers == 0 { "aggregated" } else { "disaggregated" };
-        println!(
-            "tandem: router grpc {} http {} ({mode}: {} prefill, {} decode, {threads} thread(s) each; model {}{})",
-            router.grpc_addr,
-            router.http_addr.map(|a| a.to_string()).unwrap_or_default(),
-            a.prefill_workers,
-            a.decode_workers,
-            model_name(&a.common),
-            if a.keys.keys().is_empty() { "" } else { "; API keys required" }
-        );
-        if let Some(h) = router.http_addr {
-            println!("tandem: OpenAI-compatible API at http://{h}/v1");
-        }
-        println!("tandem: ready");
-        shutdown_signal().await;
-        println!("tandem: draining");
-        let deadline = Duration::from_secs(a.common.drain_timeout);
-        let mut clean = router.drain(deadline).await;
-        let drains: Vec<_> = running.into_iter().map(|w| tokio::spawn(w.drain(deadline))).collect();
-        for d in drains {
-            clean &= d.await.unwrap_or(false);
-        }
-        d.shutdown().await;
-        println!("tandem: stopped{}", if clean { "" } else { " (some requests did not finish in time)" });
-        Ok(())
-    })
-}
-
 pub fn router(a: RouterArgs) -> Result<()> {
-    check_model(&a.common)?;
+    let models = a.common.served()?;
     let tls = a.tls.files()?;
     let rt = runtime()?;
     rt.block_on(async move {
@@ -701,7 +577,7 @@ pub fn router(a: RouterArgs) -> Result<()> {
             .ok_or_else(|| anyhow!("tandem router needs --etcd (or TANDEM_ETCD) to find its workers"))?;
         let (token, token_path) = a.token.load(cluster.as_str())?;
         let flags = RouterFlags {
-            common: &a.common,
+            models: models.clone(),
             placement: &a.placement,
             block_size: a.block_size,
             max_inflight: a.max_inflight,
@@ -713,10 +589,10 @@ pub fn router(a: RouterArgs) -> Result<()> {
         let rcfg = flags.config((a.grpc_listen, a.http_listen), tls.clone(), token);
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         println!(
-            "tandem: router grpc {} http {} (model {})",
+            "tandem: router grpc {} http {} ({})",
             router.grpc_addr,
             router.http_addr.map(|a| a.to_string()).unwrap_or_default(),
-            model_name(&a.common)
+            model_words(&models)
         );
         println!("tandem: cluster token from {}", token_path.display());
         if let Some(t) = &tls {
@@ -733,7 +609,7 @@ pub fn router(a: RouterArgs) -> Result<()> {
 }
 
 pub fn worker(a: WorkerArgs, default_role: Role) -> Result<()> {
-    check_model(&a.common)?;
+    let model = a.common.single()?;
     let role = match a.role.as_deref() {
         None => default_role,
         Some(r) => {
@@ -757,7 +633,7 @@ pub fn worker(a: WorkerArgs, default_role: Role) -> Result<()> {
             anyhow!("tandem {default_role} needs --etcd (or TANDEM_ETCD) to register with the router")
         })?;
         let id = a.id.clone().unwrap_or_else(|| format!("{role}-{}", std::process::id()));
-        let mut cfg = worker_config(id, role, &a.common, &a.worker, a.threads, a.grpc_listen, a.kv_listen);
+        let mut cfg = worker_config(id, role, &model, &a.worker, a.threads, a.grpc_listen, a.kv_listen);
         cfg.advertise_host = a.advertise_host.clone();
         cfg.kv_advertise = a.kv_advertise;
         cfg.shm = !a.no_shm;

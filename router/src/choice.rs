@@ -110,17 +110,17 @@ impl Tries {
     }
 
     /// The budgets left after `fault`, and what the cluster offers now.
-    fn budget(&self, r: &Routing, fault: &Fault, avoid: &[WorkerId]) -> Budget {
+    fn budget(&self, r: &Routing, model: &str, fault: &Fault, avoid: &[WorkerId]) -> Budget {
         Budget {
             migrations_left: r.migration_limit.saturating_sub(self.migrations),
             kv_recoveries_left: recovery::MAX_KV_RECOVERIES.saturating_sub(self.kv_recoveries),
             overflows_left: recovery::MAX_OVERFLOWS.saturating_sub(self.overflows),
             other_prefill: match fault {
-                Fault::Kv { prefill, .. } => r.members.has_other_prefill(&r.model, prefill, &self.excluded),
+                Fault::Kv { prefill, .. } => r.members.has_other_prefill(model, prefill, &self.excluded),
                 _ => false,
             },
             other_decode: match fault {
-                Fault::Full(decode) => r.members.has_other_decode(&r.model, decode, avoid),
+                Fault::Full(decode) => r.members.has_other_decode(model, decode, avoid),
                 _ => false,
             },
             // A worker that answered "full" judged the prompt able to fit its whole pool (it
@@ -217,7 +217,7 @@ impl ChoiceRun {
                 Err(e) => e,
             };
             let policy = tries.policy;
-            let decision = recovery::next(&err.fault, policy, tries.budget(&r, &err.fault, &avoid));
+            let decision = recovery::next(&err.fault, policy, tries.budget(&r, &self.v.model, &err.fault, &avoid));
             if let Fault::Kv { .. } = err.fault {
                 let action = match &decision {
                     Next::Again { kind: Recovery::Kv(p), .. } => p.as_str(),
@@ -330,7 +330,7 @@ impl ChoiceRun {
         let r = self.routing.clone();
         match plan {
             Plan::Route => {
-                let to = RouteAsk { model: &r.model, prompt: &ask.prompt, salt: self.v.cache_salt.as_deref() };
+                let to = RouteAsk { model: &self.v.model, prompt: &ask.prompt, salt: self.v.cache_salt.as_deref() };
                 match r.members.route(r.policy.as_ref(), &to, avoid)? {
                     Route::Local(w) => self.local(w, ask, false).await,
                     Route::Disaggregated { prefill, decode } => self.disaggregated(prefill, decode, ask).await,
@@ -531,7 +531,7 @@ impl ChoiceRun {
             usage: None,
             timing: None,
             request_id: self.v.request_id.clone(),
-            model: self.routing.model.clone(),
+            model: self.v.model.clone(),
             prompt_logprobs: d.prompt_logprobs,
         };
         let (mut cached_tokens, mut timing) = (d.cached_tokens, None);

@@ -220,11 +220,12 @@ fn cluster(workers: &[(&str, Role, Script)]) -> (Routing, HashMap<String, Fake>)
         members.join_fake(desc, Arc::new(fake.clone()));
         fakes.insert(id.to_string(), fake);
     }
-    (Routing::new(MODEL.into(), members, Box::new(First)), fakes)
+    (Routing::new(members, Box::new(First)), fakes)
 }
 
 fn request(max_tokens: u32, kv_failure_policy: Option<KvFailurePolicy>) -> Validated {
     Validated {
+        model: MODEL.into(),
         prompt: PROMPT.to_vec(),
         sampling: pb::SamplingParams { max_tokens, ..Default::default() },
         n: 1,

@@ -375,12 +375,15 @@ async fn completions(
     // Echo needs the prompt as text and ids (the request passed validation, so this does too).
     let echo = if plan.echo {
         let req = plan.request;
+        // The request started, so its model is one this router serves.
+        let facts = state.models.resolve(&req.model).map_err(|s| ApiError::from_status(&s))?.clone();
+        let f = facts.clone();
         let (text, ids) = state
-            .tokenize(move |s| prompt_echo(&req, &s.facts))
+            .tokenize(move || prompt_echo(&req, &f))
             .await
             .and_then(|r| r)
             .map_err(|s| ApiError::from_status(&s))?;
-        let first_token = ids.first().map(|&t| token_text(&state.facts, t)).unwrap_or_default();
+        let first_token = ids.first().map(|&t| token_text(&facts, t)).unwrap_or_default();
         Some((text, first_token))
     } else {
         None
@@ -479,10 +482,7 @@ async fn completions(
 
 async fn models(State(state): State<Arc<RouterState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorized(&state, &headers)?;
-    let data: Vec<Value> = state
-        .routing
-        .members
-        .models()
+    let data: Vec<Value> = crate::service::served_models(&state)
         .into_iter()
         .map(|(id, ctx)| {
             json!({"id": id, "object": "model", "created": state.created, "owned_by": "tandem", "max_model_len": ctx})

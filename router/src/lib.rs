@@ -6,9 +6,12 @@
 //! reserves the prompt's KV blocks on the decode worker, has the prefill worker
 //! compute the prompt and ship its KV there, and relays the decode worker's
 //! stream to the client. With no prefill worker, a decode worker of role
-//! `both` serves the whole request (aggregated serving).
+//! `both` serves the whole request (aggregated serving). One router serves several
+//! models: each request goes to the workers of the model it names.
 //!
 //! ## Layout
+//! - `models`: the models served (`ServedModels`): a request's `model` to its facts, the
+//!   default for none, NOT_FOUND for a name not served.
 //! - `validate`: request checks, defaults, tokenization (`ModelFacts`).
 //! - `keys`: API keys and the tenants they name (`Tenant`).
 //! - `salt`: the keyed prefix-cache salt that keeps tenants' caches apart (`SaltKey`).
@@ -39,8 +42,8 @@
 //! - `server`: `RunningRouter`: start (`StartError`), serve, drain.
 //!
 //! Modules depend one way: `service`, `http` -> `relay` -> `choice` -> `routing` ->
-//! `members` -> {`worker`, `index`, `follow`}; `relay` -> `state` -> {`routing`, `admission`}; nothing below
-//! calls back up.
+//! `members` -> {`worker`, `index`, `follow`}; `relay` -> `state` -> {`models`, `routing`, `admission`};
+//! nothing below calls back up.
 
 pub mod admission;
 pub mod choice;
@@ -53,6 +56,9 @@ pub mod index;
 pub mod keys;
 pub mod members;
 pub mod metrics;
+pub mod models;
+#[cfg(test)]
+mod models_tests;
 pub mod openai;
 pub mod policy;
 pub mod quota;
@@ -68,4 +74,5 @@ pub mod telemetry;
 pub mod validate;
 pub mod worker;
 
+pub use models::ModelSpec;
 pub use server::{RouterConfig, RunningRouter, StartError};

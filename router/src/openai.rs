@@ -213,9 +213,11 @@ impl ApiError {
         let msg = s.message().to_string();
         let param = msg.split_once(':').map(|(f, _)| f.trim().to_string()).filter(|f| !f.contains(' '));
         let (status, kind, code) = match s.code() {
-            tonic::Code::InvalidArgument if msg.starts_with("model:") => {
+            // A model this router does not serve (`models::not_found`).
+            tonic::Code::NotFound if msg.starts_with("model:") => {
                 (404, "invalid_request_error", Some("model_not_found"))
             }
+            tonic::Code::NotFound => (404, "invalid_request_error", Some("not_found")),
             tonic::Code::InvalidArgument => (400, "invalid_request_error", None),
             tonic::Code::Unauthenticated => (401, "authentication_error", Some("invalid_api_key")),
             tonic::Code::ResourceExhausted => (429, "rate_limit_error", Some("rate_limit_exceeded")),
@@ -601,7 +603,7 @@ mod tests {
         let cases = [
             (Status::invalid_argument("sampling.top_p: 2 is out of range"), 400, Some("top_p")),
             (Status::invalid_argument("prompt_tokens: 99999 is outside the vocabulary"), 400, Some("prompt")),
-            (Status::invalid_argument("model: unknown model \"x\""), 404, Some("model")),
+            (Status::not_found("model: unknown model \"x\"; this router serves [\"a\"]"), 404, Some("model")),
             (Status::resource_exhausted("full"), 429, None),
             (Status::unavailable("no decode worker"), 503, None),
             (Status::unauthenticated("key"), 401, None),

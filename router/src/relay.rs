@@ -45,8 +45,10 @@ pub async fn start_request(
     // A bad request is the client's to fix whatever the load: check it first. The bounds
     // on its size come before any tokenizing, which runs off the runtime.
     let checked = async {
-        check_input_size(req.input.as_ref(), &s.facts)?;
-        let mut v = s.tokenize(move |s| validate(&req, &s.facts, public_request_id)).await??;
+        // The model first: a name this router does not serve is NOT_FOUND whatever the input.
+        let facts = s.models.resolve(&req.model)?.clone();
+        check_input_size(req.input.as_ref(), &facts)?;
+        let mut v = s.tokenize(move || validate(&req, &facts, public_request_id)).await??;
         // The client's salt was checked as sent; the workers get the router's keyed one.
         v.cache_salt = effective_salt(&s.salt_key, tenant, v.cache_salt.as_deref());
         Ok::<_, Status>((v, s.admission.admit(tenant)?))

@@ -22,8 +22,8 @@ pub const KV_WAIT: Duration = Duration::from_secs(30);
 /// What every choice shares: where the workers are and how to pick them, how a choice
 /// recovers, and the wait for KV room.
 pub struct Routing {
-    /// The model's name as clients use it: routed on, and carried by every chunk.
-    pub model: String,
+    /// Every served model's workers: a choice is placed among its own model's only
+    /// (`Validated::model`).
     pub members: Arc<Members>,
     pub policy: Box<dyn RoutingPolicy>,
     /// Times a choice may move to other workers after a worker fails under it.
@@ -43,9 +43,8 @@ pub struct Routing {
 }
 
 impl Routing {
-    pub fn new(model: String, members: Arc<Members>, policy: Box<dyn RoutingPolicy>) -> Self {
+    pub fn new(members: Arc<Members>, policy: Box<dyn RoutingPolicy>) -> Self {
         Routing {
-            model,
             members,
             policy,
             migration_limit: 3,

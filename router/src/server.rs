@@ -1,9 +1,9 @@
-//! A running router: the model's tokenizer and limits, membership followed from
+//! A running router: each served model's tokenizer and limits, membership followed from
 //! discovery, and the public gRPC server with health and reflection. What can stop it
 //! from starting is a [`StartError`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::admission::Admission;
 use crate::members::Members;
+use crate::models::{check_specs, ModelSpec, ModelsError, ServedModels};
 use crate::policy::policy_by_name;
 use crate::quota::{LimitError, Quotas, TenantLimits};
 use crate::recovery::KvFailurePolicy;
@@ -44,10 +45,13 @@ pub enum StartError {
     Tls(#[from] tandem_proto::tls::TlsError),
     #[error("model file {} does not exist (scripts/fetch-model.sh fetches the default model)", .0.display())]
     NoModel(PathBuf),
-    /// The model file's tokenizer, chat template or configuration.
-    #[error("{0}")]
-    Model(Box<dyn std::error::Error + Send + Sync>),
-    /// The task loading the model's facts did not finish.
+    /// The list of models: none, or a name twice.
+    #[error(transparent)]
+    Models(#[from] ModelsError),
+    /// A model file's tokenizer, chat template or configuration.
+    #[error("model file {}: {source}", .path.display())]
+    Model { path: PathBuf, source: Box<dyn std::error::Error + Send + Sync> },
+    /// The task loading the models' facts did not finish.
     #[error("{0}")]
     Loading(#[from] tokio::task::JoinError),
     #[error("binding the {what} server on {addr}: {source}")]
@@ -58,10 +62,10 @@ pub enum StartError {
 
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
-    /// The model file: the router reads its tokenizer, chat template and context length.
-    pub model_path: PathBuf,
-    /// The name clients use; workers must serve the same.
-    pub model_name: String,
+    /// The models served, the default (for requests that name none) first: the router reads
+    /// each file's tokenizer, chat template and context length, and routes a request only to
+    /// workers announcing its model's name.
+    pub models: Vec<ModelSpec>,
     pub grpc_listen: SocketAddr,
     /// `cache-aware`, `least-loaded` or `round-robin`.
     pub policy: String,
@@ -138,13 +142,17 @@ impl RunningRouter {
         let tenants = crate::keys::tenants(&cfg.api_keys);
         let limits = TenantLimits::resolve(cfg.tenant_max_inflight, &cfg.tenant_limits, &tenants, cfg.max_inflight)?;
         let tls = cfg.tls.as_ref().map(worker_tls).transpose()?;
-        let path = cfg.model_path.clone();
-        let facts = tokio::task::spawn_blocking(move || load_facts(&path)).await??;
-        let facts = ModelFacts { name: cfg.model_name.clone(), ..facts };
+        check_specs(&cfg.models)?;
+        let specs = cfg.models.clone();
+        let models = tokio::task::spawn_blocking(move || {
+            specs.iter().map(|m| load_facts(&m.name, &m.path)).collect::<Result<Vec<_>, _>>()
+        })
+        .await??;
+        let models = ServedModels::new(models);
         crate::metrics::describe();
         let members = Members::new(tls, cfg.cluster_token.clone(), cfg.hashing.clone());
         let membership = tokio::spawn(follow_membership(discovery, cluster, members.clone()));
-        let mut routing = Routing::new(cfg.model_name.clone(), members, policy);
+        let mut routing = Routing::new(members, policy);
         routing.migration_limit = cfg.migration_limit;
         routing.kv_failure_policy = cfg.kv_failure_policy;
         routing.kv_lease = cfg.kv_lease;
@@ -157,7 +165,7 @@ impl RunningRouter {
             "per-tenant limits on requests in flight"
         );
         let admission = Admission::new(cfg.max_inflight, Quotas::new(limits));
-        let mut state = RouterState::new(facts, routing, admission);
+        let mut state = RouterState::new(models, routing, admission);
         // Every router of the cluster derives the same tenant salts from the cluster's secret.
         if let Some(token) = &cfg.cluster_token {
             state.salt_key = crate::salt::SaltKey::derive(token.secret());
@@ -258,13 +266,16 @@ fn worker_tls(files: &TlsFiles) -> Result<ClientTlsConfig, StartError> {
         .timeout(Duration::from_secs(5)))
 }
 
-fn load_facts(path: &std::path::Path) -> Result<ModelFacts, StartError> {
+/// What the router needs of the model file at `path` (its text side only), served as `name`.
+fn load_facts(name: &str, path: &Path) -> Result<ModelFacts, StartError> {
     if !path.exists() {
         return Err(StartError::NoModel(path.to_path_buf()));
     }
-    let text = ModelText::open(path).map_err(|e| StartError::Model(Box::new(e)))?;
+    let text =
+        ModelText::open(path).map_err(|e| StartError::Model { path: path.to_path_buf(), source: Box::new(e) })?;
+    tracing::info!(model = name, path = %path.display(), context = text.config.context_length, "serving model");
     Ok(ModelFacts {
-        name: String::new(),
+        name: name.to_string(),
         vocab_size: text.config.vocab_size,
         max_model_len: text.config.context_length,
         tokenizer: text.tokenizer,

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::keys::{tenant_of, Tenant};
 use crate::relay::{start_request, Chunks};
 use crate::state::RouterState;
-use crate::validate::{check_input_size, check_model, input_ids};
+use crate::validate::{check_input_size, input_ids};
 
 /// The `grpc-timeout` header as a duration (`100m`, `5S`, ...).
 pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
@@ -33,6 +33,22 @@ pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
 
 #[derive(Clone)]
 pub struct GenerateService(pub Arc<RouterState>);
+
+/// Every model the router serves, in the order configured (the default first), whether or
+/// not a worker of it is up now, with its context length: the model file's, or the
+/// shortest its healthy workers accept if shorter. What `ListModels` and `/v1/models` list.
+pub fn served_models(state: &RouterState) -> Vec<(String, u32)> {
+    let live = state.routing.members.models();
+    state
+        .models
+        .iter()
+        .map(|m| {
+            let file = u32::try_from(m.max_model_len).unwrap_or(u32::MAX);
+            let workers = live.iter().find(|(n, _)| *n == m.name).map_or(file, |&(_, ctx)| ctx);
+            (m.name.clone(), file.min(workers))
+        })
+        .collect()
+}
 
 /// gRPC's `authorization: Bearer <key>` metadata against the configured keys; the caller's
 /// tenant goes into the request's extensions.
@@ -114,16 +130,17 @@ impl Generate for GenerateService {
 
     async fn tokenize(&self, req: Request<api::TokenizeRequest>) -> Result<Response<api::TokenizeResponse>, Status> {
         let r = req.into_inner();
-        check_model(&r.model, &self.0.facts)?;
+        // The named model's tokenizer and template (the default's when none is named).
+        let f = self.0.models.resolve(&r.model)?.clone();
         let input = r.input.map(|i| match i {
             api::tokenize_request::Input::Prompt(p) => api::generate_request::Input::Prompt(p),
             api::tokenize_request::Input::Messages(m) => api::generate_request::Input::Messages(m),
         });
-        check_input_size(input.as_ref(), &self.0.facts)?;
+        check_input_size(input.as_ref(), &f)?;
         let add_generation_prompt = r.add_generation_prompt.unwrap_or(true);
+        let facts = f.clone();
         let (mut ids, rendered) =
-            self.0.tokenize(move |s| input_ids(input.as_ref(), &s.facts, add_generation_prompt)).await??;
-        let f = &self.0.facts;
+            self.0.tokenize(move || input_ids(input.as_ref(), &facts, add_generation_prompt)).await??;
         if !r.add_special_tokens.unwrap_or(true)
             && f.tokenizer.add_bos()
             && ids.first() == f.tokenizer.bos_id().as_ref()
@@ -148,11 +165,7 @@ impl Generate for GenerateService {
         &self,
         _req: Request<api::ListModelsRequest>,
     ) -> Result<Response<api::ListModelsResponse>, Status> {
-        let models = self
-            .0
-            .routing
-            .members
-            .models()
+        let models = served_models(&self.0)
             .into_iter()
             .map(|(id, ctx)| api::Model { id, owned_by: "tandem".into(), created: self.0.created, max_model_len: ctx })
             .collect();

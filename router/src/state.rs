@@ -1,5 +1,5 @@
-//! `RouterState`: what the router's handlers share. The model's facts (to check and
-//! tokenize requests), the workers and how a request's choices run across them
+//! `RouterState`: what the router's handlers share. The served models' facts (to check and
+//! tokenize requests, `models::ServedModels`), the workers and how a request's choices run across them
 //! (`routing::Routing`), the door (`admission::Admission`), the API keys, the salt key and
 //! the per-request bounds (first token, stalled streams).
 
@@ -9,10 +9,10 @@ use std::time::Duration;
 use tonic::Status;
 
 use crate::admission::Admission;
+use crate::models::ServedModels;
 use crate::routing::Routing;
 use crate::salt::SaltKey;
 use crate::stall::STREAM_STALL_TIMEOUT;
-use crate::validate::ModelFacts;
 
 /// How long a request may go without its first token, by default: past it, it is refused
 /// as overloaded rather than left waiting in queues.
@@ -20,12 +20,13 @@ pub const FIRST_TOKEN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// State shared by the router's handlers.
 pub struct RouterState {
-    pub facts: ModelFacts,
+    /// The models served, each request's by its `model` field (the first when empty).
+    pub models: ServedModels,
     /// The workers, the routing policy, and how a choice recovers and waits for room.
     pub routing: Arc<Routing>,
     /// The in-flight limit, the tenants' quotas, draining.
     pub admission: Arc<Admission>,
-    /// When the model was loaded (OpenAI `created`).
+    /// When the models were loaded (OpenAI `created`).
     pub created: i64,
     /// Accepted API keys; empty: the API is open.
     pub api_keys: Vec<String>,
@@ -43,9 +44,9 @@ pub struct RouterState {
 }
 
 impl RouterState {
-    pub fn new(facts: ModelFacts, routing: Routing, admission: Admission) -> Self {
+    pub fn new(models: ServedModels, routing: Routing, admission: Admission) -> Self {
         RouterState {
-            facts,
+            models,
             routing: Arc::new(routing),
             admission: Arc::new(admission),
             created: std::time::SystemTime::now()
@@ -66,15 +67,11 @@ impl RouterState {
     /// once as there are cores, never on the runtime's threads: a large input delays other
     /// inputs' tokenization, not `/health` or the streams in flight. A caller that goes
     /// away leaves `f` to finish, still counted.
-    pub async fn tokenize<T: Send + 'static>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&RouterState) -> T + Send + 'static,
-    ) -> Result<T, Status> {
+    pub async fn tokenize<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
         let permit = self.tokenizers.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
-        let s = self.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            f(&s)
+            f()
         })
         .await
         .map_err(|e| Status::internal(format!("tokenizing failed: {e}")))

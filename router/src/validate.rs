@@ -24,8 +24,10 @@ pub const MAX_LOGPROBS: u32 = 20;
 /// Longest client request id, in bytes.
 pub const MAX_REQUEST_ID: usize = 128;
 
-/// What the router needs of the model to check requests.
+/// What the router needs of one served model to check requests (`models::ServedModels`
+/// holds one per model).
 pub struct ModelFacts {
+    /// The name clients use.
     pub name: String,
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
@@ -36,6 +38,9 @@ pub struct ModelFacts {
 /// A request that passed every check, with defaults resolved.
 #[derive(Debug, Clone)]
 pub struct Validated {
+    /// The served model it goes to (its name, resolved: never empty); only that model's
+    /// workers are routed to, and every chunk carries it.
+    pub model: String,
     pub prompt: Vec<u32>,
     /// One choice's sampling; choice `i` adds `i` to a given seed.
     pub sampling: pb::SamplingParams,
@@ -51,12 +56,14 @@ fn bad(field: &str, what: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {what}"))
 }
 
-/// The model named in a request: empty means the served one.
+/// The model named in a request against the one it is checked with: empty means that one
+/// (a router resolves the name first, `models::ServedModels::resolve`); another name is
+/// NOT_FOUND.
 pub fn check_model(model: &str, facts: &ModelFacts) -> Result<(), Status> {
     if model.is_empty() || model == facts.name {
         Ok(())
     } else {
-        Err(bad("model", format!("unknown model {model:?}; this cluster serves {:?}", facts.name)))
+        Err(crate::models::not_found(model, &[&facts.name]))
     }
 }
 
@@ -242,6 +249,7 @@ pub fn validate(
             })?),
         };
     Ok(Validated {
+        model: facts.name.clone(),
         prompt,
         sampling: pb::SamplingParams {
             temperature,

@@ -143,7 +143,6 @@ fn bad_input_cancel_overload_and_missing_roles_get_their_status() {
             ("top_p 0", with(&|s| s.top_p = Some(0.0)), "sampling.top_p"),
             ("top_p above 1", with(&|s| s.top_p = Some(1.5)), "sampling.top_p"),
             ("n above 16", with(&|s| s.n = Some(17)), "sampling.n"),
-            ("unknown model", unknown_model, "model"),
             ("unknown role", bad_role, "messages[0].role"),
             ("a request_id forging a log line", forged_id, "request_id"),
         ];
@@ -154,6 +153,12 @@ fn bad_input_cancel_overload_and_missing_roles_get_their_status() {
             let e = client.generate(req).await.expect_err(what);
             assert_eq!(e.code(), Code::InvalidArgument, "{what} (unary): {e:?}");
         }
+        // A model this router does not serve: NOT_FOUND, naming it.
+        let e = stream(&mut client, unknown_model.clone()).await.expect_err("unknown model");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(e.message().starts_with("model: unknown model \"gpt-17\""), "{:?}", e.message());
+        let e = client.generate(unknown_model).await.expect_err("unknown model (unary)");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
         let e = send_invalid_utf8(&raddr).await;
         assert_eq!(e.code(), Code::InvalidArgument, "invalid UTF-8: {e:?}");
         // prost names the oneof that holds `prompt`.
@@ -476,26 +481,13 @@ fn a_killed_router_leaves_no_orphans_and_a_new_one_serves_at_once() {
         }
         let (router, addr) = start_router(&c.etcd, &c.cluster, &[]);
         let started = Instant::now();
-        let mut fresh = client_when_serving(&addr).await;
+        for id in ["prefill-0", "decode-0"] {
+            router.wait_event("worker joined", &[("worker", id)], Duration::from_secs(10));
+        }
+        let mut fresh = harness::client(&addr).await;
         let got = stream(&mut fresh, chat(PROMPTS[1], 8)).await.expect("the new router serves");
         assert!(!got.text.is_empty());
         assert!(started.elapsed() < Duration::from_secs(10), "served after {:?}", started.elapsed());
         drop(router);
     });
-}
-
-/// A client for a router that has just started: retries UNAVAILABLE while it lists workers.
-async fn client_when_serving(
-    addr: &str,
-) -> tandem_proto::tandem::v1::generate_client::GenerateClient<tonic::transport::Channel> {
-    let mut c = client(addr).await;
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        // ListModels lists what the workers the router knows serve.
-        let models = c.list_models(api::ListModelsRequest {}).await.unwrap().into_inner().models;
-        if !models.is_empty() || Instant::now() > end {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

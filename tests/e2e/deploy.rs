@@ -4,8 +4,9 @@
 //! ci/multi-replica-values.yaml and check the properties an operator relies on:
 //! replica counts, probes on every container, a grace period that covers the drain,
 //! API keys from a Secret, a PodDisruptionBudget per component, no container as root,
-//! every TANDEM_* variable read by its command and JSON logs. How the chart closes the
-//! worker control plane is in deploy_auth.rs.
+//! every TANDEM_* variable read by its command and JSON logs; and, for
+//! ci/multi-model-values.yaml, a pool of workers per model behind routers serving them all.
+//! How the chart closes the worker control plane is in deploy_auth.rs.
 
 mod deploy_support;
 
@@ -214,4 +215,75 @@ fn with_metrics_require_key_the_service_monitor_sends_an_api_key_to_the_router()
         env_value(&deployment("router")["spec"]["template"]["spec"]["containers"][0], "TANDEM_METRICS_REQUIRE_KEY"),
         None
     );
+}
+
+/// With `models`, each model gets its own pool: Deployments named after it with their own
+/// replicas and settings, pods labelled with it (no two Deployments or budgets select the
+/// same pods), its file and served name in the workers' environment. The routers mount
+/// every model, each in its own directory, and serve them all, the first as the default.
+#[test]
+fn several_models_get_a_pool_each_behind_routers_that_serve_them_all() {
+    let docs = render(MULTI_MODEL_VALUES);
+    let deployments: Vec<&Value> = of(&docs, "Deployment").collect();
+    let by_name = |n: &str| *deployments.iter().find(|d| name(d) == n).unwrap_or_else(|| panic!("no Deployment {n}"));
+    let pools = [
+        ("smollm2", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 1, 1),
+        ("qwen-coder", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 2, 3),
+    ];
+    for (key, served, file, prefill, decode) in pools {
+        for (kind, replicas) in [("prefill", prefill), ("decode", decode)] {
+            let d = by_name(&format!("tandem-{key}-{kind}"));
+            assert_eq!(d["spec"]["replicas"].as_u64(), Some(replicas), "{key} {kind}");
+            assert_eq!(d["spec"]["selector"]["matchLabels"]["tandem-model"], key, "{key} {kind}");
+            assert_eq!(pod_labels(d)["tandem-model"], key);
+            let c = &d["spec"]["template"]["spec"]["containers"][0];
+            assert_eq!(c["args"][0], kind);
+            assert_eq!(env_value(c, "TANDEM_MODEL"), Some(format!("/models/{file}").as_str()), "{key} {kind}");
+            assert_eq!(env_value(c, "TANDEM_MODEL_NAME"), Some(served), "{key} {kind}");
+        }
+    }
+    // Each pool's settings over the chart's: the Qwen pool's threads and memory, from the PVC.
+    let qwen_prefill = &by_name("tandem-qwen-coder-prefill")["spec"]["template"]["spec"];
+    assert_eq!(env_value(&qwen_prefill["containers"][0], "TANDEM_THREADS"), Some("2"));
+    assert_eq!(qwen_prefill["volumes"][0]["persistentVolumeClaim"]["claimName"], "models");
+    let qwen_decode = &by_name("tandem-qwen-coder-decode")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(qwen_decode["resources"]["limits"]["memory"], "3Gi");
+    let smol_decode = &by_name("tandem-smollm2-decode")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(smol_decode["resources"]["limits"]["memory"], "2Gi", "the chart's decode resources");
+
+    // No workload's pods are selected by another Deployment, and each has exactly one budget.
+    let selects = |sel: &Value, pods: &serde_json::Map<String, Value>| {
+        let sel = sel.as_object().expect("matchLabels");
+        !sel.is_empty() && sel.iter().all(|(k, v)| pods.get(k) == Some(v))
+    };
+    for d in &deployments {
+        let pods = pod_labels(d);
+        let owners = deployments.iter().filter(|o| selects(&o["spec"]["selector"]["matchLabels"], pods)).count();
+        assert_eq!(owners, 1, "{}: selected by {owners} Deployments", name(d));
+        let budgets = of(&docs, "PodDisruptionBudget").filter(|p| selects(&p["spec"]["selector"]["matchLabels"], pods));
+        assert_eq!(budgets.count(), 1, "{}", name(d));
+    }
+
+    // The routers: every model, named, each file where its volume is mounted.
+    let router = by_name("tandem-router");
+    assert_eq!(router["spec"]["replicas"].as_u64(), Some(2));
+    let spec = &router["spec"]["template"]["spec"];
+    let c = &spec["containers"][0];
+    let served = env_value(c, "TANDEM_MODEL").expect("TANDEM_MODEL");
+    assert_eq!(
+        served,
+        "smollm2=/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf,\
+         qwen2.5-coder-0.5b-instruct=/models/qwen-coder/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    );
+    assert_eq!(env_value(c, "TANDEM_MODEL_NAME"), None, "each model is named in TANDEM_MODEL");
+    let mounts = array(&c["volumeMounts"]);
+    for (key, _, _, _, _) in pools {
+        let m = mounts.iter().find(|m| m["mountPath"] == format!("/models/{key}")).expect("a mount per model");
+        assert!(array(&spec["volumes"]).iter().any(|v| v["name"] == m["name"]), "{key}: volume {}", m["name"]);
+    }
+    // The downloaded model is fetched into its own volume by its own init container.
+    let init = array(&spec["initContainers"]);
+    assert_eq!(init.len(), 1, "one model is downloaded");
+    assert_eq!(init[0]["name"], "fetch-model-smollm2");
+    assert_eq!(init[0]["volumeMounts"][0]["name"], "model-smollm2");
 }

@@ -19,6 +19,7 @@ pub const TLS_VALUES: &str = "deploy/helm/tandem/ci/tls-values.yaml";
 pub const CERT_MANAGER_VALUES: &str = "deploy/helm/tandem/ci/cert-manager-values.yaml";
 pub const TRUSTED_VALUES: &str = "deploy/helm/tandem/ci/trusted-network-values.yaml";
 pub const NETWORK_POLICY_VALUES: &str = "deploy/helm/tandem/ci/network-policy-values.yaml";
+pub const MULTI_MODEL_VALUES: &str = "deploy/helm/tandem/ci/multi-model-values.yaml";
 /// The components of a release, and their replicas in ci/multi-replica-values.yaml.
 pub const COMPONENTS: [(&str, u64); 3] = [("router", 2), ("prefill", 3), ("decode", 2)];
 

@@ -37,8 +37,13 @@ pub fn grpc_call(args: &[&str]) -> (bool, String, String) {
 }
 
 pub fn model() -> PathBuf {
-    let m = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(m.exists(), "model missing: run scripts/fetch-model.sh first");
+    model_file("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// `models/<name>`, which must be there.
+pub fn model_file(name: &str) -> PathBuf {
+    let m = root().join("models").join(name);
+    assert!(m.exists(), "model {name} missing: run scripts/fetch-model.sh all first");
     m
 }
 
@@ -384,6 +389,13 @@ fn unbase64(text: &str) -> Vec<u8> {
 /// change what is tested (the tests read the processes' logs at the default level and
 /// format).
 pub fn tandem(args: &[&str]) -> Command {
+    let model = model();
+    tandem_serving(args, &[model.to_str().expect("a UTF-8 path")])
+}
+
+/// As `tandem`, with `--model` once for each of `models` (`PATH` or `NAME=PATH`) in place of
+/// the test's model.
+pub fn tandem_serving(args: &[&str], models: &[&str]) -> Command {
     let mut cmd = Command::new(tandem_bin());
     for (k, _) in std::env::vars() {
         if k.starts_with("TANDEM_") || k == "RUST_LOG" {
@@ -391,7 +403,10 @@ pub fn tandem(args: &[&str]) -> Command {
         }
     }
     cmd.env("TANDEM_CLUSTER_TOKEN_FILE", &token_file().path);
-    cmd.args(args).arg("--model").arg(model());
+    cmd.args(args);
+    for m in models {
+        cmd.arg("--model").arg(m);
+    }
     cmd
 }
 
@@ -558,6 +573,16 @@ pub async fn stream(c: &mut GenerateClient<Channel>, req: api::GenerateRequest) 
 
 /// `tandem generate` for the same greedy request, in its own process: the reference.
 pub fn generate_reference(chat_text: Option<&str>, prompt: Option<&str>, max_tokens: u32) -> String {
+    generate_reference_on(&model(), chat_text, prompt, max_tokens)
+}
+
+/// `generate_reference` with the model file `model`.
+pub fn generate_reference_on(
+    model: &std::path::Path,
+    chat_text: Option<&str>,
+    prompt: Option<&str>,
+    max_tokens: u32,
+) -> String {
     let mut args = vec![
         "generate".to_string(),
         "--temperature".into(),
@@ -575,7 +600,7 @@ pub fn generate_reference(chat_text: Option<&str>, prompt: Option<&str>, max_tok
         args.extend(["--prompt".to_string(), p.to_string()]);
     }
     let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let out = tandem(&refs).output().unwrap();
+    let out = tandem_serving(&refs, &[model.to_str().expect("a UTF-8 path")]).output().unwrap();
     assert!(out.status.success(), "tandem generate failed: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("generate --json prints JSON");
     v["choices"][0]["text"].as_str().or_else(|| v["text"].as_str()).expect("a text field").to_string()

@@ -33,11 +33,15 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 app.kubernetes.io/part-of: tandem
 {{- end }}
 
-{{/* Labels that select one component's pods. Call with (dict "ctx" $ "component" "router"). */}}
+{{/* Labels that select one component's pods. Call with (dict "ctx" $ "component" "router"),
+adding "model" (a pool's key) for the workers of one model of several. */}}
 {{- define "tandem.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "tandem.name" .ctx }}
 app.kubernetes.io/instance: {{ .ctx.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
+{{- with .model }}
+tandem-model: {{ . }}
+{{- end }}
 {{- end }}
 
 {{- define "tandem.serviceAccountName" -}}
@@ -74,16 +78,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{- define "tandem.modelPath" -}}
-{{- printf "%s/%s" (trimSuffix "/" .Values.model.mountPath) .Values.model.file }}
-{{- end }}
-
 {{/* Drain timeout plus margin (plus the preStop sleep given as .extra). Call with (dict "ctx" $ "extra" 0). */}}
 {{- define "tandem.gracePeriod" -}}
 {{- add (int .ctx.Values.drain.timeoutSeconds) (int .ctx.Values.drain.graceMarginSeconds) (int .extra) }}
 {{- end }}
 
-{{/* Environment every tandem process shares. */}}
+{{/* Environment every tandem process shares (its model's comes from "tandem.modelEnv"). */}}
 {{- define "tandem.commonEnv" -}}
 - name: TANDEM_ETCD
   value: {{ include "tandem.etcdEndpoints" . | quote }}
@@ -93,24 +93,19 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.leaseTtlSeconds | quote }}
 - name: TANDEM_DRAIN_TIMEOUT
   value: {{ .Values.drain.timeoutSeconds | quote }}
-- name: TANDEM_MODEL
-  value: {{ include "tandem.modelPath" . | quote }}
 - name: TANDEM_LOG_LEVEL
   value: {{ .Values.logging.level | quote }}
 - name: TANDEM_LOG_FORMAT
   value: {{ .Values.logging.format | quote }}
-{{- with .Values.model.servedName }}
-- name: TANDEM_MODEL_NAME
-  value: {{ . | quote }}
-{{- end }}
 {{- include "tandem.tlsEnv" . }}
 {{- include "tandem.clusterTokenEnv" . }}
 {{- end }}
 
-{{/* Environment of a worker. Call with (dict "ctx" $ "w" .Values.prefill). */}}
+{{/* Environment of a worker of pool $p. Call with (dict "ctx" $ "w" $p.prefill "pool" $p). */}}
 {{- define "tandem.workerEnv" -}}
 {{- $v := .ctx.Values }}
 {{ include "tandem.commonEnv" .ctx }}
+{{- include "tandem.modelEnv" (dict "pools" (list .pool)) }}
 - name: TANDEM_WORKER_ID
   valueFrom:
     fieldRef:
@@ -163,44 +158,13 @@ prometheus.io/path: /metrics
 {{- end }}
 
 {{/*
-The model volume and, for source=download, the init container that fills it.
+For source=download, the init container that fills one pool's model volume. Call with
+(dict "ctx" $ "pool" $p "many" false), as "tandem.modelVolume".
 */}}
-{{- define "tandem.modelVolume" -}}
-{{- $m := .Values.model }}
-{{- if eq $m.source "download" }}
-- name: model
-  emptyDir:
-    sizeLimit: {{ $m.download.sizeLimit }}
-{{- else if eq $m.source "pvc" }}
-- name: model
-  persistentVolumeClaim:
-    claimName: {{ required "model.pvc.existingClaim is required when model.source is pvc" $m.pvc.existingClaim }}
-    readOnly: true
-{{- else if eq $m.source "hostPath" }}
-- name: model
-  hostPath:
-    path: {{ required "model.hostPath.path is required when model.source is hostPath" $m.hostPath.path }}
-    type: Directory
-{{- else if ne $m.source "image" }}
-{{- fail (printf "model.source must be download, pvc, hostPath or image, not %q" $m.source) }}
-{{- end }}
-{{- end }}
-
-{{- define "tandem.modelMount" -}}
-{{- if ne .Values.model.source "image" }}
-- name: model
-  mountPath: {{ .Values.model.mountPath }}
-  readOnly: true
-  {{- if and (eq .Values.model.source "pvc") .Values.model.pvc.subPath }}
-  subPath: {{ .Values.model.pvc.subPath }}
-  {{- end }}
-{{- end }}
-{{- end }}
-
 {{- define "tandem.modelInitContainer" -}}
-{{- $m := .Values.model }}
+{{- $m := .pool }}
 {{- if eq $m.source "download" }}
-- name: fetch-model
+- name: {{ ternary (printf "fetch-model-%s" $m.key) "fetch-model" .many }}
   image: {{ $m.download.image }}
   imagePullPolicy: {{ $m.download.pullPolicy }}
   command: ["python", "-c"]
@@ -249,11 +213,11 @@ The model volume and, for source=download, the init container that fills it.
     {{- toYaml . | nindent 4 }}
     {{- end }}
   securityContext:
-    {{- toYaml .Values.securityContext | nindent 4 }}
+    {{- toYaml .ctx.Values.securityContext | nindent 4 }}
   resources:
     {{- toYaml $m.download.resources | nindent 4 }}
   volumeMounts:
-    - name: model
+    - name: {{ include "tandem.modelVolumeName" . }}
       mountPath: /model-out
     - name: tmp
       mountPath: /tmp

@@ -1,20 +1,23 @@
 {{/*
-A worker Deployment: prefill or decode. Call with (dict "ctx" $ "kind" "prefill").
-Workers need no Service: they register in etcd with their pod IP (status.podIP), and
-the routers reach them there.
+A worker Deployment of one pool (see _models.tpl): prefill or decode. Call with
+(dict "ctx" $ "kind" "prefill" "pool" $p). Workers need no Service: they register in etcd
+with their pod IP (status.podIP), and the routers reach them there.
 */}}
 {{- define "tandem.workerDeployment" -}}
 {{- $ctx := .ctx }}
 {{- $v := $ctx.Values }}
 {{- $kind := .kind }}
-{{- $w := index $v $kind }}
+{{- $pool := .pool }}
+{{- $w := index $pool $kind }}
 {{- $dshm := and (eq $kind "decode") $v.sharedMemory.emptyDir }}
+{{- $labels := dict "ctx" $ctx "component" $kind "model" $pool.key }}
+{{- $model := dict "pool" $pool "many" false "ctx" $ctx }}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
-  name: {{ include "tandem.fullname" $ctx }}-{{ $kind }}
+  name: {{ include "tandem.fullname" $ctx }}-{{ include "tandem.poolPrefix" $pool }}{{ $kind }}
   labels:
-    {{- include "tandem.labels" (dict "ctx" $ctx "component" $kind) | nindent 4 }}
+    {{- include "tandem.labels" $labels | nindent 4 }}
 spec:
   replicas: {{ $w.replicas }}
   revisionHistoryLimit: 5
@@ -26,11 +29,11 @@ spec:
       maxUnavailable: 0
   selector:
     matchLabels:
-      {{- include "tandem.selectorLabels" (dict "ctx" $ctx "component" $kind) | nindent 6 }}
+      {{- include "tandem.selectorLabels" $labels | nindent 6 }}
   template:
     metadata:
       labels:
-        {{- include "tandem.labels" (dict "ctx" $ctx "component" $kind) | nindent 8 }}
+        {{- include "tandem.labels" $labels | nindent 8 }}
         tandem-worker: "true"
       {{- $annotations := merge (dict) $w.podAnnotations (include "tandem.scrapeAnnotations" (dict "ctx" $ctx "port" $v.workerPorts.metrics) | fromYaml) }}
       {{- with (include "tandem.authChecksum" $ctx) }}
@@ -53,7 +56,7 @@ spec:
         {{- toYaml $v.podSecurityContext | nindent 8 }}
       # SIGTERM drains for up to drain.timeoutSeconds, then the worker deregisters and exits 0.
       terminationGracePeriodSeconds: {{ include "tandem.gracePeriod" (dict "ctx" $ctx "extra" 0) }}
-      {{- with (include "tandem.modelInitContainer" $ctx) }}
+      {{- with (include "tandem.modelInitContainer" $model) }}
       initContainers:
         {{- . | trim | nindent 8 }}
       {{- end }}
@@ -63,7 +66,7 @@ spec:
           imagePullPolicy: {{ $v.image.pullPolicy }}
           args: [{{ $kind | quote }}]
           env:
-            {{- include "tandem.workerEnv" (dict "ctx" $ctx "w" $w) | trim | nindent 12 }}
+            {{- include "tandem.workerEnv" (dict "ctx" $ctx "w" $w "pool" $pool) | trim | nindent 12 }}
             {{- if eq $kind "decode" }}
             - name: TANDEM_ROLE
               value: {{ $w.role | quote }}
@@ -96,7 +99,7 @@ spec:
           securityContext:
             {{- toYaml $v.securityContext | nindent 12 }}
           volumeMounts:
-            {{- with (include "tandem.modelMount" $ctx | trim) }}{{ . | nindent 12 }}{{ end }}
+            {{- with (include "tandem.modelMount" $model | trim) }}{{ . | nindent 12 }}{{ end }}
             {{- with (include "tandem.authMounts" $ctx | trim) }}{{ . | nindent 12 }}{{ end }}
             - name: tmp
               mountPath: /tmp
@@ -105,7 +108,7 @@ spec:
               mountPath: /dev/shm
             {{- end }}
       volumes:
-        {{- with (include "tandem.modelVolume" $ctx | trim) }}{{ . | nindent 8 }}{{ end }}
+        {{- with (include "tandem.modelVolume" $model | trim) }}{{ . | nindent 8 }}{{ end }}
         {{- with (include "tandem.authVolumes" $ctx | trim) }}{{ . | nindent 8 }}{{ end }}
         - name: tmp
           emptyDir:
