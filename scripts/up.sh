@@ -5,6 +5,11 @@
 #
 #   scripts/up.sh [--example] [tandem up flags...]
 #
+# `--model smollm2-135m` and `--model qwen2.5-coder-0.5b` name the models
+# scripts/fetch-model.sh knows: each is fetched on first use and served under that name
+# (repeat `--model` for one pool per model). Other `--model` values go to `tandem up` as
+# they are (a path, or NAME=PATH). Without `--model`, SmolLM2-135M is served.
+#
 # --example: once the cluster is ready, stream one reply through the gRPC API with
 # scripts/grpc-call.py (a generic client that reads the API through server
 # reflection), then keep serving.
@@ -17,6 +22,27 @@ if [[ "${1:-}" == "--example" ]]; then
     shift
 fi
 
+ARGS=()
+while (($#)); do
+    if [[ "$1" == "--model" && $# -ge 2 ]]; then
+        case "$2" in
+            smollm2-135m)
+                scripts/fetch-model.sh smollm2-135m
+                ARGS+=(--model "smollm2-135m=models/SmolLM2-135M-Instruct.Q4_1.gguf")
+                ;;
+            qwen2.5-coder-0.5b)
+                scripts/fetch-model.sh qwen2.5-coder-0.5b
+                ARGS+=(--model "qwen2.5-coder-0.5b=models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+                ;;
+            *) ARGS+=(--model "$2") ;;
+        esac
+        shift 2
+    else
+        ARGS+=("$1")
+        shift
+    fi
+done
+set -- "${ARGS[@]}"
 scripts/fetch-model.sh
 if [[ "$EXAMPLE" == 1 ]]; then
     scripts/setup-python-clients.sh --no-curl
