@@ -141,6 +141,10 @@ unsafe fn tile_avx512<const BITS: u32, const CENTRED: bool, const R: usize, cons
             for i in 0..R {
                 let row = r0 + i;
                 let base = wq.add(row * rb + pi * pb);
+                // The next tile's weights at this column: the hardware prefetchers stop at
+                // 4 KiB pages and over short rows (896 columns) batch-1 ran ~25% slower
+                // without this. A hint: past the matrix's end it is harmless.
+                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(R * rb) as *const i8);
                 w[i] = if BITS == 8 {
                     _mm512_loadu_si512(base as *const __m512i)
                 } else {
@@ -174,18 +178,44 @@ unsafe fn tile_avx512<const BITS: u32, const CENTRED: bool, const R: usize, cons
                 }
             }
         }
-        for i in 0..R {
-            let row = r0 + i;
-            for j in 0..T {
-                let tok = t0 + j;
+        for j in 0..T {
+            let tok = t0 + j;
+            let mut sums = [0f32; R];
+            if R == 4 {
+                let four = hsum4_avx512(acc[0][j], acc[1][j], acc[2][j], acc[3][j]);
+                _mm_storeu_ps(sums.as_mut_ptr(), four);
+            } else {
+                for i in 0..R {
+                    sums[i] = _mm512_reduce_add_ps(acc[i][j]);
+                }
+            }
+            for (i, sum) in sums.into_iter().enumerate() {
+                let row = r0 + i;
                 let ms = match &p.m {
                     Some(m) => dot_f32_avx512(m.as_ptr().add(row * nbp), xq.s.as_ptr().add(tok * nbp), nbp),
                     None => 0.0,
                 };
-                out.write(tok * p.rows + row, _mm512_reduce_add_ps(acc[i][j]) + ms);
+                out.write(tok * p.rows + row, sum + ms);
             }
         }
     }
+}
+
+/// The lane sums of four vectors, in order (a shared reduction tree: about a
+/// third of the instructions of four separate ones, which matters for short rows).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn hsum4_avx512(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+    // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], likewise for c and d.
+    let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    // Per 128-bit lane: [a, b, c, d] partial sums.
+    let (ab, cd) = (_mm512_castps_pd(ab), _mm512_castps_pd(cd));
+    let abcd =
+        _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)), _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)));
+    let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(abcd)));
+    let half = _mm256_add_ps(_mm512_castps512_ps256(abcd), high);
+    _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps::<1>(half))
 }
 
 #[inline]
@@ -289,5 +319,26 @@ unsafe fn rows_avx2<const BITS: u32, const CENTRED: bool>(
                 out.write(tok * p.rows + row, hsum256(acc) + tail);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn four_horizontal_sums_at_once() {
+        if !crate::cpu::testing::has_avx512f("four_horizontal_sums_at_once") {
+            return;
+        }
+        let v: Vec<f32> = (0..64).map(|i| (i * i % 37) as f32 - 9.0).collect();
+        let mut got = [0f32; 4];
+        // SAFETY: the CPU has AVX-512F.
+        unsafe {
+            let l = |k: usize| _mm512_loadu_ps(v.as_ptr().add(16 * k));
+            _mm_storeu_ps(got.as_mut_ptr(), hsum4_avx512(l(0), l(1), l(2), l(3)));
+        }
+        let want: Vec<f32> = v.chunks(16).map(|c| c.iter().sum()).collect();
+        assert_eq!(got.to_vec(), want);
     }
 }
