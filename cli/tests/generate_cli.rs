@@ -150,8 +150,8 @@ fn scratch_file(name: &str, bytes: &[u8]) -> PathBuf {
     p
 }
 
-/// A GGUF whose embedding is Q6_K, a type this engine does not implement.
-fn gguf_with_q6k() -> Vec<u8> {
+/// A GGUF whose embedding is Q3_K, a type this engine does not implement.
+fn gguf_with_q3k() -> Vec<u8> {
     let mut b = Vec::new();
     let s = |b: &mut Vec<u8>, x: &str| {
         b.extend((x.len() as u64).to_le_bytes());
@@ -181,12 +181,12 @@ fn gguf_with_q6k() -> Vec<u8> {
     b.extend(2u32.to_le_bytes());
     b.extend(256u64.to_le_bytes());
     b.extend(4u64.to_le_bytes());
-    b.extend(14u32.to_le_bytes()); // Q6_K
+    b.extend(11u32.to_le_bytes()); // Q3_K
     b.extend(0u64.to_le_bytes());
     while b.len() % 32 != 0 {
         b.push(0);
     }
-    b.extend(vec![0u8; 4 * 210]);
+    b.extend(vec![0u8; 4 * 110]);
     b
 }
 
@@ -196,13 +196,13 @@ fn bad_input_is_a_one_line_error() {
     let full = std::fs::read(&model).unwrap();
     let truncated = scratch_file("truncated.gguf", &full[..3 << 20]);
     let not_gguf = scratch_file("notes.gguf", b"this is not a model\n");
-    let q6k = scratch_file("q6k.gguf", &gguf_with_q6k());
+    let q3k = scratch_file("q3k.gguf", &gguf_with_q3k());
     let p = |x: &Path| x.to_str().unwrap().to_string();
     let long_prompt = "hello ".repeat(9000);
     expect_error(&["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"], "does not exist");
     expect_error(&["generate", "--model", &p(&not_gguf), "--prompt", "hi"], "not a gguf");
     expect_error(&["generate", "--model", &p(&truncated), "--prompt", "hi"], "truncated");
-    expect_error(&["generate", "--model", &p(&q6k), "--prompt", "hi"], "q6_k");
+    expect_error(&["generate", "--model", &p(&q3k), "--prompt", "hi"], "q3_k");
     expect_error(&["generate", "--prompt", ""], "empty");
     expect_error(&["generate", "--prompt", &long_prompt], "context");
     expect_error(&["generate", "--prompt", "hi", "--max-tokens", "0"], "max-tokens");
