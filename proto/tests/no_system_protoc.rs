@@ -20,13 +20,24 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// The resolved graph. Offline first; `cargo metadata` wants every platform's packages, so on a
+/// machine whose build fetched only its own (no Windows crates), it fetches the rest from the
+/// registry, as the build itself does.
 fn metadata() -> Value {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--locked", "--offline", "--manifest-path"])
-        .arg(workspace_root().join("Cargo.toml"))
-        .output()
-        .expect("run cargo metadata");
+    let run = |offline: bool| {
+        let mut c = Command::new(&cargo);
+        c.args(["metadata", "--format-version", "1", "--locked", "--manifest-path"])
+            .arg(workspace_root().join("Cargo.toml"));
+        if offline {
+            c.arg("--offline");
+        }
+        c.output().expect("run cargo metadata")
+    };
+    let mut out = run(true);
+    if !out.status.success() {
+        out = run(false);
+    }
     assert!(out.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
