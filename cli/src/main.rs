@@ -3,6 +3,7 @@
 //! - `tandem up`: router + prefill and decode workers on this machine (a pool per model),
 //!   serving gRPC and HTTP.
 //! - `tandem router` / `tandem prefill` / `tandem decode`: one role per process (etcd).
+//! - `tandem worker set-role`: changes an elastic worker's role while it runs.
 //! - `tandem generate`: one prompt through the engine, text or JSON out.
 //! - `tandem bench engine`: prefill and decode throughput of the engine.
 //! - `tandem bench kvtransfer`: KV transfer over TCP and shared memory.
@@ -20,6 +21,7 @@ mod logging;
 mod model_flags;
 mod serve;
 mod up;
+mod worker_admin;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +44,11 @@ enum Command {
     Prefill(serve::WorkerArgs),
     /// Run one decode worker (role decode, or both), registered in etcd.
     Decode(serve::WorkerArgs),
+    /// Calls on one running worker (change an elastic worker's role).
+    Worker {
+        #[command(subcommand)]
+        what: worker_admin::WorkerCommand,
+    },
     /// Generate text from one prompt.
     Generate(generate::GenerateArgs),
     /// Measure performance.
@@ -58,6 +65,7 @@ fn main() {
         Command::Router(args) => serve::router(args),
         Command::Prefill(args) => serve::worker(args, tandem_cluster::Role::Prefill),
         Command::Decode(args) => serve::worker(args, tandem_cluster::Role::Decode),
+        Command::Worker { what } => worker_admin::run(what),
         Command::Generate(args) => generate::run(args),
         Command::Bench { what } => bench::run(what),
     });

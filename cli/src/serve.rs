@@ -372,6 +372,11 @@ pub struct WorkerArgs {
     /// Do not offer same-host KV transfer through shared memory.
     #[arg(long, env = "TANDEM_NO_SHM")]
     pub no_shm: bool,
+    /// Build every role's parts (a KV receiver, a shared-memory cache, a KV sender), so
+    /// the worker's role can be changed while it runs (`tandem worker set-role`, or the
+    /// router's `--planner`). Costs the other role's cache memory and a KV port.
+    #[arg(long, env = "TANDEM_ELASTIC")]
+    pub elastic: bool,
     /// Serve Prometheus metrics (`/metrics`) and a liveness probe (`/health`) over HTTP here.
     #[arg(long, env = "TANDEM_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -494,6 +499,51 @@ pub struct Placement {
     /// first.
     #[arg(long, env = "TANDEM_PENDING_TTL_MS", default_value_t = 2000)]
     pub pending_ttl_ms: u64,
+    /// Where a prompt is computed when its decode worker can prefill (role both): adaptive
+    /// (per request; a controller moves the local budget with observed TTFT and TPOT),
+    /// threshold (locally up to --local-prefill-threshold uncached tokens), or remote.
+    #[arg(long, env = "TANDEM_PREFILL_PLACEMENT", default_value = "adaptive",
+          value_parser = clap::builder::PossibleValuesParser::new(tandem_router::placement::Mode::NAMES))]
+    pub prefill_placement: String,
+    /// The longest uncached prompt a decode worker prefills itself under `threshold`, and
+    /// where `adaptive` starts.
+    #[arg(long, env = "TANDEM_LOCAL_PREFILL_THRESHOLD", default_value_t = 256)]
+    pub local_prefill_threshold: usize,
+    /// The time-to-first-token objective, in ms: placement and the planner aim at it.
+    #[arg(long, env = "TANDEM_SLO_TTFT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub slo_ttft_ms: u64,
+    /// The time-per-output-token objective, in ms.
+    #[arg(long, env = "TANDEM_SLO_TPOT_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub slo_tpot_ms: u64,
+    /// Run the planner: it changes elastic workers' roles (`--elastic`) as the load moves,
+    /// and publishes tandem_planner_desired_workers{role} for autoscalers.
+    #[arg(long, env = "TANDEM_PLANNER")]
+    pub planner: bool,
+    /// The planner's least time between two changes of the split (and of one worker), s.
+    #[arg(long, env = "TANDEM_PLANNER_DWELL_S", default_value_t = 30.0, value_parser = non_negative)]
+    pub planner_dwell_s: f64,
+    /// How often the planner looks, in ms.
+    #[arg(long, env = "TANDEM_PLANNER_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..))]
+    pub planner_interval_ms: u64,
+}
+
+impl Placement {
+    fn prefill_placement(&self) -> tandem_router::placement::PlacementConfig {
+        use tandem_router::placement::{Mode, PlacementConfig, Slo};
+        PlacementConfig {
+            mode: Mode::parse(&self.prefill_placement).expect("clap checked the name"),
+            threshold: self.local_prefill_threshold,
+            slo: Slo { ttft: Duration::from_millis(self.slo_ttft_ms), tpot: Duration::from_millis(self.slo_tpot_ms) },
+        }
+    }
+
+    fn planner(&self) -> Option<tandem_router::planner::PlannerConfig> {
+        self.planner.then(|| tandem_router::planner::PlannerConfig {
+            interval: Duration::from_millis(self.planner_interval_ms),
+            dwell: Duration::from_secs_f64(self.planner_dwell_s),
+            ..Default::default()
+        })
+    }
 }
 
 fn non_negative(s: &str) -> Result<f64, String> {
@@ -551,6 +601,8 @@ impl RouterFlags<'_> {
             tenant_max_inflight: self.quotas.tenant_max_inflight.map(|n| n as usize),
             tenant_limits: self.quotas.tenant_limits.clone(),
             stream_stall_timeout: Duration::from_secs_f64(self.quotas.stream_stall_timeout),
+            placement: self.placement.prefill_placement(),
+            planner: self.placement.planner(),
         }
     }
 }
@@ -637,6 +689,7 @@ pub fn worker(a: WorkerArgs, default_role: Role) -> Result<()> {
         cfg.advertise_host = a.advertise_host.clone();
         cfg.kv_advertise = a.kv_advertise;
         cfg.shm = !a.no_shm;
+        cfg.elastic = a.elastic;
         cfg.tls = tls.clone();
         cfg.health_listen = a.health_listen;
         let (token, token_path) = a.token.load(cluster.as_str())?;

@@ -127,6 +127,28 @@ impl Role {
     pub fn can_decode(self) -> bool {
         matches!(self, Role::Decode | Role::Both)
     }
+
+    /// The role as `tandem.worker.v1.WorkerRole` numbers it.
+    pub fn to_pb(self) -> i32 {
+        use tandem_proto::tandem::worker::v1::WorkerRole as W;
+        match self {
+            Role::Prefill => W::Prefill as i32,
+            Role::Decode => W::Decode as i32,
+            Role::Both => W::Both as i32,
+        }
+    }
+
+    /// The role `tandem.worker.v1.WorkerRole` number `n` names (`None`: unspecified or
+    /// unknown).
+    pub fn from_pb(n: i32) -> Option<Role> {
+        use tandem_proto::tandem::worker::v1::WorkerRole as W;
+        match W::try_from(n).ok()? {
+            W::Prefill => Some(Role::Prefill),
+            W::Decode => Some(Role::Decode),
+            W::Both => Some(Role::Both),
+            W::Unspecified => None,
+        }
+    }
 }
 
 impl fmt::Display for Role {

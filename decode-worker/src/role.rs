@@ -103,8 +103,9 @@ impl DecodeRole for DecodeWorker {
             return Err(Status::not_found(format!("request {} is not reserved on {}", r.request_id, s.id)));
         }
         // A decode worker prefills itself only to recover a request whose KV transfer failed.
-        if !(s.role == Role::Both || (r.recompute && s.role.can_decode())) {
-            return Err(Status::failed_precondition(format!("worker {} ({}) does not prefill locally", s.id, s.role)));
+        let role = s.role();
+        if !(role == Role::Both || (r.recompute && role.can_decode())) {
+            return Err(Status::failed_precondition(format!("worker {} ({role}) does not prefill locally", s.id)));
         }
         s.check_accepting()?;
         let params = sampling_from_pb(&r.sampling.unwrap_or_default());

@@ -46,6 +46,7 @@ fn worker_api_rpcs() {
         ("Stats", false),
         ("KvEvents", true),
         ("Drain", true),
+        ("SetRole", false),
     ];
     assert_eq!(got, want.map(|(n, s)| (n.to_string(), s)));
 }

@@ -348,6 +348,23 @@ fn worker_samples() -> Vec<Sample> {
                 preemptions: 5,
                 draining: true,
                 fenced: true,
+                role: wk::WorkerRole::Both.into(),
+                elastic: true,
+                prefills_in_flight: 2,
+                changing_role: true,
+            },
+        ),
+        sample(
+            "tandem.worker.v1.SetRoleRequest",
+            wk::SetRoleRequest { role: wk::WorkerRole::Prefill.into(), deadline_ms: Some(60_000) },
+        ),
+        sample(
+            "tandem.worker.v1.SetRoleResponse",
+            wk::SetRoleResponse {
+                previous: wk::WorkerRole::Decode.into(),
+                role: wk::WorkerRole::Prefill.into(),
+                changed: true,
+                drained_ms: 1234.5,
             },
         ),
         sample("tandem.worker.v1.KvEventsRequest", wk::KvEventsRequest {}),

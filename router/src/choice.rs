@@ -331,7 +331,7 @@ impl ChoiceRun {
         match plan {
             Plan::Route => {
                 let to = RouteAsk { model: &self.v.model, prompt: &ask.prompt, salt: self.v.cache_salt.as_deref() };
-                match r.members.route(r.policy.as_ref(), &to, avoid)? {
+                match r.members.route(r.policy.as_ref(), &r.placement, &to, avoid)? {
                     Route::Local(w) => self.local(w, ask, false).await,
                     Route::Disaggregated { prefill, decode } => self.disaggregated(prefill, decode, ask).await,
                 }
@@ -369,6 +369,7 @@ impl ChoiceRun {
     /// (which ships the KV to the reservation), then relay.
     async fn disaggregated(&mut self, prefill: Picked, decode: Picked, ask: Ask) -> Result<(), AttemptError> {
         let Ask { rid, sampling, prompt, resumed } = ask;
+        let prompt_len = prompt.len();
         let v = &self.v;
         let reserve = pb::ReserveRequest {
             request_id: rid.0,
@@ -452,6 +453,10 @@ impl ChoiceRun {
         };
         let marks = Marks { accepted: self.accepted, sent, prefilled: Some(Instant::now()) };
         metrics::cache_outcome("prefill", prefill.predicted_cached, pres.cached_tokens as usize);
+        if let Some(t) = pres.timing {
+            let computed = prompt_len.saturating_sub(pres.cached_tokens as usize);
+            self.routing.placement.observe_prefill(computed, Duration::from_secs_f64(t.compute_time_ms.max(0.0) / 1e3));
+        }
         // The prefill worker's part is done: it no longer counts as in flight there.
         let prefill_id = prefill.id.clone();
         drop(prefill);

@@ -20,6 +20,11 @@
 //!   overload answers (`Admission`, `Permit`).
 //! - `state`: `RouterState`, what the handlers share.
 //! - `policy`: `RoutingPolicy`, `CacheAware`, `LeastLoaded`, `RoundRobin`.
+//! - `placement`: per-request disaggregation: whether a decode worker that can prefill
+//!   (role `both`) computes a prompt itself, and the controller that moves its budget
+//!   with observed TTFT and TPOT (`PlacementControl`).
+//! - `planner`: the prefill/decode split: flips elastic workers' roles as the load moves,
+//!   and publishes the split it wants per role (`Planner`).
 //! - `index`: `PrefixIndex`, which worker caches which blocks (a pure data structure);
 //!   `follow`: each worker's KV event stream into it (snapshot, gaps, resubscribing).
 //! - `worker`: `WorkerApi`, what a request asks of a worker, and its gRPC implementation.
@@ -60,6 +65,8 @@ pub mod models;
 #[cfg(test)]
 mod models_tests;
 pub mod openai;
+pub mod placement;
+pub mod planner;
 pub mod policy;
 pub mod quota;
 pub mod recovery;

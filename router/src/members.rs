@@ -21,6 +21,7 @@ use tonic::Status;
 
 use crate::index::PrefixIndex;
 use crate::metrics;
+use crate::placement::{Placement, PlacementControl};
 use crate::policy::{Candidate, RoutingPolicy};
 use crate::worker::{GrpcWorker, WorkerApi};
 
@@ -304,6 +305,7 @@ impl Members {
     pub fn route(
         &self,
         policy: &dyn RoutingPolicy,
+        placement: &PlacementControl,
         ask: &RouteAsk<'_>,
         excluded: &[WorkerId],
     ) -> Result<Route, Status> {
@@ -320,7 +322,12 @@ impl Members {
             let predicted = e.comparable.then(|| held.get(&e.desc.id).copied().unwrap_or(0) * block);
             (predicted, sizes.get(&e.desc.id).copied().unwrap_or(0))
         };
-        let route = self.route_with(policy, ask, excluded, &cache)?;
+        let route = self.route_with(policy, placement, ask, excluded, &cache)?;
+        let computes = match &route {
+            Route::Disaggregated { prefill, .. } => prefill,
+            Route::Local(w) => w,
+        };
+        placement.observe_prompt(ask.prompt.len().saturating_sub(computes.predicted_cached.unwrap_or(0)));
         let until = now + self.hashing.pending_ttl;
         let mut index = self.index.lock().expect("index");
         let chosen: Vec<&Picked> = match &route {
@@ -338,6 +345,7 @@ impl Members {
     fn route_with(
         &self,
         policy: &dyn RoutingPolicy,
+        placement: &PlacementControl,
         ask: &RouteAsk<'_>,
         excluded: &[WorkerId],
         cache: &dyn Fn(&Entry) -> (Option<usize>, usize),
@@ -354,9 +362,7 @@ impl Members {
             if !healthy.is_empty() {
                 return healthy;
             }
-            all.into_iter()
-                .filter(|e| !e.liveness.refused && e.stats.is_some_and(|s| !s.draining && !s.fenced))
-                .collect()
+            all.into_iter().filter(|e| !e.liveness.refused && e.stats.as_ref().is_some_and(takes_work)).collect()
         };
         let mut prefill = of_role(&|r| r == Role::Prefill);
         let mut decode = of_role(&|r| r.can_decode());
@@ -434,7 +440,18 @@ impl Members {
                 )));
             }
             let (pi, pc) = pick(&matching, Stage::Prefill);
-            return Ok(Route::Disaggregated { prefill: take(matching[pi], pc, true), decode: take(d, dc, false) });
+            let p = matching[pi];
+            if d.desc.role == Role::Both {
+                // A decode worker that can prefill: here or there, per request.
+                let local = prompt_len.saturating_sub(dc.unwrap_or(0));
+                let remote = prompt_len.saturating_sub(pc.unwrap_or(0));
+                let queued = p.stats.as_ref().map_or(0, |s| s.queued_prefill_tokens);
+                let queue = queued.max(p.inflight.prefill_tokens.load(Ordering::Relaxed)) as f64;
+                if placement.place(local, remote, queue) == Placement::Local {
+                    return Ok(Route::Local(take(d, dc, true)));
+                }
+            }
+            return Ok(Route::Disaggregated { prefill: take(p, pc, true), decode: take(d, dc, false) });
         }
         let both: Vec<&Entry> = decode.iter().copied().filter(|e| e.desc.role == Role::Both).collect();
         if both.is_empty() {
@@ -485,6 +502,11 @@ impl Members {
             inflight: e.inflight.clone(),
             charge: AtomicU64::new(0),
         })
+    }
+
+    /// Worker `id`'s client, if it is in the view (the planner's role changes).
+    pub fn worker(&self, id: &WorkerId) -> Option<Arc<dyn WorkerApi>> {
+        self.entries.lock().expect("entries").get(id).map(|e| e.worker.clone())
     }
 
     /// Models served by at least one healthy worker: (name, context length).
@@ -544,6 +566,12 @@ impl Stage {
             Stage::Local => "local",
         }
     }
+}
+
+/// Whether a worker's last report says it takes new work: not draining, fenced, or
+/// changing its role.
+fn takes_work(s: &pb::StatsResponse) -> bool {
+    !s.draining && !s.fenced && !s.changing_role
 }
 
 /// Whether a worker is routed to, as its load polls tell.
@@ -614,7 +642,7 @@ async fn poll_load(members: std::sync::Weak<Members>, id: WorkerId, mut client: 
             Ok(Ok(r)) => {
                 let s = r.into_inner();
                 m.update(&id, |e| {
-                    let change = e.liveness.observe(Poll::Answered { takes_work: !s.draining && !s.fenced });
+                    let change = e.liveness.observe(Poll::Answered { takes_work: takes_work(&s) });
                     match change {
                         Some((Health::Silent, _)) => {
                             tracing::info!(worker = %id, draining = s.draining, fenced = s.fenced, "worker answers again")

@@ -34,6 +34,10 @@ pub const PREDICTED_HITS: &str = "tandem_router_cache_predicted_hits_total";
 pub const PREDICTED_HITS_MISSED: &str = "tandem_router_cache_predicted_hits_missed_total";
 pub const REUSED_TOKENS: &str = "tandem_router_cache_reused_tokens_total";
 pub const DECODE_CACHED: &str = "tandem_router_decode_cached_tokens_total";
+pub const PLACEMENT: &str = "tandem_router_prefill_placement_total";
+pub const LOCAL_BUDGET: &str = "tandem_router_local_prefill_budget_tokens";
+pub const DESIRED_WORKERS: &str = "tandem_planner_desired_workers";
+pub const PLANNER_DECISIONS: &str = "tandem_planner_decisions_total";
 
 /// Registers every router metric's description (idempotent).
 pub fn describe() {
@@ -138,6 +142,36 @@ pub fn describe() {
         Unit::Count,
         "Prompt tokens a decode worker already held when reserving (not sent by the prefill worker)."
     );
+    describe_counter!(
+        PLACEMENT,
+        "Requests whose decode worker could prefill, by where the prompt was computed (remote: a prefill \
+         worker, local: the decode worker) and why."
+    );
+    describe_gauge!(
+        LOCAL_BUDGET,
+        "The longest uncached prompt a decode worker prefills itself now (the placement controller's setting)."
+    );
+    describe_gauge!(DESIRED_WORKERS, "Workers per role the planner wants (prefill; decode counts role both too).");
+    describe_counter!(PLANNER_DECISIONS, "The planner's decisions each interval, by action and reason.");
+}
+
+/// A request's prefill was placed (see `placement`).
+pub fn prefill_placement(placement: &'static str, reason: &'static str) {
+    counter!(PLACEMENT, "placement" => placement, "reason" => reason).increment(1);
+}
+
+pub fn local_prefill_budget(tokens: usize) {
+    gauge!(LOCAL_BUDGET).set(tokens as f64);
+}
+
+/// The planner's wanted split: prefill workers, and decode-capable ones.
+pub fn desired_workers(prefill: usize, decode: usize) {
+    gauge!(DESIRED_WORKERS, "role" => "prefill").set(prefill as f64);
+    gauge!(DESIRED_WORKERS, "role" => "decode").set(decode as f64);
+}
+
+pub fn planner_decision(action: &'static str, reason: &'static str) {
+    counter!(PLANNER_DECISIONS, "action" => action, "reason" => reason).increment(1);
 }
 
 /// A finished request: `kind` is `none` for success, else the gRPC code in snake case.

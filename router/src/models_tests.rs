@@ -108,7 +108,7 @@ fn route(
     prompt: &[u32],
 ) -> Result<(Option<String>, String), Status> {
     let ask = RouteAsk { model, prompt, salt: None };
-    Ok(match m.route(policy, &ask, &[])? {
+    Ok(match m.route(policy, &remote(), &ask, &[])? {
         Route::Disaggregated { prefill, decode } => (Some(prefill.id.to_string()), decode.id.to_string()),
         Route::Local(w) => (None, w.id.to_string()),
     })
@@ -207,15 +207,15 @@ fn the_prefix_index_predicts_hits_among_the_models_workers_only() {
         Route::Local(_) => panic!("disaggregated"),
     };
     // Alpha's first request marks its prompt's blocks pending on the prefill worker it took.
-    let (first, cached) = prefill_of(m.route(&policy, &ask("alpha"), &[]).unwrap());
+    let (first, cached) = prefill_of(m.route(&policy, &remote(), &ask("alpha"), &[]).unwrap());
     assert_eq!(cached, Some(0));
     assert!(first.starts_with("alpha-p"), "{first}");
     // The same tokens for beta: nothing predicted, however alpha's workers hold them.
-    let (to, cached) = prefill_of(m.route(&policy, &ask("beta"), &[]).unwrap());
+    let (to, cached) = prefill_of(m.route(&policy, &remote(), &ask("beta"), &[]).unwrap());
     assert!(to.starts_with("beta-p"), "{to}");
     assert_eq!(cached, Some(0), "beta's workers hold none of alpha's blocks");
     // Alpha again: the worker holding its prefix, predicted to hit both full blocks.
-    let (again, cached) = prefill_of(m.route(&policy, &ask("alpha"), &[]).unwrap());
+    let (again, cached) = prefill_of(m.route(&policy, &remote(), &ask("alpha"), &[]).unwrap());
     assert_eq!((again, cached), (first, Some(32)));
 }
 
@@ -333,4 +333,10 @@ async fn http_routes_by_model_and_answers_404_model_not_found() {
     assert_eq!(ids, ["alpha", "beta", "gamma"]);
     stop.cancel();
     let _ = server.await;
+}
+
+/// Placement that never prefills on a decode worker: these tests pin the pairs.
+fn remote() -> crate::placement::PlacementControl {
+    use crate::placement::{Mode, PlacementConfig, PlacementControl};
+    PlacementControl::new(PlacementConfig { mode: Mode::Remote, ..Default::default() })
 }

@@ -148,6 +148,12 @@ impl RequestRelay {
             started = true;
             let now = Instant::now();
             let (resp, done) = tally.add(chunk, now);
+            if let Some(t) = resp.timing.as_ref().filter(|t| t.total_time_ms > 0.0) {
+                // A choice finished: what placement measures itself against.
+                let tpot = (t.mean_inter_token_ms > 0.0).then(|| Duration::from_secs_f64(t.mean_inter_token_ms / 1e3));
+                let ttft = Duration::from_secs_f64(t.time_to_first_token_ms.max(0.0) / 1e3);
+                self.routing.placement.observe_finished(ttft, tpot);
+            }
             // A client that reads nothing is cut at the stall timeout, or at its deadline.
             let sent = tokio::select! {
                 sent = tx.send(Ok(resp)) => sent,

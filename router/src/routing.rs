@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 
 use crate::members::Members;
 use crate::metrics;
+use crate::placement::{PlacementConfig, PlacementControl};
 use crate::policy::RoutingPolicy;
 use crate::recovery::KvFailurePolicy;
 
@@ -26,6 +27,8 @@ pub struct Routing {
     /// (`Validated::model`).
     pub members: Arc<Members>,
     pub policy: Box<dyn RoutingPolicy>,
+    /// Per request, whether a decode worker that can prefill does (`placement`).
+    pub placement: Arc<PlacementControl>,
     /// Times a choice may move to other workers after a worker fails under it.
     pub migration_limit: usize,
     /// What a request whose KV transfer fails gets when it does not choose.
@@ -47,6 +50,7 @@ impl Routing {
         Routing {
             members,
             policy,
+            placement: Arc::new(PlacementControl::new(PlacementConfig::default())),
             migration_limit: 3,
             kv_failure_policy: KvFailurePolicy::Retry,
             kv_lease: KV_LEASE,

@@ -112,6 +112,10 @@ pub struct RouterConfig {
     /// How long a stream may wait for its client to take the next chunk before the request
     /// is cancelled (must be positive).
     pub stream_stall_timeout: Duration,
+    /// Per-request disaggregation: its mode, fixed threshold and SLOs (`placement`).
+    pub placement: crate::placement::PlacementConfig,
+    /// Runs the planner (`planner`) when set.
+    pub planner: Option<crate::planner::PlannerConfig>,
 }
 
 pub struct RunningRouter {
@@ -123,6 +127,8 @@ pub struct RunningRouter {
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     stop_server: CancellationToken,
     membership: JoinHandle<()>,
+    /// The planner's task and its stop, when it runs.
+    planner: Option<(JoinHandle<()>, CancellationToken)>,
 }
 
 impl RunningRouter {
@@ -157,6 +163,14 @@ impl RunningRouter {
         routing.kv_failure_policy = cfg.kv_failure_policy;
         routing.kv_lease = cfg.kv_lease;
         routing.kv_wait = cfg.kv_wait;
+        routing.placement = Arc::new(crate::placement::PlacementControl::new(cfg.placement));
+        let stop_planner = CancellationToken::new();
+        let planner = cfg.planner.map(|mut p| {
+            p.long_prompt = cfg.placement.threshold;
+            tracing::info!(interval = ?p.interval, dwell = ?p.dwell, "planner on: it changes elastic workers' roles as the load moves");
+            let run = crate::planner::run(routing.members.clone(), routing.placement.clone(), p, stop_planner.clone());
+            tokio::spawn(run)
+        });
         tracing::info!(
             tenants = tenants.len(),
             default = ?limits.default,
@@ -215,7 +229,17 @@ impl RunningRouter {
             }
             None => (None, None),
         };
-        Ok(RunningRouter { grpc_addr, http_addr, http, state, health, server, stop_server, membership })
+        Ok(RunningRouter {
+            grpc_addr,
+            http_addr,
+            http,
+            state,
+            health,
+            server,
+            stop_server,
+            membership,
+            planner: planner.map(|task| (task, stop_planner)),
+        })
     }
 
     /// Waits (up to `within`) until the router knows at least `n` workers; returns whether it does.
@@ -250,6 +274,10 @@ impl RunningRouter {
         if let Some(http) = self.http {
             let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
         }
+        if let Some((task, stop)) = self.planner {
+            stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
         self.membership.abort();
         clean
     }
@@ -257,7 +285,7 @@ impl RunningRouter {
 
 /// The channels' TLS: this router's certificate, the CA that workers' certificates must
 /// chain to, and the name they must carry. The files are checked here, at start.
-fn worker_tls(files: &TlsFiles) -> Result<ClientTlsConfig, StartError> {
+pub fn worker_tls(files: &TlsFiles) -> Result<ClientTlsConfig, StartError> {
     let tls = MutualTls::load(files)?;
     Ok(ClientTlsConfig::new()
         .identity(Identity::from_pem(tls.cert_pem(), tls.key_pem()))

@@ -1,5 +1,5 @@
 //! What the router asks of a worker on a request's path, as a trait: reserve a prompt's
-//! blocks, prefill, decode (a stream), cancel. [`GrpcWorker`] is the real one, over the
+//! blocks, prefill, decode (a stream), cancel; and the planner's role changes. [`GrpcWorker`] is the real one, over the
 //! tonic client (with the cluster token every call carries, as `tandem_proto::auth`
 //! builds it); the choice tests put a fake in its place. [`CancelOnDrop`] cancels an
 //! attempt on its workers unless it finished.
@@ -33,6 +33,10 @@ pub trait WorkerApi: Send + Sync {
     async fn decode(&self, req: pb::DecodeRequest) -> Result<DecodeStream, Status>;
     /// Ends a request on the worker and frees what it holds.
     async fn cancel(&self, req: pb::CancelRequest) -> Result<pb::CancelResponse, Status>;
+    /// Changes an elastic worker's role (the planner's call; it drains first).
+    async fn set_role(&self, _req: pb::SetRoleRequest) -> Result<pb::SetRoleResponse, Status> {
+        Err(Status::unimplemented("this worker stand-in does not change roles"))
+    }
 }
 
 /// A worker reached over gRPC.
@@ -55,6 +59,10 @@ impl WorkerApi for GrpcWorker {
 
     async fn cancel(&self, req: pb::CancelRequest) -> Result<pb::CancelResponse, Status> {
         Ok(self.0.clone().cancel(req).await?.into_inner())
+    }
+
+    async fn set_role(&self, req: pb::SetRoleRequest) -> Result<pb::SetRoleResponse, Status> {
+        Ok(self.0.clone().set_role(req).await?.into_inner())
     }
 }
 

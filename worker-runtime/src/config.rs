@@ -61,9 +61,22 @@ pub struct WorkerConfig {
     pub cluster_token: Option<ClusterToken>,
     /// Longest lease a reservation (or a prefill's transfer) gets, whatever it asks.
     pub max_kv_lease: Duration,
+    /// Built with every role's parts (a KV receiver and a shared-memory cache, a KV
+    /// sender, both roles), so `SetRole` can change its role while it runs.
+    pub elastic: bool,
 }
 
 impl WorkerConfig {
+    /// Whether the worker is built to prefill: its role prefills, or it is elastic.
+    pub fn builds_prefill(&self) -> bool {
+        self.elastic || self.role.can_prefill()
+    }
+
+    /// Whether the worker is built to decode (a KV receiver, a shared-memory cache).
+    pub fn builds_decode(&self) -> bool {
+        self.elastic || self.role.can_decode()
+    }
+
     /// Defaults for a worker of `role` serving `model_path` on loopback.
     pub fn new(id: impl Into<String>, role: Role, model_path: impl Into<PathBuf>) -> WorkerConfig {
         let model_path = model_path.into();
@@ -91,6 +104,7 @@ impl WorkerConfig {
             health_listen: None,
             cluster_token: None,
             max_kv_lease: crate::state::MAX_LEASE,
+            elastic: false,
         }
     }
 }

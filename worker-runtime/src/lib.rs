@@ -17,6 +17,8 @@
 //! - `server`: `RunningWorker`: loads the model, starts the engine, the KV
 //!   endpoints, the roles and the server, registers, and drains.
 //! - `registration`: registering in discovery, and fencing while the lease is lost.
+//! - `role_switch`: `SetRole`, an elastic worker's role changed while it runs (drain,
+//!   leave discovery, register again under the new role).
 //! - `config`: `WorkerConfig`. `error`: `StartError`.
 //! - `convert`: proto messages to and from the engine's types.
 //! - `metrics`: the worker's metrics (load, prefix cache, KV transfer).
@@ -27,6 +29,7 @@ pub mod convert;
 pub mod error;
 pub mod metrics;
 mod registration;
+pub mod role_switch;
 pub mod server;
 pub mod service;
 pub mod state;

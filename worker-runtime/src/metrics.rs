@@ -20,6 +20,7 @@ pub const KV_SESSIONS: &str = "tandem_kv_transfer_sessions_total";
 pub const KV_FAILURES: &str = "tandem_kv_transfer_failures_total";
 pub const KV_SECONDS: &str = "tandem_kv_transfer_seconds";
 pub const KV_FALLBACKS: &str = "tandem_kv_transfer_fallbacks_total";
+pub const ROLE_CHANGES: &str = "tandem_worker_role_changes_total";
 
 /// Registers every worker metric's description (idempotent).
 pub fn describe() {
@@ -41,6 +42,17 @@ pub fn describe() {
          (it overlaps the prefill's compute; the exposed part is the TTFT stage kv_transfer)."
     );
     describe_counter!(KV_FALLBACKS, "Times a same-host shared-memory transfer could not start and TCP was used.");
+    describe_counter!(ROLE_CHANGES, "Role changes of an elastic worker (SetRole), by the roles before and after.");
+}
+
+/// An elastic worker changed role: counted, and its gauges under the old role read zero
+/// (the new role's series take over; the old ones would otherwise keep their last value).
+pub fn role_changed(worker: &str, from: &'static str, to: &'static str) {
+    let w = worker.to_string();
+    counter!(ROLE_CHANGES, "worker" => w.clone(), "from" => from, "to" => to).increment(1);
+    for name in [RUNNING, WAITING, WAITING_FOR_KV, BLOCKS_USED, BLOCKS_TOTAL] {
+        gauge!(name, "worker" => w.clone(), "role" => from).set(0.0);
+    }
 }
 
 /// Publishes the engine's load as gauges and counters.

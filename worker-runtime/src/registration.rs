@@ -19,6 +19,7 @@ pub(crate) struct RegistrationTask {
 }
 
 /// Where and as what a worker registers.
+#[derive(Clone)]
 pub(crate) struct Registering {
     pub discovery: Arc<dyn Discovery>,
     pub cluster: ClusterName,

@@ -40,7 +40,8 @@ use tokio_util::sync::CancellationToken;
 use crate::actor::EngineHandle;
 use crate::config::WorkerConfig;
 use crate::error::StartError;
-use crate::registration::{register_forever, Registering, RegistrationTask};
+use crate::registration::Registering;
+use crate::role_switch::RoleSwitch;
 use crate::service::{DecodeRole, PrefillRole, Roles, WorkerService};
 use crate::state::{WorkerParts, WorkerState};
 
@@ -72,15 +73,16 @@ pub struct RoleBuilders {
 }
 
 impl RoleBuilders {
-    fn build(&self, ctx: &RoleContext) -> Result<Roles, StartError> {
+    /// The roles `cfg` builds: its role's, or every one for an elastic worker.
+    fn build(&self, ctx: &RoleContext, cfg: &WorkerConfig) -> Result<Roles, StartError> {
         let s = &ctx.state;
-        let missing = |missing| StartError::MissingRole { id: s.id.clone(), role: s.role, missing };
-        let prefill = match (s.role.can_prefill(), self.prefill) {
+        let missing = |missing| StartError::MissingRole { id: s.id.clone(), role: cfg.role, missing };
+        let prefill = match (cfg.builds_prefill(), self.prefill) {
             (false, _) => None,
             (true, Some(build)) => Some(build(ctx)),
             (true, None) => return Err(missing("prefill")),
         };
-        let decode = match (s.role.can_decode(), self.decode) {
+        let decode = match (cfg.builds_decode(), self.decode) {
             (false, _) => None,
             (true, Some(build)) => Some(build(ctx)),
             (true, None) => return Err(missing("decode")),
@@ -100,7 +102,6 @@ pub struct RunningWorker {
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     health_server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     stop_server: CancellationToken,
-    registration: Option<RegistrationTask>,
     receiver: Option<Arc<KvReceiver>>,
     sender: Option<Arc<KvSender>>,
     /// The shared segment and the Unix socket: removed when the worker stops.
@@ -157,6 +158,7 @@ impl RunningWorker {
             tokenizer: Arc::new(tokenizer),
             layout,
             max_lease: cfg.max_kv_lease.max(Duration::from_millis(1)),
+            elastic: cfg.elastic,
         }));
         let ctx = RoleContext {
             state: state.clone(),
@@ -165,7 +167,9 @@ impl RunningWorker {
             sender: kv.sender.clone(),
             discovery: discovery.as_ref().map(|(d, cluster, _)| (d.clone(), cluster.clone())),
         };
-        let service = WorkerService { state: state.clone(), roles: roles.build(&ctx)? };
+        let roles = roles.build(&ctx, &cfg)?;
+        let switch = Arc::new(RoleSwitch::new());
+        let service = WorkerService { state: state.clone(), roles, sender: kv.sender.clone(), switch };
 
         let listener = tokio::net::TcpListener::bind(cfg.grpc_listen)
             .await
@@ -215,10 +219,10 @@ impl RunningWorker {
             context_length: context_length as u32,
             lease: None,
         };
-        let registration = discovery.map(|(discovery, cluster, ttl)| {
+        if let Some((discovery, cluster, ttl)) = discovery {
             let r = Registering { discovery, cluster, descriptor: descriptor.clone(), ttl };
-            register_forever(r, state.clone(), kv.sender.clone())
-        });
+            service.switch.register(r, state.clone(), kv.sender.clone());
+        }
         let socket = descriptor.kv.local.as_ref().map(|l| l.uds.clone());
         crate::metrics::describe();
         let gauges = tokio::spawn(publish_load(state, kv.receiver.clone(), kv.sender.clone()));
@@ -231,7 +235,6 @@ impl RunningWorker {
             server,
             health_server,
             stop_server,
-            registration,
             receiver: kv.receiver,
             sender: kv.sender,
             segment,
@@ -259,7 +262,7 @@ impl RunningWorker {
         state.draining.store(true, Ordering::SeqCst);
         self.health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
         self.health.set_service_status("", ServingStatus::NotServing).await;
-        if let Some(r) = self.registration {
+        if let Some(r) = self.service.switch.take_registration().await {
             r.stop.cancel();
             if let Ok(Ok(Some(reg))) = tokio::time::timeout(Duration::from_secs(2), r.task).await {
                 let _ = reg.deregister().await;
@@ -349,7 +352,7 @@ async fn kv_plane(
         }
         None => (None, None),
     };
-    let sender = cfg.role.can_prefill().then(|| Arc::new(KvSender::new(layout, tcp_cfg)));
+    let sender = cfg.builds_prefill().then(|| Arc::new(KvSender::new(layout, tcp_cfg)));
     Ok(KvPlane { receiver, endpoints, sender })
 }
 
@@ -371,7 +374,7 @@ async fn publish_load(state: Arc<WorkerState>, receiver: Option<Arc<KvReceiver>>
     loop {
         if let Ok(l) = state.engine.load().await {
             let fallbacks = sender.as_ref().map_or(0, |s| s.fallbacks());
-            crate::metrics::set_load(&state.id, state.role.as_str(), &l, fallbacks);
+            crate::metrics::set_load(&state.id, state.role().as_str(), &l, fallbacks);
         }
         // Like every failure series, it appears with the first refusal.
         if let Some(n) = receiver.as_ref().map(|rx| rx.refused_connections()).filter(|&n| n > 0) {
@@ -428,7 +431,7 @@ fn load(cfg: &WorkerConfig) -> Result<Loaded, StartError> {
         prefix_caching: cfg.prefix_caching,
     };
     let layout = crate::convert::kv_layout(&model, cfg.block_size);
-    let (engine, shm) = if cfg.role.can_decode() {
+    let (engine, shm) = if cfg.builds_decode() {
         // The cache lives in a shared segment: received KV lands where attention reads it.
         let shm = Arc::new(
             ShmKv::create(layout, kv_blocks).map_err(|e| StartError::Load(format!("creating the KV segment: {e}")))?,

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::convert::{kv_event_to_pb, status_from_engine};
+use crate::role_switch::RoleSwitch;
 use crate::state::{InFlight, WorkerState};
 
 /// A `Decode` call's stream.
@@ -68,7 +69,13 @@ pub struct Roles {
 #[derive(Clone)]
 pub struct WorkerService {
     pub state: Arc<WorkerState>,
+    /// The roles the worker was built with: an elastic worker holds both and serves the
+    /// ones its current role (`WorkerState::role`) names.
     pub roles: Roles,
+    /// Where a prefill-capable worker's KV leaves (it announces each new lease).
+    pub sender: Option<Arc<tandem_kvtransfer::KvSender>>,
+    /// Its registration, and role changes (`SetRole`).
+    pub switch: Arc<RoleSwitch>,
 }
 
 impl WorkerService {
@@ -100,8 +107,8 @@ impl Worker for WorkerService {
         let s = &self.state;
         let _inflight = InFlight::new(s);
         s.check_accepting()?;
-        let Some(decode) = &self.roles.decode else {
-            return Err(Status::failed_precondition(format!("worker {} ({}) does not decode", s.id, s.role)));
+        let Some(decode) = self.roles.decode.as_ref().filter(|_| s.role().can_decode()) else {
+            return Err(Status::failed_precondition(format!("worker {} ({}) does not decode", s.id, s.role())));
         };
         decode.reserve(req.into_inner()).await.map(Response::new)
     }
@@ -110,9 +117,10 @@ impl Worker for WorkerService {
         let s = &self.state;
         let _inflight = InFlight::new(s);
         s.check_accepting()?;
-        let Some(prefill) = &self.roles.prefill else {
-            return Err(Status::failed_precondition(format!("worker {} ({}) does not prefill", s.id, s.role)));
+        let Some(prefill) = self.roles.prefill.as_ref().filter(|_| s.role().can_prefill()) else {
+            return Err(Status::failed_precondition(format!("worker {} ({}) does not prefill", s.id, s.role())));
         };
+        let _prefilling = Prefilling::new(s);
         prefill.prefill(req.into_inner()).await.map(Response::new)
     }
 
@@ -127,7 +135,9 @@ impl Worker for WorkerService {
             None if r.prompt_token_ids.is_empty() => {
                 Err(Status::not_found(format!("request {} is not reserved on {}", r.request_id, s.id)))
             }
-            None => Err(Status::failed_precondition(format!("worker {} ({}) does not prefill locally", s.id, s.role))),
+            None => {
+                Err(Status::failed_precondition(format!("worker {} ({}) does not prefill locally", s.id, s.role())))
+            }
         }
     }
 
@@ -169,6 +179,10 @@ impl Worker for WorkerService {
             preemptions: st.preemptions,
             draining: s.draining.load(Ordering::SeqCst),
             fenced: s.fenced.load(Ordering::SeqCst),
+            role: s.role().to_pb(),
+            elastic: s.elastic,
+            prefills_in_flight: s.prefills.load(Ordering::SeqCst) as u32,
+            changing_role: s.changing_role.load(Ordering::SeqCst),
         }))
     }
 
@@ -216,6 +230,10 @@ impl Worker for WorkerService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn set_role(&self, req: Request<pb::SetRoleRequest>) -> Result<Response<pb::SetRoleResponse>, Status> {
+        self.switch.set_role(self, req.into_inner()).await.map(Response::new)
+    }
+
     type DrainStream = ReceiverStream<Result<pb::DrainStatus, Status>>;
 
     async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<Self::DrainStream>, Status> {
@@ -247,6 +265,22 @@ impl Worker for WorkerService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Counts a `Prefill` call in progress (`WorkerState::prefills`) while it lives.
+struct Prefilling(Arc<WorkerState>);
+
+impl Prefilling {
+    fn new(s: &Arc<WorkerState>) -> Prefilling {
+        s.prefills.fetch_add(1, Ordering::SeqCst);
+        Prefilling(s.clone())
+    }
+}
+
+impl Drop for Prefilling {
+    fn drop(&mut self) {
+        self.0.prefills.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

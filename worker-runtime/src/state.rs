@@ -4,7 +4,7 @@
 //! ids cancelled recently (tombstones). Reservations are the decode role's own.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,12 +35,17 @@ pub struct WorkerParts {
     pub layout: KvLayout,
     /// Longest lease a reservation or a prefill's transfer gets, whatever it asks.
     pub max_lease: Duration,
+    /// Built with every role's parts: `SetRole` may change `role`.
+    pub elastic: bool,
 }
 
 /// Everything the roles and the shell share.
 pub struct WorkerState {
     pub id: String,
-    pub role: Role,
+    /// The role served now (`Role::ALL`'s index): changed only by `SetRole` on an elastic
+    /// worker.
+    role: AtomicU8,
+    pub elastic: bool,
     pub engine: EngineHandle,
     pub tokenizer: Arc<Tokenizer>,
     pub layout: KvLayout,
@@ -50,6 +55,10 @@ pub struct WorkerState {
     pub fenced: AtomicBool,
     /// Handlers and streams in progress (drain waits for none).
     pub inflight: AtomicUsize,
+    /// `Prefill` calls in progress: prompts computed or their KV sent.
+    pub prefills: AtomicUsize,
+    /// A `SetRole` is draining the worker: it refuses new work meanwhile.
+    pub changing_role: AtomicBool,
     /// Request ids cancelled recently, with when (see `TOMBSTONE_TTL`).
     cancelled: Mutex<HashMap<ClusterRequestId, Instant>>,
     /// Router ids of requests in the engine through `Prefill` or `Decode`.
@@ -60,7 +69,8 @@ impl WorkerState {
     pub fn new(p: WorkerParts) -> WorkerState {
         WorkerState {
             id: p.id,
-            role: p.role,
+            role: AtomicU8::new(role_index(p.role)),
+            elastic: p.elastic,
             engine: p.engine,
             tokenizer: p.tokenizer,
             layout: p.layout,
@@ -68,9 +78,21 @@ impl WorkerState {
             draining: AtomicBool::new(false),
             fenced: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
+            prefills: AtomicUsize::new(0),
+            changing_role: AtomicBool::new(false),
             cancelled: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The role the worker serves now.
+    pub fn role(&self) -> Role {
+        Role::ALL[self.role.load(Ordering::SeqCst) as usize]
+    }
+
+    /// Serves `role` from now on (`SetRole`, once the worker is drained).
+    pub(crate) fn set_role(&self, role: Role) {
+        self.role.store(role_index(role), Ordering::SeqCst);
     }
 
     /// Whether request `rid` was cancelled within `TOMBSTONE_TTL`.
@@ -105,6 +127,12 @@ impl WorkerState {
         if self.draining.load(Ordering::SeqCst) {
             return Err(Status::unavailable(format!("worker {} is draining", self.id)));
         }
+        if self.changing_role.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(format!(
+                "worker {} is changing its role; it takes no new work until it has",
+                self.id
+            )));
+        }
         if self.fenced.load(Ordering::SeqCst) {
             return Err(Status::unavailable(format!(
                 "worker {} lost its discovery lease; it takes no new work until registered again",
@@ -130,6 +158,10 @@ impl WorkerState {
         self.active.lock().expect("active").insert(rid, id);
         Active { state: self.clone(), rid, id, finished: false }
     }
+}
+
+fn role_index(role: Role) -> u8 {
+    Role::ALL.iter().position(|&r| r == role).expect("every role is in ALL") as u8
 }
 
 /// Counts a handler or stream as in flight while it lives.
