@@ -16,6 +16,7 @@ mod client;
 mod mooncake;
 mod plot;
 mod report;
+mod text;
 mod workload;
 
 use std::path::PathBuf;

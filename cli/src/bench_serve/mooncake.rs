@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use super::workload::{words, Item, Rng, Workload};
+use super::text::{words, Rng};
+use super::workload::{Item, Workload};
 
 /// Tokens per hash block in the traces as published.
 pub const TRACE_BLOCK_TOKENS: usize = 512;
