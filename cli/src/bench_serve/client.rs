@@ -24,6 +24,11 @@ pub struct Sample {
     pub cached_tokens: usize,
     /// Gaps between consecutive token arrivals after the first (a chunk of k tokens counts k gaps).
     pub itl: Vec<f64>,
+    /// The request's phase, of a phased workload.
+    pub phase: Option<u32>,
+    /// Seconds from the run's start to when the request was sent and to when it ended;
+    /// `None` for one that did not end within the run.
+    pub span: Option<(f64, f64)>,
 }
 
 impl Sample {
@@ -79,6 +84,7 @@ impl Clock {
             prompt_tokens,
             cached_tokens,
             itl: self.itl,
+            ..Sample::default()
         }
     }
 }

@@ -10,12 +10,16 @@
 //! rejection rate, and the prefix hit rate (prompt tokens the server served from its cache).
 //! Workloads with shared prefixes (`shared-prefix`, `shared-contexts`) and replays of
 //! Mooncake-format traces (`trace:FILE`, with the trace's ideal hit rate) measure how well a
-//! cluster's routing keeps requests next to their cached prefixes.
+//! cluster's routing keeps requests next to their cached prefixes. A phased workload
+//! (`phased`, or a JSONL file whose lines carry `phase`) shifts its load partway, and its
+//! report gives every figure per phase as well: how a cluster's split of prefill and decode
+//! follows the shift.
 
 mod client;
 mod mooncake;
 mod plot;
 mod report;
+mod text;
 mod workload;
 
 use std::path::PathBuf;
@@ -42,14 +46,18 @@ pub struct ServeBenchArgs {
     /// Closed loop: requests in flight at once (the default, 8, when no --rate is given).
     #[arg(long)]
     pub concurrency: Option<usize>,
-    /// Requests per run (default 64; a trace: every request it keeps, at most this many).
+    /// Requests per run (default 64; a trace: every request it keeps, at most this many; a JSONL
+    /// file: every line once, or this many, its lines reused in order).
     #[arg(long)]
     pub requests: Option<usize>,
     /// `chat` (short prompts, 64–192 output tokens), `summarize` (~940-token prompts, 32 out),
     /// `shared-prefix` (a ~600-token shared system prompt, 32 out), `shared-contexts` (--groups
-    /// long contexts, each shared by --users users' short queries, 32 out), `trace:FILE` (a
-    /// Mooncake-format trace replayed, see --trace-*), or a JSONL file of
-    /// `{"prompt" | "messages", "output_len"}`.
+    /// long contexts, each shared by --users users' short queries, 32 out), `phased` (the first
+    /// half summarize's long prompts and short outputs, phase 0; the second half short prompts
+    /// with 128–256 output tokens, phase 1; figures reported per phase too), `trace:FILE` (a
+    /// Mooncake-format trace replayed, see --trace-*), or a JSONL file, one request a line:
+    /// `{"prompt": TEXT}` or `{"messages": [{"role", "content"}, ..]}`, with `"output_len": N`
+    /// (default 64) and optionally `"phase": N` (figures reported per phase, as for `phased`).
     #[arg(long, default_value = "chat")]
     pub workload: String,
     /// shared-contexts: groups, each with its own long context.
@@ -118,6 +126,14 @@ pub struct ServeBenchArgs {
     pub plot: Option<PathBuf>,
 }
 
+/// Sends `item` and notes when, from the run's `start`, it was sent and when it ended.
+async fn send_timed(client: &Client, item: &workload::Item, start: tokio::time::Instant) -> client::Sample {
+    let sent = start.elapsed().as_secs_f64();
+    let mut s = client.send(item).await;
+    s.span = Some((sent, start.elapsed().as_secs_f64()));
+    s
+}
+
 /// Requests sent at their arrival times (seconds from the start).
 async fn open_loop(
     client: &Client,
@@ -133,10 +149,10 @@ async fn open_loop(
         let (c, items) = (client.clone(), items.clone());
         tasks.spawn(async move {
             tokio::time::sleep_until(start + Duration::from_secs_f64(at)).await;
-            (i, c.send(&items[i]).await)
+            (i, send_timed(&c, &items[i], start).await)
         });
     }
-    collect(tasks, items.len(), start, timeout, label, rate).await
+    collect(tasks, items, start, timeout, label, rate).await
 }
 
 /// `c` clients, each sending its next request when its last one ends.
@@ -153,19 +169,19 @@ async fn closed_loop(client: &Client, items: &Arc<Vec<workload::Item>>, c: usize
                 if i >= items.len() {
                     return;
                 }
-                let _ = tx.send((i, cl.send(&items[i]).await));
+                let _ = tx.send((i, send_timed(&cl, &items[i], start).await));
             }
         });
     }
     drop(tx);
-    let run = gather(rx, items.len(), start, timeout, format!("concurrency={c}"), None).await;
+    let run = gather(rx, items, start, timeout, format!("concurrency={c}"), None).await;
     tasks.abort_all();
     run
 }
 
 async fn collect(
     mut tasks: tokio::task::JoinSet<(usize, client::Sample)>,
-    n: usize,
+    items: &[workload::Item],
     start: tokio::time::Instant,
     timeout: Duration,
     label: String,
@@ -180,20 +196,22 @@ async fn collect(
         }
         // Dropping the set aborts what is left.
     });
-    let run = gather(rx, n, start, timeout, label, rate).await;
+    let run = gather(rx, items, start, timeout, label, rate).await;
     forward.abort();
     run
 }
 
-/// Collects samples until all `n` arrived or the timeout passed; missing ones count as failed.
+/// Collects the samples of `items` until all arrived or the timeout passed; missing ones
+/// count as failed. Each sample is labelled with its request's phase.
 async fn gather(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<(usize, client::Sample)>,
-    n: usize,
+    items: &[workload::Item],
     start: tokio::time::Instant,
     timeout: Duration,
     label: String,
     rate: Option<f64>,
 ) -> Run {
+    let n = items.len();
     let mut samples: Vec<Option<client::Sample>> = vec![None; n];
     let end = start + timeout;
     let mut got = 0;
@@ -209,8 +227,10 @@ async fn gather(
     let wall_s = start.elapsed().as_secs_f64();
     let samples = samples
         .into_iter()
-        .map(|s| {
-            s.unwrap_or_else(|| client::Sample {
+        .zip(items)
+        .map(|(s, item)| client::Sample {
+            phase: item.phase,
+            ..s.unwrap_or_else(|| client::Sample {
                 error: Some("did not finish within --timeout".into()),
                 ..Default::default()
             })
@@ -246,13 +266,14 @@ impl ServeBenchArgs {
 }
 
 /// What `--dry-run` prints: the workload's size without sending it. Prompt tokens are exact
-/// for token-id prompts and counted as words for text (the server's tokenizer decides).
+/// for token-id prompts and counted as words for text (the server's tokenizer decides). A
+/// phased workload's are given per phase too, in phase order.
 fn describe(w: &workload::Workload) -> serde_json::Value {
     let prompt = |i: &workload::Item| match &i.tokens {
         Some(t) => t.len(),
         None => i.messages.iter().map(|(_, c)| c.split_whitespace().count()).sum(),
     };
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "requests": w.items.len(),
         "prompt_tokens": w.items.iter().map(prompt).sum::<usize>(),
         "prompt_tokens_max": w.items.iter().map(prompt).max(),
@@ -260,7 +281,25 @@ fn describe(w: &workload::Workload) -> serde_json::Value {
         "output_tokens_max": w.items.iter().map(|i| i.output_len).max(),
         "ideal_hit_rate": w.ideal_hit_rate,
         "span_s": w.times.as_ref().and_then(|t| t.last().copied()),
-    })
+    });
+    let mut phases: Vec<u32> = w.items.iter().filter_map(|i| i.phase).collect();
+    phases.sort_unstable();
+    phases.dedup();
+    if !phases.is_empty() {
+        let of = |p: u32| w.items.iter().filter(move |i| i.phase == Some(p));
+        v["phases"] = phases
+            .into_iter()
+            .map(|p| {
+                serde_json::json!({
+                    "phase": p,
+                    "requests": of(p).count(),
+                    "prompt_tokens": of(p).map(prompt).sum::<usize>(),
+                    "output_tokens": of(p).map(|i| u64::from(i.output_len)).sum::<u64>(),
+                })
+            })
+            .collect();
+    }
+    v
 }
 
 pub fn run(a: ServeBenchArgs) -> Result<()> {

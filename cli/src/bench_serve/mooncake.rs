@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use super::workload::{words, Item, Rng, Workload};
+use super::text::{words, Rng};
+use super::workload::{Item, Workload};
 
 /// Tokens per hash block in the traces as published.
 pub const TRACE_BLOCK_TOKENS: usize = 512;
@@ -190,7 +191,7 @@ fn synthesize(r: &Request, index: usize, seed: u64, token_ids: bool) -> Item {
                 (0..n).map(move |_| TOKEN_IDS.start + rng.below(span) as u32)
             })
             .collect();
-        Item { messages: Vec::new(), tokens: Some(tokens), output_len: r.output_len }
+        Item { messages: Vec::new(), tokens: Some(tokens), output_len: r.output_len, phase: None }
     } else {
         let text: Vec<String> = r.blocks.iter().map(|&(id, n)| words(&mut block_rng(id, index, seed), n)).collect();
         Item::chat(None, text.join(" "), r.output_len)

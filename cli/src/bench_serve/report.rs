@@ -1,4 +1,5 @@
-//! Percentiles, SLO attainment and goodput of a run, as text, JSON and a PNG.
+//! Percentiles, SLO attainment and goodput of a run, as text, JSON and a PNG. A run of a
+//! phased workload also gets them per phase, under `phases`.
 
 use serde_json::{json, Value};
 
@@ -42,7 +43,42 @@ pub fn summary(mut v: Vec<f64>) -> Value {
     json!({"mean": mean, "p50": percentile(&v, 0.5), "p90": percentile(&v, 0.9), "p99": percentile(&v, 0.99)})
 }
 
+/// The figures of one phase of a run: its requests' SLO attainment, goodput, throughput and
+/// latencies. Its rates are over its own time, from its first request sent to its last ended
+/// (the run's end, `run_wall_s`, when one never did), so phases that overlap a little at the
+/// shift are not diluted by each other's time.
+fn phase_json(phase: u32, samples: &[&Sample], run_wall_s: f64, slo: &Slo) -> Value {
+    let ok: Vec<&Sample> = samples.iter().copied().filter(|s| s.ok).collect();
+    let ms = |x: f64| x * 1e3;
+    let begin = samples.iter().filter_map(|s| s.span).map(|(b, _)| b).fold(f64::INFINITY, f64::min);
+    let end = if samples.iter().all(|s| s.span.is_some()) {
+        samples.iter().filter_map(|s| s.span).map(|(_, e)| e).fold(0.0, f64::max)
+    } else {
+        run_wall_s
+    };
+    let wall_s = (end - if begin.is_finite() { begin } else { 0.0 }).max(1e-9);
+    let tokens: usize = ok.iter().map(|s| s.output_tokens).sum();
+    let prompt: usize = ok.iter().map(|s| s.prompt_tokens).sum();
+    let met = samples.iter().filter(|s| slo.met(s)).count();
+    let n = samples.len().max(1) as f64;
+    json!({
+        "phase": phase,
+        "requests": samples.len(),
+        "failed": samples.len() - ok.len(),
+        "wall_s": wall_s,
+        "prompt_tokens_mean": prompt as f64 / ok.len().max(1) as f64,
+        "output_tok_s": tokens as f64 / wall_s,
+        "ttft_ms": summary(ok.iter().map(|s| ms(s.ttft.as_secs_f64())).collect()),
+        "tpot_ms": summary(ok.iter().filter_map(|s| s.tpot()).map(ms).collect()),
+        "slo_attainment": met as f64 / n,
+        "goodput_rps": met as f64 / wall_s,
+        "rejection_rate": (samples.len() - ok.len()) as f64 / n,
+    })
+}
+
 impl Run {
+    /// The run's figures; with `phases` (one object per phase, in order) when its requests
+    /// carry phases. Requests without a phase count in the run's figures only.
     pub fn json(&self, slo: &Slo) -> Value {
         let ok: Vec<&Sample> = self.samples.iter().filter(|s| s.ok).collect();
         let ms = |x: f64| x * 1e3;
@@ -52,7 +88,7 @@ impl Run {
         let first_error = self.samples.iter().find_map(|s| s.error.clone());
         let prompt: usize = ok.iter().map(|s| s.prompt_tokens).sum();
         let cached: usize = ok.iter().map(|s| s.cached_tokens).sum();
-        json!({
+        let mut v = json!({
             "run": self.label,
             "rate": self.rate,
             "requests": self.samples.len(),
@@ -75,7 +111,15 @@ impl Run {
             "slo_attainment": met as f64 / n,
             "goodput_rps": met as f64 / self.wall_s,
             "rejection_rate": (self.samples.len() - ok.len()) as f64 / n,
-        })
+        });
+        let mut phases: Vec<u32> = self.samples.iter().filter_map(|s| s.phase).collect();
+        phases.sort_unstable();
+        phases.dedup();
+        if !phases.is_empty() {
+            let of = |p: u32| -> Vec<&Sample> { self.samples.iter().filter(|s| s.phase == Some(p)).collect() };
+            v["phases"] = phases.into_iter().map(|p| phase_json(p, &of(p), self.wall_s, slo)).collect();
+        }
+        v
     }
 
     pub fn print(&self, v: &Value) {
@@ -110,6 +154,26 @@ impl Run {
             f("goodput_rps"),
             100.0 * f("rejection_rate")
         );
+        for p in v["phases"].as_array().into_iter().flatten() {
+            let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+            let g = |k: &str, q: &str| p[k][q].as_f64().unwrap_or(0.0);
+            println!(
+                "  phase {}: {} requests ({} failed; {:.0} prompt tokens on average) in {:.2} s: SLO attainment \
+                 {:.1}%, goodput {:.2} req/s, {:.1} output tok/s, TTFT p50 {:.1} ms p90 {:.1}, TPOT p50 {:.1} ms p90 {:.1}",
+                p["phase"],
+                p["requests"],
+                p["failed"],
+                f("prompt_tokens_mean"),
+                f("wall_s"),
+                100.0 * f("slo_attainment"),
+                f("goodput_rps"),
+                f("output_tok_s"),
+                g("ttft_ms", "p50"),
+                g("ttft_ms", "p90"),
+                g("tpot_ms", "p50"),
+                g("tpot_ms", "p90")
+            );
+        }
         let ideal = v["ideal_hit_rate"].as_f64().map(|x| format!(" (the trace's ideal: {:.1}%)", 100.0 * x));
         println!(
             "  prefix hit rate {:.1}%{}: {} of {} prompt tokens cached",
@@ -123,6 +187,8 @@ impl Run {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -142,7 +208,51 @@ mod tests {
         assert_eq!(v["rejection_rate"], 0.25);
         assert_eq!(v["ideal_hit_rate"], 0.5);
         assert_eq!(v["goodput_rps"], 1.5);
+        assert!(v.get("phases").is_none(), "no phases, no split");
         let none = Run { samples: vec![], ideal_hit_rate: None, ..run };
         assert_eq!(none.json(&Slo::default())["prefix_hit_rate"], 0.0);
+    }
+
+    #[test]
+    fn phases_get_their_own_figures_over_their_own_time() {
+        let ms = Duration::from_millis;
+        let done = |phase, span, ttft, tokens| Sample {
+            ok: true,
+            phase: Some(phase),
+            span: Some(span),
+            ttft: ms(ttft),
+            e2e: ms(ttft + 10 * (tokens as u64 - 1)),
+            output_tokens: tokens,
+            ..Sample::default()
+        };
+        let lost =
+            Sample { phase: Some(1), error: Some("did not finish within --timeout".into()), ..Sample::default() };
+        let run = Run {
+            label: "rate=1".into(),
+            rate: Some(1.0),
+            // Phase 1 listed first: phases are reported in order all the same.
+            samples: vec![
+                done(1, (1.0, 3.0), 100, 201),
+                lost,
+                done(0, (0.0, 1.0), 900, 33),
+                done(0, (0.5, 2.0), 3000, 33),
+            ],
+            wall_s: 5.0,
+            ideal_hit_rate: None,
+        };
+        let v = run.json(&Slo { ttft_ms: Some(1000.0), tpot_ms: Some(50.0) });
+        assert_eq!(v["goodput_rps"], 0.4, "2 of 4 met over the run's 5 s");
+        let p = v["phases"].as_array().unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!((&p[0]["phase"], &p[0]["requests"], &p[0]["wall_s"]), (&json!(0), &json!(2), &json!(2.0)));
+        assert_eq!(p[0]["slo_attainment"], 0.5, "3 s TTFT misses");
+        assert_eq!(p[0]["goodput_rps"], 0.5);
+        assert_eq!(p[0]["output_tok_s"], 33.0);
+        assert_eq!(p[0]["ttft_ms"]["p90"], 3000.0);
+        // Phase 1 has a request that never ended: its time runs to the run's end.
+        assert_eq!((&p[1]["requests"], &p[1]["failed"], &p[1]["wall_s"]), (&json!(2), &json!(1), &json!(4.0)));
+        assert_eq!(p[1]["rejection_rate"], 0.5);
+        assert_eq!(p[1]["goodput_rps"], 0.25);
+        assert_eq!(p[1]["tpot_ms"]["p50"], 10.0);
     }
 }

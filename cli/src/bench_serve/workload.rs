@@ -1,9 +1,11 @@
 //! The requests of a run: generated from a seed (the same seed gives the same trace
-//! on every server) or read from a JSONL file.
+//! on every server) or read from a JSONL file. A phased workload labels each request with
+//! its phase, and the report splits its figures by phase.
 
 use anyhow::{bail, Context, Result};
 
 use super::mooncake;
+use super::text::{pick, prose, shuffle, words, Rng, NOUNS, TOPICS};
 
 /// One request of a trace: a chat conversation (or token ids) and how many tokens to generate.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +15,9 @@ pub struct Item {
     /// A prompt of token ids, sent in place of `messages` where the API takes one.
     pub tokens: Option<Vec<u32>>,
     pub output_len: u32,
+    /// The phase of a phased workload the request belongs to (`phased`: 0 for the first
+    /// half, 1 for the second; a JSONL file: its lines' `phase`).
+    pub phase: Option<u32>,
 }
 
 impl Item {
@@ -20,153 +25,12 @@ impl Item {
     pub fn chat(system: Option<String>, user: String, output_len: u32) -> Item {
         let mut messages: Vec<_> = system.map(|s| ("system".to_string(), s)).into_iter().collect();
         messages.push(("user".to_string(), user));
-        Item { messages, tokens: None, output_len }
+        Item { messages, tokens: None, output_len, phase: None }
     }
-}
 
-const TOPICS: [&str; 16] = [
-    "rivers",
-    "bread",
-    "the moon",
-    "chess",
-    "volcanoes",
-    "bees",
-    "trains",
-    "jazz",
-    "glaciers",
-    "paper",
-    "owls",
-    "bridges",
-    "tea",
-    "comets",
-    "maps",
-    "violins",
-];
-const WORDS: [&str; 24] = [
-    "market", "river", "engine", "winter", "signal", "harvest", "orbit", "ledger", "canvas", "thunder", "copper",
-    "meadow", "lantern", "harbor", "circuit", "granite", "pepper", "velvet", "summit", "archive", "falcon", "quartz",
-    "tunnel", "willow",
-];
-
-/// SplitMix64: a small, portable PRNG, so traces do not depend on a crate's version.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
-
-/// `n` words drawn from a small vocabulary, a token each or so.
-pub fn words(rng: &mut Rng, n: usize) -> String {
-    (0..n).map(|_| WORDS[rng.below(WORDS.len())]).collect::<Vec<_>>().join(" ")
-}
-
-const NOUNS: [&str; 32] = [
-    "ferry",
-    "baker",
-    "orchard",
-    "lighthouse",
-    "farmer",
-    "bell",
-    "garden",
-    "mill",
-    "sailor",
-    "bridge",
-    "school",
-    "market",
-    "teacher",
-    "wagon",
-    "kettle",
-    "festival",
-    "painter",
-    "road",
-    "library",
-    "fisher",
-    "clock",
-    "barn",
-    "choir",
-    "tower",
-    "doctor",
-    "station",
-    "well",
-    "forest",
-    "mayor",
-    "harbor",
-    "lamp",
-    "village",
-];
-const ADJECTIVES: [&str; 16] = [
-    "old", "quiet", "red", "busy", "small", "green", "famous", "broken", "early", "bright", "cold", "new", "tall",
-    "wooden", "hidden", "golden",
-];
-const VERBS: [&str; 16] = [
-    "visited",
-    "painted",
-    "repaired",
-    "found",
-    "watched",
-    "followed",
-    "built",
-    "moved",
-    "opened",
-    "closed",
-    "sold",
-    "cleaned",
-    "carried",
-    "named",
-    "described",
-    "guarded",
-];
-const PREPOSITIONS: [&str; 8] = ["near", "behind", "across", "beside", "under", "above", "past", "beyond"];
-
-fn pick<'a>(rng: &mut Rng, from: &[&'a str]) -> &'a str {
-    from[rng.below(from.len())]
-}
-
-/// Sentences of seeded random words, about `tokens` tokens long: common lowercase words and a
-/// full stop take about one token each in a small model's BPE vocabulary.
-pub fn prose(rng: &mut Rng, tokens: usize) -> String {
-    let mut out = Vec::new();
-    let mut count = 0;
-    while count < tokens {
-        out.push(format!(
-            "The {} {} {} the {} {} the {} {}.",
-            pick(rng, &ADJECTIVES),
-            pick(rng, &NOUNS),
-            pick(rng, &VERBS),
-            pick(rng, &NOUNS),
-            pick(rng, &PREPOSITIONS),
-            pick(rng, &ADJECTIVES),
-            pick(rng, &NOUNS),
-        ));
-        count += SENTENCE_TOKENS;
-    }
-    out.join(" ")
-}
-
-/// Tokens of one sentence of `prose` (nine words and a full stop), as the model's tokenizer
-/// counts them on average.
-const SENTENCE_TOKENS: usize = 11;
-
-/// Fisher–Yates, from the workload's own PRNG.
-fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
-    for i in (1..v.len()).rev() {
-        v.swap(i, rng.below(i + 1));
+    /// The same request, labelled with `phase`.
+    fn in_phase(self, phase: u32) -> Item {
+        Item { phase: Some(phase), ..self }
     }
 }
 
@@ -246,33 +110,24 @@ pub fn build(spec: &Spec, n: Option<usize>, seed: u64) -> Result<Workload> {
     if let Some(path) = spec.name.strip_prefix("trace:") {
         return mooncake::load(path, &spec.trace, n, seed, spec.output_len, spec.token_ids);
     }
-    let n = n.unwrap_or(DEFAULT_REQUESTS);
     let items = match spec.name.as_str() {
-        "shared-contexts" => shared_contexts(&spec.shared, n, seed, spec.output_len)?,
-        name => generated(name, n, seed, spec.output_len)?,
+        "shared-contexts" => shared_contexts(&spec.shared, n.unwrap_or(DEFAULT_REQUESTS), seed, spec.output_len)?,
+        name => match generated(name, n.unwrap_or(DEFAULT_REQUESTS), seed, spec.output_len) {
+            Some(items) => items,
+            None => read_file(name, n, spec.output_len)?,
+        },
     };
     Ok(Workload { items, times: None, ideal_hit_rate: None })
 }
 
-/// `n` requests of `workload` (`chat`, `summarize`, `shared-prefix`, or a JSONL file path).
-/// `output_len` overrides the workload's output length.
-fn generated(workload: &str, n: usize, seed: u64, output_len: Option<u32>) -> Result<Vec<Item>> {
+/// `n` requests of `workload` (`chat`, `summarize`, `shared-prefix` or `phased`; `None` for
+/// another name). `output_len` overrides the workload's output lengths.
+fn generated(workload: &str, n: usize, seed: u64, output_len: Option<u32>) -> Option<Vec<Item>> {
     let mut rng = Rng::new(seed);
     let items: Vec<Item> = match workload {
-        "chat" => (0..n)
-            .map(|_| {
-                let ask = ["Tell me about", "Write a short poem about", "Explain", "Give three facts about"];
-                let text = format!("{} {}.", ask[rng.below(ask.len())], TOPICS[rng.below(TOPICS.len())]);
-                // Medium outputs: 64 to 192 tokens.
-                Item::chat(None, text, output_len.unwrap_or(64 + 16 * rng.below(9) as u32))
-            })
-            .collect(),
-        "summarize" => (0..n)
-            .map(|_| {
-                let text = format!("Summarize the following notes in one sentence.\n\n{}", words(&mut rng, 900));
-                Item::chat(None, text, output_len.unwrap_or(32))
-            })
-            .collect(),
+        // Medium outputs: 64 to 192 tokens.
+        "chat" => (0..n).map(|_| chat(&mut rng, 64, output_len)).collect(),
+        "summarize" => (0..n).map(|_| summarize(&mut rng, output_len)).collect(),
         "shared-prefix" => {
             let system = system_prompt();
             (0..n)
@@ -282,16 +137,44 @@ fn generated(workload: &str, n: usize, seed: u64, output_len: Option<u32>) -> Re
                 })
                 .collect()
         }
-        path => read_file(path, n, output_len)?,
+        "phased" => phased(&mut rng, n, output_len),
+        _ => return None,
     };
-    Ok(items)
+    Some(items)
+}
+
+/// A `chat` request: a short question (~35 tokens with the chat template) and an output of
+/// `min_output` to `min_output + 128` tokens.
+fn chat(rng: &mut Rng, min_output: u32, output_len: Option<u32>) -> Item {
+    let ask = ["Tell me about", "Write a short poem about", "Explain", "Give three facts about"];
+    let text = format!("{} {}.", ask[rng.below(ask.len())], TOPICS[rng.below(TOPICS.len())]);
+    Item::chat(None, text, output_len.unwrap_or(min_output + 16 * rng.below(9) as u32))
+}
+
+/// A `summarize` request: ~940 prompt tokens, 32 output tokens.
+fn summarize(rng: &mut Rng, output_len: Option<u32>) -> Item {
+    let text = format!("Summarize the following notes in one sentence.\n\n{}", words(rng, 900));
+    Item::chat(None, text, output_len.unwrap_or(32))
+}
+
+/// `phased`: the load shifts halfway. The first half (phase 0, rounded up) are `summarize`
+/// requests, long prompts and short outputs, which want prefill capacity; the second half
+/// (phase 1) are chat questions with long outputs (128 to 256 tokens), which want decode
+/// capacity. A split of the workers that suits one half does not suit the other.
+fn phased(rng: &mut Rng, n: usize, output_len: Option<u32>) -> Vec<Item> {
+    let first = n.div_ceil(2);
+    let long_prompts = (0..first).map(|_| summarize(rng, output_len).in_phase(0)).collect::<Vec<_>>();
+    let long_outputs = (first..n).map(|_| chat(rng, 128, output_len).in_phase(1));
+    long_prompts.into_iter().chain(long_outputs).collect()
 }
 
 /// A JSONL file: one object per line with `prompt` (a string) or `messages`
-/// (`[{"role", "content"}]`), and `output_len`. Lines are reused in order if `n` is larger.
-fn read_file(path: &str, n: usize, output_len: Option<u32>) -> Result<Vec<Item>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("workload {path:?} is not chat, summarize, shared-prefix or a readable JSONL file"))?;
+/// (`[{"role", "content"}]`), `output_len` (default 64) and optionally `phase` (an integer).
+/// Every line once, in order, or `n` requests, lines reused in order if `n` is larger.
+fn read_file(path: &str, n: Option<usize>, output_len: Option<u32>) -> Result<Vec<Item>> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!("workload {path:?} is not chat, summarize, shared-prefix, phased or a readable JSONL file")
+    })?;
     let mut items = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{path}:{}: not JSON", i + 1))?;
@@ -308,12 +191,20 @@ fn read_file(path: &str, n: usize, output_len: Option<u32>) -> Result<Vec<Item>>
             bail!("{path}:{}: needs `prompt` or `messages`", i + 1);
         };
         let len = output_len.or(v["output_len"].as_u64().map(|x| x as u32)).unwrap_or(64);
-        items.push(Item { messages, tokens: None, output_len: len.max(1) });
+        let phase = match &v["phase"] {
+            serde_json::Value::Null => None,
+            p => Some(
+                p.as_u64()
+                    .and_then(|p| u32::try_from(p).ok())
+                    .with_context(|| format!("{path}:{}: `phase` is {p}, not a non-negative integer", i + 1))?,
+            ),
+        };
+        items.push(Item { messages, tokens: None, output_len: len.max(1), phase });
     }
     if items.is_empty() {
         bail!("{path}: no requests");
     }
-    Ok((0..n).map(|i| items[i % items.len()].clone()).collect())
+    Ok((0..n.unwrap_or(items.len())).map(|i| items[i % items.len()].clone()).collect())
 }
 
 /// Poisson arrivals: the send times (seconds from the start) of `n` requests at `rate` per second.
@@ -335,7 +226,7 @@ mod tests {
 
     #[test]
     fn traces_repeat_with_their_seed() {
-        for w in ["chat", "summarize", "shared-prefix"] {
+        for w in ["chat", "summarize", "shared-prefix", "phased"] {
             assert_eq!(generated(w, 5, 7, None).unwrap(), generated(w, 5, 7, None).unwrap(), "{w}");
             assert_ne!(generated(w, 5, 7, None).unwrap(), generated(w, 5, 8, None).unwrap(), "{w}");
         }
@@ -405,6 +296,51 @@ mod tests {
     }
 
     #[test]
+    fn phased_shifts_from_long_prompts_to_long_outputs_halfway() {
+        let items = generated("phased", 9, 4, None).unwrap();
+        assert_eq!(items, generated("phased", 9, 4, None).unwrap(), "the same seed, the same trace");
+        assert_ne!(items, generated("phased", 9, 5, None).unwrap());
+        let words = |i: &Item| i.messages.iter().map(|(_, c)| c.split_whitespace().count()).sum::<usize>();
+        // Rounded up: the first 5 of 9 are the long-prompt phase.
+        for it in &items[..5] {
+            assert_eq!((it.phase, it.output_len), (Some(0), 32));
+            assert!(words(it) >= 900, "{} words", words(it));
+        }
+        for it in &items[5..] {
+            assert_eq!(it.phase, Some(1));
+            assert!((128..=256).contains(&it.output_len), "{}", it.output_len);
+            assert!(words(it) <= 8, "{} words", words(it));
+        }
+        // Long outputs vary, as chat's do.
+        let lens: std::collections::HashSet<u32> =
+            generated("phased", 40, 4, None).unwrap()[20..].iter().map(|i| i.output_len).collect();
+        assert!(lens.len() > 3, "{lens:?}");
+        let short = generated("phased", 4, 4, Some(7)).unwrap();
+        assert!(short.iter().all(|i| i.output_len == 7), "--max-tokens overrides both phases");
+        assert_eq!(short.iter().map(|i| i.phase).collect::<Vec<_>>(), [Some(0), Some(0), Some(1), Some(1)]);
+        // Only `phased` labels phases.
+        assert!(generated("summarize", 3, 4, None).unwrap().iter().all(|i| i.phase.is_none()));
+    }
+
+    #[test]
+    fn a_phased_trace_written_as_jsonl_reads_back_the_same() {
+        let items = generated("phased", 6, 2, None).unwrap();
+        let lines: Vec<String> = items
+            .iter()
+            .map(|i| serde_json::json!({"prompt": i.messages[0].1, "output_len": i.output_len, "phase": i.phase}))
+            .map(|v| v.to_string())
+            .collect();
+        let path = std::env::temp_dir().join(format!("tandem-phased-{}.jsonl", std::process::id()));
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let w = build(&spec(path.to_str().unwrap()), None, 9);
+        std::fs::write(&path, "{\"prompt\": \"hi\", \"phase\": \"late\"}\n").unwrap();
+        let bad = build(&spec(path.to_str().unwrap()), None, 9);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(w.unwrap().items, items, "every line once, in order, phases kept");
+        assert!(format!("{:#}", bad.unwrap_err()).contains("`phase`"));
+    }
+
+    #[test]
     fn jsonl_files() {
         let dir = std::env::temp_dir().join(format!("tandem-wl-{}", std::process::id()));
         std::fs::write(
@@ -412,11 +348,15 @@ mod tests {
             "{\"prompt\": \"hi\", \"output_len\": 5}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"yo\"}]}\n",
         )
         .unwrap();
-        let t = generated(dir.to_str().unwrap(), 3, 0, None).unwrap();
+        let t = read_file(dir.to_str().unwrap(), Some(3), None).unwrap();
+        let all = read_file(dir.to_str().unwrap(), None, None).unwrap();
         std::fs::remove_file(&dir).unwrap();
         assert_eq!(t[0].output_len, 5);
         assert_eq!(t[1].messages[0].1, "yo");
+        assert_eq!((t[1].output_len, t[1].phase), (64, None));
         assert_eq!(t[2], t[0]);
-        assert!(generated("/no/such/file.jsonl", 1, 0, None).is_err());
+        assert_eq!(all, t[..2], "without --requests, every line once");
+        assert!(read_file("/no/such/file.jsonl", Some(1), None).is_err());
+        assert!(generated("/no/such/file.jsonl", 1, 0, None).is_none());
     }
 }
