@@ -9,7 +9,9 @@
 #      prometheus-operator) and the Certificate (cert-manager.io/v1, cert-manager). Each is
 #      checked against a strict subset of its CRD's schema written below, which covers every
 #      field the chart emits; any other kind without a schema fails;
-#   4. value sets the chart must refuse (`helm template` must fail, with the message given).
+#   4. value sets the chart must refuse (`helm template` must fail, with the message given);
+#   5. the example prometheus-adapter rule (deploy/prometheus/adapter-rules.yaml) serves the
+#      External metric that the HorizontalPodAutoscalers of ci/planner-values.yaml read.
 # Exits non-zero on the first failing step, naming the value set and the failing document
 # (kind/name and the template it came from).
 #
@@ -276,5 +278,43 @@ refuse "a model name that cannot name a Deployment" "must be lower-case letters"
 refuse "a model without a name" "models[0].name is required" --set 'models[0].file=x.gguf'
 refuse "a model's pool with no prefill workers and decode role 'decode'" "models[b]: prefill.replicas is 0" \
     --set 'models[0].name=a' --set 'models[1].name=b' --set 'models[1].prefill.replicas=0'
-echo "check-deploy: invalid value sets refused (11)"
+refuse "an autoscaler without the planner" "autoscaling.prefill.enabled needs planner.enabled" \
+    --set autoscaling.prefill.enabled=true
+refuse "a decode autoscaler without the planner" "autoscaling.decode.enabled needs planner.enabled" \
+    --set autoscaling.decode.enabled=true
+refuse "autoscalers with several models" "autoscaling.decode.enabled with several models" \
+    --set planner.enabled=true --set autoscaling.decode.enabled=true --set 'models[0].name=a' --set 'models[1].name=b'
+refuse "an autoscaler that may scale to zero" "autoscaling.prefill.minReplicas must be at least 1" \
+    --set planner.enabled=true --set autoscaling.prefill.enabled=true --set autoscaling.prefill.minReplicas=0
+refuse "an autoscaler whose maximum is below its minimum" "must not be below minReplicas" \
+    --set planner.enabled=true --set autoscaling.decode.enabled=true --set autoscaling.decode.maxReplicas=0
+refuse "an unknown prefill placement" "router.prefillPlacement must be adaptive, remote or threshold" \
+    --set router.prefillPlacement=local
+echo "check-deploy: invalid value sets refused (17)"
+
+# 5. The example adapter rule serves, per role, the metric the autoscalers read.
+[ -e "$OUT/planner-values.yaml" ] || fail "no ci/planner-values.yaml render to check the adapter rule against"
+"$VPY" - "$ROOT/deploy/prometheus/adapter-rules.yaml" "$OUT/planner-values.yaml" <<'PY' || fail "deploy/prometheus/adapter-rules.yaml"
+import sys
+
+import yaml
+
+with open(sys.argv[1]) as f:
+    rules = yaml.safe_load(f)["externalRules"]
+served = {r["name"]["as"]: r for r in rules}
+with open(sys.argv[2]) as f:
+    hpas = [d for d in yaml.safe_load_all(f) if d and d.get("kind") == "HorizontalPodAutoscaler"]
+assert len(hpas) == 2, f"{len(hpas)} HorizontalPodAutoscalers in the planner render, not 2"
+for hpa in hpas:
+    for m in hpa["spec"]["metrics"]:
+        metric = m["external"]["metric"]
+        rule = served.get(metric["name"])
+        assert rule is not None, f"{hpa['metadata']['name']}: no external rule serves {metric['name']}"
+        assert metric["name"] in rule["seriesQuery"], rule
+        # The autoscalers select on labels: the query must keep them apart.
+        for label in metric["selector"]["matchLabels"]:
+            assert f"by ({label})" in rule["metricsQuery"], (label, rule["metricsQuery"])
+        assert "namespace" in rule["resources"]["overrides"], "the metric must be per namespace"
+print(f"check-deploy: adapter rule ok (serves {', '.join(sorted(served))} to {len(hpas)} autoscalers)")
+PY
 echo "check-deploy: ok: ${#sets[@]} value set(s) linted, rendered and validated"

@@ -5,7 +5,9 @@
 //! replica counts, probes on every container, a grace period that covers the drain,
 //! API keys from a Secret, a PodDisruptionBudget per component, no container as root,
 //! every TANDEM_* variable read by its command and JSON logs; and, for
-//! ci/multi-model-values.yaml, a pool of workers per model behind routers serving them all.
+//! ci/multi-model-values.yaml, a pool of workers per model behind routers serving them all;
+//! for ci/planner-values.yaml, routers that run the planner and an autoscaler per worker
+//! role that scales on its published count, and the values the chart refuses around them.
 //! How the chart closes the worker control plane is in deploy_auth.rs.
 
 mod deploy_support;
@@ -13,7 +15,9 @@ mod deploy_support;
 use std::process::Command;
 
 use deploy_support::*;
-use serde_json::Value;
+use serde_json::{json, Value};
+
+const PLANNER_VALUES: &str = "deploy/helm/tandem/ci/planner-values.yaml";
 
 #[test]
 fn check_deploy_passes() {
@@ -23,6 +27,9 @@ fn check_deploy_passes() {
     assert!(out.contains("kubernetes-validate ok (multi-replica-values"), "{out}");
     // The Certificate (a cert-manager CRD) is validated against check-deploy.sh's own schema.
     assert!(out.contains("kubernetes-validate ok (cert-manager-values"), "{out}");
+    // The autoscalers (autoscaling/v2) and the adapter rule that serves their metric.
+    assert!(out.contains("kubernetes-validate ok (planner-values"), "{out}");
+    assert!(out.contains("check-deploy: adapter rule ok"), "{out}");
 }
 
 #[test]
@@ -160,11 +167,13 @@ fn service_monitor_scrapes_the_router_and_the_workers() {
 
 /// Every `TANDEM_*` variable the chart sets is one the container's command reads (a flag's
 /// env fallback in its `--help`), so a renamed or missing flag cannot be silently ignored;
-/// and every component logs JSON lines by default, for the cluster's log pipeline.
+/// and every component logs JSON lines by default, for the cluster's log pipeline. The
+/// planner's render adds the router's planner variables.
 #[test]
 fn every_tandem_variable_of_the_chart_is_a_flag_of_its_command_and_logs_are_json() {
-    for (comp, _) in COMPONENTS {
-        let spec = &deployment(comp)["spec"]["template"]["spec"];
+    let planner = render(PLANNER_VALUES);
+    for (docs, comp) in [rendered(), planner.as_slice()].into_iter().flat_map(|d| COMPONENTS.map(|(c, _)| (d, c))) {
+        let spec = &deployment_of(docs, comp)["spec"]["template"]["spec"];
         let container = array(&spec["containers"]).iter().find(|c| c["name"] == comp).expect("main container");
         let command = array(&container["args"])[0].as_str().expect("the command is the first argument");
         let help = Command::new(env!("CARGO_BIN_EXE_tandem")).args([command, "--help"]).output().unwrap();
@@ -286,4 +295,96 @@ fn several_models_get_a_pool_each_behind_routers_that_serve_them_all() {
     assert_eq!(init.len(), 1, "one model is downloaded");
     assert_eq!(init[0]["name"], "fetch-model-smollm2");
     assert_eq!(init[0]["volumeMounts"][0]["name"], "model-smollm2");
+}
+
+/// With the planner and both autoscalers on, the routers run the planner with the chart's
+/// SLOs and placement, and each worker role has a HorizontalPodAutoscaler on its Deployment
+/// that scales to the planner's `tandem_planner_desired_workers{role}`; the Deployments it
+/// scales set no replicas of their own, which would undo its changes at every upgrade.
+#[test]
+fn with_the_planner_an_autoscaler_per_role_scales_its_workers_to_the_desired_count() {
+    let docs = render(PLANNER_VALUES);
+    let router = &deployment_of(&docs, "router")["spec"]["template"]["spec"]["containers"][0];
+    for (var, value) in [
+        ("TANDEM_PLANNER", "true"),
+        ("TANDEM_PLANNER_DWELL_S", "45"),
+        ("TANDEM_SLO_TTFT_MS", "500"),
+        ("TANDEM_SLO_TPOT_MS", "50"),
+        ("TANDEM_PREFILL_PLACEMENT", "threshold"),
+    ] {
+        assert_eq!(env_value(router, var), Some(value), "router {var}");
+    }
+    assert_eq!(deployment_of(&docs, "router")["spec"]["replicas"].as_u64(), Some(2), "routers keep their count");
+
+    let hpas: Vec<&Value> = of(&docs, "HorizontalPodAutoscaler").collect();
+    assert_eq!(hpas.len(), 2, "one autoscaler per worker role");
+    for (role, min, max, window) in [("prefill", 1, 6, 600), ("decode", 2, 8, 120)] {
+        let workload = deployment_of(&docs, role);
+        assert!(workload["spec"].get("replicas").is_none(), "{role}: a fixed count fights the autoscaler");
+        let hpa = hpas.iter().find(|h| component(h) == role).unwrap_or_else(|| panic!("no {role} autoscaler"));
+        assert_eq!(hpa["apiVersion"], "autoscaling/v2");
+        let target = &hpa["spec"]["scaleTargetRef"];
+        assert_eq!(target["apiVersion"], "apps/v1", "{role}");
+        assert_eq!(target["kind"], "Deployment", "{role}");
+        assert_eq!(target["name"], name(workload), "{role}");
+        let spec = &hpa["spec"];
+        assert_eq!((spec["minReplicas"].as_u64(), spec["maxReplicas"].as_u64()), (Some(min), Some(max)), "{role}");
+        assert_eq!(spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"].as_u64(), Some(window), "{role}");
+        let metrics = array(&spec["metrics"]);
+        assert_eq!(metrics.len(), 1, "{role}: the planner's count alone");
+        assert_eq!(metrics[0]["type"], "External", "{role}");
+        let external = &metrics[0]["external"];
+        assert_eq!(external["metric"]["name"], "tandem_planner_desired_workers", "{role}");
+        assert_eq!(external["metric"]["selector"], json!({"matchLabels": {"role": role}}), "{role}");
+        // An average of 1 per replica: the desired replicas are the metric's value.
+        assert_eq!(external["target"], json!({"type": "AverageValue", "averageValue": "1"}), "{role}");
+    }
+
+    // By default: no planner, no autoscaler, fixed counts, the router's default SLOs and placement.
+    let defaults = defaults();
+    assert_eq!(of(defaults, "HorizontalPodAutoscaler").count(), 0);
+    let router = &deployment_of(defaults, "router")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(env_value(router, "TANDEM_PLANNER"), None);
+    assert_eq!(env_value(router, "TANDEM_PLANNER_DWELL_S"), None);
+    assert_eq!(env_value(router, "TANDEM_SLO_TTFT_MS"), Some("1000"));
+    assert_eq!(env_value(router, "TANDEM_SLO_TPOT_MS"), Some("100"));
+    assert_eq!(env_value(router, "TANDEM_PREFILL_PLACEMENT"), Some("adaptive"));
+    for role in ["prefill", "decode"] {
+        assert_eq!(deployment_of(defaults, role)["spec"]["replicas"].as_u64(), Some(1), "{role}");
+    }
+}
+
+/// An autoscaler without the planner would wait on a metric nothing publishes, and one per
+/// model would read one cluster-wide count: the chart refuses both, saying why.
+#[test]
+fn autoscaling_without_the_planner_or_with_several_models_is_refused() {
+    for role in ["prefill", "decode"] {
+        let enabled = format!("autoscaling.{role}.enabled=true");
+        let err = refusal(&[&enabled]);
+        assert!(err.contains(&format!("autoscaling.{role}.enabled needs planner.enabled")), "{err}");
+        let err = refusal(&["planner.enabled=true", &enabled, "models[0].name=a", "models[1].name=b"]);
+        assert!(err.contains(&format!("autoscaling.{role}.enabled with several models")), "{err}");
+    }
+    // With the planner and one model, the same values render.
+    let docs = helm_template(&["--set", "planner.enabled=true", "--set", "autoscaling.prefill.enabled=true"]);
+    assert_eq!(of(&docs, "HorizontalPodAutoscaler").count(), 1);
+    assert_eq!(deployment_of(&docs, "decode")["spec"]["replicas"].as_u64(), Some(1), "decode keeps its count");
+}
+
+/// What `helm template` prints when it refuses the chart's defaults with these `--set`
+/// assignments; panics when it renders them.
+fn refusal(sets: &[&str]) -> String {
+    setup();
+    let helm_home = root().join(".tools/helm-home");
+    let out = Command::new(root().join(".tools/bin/helm"))
+        .args(["template", "tandem", "deploy/helm/tandem", "--namespace", "tandem"])
+        .args(sets.iter().flat_map(|s| ["--set", s]))
+        .env("HELM_CACHE_HOME", helm_home.join("cache"))
+        .env("HELM_CONFIG_HOME", helm_home.join("config"))
+        .env("HELM_DATA_HOME", helm_home.join("data"))
+        .current_dir(root())
+        .output()
+        .expect("running helm (scripts/setup-helm.sh installs it)");
+    assert!(!out.status.success(), "helm template rendered {sets:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }

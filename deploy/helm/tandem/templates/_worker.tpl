@@ -1,3 +1,8 @@
+{{/* The name of one pool's worker Deployment of a kind. Call with (dict "ctx" $ "kind" "prefill" "pool" $p). */}}
+{{- define "tandem.workerName" -}}
+{{ include "tandem.fullname" .ctx }}-{{ include "tandem.poolPrefix" .pool }}{{ .kind }}
+{{- end }}
+
 {{/*
 A worker Deployment of one pool (see _models.tpl): prefill or decode. Call with
 (dict "ctx" $ "kind" "prefill" "pool" $p). Workers need no Service: they register in etcd
@@ -15,11 +20,14 @@ with their pod IP (status.podIP), and the routers reach them there.
 apiVersion: apps/v1
 kind: Deployment
 metadata:
-  name: {{ include "tandem.fullname" $ctx }}-{{ include "tandem.poolPrefix" $pool }}{{ $kind }}
+  name: {{ include "tandem.workerName" . }}
   labels:
     {{- include "tandem.labels" $labels | nindent 4 }}
 spec:
+  {{- /* With an autoscaler (hpa.yaml), it owns the count: a fixed one would undo its every change. */}}
+  {{- if not (index $v.autoscaling $kind).enabled }}
   replicas: {{ $w.replicas }}
+  {{- end }}
   revisionHistoryLimit: 5
   # A new worker registers before an old one drains: capacity never dips during a rollout.
   strategy:
