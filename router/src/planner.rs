@@ -241,6 +241,8 @@ pub async fn run(
 ) {
     let mut planner = Planner::new(config);
     let mut flipping: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    // Each model's last published split: (prefill, decode-capable).
+    let mut published: HashMap<String, (usize, usize)> = HashMap::new();
     let slo = placement.config.slo;
     loop {
         tokio::select! {
@@ -260,12 +262,17 @@ pub async fn run(
         let (mut prefill_total, mut decode_total) = (0, 0);
         for (model, workers) in by_model(members.snapshot()) {
             if flipping.contains_key(&model) {
+                // What it wanted when the change began still stands.
+                let (p, d) = published.get(&model).copied().unwrap_or_default();
+                (prefill_total, decode_total) = (prefill_total + p, decode_total + d);
                 metrics::planner_decision("wait", "role_change_in_progress");
                 continue;
             }
             let step = planner.step(&model, &workers, &traffic, slo, Instant::now());
-            prefill_total += step.desired_prefill;
-            decode_total += workers.len() - step.desired_prefill.min(workers.len());
+            let split = (step.desired_prefill, workers.len() - step.desired_prefill.min(workers.len()));
+            published.insert(model.clone(), split);
+            prefill_total += split.0;
+            decode_total += split.1;
             metrics::planner_decision(step.action, step.reason);
             let inputs = format!(
                 "prompts={} long_share={:.2} ttft_p90_ms={:?} tpot_p90_ms={:?} prefill_rate={:?}",
