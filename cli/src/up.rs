@@ -98,6 +98,14 @@ pub fn up(a: UpArgs) -> Result<()> {
                 cfg.advertise_host = "127.0.0.1".into();
             }
             cfg.cluster_token = Some(token.clone());
+            if a.placement.planner {
+                // The planner changes roles: every worker can, and decode workers may prefill
+                // a short prompt themselves.
+                cfg.elastic = true;
+                if cfg.role == Role::Decode {
+                    cfg.role = Role::Both;
+                }
+            }
             let w = RunningWorker::start(cfg, Some((d.clone(), cluster.clone(), ttl)), ROLES)
                 .await
                 .map_err(|e| anyhow!(e))?;

@@ -102,11 +102,16 @@ pub struct Inputs {
     pub tpot: Option<Duration>,
     /// The longest uncached prompt prefilled locally now.
     pub budget: usize,
+    /// The longest local prefill the running decodes' TPOT headroom absorbs: the stall it
+    /// causes (its tokens at the prefill rate) spread over a typical output must stay within
+    /// the SLO's headroom over recent TPOT. `None`: not measured yet.
+    pub stall_cap: Option<f64>,
     pub mode: Mode,
     pub slo: Slo,
 }
 
-/// TPOT at or above this share of its SLO: nothing more is prefilled locally.
+/// TPOT at or above this share of its SLO: nothing more is prefilled locally. Below it, a
+/// local prefill must also fit the headroom (`Inputs::stall_cap`).
 const TPOT_GUARD: f64 = 0.9;
 /// A remote prefill predicted to queue at least this share of the TTFT SLO is worth doing
 /// locally, when decodes have TPOT headroom (below `HEADROOM`) and it would be sooner.
@@ -132,6 +137,9 @@ pub fn decide(i: &Inputs) -> (Placement, &'static str) {
     }
     if tpot_share >= TPOT_GUARD {
         return (Placement::Remote, "tpot_slo");
+    }
+    if i.stall_cap.is_some_and(|cap| i.local_uncached as f64 > cap) {
+        return (Placement::Remote, "tpot_headroom");
     }
     if i.local_uncached <= i.budget {
         return (Placement::Local, "short");
@@ -165,6 +173,8 @@ struct Finished {
     ttft: Duration,
     /// `None`: one token, no inter-token time.
     tpot: Option<Duration>,
+    /// Tokens it generated.
+    tokens: u32,
 }
 
 #[derive(Debug)]
@@ -188,12 +198,20 @@ pub struct PlacementControl {
     state: Mutex<State>,
 }
 
-/// A window's view: TTFT and TPOT p90.
+/// A window's view: TTFT and TPOT p90, and the median output.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Recent {
     pub ttft_p90: Option<Duration>,
     pub tpot_p90: Option<Duration>,
+    /// Tokens a finished request generated, the median.
+    pub output_p50: Option<u32>,
     pub requests: usize,
+}
+
+/// `Inputs::stall_cap`: the prefill rate × the TPOT headroom × the median output.
+fn stall_cap(rate: Option<f64>, r: &Recent, slo_tpot: Duration) -> Option<f64> {
+    let headroom = slo_tpot.saturating_sub(r.tpot_p90?).as_secs_f64();
+    Some(rate? * headroom * r.output_p50? as f64)
 }
 
 impl PlacementControl {
@@ -229,6 +247,7 @@ impl PlacementControl {
                 prefill_rate: st.prefill_rate,
                 tpot: recent.tpot_p90,
                 budget: st.budget,
+                stall_cap: stall_cap(st.prefill_rate, &recent, self.config.slo.tpot),
                 mode: self.config.mode,
                 slo: self.config.slo,
             };
@@ -265,11 +284,11 @@ impl PlacementControl {
         });
     }
 
-    /// A choice finished: its TTFT and mean TPOT (`None`: one token).
-    pub fn observe_finished(&self, ttft: Duration, tpot: Option<Duration>) {
+    /// A choice finished: its TTFT, mean TPOT (`None`: one token) and tokens generated.
+    pub fn observe_finished(&self, ttft: Duration, tpot: Option<Duration>, tokens: u32) {
         let now = Instant::now();
         let mut st = self.state.lock().expect("placement");
-        st.finished.push_back(Finished { at: now, ttft, tpot });
+        st.finished.push_back(Finished { at: now, ttft, tpot, tokens });
         while st.finished.len() > WINDOW {
             st.finished.pop_front();
         }
@@ -354,9 +373,12 @@ fn recent(finished: &VecDeque<Finished>, now: Instant) -> Recent {
         v.sort();
         (!v.is_empty()).then(|| v[(v.len() * 9 / 10).min(v.len() - 1)])
     };
+    let mut tokens: Vec<u32> = live.iter().map(|f| f.tokens).collect();
+    tokens.sort();
     Recent {
         ttft_p90: p90(live.iter().map(|f| f.ttft).collect()),
         tpot_p90: p90(live.iter().filter_map(|f| f.tpot).collect()),
+        output_p50: tokens.get(tokens.len() / 2).copied(),
         requests: live.len(),
     }
 }

@@ -15,6 +15,7 @@ fn base(local: usize) -> Inputs {
         prefill_rate: Some(1000.0),
         tpot: Some(ms(30)),
         budget: 256,
+        stall_cap: None,
         mode: Mode::Adaptive,
         slo: Slo { ttft: ms(1000), tpot: ms(100) },
     }
@@ -55,6 +56,19 @@ fn decisions_as_a_table() {
             Remote,
             "long",
         ),
+        (
+            "a prefill whose stall outgrows the TPOT headroom",
+            Inputs { stall_cap: Some(200.0), ..base(240) },
+            Remote,
+            "tpot_headroom",
+        ),
+        ("one the headroom absorbs", Inputs { stall_cap: Some(300.0), ..base(240) }, Local, "short"),
+        (
+            "headroom caps a queue's case too",
+            Inputs { prefill_queue: 2000.0, stall_cap: Some(500.0), ..base(900) },
+            Remote,
+            "tpot_headroom",
+        ),
         ("threshold: fixed", Inputs { mode: Mode::Threshold, tpot: Some(ms(99)), ..base(200) }, Local, "short"),
         ("threshold: long", Inputs { mode: Mode::Threshold, ..base(300) }, Remote, "long"),
         ("remote: always", Inputs { mode: Mode::Remote, ..base(0) }, Remote, "configured"),
@@ -77,7 +91,7 @@ fn age(c: &PlacementControl) {
 fn the_budget_shrinks_as_tpot_nears_its_slo_and_grows_back_with_headroom_and_slow_ttft() {
     let c = control(Mode::Adaptive);
     for _ in 0..20 {
-        c.observe_finished(ms(200), Some(ms(95)));
+        c.observe_finished(ms(200), Some(ms(95)), 32);
     }
     age(&c);
     assert_eq!(c.place(400, 400, 0.0), Placement::Remote);
@@ -88,7 +102,7 @@ fn the_budget_shrinks_as_tpot_nears_its_slo_and_grows_back_with_headroom_and_slo
     // Decodes have room now, and TTFT is slow: up.
     c.state.lock().unwrap().finished.clear();
     for _ in 0..20 {
-        c.observe_finished(ms(800), Some(ms(20)));
+        c.observe_finished(ms(800), Some(ms(20)), 32);
     }
     let low = c.budget();
     age(&c);
@@ -97,7 +111,7 @@ fn the_budget_shrinks_as_tpot_nears_its_slo_and_grows_back_with_headroom_and_slo
     // TPOT fine, TTFT fine, no queue: it holds.
     c.state.lock().unwrap().finished.clear();
     for _ in 0..20 {
-        c.observe_finished(ms(100), Some(ms(20)));
+        c.observe_finished(ms(100), Some(ms(20)), 32);
     }
     let held = c.budget();
     age(&c);
@@ -109,7 +123,7 @@ fn the_budget_shrinks_as_tpot_nears_its_slo_and_grows_back_with_headroom_and_slo
 fn a_fixed_threshold_never_moves() {
     let c = control(Mode::Threshold);
     for _ in 0..20 {
-        c.observe_finished(ms(5000), Some(ms(500)));
+        c.observe_finished(ms(5000), Some(ms(500)), 32);
     }
     age(&c);
     assert_eq!(c.place(200, 200, 0.0), Placement::Local);
@@ -126,4 +140,20 @@ fn the_prefill_rate_follows_measured_prefills() {
     assert!((c.prefill_rate().unwrap() - 1200.0).abs() < 1e-9);
     c.observe_prefill(4, ms(1000));
     assert!((c.prefill_rate().unwrap() - 1200.0).abs() < 1e-9, "a tiny prefill measures overheads, not rate");
+}
+
+#[test]
+fn the_stall_cap_is_rate_times_headroom_times_the_median_output() {
+    let c = control(Mode::Adaptive);
+    c.observe_prefill(1000, ms(1000));
+    for tokens in [10, 32, 40] {
+        c.observe_finished(ms(100), Some(ms(20)), tokens);
+    }
+    let r = c.recent();
+    assert_eq!(r.output_p50, Some(32));
+    // 1000 tokens/s x (100 - 20) ms x 32 tokens = 2560 tokens.
+    let cap = stall_cap(c.prefill_rate(), &r, ms(100)).unwrap();
+    assert!((cap - 2560.0).abs() < 1e-6, "{cap}");
+    assert_eq!(stall_cap(None, &r, ms(100)), None, "no rate measured: no cap");
+    assert_eq!(stall_cap(c.prefill_rate(), &r, ms(10)), Some(0.0), "TPOT past its SLO: no room");
 }

@@ -152,7 +152,12 @@ impl RequestRelay {
                 // A choice finished: what placement measures itself against.
                 let tpot = (t.mean_inter_token_ms > 0.0).then(|| Duration::from_secs_f64(t.mean_inter_token_ms / 1e3));
                 let ttft = Duration::from_secs_f64(t.time_to_first_token_ms.max(0.0) / 1e3);
-                self.routing.placement.observe_finished(ttft, tpot);
+                let tokens = if t.mean_inter_token_ms > 0.0 {
+                    (t.decode_time_ms / t.mean_inter_token_ms).round() as u32 + 1
+                } else {
+                    1
+                };
+                self.routing.placement.observe_finished(ttft, tpot, tokens);
             }
             // A client that reads nothing is cut at the stall timeout, or at its deadline.
             let sent = tokio::select! {
