@@ -447,7 +447,9 @@ impl Members {
                 let remote = prompt_len.saturating_sub(pc.unwrap_or(0));
                 let queued = p.stats.as_ref().map_or(0, |s| s.queued_prefill_tokens);
                 let queue = queued.max(p.inflight.prefill_tokens.load(Ordering::Relaxed)) as f64;
-                if placement.place(local, remote, queue) == Placement::Local {
+                let running = d.stats.as_ref().map_or(0, |s| s.running as u64);
+                let decoding = running.max(d.inflight.requests.load(Ordering::Relaxed));
+                if placement.place(local, remote, queue, decoding) == Placement::Local {
                     return Ok(Route::Local(take(d, dc, true)));
                 }
             }

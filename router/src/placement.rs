@@ -100,6 +100,9 @@ pub struct Inputs {
     pub prefill_rate: Option<f64>,
     /// Recent TPOT, p90 over finished requests (`None`: none finished lately).
     pub tpot: Option<Duration>,
+    /// Requests decoding on the decode worker (its last report, or what this router has in
+    /// flight there if more): 0, and a local prefill stalls nobody's tokens.
+    pub decode_running: u64,
     /// The longest uncached prompt prefilled locally now.
     pub budget: usize,
     /// The longest local prefill the running decodes' TPOT headroom absorbs: the stall it
@@ -135,10 +138,12 @@ pub fn decide(i: &Inputs) -> (Placement, &'static str) {
     if i.local_uncached == 0 {
         return (Placement::Local, "cached");
     }
-    if tpot_share >= TPOT_GUARD {
+    // The TPOT guards protect streams decoding there: with none, a local prefill stalls nobody.
+    let stalls = i.decode_running > 0;
+    if stalls && tpot_share >= TPOT_GUARD {
         return (Placement::Remote, "tpot_slo");
     }
-    if i.stall_cap.is_some_and(|cap| i.local_uncached as f64 > cap) {
+    if stalls && i.stall_cap.is_some_and(|cap| i.local_uncached as f64 > cap) {
         return (Placement::Remote, "tpot_headroom");
     }
     if i.local_uncached <= i.budget {
@@ -148,7 +153,8 @@ pub fn decide(i: &Inputs) -> (Placement, &'static str) {
         // The prefill queue's wait, then the compute: the same rate on either worker.
         let wait = i.prefill_queue / rate;
         let (remote, local) = (wait + i.remote_uncached as f64 / rate, i.local_uncached as f64 / rate);
-        if tpot_share < HEADROOM && wait >= SLOW_REMOTE * i.slo.ttft.as_secs_f64() && local < remote {
+        let headroom = !stalls || tpot_share < HEADROOM;
+        if headroom && wait >= SLOW_REMOTE * i.slo.ttft.as_secs_f64() && local < remote {
             return (Placement::Local, "prefill_queue");
         }
     }
@@ -232,9 +238,16 @@ impl PlacementControl {
     }
 
     /// Where a request is prefilled, `local_uncached`/`remote_uncached` being what the
-    /// decode worker / the prefill worker would compute and `prefill_queue` the tokens
-    /// queued on that prefill worker. Counted and logged.
-    pub fn place(&self, local_uncached: usize, remote_uncached: usize, prefill_queue: f64) -> Placement {
+    /// decode worker / the prefill worker would compute, `prefill_queue` the tokens queued on
+    /// that prefill worker and `decode_running` the requests decoding on the decode worker.
+    /// Counted and logged.
+    pub fn place(
+        &self,
+        local_uncached: usize,
+        remote_uncached: usize,
+        prefill_queue: f64,
+        decode_running: u64,
+    ) -> Placement {
         let now = Instant::now();
         let (inputs, recent) = {
             let mut st = self.state.lock().expect("placement");
@@ -245,6 +258,7 @@ impl PlacementControl {
                 remote_uncached,
                 prefill_queue,
                 prefill_rate: st.prefill_rate,
+                decode_running,
                 tpot: recent.tpot_p90,
                 budget: st.budget,
                 stall_cap: stall_cap(st.prefill_rate, &recent, self.config.slo.tpot),

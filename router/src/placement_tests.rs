@@ -13,6 +13,7 @@ fn base(local: usize) -> Inputs {
         remote_uncached: local,
         prefill_queue: 0.0,
         prefill_rate: Some(1000.0),
+        decode_running: 4,
         tpot: Some(ms(30)),
         budget: 256,
         stall_cap: None,
@@ -69,6 +70,24 @@ fn decisions_as_a_table() {
             Remote,
             "tpot_headroom",
         ),
+        (
+            "TPOT past its SLO, but nobody decodes there to stall",
+            Inputs { tpot: Some(ms(95)), decode_running: 0, ..base(40) },
+            Local,
+            "short",
+        ),
+        (
+            "an idle decoder takes a long prompt only for a long queue",
+            Inputs { tpot: Some(ms(95)), decode_running: 0, ..base(900) },
+            Remote,
+            "long",
+        ),
+        (
+            "an idle decoder and a long queue",
+            Inputs { tpot: Some(ms(95)), decode_running: 0, prefill_queue: 2000.0, stall_cap: Some(0.0), ..base(900) },
+            Local,
+            "prefill_queue",
+        ),
         ("threshold: fixed", Inputs { mode: Mode::Threshold, tpot: Some(ms(99)), ..base(200) }, Local, "short"),
         ("threshold: long", Inputs { mode: Mode::Threshold, ..base(300) }, Remote, "long"),
         ("remote: always", Inputs { mode: Mode::Remote, ..base(0) }, Remote, "configured"),
@@ -94,10 +113,10 @@ fn the_budget_shrinks_as_tpot_nears_its_slo_and_grows_back_with_headroom_and_slo
         c.observe_finished(ms(200), Some(ms(95)), 32);
     }
     age(&c);
-    assert_eq!(c.place(400, 400, 0.0), Placement::Remote);
+    assert_eq!(c.place(400, 400, 0.0, 4), Placement::Remote);
     assert_eq!(c.budget(), 256 * 7 / 10, "TPOT p90 95 ms of 100: down");
     age(&c);
-    c.place(10, 10, 0.0);
+    c.place(10, 10, 0.0, 4);
     assert_eq!(c.budget(), 256 * 7 / 10 * 7 / 10, "and down again");
     // Decodes have room now, and TTFT is slow: up.
     c.state.lock().unwrap().finished.clear();
@@ -106,7 +125,7 @@ fn the_budget_shrinks_as_tpot_nears_its_slo_and_grows_back_with_headroom_and_slo
     }
     let low = c.budget();
     age(&c);
-    c.place(10, 10, 0.0);
+    c.place(10, 10, 0.0, 4);
     assert_eq!(c.budget(), low * 13 / 10 + 16);
     // TPOT fine, TTFT fine, no queue: it holds.
     c.state.lock().unwrap().finished.clear();
@@ -115,7 +134,7 @@ fn the_budget_shrinks_as_tpot_nears_its_slo_and_grows_back_with_headroom_and_slo
     }
     let held = c.budget();
     age(&c);
-    c.place(10, 10, 0.0);
+    c.place(10, 10, 0.0, 4);
     assert_eq!(c.budget(), held);
 }
 
@@ -126,7 +145,7 @@ fn a_fixed_threshold_never_moves() {
         c.observe_finished(ms(5000), Some(ms(500)), 32);
     }
     age(&c);
-    assert_eq!(c.place(200, 200, 0.0), Placement::Local);
+    assert_eq!(c.place(200, 200, 0.0, 4), Placement::Local);
     assert_eq!(c.budget(), 256);
 }
 

@@ -212,6 +212,20 @@ impl Planner {
     }
 }
 
+/// The split to publish for `workers` when `desired_prefill` prefill workers are wanted:
+/// (prefill, decode-capable). Where a worker is elastic, roles change and the total stays:
+/// decode = the rest. Where none is (pods of fixed roles, scaled by an autoscaler per role), a
+/// prefill worker is added without taking a decode worker away, and one removed gives its
+/// place to a decode worker.
+pub fn published_split(workers: &[Seen], desired_prefill: usize) -> (usize, usize) {
+    let p = workers.iter().filter(|w| w.role == Role::Prefill).count();
+    let decode = workers.len() - p;
+    if workers.iter().any(|w| w.elastic) {
+        return (desired_prefill, workers.len().saturating_sub(desired_prefill));
+    }
+    (desired_prefill, decode + p.saturating_sub(desired_prefill))
+}
+
 /// The workers of each model, as the planner sees them.
 fn by_model(snapshot: Vec<WorkerStatus>) -> HashMap<String, Vec<Seen>> {
     let mut out: HashMap<String, Vec<Seen>> = HashMap::new();
@@ -269,7 +283,7 @@ pub async fn run(
                 continue;
             }
             let step = planner.step(&model, &workers, &traffic, slo, Instant::now());
-            let split = (step.desired_prefill, workers.len() - step.desired_prefill.min(workers.len()));
+            let split = published_split(&workers, step.desired_prefill);
             published.insert(model.clone(), split);
             prefill_total += split.0;
             decode_total += split.1;

@@ -122,3 +122,14 @@ fn only_elastic_serving_workers_are_flipped() {
     let s = p.step("m", &both2, &traffic(0.9, 60), slo(), Instant::now());
     assert_eq!(s.flip, Some(Flip { worker: WorkerId::new("b").unwrap(), to: Role::Prefill }));
 }
+
+#[test]
+fn the_published_split_flips_elastic_workers_and_scales_fixed_ones() {
+    let split = vec![worker("a", Role::Prefill), worker("b", Role::Both), worker("c", Role::Decode)];
+    assert_eq!(published_split(&split, 2), (2, 1), "elastic: a decode worker becomes a prefill worker");
+    assert_eq!(published_split(&split, 0), (0, 3));
+    let fixed: Vec<Seen> = split.iter().cloned().map(|w| Seen { elastic: false, ..w }).collect();
+    assert_eq!(published_split(&fixed, 2), (2, 2), "fixed roles: a prefill pod is added, no decode pod removed");
+    assert_eq!(published_split(&fixed, 0), (0, 3), "and one removed gives its place to decode");
+    assert_eq!(published_split(&fixed, 1), (1, 2));
+}
