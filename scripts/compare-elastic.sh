@@ -34,7 +34,10 @@
 #   scripts/compare-elastic.sh [--model smollm2-135m|qwen2.5-coder-0.5b|PATH] [--out DIR]
 #                              [--workloads "chat summarize shared-prefix phased"]
 #                              [--deployments "agg static perreq planner"] [--quick]
+#                              [--rates "R1 R2"] [--requests N]
 #
+# --rates / --requests: the same rates and request count for every workload given, in place of
+# the workload's own (a slower or faster machine than the one the rates were chosen on).
 # --quick: 4 requests per run at each workload's lowest rate only, a 60 s bound per run: checks
 # the plumbing, measures nothing. Bounded: each run sends a fixed number of requests and stops
 # after its timeout; every process it starts is stopped when it exits. Needs: a release build (it
@@ -47,8 +50,10 @@ WORKLOADS="chat summarize shared-prefix phased"
 DEPLOYMENTS="agg static perreq planner"
 MODEL=smollm2-135m
 QUICK=0
+RATES_OVERRIDE=""
+N_OVERRIDE=""
 usage() {
-    echo "usage: $0 [--model NAME|PATH] [--out DIR] [--workloads LIST] [--deployments LIST] [--quick]" >&2
+    echo "usage: $0 [--model NAME|PATH] [--out DIR] [--workloads LIST] [--deployments LIST] [--rates LIST] [--requests N] [--quick]" >&2
     exit 2
 }
 while [ $# -gt 0 ]; do
@@ -58,6 +63,8 @@ while [ $# -gt 0 ]; do
         --deployments) DEPLOYMENTS="${2//,/ }"; shift 2 ;;
         --model) MODEL="$2"; shift 2 ;;
         --quick) QUICK=1; shift ;;
+        --rates) RATES_OVERRIDE="${2//,/ }"; shift 2 ;;
+        --requests) N_OVERRIDE="$2"; shift 2 ;;
         *) usage ;;
     esac
 done
@@ -200,6 +207,8 @@ params() {
         esac
     fi
     TIMEOUT=300
+    if [ -n "$RATES_OVERRIDE" ]; then RATES="$RATES_OVERRIDE"; fi
+    if [ -n "$N_OVERRIDE" ]; then N="$N_OVERRIDE"; fi
     if [ "$QUICK" = 1 ]; then RATES="${RATES%% *}"; N=4; TIMEOUT=60; fi
 }
 

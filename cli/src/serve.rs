@@ -614,7 +614,8 @@ pub(crate) fn describe(w: &RunningWorker) -> String {
     } else {
         String::new()
     };
-    format!("worker {} ({}) grpc {}{kv}", w.descriptor.id, w.descriptor.role, w.grpc_addr)
+    let elastic = if w.state().elastic { ", elastic" } else { "" };
+    format!("worker {} ({}{elastic}) grpc {}{kv}", w.descriptor.id, w.descriptor.role, w.grpc_addr)
 }
 
 pub fn router(a: RouterArgs) -> Result<()> {

@@ -254,3 +254,31 @@ fn the_planner_flips_a_worker_as_the_load_shifts_at_most_once_per_dwell() {
         assert_eq!(flips(&router), 2, "{}", router.output().join("\n"));
     });
 }
+
+#[test]
+fn tandem_up_with_the_planner_starts_elastic_workers_and_flips_the_idle_prefill_worker() {
+    let _g = serial();
+    let flags = ["up", "--grpc-port", "0", "--http-port", "0", "--planner", "--planner-dwell-s", "2"];
+    let up = Proc::spawn("up", tandem(&[&flags[..], &["--planner-interval-ms", "200"]].concat()));
+    let prefill = up.addr_after("tandem: worker prefill-0 (prefill, elastic)", "grpc");
+    let decode = up.addr_after("tandem: worker decode-0 (both, elastic)", "grpc");
+    let addr = up.addr_after("tandem: router", "grpc");
+    up.wait_line("tandem: ready", Duration::from_secs(60));
+    let rt = rt();
+    rt.block_on(async {
+        assert!(stats(&prefill).await.elastic && stats(&decode).await.elastic);
+        let mut c = client(&addr).await;
+        let end = Instant::now() + Duration::from_secs(60);
+        let mut i = 0;
+        // Short prompts only: the planner wants the prefill worker's core for decoding.
+        while stats(&prefill).await.role != pb::WorkerRole::Both as i32 {
+            assert!(Instant::now() < end, "prefill-0 never became both:\n{}", up.output().join("\n"));
+            stream(&mut c, chat(&question(i), 4)).await.unwrap_or_else(|e| panic!("request {i}: {e:?}"));
+            i += 1;
+        }
+        // Both workers serve whole requests now.
+        for j in 0..4 {
+            stream(&mut c, chat(&question(50 + j), 4)).await.unwrap();
+        }
+    });
+}
