@@ -138,12 +138,13 @@ pub fn decide(i: &Inputs) -> (Placement, &'static str) {
     if i.local_uncached == 0 {
         return (Placement::Local, "cached");
     }
-    // The TPOT guards protect streams decoding there: with none, a local prefill stalls nobody.
+    // The TPOT guard protects streams decoding there: with none, a short local prefill stalls
+    // nobody. The stall cap holds even then: streams that arrive during a long prefill wait.
     let stalls = i.decode_running > 0;
     if stalls && tpot_share >= TPOT_GUARD {
         return (Placement::Remote, "tpot_slo");
     }
-    if stalls && i.stall_cap.is_some_and(|cap| i.local_uncached as f64 > cap) {
+    if i.stall_cap.is_some_and(|cap| i.local_uncached as f64 > cap) {
         return (Placement::Remote, "tpot_headroom");
     }
     if i.local_uncached <= i.budget {

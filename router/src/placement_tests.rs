@@ -84,9 +84,15 @@ fn decisions_as_a_table() {
         ),
         (
             "an idle decoder and a long queue",
-            Inputs { tpot: Some(ms(95)), decode_running: 0, prefill_queue: 2000.0, stall_cap: Some(0.0), ..base(900) },
+            Inputs { tpot: Some(ms(95)), decode_running: 0, prefill_queue: 2000.0, ..base(900) },
             Local,
             "prefill_queue",
+        ),
+        (
+            "an idle decoder still keeps a prefill within the stall cap: arrivals would wait",
+            Inputs { decode_running: 0, prefill_queue: 2000.0, stall_cap: Some(150.0), ..base(900) },
+            Remote,
+            "tpot_headroom",
         ),
         ("threshold: fixed", Inputs { mode: Mode::Threshold, tpot: Some(ms(99)), ..base(200) }, Local, "short"),
         ("threshold: long", Inputs { mode: Mode::Threshold, ..base(300) }, Remote, "long"),
