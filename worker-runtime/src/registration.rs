@@ -16,6 +16,8 @@ use crate::state::WorkerState;
 pub(crate) struct RegistrationTask {
     pub stop: CancellationToken,
     pub task: JoinHandle<Option<Registration>>,
+    /// Turns true once the worker is registered.
+    pub registered: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Where and as what a worker registers.
@@ -38,6 +40,7 @@ pub(crate) fn register_forever(
     let Registering { discovery: d, cluster, descriptor, ttl } = r;
     let stop = CancellationToken::new();
     let s = stop.clone();
+    let (done, registered) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
         let mut wait = Duration::from_millis(100);
         loop {
@@ -47,6 +50,7 @@ pub(crate) fn register_forever(
             };
             match attempt {
                 Ok(reg) => {
+                    let _ = done.send(true);
                     follow_lease(&reg, &state, sender.as_deref(), &s).await;
                     return Some(reg);
                 }
@@ -62,7 +66,7 @@ pub(crate) fn register_forever(
             }
         }
     });
-    RegistrationTask { stop, task }
+    RegistrationTask { stop, task, registered }
 }
 
 /// Fences the worker while its registration has lost its lease (the store dropped its

@@ -26,6 +26,8 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(20);
 /// Longest wait for discovery to drop the old record.
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for discovery to list the worker under its new role before answering.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The worker's registration and what a new one is made from; one change at a time.
 pub struct RoleSwitch {
@@ -134,7 +136,15 @@ impl RoleSwitch {
         if let Some(r) = self.registering.get() {
             let mut again = r.clone();
             again.descriptor.role = role;
-            *held = Some(register_forever(again, s.clone(), svc.sender.clone()));
+            let task = register_forever(again, s.clone(), svc.sender.clone());
+            let mut registered = task.registered.clone();
+            *held = Some(task);
+            // Answer once discovery lists the worker under its new role (or say it is late:
+            // the registration keeps retrying).
+            let listed = tokio::time::timeout(REGISTER_TIMEOUT, registered.wait_for(|r| *r)).await;
+            if !matches!(listed, Ok(Ok(_))) {
+                tracing::warn!(worker = %s.id, role = %role, "not registered under the new role yet; still trying");
+            }
         }
     }
 }
