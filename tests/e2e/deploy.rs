@@ -374,17 +374,8 @@ fn autoscaling_without_the_planner_or_with_several_models_is_refused() {
 /// What `helm template` prints when it refuses the chart's defaults with these `--set`
 /// assignments; panics when it renders them.
 fn refusal(sets: &[&str]) -> String {
-    setup();
-    let helm_home = root().join(".tools/helm-home");
-    let out = Command::new(root().join(".tools/bin/helm"))
-        .args(["template", "tandem", "deploy/helm/tandem", "--namespace", "tandem"])
-        .args(sets.iter().flat_map(|s| ["--set", s]))
-        .env("HELM_CACHE_HOME", helm_home.join("cache"))
-        .env("HELM_CONFIG_HOME", helm_home.join("config"))
-        .env("HELM_DATA_HOME", helm_home.join("data"))
-        .current_dir(root())
-        .output()
-        .expect("running helm (scripts/setup-helm.sh installs it)");
+    let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+    let out = helm_template_output(&args);
     assert!(!out.status.success(), "helm template rendered {sets:?}");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

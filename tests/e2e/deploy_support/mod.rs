@@ -67,11 +67,12 @@ pub fn render_with(values: &str, sets: &[&str]) -> Vec<Value> {
     helm_template(&args)
 }
 
-/// `helm template` of release `tandem` in namespace `tandem` with these further arguments.
-pub fn helm_template(args: &[&str]) -> Vec<Value> {
+/// What `helm template` of release `tandem` in namespace `tandem` with these further
+/// arguments printed, rendered or refused.
+pub fn helm_template_output(args: &[&str]) -> std::process::Output {
     setup();
     let helm_home = root().join(".tools/helm-home");
-    let out = Command::new(root().join(".tools/bin/helm"))
+    Command::new(root().join(".tools/bin/helm"))
         .args(["template", "tandem", "deploy/helm/tandem", "--namespace", "tandem"])
         .args(args)
         .env("HELM_CACHE_HOME", helm_home.join("cache"))
@@ -79,7 +80,12 @@ pub fn helm_template(args: &[&str]) -> Vec<Value> {
         .env("HELM_DATA_HOME", helm_home.join("data"))
         .current_dir(root())
         .output()
-        .expect("running helm (scripts/setup-helm.sh installs it)");
+        .expect("running helm (scripts/setup-helm.sh installs it)")
+}
+
+/// `helm template` of release `tandem` in namespace `tandem` with these further arguments.
+pub fn helm_template(args: &[&str]) -> Vec<Value> {
+    let out = helm_template_output(args);
     assert!(out.status.success(), "helm template failed:\n{}", String::from_utf8_lossy(&out.stderr));
 
     let mut py = Command::new(root().join(".venv-deploy/bin/python"))
