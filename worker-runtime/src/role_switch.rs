@@ -133,6 +133,9 @@ impl RoleSwitch {
             }
         }
         s.set_role(role);
+        // It takes its new role's work from here: a router that finds the new record polls
+        // at once and must not read the change as still under way.
+        s.changing_role.store(false, Ordering::SeqCst);
         if let Some(r) = self.registering.get() {
             let mut again = r.clone();
             again.descriptor.role = role;
