@@ -60,7 +60,7 @@ pub struct EngineRequest {
     /// attempt on another worker. Their text was already delivered, so the detokenizer and
     /// stop matcher replay them without emitting, and the seeded sampler skips their
     /// draws: the continuation is what the undisturbed run would have produced.
-    /// (Presence and frequency penalties count them as prompt; greedy runs are exact.)
+    /// Penalties count them as output, as the earlier attempt did.
     pub resumed: usize,
 }
 
@@ -69,6 +69,44 @@ impl EngineRequest {
     pub fn new(prompt: Vec<u32>, params: SamplingParams) -> Self {
         EngineRequest { prompt, params, n: 1, priority: 0, cache_salt: None, export_kv: false, resumed: 0 }
     }
+}
+
+/// What a request whose KV another worker sends does once that KV has arrived
+/// (`LlmEngine::add_remote_request_as`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RemoteKv {
+    /// Decodes: the prefill's first token is its first output (disaggregated serving).
+    #[default]
+    Decode,
+    /// Decodes, but the first token was already delivered by the worker the request moved
+    /// from (live migration): it is replayed like a resumed token, not emitted.
+    Continue,
+    /// Decodes nothing: the arrived blocks go into the prefix cache and the request ends
+    /// (live migration's pre-copy).
+    CacheOnly,
+}
+
+/// A frozen request's state (`LlmEngine::freeze`): what a live migration sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frozen {
+    /// Prompt then output: the KV of all but the last is in `table`'s blocks.
+    pub tokens: Vec<u32>,
+    pub table: Vec<BlockId>,
+}
+
+/// A running request as `LlmEngine::inspect` sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspected {
+    /// Prompt then output.
+    pub tokens: Vec<u32>,
+    /// Tokens whose KV is in `table`'s blocks.
+    pub computed: usize,
+    pub table: Vec<BlockId>,
+    /// Times it was preempted: its blocks were freed and taken again in between.
+    pub preemptions: u32,
+    /// Decoding between steps (all but its last token computed), or frozen.
+    pub decoding: bool,
+    pub frozen: bool,
 }
 
 /// The blocks of one exporting request that a step completes: `blocks` are entries
@@ -119,6 +157,11 @@ struct SeqState {
     /// Prompt scoring: the last prompt position scored, and scores not yet output.
     prompt_scored: usize,
     prompt_lp_pending: Vec<SampledToken>,
+    /// Trailing prompt tokens an earlier attempt generated (`EngineRequest::resumed`): the
+    /// penalties count them as output.
+    resumed: usize,
+    /// What the request does when its remote KV arrives.
+    remote: RemoteKv,
 }
 
 impl SeqState {
@@ -214,6 +257,7 @@ impl LlmEngine {
 
     /// Replays a resumed request's earlier tokens through the text pipeline (see `resumed`).
     fn prime(&self, st: &mut SeqState, req: &EngineRequest) -> Result<(), EngineError> {
+        st.resumed = req.resumed;
         for &t in &req.prompt[req.prompt.len() - req.resumed..] {
             let delta = st.decoder.push(&self.tokenizer, t)?;
             st.stops.push(&delta);
@@ -286,6 +330,15 @@ impl LlmEngine {
     /// this engine's prefix cache already holds, whose KV need not be sent. One
     /// choice only (`n` = 1).
     pub fn add_remote_request(&mut self, req: EngineRequest) -> Result<(RequestId, Vec<BlockId>, usize), EngineError> {
+        self.add_remote_request_as(req, RemoteKv::Decode)
+    }
+
+    /// `add_remote_request`, for a request that does `kind` when its KV arrives.
+    pub fn add_remote_request_as(
+        &mut self,
+        req: EngineRequest,
+        kind: RemoteKv,
+    ) -> Result<(RequestId, Vec<BlockId>, usize), EngineError> {
         self.check(&req)?;
         if req.n != 1 {
             return Err(EngineError::InvalidRequest(format!("a remote-KV request has one choice, got n = {}", req.n)));
@@ -294,6 +347,7 @@ impl LlmEngine {
         let (table, cached) = self.scheduler.add_remote(self.new_request(id, &req))?;
         self.next_id += 1;
         let mut seq = new_seq(id, 0, &req.params, Vec::new());
+        seq.remote = kind;
         // The prefill worker drew the first token: keep the seeded stream where an
         // undivided run would have it.
         seq.sampler.skip_draw();
@@ -310,12 +364,73 @@ impl LlmEngine {
     /// `first_token`: the request joins the running batch. Returns the first token's
     /// output (text, and a finish if that token ended the request).
     pub fn remote_kv_ready(&mut self, id: RequestId, first_token: u32) -> Result<SeqOutput, EngineError> {
+        self.remote_kv_arrived(id, first_token)?
+            .ok_or_else(|| EngineError::InvalidRequest(format!("request {} has no output to give", id.0)))
+    }
+
+    /// The KV of remote request `id` is in its blocks, with `first_token`: what the request
+    /// was admitted to do follows (`RemoteKv`). Returns the first token's output, or `None`
+    /// when nothing is emitted (a replayed first token, a cache-only request, which has
+    /// ended).
+    pub fn remote_kv_arrived(&mut self, id: RequestId, first_token: u32) -> Result<Option<SeqOutput>, EngineError> {
+        let kind = self.seqs.get(&id).map(|s| s.remote).unwrap_or_default();
+        if kind == RemoteKv::CacheOnly {
+            let done = self.scheduler.remote_kv_cached(id);
+            self.scheduler.take_finished(id);
+            self.seqs.remove(&id);
+            return done.map(|()| None);
+        }
         if first_token as usize >= self.model.config.vocab_size {
             self.abort(id);
             return Err(EngineError::InvalidRequest(format!("first token {first_token} is outside the vocabulary")));
         }
         let finished = self.scheduler.remote_kv_ready(id, first_token)?;
-        self.seq_output(id, finished)?.ok_or_else(|| EngineError::InvalidRequest(format!("request {} vanished", id.0)))
+        if kind == RemoteKv::Continue && finished.is_none() {
+            // Delivered by the worker it moved from: through the text pipeline, silently.
+            let st = self.seqs.get_mut(&id).expect("a remote request has its state");
+            let delta = st.decoder.push(&self.tokenizer, first_token)?;
+            st.stops.push(&delta);
+            st.emitted += 1;
+            st.started = true;
+            return Ok(None);
+        }
+        self.seq_output(id, finished)?
+            .map(Some)
+            .ok_or_else(|| EngineError::InvalidRequest(format!("request {} vanished", id.0)))
+    }
+
+    /// Stops running request `id` between two steps, keeping its blocks (live migration):
+    /// it must be decoding (every token but its last computed) and alone in its group.
+    pub fn freeze(&mut self, id: RequestId) -> Result<Frozen, EngineError> {
+        if self.seqs.values().filter(|s| s.group == id).count() != 1 || self.seqs.get(&id).is_none() {
+            return Err(EngineError::InvalidRequest(format!("request {} is not one running sequence", id.0)));
+        }
+        self.scheduler.freeze(id)?;
+        let r = self.scheduler.get(id).expect("frozen above");
+        Ok(Frozen { tokens: r.tokens(), table: r.blocks.table.clone() })
+    }
+
+    /// A frozen request runs again (its move was given up).
+    pub fn thaw(&mut self, id: RequestId) -> Result<(), EngineError> {
+        self.scheduler.thaw(id)
+    }
+
+    /// Request `id`'s tokens and blocks now, if it is running or frozen.
+    pub fn inspect(&self, id: RequestId) -> Option<Inspected> {
+        let r = self.scheduler.get(id)?;
+        let frozen = r.status == crate::scheduler::Status::Frozen;
+        let running = r.status == crate::scheduler::Status::Running;
+        if !running && !frozen {
+            return None;
+        }
+        Some(Inspected {
+            tokens: r.tokens(),
+            computed: r.num_computed,
+            table: r.blocks.table.clone(),
+            preemptions: r.preemptions,
+            decoding: running && r.num_computed + 1 == r.num_tokens(),
+            frozen,
+        })
     }
 
     /// Ends a request and all its parallel samples now; their blocks return at once.
@@ -481,7 +596,12 @@ impl LlmEngine {
                 continue;
             }
             let r = self.scheduler.get(s.id).expect("exists");
-            let (prompt, output) = (r.prompt.clone(), r.output.clone());
+            let resumed = self.seqs.get(&s.id).map_or(0, |st| st.resumed);
+            // A resumed request's earlier tokens are output to the penalties, as they were
+            // before it moved.
+            let split = r.prompt.len() - resumed.min(r.prompt.len() - 1);
+            let prompt = r.prompt[..split].to_vec();
+            let output: Vec<u32> = r.prompt[split..].iter().chain(&r.output).copied().collect();
             let l = logits.row(i, logits.rows_of(i) - 1);
             let st = self.seqs.get_mut(&s.id).expect("engine state for every sequence");
             let tok = st.sampler.sample(l, &prompt, &output);
@@ -624,6 +744,8 @@ fn new_seq(group: RequestId, index: usize, params: &SamplingParams, pending_fork
         exported: None,
         prompt_scored: 0,
         prompt_lp_pending: Vec::new(),
+        resumed: 0,
+        remote: RemoteKv::Decode,
     }
 }
 

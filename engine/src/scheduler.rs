@@ -34,6 +34,9 @@ pub enum Status {
     Preempted,
     /// Blocks reserved; the KV of the prompt is being sent by another worker.
     WaitingForRemoteKv,
+    /// Stopped between two steps with its blocks held: its KV is moving to another
+    /// worker (live migration). Not scheduled, not preempted.
+    Frozen,
     Finished(FinishReason),
 }
 
@@ -337,6 +340,48 @@ impl Scheduler {
         let salt = r.cache_salt.clone();
         self.blocks.commit(&mut r.blocks, &tokens, r.prompt.len(), salt.as_deref());
         Ok(self.append_token(id, first_token))
+    }
+
+    /// The KV of cache-only request `id` has arrived: its full blocks go into the prefix
+    /// cache and it ends (its blocks are free, cached, for a later request to find).
+    pub fn remote_kv_cached(&mut self, id: RequestId) -> Result<(), EngineError> {
+        let r = self
+            .requests
+            .get_mut(&id)
+            .ok_or_else(|| EngineError::InvalidRequest(format!("unknown request {}", id.0)))?;
+        if r.status != Status::WaitingForRemoteKv {
+            return Err(EngineError::InvalidRequest(format!("request {} is not waiting for KV", id.0)));
+        }
+        r.num_computed = r.prompt.len();
+        let tokens = r.tokens();
+        let salt = r.cache_salt.clone();
+        self.blocks.commit(&mut r.blocks, &tokens, tokens.len(), salt.as_deref());
+        self.finish(id, FinishReason::Stop);
+        Ok(())
+    }
+
+    /// Stops decoding request `id` (every token but its last computed) between steps.
+    pub fn freeze(&mut self, id: RequestId) -> Result<(), EngineError> {
+        let r = self
+            .requests
+            .get_mut(&id)
+            .ok_or_else(|| EngineError::InvalidRequest(format!("unknown request {}", id.0)))?;
+        if r.status != Status::Running || r.num_computed + 1 != r.num_tokens() {
+            return Err(EngineError::InvalidRequest(format!("request {} is not decoding", id.0)));
+        }
+        r.status = Status::Frozen;
+        Ok(())
+    }
+
+    /// A frozen request runs again.
+    pub fn thaw(&mut self, id: RequestId) -> Result<(), EngineError> {
+        match self.requests.get_mut(&id) {
+            Some(r) if r.status == Status::Frozen => {
+                r.status = Status::Running;
+                Ok(())
+            }
+            _ => Err(EngineError::InvalidRequest(format!("request {} is not frozen", id.0))),
+        }
     }
 
     fn check_new(&self, r: &NewRequest) -> Result<(), EngineError> {
