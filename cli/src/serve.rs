@@ -377,6 +377,11 @@ pub struct WorkerArgs {
     /// router's `--planner`). Costs the other role's cache memory and a KV port.
     #[arg(long, env = "TANDEM_ELASTIC")]
     pub elastic: bool,
+    /// On SIGTERM, move running decodes to other decode workers (live migration: their KV
+    /// moves, nothing is recomputed; recomputed where it cannot move) before leaving,
+    /// instead of waiting for them to finish. `false` to wait.
+    #[arg(long, env = "TANDEM_MIGRATE_ON_DRAIN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_on_drain: bool,
     /// Serve Prometheus metrics (`/metrics`) and a liveness probe (`/health`) over HTTP here.
     #[arg(long, env = "TANDEM_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -691,6 +696,7 @@ pub fn worker(a: WorkerArgs, default_role: Role) -> Result<()> {
         cfg.kv_advertise = a.kv_advertise;
         cfg.shm = !a.no_shm;
         cfg.elastic = a.elastic;
+        cfg.migrate_on_drain = a.migrate_on_drain;
         cfg.tls = tls.clone();
         cfg.health_listen = a.health_listen;
         let (token, token_path) = a.token.load(cluster.as_str())?;

@@ -14,7 +14,11 @@
 //! - `reservations`: `Reservations`, every reservation's life from `Reserve` to
 //!   its stream or its end, and the quarantine of blocks a transfer may still write.
 //! - `stream`: a request's engine events as `DecodeResponse`s.
+//! - `migrate`: live migration's source side (`Migrate`): a running request's KV read
+//!   from the shared segment and sent to another decode worker's reservation, and the
+//!   signals that ask a request's router to move it.
 
+mod migrate;
 pub mod reservations;
 pub mod role;
 mod stream;

@@ -122,6 +122,9 @@ pub struct NewReservation {
     /// The lease granted: a stream attaching later than `min(lease, attach deadline)` finds
     /// the reservation abandoned.
     pub lease: Duration,
+    /// Live migration's pre-copy: no stream attaches; the reservation ends when its KV has
+    /// arrived (into the prefix cache) or at its lease.
+    pub cache_only: bool,
 }
 
 /// A reservation handed to its `Decode` stream.
@@ -157,6 +160,8 @@ struct Entry {
     arrived: Arc<OnceLock<Instant>>,
     /// The reservation's watcher (its transfer and its attach deadline).
     watcher: AbortHandle,
+    /// See `NewReservation::cache_only`.
+    cache_only: bool,
 }
 
 /// The reservations of one decode worker; cheap to clone.
@@ -189,7 +194,9 @@ impl Reservations {
 
     /// Holds `new` until it ends; `kv` resolves when its transfer does.
     pub fn insert(&self, new: NewReservation, kv: KvOutcome) {
-        let attach_by = tokio::time::Instant::now() + self.inner.timing.attach_deadline.min(new.lease);
+        // A cache-only reservation has no stream to wait for: it lives as long as its lease.
+        let attach = if new.cache_only { new.lease } else { self.inner.timing.attach_deadline.min(new.lease) };
+        let attach_by = tokio::time::Instant::now() + attach;
         let mut map = self.inner.map.lock().expect("reservations");
         // The watcher takes the map's lock before it acts: it sees the entry.
         let watcher = self.spawn(watch(self.clone(), new.rid, new.id, kv, attach_by));
@@ -203,6 +210,7 @@ impl Reservations {
             reserved_at: Instant::now(),
             arrived: Arc::new(OnceLock::new()),
             watcher,
+            cache_only: new.cache_only,
         };
         if let Some(old) = map.insert(new.rid, entry) {
             // The receiver refuses a second live reservation of an id, so only an entry whose
@@ -313,6 +321,11 @@ impl Reservations {
                 let _ = e.arrived.set(Instant::now());
                 tandem_worker_runtime::metrics::kv_session(&inner.worker, "received", e.kv_bytes, None);
                 inner.engine.remote_ready(id, a.first_token);
+                if e.cache_only {
+                    // Its blocks go into the prefix cache and the engine ends it: done.
+                    map.remove(&rid);
+                    return false;
+                }
             }
             Ok(a) => {
                 e.kv = Kv::Ended;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tandem_cluster::Role;
 use tandem_engine::kv_cache::BlockId;
+use tandem_engine::llm_engine::RemoteKv;
 use tandem_kvtransfer::KvReceiver;
 use tandem_proto::ids::{ClusterRequestId, LeaseId};
 use tandem_proto::tandem::worker::v1 as pb;
@@ -16,6 +17,7 @@ use tandem_worker_runtime::convert::{engine_request, layout_to_pb, sampling_from
 use tandem_worker_runtime::{Admission, DecodeRole, DecodeStream, RoleContext, WorkerState};
 use tonic::Status;
 
+use crate::migrate::{Mover, Streams};
 use crate::reservations::{NewReservation, Reservations, Timing};
 use crate::stream::stream_events;
 
@@ -25,6 +27,9 @@ pub struct DecodeWorker {
     receiver: Arc<KvReceiver>,
     kv_endpoints: Option<pb::KvEndpoints>,
     reservations: Reservations,
+    /// The decode streams in progress (what a live migration moves).
+    streams: Streams,
+    mover: Mover,
 }
 
 impl DecodeWorker {
@@ -35,7 +40,22 @@ impl DecodeWorker {
         let s = &ctx.state;
         let reservations =
             Reservations::new(s.id.clone(), Arc::new(s.engine.clone()), receiver.clone(), Timing::default());
-        Arc::new(DecodeWorker { state: s.clone(), receiver, kv_endpoints: ctx.kv_endpoints.clone(), reservations })
+        let streams = Streams::default();
+        let mover = Mover {
+            state: s.clone(),
+            sender: ctx.sender.clone(),
+            segment: ctx.segment.clone(),
+            peers: ctx.peers.clone(),
+            streams: streams.clone(),
+        };
+        Arc::new(DecodeWorker {
+            state: s.clone(),
+            receiver,
+            kv_endpoints: ctx.kv_endpoints.clone(),
+            reservations,
+            streams,
+            mover,
+        })
     }
 }
 
@@ -54,10 +74,18 @@ impl DecodeRole for DecodeWorker {
         // The prefill worker computes (and scores) the prompt; this side never does.
         params.prompt_logprobs = None;
         let prompt_len = r.prompt_token_ids.len();
+        let kind = match (r.cache_only, r.first_token_delivered) {
+            (true, false) => RemoteKv::CacheOnly,
+            (false, true) => RemoteKv::Continue,
+            (false, false) => RemoteKv::Decode,
+            (true, true) => {
+                return Err(Status::invalid_argument("a cache-only reservation has no first token to deliver"))
+            }
+        };
         let ereq = engine_request(r.prompt_token_ids, params, r.priority, r.cache_salt, r.resumed_tokens);
         // Had this call gone away before the engine's answer was taken, the unclaimed answer
         // would have ended the request; from here on, ending it is this role's job.
-        let admitted = s.engine.submit(ereq, Admission::Remote).await.map_err(status_from_engine)?;
+        let admitted = s.engine.submit(ereq, Admission::RemoteAs(kind)).await.map_err(status_from_engine)?;
         admitted.claim();
         let lease = Duration::from_millis(r.lease_ms.max(1) as u64).min(s.max_lease);
         let deadline = tokio::time::Instant::now() + lease;
@@ -81,6 +109,7 @@ impl DecodeRole for DecodeWorker {
             kv_bytes: (n_sent * s.layout.n_layers as usize * s.layout.layer_block_bytes()) as u64,
             events: admitted.events,
             lease,
+            cache_only: r.cache_only,
         };
         self.reservations.insert(new, Box::pin(reservation.wait()));
         Ok(pb::ReserveResponse {
@@ -97,7 +126,7 @@ impl DecodeRole for DecodeWorker {
         let rid = ClusterRequestId(r.request_id);
         if let Some(a) = self.reservations.attach(rid)? {
             let timing = Some((a.reserved_at, a.arrived));
-            return Ok(stream_events(s, &self.reservations, (rid, a.id), a.events, timing));
+            return Ok(stream_events(s, (&self.reservations, &self.streams), (rid, a.id), a.events, timing));
         }
         if r.prompt_token_ids.is_empty() {
             return Err(Status::not_found(format!("request {} is not reserved on {}", r.request_id, s.id)));
@@ -111,7 +140,7 @@ impl DecodeRole for DecodeWorker {
         let params = sampling_from_pb(&r.sampling.unwrap_or_default());
         let ereq = engine_request(r.prompt_token_ids, params, r.priority, r.cache_salt, r.resumed_tokens);
         let admitted = s.engine.submit(ereq, Admission::Local).await.map_err(status_from_engine)?;
-        Ok(stream_events(s, &self.reservations, (rid, admitted.id), admitted.events, None))
+        Ok(stream_events(s, (&self.reservations, &self.streams), (rid, admitted.id), admitted.events, None))
     }
 
     fn is_reserved(&self, rid: ClusterRequestId) -> bool {
@@ -124,6 +153,18 @@ impl DecodeRole for DecodeWorker {
 
     fn reserved_ids(&self) -> Vec<ClusterRequestId> {
         self.reservations.ids()
+    }
+
+    async fn migrate(&self, r: pb::MigrateRequest) -> Result<pb::MigrateResponse, Status> {
+        self.mover.migrate(r).await
+    }
+
+    async fn ask_moves(&self, required: bool) -> usize {
+        self.mover.ask_all(required).await
+    }
+
+    fn decoding(&self) -> usize {
+        self.streams.lock().expect("streams").len()
     }
 
     async fn shutdown(&self) {

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use crate::migrate::{Streaming, Streams};
 use crate::reservations::Reservations;
 
 /// When a reserved request was reserved, and when (if yet) its KV arrived.
@@ -23,6 +24,7 @@ pub(crate) type KvTiming = (Instant, Arc<OnceLock<Instant>>);
 /// Ends the request when its stream goes away before the request did.
 struct StreamEnd {
     reservations: Reservations,
+    streams: Streams,
     rid: ClusterRequestId,
     id: RequestId,
     active: Active,
@@ -31,6 +33,11 @@ struct StreamEnd {
 
 impl Drop for StreamEnd {
     fn drop(&mut self) {
+        let mut streams = self.streams.lock().expect("streams");
+        if streams.get(&self.rid).is_some_and(|s| s.id == self.id) {
+            streams.remove(&self.rid);
+        }
+        drop(streams);
         // The request's end is this guard's to make, not the active guard's.
         self.active.finish();
         if !self.done {
@@ -43,7 +50,7 @@ impl Drop for StreamEnd {
 /// reserved request's reservation and KV arrival times.
 pub(crate) fn stream_events(
     state: &Arc<WorkerState>,
-    reservations: &Reservations,
+    (reservations, streams): (&Reservations, &Streams),
     (rid, id): (ClusterRequestId, RequestId),
     mut events: mpsc::UnboundedReceiver<Event>,
     timing: Option<KvTiming>,
@@ -52,11 +59,13 @@ pub(crate) fn stream_events(
     let active = state.track(rid, id);
     let state = state.clone();
     let reservations = reservations.clone();
+    let streams = streams.clone();
+    streams.lock().expect("streams").insert(rid, Streaming { id, started: Instant::now(), asked: false });
     // Detached on purpose: the task ends with its request or its client (a closed `tx`),
     // and a drain waits for it through `InFlight`.
     tokio::spawn(async move {
         let _inflight = InFlight::new(&state);
-        let mut end = StreamEnd { reservations, rid, id, active, done: false };
+        let mut end = StreamEnd { reservations, streams, rid, id, active, done: false };
         let started = Instant::now();
         let mut first_at = None;
         loop {
@@ -86,6 +95,17 @@ pub(crate) fn stream_events(
                         }
                     }))
                 }
+                Some(Event::MoveWanted { to, required }) => {
+                    let signal = if required { pb::MigrationSignal::Required } else { pb::MigrationSignal::Wanted };
+                    Ok(signal_response(signal, to))
+                }
+                Some(Event::Frozen) => Ok(signal_response(pb::MigrationSignal::Frozen, String::new())),
+                Some(Event::Moved) => {
+                    // Its KV is on its new worker, where it decodes on; it is over here.
+                    end.done = true;
+                    end.reservations.stream_ended(rid, id);
+                    Ok(signal_response(pb::MigrationSignal::Moved, String::new()))
+                }
                 None => Err(Status::internal("the engine dropped the request")),
             };
             let stop = msg.is_err() || end.done;
@@ -95,6 +115,11 @@ pub(crate) fn stream_events(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// A message that carries a migration signal and nothing else.
+fn signal_response(signal: pb::MigrationSignal, to: String) -> pb::DecodeResponse {
+    pb::DecodeResponse { migration: signal as i32, migrate_to: to, ..Default::default() }
 }
 
 /// One engine output as a `DecodeResponse`; the last one carries the request's timing.
@@ -118,6 +143,8 @@ fn response(
         pb::DecodeTiming { kv_wait_time_ms: kv_wait, queue_time_ms: queue, decode_time_ms: ms(first.elapsed()) }
     });
     pb::DecodeResponse {
+        migration: pb::MigrationSignal::None as i32,
+        migrate_to: String::new(),
         token_ids: o.token_ids.clone(),
         text: o.text.clone(),
         logprobs: o.logprobs.iter().map(|t| logprobs_to_pb(tok, t)).collect(),

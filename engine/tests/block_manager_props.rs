@@ -486,7 +486,7 @@ impl SchedModel {
                 Status::Finished(_) | Status::Waiting | Status::Preempted => {
                     assert!(r.blocks.table.is_empty(), "{:?} holds blocks while {:?}", id, r.status)
                 }
-                Status::Running => assert!(r.blocks.table.len() * self.cfg.bs >= r.num_computed),
+                Status::Running | Status::Frozen => assert!(r.blocks.table.len() * self.cfg.bs >= r.num_computed),
                 Status::WaitingForRemoteKv => {}
             }
         }

@@ -264,7 +264,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         .encode_to_vec(),
         pb::DecodeRequest { request_id: 9, sampling: Some(wsampling), ..Default::default() }.encode_to_vec(),
         pb::CancelRequest { request_id: 9, reason: "client left".into() }.encode_to_vec(),
-        pb::DrainRequest { deadline_ms: Some(1000) }.encode_to_vec(),
+        pb::DrainRequest { deadline_ms: Some(1000), migrate: false }.encode_to_vec(),
         Vec::new(),
     ];
     // Whole gRPC bodies: one message, and two back to back.

@@ -10,10 +10,9 @@
 //!   role's `RoleBuilders` entry).
 //! - `export`: the layer shipper: `SessionSink` (the engine step hook's end of a
 //!   transfer session) and `LayerShipper` (the same for a single forward pass).
-//! - `peers`: the decode workers discovery lists, the only places a prefill sends KV to.
+//! The decode workers a prefill may send KV to are checked by the runtime's `peers`.
 
 pub mod export;
-pub mod peers;
 pub mod role;
 
 pub use export::{start_export, LayerShipper, SendTask, SessionSink};

@@ -7,26 +7,21 @@
 //! it. What the runtime answers for every role (draining, fenced, `Cancel`) is not
 //! here.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem_engine::kv_cache::BlockId;
-use tandem_kvtransfer::{KvSender, KvTarget, TransferError};
+use tandem_kvtransfer::{KvSender, TransferError};
 use tandem_proto::ids::ClusterRequestId;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_worker_runtime::convert::{
-    engine_request, finish_to_pb, kv_fault, layout_from_pb, logprobs_to_pb, sampling_from_pb, status_from_engine,
+    engine_request, finish_to_pb, kv_fault, logprobs_to_pb, sampling_from_pb, status_from_engine,
 };
 use tandem_worker_runtime::{Admission, Event, PrefillRole, RoleContext, WorkerState};
-use tokio::task::JoinHandle;
 use tonic::Status;
 
-use crate::export::start_export;
-use crate::peers::{kv_target, Peers};
+use tandem_worker_runtime::peers::{check_destination, Peers};
 
-/// How long a `Prefill` naming a destination this worker's view of discovery does not
-/// hold yet waits for the view to catch up (the router may have seen it join first).
-const PEER_WAIT: Duration = Duration::from_secs(2);
+use crate::export::start_export;
 
 /// A worker's prefill role.
 pub struct PrefillWorker {
@@ -36,88 +31,14 @@ pub struct PrefillWorker {
     /// `Prefill` sends KV only to a decode worker listed here, at the endpoints it
     /// registered. `None`: no check (a worker without discovery).
     peers: Option<Peers>,
-    /// Keeps `peers` in step with discovery; aborted at shutdown.
-    follow: Mutex<Option<JoinHandle<()>>>,
-}
-
-/// A `Prefill`'s destination, checked.
-struct Destination {
-    worker_id: String,
-    target: KvTarget,
-    block_ids: Vec<BlockId>,
-    /// Blocks of the prompt.
-    need: usize,
-    /// Leading blocks the destination holds already: not sent.
-    skip: usize,
-    /// The destination's reservation lease (the transfer ends with it).
-    lease: Duration,
 }
 
 impl PrefillWorker {
     /// The prefill role of the worker `ctx` describes (which must be prefill-capable: it
-    /// has a KV sender). With discovery, it starts following the cluster's members.
+    /// has a KV sender).
     pub fn build(ctx: &RoleContext) -> Arc<dyn PrefillRole> {
         let sender = ctx.sender.clone().expect("a prefill-capable worker has a KV sender");
-        let (peers, follow) = match &ctx.discovery {
-            Some((d, cluster)) => {
-                let peers = Peers::default();
-                let task = tokio::spawn(crate::peers::follow_peers(d.clone(), cluster.clone(), peers.clone()));
-                (Some(peers), Some(task))
-            }
-            None => (None, None),
-        };
-        Arc::new(PrefillWorker { state: ctx.state.clone(), sender, peers, follow: Mutex::new(follow) })
-    }
-
-    /// Checks a `Prefill`'s destination: its layout, that it is a decode worker of this
-    /// cluster at the endpoints it registered, and its blocks against the prompt.
-    async fn destination(&self, dest: pb::KvDestination, prompt_len: usize) -> Result<Destination, Status> {
-        let s = &self.state;
-        let layout = layout_from_pb(&dest.layout.unwrap_or_default()).map_err(Status::invalid_argument)?;
-        if let Some(m) = s.layout.mismatch(&layout) {
-            return Err(Status::failed_precondition(format!("destination KV layout differs: {m}")));
-        }
-        let target = kv_target(&dest.endpoints.unwrap_or_default())?;
-        if let Some(peers) = &self.peers {
-            // KV goes only to the cluster's decode workers, at the endpoints they registered:
-            // never to an address a caller names.
-            let Some(d) = peers.decode_worker(&dest.worker_id, PEER_WAIT).await else {
-                return Err(Status::failed_precondition(format!(
-                    "destination {:?} is not a decode worker of this cluster",
-                    dest.worker_id
-                )));
-            };
-            let registered_local = d.kv.local.as_ref().map(|l| (l.uds.as_path(), l.host_id.as_str()));
-            let named_local = target.local.as_ref().map(|l| (l.uds.as_path(), l.host.as_str()));
-            if target.tcp != d.kv.tcp || named_local.is_some_and(|n| Some(n) != registered_local) {
-                return Err(Status::failed_precondition(format!(
-                    "destination endpoints are not the ones {:?} registered",
-                    dest.worker_id
-                )));
-            }
-        }
-        let need = prompt_len.div_ceil(s.layout.block_size as usize);
-        if dest.block_ids.len() != need {
-            return Err(Status::invalid_argument(format!(
-                "destination has {} blocks for a prompt that needs {need}",
-                dest.block_ids.len()
-            )));
-        }
-        // The destination's cache never holds the block of the last prompt token.
-        let skip = dest.cached_blocks as usize;
-        if skip >= need {
-            return Err(Status::invalid_argument(format!(
-                "destination holds {skip} of the prompt's {need} blocks already; at most {} can be",
-                need - 1
-            )));
-        }
-        // The transfer ends with the destination's reservation: nothing waits for it after.
-        let lease = match dest.lease_ms {
-            0 => s.max_lease,
-            ms => Duration::from_millis(ms as u64).min(s.max_lease),
-        };
-        let block_ids = dest.block_ids.into_iter().map(BlockId).collect();
-        Ok(Destination { worker_id: dest.worker_id, target, block_ids, need, skip, lease })
+        Arc::new(PrefillWorker { state: ctx.state.clone(), sender, peers: ctx.peers.clone() })
     }
 
     fn kv_failed(&self, e: &TransferError) {
@@ -131,7 +52,8 @@ impl PrefillRole for PrefillWorker {
         let s = &self.state;
         let rid = ClusterRequestId(r.request_id);
         let dest = r.destination.ok_or_else(|| Status::invalid_argument("destination: missing"))?;
-        let dest = self.destination(dest, r.prompt_token_ids.len()).await?;
+        let need = r.prompt_token_ids.len().div_ceil(s.layout.block_size as usize);
+        let dest = check_destination(s, self.peers.as_ref(), dest, need).await?;
         let submitted = Instant::now();
         let lease = dest.lease;
         let deadline = tokio::time::Instant::now() + lease;
@@ -139,7 +61,7 @@ impl PrefillRole for PrefillWorker {
             self.kv_failed(&e);
             kv_fault(Status::unavailable(format!("cannot open a KV session to {}: {e}", dest.worker_id)))
         })?;
-        let kv_bytes = ((dest.need - dest.skip) * s.layout.n_layers as usize * s.layout.layer_block_bytes()) as u64;
+        let kv_bytes = ((need - dest.skip) * s.layout.n_layers as usize * s.layout.layer_block_bytes()) as u64;
         let renewer = session.renewer();
         let (sink, task, started) =
             start_export(&tokio::runtime::Handle::current(), session, dest.block_ids, dest.skip);
@@ -191,8 +113,9 @@ impl PrefillRole for PrefillWorker {
             };
             match event {
                 Some(Event::Output(o)) if o.finish.is_some() => break o,
-                Some(Event::Output(_)) => continue,
                 Some(Event::Failed(why)) => return Err(s.failed_status(rid, why, Status::unavailable)),
+                // Its earlier outputs, and migration signals (a prefill never moves).
+                Some(_) => continue,
                 None => return Err(Status::internal("the engine dropped the request")),
             }
         };
@@ -225,11 +148,5 @@ impl PrefillRole for PrefillWorker {
                 total_time_ms: ms(done - submitted),
             }),
         })
-    }
-
-    async fn shutdown(&self) {
-        if let Some(t) = self.follow.lock().expect("follow").take() {
-            t.abort();
-        }
     }
 }

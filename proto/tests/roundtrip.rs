@@ -254,6 +254,8 @@ fn worker_samples() -> Vec<Sample> {
                 sampling: Some(worker_sampling()),
                 resumed_tokens: 3,
                 sender_lease: 0x694d_8a5c_1f00_0042,
+                cache_only: false,
+                first_token_delivered: true,
             },
         ),
         sample(
@@ -326,7 +328,25 @@ fn worker_samples() -> Vec<Sample> {
                 timing: Some(wk::DecodeTiming { decode_time_ms: 1.0, ..Default::default() }),
                 prompt_logprobs: vec![token_logprobs()],
                 cached_tokens: 16,
+                migration: wk::MigrationSignal::Wanted.into(),
+                migrate_to: "decode-1".into(),
             },
+        ),
+        sample(
+            "tandem.worker.v1.MigrateRequest",
+            wk::MigrateRequest {
+                request_id: 42,
+                step: wk::MigrateStep::Commit.into(),
+                destination: None,
+                destination_request_id: u64::MAX - 7,
+                token_ids: vec![1, 2, 3],
+                to_worker: "decode-1".into(),
+                count: 2,
+            },
+        ),
+        sample(
+            "tandem.worker.v1.MigrateResponse",
+            wk::MigrateResponse { num_tokens: 300, kv_bytes: 1 << 33, request_ids: vec![42, 43] },
         ),
         sample(
             "tandem.worker.v1.CancelRequest",
@@ -385,7 +405,7 @@ fn worker_samples() -> Vec<Sample> {
                 events: vec![kv_event(Event::Cleared(wk::KvCleared {}), 1), kv_event(Event::Stored(stored()), 2)],
             },
         ),
-        sample("tandem.worker.v1.DrainRequest", wk::DrainRequest { deadline_ms: Some(30_000) }),
+        sample("tandem.worker.v1.DrainRequest", wk::DrainRequest { deadline_ms: Some(30_000), migrate: true }),
         sample(
             "tandem.worker.v1.DrainStatus",
             wk::DrainStatus { running: 1, waiting: 2, waiting_for_kv: 3, aborted: 4, drained: true },

@@ -23,6 +23,7 @@ use tonic::Status;
 
 use crate::admission::overloaded;
 use crate::ids::worker_request_id;
+use crate::live;
 use crate::members::{Picked, Route, RouteAsk};
 use crate::metrics;
 use crate::recovery::{
@@ -162,6 +163,28 @@ struct Ask {
     /// The prompt, then what earlier attempts generated.
     prompt: Vec<u32>,
     resumed: u32,
+}
+
+/// A live migration's pre-copy, run beside the relay.
+type Precopy = std::pin::Pin<Box<dyn std::future::Future<Output = Result<live::Ready, live::GiveUp>> + Send>>;
+
+/// What a relay waits for next.
+enum Awaited {
+    Message(Result<Option<pb::DecodeResponse>, Status>),
+    Precopied(Result<live::Ready, live::GiveUp>),
+}
+
+/// The worker a choice decodes on now (the attempt's, or where a live migration moved it),
+/// as a migration step talks to it.
+fn source(
+    moved: &Option<(Picked, ClusterRequestId, CancelOnDrop)>,
+    worker: &Picked,
+    rid: ClusterRequestId,
+) -> live::Source {
+    match moved {
+        Some((p, r, _)) => live::Source { id: p.id.clone(), worker: p.worker.clone(), rid: *r, lease: p.lease },
+        None => live::Source { id: worker.id.clone(), worker: worker.worker.clone(), rid, lease: worker.lease },
+    }
 }
 
 /// One choice of a request, from its first attempt to its last chunk or its error.
@@ -346,7 +369,8 @@ impl ChoiceRun {
     /// The whole attempt on one decode-capable worker: it prefills the prompt itself (a
     /// role-`both` worker, or `recompute` after a failed KV transfer).
     async fn local(&mut self, w: Picked, ask: Ask, recompute: bool) -> Result<(), AttemptError> {
-        let mut guard = CancelOnDrop { rid: ask.rid, workers: vec![w.worker.clone()], done: false };
+        let rid = ask.rid;
+        let mut guard = CancelOnDrop { rid, workers: vec![w.worker.clone()], done: false };
         let req = pb::DecodeRequest {
             request_id: ask.rid.0,
             sampling: Some(ask.sampling),
@@ -361,7 +385,7 @@ impl ChoiceRun {
             r = w.worker.decode(req) => r.map_err(|e| failed("decode", &w.id, e))?,
             _ = w.gone.cancelled() => return Err(left("decode", &w.id)),
         };
-        guard.done = self.relay(stream, &w, None, marks).await?;
+        guard.done = self.relay(stream, &w, rid, None, marks).await?;
         Ok(())
     }
 
@@ -381,6 +405,8 @@ impl ChoiceRun {
             sampling: Some(sampling.clone()),
             resumed_tokens: resumed,
             sender_lease: LeaseId::to_wire(prefill.lease),
+            cache_only: false,
+            first_token_delivered: false,
         };
         // Armed before the reservation: a choice dropped while `Reserve` is in flight still
         // cancels it (a reservation that lands after the `Cancel` is abandoned by the
@@ -460,29 +486,60 @@ impl ChoiceRun {
         // The prefill worker's part is done: it no longer counts as in flight there.
         let prefill_id = prefill.id.clone();
         drop(prefill);
-        guard.done = self.relay(stream, &decode, Some((pres, &prefill_id)), marks).await?;
+        guard.done = self.relay(stream, &decode, rid, Some((pres, &prefill_id)), marks).await?;
         Ok(())
     }
 
-    /// Forwards `worker`'s decode stream as this choice's chunks, appending its tokens to
-    /// `generated`. `prefilled`: the prefill worker's answer and who gave it (disaggregated
-    /// only). Returns true once the choice finished, false if the client left first.
+    /// Forwards `worker`'s decode stream (request `rid` there) as this choice's chunks,
+    /// appending its tokens to `generated`. `prefilled`: the prefill worker's answer and who
+    /// gave it (disaggregated only). A worker that asks for the request to move (a drain, a
+    /// role change, an operator) has it moved live (`live`), and the relay goes on from
+    /// its new worker. Returns true once the choice finished, false if the client left
+    /// first.
     async fn relay(
         &mut self,
         mut stream: DecodeStream,
         worker: &Picked,
+        rid: ClusterRequestId,
         prefilled: Option<(pb::PrefillResponse, &WorkerId)>,
         marks: Marks,
     ) -> Result<bool, AttemptError> {
-        let decode = &worker.id;
         let (mut prefill, prefilled_by) = prefilled.map_or((None, None), |(p, by)| (Some(p), Some(by)));
         let resumed = !self.generated.is_empty();
         let mut first = true;
+        // Where a live migration moved the choice (its worker, its id there, its guard).
+        let mut moved: Option<(Picked, ClusterRequestId, CancelOnDrop)> = None;
+        let mut live: Option<live::InFlight> = None;
+        let mut precopy: Option<Precopy> = None;
+        // After a move: when it was asked and when the request froze, until its first token.
+        let mut downtime: Option<(Instant, Instant)> = None;
         loop {
-            let msg = tokio::select! {
-                m = stream.next() => m.transpose(),
+            let (decode, gone) = match &moved {
+                Some((p, ..)) => (p.id.clone(), p.gone.clone()),
+                None => (worker.id.clone(), worker.gone.clone()),
+            };
+            let next = tokio::select! {
+                m = stream.next() => Awaited::Message(m.transpose()),
+                r = async { precopy.as_mut().expect("guarded").await }, if precopy.is_some() => Awaited::Precopied(r),
                 _ = self.out.closed() => return Ok(false),
-                _ = worker.gone.cancelled() => return Err(left("decode", decode)),
+                _ = gone.cancelled() => return Err(left("decode", &decode)),
+            };
+            let msg = match next {
+                Awaited::Message(m) => m,
+                Awaited::Precopied(r) => {
+                    precopy = None;
+                    let from = source(&moved, worker, rid);
+                    let frozen = match r {
+                        Ok(ready) => live::freeze(&from).await.map(|_| ready),
+                        Err(why) => Err(why),
+                    };
+                    match frozen {
+                        // Its stream says FROZEN after its last token; the move goes on there.
+                        Ok(ready) => live.as_mut().expect("asked").frozen = Some((ready, Instant::now())),
+                        Err(why) => self.give_up(live.take().expect("asked"), why, &from, false).await?,
+                    }
+                    continue;
+                }
             };
             let d = match msg {
                 Ok(Some(d)) => d,
@@ -493,14 +550,61 @@ impl ChoiceRun {
                 // The KV never arrived whole (the prefill side reports it too, usually first).
                 Err(e) if first && kv_fault(&e) && prefilled_by.is_some() => {
                     let prefill = prefilled_by.expect("checked").clone();
-                    let status = recovery::worker_error("decode", decode, e);
+                    let status = recovery::worker_error("decode", &decode, e);
                     return Err(AttemptError {
                         status,
                         fault: Fault::Kv { prefill, decode: decode.clone(), prefill_failed: false },
                     });
                 }
-                Err(e) => return Err(failed("decode", decode, e)),
+                Err(e) => return Err(failed("decode", &decode, e)),
             };
+            match d.migration() {
+                pb::MigrationSignal::None => {}
+                pb::MigrationSignal::Wanted | pb::MigrationSignal::Required => {
+                    if live.is_none() && !self.generated.is_empty() {
+                        let required = d.migration() == pb::MigrationSignal::Required;
+                        live = Some(live::InFlight { asked: Instant::now(), required, frozen: None });
+                        let to = (!d.migrate_to.is_empty()).then(|| d.migrate_to.clone());
+                        let tokens = self.tokens();
+                        let from = Arc::new(source(&moved, worker, rid));
+                        let r = self.routing.clone();
+                        precopy = Some(Box::pin(live::precopy(r, self.live_request(), from, to, tokens)));
+                    }
+                    continue;
+                }
+                pb::MigrationSignal::Frozen => {
+                    let Some(mut l) = live.take() else { continue };
+                    let Some((ready, frozen_at)) = l.frozen.take() else { continue };
+                    let from = source(&moved, worker, rid);
+                    let (tokens, n) = (self.tokens(), self.generated.len());
+                    let precopied = ready.bytes;
+                    match live::finalize(&self.routing, &self.live_request(), &from, ready, &tokens, n).await {
+                        Ok(m) => {
+                            metrics::live_migration_bytes(precopied + m.bytes);
+                            tracing::info!(
+                                request = ?self.v.request_id, choice = self.index, from = %from.id, to = %m.picked.id,
+                                tokens = tokens.len(), bytes = precopied + m.bytes, "moved live"
+                            );
+                            stream = m.stream;
+                            if let Some((_, _, g)) = &mut moved {
+                                // Its request ended there with the commit.
+                                g.done = true;
+                            }
+                            moved = Some((m.picked, m.rid, m.guard));
+                            downtime = Some((l.asked, frozen_at));
+                        }
+                        Err((why, _)) => self.give_up(l, why, &from, true).await?,
+                    }
+                    continue;
+                }
+                pb::MigrationSignal::Moved => continue,
+            }
+            if let Some((asked, frozen)) = downtime.filter(|_| !d.token_ids.is_empty()) {
+                downtime = None;
+                metrics::seconds(metrics::LIVE_DOWNTIME, frozen.elapsed());
+                metrics::seconds(metrics::LIVE_DURATION, asked.elapsed());
+                metrics::live_migration("moved", "none");
+            }
             if first && prefilled_by.is_none() {
                 // A worker that prefilled the prompt itself says on its first message what
                 // it reused.
@@ -517,9 +621,61 @@ impl ChoiceRun {
                 return Ok(false);
             }
             if finished {
+                if live.is_some() {
+                    metrics::live_migration("stayed", "finished");
+                }
+                if let Some((_, _, g)) = &mut moved {
+                    g.done = true;
+                }
                 return Ok(true);
             }
         }
+    }
+
+    /// The prompt and every token generated so far.
+    fn tokens(&self) -> Vec<u32> {
+        self.v.prompt.iter().chain(&self.generated).copied().collect()
+    }
+
+    /// What a live migration's reservations ask for this choice.
+    fn live_request(&self) -> live::Request {
+        let mut sampling = self.v.sampling.clone();
+        sampling.seed = sampling.seed.map(|x| x.wrapping_add(self.index as u64));
+        live::Request { v: self.v.clone(), sampling }
+    }
+
+    /// A live migration given up for `why` (`frozen`: after the freeze). The request stays
+    /// where it was (thawed); or, when its worker is leaving and another decode worker
+    /// serves the model, the attempt ends as that worker's failure, and the choice moves
+    /// by recompute.
+    async fn give_up(
+        &self,
+        l: live::InFlight,
+        why: live::GiveUp,
+        from: &live::Source,
+        frozen: bool,
+    ) -> Result<(), AttemptError> {
+        let r = &self.routing;
+        tracing::info!(
+            request = ?self.v.request_id, choice = self.index, worker = %from.id, reason = why.as_str(),
+            required = l.required, "live migration given up"
+        );
+        if l.required && r.migration_limit > 0 && r.members.has_other_decode(&self.v.model, &from.id, &[]) {
+            metrics::live_migration("recomputed", why.as_str());
+            let status = Status::unavailable(format!(
+                "decode worker {} is leaving and the request's KV could not move ({}); recomputing it elsewhere",
+                from.id,
+                why.as_str()
+            ));
+            return Err(AttemptError { status, fault: Fault::Worker(from.id.clone()) });
+        }
+        if frozen && !live::resume(from).await {
+            metrics::live_migration("recomputed", why.as_str());
+            let status = Status::unavailable(format!("decode worker {} lost the request during its move", from.id));
+            return Err(AttemptError { status, fault: Fault::Worker(from.id.clone()) });
+        }
+        metrics::live_migration("stayed", why.as_str());
+        Ok(())
     }
 
     /// The one conversion of a worker's chunk into the client's: `prefill` (with an

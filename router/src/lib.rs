@@ -59,6 +59,7 @@ pub mod http;
 pub mod ids;
 pub mod index;
 pub mod keys;
+pub(crate) mod live;
 pub mod members;
 pub mod metrics;
 pub mod models;

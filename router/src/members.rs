@@ -50,6 +50,23 @@ struct Entry {
     gone: CancellationToken,
 }
 
+impl Entry {
+    /// This worker, picked for a request outside routing (a recompute, a live migration's
+    /// destination): one more request in flight on it.
+    fn pick(&self) -> Picked {
+        self.inflight.requests.fetch_add(1, Ordering::Relaxed);
+        Picked {
+            id: self.desc.id.clone(),
+            worker: self.worker.clone(),
+            gone: self.gone.clone(),
+            lease: self.desc.lease,
+            predicted_cached: None,
+            inflight: self.inflight.clone(),
+            charge: AtomicU64::new(0),
+        }
+    }
+}
+
 impl Drop for Entry {
     fn drop(&mut self) {
         self.gone.cancel();
@@ -494,16 +511,57 @@ impl Members {
     pub fn decoder(&self, id: &WorkerId) -> Option<Picked> {
         let entries = self.entries.lock().expect("entries");
         let e = entries.get(id).filter(|e| e.liveness.healthy() && e.desc.role.can_decode())?;
-        e.inflight.requests.fetch_add(1, Ordering::Relaxed);
-        Some(Picked {
-            id: e.desc.id.clone(),
-            worker: e.worker.clone(),
-            gone: e.gone.clone(),
-            lease: e.desc.lease,
-            predicted_cached: None,
-            inflight: e.inflight.clone(),
-            charge: AtomicU64::new(0),
-        })
+        Some(e.pick())
+    }
+
+    /// Where a request decoding on `from` moves (live migration): a healthy decode-capable
+    /// worker of `model` with `from`'s weights and block size, other than `from`; `to`, when
+    /// given, names it (and is `None` unless it qualifies); else `policy` picks by load.
+    /// Returns the pick and the block size both use.
+    pub fn migration_target(
+        &self,
+        policy: &dyn RoutingPolicy,
+        model: &str,
+        from: &WorkerId,
+        to: Option<&str>,
+        prompt_len: usize,
+    ) -> Option<(Picked, usize)> {
+        let entries = self.entries.lock().expect("entries");
+        let src = entries.get(from)?;
+        let (fingerprint, block_size) = (src.desc.model.fingerprint, src.desc.block_size);
+        let mut fit: Vec<&Entry> = entries
+            .values()
+            .filter(|e| {
+                e.desc.id != *from
+                    && e.liveness.healthy()
+                    && e.desc.role.can_decode()
+                    && e.desc.model.name == model
+                    && e.desc.model.fingerprint == fingerprint
+                    && e.desc.block_size == block_size
+                    && to.is_none_or(|t| e.desc.id.as_str() == t)
+            })
+            .collect();
+        if fit.is_empty() {
+            return None;
+        }
+        fit.sort_by(|a, b| a.desc.id.cmp(&b.desc.id));
+        let c: Vec<Candidate> = fit
+            .iter()
+            .map(|e| Candidate {
+                worker: &e.desc,
+                stats: e.stats.as_ref(),
+                inflight: e.inflight.requests.load(Ordering::Relaxed),
+                inflight_tokens: e.inflight.prefill_tokens.load(Ordering::Relaxed),
+                cached_tokens: None,
+                indexed_blocks: 0,
+            })
+            .collect();
+        Some((fit[policy.pick_decode(&c, prompt_len)].pick(), block_size as usize))
+    }
+
+    /// The discovery lease worker `id`'s record is held by, as this router's view has it.
+    pub fn lease_of(&self, id: &WorkerId) -> Option<LeaseId> {
+        self.entries.lock().expect("entries").get(id).and_then(|e| e.desc.lease)
     }
 
     /// Worker `id`'s client, if it is in the view (the planner's role changes).

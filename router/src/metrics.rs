@@ -17,6 +17,10 @@ pub const MAX_IN_FLIGHT: &str = "tandem_router_max_in_flight";
 pub const WORKERS: &str = "tandem_workers";
 pub const MIGRATIONS: &str = "tandem_migrations_total";
 pub const KV_RECOVERIES: &str = "tandem_kv_failure_recoveries_total";
+pub const LIVE_MIGRATIONS: &str = "tandem_live_migrations_total";
+pub const LIVE_DOWNTIME: &str = "tandem_live_migration_downtime_seconds";
+pub const LIVE_DURATION: &str = "tandem_live_migration_seconds";
+pub const LIVE_BYTES: &str = "tandem_live_migration_bytes_total";
 pub const WAITING_FOR_ROOM: &str = "tandem_router_requests_waiting_for_kv_room";
 pub const ROOM_WAITS: &str = "tandem_kv_room_waits_total";
 pub const ROOM_WAIT: &str = "tandem_kv_room_wait_seconds";
@@ -73,6 +77,24 @@ pub fn describe() {
          and what was done (fail; recompute: the decode worker prefilled itself; retry: another prefill worker; \
          gave_up: no recovery left)."
     );
+    describe_counter!(
+        LIVE_MIGRATIONS,
+        "Live migrations a worker asked for (a drain, a role change, an operator, the planner), by outcome: moved \
+         (the KV moved, nothing recomputed), stayed (given up; the request decodes where it was), recomputed (given \
+         up, and the request was moved by recomputing its tokens elsewhere); and the reason (none when moved)."
+    );
+    describe_histogram!(
+        LIVE_DOWNTIME,
+        Unit::Seconds,
+        "Time a moved request produced no token because of its move: from its freeze on the old worker to its \
+         first token from the new one (one decode step included)."
+    );
+    describe_histogram!(
+        LIVE_DURATION,
+        Unit::Seconds,
+        "A live migration from the worker's ask to the request's first token on its new worker (pre-copy included)."
+    );
+    describe_counter!(LIVE_BYTES, Unit::Bytes, "KV bytes live migrations sent (pre-copy and the final step).");
     describe_gauge!(
         WAITING_FOR_ROOM,
         "Choices waiting for a decode worker with free KV blocks (every pool was full; --kv-wait)."
@@ -224,6 +246,15 @@ pub fn set_workers(role: &'static str, state: &'static str, n: usize) {
 
 pub fn migration() {
     counter!(MIGRATIONS).increment(1);
+}
+
+/// A live migration ended: `outcome` moved, stayed or recomputed, with why (`none` when moved).
+pub fn live_migration(outcome: &'static str, reason: &'static str) {
+    counter!(LIVE_MIGRATIONS, "outcome" => outcome, "reason" => reason).increment(1);
+}
+
+pub fn live_migration_bytes(bytes: u64) {
+    counter!(LIVE_BYTES).increment(bytes);
 }
 
 pub fn kv_failure(policy: &'static str, action: &'static str) {

@@ -37,6 +37,10 @@ pub trait WorkerApi: Send + Sync {
     async fn set_role(&self, _req: pb::SetRoleRequest) -> Result<pb::SetRoleResponse, Status> {
         Err(Status::unimplemented("this worker stand-in does not change roles"))
     }
+    /// One step of a live migration of a request decoding on the worker.
+    async fn migrate(&self, _req: pb::MigrateRequest) -> Result<pb::MigrateResponse, Status> {
+        Err(Status::unimplemented("this worker stand-in does not move requests"))
+    }
 }
 
 /// A worker reached over gRPC.
@@ -63,6 +67,10 @@ impl WorkerApi for GrpcWorker {
 
     async fn set_role(&self, req: pb::SetRoleRequest) -> Result<pb::SetRoleResponse, Status> {
         Ok(self.0.clone().set_role(req).await?.into_inner())
+    }
+
+    async fn migrate(&self, req: pb::MigrateRequest) -> Result<pb::MigrateResponse, Status> {
+        Ok(self.0.clone().migrate(req).await?.into_inner())
     }
 }
 

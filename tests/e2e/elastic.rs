@@ -10,21 +10,6 @@ use std::time::{Duration, Instant};
 use harness::*;
 use tandem_proto::tandem::worker::v1 as pb;
 
-/// The sum of the series of `name` in a `/metrics` scrape that carry every label of
-/// `labels` (0 when there is none).
-fn metric(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut sum = 0.0;
-    for line in scrape.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
-        let (m, rest) = series.split_once('{').unwrap_or((series, "}"));
-        let tags: Vec<&str> = rest.trim_end_matches('}').split(',').collect();
-        if m == name && labels.iter().all(|(k, v)| tags.contains(&format!("{k}=\"{v}\"").as_str())) {
-            sum += value.parse::<f64>().unwrap_or_else(|e| panic!("{line:?}: {e}"));
-        }
-    }
-    sum
-}
-
 /// `tandem worker set-role` against `addr`, as an operator runs it; its output.
 fn set_role(addr: &str, role: &str) -> String {
     let out = tandem_serving(&["worker", "set-role", "--worker", addr, "--role", role, "--deadline-s", "120"], &[])

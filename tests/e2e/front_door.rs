@@ -253,8 +253,11 @@ fn request_ids_are_unguessable_cancel_is_for_live_requests_and_chat_content_is_t
 
         // Log flood: a drained worker is announced once, not at every load poll.
         let prefill_addr = &c.workers[0].1;
-        let mut drain =
-            worker_client(prefill_addr).await.drain(pb::DrainRequest { deadline_ms: Some(0) }).await.unwrap();
+        let mut drain = worker_client(prefill_addr)
+            .await
+            .drain(pb::DrainRequest { deadline_ms: Some(0), migrate: false })
+            .await
+            .unwrap();
         while let Some(s) = drain.get_mut().message().await.unwrap() {
             if s.drained {
                 break;

@@ -29,7 +29,7 @@ async fn every_rpc(addr: &str, token: Option<&ClusterToken>) -> Vec<(&'static st
     let prompt: Vec<u32> = (1..40).collect();
     let greedy = greedy(64);
     let mut out = Vec::new();
-    let drain = w.drain(pb::DrainRequest { deadline_ms: Some(0) }).await.map(|_| ());
+    let drain = w.drain(pb::DrainRequest { deadline_ms: Some(0), migrate: false }).await.map(|_| ());
     out.push(("Drain", code(drain)));
     let reserve = pb::ReserveRequest {
         request_id: 0x5eed_0001,

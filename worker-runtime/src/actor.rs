@@ -24,7 +24,7 @@ use tandem_engine::block_manager::{KvEvent, SeqHash};
 use tandem_engine::error::EngineError;
 use tandem_engine::kv_cache::BlockId;
 use tandem_engine::kv_cache::LayerKvBytes;
-use tandem_engine::llm_engine::{EngineRequest, KvExport, LlmEngine, SeqOutput};
+use tandem_engine::llm_engine::{EngineRequest, Frozen, Inspected, KvExport, LlmEngine, RemoteKv, SeqOutput};
 use tandem_engine::scheduler::{RequestId, SchedulerStats};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -34,6 +34,16 @@ pub enum Event {
     Output(SeqOutput),
     /// The request ended without finishing: its KV never arrived, the engine failed, ...
     Failed(String),
+    /// Live migration: the worker wants the request moved elsewhere (`to`: a destination
+    /// an operator named); `required`: it is leaving, so recompute if the KV cannot move.
+    MoveWanted {
+        to: String,
+        required: bool,
+    },
+    /// Live migration: the request is frozen; every output came before this.
+    Frozen,
+    /// Live migration: the request's KV is on its new worker and it ended here.
+    Moved,
 }
 
 /// Receives the KV blocks an exporting request's steps compute (on the engine thread).
@@ -50,6 +60,8 @@ pub enum Admission {
     Export(Box<dyn ExportSink>),
     /// Its KV comes from elsewhere: blocks are reserved, it waits for `remote_ready`.
     Remote,
+    /// `Remote`, doing `RemoteKv` when its KV arrives (live migration).
+    RemoteAs(RemoteKv),
 }
 
 /// The engine's answer to a submission.
@@ -90,6 +102,13 @@ enum Cmd {
     Abort(RequestId, Option<String>),
     Fail(RequestId, String),
     SubscribeKv(oneshot::Sender<KvSubscription>),
+    Freeze(RequestId, oneshot::Sender<Result<Frozen, EngineError>>),
+    Thaw(RequestId, oneshot::Sender<Result<(), EngineError>>),
+    Inspect(RequestId, oneshot::Sender<Option<Inspected>>),
+    /// Sends `Event` on a decoding request's channel; answers whether it was decoding.
+    Signal(RequestId, Event, oneshot::Sender<bool>),
+    /// A frozen request moved: it ends here (`Event::Moved`), its blocks freed.
+    Moved(RequestId),
 }
 
 /// A new subscriber's view of the prefix cache: what it holds, then every change after.
@@ -166,6 +185,39 @@ impl EngineHandle {
     /// request's blocks may still be written by a transfer that has not stopped yet.
     pub fn fail(&self, id: RequestId, reason: String) {
         let _ = self.tx.send(Cmd::Fail(id, reason));
+    }
+
+    /// Freezes decoding request `id` between two steps (live migration): its channel gets
+    /// `Event::Frozen` after every output it made. Returns its tokens and blocks.
+    pub async fn freeze(&self, id: RequestId) -> Result<Frozen, EngineError> {
+        self.ask(|tx| Cmd::Freeze(id, tx)).await?
+    }
+
+    /// A frozen request decodes again.
+    pub async fn thaw(&self, id: RequestId) -> Result<(), EngineError> {
+        self.ask(|tx| Cmd::Thaw(id, tx)).await?
+    }
+
+    /// Request `id`'s tokens and blocks now (running or frozen), taken between steps.
+    pub async fn inspect(&self, id: RequestId) -> Result<Option<Inspected>, EngineError> {
+        self.ask(|tx| Cmd::Inspect(id, tx)).await
+    }
+
+    /// Sends `event` on request `id`'s channel if it is decoding (between steps, with all
+    /// but its last token computed, or frozen); returns whether it was.
+    pub async fn signal(&self, id: RequestId, event: Event) -> Result<bool, EngineError> {
+        self.ask(|tx| Cmd::Signal(id, event, tx)).await
+    }
+
+    /// Frozen request `id` moved to another worker: it ends here, its channel told so.
+    pub fn moved(&self, id: RequestId) {
+        let _ = self.tx.send(Cmd::Moved(id));
+    }
+
+    async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(cmd(tx)).map_err(|_| EngineError::Io(GONE.into()))?;
+        rx.await.map_err(|_| EngineError::Io(GONE.into()))
     }
 
     /// The load as of the engine's last step (or command), without waiting for the
@@ -298,7 +350,7 @@ fn handle(
             let req = *req;
             let prompt_len = req.prompt.len();
             let cached_guess = match how {
-                Admission::Remote => 0,
+                Admission::Remote | Admission::RemoteAs(_) => 0,
                 _ => engine.cached_prefix_tokens(&req.prompt, req.cache_salt.as_deref()),
             };
             let (tx, events) = mpsc::unbounded_channel();
@@ -311,6 +363,7 @@ fn handle(
                     (id, vec![], 0)
                 }),
                 Admission::Remote => engine.add_remote_request(req),
+                Admission::RemoteAs(kind) => engine.add_remote_request_as(req, kind),
             };
             let remote = admitted.as_ref().is_ok_and(|(_, b, _)| !b.is_empty());
             let answer = admitted.map(|(id, blocks, cached_blocks)| {
@@ -332,11 +385,13 @@ fn handle(
         Cmd::RemoteReady(id, first) => {
             let Some(t) = tracked.get_mut(&id) else { return };
             t.remote_waiting = false;
-            match engine.remote_kv_ready(id, first) {
+            match engine.remote_kv_arrived(id, first) {
                 Ok(out) => {
-                    let done = out.finish.is_some();
-                    let _ = t.events.send(Event::Output(out));
-                    if done {
+                    if let Some(out) = out {
+                        let _ = t.events.send(Event::Output(out));
+                    }
+                    // Finished by its first token, or a cache-only request (nothing to decode).
+                    if !engine.has_group(id) {
                         tracked.remove(&id);
                     }
                 }
@@ -359,6 +414,33 @@ fn handle(
         Cmd::Fail(id, reason) => {
             if let Some(t) = tracked.get(&id) {
                 let _ = t.events.send(Event::Failed(reason));
+            }
+        }
+        Cmd::Freeze(id, reply) => {
+            let frozen = match tracked.get(&id) {
+                Some(t) if !sinks.contains_key(&id) && !t.remote_waiting => engine.freeze(id),
+                _ => Err(EngineError::InvalidRequest(format!("request {} is not decoding here", id.0))),
+            };
+            if frozen.is_ok() {
+                let _ = tracked[&id].events.send(Event::Frozen);
+            }
+            let _ = reply.send(frozen);
+        }
+        Cmd::Thaw(id, reply) => {
+            let _ = reply.send(engine.thaw(id));
+        }
+        Cmd::Inspect(id, reply) => {
+            let _ = reply.send(engine.inspect(id).filter(|_| tracked.contains_key(&id)));
+        }
+        Cmd::Signal(id, event, reply) => {
+            let decoding = !sinks.contains_key(&id) && engine.inspect(id).is_some_and(|r| r.decoding || r.frozen);
+            let sent = decoding && tracked.get(&id).is_some_and(|t| t.events.send(event).is_ok());
+            let _ = reply.send(sent);
+        }
+        Cmd::Moved(id) => {
+            engine.abort(id);
+            if let Some(t) = tracked.remove(&id) {
+                let _ = t.events.send(Event::Moved);
             }
         }
         Cmd::SubscribeKv(reply) => {

@@ -64,6 +64,10 @@ pub struct WorkerConfig {
     /// Built with every role's parts (a KV receiver and a shared-memory cache, a KV
     /// sender, both roles), so `SetRole` can change its role while it runs.
     pub elastic: bool,
+    /// A graceful exit (`RunningWorker::drain`) moves running decodes to other decode
+    /// workers (live migration; recompute where their KV cannot move) instead of waiting
+    /// for them to finish.
+    pub migrate_on_drain: bool,
 }
 
 impl WorkerConfig {
@@ -105,6 +109,7 @@ impl WorkerConfig {
             cluster_token: None,
             max_kv_lease: crate::state::MAX_LEASE,
             elastic: false,
+            migrate_on_drain: true,
         }
     }
 }

@@ -22,12 +22,15 @@
 //! - `config`: `WorkerConfig`. `error`: `StartError`.
 //! - `convert`: proto messages to and from the engine's types.
 //! - `metrics`: the worker's metrics (load, prefix cache, KV transfer).
+//! - `peers`: the cluster's decode workers as discovery lists them: the only places KV
+//!   leaves a worker for (a prefill's, a live migration's).
 
 pub mod actor;
 pub mod config;
 pub mod convert;
 pub mod error;
 pub mod metrics;
+pub mod peers;
 mod registration;
 pub mod role_switch;
 pub mod server;

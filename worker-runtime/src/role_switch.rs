@@ -98,6 +98,9 @@ impl RoleSwitch {
             if left == 0 {
                 break;
             }
+            // Decodes move to other decode workers (live; recomputed where their KV cannot
+            // move) rather than holding the change until they finish.
+            svc.ask_moves(true).await;
             if started.elapsed() >= deadline {
                 tracing::warn!(worker = %s.id, from = %from, to = %to, left, "role change given up: work outlasted its deadline");
                 return Err(Status::deadline_exceeded(format!(

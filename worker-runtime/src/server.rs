@@ -52,8 +52,14 @@ pub struct RoleContext {
     pub receiver: Option<Arc<KvReceiver>>,
     /// Decode-capable workers: the KV endpoints a `Reserve` answers with.
     pub kv_endpoints: Option<pb::KvEndpoints>,
-    /// Prefill-capable workers: where KV leaves.
+    /// Where KV leaves: a prefill's, or a live migration's (every worker has one).
     pub sender: Option<Arc<KvSender>>,
+    /// Decode-capable workers: the shared segment the engine's cache lives in (a live
+    /// migration reads a request's blocks from it).
+    pub segment: Option<Arc<ShmKv>>,
+    /// The cluster's decode workers as this worker's discovery watch lists them (workers
+    /// with discovery): the only destinations KV leaves for. `None`: no check.
+    pub peers: Option<crate::peers::Peers>,
     /// The discovery the worker registers in, and its cluster (a prefill role sends KV
     /// only to the decode workers listed there).
     pub discovery: Option<(Arc<dyn Discovery>, ClusterName)>,
@@ -109,6 +115,10 @@ pub struct RunningWorker {
     socket: Option<PathBuf>,
     /// Publishes the engine's load as metrics.
     gauges: JoinHandle<()>,
+    /// Keeps the roles' view of the cluster's decode workers in step with discovery.
+    follow: Option<JoinHandle<()>>,
+    /// See `WorkerConfig::migrate_on_drain`.
+    migrate_on_drain: bool,
 }
 
 /// The KV plane of a worker: what receives (decode-capable roles) and what sends
@@ -160,11 +170,21 @@ impl RunningWorker {
             max_lease: cfg.max_kv_lease.max(Duration::from_millis(1)),
             elastic: cfg.elastic,
         }));
+        let (peers, follow) = match &discovery {
+            Some((d, cluster, _)) => {
+                let peers = crate::peers::Peers::default();
+                let task = tokio::spawn(crate::peers::follow_peers(d.clone(), cluster.clone(), peers.clone()));
+                (Some(peers), Some(task))
+            }
+            None => (None, None),
+        };
         let ctx = RoleContext {
             state: state.clone(),
             receiver: kv.receiver.clone(),
             kv_endpoints: kv.endpoints.as_ref().map(endpoints_to_pb),
             sender: kv.sender.clone(),
+            segment: segment.clone(),
+            peers,
             discovery: discovery.as_ref().map(|(d, cluster, _)| (d.clone(), cluster.clone())),
         };
         let roles = roles.build(&ctx, &cfg)?;
@@ -240,6 +260,8 @@ impl RunningWorker {
             segment,
             socket,
             gauges,
+            follow,
+            migrate_on_drain: cfg.migrate_on_drain,
         })
     }
 
@@ -253,8 +275,9 @@ impl RunningWorker {
         self.sender.as_ref()
     }
 
-    /// Graceful exit: leaves discovery, refuses new work, waits (up to `deadline`) for
-    /// in-flight requests, then stops the server, the roles' tasks and the KV plane.
+    /// Graceful exit: refuses new work, moves its decodes elsewhere (`migrate_on_drain`),
+    /// leaves discovery, waits (up to `deadline`) for in-flight requests, then stops the
+    /// server, the roles' tasks and the KV plane.
     /// Returns whether every request finished in time.
     pub async fn drain(self, deadline: Duration) -> bool {
         let end = Instant::now() + deadline;
@@ -262,6 +285,16 @@ impl RunningWorker {
         state.draining.store(true, Ordering::SeqCst);
         self.health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
         self.health.set_service_status("", ServingStatus::NotServing).await;
+        if self.migrate_on_drain {
+            // Still registered, so routers keep relaying its decodes while they move:
+            // each is asked to move (again as more start decoding) until none is left
+            // here, or half the deadline has passed; the rest finish here.
+            let moving_until = Instant::now() + deadline / 2;
+            while Instant::now() < moving_until && self.service.decoding() > 0 {
+                self.service.ask_moves(true).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         if let Some(r) = self.service.switch.take_registration().await {
             r.stop.cancel();
             if let Ok(Ok(Some(reg))) = tokio::time::timeout(Duration::from_secs(2), r.task).await {
@@ -286,6 +319,9 @@ impl RunningWorker {
             let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
         }
         self.gauges.abort();
+        if let Some(f) = &self.follow {
+            f.abort();
+        }
         if let Some(p) = &self.service.roles.prefill {
             p.shutdown().await;
         }
@@ -352,7 +388,8 @@ async fn kv_plane(
         }
         None => (None, None),
     };
-    let sender = cfg.builds_prefill().then(|| Arc::new(KvSender::new(layout, tcp_cfg)));
+    // A prefill's KV leaves through it, and a decode's when it moves (live migration).
+    let sender = Some(Arc::new(KvSender::new(layout, tcp_cfg)));
     Ok(KvPlane { receiver, endpoints, sender })
 }
 

@@ -54,6 +54,22 @@ pub trait DecodeRole: Send + Sync {
     /// Router ids of the reservations held.
     fn reserved_ids(&self) -> Vec<ClusterRequestId>;
 
+    /// Serves `Migrate`: one step of a live migration of a decode running here.
+    async fn migrate(&self, _req: pb::MigrateRequest) -> Result<pb::MigrateResponse, Status> {
+        Err(Status::failed_precondition("this worker does not move requests"))
+    }
+
+    /// Asks the routers of the decodes running here to move them (a drain, a role change:
+    /// `required`); returns how many were asked now (each is asked once).
+    async fn ask_moves(&self, _required: bool) -> usize {
+        0
+    }
+
+    /// Decode streams in progress.
+    fn decoding(&self) -> usize {
+        0
+    }
+
     /// Stops the role's own tasks (the end of a drain).
     async fn shutdown(&self) {}
 }
@@ -83,6 +99,21 @@ impl WorkerService {
     pub fn outstanding(&self) -> usize {
         let reserved = self.roles.decode.as_ref().map_or(0, |d| d.reserved_ids().len());
         reserved + self.state.active_ids().len()
+    }
+
+    /// Decode streams in progress here.
+    pub fn decoding(&self) -> usize {
+        self.roles.decode.as_ref().map_or(0, |d| d.decoding())
+    }
+
+    /// Asks the routers of the decodes running here to move them elsewhere (live
+    /// migration; `required`: recompute where the KV cannot move); returns how many were
+    /// asked now.
+    pub async fn ask_moves(&self, required: bool) -> usize {
+        match &self.roles.decode {
+            Some(d) => d.ask_moves(required).await,
+            None => 0,
+        }
     }
 
     /// Ends every request this worker holds (a drain past its deadline); returns how many.
@@ -234,12 +265,23 @@ impl Worker for WorkerService {
         self.switch.set_role(self, req.into_inner()).await.map(Response::new)
     }
 
+    async fn migrate(&self, req: Request<pb::MigrateRequest>) -> Result<Response<pb::MigrateResponse>, Status> {
+        let s = &self.state;
+        let _inflight = InFlight::new(s);
+        let Some(decode) = &self.roles.decode else {
+            return Err(Status::failed_precondition(format!("worker {} ({}) does not decode", s.id, s.role())));
+        };
+        decode.migrate(req.into_inner()).await.map(Response::new)
+    }
+
     type DrainStream = ReceiverStream<Result<pb::DrainStatus, Status>>;
 
     async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<Self::DrainStream>, Status> {
         let svc = self.clone();
         svc.state.draining.store(true, Ordering::SeqCst);
-        let deadline = req.into_inner().deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms as u64));
+        let req = req.into_inner();
+        let deadline = req.deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms as u64));
+        let migrate = req.migrate;
         let (tx, rx) = mpsc::channel(8);
         // Detached on purpose: it reports until the worker is drained or its caller goes
         // away (a failed send), and holds nothing a shutdown must wait for.
@@ -248,6 +290,10 @@ impl Worker for WorkerService {
             loop {
                 if deadline.is_some_and(|d| Instant::now() >= d) && aborted.is_none() {
                     aborted = Some(svc.abort_all("the worker drained past its deadline"));
+                }
+                if migrate && aborted.is_none() {
+                    // Decodes that started since (or were not decoding yet) are asked too.
+                    svc.ask_moves(true).await;
                 }
                 let Ok(l) = svc.state.engine.load().await else { return };
                 let drained = svc.outstanding() == 0 && l.scheduler.running == 0 && l.scheduler.waiting == 0;

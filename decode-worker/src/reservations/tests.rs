@@ -72,6 +72,7 @@ impl Rig {
             kv_bytes: 0,
             events,
             lease: Duration::from_secs(30),
+            cache_only: false,
         };
         let kv: KvOutcome = Box::pin(async move {
             kv_rx.await.unwrap_or_else(|_| Err(TransferError::PeerGone("the test dropped it".into())))

@@ -721,3 +721,18 @@ pub const PROMPTS: [&str; 8] = [
     "Why is the sky blue?",
     "Say hello in French.",
 ];
+
+/// The sum of the series of `name` in a `/metrics` scrape that carry every label of
+/// `labels` (0 when there is none).
+pub fn metric(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in scrape.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let (m, rest) = series.split_once('{').unwrap_or((series, "}"));
+        let tags: Vec<&str> = rest.trim_end_matches('}').split(',').collect();
+        if m == name && labels.iter().all(|(k, v)| tags.contains(&format!("{k}=\"{v}\"").as_str())) {
+            sum += value.parse::<f64>().unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        }
+    }
+    sum
+}
