@@ -143,7 +143,7 @@ fn response(
         pb::DecodeTiming { kv_wait_time_ms: kv_wait, queue_time_ms: queue, decode_time_ms: ms(first.elapsed()) }
     });
     pb::DecodeResponse {
-        migration: pb::MigrationSignal::None as i32,
+        migration: pb::MigrationSignal::Unspecified as i32,
         migrate_to: String::new(),
         token_ids: o.token_ids.clone(),
         text: o.text.clone(),

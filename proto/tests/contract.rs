@@ -47,6 +47,7 @@ fn worker_api_rpcs() {
         ("KvEvents", true),
         ("Drain", true),
         ("SetRole", false),
+        ("Migrate", false),
     ];
     assert_eq!(got, want.map(|(n, s)| (n.to_string(), s)));
 }

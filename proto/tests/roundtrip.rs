@@ -337,7 +337,7 @@ fn worker_samples() -> Vec<Sample> {
             wk::MigrateRequest {
                 request_id: 42,
                 step: wk::MigrateStep::Commit.into(),
-                destination: None,
+                destination: Some(destination()),
                 destination_request_id: u64::MAX - 7,
                 token_ids: vec![1, 2, 3],
                 to_worker: "decode-1".into(),

@@ -559,7 +559,7 @@ impl ChoiceRun {
                 Err(e) => return Err(failed("decode", &decode, e)),
             };
             match d.migration() {
-                pb::MigrationSignal::None => {}
+                pb::MigrationSignal::Unspecified => {}
                 pb::MigrationSignal::Wanted | pb::MigrationSignal::Required => {
                     if live.is_none() && !self.generated.is_empty() {
                         let required = d.migration() == pb::MigrationSignal::Required;
