@@ -254,7 +254,8 @@ fn worker_samples() -> Vec<Sample> {
                 sampling: Some(worker_sampling()),
                 resumed_tokens: 3,
                 sender_lease: 0x694d_8a5c_1f00_0042,
-                cache_only: false,
+                // Both set only to cover the fields: a worker refuses the pair.
+                cache_only: true,
                 first_token_delivered: true,
             },
         ),
