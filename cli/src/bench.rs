@@ -31,6 +31,9 @@ pub enum BenchCommand {
     Serve(crate::bench_serve::ServeBenchArgs),
     /// The router's prefix index: hashing and lookup time per request at a given size.
     Index(crate::bench_index::IndexBenchArgs),
+    /// Moving running requests: live migration against recompute, per context length and
+    /// transport, and a drained worker's time to exit.
+    Migrate(crate::bench_migrate::MigrateBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -92,6 +95,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Kvtransfer(a) => return crate::bench_kv::run(a),
         BenchCommand::Serve(a) => return crate::bench_serve::run(a),
         BenchCommand::Index(a) => return crate::bench_index::run(a),
+        BenchCommand::Migrate(a) => return crate::bench_migrate::run(a),
     };
     if a.offline {
         return offline(&a);

@@ -13,6 +13,7 @@
 mod bench;
 mod bench_index;
 mod bench_kv;
+mod bench_migrate;
 mod bench_overlap;
 mod bench_serve;
 mod cluster_token;

@@ -60,6 +60,11 @@ pub struct Migration {
     /// tokens generated so far are prefilled again; the client sees no gap). 0: fail instead.
     #[arg(long, env = "TANDEM_MIGRATION_LIMIT", default_value_t = 3)]
     pub migration_limit: usize,
+    /// When a worker asks for its requests to move (its drain, a role change, an operator,
+    /// the planner), move their KV to another decode worker (live migration: nothing is
+    /// recomputed). `false`: a leaving worker's requests are recomputed elsewhere.
+    #[arg(long, env = "TANDEM_LIVE_MIGRATION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub live_migration: bool,
     /// What a request whose KV transfer fails (its prefill worker died, the stream was cut or
     /// corrupted) gets, unless it chooses: `fail` (an error), `recompute` (its decode worker
     /// prefills it), `retry` (another prefill worker; recompute when there is none).
@@ -599,6 +604,7 @@ impl RouterFlags<'_> {
             api_keys: self.keys.keys(),
             metrics_access: self.http.metrics_access(),
             migration_limit: self.migration.migration_limit,
+            live_migration: self.migration.live_migration,
             kv_failure_policy: self.migration.policy(),
             kv_lease: Duration::from_secs(self.migration.kv_lease.max(1)),
             kv_wait: Duration::from_secs_f64(self.migration.kv_wait),

@@ -53,6 +53,9 @@ pub struct UpArgs {
     /// Compute threads per worker (default: the cores shared out among all the workers).
     #[arg(long, env = "TANDEM_THREADS_PER_WORKER")]
     pub threads_per_worker: Option<usize>,
+    /// KV between the workers over TCP only (no shared memory).
+    #[arg(long, env = "TANDEM_NO_SHM")]
+    pub no_shm: bool,
     #[command(flatten)]
     pub placement: Placement,
     /// Requests the router holds in flight at most; beyond, RESOURCE_EXHAUSTED.
@@ -98,6 +101,7 @@ pub fn up(a: UpArgs) -> Result<()> {
                 cfg.advertise_host = "127.0.0.1".into();
             }
             cfg.cluster_token = Some(token.clone());
+            cfg.shm = !a.no_shm;
             if a.placement.planner {
                 // The planner changes roles: every worker can, and decode workers may prefill
                 // a short prompt themselves.

@@ -57,6 +57,10 @@ pub struct MigrateArgs {
     /// The destination's worker id; default: the router picks the least loaded.
     #[arg(long)]
     pub to: Option<String>,
+    /// Move them as a leaving worker's: recomputed elsewhere where their KV cannot move
+    /// (by default they stay).
+    #[arg(long)]
+    pub required: bool,
 }
 
 #[derive(Args, Debug)]
@@ -134,6 +138,7 @@ fn migrate(a: MigrateArgs) -> Result<()> {
             step: pb::MigrateStep::Request as i32,
             to_worker: a.to.clone().unwrap_or_default(),
             count,
+            required: a.required,
             ..Default::default()
         };
         let r = tokio::time::timeout(Duration::from_secs(30), client.migrate(req))

@@ -66,7 +66,11 @@ impl Mover {
             }
             pb::MigrateStep::Commit => self.commit(id, r).await,
             pb::MigrateStep::Resume => {
-                e.thaw(id).await.map_err(|x| Status::failed_precondition(x.to_string()))?;
+                // A frozen request decodes again; one given up before its freeze is only no
+                // longer moving (it may be asked to move again).
+                if self.inspect(id).await?.frozen {
+                    e.thaw(id).await.map_err(|x| Status::failed_precondition(x.to_string()))?;
+                }
                 if let Some(s) = self.streams.lock().expect("streams").get_mut(&rid) {
                     s.asked = false;
                 }
@@ -105,7 +109,7 @@ impl Mover {
             if asked.len() >= want {
                 break;
             }
-            if self.ask(rid, &r.to_worker, false).await {
+            if self.ask(rid, &r.to_worker, r.required).await {
                 asked.push(rid.0);
             }
         }

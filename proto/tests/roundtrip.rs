@@ -343,6 +343,7 @@ fn worker_samples() -> Vec<Sample> {
                 token_ids: vec![1, 2, 3],
                 to_worker: "decode-1".into(),
                 count: 2,
+                required: true,
             },
         ),
         sample(

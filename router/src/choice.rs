@@ -563,7 +563,13 @@ impl ChoiceRun {
                 pb::MigrationSignal::Wanted | pb::MigrationSignal::Required => {
                     if live.is_none() && !self.generated.is_empty() {
                         let required = d.migration() == pb::MigrationSignal::Required;
-                        live = Some(live::InFlight { asked: Instant::now(), required, frozen: None });
+                        let asked = live::InFlight { asked: Instant::now(), required, frozen: None };
+                        if !self.routing.live_migration {
+                            let from = source(&moved, worker, rid);
+                            self.give_up(asked, live::GiveUp::Disabled, &from, false).await?;
+                            continue;
+                        }
+                        live = Some(asked);
                         let to = (!d.migrate_to.is_empty()).then(|| d.migrate_to.clone());
                         let tokens = self.tokens();
                         let from = Arc::new(source(&moved, worker, rid));
@@ -669,7 +675,8 @@ impl ChoiceRun {
             ));
             return Err(AttemptError { status, fault: Fault::Worker(from.id.clone()) });
         }
-        if frozen && !live::resume(from).await {
+        // The worker learns the move is over either way (it may ask again).
+        if !live::resume(from).await && frozen {
             metrics::live_migration("recomputed", why.as_str());
             let status = Status::unavailable(format!("decode worker {} lost the request during its move", from.id));
             return Err(AttemptError { status, fault: Fault::Worker(from.id.clone()) });

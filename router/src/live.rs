@@ -49,6 +49,8 @@ pub(crate) enum GiveUp {
     Source,
     /// The KV did not reach the destination.
     Transfer,
+    /// Live migration is off (`--live-migration false`).
+    Disabled,
 }
 
 impl GiveUp {
@@ -59,6 +61,7 @@ impl GiveUp {
             GiveUp::Destination => "destination_failed",
             GiveUp::Source => "source_refused",
             GiveUp::Transfer => "transfer_failed",
+            GiveUp::Disabled => "disabled",
         }
     }
 }
@@ -181,8 +184,8 @@ pub(crate) async fn freeze(from: &Source) -> Result<u32, GiveUp> {
     call(from.worker.migrate(step)).await.map(|r| r.num_tokens).map_err(|_| GiveUp::Source)
 }
 
-/// Undoes a freeze: the request decodes on the source again. False if the source could
-/// not (it no longer holds the request).
+/// Gives the move up on the source: a frozen request decodes there again. False if the
+/// source could not (it no longer holds the request).
 pub(crate) async fn resume(from: &Source) -> bool {
     let step =
         pb::MigrateRequest { request_id: from.rid.0, step: pb::MigrateStep::Resume as i32, ..Default::default() };

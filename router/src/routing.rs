@@ -31,6 +31,9 @@ pub struct Routing {
     pub placement: Arc<PlacementControl>,
     /// Times a choice may move to other workers after a worker fails under it.
     pub migration_limit: usize,
+    /// Carry out a worker's ask to move a request by moving its KV (`live`); off: a leaving
+    /// worker's requests are recomputed elsewhere, the others stay.
+    pub live_migration: bool,
     /// What a request whose KV transfer fails gets when it does not choose.
     pub kv_failure_policy: KvFailurePolicy,
     /// The lease of a reservation (see `KV_LEASE`).
@@ -52,6 +55,7 @@ impl Routing {
             policy,
             placement: Arc::new(PlacementControl::new(PlacementConfig::default())),
             migration_limit: 3,
+            live_migration: true,
             kv_failure_policy: KvFailurePolicy::Retry,
             kv_lease: KV_LEASE,
             kv_wait: KV_WAIT,

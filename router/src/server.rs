@@ -87,6 +87,9 @@ pub struct RouterConfig {
     pub metrics_access: crate::http::MetricsAccess,
     /// Times a choice may move to other workers when one fails under it (0: fail instead).
     pub migration_limit: usize,
+    /// A worker's ask to move a request is carried out by moving its KV (live migration);
+    /// off: a leaving worker's requests are recomputed elsewhere, the others stay.
+    pub live_migration: bool,
     /// Mutual TLS on the channels to the workers (the public API stays plaintext); `None`: plaintext.
     pub tls: Option<TlsFiles>,
     /// The cluster token every call to a worker carries (workers refuse calls without
@@ -160,6 +163,7 @@ impl RunningRouter {
         let membership = tokio::spawn(follow_membership(discovery, cluster, members.clone()));
         let mut routing = Routing::new(members, policy);
         routing.migration_limit = cfg.migration_limit;
+        routing.live_migration = cfg.live_migration;
         routing.kv_failure_policy = cfg.kv_failure_policy;
         routing.kv_lease = cfg.kv_lease;
         routing.kv_wait = cfg.kv_wait;

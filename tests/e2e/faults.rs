@@ -7,12 +7,10 @@
 
 mod harness;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness::*;
 use tandem_proto::tandem::v1 as api;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 const PROMPTS: [&str; 8] = [
@@ -35,32 +33,6 @@ fn long_chat(i: usize, max_tokens: u32, policy: api::KvFailurePolicy) -> api::Ge
     r.sampling.as_mut().unwrap().ignore_eos = true;
     r.kv_failure_policy = policy as i32;
     r
-}
-
-/// Every worker holds nothing: no request running, waiting or waiting for KV, no block used.
-async fn wait_idle(addrs: &[String]) -> Vec<tandem_proto::tandem::worker::v1::StatsResponse> {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut all = Vec::new();
-        for a in addrs {
-            all.push(stats(a).await);
-        }
-        let idle = all.iter().all(|s| s.running + s.waiting + s.waiting_for_kv + s.kv_blocks_used == 0);
-        if idle || Instant::now() > end {
-            return all;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn assert_idle(all: &[tandem_proto::tandem::worker::v1::StatsResponse]) {
-    for s in all {
-        assert_eq!(
-            (s.running, s.waiting, s.waiting_for_kv, s.kv_blocks_used),
-            (0, 0, 0, 0),
-            "a worker still holds a request or blocks: {all:?}"
-        );
-    }
 }
 
 /// Streams every request at once; a request's outcome is its assembled stream or its error.
@@ -352,88 +324,6 @@ fn requests_without_a_first_token_in_time_are_refused_and_cancelled() {
         let got = stream(&mut client.clone(), raw(short, 4)).await.unwrap();
         assert_eq!(got.text, short_expected, "after the refusals");
     });
-}
-
-/// What the proxy does to the next KV bytes that pass from the prefill worker to the
-/// decode worker.
-#[derive(Debug, Clone, Copy)]
-enum WireFault {
-    /// Flip one byte this many bytes on.
-    Corrupt(u64),
-    /// Close both directions after this many bytes.
-    Cut(u64),
-}
-
-/// A TCP proxy in front of a decode worker's KV listener that can damage the stream.
-struct Proxy {
-    addr: String,
-    armed: Arc<Mutex<Option<WireFault>>>,
-    /// Faults that took effect.
-    applied: Arc<Mutex<Vec<WireFault>>>,
-}
-
-impl Proxy {
-    async fn start(upstream: String) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let armed: Arc<Mutex<Option<WireFault>>> = Arc::new(Mutex::new(None));
-        let applied = Arc::new(Mutex::new(Vec::new()));
-        let (a2, ap2) = (armed.clone(), applied.clone());
-        tokio::spawn(async move {
-            while let Ok((down, _)) = listener.accept().await {
-                let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else { continue };
-                let _ = (down.set_nodelay(true), up.set_nodelay(true));
-                let (mut dr, mut dw) = down.into_split();
-                let (mut ur, mut uw) = up.into_split();
-                // Receiver to sender: untouched.
-                let back = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut ur, &mut dw).await;
-                });
-                let (armed, applied) = (a2.clone(), ap2.clone());
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        let n = match dr.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        let fault = *armed.lock().unwrap();
-                        let mut end = n;
-                        let mut cut = false;
-                        match fault {
-                            Some(WireFault::Corrupt(at)) if at < n as u64 => {
-                                buf[at as usize] ^= 0x5a;
-                                *armed.lock().unwrap() = None;
-                                applied.lock().unwrap().push(fault.unwrap());
-                            }
-                            Some(WireFault::Cut(at)) if at < n as u64 => {
-                                end = at as usize;
-                                cut = true;
-                                *armed.lock().unwrap() = None;
-                                applied.lock().unwrap().push(fault.unwrap());
-                            }
-                            Some(WireFault::Corrupt(at)) => {
-                                *armed.lock().unwrap() = Some(WireFault::Corrupt(at - n as u64))
-                            }
-                            Some(WireFault::Cut(at)) => *armed.lock().unwrap() = Some(WireFault::Cut(at - n as u64)),
-                            None => {}
-                        }
-                        if uw.write_all(&buf[..end]).await.is_err() || cut {
-                            break;
-                        }
-                    }
-                    // Both directions close: the sender sees its connection end mid-frame.
-                    let _ = uw.shutdown().await;
-                    back.abort();
-                });
-            }
-        });
-        Proxy { addr, armed, applied }
-    }
-
-    fn arm(&self, f: WireFault) {
-        *self.armed.lock().unwrap() = Some(f);
-    }
 }
 
 /// KV damaged on the wire between a prefill and a decode worker (shared memory off, so

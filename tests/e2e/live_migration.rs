@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use harness::*;
 use tandem_proto::tandem::v1 as api;
+use tandem_proto::tandem::worker::v1 as pb;
 
 /// Request `i` of a run: greedy for most, seeded sampling (with penalties) for every fifth;
 /// long enough to be running when the move comes.
@@ -97,5 +98,204 @@ fn a_draining_decode_worker_moves_its_streams_live_and_nothing_is_recomputed() {
         let s = stats(&db_addr).await;
         assert_eq!((s.running, s.waiting, s.kv_blocks_used), (0, 0, 0), "decode-b holds blocks: {s:?}");
         eprintln!("{moved} of {STREAMS} streams moved live off the draining worker");
+    });
+}
+
+/// A prefill worker and decode worker `decode-a` behind a router; `decode-b` joins later,
+/// its KV listener behind a proxy that can damage or hold what is sent to it (shared
+/// memory off, so every byte crosses it).
+struct Setup {
+    etcd: Etcd,
+    cluster: String,
+    router: Proc,
+    addr: String,
+    _p: Proc,
+    p_addr: String,
+    a: Proc,
+    a_addr: String,
+}
+
+impl Setup {
+    /// The setup, the runtime the tests run in, and the proxy decode-b is reached through
+    /// (with decode-b's KV port).
+    fn with_proxy() -> (Setup, tokio::runtime::Runtime, Proxy, u16) {
+        let s = Setup::start();
+        let rt = rt();
+        let kv_port = free_port();
+        let proxy = rt.block_on(Proxy::start(format!("127.0.0.1:{kv_port}")));
+        (s, rt, proxy, kv_port)
+    }
+
+    fn start() -> Setup {
+        let etcd = Etcd::start();
+        let cluster = format!("e2e{}", free_port());
+        let (_p, p_addr) = start_worker(&etcd, &cluster, "prefill", "prefill-a", &[]);
+        let (a, a_addr) = start_worker(&etcd, &cluster, "decode", "decode-a", &[]);
+        let (router, addr) = start_router(&etcd, &cluster, &[]);
+        for id in ["prefill-a", "decode-a"] {
+            router.wait_event("worker joined", &[("worker", id)], Duration::from_secs(30));
+        }
+        Setup { etcd, cluster, router, addr, _p, p_addr, a, a_addr }
+    }
+
+    /// Starts `decode-b` with its KV reached through `proxy` (listening on `kv_port`).
+    fn start_b(&self, proxy: &Proxy, kv_port: u16) -> (Proc, String) {
+        let kv_listen = format!("127.0.0.1:{kv_port}");
+        let extra = ["--no-shm", "--kv-listen", &kv_listen, "--kv-advertise", &proxy.addr];
+        let b = start_worker(&self.etcd, &self.cluster, "decode", "decode-b", &extra);
+        self.router.wait_event("worker joined", &[("worker", "decode-b")], Duration::from_secs(30));
+        b
+    }
+}
+
+/// One long greedy story: long enough a prompt that its whole blocks are pre-copied, and
+/// long enough an answer to be running when the move comes.
+fn story() -> api::GenerateRequest {
+    let preamble = "You are a patient storyteller. Tell it slowly, with many small details. ".repeat(6);
+    let mut r = chat(&format!("{preamble}Tell me a story about a lighthouse keeper."), 240);
+    r.sampling.as_mut().unwrap().ignore_eos = true;
+    r
+}
+
+/// `tandem worker migrate` as an operator runs it; its success and output.
+fn migrate(worker: &str, extra: &[&str]) -> (bool, String) {
+    let mut args = vec!["worker", "migrate", "--worker", worker];
+    args.extend_from_slice(extra);
+    let out = tandem_serving(&args, &[]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Starts the story on `decode-a` and waits until it decodes there.
+async fn story_running(s: &Setup) -> tokio::task::JoinHandle<Result<Streamed, tonic::Status>> {
+    let addr = s.addr.clone();
+    let run = tokio::spawn(async move { stream(&mut client(&addr).await, story()).await });
+    let end = Instant::now() + Duration::from_secs(60);
+    while stats(&s.a_addr).await.running == 0 {
+        assert!(Instant::now() < end, "the story never ran on decode-a");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A few tokens in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    run
+}
+
+/// Asks decode-a to move one stream with the proxy set to hold the transfer; returns once
+/// the move's KV is held there.
+async fn move_held(s: &Setup, proxy: &Proxy) {
+    proxy.arm(WireFault::Stall(4_000));
+    let a = s.a_addr.clone();
+    let (ok, said) = tokio::task::spawn_blocking(move || migrate(&a, &["--count", "1"])).await.unwrap();
+    assert!(ok, "{said}");
+    wait_stalled(proxy).await;
+}
+
+async fn wait_stalled(proxy: &Proxy) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !proxy.is_stalled() {
+        assert!(Instant::now() < end, "nothing reached the proxy");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// An operator moves a running stream to a named worker: a first try whose KV is
+/// corrupted on the wire is given up (the stream stays and goes on), a second one moves
+/// it. The client sees the undisturbed text, and no worker holds anything after.
+#[test]
+fn an_operator_moves_a_stream_and_a_corrupted_transfer_leaves_it_where_it_was() {
+    let _g = serial();
+    let (s, rt, proxy, kv_port) = Setup::with_proxy();
+    let http = s.router.addr_after("tandem: router", "http");
+    rt.block_on(async {
+        let want = stream(&mut client(&s.addr).await, story()).await.unwrap();
+        let (_b, b_addr) = s.start_b(&proxy, kv_port);
+        let run = story_running(&s).await;
+        // Past the session's handshake, into the first blocks.
+        proxy.arm(WireFault::Corrupt(4_000));
+        let a = s.a_addr.clone();
+        let (ok, said) =
+            tokio::task::spawn_blocking(move || migrate(&a, &["--count", "1", "--to", "decode-b"])).await.unwrap();
+        assert!(ok && said.contains("1 request(s) asked to move"), "{said}");
+        let end = Instant::now() + Duration::from_secs(30);
+        while metric(&http_get(&http, "/metrics"), "tandem_live_migrations_total", &[("outcome", "stayed")]) < 1.0 {
+            assert!(Instant::now() < end, "the corrupted move was never given up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(proxy.applied.lock().unwrap().len(), 1, "the fault hit the move's KV");
+        let scrape = http_get(&http, "/metrics");
+        assert_eq!(metric(&scrape, "tandem_live_migrations_total", &[("reason", "transfer_failed")]), 1.0, "{scrape}");
+        assert_eq!(stats(&s.a_addr).await.running, 1, "the stream stayed on decode-a");
+        // Again, on a clean wire: it moves.
+        let a = s.a_addr.clone();
+        let (ok, said) =
+            tokio::task::spawn_blocking(move || migrate(&a, &["--count", "1", "--to", "decode-b"])).await.unwrap();
+        assert!(ok && said.contains("1 request(s) asked to move"), "{said}");
+        let got = run.await.unwrap().unwrap();
+        assert_eq!((&got.text, &got.token_ids), (&want.text, &want.token_ids), "the moved stream's text");
+        let scrape = http_get(&http, "/metrics");
+        assert_eq!(metric(&scrape, "tandem_live_migrations_total", &[("outcome", "moved")]), 1.0, "{scrape}");
+        assert_eq!(metric(&scrape, "tandem_migrations_total", &[]), 0.0, "nothing was recomputed");
+        assert_idle(&wait_idle(&[s.a_addr.clone(), b_addr.clone(), s.p_addr.clone()]).await);
+        // A stranger cannot ask for moves.
+        let mut stranger = worker_client_with(&s.a_addr, None).await;
+        let req = pb::MigrateRequest { step: pb::MigrateStep::Request as i32, count: 1, ..Default::default() };
+        assert_eq!(stranger.migrate(req).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    });
+}
+
+/// The destination dies while the pre-copy is on its way to it: the move is given up, the
+/// stream goes on where it was, and the source holds nothing after.
+#[test]
+fn a_destination_that_dies_during_the_move_leaves_the_stream_where_it_was() {
+    let _g = serial();
+    let (s, rt, proxy, kv_port) = Setup::with_proxy();
+    rt.block_on(async {
+        let want = stream(&mut client(&s.addr).await, story()).await.unwrap();
+        let (mut b, _) = s.start_b(&proxy, kv_port);
+        let run = story_running(&s).await;
+        move_held(&s, &proxy).await;
+        b.kill();
+        proxy.release();
+        let got = run.await.unwrap().unwrap();
+        assert_eq!((&got.text, &got.token_ids), (&want.text, &want.token_ids));
+        assert_idle(&wait_idle(&[s.a_addr.clone(), s.p_addr.clone()]).await);
+    });
+}
+
+/// The source dies during the pre-copy: the stream is recomputed on the destination (the
+/// old way), the client sees the undisturbed text, and no worker holds anything after.
+#[test]
+fn a_source_that_dies_during_the_move_has_its_stream_recomputed() {
+    let _g = serial();
+    let (mut s, rt, proxy, kv_port) = Setup::with_proxy();
+    rt.block_on(async {
+        let want = stream(&mut client(&s.addr).await, story()).await.unwrap();
+        let (_b, b_addr) = s.start_b(&proxy, kv_port);
+        let run = story_running(&s).await;
+        move_held(&s, &proxy).await;
+        s.a.kill();
+        proxy.release();
+        let got = run.await.unwrap().unwrap();
+        assert_eq!((&got.text, &got.token_ids), (&want.text, &want.token_ids));
+        assert_idle(&wait_idle(&[b_addr.clone(), s.p_addr.clone()]).await);
+    });
+}
+
+/// The client goes away while its stream is moving: both workers free everything.
+#[test]
+fn a_client_that_leaves_during_the_move_frees_both_workers() {
+    let _g = serial();
+    let (s, rt, proxy, kv_port) = Setup::with_proxy();
+    rt.block_on(async {
+        let (_b, b_addr) = s.start_b(&proxy, kv_port);
+        let run = story_running(&s).await;
+        move_held(&s, &proxy).await;
+        // The move holds blocks on both sides now: the source's request, the destination's
+        // reservation.
+        assert!(stats(&b_addr).await.kv_blocks_used > 0, "nothing reserved on decode-b");
+        run.abort();
+        let _ = run.await;
+        proxy.release();
+        assert_idle(&wait_idle(&[s.a_addr.clone(), b_addr.clone(), s.p_addr.clone()]).await);
     });
 }
