@@ -535,6 +535,12 @@ pub struct Placement {
     /// How often the planner looks, in ms.
     #[arg(long, env = "TANDEM_PLANNER_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..))]
     pub planner_interval_ms: u64,
+    /// The planner moves decodes (live) off a decode worker whose KV use (used blocks over
+    /// its pool) is at least this, to one at or below `--rebalance-low`. Above 1: never.
+    #[arg(long, env = "TANDEM_REBALANCE_HIGH", default_value_t = 0.8, value_parser = non_negative)]
+    pub rebalance_high: f64,
+    #[arg(long, env = "TANDEM_REBALANCE_LOW", default_value_t = 0.5, value_parser = non_negative)]
+    pub rebalance_low: f64,
 }
 
 impl Placement {
@@ -551,6 +557,8 @@ impl Placement {
         self.planner.then(|| tandem_router::planner::PlannerConfig {
             interval: Duration::from_millis(self.planner_interval_ms),
             dwell: Duration::from_secs_f64(self.planner_dwell_s),
+            rebalance_high: self.rebalance_high,
+            rebalance_low: self.rebalance_low,
             ..Default::default()
         })
     }

@@ -20,6 +20,12 @@
 //! router places a prompt on it locally); a decode-capable one to `prefill`. A worker with
 //! KV exports in flight is never the one removed from prefill, and the published count
 //! does not drop below the prefill workers with exports in flight.
+//!
+//! It also rebalances decodes ([`rebalance`]): when one decode-capable worker's KV use is
+//! at or above `rebalance_high` while another's is at or below `rebalance_low`, the first is
+//! asked (`Migrate` `REQUEST`) to move its longest-running decodes to the second, live,
+//! enough of them to bring the two halfway together (at most `MAX_MOVES` an interval, and
+//! not again from that worker within `rebalance_dwell`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,6 +52,12 @@ pub struct PlannerConfig {
     pub long_prompt: usize,
     /// How long a role change may drain before it is given up.
     pub flip_deadline: Duration,
+    /// A decode worker whose KV use (blocks used / total) is at least this has decodes
+    /// moved off it, to one at or below `rebalance_low`. Above 1: never.
+    pub rebalance_high: f64,
+    pub rebalance_low: f64,
+    /// Least time between two rebalancing moves off one worker.
+    pub rebalance_dwell: Duration,
 }
 
 impl Default for PlannerConfig {
@@ -56,6 +68,9 @@ impl Default for PlannerConfig {
             confirm: 3,
             long_prompt: 256,
             flip_deadline: Duration::from_secs(60),
+            rebalance_high: 0.8,
+            rebalance_low: 0.5,
+            rebalance_dwell: Duration::from_secs(5),
         }
     }
 }
@@ -85,6 +100,35 @@ pub struct Seen {
     pub prefills_in_flight: u32,
     pub queued_prefill_tokens: u64,
     pub running: u32,
+    /// KV blocks in use over the pool (0 when unknown).
+    pub kv_use: f64,
+}
+
+/// Most decodes one rebalancing asks to move at a time.
+pub const MAX_MOVES: u32 = 4;
+
+/// Decodes to move from one worker to another (`rebalance`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebalance {
+    pub from: WorkerId,
+    pub to: WorkerId,
+    pub count: u32,
+}
+
+/// Whether some of `workers`' decodes should move, and where: from the decode-capable
+/// worker with the highest KV use, if at least `high`, to the one with the lowest, if at
+/// most `low`; as many of its running decodes as brings the two halfway together (assuming
+/// an equal share of its KV each), at least one and at most `MAX_MOVES`.
+pub fn rebalance(workers: &[Seen], high: f64, low: f64) -> Option<Rebalance> {
+    let decoding: Vec<&Seen> = workers.iter().filter(|w| w.role.can_decode() && w.serving).collect();
+    let hot = decoding.iter().max_by(|a, b| a.kv_use.total_cmp(&b.kv_use).then(b.id.cmp(&a.id)))?;
+    let cold = decoding.iter().min_by(|a, b| a.kv_use.total_cmp(&b.kv_use).then(a.id.cmp(&b.id)))?;
+    if hot.id == cold.id || hot.kv_use < high || cold.kv_use > low || hot.running < 2 {
+        return None;
+    }
+    let share = (hot.kv_use - cold.kv_use) / 2.0 / hot.kv_use;
+    let count = ((hot.running as f64 * share).round() as u32).clamp(1, MAX_MOVES.min(hot.running - 1));
+    Some(Rebalance { from: hot.id.clone(), to: cold.id.clone(), count })
 }
 
 /// The number of prefill workers wanted among `workers`, and why.
@@ -135,6 +179,8 @@ pub struct Planner {
     pub config: PlannerConfig,
     models: HashMap<String, ModelPlan>,
     flipped: HashMap<WorkerId, Instant>,
+    /// When decodes were last moved off each worker.
+    rebalanced: HashMap<WorkerId, Instant>,
 }
 
 /// What one interval decided for one model.
@@ -151,7 +197,19 @@ pub struct Step {
 
 impl Planner {
     pub fn new(config: PlannerConfig) -> Planner {
-        Planner { config, models: HashMap::new(), flipped: HashMap::new() }
+        Planner { config, models: HashMap::new(), flipped: HashMap::new(), rebalanced: HashMap::new() }
+    }
+
+    /// `rebalance` for one model's `workers` at `now`, unless the hot worker had decodes
+    /// moved off it within `rebalance_dwell`.
+    pub fn rebalance(&mut self, workers: &[Seen], now: Instant) -> Option<Rebalance> {
+        let c = &self.config;
+        let r = rebalance(workers, c.rebalance_high, c.rebalance_low)?;
+        if self.rebalanced.get(&r.from).is_some_and(|at| now.duration_since(*at) < c.rebalance_dwell) {
+            return None;
+        }
+        self.rebalanced.insert(r.from.clone(), now);
+        Some(r)
     }
 
     /// One interval for `model`, whose workers are `workers`, at `now`.
@@ -239,6 +297,7 @@ fn by_model(snapshot: Vec<WorkerStatus>) -> HashMap<String, Vec<Seen>> {
             prefills_in_flight: s.prefills_in_flight,
             queued_prefill_tokens: s.queued_prefill_tokens,
             running: s.running,
+            kv_use: if s.kv_blocks_total > 0 { s.kv_blocks_used as f64 / s.kv_blocks_total as f64 } else { 0.0 },
         };
         out.entry(w.desc.model.name.clone()).or_default().push(seen);
     }
@@ -282,6 +341,9 @@ pub async fn run(
                 metrics::planner_decision("wait", "role_change_in_progress");
                 continue;
             }
+            if let Some(r) = planner.rebalance(&workers, Instant::now()) {
+                ask_moves(&members, r).await;
+            }
             let step = planner.step(&model, &workers, &traffic, slo, Instant::now());
             let split = published_split(&workers, step.desired_prefill);
             published.insert(model.clone(), split);
@@ -319,6 +381,25 @@ pub async fn run(
     }
     for (_, h) in flipping {
         h.abort();
+    }
+}
+
+/// Asks `r.from` to move `r.count` of its longest-running decodes to `r.to`, live.
+async fn ask_moves(members: &Members, r: Rebalance) {
+    let Some(worker) = members.worker(&r.from) else { return };
+    let req = pb::MigrateRequest {
+        step: pb::MigrateStep::Request as i32,
+        count: r.count,
+        to_worker: r.to.to_string(),
+        ..Default::default()
+    };
+    match tokio::time::timeout(Duration::from_secs(5), worker.migrate(req)).await {
+        Ok(Ok(a)) => {
+            metrics::planner_decision("rebalance", "kv_use");
+            tracing::info!(from = %r.from, to = %r.to, asked = a.request_ids.len(), "planner: moving decodes to even out KV use");
+        }
+        Ok(Err(e)) => tracing::info!(from = %r.from, error = %e, "planner: rebalancing refused"),
+        Err(_) => tracing::warn!(from = %r.from, "planner: rebalancing did not answer in time"),
     }
 }
 

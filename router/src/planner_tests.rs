@@ -19,6 +19,7 @@ fn worker(id: &str, role: Role) -> Seen {
         prefills_in_flight: 0,
         queued_prefill_tokens: 0,
         running: 0,
+        kv_use: 0.0,
     }
 }
 
@@ -132,4 +133,41 @@ fn the_published_split_flips_elastic_workers_and_scales_fixed_ones() {
     assert_eq!(published_split(&fixed, 2), (2, 2), "fixed roles: a prefill pod is added, no decode pod removed");
     assert_eq!(published_split(&fixed, 0), (0, 3), "and one removed gives its place to decode");
     assert_eq!(published_split(&fixed, 1), (1, 2));
+}
+
+fn decoding(id: &str, kv_use: f64, running: u32) -> Seen {
+    Seen { kv_use, running, ..worker(id, Role::Decode) }
+}
+
+#[test]
+fn rebalancing_as_a_table() {
+    let w = |id: &str| WorkerId::new(id).unwrap();
+    let moves = |from: &str, to: &str, count| Some(Rebalance { from: w(from), to: w(to), count });
+    let mut draining = decoding("b", 0.1, 0);
+    draining.serving = false;
+    let cases: Vec<(&str, Vec<Seen>, Option<Rebalance>)> = vec![
+        ("hot and cold: half the gap moves", vec![decoding("a", 0.9, 10), decoding("b", 0.1, 1)], moves("a", "b", 4)),
+        ("a small gap closes with one", vec![decoding("a", 0.82, 3), decoding("b", 0.5, 1)], moves("a", "b", 1)),
+        ("nobody hot", vec![decoding("a", 0.7, 10), decoding("b", 0.1, 1)], None),
+        ("nobody cold", vec![decoding("a", 0.95, 10), decoding("b", 0.6, 8)], None),
+        ("the cold one takes no work", vec![decoding("a", 0.9, 10), draining], None),
+        ("one decode is not split", vec![decoding("a", 0.9, 1), decoding("b", 0.0, 0)], None),
+        ("a prefill worker is no destination", vec![decoding("a", 0.9, 10), worker("p", Role::Prefill)], None),
+        (
+            "the hottest to the coldest",
+            vec![decoding("a", 0.85, 6), decoding("b", 0.95, 6), decoding("c", 0.3, 2), decoding("d", 0.4, 2)],
+            moves("b", "c", 2),
+        ),
+        ("one worker", vec![decoding("a", 0.99, 30)], None),
+    ];
+    for (why, workers, want) in cases {
+        assert_eq!(rebalance(&workers, 0.8, 0.5), want, "{why}");
+    }
+    // Not again off the same worker within the dwell.
+    let mut p = Planner::new(PlannerConfig { rebalance_dwell: Duration::from_secs(5), ..Default::default() });
+    let ws = vec![decoding("a", 0.9, 10), decoding("b", 0.1, 1)];
+    let t0 = Instant::now();
+    assert!(p.rebalance(&ws, t0).is_some());
+    assert_eq!(p.rebalance(&ws, t0 + Duration::from_secs(1)), None);
+    assert!(p.rebalance(&ws, t0 + Duration::from_secs(6)).is_some());
 }

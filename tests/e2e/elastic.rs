@@ -90,6 +90,10 @@ fn a_decode_worker_flipped_to_prefill_under_32_streams_loses_nothing() {
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g, w, "stream {i} differs from the undisturbed run");
         }
+        // Its streams moved to decode-b with their KV: nothing was recomputed.
+        let scrape = http_get(&router.addr_after("tandem: router", "http"), "/metrics");
+        assert!(metric(&scrape, "tandem_live_migrations_total", &[("outcome", "moved")]) >= 1.0, "{scrape}");
+        assert_eq!(metric(&scrape, "tandem_migrations_total", &[]), 0.0, "{scrape}");
         // In etcd under its new role only, and serving it.
         assert_eq!(roles_in_etcd(&etcd, &cluster, "decode-a"), ["prefill"]);
         let s = stats(&da_addr).await;

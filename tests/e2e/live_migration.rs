@@ -299,3 +299,50 @@ fn a_client_that_leaves_during_the_move_frees_both_workers() {
         assert_idle(&wait_idle(&[s.a_addr.clone(), b_addr.clone(), s.p_addr.clone()]).await);
     });
 }
+
+/// The planner evens out KV use: a decode worker with a small pool runs four long stories
+/// (most of its blocks) when a second, empty one joins; the planner moves some of them
+/// there, live, and every story reads as if nothing had moved.
+#[test]
+fn the_planner_moves_decodes_off_a_worker_whose_kv_fills_up() {
+    let _g = serial();
+    let etcd = Etcd::start();
+    let cluster = format!("e2e{}", free_port());
+    let (_p, _) = start_worker(&etcd, &cluster, "prefill", "prefill-a", &[]);
+    let (_a, a_addr) = start_worker(&etcd, &cluster, "decode", "decode-a", &["--kv-blocks", "128"]);
+    let flags = ["--planner", "--planner-interval-ms", "200", "--rebalance-high", "0.5", "--rebalance-low", "0.3"];
+    let (router, addr) = start_router(&etcd, &cluster, &flags);
+    for id in ["prefill-a", "decode-a"] {
+        router.wait_event("worker joined", &[("worker", id)], Duration::from_secs(30));
+    }
+    let http = router.addr_after("tandem: router", "http");
+    let rt = rt();
+    rt.block_on(async {
+        let want = stream(&mut client(&addr).await, story()).await.unwrap();
+        let mut runs = Vec::new();
+        for _ in 0..4 {
+            let addr = addr.clone();
+            runs.push(tokio::spawn(async move { stream(&mut client(&addr).await, story()).await }));
+        }
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = stats(&a_addr).await;
+            if s.running == 4 && s.kv_blocks_used as f64 >= 0.5 * s.kv_blocks_total as f64 {
+                break;
+            }
+            assert!(Instant::now() < end, "decode-a never ran the four stories: {s:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_b, b_addr) = start_worker(&etcd, &cluster, "decode", "decode-b", &[]);
+        for (i, r) in runs.into_iter().enumerate() {
+            let got = r.await.unwrap().unwrap_or_else(|e| panic!("story {i}: {e:?}"));
+            assert_eq!((&got.text, &got.token_ids), (&want.text, &want.token_ids), "story {i}");
+        }
+        let scrape = http_get(&http, "/metrics");
+        let moved = metric(&scrape, "tandem_live_migrations_total", &[("outcome", "moved")]);
+        assert!(moved >= 1.0, "the planner moved nothing:\n{scrape}");
+        assert!(metric(&scrape, "tandem_planner_decisions_total", &[("action", "rebalance")]) >= 1.0);
+        assert_eq!(metric(&scrape, "tandem_migrations_total", &[]), 0.0, "nothing was recomputed");
+        assert_idle(&wait_idle(&[a_addr.clone(), b_addr.clone()]).await);
+    });
+}
