@@ -11,7 +11,7 @@
 //!   prefill worker's prefix cache still holds the prompt, so only the KV is sent again and
 //!   the generated tokens recomputed); `recompute-cold` (no prefix cache anywhere: the
 //!   whole context is prefilled again). Transports: `shm` (same host) and `tcp`.
-//! - `--scenario drain`: `--requests` streams; once a decode worker runs at least a third
+//! - `--scenario drain`: `--requests` streams; once a decode worker runs at least a quarter
 //!   of them it is drained (`Drain`). Reported per method: the time until it holds nothing
 //!   (when it could exit), and the tokens the prefill worker computed beyond the prompts
 //!   (recomputed). Methods: `wait` (today's drain: wait for them to finish), `live`,
@@ -58,10 +58,10 @@ pub struct MigrateBenchArgs {
     #[arg(long, default_value_t = 32)]
     pub requests: usize,
     /// Drain: prompt tokens per stream.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 64)]
     pub prompt_tokens: usize,
-    /// Drain: tokens each stream generates.
-    #[arg(long, default_value_t = 96)]
+    /// Drain: tokens each stream generates (long enough for the streams to overlap).
+    #[arg(long, default_value_t = 384)]
     pub max_tokens: u32,
     /// Kernel threads per worker.
     #[arg(long, default_value_t = 1)]
@@ -135,11 +135,13 @@ impl Up {
             token_file.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        // `TANDEM_BENCH_LOG=info` shows the cluster's log (on stderr).
+        let log = std::env::var("TANDEM_BENCH_LOG").ok();
         let mut child = Command::new(std::env::current_exe()?)
             .args(&args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log.as_deref().unwrap_or("warn"))
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(if log.is_some() { Stdio::inherit() } else { Stdio::null() })
             .spawn()
             .context("starting tandem up")?;
         let out = child.stdout.take().expect("piped");
@@ -416,16 +418,16 @@ async fn drain(a: &MigrateBenchArgs) -> Result<()> {
                 Ok::<u64, anyhow::Error>(prompt)
             }));
         }
-        // Drain the first decode worker once it runs a third of the streams.
+        // Drain the first decode worker once it runs a quarter of the streams.
         let (_, addr) = up.decode[0].clone();
         let end = Instant::now() + Duration::from_secs(300);
         let on_it = loop {
             let n = up.running(&addr).await?;
-            if n as usize >= a.requests / 3 {
+            if n as usize >= a.requests / 4 {
                 break n;
             }
             if Instant::now() > end {
-                bail!("decode worker {addr} never ran {} streams", a.requests / 3);
+                bail!("decode worker {addr} never ran {} streams at once", a.requests / 4);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tandem_engine::kv_cache::BlockId;
 use tandem_engine::scheduler::RequestId;
@@ -26,6 +26,9 @@ use tonic::Status;
 
 /// Blocks read and queued per layer in one go: bounds the memory a transfer holds.
 const CHUNK_BLOCKS: usize = 32;
+/// A frozen request that is neither committed nor resumed within this decodes here again:
+/// its router went quiet (a router that died takes the stream, and the request, with it).
+pub(crate) const FREEZE_LIMIT: Duration = Duration::from_secs(60);
 
 /// A decode stream this worker serves: what a migration step needs of it.
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +37,13 @@ pub(crate) struct Streaming {
     pub(crate) started: Instant,
     /// A move was asked for (signalled on its stream) and not given up.
     pub(crate) asked: bool,
+    /// When a move was last asked for: a drain asks again (after a move given up) at most
+    /// every `ASK_AGAIN`; one not decoding yet is looked at again each time.
+    pub(crate) last_ask: Option<Instant>,
 }
+
+/// Least time between two asks to move one request (a drain's, after a move given up).
+const ASK_AGAIN: Duration = Duration::from_secs(1);
 
 /// The decode streams in progress, by router id.
 pub(crate) type Streams = Arc<Mutex<HashMap<ClusterRequestId, Streaming>>>;
@@ -46,6 +55,10 @@ pub(crate) struct Mover {
     pub(crate) segment: Option<Arc<ShmKv>>,
     pub(crate) peers: Option<Peers>,
     pub(crate) streams: Streams,
+    /// Each freeze's watchdog (`FREEZE_LIMIT`); aborted at shutdown.
+    pub(crate) watchdogs: Arc<Mutex<tokio::task::JoinSet<()>>>,
+    /// Requests whose commit is under way: no watchdog thaws them.
+    pub(crate) committing: Arc<Mutex<std::collections::HashSet<ClusterRequestId>>>,
 }
 
 impl Mover {
@@ -62,9 +75,15 @@ impl Mover {
             pb::MigrateStep::Precopy => self.precopy(id, r).await,
             pb::MigrateStep::Freeze => {
                 let frozen = e.freeze(id).await.map_err(|x| Status::failed_precondition(x.to_string()))?;
+                self.watch_freeze(rid, id);
                 Ok(pb::MigrateResponse { num_tokens: frozen.tokens.len() as u32, ..Default::default() })
             }
-            pb::MigrateStep::Commit => self.commit(id, r).await,
+            pb::MigrateStep::Commit => {
+                self.committing.lock().expect("committing").insert(rid);
+                let done = self.commit(id, r).await;
+                self.committing.lock().expect("committing").remove(&rid);
+                done
+            }
             pb::MigrateStep::Resume => {
                 // A frozen request decodes again; one given up before its freeze is only no
                 // longer moving (it may be asked to move again).
@@ -78,6 +97,32 @@ impl Mover {
             }
             _ => Err(Status::invalid_argument("Migrate needs a step")),
         }
+    }
+
+    /// Thaws request `id` (router id `rid`) if it is still frozen, and not committing, after
+    /// `FREEZE_LIMIT`.
+    fn watch_freeze(&self, rid: ClusterRequestId, id: RequestId) {
+        let (engine, committing, streams) = (self.state.engine.clone(), self.committing.clone(), self.streams.clone());
+        let worker = self.state.id.clone();
+        let mut tasks = self.watchdogs.lock().expect("watchdogs");
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
+            tokio::time::sleep(FREEZE_LIMIT).await;
+            if committing.lock().expect("committing").contains(&rid) {
+                return;
+            }
+            if engine.inspect(id).await.ok().flatten().is_some_and(|r| r.frozen) && engine.thaw(id).await.is_ok() {
+                tracing::warn!(worker = %worker, request = %rid, "a frozen request was neither moved nor resumed; it decodes here again");
+                if let Some(s) = streams.lock().expect("streams").get_mut(&rid) {
+                    s.asked = false;
+                }
+            }
+        });
+    }
+
+    /// Stops the freeze watchdogs (the worker's shutdown).
+    pub(crate) fn shutdown(&self) {
+        self.watchdogs.lock().expect("watchdogs").abort_all();
     }
 
     /// The engine request of decode stream `rid`.
@@ -122,28 +167,48 @@ impl Mover {
     /// Asks the router of decode stream `rid` to move it (`to`: a destination named by an
     /// operator). False when it is not decoding now (queued, prefilling, waiting for KV).
     pub(crate) async fn ask(&self, rid: ClusterRequestId, to: &str, required: bool) -> bool {
-        let Some(id) = self.streams.lock().expect("streams").get(&rid).map(|s| s.id) else { return false };
-        let event = Event::MoveWanted { to: to.to_string(), required };
-        let sent = self.state.engine.signal(id, event).await.unwrap_or(false);
-        if sent {
-            if let Some(s) = self.streams.lock().expect("streams").get_mut(&rid) {
+        self.ask_many(&[rid], to, required).await == 1
+    }
+
+    /// `ask` for each of `rids`, all between the same two engine steps; returns how many
+    /// were asked (those decoding now).
+    async fn ask_many(&self, rids: &[ClusterRequestId], to: &str, required: bool) -> usize {
+        let found: Vec<(ClusterRequestId, RequestId)> = {
+            let streams = self.streams.lock().expect("streams");
+            rids.iter().filter_map(|rid| streams.get(rid).map(|s| (*rid, s.id))).collect()
+        };
+        let events = found.iter().map(|&(_, id)| (id, Event::MoveWanted { to: to.to_string(), required })).collect();
+        let sent = self.state.engine.signal(events).await.unwrap_or_default();
+        let mut streams = self.streams.lock().expect("streams");
+        let mut n = 0;
+        for (&(rid, _), &ok) in found.iter().zip(&sent) {
+            if let Some(s) = streams.get_mut(&rid).filter(|_| ok) {
+                s.last_ask = Some(Instant::now());
                 s.asked = true;
             }
-            tracing::info!(worker = %self.state.id, request = %rid, to, required, "asked the router to move a request");
+            if ok {
+                n += 1;
+                tracing::info!(worker = %self.state.id, request = %rid, to, required, "asked the router to move a request");
+            }
         }
-        sent
+        n
     }
 
     /// Asks for a move of every decode not yet asked (a drain or a role change: `required`);
     /// returns how many were asked now.
     pub(crate) async fn ask_all(&self, required: bool) -> usize {
-        let rids: Vec<ClusterRequestId> =
-            self.streams.lock().expect("streams").iter().filter(|(_, s)| !s.asked).map(|(&r, _)| r).collect();
-        let mut n = 0;
-        for rid in rids {
-            n += self.ask(rid, "", required).await as usize;
+        let rids: Vec<ClusterRequestId> = self
+            .streams
+            .lock()
+            .expect("streams")
+            .iter()
+            .filter(|(_, s)| !s.asked && s.last_ask.is_none_or(|t| t.elapsed() >= ASK_AGAIN))
+            .map(|(&r, _)| r)
+            .collect();
+        if rids.is_empty() {
+            return 0;
         }
-        n
+        self.ask_many(&rids, "", required).await
     }
 
     /// `PRECOPY`: the whole blocks of `token_ids` (computed here) into a cache-only

@@ -47,6 +47,8 @@ impl DecodeWorker {
             segment: ctx.segment.clone(),
             peers: ctx.peers.clone(),
             streams: streams.clone(),
+            watchdogs: Default::default(),
+            committing: Default::default(),
         };
         Arc::new(DecodeWorker {
             state: s.clone(),
@@ -169,5 +171,6 @@ impl DecodeRole for DecodeWorker {
 
     async fn shutdown(&self) {
         self.reservations.shutdown();
+        self.mover.shutdown();
     }
 }

@@ -60,7 +60,8 @@ pub(crate) fn stream_events(
     let state = state.clone();
     let reservations = reservations.clone();
     let streams = streams.clone();
-    streams.lock().expect("streams").insert(rid, Streaming { id, started: Instant::now(), asked: false });
+    let streaming = Streaming { id, started: Instant::now(), asked: false, last_ask: None };
+    streams.lock().expect("streams").insert(rid, streaming);
     // Detached on purpose: the task ends with its request or its client (a closed `tx`),
     // and a drain waits for it through `InFlight`.
     tokio::spawn(async move {

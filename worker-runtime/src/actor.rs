@@ -105,8 +105,8 @@ enum Cmd {
     Freeze(RequestId, oneshot::Sender<Result<Frozen, EngineError>>),
     Thaw(RequestId, oneshot::Sender<Result<(), EngineError>>),
     Inspect(RequestId, oneshot::Sender<Option<Inspected>>),
-    /// Sends `Event` on a decoding request's channel; answers whether it was decoding.
-    Signal(RequestId, Event, oneshot::Sender<bool>),
+    /// Sends each `Event` on its decoding request's channel; answers which were decoding.
+    Signal(Vec<(RequestId, Event)>, oneshot::Sender<Vec<bool>>),
     /// A frozen request moved: it ends here (`Event::Moved`), its blocks freed.
     Moved(RequestId),
 }
@@ -203,10 +203,11 @@ impl EngineHandle {
         self.ask(|tx| Cmd::Inspect(id, tx)).await
     }
 
-    /// Sends `event` on request `id`'s channel if it is decoding (between steps, with all
-    /// but its last token computed, or frozen); returns whether it was.
-    pub async fn signal(&self, id: RequestId, event: Event) -> Result<bool, EngineError> {
-        self.ask(|tx| Cmd::Signal(id, event, tx)).await
+    /// Sends each event on its request's channel if that request is decoding (between
+    /// steps, with all but its last token computed, or frozen), all between the same two
+    /// steps; returns which were.
+    pub async fn signal(&self, events: Vec<(RequestId, Event)>) -> Result<Vec<bool>, EngineError> {
+        self.ask(|tx| Cmd::Signal(events, tx)).await
     }
 
     /// Frozen request `id` moved to another worker: it ends here, its channel told so.
@@ -432,9 +433,15 @@ fn handle(
         Cmd::Inspect(id, reply) => {
             let _ = reply.send(engine.inspect(id).filter(|_| tracked.contains_key(&id)));
         }
-        Cmd::Signal(id, event, reply) => {
-            let decoding = !sinks.contains_key(&id) && engine.inspect(id).is_some_and(|r| r.decoding || r.frozen);
-            let sent = decoding && tracked.get(&id).is_some_and(|t| t.events.send(event).is_ok());
+        Cmd::Signal(events, reply) => {
+            let sent = events
+                .into_iter()
+                .map(|(id, event)| {
+                    let decoding =
+                        !sinks.contains_key(&id) && engine.inspect(id).is_some_and(|r| r.decoding || r.frozen);
+                    decoding && tracked.get(&id).is_some_and(|t| t.events.send(event).is_ok())
+                })
+                .collect();
             let _ = reply.send(sent);
         }
         Cmd::Moved(id) => {

@@ -122,6 +122,8 @@ tandem-model: {{ . }}
   value: {{ .w.threads | quote }}
 - name: TANDEM_NO_SHM
   value: {{ not $v.sharedMemory.sameHostTransfer | quote }}
+- name: TANDEM_MIGRATE_ON_DRAIN
+  value: {{ $v.drain.migrate | quote }}
 - name: TANDEM_BLOCK_SIZE
   value: {{ $v.engine.blockSize | quote }}
 - name: TANDEM_MAX_BATCHED_TOKENS
