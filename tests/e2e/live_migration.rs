@@ -151,8 +151,13 @@ impl Setup {
 /// One long greedy story: long enough a prompt that its whole blocks are pre-copied, and
 /// long enough an answer to be running when the move comes.
 fn story() -> api::GenerateRequest {
+    story_of(240)
+}
+
+/// `story` with `max_tokens` of answer.
+fn story_of(max_tokens: u32) -> api::GenerateRequest {
     let preamble = "You are a patient storyteller. Tell it slowly, with many small details. ".repeat(6);
-    let mut r = chat(&format!("{preamble}Tell me a story about a lighthouse keeper."), 240);
+    let mut r = chat(&format!("{preamble}Tell me a story about a lighthouse keeper."), max_tokens);
     r.sampling.as_mut().unwrap().ignore_eos = true;
     r
 }
@@ -301,15 +306,17 @@ fn a_client_that_leaves_during_the_move_frees_both_workers() {
 }
 
 /// The planner evens out KV use: a decode worker with a small pool runs four long stories
-/// (most of its blocks) when a second, empty one joins; the planner moves some of them
-/// there, live, and every story reads as if nothing had moved.
+/// (half its blocks, and growing) when a second, empty one joins; the planner moves some of
+/// them there, live, and every story reads as if nothing had moved. The stories are long
+/// enough (480 tokens, of which about 290 are still to come when the second worker starts)
+/// that its start-up is over well before they end, however slow the machine.
 #[test]
 fn the_planner_moves_decodes_off_a_worker_whose_kv_fills_up() {
     let _g = serial();
     let etcd = Etcd::start();
     let cluster = format!("e2e{}", free_port());
     let (_p, _) = start_worker(&etcd, &cluster, "prefill", "prefill-a", &[]);
-    let (_a, a_addr) = start_worker(&etcd, &cluster, "decode", "decode-a", &["--kv-blocks", "128"]);
+    let (_a, a_addr) = start_worker(&etcd, &cluster, "decode", "decode-a", &["--kv-blocks", "160"]);
     let flags = ["--planner", "--planner-interval-ms", "200", "--rebalance-high", "0.5", "--rebalance-low", "0.3"];
     let (router, addr) = start_router(&etcd, &cluster, &flags);
     for id in ["prefill-a", "decode-a"] {
@@ -318,11 +325,11 @@ fn the_planner_moves_decodes_off_a_worker_whose_kv_fills_up() {
     let http = router.addr_after("tandem: router", "http");
     let rt = rt();
     rt.block_on(async {
-        let want = stream(&mut client(&addr).await, story()).await.unwrap();
+        let want = stream(&mut client(&addr).await, story_of(480)).await.unwrap();
         let mut runs = Vec::new();
         for _ in 0..4 {
             let addr = addr.clone();
-            runs.push(tokio::spawn(async move { stream(&mut client(&addr).await, story()).await }));
+            runs.push(tokio::spawn(async move { stream(&mut client(&addr).await, story_of(480)).await }));
         }
         let end = Instant::now() + Duration::from_secs(60);
         loop {
