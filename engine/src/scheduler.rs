@@ -327,24 +327,21 @@ impl Scheduler {
 
     /// The prompt's KV has arrived; `first_token` was sampled by the prefill worker.
     pub fn remote_kv_ready(&mut self, id: RequestId, first_token: u32) -> Result<Option<FinishReason>, EngineError> {
-        let r = self
-            .requests
-            .get_mut(&id)
-            .ok_or_else(|| EngineError::InvalidRequest(format!("unknown request {}", id.0)))?;
-        if r.status != Status::WaitingForRemoteKv {
-            return Err(EngineError::InvalidRequest(format!("request {} is not waiting for KV", id.0)));
-        }
-        r.num_computed = r.prompt.len();
-        r.status = Status::Running;
-        let tokens = r.tokens();
-        let salt = r.cache_salt.clone();
-        self.blocks.commit(&mut r.blocks, &tokens, r.prompt.len(), salt.as_deref());
+        self.kv_arrived(id)?.status = Status::Running;
         Ok(self.append_token(id, first_token))
     }
 
     /// The KV of cache-only request `id` has arrived: its full blocks go into the prefix
     /// cache and it ends (its blocks are free, cached, for a later request to find).
     pub fn remote_kv_cached(&mut self, id: RequestId) -> Result<(), EngineError> {
+        self.kv_arrived(id)?;
+        self.finish(id, FinishReason::Stop);
+        Ok(())
+    }
+
+    /// Remote request `id`'s prompt KV is in its blocks: computed, and its full blocks
+    /// registered in the prefix cache.
+    fn kv_arrived(&mut self, id: RequestId) -> Result<&mut Request, EngineError> {
         let r = self
             .requests
             .get_mut(&id)
@@ -355,9 +352,8 @@ impl Scheduler {
         r.num_computed = r.prompt.len();
         let tokens = r.tokens();
         let salt = r.cache_salt.clone();
-        self.blocks.commit(&mut r.blocks, &tokens, tokens.len(), salt.as_deref());
-        self.finish(id, FinishReason::Stop);
-        Ok(())
+        self.blocks.commit(&mut r.blocks, &tokens, r.prompt.len(), salt.as_deref());
+        Ok(r)
     }
 
     /// Stops decoding request `id` (every token but its last computed) between steps.
