@@ -165,9 +165,7 @@ impl EngineHandle {
 
     /// Adds a request; its outputs arrive on `Admitted::events`.
     pub async fn submit(&self, req: EngineRequest, how: Admission) -> Result<Admitted, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Cmd::Submit(Box::new(req), how, tx)).map_err(|_| EngineError::Io(GONE.into()))?;
-        rx.await.map_err(|_| EngineError::Io(GONE.into()))?
+        self.ask(|tx| Cmd::Submit(Box::new(req), how, tx)).await?
     }
 
     /// The KV of remote request `id` has arrived; `first_token` came with it.
@@ -215,6 +213,7 @@ impl EngineHandle {
         let _ = self.tx.send(Cmd::Moved(id));
     }
 
+    /// Sends the command `cmd` makes of a reply channel, and waits for the reply.
     async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, EngineError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(cmd(tx)).map_err(|_| EngineError::Io(GONE.into()))?;
@@ -233,9 +232,7 @@ impl EngineHandle {
     /// What the prefix cache holds now and every change after it: taken on the engine
     /// thread between steps, so no change falls between the snapshot and the first event.
     pub async fn subscribe_kv(&self) -> Result<KvSubscription, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Cmd::SubscribeKv(tx)).map_err(|_| EngineError::Io(GONE.into()))?;
-        rx.await.map_err(|_| EngineError::Io(GONE.into()))
+        self.ask(Cmd::SubscribeKv).await
     }
 }
 
