@@ -260,6 +260,7 @@ fn offline(a: &EngineBenchArgs) -> Result<()> {
             n: 1,
             priority: 0,
             cache_salt: None,
+            share: Default::default(),
             export_kv: false,
             resumed: 0,
         })?;

@@ -152,6 +152,7 @@ impl Engine {
             n,
             priority: 0,
             cache_salt: None,
+            share: Default::default(),
             export_kv: false,
             resumed: 0,
         };

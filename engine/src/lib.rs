@@ -28,6 +28,7 @@ pub mod llm_engine;
 pub mod model;
 pub mod sampling;
 pub mod scheduler;
+pub mod share;
 pub mod stop;
 
 pub use error::EngineError;

@@ -18,6 +18,7 @@ use crate::kv_cache::{BlockId, KvCache, KvDtype, LayerKvBytes};
 use crate::model::{ForwardBatch, LogitsWanted, Model, Scratch};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
 use crate::scheduler::{NewRequest, RequestId, Sampled, Scheduler, SchedulerConfig, SchedulerStats, StepPlan};
+use crate::share::Share;
 use crate::stop::StopMatcher;
 
 /// Settings of the engine loop.
@@ -53,6 +54,8 @@ pub struct EngineRequest {
     /// Lower first under the scheduler's `Policy::Priority`; ignored under `Fcfs`.
     pub priority: i32,
     pub cache_salt: Option<String>,
+    /// Its tenant and predicted length, for the `fair` and `sjf` policies.
+    pub share: Share,
     /// Hand the prompt's KV blocks to `step_exporting`'s hook as the steps compute them
     /// (a prefill worker ships them to a decode worker).
     pub export_kv: bool,
@@ -67,7 +70,16 @@ pub struct EngineRequest {
 impl EngineRequest {
     /// A request for `prompt` with `params`, one choice, default priority, no salt.
     pub fn new(prompt: Vec<u32>, params: SamplingParams) -> Self {
-        EngineRequest { prompt, params, n: 1, priority: 0, cache_salt: None, export_kv: false, resumed: 0 }
+        EngineRequest {
+            prompt,
+            params,
+            n: 1,
+            priority: 0,
+            cache_salt: None,
+            share: Share::default(),
+            export_kv: false,
+            resumed: 0,
+        }
     }
 }
 
@@ -213,6 +225,8 @@ pub struct LlmEngine {
     next_id: u64,
     /// The last step scheduled something (`last_step_ran`).
     last_step_ran: bool,
+    /// The scheduler's clock starts here (`sjf` ages requests by it).
+    born: std::time::Instant,
 }
 
 impl std::fmt::Debug for LlmEngine {
@@ -252,7 +266,13 @@ impl LlmEngine {
             seqs: HashMap::new(),
             next_id: 1,
             last_step_ran: false,
+            born: std::time::Instant::now(),
         })
+    }
+
+    /// Moves the scheduler's clock to now.
+    fn tick(&mut self) {
+        self.scheduler.set_clock(self.born.elapsed().as_millis() as u64);
     }
 
     /// Replays a resumed request's earlier tokens through the text pipeline (see `resumed`).
@@ -300,6 +320,7 @@ impl LlmEngine {
             stop_ids,
             priority: req.priority,
             cache_salt: req.cache_salt.clone(),
+            share: req.share.clone(),
         }
     }
 
@@ -307,6 +328,7 @@ impl LlmEngine {
     pub fn add_request(&mut self, req: EngineRequest) -> Result<RequestId, EngineError> {
         self.check(&req)?;
         let id = RequestId(self.next_id);
+        self.tick();
         self.scheduler.add(self.new_request(id, &req))?;
         self.next_id += req.n as u64;
         let forks = (1..req.n as u64).map(|i| RequestId(id.0 + i)).collect();
@@ -344,6 +366,7 @@ impl LlmEngine {
             return Err(EngineError::InvalidRequest(format!("a remote-KV request has one choice, got n = {}", req.n)));
         }
         let id = RequestId(self.next_id);
+        self.tick();
         let (table, cached) = self.scheduler.add_remote(self.new_request(id, &req))?;
         self.next_id += 1;
         let mut seq = new_seq(id, 0, &req.params, Vec::new());
@@ -496,6 +519,7 @@ impl LlmEngine {
 
     /// The scheduler's plan for this step; records whether it holds any work (`last_step_ran`).
     fn schedule(&mut self) -> StepPlan {
+        self.tick();
         let plan = self.scheduler.schedule();
         self.last_step_ran = !plan.is_empty();
         plan

@@ -20,6 +20,7 @@ use crate::block_manager::{BlockManager, SeqBlocks};
 use crate::error::EngineError;
 use crate::finish::FinishReason;
 use crate::kv_cache::BlockId;
+use crate::share::{sjf_key, sjf_rank, FairConfig, Share, SjfConfig, Stage, Vtc};
 
 /// A request's id, unique within one engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,6 +64,10 @@ pub struct SchedulerConfig {
     /// step while a shorter prompt is pending; the rest is the shorter prompts'. 100 turns
     /// the yielding off (plain first come, first served).
     pub long_prefill_share: usize,
+    /// Costs and tenant weights of `Policy::Fair`.
+    pub fair: FairConfig,
+    /// Aging of `Policy::Sjf`.
+    pub sjf: SjfConfig,
 }
 
 impl Default for SchedulerConfig {
@@ -76,16 +81,28 @@ impl Default for SchedulerConfig {
             policy: Policy::Fcfs,
             long_prefill_threshold: 512,
             long_prefill_share: 25,
+            fair: FairConfig::default(),
+            sjf: SjfConfig::default(),
         }
     }
 }
 
+/// What a policy may look at besides the request: the scheduler's clock and the
+/// tenants' counters.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyContext<'a> {
+    /// The scheduler's clock (ms, `Scheduler::set_clock`).
+    pub now_ms: u64,
+    pub vtc: &'a Vtc,
+    pub sjf: &'a SjfConfig,
+}
+
 /// Orders requests: waiting ones are admitted smallest key first, and the running
-/// request with the largest key is preempted first. Fair and shortest-job-first
-/// policies plug in here.
+/// request with the largest key is preempted first. When more requests run than a step
+/// takes (`max_seqs`), the smallest keys run.
 pub trait SchedulingPolicy: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
-    fn key(&self, r: &Request) -> (i64, u64);
+    fn key(&self, r: &Request, cx: &PolicyContext<'_>) -> (i64, u64);
 }
 
 /// First come, first served.
@@ -96,7 +113,7 @@ impl SchedulingPolicy for Fcfs {
     fn name(&self) -> &'static str {
         "fcfs"
     }
-    fn key(&self, r: &Request) -> (i64, u64) {
+    fn key(&self, r: &Request, _: &PolicyContext<'_>) -> (i64, u64) {
         (0, r.arrival)
     }
 }
@@ -109,8 +126,36 @@ impl SchedulingPolicy for ByPriority {
     fn name(&self) -> &'static str {
         "priority"
     }
-    fn key(&self, r: &Request) -> (i64, u64) {
+    fn key(&self, r: &Request, _: &PolicyContext<'_>) -> (i64, u64) {
         (r.priority as i64, r.arrival)
+    }
+}
+
+/// The tenant with the least virtual token counter first (`share`), then arrival.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fair;
+
+impl SchedulingPolicy for Fair {
+    fn name(&self) -> &'static str {
+        "fair"
+    }
+    fn key(&self, r: &Request, cx: &PolicyContext<'_>) -> (i64, u64) {
+        ((cx.vtc.key(r.share.tenant.as_ref()) * 1000.0) as i64, r.arrival)
+    }
+}
+
+/// The least expected remaining work first, aged by the wait (`share::sjf_rank`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShortestFirst;
+
+impl SchedulingPolicy for ShortestFirst {
+    fn name(&self) -> &'static str {
+        "sjf"
+    }
+    fn key(&self, r: &Request, cx: &PolicyContext<'_>) -> (i64, u64) {
+        let prompt_left = r.prompt.len().saturating_sub(r.num_computed);
+        let rank = sjf_rank(prompt_left, r.share.predicted_output, r.max_tokens, r.output.len());
+        sjf_key(rank, cx.now_ms.saturating_sub(r.queued_ms), cx.sjf, r.arrival)
     }
 }
 
@@ -120,6 +165,10 @@ pub enum Policy {
     #[default]
     Fcfs,
     Priority,
+    /// Virtual token counters per tenant (`share::Vtc`).
+    Fair,
+    /// Shortest (predicted) job first, with aging.
+    Sjf,
     Custom(std::sync::Arc<dyn SchedulingPolicy>),
 }
 
@@ -128,15 +177,21 @@ impl Policy {
         match self {
             Policy::Fcfs => &Fcfs,
             Policy::Priority => &ByPriority,
+            Policy::Fair => &Fair,
+            Policy::Sjf => &ShortestFirst,
             Policy::Custom(p) => p.as_ref(),
         }
     }
 
-    /// `fcfs` or `priority`.
+    pub const NAMES: [&'static str; 4] = ["fcfs", "priority", "fair", "sjf"];
+
+    /// One of `NAMES`.
     pub fn parse(s: &str) -> Option<Policy> {
         match s {
             "fcfs" => Some(Policy::Fcfs),
             "priority" => Some(Policy::Priority),
+            "fair" => Some(Policy::Fair),
+            "sjf" => Some(Policy::Sjf),
             _ => None,
         }
     }
@@ -155,6 +210,8 @@ pub struct NewRequest {
     pub priority: i32,
     /// Separates tenants in the prefix cache.
     pub cache_salt: Option<String>,
+    /// Whose it is and how long it should run (`fair`, `sjf`).
+    pub share: Share,
 }
 
 /// A request inside the scheduler.
@@ -169,6 +226,9 @@ pub struct Request {
     pub stop_ids: Vec<u32>,
     pub priority: i32,
     pub cache_salt: Option<String>,
+    pub share: Share,
+    /// When it last started waiting (arrival or preemption), on the scheduler's clock.
+    pub queued_ms: u64,
     pub blocks: SeqBlocks,
     /// Order of arrival (policies break ties with it).
     pub arrival: u64,
@@ -277,10 +337,15 @@ pub struct Scheduler {
     running: Vec<RequestId>,
     next_arrival: u64,
     stats: SchedulerStats,
+    /// Tenants' service and virtual counters (charged under every policy; `Fair` orders by them).
+    vtc: Vtc,
+    /// Milliseconds on the caller's clock (`set_clock`): what `sjf` ages by.
+    now_ms: u64,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig, blocks: BlockManager) -> Self {
+        let cfg_fair = cfg.fair.clone();
         Scheduler {
             cfg,
             blocks,
@@ -289,13 +354,30 @@ impl Scheduler {
             running: Vec::new(),
             next_arrival: 0,
             stats: SchedulerStats::default(),
+            vtc: Vtc::new(cfg_fair),
+            now_ms: 0,
         }
+    }
+
+    /// Sets the clock `sjf` ages requests by (ms; the engine passes time since it started).
+    pub fn set_clock(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+    }
+
+    /// The tenants' counters and service.
+    pub fn tenants(&self) -> &Vtc {
+        &self.vtc
+    }
+
+    fn context(&self) -> PolicyContext<'_> {
+        PolicyContext { now_ms: self.now_ms, vtc: &self.vtc, sjf: &self.cfg.sjf }
     }
 
     /// Admits a request to the waiting queue, or refuses it with a typed error.
     pub fn add(&mut self, r: NewRequest) -> Result<(), EngineError> {
         self.check_new(&r)?;
         let req = self.make(r, Status::Waiting);
+        self.vtc.activate(req.share.tenant.as_ref(), req.share.elsewhere);
         let id = req.id;
         self.requests.insert(id, req);
         self.waiting.push_back(id);
@@ -310,12 +392,14 @@ impl Scheduler {
     pub fn add_remote(&mut self, r: NewRequest) -> Result<(Vec<BlockId>, usize), EngineError> {
         self.check_new(&r)?;
         let mut req = self.make(r, Status::WaitingForRemoteKv);
+        self.vtc.activate(req.share.tenant.as_ref(), req.share.elsewhere);
         let n = req.prompt.len();
         let hit = self.blocks.lookup_prefix(&req.prompt, req.cache_salt.as_deref());
         let cached = hit.blocks.len();
         self.blocks.take_prefix(&mut req.blocks, hit);
         if let Err(e) = self.blocks.allocate(&mut req.blocks, n) {
             self.blocks.free(&mut req.blocks);
+            self.vtc.deactivate(req.share.tenant.as_ref());
             return Err(e);
         }
         let table = req.blocks.table.clone();
@@ -419,6 +503,8 @@ impl Scheduler {
             stop_ids: r.stop_ids,
             priority: r.priority,
             cache_salt: r.cache_salt,
+            share: r.share,
+            queued_ms: self.now_ms,
             blocks: SeqBlocks::default(),
             arrival: self.next_arrival,
             preemptions: 0,
@@ -470,8 +556,17 @@ impl Scheduler {
         // Tokens long prefills may still take this step.
         let mut long_left = self.long_prefill_cap();
 
-        // Running requests first, oldest first.
-        for id in self.running.clone() {
+        // Running requests first, oldest first; when more run than a step takes, in policy
+        // order (a decode worker's reservations never wait, so this is where they queue).
+        let mut order = self.running.clone();
+        if !matches!(self.cfg.policy, Policy::Fcfs) {
+            let running = order.iter().filter(|id| self.requests[id].status == Status::Running).count();
+            if running > self.cfg.max_seqs {
+                let (policy, cx) = (self.cfg.policy.get(), self.context());
+                order.sort_by_cached_key(|id| policy.key(&self.requests[id], &cx));
+            }
+        }
+        for id in order {
             budget = self.cfg.max_batched_tokens - plan.num_tokens();
             // Forked children join `running` without admission: cap the step here too.
             if budget == 0 || plan.scheduled.len() >= self.cfg.max_seqs {
@@ -490,6 +585,7 @@ impl Scheduler {
             if long {
                 long_left -= want;
             }
+            self.charge_prompt(id, want);
             let r = &self.requests[&id];
             plan.scheduled.push(Scheduled {
                 id,
@@ -544,6 +640,11 @@ impl Scheduler {
                 budget -= want;
                 if long {
                     long_left -= want;
+                }
+                self.charge_prompt(id, want);
+                if matches!(self.cfg.policy, Policy::Fair) {
+                    // The tenant's counter moved: the rest of the queue is ordered again.
+                    self.sort_waiting();
                 }
             }
         }
@@ -616,13 +717,20 @@ impl Scheduler {
         }
     }
 
+    /// Charges the prompt tokens among the `want` computed next for request `id`.
+    fn charge_prompt(&mut self, id: RequestId, want: usize) {
+        let r = &self.requests[&id];
+        let prompt = (r.num_computed + want).min(r.prompt.len()).saturating_sub(r.num_computed);
+        self.vtc.charge(r.share.tenant.as_ref(), Stage::Prefill, prompt);
+    }
+
     fn pick_victim(&self) -> RequestId {
-        let policy = self.cfg.policy.get();
+        let (policy, cx) = (self.cfg.policy.get(), self.context());
         *self
             .running
             .iter()
             .filter(|id| self.requests[id].status == Status::Running)
-            .max_by_key(|id| policy.key(&self.requests[id]))
+            .max_by_key(|id| policy.key(&self.requests[id], &cx))
             .expect("a running request to preempt")
     }
 
@@ -631,6 +739,7 @@ impl Scheduler {
         self.blocks.free(&mut r.blocks);
         r.num_computed = 0;
         r.status = Status::Preempted;
+        r.queued_ms = self.now_ms;
         r.preemptions += 1;
         self.stats.preemptions += 1;
         self.running.retain(|&x| x != id);
@@ -638,9 +747,11 @@ impl Scheduler {
     }
 
     fn sort_waiting(&mut self) {
-        let policy = self.cfg.policy.get();
+        let (policy, cx) = (self.cfg.policy.get(), self.context());
         let reqs = &self.requests;
-        self.waiting.make_contiguous().sort_by_key(|id| policy.key(&reqs[id]));
+        let mut ids: Vec<RequestId> = self.waiting.iter().copied().collect();
+        ids.sort_by_cached_key(|id| policy.key(&reqs[id], &cx));
+        self.waiting = ids.into();
     }
 
     /// Records a step's results: `sampled` holds one entry per scheduled entry
@@ -683,6 +794,7 @@ impl Scheduler {
         // A request longer than the whole pool could only preempt itself forever.
         let max_len = self.cfg.max_model_len.min(self.blocks.n_blocks() * self.blocks.block_size());
         let r = self.requests.get_mut(&id).expect("exists");
+        self.vtc.charge(r.share.tenant.as_ref(), Stage::Decode, 1);
         let finish = if r.stop_ids.contains(&tok) {
             Some(FinishReason::Stop)
         } else {
@@ -707,6 +819,7 @@ impl Scheduler {
         }
         self.blocks.free(&mut r.blocks);
         r.status = Status::Finished(why);
+        self.vtc.deactivate(r.share.tenant.as_ref());
         self.running.retain(|&x| x != id);
         self.waiting.retain(|&x| x != id);
     }
@@ -734,6 +847,7 @@ impl Scheduler {
         self.next_arrival += 1;
         c.id = child;
         c.arrival = self.next_arrival;
+        self.vtc.activate(c.share.tenant.as_ref(), c.share.elsewhere);
         self.requests.insert(child, c);
         self.running.push(child);
         Ok(())

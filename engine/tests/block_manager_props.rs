@@ -414,7 +414,7 @@ struct SchedCase {
 fn sched_case() -> impl Strategy<Value = SchedCase> {
     (
         (3usize..10, 1usize..6, 1usize..24, 1usize..5),
-        (2usize..8, any::<bool>(), prop::bool::weighted(0.8), prop_oneof![2 => Just(0usize), 1 => 1usize..40]),
+        (2usize..8, 0u8..4, prop::bool::weighted(0.8), prop_oneof![2 => Just(0usize), 1 => 1usize..40]),
         (1usize..30, 1usize..=100),
     )
         .prop_map(|((n_blocks, bs, budget, max_seqs), (max_waiting, prio, caching, overhang), long_prefill)| {
@@ -424,7 +424,7 @@ fn sched_case() -> impl Strategy<Value = SchedCase> {
                 budget,
                 max_seqs,
                 max_waiting,
-                policy: if prio { Policy::Priority } else { Policy::Fcfs },
+                policy: [Policy::Fcfs, Policy::Priority, Policy::Fair, Policy::Sjf][prio as usize].clone(),
                 caching,
                 overhang,
                 long_prefill,
@@ -440,6 +440,8 @@ struct SchedModel {
     taken: HashSet<RequestId>,
     next_id: u64,
     steps: u64,
+    /// The scheduler's clock (ms), moved every step.
+    clock: u64,
 }
 
 impl SchedModel {
@@ -456,6 +458,8 @@ impl SchedModel {
             policy: c.policy.clone(),
             long_prefill_threshold: c.long_prefill.0,
             long_prefill_share: c.long_prefill.1,
+            fair: Default::default(),
+            sjf: tandem_engine::share::SjfConfig { aging: 1.0, max_wait_ms: 50 },
         };
         SchedModel {
             s: Scheduler::new(cfg, BlockManager::new(c.n_blocks, c.bs, c.caching)),
@@ -463,6 +467,7 @@ impl SchedModel {
             known: Vec::new(),
             taken: HashSet::new(),
             next_id: 1,
+            clock: 0,
             steps: 0,
         }
     }
@@ -505,6 +510,12 @@ impl SchedModel {
             stop_ids: vec![STOP],
             priority,
             cache_salt: SALTS[salt as usize].map(String::from),
+            // Tenants by salt; predicted lengths from the priority (any order will do).
+            share: tandem_engine::share::Share {
+                tenant: SALTS[salt as usize].map(std::sync::Arc::from),
+                predicted_output: Some(priority.unsigned_abs() % 50),
+                elsewhere: (priority.unsigned_abs() % 7) as f64 * 10.0,
+            },
         });
         match r {
             Ok(()) => {
@@ -552,6 +563,8 @@ impl SchedModel {
     /// One schedule + update; returns whether anything was scheduled.
     fn step(&mut self, draws: &[u32], allow_forks: bool) -> bool {
         let mut d = draws.iter().copied().cycle();
+        self.clock += 7;
+        self.s.set_clock(self.clock);
         let plan = self.s.schedule();
         self.steps += 1;
         self.check_plan(&plan);

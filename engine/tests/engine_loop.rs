@@ -79,6 +79,7 @@ fn run_all(e: &mut LlmEngine, ps: &[Vec<u32>], params: &SamplingParams) -> Vec<(
             n: 1,
             priority: 0,
             cache_salt: None,
+            share: Default::default(),
             export_kv: false,
             resumed: 0,
         };
@@ -170,6 +171,7 @@ fn prefix_cache_hit_changes_nothing_but_work() {
         n: 1,
         priority: 0,
         cache_salt: Some("tenant-b".into()),
+        share: Default::default(),
         export_kv: false,
         resumed: 0,
     };
@@ -193,6 +195,7 @@ fn abort_mid_flight_returns_every_block() {
             n: 2,
             priority: 0,
             cache_salt: None,
+            share: Default::default(),
             export_kv: false,
             resumed: 0,
         };
@@ -227,6 +230,7 @@ fn parallel_samples_share_the_prompt_and_differ() {
         n: 4,
         priority: 0,
         cache_salt: None,
+        share: Default::default(),
         export_kv: false,
         resumed: 0,
     };

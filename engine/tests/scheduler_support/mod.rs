@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test file uses its own part
 
 use tandem_engine::block_manager::BlockManager;
-use tandem_engine::scheduler::{NewRequest, RequestId, Sampled, Scheduled, Scheduler, SchedulerConfig, StepPlan};
+pub use tandem_engine::scheduler::{NewRequest, RequestId, Sampled, Scheduled, Scheduler, SchedulerConfig, StepPlan};
 use tandem_engine::FinishReason;
 
 pub const EOS: u32 = 2;
@@ -17,7 +17,15 @@ pub fn sched(c: SchedulerConfig, n_blocks: usize, bs: usize, caching: bool) -> S
 }
 
 pub fn req(id: u64, prompt: Vec<u32>, max_tokens: usize) -> NewRequest {
-    NewRequest { id: RequestId(id), prompt, max_tokens, stop_ids: vec![EOS], priority: 0, cache_salt: None }
+    NewRequest {
+        id: RequestId(id),
+        prompt,
+        max_tokens,
+        stop_ids: vec![EOS],
+        priority: 0,
+        cache_salt: None,
+        share: Default::default(),
+    }
 }
 
 /// A prompt of `n` tokens that never contains the stop id; `seed` separates prompts.
