@@ -20,6 +20,8 @@ mod cluster_token;
 mod generate;
 mod logging;
 mod model_flags;
+mod predictor;
+mod prompt_mix;
 mod serve;
 mod up;
 mod worker_admin;
@@ -52,6 +54,11 @@ enum Command {
     },
     /// Generate text from one prompt.
     Generate(generate::GenerateArgs),
+    /// The router's output-length predictor (for shortest-job-first scheduling).
+    Predictor {
+        #[command(subcommand)]
+        what: predictor::PredictorCommand,
+    },
     /// Measure performance.
     Bench {
         #[command(subcommand)]
@@ -68,6 +75,7 @@ fn main() {
         Command::Decode(args) => serve::worker(args, tandem_cluster::Role::Decode),
         Command::Worker { what } => worker_admin::run(what),
         Command::Generate(args) => generate::run(args),
+        Command::Predictor { what } => predictor::run(what),
         Command::Bench { what } => bench::run(what),
     });
     if let Err(e) = result {

@@ -14,6 +14,7 @@ use clap::Args;
 use tandem_cluster::{ClusterName, Discovery, EtcdConfig, EtcdDiscovery, Role};
 use tandem_decode_worker::DecodeWorker;
 use tandem_engine::scheduler::Policy;
+use tandem_engine::share::{FairConfig, SjfConfig};
 use tandem_prefill_worker::PrefillWorker;
 use tandem_router::http::{HttpLimits, MetricsAccess};
 use tandem_router::recovery::KvFailurePolicy;
@@ -274,11 +275,30 @@ pub struct WorkerFlags {
     /// Turn the prefix cache off (every prompt is computed in full; for comparisons).
     #[arg(long, env = "TANDEM_NO_PREFIX_CACHE")]
     pub no_prefix_cache: bool,
-    /// Which waiting request a worker admits first: `fcfs` (in arrival order) or `priority`
-    /// (the request's `priority`, lower values first, then arrival; the highest value is also
-    /// the first preempted).
+    /// Which waiting request a worker admits first (and which running one it preempts
+    /// first): `fcfs` (in arrival order), `priority` (the request's `priority`, lower values
+    /// first, then arrival), `fair` (the tenant with the least weighted service across the
+    /// cluster first: virtual token counters) or `sjf` (the least predicted work first, aged
+    /// by the wait). See docs/operations.md, "Scheduling".
     #[arg(long, env = "TANDEM_SCHEDULING_POLICY", default_value = "fcfs", value_parser = scheduling_policy())]
     pub scheduling_policy: Policy,
+    /// fair: the service one prompt token costs.
+    #[arg(long, env = "TANDEM_FAIR_PREFILL_COST", default_value_t = FairConfig::default().prefill_cost)]
+    pub fair_prefill_cost: f64,
+    /// fair: the service one generated token costs.
+    #[arg(long, env = "TANDEM_FAIR_DECODE_COST", default_value_t = FairConfig::default().decode_cost)]
+    pub fair_decode_cost: f64,
+    /// fair: tenant weights, `TENANT=WEIGHT` (comma-separated; default 1): a tenant of weight
+    /// 2 gets twice the service of one of weight 1 while both wait. Every worker and router
+    /// must be given the same weights.
+    #[arg(long, env = "TANDEM_TENANT_WEIGHTS", value_delimiter = ',', value_parser = tenant_weight)]
+    pub tenant_weight: Vec<(String, f64)>,
+    /// sjf: rank (in tokens of predicted work) a waiting request gains per second of wait.
+    #[arg(long, env = "TANDEM_SJF_AGING", default_value_t = SjfConfig::default().aging)]
+    pub sjf_aging: f64,
+    /// sjf: a request that waited this long (ms) goes before every other, in arrival order.
+    #[arg(long, env = "TANDEM_SJF_MAX_WAIT_MS", default_value_t = SjfConfig::default().max_wait_ms)]
+    pub sjf_max_wait_ms: u64,
     /// A prompt with more tokens than this left to compute is long: while shorter prompts
     /// wait, it takes only part of each step, so they are not queued behind it.
     #[arg(long, env = "TANDEM_LONG_PREFILL_THRESHOLD", default_value_t = 512)]
@@ -299,8 +319,29 @@ fn percent() -> impl clap::builder::TypedValueParser<Value = usize> {
 /// `--scheduling-policy`: the engine's built-in policies by name.
 fn scheduling_policy() -> impl clap::builder::TypedValueParser<Value = Policy> {
     use clap::builder::TypedValueParser;
-    clap::builder::PossibleValuesParser::new(["fcfs", "priority"])
+    clap::builder::PossibleValuesParser::new(Policy::NAMES)
         .map(|s| Policy::parse(&s).expect("one of the possible values"))
+}
+
+/// `--tenant-weight TENANT=WEIGHT`, a positive finite weight.
+pub(crate) fn tenant_weight(s: &str) -> Result<(String, f64), String> {
+    let (t, w) = s.split_once('=').ok_or_else(|| format!("{s:?} is not TENANT=WEIGHT"))?;
+    let w: f64 = w.trim().parse().map_err(|_| format!("{w:?} is not a number"))?;
+    if t.is_empty() || !(w.is_finite() && w > 0.0) {
+        return Err(format!("{s:?}: the tenant must be named and its weight positive"));
+    }
+    Ok((t.to_string(), w))
+}
+
+impl WorkerFlags {
+    /// The `fair` policy's costs and weights.
+    pub(crate) fn fair(&self) -> FairConfig {
+        FairConfig {
+            prefill_cost: self.fair_prefill_cost.max(0.0),
+            decode_cost: self.fair_decode_cost.max(0.0),
+            weights: self.tenant_weight.iter().cloned().collect(),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -329,6 +370,12 @@ pub struct RouterArgs {
     /// Requests in flight at most; beyond, RESOURCE_EXHAUSTED.
     #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = 512)]
     pub max_inflight: usize,
+    /// The order requests wait for KV room in when every decode worker is full: the name of
+    /// the workers' --scheduling-policy (fcfs, priority, fair: the tenant with the least
+    /// cluster-wide service first, sjf: the shortest predicted output first).
+    #[arg(long, env = "TANDEM_SCHEDULING_POLICY", default_value = "fcfs",
+          value_parser = clap::builder::PossibleValuesParser::new(tandem_router::fairness::Policy::NAMES))]
+    pub scheduling_policy: String,
     #[command(flatten)]
     pub quotas: QuotaFlags,
     #[command(flatten)]
@@ -483,6 +530,8 @@ pub(crate) fn worker_config(
         max_waiting: w.max_waiting,
         prefix_caching: !w.no_prefix_cache,
         scheduling_policy: w.scheduling_policy.clone(),
+        fair: w.fair(),
+        sjf: SjfConfig { aging: w.sjf_aging.max(0.0), max_wait_ms: w.sjf_max_wait_ms },
         long_prefill_threshold: w.long_prefill_threshold,
         long_prefill_share: w.long_prefill_share,
         grpc_listen: grpc,
@@ -541,9 +590,28 @@ pub struct Placement {
     pub rebalance_high: f64,
     #[arg(long, env = "TANDEM_REBALANCE_LOW", default_value_t = 0.5, value_parser = non_negative)]
     pub rebalance_low: f64,
+    /// Refuse requests predicted to miss their TTFT objective (429 / RESOURCE_EXHAUSTED with
+    /// retry-after): `explicit` (only requests that give one: `slo_ttft_ms`, the
+    /// `x-slo-ttft-ms` header), `all` (others are held to --slo-ttft-ms) or `off`.
+    #[arg(long, env = "TANDEM_SLO_ADMISSION", default_value = "explicit",
+          value_parser = clap::builder::PossibleValuesParser::new(tandem_router::slo::SloAdmission::NAMES))]
+    pub slo_admission: String,
+    /// The output-length predictor for `sjf`: `builtin` (fitted on SmolLM2-135M-Instruct's
+    /// generations, scripts/train-length-predictor.sh), `none`, or a file that script wrote.
+    #[arg(long, env = "TANDEM_LENGTH_PREDICTOR", default_value = "builtin")]
+    pub length_predictor: String,
 }
 
 impl Placement {
+    fn length_predictor(&self) -> Result<Option<tandem_router::predict::LengthPredictor>> {
+        use tandem_router::predict::LengthPredictor;
+        Ok(match self.length_predictor.as_str() {
+            "none" => None,
+            "builtin" => Some(LengthPredictor::built_in()),
+            path => Some(LengthPredictor::load(std::path::Path::new(path)).map_err(|e| anyhow!("--length-predictor {e}"))?),
+        })
+    }
+
     fn prefill_placement(&self) -> tandem_router::placement::PlacementConfig {
         use tandem_router::placement::{Mode, PlacementConfig, Slo};
         PlacementConfig {
@@ -583,6 +651,8 @@ pub(crate) struct RouterFlags<'a> {
     pub(crate) http: &'a HttpFlags,
     pub(crate) migration: &'a Migration,
     pub(crate) quotas: &'a QuotaFlags,
+    /// The workers' scheduling policy: the router's queue for KV room follows it.
+    pub(crate) scheduling_policy: &'a str,
 }
 
 impl RouterFlags<'_> {
@@ -593,8 +663,8 @@ impl RouterFlags<'_> {
         (grpc, http): (SocketAddr, SocketAddr),
         tls: Option<tandem_proto::tls::TlsFiles>,
         token: tandem_proto::auth::ClusterToken,
-    ) -> RouterConfig {
-        RouterConfig {
+    ) -> Result<RouterConfig> {
+        Ok(RouterConfig {
             models: self.models.clone(),
             grpc_listen: grpc,
             policy: self.placement.policy.clone(),
@@ -622,7 +692,11 @@ impl RouterFlags<'_> {
             stream_stall_timeout: Duration::from_secs_f64(self.quotas.stream_stall_timeout),
             placement: self.placement.prefill_placement(),
             planner: self.placement.planner(),
-        }
+            queue_policy: tandem_router::fairness::Policy::parse(self.scheduling_policy).unwrap_or_default(),
+            slo_admission: tandem_router::slo::SloAdmission::parse(&self.placement.slo_admission)
+                .expect("clap checked the name"),
+            length_predictor: self.placement.length_predictor()?,
+        })
     }
 }
 
@@ -657,8 +731,9 @@ pub fn router(a: RouterArgs) -> Result<()> {
             http: &a.http,
             migration: &a.migration,
             quotas: &a.quotas,
+            scheduling_policy: &a.scheduling_policy,
         };
-        let rcfg = flags.config((a.grpc_listen, a.http_listen), tls.clone(), token);
+        let rcfg = flags.config((a.grpc_listen, a.http_listen), tls.clone(), token)?;
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         println!(
             "tandem: router grpc {} http {} ({})",

@@ -125,10 +125,11 @@ pub fn up(a: UpArgs) -> Result<()> {
             http: &a.http,
             migration: &a.migration,
             quotas: &a.quotas,
+            scheduling_policy: a.worker.scheduling_policy.get().name(),
         };
         let listen = (SocketAddr::new(a.host, a.grpc_port), SocketAddr::new(a.host, a.http_port));
         // One process on one machine: nothing crosses a network to encrypt.
-        let rcfg = flags.config(listen, None, token.clone());
+        let rcfg = flags.config(listen, None, token.clone())?;
         let router = RunningRouter::start(rcfg, d.clone(), cluster).await.map_err(|e| anyhow!(e))?;
         if !router.wait_for_workers(running.len(), Duration::from_secs(30)).await {
             bail!("the router did not see its {} workers register within 30 s", running.len());

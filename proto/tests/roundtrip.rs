@@ -101,6 +101,7 @@ fn public_samples() -> Vec<Sample> {
         cache_salt: Some("tenant-a".into()),
         priority: -2,
         kv_failure_policy: api::KvFailurePolicy::Recompute.into(),
+        slo_ttft_ms: Some(250),
     };
     let tokenize = |input| api::TokenizeRequest {
         model: "smollm2-135m-instruct".into(),
@@ -216,6 +217,10 @@ fn worker_sampling() -> wk::SamplingParams {
     }
 }
 
+fn scheduling() -> wk::Scheduling {
+    wk::Scheduling { tenant: "acme".into(), tenant_service_elsewhere: 4096.5, predicted_output_tokens: 120 }
+}
+
 fn destination() -> wk::KvDestination {
     wk::KvDestination {
         worker_id: "decode-0".into(),
@@ -257,8 +262,11 @@ fn worker_samples() -> Vec<Sample> {
                 // Both set only to cover the fields: a worker refuses the pair.
                 cache_only: true,
                 first_token_delivered: true,
+                scheduling: Some(scheduling()),
             },
         ),
+        sample("tandem.worker.v1.Scheduling", scheduling()),
+        sample("tandem.worker.v1.TenantService", wk::TenantService { tenant: "acme".into(), service: 1.5e9 }),
         sample(
             "tandem.worker.v1.ReserveResponse",
             wk::ReserveResponse {
@@ -280,6 +288,7 @@ fn worker_samples() -> Vec<Sample> {
                 destination: Some(destination()),
                 priority: -1,
                 resumed_tokens: 2,
+                scheduling: Some(scheduling()),
             },
         ),
         sample(
@@ -313,6 +322,7 @@ fn worker_samples() -> Vec<Sample> {
                 cache_salt: Some("tenant-b".into()),
                 priority: -2,
                 recompute: true,
+                scheduling: Some(scheduling()),
             },
         ),
         sample(
@@ -374,6 +384,7 @@ fn worker_samples() -> Vec<Sample> {
                 elastic: true,
                 prefills_in_flight: 2,
                 changing_role: true,
+                tenant_service: vec![wk::TenantService { tenant: "acme".into(), service: 12.5 }],
             },
         ),
         sample(

@@ -30,6 +30,7 @@ use crate::recovery::{
     self, failed, kv_fault, left, AttemptError, Budget, Fault, KvFailurePolicy, Next, Plan, Recovery,
 };
 use crate::routing::{Routing, WaitingForRoom};
+use crate::slo;
 use crate::validate::Validated;
 use crate::worker::{CancelOnDrop, DecodeStream};
 
@@ -196,6 +197,12 @@ pub(crate) struct ChoiceRun {
     accepted: Instant,
     /// Tokens sent to the client so far, across attempts: a later attempt resumes after them.
     generated: Vec<u32>,
+    /// No attempt has been routed yet: the next is checked against the TTFT objective.
+    first_attempt: bool,
+    /// The first token's predicted time, and the residual it included (`slo::TtftModel`).
+    predicted_ttft: Option<(Duration, f64)>,
+    /// Its place in arrival order in the router's queue, once it has waited there.
+    queue_seq: Option<u64>,
 }
 
 impl ChoiceRun {
@@ -206,7 +213,69 @@ impl ChoiceRun {
         out: ChunkSender,
         accepted: Instant,
     ) -> Self {
-        ChoiceRun { routing, v, index, out, accepted, generated: Vec::new() }
+        ChoiceRun {
+            routing,
+            v,
+            index,
+            out,
+            accepted,
+            generated: Vec::new(),
+            first_attempt: true,
+            predicted_ttft: None,
+            queue_seq: None,
+        }
+    }
+
+    /// The choice's first token is out: how its TTFT prediction fared, and its tenant's
+    /// queue time and prompt tokens computed.
+    fn first_token_seen(&self, marks: &Marks, prefill: Option<&pb::PrefillResponse>, local_cached: u32) {
+        if let Some((predicted, residual)) = self.predicted_ttft {
+            self.routing.ttft.observe(predicted, residual, self.accepted.elapsed());
+        }
+        let queued = prefill.and_then(|p| p.timing).map_or(0.0, |t| t.queue_time_ms / 1e3);
+        let tenant = self.v.tenant.as_deref();
+        metrics::tenant_queue(tenant, (marks.sent - marks.accepted).as_secs_f64() + queued);
+        let cached = prefill.map_or(local_cached, |p| p.cached_tokens) as usize;
+        metrics::tenant_tokens(tenant, "prefill", self.v.prompt.len().saturating_sub(cached));
+    }
+
+    /// What a call to worker `on` carries for its `fair` and `sjf` scheduling.
+    fn scheduling(&self, on: &WorkerId) -> pb::Scheduling {
+        crate::fairness::scheduling(&self.routing.ledger, &self.routing.members, &self.v, on)
+    }
+
+    /// Predicts the first token's time on `route` and, when the request is held to a TTFT
+    /// objective it would miss, refuses it (RESOURCE_EXHAUSTED, `retry-after`).
+    fn admit_by_slo(&mut self, route: &Route) -> Result<(), AttemptError> {
+        let r = &self.routing;
+        let computes = match route {
+            Route::Disaggregated { prefill, .. } => prefill,
+            Route::Local(w) => w,
+        };
+        let residual = r.ttft.residual();
+        let predicted = slo::predict(&slo::Inputs {
+            ahead_tokens: computes.queue_ahead,
+            uncached: computes.uncached(),
+            prefill_rate: r.placement.prefill_rate(),
+            residual,
+        });
+        self.predicted_ttft = predicted.map(|p| (p, residual));
+        let objective = r.slo_admission.objective(self.v.slo_ttft, r.placement.config.slo.ttft);
+        match slo::decide(predicted, objective) {
+            slo::Verdict::Admit => Ok(()),
+            slo::Verdict::Refuse { retry_after } => {
+                metrics::admission_refused("slo_ttft");
+                let (p, o) = (predicted.unwrap_or_default(), objective.unwrap_or_default());
+                let mut st = Status::resource_exhausted(format!(
+                    "the first token is predicted in {} ms, after the request's TTFT objective of {} ms; retry later",
+                    p.as_millis(),
+                    o.as_millis()
+                ));
+                let secs = retry_after.as_secs().max(1).to_string();
+                st.metadata_mut().insert("retry-after", secs.parse().expect("digits"));
+                Err(AttemptError { status: st, fault: Fault::Request })
+            }
+        }
     }
 
     /// Runs the choice to its end; its chunks, or its error, go to `out`.
@@ -228,7 +297,7 @@ impl ChoiceRun {
                 // Whatever this attempt held is being freed: the longest-waiting choice (tokio's
                 // `Notify` wakes in the order waiters registered) tries again. One per ending
                 // attempt, not all: a herd of retries would each cost a `Reserve`.
-                r.kv_room.notify_one();
+                r.room.wake_first();
                 if let Some(since) = tries.wait_since.take() {
                     // The wait ended when this attempt found room.
                     metrics::seconds(metrics::ROOM_WAIT, started - since);
@@ -266,7 +335,7 @@ impl ChoiceRun {
 
     /// Waits for KV room (every decode worker was full): until an attempt ends somewhere,
     /// or a poll's time passes; then every decode worker is tried again.
-    async fn wait_for_room(&self, tries: &mut Tries, err: &AttemptError) {
+    async fn wait_for_room(&mut self, tries: &mut Tries, err: &AttemptError) {
         let r = &self.routing;
         let since = *tries.wait_since.get_or_insert_with(|| {
             tracing::info!(
@@ -280,13 +349,24 @@ impl ChoiceRun {
             Instant::now()
         });
         tries.rounds += 1;
-        // Woken when any attempt ends; polled in case blocks are freed some other
-        // way (a reservation's lease ending, another router's request).
-        let poll = Duration::from_millis(20 << tries.rounds.min(5)).min(r.kv_wait.saturating_sub(since.elapsed()));
+        // Waits in the router's policy order (`fairness::RoomQueue`): woken when an attempt
+        // ends and this choice is first; polled in case blocks are freed some other way (a
+        // reservation's lease ending, another router's request), trying again only when
+        // first, or when the wait's limit is near.
+        let seq = *self.queue_seq.get_or_insert_with(|| r.room.next_seq());
+        let key = crate::fairness::queue_key(&r.queue_policy, &r.ledger, &r.members, &self.v, seq);
+        let place = r.room.join(key);
         let _waiting = WaitingForRoom::new(r);
-        tokio::select! {
-            _ = r.kv_room.notified() => {}
-            _ = tokio::time::sleep(poll) => {}
+        loop {
+            let poll = Duration::from_millis(20 << tries.rounds.min(5)).min(r.kv_wait.saturating_sub(since.elapsed()));
+            tokio::select! {
+                _ = place.notified() => break,
+                _ = tokio::time::sleep(poll) => {}
+            }
+            if place.is_first() || since.elapsed() >= r.kv_wait {
+                break;
+            }
+            tries.rounds += 1;
         }
         tries.full.clear();
         tries.overflows = 0;
@@ -353,8 +433,18 @@ impl ChoiceRun {
         let r = self.routing.clone();
         match plan {
             Plan::Route => {
-                let to = RouteAsk { model: &self.v.model, prompt: &ask.prompt, salt: self.v.cache_salt.as_deref() };
-                match r.members.route(r.policy.as_ref(), &r.placement, &to, avoid)? {
+                let to = RouteAsk {
+                    model: &self.v.model,
+                    prompt: &ask.prompt,
+                    salt: self.v.cache_salt.as_deref(),
+                    priority: self.v.priority,
+                };
+                let route = r.members.route(r.policy.as_ref(), &r.placement, &to, avoid)?;
+                if self.first_attempt {
+                    self.first_attempt = false;
+                    self.admit_by_slo(&route)?;
+                }
+                match route {
                     Route::Local(w) => self.local(w, ask, false).await,
                     Route::Disaggregated { prefill, decode } => self.disaggregated(prefill, decode, ask).await,
                 }
@@ -379,6 +469,7 @@ impl ChoiceRun {
             cache_salt: self.v.cache_salt.clone(),
             priority: self.v.priority,
             recompute,
+            scheduling: Some(self.scheduling(&w.id)),
         };
         let marks = Marks { accepted: self.accepted, sent: Instant::now(), prefilled: None };
         let stream = tokio::select! {
@@ -407,6 +498,7 @@ impl ChoiceRun {
             sender_lease: LeaseId::to_wire(prefill.lease),
             cache_only: false,
             first_token_delivered: false,
+            scheduling: Some(self.scheduling(&decode.id)),
         };
         // Armed before the reservation: a choice dropped while `Reserve` is in flight still
         // cancels it (a reservation that lands after the `Cancel` is abandoned by the
@@ -453,6 +545,7 @@ impl ChoiceRun {
             }),
             priority: v.priority,
             resumed_tokens: resumed,
+            scheduling: Some(self.scheduling(&prefill.id)),
         };
         let sent = Instant::now();
         let kv_failed = |status: Status, prefill_failed: bool| AttemptError {
@@ -619,7 +712,9 @@ impl ChoiceRun {
             }
             if first && !resumed && !d.token_ids.is_empty() {
                 marks.first_token(prefill.as_ref());
+                self.first_token_seen(&marks, prefill.as_ref(), d.cached_tokens);
             }
+            metrics::tenant_tokens(self.v.tenant.as_deref(), "decode", d.token_ids.len());
             let finished = d.finish_reason() != api::FinishReason::Unspecified;
             let chunk = self.chunk(d, if first { prefill.take() } else { None }, first && !resumed);
             first = false;

@@ -233,6 +233,9 @@ fn request(max_tokens: u32, kv_failure_policy: Option<KvFailurePolicy>) -> Valid
         cache_salt: None,
         priority: 0,
         kv_failure_policy,
+        slo_ttft: None,
+        tenant: None,
+        predicted_output: None,
     }
 }
 

@@ -174,6 +174,18 @@ async fn start(
     start_request(state, req, Some(left), "http", tenant).await.map_err(|s| ApiError::from_status(&s))
 }
 
+/// The `x-slo-ttft-ms` header: the request's TTFT objective in ms (`tandem.v1`
+/// `slo_ttft_ms`); absent: none.
+fn slo_header(headers: &HeaderMap) -> Result<Option<u32>, ApiError> {
+    let Some(v) = headers.get("x-slo-ttft-ms") else { return Ok(None) };
+    let bad = || ApiError::bad("x-slo-ttft-ms", "must be a whole number of milliseconds, 1 to 600000");
+    let ms: u32 = v.to_str().map_err(|_| bad())?.trim().parse().map_err(|_| bad())?;
+    if !(1..=crate::validate::MAX_SLO_TTFT_MS).contains(&ms) {
+        return Err(bad());
+    }
+    Ok(Some(ms))
+}
+
 async fn chat(
     State(state): State<Arc<RouterState>>,
     Extension(limits): Extension<HttpLimits>,
@@ -184,7 +196,8 @@ async fn chat(
     let tenant = authorized(&state, &headers)?;
     let body = read_body(body, &limits).await?;
     let r: ChatRequest = parse(&body, "chat completion")?;
-    let req = chat_request(&r)?;
+    let mut req = chat_request(&r)?;
+    req.slo_ttft_ms = slo_header(&headers)?;
     let want_logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let chunks = start(&state, req, deadline, tenant.as_ref()).await?;
@@ -368,7 +381,8 @@ async fn completions(
     let tenant = authorized(&state, &headers)?;
     let body = read_body(body, &limits).await?;
     let r: CompletionRequest = parse(&body, "completion")?;
-    let plan = completion_request(&r)?;
+    let mut plan = completion_request(&r)?;
+    plan.request.slo_ttft_ms = slo_header(&headers)?;
     let want_logprobs = plan.request.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let chunks = start(&state, plan.request.clone(), deadline, tenant.as_ref()).await?;

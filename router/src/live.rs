@@ -150,6 +150,7 @@ pub(crate) async fn precopy(
         sender_lease: LeaseId::to_wire(from.lease),
         cache_only: true,
         first_token_delivered: false,
+        scheduling: Some(crate::fairness::scheduling(&routing.ledger, &routing.members, v, &dest.id)),
     };
     // A pre-copy given up (or dropped with its choice) frees the reservation at once.
     let mut guard = CancelOnDrop { rid, workers: vec![dest.worker.clone()], done: false };
@@ -224,6 +225,7 @@ pub(crate) async fn finalize(
         sender_lease: LeaseId::to_wire(from.lease),
         cache_only: false,
         first_token_delivered: true,
+        scheduling: Some(crate::fairness::scheduling(&routing.ledger, &routing.members, v, &dest.id)),
     };
     let guard = CancelOnDrop { rid, workers: vec![dest.worker.clone()], done: false };
     let res = match call(dest.worker.reserve(reserve)).await {

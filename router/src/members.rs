@@ -61,8 +61,10 @@ impl Entry {
             gone: self.gone.clone(),
             lease: self.desc.lease,
             predicted_cached: None,
+            queue_ahead: 0,
             inflight: self.inflight.clone(),
             charge: AtomicU64::new(0),
+            priority: 0,
         }
     }
 }
@@ -87,9 +89,15 @@ pub struct Picked {
     /// Prompt tokens it was predicted to find in its prefix cache when picked (`None`:
     /// unknown, its hashing differs from the router's, or it was not picked by the index).
     pub predicted_cached: Option<usize>,
+    /// Prompt tokens queued ahead of this request on it when picked, counting requests of
+    /// the same or a more urgent priority (this router's live count, plus what its last load
+    /// report had beyond that: other routers'). 0 for a pick that computes no prompt.
+    pub queue_ahead: u64,
     inflight: Arc<InFlight>,
     /// Prompt tokens this pick still counts in `InFlight::prefill_tokens`.
     charge: AtomicU64,
+    /// The request's priority, under which `charge` is counted.
+    priority: i32,
 }
 
 impl Picked {
@@ -98,6 +106,20 @@ impl Picked {
     pub fn prefill_done(&self) {
         let c = self.charge.swap(0, Ordering::Relaxed);
         self.inflight.prefill_tokens.fetch_sub(c, Ordering::Relaxed);
+        if c > 0 {
+            let mut by = self.inflight.by_priority.lock().expect("in flight");
+            if let Some(n) = by.get_mut(&self.priority) {
+                *n = n.saturating_sub(c);
+                if *n == 0 {
+                    by.remove(&self.priority);
+                }
+            }
+        }
+    }
+
+    /// Prompt tokens this pick computes (0 once it has, or for a pick that computes none).
+    pub fn uncached(&self) -> u64 {
+        self.charge.load(Ordering::Relaxed)
     }
 }
 
@@ -115,6 +137,15 @@ pub struct InFlight {
     pub requests: AtomicU64,
     /// Prompt tokens it is predicted to compute for them and has not yet answered.
     pub prefill_tokens: AtomicU64,
+    /// The same tokens by the requests' priority.
+    pub by_priority: Mutex<std::collections::BTreeMap<i32, u64>>,
+}
+
+impl InFlight {
+    /// Tokens of requests at least as urgent as `priority` (a value no greater).
+    fn ahead_of(&self, priority: i32) -> u64 {
+        self.by_priority.lock().expect("in flight").range(..=priority).map(|(_, n)| n).sum()
+    }
 }
 
 /// Where one request goes.
@@ -167,6 +198,9 @@ pub struct RouteAsk<'a> {
     pub prompt: &'a [u32],
     /// The request's prefix-cache salt, as sent to the workers.
     pub salt: Option<&'a str>,
+    /// Its `priority` (lower is more urgent): the prompt tokens queued ahead of it on the
+    /// worker that computes it count the same or more urgent requests only.
+    pub priority: i32,
 }
 
 #[derive(Default)]
@@ -281,6 +315,18 @@ impl Members {
         })
     }
 
+    /// `tenant`'s weighted service on every worker that reported some, as last polled.
+    pub fn tenant_service(&self, tenant: &str) -> crate::fairness::Reported {
+        let entries = self.entries.lock().expect("entries");
+        entries
+            .values()
+            .filter_map(|e| {
+                let s = e.stats.as_ref()?.tenant_service.iter().find(|t| t.tenant == tenant)?;
+                (s.service.is_finite() && s.service > 0.0).then(|| (e.desc.id.clone(), s.service))
+            })
+            .collect()
+    }
+
     /// Every known worker, in id order.
     pub fn snapshot(&self) -> Vec<WorkerStatus> {
         let mut out: Vec<WorkerStatus> = {
@@ -290,7 +336,7 @@ impl Members {
                 .map(|e| WorkerStatus {
                     desc: e.desc.clone(),
                     healthy: e.liveness.healthy(),
-                    stats: e.stats,
+                    stats: e.stats.clone(),
                     inflight: e.inflight.requests.load(Ordering::Relaxed),
                     cached_blocks: 0,
                     comparable: e.comparable,
@@ -424,16 +470,29 @@ impl Members {
         // answers; a decode pick counts as a request only.
         let take = |e: &Entry, predicted_cached: Option<usize>, computes: bool| {
             let charge = if computes { prompt_len.saturating_sub(predicted_cached.unwrap_or(0)) as u64 } else { 0 };
+            let queue_ahead = if computes {
+                // What others' routers queued there: its report beyond this router's count.
+                let mine = e.inflight.prefill_tokens.load(Ordering::Relaxed);
+                let others = e.stats.as_ref().map_or(0, |s| s.queued_prefill_tokens.saturating_sub(mine));
+                e.inflight.ahead_of(ask.priority) + others
+            } else {
+                0
+            };
             e.inflight.requests.fetch_add(1, Ordering::Relaxed);
             e.inflight.prefill_tokens.fetch_add(charge, Ordering::Relaxed);
+            if charge > 0 {
+                *e.inflight.by_priority.lock().expect("in flight").entry(ask.priority).or_default() += charge;
+            }
             Picked {
                 id: e.desc.id.clone(),
                 worker: e.worker.clone(),
                 gone: e.gone.clone(),
                 lease: e.desc.lease,
                 predicted_cached,
+                queue_ahead,
                 inflight: e.inflight.clone(),
                 charge: AtomicU64::new(charge),
+                priority: ask.priority,
             }
         };
         if decode.is_empty() {

@@ -42,6 +42,10 @@ pub const PLACEMENT: &str = "tandem_router_prefill_placement_total";
 pub const LOCAL_BUDGET: &str = "tandem_router_local_prefill_budget_tokens";
 pub const DESIRED_WORKERS: &str = "tandem_planner_desired_workers";
 pub const PLANNER_DECISIONS: &str = "tandem_planner_decisions_total";
+pub const TENANT_TOKENS: &str = "tandem_tenant_tokens_total";
+pub const TENANT_QUEUE: &str = "tandem_tenant_queue_seconds";
+pub const TTFT_PREDICTION_ERROR: &str = "tandem_ttft_prediction_error_seconds";
+pub const PREDICTED_OUTPUT: &str = "tandem_router_predicted_output_tokens_total";
 
 /// Registers every router metric's description (idempotent).
 pub fn describe() {
@@ -62,6 +66,29 @@ pub fn describe() {
         "Time to first token split by stage: router (routing and reservation), prefill_queue, prefill_compute, \
          kv_transfer (the transfer's tail after the last layer), decode_wait (KV landed to first token relayed), \
          local (a role-both worker's whole prefill)."
+    );
+    describe_counter!(
+        TENANT_TOKENS,
+        Unit::Count,
+        "Tokens served per tenant (the API key's tenant; default: requests without a key) and stage: prefill \
+         (prompt tokens computed, prefix-cache hits excluded) and decode (tokens generated)."
+    );
+    describe_histogram!(
+        TENANT_QUEUE,
+        Unit::Seconds,
+        "Per tenant: time a choice waited before its prompt computation started (the router's wait for KV room \
+         and the prefill queue)."
+    );
+    describe_histogram!(
+        TTFT_PREDICTION_ERROR,
+        Unit::Seconds,
+        "How far SLO admission's TTFT prediction was off, by direction: late (the first token came after the \
+         prediction) or early."
+    );
+    describe_counter!(
+        PREDICTED_OUTPUT,
+        Unit::Count,
+        "Output tokens the length predictor expected, beside the tokens generated (tandem_generation_tokens_total)."
     );
     describe_gauge!(IN_FLIGHT, "Requests the router is serving now.");
     describe_gauge!(MAX_IN_FLIGHT, "Requests the router serves at most (--max-inflight); beyond, it refuses.");
@@ -217,6 +244,35 @@ pub fn error_kind(code: tonic::Code) -> &'static str {
         Unauthenticated => "unauthenticated",
         _ => "internal",
     }
+}
+
+/// A tenant's name as a label: the default tenant is `default`. Tenants come from the
+/// configured API keys only, so the label's values are bounded by the configuration.
+pub fn tenant_label(tenant: Option<&str>) -> String {
+    match tenant {
+        None | Some("") => "default".to_string(),
+        Some(t) => t.to_string(),
+    }
+}
+
+pub fn tenant_tokens(tenant: Option<&str>, stage: &'static str, n: usize) {
+    if n > 0 {
+        counter!(TENANT_TOKENS, "tenant" => tenant_label(tenant), "stage" => stage).increment(n as u64);
+    }
+}
+
+pub fn tenant_queue(tenant: Option<&str>, secs: f64) {
+    histogram!(TENANT_QUEUE, "tenant" => tenant_label(tenant)).record(secs.max(0.0));
+}
+
+/// `actual - predicted` TTFT, in seconds.
+pub fn ttft_prediction_error(err: f64) {
+    let direction = if err >= 0.0 { "late" } else { "early" };
+    histogram!(TTFT_PREDICTION_ERROR, "direction" => direction).record(err.abs());
+}
+
+pub fn predicted_output(n: u32) {
+    counter!(PREDICTED_OUTPUT).increment(n as u64);
 }
 
 pub fn seconds(name: &'static str, d: Duration) {

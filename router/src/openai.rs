@@ -326,6 +326,8 @@ fn base(
         cache_salt: c.cache_salt.clone(),
         priority: c.priority.unwrap_or(0),
         kv_failure_policy: kv_failure_policy as i32,
+        // The `x-slo-ttft-ms` header's, set by the HTTP front door.
+        slo_ttft_ms: None,
     })
 }
 

@@ -51,6 +51,12 @@ pub async fn start_request(
         let mut v = s.tokenize(move || validate(&req, &facts, public_request_id)).await??;
         // The client's salt was checked as sent; the workers get the router's keyed one.
         v.cache_salt = effective_salt(&s.salt_key, tenant, v.cache_salt.as_deref());
+        v.tenant = tenant.map(|t| t.0.clone());
+        if let Some(p) = &s.routing.predictor {
+            let n = p.predict(&v.prompt, v.sampling.max_tokens);
+            metrics::predicted_output(n);
+            v.predicted_output = Some(n);
+        }
         Ok::<_, Status>((v, s.admission.admit(tenant)?))
     }
     .await;
@@ -75,8 +81,13 @@ pub async fn start_request(
     // Detached on purpose: the run ends with its request (finished, failed, past its
     // deadline or first-token bound) or its client (a closed `tx`), holding the admission
     // permit until then; a drain waits for it through that permit's in-flight count.
+    let active = crate::fairness::Active::new(
+        s.routing.ledger.clone(),
+        &s.routing.members,
+        crate::fairness::tenant_of(&relay.v),
+    );
     tokio::spawn(async move {
-        let _permit = permit;
+        let (_permit, _active) = (permit, active);
         relay.run().await
     });
     Ok(rx)

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::fairness::{Ledger, Policy as QueuePolicy, RoomQueue};
 use crate::members::Members;
+use crate::predict::LengthPredictor;
+use crate::slo::{SloAdmission, TtftModel};
 use crate::metrics;
 use crate::placement::{PlacementConfig, PlacementControl};
 use crate::policy::RoutingPolicy;
@@ -46,6 +49,18 @@ pub struct Routing {
     pub kv_room: Notify,
     /// Choices waiting for KV room now.
     pub kv_waiting: AtomicUsize,
+    /// The order choices wait for KV room in (`fairness::RoomQueue`): the router's
+    /// `--scheduling-policy`.
+    pub room: Arc<RoomQueue>,
+    pub queue_policy: QueuePolicy,
+    /// Tenants' cluster-wide service (`fairness::Ledger`).
+    pub ledger: Arc<Ledger>,
+    /// Which requests are refused when predicted to miss their TTFT objective (`slo`).
+    pub slo_admission: SloAdmission,
+    /// What TTFT predictions add beyond the queue (`slo::TtftModel`).
+    pub ttft: TtftModel,
+    /// Predicts each request's output length (`predict`); `None`: no prediction.
+    pub predictor: Option<Arc<LengthPredictor>>,
 }
 
 impl Routing {
@@ -61,6 +76,12 @@ impl Routing {
             kv_wait: KV_WAIT,
             kv_room: Notify::new(),
             kv_waiting: AtomicUsize::new(0),
+            room: Arc::default(),
+            queue_policy: QueuePolicy::Fcfs,
+            ledger: Arc::default(),
+            slo_admission: SloAdmission::default(),
+            ttft: TtftModel::default(),
+            predictor: None,
         }
     }
 }

@@ -119,6 +119,12 @@ pub struct RouterConfig {
     pub placement: crate::placement::PlacementConfig,
     /// Runs the planner (`planner`) when set.
     pub planner: Option<crate::planner::PlannerConfig>,
+    /// The order requests wait for KV room in (`fairness`): the workers' policy's name.
+    pub queue_policy: crate::fairness::Policy,
+    /// Which requests are refused when predicted to miss their TTFT objective (`slo`).
+    pub slo_admission: crate::slo::SloAdmission,
+    /// Predicts each request's output length for `sjf` workers (`predict`); `None`: none.
+    pub length_predictor: Option<crate::predict::LengthPredictor>,
 }
 
 pub struct RunningRouter {
@@ -168,6 +174,9 @@ impl RunningRouter {
         routing.kv_lease = cfg.kv_lease;
         routing.kv_wait = cfg.kv_wait;
         routing.placement = Arc::new(crate::placement::PlacementControl::new(cfg.placement));
+        routing.queue_policy = cfg.queue_policy;
+        routing.slo_admission = cfg.slo_admission;
+        routing.predictor = cfg.length_predictor.map(Arc::new);
         let stop_planner = CancellationToken::new();
         let planner = cfg.planner.map(|mut p| {
             p.long_prompt = cfg.placement.threshold;

@@ -50,7 +50,17 @@ pub struct Validated {
     pub priority: i32,
     /// The request's own KV failure policy; `None`: the router's default.
     pub kv_failure_policy: Option<KvFailurePolicy>,
+    /// Its own TTFT objective (`slo_ttft_ms`); `None`: none given.
+    pub slo_ttft: Option<std::time::Duration>,
+    /// The caller's tenant (from its API key); `None`: the default tenant. Set by the
+    /// front door after validation.
+    pub tenant: Option<String>,
+    /// Output tokens the router's length predictor expects (capped by `max_tokens`).
+    pub predicted_output: Option<u32>,
 }
+
+/// The longest TTFT objective a request may give (ms).
+pub const MAX_SLO_TTFT_MS: u32 = 600_000;
 
 fn bad(field: &str, what: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {what}"))
@@ -272,5 +282,12 @@ pub fn validate(
         cache_salt: req.cache_salt.clone(),
         priority: req.priority,
         kv_failure_policy,
+        slo_ttft: match req.slo_ttft_ms {
+            None => None,
+            Some(ms) if (1..=MAX_SLO_TTFT_MS).contains(&ms) => Some(std::time::Duration::from_millis(ms as u64)),
+            Some(ms) => return Err(bad("slo_ttft_ms", format!("{ms} is not in 1..={MAX_SLO_TTFT_MS}"))),
+        },
+        tenant: None,
+        predicted_output: None,
     })
 }

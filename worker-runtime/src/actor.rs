@@ -89,12 +89,17 @@ impl Admitted {
 }
 
 /// Counters for the Stats RPC and routing.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Load {
     pub scheduler: SchedulerStats,
     pub waiting_for_kv: usize,
     pub queued_prefill_tokens: u64,
+    /// Tenants' weighted service (`share::Vtc::served`), the most served `MAX_REPORTED_TENANTS`.
+    pub tenant_service: Vec<(String, f64)>,
 }
+
+/// Tenants a load report names at most.
+pub const MAX_REPORTED_TENANTS: usize = 256;
 
 enum Cmd {
     Submit(Box<EngineRequest>, Admission, oneshot::Sender<Result<Admitted, EngineError>>),
@@ -226,7 +231,7 @@ impl EngineHandle {
         if self.thread.lock().expect("thread").as_ref().is_none_or(|t| t.is_finished()) {
             return Err(EngineError::Io(GONE.into()));
         }
-        Ok(*self.latest.lock().expect("load"))
+        Ok(self.latest.lock().expect("load").clone())
     }
 
     /// What the prefix cache holds now and every change after it: taken on the engine
@@ -479,9 +484,15 @@ fn load_of(engine: &LlmEngine, tracked: &HashMap<RequestId, Tracked>) -> Load {
             }
         }
     }
+    let mut tenant_service = engine.scheduler.tenants().served();
+    if tenant_service.len() > MAX_REPORTED_TENANTS {
+        tenant_service.sort_by(|a, b| b.1.total_cmp(&a.1));
+        tenant_service.truncate(MAX_REPORTED_TENANTS);
+    }
     Load {
         scheduler: engine.stats(),
         waiting_for_kv: tracked.values().filter(|t| t.remote_waiting).count(),
         queued_prefill_tokens: queued,
+        tenant_service,
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tandem_cluster::Role;
 use tandem_engine::scheduler::{Policy, SchedulerConfig};
+use tandem_engine::share::{FairConfig, SjfConfig};
 use tandem_proto::auth::ClusterToken;
 use tandem_proto::tls::TlsFiles;
 
@@ -31,8 +32,14 @@ pub struct WorkerConfig {
     pub prefix_caching: bool,
     /// Which waiting request the engine admits first (and which running one it preempts
     /// first, the other end of the same order): `Policy::Fcfs`, by arrival (the default),
-    /// or `Policy::Priority`, by the request's `priority`, lower values first, then arrival.
+    /// `Policy::Priority`, by the request's `priority`, lower values first, then arrival;
+    /// `Policy::Fair`, the tenant with the least service first; `Policy::Sjf`, the least
+    /// predicted work first.
     pub scheduling_policy: Policy,
+    /// Costs and tenant weights of `fair` (service is counted under every policy).
+    pub fair: FairConfig,
+    /// Aging of `sjf`.
+    pub sjf: SjfConfig,
     /// A prefill with more tokens than this left to compute yields step budget to shorter
     /// prompts (`SchedulerConfig::long_prefill_threshold`).
     pub long_prefill_threshold: usize,
@@ -97,6 +104,8 @@ impl WorkerConfig {
             max_waiting: 1024,
             prefix_caching: true,
             scheduling_policy: Policy::Fcfs,
+            fair: FairConfig::default(),
+            sjf: SjfConfig::default(),
             long_prefill_threshold: SchedulerConfig::default().long_prefill_threshold,
             long_prefill_share: SchedulerConfig::default().long_prefill_share,
             grpc_listen: "127.0.0.1:0".parse().expect("literal"),

@@ -2,6 +2,9 @@
 //! sampling parameters, finish reasons, log-probabilities, KV layouts, prefix-cache
 //! events, and the statuses engine errors and KV faults become.
 
+use std::sync::Arc;
+
+use tandem_engine::share::Share;
 use tandem_engine::error::EngineError;
 use tandem_engine::llm_engine::EngineRequest;
 use tandem_engine::sampling::{SampledToken, SamplingParams};
@@ -40,8 +43,40 @@ pub fn engine_request(
     priority: i32,
     cache_salt: Option<String>,
     resumed_tokens: u32,
+    scheduling: Option<&pb::Scheduling>,
 ) -> EngineRequest {
-    EngineRequest { prompt, params, n: 1, priority, cache_salt, export_kv: false, resumed: resumed_tokens as usize }
+    EngineRequest {
+        prompt,
+        params,
+        n: 1,
+        priority,
+        cache_salt,
+        share: share_of(scheduling),
+        export_kv: false,
+        resumed: resumed_tokens as usize,
+    }
+}
+
+/// The engine's view of a request's `Scheduling`: the default tenant when it names none,
+/// no prediction for 0, and no service elsewhere that is not a finite positive number.
+pub fn share_of(s: Option<&pb::Scheduling>) -> Share {
+    let Some(s) = s else { return Share::default() };
+    Share {
+        tenant: (!s.tenant.is_empty()).then(|| Arc::from(truncate_tenant(&s.tenant))),
+        predicted_output: (s.predicted_output_tokens > 0).then_some(s.predicted_output_tokens),
+        elsewhere: if s.tenant_service_elsewhere.is_finite() { s.tenant_service_elsewhere.max(0.0) } else { 0.0 },
+    }
+}
+
+/// Tenant names longer than this are cut (at a character boundary): a name is a label.
+const MAX_TENANT_LEN: usize = 128;
+
+fn truncate_tenant(t: &str) -> &str {
+    let mut end = t.len().min(MAX_TENANT_LEN);
+    while !t.is_char_boundary(end) {
+        end -= 1;
+    }
+    &t[..end]
 }
 
 pub fn finish_to_pb(f: Option<FinishReason>) -> api::FinishReason {

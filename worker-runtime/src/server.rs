@@ -460,6 +460,8 @@ fn load(cfg: &WorkerConfig) -> Result<Loaded, StartError> {
             policy: cfg.scheduling_policy.clone(),
             long_prefill_threshold: cfg.long_prefill_threshold,
             long_prefill_share: cfg.long_prefill_share,
+            fair: cfg.fair.clone(),
+            sjf: cfg.sjf,
             ..SchedulerConfig::default()
         },
         block_size: cfg.block_size,

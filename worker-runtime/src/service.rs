@@ -214,6 +214,11 @@ impl Worker for WorkerService {
             elastic: s.elastic,
             prefills_in_flight: s.prefills.load(Ordering::SeqCst) as u32,
             changing_role: s.changing_role.load(Ordering::SeqCst),
+            tenant_service: l
+                .tenant_service
+                .into_iter()
+                .map(|(tenant, service)| pb::TenantService { tenant, service })
+                .collect(),
         }))
     }
 
