@@ -110,6 +110,12 @@ pub fn attend<E: KvElem>(isa: Isa, a: &AttendArgs<'_, E>, out: &mut [f32], score
         unsafe { crate::x86_attn::attend_avx512(a, out, scores) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) && hd.is_multiple_of(8) && hd <= crate::x86_attn::AVX2_MAX_HEAD_DIM {
+        // SAFETY: AVX2, FMA and F16C were detected (both ISAs include them); bounds as above.
+        unsafe { crate::x86_attn::attend_avx2(a, out, scores) };
+        return;
+    }
     let _ = isa;
     attend_scalar(a, out, scores)
 }

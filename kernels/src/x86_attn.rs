@@ -1,8 +1,8 @@
-//! AVX-512 paged attention and the vector exponential it needs.
+//! AVX-512 and AVX2 paged attention, and the vector exponential AVX-512 needs.
 
 use std::arch::x86_64::*;
 
-use crate::attention::{attend_scalar, AttendArgs, KvElem};
+use crate::attention::{attend_scalar, softmax_in_place, AttendArgs, KvElem};
 
 /// `e^x`, to about one ulp over the range softmax and SiLU use.
 #[inline]
@@ -247,6 +247,93 @@ mod tests {
         unsafe { swiglu512(&mut g, &u) };
         for i in 0..37 {
             assert!((g[i] - want[i]).abs() <= 1e-6 * (1.0 + want[i].abs()), "{i}");
+        }
+    }
+}
+
+/// The largest head the AVX2 path takes (its K or V row is held in registers' worth of stack).
+pub const AVX2_MAX_HEAD_DIM: usize = 256;
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8<E: KvElem>(p: *const E) -> __m256 {
+    unsafe {
+        if E::IS_F16 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        } else {
+            _mm256_loadu_ps(p as *const f32)
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum8(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// AVX2 + FMA + F16C: each K and V row is converted to f32 once and used by every query
+/// head of the group; the softmax is the scalar one (its cost is per position, not per
+/// dimension). `head_dim` is a multiple of 8, at most [`AVX2_MAX_HEAD_DIM`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attend_avx2<E: KvElem>(a: &AttendArgs<'_, E>, out: &mut [f32], scores: &mut [f32]) {
+    let sh = a.shape;
+    let hd = sh.head_dim;
+    let group = a.q.len() / hd;
+    let n = a.ctx_len;
+    if !hd.is_multiple_of(8) || hd > AVX2_MAX_HEAD_DIM {
+        return attend_scalar(a, out, scores);
+    }
+    let chunks = hd / 8;
+    let mut row = [_mm256_setzero_ps(); AVX2_MAX_HEAD_DIM / 8];
+    for pos in 0..n {
+        let o = sh.offset(a.block_table[pos / sh.block_size] as usize, a.kv_head, pos % sh.block_size);
+        let k = &a.k_cache[o..o + hd];
+        for (c, r) in row[..chunks].iter_mut().enumerate() {
+            // SAFETY: `k` holds `hd` = 8 * chunks elements.
+            *r = unsafe { load8(k.as_ptr().add(c * 8)) };
+        }
+        for g in 0..group {
+            let q = &a.q[g * hd..(g + 1) * hd];
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut c = 0;
+            // SAFETY (both loops): `q` holds `hd` floats.
+            while c + 1 < chunks {
+                unsafe {
+                    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c * 8)), row[c], acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c * 8 + 8)), row[c + 1], acc1);
+                }
+                c += 2;
+            }
+            if c < chunks {
+                acc0 = unsafe { _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c * 8)), row[c], acc0) };
+            }
+            scores[g * n + pos] = unsafe { hsum8(_mm256_add_ps(acc0, acc1)) } * a.scale;
+        }
+    }
+    for g in 0..group {
+        softmax_in_place(&mut scores[g * n..(g + 1) * n]);
+    }
+    out[..group * hd].fill(0.0);
+    for pos in 0..n {
+        let o = sh.offset(a.block_table[pos / sh.block_size] as usize, a.kv_head, pos % sh.block_size);
+        let v = &a.v_cache[o..o + hd];
+        for (c, r) in row[..chunks].iter_mut().enumerate() {
+            // SAFETY: `v` holds `hd` elements.
+            *r = unsafe { load8(v.as_ptr().add(c * 8)) };
+        }
+        for g in 0..group {
+            let p = _mm256_set1_ps(scores[g * n + pos]);
+            let dst = &mut out[g * hd..(g + 1) * hd];
+            for (c, r) in row[..chunks].iter().enumerate() {
+                // SAFETY: `dst` holds `hd` floats.
+                unsafe {
+                    let d = dst.as_mut_ptr().add(c * 8);
+                    _mm256_storeu_ps(d, _mm256_fmadd_ps(p, *r, _mm256_loadu_ps(d)));
+                }
+            }
         }
     }
 }
