@@ -2,7 +2,7 @@
 # Fit the router's output-length predictor (shortest-job-first scheduling) on the default
 # model's own answers, and write it where the router compiles it in.
 #
-#   scripts/train-length-predictor.sh                 800 prompts, seed 1 -> router/length-predictor.json
+#   scripts/train-length-predictor.sh                 640 prompts, seed 1 -> router/length-predictor.json
 #   scripts/train-length-predictor.sh --prompts 200   any `tandem predictor train` flag
 #
 # The data recipe: `cli/src/prompt_mix.rs` draws a seeded mix of 13 kinds of chat prompts
@@ -16,4 +16,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 scripts/fetch-model.sh >/dev/null
 cargo build --release --locked -p tandem
-exec target/release/tandem predictor train --prompts 800 --seed 1 --out router/length-predictor.json "$@"
+exec target/release/tandem predictor train --prompts 640 --seed 1 --out router/length-predictor.json "$@"

@@ -289,8 +289,8 @@ pub struct WorkerFlags {
     #[arg(long, env = "TANDEM_FAIR_DECODE_COST", default_value_t = FairConfig::default().decode_cost)]
     pub fair_decode_cost: f64,
     /// fair: tenant weights, `TENANT=WEIGHT` (comma-separated; default 1): a tenant of weight
-    /// 2 gets twice the service of one of weight 1 while both wait. Every worker and router
-    /// must be given the same weights.
+    /// 2 gets twice the service of one of weight 1 while both wait. Every worker must be
+    /// given the same weights (the router sums the weighted service they report).
     #[arg(long, env = "TANDEM_TENANT_WEIGHTS", value_delimiter = ',', value_parser = tenant_weight)]
     pub tenant_weight: Vec<(String, f64)>,
     /// sjf: rank (in tokens of predicted work) a waiting request gains per second of wait.
@@ -608,7 +608,9 @@ impl Placement {
         Ok(match self.length_predictor.as_str() {
             "none" => None,
             "builtin" => Some(LengthPredictor::built_in()),
-            path => Some(LengthPredictor::load(std::path::Path::new(path)).map_err(|e| anyhow!("--length-predictor {e}"))?),
+            path => {
+                Some(LengthPredictor::load(std::path::Path::new(path)).map_err(|e| anyhow!("--length-predictor {e}"))?)
+            }
         })
     }
 

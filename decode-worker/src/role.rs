@@ -84,8 +84,14 @@ impl DecodeRole for DecodeWorker {
                 return Err(Status::invalid_argument("a cache-only reservation has no first token to deliver"))
             }
         };
-        let ereq =
-            engine_request(r.prompt_token_ids, params, r.priority, r.cache_salt, r.resumed_tokens, r.scheduling.as_ref());
+        let ereq = engine_request(
+            r.prompt_token_ids,
+            params,
+            r.priority,
+            r.cache_salt,
+            r.resumed_tokens,
+            r.scheduling.as_ref(),
+        );
         // Had this call gone away before the engine's answer was taken, the unclaimed answer
         // would have ended the request; from here on, ending it is this role's job.
         let admitted = s.engine.submit(ereq, Admission::RemoteAs(kind)).await.map_err(status_from_engine)?;
@@ -141,8 +147,14 @@ impl DecodeRole for DecodeWorker {
         }
         s.check_accepting()?;
         let params = sampling_from_pb(&r.sampling.unwrap_or_default());
-        let ereq =
-            engine_request(r.prompt_token_ids, params, r.priority, r.cache_salt, r.resumed_tokens, r.scheduling.as_ref());
+        let ereq = engine_request(
+            r.prompt_token_ids,
+            params,
+            r.priority,
+            r.cache_salt,
+            r.resumed_tokens,
+            r.scheduling.as_ref(),
+        );
         let admitted = s.engine.submit(ereq, Admission::Local).await.map_err(status_from_engine)?;
         Ok(stream_events(s, (&self.reservations, &self.streams), (rid, admitted.id), admitted.events, None))
     }

@@ -69,8 +69,14 @@ impl PrefillRole for PrefillWorker {
         params.max_tokens = 1;
         params.stop.clear();
         let prompt_len = r.prompt_token_ids.len() as u32;
-        let ereq =
-            engine_request(r.prompt_token_ids, params, r.priority, r.cache_salt, r.resumed_tokens, r.scheduling.as_ref());
+        let ereq = engine_request(
+            r.prompt_token_ids,
+            params,
+            r.priority,
+            r.cache_salt,
+            r.resumed_tokens,
+            r.scheduling.as_ref(),
+        );
         let mut admitted =
             s.engine.submit(ereq, Admission::Export(Box::new(sink))).await.map_err(status_from_engine)?;
         let mut active = s.track(rid, admitted.id);

@@ -102,6 +102,7 @@ fn public_samples() -> Vec<Sample> {
         priority: -2,
         kv_failure_policy: api::KvFailurePolicy::Recompute.into(),
         slo_ttft_ms: Some(250),
+        expected_output_tokens: Some(77),
     };
     let tokenize = |input| api::TokenizeRequest {
         model: "smollm2-135m-instruct".into(),

@@ -53,7 +53,8 @@ impl IntoResponse for ApiError {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut r = (status, axum::Json(self.body())).into_response();
         if self.status == 429 {
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            let secs = self.retry_after.unwrap_or(1).max(1);
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if matches!(self.status, 408 | 413) {
             // The rest of the body was not read: the connection cannot carry another request.
@@ -116,7 +117,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, 
         } else {
             format!("the body is not a valid {what} request: {e}")
         };
-        ApiError { status: 400, kind: "invalid_request_error", message, param: None, code: None }
+        ApiError { status: 400, kind: "invalid_request_error", message, param: None, code: None, retry_after: None }
     })
 }
 

@@ -141,7 +141,8 @@ pub fn describe() {
     describe_counter!(
         ADMISSION_REFUSED,
         "Requests the router refused at admission, by the limit they would have passed: max_inflight \
-         (--max-inflight) or tenant_limit (their tenant's limit, --tenant-max-inflight / --tenant-limit)."
+         (--max-inflight), tenant_limit (their tenant's limit, --tenant-max-inflight / --tenant-limit) or slo_ttft \
+         (predicted to miss their TTFT objective, --slo-admission)."
     );
     describe_gauge!(
         TENANT_MAX_IN_FLIGHT,

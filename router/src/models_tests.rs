@@ -107,7 +107,7 @@ fn route(
     model: &str,
     prompt: &[u32],
 ) -> Result<(Option<String>, String), Status> {
-    let ask = RouteAsk { model, prompt, salt: None };
+    let ask = RouteAsk { model, prompt, salt: None, priority: 0 };
     Ok(match m.route(policy, &remote(), &ask, &[])? {
         Route::Disaggregated { prefill, decode } => (Some(prefill.id.to_string()), decode.id.to_string()),
         Route::Local(w) => (None, w.id.to_string()),
@@ -201,7 +201,7 @@ fn the_prefix_index_predicts_hits_among_the_models_workers_only() {
         ("beta-p1", Role::Prefill, "beta", 7),
     ]);
     let policy = CacheAware { weight: 2.0 };
-    let ask = |model| RouteAsk { model, prompt: &PROMPT, salt: None };
+    let ask = |model| RouteAsk { model, prompt: &PROMPT, salt: None, priority: 0 };
     let prefill_of = |r: Route| match r {
         Route::Disaggregated { prefill, .. } => (prefill.id.to_string(), prefill.predicted_cached),
         Route::Local(_) => panic!("disaggregated"),

@@ -170,6 +170,8 @@ pub struct ApiError {
     pub message: String,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// Seconds a 429's `Retry-After` says (1 when `None`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -180,6 +182,7 @@ impl ApiError {
             message: format!("{param}: {}", message.into()),
             param: Some(param.to_string()),
             code: None,
+            retry_after: None,
         }
     }
 
@@ -191,6 +194,7 @@ impl ApiError {
             message: "the request's deadline passed".into(),
             param: None,
             code: Some("timeout"),
+            retry_after: None,
         }
     }
 
@@ -201,6 +205,7 @@ impl ApiError {
             message: "a valid API key is required (Authorization: Bearer <key>)".into(),
             param: None,
             code: Some("invalid_api_key"),
+            retry_after: None,
         }
     }
 
@@ -237,7 +242,9 @@ impl ApiError {
                 p
             }
         });
-        ApiError { status, kind, message: msg, param, code }
+        // A refusal's own `retry-after` (seconds), for the HTTP header.
+        let retry_after = s.metadata().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
+        ApiError { status, kind, message: msg, param, code, retry_after }
     }
 }
 
@@ -328,6 +335,7 @@ fn base(
         kv_failure_policy: kv_failure_policy as i32,
         // The `x-slo-ttft-ms` header's, set by the HTTP front door.
         slo_ttft_ms: None,
+        expected_output_tokens: None,
     })
 }
 

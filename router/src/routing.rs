@@ -11,12 +11,12 @@ use tokio::sync::Notify;
 
 use crate::fairness::{Ledger, Policy as QueuePolicy, RoomQueue};
 use crate::members::Members;
-use crate::predict::LengthPredictor;
-use crate::slo::{SloAdmission, TtftModel};
 use crate::metrics;
 use crate::placement::{PlacementConfig, PlacementControl};
 use crate::policy::RoutingPolicy;
+use crate::predict::LengthPredictor;
 use crate::recovery::KvFailurePolicy;
+use crate::slo::{SloAdmission, TtftModel};
 
 /// How long a decode worker holds a prompt's blocks for KV that does not come, by default.
 pub const KV_LEASE: Duration = Duration::from_secs(30);

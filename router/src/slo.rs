@@ -74,7 +74,9 @@ pub fn predict(i: &Inputs) -> Option<Duration> {
 pub enum Verdict {
     Admit,
     /// Refused; try again after this long (the predicted overshoot, at least 1 s).
-    Refuse { retry_after: Duration },
+    Refuse {
+        retry_after: Duration,
+    },
 }
 
 /// Admits a request predicted to meet `slo`; refuses one predicted to miss it. No
@@ -171,7 +173,8 @@ mod tests {
         let rate = Some(1000.0);
         for queued_urgent in [0u64, 500, 900, 2000] {
             for queued_lax in [0u64, 300, 1500] {
-                let urgent = predict(&Inputs { ahead_tokens: queued_urgent, uncached: 100, prefill_rate: rate, residual: 0.1 });
+                let urgent =
+                    predict(&Inputs { ahead_tokens: queued_urgent, uncached: 100, prefill_rate: rate, residual: 0.1 });
                 let lax = predict(&Inputs {
                     ahead_tokens: queued_urgent + queued_lax,
                     uncached: 100,

@@ -288,6 +288,11 @@ pub fn validate(
             Some(ms) => return Err(bad("slo_ttft_ms", format!("{ms} is not in 1..={MAX_SLO_TTFT_MS}"))),
         },
         tenant: None,
-        predicted_output: None,
+        // The client's estimate, capped; else the router's predictor fills it in.
+        predicted_output: match req.expected_output_tokens {
+            None => None,
+            Some(0) => return Err(bad("expected_output_tokens", "must be at least 1")),
+            Some(n) => Some(n.min(max_tokens)),
+        },
     })
 }

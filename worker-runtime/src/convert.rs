@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use tandem_engine::share::Share;
 use tandem_engine::error::EngineError;
 use tandem_engine::llm_engine::EngineRequest;
 use tandem_engine::sampling::{SampledToken, SamplingParams};
+use tandem_engine::share::Share;
 use tandem_engine::FinishReason;
 use tandem_kvtransfer::{KvDtypeWire, KvLayout};
 use tandem_proto::tandem::v1 as api;

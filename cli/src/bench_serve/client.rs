@@ -29,6 +29,10 @@ pub struct Sample {
     /// Seconds from the run's start to when the request was sent and to when it ended;
     /// `None` for one that did not end within the run.
     pub span: Option<(f64, f64)>,
+    /// Refused for load (RESOURCE_EXHAUSTED, HTTP 429) rather than failed.
+    pub refused: bool,
+    /// The tenant that sent it (its `--tenant` name).
+    pub tenant: Option<String>,
 }
 
 impl Sample {
@@ -125,7 +129,11 @@ impl Client {
             Client::Grpc { client, key } => grpc(client.clone(), key.as_deref(), item).await,
             Client::OpenAi { http, base, model, key } => openai(http, base, model, key.as_deref(), item).await,
         };
-        r.unwrap_or_else(|e| Sample { ok: false, error: Some(format!("{e:#}")), ..Sample::default() })
+        r.unwrap_or_else(|e| {
+            let refused = e.downcast_ref::<tonic::Status>().is_some_and(|s| s.code() == tonic::Code::ResourceExhausted)
+                || format!("{e}").starts_with("HTTP 429");
+            Sample { ok: false, refused, error: Some(format!("{e:#}")), ..Sample::default() }
+        })
     }
 }
 
@@ -145,9 +153,11 @@ async fn grpc(mut c: GenerateClient<Channel>, key: Option<&str>, item: &Item) ->
         sampling: Some(api::SamplingParams {
             temperature: Some(0.0),
             max_tokens: Some(item.output_len),
-            ignore_eos: true,
+            ignore_eos: !item.natural,
             ..Default::default()
         }),
+        slo_ttft_ms: item.slo_ttft_ms,
+        expected_output_tokens: item.expected_output,
         ..Default::default()
     });
     if let Some(k) = key {
@@ -173,9 +183,12 @@ async fn openai(http: &reqwest::Client, base: &str, model: &str, key: Option<&st
         "model": model, "messages": messages, "max_tokens": item.output_len, "temperature": 0,
         "stream": true, "stream_options": {"include_usage": true},
         // vLLM, llama.cpp and Tandem all take this extension.
-        "ignore_eos": true,
+        "ignore_eos": !item.natural,
     });
     let mut req = http.post(format!("{base}/chat/completions")).json(&body);
+    if let Some(ms) = item.slo_ttft_ms {
+        req = req.header("x-slo-ttft-ms", ms.to_string());
+    }
     if let Some(k) = key {
         req = req.bearer_auth(k);
     }

@@ -124,19 +124,58 @@ pub struct ServeBenchArgs {
     /// Write latency CDFs (and attainment against rate, for a sweep) to this PNG.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// A tenant of a multi-tenant run: `NAME=KEY@RATE` (KEY its API key, empty for none;
+    /// RATE its requests per second, Poisson). Repeat for each tenant; each sends the
+    /// workload (its own seed) for --duration seconds, and the report gives every figure per
+    /// tenant, with the largest service gap while all were backlogged (`tenants`).
+    #[arg(long = "tenant", value_parser = tenant_spec)]
+    pub tenants: Vec<TenantSpec>,
+    /// Multi-tenant runs: how long each tenant sends, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Send every request with this TTFT objective (`slo_ttft_ms`; HTTP `x-slo-ttft-ms`), so
+    /// the router refuses those it predicts to miss it.
+    #[arg(long)]
+    pub request_slo_ttft_ms: Option<u32>,
+    /// Write every request's output tokens, one per line in workload order (the first run's).
+    #[arg(long)]
+    pub lengths_out: Option<PathBuf>,
+    /// Send each request's expected output length from this file (one per line in workload
+    /// order, as --lengths-out writes it; `expected_output_tokens`): with the lengths a
+    /// greedy run produced, the `sjf` ceiling of an oracle predictor.
+    #[arg(long)]
+    pub expected_lengths: Option<PathBuf>,
+}
+
+/// One `--tenant`.
+#[derive(Debug, Clone)]
+pub struct TenantSpec {
+    pub name: String,
+    pub key: Option<String>,
+    pub rate: f64,
+}
+
+fn tenant_spec(s: &str) -> Result<TenantSpec, String> {
+    let (name, rest) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NAME=KEY@RATE"))?;
+    let (key, rate) = rest.rsplit_once('@').ok_or_else(|| format!("{s:?} is not NAME=KEY@RATE"))?;
+    let rate: f64 = rate.parse().map_err(|_| format!("{rate:?} is not a rate"))?;
+    if name.is_empty() || !(rate.is_finite() && rate > 0.0) {
+        return Err(format!("{s:?}: a tenant needs a name and a positive rate"));
+    }
+    Ok(TenantSpec { name: name.into(), key: (!key.is_empty()).then(|| key.to_string()), rate })
 }
 
 /// Sends `item` and notes when, from the run's `start`, it was sent and when it ended.
-async fn send_timed(client: &Client, item: &workload::Item, start: tokio::time::Instant) -> client::Sample {
+async fn send_timed(clients: &[Client], item: &workload::Item, start: tokio::time::Instant) -> client::Sample {
     let sent = start.elapsed().as_secs_f64();
-    let mut s = client.send(item).await;
+    let mut s = clients[item.tenant.min(clients.len() - 1)].send(item).await;
     s.span = Some((sent, start.elapsed().as_secs_f64()));
     s
 }
 
 /// Requests sent at their arrival times (seconds from the start).
 async fn open_loop(
-    client: &Client,
+    clients: &Arc<Vec<Client>>,
     items: &Arc<Vec<workload::Item>>,
     times: Vec<f64>,
     label: String,
@@ -146,7 +185,7 @@ async fn open_loop(
     let start = tokio::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (i, at) in times.into_iter().enumerate() {
-        let (c, items) = (client.clone(), items.clone());
+        let (c, items) = (clients.clone(), items.clone());
         tasks.spawn(async move {
             tokio::time::sleep_until(start + Duration::from_secs_f64(at)).await;
             (i, send_timed(&c, &items[i], start).await)
@@ -162,7 +201,7 @@ async fn closed_loop(client: &Client, items: &Arc<Vec<workload::Item>>, c: usize
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..c {
-        let (cl, items, next, tx) = (client.clone(), items.clone(), next.clone(), tx.clone());
+        let (cl, items, next, tx) = (Arc::new(vec![client.clone()]), items.clone(), next.clone(), tx.clone());
         tasks.spawn(async move {
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -302,6 +341,35 @@ fn describe(w: &workload::Workload) -> serde_json::Value {
     v
 }
 
+/// Every `--tenant` sending the workload at its own rate for `--duration`, at once, each
+/// with its own key: one run whose samples carry their tenant.
+async fn tenants_run(a: &ServeBenchArgs, spec: &workload::Spec, timeout: Duration) -> Result<Run> {
+    let (mut items, mut times, mut clients) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, t) in a.tenants.iter().enumerate() {
+        clients.push(Client::connect(&a.target, &a.api, a.model.clone(), t.key.clone()).await?);
+        let n = (t.rate * a.duration).round().max(1.0) as usize;
+        let seed = a.seed + 1000 * (k as u64 + 1);
+        let w = workload::build(spec, Some(n), seed)?;
+        let at = workload::arrivals(w.items.len(), t.rate, seed);
+        for (mut item, at) in w.items.into_iter().zip(at) {
+            item.tenant = k;
+            item.slo_ttft_ms = a.request_slo_ttft_ms;
+            items.push((at, item));
+        }
+    }
+    items.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let (at, items): (Vec<f64>, Vec<workload::Item>) = items.into_iter().unzip();
+    times.extend(at);
+    let names: Vec<String> = a.tenants.iter().map(|t| t.name.clone()).collect();
+    let label = a.tenants.iter().map(|t| format!("{}@{}", t.name, t.rate)).collect::<Vec<_>>().join(",");
+    let items = Arc::new(items);
+    let mut run = open_loop(&Arc::new(clients), &items, times, label, None, timeout).await;
+    for (s, item) in run.samples.iter_mut().zip(items.iter()) {
+        s.tenant = Some(names[item.tenant].clone());
+    }
+    Ok(run)
+}
+
 pub fn run(a: ServeBenchArgs) -> Result<()> {
     if a.requests == Some(0) || a.concurrency == Some(0) || a.max_tokens == Some(0) {
         bail!("--requests, --concurrency and --max-tokens must be positive");
@@ -312,7 +380,25 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
     // Each run of a sweep gets its own prompts (seed + k): a server's caches must not
     // turn one run's prompts into the next run's hits.
     let spec = a.spec();
-    let trace = |k: usize| workload::build(&spec, a.requests, a.seed + k as u64);
+    let expected: Option<Vec<u32>> = match &a.expected_lengths {
+        None => None,
+        Some(p) => Some(
+            std::fs::read_to_string(p)?
+                .lines()
+                .map(|l| l.trim().parse::<u32>().map(|n| n.max(1)))
+                .collect::<Result<_, _>>()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+        ),
+    };
+    let trace = |k: usize| {
+        workload::build(&spec, a.requests, a.seed + k as u64).map(|mut w| {
+            for (n, i) in w.items.iter_mut().enumerate() {
+                i.slo_ttft_ms = a.request_slo_ttft_ms;
+                i.expected_output = expected.as_ref().and_then(|e| e.get(n).copied());
+            }
+            w
+        })
+    };
     let first = trace(0)?;
     if a.dry_run {
         let mut v = describe(&first);
@@ -325,10 +411,13 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let runs = rt.block_on(async {
         let client = Client::connect(&a.target, &a.api, a.model.clone(), a.api_key.clone()).await?;
+        let clients = Arc::new(vec![client.clone()]);
         let mut runs = Vec::new();
-        if let Some(times) = first.times.clone() {
+        if !a.tenants.is_empty() {
+            runs.push(tenants_run(&a, &spec, timeout).await?);
+        } else if let Some(times) = first.times.clone() {
             let label = format!("trace x{}", a.trace_time_scale);
-            let mut run = open_loop(&client, &Arc::new(first.items), times, label, None, timeout).await;
+            let mut run = open_loop(&clients, &Arc::new(first.items), times, label, None, timeout).await;
             run.ideal_hit_rate = first.ideal_hit_rate;
             runs.push(run);
         } else if a.rate.is_empty() {
@@ -340,13 +429,17 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
                 let w = if k == 0 { first.clone() } else { trace(k)? };
                 let times = workload::arrivals(w.items.len(), r, a.seed + k as u64);
                 let items = Arc::new(w.items);
-                let mut run = open_loop(&client, &items, times, format!("rate={r}"), Some(r), timeout).await;
+                let mut run = open_loop(&clients, &items, times, format!("rate={r}"), Some(r), timeout).await;
                 run.ideal_hit_rate = w.ideal_hit_rate;
                 runs.push(run);
             }
         }
         Ok::<_, anyhow::Error>(runs)
     })?;
+    if let (Some(path), Some(r)) = (&a.lengths_out, runs.first()) {
+        let lines: Vec<String> = r.samples.iter().map(|s| s.output_tokens.to_string()).collect();
+        std::fs::write(path, lines.join("\n") + "\n")?;
+    }
     let started = Instant::now();
     for r in &runs {
         let mut v = r.json(&slo);

@@ -191,7 +191,16 @@ fn synthesize(r: &Request, index: usize, seed: u64, token_ids: bool) -> Item {
                 (0..n).map(move |_| TOKEN_IDS.start + rng.below(span) as u32)
             })
             .collect();
-        Item { messages: Vec::new(), tokens: Some(tokens), output_len: r.output_len, phase: None }
+        Item {
+            messages: Vec::new(),
+            tokens: Some(tokens),
+            output_len: r.output_len,
+            phase: None,
+            natural: false,
+            tenant: 0,
+            slo_ttft_ms: None,
+            expected_output: None,
+        }
     } else {
         let text: Vec<String> = r.blocks.iter().map(|&(id, n)| words(&mut block_rng(id, index, seed), n)).collect();
         Item::chat(None, text.join(" "), r.output_len)

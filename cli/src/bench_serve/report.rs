@@ -76,6 +76,85 @@ fn phase_json(phase: u32, samples: &[&Sample], run_wall_s: f64, slo: &Slo) -> Va
     })
 }
 
+/// The service a request took at the `fair` policy's default costs: its computed prompt
+/// tokens at 1, its output tokens at 2.
+fn service(s: &Sample) -> f64 {
+    if !s.ok {
+        return 0.0;
+    }
+    s.prompt_tokens.saturating_sub(s.cached_tokens) as f64 + 2.0 * s.output_tokens as f64
+}
+
+/// E2E latency of the tenth of requests with the most output tokens.
+fn longest_decile(ok: &[&Sample]) -> Value {
+    let mut by_len: Vec<&&Sample> = ok.iter().collect();
+    by_len.sort_by_key(|s| std::cmp::Reverse(s.output_tokens));
+    let n = by_len.len().div_ceil(10);
+    summary(by_len[..n].iter().map(|s| s.e2e.as_secs_f64() * 1e3).collect())
+}
+
+/// When a request's service happened: (seconds from the run's start, amount), its computed
+/// prompt and first token at the first token, each later token at its arrival.
+fn service_events(s: &Sample) -> Vec<(f64, f64)> {
+    let Some((sent, _)) = s.span.filter(|_| s.ok) else { return Vec::new() };
+    let mut t = sent + s.ttft.as_secs_f64();
+    let mut ev = vec![(t, s.prompt_tokens.saturating_sub(s.cached_tokens) as f64 + 2.0)];
+    for gap in &s.itl {
+        t += gap;
+        ev.push((t, 2.0));
+    }
+    ev
+}
+
+/// Intervals (union) in which a tenant had a request waiting for its first token.
+fn backlogged(samples: &[&Sample]) -> Vec<(f64, f64)> {
+    let mut iv: Vec<(f64, f64)> = samples
+        .iter()
+        .filter_map(|s| {
+            let (sent, end) = s.span?;
+            Some((sent, if s.ok { sent + s.ttft.as_secs_f64() } else { end }))
+        })
+        .collect();
+    iv.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut out: Vec<(f64, f64)> = Vec::new();
+    for (a, b) in iv {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// The largest difference in service two tenants received over any stretch of time in
+/// which both were backlogged (VTC's fairness measure), and how long both were.
+fn service_gap(a: &[&Sample], b: &[&Sample]) -> (f64, f64) {
+    let (ia, ib) = (backlogged(a), backlogged(b));
+    let mut both = Vec::new();
+    for &(a0, a1) in &ia {
+        for &(b0, b1) in &ib {
+            let (s, e) = (a0.max(b0), a1.min(b1));
+            if s < e {
+                both.push((s, e));
+            }
+        }
+    }
+    let mut ev: Vec<(f64, f64)> = a.iter().flat_map(|s| service_events(s)).collect();
+    ev.extend(b.iter().flat_map(|s| service_events(s)).map(|(t, x)| (t, -x)));
+    ev.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let mut worst: f64 = 0.0;
+    for &(s, e) in &both {
+        let (mut d, mut lo, mut hi) = (0.0f64, 0.0f64, 0.0f64);
+        for &(_, x) in ev.iter().filter(|(t, _)| *t >= s && *t <= e) {
+            d += x;
+            lo = lo.min(d);
+            hi = hi.max(d);
+        }
+        worst = worst.max(hi - lo);
+    }
+    (worst, both.iter().map(|(s, e)| e - s).sum())
+}
+
 impl Run {
     /// The run's figures; with `phases` (one object per phase, in order) when its requests
     /// carry phases. Requests without a phase count in the run's figures only.
@@ -112,6 +191,39 @@ impl Run {
             "goodput_rps": met as f64 / self.wall_s,
             "rejection_rate": (self.samples.len() - ok.len()) as f64 / n,
         });
+        v["refused"] = self.samples.iter().filter(|s| s.refused).count().into();
+        v["refusal_rate"] = (self.samples.iter().filter(|s| s.refused).count() as f64 / n).into();
+        v["e2e_ms_longest_decile"] = longest_decile(&ok);
+        let mut tenants: Vec<&str> = self.samples.iter().filter_map(|s| s.tenant.as_deref()).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        if !tenants.is_empty() {
+            let of =
+                |t: &str| -> Vec<&Sample> { self.samples.iter().filter(|s| s.tenant.as_deref() == Some(t)).collect() };
+            v["tenants"] = tenants
+                .iter()
+                .map(|&t| {
+                    let mut j = phase_json(0, &of(t), self.wall_s, slo);
+                    j.as_object_mut().expect("object").remove("phase");
+                    j["tenant"] = t.into();
+                    j["refused"] = of(t).iter().filter(|s| s.refused).count().into();
+                    j["e2e_ms"] = summary(of(t).iter().filter(|s| s.ok).map(|s| s.e2e.as_secs_f64() * 1e3).collect());
+                    j["service"] = of(t).iter().map(|s| service(s)).sum::<f64>().into();
+                    j
+                })
+                .collect();
+            if tenants.len() >= 2 {
+                let (gap, both) = service_gap(&of(tenants[0]), &of(tenants[1]));
+                let most = ok.iter().map(|s| service(s)).fold(0.0, f64::max);
+                v["fairness"] = json!({
+                    "tenants": [tenants[0], tenants[1]],
+                    "both_backlogged_s": both,
+                    "service_gap_max": gap,
+                    "bound_2u": 2.0 * most,
+                    "costs": "prompt token 1, output token 2 (the workers' fair defaults)",
+                });
+            }
+        }
         let mut phases: Vec<u32> = self.samples.iter().filter_map(|s| s.phase).collect();
         phases.sort_unstable();
         phases.dedup();
@@ -172,6 +284,42 @@ impl Run {
                 g("ttft_ms", "p90"),
                 g("tpot_ms", "p50"),
                 g("tpot_ms", "p90")
+            );
+        }
+        if f("refused") > 0.0 {
+            println!("  refused for load {} ({:.1}% of requests)", v["refused"], 100.0 * f("refusal_rate"));
+        }
+        let d = &v["e2e_ms_longest_decile"];
+        println!(
+            "  e2e of the longest tenth (by output) mean {:.1} ms p99 {:.1}",
+            d["mean"].as_f64().unwrap_or(0.0),
+            d["p99"].as_f64().unwrap_or(0.0)
+        );
+        for t in v["tenants"].as_array().into_iter().flatten() {
+            let f = |k: &str| t[k].as_f64().unwrap_or(0.0);
+            let g = |k: &str, q: &str| t[k][q].as_f64().unwrap_or(0.0);
+            println!(
+                "  tenant {}: {} requests ({} failed, {} refused): TTFT p50 {:.1} ms p99 {:.1}, e2e mean {:.1} ms, \
+                 {:.1} output tok/s, service {:.0}, SLO attainment {:.1}%, goodput {:.2} req/s",
+                t["tenant"],
+                t["requests"],
+                t["failed"],
+                t["refused"],
+                g("ttft_ms", "p50"),
+                g("ttft_ms", "p99"),
+                g("e2e_ms", "mean"),
+                f("output_tok_s"),
+                f("service"),
+                100.0 * f("slo_attainment"),
+                f("goodput_rps"),
+            );
+        }
+        if let Some(fair) = v.get("fairness") {
+            println!(
+                "  fairness: both backlogged {:.1} s; largest service gap then {:.0} (2U, U the most one request took: {:.0})",
+                fair["both_backlogged_s"].as_f64().unwrap_or(0.0),
+                fair["service_gap_max"].as_f64().unwrap_or(0.0),
+                fair["bound_2u"].as_f64().unwrap_or(0.0)
             );
         }
         let ideal = v["ideal_hit_rate"].as_f64().map(|x| format!(" (the trace's ideal: {:.1}%)", 100.0 * x));

@@ -18,6 +18,15 @@ pub struct Item {
     /// The phase of a phased workload the request belongs to (`phased`: 0 for the first
     /// half, 1 for the second; a JSONL file: its lines' `phase`).
     pub phase: Option<u32>,
+    /// Generate to the model's own end (EOS honoured, `output_len` a cap), not exactly
+    /// `output_len` tokens (`mixed-length`).
+    pub natural: bool,
+    /// Which tenant sends it (an index into `--tenant`; 0 without tenants).
+    pub tenant: usize,
+    /// The TTFT objective sent with it (`--request-slo-ttft-ms`).
+    pub slo_ttft_ms: Option<u32>,
+    /// Its output length as the client expects it (`--expected-lengths`: an oracle).
+    pub expected_output: Option<u32>,
 }
 
 impl Item {
@@ -25,7 +34,16 @@ impl Item {
     pub fn chat(system: Option<String>, user: String, output_len: u32) -> Item {
         let mut messages: Vec<_> = system.map(|s| ("system".to_string(), s)).into_iter().collect();
         messages.push(("user".to_string(), user));
-        Item { messages, tokens: None, output_len, phase: None }
+        Item {
+            messages,
+            tokens: None,
+            output_len,
+            phase: None,
+            natural: false,
+            tenant: 0,
+            slo_ttft_ms: None,
+            expected_output: None,
+        }
     }
 
     /// The same request, labelled with `phase`.
@@ -138,6 +156,12 @@ fn generated(workload: &str, n: usize, seed: u64, output_len: Option<u32>) -> Op
                 .collect()
         }
         "phased" => phased(&mut rng, n, output_len),
+        // The length predictor's prompt kinds (another seed than its training's), answered to
+        // their natural end, at most 512 tokens.
+        "mixed-length" => crate::prompt_mix::mix(n, 1000 + seed)
+            .into_iter()
+            .map(|p| Item { natural: true, ..Item::chat(None, p.user, output_len.unwrap_or(512)) })
+            .collect(),
         _ => return None,
     };
     Some(items)
@@ -199,7 +223,17 @@ fn read_file(path: &str, n: Option<usize>, output_len: Option<u32>) -> Result<Ve
                     .with_context(|| format!("{path}:{}: `phase` is {p}, not a non-negative integer", i + 1))?,
             ),
         };
-        items.push(Item { messages, tokens: None, output_len: len.max(1), phase });
+        let item = Item {
+            messages,
+            tokens: None,
+            output_len: len.max(1),
+            phase,
+            natural: false,
+            tenant: 0,
+            slo_ttft_ms: None,
+            expected_output: None,
+        };
+        items.push(item);
     }
     if items.is_empty() {
         bail!("{path}: no requests");

@@ -165,6 +165,7 @@ pub async fn read_body(body: Body, limits: &HttpLimits) -> Result<Bytes, ApiErro
         message,
         param: None,
         code: None,
+        retry_after: None,
     };
     let mut body = body;
     let mut bytes = Vec::new();

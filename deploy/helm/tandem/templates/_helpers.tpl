@@ -134,6 +134,10 @@ tandem-model: {{ . }}
   value: {{ $v.engine.maxWaiting | quote }}
 - name: TANDEM_SCHEDULING_POLICY
   value: {{ $v.engine.schedulingPolicy | quote }}
+{{- if $v.engine.tenantWeights }}
+- name: TANDEM_TENANT_WEIGHTS
+  value: {{ join "," $v.engine.tenantWeights | quote }}
+{{- end }}
 - name: TANDEM_LONG_PREFILL_THRESHOLD
   value: {{ $v.engine.longPrefillThreshold | quote }}
 - name: TANDEM_LONG_PREFILL_SHARE
