@@ -8,7 +8,8 @@
 # prints the issue's ratios.
 #
 #   capacity   closed loop, fcfs: chat (64 output tokens, 16 clients) and summarize (4 clients)
-#              and mixed-length (decode --max-seqs $SJF_SEQS, 16 clients): requests/s served.
+#              and mixed-length (decode --max-seqs $SJF_SEQS, 8 clients, the sjf runs' own
+#              requests): requests/s served.
 #   fairness   tenant a at 4x chat capacity and tenant b at 0.25x, each with its own API key,
 #              for $DURATION s: policy fair, then fcfs; then b alone (fair). B's TTFT p99
 #              against b alone, and the largest service gap while both were backlogged against
@@ -24,6 +25,7 @@
 #   scripts/compare-scheduling.sh [--out DIR] [--experiments "capacity fairness sjf admission"]
 #                                 [--duration S] [--quick]
 #
+# SJF_RATE=R (environment): the sjf runs' rate, in place of $SJF_LOAD of the capacity.
 # --quick: a few requests per run, checks the plumbing, measures nothing. Bounded: every run
 # sends a fixed number of requests and has a timeout; every process it starts is stopped when it
 # exits. Needs: a release build (it builds one), etcd (scripts/setup-etcd.sh), taskset, curl,
@@ -33,11 +35,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 OUT=target/compare-scheduling
 EXPERIMENTS="capacity fairness sjf admission"
-DURATION=20
+DURATION=30
 QUICK=0
 SJF_SEQS=4
 SJF_LOAD=0.8
-ADMIT_SLO=5000
+ADMIT_SLO=20000
 usage() {
     echo "usage: $0 [--out DIR] [--experiments LIST] [--duration S] [--quick]" >&2
     exit 2
@@ -132,8 +134,8 @@ print(x[sys.argv[3]])' "$OUT/$1.jsonl" "$2" "$3"
 }
 scale() { python3 -c "print(round(float('$1') * float('$2'), 3))"; }
 
-N_CAP=96; N_SUM_CAP=12; N_MIX_CAP=64; N_SJF=120; N_ADMIT=48
-if [ "$QUICK" = 1 ]; then N_CAP=8; N_SUM_CAP=4; N_MIX_CAP=8; N_SJF=8; N_ADMIT=6; DURATION=3; fi
+N_CAP=64; N_SUM_CAP=8; N_SJF=40; N_ADMIT=24
+if [ "$QUICK" = 1 ]; then N_CAP=8; N_SUM_CAP=4; N_SJF=8; N_ADMIT=6; DURATION=3; fi
 SEQS="--max-seqs $SJF_SEQS"
 
 for e in $EXPERIMENTS; do
@@ -143,8 +145,9 @@ for e in $EXPERIMENTS; do
             run capacity chat fcfs "" "" --workload chat --max-tokens 64 --concurrency 16 --requests "$N_CAP" --seed 1
             run capacity summarize fcfs "" "" --workload summarize --max-tokens 32 --concurrency 4 \
                 --requests "$N_SUM_CAP" --seed 1
-            run capacity mixed-length fcfs "$SEQS" "" --workload mixed-length --concurrency 16 \
-                --requests "$N_MIX_CAP" --seed 1
+            # The sjf runs' own requests (seed 5), so the load is a share of what they cost.
+            run capacity mixed-length fcfs "$SEQS" "" --workload mixed-length --concurrency 8 \
+                --requests "$N_SJF" --seed 5
             ;;
         fairness)
             rm -f "$OUT/fairness.jsonl"
@@ -161,7 +164,7 @@ for e in $EXPERIMENTS; do
         sjf)
             rm -f "$OUT/sjf.jsonl"
             c=$(figure capacity mixed-length throughput_rps)
-            r=$(scale "$c" "$SJF_LOAD")
+            r=${SJF_RATE:-$(scale "$c" "$SJF_LOAD")}
             common=(--workload mixed-length --rate "$r" --requests "$N_SJF" --seed 5)
             run sjf fcfs fcfs "$SEQS" "" "${common[@]}" --lengths-out "$OUT/sjf-lengths.txt"
             run sjf sjf sjf "$SEQS" "" "${common[@]}"
@@ -172,7 +175,7 @@ for e in $EXPERIMENTS; do
             c=$(figure capacity summarize throughput_rps)
             r=$(scale "$c" 2)
             common=(--workload summarize --max-tokens 32 --rate "$r" --requests "$N_ADMIT" --seed 9
-                --request-slo-ttft-ms "$ADMIT_SLO" --slo-ttft-ms "$ADMIT_SLO" --slo-tpot-ms 100)
+                --request-slo-ttft-ms "$ADMIT_SLO" --slo-ttft-ms "$ADMIT_SLO" --slo-tpot-ms 200)
             run admission explicit fcfs "" "--slo-admission explicit" "${common[@]}"
             run admission off fcfs "" "--slo-admission off" "${common[@]}"
             ;;
