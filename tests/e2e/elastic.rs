@@ -221,12 +221,26 @@ fn the_planner_flips_a_worker_as_the_load_shifts_at_most_once_per_dwell() {
             Duration::from_secs(1),
         );
         // Long prompts now: one worker is wanted back for prefill, but not before the dwell.
-        let end = Instant::now() + Duration::from_secs(90);
+        // Four clients send them at once, so the planner's 10 s window holds enough prompts
+        // to judge even where a 400-token prefill takes seconds (a CPU without AVX-512).
+        let end = Instant::now() + Duration::from_secs(120);
         let mut n = 0;
+        let mut lanes = tokio::task::JoinSet::new();
         while flips(&router) < 2 {
             assert!(Instant::now() < end, "the planner never split the workers again:\n{}", router.output().join("\n"));
-            stream(&mut c, raw(&long_prompt(n, 400), 8)).await.unwrap_or_else(|e| panic!("long {n}: {e:?}"));
-            n += 1;
+            while lanes.len() < 4 {
+                let (mut c, req) = (c.clone(), raw(&long_prompt(n, 400), 8));
+                lanes.spawn(async move { (n, stream(&mut c, req).await) });
+                n += 1;
+            }
+            if let Ok(Some(done)) = tokio::time::timeout(Duration::from_millis(200), lanes.join_next()).await {
+                let (k, r) = done.expect("a lane");
+                r.unwrap_or_else(|e| panic!("long {k}: {e:?}"));
+            }
+        }
+        while let Some(done) = lanes.join_next().await {
+            let (k, r) = done.expect("a lane");
+            r.unwrap_or_else(|e| panic!("long {k}: {e:?}"));
         }
         let second =
             router.event_time("planner: changing a worker's role", &[("to", "prefill")], Duration::from_secs(1));
