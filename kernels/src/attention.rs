@@ -182,7 +182,14 @@ mod tests {
     /// both element types.
     fn check<E: KvElem + std::fmt::Debug>(test: &str) {
         let isas = crate::cpu::testing::isas_for(test);
-        let shape = KvShape { block_size: 4, n_kv_heads: 2, head_dim: 32 };
+        let isas: Vec<Isa> = isas.into_iter().collect();
+        for hd in [32usize, 64] {
+            check_shape::<E>(&isas, hd);
+        }
+    }
+
+    fn check_shape<E: KvElem + std::fmt::Debug>(isas: &[Isa], hd: usize) {
+        let shape = KvShape { block_size: 4, n_kv_heads: 2, head_dim: hd };
         let n_blocks = 8;
         let mut seed = 3u64;
         let mut kc = vec![E::default(); n_blocks * shape.block_elems()];
@@ -192,33 +199,33 @@ mod tests {
         let mut ks = vec![];
         let mut vs = vec![];
         for pos in 0..ctx {
-            let k: Vec<f32> = (0..64).map(|_| rnd(&mut seed)).collect();
-            let v: Vec<f32> = (0..64).map(|_| rnd(&mut seed)).collect();
+            let k: Vec<f32> = (0..2 * hd).map(|_| rnd(&mut seed)).collect();
+            let v: Vec<f32> = (0..2 * hd).map(|_| rnd(&mut seed)).collect();
             write_kv(shape, &mut kc, &mut vc, table[pos / 4] as usize, pos % 4, &k, &v);
             ks.push(k);
             vs.push(v);
         }
         // Group sizes that exercise the SIMD path's chunks of up to four query heads.
         for group in [1, 3, 5] {
-            let q: Vec<f32> = (0..group * 32).map(|_| rnd(&mut seed) * 2.0).collect();
+            let q: Vec<f32> = (0..group * hd).map(|_| rnd(&mut seed) * 2.0).collect();
             for head in 0..2 {
                 // Plain reference over the rounded-through-E values.
-                let mut want = vec![0f32; group * 32];
+                let mut want = vec![0f32; group * hd];
                 for g in 0..group {
                     let mut s: Vec<f32> = (0..ctx)
                         .map(|p| {
-                            (0..32).map(|i| q[g * 32 + i] * E::from_f32(ks[p][head * 32 + i]).to_f32()).sum::<f32>()
+                            (0..hd).map(|i| q[g * hd + i] * E::from_f32(ks[p][head * hd + i]).to_f32()).sum::<f32>()
                                 * 0.2
                         })
                         .collect();
                     softmax_in_place(&mut s);
                     for p in 0..ctx {
-                        for i in 0..32 {
-                            want[g * 32 + i] += s[p] * E::from_f32(vs[p][head * 32 + i]).to_f32();
+                        for i in 0..hd {
+                            want[g * hd + i] += s[p] * E::from_f32(vs[p][head * hd + i]).to_f32();
                         }
                     }
                 }
-                for &isa in &isas {
+                for &isa in isas {
                     let args = AttendArgs {
                         shape,
                         q: &q,
@@ -229,10 +236,16 @@ mod tests {
                         ctx_len: ctx,
                         scale: 0.2,
                     };
-                    let mut out = vec![0f32; group * 32];
+                    let mut out = vec![0f32; group * hd];
                     let mut scores = vec![0f32; group * ctx];
                     attend(isa, &args, &mut out, &mut scores);
-                    for i in 0..group * 32 {
+                    if isa == Isa::Avx2 {
+                        // The AVX2 path keeps the reference's order of operations: equal bits.
+                        let mut reference = vec![0f32; group * hd];
+                        attend_scalar(&args, &mut reference, &mut scores);
+                        assert_eq!(out, reference, "avx2 group {group} head {head}");
+                    }
+                    for i in 0..group * hd {
                         assert!(
                             (out[i] - want[i]).abs() < 1e-5,
                             "{isa:?} group {group} head {head} i {i}: {} vs {}",

@@ -266,17 +266,10 @@ unsafe fn load8<E: KvElem>(p: *const E) -> __m256 {
     }
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum8(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-}
-
-/// AVX2 + FMA + F16C: each K and V row is converted to f32 once and used by every query
-/// head of the group; the softmax is the scalar one (its cost is per position, not per
-/// dimension). `head_dim` is a multiple of 8, at most [`AVX2_MAX_HEAD_DIM`].
+/// AVX2 + F16C: each K and V row is converted to f32 once and used by every query head of
+/// the group; the softmax is the scalar one (its cost is per position, not per dimension).
+/// Every output is computed in the reference's order of operations, so it equals
+/// [`attend_scalar`]'s exactly. `head_dim` is a multiple of 8, at most [`AVX2_MAX_HEAD_DIM`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn attend_avx2<E: KvElem>(a: &AttendArgs<'_, E>, out: &mut [f32], scores: &mut [f32]) {
     let sh = a.shape;
@@ -297,20 +290,21 @@ pub unsafe fn attend_avx2<E: KvElem>(a: &AttendArgs<'_, E>, out: &mut [f32], sco
         }
         for g in 0..group {
             let q = &a.q[g * hd..(g + 1) * hd];
-            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut c = 0;
-            // SAFETY (both loops): `q` holds `hd` floats.
-            while c + 1 < chunks {
+            // The products vectorised, their sum in the scalar path's order: the result is
+            // bit for bit the reference's (Rust never fuses the scalar multiply and add), so
+            // greedy output does not move with the ISA.
+            let mut dot = 0f32;
+            let mut prod = [0f32; 8];
+            for (c, r) in row[..chunks].iter().enumerate() {
+                // SAFETY: `q` holds `hd` floats.
                 unsafe {
-                    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c * 8)), row[c], acc0);
-                    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c * 8 + 8)), row[c + 1], acc1);
+                    _mm256_storeu_ps(prod.as_mut_ptr(), _mm256_mul_ps(_mm256_loadu_ps(q.as_ptr().add(c * 8)), *r))
+                };
+                for x in prod {
+                    dot += x;
                 }
-                c += 2;
             }
-            if c < chunks {
-                acc0 = unsafe { _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c * 8)), row[c], acc0) };
-            }
-            scores[g * n + pos] = unsafe { hsum8(_mm256_add_ps(acc0, acc1)) } * a.scale;
+            scores[g * n + pos] = dot * a.scale;
         }
     }
     for g in 0..group {
@@ -331,7 +325,8 @@ pub unsafe fn attend_avx2<E: KvElem>(a: &AttendArgs<'_, E>, out: &mut [f32], sco
                 // SAFETY: `dst` holds `hd` floats.
                 unsafe {
                     let d = dst.as_mut_ptr().add(c * 8);
-                    _mm256_storeu_ps(d, _mm256_fmadd_ps(p, *r, _mm256_loadu_ps(d)));
+                    // Multiply, then add, as the reference does per element.
+                    _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), _mm256_mul_ps(p, *r)));
                 }
             }
         }
