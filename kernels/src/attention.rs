@@ -206,7 +206,7 @@ mod tests {
             vs.push(v);
         }
         // Group sizes that exercise the SIMD path's chunks of up to four query heads.
-        for group in [1, 3, 5] {
+        for group in [1, 2, 3, 5, 7] {
             let q: Vec<f32> = (0..group * hd).map(|_| rnd(&mut seed) * 2.0).collect();
             for head in 0..2 {
                 // Plain reference over the rounded-through-E values.

@@ -266,6 +266,95 @@ unsafe fn load8<E: KvElem>(p: *const E) -> __m256 {
     }
 }
 
+/// Transposes eight rows of eight floats in place: lane `j` of row `i` becomes lane `i` of row `j`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn transpose8(r: &mut [__m256; 8]) {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    r[0] = _mm256_permute2f128_ps::<0x20>(s0, s4);
+    r[1] = _mm256_permute2f128_ps::<0x20>(s1, s5);
+    r[2] = _mm256_permute2f128_ps::<0x20>(s2, s6);
+    r[3] = _mm256_permute2f128_ps::<0x20>(s3, s7);
+    r[4] = _mm256_permute2f128_ps::<0x31>(s0, s4);
+    r[5] = _mm256_permute2f128_ps::<0x31>(s1, s5);
+    r[6] = _mm256_permute2f128_ps::<0x31>(s2, s6);
+    r[7] = _mm256_permute2f128_ps::<0x31>(s3, s7);
+}
+
+/// The scores of query heads `g0..g0 + N` against the eight positions from `pos`, whose
+/// K rows `kt` holds transposed (entry `d`: dimension `d` of the eight). Each lane sums in
+/// the reference's order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_dots<const N: usize>(
+    kt: &[__m256],
+    q: &[f32],
+    g0: usize,
+    scale: f32,
+    scores: &mut [f32],
+    n: usize,
+    pos: usize,
+) {
+    let hd = kt.len();
+    let qs: [&[f32]; N] = std::array::from_fn(|j| &q[(g0 + j) * hd..(g0 + j + 1) * hd]);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (d, &k) in kt.iter().enumerate() {
+        for j in 0..N {
+            acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(_mm256_set1_ps(qs[j][d]), k));
+        }
+    }
+    let s = _mm256_set1_ps(scale);
+    for (j, acc) in acc.iter().enumerate() {
+        let dst = &mut scores[(g0 + j) * n + pos..(g0 + j) * n + pos + 8];
+        // SAFETY: `dst` holds eight floats.
+        unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_mul_ps(*acc, s)) };
+    }
+}
+
+/// `dst`'s chunks `c0..c0 + C` (eight dimensions each): the sum over positions of each
+/// position's weight times its V row, in position order. Returns `C`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_values<E: KvElem, const C: usize>(
+    a: &AttendArgs<'_, E>,
+    weights: &[f32],
+    dst: &mut [f32],
+    c0: usize,
+) -> usize {
+    let sh = a.shape;
+    let mut acc = [_mm256_setzero_ps(); C];
+    for (pos, &w) in weights.iter().enumerate() {
+        let o = sh.offset(a.block_table[pos / sh.block_size] as usize, a.kv_head, pos % sh.block_size) + c0 * 8;
+        let v = &a.v_cache[o..o + C * 8];
+        let w = _mm256_set1_ps(w);
+        for (j, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: `v` holds `8 * C` elements. Multiply, then add, as the reference does.
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(w, unsafe { load8(v.as_ptr().add(j * 8)) }));
+        }
+    }
+    for (j, acc) in acc.iter().enumerate() {
+        let d = &mut dst[(c0 + j) * 8..(c0 + j + 1) * 8];
+        // SAFETY: `d` holds eight floats.
+        unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *acc) };
+    }
+    C
+}
+
 /// AVX2 + F16C: each K and V row is converted to f32 once and used by every query head of
 /// the group; the softmax is the scalar one (its cost is per position, not per dimension).
 /// Every output is computed in the reference's order of operations, so it equals
@@ -280,8 +369,41 @@ pub unsafe fn attend_avx2<E: KvElem>(a: &AttendArgs<'_, E>, out: &mut [f32], sco
         return attend_scalar(a, out, scores);
     }
     let chunks = hd / 8;
+    // Scores, eight positions at a time: their K rows transposed so that each lane is one
+    // position and runs the reference's dot product (multiply, then add, dimension by
+    // dimension in order). The lanes are independent, so the sums need no reordering,
+    // and the query heads of the group are independent chains the core overlaps.
+    let tiles = n / 8;
+    let mut kt = [_mm256_setzero_ps(); AVX2_MAX_HEAD_DIM];
+    for tile in 0..tiles {
+        let pos = tile * 8;
+        let rows: [&[E]; 8] = std::array::from_fn(|i| {
+            let p = pos + i;
+            let o = sh.offset(a.block_table[p / sh.block_size] as usize, a.kv_head, p % sh.block_size);
+            &a.k_cache[o..o + hd]
+        });
+        for c in 0..chunks {
+            // SAFETY: every row holds `hd` = 8 * chunks elements.
+            let mut r: [__m256; 8] = std::array::from_fn(|i| unsafe { load8(rows[i].as_ptr().add(c * 8)) });
+            unsafe { transpose8(&mut r) };
+            kt[c * 8..c * 8 + 8].copy_from_slice(&r);
+        }
+        let mut g = 0;
+        while g < group {
+            // SAFETY: the same target features as this function.
+            unsafe {
+                match group - g {
+                    1 => tile_dots::<1>(&kt[..hd], a.q, g, a.scale, scores, n, pos),
+                    2 => tile_dots::<2>(&kt[..hd], a.q, g, a.scale, scores, n, pos),
+                    3 => tile_dots::<3>(&kt[..hd], a.q, g, a.scale, scores, n, pos),
+                    _ => tile_dots::<4>(&kt[..hd], a.q, g, a.scale, scores, n, pos),
+                }
+            }
+            g += 4;
+        }
+    }
     let mut row = [_mm256_setzero_ps(); AVX2_MAX_HEAD_DIM / 8];
-    for pos in 0..n {
+    for pos in tiles * 8..n {
         let o = sh.offset(a.block_table[pos / sh.block_size] as usize, a.kv_head, pos % sh.block_size);
         let k = &a.k_cache[o..o + hd];
         for (c, r) in row[..chunks].iter_mut().enumerate() {
@@ -310,25 +432,22 @@ pub unsafe fn attend_avx2<E: KvElem>(a: &AttendArgs<'_, E>, out: &mut [f32], sco
     for g in 0..group {
         softmax_in_place(&mut scores[g * n..(g + 1) * n]);
     }
-    out[..group * hd].fill(0.0);
-    for pos in 0..n {
-        let o = sh.offset(a.block_table[pos / sh.block_size] as usize, a.kv_head, pos % sh.block_size);
-        let v = &a.v_cache[o..o + hd];
-        for (c, r) in row[..chunks].iter_mut().enumerate() {
-            // SAFETY: `v` holds `hd` elements.
-            *r = unsafe { load8(v.as_ptr().add(c * 8)) };
-        }
-        for g in 0..group {
-            let p = _mm256_set1_ps(scores[g * n + pos]);
-            let dst = &mut out[g * hd..(g + 1) * hd];
-            for (c, r) in row[..chunks].iter().enumerate() {
-                // SAFETY: `dst` holds `hd` floats.
-                unsafe {
-                    let d = dst.as_mut_ptr().add(c * 8);
-                    // Multiply, then add, as the reference does per element.
-                    _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), _mm256_mul_ps(p, *r)));
+    // Values: each query head's output, a few chunks of dimensions at a time, summed over
+    // the positions in order in registers (the reference's order, lane by lane).
+    for g in 0..group {
+        let weights = &scores[g * n..(g + 1) * n];
+        let dst = &mut out[g * hd..(g + 1) * hd];
+        let mut c0 = 0;
+        while c0 < chunks {
+            // SAFETY: the same target features as this function.
+            c0 += unsafe {
+                match chunks - c0 {
+                    8.. => weighted_values::<E, 8>(a, weights, dst, c0),
+                    4..=7 => weighted_values::<E, 4>(a, weights, dst, c0),
+                    2 | 3 => weighted_values::<E, 2>(a, weights, dst, c0),
+                    _ => weighted_values::<E, 1>(a, weights, dst, c0),
                 }
-            }
+            };
         }
     }
 }

@@ -34,6 +34,10 @@ use crate::slo;
 use crate::validate::Validated;
 use crate::worker::{CancelOnDrop, DecodeStream};
 
+/// How long a route waits for a paused worker (fenced while it registers again, changing
+/// role) before the request fails for want of one: a few of the workers' lease TTLs.
+pub(crate) const PAUSED_WAIT: Duration = Duration::from_secs(5);
+
 /// One chunk of one choice, on its way to the client.
 pub(crate) struct Chunk {
     /// What the client gets, but for the usage and timing that the request adds.
@@ -439,7 +443,7 @@ impl ChoiceRun {
                     salt: self.v.cache_salt.as_deref(),
                     priority: self.v.priority,
                 };
-                let route = r.members.route(r.policy.as_ref(), &r.placement, &to, avoid)?;
+                let route = self.route_or_wait(&to, avoid).await?;
                 if self.first_attempt {
                     self.first_attempt = false;
                     self.admit_by_slo(&route)?;
@@ -453,6 +457,26 @@ impl ChoiceRun {
                 Some(w) => self.local(w, ask, true).await,
                 None => Err(left("decode", on)),
             },
+        }
+    }
+
+    /// A route for `to`; when no worker can take it only because some are paused (fenced
+    /// while they register again, changing role), the route is tried again each load poll
+    /// for up to [`PAUSED_WAIT`] (within the request's deadline) instead of failing at once.
+    async fn route_or_wait(&self, to: &RouteAsk<'_>, avoid: &[WorkerId]) -> Result<Route, Status> {
+        let r = &self.routing;
+        let until = tokio::time::Instant::now() + PAUSED_WAIT;
+        loop {
+            match r.members.route(r.policy.as_ref(), &r.placement, to, avoid) {
+                Err(e)
+                    if e.code() == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() < until
+                        && r.members.has_paused(to.model, avoid) =>
+                {
+                    tokio::time::sleep(crate::members::LOAD_INTERVAL).await;
+                }
+                other => return other,
+            }
         }
     }
 

@@ -561,3 +561,35 @@ async fn usage_counts_the_prompt_tokens_the_prefill_side_did_not_compute_once() 
         assert!(usage.cached_tokens <= usage.prompt_tokens, "{why}");
     }
 }
+
+/// A decode worker that answers but takes no new work for a moment (fenced while it
+/// registers under a new lease, changing role) is waited for, up to `PAUSED_WAIT`; one that
+/// stays paused fails the request then, naming the want of a worker.
+#[tokio::test]
+async fn a_choice_waits_for_a_paused_decode_worker_and_fails_when_it_stays_paused() {
+    for comes_back in [true, false] {
+        let (routing, fakes) =
+            cluster(&[("prefill-a", Role::Prefill, Script::default()), ("decode-a", Role::Decode, Script::default())]);
+        let routing = Arc::new(routing);
+        let decode_id = WorkerId::new("decode-a").unwrap();
+        routing.members.answered_fake(&decode_id, false);
+        let t0 = Instant::now();
+        let (rx, task) = start(&routing, request(3, None));
+        let seen = tokio::spawn(read(rx));
+        if comes_back {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            assert!(reserves(&fakes["decode-a"]).is_empty(), "nothing reserved on a paused worker");
+            routing.members.answered_fake(&decode_id, true);
+        }
+        let seen = seen.await.unwrap();
+        task.await.unwrap();
+        if comes_back {
+            assert_eq!(seen.tokens, tokens(0, 3), "{:?}", seen.error);
+        } else {
+            let e = seen.error.expect("no worker came back");
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+            assert!(e.message().contains("no decode worker serves"), "{e:?}");
+            assert!(t0.elapsed() >= crate::choice::PAUSED_WAIT, "failed after {:?}", t0.elapsed());
+        }
+    }
+}

@@ -565,6 +565,15 @@ impl Members {
         })
     }
 
+    /// Whether a worker of `model` not in `excluded` answers its polls but takes no new
+    /// work for now (fenced while it registers again, changing role, draining): a route
+    /// that found no worker may find one when it is back.
+    pub fn has_paused(&self, model: &str, excluded: &[WorkerId]) -> bool {
+        self.entries.lock().expect("entries").values().any(|e| {
+            e.liveness.health == Health::Refusing && e.desc.model.name == model && !excluded.contains(&e.desc.id)
+        })
+    }
+
     /// Decode-capable worker `id`, if it is healthy: where a request whose KV transfer
     /// failed is recomputed.
     pub fn decoder(&self, id: &WorkerId) -> Option<Picked> {
@@ -659,6 +668,14 @@ impl Members {
             gone: CancellationToken::new(),
         };
         self.entries.lock().expect("entries").insert(id, entry);
+    }
+
+    /// Tests: worker `id` answered a load poll, taking new work or not (fenced, draining).
+    #[cfg(test)]
+    pub(crate) fn answered_fake(&self, id: &WorkerId, takes_work: bool) {
+        self.update(id, |e| {
+            e.liveness.observe(Poll::Answered { takes_work });
+        });
     }
 
     fn update(&self, id: &WorkerId, f: impl FnOnce(&mut Entry)) {
