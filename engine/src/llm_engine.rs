@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 
+use tandem_text::guide::{Constraint, GuideCompiler, TokenMask};
 use tandem_text::tokenizer::{IncrementalDecoder, Tokenizer};
 
 use crate::block_manager::{BlockManager, KvEvent};
@@ -174,6 +175,8 @@ struct SeqState {
     resumed: usize,
     /// What the request does when its remote KV arrives.
     remote: RemoteKv,
+    /// Its guide's constraint (constrained decoding), brought up to the output at each draw.
+    constraint: Option<Constraint>,
 }
 
 impl SeqState {
@@ -227,6 +230,20 @@ pub struct LlmEngine {
     last_step_ran: bool,
     /// The scheduler's clock starts here (`sjf` ages requests by it).
     born: std::time::Instant,
+    /// Compiles guides for the vocabulary: built at the first constrained request.
+    guides: Option<GuideCompiler>,
+    /// Constrained decoding's costs so far.
+    pub guide_stats: GuideStats,
+}
+
+/// What constrained decoding has cost an engine: guides compiled and the time taken, masks
+/// computed and the time taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GuideStats {
+    pub compiled: u64,
+    pub compile_seconds: f64,
+    pub masks: u64,
+    pub mask_seconds: f64,
 }
 
 impl std::fmt::Debug for LlmEngine {
@@ -267,12 +284,28 @@ impl LlmEngine {
             next_id: 1,
             last_step_ran: false,
             born: std::time::Instant::now(),
+            guides: None,
+            guide_stats: GuideStats::default(),
         })
     }
 
     /// Moves the scheduler's clock to now.
     fn tick(&mut self) {
         self.scheduler.set_clock(self.born.elapsed().as_millis() as u64);
+    }
+
+    /// The constraint for `params.guide`, if it has one: an invalid guide is the request's
+    /// error. The compiler is built at the first guide.
+    fn constraint_for(&mut self, params: &SamplingParams) -> Result<Option<Constraint>, EngineError> {
+        let Some(guide) = &params.guide else { return Ok(None) };
+        let t0 = std::time::Instant::now();
+        if self.guides.is_none() {
+            self.guides = Some(GuideCompiler::new(&self.tokenizer).map_err(EngineError::InvalidRequest)?);
+        }
+        let compiled = self.guides.as_ref().expect("built").compile(guide);
+        self.guide_stats.compiled += 1;
+        self.guide_stats.compile_seconds += t0.elapsed().as_secs_f64();
+        compiled.map(Some).map_err(|e| EngineError::InvalidRequest(format!("{}: {e}", guide.kind())))
     }
 
     /// Replays a resumed request's earlier tokens through the text pipeline (see `resumed`).
@@ -327,6 +360,7 @@ impl LlmEngine {
     /// Queues a request; returns the id of its first sequence (its group id).
     pub fn add_request(&mut self, req: EngineRequest) -> Result<RequestId, EngineError> {
         self.check(&req)?;
+        let constraint = self.constraint_for(&req.params)?;
         let id = RequestId(self.next_id);
         self.tick();
         self.scheduler.add(self.new_request(id, &req))?;
@@ -334,6 +368,7 @@ impl LlmEngine {
         let forks = (1..req.n as u64).map(|i| RequestId(id.0 + i)).collect();
         let mut seq = new_seq(id, 0, &req.params, forks);
         seq.exported = req.export_kv.then_some(0);
+        seq.constraint = constraint;
         if let Err(e) = self.prime(&mut seq, &req) {
             self.scheduler.finish(id, FinishReason::Abort);
             self.scheduler.take_finished(id);
@@ -365,12 +400,14 @@ impl LlmEngine {
         if req.n != 1 {
             return Err(EngineError::InvalidRequest(format!("a remote-KV request has one choice, got n = {}", req.n)));
         }
+        let constraint = self.constraint_for(&req.params)?;
         let id = RequestId(self.next_id);
         self.tick();
         let (table, cached) = self.scheduler.add_remote(self.new_request(id, &req))?;
         self.next_id += 1;
         let mut seq = new_seq(id, 0, &req.params, Vec::new());
         seq.remote = kind;
+        seq.constraint = constraint;
         // The prefill worker drew the first token: keep the seeded stream where an
         // undivided run would have it.
         seq.sampler.skip_draw();
@@ -628,8 +665,18 @@ impl LlmEngine {
             let output: Vec<u32> = r.prompt[split..].iter().chain(&r.output).copied().collect();
             let l = logits.row(i, logits.rows_of(i) - 1);
             let st = self.seqs.get_mut(&s.id).expect("engine state for every sequence");
-            let tok = st.sampler.sample(l, &prompt, &output);
-            let forks = self.start_forks(s.id, l, &prompt, &output);
+            // Its guide's mask, the matcher first brought up to every token generated so far
+            // (a prefill worker's first token, an earlier attempt's): the state is a function
+            // of the guide and the tokens, so every hop and migration rebuilds it the same.
+            let mask = st.constraint.as_mut().map(|c| {
+                let t0 = std::time::Instant::now();
+                let m = c.mask(&output);
+                self.guide_stats.masks += 1;
+                self.guide_stats.mask_seconds += t0.elapsed().as_secs_f64();
+                m
+            });
+            let tok = st.sampler.sample_masked(l, &prompt, &output, mask.as_ref());
+            let forks = self.start_forks(s.id, l, &prompt, &output, mask.as_ref());
             let st = self.seqs.get_mut(&s.id).expect("exists");
             record_logprob(st, &tok);
             sampled.push((s.id, Sampled { token: tok.id, forks }));
@@ -640,19 +687,28 @@ impl LlmEngine {
     /// Starts the parallel samples reserved for `parent` (none after its first draw):
     /// sample i gets its own state, its seed offset by i, and draws its first token from
     /// the parent's logits row `l`. Returns each child's id and token.
-    fn start_forks(&mut self, parent: RequestId, l: &[f32], prompt: &[u32], output: &[u32]) -> Vec<(RequestId, u32)> {
+    fn start_forks(
+        &mut self,
+        parent: RequestId,
+        l: &[f32],
+        prompt: &[u32],
+        output: &[u32],
+        mask: Option<&TokenMask>,
+    ) -> Vec<(RequestId, u32)> {
         let st = self.seqs.get_mut(&parent).expect("exists");
         if st.pending_forks.is_empty() {
             return Vec::new();
         }
         let (group, params) = (st.group, st.params.clone());
+        let constraint = st.constraint.as_ref().map(Constraint::fork);
         let children = std::mem::take(&mut st.pending_forks);
         let mut forks = Vec::with_capacity(children.len());
         for (i, child) in children.into_iter().enumerate() {
             let mut p = params.clone();
             p.seed = params.seed.map(|x| x.wrapping_add(i as u64 + 1));
             let mut cs = new_seq(group, i + 1, &p, Vec::new());
-            let ct = cs.sampler.sample(l, prompt, output);
+            cs.constraint = constraint.as_ref().map(Constraint::fork);
+            let ct = cs.sampler.sample_masked(l, prompt, output, mask);
             record_logprob(&mut cs, &ct);
             forks.push((child, ct.id));
             self.seqs.insert(child, cs);
@@ -770,6 +826,7 @@ fn new_seq(group: RequestId, index: usize, params: &SamplingParams, pending_fork
         prompt_lp_pending: Vec::new(),
         resumed: 0,
         remote: RemoteKv::Decode,
+        constraint: None,
     }
 }
 

@@ -61,6 +61,9 @@ pub struct SamplingParams {
     /// given the tokens before it, with this many alternatives (vLLM `prompt_logprobs`).
     /// Such a request computes its whole prompt (no prefix-cache reuse).
     pub prompt_logprobs: Option<usize>,
+    /// What the output must match (constrained decoding): each step samples only among the
+    /// tokens the guide allows, and EOS only where it accepts.
+    pub guide: Option<tandem_text::guide::Guide>,
 }
 
 impl Default for SamplingParams {
@@ -80,6 +83,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: None,
             prompt_logprobs: None,
+            guide: None,
         }
     }
 }
@@ -121,6 +125,9 @@ impl SamplingParams {
         }
         if self.stop.iter().any(String::is_empty) {
             return bad("stop strings must not be empty".into());
+        }
+        if self.guide.is_some() && self.ignore_eos {
+            return bad("ignore_eos cannot be combined with a guide: the output ends where the guide accepts".into());
         }
         if let Some(id) = self.stop_token_ids.iter().find(|&&id| id as usize >= vocab_size) {
             return bad(format!("stop_token_ids contains {id}, outside the vocabulary (size {vocab_size})"));
@@ -213,6 +220,19 @@ impl Sampler {
     /// sequence's output so far) feed all three penalties. Ids outside the row
     /// are ignored; an empty row yields id 0 with log-probability −∞.
     pub fn sample(&mut self, logits: &[f32], prompt_ids: &[u32], generated_ids: &[u32]) -> SampledToken {
+        self.sample_masked(logits, prompt_ids, generated_ids, None)
+    }
+
+    /// `sample`, among the ids `allowed` allows only (constrained decoding): the others'
+    /// logits are −∞ after the penalties, so every mode (greedy, temperature, top-k/p,
+    /// min-p) draws within the mask. Log-probabilities stay the model's own.
+    pub fn sample_masked(
+        &mut self,
+        logits: &[f32],
+        prompt_ids: &[u32],
+        generated_ids: &[u32],
+        allowed: Option<&tandem_text::guide::TokenMask>,
+    ) -> SampledToken {
         let n = logits.len();
         if n == 0 {
             return SampledToken { id: 0, logprob: f32::NEG_INFINITY, top_logprobs: Vec::new() };
@@ -222,6 +242,13 @@ impl Sampler {
         self.work.clear();
         self.work.extend(logits.iter().map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l }));
         self.apply_penalties(prompt_ids, generated_ids);
+        if let Some(mask) = allowed {
+            for (id, w) in self.work.iter_mut().enumerate() {
+                if !mask.allows(id as u32) {
+                    *w = f32::NEG_INFINITY;
+                }
+            }
+        }
 
         let id = if self.params.is_greedy() { argmax(&self.work) } else { self.draw() };
 

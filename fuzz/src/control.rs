@@ -201,9 +201,10 @@ pub fn seeds() -> Vec<Vec<u8>> {
     let chat = api::GenerateRequest {
         input: Some(api::generate_request::Input::Messages(api::Messages {
             messages: vec![
-                api::ChatMessage { role: "system".into(), content: "Be brief.".into() },
-                api::ChatMessage { role: "user".into(), content: "Name three primary colors.".into() },
+                api::ChatMessage { role: "system".into(), content: "Be brief.".into(), ..Default::default() },
+                api::ChatMessage { role: "user".into(), content: "Name three primary colors.".into(), ..Default::default() },
             ],
+            tools: vec![],
         })),
         sampling: Some(sampling.clone()),
         cache_salt: Some("tenant".into()),

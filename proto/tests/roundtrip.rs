@@ -30,11 +30,34 @@ fn sample<M: Message + Default + PartialEq + Debug + 'static>(name: &'static str
 }
 
 fn chat() -> api::ChatMessage {
-    api::ChatMessage { role: "user".into(), content: "Name a prime.".into() }
+    api::ChatMessage { role: "user".into(), content: "Name a prime.".into(), ..Default::default() }
+}
+
+/// An assistant turn that called a tool, and the tool's answer.
+fn tool_turns() -> [api::ChatMessage; 2] {
+    [
+        api::ChatMessage {
+            role: "assistant".into(),
+            tool_calls_json: r#"[{"id":"call_1","type":"function","function":{"name":"f","arguments":"{}"}}]"#.into(),
+            ..Default::default()
+        },
+        api::ChatMessage {
+            role: "tool".into(),
+            content: "42".into(),
+            tool_call_id: Some("call_1".into()),
+            name: Some("f".into()),
+            ..Default::default()
+        },
+    ]
 }
 
 fn messages() -> api::Messages {
-    api::Messages { messages: vec![api::ChatMessage { role: "system".into(), content: "Be terse.".into() }, chat()] }
+    let mut messages = vec![api::ChatMessage { role: "system".into(), content: "Be terse.".into(), ..chat() }, chat()];
+    messages.extend(tool_turns());
+    api::Messages {
+        messages,
+        tools: vec![r#"{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}"#.into()],
+    }
 }
 
 fn sampling() -> api::SamplingParams {
@@ -54,7 +77,23 @@ fn sampling() -> api::SamplingParams {
         repetition_penalty: Some(1.1),
         ignore_eos: true,
         prompt_logprobs: Some(2),
+        guide: Some(guide(api::guide::Kind::Regex("[0-9]{3}".into()))),
     }
+}
+
+fn guide(kind: api::guide::Kind) -> api::Guide {
+    api::Guide { kind: Some(kind) }
+}
+
+fn guides() -> Vec<api::Guide> {
+    use api::guide::Kind;
+    vec![
+        guide(Kind::JsonSchema(r#"{"type":"object","properties":{"a":{"type":"integer"}}}"#.into())),
+        guide(Kind::JsonObject(true)),
+        guide(Kind::Regex("(yes|no)".into())),
+        guide(Kind::Choice(api::Choices { choices: vec!["red".into(), "green".into()] })),
+        guide(Kind::Grammar("start: \"a\"+".into())),
+    ]
 }
 
 fn token_logprob(id: u32) -> api::TokenLogprob {
@@ -113,8 +152,11 @@ fn public_samples() -> Vec<Sample> {
     };
     vec![
         sample("tandem.v1.ChatMessage", chat()),
+        sample("tandem.v1.ChatMessage", tool_turns()[0].clone()),
+        sample("tandem.v1.ChatMessage", tool_turns()[1].clone()),
         sample("tandem.v1.Messages", messages()),
         sample("tandem.v1.SamplingParams", sampling()),
+        sample("tandem.v1.Choices", api::Choices { choices: vec!["a".into(), "b c".into()] }),
         sample("tandem.v1.GenerateRequest", request(Input::Prompt("Once upon a time".into()))),
         sample("tandem.v1.GenerateRequest", request(Input::Messages(messages()))),
         sample("tandem.v1.PromptTokens", api::PromptTokens { token_ids: vec![1, 504, 3003] }),
@@ -178,6 +220,9 @@ fn public_samples() -> Vec<Sample> {
         sample("tandem.v1.Model", model()),
         sample("tandem.v1.ListModelsResponse", api::ListModelsResponse { models: vec![model(), model()] }),
     ]
+    .into_iter()
+    .chain(guides().into_iter().map(|g| sample("tandem.v1.Guide", g)))
+    .collect()
 }
 
 fn layout() -> wk::KvLayout {
@@ -215,6 +260,7 @@ fn worker_sampling() -> wk::SamplingParams {
         ignore_eos: true,
         logprobs: Some(2),
         prompt_logprobs: Some(1),
+        guide: Some(guide(api::guide::Kind::Choice(api::Choices { choices: vec!["yes".into()] }))),
     }
 }
 

@@ -268,7 +268,8 @@ async fn unary_generate_round_trips() {
     let tok = client
         .tokenize(TokenizeRequest {
             input: Some(tokenize_request::Input::Messages(Messages {
-                messages: vec![ChatMessage { role: "user".into(), content: "hi".into() }],
+                messages: vec![ChatMessage { role: "user".into(), content: "hi".into(), ..Default::default() }],
+                tools: vec![],
             })),
             ..Default::default()
         })
@@ -289,7 +290,10 @@ async fn unary_generate_round_trips() {
 async fn streaming_generate_round_trips() {
     let server = Running::start().await;
     let mut client = GenerateClient::new(server.channel().await);
-    let messages = Messages { messages: vec![ChatMessage { role: "user".into(), content: "one two three".into() }] };
+    let messages = Messages {
+        messages: vec![ChatMessage { role: "user".into(), content: "one two three".into(), ..Default::default() }],
+        tools: vec![],
+    };
     let req = GenerateRequest { input: Some(Input::Messages(messages)), ..Default::default() };
     let chunks: Vec<GenerateStreamResponse> =
         client.generate_stream(req).await.unwrap().into_inner().map(Result::unwrap).collect().await;

@@ -34,8 +34,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::keys::{tenant_of, Tenant};
 use crate::openai::{
-    chat_logprobs, chat_request, completion_request, prompt_echo, token_text, usage_json, ApiError, ChatRequest,
-    CompletionLogprobs, CompletionRequest,
+    chat_logprobs, chat_request_with_tools, completion_request, prompt_echo, token_text, usage_json, ApiError,
+    ChatRequest, CompletionLogprobs, CompletionRequest,
 };
 use crate::relay::{stall_message, stalled, start_request, Chunks};
 use crate::stall::{HandOff, Outbox};
@@ -197,7 +197,7 @@ async fn chat(
     let tenant = authorized(&state, &headers)?;
     let body = read_body(body, &limits).await?;
     let r: ChatRequest = parse(&body, "chat completion")?;
-    let mut req = chat_request(&r)?;
+    let (mut req, tools) = chat_request_with_tools(&r)?;
     req.slo_ttft_ms = slo_header(&headers)?;
     let want_logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
@@ -222,9 +222,22 @@ async fn chat(
         let choices: Vec<Value> = choices
             .into_iter()
             .map(|(i, (text, lps, finish))| {
+                let mut message = json!({"role": "assistant", "content": text});
+                let mut finish = finish;
+                if tools.parse {
+                    let (content, calls) = crate::tools::parse(&text);
+                    if !calls.is_empty() {
+                        message["content"] = json!(content);
+                        message["tool_calls"] = calls.iter().enumerate().map(|(k, c)| c.json(k)).collect();
+                        // As OpenAI: an answer that calls tools ends for that reason.
+                        if finish == Some("stop") {
+                            finish = Some("tool_calls");
+                        }
+                    }
+                }
                 json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": text},
+                    "message": message,
                     "logprobs": if want_logprobs { json!({"content": lps}) } else { Value::Null },
                     "finish_reason": finish,
                 })
@@ -239,6 +252,8 @@ async fn chat(
     }
 
     let mut started = std::collections::HashSet::new();
+    // Per choice: its call parser and how many calls it has sent.
+    let mut parsers: BTreeMap<u32, (crate::tools::StreamParser, usize)> = BTreeMap::new();
     let meta = StreamMeta {
         id,
         object: "chat.completion.chunk",
@@ -250,7 +265,25 @@ async fn chat(
         stall: state.stream_stall,
     };
     Ok(stream_events(meta, head, chunks, move |m| {
+        let mut finish = m.finish_reason().as_openai_str();
         let mut delta = json!({"content": m.text});
+        if tools.parse {
+            // Text outside call blocks streams as content; each call goes out whole in
+            // `delta.tool_calls` as soon as its block closes.
+            let (parser, sent) = parsers.entry(m.index).or_default();
+            let (mut content, calls) = parser.push(&m.text);
+            if finish.is_some() {
+                content.push_str(&parser.finish().0);
+            }
+            delta = json!({"content": content});
+            if !calls.is_empty() {
+                delta["tool_calls"] = calls.iter().enumerate().map(|(k, c)| c.json(*sent + k)).collect();
+                *sent += calls.len();
+            }
+            if finish == Some("stop") && *sent > 0 {
+                finish = Some("tool_calls");
+            }
+        }
         if started.insert(m.index) {
             delta["role"] = json!("assistant");
         }
@@ -258,7 +291,7 @@ async fn chat(
             "index": m.index,
             "delta": delta,
             "logprobs": if want_logprobs { json!({"content": chat_logprobs(&m.logprobs)}) } else { Value::Null },
-            "finish_reason": m.finish_reason().as_openai_str(),
+            "finish_reason": finish,
         })
     }))
 }

@@ -15,6 +15,11 @@ pub fn public_request_id() -> String {
     format!("req-{:016x}{:016x}", random_u64(), random_u64())
 }
 
+/// `bytes` random bytes as hex (a tool call's id).
+pub fn random_hex(bytes: usize) -> String {
+    (0..bytes.div_ceil(8)).map(|_| format!("{:016x}", random_u64())).collect::<String>()[..bytes * 2].to_string()
+}
+
 /// A new id for one attempt at a choice on the workers.
 pub(crate) fn worker_request_id() -> ClusterRequestId {
     ClusterRequestId(random_u64())

@@ -82,6 +82,7 @@ pub mod slo;
 pub mod stall;
 pub mod state;
 pub mod telemetry;
+pub mod tools;
 pub mod validate;
 pub mod worker;
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 
 pub const REQUESTS: &str = "tandem_requests_total";
+pub const CONSTRAINED: &str = "tandem_constrained_requests_total";
 pub const PROMPT_TOKENS: &str = "tandem_prompt_tokens_total";
 pub const GENERATION_TOKENS: &str = "tandem_generation_tokens_total";
 pub const TTFT: &str = "tandem_time_to_first_token_seconds";
@@ -50,6 +51,7 @@ pub const PREDICTED_OUTPUT: &str = "tandem_router_predicted_output_tokens_total"
 /// Registers every router metric's description (idempotent).
 pub fn describe() {
     describe_counter!(REQUESTS, "Requests the router finished, by API, outcome (ok, error) and error kind.");
+    describe_counter!(CONSTRAINED, "Requests admitted with a guide (constrained decoding), by kind.");
     describe_counter!(PROMPT_TOKENS, Unit::Count, "Prompt tokens of requests the router accepted.");
     describe_counter!(GENERATION_TOKENS, Unit::Count, "Tokens generated and sent to clients.");
     describe_histogram!(TTFT, Unit::Seconds, "From the router accepting a request to its first token (per choice).");
@@ -391,4 +393,9 @@ pub fn cache_outcome(stage: &'static str, predicted: Option<usize>, reused: usiz
 /// Prompt tokens a decode worker already held at its reservation.
 pub fn decode_cached(tokens: usize) {
     counter!(DECODE_CACHED).increment(tokens as u64);
+}
+
+/// A request with a guide of `kind` passed validation.
+pub fn constrained(kind: &'static str) {
+    counter!(CONSTRAINED, "kind" => kind).increment(1);
 }

@@ -110,6 +110,7 @@ pub(crate) mod testing {
             template: text.chat_template,
             max_model_len: text.config.context_length,
             vocab_size: text.config.vocab_size,
+            guides: Default::default(),
         }
     }
 }

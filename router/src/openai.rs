@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use tandem_proto::tandem::v1 as api;
 use tonic::Status;
 
+use crate::tools::ToolPlan;
 use crate::validate::{ModelFacts, MAX_CACHE_SALT, MAX_N, MAX_STOP, MAX_STOP_LEN, MAX_STOP_TOKEN_IDS};
 
 /// `stop`: one string or a list.
@@ -47,6 +48,14 @@ pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant turn's calls (OpenAI's `tool_calls` array).
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -85,6 +94,17 @@ pub struct Common {
     pub priority: Option<i32>,
     /// Tandem: `fail`, `recompute` or `retry` when the request's KV transfer fails.
     pub kv_failure_policy: Option<String>,
+    /// Structured output: `{"type": "text"}`, `{"type": "json_object"}` or
+    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`.
+    pub response_format: Option<Value>,
+    /// vLLM's guided decoding: a JSON Schema (object or JSON text), a regex, a list of
+    /// choices, a Lark grammar; and their successor, `structured_outputs`
+    /// (`{"json" | "regex" | "choice" | "grammar": ...}`).
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
+    pub structured_outputs: Option<Value>,
     /// Fields Tandem does not implement and that change what an answer means: a request
     /// using them is refused (400 naming the field) rather than answered as if they were
     /// absent. Their no-op values (`null`, empty, `"none"`, `{"type": "text"}`) pass.
@@ -95,11 +115,8 @@ pub struct Common {
 /// OpenAI fields whose meaning Tandem does not implement (see [`Common::unsupported`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Unsupported {
-    pub tools: Option<Value>,
-    pub tool_choice: Option<Value>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
-    pub response_format: Option<Value>,
     pub logit_bias: Option<Value>,
 }
 
@@ -112,13 +129,14 @@ impl Unsupported {
             _ => false,
         };
         let no_call = |v: &Value| matches!(v.as_str(), Some("none" | "auto"));
-        let text = |v: &Value| v.get("type").and_then(Value::as_str) == Some("text");
-        let fields: [(&str, &Option<Value>, &dyn Fn(&Value) -> bool, &str); 6] = [
-            ("tools", &self.tools, &empty, "tool calling is not supported"),
-            ("functions", &self.functions, &empty, "function calling is not supported"),
-            ("tool_choice", &self.tool_choice, &no_call, "tool calling is not supported"),
-            ("function_call", &self.function_call, &no_call, "function calling is not supported"),
-            ("response_format", &self.response_format, &text, "only {\"type\": \"text\"} is supported"),
+        let fields: [(&str, &Option<Value>, &dyn Fn(&Value) -> bool, &str); 3] = [
+            ("functions", &self.functions, &empty, "the legacy function calling is not supported; use tools"),
+            (
+                "function_call",
+                &self.function_call,
+                &no_call,
+                "the legacy function calling is not supported; use tool_choice",
+            ),
             ("logit_bias", &self.logit_bias, &empty, "is not supported"),
         ];
         for (field, value, harmless, why) in fields {
@@ -133,6 +151,10 @@ impl Unsupported {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
+    /// Tools the model may call (`crate::tools`).
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
@@ -256,6 +278,81 @@ fn count(field: &str, v: Option<i64>, max: i64) -> Result<Option<u32>, ApiError>
     }
 }
 
+/// The guide the request's structured-output fields ask for: at most one of
+/// `response_format` (other than text), `guided_*` and `structured_outputs`. Whether it
+/// compiles is the core's check (`validate::check_guide`).
+pub fn guide(c: &Common) -> Result<Option<api::Guide>, ApiError> {
+    use api::guide::Kind;
+    let mut found: Vec<(&str, Kind)> = Vec::new();
+    if let Some(rf) = &c.response_format {
+        match rf.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some("json_object") => found.push(("response_format", Kind::JsonObject(true))),
+            Some("json_schema") => {
+                let schema = rf
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .ok_or_else(|| ApiError::bad("response_format", "json_schema.schema is missing"))?;
+                found.push(("response_format", Kind::JsonSchema(schema.to_string())));
+            }
+            _ => return Err(ApiError::bad("response_format", "type must be text, json_object or json_schema")),
+        }
+    }
+    let schema_text = |field: &str, v: &Value| match v {
+        // A schema given as JSON text, as some clients send it.
+        Value::String(text) => Ok(text.clone()),
+        Value::Object(_) | Value::Bool(_) => Ok(v.to_string()),
+        _ => Err(ApiError::bad(field, "must be a JSON Schema object")),
+    };
+    if let Some(v) = &c.guided_json {
+        found.push(("guided_json", Kind::JsonSchema(schema_text("guided_json", v)?)));
+    }
+    if let Some(r) = &c.guided_regex {
+        found.push(("guided_regex", Kind::Regex(r.clone())));
+    }
+    if let Some(choices) = &c.guided_choice {
+        found.push(("guided_choice", Kind::Choice(api::Choices { choices: choices.clone() })));
+    }
+    if let Some(g) = &c.guided_grammar {
+        found.push(("guided_grammar", Kind::Grammar(g.clone())));
+    }
+    if let Some(so) = c.structured_outputs.as_ref().filter(|v| !v.is_null()) {
+        let field = "structured_outputs";
+        let o = so.as_object().ok_or_else(|| ApiError::bad(field, "must be an object"))?;
+        for (k, v) in o {
+            let kind = match (k.as_str(), v) {
+                (_, Value::Null) => continue,
+                ("json", v) => Kind::JsonSchema(schema_text("structured_outputs.json", v)?),
+                ("regex", Value::String(r)) => Kind::Regex(r.clone()),
+                ("choice", Value::Array(a)) => Kind::Choice(api::Choices {
+                    choices: a
+                        .iter()
+                        .map(|x| x.as_str().map(str::to_string))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| ApiError::bad("structured_outputs.choice", "must be a list of strings"))?,
+                }),
+                ("grammar", Value::String(g)) => Kind::Grammar(g.clone()),
+                ("json_object", Value::Bool(true)) => Kind::JsonObject(true),
+                (other, _) => {
+                    return Err(ApiError::bad(field, format!("{other:?} is not one of json, regex, choice, grammar")))
+                }
+            };
+            found.push((field, kind));
+        }
+    }
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop().map(|(_, kind)| api::Guide { kind: Some(kind) })),
+        _ => {
+            let names: Vec<&str> = found.iter().map(|(f, _)| *f).collect();
+            Err(ApiError::bad(
+                found[1].0,
+                format!("one structured-output constraint at a time; got {}", names.join(", ")),
+            ))
+        }
+    }
+}
+
 fn sampling(c: &Common, max_tokens: Option<i64>) -> Result<api::SamplingParams, ApiError> {
     c.unsupported.check()?;
     let max_tokens = match max_tokens {
@@ -308,6 +405,7 @@ fn sampling(c: &Common, max_tokens: Option<i64>) -> Result<api::SamplingParams, 
         repetition_penalty: c.repetition_penalty,
         ignore_eos: c.ignore_eos,
         prompt_logprobs: None,
+        guide: guide(c)?,
     })
 }
 
@@ -341,6 +439,12 @@ fn base(
 
 /// A chat request as `tandem.v1`.
 pub fn chat_request(r: &ChatRequest) -> Result<api::GenerateRequest, ApiError> {
+    chat_request_with_tools(r).map(|(req, _)| req)
+}
+
+/// A chat request as `tandem.v1`, and what its tool fields ask of the answer.
+pub fn chat_request_with_tools(r: &ChatRequest) -> Result<(api::GenerateRequest, ToolPlan), ApiError> {
+    let plan = crate::tools::plan(r.tools.as_ref(), r.tool_choice.as_ref(), r.parallel_tool_calls)?;
     let mut messages = Vec::new();
     for (i, m) in r.messages.iter().enumerate() {
         let content = match &m.content {
@@ -362,16 +466,35 @@ pub fn chat_request(r: &ChatRequest) -> Result<api::GenerateRequest, ApiError> {
         };
         // OpenAI's newer name for the system role.
         let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
-        messages.push(api::ChatMessage { role, content });
+        let tool_calls_json = match &m.tool_calls {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::Array(calls)) if calls.is_empty() => String::new(),
+            Some(v @ Value::Array(_)) => v.to_string(),
+            Some(_) => return Err(ApiError::bad(&format!("messages[{i}].tool_calls"), "must be a list")),
+        };
+        messages.push(api::ChatMessage {
+            role,
+            content,
+            tool_calls_json,
+            tool_call_id: m.tool_call_id.clone(),
+            name: m.name.clone(),
+        });
     }
     let mut s = sampling(&r.common, r.max_completion_tokens.or(r.common.max_tokens))?;
+    if let Some(g) = plan.guide.clone() {
+        if s.guide.is_some() {
+            return Err(ApiError::bad("tool_choice", "a required tool call cannot be combined with response_format"));
+        }
+        s.guide = Some(g);
+    }
     let top = count("top_logprobs", r.top_logprobs, 20)?;
     if r.logprobs.unwrap_or(false) {
         s.logprobs = Some(top.unwrap_or(0));
     } else if top.is_some_and(|t| t > 0) {
         return Err(ApiError::bad("top_logprobs", "needs logprobs: true"));
     }
-    base(&r.common, api::generate_request::Input::Messages(api::Messages { messages }), s)
+    let input = api::generate_request::Input::Messages(api::Messages { messages, tools: plan.tools.clone() });
+    Ok((base(&r.common, input, s)?, plan))
 }
 
 /// What a completions request needs besides its `tandem.v1` form.
@@ -542,6 +665,38 @@ mod tests {
     }
 
     #[test]
+    fn structured_output_fields_become_one_guide() {
+        use api::guide::Kind;
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        let guide_of = |extra: Value| {
+            let mut v = json!({"messages": msgs});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            chat(v).unwrap().sampling.unwrap().guide.and_then(|g| g.kind)
+        };
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let cases = [
+            (json!({"response_format": {"type": "text"}}), None),
+            (json!({"response_format": {"type": "json_object"}}), Some(Kind::JsonObject(true))),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": true}}}),
+                Some(Kind::JsonSchema(schema.to_string())),
+            ),
+            (json!({"guided_json": schema}), Some(Kind::JsonSchema(schema.to_string()))),
+            (json!({"guided_json": schema.to_string()}), Some(Kind::JsonSchema(schema.to_string()))),
+            (json!({"guided_regex": "[0-9]+"}), Some(Kind::Regex("[0-9]+".into()))),
+            (
+                json!({"guided_choice": ["yes", "no"]}),
+                Some(Kind::Choice(api::Choices { choices: vec!["yes".into(), "no".into()] })),
+            ),
+            (json!({"guided_grammar": "start: \"a\""}), Some(Kind::Grammar("start: \"a\"".into()))),
+            (json!({"structured_outputs": {"regex": "b+"}}), Some(Kind::Regex("b+".into()))),
+        ];
+        for (extra, want) in cases {
+            assert_eq!(guide_of(extra.clone()), want, "{extra}");
+        }
+    }
+
+    #[test]
     fn bad_fields_name_themselves() {
         let e = chat(json!({"messages": [], "top_logprobs": 3})).unwrap_err();
         assert_eq!((e.status, e.param.as_deref()), (400, Some("top_logprobs")));
@@ -563,12 +718,15 @@ mod tests {
         };
         let tool = json!([{"type": "function", "function": {"name": "f"}}]);
         let cases = [
-            (json!({"tools": tool}), "tools"),
+            (json!({"tools": [{"type": "code_interpreter"}]}), "tools[0]"),
             (json!({"functions": [{"name": "f"}]}), "functions"),
             (json!({"tool_choice": "required"}), "tool_choice"),
-            (json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}), "tool_choice"),
+            (json!({"tools": tool, "tool_choice": {"type": "function", "function": {"name": "g"}}}), "tool_choice"),
             (json!({"function_call": {"name": "f"}}), "function_call"),
-            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"response_format": {"type": "xml"}}), "response_format"),
+            (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}), "response_format"),
+            (json!({"guided_regex": "a", "guided_choice": ["b"]}), "guided_choice"),
+            (json!({"structured_outputs": {"yaml": "a"}}), "structured_outputs"),
             (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
             (json!({"seed": -1}), "seed"),
             (json!({"n": 1_000_000_000_000i64}), "n"),

@@ -52,6 +52,9 @@ pub async fn start_request(
         // The client's salt was checked as sent; the workers get the router's keyed one.
         v.cache_salt = effective_salt(&s.salt_key, tenant, v.cache_salt.as_deref());
         v.tenant = tenant.map(|t| t.0.clone());
+        if let Some(kind) = v.sampling.guide.as_ref().and_then(|g| g.kind.as_ref()) {
+            metrics::constrained(crate::validate::guide_kind(kind));
+        }
         if let Some(p) = s.routing.predictor.as_ref().filter(|_| v.predicted_output.is_none()) {
             let n = p.predict(&v.prompt, v.sampling.max_tokens);
             metrics::predicted_output(n);

@@ -321,6 +321,7 @@ fn load_facts(name: &str, path: &Path) -> Result<ModelFacts, StartError> {
         max_model_len: text.config.context_length,
         tokenizer: text.tokenizer,
         template: text.chat_template,
+        guides: Default::default(),
     })
 }
 

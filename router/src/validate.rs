@@ -4,8 +4,9 @@
 use crate::recovery::KvFailurePolicy;
 use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::worker::v1 as pb;
-use tandem_text::chat::{ChatMessage, ChatTemplate};
-use tandem_text::prompt::{chat_ids, prompt_ids, Prompt};
+use tandem_text::chat::{ChatMessage, ChatTemplate, Conversation};
+use tandem_text::guide::{Guide, GuideCompiler};
+use tandem_text::prompt::{chat_ids, conversation_ids, prompt_ids, Prompt};
 use tandem_text::tokenizer::Tokenizer;
 use tonic::Status;
 
@@ -33,6 +34,19 @@ pub struct ModelFacts {
     pub template: Option<ChatTemplate>,
     pub max_model_len: usize,
     pub vocab_size: usize,
+    /// Compiles guides for the vocabulary (constrained decoding), built at the first one.
+    pub guides: GuideCompilerCell,
+}
+
+/// A model's guide compiler, built once at first use and shared (the vocabulary's trie
+/// takes a moment to build).
+#[derive(Default, Clone)]
+pub struct GuideCompilerCell(std::sync::Arc<std::sync::OnceLock<Result<GuideCompiler, String>>>);
+
+impl GuideCompilerCell {
+    fn get(&self, tok: &Tokenizer) -> Result<&GuideCompiler, String> {
+        self.0.get_or_init(|| GuideCompiler::new(tok)).as_ref().map_err(Clone::clone)
+    }
 }
 
 /// A request that passed every check, with defaults resolved.
@@ -134,15 +148,20 @@ pub fn input_ids(
             if m.messages.is_empty() {
                 return Err(bad("messages", "at least one message is required"));
             }
+            let mut msgs = Vec::with_capacity(m.messages.len());
             for (i, msg) in m.messages.iter().enumerate() {
-                if !matches!(msg.role.as_str(), "system" | "user" | "assistant") {
+                if !matches!(msg.role.as_str(), "system" | "user" | "assistant" | "tool") {
                     return Err(bad(
                         &format!("messages[{i}].role"),
-                        format!("{:?} is not one of system, user, assistant", msg.role),
+                        format!("{:?} is not one of system, user, assistant, tool", msg.role),
                     ));
                 }
+                msgs.push(chat_message(i, msg)?);
             }
-            Prompt::Chat(m.messages.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect())
+            if !m.tools.is_empty() {
+                return tool_chat_ids(&msgs, &m.tools, facts, add_generation_prompt);
+            }
+            Prompt::Chat(msgs)
         }
         Some(api::generate_request::Input::PromptTokens(t)) => {
             if t.token_ids.is_empty() {
@@ -161,6 +180,52 @@ pub fn input_ids(
         (Prompt::Chat(_), None) => Err(bad("messages", "this model has no chat template")),
         _ => Ok((prompt_ids(&facts.tokenizer, None, &prompt).map_err(|e| bad("prompt", e))?, String::new())),
     }
+}
+
+/// A `tandem.v1` chat message as the template takes it: an assistant turn's tool calls
+/// (JSON text), a tool turn's call id and name. An assistant turn that only calls tools has
+/// no content (`None`, as OpenAI's `null`).
+fn chat_message(i: usize, m: &api::ChatMessage) -> Result<ChatMessage, Status> {
+    let mut out = ChatMessage::new(m.role.clone(), m.content.clone());
+    if !m.tool_calls_json.is_empty() {
+        let field = format!("messages[{i}].tool_calls_json");
+        if m.role != "assistant" {
+            return Err(bad(&field, "only an assistant turn calls tools"));
+        }
+        let calls: serde_json::Value =
+            serde_json::from_str(&m.tool_calls_json).map_err(|e| bad(&field, format!("is not JSON: {e}")))?;
+        if !calls.is_array() {
+            return Err(bad(&field, "must be a list of calls"));
+        }
+        if m.content.is_empty() {
+            out.content = None;
+        }
+        out.tool_calls = Some(calls);
+    }
+    out.tool_call_id = m.tool_call_id.clone();
+    out.name = m.name.clone();
+    Ok(out)
+}
+
+/// The ids of a chat that offers `tools` (each an OpenAI tool definition in JSON text),
+/// through a template that takes them.
+fn tool_chat_ids(
+    msgs: &[ChatMessage],
+    tools: &[String],
+    facts: &ModelFacts,
+    add_generation_prompt: bool,
+) -> Result<(Vec<u32>, String), Status> {
+    let Some(t) = facts.template.as_ref() else { return Err(bad("messages", "this model has no chat template")) };
+    if !t.takes_tools() {
+        return Err(bad("tools", format!("the chat template of {} takes no tools", facts.name)));
+    }
+    let tools: Vec<serde_json::Value> = tools
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::from_str(t).map_err(|e| bad(&format!("tools[{i}]"), format!("is not JSON: {e}"))))
+        .collect::<Result<_, _>>()?;
+    let conv = Conversation::new(msgs, add_generation_prompt).with_tools(&tools);
+    conversation_ids(&facts.tokenizer, t, conv).map_err(|e| bad("messages", e))
 }
 
 fn in_range(field: &str, v: Option<f32>, default: f32, ok: impl Fn(f32) -> bool, rule: &str) -> Result<f32, Status> {
@@ -251,6 +316,19 @@ pub fn validate(
     if let Some(t) = s.stop_token_ids.iter().find(|&&t| t as usize >= facts.vocab_size) {
         return Err(bad("sampling.stop_token_ids", format!("{t} is outside the vocabulary of {}", facts.vocab_size)));
     }
+    let guide = match &s.guide {
+        None => None,
+        Some(g) => {
+            check_guide(g, facts)?;
+            if s.ignore_eos {
+                return Err(bad(
+                    "sampling.ignore_eos",
+                    "cannot be combined with a guide: the output ends where it accepts",
+                ));
+            }
+            Some(g.clone())
+        }
+    };
     let kv_failure_policy =
         match req.kv_failure_policy {
             0 => None,
@@ -276,6 +354,7 @@ pub fn validate(
             ignore_eos: s.ignore_eos,
             logprobs: s.logprobs,
             prompt_logprobs: s.prompt_logprobs,
+            guide,
         },
         n,
         request_id: req.request_id.clone().unwrap_or_else(new_id),
@@ -295,4 +374,120 @@ pub fn validate(
             Some(n) => Some(n.min(max_tokens)),
         },
     })
+}
+
+/// A guide kind's name, as metrics and errors say it.
+pub fn guide_kind(k: &api::guide::Kind) -> &'static str {
+    use api::guide::Kind;
+    match k {
+        Kind::JsonSchema(_) => "json_schema",
+        Kind::JsonObject(_) => "json_object",
+        Kind::Regex(_) => "regex",
+        Kind::Choice(_) => "choice",
+        Kind::Grammar(_) => "grammar",
+    }
+}
+
+/// Refuses a guide that names no kind, holds no JSON where a schema goes, or does not
+/// compile for the model's vocabulary (the compiler's own words, with the field named).
+/// Compiling is bounded (`tandem_text::guide`): the text's size first, then the grammar's.
+pub fn check_guide(g: &api::Guide, facts: &ModelFacts) -> Result<Guide, Status> {
+    use api::guide::Kind;
+    let (field, guide) = match g.kind.as_ref() {
+        None => return Err(bad("sampling.guide", "names no kind (json_schema, json_object, regex, choice, grammar)")),
+        Some(Kind::JsonSchema(text)) => {
+            if text.len() > tandem_text::guide::MAX_GUIDE_BYTES {
+                let max = tandem_text::guide::MAX_GUIDE_BYTES;
+                return Err(bad("sampling.guide.json_schema", format!("{} bytes; at most {max}", text.len())));
+            }
+            let v = serde_json::from_str(text)
+                .map_err(|e| bad("sampling.guide.json_schema", format!("is not JSON: {e}")))?;
+            ("sampling.guide.json_schema", Guide::JsonSchema(v))
+        }
+        Some(Kind::JsonObject(_)) => ("sampling.guide.json_object", Guide::JsonObject),
+        Some(Kind::Regex(r)) => ("sampling.guide.regex", Guide::Regex(r.clone())),
+        Some(Kind::Choice(c)) => ("sampling.guide.choice", Guide::Choice(c.choices.clone())),
+        Some(Kind::Grammar(l)) => ("sampling.guide.grammar", Guide::Lark(l.clone())),
+    };
+    let compiler = facts.guides.get(&facts.tokenizer).map_err(|e| bad("sampling.guide", e))?;
+    compiler.check(&guide).map_err(|e| bad(field, e))?;
+    Ok(guide)
+}
+
+#[cfg(test)]
+mod guide_tests {
+    use super::*;
+    use api::guide::Kind;
+
+    fn request(guide: Option<Kind>, tools: Vec<String>) -> api::GenerateRequest {
+        api::GenerateRequest {
+            input: Some(api::generate_request::Input::Messages(api::Messages {
+                messages: vec![api::ChatMessage { role: "user".into(), content: "hi".into(), ..Default::default() }],
+                tools,
+            })),
+            sampling: Some(api::SamplingParams {
+                guide: guide.map(|k| api::Guide { kind: Some(k) }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Bad guides are refused before any worker, naming the field; good ones pass through.
+    #[test]
+    fn guides_are_compiled_and_refused_by_field() {
+        let facts = crate::models::testing::facts("m");
+        let check = |g: Option<Kind>| validate(&request(g, vec![]), &facts, || "r".into());
+        let ok = check(Some(Kind::Choice(api::Choices { choices: vec!["a".into(), "b".into()] }))).unwrap();
+        assert!(ok.sampling.guide.is_some());
+        let cases = [
+            (Some(Kind::JsonSchema("{not json".into())), "sampling.guide.json_schema"),
+            (
+                Some(Kind::JsonSchema(r##"{"type": "object", "properties": {"a": {"$ref": "#/x"}}}"##.into())),
+                "sampling.guide.json_schema",
+            ),
+            (Some(Kind::Regex("(".into())), "sampling.guide.regex"),
+            (Some(Kind::Grammar("start: nowhere".into())), "sampling.guide.grammar"),
+            (Some(Kind::Choice(api::Choices { choices: vec![] })), "sampling.guide.choice"),
+            (Some(Kind::Regex("a".repeat(tandem_text::guide::MAX_GUIDE_BYTES + 1))), "sampling.guide.regex"),
+        ];
+        for (g, field) in cases {
+            let e = check(g.clone()).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{g:?}");
+            assert!(e.message().starts_with(&format!("{field}:")), "{g:?}: {e:?}");
+        }
+        let e = check(Some(api::guide::Kind::JsonObject(true)))
+            .and_then(|_| {
+                let mut r = request(Some(Kind::JsonObject(true)), vec![]);
+                r.sampling.as_mut().unwrap().ignore_eos = true;
+                validate(&r, &facts, || "r".into())
+            })
+            .unwrap_err();
+        assert!(e.message().starts_with("sampling.ignore_eos:"), "{e:?}");
+        // A guide with no kind, and a schema nested past what JSON text may nest.
+        assert!(check(None).is_ok());
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let e = validate(
+            &api::GenerateRequest {
+                sampling: Some(api::SamplingParams { guide: Some(api::Guide { kind: None }), ..Default::default() }),
+                ..request(None, vec![])
+            },
+            &facts,
+            || "r".into(),
+        )
+        .unwrap_err();
+        assert!(e.message().starts_with("sampling.guide:"), "{e:?}");
+        let e = check(Some(Kind::JsonSchema(deep))).unwrap_err();
+        assert!(e.message().starts_with("sampling.guide.json_schema: is not JSON"), "{e:?}");
+    }
+
+    /// SmolLM2's template takes no tools: offering some is refused, not silently dropped.
+    #[test]
+    fn tools_need_a_template_that_takes_them() {
+        let facts = crate::models::testing::facts("m");
+        let tool = r#"{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}"#;
+        let e = validate(&request(None, vec![tool.into()]), &facts, || "r".into()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("tools:") && e.message().contains("takes no tools"), "{e:?}");
+    }
 }

@@ -150,7 +150,12 @@ fn one_router_serves_two_models_each_on_its_own_workers() {
             let chat_of = |model: &str| api::TokenizeRequest {
                 model: model.into(),
                 input: Some(api::tokenize_request::Input::Messages(api::Messages {
-                    messages: vec![api::ChatMessage { role: "user".into(), content: chat_text.into() }],
+                    messages: vec![api::ChatMessage {
+                        role: "user".into(),
+                        content: chat_text.into(),
+                        ..Default::default()
+                    }],
+                    tools: vec![],
                 })),
                 ..Default::default()
             };

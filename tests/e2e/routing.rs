@@ -60,7 +60,7 @@ fn long_system(topic: &str, seed: u64) -> String {
 fn ask(system: &str, question: &str) -> api::GenerateRequest {
     let mut r = chat(question, 2);
     if let Some(api::generate_request::Input::Messages(m)) = r.input.as_mut() {
-        m.messages.insert(0, api::ChatMessage { role: "system".into(), content: system.into() });
+        m.messages.insert(0, api::ChatMessage { role: "system".into(), content: system.into(), ..Default::default() });
     }
     r
 }

@@ -100,6 +100,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// The template reads `tools`: it can offer tools to the model.
+    takes_tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -147,11 +149,19 @@ impl ChatTemplate {
         env.set_unknown_method_callback(python_method);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|e| TextError::Template(format!("cannot compile the chat template: {e}")))?;
-        Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        // Templates that take tools name the variable (`{% if tools %}`, `tools | tojson`).
+        let takes_tools = source.contains("tools");
+        Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string(), takes_tools })
     }
 
     /// Renders the conversation to prompt text, without tools. `add_generation_prompt`
     /// appends the opening of an assistant turn so the model answers next.
+    /// Whether the template offers tools to the model (it reads `tools`); one that does not
+    /// would drop them silently.
+    pub fn takes_tools(&self) -> bool {
+        self.takes_tools
+    }
+
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TextError> {
         self.render_with(Conversation::new(messages, add_generation_prompt))
     }

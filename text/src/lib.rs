@@ -14,6 +14,9 @@
 //! - `chat`: renders conversations (messages, tools, tool calls) with the model's Jinja chat
 //!   template, in an environment like Hugging Face's: `tojson` (Python's `json.dumps`), `pycompat`
 //!   (Python string and dict methods), and `rendered` (client text kept from acting as markup).
+//! - `guide`: constrained decoding: `Guide` (JSON Schema, JSON object, regex, choices, Lark
+//!   grammar), compiled by `llguidance` for the vocabulary into a `Constraint` whose masks the
+//!   sampler applies; the router compiles a guide once to refuse a bad one.
 //! - `prefix`: the prefix-cache hash scheme (`prefix_hashes`, `SCHEME`), shared by the engine
 //!   that caches blocks and the router that looks them up.
 //! - `prompt`: `Prompt` (text, chat or ids) and the ids the model sees (`prompt_ids`, `chat_ids`).
@@ -25,6 +28,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod gguf;
+pub mod guide;
 mod incremental;
 pub mod model_text;
 pub mod prefix;
@@ -38,3 +42,4 @@ pub mod tokenizer;
 pub use error::TextError;
 pub use model_text::ModelText;
 pub use prompt::Prompt;
+pub use tokenizer::Tokenizer;

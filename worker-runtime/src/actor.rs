@@ -96,6 +96,8 @@ pub struct Load {
     pub queued_prefill_tokens: u64,
     /// Tenants' weighted service (`share::Vtc::served`), the most served `MAX_REPORTED_TENANTS`.
     pub tenant_service: Vec<(String, f64)>,
+    /// Constrained decoding's costs so far (guides compiled, masks computed, their time).
+    pub guides: tandem_engine::llm_engine::GuideStats,
 }
 
 /// Tenants a load report names at most.
@@ -494,5 +496,6 @@ fn load_of(engine: &LlmEngine, tracked: &HashMap<RequestId, Tracked>) -> Load {
         waiting_for_kv: tracked.values().filter(|t| t.remote_waiting).count(),
         queued_prefill_tokens: queued,
         tenant_service,
+        guides: engine.guide_stats,
     }
 }

@@ -12,6 +12,7 @@ use tandem_engine::FinishReason;
 use tandem_kvtransfer::{KvDtypeWire, KvLayout};
 use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::worker::v1 as pb;
+use tandem_text::guide::Guide;
 use tandem_text::tokenizer::Tokenizer;
 use tonic::Status;
 
@@ -31,7 +32,21 @@ pub fn sampling_from_pb(p: &pb::SamplingParams) -> SamplingParams {
         ignore_eos: p.ignore_eos,
         logprobs: p.logprobs.map(|n| n as usize),
         prompt_logprobs: p.prompt_logprobs.map(|n| n as usize),
+        guide: p.guide.as_ref().and_then(guide_from_pb),
     }
+}
+
+/// A `tandem.v1.Guide` as the engine takes it (`None`: no kind set). A schema that is not
+/// JSON becomes one that cannot compile, so the request fails with the compiler's words.
+pub fn guide_from_pb(g: &api::Guide) -> Option<Guide> {
+    use api::guide::Kind;
+    Some(match g.kind.as_ref()? {
+        Kind::JsonSchema(s) => Guide::JsonSchema(serde_json::from_str(s).unwrap_or(serde_json::Value::Null)),
+        Kind::JsonObject(_) => Guide::JsonObject,
+        Kind::Regex(r) => Guide::Regex(r.clone()),
+        Kind::Choice(c) => Guide::Choice(c.choices.clone()),
+        Kind::Grammar(l) => Guide::Lark(l.clone()),
+    })
 }
 
 /// The engine request of one choice for `prompt`, with the scheduling fields every worker

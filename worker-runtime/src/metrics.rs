@@ -21,6 +21,8 @@ pub const KV_FAILURES: &str = "tandem_kv_transfer_failures_total";
 pub const KV_SECONDS: &str = "tandem_kv_transfer_seconds";
 pub const KV_FALLBACKS: &str = "tandem_kv_transfer_fallbacks_total";
 pub const ROLE_CHANGES: &str = "tandem_worker_role_changes_total";
+pub const GUIDE_MASK: &str = "tandem_guide_mask_seconds";
+pub const GUIDE_COMPILE: &str = "tandem_guide_compile_seconds";
 
 /// Registers every worker metric's description (idempotent).
 pub fn describe() {
@@ -29,6 +31,16 @@ pub fn describe() {
     describe_gauge!(WAITING_FOR_KV, "Decode-side requests whose blocks are reserved while their KV is in transit.");
     describe_gauge!(BLOCKS_USED, "KV cache blocks held by requests (cached blocks nobody holds are free).");
     describe_gauge!(BLOCKS_TOTAL, "KV cache blocks in the worker's pool.");
+    describe_histogram!(
+        GUIDE_MASK,
+        Unit::Seconds,
+        "Constrained decoding: time to compute one token mask (each at its load interval's mean)."
+    );
+    describe_histogram!(
+        GUIDE_COMPILE,
+        Unit::Seconds,
+        "Constrained decoding: time to compile one request's guide on the worker."
+    );
     describe_counter!(PREFIX_QUERIED, Unit::Count, "Prompt tokens looked up in the prefix cache.");
     describe_counter!(PREFIX_HIT, Unit::Count, "Prompt tokens found in the prefix cache (not computed).");
     describe_counter!(PREEMPTIONS, Unit::Count, "Requests preempted (blocks freed, recomputed later).");
@@ -67,7 +79,34 @@ pub fn set_load(worker: &str, role: &'static str, l: &Load, fallbacks: u64) {
     counter!(PREFIX_QUERIED, "worker" => w.clone(), "role" => role).absolute(st.prefix_queried_tokens);
     counter!(PREFIX_HIT, "worker" => w.clone(), "role" => role).absolute(st.prefix_hit_tokens);
     counter!(PREEMPTIONS, "worker" => w.clone(), "role" => role).absolute(st.preemptions);
-    counter!(KV_FALLBACKS, "worker" => w).absolute(fallbacks);
+    counter!(KV_FALLBACKS, "worker" => w.clone()).absolute(fallbacks);
+    guide_costs(&w, &l.guides);
+}
+
+/// Constrained decoding's costs since the last load report: each mask (and each guide
+/// compiled) is recorded at the mean time of those made in the interval, so the
+/// histograms' sums and counts are exact and their buckets approximate.
+fn guide_costs(worker: &str, now: &tandem_engine::llm_engine::GuideStats) {
+    static LAST: std::sync::Mutex<Vec<(String, tandem_engine::llm_engine::GuideStats)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut last = LAST.lock().expect("guide stats");
+    let before = match last.iter_mut().find(|(w, _)| w == worker) {
+        Some((_, s)) => std::mem::replace(s, *now),
+        None => {
+            last.push((worker.to_string(), *now));
+            Default::default()
+        }
+    };
+    let record = |name: &'static str, n: u64, seconds: f64| {
+        if n > 0 {
+            let h = histogram!(name, "worker" => worker.to_string());
+            for _ in 0..n.min(10_000) {
+                h.record(seconds / n as f64);
+            }
+        }
+    };
+    record(GUIDE_MASK, now.masks.saturating_sub(before.masks), now.mask_seconds - before.mask_seconds);
+    record(GUIDE_COMPILE, now.compiled.saturating_sub(before.compiled), now.compile_seconds - before.compile_seconds);
 }
 
 /// A KV transfer session ended. `failure`: the transfer error's kind, or None.

@@ -141,11 +141,12 @@ async fn grpc(mut c: GenerateClient<Channel>, key: Option<&str>, item: &Item) ->
     let input = match &item.tokens {
         Some(ids) => api::generate_request::Input::PromptTokens(api::PromptTokens { token_ids: ids.clone() }),
         None => {
-            let messages = item
-                .messages
-                .iter()
-                .map(|(role, content)| api::ChatMessage { role: role.clone(), content: content.clone() });
-            api::generate_request::Input::Messages(api::Messages { messages: messages.collect() })
+            let messages = item.messages.iter().map(|(role, content)| api::ChatMessage {
+                role: role.clone(),
+                content: content.clone(),
+                ..Default::default()
+            });
+            api::generate_request::Input::Messages(api::Messages { messages: messages.collect(), tools: vec![] })
         }
     };
     let mut req = tonic::Request::new(api::GenerateRequest {

@@ -525,7 +525,8 @@ pub async fn stats(addr: &str) -> pb::StatsResponse {
 pub fn chat(text: &str, max_tokens: u32) -> api::GenerateRequest {
     api::GenerateRequest {
         input: Some(api::generate_request::Input::Messages(api::Messages {
-            messages: vec![api::ChatMessage { role: "user".into(), content: text.into() }],
+            messages: vec![api::ChatMessage { role: "user".into(), content: text.into(), ..Default::default() }],
+            tools: vec![],
         })),
         sampling: Some(api::SamplingParams {
             temperature: Some(0.0),
