@@ -3,6 +3,7 @@
 #   grpcio, grpcio-reflection, protobuf   for scripts/grpc-call.py (a grpcurl-like client
 #                                         that learns the API through server reflection)
 #   openai                                for talking to the OpenAI-compatible HTTP API
+#   jsonschema                            for checking structured output against its schema
 # and curl (apt), which the HTTP tests use to check the wire format; `--no-curl` leaves
 # it out (scripts/up.sh --example needs only the gRPC client).
 #
@@ -24,7 +25,7 @@ VENV="$ROOT/$VENV_NAME"
 PYTHON="${PYTHON:-python3}"
 FORCE="${FORCE:-0}"
 # The requirements, installed in one pip call. The stamp records this list.
-REQUIREMENTS=(grpcio grpcio-reflection protobuf openai)
+REQUIREMENTS=(grpcio grpcio-reflection protobuf openai jsonschema)
 STAMP="$VENV/.requirements"
 VPY="$VENV/bin/python"
 
@@ -52,7 +53,7 @@ requirements_ok() {
     [ "$FORCE" != 1 ] || return 1
     [ -f "$STAMP" ] || return 1
     [ "$(cat "$STAMP")" = "$(printf '%s\n' "${REQUIREMENTS[@]}")" ] || return 1
-    "$VPY" -c 'import grpc, grpc_reflection, google.protobuf, openai' >/dev/null 2>&1
+    "$VPY" -c 'import grpc, grpc_reflection, google.protobuf, openai, jsonschema' >/dev/null 2>&1
 }
 
 # 1. The venv. One whose interpreter no longer runs (the base Python was upgraded or
@@ -71,7 +72,7 @@ else
     rm -f "$STAMP"
     "$VPY" -m pip install --quiet --disable-pip-version-check --upgrade "${REQUIREMENTS[@]}" \
         || fail "pip install ${REQUIREMENTS[*]} failed"
-    "$VPY" -c 'import grpc, grpc_reflection, google.protobuf, openai' \
+    "$VPY" -c 'import grpc, grpc_reflection, google.protobuf, openai, jsonschema' \
         || fail "installed ${REQUIREMENTS[*]}, but they do not import"
     printf '%s\n' "${REQUIREMENTS[@]}" >"$STAMP"
     action="installed"

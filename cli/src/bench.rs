@@ -34,6 +34,9 @@ pub enum BenchCommand {
     /// Moving running requests: live migration against recompute, per context length and
     /// transport, and a drained worker's time to exit.
     Migrate(crate::bench_migrate::MigrateBenchArgs),
+    /// Constrained decoding: time per output token under small and large JSON Schemas
+    /// against none, and time to first token with a guide compiled cold or from the cache.
+    Guide(crate::bench_guide::GuideBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -94,6 +97,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Engine(a) => a,
         BenchCommand::Kvtransfer(a) => return crate::bench_kv::run(a),
         BenchCommand::Serve(a) => return crate::bench_serve::run(a),
+        BenchCommand::Guide(a) => return crate::bench_guide::run(a),
         BenchCommand::Index(a) => return crate::bench_index::run(a),
         BenchCommand::Migrate(a) => return crate::bench_migrate::run(a),
     };

@@ -11,6 +11,7 @@
 //! Every command logs to stderr (`--log-level`, `--log-format`, `RUST_LOG`: `logging`).
 
 mod bench;
+mod bench_guide;
 mod bench_index;
 mod bench_kv;
 mod bench_migrate;

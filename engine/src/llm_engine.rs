@@ -240,7 +240,10 @@ pub struct LlmEngine {
 /// computed and the time taken.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct GuideStats {
+    /// Guides made ready for a request (compiled, or copied from the cache).
     pub compiled: u64,
+    /// Of those, copies of a guide compiled lately.
+    pub cache_hits: u64,
     pub compile_seconds: f64,
     pub masks: u64,
     pub mask_seconds: f64,
@@ -302,10 +305,13 @@ impl LlmEngine {
         if self.guides.is_none() {
             self.guides = Some(GuideCompiler::new(&self.tokenizer).map_err(EngineError::InvalidRequest)?);
         }
-        let compiled = self.guides.as_ref().expect("built").compile(guide);
+        let compiled = self.guides.as_ref().expect("built").compile_cached(guide);
+        if let Ok((_, cached)) = &compiled {
+            self.guide_stats.cache_hits += *cached as u64;
+        }
         self.guide_stats.compiled += 1;
         self.guide_stats.compile_seconds += t0.elapsed().as_secs_f64();
-        compiled.map(Some).map_err(|e| EngineError::InvalidRequest(format!("{}: {e}", guide.kind())))
+        compiled.map(|(c, _)| Some(c)).map_err(|e| EngineError::InvalidRequest(format!("{}: {e}", guide.kind())))
     }
 
     /// Replays a resumed request's earlier tokens through the text pipeline (see `resumed`).

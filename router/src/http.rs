@@ -201,7 +201,8 @@ async fn chat(
     req.slo_ttft_ms = slo_header(&headers)?;
     let want_logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let chunks = start(&state, req, deadline, tenant.as_ref()).await?;
+    let field = if tools.guide.is_some() { Some("tool_choice") } else { crate::openai::guide_field(&r.common) };
+    let chunks = start(&state, req, deadline, tenant.as_ref()).await.map_err(|e| e.naming_guide(field))?;
     let (head, mut chunks) = within(deadline, first(chunks)).await??;
     let id = format!("chatcmpl-{}", head.request_id);
     let (model, created) = (head.model.clone(), now_secs());
@@ -225,7 +226,7 @@ async fn chat(
                 let mut message = json!({"role": "assistant", "content": text});
                 let mut finish = finish;
                 if tools.parse {
-                    let (content, calls) = crate::tools::parse(&text);
+                    let (content, calls) = crate::tools::parse(&text, &tools.names);
                     if !calls.is_empty() {
                         message["content"] = json!(content);
                         message["tool_calls"] = calls.iter().enumerate().map(|(k, c)| c.json(k)).collect();
@@ -270,10 +271,13 @@ async fn chat(
         if tools.parse {
             // Text outside call blocks streams as content; each call goes out whole in
             // `delta.tool_calls` as soon as its block closes.
-            let (parser, sent) = parsers.entry(m.index).or_default();
-            let (mut content, calls) = parser.push(&m.text);
+            let (parser, sent) =
+                parsers.entry(m.index).or_insert_with(|| (crate::tools::StreamParser::new(&tools.names), 0));
+            let (mut content, mut calls) = parser.push(&m.text);
             if finish.is_some() {
-                content.push_str(&parser.finish().0);
+                let (rest, more) = parser.finish();
+                content.push_str(&rest);
+                calls.extend(more);
             }
             delta = json!({"content": content});
             if !calls.is_empty() {
@@ -419,7 +423,9 @@ async fn completions(
     plan.request.slo_ttft_ms = slo_header(&headers)?;
     let want_logprobs = plan.request.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let chunks = start(&state, plan.request.clone(), deadline, tenant.as_ref()).await?;
+    let field = crate::openai::guide_field(&r.common);
+    let chunks =
+        start(&state, plan.request.clone(), deadline, tenant.as_ref()).await.map_err(|e| e.naming_guide(field))?;
     // Echo needs the prompt as text and ids (the request passed validation, so this does too).
     let echo = if plan.echo {
         let req = plan.request;

@@ -278,6 +278,38 @@ fn count(field: &str, v: Option<i64>, max: i64) -> Result<Option<u32>, ApiError>
     }
 }
 
+/// The field the request's guide came from, as the client named it (`response_format`,
+/// `guided_json`, ...); `None` without one.
+pub fn guide_field(c: &Common) -> Option<&'static str> {
+    let rf = c.response_format.as_ref().and_then(|v| v.get("type")).and_then(Value::as_str);
+    if rf.is_some_and(|t| t != "text") {
+        return Some("response_format");
+    }
+    [
+        ("guided_json", c.guided_json.is_some()),
+        ("guided_regex", c.guided_regex.is_some()),
+        ("guided_choice", c.guided_choice.is_some()),
+        ("guided_grammar", c.guided_grammar.is_some()),
+        ("structured_outputs", c.structured_outputs.as_ref().is_some_and(|v| !v.is_null())),
+    ]
+    .into_iter()
+    .find_map(|(f, set)| set.then_some(f))
+}
+
+impl ApiError {
+    /// A refusal of the request's guide (`sampling.guide...`) names the field the client
+    /// set instead (`response_format`, `guided_regex`, `tool_choice`, ...).
+    pub fn naming_guide(mut self, field: Option<&str>) -> ApiError {
+        if let (Some(f), Some(p)) = (field, self.param.as_deref()) {
+            if p.starts_with("guide") {
+                self.param = Some(f.to_string());
+                self.message = format!("{f}: {}", self.message);
+            }
+        }
+        self
+    }
+}
+
 /// The guide the request's structured-output fields ask for: at most one of
 /// `response_format` (other than text), `guided_*` and `structured_outputs`. Whether it
 /// compiles is the core's check (`validate::check_guide`).

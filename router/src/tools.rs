@@ -26,6 +26,8 @@ pub struct ToolPlan {
     pub parse: bool,
     /// The constraint `required` or a named function puts on the output.
     pub guide: Option<api::Guide>,
+    /// The offered functions' names: a bare call (see [`parse`]) must name one.
+    pub names: Vec<String>,
 }
 
 /// Checks `tools`, `tool_choice` and `parallel_tool_calls`; the plan they make.
@@ -87,7 +89,12 @@ pub fn plan(tools: Option<&Value>, choice: Option<&Value>, parallel: Option<bool
             Some(calls_guide(&f, false))
         }
     };
-    Ok(ToolPlan { tools: list.iter().map(Value::to_string).collect(), parse: choice != "none", guide })
+    Ok(ToolPlan {
+        tools: list.iter().map(Value::to_string).collect(),
+        parse: choice != "none",
+        guide,
+        names: functions.into_iter().map(|(n, _)| n).collect(),
+    })
 }
 
 /// A Lark grammar whose strings are one call (or, with `many`, one or more) of
@@ -154,10 +161,26 @@ fn call_id() -> String {
     format!("call_{}", crate::ids::random_hex(12))
 }
 
+/// A whole answer that is nothing but a call's body, or a list of them, without the
+/// blocks around it (small Qwen2.5 models often answer so): its calls, when each names
+/// an offered function.
+fn bare_calls(text: &str, names: &[String]) -> Option<Vec<ToolCall>> {
+    let v: Value = serde_json::from_str(text.trim()).ok()?;
+    let items = match v {
+        Value::Array(a) => a,
+        o @ Value::Object(_) => vec![o],
+        _ => return None,
+    };
+    let calls: Vec<ToolCall> = items.iter().map(|i| call_of(&i.to_string())).collect::<Option<_>>()?;
+    let named = !calls.is_empty() && calls.iter().all(|c| names.contains(&c.name));
+    named.then_some(calls)
+}
+
 /// Splits a whole answer into its text and its calls. Text around the call blocks is the
 /// message's content (trimmed; `None` when empty). A block that does not parse stays text.
-pub fn parse(text: &str) -> (Option<String>, Vec<ToolCall>) {
-    let mut p = StreamParser::default();
+/// An answer that is only a bare call (no blocks) naming one of `names` is that call.
+pub fn parse(text: &str, names: &[String]) -> (Option<String>, Vec<ToolCall>) {
+    let mut p = StreamParser::new(names);
     let (mut content, mut calls) = p.push(text);
     let (rest, more) = p.finish();
     content.push_str(&rest);
@@ -168,17 +191,39 @@ pub fn parse(text: &str) -> (Option<String>, Vec<ToolCall>) {
 
 /// Parses calls out of text that arrives in pieces: text outside call blocks passes
 /// through (less any tail that may open a block), each block becomes a call when it closes.
+/// An answer that starts with `{` or `[` is held whole until the end, when it is a bare
+/// call (see [`parse`]) or text.
 #[derive(Debug, Default)]
 pub struct StreamParser {
     /// Text not yet given out: a possible block opening, or an open block.
     held: String,
     in_block: bool,
+    names: Vec<String>,
+    /// Whether the answer's first visible character came, and whether it may be a bare call.
+    started: bool,
+    bare: bool,
 }
 
 impl StreamParser {
+    pub fn new(names: &[String]) -> StreamParser {
+        StreamParser { names: names.to_vec(), ..StreamParser::default() }
+    }
+
     /// The content to send now and the calls completed by `piece`.
     pub fn push(&mut self, piece: &str) -> (String, Vec<ToolCall>) {
         self.held.push_str(piece);
+        if !self.started {
+            match self.held.trim_start().chars().next() {
+                None => return (String::new(), Vec::new()),
+                Some(c) => {
+                    self.started = true;
+                    self.bare = (c == '{' || c == '[') && !self.names.is_empty();
+                }
+            }
+        }
+        if self.bare {
+            return (String::new(), Vec::new());
+        }
         let (mut content, mut calls) = (String::new(), Vec::new());
         loop {
             if self.in_block {
@@ -211,8 +256,19 @@ impl StreamParser {
         (content, calls)
     }
 
-    /// At the end: what is still held, as text (an unclosed block is text).
+    /// At the end: what is still held, as text (an unclosed block is text), or the bare
+    /// call it is.
     pub fn finish(&mut self) -> (String, Vec<ToolCall>) {
+        if std::mem::take(&mut self.bare) {
+            let held = std::mem::take(&mut self.held);
+            if let Some(calls) = bare_calls(&held, &self.names) {
+                return (String::new(), calls);
+            }
+            // Not a call: the text as written, blocks and all.
+            let (mut text, calls) = self.push(&held);
+            text.push_str(&self.finish().0);
+            return (text, calls);
+        }
         let held = std::mem::take(&mut self.held);
         let text = if self.in_block { format!("{OPEN}{held}") } else { held };
         self.in_block = false;
@@ -232,7 +288,8 @@ mod tests {
     #[test]
     fn calls_are_parsed_whole_and_in_pieces_alike() {
         let text = "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}\n</tool_call>";
-        let (content, calls) = parse(text);
+        let names = vec!["get_weather".to_string()];
+        let (content, calls) = parse(text, &names);
         assert_eq!(content.as_deref(), Some("Let me look."));
         let args: Vec<&str> = calls.iter().map(|c| c.arguments.as_str()).collect();
         assert_eq!(args, [r#"{"city":"Paris"}"#, r#"{"city":"Rome"}"#]);
@@ -240,7 +297,7 @@ mod tests {
         assert_ne!(calls[0].id, calls[1].id);
         // Any split of the text gives the same content and calls.
         for step in [1, 2, 3, 7] {
-            let mut p = StreamParser::default();
+            let mut p = StreamParser::new(&names);
             let (mut content, mut got) = (String::new(), Vec::new());
             let chars: Vec<char> = text.chars().collect();
             for piece in chars.chunks(step) {
@@ -257,6 +314,11 @@ mod tests {
 
     #[test]
     fn text_without_calls_or_with_a_broken_block_stays_text() {
+        let names = vec!["f".to_string()];
+        let parse = |t: &str| parse(t, &names);
+        // JSON that is not a call of an offered function stays text.
+        assert_eq!(parse("{\"name\": \"g\", \"arguments\": {}}").1, vec![]);
+        assert_eq!(parse("{\"a\": 1}").0.as_deref(), Some("{\"a\": 1}"));
         assert_eq!(parse("Just words < and > here"), (Some("Just words < and > here".into()), vec![]));
         let broken = "<tool_call>\nnot json\n</tool_call>";
         assert_eq!(parse(broken).0.as_deref(), Some(broken));
@@ -284,5 +346,27 @@ mod tests {
             refused(json!([{"type": "function", "function": {"name": "a b"}}]), json!("auto")),
             "tools[0].function.name"
         );
+    }
+
+    /// A bare call (the body alone, as small Qwen2.5 models answer), whole or streamed.
+    #[test]
+    fn a_bare_call_naming_an_offered_function_is_a_call() {
+        let names = vec!["get_weather".to_string()];
+        let text = " {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}";
+        let (content, calls) = parse(text, &names);
+        assert_eq!((content, calls.len()), (None, 1));
+        assert_eq!((calls[0].name.as_str(), calls[0].arguments.as_str()), ("get_weather", r#"{"city":"Paris"}"#));
+        let mut p = StreamParser::new(&names);
+        let mut got = Vec::new();
+        for piece in [" ", "{\"name\": \"get_", "weather\", \"arguments\": {\"city\": ", "\"Paris\"}}"] {
+            let (c, calls) = p.push(piece);
+            assert!(c.is_empty(), "held until the end: {c:?}");
+            got.extend(calls);
+        }
+        let (rest, calls) = p.finish();
+        got.extend(calls);
+        assert_eq!((rest.as_str(), got.len()), ("", 1));
+        // Without tools offered, JSON is just text.
+        assert_eq!(parse(text, &[]).1, vec![]);
     }
 }

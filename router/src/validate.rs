@@ -410,7 +410,7 @@ pub fn check_guide(g: &api::Guide, facts: &ModelFacts) -> Result<Guide, Status> 
         Some(Kind::Grammar(l)) => ("sampling.guide.grammar", Guide::Lark(l.clone())),
     };
     let compiler = facts.guides.get(&facts.tokenizer).map_err(|e| bad("sampling.guide", e))?;
-    compiler.check(&guide).map_err(|e| bad(field, e))?;
+    compiler.compile_cached(&guide).map_err(|e| bad(field, e))?;
     Ok(guide)
 }
 

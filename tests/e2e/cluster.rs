@@ -400,6 +400,76 @@ fn a_decode_worker_killed_mid_stream_loses_no_request_and_changes_no_byte() {
     });
 }
 
+/// Constrained streams (JSON Schema, regex, choices; greedy and seeded sampling) through
+/// the disaggregated path: the prefill worker samples the first token under the guide and
+/// the decode worker goes on from it. A decode worker SIGKILLed mid-stream: the moved
+/// streams replay their tokens into a fresh matcher elsewhere, and every stream is
+/// byte-identical to its undisturbed run and still matches its guide.
+#[test]
+fn constrained_streams_survive_a_decode_worker_killed_mid_stream_unchanged_and_valid() {
+    use api::guide::Kind;
+    let _one = serial();
+    let mut c = Cluster::start(&[("prefill", "prefill-0"), ("decode", "decode-a"), ("decode", "decode-b")]);
+    let schema = r#"{"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "colors": {"type": "array", "items": {"type": "string", "enum": ["red", "green", "blue", "yellow"]}, "maxItems": 4}, "count": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["name", "colors", "count"], "additionalProperties": false}"#;
+    let guides = [
+        Kind::JsonSchema(schema.into()),
+        Kind::Regex("[A-Z][a-z]{2,12}( [a-z]{1,10}){2,5}\\.".into()),
+        Kind::Choice(api::Choices { choices: vec!["red".into(), "green".into(), "blue".into()] }),
+    ];
+    rt().block_on(async {
+        let client = client(&c.router_addr).await;
+        let reqs: Vec<api::GenerateRequest> = (0..24)
+            .map(|i| {
+                let mut r = chat(PROMPTS[i % 8], 48);
+                let s = r.sampling.as_mut().unwrap();
+                s.guide = Some(api::Guide { kind: Some(guides[i % 3].clone()) });
+                if i % 2 == 1 {
+                    (s.temperature, s.seed) = (Some(0.8), Some(i as u64));
+                }
+                r
+            })
+            .collect();
+        let want: Vec<Streamed> = stream_all(&client, &reqs, None).await.into_iter().map(|r| r.unwrap()).collect();
+        for (i, w) in want.iter().enumerate() {
+            match &guides[i % 3] {
+                Kind::JsonSchema(_) => {
+                    let v: serde_json::Value =
+                        serde_json::from_str(&w.text).unwrap_or_else(|e| panic!("{i}: {e}: {:?}", w.text));
+                    assert!(v["count"].is_u64() && v["colors"].is_array() && v["name"].is_string(), "{i}: {v}");
+                }
+                Kind::Choice(c) => assert!(c.choices.contains(&w.text), "{i}: {:?}", w.text),
+                _ => assert!(
+                    w.text.ends_with('.') && w.text.chars().next().unwrap().is_ascii_uppercase(),
+                    "{i}: {:?}",
+                    w.text
+                ),
+            }
+        }
+        let run = {
+            let (client, reqs) = (client.clone(), reqs.clone());
+            tokio::spawn(async move { stream_all(&client, &reqs, None).await })
+        };
+        let b = c.workers.iter().position(|(p, _)| p.name == "decode-b").unwrap();
+        let end = Instant::now() + Duration::from_secs(120);
+        while stats(&c.workers[b].1).await.running < 2 {
+            assert!(Instant::now() < end, "decode-b never ran 2 streams at once");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        c.workers[b].0.kill();
+        let got = run.await.unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let g = g.as_ref().unwrap_or_else(|e| panic!("stream {i} was lost: {e:?}"));
+            assert_eq!((&g.text, &g.token_ids), (&w.text, &w.token_ids), "stream {i}: as undisturbed");
+        }
+        let moved = c.router.output().iter().filter(|l| l.contains("migrating to another worker")).count();
+        assert!(moved > 0, "some constrained streams were on the killed worker and moved: {:?}", c.router.output());
+        let survivors: Vec<String> =
+            c.workers.iter().filter(|(p, _)| p.name != "decode-b").map(|(_, a)| a.clone()).collect();
+        let idle = settle_idle(&survivors).await;
+        assert!(idle.iter().all(|s| s.idle()), "{idle:?}");
+    });
+}
+
 /// Requests abandoned at random moments — queued, prefilling, transferring, decoding —
 /// leave no block behind on any worker.
 #[test]

@@ -124,6 +124,18 @@ fn compact(mut schema: Value) -> Value {
 pub struct GuideCompiler {
     factory: Arc<ParserFactory>,
     eos: u32,
+    /// Guides compiled lately, fresh (`compile_cached`): a repeated schema costs a copy.
+    cache: Arc<std::sync::Mutex<Cache>>,
+}
+
+/// The most compiled guides a compiler keeps.
+pub const CACHED_GUIDES: usize = 64;
+
+/// Compiled guides by their JSON, oldest first out.
+#[derive(Default)]
+struct Cache {
+    entries: std::collections::HashMap<String, Constraint>,
+    order: std::collections::VecDeque<String>,
 }
 
 impl GuideCompiler {
@@ -149,7 +161,28 @@ impl GuideCompiler {
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
         factory.quiet();
         *factory.limits_mut() = limits();
-        Ok(GuideCompiler { factory: Arc::new(factory), eos })
+        Ok(GuideCompiler { factory: Arc::new(factory), eos, cache: Arc::default() })
+    }
+
+    /// `compile`, through a cache of the last [`CACHED_GUIDES`] guides: a guide seen lately
+    /// is a copy of its compiled start (`true`: it was), not a second compilation.
+    pub fn compile_cached(&self, guide: &Guide) -> Result<(Constraint, bool), String> {
+        let key = serde_json::to_string(guide).map_err(|e| e.to_string())?;
+        if let Some(c) = self.cache.lock().expect("guide cache").entries.get(&key) {
+            return Ok((c.fork(), true));
+        }
+        let c = self.compile(guide)?;
+        let mut cache = self.cache.lock().expect("guide cache");
+        if !cache.entries.contains_key(&key) {
+            if cache.order.len() >= CACHED_GUIDES {
+                if let Some(old) = cache.order.pop_front() {
+                    cache.entries.remove(&old);
+                }
+            }
+            cache.order.push_back(key.clone());
+            cache.entries.insert(key, c.fork());
+        }
+        Ok((c, false))
     }
 
     /// Whether `guide` compiles; its error names what is wrong.
