@@ -1,8 +1,9 @@
 //! `tandem bench guide`: what constrained decoding costs on the engine, for the given model.
 //!
 //! - Per output token: the same chat prompts generated unconstrained, under a small JSON
-//!   Schema and under a large one, one request at a time (greedy); the time per output
-//!   token and the mask's share of it (the engine's own mask timer).
+//!   Schema and under a large one, one request at a time (greedy); the decode steps' time
+//!   per output token (after each request's first) and the mask's cost (the engine's own
+//!   timer, over every mask, the first token's included).
 //! - Time to first token: a large schema compiled cold (each request a schema not seen
 //!   before), the same schema from the cache of compiled guides, and no guide.
 
@@ -80,24 +81,46 @@ struct Case {
     masks: u64,
 }
 
-fn run_case(engine: &mut LlmEngine, prompts: &[Vec<u32>], guide: Option<&Guide>, max_tokens: usize) -> Result<Case> {
+/// Runs each prompt alone (`lengths`: each its own `max_tokens` and no EOS, for the
+/// unconstrained baseline of the same lengths); counts the decode steps only (after each
+/// request's first token), so the prompt's prefill does not dilute the per-token cost.
+fn run_case(
+    engine: &mut LlmEngine,
+    prompts: &[Vec<u32>],
+    guide: Option<&Guide>,
+    max_tokens: usize,
+    lengths: Option<&[usize]>,
+) -> Result<(Case, Vec<usize>)> {
     let before = engine.guide_stats;
-    let (mut tokens, t0) = (0, Instant::now());
-    for p in prompts {
-        let params =
+    let (mut tokens, mut seconds, mut made) = (0, 0.0, Vec::new());
+    for (i, p) in prompts.iter().enumerate() {
+        let mut params =
             SamplingParams { temperature: 0.0, max_tokens, guide: guide.cloned(), ..SamplingParams::default() };
-        engine.add_request(EngineRequest::new(p.clone(), params))?;
-        while engine.has_unfinished() {
-            tokens += engine.step()?.iter().map(|o| o.token_ids.len()).sum::<usize>();
+        if let Some(l) = lengths {
+            (params.max_tokens, params.ignore_eos) = (l[i].max(1), true);
         }
+        engine.add_request(EngineRequest::new(p.clone(), params))?;
+        let (mut first, mut all) = (true, 0);
+        while engine.has_unfinished() {
+            let t0 = Instant::now();
+            let n = engine.step()?.iter().map(|o| o.token_ids.len()).sum::<usize>();
+            all += n;
+            if !first {
+                seconds += t0.elapsed().as_secs_f64();
+                tokens += n;
+            }
+            first &= n == 0;
+        }
+        made.push(all);
     }
     let after = engine.guide_stats;
-    Ok(Case {
+    let case = Case {
         tokens,
-        seconds: t0.elapsed().as_secs_f64(),
+        seconds,
         mask_seconds: after.mask_seconds - before.mask_seconds,
         masks: after.masks - before.masks,
-    })
+    };
+    Ok((case, made))
 }
 
 /// Seconds from submitting a request to its first output token.
@@ -141,11 +164,13 @@ pub fn run(a: GuideBenchArgs) -> Result<()> {
 
     let small = Guide::JsonSchema(small_schema());
     let large = Guide::JsonSchema(large_schema("warm"));
-    let none = run_case(&mut engine, &prompts, None, a.max_tokens)?;
-    let cases = [
-        ("small schema", run_case(&mut engine, &prompts, Some(&small), a.max_tokens)?),
-        ("large schema", run_case(&mut engine, &prompts, Some(&large), a.max_tokens)?),
-    ];
+    // Each schema's run, and the unconstrained run of the same prompts at the same lengths.
+    let mut cases = Vec::new();
+    for (name, g) in [("small schema", &small), ("large schema", &large)] {
+        let (c, lengths) = run_case(&mut engine, &prompts, Some(g), a.max_tokens, None)?;
+        let (base, _) = run_case(&mut engine, &prompts, None, a.max_tokens, Some(&lengths))?;
+        cases.push((name, c, base));
+    }
     let per_token = |c: &Case| c.seconds / c.tokens.max(1) as f64;
 
     let n = a.requests.max(3);
@@ -158,12 +183,13 @@ pub fn run(a: GuideBenchArgs) -> Result<()> {
     let (cold, cached, plain) = (median(cold), median(cached), median(plain));
 
     let mut rows = Vec::new();
-    for (name, c) in &cases {
+    for (name, c, base) in &cases {
         rows.push(json!({
             "case": name,
             "tokens": c.tokens,
             "ms_per_token": per_token(c) * 1e3,
-            "overhead_vs_unconstrained": per_token(c) / per_token(&none),
+            "unconstrained_ms_per_token": per_token(base) * 1e3,
+            "overhead": per_token(c) / per_token(base),
             "mask_ms_per_token": c.mask_seconds * 1e3 / c.masks.max(1) as f64,
         }));
     }
@@ -171,7 +197,6 @@ pub fn run(a: GuideBenchArgs) -> Result<()> {
         "model": a.model.display().to_string(),
         "threads": threads,
         "requests": a.requests,
-        "unconstrained": {"tokens": none.tokens, "ms_per_token": per_token(&none) * 1e3},
         "constrained": rows,
         "ttft_ms": {"no_guide": plain * 1e3, "large_schema_cold": cold * 1e3, "large_schema_cached": cached * 1e3},
     });
@@ -185,22 +210,19 @@ pub fn run(a: GuideBenchArgs) -> Result<()> {
         threads,
         a.requests
     );
-    println!("  {:<14} {:>7} {:>12} {:>10} {:>14}", "case", "tokens", "ms/token", "vs none", "mask ms/token");
+    println!("  each schema against the same prompts unconstrained at the same output lengths (decode steps only)");
     println!(
-        "  {:<14} {:>7} {:>12.2} {:>10} {:>14}",
-        "unconstrained",
-        none.tokens,
-        per_token(&none) * 1e3,
-        "1.00x",
-        "-"
+        "  {:<14} {:>7} {:>12} {:>16} {:>9} {:>14}",
+        "case", "tokens", "ms/token", "unconstrained", "overhead", "mask ms/token"
     );
-    for (name, c) in &cases {
+    for (name, c, base) in &cases {
         println!(
-            "  {:<14} {:>7} {:>12.2} {:>9.2}x {:>14.3}",
+            "  {:<14} {:>7} {:>12.2} {:>16.2} {:>8.3}x {:>14.3}",
             name,
             c.tokens,
             per_token(c) * 1e3,
-            per_token(c) / per_token(&none),
+            per_token(base) * 1e3,
+            per_token(c) / per_token(base),
             c.mask_seconds * 1e3 / c.masks.max(1) as f64
         );
     }

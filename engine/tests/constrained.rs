@@ -112,6 +112,9 @@ fn conforms(v: &Value, s: &Value) -> bool {
     true
 }
 
+/// A sampling mode's name and how it sets the parameters.
+type Mode = (&'static str, fn(&mut SamplingParams));
+
 #[test]
 fn json_schemas_hold_in_every_sampling_mode_and_for_every_parallel_sample() {
     let f = file();
@@ -122,7 +125,7 @@ fn json_schemas_hold_in_every_sampling_mode_and_for_every_parallel_sample() {
         json!({"type": "object", "properties": {"city": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "population": {"type": "integer", "minimum": 0, "maximum": 50000000}}, "required": ["name", "population"], "additionalProperties": false}, "capital": {"type": "boolean"}}, "required": ["city", "capital"], "additionalProperties": false}),
     ];
     let prompt = chat(&f, "Describe a person, a palette and a city as JSON.");
-    let modes: [(&str, fn(&mut SamplingParams)); 4] = [
+    let modes: [Mode; 4] = [
         ("greedy", |_| {}),
         ("temperature", |p| {
             p.temperature = 0.9;

@@ -218,7 +218,17 @@ fn refusals() -> Vec<Refusal> {
         refuse("tool_choice", c, chat(json!({"tool_choice": "required"})), 400, "tool_choice"),
         refuse("functions", c, chat(json!({"functions": [{"name": "f"}]})), 400, "functions"),
         refuse("function_call", c, chat(json!({"function_call": {"name": "f"}})), 400, "function_call"),
-        refuse("JSON mode", c, chat(json!({"response_format": {"type": "json_object"}})), 400, "response_format"),
+        refuse(
+            "a JSON Schema that does not compile",
+            c,
+            chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}})),
+            400,
+            "response_format",
+        ),
+        refuse("a 100 KB regex", c, chat(json!({"guided_regex": "a".repeat(100_000)})), 400, "guided_regex"),
+        refuse("100,000 choices", c, chat(json!({"guided_choice": vec!["x"; 100_000]})), 400, "guided_choice"),
+        refuse("two guides", c, chat(json!({"guided_regex": "a", "guided_choice": ["b"]})), 400, "guided_choice"),
         refuse("logit_bias", c, chat(json!({"logit_bias": {"100": 50}})), 400, "logit_bias"),
         refuse("a negative seed", c, chat(json!({"seed": -7})), 400, "seed"),
         Refusal {
