@@ -11,13 +11,19 @@ use harness::*;
 use tandem_proto::tandem::v1 as api;
 use tandem_proto::tandem::worker::v1 as pb;
 
-/// Request `i` of a run: greedy for most, seeded sampling (with penalties) for every fifth;
-/// long enough to be running when the move comes.
+/// Request `i` of a run: greedy for most, seeded sampling (with penalties) for every fifth,
+/// constrained by a regex for every seventh (its matcher rebuilt from the moved tokens on
+/// the new worker); long enough to be running when the move comes.
 fn request(i: usize, max_tokens: u32) -> api::GenerateRequest {
     let topics = ["rivers", "mountains", "lanterns", "copper", "gardens", "harbors", "meadows", "orchards"];
     let text = format!("Story {i}: write a long story about {} and the people near them.", topics[i % topics.len()]);
     let mut r = chat(&text, max_tokens);
     let s = r.sampling.as_mut().unwrap();
+    if i % 7 == 6 {
+        // At least 300 characters of words: it runs to max_tokens like the others.
+        s.guide = Some(api::Guide { kind: Some(api::guide::Kind::Regex("[A-Za-z][a-z ,]{300,600}\\.".into())) });
+        return r;
+    }
     s.ignore_eos = true;
     if i % 5 == 4 {
         s.temperature = Some(0.8);

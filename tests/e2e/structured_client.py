@@ -129,21 +129,27 @@ for choice in ["auto", "required", {"type": "function", "function": {"name": "ge
         check("named tool", all(c.function.name == "get_weather" for c in m.tool_calls), m.tool_calls)
 
 # Streaming: delta.tool_calls assembled by index, the same calls as the whole answer.
-calls, finish = {}, None
-for chunk in client.chat.completions.create(model=qwen, messages=Q, tools=TOOLS, tool_choice="required",
-                                            temperature=0, max_tokens=120, stream=True):
-    if not chunk.choices:
-        continue
-    d = chunk.choices[0].delta
-    for tc in d.tool_calls or []:
-        c = calls.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
-        c["name"] += tc.function.name or ""
-        c["arguments"] += tc.function.arguments or ""
-    finish = chunk.choices[0].finish_reason or finish
+def streamed_calls(choice):
+    calls, finish = {}, None
+    for chunk in client.chat.completions.create(model=qwen, messages=Q, tools=TOOLS, tool_choice=choice,
+                                                temperature=0, max_tokens=120, stream=True):
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        for tc in d.tool_calls or []:
+            c = calls.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
+            c["name"] += tc.function.name or ""
+            c["arguments"] += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())], finish
+
+
+for choice in ["required", "auto"]:
+    whole = client.chat.completions.create(model=qwen, messages=Q, tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=120)
+    want = [(c.function.name, json.loads(c.function.arguments)) for c in whole.choices[0].message.tool_calls]
+    streamed, finish = streamed_calls(choice)
+    check(f"tools {choice} streamed", streamed == want and finish == "tool_calls", (streamed, want, finish))
 whole = client.chat.completions.create(model=qwen, messages=Q, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=120)
-want = [(c.function.name, json.loads(c.function.arguments)) for c in whole.choices[0].message.tool_calls]
-streamed = [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
-check("tools streamed", streamed == want and finish == "tool_calls", (streamed, want, finish))
 
 # A tool's result sent back gets a final answer in words.
 call = whole.choices[0].message.tool_calls[0]
