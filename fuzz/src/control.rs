@@ -151,6 +151,7 @@ pub fn facts() -> Option<&'static ModelFacts> {
                     template: ChatTemplate::from_gguf(&f).map_err(|e| e.to_string())?,
                     max_model_len: config.context_length,
                     vocab_size: config.vocab_size,
+                    guides: Default::default(),
                 })
             };
             load().map_err(|e| eprintln!("control fuzz: no validation ({}: {e})", path.display())).ok()
