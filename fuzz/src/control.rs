@@ -139,7 +139,7 @@ pub fn facts() -> Option<&'static ModelFacts> {
     FACTS
         .get_or_init(|| {
             let path = std::env::var_os("TANDEM_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-                PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+                PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"))
             });
             let load = || -> Result<ModelFacts, String> {
                 use tandem_text::{chat::ChatTemplate, config::ModelConfig, gguf::GgufFile, tokenizer::Tokenizer};
@@ -203,7 +203,11 @@ pub fn seeds() -> Vec<Vec<u8>> {
         input: Some(api::generate_request::Input::Messages(api::Messages {
             messages: vec![
                 api::ChatMessage { role: "system".into(), content: "Be brief.".into(), ..Default::default() },
-                api::ChatMessage { role: "user".into(), content: "Name three primary colors.".into(), ..Default::default() },
+                api::ChatMessage {
+                    role: "user".into(),
+                    content: "Name three primary colors.".into(),
+                    ..Default::default()
+                },
             ],
             tools: vec![],
         })),
@@ -226,7 +230,20 @@ pub fn seeds() -> Vec<Vec<u8>> {
         ..Default::default()
     };
     let wsampling = pb::SamplingParams { temperature: 0.0, top_p: 1.0, max_tokens: 16, ..Default::default() };
+    // Guides: the validation compiles them, so mutated schemas, regexes and grammars reach
+    // llguidance.
+    let guided = |kind: api::guide::Kind| {
+        let mut r = chat.clone();
+        r.sampling.as_mut().expect("set").guide = Some(api::Guide { kind: Some(kind) });
+        r.sampling.as_mut().expect("set").n = Some(1);
+        r.encode_to_vec()
+    };
     let mut out = vec![
+        guided(api::guide::Kind::JsonSchema(
+            r#"{"type":"object","properties":{"a":{"type":"integer","minimum":0},"b":{"enum":["x","y"]}},"required":["a"]}"#.into(),
+        )),
+        guided(api::guide::Kind::Regex("[a-z]{2,5}(-[0-9]+)?".into())),
+        guided(api::guide::Kind::Grammar("start: \"(\" start \")\" | \"x\"".into())),
         chat.encode_to_vec(),
         text.encode_to_vec(),
         ids.encode_to_vec(),
