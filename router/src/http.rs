@@ -201,7 +201,7 @@ async fn chat(
     req.slo_ttft_ms = slo_header(&headers)?;
     let want_logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let field = if tools.guide.is_some() { Some("tool_choice") } else { crate::openai::guide_field(&r.common) };
+    let field = if tools.guide.is_some() { Some("tool_choice") } else { crate::structured::guide_field(&r.common) };
     let chunks = start(&state, req, deadline, tenant.as_ref()).await.map_err(|e| e.naming_guide(field))?;
     let (head, mut chunks) = within(deadline, first(chunks)).await??;
     let id = format!("chatcmpl-{}", head.request_id);
@@ -423,7 +423,7 @@ async fn completions(
     plan.request.slo_ttft_ms = slo_header(&headers)?;
     let want_logprobs = plan.request.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let include_usage = r.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let field = crate::openai::guide_field(&r.common);
+    let field = crate::structured::guide_field(&r.common);
     let chunks =
         start(&state, plan.request.clone(), deadline, tenant.as_ref()).await.map_err(|e| e.naming_guide(field))?;
     // Echo needs the prompt as text and ids (the request passed validation, so this does too).

@@ -43,6 +43,8 @@
 //! - `service`: the `Generate` gRPC handlers.
 //! - `openai`, `http`: the OpenAI-compatible HTTP front door (axum), translated to
 //!   and from `tandem.v1` and started through the same path as a gRPC request.
+//! - `structured`, `tools`: structured output (the OpenAI fields that make a guide) and tool
+//!   calling (tools, `tool_choice` as a guide, calls parsed out of the model's text).
 //! - `metrics`, `telemetry`: the router's metrics and the process's Prometheus recorder.
 //! - `server`: `RunningRouter`: start (`StartError`), serve, drain.
 //!
@@ -81,6 +83,7 @@ pub mod service;
 pub mod slo;
 pub mod stall;
 pub mod state;
+pub mod structured;
 pub mod telemetry;
 pub mod tools;
 pub mod validate;

@@ -288,9 +288,4 @@ impl Constraint {
     pub fn fork(&self) -> Constraint {
         Constraint { matcher: self.matcher.deep_clone(), ..self.clone() }
     }
-
-    /// Whether the grammar is complete and allows nothing more than the end.
-    pub fn is_finished(&self) -> bool {
-        self.matcher.is_stopped()
-    }
 }
