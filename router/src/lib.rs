@@ -69,6 +69,7 @@ pub mod models;
 #[cfg(test)]
 mod models_tests;
 pub mod openai;
+pub mod pick;
 pub mod placement;
 pub mod planner;
 pub mod policy;

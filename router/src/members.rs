@@ -21,7 +21,8 @@ use tonic::Status;
 
 use crate::index::PrefixIndex;
 use crate::metrics;
-use crate::placement::{Placement, PlacementControl};
+use crate::pick::{self, Pick, Seen};
+use crate::placement::PlacementControl;
 use crate::policy::{Candidate, RoutingPolicy};
 use crate::worker::{GrpcWorker, WorkerApi};
 
@@ -385,12 +386,12 @@ impl Members {
             let predicted = e.comparable.then(|| held.get(&e.desc.id).copied().unwrap_or(0) * block);
             (predicted, sizes.get(&e.desc.id).copied().unwrap_or(0))
         };
-        let route = self.route_with(policy, placement, ask, excluded, &cache)?;
+        let route = self.route_with(policy, placement, ask, excluded, &cache, now)?;
         let computes = match &route {
             Route::Disaggregated { prefill, .. } => prefill,
             Route::Local(w) => w,
         };
-        placement.observe_prompt(ask.prompt.len().saturating_sub(computes.predicted_cached.unwrap_or(0)));
+        placement.observe_prompt_at(ask.prompt.len().saturating_sub(computes.predicted_cached.unwrap_or(0)), now);
         let until = now + self.hashing.pending_ttl;
         let mut index = self.index.lock().expect("index");
         let chosen: Vec<&Picked> = match &route {
@@ -412,6 +413,7 @@ impl Members {
         ask: &RouteAsk<'_>,
         excluded: &[WorkerId],
         cache: &dyn Fn(&Entry) -> (Option<usize>, usize),
+        now: Instant,
     ) -> Result<Route, Status> {
         let (model, prompt_len) = (ask.model, ask.prompt.len());
         let entries = self.entries.lock().expect("entries");
@@ -431,41 +433,23 @@ impl Members {
         let mut decode = of_role(&|r| r.can_decode());
         prefill.sort_by(|a, b| a.desc.id.cmp(&b.desc.id));
         decode.sort_by(|a, b| a.desc.id.cmp(&b.desc.id));
-        // The pick, and the chosen worker's predicted cached tokens beside the most any
-        // other candidate was predicted to hold (the runner-up by cache).
-        let pick = |es: &[&Entry], stage: Stage| -> (usize, Option<usize>) {
-            let known: Vec<(Option<usize>, usize)> = es.iter().map(|e| cache(e)).collect();
-            let predicted: Vec<Option<usize>> = known.iter().map(|k| k.0).collect();
-            let c: Vec<Candidate> = es
-                .iter()
-                .zip(&known)
-                .map(|(e, &(p, blocks))| Candidate {
-                    worker: &e.desc,
-                    stats: e.stats.as_ref(),
-                    inflight: e.inflight.requests.load(Ordering::Relaxed),
-                    inflight_tokens: e.inflight.prefill_tokens.load(Ordering::Relaxed),
-                    cached_tokens: p,
-                    indexed_blocks: blocks,
+        fn seen<'a>(es: &[&'a Entry], cache: &dyn Fn(&Entry) -> (Option<usize>, usize)) -> Vec<Seen<'a>> {
+            es.iter()
+                .map(|e| {
+                    let (cached, indexed_blocks) = cache(e);
+                    Seen {
+                        desc: &e.desc,
+                        stats: e.stats.as_ref(),
+                        inflight: e.inflight.requests.load(Ordering::Relaxed),
+                        inflight_tokens: e.inflight.prefill_tokens.load(Ordering::Relaxed),
+                        cached,
+                        indexed_blocks,
+                    }
                 })
-                .collect();
-            let i = match stage {
-                Stage::Prefill => policy.pick_prefill(&c, prompt_len),
-                Stage::Decode => policy.pick_decode(&c, prompt_len),
-                Stage::Local => policy.pick_local(&c, prompt_len),
-            };
-            let runner_up = predicted.iter().enumerate().filter(|&(j, _)| j != i).filter_map(|(_, p)| *p).max();
-            metrics::predicted_cached(stage.as_str(), predicted[i], runner_up);
-            tracing::debug!(
-                worker = %es[i].desc.id,
-                stage = stage.as_str(),
-                policy = policy.name(),
-                predicted_cached = ?predicted[i],
-                runner_up_cached = ?runner_up,
-                candidates = es.len(),
-                "placed"
-            );
-            (i, predicted[i])
-        };
+                .collect()
+        }
+        let (seen_prefill, seen_decode) = (seen(&prefill, cache), seen(&decode, cache));
+        let pick = pick::choose(policy, placement, model, prompt_len, &seen_prefill, &seen_decode, now)?;
         // A prefill (or local) pick counts the prompt tokens it will compute until it
         // answers; a decode pick counts as a request only.
         let take = |e: &Entry, predicted_cached: Option<usize>, computes: bool| {
@@ -495,50 +479,13 @@ impl Members {
                 priority: ask.priority,
             }
         };
-        if decode.is_empty() {
-            return Err(Status::unavailable(format!("no decode worker serves {model:?}")));
-        }
-        if !prefill.is_empty() {
-            let (di, dc) = pick(&decode, Stage::Decode);
-            let d = decode[di];
-            // The pair must agree on the model's weights and the KV block size.
-            let matching: Vec<&Entry> = prefill
-                .iter()
-                .copied()
-                .filter(|p| {
-                    p.desc.model.fingerprint == d.desc.model.fingerprint && p.desc.block_size == d.desc.block_size
-                })
-                .collect();
-            if matching.is_empty() {
-                return Err(Status::unavailable(format!(
-                    "no prefill worker has the KV layout of decode worker {}",
-                    d.desc.id
-                )));
-            }
-            let (pi, pc) = pick(&matching, Stage::Prefill);
-            let p = matching[pi];
-            if d.desc.role == Role::Both {
-                // A decode worker that can prefill: here or there, per request.
-                let local = prompt_len.saturating_sub(dc.unwrap_or(0));
-                let remote = prompt_len.saturating_sub(pc.unwrap_or(0));
-                let queued = p.stats.as_ref().map_or(0, |s| s.queued_prefill_tokens);
-                let queue = queued.max(p.inflight.prefill_tokens.load(Ordering::Relaxed)) as f64;
-                let running = d.stats.as_ref().map_or(0, |s| s.running as u64);
-                let decoding = running.max(d.inflight.requests.load(Ordering::Relaxed));
-                if placement.place(local, remote, queue, decoding) == Placement::Local {
-                    return Ok(Route::Local(take(d, dc, true)));
-                }
-            }
-            return Ok(Route::Disaggregated { prefill: take(p, pc, true), decode: take(d, dc, false) });
-        }
-        let both: Vec<&Entry> = decode.iter().copied().filter(|e| e.desc.role == Role::Both).collect();
-        if both.is_empty() {
-            return Err(Status::unavailable(format!(
-                "no prefill worker serves {model:?} and no decode worker has role both"
-            )));
-        }
-        let (i, c) = pick(&both, Stage::Local);
-        Ok(Route::Local(take(both[i], c, true)))
+        Ok(match pick {
+            Pick::Disaggregated { prefill: p, decode: d } => Route::Disaggregated {
+                prefill: take(prefill[p], seen_prefill[p].cached, true),
+                decode: take(decode[d], seen_decode[d].cached, false),
+            },
+            Pick::Local(d) => Route::Local(take(decode[d], seen_decode[d].cached, true)),
+        })
     }
 
     /// Whether a healthy prefill worker of `model` other than `failed` (and not in
@@ -681,25 +628,6 @@ impl Members {
     fn update(&self, id: &WorkerId, f: impl FnOnce(&mut Entry)) {
         if let Some(e) = self.entries.lock().expect("entries").get_mut(id) {
             f(e);
-        }
-    }
-}
-
-/// Which of a request's workers a pick is for.
-#[derive(Debug, Clone, Copy)]
-enum Stage {
-    Prefill,
-    Decode,
-    /// A role-`both` worker doing the whole request.
-    Local,
-}
-
-impl Stage {
-    fn as_str(self) -> &'static str {
-        match self {
-            Stage::Prefill => "prefill",
-            Stage::Decode => "decode",
-            Stage::Local => "local",
         }
     }
 }

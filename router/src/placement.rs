@@ -249,7 +249,18 @@ impl PlacementControl {
         prefill_queue: f64,
         decode_running: u64,
     ) -> Placement {
-        let now = Instant::now();
+        self.place_at(local_uncached, remote_uncached, prefill_queue, decode_running, Instant::now())
+    }
+
+    /// `place` at `now` (a simulator's clock).
+    pub fn place_at(
+        &self,
+        local_uncached: usize,
+        remote_uncached: usize,
+        prefill_queue: f64,
+        decode_running: u64,
+        now: Instant,
+    ) -> Placement {
         let (inputs, recent) = {
             let mut st = self.state.lock().expect("placement");
             self.adjust(&mut st, now);
@@ -301,7 +312,11 @@ impl PlacementControl {
 
     /// A choice finished: its TTFT, mean TPOT (`None`: one token) and tokens generated.
     pub fn observe_finished(&self, ttft: Duration, tpot: Option<Duration>, tokens: u32) {
-        let now = Instant::now();
+        self.observe_finished_at(ttft, tpot, tokens, Instant::now())
+    }
+
+    /// `observe_finished` at `now`.
+    pub fn observe_finished_at(&self, ttft: Duration, tpot: Option<Duration>, tokens: u32, now: Instant) {
         let mut st = self.state.lock().expect("placement");
         st.finished.push_back(Finished { at: now, ttft, tpot, tokens });
         while st.finished.len() > WINDOW {
@@ -312,7 +327,11 @@ impl PlacementControl {
     /// A request was routed; its worker computes `uncached` prompt tokens (what the
     /// planner weighs the split by).
     pub fn observe_prompt(&self, uncached: usize) {
-        let now = Instant::now();
+        self.observe_prompt_at(uncached, Instant::now())
+    }
+
+    /// `observe_prompt` at `now`.
+    pub fn observe_prompt_at(&self, uncached: usize, now: Instant) {
         let mut st = self.state.lock().expect("placement");
         st.prompts.push_back((now, uncached));
         while st.prompts.len() > PROMPT_WINDOW

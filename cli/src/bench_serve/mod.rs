@@ -46,6 +46,59 @@ pub struct ServeBenchArgs {
     /// Closed loop: requests in flight at once (the default, 8, when no --rate is given).
     #[arg(long)]
     pub concurrency: Option<usize>,
+    #[command(flatten)]
+    pub w: WorkloadArgs,
+    /// Print what the workload would send (requests, prompt and output tokens, a trace's ideal
+    /// hit rate and span) as one JSON line, and send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// TTFT objective in ms (a request meets the SLO when it meets every objective given).
+    #[arg(long)]
+    pub slo_ttft_ms: Option<f64>,
+    /// TPOT objective in ms.
+    #[arg(long)]
+    pub slo_tpot_ms: Option<f64>,
+    /// Give up on a run after this many seconds (requests still out count as failed).
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Model name for the OpenAI API (default: the server's first listed model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// API key sent as a bearer token (gRPC `authorization` metadata or HTTP header).
+    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Print one JSON object per run (JSON lines).
+    #[arg(long)]
+    pub json: bool,
+    /// Write latency CDFs (and attainment against rate, for a sweep) to this PNG.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// A tenant of a multi-tenant run: `NAME=KEY@RATE` (KEY its API key, empty for none;
+    /// RATE its requests per second, Poisson). Repeat for each tenant; each sends the
+    /// workload (its own seed) for --duration seconds, and the report gives every figure per
+    /// tenant, with the largest service gap while all were backlogged (`tenants`).
+    #[arg(long = "tenant", value_parser = tenant_spec)]
+    pub tenants: Vec<TenantSpec>,
+    /// Multi-tenant runs: how long each tenant sends, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Send every request with this TTFT objective (`slo_ttft_ms`; HTTP `x-slo-ttft-ms`), so
+    /// the router refuses those it predicts to miss it.
+    #[arg(long)]
+    pub request_slo_ttft_ms: Option<u32>,
+    /// Write every request's output tokens, one per line in workload order (the first run's).
+    #[arg(long)]
+    pub lengths_out: Option<PathBuf>,
+    /// Send each request's expected output length from this file (one per line in workload
+    /// order, as --lengths-out writes it; `expected_output_tokens`): with the lengths a
+    /// greedy run produced, the `sjf` ceiling of an oracle predictor.
+    #[arg(long)]
+    pub expected_lengths: Option<PathBuf>,
+}
+
+/// The requests a run sends (shared with `tandem sim`, which simulates the same ones).
+#[derive(Args, Debug, Clone)]
+pub struct WorkloadArgs {
     /// Requests per run (default 64; a trace: every request it keeps, at most this many; a JSONL
     /// file: every line once, or this many, its lines reused in order).
     #[arg(long)]
@@ -93,58 +146,12 @@ pub struct ServeBenchArgs {
     /// hash ids), each with all its requests.
     #[arg(long, default_value_t = 1.0)]
     pub trace_sample: f64,
-    /// Print what the workload would send (requests, prompt and output tokens, a trace's ideal
-    /// hit rate and span) as one JSON line, and send nothing.
-    #[arg(long)]
-    pub dry_run: bool,
     /// Output tokens per request, overriding the workload's.
     #[arg(long)]
     pub max_tokens: Option<u32>,
-    /// TTFT objective in ms (a request meets the SLO when it meets every objective given).
-    #[arg(long)]
-    pub slo_ttft_ms: Option<f64>,
-    /// TPOT objective in ms.
-    #[arg(long)]
-    pub slo_tpot_ms: Option<f64>,
     /// Seed of the trace (prompts, output lengths, arrival times).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Give up on a run after this many seconds (requests still out count as failed).
-    #[arg(long, default_value_t = 600)]
-    pub timeout: u64,
-    /// Model name for the OpenAI API (default: the server's first listed model).
-    #[arg(long)]
-    pub model: Option<String>,
-    /// API key sent as a bearer token (gRPC `authorization` metadata or HTTP header).
-    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-    /// Print one JSON object per run (JSON lines).
-    #[arg(long)]
-    pub json: bool,
-    /// Write latency CDFs (and attainment against rate, for a sweep) to this PNG.
-    #[arg(long)]
-    pub plot: Option<PathBuf>,
-    /// A tenant of a multi-tenant run: `NAME=KEY@RATE` (KEY its API key, empty for none;
-    /// RATE its requests per second, Poisson). Repeat for each tenant; each sends the
-    /// workload (its own seed) for --duration seconds, and the report gives every figure per
-    /// tenant, with the largest service gap while all were backlogged (`tenants`).
-    #[arg(long = "tenant", value_parser = tenant_spec)]
-    pub tenants: Vec<TenantSpec>,
-    /// Multi-tenant runs: how long each tenant sends, in seconds.
-    #[arg(long, default_value_t = 60.0)]
-    pub duration: f64,
-    /// Send every request with this TTFT objective (`slo_ttft_ms`; HTTP `x-slo-ttft-ms`), so
-    /// the router refuses those it predicts to miss it.
-    #[arg(long)]
-    pub request_slo_ttft_ms: Option<u32>,
-    /// Write every request's output tokens, one per line in workload order (the first run's).
-    #[arg(long)]
-    pub lengths_out: Option<PathBuf>,
-    /// Send each request's expected output length from this file (one per line in workload
-    /// order, as --lengths-out writes it; `expected_output_tokens`): with the lengths a
-    /// greedy run produced, the `sjf` ceiling of an oracle predictor.
-    #[arg(long)]
-    pub expected_lengths: Option<PathBuf>,
 }
 
 /// One `--tenant`.
@@ -280,6 +287,15 @@ async fn gather(
 
 impl ServeBenchArgs {
     fn spec(&self) -> workload::Spec {
+        // Only Tandem's gRPC API is sure to take token ids; OpenAI servers get text.
+        self.w.spec(self.rate.is_empty() && self.concurrency.is_none(), self.api == "grpc")
+    }
+}
+
+impl WorkloadArgs {
+    /// The workload these flags name; `timed`: a trace is sent at its own timestamps;
+    /// `token_ids`: a trace's prompts are token ids rather than text.
+    pub fn spec(&self, timed: bool, token_ids: bool) -> workload::Spec {
         workload::Spec {
             name: self.workload.clone(),
             output_len: self.max_tokens,
@@ -296,10 +312,9 @@ impl ServeBenchArgs {
                 output_scale: self.trace_output_scale,
                 max_input: self.trace_max_input,
                 sample: self.trace_sample,
-                timed: self.rate.is_empty() && self.concurrency.is_none(),
+                timed,
             },
-            // Only Tandem's gRPC API is sure to take token ids; OpenAI servers get text.
-            token_ids: self.api == "grpc",
+            token_ids,
         }
     }
 }
@@ -348,7 +363,7 @@ async fn tenants_run(a: &ServeBenchArgs, spec: &workload::Spec, timeout: Duratio
     for (k, t) in a.tenants.iter().enumerate() {
         clients.push(Client::connect(&a.target, &a.api, a.model.clone(), t.key.clone()).await?);
         let n = (t.rate * a.duration).round().max(1.0) as usize;
-        let seed = a.seed + 1000 * (k as u64 + 1);
+        let seed = a.w.seed + 1000 * (k as u64 + 1);
         let w = workload::build(spec, Some(n), seed)?;
         let at = workload::arrivals(w.items.len(), t.rate, seed);
         for (mut item, at) in w.items.into_iter().zip(at) {
@@ -371,7 +386,7 @@ async fn tenants_run(a: &ServeBenchArgs, spec: &workload::Spec, timeout: Duratio
 }
 
 pub fn run(a: ServeBenchArgs) -> Result<()> {
-    if a.requests == Some(0) || a.concurrency == Some(0) || a.max_tokens == Some(0) {
+    if a.w.requests == Some(0) || a.concurrency == Some(0) || a.w.max_tokens == Some(0) {
         bail!("--requests, --concurrency and --max-tokens must be positive");
     }
     if let Some(r) = a.rate.iter().find(|r| !(r.is_finite() && **r > 0.0)) {
@@ -391,7 +406,7 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
         ),
     };
     let trace = |k: usize| {
-        workload::build(&spec, a.requests, a.seed + k as u64).map(|mut w| {
+        workload::build(&spec, a.w.requests, a.w.seed + k as u64).map(|mut w| {
             for (n, i) in w.items.iter_mut().enumerate() {
                 i.slo_ttft_ms = a.request_slo_ttft_ms;
                 i.expected_output = expected.as_ref().and_then(|e| e.get(n).copied());
@@ -402,7 +417,7 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
     let first = trace(0)?;
     if a.dry_run {
         let mut v = describe(&first);
-        v["workload"] = a.workload.clone().into();
+        v["workload"] = a.w.workload.clone().into();
         println!("{v}");
         return Ok(());
     }
@@ -416,7 +431,7 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
         if !a.tenants.is_empty() {
             runs.push(tenants_run(&a, &spec, timeout).await?);
         } else if let Some(times) = first.times.clone() {
-            let label = format!("trace x{}", a.trace_time_scale);
+            let label = format!("trace x{}", a.w.trace_time_scale);
             let mut run = open_loop(&clients, &Arc::new(first.items), times, label, None, timeout).await;
             run.ideal_hit_rate = first.ideal_hit_rate;
             runs.push(run);
@@ -427,7 +442,7 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
         } else {
             for (k, &r) in a.rate.iter().enumerate() {
                 let w = if k == 0 { first.clone() } else { trace(k)? };
-                let times = workload::arrivals(w.items.len(), r, a.seed + k as u64);
+                let times = workload::arrivals(w.items.len(), r, a.w.seed + k as u64);
                 let items = Arc::new(w.items);
                 let mut run = open_loop(&clients, &items, times, format!("rate={r}"), Some(r), timeout).await;
                 run.ideal_hit_rate = w.ideal_hit_rate;
@@ -445,7 +460,7 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
         let mut v = r.json(&slo);
         v["target"] = a.target.clone().into();
         v["api"] = a.api.clone().into();
-        v["workload"] = a.workload.clone().into();
+        v["workload"] = a.w.workload.clone().into();
         if a.json {
             println!("{v}");
         } else {
