@@ -53,7 +53,7 @@ pub struct KvBenchArgs {
     pub tls: crate::serve::TlsFlags,
 }
 
-fn layout() -> KvLayout {
+pub(crate) fn layout() -> KvLayout {
     KvLayout { n_layers: 30, n_kv_heads: 3, head_dim: 64, block_size: 16, dtype: KvDtypeWire::F16, fingerprint: 1 }
 }
 
@@ -73,12 +73,12 @@ fn memcpy_gbps() -> f64 {
     best
 }
 
-struct Setup {
-    rx: Arc<KvReceiver>,
+pub(crate) struct Setup {
+    pub(crate) rx: Arc<KvReceiver>,
     target: KvTarget,
 }
 
-async fn setup(shm: bool, n_blocks: usize, cfg: &TcpConfig) -> Result<Setup> {
+pub(crate) async fn setup(shm: bool, n_blocks: usize, cfg: &TcpConfig) -> Result<Setup> {
     let l = layout();
     let sink: Arc<dyn KvSink> =
         if shm { Arc::new(ShmKv::create(l, n_blocks)?) } else { Arc::new(HostKv::new(l, n_blocks)) };
@@ -93,7 +93,7 @@ async fn setup(shm: bool, n_blocks: usize, cfg: &TcpConfig) -> Result<Setup> {
 }
 
 /// Sends `sessions` requests of `tokens` tokens at once; returns (seconds, bytes).
-async fn run_once(s: &Setup, tx: &Arc<KvSender>, sessions: usize, tokens: usize, base_id: u64) -> Result<(f64, usize)> {
+pub(crate) async fn run_once(s: &Setup, tx: &Arc<KvSender>, sessions: usize, tokens: usize, base_id: u64) -> Result<(f64, usize)> {
     let l = layout();
     let blocks_per = tokens.div_ceil(l.block_size as usize);
     let layer_bytes = blocks_per * l.layer_block_bytes();

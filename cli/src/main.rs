@@ -17,6 +17,8 @@ mod bench_kv;
 mod bench_migrate;
 mod bench_overlap;
 mod bench_serve;
+mod profile;
+mod sim;
 mod cluster_token;
 mod generate;
 mod logging;
@@ -60,6 +62,11 @@ enum Command {
         #[command(subcommand)]
         what: predictor::PredictorCommand,
     },
+    /// Measure this machine's cost models (engine steps, KV transfer, the router) for `tandem sim`.
+    Profile(profile::ProfileArgs),
+    /// Simulate a cluster on cost models: a workload's TTFT, TPOT and goodput, or (--search)
+    /// the prefill/decode split with the most goodput per worker.
+    Sim(Box<sim::SimArgs>),
     /// Measure performance.
     Bench {
         #[command(subcommand)]
@@ -78,6 +85,8 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Predictor { what } => predictor::run(what),
         Command::Bench { what } => bench::run(what),
+        Command::Profile(args) => profile::run(args),
+        Command::Sim(args) => sim::run(*args),
     });
     if let Err(e) = result {
         // One line, no backtrace: the message names what was wrong.

@@ -15,12 +15,12 @@
 //! report gives every figure per phase as well: how a cluster's split of prefill and decode
 //! follows the shift.
 
-mod client;
-mod mooncake;
-mod plot;
-mod report;
-mod text;
-mod workload;
+pub mod client;
+pub mod mooncake;
+pub mod plot;
+pub mod report;
+pub mod text;
+pub mod workload;
 
 use std::path::PathBuf;
 use std::sync::Arc;

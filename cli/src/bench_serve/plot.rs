@@ -120,3 +120,54 @@ pub fn plot(path: &Path, runs: &[Run], slo: &Slo) -> Result<()> {
     root.present().map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
     Ok(())
 }
+
+/// One panel of `lines`: named series of (x, y) points.
+pub struct Panel {
+    pub title: String,
+    pub x_desc: String,
+    pub y_desc: String,
+    pub series: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+/// Panels side by side, each a line (with its points marked) per series: `tandem sim`'s
+/// search frontier and studies.
+pub fn lines(path: &Path, panels: &[Panel]) -> Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(path, (560 * panels.len().max(1) as u32, 440)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let areas = root.split_evenly((1, panels.len().max(1)));
+    for (p, area) in panels.iter().zip(&areas) {
+        let pts = p.series.iter().flat_map(|(_, v)| v.iter().copied());
+        let (xmin, xmax, ymax) = pts.fold((f64::INFINITY, f64::NEG_INFINITY, 0.0f64), |(a, b, c), (x, y)| {
+            (a.min(x), b.max(x), c.max(y))
+        });
+        let (xmin, xmax) = if xmin.is_finite() { (xmin, xmax.max(xmin + 1e-9)) } else { (0.0, 1.0) };
+        let pad = (xmax - xmin) * 0.05;
+        let mut chart = ChartBuilder::on(area)
+            .caption(&p.title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d((xmin - pad)..(xmax + pad), 0f64..(ymax * 1.1).max(1e-9))
+            .map_err(|e| anyhow!("{e}"))?;
+        chart.configure_mesh().x_desc(&p.x_desc).y_desc(&p.y_desc).draw().map_err(|e| anyhow!("{e}"))?;
+        for (i, (label, v)) in p.series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(v.clone(), color.stroke_width(2)))
+                .map_err(|e| anyhow!("{e}"))?
+                .label(label.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            chart.draw_series(v.iter().map(|&q| Circle::new(q, 4, color.filled()))).map_err(|e| anyhow!("{e}"))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    root.present().map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+    Ok(())
+}
