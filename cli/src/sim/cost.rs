@@ -88,7 +88,8 @@ impl StepCost {
     /// Least squares over `points` (shape, measured ms), no coefficient negative: a
     /// coefficient that comes out negative is dropped (held at 0) and the rest refitted.
     pub fn fit(points: &[(StepShape, f64)]) -> Result<StepCost> {
-        let mut active = [true; 4];
+        // A feature no point exercises (every value 0) cannot be fitted: held at 0.
+        let mut active = [0, 1, 2, 3].map(|i| points.iter().any(|(s, _)| s.features()[i] != 0.0));
         loop {
             let idx: Vec<usize> = (0..4).filter(|&i| active[i]).collect();
             if points.len() < idx.len() {

@@ -82,8 +82,12 @@ pub struct SimArgs {
     pub slo_admission: bool,
     /// Open loop: requests per second, Poisson (as `bench serve --rate`); a list sweeps.
     /// Without it a trace is replayed at its own timestamps.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with = "concurrency")]
     pub rate: Vec<f64>,
+    /// Closed loop: requests out at once, the next sent as one ends (`bench serve
+    /// --concurrency`).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
     #[command(flatten)]
     pub w: WorkloadArgs,
     /// The model whose tokenizer and chat template turn text workloads into token ids (a
@@ -98,6 +102,10 @@ pub struct SimArgs {
     /// Requests still out after this many simulated seconds count as failed.
     #[arg(long)]
     pub horizon: Option<f64>,
+    /// The workers share this many cores (worker i on core i mod N, prefill workers first,
+    /// then decode, then both), as on one small machine; default: each its own.
+    #[arg(long)]
+    pub cores: Option<usize>,
     /// Print one JSON object per run.
     #[arg(long)]
     pub json: bool,
@@ -129,20 +137,24 @@ pub fn arrivals(a: &SimArgs, rate: Option<f64>, k: u64) -> Result<Vec<Arrival>> 
     let seed = a.w.seed + k;
     let n = a.w.requests.unwrap_or(workload::DEFAULT_REQUESTS);
     if let Some(reqs) = random_workload(&a.w.workload, n, seed)? {
-        let rate = rate.context("random:IN:OUT needs --rate")?;
-        let at = workload::arrivals(reqs.len(), rate, seed);
+        let at = match rate {
+            Some(r) => workload::arrivals(reqs.len(), r, seed),
+            None if a.concurrency.is_some() => vec![0.0; reqs.len()],
+            None => bail!("random:IN:OUT needs --rate or --concurrency"),
+        };
         return Ok(reqs
             .into_iter()
             .zip(at)
             .map(|((prompt, out), at)| Arrival { at, prompt, output_len: a.w.max_tokens.unwrap_or(out), tenant: None, phase: None })
             .collect());
     }
-    let spec = a.w.spec(rate.is_none(), true);
+    let spec = a.w.spec(rate.is_none() && a.concurrency.is_none(), true);
     let w = workload::build(&spec, a.w.requests, seed)?;
     let times = match (rate, &w.times) {
         (Some(r), _) => workload::arrivals(w.items.len(), r, seed),
         (None, Some(t)) => t.clone(),
-        (None, None) => bail!("--workload {}: give --rate (the simulator has no closed loop)", a.w.workload),
+        (None, None) if a.concurrency.is_some() => vec![0.0; w.items.len()],
+        (None, None) => bail!("--workload {}: give --rate or --concurrency", a.w.workload),
     };
     let needs_text = w.items.iter().any(|i| i.tokens.is_none());
     let text = if needs_text {
@@ -221,6 +233,8 @@ impl SimArgs {
             max_inflight: self.max_inflight,
             slo_admission_ttft: self.slo_admission.then_some(slo.ttft),
             horizon: self.horizon,
+            cores: self.cores,
+            concurrency: self.concurrency,
         })
     }
 
@@ -280,7 +294,11 @@ pub fn run(a: SimArgs) -> Result<()> {
         let started = Instant::now();
         let report = World::new(cfg.clone(), costs.clone())?.run(arrivals);
         let took = started.elapsed().as_secs_f64();
-        let label = rate.map_or_else(|| format!("trace x{}", a.w.trace_time_scale), |r| format!("rate={r}"));
+        let label = match (rate, a.concurrency) {
+            (Some(r), _) => format!("rate={r}"),
+            (None, Some(c)) => format!("concurrency={c}"),
+            (None, None) => format!("trace x{}", a.w.trace_time_scale),
+        };
         let mut run = to_run(&report, label, rate);
         run.ideal_hit_rate = Some(ideal);
         let mut v = run.json(&slo);

@@ -79,6 +79,13 @@ pub struct Config {
     pub slo_admission_ttft: Option<Duration>,
     /// Requests still out at this many seconds count as failed (`None`: run to the end).
     pub horizon: Option<f64>,
+    /// Workers share this many cores (worker i, in the order prefill, decode, both, on core
+    /// i mod cores): a step takes as many times its cost as workers on its core are busy
+    /// when it starts. `None`: every worker has its own hardware.
+    pub cores: Option<usize>,
+    /// Closed loop: this many requests out at once, the next sent when one ends (arrival
+    /// times ignored), as `bench serve --concurrency`. `None`: open loop, at the arrivals.
+    pub concurrency: Option<usize>,
 }
 
 /// What one request came to.
@@ -114,6 +121,10 @@ pub struct Report {
     pub steps: u64,
     /// Each worker's id, its steps and its busy seconds.
     pub workers: Vec<(String, u64, f64)>,
+    /// KV blocks still held by a request, and requests still inside an engine, over every
+    /// worker at the end (both 0 after a run to its end).
+    pub held_blocks: usize,
+    pub left_in_engines: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -224,6 +235,8 @@ pub struct World {
     room: VecDeque<usize>,
     open: usize,
     events: u64,
+    /// Closed loop: the next request to send.
+    next_closed: usize,
 }
 
 impl World {
@@ -269,6 +282,7 @@ impl World {
             room: VecDeque::new(),
             open: 0,
             events: 0,
+            next_closed: 0,
             cfg,
             costs,
         })
@@ -276,7 +290,7 @@ impl World {
 
     /// Runs `arrivals` to their end (or the horizon).
     pub fn run(mut self, arrivals: Vec<Arrival>) -> Report {
-        for (i, a) in arrivals.into_iter().enumerate() {
+        for a in arrivals {
             let hashes = self.prompt_hashes(&a.prompt);
             self.reqs.push(Req {
                 out: Outcome {
@@ -291,8 +305,19 @@ impl World {
                 hashes,
                 ..Req::default()
             });
-            let router = ns(a.at + self.costs.router_ms / 1e3);
-            self.push(router, Event::Arrive(i));
+        }
+        match self.cfg.concurrency {
+            Some(c) => {
+                for _ in 0..c.max(1) {
+                    self.send_next(0);
+                }
+            }
+            None => {
+                for i in 0..self.reqs.len() {
+                    let router = ns(self.reqs[i].out.sent + self.costs.router_ms / 1e3);
+                    self.push(router, Event::Arrive(i));
+                }
+            }
         }
         self.open = self.reqs.len();
         self.push(0, Event::Poll);
@@ -333,6 +358,8 @@ impl World {
             events: self.events,
             steps: self.workers.iter().map(|w| w.steps).sum(),
             workers: self.workers.iter().map(|w| (w.desc.id.as_str().to_string(), w.steps, secs(w.busy_ns))).collect(),
+            held_blocks: self.workers.iter().map(|w| w.sched.blocks.n_used()).sum(),
+            left_in_engines: self.workers.iter().map(|w| w.jobs.len() + usize::from(w.sched.has_unfinished())).sum(),
         }
     }
 
@@ -491,6 +518,19 @@ impl World {
         q.permit = None;
         q.room_since = None;
         self.open -= 1;
+        self.send_next(self.now + ns(self.costs.rpc_ms / 1e3));
+    }
+
+    /// Closed loop: a request ended (its client hears at `at`) or the run starts, so the
+    /// next one is sent then.
+    fn send_next(&mut self, at: u64) {
+        if self.cfg.concurrency.is_none() || self.next_closed >= self.reqs.len() {
+            return;
+        }
+        let i = self.next_closed;
+        self.next_closed += 1;
+        self.reqs[i].out.sent = secs(at);
+        self.push(at + ns(self.costs.router_ms / 1e3), Event::Arrive(i));
     }
 
     fn room_deadline(&mut self, r: usize) {
@@ -523,8 +563,13 @@ impl World {
                 j.first_step.get_or_insert(self.now);
             }
         }
-        let dur = ns(self.costs.step.seconds(&StepShape::of_plan(&plan))).max(1);
+        let mut dur = ns(self.costs.step.seconds(&StepShape::of_plan(&plan))).max(1);
         worker.stepping = Some(plan);
+        if let Some(cores) = self.cfg.cores.filter(|&c| c > 0) {
+            let sharing = (0..self.workers.len()).filter(|&i| i % cores == w % cores && self.workers[i].stepping.is_some()).count();
+            dur *= sharing.max(1) as u64;
+        }
+        let worker = &mut self.workers[w];
         worker.step_started = self.now;
         worker.steps += 1;
         worker.busy_ns += dur;
@@ -645,6 +690,7 @@ impl World {
             self.workers[d].inflight = self.workers[d].inflight.saturating_sub(1);
         }
         self.open -= 1;
+        self.send_next(self.now + ns(rpc));
         self.room_freed();
     }
 
@@ -765,3 +811,7 @@ impl Worker {
         self.jobs.remove(&id);
     }
 }
+
+#[cfg(test)]
+#[path = "world_tests.rs"]
+mod tests;
