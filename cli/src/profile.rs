@@ -7,10 +7,10 @@
 //! - KV transfer over shared memory and TCP loopback, as `bench kvtransfer` sends it, fitted
 //!   to a latency and a bandwidth; `--link NAME=LATENCY_MS@GBPS` adds links by hand;
 //! - what the router adds to a request (render the chat template, tokenize, hash the
-//!   prompt's blocks, pick among workers), and a loopback round trip for a control hop.
+//!   prompt's blocks, pick among workers), and half a gRPC round trip on loopback for each
+//!   control hop.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -208,31 +208,33 @@ fn router_ms(text: &ModelText) -> Result<f64> {
     Ok(median(times))
 }
 
-/// Half a loopback TCP round trip of a small message, ms: one control hop's floor.
-fn rpc_ms() -> Result<f64> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = l.accept()?;
-        s.set_nodelay(true)?;
-        let mut b = [0u8; 64];
-        while s.read_exact(&mut b).is_ok() {
-            s.write_all(&b)?;
-        }
-        Ok(())
-    });
-    let mut c = std::net::TcpStream::connect(addr)?;
-    c.set_nodelay(true)?;
-    let mut b = [7u8; 64];
+/// Half a gRPC round trip on loopback (a unary call to a health service, as tonic serves
+/// the cluster's calls), ms: one control hop.
+async fn grpc_hop_ms() -> Result<f64> {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let (_reporter, health) = tandem_proto::health_service(&[]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(tandem_proto::incoming::server().add_service(health).serve_with_incoming_shutdown(
+        tandem_proto::incoming::incoming(listener, tandem_proto::incoming::HANDSHAKE_TIMEOUT),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+    let mut client = HealthClient::new(channel);
     let mut times = Vec::new();
-    for _ in 0..200 {
+    for i in 0..220 {
         let t0 = Instant::now();
-        c.write_all(&b)?;
-        c.read_exact(&mut b)?;
-        times.push(t0.elapsed().as_secs_f64() * 1e3 / 2.0);
+        client.check(HealthCheckRequest { service: String::new() }).await?;
+        if i >= 20 {
+            times.push(t0.elapsed().as_secs_f64() * 1e3 / 2.0);
+        }
     }
-    drop(c);
-    let _ = echo.join();
+    let _ = stop.send(());
+    let _ = server.await;
     Ok(median(times))
 }
 
@@ -298,7 +300,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         layers: cfg.n_layers,
         links,
         router_ms: router_ms(&text)?,
-        rpc_ms: rpc_ms()?,
+        rpc_ms: tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(grpc_hop_ms())?,
         kv_blocks: blocks_for_tokens(cfg.context_length.min(8192), BLOCK),
         block_size: BLOCK,
         points,

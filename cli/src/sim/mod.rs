@@ -306,6 +306,7 @@ pub fn run(a: SimArgs) -> Result<()> {
             "prefill": a.prefill, "decode": a.decode, "both": a.both,
             "costs": costs.source, "link": a.link, "speedup": a.speedup,
             "events": report.events, "steps": report.steps,
+            "held_blocks_at_end": report.held_blocks, "left_in_engines": report.left_in_engines,
             "simulated_s": report.span_s, "real_s": took,
             "workers": report.workers.iter().map(|(id, steps, busy)| serde_json::json!({
                 "id": id, "steps": steps, "busy_share": busy / report.span_s.max(1e-9)})).collect::<Vec<_>>(),

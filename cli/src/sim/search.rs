@@ -27,6 +27,10 @@ pub struct SearchArgs {
     /// Workers to split (every P + D = this).
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
+    /// Prefill workers step by this many between splits (1: every split; at hundreds of
+    /// workers, a coarser grid).
+    #[arg(long, default_value_t = 1)]
+    pub split_step: usize,
     /// Decode batch limits (`--max-seqs`) to try at each split.
     #[arg(long, value_delimiter = ',', default_value = "16,64")]
     pub search_max_seqs: Vec<usize>,
@@ -114,11 +118,11 @@ pub fn search(a: &SimArgs, costs: &Costs) -> Result<Vec<Scored>> {
     if a.slo_ttft_ms.is_none() && a.slo_tpot_ms.is_none() {
         bail!("--search needs an objective: --slo-ttft-ms and/or --slo-tpot-ms");
     }
-    if s.workers == 0 || s.search_max_seqs.contains(&0) || !(s.max_rate > 0.0) || !(0.0..=1.0).contains(&s.attainment) {
-        bail!("--workers, --search-max-seqs and --max-rate must be positive, --attainment in [0, 1]");
+    if s.workers == 0 || s.split_step == 0 || s.search_max_seqs.contains(&0) || !(s.max_rate > 0.0) || !(0.0..=1.0).contains(&s.attainment) {
+        bail!("--workers, --split-step, --search-max-seqs and --max-rate must be positive, --attainment in [0, 1]");
     }
     let mut configs = Vec::new();
-    for p in 0..s.workers {
+    for p in (0..s.workers).step_by(s.split_step) {
         for &m in &s.search_max_seqs {
             configs.push((p, s.workers - p, m));
         }

@@ -132,6 +132,7 @@ enum Event {
     Arrive(usize),
     StepDone(usize),
     KvArrived(usize),
+    Dispatch(usize),
     RoomDeadline(usize),
     Poll,
 }
@@ -163,6 +164,8 @@ struct Worker {
     next_id: u64,
     stepping: Option<StepPlan>,
     step_started: u64,
+    /// When the running step ends.
+    step_ends: u64,
     /// The report the router last polled.
     published: Option<pb::StatsResponse>,
     next_event: u64,
@@ -171,6 +174,8 @@ struct Worker {
     inflight_tokens: u64,
     steps: u64,
     busy_ns: u64,
+    /// Requests whose KV arrived during the running step: taken when it ends.
+    kv_ready: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -192,6 +197,8 @@ struct Req {
     room_since: Option<u64>,
     /// When its last token reached the client (seconds).
     last_token: Option<f64>,
+    /// What the router's call will hand the computing worker when it arrives.
+    dispatch: Option<(NewRequest, JobKind)>,
 }
 
 impl Req {
@@ -314,7 +321,7 @@ impl World {
             }
             None => {
                 for i in 0..self.reqs.len() {
-                    let router = ns(self.reqs[i].out.sent + self.costs.router_ms / 1e3);
+                    let router = ns(self.reqs[i].out.sent + (self.costs.rpc_ms + self.costs.router_ms) / 1e3);
                     self.push(router, Event::Arrive(i));
                 }
             }
@@ -332,6 +339,7 @@ impl World {
                 Event::Arrive(r) => self.arrive(r),
                 Event::StepDone(w) => self.step_done(w),
                 Event::KvArrived(r) => self.kv_arrived(r),
+                Event::Dispatch(r) => self.dispatch(r),
                 Event::RoomDeadline(r) => self.room_deadline(r),
                 Event::Poll => {
                     self.poll();
@@ -472,27 +480,28 @@ impl World {
         };
         let output_len = self.reqs[r].output_len as usize;
         let prompt = self.reqs[r].prompt.clone();
-        if computes == decodes {
-            let id = self.workers[computes]
-                .add(new(output_len, prompt), r, JobKind::Local, charge as usize)
-                .map_err(|e| Refusal::Failed { refused: true, error: e })?;
-            self.reqs[r].decode_id = Some(id);
+        // The router's calls: to a role-both worker, one hop; to a pair, the decode
+        // worker's reservation (a round trip), then the prefill call.
+        let hop = ns(self.costs.rpc_ms / 1e3);
+        let dispatch_at = if computes == decodes {
+            self.reqs[r].dispatch = Some((new(output_len, prompt), JobKind::Local));
+            self.now + hop
         } else {
-            // The decode worker's reservation first, then the prefill.
             let (id, cached) = match self.workers[decodes].add_remote(new(output_len, prompt.clone()), r) {
                 Ok(x) => x,
                 Err(true) => return Err(Refusal::NoRoom),
                 Err(false) => return Err(Refusal::Failed { refused: true, error: "the decode worker refused".into() }),
             };
-            if let Err(e) = self.workers[computes].add(new(1, prompt), r, JobKind::Prefill, charge as usize) {
-                self.workers[decodes].drop_job(id);
-                return Err(Refusal::Failed { refused: true, error: e });
-            }
             self.reqs[r].decode_id = Some(id);
             self.reqs[r].decode_cached = cached * block;
+            self.reqs[r].dispatch = Some((new(1, prompt), JobKind::Prefill));
             self.workers[computes].inflight += 1;
             self.reqs[r].out.prefill_on = Some(self.workers[computes].desc.id.as_str().to_string());
-        }
+            // The reservation is an engine command: the decode worker takes it between steps.
+            let d = &self.workers[decodes];
+            let taken = if d.stepping.is_some() { d.step_ends.max(self.now + hop) } else { self.now + hop };
+            taken + 2 * hop
+        };
         self.placement.observe_prompt_at(charge as usize, now);
         let until = now + PENDING_TTL;
         let hashes = std::mem::take(&mut self.reqs[r].hashes);
@@ -507,8 +516,42 @@ impl World {
         q.decode_on = Some(decodes);
         q.out.decode_on = Some(self.workers[decodes].desc.id.as_str().to_string());
         q.room_since = None;
-        self.kick(computes);
+        self.push(dispatch_at, Event::Dispatch(r));
         Ok(())
+    }
+
+    /// The router's call reaches the worker that computes request `r`'s prompt.
+    fn dispatch(&mut self, r: usize) {
+        let (Some((new, kind)), Some(w)) = (self.reqs[r].dispatch.take(), self.reqs[r].computes_on) else { return };
+        let guess = self.reqs[r].charge as usize;
+        match self.workers[w].add(new, r, kind, guess) {
+            Ok(id) => {
+                if kind == JobKind::Local {
+                    self.reqs[r].decode_id = Some(id);
+                }
+                self.kick(w);
+            }
+            Err(e) => {
+                // Refused by the engine (its queue is full): nothing of it stays anywhere.
+                self.release_charge(r);
+                if let Some(d) = self.reqs[r].decode_on {
+                    if kind == JobKind::Prefill {
+                        self.workers[w].inflight = self.workers[w].inflight.saturating_sub(1);
+                        if let Some(id) = self.reqs[r].decode_id {
+                            self.workers[d].drop_job(id);
+                        }
+                    }
+                    self.workers[d].inflight = self.workers[d].inflight.saturating_sub(1);
+                }
+                self.fail(r, true, e);
+                self.room_freed();
+            }
+        }
+    }
+
+    /// When what happens on a worker now reaches the client (worker to router to client).
+    fn to_client(&self) -> f64 {
+        secs(self.now) + 2.0 * self.costs.rpc_ms / 1e3
     }
 
     fn fail(&mut self, r: usize, refused: bool, error: String) {
@@ -518,7 +561,7 @@ impl World {
         q.permit = None;
         q.room_since = None;
         self.open -= 1;
-        self.send_next(self.now + ns(self.costs.rpc_ms / 1e3));
+        self.send_next(self.now + ns(2.0 * self.costs.rpc_ms / 1e3));
     }
 
     /// Closed loop: a request ended (its client hears at `at`) or the run starts, so the
@@ -530,7 +573,7 @@ impl World {
         let i = self.next_closed;
         self.next_closed += 1;
         self.reqs[i].out.sent = secs(at);
-        self.push(at + ns(self.costs.router_ms / 1e3), Event::Arrive(i));
+        self.push(at + ns((self.costs.rpc_ms + self.costs.router_ms) / 1e3), Event::Arrive(i));
     }
 
     fn room_deadline(&mut self, r: usize) {
@@ -573,6 +616,7 @@ impl World {
         worker.step_started = self.now;
         worker.steps += 1;
         worker.busy_ns += dur;
+        worker.step_ends = self.now + dur;
         self.push(self.now + dur, Event::StepDone(w));
     }
 
@@ -584,10 +628,10 @@ impl World {
             .filter(|s| s.sample)
             .map(|s| (s.id, Sampled::one(token_for(s.id, s.start + s.len))))
             .collect();
+        let client = self.to_client();
         let worker = &mut self.workers[w];
         let draws: Vec<Sampled> = sampled.iter().map(|(_, s)| s.clone()).collect();
         let finished: HashMap<RequestId, ()> = worker.sched.update(&plan, &draws).into_iter().map(|(id, _)| (id, ())).collect();
-        let rpc = self.costs.rpc_ms / 1e3;
         let mut ended = Vec::new();
         let mut transfers = Vec::new();
         let mut prefills = Vec::new();
@@ -597,7 +641,7 @@ impl World {
             let cached = worker.sched.get(*id).map_or(0, |x| x.cached_tokens);
             match job.kind {
                 JobKind::Prefill => {
-                    r.out.first = Some(secs(self.now) + rpc);
+                    // The client's first token comes from the decode worker, once the KV is there.
                     r.out.cached_tokens = cached;
                     r.out.output_tokens = 1;
                     r.first_token = s.token;
@@ -607,16 +651,16 @@ impl World {
                 }
                 JobKind::Local => {
                     if r.out.first.is_none() {
-                        r.out.first = Some(secs(self.now) + rpc);
+                        r.out.first = Some(client);
                         r.out.cached_tokens = cached;
                         prefills.push((r.prompt.len() - cached, self.now - job.first_step.unwrap_or(self.now)));
                     } else {
-                        r.token_at(secs(self.now) + rpc);
+                        r.token_at(client);
                     }
                     r.out.output_tokens += 1;
                 }
                 JobKind::Decode => {
-                    r.token_at(secs(self.now) + rpc);
+                    r.token_at(client);
                     r.out.output_tokens += 1;
                 }
             }
@@ -661,6 +705,9 @@ impl World {
         for r in locals {
             self.release_charge(r);
         }
+        for r in std::mem::take(&mut self.workers[w].kv_ready) {
+            self.kv_taken(r);
+        }
         self.kick(w);
     }
 
@@ -674,14 +721,14 @@ impl World {
 
     /// Request `r` generated its last token on its decode (or local) worker.
     fn finish(&mut self, r: usize) {
-        let rpc = self.costs.rpc_ms / 1e3;
+        let client = self.to_client();
         self.release_charge(r);
         let now = self.instant();
         let q = &mut self.reqs[r];
-        q.out.end = Some(secs(self.now) + rpc);
+        q.out.end = Some(client);
         q.out.ok = true;
         q.permit = None;
-        let (first, end) = (q.out.first.unwrap_or(q.out.sent), secs(self.now) + rpc);
+        let (first, end) = (q.out.first.unwrap_or(q.out.sent), client);
         let ttft = Duration::from_secs_f64((first - q.out.sent).max(0.0));
         let n = q.out.output_tokens as u32;
         let tpot = (n > 1).then(|| Duration::from_secs_f64((end - first).max(0.0) / f64::from(n - 1)));
@@ -690,12 +737,27 @@ impl World {
             self.workers[d].inflight = self.workers[d].inflight.saturating_sub(1);
         }
         self.open -= 1;
-        self.send_next(self.now + ns(rpc));
+        self.send_next(ns(client));
         self.room_freed();
     }
 
+    /// Request `r`'s KV is on its decode worker. The engine thread takes it between steps:
+    /// now if idle, else when its step ends.
     fn kv_arrived(&mut self, r: usize) {
+        let Some(d) = self.reqs[r].decode_on else { return };
+        if self.workers[d].stepping.is_some() {
+            self.workers[d].kv_ready.push(r);
+            return;
+        }
+        self.kv_taken(r);
+        self.kick(d);
+    }
+
+    /// The decode worker takes request `r`'s KV: the request joins its batch, and the first
+    /// token (the prefill worker's) goes out to the client.
+    fn kv_taken(&mut self, r: usize) {
         let (Some(d), Some(id)) = (self.reqs[r].decode_on, self.reqs[r].decode_id) else { return };
+        self.reqs[r].out.first = Some(self.to_client());
         let first = self.reqs[r].first_token;
         let done = self.workers[d].sched.remote_kv_ready(id, first).expect("a reservation waiting for its KV");
         if done.is_some() {
@@ -706,7 +768,6 @@ impl World {
         } else {
             self.events_of(d);
         }
-        self.kick(d);
     }
 
     /// Worker `w`'s new KV events, into the router's index.
@@ -772,12 +833,14 @@ impl Worker {
             next_id: 1,
             stepping: None,
             step_started: 0,
+            step_ends: 0,
             published: None,
             next_event: 1,
             inflight: 0,
             inflight_tokens: 0,
             steps: 0,
             busy_ns: 0,
+            kv_ready: Vec::new(),
         })
     }
 
