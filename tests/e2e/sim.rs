@@ -74,7 +74,7 @@ fn the_simulator_places_the_same_arrivals_where_the_real_router_does() {
     let placed: Vec<String> = router
         .stderr()
         .iter()
-        .filter(|l| is_event(l, "placed", &[("stage", "prefill")]))
+        .filter(|l| is_event(l, "placed", &[("stage", "\"prefill\"")]))
         .map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("worker=")).expect("a worker").to_string())
         .collect();
     assert_eq!(placed.len(), 8, "{:?}", router.stderr());
