@@ -3,7 +3,8 @@
 //! - engine steps of the model at the given thread count: prefills of several lengths,
 //!   prefills after a cached prefix, and decode batches of several sizes and contexts (the
 //!   forward pass of `bench engine` plus a greedy draw per sequence), fitted to the step
-//!   model of `sim::cost`;
+//!   model of `sim::cost`, plus what the engine adds to a step beyond the forward pass (its
+//!   `step()` timed at batch 1 and 8 against the fitted model);
 //! - KV transfer over shared memory and TCP loopback, as `bench kvtransfer` sends it, fitted
 //!   to a latency and a bandwidth; `--link NAME=LATENCY_MS@GBPS` adds links by hand;
 //! - what the router adds to a request (render the chat template, tokenize, hash the
@@ -99,6 +100,80 @@ fn step_ms(model: &Model, seqs: usize, context: usize, new: usize, reps: usize) 
         }
     }
     Ok(median(times))
+}
+
+/// What the engine adds to a step beyond the forward pass and a greedy draw (the
+/// scheduler, sampling with the request's parameters, detokenizing, stop checks), in ms:
+/// `(per step, per sequence)`, from `LlmEngine::step` timed at batch 1 and 8 against the
+/// fitted forward-only model at the same shapes (decode steps, and each batch's prefill).
+fn engine_overhead(a: &ProfileArgs, opts: &ModelOptions, forward: &StepCost) -> Result<EngineExtra> {
+    use tandem_engine::llm_engine::{EngineRequest, LlmEngine, LlmEngineConfig};
+    use tandem_engine::sampling::SamplingParams;
+    let (text, model) = ModelText::open_with(&a.model, |f| Model::from_gguf(f, opts))?;
+    let mut engine = LlmEngine::new(model, text.tokenizer, LlmEngineConfig { kv_blocks: 512, ..Default::default() })?;
+    let steps = if a.quick { 8 } else { 24 };
+    let add = |engine: &mut LlmEngine, b: usize, prompt_len: usize, max_tokens: usize, seed: usize| -> Result<()> {
+        for i in 0..b {
+            let prompt: Vec<u32> =
+                (0..prompt_len).map(|j| 100 + ((seed * 31 + i * 7919 + j * 104_729) % 30_000) as u32).collect();
+            let params = SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() };
+            engine.add_request(EngineRequest {
+                prompt,
+                params,
+                n: 1,
+                priority: 0,
+                cache_salt: None,
+                share: Default::default(),
+                export_kv: false,
+                resumed: 0,
+            })?;
+        }
+        Ok(())
+    };
+    // Warm the engine's buffers at the largest shapes below first: a worker runs warm.
+    add(&mut engine, 8, 48, 4, 1)?;
+    while engine.has_unfinished() {
+        engine.step()?;
+    }
+    let mut decode = Vec::new();
+    let mut prefill = Vec::new();
+    for (k, b) in [1usize, 8].into_iter().enumerate() {
+        let prompt_len = 24;
+        add(&mut engine, b, prompt_len, steps + 1, 10 + k)?;
+        let mut extra = Vec::new();
+        let mut pos = None;
+        while engine.has_unfinished() {
+            let t0 = Instant::now();
+            engine.step()?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            match pos {
+                None => {
+                    prefill.push((ms - forward.seconds(&StepShape::uniform(b, 0, prompt_len)) * 1e3) / b as f64);
+                    pos = Some(prompt_len);
+                }
+                Some(p) => {
+                    extra.push(ms - forward.seconds(&StepShape::uniform(b, p, 1)) * 1e3);
+                    pos = Some(p + 1);
+                }
+            }
+        }
+        decode.push(median(extra));
+    }
+    // A line through batch 1 and batch 8: per step and per sequence, neither negative.
+    let per_seq = ((decode[1] - decode[0]) / 7.0).max(0.0);
+    Ok(EngineExtra {
+        step_ms: (decode[0] - per_seq).max(0.0),
+        seq_ms: per_seq,
+        prompt_ms: (median(prefill) - per_seq).max(0.0),
+    })
+}
+
+/// What the engine adds to a step beyond the forward pass (see `engine_overhead`), ms.
+struct EngineExtra {
+    step_ms: f64,
+    seq_ms: f64,
+    /// Per sequence whose prompt a step computes, beyond the per-sequence cost.
+    prompt_ms: f64,
 }
 
 /// (kind, sequences, context, new tokens) of each measured step.
@@ -261,7 +336,13 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     }
     let points: Vec<(StepShape, f64)> =
         measured.iter().map(|&(_, s, c, n, ms)| (StepShape::uniform(s, c, n), ms)).collect();
-    let step = StepCost::fit(&points)?;
+    let forward = StepCost::fit(&points)?;
+    let e = engine_overhead(&a, &opts, &forward)?;
+    eprintln!(
+        "engine beyond the forward pass: {:.2} ms a step + {:.3} ms a sequence + {:.2} ms a prompt",
+        e.step_ms, e.seq_ms, e.prompt_ms
+    );
+    let step = StepCost { base_ms: forward.base_ms + e.step_ms, seq_ms: forward.seq_ms + e.seq_ms, prompt_ms: e.prompt_ms, ..forward };
     let points = measured
         .iter()
         .map(|&(kind, seqs, context, new_tokens, measured_ms)| Point {
@@ -270,7 +351,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
             context,
             new_tokens,
             measured_ms,
-            fitted_ms: step.seconds(&StepShape::uniform(seqs, context, new_tokens)) * 1e3,
+            fitted_ms: forward.seconds(&StepShape::uniform(seqs, context, new_tokens)) * 1e3,
         })
         .collect();
     let mut links = BTreeMap::new();

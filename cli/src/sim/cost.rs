@@ -6,11 +6,13 @@
 //! after some context (a prefill chunk: many tokens after a cached prefix; a decode: one
 //! token after its whole context). Its time is modelled as
 //!
-//! `base + token × tokens + seq × sequences + attn × pairs / 1000`
+//! `base + token × tokens + seq × sequences + attn × pairs / 1000 + prompt × prompt chunks`
 //!
 //! where `pairs` counts, over the sequences, each new token times the positions it attends
 //! to: the quadratic part of a long prefill and the linear-in-context part of a decode.
-//! The four coefficients are fitted by least squares to measured steps.
+//! The first four coefficients are fitted by least squares to measured forward passes; the
+//! engine's own work beyond them (per step, per sequence, and per prompt chunk: a request
+//! taken into a step to compute its prompt) is measured on the engine and added.
 
 use std::collections::BTreeMap;
 
@@ -18,7 +20,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tandem_engine::scheduler::StepPlan;
 
-/// One step's time: `base_ms + token_ms × tokens + seq_ms × sequences + attn_ms × pairs / 1000`.
+/// One step's time: `base_ms + token_ms × tokens + seq_ms × sequences + attn_ms × pairs / 1000
+/// + prompt_ms × prompt chunks`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct StepCost {
     pub base_ms: f64,
@@ -26,6 +29,9 @@ pub struct StepCost {
     pub seq_ms: f64,
     /// Per thousand (new token, attended position) pairs.
     pub attn_ms: f64,
+    /// Per sequence computing prompt tokens in the step (more than one new token).
+    #[serde(default)]
+    pub prompt_ms: f64,
 }
 
 /// What a step computes, as the cost model counts it.
@@ -35,6 +41,8 @@ pub struct StepShape {
     pub seqs: f64,
     /// (new token, attended position) pairs.
     pub pairs: f64,
+    /// Sequences computing more than one token: prompt chunks.
+    pub prompts: f64,
 }
 
 impl StepShape {
@@ -51,6 +59,9 @@ impl StepShape {
     pub fn add(&mut self, start: usize, len: usize) {
         self.tokens += len as f64;
         self.seqs += 1.0;
+        if len > 1 {
+            self.prompts += 1.0;
+        }
         // Token i (0-based) of the chunk attends to start + i + 1 positions.
         self.pairs += len as f64 * start as f64 + (len as f64 * (len as f64 + 1.0)) / 2.0;
     }
@@ -72,7 +83,7 @@ impl StepCost {
     /// Seconds the step takes.
     pub fn seconds(&self, s: &StepShape) -> f64 {
         let [one, t, q, p] = s.features();
-        (self.base_ms * one + self.token_ms * t + self.seq_ms * q + self.attn_ms * p) / 1e3
+        (self.base_ms * one + self.token_ms * t + self.seq_ms * q + self.attn_ms * p + self.prompt_ms * s.prompts) / 1e3
     }
 
     /// Every step `factor` times faster (a faster machine, by hand).
@@ -82,6 +93,7 @@ impl StepCost {
             token_ms: self.token_ms / factor,
             seq_ms: self.seq_ms / factor,
             attn_ms: self.attn_ms / factor,
+            prompt_ms: self.prompt_ms / factor,
         }
     }
 
@@ -116,7 +128,15 @@ impl StepCost {
             }
             match (0..4).filter(|&i| active[i] && coef[i] < 0.0).min_by(|&a, &b| coef[a].total_cmp(&coef[b])) {
                 Some(i) => active[i] = false,
-                None => return Ok(StepCost { base_ms: coef[0], token_ms: coef[1], seq_ms: coef[2], attn_ms: coef[3] }),
+                None => {
+                    return Ok(StepCost {
+                        base_ms: coef[0],
+                        token_ms: coef[1],
+                        seq_ms: coef[2],
+                        attn_ms: coef[3],
+                        prompt_ms: 0.0,
+                    })
+                }
             }
         }
     }
@@ -157,7 +177,9 @@ impl Link {
     }
 }
 
-/// One measured point of a profile, beside what the fitted model says of it.
+/// One measured point of a profile (a forward pass and a greedy draw), beside what the fitted
+/// forward-only model says of it (the profile's step model adds the engine's own per-step and
+/// per-sequence work to it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Point {
     /// `prefill`, `prefix` (new tokens after a cached prefix) or `decode`.
@@ -205,7 +227,7 @@ impl Costs {
     /// Refuses a model that would make time run backwards or never advance.
     pub fn check(&self) -> Result<()> {
         let s = self.step;
-        let all = [s.base_ms, s.token_ms, s.seq_ms, s.attn_ms, self.router_ms, self.rpc_ms, self.kv_bytes_per_token];
+        let all = [s.base_ms, s.token_ms, s.seq_ms, s.attn_ms, s.prompt_ms, self.router_ms, self.rpc_ms, self.kv_bytes_per_token];
         if all.iter().any(|x| !x.is_finite() || *x < 0.0) {
             bail!("every cost must be finite and >= 0");
         }
@@ -236,7 +258,7 @@ mod tests {
 
     #[test]
     fn a_fit_recovers_the_coefficients_it_was_made_from() {
-        let truth = StepCost { base_ms: 3.0, token_ms: 0.5, seq_ms: 0.2, attn_ms: 0.01 };
+        let truth = StepCost { base_ms: 3.0, token_ms: 0.5, seq_ms: 0.2, attn_ms: 0.01, prompt_ms: 0.0 };
         let shapes = [
             StepShape::uniform(1, 0, 16),
             StepShape::uniform(1, 0, 256),
@@ -262,11 +284,11 @@ mod tests {
     fn a_coefficient_the_data_makes_negative_is_held_at_zero() {
         // Time falls with sequences at equal tokens: no positive per-sequence cost fits.
         let points = vec![
-            (StepShape { tokens: 10.0, seqs: 1.0, pairs: 0.0 }, 12.0),
-            (StepShape { tokens: 10.0, seqs: 5.0, pairs: 0.0 }, 10.0),
-            (StepShape { tokens: 20.0, seqs: 1.0, pairs: 0.0 }, 22.0),
-            (StepShape { tokens: 40.0, seqs: 2.0, pairs: 0.0 }, 41.0),
-            (StepShape { tokens: 5.0, seqs: 1.0, pairs: 0.0 }, 7.0),
+            (StepShape { tokens: 10.0, seqs: 1.0, pairs: 0.0, prompts: 1.0 }, 12.0),
+            (StepShape { tokens: 10.0, seqs: 5.0, pairs: 0.0, prompts: 5.0 }, 10.0),
+            (StepShape { tokens: 20.0, seqs: 1.0, pairs: 0.0, prompts: 1.0 }, 22.0),
+            (StepShape { tokens: 40.0, seqs: 2.0, pairs: 0.0, prompts: 2.0 }, 41.0),
+            (StepShape { tokens: 5.0, seqs: 1.0, pairs: 0.0, prompts: 1.0 }, 7.0),
         ];
         let fit = StepCost::fit(&points).unwrap();
         assert_eq!(fit.seq_ms, 0.0);

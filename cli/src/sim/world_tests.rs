@@ -13,7 +13,7 @@ use crate::sim::cost::{Costs, Link, StepCost};
 fn costs() -> Costs {
     Costs {
         source: "test".into(),
-        step: StepCost { base_ms: 10.0, token_ms: 1.0, seq_ms: 0.0, attn_ms: 0.0 },
+        step: StepCost { base_ms: 10.0, token_ms: 1.0, seq_ms: 0.0, attn_ms: 0.0, prompt_ms: 0.0 },
         kv_bytes_per_token: 1000.0,
         layers: 10,
         links: BTreeMap::from([("test".to_string(), Link { latency_ms: 0.5, gb_per_s: 1.0 })]),
