@@ -122,7 +122,7 @@ for c in $CLUSTERS; do
     # Chat prompts (~35 tokens, 32 out) lightly and at about two thirds of what the prefill side
     # serves here, and a ~600-token shared system prompt (16 out); objectives near the figures.
     run "$c" chat --workload chat --max-tokens 32 --requests "$N" --seed 11 \
-        --rate "$(python3 -c "print(0.5 * $scale)")" --slo-ttft-ms 150 --slo-tpot-ms 12
+        --rate "$(python3 -c "print(0.5 * $scale)")" --slo-ttft-ms 200 --slo-tpot-ms 15
     run "$c" chat-loaded --workload chat --max-tokens 32 --requests "$N" --seed 13 \
         --rate "$(python3 -c "print(2.0 * $scale)")" --slo-ttft-ms 300 --slo-tpot-ms 20
     run "$c" shared-prefix --workload shared-prefix --max-tokens 16 --requests "$N" --seed 12 \
