@@ -93,7 +93,13 @@ pub(crate) async fn setup(shm: bool, n_blocks: usize, cfg: &TcpConfig) -> Result
 }
 
 /// Sends `sessions` requests of `tokens` tokens at once; returns (seconds, bytes).
-pub(crate) async fn run_once(s: &Setup, tx: &Arc<KvSender>, sessions: usize, tokens: usize, base_id: u64) -> Result<(f64, usize)> {
+pub(crate) async fn run_once(
+    s: &Setup,
+    tx: &Arc<KvSender>,
+    sessions: usize,
+    tokens: usize,
+    base_id: u64,
+) -> Result<(f64, usize)> {
     let l = layout();
     let blocks_per = tokens.div_ceil(l.block_size as usize);
     let layer_bytes = blocks_per * l.layer_block_bytes();

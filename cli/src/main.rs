@@ -17,15 +17,15 @@ mod bench_kv;
 mod bench_migrate;
 mod bench_overlap;
 mod bench_serve;
-mod profile;
-mod sim;
 mod cluster_token;
 mod generate;
 mod logging;
 mod model_flags;
 mod predictor;
+mod profile;
 mod prompt_mix;
 mod serve;
+mod sim;
 mod up;
 mod worker_admin;
 

@@ -275,7 +275,14 @@ fn router_ms(text: &ModelText) -> Result<f64> {
         let hashes = tandem_text::prefix::prefix_hashes(&ids[..ids.len() - 1], BLOCK, None);
         let c: Vec<Candidate> = descs
             .iter()
-            .map(|d| Candidate { worker: d, stats: None, inflight: 0, inflight_tokens: 0, cached_tokens: Some(0), indexed_blocks: 0 })
+            .map(|d| Candidate {
+                worker: d,
+                stats: None,
+                inflight: 0,
+                inflight_tokens: 0,
+                cached_tokens: Some(0),
+                indexed_blocks: 0,
+            })
             .collect();
         std::hint::black_box((policy.pick_prefill(&c, ids.len()), hashes.len()));
         times.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -342,7 +349,12 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         "engine beyond the forward pass: {:.2} ms a step + {:.3} ms a sequence + {:.2} ms a prompt",
         e.step_ms, e.seq_ms, e.prompt_ms
     );
-    let step = StepCost { base_ms: forward.base_ms + e.step_ms, seq_ms: forward.seq_ms + e.seq_ms, prompt_ms: e.prompt_ms, ..forward };
+    let step = StepCost {
+        base_ms: forward.base_ms + e.step_ms,
+        seq_ms: forward.seq_ms + e.seq_ms,
+        prompt_ms: e.prompt_ms,
+        ..forward
+    };
     let points = measured
         .iter()
         .map(|&(kind, seqs, context, new_tokens, measured_ms)| Point {
@@ -381,7 +393,11 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         layers: cfg.n_layers,
         links,
         router_ms: router_ms(&text)?,
-        rpc_ms: tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(grpc_hop_ms())?,
+        rpc_ms: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(grpc_hop_ms())?,
         kv_blocks: blocks_for_tokens(cfg.context_length.min(8192), BLOCK),
         block_size: BLOCK,
         points,

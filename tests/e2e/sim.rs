@@ -57,7 +57,17 @@ fn the_simulator_places_the_same_arrivals_where_the_real_router_does() {
         start_worker(&etcd, &cluster, "prefill", "prefill-001", &[]),
         start_worker(&etcd, &cluster, "decode", "decode-000", &[]),
     ];
-    let args = ["router", "--etcd", &etcd.url, "--cluster", &cluster, "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"];
+    let args = [
+        "router",
+        "--etcd",
+        &etcd.url,
+        "--cluster",
+        &cluster,
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ];
     let mut cmd = tandem(&args);
     cmd.env("RUST_LOG", "info,tandem_router::pick=debug");
     let router = Proc::spawn("router", cmd);
@@ -87,7 +97,8 @@ fn the_simulator_places_the_same_arrivals_where_the_real_router_does() {
     assert!(out.status.success(), "tandem sim: {}", String::from_utf8_lossy(&out.stderr));
     let lines = json_lines(&out.stdout);
     let (routes, run) = lines.split_at(lines.len() - 1);
-    let simulated: Vec<String> = routes.iter().map(|r| r["prefill"].as_str().expect("a prefill worker").to_string()).collect();
+    let simulated: Vec<String> =
+        routes.iter().map(|r| r["prefill"].as_str().expect("a prefill worker").to_string()).collect();
     assert_eq!(simulated, placed, "simulated placements against the router's");
     // Both workers served: the choices were made by the cache, not by a single candidate.
     assert!(placed.iter().any(|w| w == "prefill-000") && placed.iter().any(|w| w == "prefill-001"), "{placed:?}");

@@ -138,9 +138,8 @@ pub fn lines(path: &Path, panels: &[Panel]) -> Result<()> {
     let areas = root.split_evenly((1, panels.len().max(1)));
     for (p, area) in panels.iter().zip(&areas) {
         let pts = p.series.iter().flat_map(|(_, v)| v.iter().copied());
-        let (xmin, xmax, ymax) = pts.fold((f64::INFINITY, f64::NEG_INFINITY, 0.0f64), |(a, b, c), (x, y)| {
-            (a.min(x), b.max(x), c.max(y))
-        });
+        let (xmin, xmax, ymax) =
+            pts.fold((f64::INFINITY, f64::NEG_INFINITY, 0.0f64), |(a, b, c), (x, y)| (a.min(x), b.max(x), c.max(y)));
         let (xmin, xmax) = if xmin.is_finite() { (xmin, xmax.max(xmin + 1e-9)) } else { (0.0, 1.0) };
         let pad = (xmax - xmin) * 0.05;
         let mut chart = ChartBuilder::on(area)

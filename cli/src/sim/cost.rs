@@ -151,12 +151,11 @@ fn solve(mut a: Vec<Vec<f64>>) -> Option<Vec<f64>> {
             return None;
         }
         a.swap(col, piv);
-        for r in 0..n {
-            if r != col {
-                let f = a[r][col] / a[col][col];
-                for c in col..=n {
-                    a[r][c] -= f * a[col][c];
-                }
+        let pivot = a[col].clone();
+        for (_, row) in a.iter_mut().enumerate().filter(|(r, _)| *r != col) {
+            let f = row[col] / pivot[col];
+            for (x, p) in row[col..].iter_mut().zip(&pivot[col..]) {
+                *x -= f * p;
             }
         }
     }
@@ -227,7 +226,16 @@ impl Costs {
     /// Refuses a model that would make time run backwards or never advance.
     pub fn check(&self) -> Result<()> {
         let s = self.step;
-        let all = [s.base_ms, s.token_ms, s.seq_ms, s.attn_ms, s.prompt_ms, self.router_ms, self.rpc_ms, self.kv_bytes_per_token];
+        let all = [
+            s.base_ms,
+            s.token_ms,
+            s.seq_ms,
+            s.attn_ms,
+            s.prompt_ms,
+            self.router_ms,
+            self.rpc_ms,
+            self.kv_bytes_per_token,
+        ];
         if all.iter().any(|x| !x.is_finite() || *x < 0.0) {
             bail!("every cost must be finite and >= 0");
         }

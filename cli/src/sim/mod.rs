@@ -119,9 +119,12 @@ pub struct SimArgs {
     pub search: search::SearchArgs,
 }
 
+/// Prompts (token ids) with their output lengths.
+type Prompts = Vec<(Vec<u32>, u32)>;
+
 /// The token ids of `random:IN:OUT` (a sim-only workload: `n` prompts of IN random tokens,
 /// OUT output tokens each), or `None` for another workload.
-fn random_workload(name: &str, n: usize, seed: u64) -> Result<Option<Vec<(Vec<u32>, u32)>>> {
+fn random_workload(name: &str, n: usize, seed: u64) -> Result<Option<Prompts>> {
     let Some(rest) = name.strip_prefix("random:") else { return Ok(None) };
     let (i, o) = rest.split_once(':').context("random:IN:OUT")?;
     let (i, o): (usize, u32) = (i.parse().context("random:IN:OUT")?, o.parse().context("random:IN:OUT")?);
@@ -145,7 +148,13 @@ pub fn arrivals(a: &SimArgs, rate: Option<f64>, k: u64) -> Result<Vec<Arrival>> 
         return Ok(reqs
             .into_iter()
             .zip(at)
-            .map(|((prompt, out), at)| Arrival { at, prompt, output_len: a.w.max_tokens.unwrap_or(out), tenant: None, phase: None })
+            .map(|((prompt, out), at)| Arrival {
+                at,
+                prompt,
+                output_len: a.w.max_tokens.unwrap_or(out),
+                tenant: None,
+                phase: None,
+            })
             .collect());
     }
     let spec = a.w.spec(rate.is_none() && a.concurrency.is_none(), true);
@@ -157,21 +166,25 @@ pub fn arrivals(a: &SimArgs, rate: Option<f64>, k: u64) -> Result<Vec<Arrival>> 
         (None, None) => bail!("--workload {}: give --rate or --concurrency", a.w.workload),
     };
     let needs_text = w.items.iter().any(|i| i.tokens.is_none());
-    let text = if needs_text {
-        Some(tandem_text::model_text::ModelText::open(&a.model).with_context(|| {
-            format!("{} (its tokenizer turns the workload's text into tokens)", a.model.display())
-        })?)
-    } else {
-        None
-    };
+    let text =
+        if needs_text {
+            Some(tandem_text::model_text::ModelText::open(&a.model).with_context(|| {
+                format!("{} (its tokenizer turns the workload's text into tokens)", a.model.display())
+            })?)
+        } else {
+            None
+        };
     let mut out = Vec::with_capacity(w.items.len());
     for (item, at) in w.items.into_iter().zip(times) {
         let prompt = match (item.tokens, &text) {
             (Some(t), _) => t,
             (None, Some(t)) => {
                 let template = t.chat_template.as_ref().context("the model has no chat template")?;
-                let msgs: Vec<tandem_text::chat::ChatMessage> =
-                    item.messages.iter().map(|(r, c)| tandem_text::chat::ChatMessage::new(r.as_str(), c.as_str())).collect();
+                let msgs: Vec<tandem_text::chat::ChatMessage> = item
+                    .messages
+                    .iter()
+                    .map(|(r, c)| tandem_text::chat::ChatMessage::new(r.as_str(), c.as_str()))
+                    .collect();
                 tandem_text::prompt::chat_ids(&t.tokenizer, template, &msgs, true)?.0
             }
             (None, None) => unreachable!("text is loaded when an item needs it"),
@@ -283,7 +296,8 @@ pub fn run(a: SimArgs) -> Result<()> {
     }
     let cfg = a.config(&costs)?;
     let slo = a.slo();
-    let rates: Vec<Option<f64>> = if a.rate.is_empty() { vec![None] } else { a.rate.iter().map(|r| Some(*r)).collect() };
+    let rates: Vec<Option<f64>> =
+        if a.rate.is_empty() { vec![None] } else { a.rate.iter().map(|r| Some(*r)).collect() };
     if let Some(r) = a.rate.iter().find(|r| !(r.is_finite() && **r > 0.0)) {
         bail!("--rate {r}: rates must be positive");
     }

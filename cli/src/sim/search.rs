@@ -118,7 +118,13 @@ pub fn search(a: &SimArgs, costs: &Costs) -> Result<Vec<Scored>> {
     if a.slo_ttft_ms.is_none() && a.slo_tpot_ms.is_none() {
         bail!("--search needs an objective: --slo-ttft-ms and/or --slo-tpot-ms");
     }
-    if s.workers == 0 || s.split_step == 0 || s.search_max_seqs.contains(&0) || !(s.max_rate > 0.0) || !(0.0..=1.0).contains(&s.attainment) {
+    if s.workers == 0
+        || s.split_step == 0
+        || s.search_max_seqs.contains(&0)
+        || s.max_rate.is_nan()
+        || s.max_rate <= 0.0
+        || !(0.0..=1.0).contains(&s.attainment)
+    {
         bail!("--workers, --split-step, --search-max-seqs and --max-rate must be positive, --attainment in [0, 1]");
     }
     let mut configs = Vec::new();
@@ -142,7 +148,9 @@ pub fn search(a: &SimArgs, costs: &Costs) -> Result<Vec<Scored>> {
     });
     let mut scored = out.into_inner().expect("results").into_iter().collect::<Result<Vec<_>>>()?;
     scored.sort_by(|x, y| {
-        y.goodput_per_worker.total_cmp(&x.goodput_per_worker).then((x.prefill, x.max_seqs).cmp(&(y.prefill, y.max_seqs)))
+        y.goodput_per_worker
+            .total_cmp(&x.goodput_per_worker)
+            .then((x.prefill, x.max_seqs).cmp(&(y.prefill, y.max_seqs)))
     });
     Ok(scored)
 }
@@ -204,11 +212,8 @@ pub fn run(a: &SimArgs, costs: &Costs) -> Result<()> {
     if let Some(p) = &a.plot {
         let mut series = Vec::new();
         for &m in &a.search.search_max_seqs {
-            let mut pts: Vec<(f64, f64)> = scored
-                .iter()
-                .filter(|s| s.max_seqs == m)
-                .map(|s| (s.prefill as f64, s.goodput_per_worker))
-                .collect();
+            let mut pts: Vec<(f64, f64)> =
+                scored.iter().filter(|s| s.max_seqs == m).map(|s| (s.prefill as f64, s.goodput_per_worker)).collect();
             pts.sort_by(|x, y| x.0.total_cmp(&y.0));
             series.push((format!("max seqs {m}"), pts));
         }
@@ -247,7 +252,8 @@ fn json(s: &Scored) -> serde_json::Value {
 /// The best disaggregated split's share of prefill workers, and the best colocated and
 /// best disaggregated goodput per worker.
 fn best_split(scored: &[Scored]) -> (f64, f64, f64) {
-    let disagg = scored.iter().filter(|s| s.prefill > 0).max_by(|x, y| x.goodput_per_worker.total_cmp(&y.goodput_per_worker));
+    let disagg =
+        scored.iter().filter(|s| s.prefill > 0).max_by(|x, y| x.goodput_per_worker.total_cmp(&y.goodput_per_worker));
     let colo = scored.iter().filter(|s| s.prefill == 0).map(|s| s.goodput_per_worker).fold(0.0, f64::max);
     match disagg {
         Some(d) => (d.prefill as f64 / (d.prefill + d.decode) as f64, colo, d.goodput_per_worker),
@@ -274,13 +280,19 @@ fn distserve(a: &SimArgs, costs: &Costs) -> Result<()> {
     let mut by_input = Vec::new();
     for input in [128usize, 256, 512, 1024, 2048] {
         let (share, _, _) = best_split(&search(&with(input, base_out, None), costs)?);
-        println!("{}", serde_json::json!({"finding": "input", "input": input, "output": base_out, "best_prefill_share": share}));
+        println!(
+            "{}",
+            serde_json::json!({"finding": "input", "input": input, "output": base_out, "best_prefill_share": share})
+        );
         by_input.push((input as f64, share));
     }
     let mut by_output = Vec::new();
     for output in [32u32, 64, 128, 256, 512] {
         let (share, _, _) = best_split(&search(&with(base_in, output, None), costs)?);
-        println!("{}", serde_json::json!({"finding": "output", "input": base_in, "output": output, "best_prefill_share": share}));
+        println!(
+            "{}",
+            serde_json::json!({"finding": "output", "input": base_in, "output": output, "best_prefill_share": share})
+        );
         by_output.push((f64::from(output), share));
     }
     let tpot0 = a.slo_tpot_ms.unwrap_or(100.0);

@@ -222,7 +222,10 @@ fn secs(ns: u64) -> f64 {
 enum Refusal {
     /// Every decode pool is full: wait for room.
     NoRoom,
-    Failed { refused: bool, error: String },
+    Failed {
+        refused: bool,
+        error: String,
+    },
 }
 
 pub struct World {
@@ -257,10 +260,15 @@ impl World {
         let policy = tandem_router::policy::policy_by_name(&cfg.policy, cfg.cache_weight)
             .ok_or_else(|| anyhow::anyhow!("unknown routing policy {:?}", cfg.policy))?;
         let mut workers = Vec::new();
-        let roles = [(Role::Prefill, cfg.prefill, "prefill"), (Role::Decode, cfg.decode, "decode"), (Role::Both, cfg.both, "both")];
+        let roles = [
+            (Role::Prefill, cfg.prefill, "prefill"),
+            (Role::Decode, cfg.decode, "decode"),
+            (Role::Both, cfg.both, "both"),
+        ];
         for (role, n, name) in roles {
             for i in 0..n {
-                let sched_cfg = if role == Role::Prefill { cfg.prefill_sched.clone() } else { cfg.decode_sched.clone() };
+                let sched_cfg =
+                    if role == Role::Prefill { cfg.prefill_sched.clone() } else { cfg.decode_sched.clone() };
                 workers.push(Worker::new(role, format!("{name}-{i:03}"), sched_cfg, &costs, cfg.prefix_caching)?);
             }
         }
@@ -430,9 +438,12 @@ impl World {
                     indexed_blocks: self.index.blocks(&w.desc.id),
                 }
             };
-            let prefill_ids: Vec<usize> = (0..self.workers.len()).filter(|&i| self.workers[i].desc.role == Role::Prefill).collect();
-            let decode_ids: Vec<usize> = (0..self.workers.len()).filter(|&i| self.workers[i].desc.role.can_decode()).collect();
-            let sort = |ids: &mut Vec<usize>| ids.sort_by(|&a, &b| self.workers[a].desc.id.cmp(&self.workers[b].desc.id));
+            let prefill_ids: Vec<usize> =
+                (0..self.workers.len()).filter(|&i| self.workers[i].desc.role == Role::Prefill).collect();
+            let decode_ids: Vec<usize> =
+                (0..self.workers.len()).filter(|&i| self.workers[i].desc.role.can_decode()).collect();
+            let sort =
+                |ids: &mut Vec<usize>| ids.sort_by(|&a, &b| self.workers[a].desc.id.cmp(&self.workers[b].desc.id));
             let (mut prefill_ids, mut decode_ids) = (prefill_ids, decode_ids);
             sort(&mut prefill_ids);
             sort(&mut decode_ids);
@@ -531,8 +542,8 @@ impl World {
                 }
                 self.kick(w);
             }
-            Err(e) => {
-                // Refused by the engine (its queue is full): nothing of it stays anywhere.
+            Err((e, refused)) => {
+                // Refused by the engine: nothing of it stays anywhere.
                 self.release_charge(r);
                 if let Some(d) = self.reqs[r].decode_on {
                     if kind == JobKind::Prefill {
@@ -543,7 +554,7 @@ impl World {
                     }
                     self.workers[d].inflight = self.workers[d].inflight.saturating_sub(1);
                 }
-                self.fail(r, true, e);
+                self.fail(r, refused, e);
                 self.room_freed();
             }
         }
@@ -609,7 +620,9 @@ impl World {
         let mut dur = ns(self.costs.step.seconds(&StepShape::of_plan(&plan))).max(1);
         worker.stepping = Some(plan);
         if let Some(cores) = self.cfg.cores.filter(|&c| c > 0) {
-            let sharing = (0..self.workers.len()).filter(|&i| i % cores == w % cores && self.workers[i].stepping.is_some()).count();
+            let sharing = (0..self.workers.len())
+                .filter(|&i| i % cores == w % cores && self.workers[i].stepping.is_some())
+                .count();
             dur *= sharing.max(1) as u64;
         }
         let worker = &mut self.workers[w];
@@ -631,7 +644,8 @@ impl World {
         let client = self.to_client();
         let worker = &mut self.workers[w];
         let draws: Vec<Sampled> = sampled.iter().map(|(_, s)| s.clone()).collect();
-        let finished: HashMap<RequestId, ()> = worker.sched.update(&plan, &draws).into_iter().map(|(id, _)| (id, ())).collect();
+        let finished: HashMap<RequestId, ()> =
+            worker.sched.update(&plan, &draws).into_iter().map(|(id, _)| (id, ())).collect();
         let mut ended = Vec::new();
         let mut transfers = Vec::new();
         let mut prefills = Vec::new();
@@ -790,7 +804,11 @@ impl World {
                     continue;
                 }
                 if let Some(r) = w.sched.get(*id) {
-                    let left = if r.num_computed == 0 { j.uncached_guess } else { r.prompt.len().saturating_sub(r.num_computed) };
+                    let left = if r.num_computed == 0 {
+                        j.uncached_guess
+                    } else {
+                        r.prompt.len().saturating_sub(r.num_computed)
+                    };
                     queued += left as u64;
                 }
             }
@@ -813,7 +831,13 @@ fn token_for(id: RequestId, pos: usize) -> u32 {
 }
 
 impl Worker {
-    fn new(role: Role, id: String, sched: SchedulerConfig, costs: &Costs, prefix_caching: bool) -> anyhow::Result<Worker> {
+    fn new(
+        role: Role,
+        id: String,
+        sched: SchedulerConfig,
+        costs: &Costs,
+        prefix_caching: bool,
+    ) -> anyhow::Result<Worker> {
         let desc = WorkerDescriptor {
             id: WorkerId::new(id)?,
             role,
@@ -844,11 +868,21 @@ impl Worker {
         })
     }
 
-    fn add(&mut self, mut n: NewRequest, req: usize, kind: JobKind, uncached_guess: usize) -> Result<RequestId, String> {
+    /// A request into the engine; `Err((why, refused))`: refused for load (the engine's
+    /// queue is full), or not refused but invalid (a prompt longer than the context).
+    fn add(
+        &mut self,
+        mut n: NewRequest,
+        req: usize,
+        kind: JobKind,
+        uncached_guess: usize,
+    ) -> Result<RequestId, (String, bool)> {
         let id = RequestId(self.next_id);
         self.next_id += 1;
         n.id = id;
-        self.sched.add(n).map_err(|e| e.to_string())?;
+        self.sched
+            .add(n)
+            .map_err(|e| (e.to_string(), !matches!(e, tandem_engine::error::EngineError::InvalidRequest(_))))?;
         self.jobs.insert(id, Job { req, kind, first_step: None, uncached_guess });
         Ok(id)
     }

@@ -140,7 +140,10 @@ fn runs_repeat_under_their_seed() {
     assert_ne!(trace(&a), trace(&c));
     // The load spread over both pairs, and the prefixes were found.
     for w in ["prefill-000", "prefill-001", "decode-000", "decode-001"] {
-        assert!(a.outcomes.iter().any(|o| o.prefill_on.as_deref() == Some(w) || o.decode_on.as_deref() == Some(w)), "{w}");
+        assert!(
+            a.outcomes.iter().any(|o| o.prefill_on.as_deref() == Some(w) || o.decode_on.as_deref() == Some(w)),
+            "{w}"
+        );
     }
     assert!(a.outcomes.iter().filter(|o| o.cached_tokens >= 64).count() > 40, "{:?}", trace(&a));
 }
@@ -204,6 +207,9 @@ fn cache_aware_routing_sends_each_group_where_its_prefix_is() {
     let on: Vec<&str> = r.outcomes.iter().map(|o| o.prefill_on.as_deref().unwrap()).collect();
     // The first group goes to the first worker; the second, held nowhere, to the worker
     // holding fewer blocks; each later request where its group's prefix is.
-    assert_eq!(on, ["prefill-000", "prefill-001", "prefill-000", "prefill-000", "prefill-001", "prefill-001", "prefill-000"]);
+    assert_eq!(
+        on,
+        ["prefill-000", "prefill-001", "prefill-000", "prefill-000", "prefill-001", "prefill-001", "prefill-000"]
+    );
     assert!(r.outcomes[2..].iter().all(|o| o.cached_tokens == 128), "{:?}", trace(&r));
 }
