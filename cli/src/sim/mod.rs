@@ -5,6 +5,7 @@
 
 pub mod cost;
 mod search;
+mod worker;
 pub mod world;
 
 use std::path::PathBuf;

@@ -22,9 +22,8 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem_cluster::{KvEndpoints, ModelInfo, Role, WorkerDescriptor, WorkerId};
-use tandem_engine::block_manager::BlockManager;
-use tandem_engine::scheduler::{NewRequest, RequestId, Sampled, Scheduler, SchedulerConfig, StepPlan};
+use tandem_cluster::Role;
+use tandem_engine::scheduler::{NewRequest, RequestId, Sampled, SchedulerConfig};
 use tandem_engine::share::Share;
 use tandem_proto::tandem::worker::v1 as pb;
 use tandem_router::admission::{Admission, Permit};
@@ -38,9 +37,7 @@ use tandem_router::slo;
 use tandem_worker_runtime::convert::kv_event_to_pb;
 
 use super::cost::{Costs, Link, StepShape};
-
-/// The simulated model's name, as requests and workers give it.
-const MODEL: &str = "sim";
+use super::worker::{JobKind, Worker, MODEL};
 
 /// One request as the workload sends it.
 #[derive(Debug, Clone)]
@@ -135,47 +132,6 @@ enum Event {
     Dispatch(usize),
     RoomDeadline(usize),
     Poll,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum JobKind {
-    /// Computes the prompt and samples the first token; its KV goes to the decode worker.
-    Prefill,
-    /// Decodes a prompt whose KV comes from a prefill worker.
-    Decode,
-    /// The whole request on one worker.
-    Local,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Job {
-    req: usize,
-    kind: JobKind,
-    /// When its first step began (a prefill's compute time, for the transfer's overlap).
-    first_step: Option<u64>,
-    /// Prompt tokens it is expected to compute (for the load report, until it starts).
-    uncached_guess: usize,
-}
-
-struct Worker {
-    desc: WorkerDescriptor,
-    sched: Scheduler,
-    jobs: HashMap<RequestId, Job>,
-    next_id: u64,
-    stepping: Option<StepPlan>,
-    step_started: u64,
-    /// When the running step ends.
-    step_ends: u64,
-    /// The report the router last polled.
-    published: Option<pb::StatsResponse>,
-    next_event: u64,
-    /// This router's live counts for it (`members::InFlight`).
-    inflight: u64,
-    inflight_tokens: u64,
-    steps: u64,
-    busy_ns: u64,
-    /// Requests whose KV arrived during the running step: taken when it ends.
-    kv_ready: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -626,7 +582,6 @@ impl World {
             dur *= sharing.max(1) as u64;
         }
         let worker = &mut self.workers[w];
-        worker.step_started = self.now;
         worker.steps += 1;
         worker.busy_ns += dur;
         worker.step_ends = self.now + dur;
@@ -797,29 +752,7 @@ impl World {
     /// Every worker's load report, as the router's pollers fetch it.
     fn poll(&mut self) {
         for w in &mut self.workers {
-            let st = w.sched.stats();
-            let mut queued = 0u64;
-            for (id, j) in &w.jobs {
-                if j.kind == JobKind::Decode {
-                    continue;
-                }
-                if let Some(r) = w.sched.get(*id) {
-                    let left = if r.num_computed == 0 {
-                        j.uncached_guess
-                    } else {
-                        r.prompt.len().saturating_sub(r.num_computed)
-                    };
-                    queued += left as u64;
-                }
-            }
-            w.published = Some(pb::StatsResponse {
-                running: st.running as u32,
-                waiting: st.waiting as u32,
-                kv_blocks_used: st.blocks_used as u32,
-                kv_blocks_total: st.blocks_total as u32,
-                queued_prefill_tokens: queued,
-                ..Default::default()
-            });
+            w.published = Some(w.report());
         }
     }
 }
@@ -828,85 +761,6 @@ impl World {
 /// simulated requests have none), varied so generated blocks hash apart.
 fn token_for(id: RequestId, pos: usize) -> u32 {
     200 + ((id.0.wrapping_mul(7919) + pos as u64 * 104_729) % 30_000) as u32
-}
-
-impl Worker {
-    fn new(
-        role: Role,
-        id: String,
-        sched: SchedulerConfig,
-        costs: &Costs,
-        prefix_caching: bool,
-    ) -> anyhow::Result<Worker> {
-        let desc = WorkerDescriptor {
-            id: WorkerId::new(id)?,
-            role,
-            grpc_addr: "sim".into(),
-            kv: KvEndpoints { tcp: "127.0.0.1:1".parse()?, local: None },
-            model: ModelInfo { name: MODEL.into(), fingerprint: 1 },
-            block_size: costs.block_size as u32,
-            hash_scheme: prefix_caching.then(|| tandem_text::prefix::SCHEME.to_string()),
-            context_length: sched.max_model_len as u32,
-            lease: None,
-        };
-        let blocks = BlockManager::new(costs.kv_blocks, costs.block_size, prefix_caching);
-        Ok(Worker {
-            desc,
-            sched: Scheduler::new(sched, blocks),
-            jobs: HashMap::new(),
-            next_id: 1,
-            stepping: None,
-            step_started: 0,
-            step_ends: 0,
-            published: None,
-            next_event: 1,
-            inflight: 0,
-            inflight_tokens: 0,
-            steps: 0,
-            busy_ns: 0,
-            kv_ready: Vec::new(),
-        })
-    }
-
-    /// A request into the engine; `Err((why, refused))`: refused for load (the engine's
-    /// queue is full), or not refused but invalid (a prompt longer than the context).
-    fn add(
-        &mut self,
-        mut n: NewRequest,
-        req: usize,
-        kind: JobKind,
-        uncached_guess: usize,
-    ) -> Result<RequestId, (String, bool)> {
-        let id = RequestId(self.next_id);
-        self.next_id += 1;
-        n.id = id;
-        self.sched
-            .add(n)
-            .map_err(|e| (e.to_string(), !matches!(e, tandem_engine::error::EngineError::InvalidRequest(_))))?;
-        self.jobs.insert(id, Job { req, kind, first_step: None, uncached_guess });
-        Ok(id)
-    }
-
-    /// A reservation for KV to come; `Err(true)`: no room.
-    fn add_remote(&mut self, mut n: NewRequest, req: usize) -> Result<(RequestId, usize), bool> {
-        let id = RequestId(self.next_id);
-        self.next_id += 1;
-        n.id = id;
-        match self.sched.add_remote(n) {
-            Ok((_, cached)) => {
-                self.jobs.insert(id, Job { req, kind: JobKind::Decode, first_step: None, uncached_guess: 0 });
-                Ok((id, cached))
-            }
-            Err(tandem_engine::error::EngineError::OutOfBlocks(_)) => Err(true),
-            Err(_) => Err(false),
-        }
-    }
-
-    fn drop_job(&mut self, id: RequestId) {
-        self.sched.finish(id, tandem_engine::finish::FinishReason::Abort);
-        self.sched.take_finished(id);
-        self.jobs.remove(&id);
-    }
 }
 
 #[cfg(test)]
